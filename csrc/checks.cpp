@@ -1,0 +1,153 @@
+// Argument checks for every op, run before any backend sees the tensors.
+// TORCH_CHECK_VALUE raises ValueError in Python and TORCH_CHECK_TYPE raises TypeError; each message names
+// the op and the argument at fault.
+#include <c10/util/Exception.h>
+
+#include "ops.h"
+
+namespace xception_ops {
+namespace {
+
+bool is_supported_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+}
+
+void check_float_tensor(const char* op, const char* name, const Tensor& t) {
+  TORCH_CHECK_TYPE(is_supported_dtype(t.scalar_type()), op, ": ", name, " has dtype ", t.scalar_type(),
+                   "; supported dtypes are float32, float16, bfloat16 and float64");
+}
+
+void check_same_device(const char* op, const char* name, const Tensor& t, const Tensor& x) {
+  TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device(),
+                    "; move both to the same device");
+}
+
+void check_same_dtype(const char* op, const char* name, const Tensor& t, const Tensor& x) {
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
+                   " but x has dtype ", x.scalar_type(), "; cast them to one dtype (or use autocast)");
+}
+
+// A per-channel vector (BatchNorm scale/shift, bias): 1-D of `channels` floats on x's device, any float dtype.
+void check_channel_vector(const char* op, const char* name, const OptTensor& t, int64_t channels,
+                          const Tensor& x) {
+  if (!t.has_value()) return;
+  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == channels, op, ": ", name, " must have shape [", channels,
+                    "], got ", t->sizes());
+  check_float_tensor(op, name, *t);
+  check_same_device(op, name, *t, x);
+}
+
+void check_int_list(const char* op, const char* name, IntArrayRef v, size_t len, int64_t min_value) {
+  TORCH_CHECK_VALUE(v.size() == len, op, ": ", name, " must have ", len, " values, got ", v.size());
+  for (int64_t e : v) {
+    TORCH_CHECK_VALUE(e >= min_value, op, ": every value of ", name, " must be >= ", min_value, ", got ", v);
+  }
+}
+
+}  // namespace
+
+MidActivation parse_mid_activation(c10::string_view name) {
+  if (name == "none") return MidActivation::None;
+  if (name == "relu") return MidActivation::Relu;
+  if (name == "elu") return MidActivation::Elu;
+  TORCH_CHECK_VALUE(false, "xception_ops: mid_activation must be 'none', 'relu' or 'elu', got '",
+                    std::string(name), "'");
+}
+
+at::MemoryFormat output_memory_format(const Tensor& x) {
+  // Plain contiguous wins ties (C == 1 or H == W == 1 are both), so the rule is the same everywhere.
+  if (x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    return at::MemoryFormat::ChannelsLast;
+  }
+  return at::MemoryFormat::Contiguous;
+}
+
+Conv2dGeometry make_geometry(const char* op, IntArrayRef x_sizes, IntArrayRef weight_sizes, IntArrayRef stride,
+                             IntArrayRef padding, IntArrayRef dilation) {
+  TORCH_CHECK_VALUE(x_sizes.size() == 4, op, ": x must be a 4-D tensor (N, C, H, W), got ", x_sizes.size(),
+                    "-D with shape ", x_sizes);
+  TORCH_CHECK_VALUE(weight_sizes.size() == 4 && weight_sizes[1] == 1, op,
+                    ": dw_weight must have shape (C * depth_multiplier, 1, kH, kW), got ", weight_sizes);
+  const int64_t channels = x_sizes[1];
+  TORCH_CHECK_VALUE(channels > 0, op, ": x has 0 channels");
+  TORCH_CHECK_VALUE(weight_sizes[0] > 0 && weight_sizes[0] % channels == 0, op, ": dw_weight has ",
+                    weight_sizes[0], " output channels, which is not a positive multiple of x's ", channels,
+                    " channels");
+  TORCH_CHECK_VALUE(weight_sizes[2] > 0 && weight_sizes[3] > 0, op, ": dw_weight has an empty kernel ",
+                    weight_sizes);
+  check_int_list(op, "stride", stride, 2, 1);
+  check_int_list(op, "padding", padding, 4, 0);
+  check_int_list(op, "dilation", dilation, 2, 1);
+
+  Conv2dGeometry g;
+  g.batch = x_sizes[0];
+  g.in_channels = channels;
+  g.in_h = x_sizes[2];
+  g.in_w = x_sizes[3];
+  g.depth_multiplier = weight_sizes[0] / channels;
+  g.out_channels = weight_sizes[0];
+  g.kernel_h = weight_sizes[2];
+  g.kernel_w = weight_sizes[3];
+  g.stride_h = stride[0];
+  g.stride_w = stride[1];
+  g.pad_top = padding[0];
+  g.pad_bottom = padding[1];
+  g.pad_left = padding[2];
+  g.pad_right = padding[3];
+  g.dilation_h = dilation[0];
+  g.dilation_w = dilation[1];
+  TORCH_CHECK_VALUE(g.span_h() <= g.padded_h() && g.span_w() <= g.padded_w(), op, ": the kernel ", g.kernel_h,
+                    "x", g.kernel_w, " with dilation ", dilation, " spans ", g.span_h(), "x", g.span_w(),
+                    ", larger than the padded input ", g.padded_h(), "x", g.padded_w(), " (x is ", g.in_h, "x",
+                    g.in_w, ", padding (top, bottom, left, right) = ", padding, ")");
+  g.compute_output_size();
+  return g;
+}
+
+Conv2dGeometry check_depthwise(const char* op, const Tensor& x, const Tensor& weight, const OptTensor& bias,
+                               IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation) {
+  Conv2dGeometry g = make_geometry(op, x.sizes(), weight.sizes(), stride, padding, dilation);
+  check_float_tensor(op, "x", x);
+  check_same_device(op, "dw_weight", weight, x);
+  check_same_dtype(op, "dw_weight", weight, x);
+  check_channel_vector(op, "bias", bias, g.dw_channels(), x);
+  if (bias.has_value()) check_same_dtype(op, "bias", *bias, x);
+  return g;
+}
+
+Conv2dGeometry check_separable(const char* op, const Tensor& x, const Tensor& dw_weight, const Tensor& pw_weight,
+                               const SeparableOptions& opt, IntArrayRef stride, IntArrayRef padding,
+                               IntArrayRef dilation) {
+  Conv2dGeometry g = check_depthwise(op, x, dw_weight, c10::nullopt, stride, padding, dilation);
+  TORCH_CHECK_VALUE(pw_weight.dim() == 4 && pw_weight.size(2) == 1 && pw_weight.size(3) == 1, op,
+                    ": pw_weight must have shape (C_out, C * depth_multiplier, 1, 1), got ", pw_weight.sizes());
+  TORCH_CHECK_VALUE(pw_weight.size(1) == g.dw_channels(), op, ": pw_weight has ", pw_weight.size(1),
+                    " input channels but the depthwise stage gives ", g.dw_channels(),
+                    " (channel mismatch between dw_weight and pw_weight)");
+  TORCH_CHECK_VALUE(pw_weight.size(0) > 0, op, ": pw_weight has 0 output channels");
+  check_same_device(op, "pw_weight", pw_weight, x);
+  check_same_dtype(op, "pw_weight", pw_weight, x);
+  g.out_channels = pw_weight.size(0);
+  check_channel_vector(op, "in_scale", opt.in_scale, g.in_channels, x);
+  check_channel_vector(op, "in_shift", opt.in_shift, g.in_channels, x);
+  check_channel_vector(op, "out_scale", opt.out_scale, g.out_channels, x);
+  check_channel_vector(op, "out_shift", opt.out_shift, g.out_channels, x);
+  if (opt.residual.has_value()) {
+    const Tensor& r = *opt.residual;
+    TORCH_CHECK_VALUE(r.dim() == 4 && r.size(0) == g.batch && r.size(1) == g.out_channels &&
+                          r.size(2) == g.out_h && r.size(3) == g.out_w,
+                      op, ": residual must have the output's shape [", g.batch, ", ", g.out_channels, ", ",
+                      g.out_h, ", ", g.out_w, "], got ", r.sizes());
+    check_same_device(op, "residual", r, x);
+    check_same_dtype(op, "residual", r, x);
+  }
+  return g;
+}
+
+void check_like(const char* op, const char* name, const Tensor& t, IntArrayRef shape, const Tensor& x) {
+  TORCH_CHECK_VALUE(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+  check_same_device(op, name, t, x);
+  check_same_dtype(op, name, t, x);
+}
+
+}  // namespace xception_ops

@@ -1,0 +1,156 @@
+// The "cuda" backend's depthwise ops: checks, device guard, output allocation and the params struct; the
+// kernels and their launchers are torch-free (kernels/depthwise.cuh, cuda/depthwise_launch.cu).
+//
+// The routers in registration.cpp have already checked shapes, dtypes and devices (check_depthwise,
+// check_like); the checks here repeat the ones a launch depends on, so these functions are safe on their own.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "cuda_backend.h"
+#include "kernels/depthwise_params.h"
+
+namespace xception_ops::cuda {
+namespace {
+
+constexpr const char* kForward = "xception_ops.depthwise_conv2d";
+constexpr const char* kBackwardInput = "xception_ops.depthwise_conv2d_backward_input";
+constexpr const char* kBackwardWeight = "xception_ops.depthwise_conv2d_backward_weight";
+
+DType kernel_dtype(const char* op, const Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::Float32;
+    case at::kHalf: return DType::Float16;
+    case at::kBFloat16: return DType::BFloat16;
+    case at::kDouble:
+      TORCH_CHECK_TYPE(false, op, ": the cuda backend does not support float64; use backend=\"torch\" for "
+                       "float64 tensors (or cast to float32, float16 or bfloat16)");
+    default:
+      TORCH_CHECK_TYPE(false, op, ": the cuda backend supports float32, float16 and bfloat16, got ",
+                       t.scalar_type());
+  }
+  return DType::Float32;  // not reached
+}
+
+// Every tensor the kernels touch: a CUDA tensor on `ref`'s device, with `ref`'s dtype.
+void check_operand(const char* op, const char* name, const Tensor& t, const Tensor& ref, const char* ref_name) {
+  TORCH_CHECK_VALUE(t.is_cuda(), op, ": backend 'cuda' needs CUDA tensors, but ", name, " is on ", t.device());
+  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name,
+                    " is on ", ref.device(), "; move both to the same device");
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but ",
+                   ref_name, " has dtype ", ref.scalar_type());
+}
+
+void check_shape(const char* op, const char* name, const Tensor& t, at::IntArrayRef shape) {
+  TORCH_CHECK_VALUE(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+}
+
+DepthwiseTensor view_of(const Tensor& t) {
+  DepthwiseTensor v;
+  v.data = t.data_ptr();
+  for (int d = 0; d < 4; ++d) v.stride[d] = t.stride(d);
+  return v;
+}
+
+bool is_channels_last(at::MemoryFormat fmt) { return fmt == at::MemoryFormat::ChannelsLast; }
+
+void check_launch(const char* op, cudaError_t err) {
+  TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorName(err), " (",
+              cudaGetErrorString(err), ")");
+}
+
+std::vector<int64_t> input_shape(const Conv2dGeometry& g) { return {g.batch, g.in_channels, g.in_h, g.in_w}; }
+std::vector<int64_t> output_shape(const Conv2dGeometry& g) { return {g.batch, g.dw_channels(), g.out_h, g.out_w}; }
+std::vector<int64_t> weight_shape(const Conv2dGeometry& g) { return {g.dw_channels(), 1, g.kernel_h, g.kernel_w}; }
+
+}  // namespace
+
+Tensor depthwise_conv2d(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Conv2dGeometry& g) {
+  TORCH_CHECK_VALUE(x.is_cuda(), kForward, ": backend 'cuda' needs CUDA tensors, but x is on ", x.device());
+  const DType dtype = kernel_dtype(kForward, x);
+  check_operand(kForward, "dw_weight", weight, x, "x");
+  check_shape(kForward, "x", x, input_shape(g));
+  check_shape(kForward, "dw_weight", weight, weight_shape(g));
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) {
+    check_operand(kForward, "bias", *bias, x, "x");
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == g.dw_channels(), kForward, ": bias must have shape [",
+                      g.dw_channels(), "], got ", bias->sizes());
+  }
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::MemoryFormat fmt = output_memory_format(x);
+  Tensor y = at::empty(output_shape(g), x.options().memory_format(fmt));
+  if (y.numel() == 0) return y;
+
+  DepthwiseParams p;
+  p.g = g;
+  p.input = view_of(x);
+  p.output = view_of(y);
+  p.weight = view_of(weight);
+  if (has_bias) {
+    p.bias = bias->data_ptr();
+    p.bias_stride = bias->stride(0);
+  }
+  p.channels_last = is_channels_last(fmt);
+  p.use_int32 = depthwise_fits_int32(p);
+  check_launch(kForward, launch_depthwise_forward(p, dtype, c10::cuda::getCurrentCUDAStream()));
+  return y;
+}
+
+Tensor depthwise_conv2d_backward_input(const Tensor& grad_out, const Tensor& weight, const Conv2dGeometry& g,
+                                       at::MemoryFormat fmt) {
+  TORCH_CHECK_VALUE(grad_out.is_cuda(), kBackwardInput, ": backend 'cuda' needs CUDA tensors, but grad_out is on ",
+                    grad_out.device());
+  const DType dtype = kernel_dtype(kBackwardInput, grad_out);
+  check_operand(kBackwardInput, "dw_weight", weight, grad_out, "grad_out");
+  check_shape(kBackwardInput, "grad_out", grad_out, output_shape(g));
+  check_shape(kBackwardInput, "dw_weight", weight, weight_shape(g));
+
+  const c10::cuda::CUDAGuard guard(grad_out.device());
+  Tensor grad_x = at::empty(input_shape(g), grad_out.options().memory_format(fmt));
+  if (grad_x.numel() == 0) return grad_x;
+
+  DepthwiseParams p;
+  p.g = g;
+  p.input = view_of(grad_x);
+  p.output = view_of(grad_out);
+  p.weight = view_of(weight);
+  // The thread order follows the tensor written; a channels_last request on a tensor that is also plainly
+  // contiguous (C == 1 or H == W == 1) is the same memory either way.
+  p.channels_last = is_channels_last(fmt) && !grad_x.is_contiguous();
+  p.use_int32 = depthwise_fits_int32(p);
+  check_launch(kBackwardInput, launch_depthwise_backward_input(p, dtype, c10::cuda::getCurrentCUDAStream()));
+  return grad_x;
+}
+
+Tensor depthwise_conv2d_backward_weight(const Tensor& grad_out, const Tensor& x, const Conv2dGeometry& g) {
+  TORCH_CHECK_VALUE(x.is_cuda(), kBackwardWeight, ": backend 'cuda' needs CUDA tensors, but x is on ", x.device());
+  const DType dtype = kernel_dtype(kBackwardWeight, x);
+  check_operand(kBackwardWeight, "grad_out", grad_out, x, "x");
+  check_shape(kBackwardWeight, "x", x, input_shape(g));
+  check_shape(kBackwardWeight, "grad_out", grad_out, output_shape(g));
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  // Contiguous, like the reference path's result.
+  Tensor grad_w = at::empty(weight_shape(g), x.options());
+  if (g.batch == 0) return grad_w.zero_();  // an empty sum; no kernel of ours runs
+
+  DepthwiseParams p;
+  p.g = g;
+  p.input = view_of(x);
+  p.output = view_of(grad_out);
+  p.weight = view_of(grad_w);
+  // The work split follows grad_out, the tensor read at every position.
+  p.channels_last = output_memory_format(grad_out) == at::MemoryFormat::ChannelsLast;
+  p.use_int32 = depthwise_fits_int32(p);
+  const size_t ws_bytes = depthwise_wgrad_workspace_bytes(p);
+  // Through torch's caching allocator, on the current stream.
+  Tensor workspace = at::empty({static_cast<int64_t>(ws_bytes)}, x.options().dtype(at::kByte));
+  check_launch(kBackwardWeight, launch_depthwise_backward_weight(p, dtype, workspace.data_ptr(), ws_bytes,
+                                                                  c10::cuda::getCurrentCUDAStream()));
+  return grad_w;
+}
+
+}  // namespace xception_ops::cuda

@@ -1,0 +1,189 @@
+// Launchers of the depthwise kernels (kernels/depthwise.cuh): pick the specialization, the index type and the
+// thread order, launch on the given stream, and return cudaGetLastError() after every launch.
+// No torch headers here, so this file compiles quickly and also outside a torch build.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "kernels/depthwise.cuh"
+#include "kernels/depthwise_params.h"
+
+namespace xception_ops {
+namespace {
+
+using kernels::depthwise_backward_input_kernel;
+using kernels::depthwise_backward_weight_partial_kernel;
+using kernels::depthwise_backward_weight_reduce_kernel;
+using kernels::depthwise_forward_kernel;
+
+// Blocks for a grid-stride loop over `total` items.
+unsigned int elementwise_blocks(int64_t total) {
+  int64_t blocks = (total + kDepthwiseThreads - 1) / kDepthwiseThreads;
+  if (blocks > kDepthwiseMaxBlocks) blocks = kDepthwiseMaxBlocks;
+  return static_cast<unsigned int>(blocks);
+}
+
+bool is_3x3(const Conv2dGeometry& g) { return g.kernel_h == 3 && g.kernel_w == 3; }
+bool has_stride(const Conv2dGeometry& g, int64_t s) { return g.stride_h == s && g.stride_w == s; }
+
+// Specializations, forward and input gradient alike: 3x3 at stride 1, 3x3 at stride 2, 3x3 at any stride,
+// and any kernel size at any stride.
+template <typename T, typename idx_t, bool kCL>
+cudaError_t forward_for_layout(const DepthwiseParams& p, cudaStream_t stream) {
+  const Conv2dGeometry& g = p.g;
+  const dim3 grid(elementwise_blocks(g.batch * g.dw_channels() * g.out_h * g.out_w));
+  const dim3 block(kDepthwiseThreads);
+  if (is_3x3(g) && has_stride(g, 1)) {
+    depthwise_forward_kernel<T, idx_t, kCL, 3, 3, 1, 1><<<grid, block, 0, stream>>>(p);
+  } else if (is_3x3(g) && has_stride(g, 2)) {
+    depthwise_forward_kernel<T, idx_t, kCL, 3, 3, 2, 2><<<grid, block, 0, stream>>>(p);
+  } else if (is_3x3(g)) {
+    depthwise_forward_kernel<T, idx_t, kCL, 3, 3, 0, 0><<<grid, block, 0, stream>>>(p);
+  } else {
+    depthwise_forward_kernel<T, idx_t, kCL, 0, 0, 0, 0><<<grid, block, 0, stream>>>(p);
+  }
+  return cudaGetLastError();
+}
+
+template <typename T, typename idx_t, bool kCL>
+cudaError_t backward_input_for_layout(const DepthwiseParams& p, cudaStream_t stream) {
+  const Conv2dGeometry& g = p.g;
+  const dim3 grid(elementwise_blocks(g.batch * g.in_channels * g.in_h * g.in_w));
+  const dim3 block(kDepthwiseThreads);
+  if (is_3x3(g) && has_stride(g, 1)) {
+    depthwise_backward_input_kernel<T, idx_t, kCL, 3, 3, 1, 1><<<grid, block, 0, stream>>>(p);
+  } else if (is_3x3(g) && has_stride(g, 2)) {
+    depthwise_backward_input_kernel<T, idx_t, kCL, 3, 3, 2, 2><<<grid, block, 0, stream>>>(p);
+  } else if (is_3x3(g)) {
+    depthwise_backward_input_kernel<T, idx_t, kCL, 3, 3, 0, 0><<<grid, block, 0, stream>>>(p);
+  } else {
+    depthwise_backward_input_kernel<T, idx_t, kCL, 0, 0, 0, 0><<<grid, block, 0, stream>>>(p);
+  }
+  return cudaGetLastError();
+}
+
+// Weight gradient: pass 1 with all taps in registers for 3x3 and 1x1 (depthwise_wgrad_all_taps), one tap per
+// block otherwise; then pass 2.
+template <typename T, typename idx_t, bool kCL>
+cudaError_t backward_weight_for_layout(const DepthwiseParams& p, float* workspace, cudaStream_t stream) {
+  const Conv2dGeometry& g = p.g;
+  const int64_t slices = depthwise_wgrad_slices(p);
+  const int64_t chan_blocks = (g.dw_channels() + depthwise_wgrad_channels_per_block(kCL) - 1) /
+                              depthwise_wgrad_channels_per_block(kCL);
+  const int64_t taps = g.kernel_h * g.kernel_w;
+  const bool all_taps = depthwise_wgrad_all_taps(g);
+  const dim3 grid1(static_cast<unsigned int>(chan_blocks * (all_taps ? 1 : taps)), static_cast<unsigned int>(slices));
+  const dim3 block(kDepthwiseThreads);
+  if (is_3x3(g)) {
+    depthwise_backward_weight_partial_kernel<T, idx_t, kCL, 3, 3><<<grid1, block, 0, stream>>>(p, workspace, slices);
+  } else if (g.kernel_h == 1 && g.kernel_w == 1) {
+    depthwise_backward_weight_partial_kernel<T, idx_t, kCL, 1, 1><<<grid1, block, 0, stream>>>(p, workspace, slices);
+  } else {
+    depthwise_backward_weight_partial_kernel<T, idx_t, kCL, 0, 0><<<grid1, block, 0, stream>>>(p, workspace, slices);
+  }
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  const int64_t outputs = g.dw_channels() * taps;
+  const dim3 grid2(static_cast<unsigned int>((outputs + 31) / 32));
+  depthwise_backward_weight_reduce_kernel<T><<<grid2, block, 0, stream>>>(p, workspace, slices);
+  return cudaGetLastError();
+}
+
+// Index type and thread order.
+template <typename T>
+cudaError_t forward_typed(const DepthwiseParams& p, cudaStream_t stream) {
+  if (p.use_int32) {
+    return p.channels_last ? forward_for_layout<T, int32_t, true>(p, stream)
+                           : forward_for_layout<T, int32_t, false>(p, stream);
+  }
+  return p.channels_last ? forward_for_layout<T, int64_t, true>(p, stream)
+                         : forward_for_layout<T, int64_t, false>(p, stream);
+}
+
+template <typename T>
+cudaError_t backward_input_typed(const DepthwiseParams& p, cudaStream_t stream) {
+  if (p.use_int32) {
+    return p.channels_last ? backward_input_for_layout<T, int32_t, true>(p, stream)
+                           : backward_input_for_layout<T, int32_t, false>(p, stream);
+  }
+  return p.channels_last ? backward_input_for_layout<T, int64_t, true>(p, stream)
+                         : backward_input_for_layout<T, int64_t, false>(p, stream);
+}
+
+template <typename T>
+cudaError_t backward_weight_typed(const DepthwiseParams& p, float* workspace, cudaStream_t stream) {
+  if (p.use_int32) {
+    return p.channels_last ? backward_weight_for_layout<T, int32_t, true>(p, workspace, stream)
+                           : backward_weight_for_layout<T, int32_t, false>(p, workspace, stream);
+  }
+  return p.channels_last ? backward_weight_for_layout<T, int64_t, true>(p, workspace, stream)
+                         : backward_weight_for_layout<T, int64_t, false>(p, workspace, stream);
+}
+
+}  // namespace
+
+// The per-dtype entry points, instantiated once each here.
+template <typename T>
+cudaError_t depthwise_forward_dtype(const DepthwiseParams& p, cudaStream_t stream) {
+  return forward_typed<T>(p, stream);
+}
+template <typename T>
+cudaError_t depthwise_backward_input_dtype(const DepthwiseParams& p, cudaStream_t stream) {
+  return backward_input_typed<T>(p, stream);
+}
+template <typename T>
+cudaError_t depthwise_backward_weight_dtype(const DepthwiseParams& p, float* workspace, cudaStream_t stream) {
+  return backward_weight_typed<T>(p, workspace, stream);
+}
+
+template cudaError_t depthwise_forward_dtype<float>(const DepthwiseParams&, cudaStream_t);
+template cudaError_t depthwise_forward_dtype<__half>(const DepthwiseParams&, cudaStream_t);
+template cudaError_t depthwise_forward_dtype<__nv_bfloat16>(const DepthwiseParams&, cudaStream_t);
+template cudaError_t depthwise_backward_input_dtype<float>(const DepthwiseParams&, cudaStream_t);
+template cudaError_t depthwise_backward_input_dtype<__half>(const DepthwiseParams&, cudaStream_t);
+template cudaError_t depthwise_backward_input_dtype<__nv_bfloat16>(const DepthwiseParams&, cudaStream_t);
+template cudaError_t depthwise_backward_weight_dtype<float>(const DepthwiseParams&, float*, cudaStream_t);
+template cudaError_t depthwise_backward_weight_dtype<__half>(const DepthwiseParams&, float*, cudaStream_t);
+template cudaError_t depthwise_backward_weight_dtype<__nv_bfloat16>(const DepthwiseParams&, float*, cudaStream_t);
+
+cudaError_t launch_depthwise_forward(const DepthwiseParams& p, DType dtype, cudaStream_t stream) {
+  const Conv2dGeometry& g = p.g;
+  if (g.batch * g.dw_channels() * g.out_h * g.out_w == 0) return cudaSuccess;
+  switch (dtype) {
+    case DType::Float32: return depthwise_forward_dtype<float>(p, stream);
+    case DType::Float16: return depthwise_forward_dtype<__half>(p, stream);
+    case DType::BFloat16: return depthwise_forward_dtype<__nv_bfloat16>(p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_depthwise_backward_input(const DepthwiseParams& p, DType dtype, cudaStream_t stream) {
+  const Conv2dGeometry& g = p.g;
+  if (g.batch * g.in_channels * g.in_h * g.in_w == 0) return cudaSuccess;
+  switch (dtype) {
+    case DType::Float32: return depthwise_backward_input_dtype<float>(p, stream);
+    case DType::Float16: return depthwise_backward_input_dtype<__half>(p, stream);
+    case DType::BFloat16: return depthwise_backward_input_dtype<__nv_bfloat16>(p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_depthwise_backward_weight(const DepthwiseParams& p, DType dtype, void* workspace,
+                                             size_t workspace_bytes, cudaStream_t stream) {
+  const Conv2dGeometry& g = p.g;
+  if (g.dw_channels() * g.kernel_h * g.kernel_w == 0) return cudaSuccess;
+  // An empty reduction (no positions) still writes zeros: pass 1 leaves every partial at 0.
+  if (workspace == nullptr || workspace_bytes < depthwise_wgrad_workspace_bytes(p) ||
+      reinterpret_cast<uintptr_t>(workspace) % alignof(float) != 0) {
+    return cudaErrorInvalidValue;
+  }
+  float* ws = static_cast<float*>(workspace);
+  switch (dtype) {
+    case DType::Float32: return depthwise_backward_weight_dtype<float>(p, ws, stream);
+    case DType::Float16: return depthwise_backward_weight_dtype<__half>(p, ws, stream);
+    case DType::BFloat16: return depthwise_backward_weight_dtype<__nv_bfloat16>(p, ws, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace xception_ops

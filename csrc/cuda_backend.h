@@ -1,0 +1,26 @@
+// The "cuda" backend's torch layer: fills the kernels' params structs from tensors and launches them on the
+// current stream. Declared here, defined in csrc/cuda/*.cpp.
+#pragma once
+
+#include "cuda_ops_list.h"
+#include "ops.h"
+
+namespace xception_ops::cuda {
+
+// Depthwise conv2d (csrc/cuda/depthwise_backend.cpp). Same contract as the reference:: functions in ops.h:
+// `g` is already validated; the tensors must be CUDA tensors on one device with dtype float32, float16 or
+// bfloat16 (float64 raises a TypeError that points to backend="torch"). Outputs follow output_memory_format
+// (backward_input: `fmt`; backward_weight: contiguous).
+Tensor depthwise_conv2d(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Conv2dGeometry& g);
+Tensor depthwise_conv2d_backward_input(const Tensor& grad_out, const Tensor& weight, const Conv2dGeometry& g,
+                                       at::MemoryFormat fmt);
+Tensor depthwise_conv2d_backward_weight(const Tensor& grad_out, const Tensor& x, const Conv2dGeometry& g);
+
+inline bool implements(c10::string_view op) {
+  for (const char* name : kImplementedOps) {
+    if (op == name) return true;
+  }
+  return false;
+}
+
+}  // namespace xception_ops::cuda

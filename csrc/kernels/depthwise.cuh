@@ -1,0 +1,364 @@
+// Depthwise conv2d kernel bodies: forward, input gradient and weight gradient.
+//
+// Torch-free: they take a DepthwiseParams (kernels/depthwise_params.h) and compile with nvcc or clang for any
+// GPU from sm_37 on. Semantics: output channel oc reads input channel oc / M (M = depth multiplier), padding
+// may differ at the two ends of each axis, any stride and dilation, optional bias. Every tensor is read or
+// written through its own element strides.
+//
+// Template parameters shared by the kernels:
+//   T      element type: float, __half or __nv_bfloat16; the math is float32 throughout.
+//   idx_t  int32_t when depthwise_fits_int32() holds, else int64_t (tensors over 2^31 elements).
+//   kCL    thread order: true puts the channel fastest across threads (coalesced in NHWC), false the width.
+//   KH, KW kernel size known at compile time (taps unrolled, weights in registers); 0 = read at run time.
+//   SH, SW stride known at compile time; 0 = read at run time.
+//
+// Every pass is deterministic: each output element is summed by one thread in a fixed order, and the weight
+// gradient reduces fixed slices through a fixed tree and a second kernel (no atomics).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "depthwise_params.h"
+
+namespace xception_ops {
+namespace kernels {
+
+// ---- element loads and stores, float32 in registers ----
+
+template <typename U>
+__device__ __forceinline__ U load_readonly(const U* p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 350
+  return __ldg(p);
+#else
+  return *p;
+#endif
+}
+
+template <typename T>
+struct Elem;
+
+template <>
+struct Elem<float> {
+  __device__ __forceinline__ static float load(const float* p) { return load_readonly(p); }
+  __device__ __forceinline__ static void store(float* p, float v) { *p = v; }
+};
+
+// Halves go through their 16-bit pattern: __ldg on unsigned short and the fp16 conversions exist on every
+// architecture (sm_53+ converts natively, older ones with the cvt instruction the header picks).
+template <>
+struct Elem<__half> {
+  __device__ __forceinline__ static float load(const __half* p) {
+    return __half2float(__ushort_as_half(load_readonly(reinterpret_cast<const unsigned short*>(p))));
+  }
+  __device__ __forceinline__ static void store(__half* p, float v) { *p = __float2half_rn(v); }
+};
+
+// bfloat16 is the top half of a float32: converted with integer ops, so no sm_80 instruction is needed.
+template <>
+struct Elem<__nv_bfloat16> {
+  __device__ __forceinline__ static float load(const __nv_bfloat16* p) {
+    const unsigned int bits = load_readonly(reinterpret_cast<const unsigned short*>(p));
+    return __uint_as_float(bits << 16);
+  }
+  __device__ __forceinline__ static void store(__nv_bfloat16* p, float v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    *p = __float2bfloat16_rn(v);
+#else
+    const unsigned int u = __float_as_uint(v);
+    unsigned short bits;
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+      bits = static_cast<unsigned short>((u >> 16) | 0x0040u);  // NaN stays a (quiet) NaN
+    } else {
+      bits = static_cast<unsigned short>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);  // round to nearest even
+    }
+    *reinterpret_cast<unsigned short*>(p) = bits;
+#endif
+  }
+};
+
+// Unsigned compare: 0 <= i < n in one test (i may be negative).
+template <typename idx_t>
+__device__ __forceinline__ bool in_range(idx_t i, idx_t n) {
+  using U = typename std::make_unsigned<idx_t>::type;
+  return static_cast<U>(i) < static_cast<U>(n);
+}
+
+// Splits a flat index i = ((d3 * s2 + d2) * s1 + d1) * s0 + d0 into its digits. Unsigned division: every
+// value is non-negative, and the unsigned 64-bit division routine is the cheaper one.
+template <typename idx_t>
+__device__ __forceinline__ void unflatten(idx_t i, idx_t s0, idx_t s1, idx_t s2, idx_t& d0, idx_t& d1, idx_t& d2,
+                                          idx_t& d3) {
+  using U = typename std::make_unsigned<idx_t>::type;
+  U r = static_cast<U>(i);
+  U q = r / static_cast<U>(s0);
+  d0 = static_cast<idx_t>(r - q * static_cast<U>(s0));
+  r = q;
+  q = r / static_cast<U>(s1);
+  d1 = static_cast<idx_t>(r - q * static_cast<U>(s1));
+  r = q;
+  q = r / static_cast<U>(s2);
+  d2 = static_cast<idx_t>(r - q * static_cast<U>(s2));
+  d3 = static_cast<idx_t>(q);
+}
+
+// ---- forward: one thread per output element ----
+template <typename T, typename idx_t, bool kCL, int KH, int KW, int SH, int SW>
+__global__ void __launch_bounds__(kDepthwiseThreads) depthwise_forward_kernel(const DepthwiseParams p) {
+  const Conv2dGeometry& g = p.g;
+  const idx_t N = g.batch, H = g.in_h, W = g.in_w, M = g.depth_multiplier;
+  const idx_t OC = g.dw_channels(), OH = g.out_h, OW = g.out_w;
+  const int kh_n = KH > 0 ? KH : static_cast<int>(g.kernel_h);
+  const int kw_n = KW > 0 ? KW : static_cast<int>(g.kernel_w);
+  const idx_t sh = SH > 0 ? SH : static_cast<idx_t>(g.stride_h);
+  const idx_t sw = SW > 0 ? SW : static_cast<idx_t>(g.stride_w);
+  const idx_t dh = g.dilation_h, dw = g.dilation_w, pt = g.pad_top, pl = g.pad_left;
+
+  const T* __restrict__ x = static_cast<const T*>(p.input.data);
+  const T* __restrict__ w = static_cast<const T*>(p.weight.data);
+  const T* __restrict__ bias = static_cast<const T*>(p.bias);
+  T* __restrict__ y = static_cast<T*>(p.output.data);
+  const idx_t xs_n = p.input.stride[0], xs_c = p.input.stride[1], xs_h = p.input.stride[2],
+              xs_w = p.input.stride[3];
+  const idx_t ys_n = p.output.stride[0], ys_c = p.output.stride[1], ys_h = p.output.stride[2],
+              ys_w = p.output.stride[3];
+  const idx_t ws_o = p.weight.stride[0], ws_h = p.weight.stride[2], ws_w = p.weight.stride[3];
+  const idx_t bs = p.bias_stride;
+
+  const idx_t total = N * OC * OH * OW;
+  const idx_t step = static_cast<idx_t>(gridDim.x) * kDepthwiseThreads;
+  for (idx_t i = static_cast<idx_t>(blockIdx.x) * kDepthwiseThreads + threadIdx.x; i < total; i += step) {
+    idx_t n, oc, oh, ow;
+    if (kCL) {
+      unflatten(i, OC, OW, OH, oc, ow, oh, n);
+    } else {
+      unflatten(i, OW, OH, OC, ow, oh, oc, n);
+    }
+    const T* xp = x + n * xs_n + (oc / M) * xs_c;
+    const T* wp = w + oc * ws_o;
+    const idx_t ih0 = oh * sh - pt, iw0 = ow * sw - pl;
+    float acc = 0.f;
+#pragma unroll
+    for (int kh = 0; kh < kh_n; ++kh) {
+      const idx_t ih = ih0 + kh * dh;
+      if (!in_range(ih, H)) continue;
+#pragma unroll
+      for (int kw = 0; kw < kw_n; ++kw) {
+        const idx_t iw = iw0 + kw * dw;
+        if (in_range(iw, W)) {
+          acc = fmaf(Elem<T>::load(xp + ih * xs_h + iw * xs_w), Elem<T>::load(wp + kh * ws_h + kw * ws_w), acc);
+        }
+      }
+    }
+    if (bias != nullptr) acc += Elem<T>::load(bias + oc * bs);
+    Elem<T>::store(y + n * ys_n + oc * ys_c + oh * ys_h + ow * ys_w, acc);
+  }
+}
+
+// ---- input gradient, gather form: one thread per input element ----
+// grad_x[n, c, ih, iw] = sum over m < M, taps (kh, kw) with ih + pad_top - kh*dh = oh*sh (0 <= oh < OH) and
+// likewise for w, of grad_y[n, c*M + m, oh, ow] * w[c*M + m, kh, kw]; summed in the order m, kh, kw.
+template <typename T, typename idx_t, bool kCL, int KH, int KW, int SH, int SW>
+__global__ void __launch_bounds__(kDepthwiseThreads) depthwise_backward_input_kernel(const DepthwiseParams p) {
+  const Conv2dGeometry& g = p.g;
+  const idx_t N = g.batch, C = g.in_channels, H = g.in_h, W = g.in_w, M = g.depth_multiplier;
+  const idx_t OH = g.out_h, OW = g.out_w;
+  const int kh_n = KH > 0 ? KH : static_cast<int>(g.kernel_h);
+  const int kw_n = KW > 0 ? KW : static_cast<int>(g.kernel_w);
+  const idx_t sh = SH > 0 ? SH : static_cast<idx_t>(g.stride_h);
+  const idx_t sw = SW > 0 ? SW : static_cast<idx_t>(g.stride_w);
+  const idx_t dh = g.dilation_h, dw = g.dilation_w, pt = g.pad_top, pl = g.pad_left;
+
+  T* __restrict__ gx = static_cast<T*>(p.input.data);
+  const T* __restrict__ gy = static_cast<const T*>(p.output.data);
+  const T* __restrict__ w = static_cast<const T*>(p.weight.data);
+  const idx_t xs_n = p.input.stride[0], xs_c = p.input.stride[1], xs_h = p.input.stride[2],
+              xs_w = p.input.stride[3];
+  const idx_t ys_n = p.output.stride[0], ys_c = p.output.stride[1], ys_h = p.output.stride[2],
+              ys_w = p.output.stride[3];
+  const idx_t ws_o = p.weight.stride[0], ws_h = p.weight.stride[2], ws_w = p.weight.stride[3];
+
+  const idx_t dqh = dh / sh, drh = dh - dqh * sh, dqw = dw / sw, drw = dw - dqw * sw;
+
+  const idx_t total = N * C * H * W;
+  const idx_t step = static_cast<idx_t>(gridDim.x) * kDepthwiseThreads;
+  for (idx_t i = static_cast<idx_t>(blockIdx.x) * kDepthwiseThreads + threadIdx.x; i < total; i += step) {
+    idx_t n, c, ih, iw;
+    if (kCL) {
+      unflatten(i, C, W, H, c, iw, ih, n);
+    } else {
+      unflatten(i, W, H, C, iw, ih, c, n);
+    }
+    // Tap kh reaches ih from output row oh when ih + pad_top - kh * dh = oh * sh. Write the left side as
+    // qh * sh + rh (0 <= rh < sh): the tap counts when rh == 0 and 0 <= qh < OH, and each step of kh moves
+    // (qh, rh) down by (dh / sh, dh % sh) with a borrow, so no division runs inside the tap loops.
+    const idx_t bh = ih + pt, bw = iw + pl;  // position in the padded input
+    using U = typename std::make_unsigned<idx_t>::type;  // bh, bw >= 0: the cheaper unsigned division
+    const idx_t qh0 = static_cast<idx_t>(static_cast<U>(bh) / static_cast<U>(sh)), rh0 = bh - qh0 * sh;
+    const idx_t qw0 = static_cast<idx_t>(static_cast<U>(bw) / static_cast<U>(sw)), rw0 = bw - qw0 * sw;
+    float acc = 0.f;
+    for (idx_t m = 0; m < M; ++m) {
+      const idx_t oc = c * M + m;
+      const T* gp = gy + n * ys_n + oc * ys_c;
+      const T* wp = w + oc * ws_o;
+      idx_t qh = qh0, rh = rh0;
+#pragma unroll
+      for (int kh = 0; kh < kh_n; ++kh) {
+        if (rh == 0 && in_range(qh, OH)) {
+          idx_t qw = qw0, rw = rw0;
+#pragma unroll
+          for (int kw = 0; kw < kw_n; ++kw) {
+            if (rw == 0 && in_range(qw, OW)) {
+              acc = fmaf(Elem<T>::load(gp + qh * ys_h + qw * ys_w), Elem<T>::load(wp + kh * ws_h + kw * ws_w), acc);
+            }
+            qw -= dqw;
+            rw -= drw;
+            if (rw < 0) { rw += sw; --qw; }
+          }
+        }
+        qh -= dqh;
+        rh -= drh;
+        if (rh < 0) { rh += sh; --qh; }
+      }
+    }
+    Elem<T>::store(gx + n * xs_n + c * xs_c + ih * xs_h + iw * xs_w, acc);
+  }
+}
+
+// ---- weight gradient, pass 1: per-slice partial sums into the float32 workspace ----
+// grid.x = channel block + chan_blocks * tap block, grid.y = slice. See depthwise_params.h for the split.
+// Threads: lane `lane` walks the slice's positions with step `kLanes`; `cl` picks the block's channel.
+// channels_last: tid = lane * 32 + cl (a warp reads 32 adjacent channels of one position);
+// NCHW: tid = cl * 64 + lane (a warp reads 32 adjacent positions of one channel).
+// KH, KW > 0: all taps in registers, one tap block. KH = KW = 0: one tap per tap block, read at run time.
+template <typename T, typename idx_t, bool kCL, int KH, int KW>
+__global__ void __launch_bounds__(kDepthwiseThreads)
+    depthwise_backward_weight_partial_kernel(const DepthwiseParams p, float* __restrict__ workspace,
+                                             int64_t slices) {
+  constexpr int kChannels = kCL ? 32 : 4;
+  constexpr int kLanes = kDepthwiseThreads / kChannels;
+  constexpr int kTaps = KH > 0 ? KH * KW : 1;
+  static_assert(kChannels * kLanes == kDepthwiseThreads, "block shape");
+  __shared__ float red[kTaps][kDepthwiseThreads];
+
+  const Conv2dGeometry& g = p.g;
+  const idx_t H = g.in_h, W = g.in_w, M = g.depth_multiplier;
+  const idx_t OC = g.dw_channels(), OH = g.out_h, OW = g.out_w;
+  const idx_t sh = g.stride_h, sw = g.stride_w, dh = g.dilation_h, dw = g.dilation_w;
+  const idx_t pt = g.pad_top, pl_ = g.pad_left;
+  const int taps_total = static_cast<int>(g.kernel_h * g.kernel_w);
+
+  const T* __restrict__ x = static_cast<const T*>(p.input.data);
+  const T* __restrict__ gy = static_cast<const T*>(p.output.data);
+  const idx_t xs_n = p.input.stride[0], xs_c = p.input.stride[1], xs_h = p.input.stride[2],
+              xs_w = p.input.stride[3];
+  const idx_t ys_n = p.output.stride[0], ys_c = p.output.stride[1], ys_h = p.output.stride[2],
+              ys_w = p.output.stride[3];
+
+  const int tid = threadIdx.x;
+  const int cl = kCL ? tid % kChannels : tid / kLanes;
+  const int lane = kCL ? tid / kChannels : tid % kLanes;
+  const int64_t chan_blocks = (static_cast<int64_t>(OC) + kChannels - 1) / kChannels;
+  const int64_t chan_block = static_cast<int64_t>(blockIdx.x) % chan_blocks;
+  const int tap0 = KH > 0 ? 0 : static_cast<int>(static_cast<int64_t>(blockIdx.x) / chan_blocks);
+  const int tap_kh = KH > 0 ? 0 : tap0 / static_cast<int>(g.kernel_w);
+  const int tap_kw = KH > 0 ? 0 : tap0 % static_cast<int>(g.kernel_w);
+  const idx_t oc = static_cast<idx_t>(chan_block * kChannels + cl);
+  const bool valid = oc < OC;
+
+  float acc[kTaps];
+#pragma unroll
+  for (int t = 0; t < kTaps; ++t) acc[t] = 0.f;
+
+  if (valid) {
+    const idx_t positions = static_cast<idx_t>(g.batch) * OH * OW;
+    const idx_t chunk = static_cast<idx_t>((static_cast<int64_t>(positions) + slices - 1) / slices);
+    const idx_t begin = static_cast<idx_t>(blockIdx.y) * chunk;
+    const idx_t end = begin + chunk < positions ? begin + chunk : positions;
+    const idx_t c = oc / M;
+    const T* gp = gy + oc * ys_c;
+    const T* xc = x + c * xs_c;
+    for (idx_t q = begin + lane; q < end; q += kLanes) {
+      const idx_t ow = q % OW;
+      const idx_t r = q / OW;
+      const idx_t oh = r % OH;
+      const idx_t n = r / OH;
+      const float go = Elem<T>::load(gp + n * ys_n + oh * ys_h + ow * ys_w);
+      const T* xp = xc + n * xs_n;
+      const idx_t ih0 = oh * sh - pt, iw0 = ow * sw - pl_;
+      if (KH > 0) {
+#pragma unroll
+        for (int kh = 0; kh < (KH > 0 ? KH : 1); ++kh) {
+          const idx_t ih = ih0 + kh * dh;
+          if (!in_range(ih, H)) continue;
+#pragma unroll
+          for (int kw = 0; kw < (KW > 0 ? KW : 1); ++kw) {
+            const idx_t iw = iw0 + kw * dw;
+            if (in_range(iw, W)) acc[kh * KW + kw] = fmaf(go, Elem<T>::load(xp + ih * xs_h + iw * xs_w), acc[kh * KW + kw]);
+          }
+        }
+      } else {
+        const idx_t ih = ih0 + tap_kh * dh, iw = iw0 + tap_kw * dw;
+        if (in_range(ih, H) && in_range(iw, W)) acc[0] = fmaf(go, Elem<T>::load(xp + ih * xs_h + iw * xs_w), acc[0]);
+      }
+    }
+  }
+
+  // Fixed-shape tree over the lanes of each channel.
+#pragma unroll
+  for (int t = 0; t < kTaps; ++t) red[t][tid] = acc[t];
+  __syncthreads();
+  const int stride_lane = kCL ? kChannels : 1;  // distance in tid between neighbouring lanes
+  for (int s = kLanes / 2; s > 0; s >>= 1) {
+    if (lane < s) {
+#pragma unroll
+      for (int t = 0; t < kTaps; ++t) red[t][tid] += red[t][tid + s * stride_lane];
+    }
+    __syncthreads();
+  }
+  if (lane == 0 && valid) {
+    float* out = workspace + (static_cast<int64_t>(blockIdx.y) * OC + oc) * taps_total + tap0;
+#pragma unroll
+    for (int t = 0; t < kTaps; ++t) out[t] = red[t][tid];
+  }
+}
+
+// ---- weight gradient, pass 2: sum the slices of each (channel, tap) in a fixed order ----
+// 32 outputs per block on threadIdx % 32; 8 lanes each sum the slices s = lane, lane + 8, ... in order, then
+// a fixed tree over the 8 lanes.
+template <typename T>
+__global__ void __launch_bounds__(kDepthwiseThreads)
+    depthwise_backward_weight_reduce_kernel(const DepthwiseParams p, const float* __restrict__ workspace,
+                                            int64_t slices) {
+  constexpr int kOutputs = 32;
+  constexpr int kLanes = kDepthwiseThreads / kOutputs;
+  __shared__ float red[kLanes][kOutputs];
+  const Conv2dGeometry& g = p.g;
+  const int64_t taps = g.kernel_h * g.kernel_w;
+  const int64_t total = g.dw_channels() * taps;
+  const int o = threadIdx.x % kOutputs;
+  const int lane = threadIdx.x / kOutputs;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kOutputs + o;
+  float acc = 0.f;
+  if (i < total) {
+    for (int64_t s = lane; s < slices; s += kLanes) acc += workspace[s * total + i];
+  }
+  red[lane][o] = acc;
+  __syncthreads();
+  for (int s = kLanes / 2; s > 0; s >>= 1) {
+    if (lane < s) red[lane][o] += red[lane + s][o];
+    __syncthreads();
+  }
+  if (lane == 0 && i < total) {
+    const int64_t oc = i / taps, tap = i % taps;
+    const int64_t kh = tap / g.kernel_w, kw = tap % g.kernel_w;
+    T* gw = static_cast<T*>(p.weight.data);
+    Elem<T>::store(gw + oc * p.weight.stride[0] + kh * p.weight.stride[2] + kw * p.weight.stride[3], red[0][o]);
+  }
+}
+
+}  // namespace kernels
+}  // namespace xception_ops

@@ -1,0 +1,146 @@
+// What the depthwise CUDA kernels are told: the geometry, raw pointers and element strides, filled once on the
+// host by the torch layer (csrc/cuda/depthwise_backend.cpp) and passed by value to every kernel.
+//
+// Torch-free on purpose, like conv_geometry.h: the kernels (kernels/depthwise.cuh) and their launchers
+// (cuda/depthwise_launch.cu) are compiled without torch headers, also for old GPUs with clang. The launchers'
+// declarations at the end need the CUDA runtime's types (cudaError_t, cudaStream_t), nothing else.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "conv_geometry.h"
+
+namespace xception_ops {
+
+// The element types the kernels are built for. Accumulation is always float32.
+enum class DType : int32_t { Float32 = 0, Float16 = 1, BFloat16 = 2 };
+
+// One 4-D tensor as the kernels see it: a pointer and element strides (not bytes) in (N, C, H, W) order, so
+// contiguous, channels_last and strided views are all read and written in place. For the weight the order is
+// (C * M, 1, kH, kW) and stride[1] is never used.
+struct DepthwiseTensor {
+  void* data = nullptr;
+  int64_t stride[4] = {0, 0, 0, 0};
+};
+
+// The three passes share one struct; the roles of the tensors:
+//   forward        : input = x (read),         output = y (written),        weight = w (read), bias optional
+//   backward_input : input = grad_x (written), output = grad_y (read),      weight = w (read)
+//   backward_weight: input = x (read),         output = grad_y (read),      weight = grad_w (written)
+// Shapes come from the geometry: input (batch, in_channels, in_h, in_w), output (batch, dw_channels, out_h,
+// out_w), weight (dw_channels, 1, kernel_h, kernel_w), bias (dw_channels).
+struct DepthwiseParams {
+  Conv2dGeometry g;
+  DepthwiseTensor input;
+  DepthwiseTensor output;
+  DepthwiseTensor weight;
+  const void* bias = nullptr;  // forward only; nullptr for none
+  int64_t bias_stride = 1;
+  // Thread order. true: channel fastest across threads (coalesced for NHWC, i.e. channels_last tensors);
+  // false: width fastest (NCHW). The torch layer picks it from the layout of the tensor the pass writes
+  // (forward, backward_input) or of grad_y (backward_weight).
+  bool channels_last = false;
+  // 32-bit index math; set it with depthwise_fits_int32() (the launchers use int64 when it is false).
+  bool use_int32 = false;
+};
+
+// ---- host-side helpers (pure arithmetic, usable without a GPU) ----
+
+// Threads per block of every depthwise kernel, and the most blocks an elementwise kernel is launched with
+// (grid-stride loops cover the rest).
+constexpr int kDepthwiseThreads = 256;
+constexpr int64_t kDepthwiseMaxBlocks = 65536;
+
+// One past the largest element offset a tensor of these sizes and strides reaches; 0 when it is empty.
+inline int64_t depthwise_extent(const int64_t (&sizes)[4], const int64_t (&strides)[4]) {
+  int64_t extent = 1;
+  for (int d = 0; d < 4; ++d) {
+    if (sizes[d] == 0) return 0;
+    const int64_t s = strides[d] < 0 ? -strides[d] : strides[d];
+    extent += (sizes[d] - 1) * s;
+  }
+  return extent;
+}
+
+// Whether every index the kernels form fits in int32: each tensor's extent, each loop's trip count, and the
+// padded spatial sizes, with room for one grid-stride step past the end (a loop index never wraps).
+inline bool depthwise_fits_int32(const DepthwiseParams& p) {
+  const Conv2dGeometry& g = p.g;
+  const int64_t limit = INT32_MAX - kDepthwiseMaxBlocks * kDepthwiseThreads;
+  const int64_t oc = g.dw_channels();
+  const int64_t in_sizes[4] = {g.batch, g.in_channels, g.in_h, g.in_w};
+  const int64_t out_sizes[4] = {g.batch, oc, g.out_h, g.out_w};
+  const int64_t w_sizes[4] = {oc, 1, g.kernel_h, g.kernel_w};
+  const int64_t values[] = {
+      depthwise_extent(in_sizes, p.input.stride),
+      depthwise_extent(out_sizes, p.output.stride),
+      depthwise_extent(w_sizes, p.weight.stride),
+      oc * (p.bias_stride < 0 ? -p.bias_stride : p.bias_stride) + 1,
+      g.batch * g.in_channels * g.in_h * g.in_w,  // backward_input threads
+      g.batch * oc * g.out_h * g.out_w,           // forward threads
+      g.padded_h() + g.stride_h * g.out_h + g.span_h(),
+      g.padded_w() + g.stride_w * g.out_w + g.span_w(),
+      g.kernel_h * g.kernel_w * (oc + 1),
+  };
+  for (int64_t v : values) {
+    if (v < 0 || v > limit) return false;
+  }
+  return true;
+}
+
+// ---- backward_weight work split (shared by the launcher and the torch layer's workspace size) ----
+//
+// Pass 1 splits the reduction over the N * out_h * out_w output positions into `slices` contiguous ranges;
+// a block of 256 threads covers (channels per block) output channels of one range, keeps all kH*kW taps of a
+// channel in registers (3x3) or one tap per block (other sizes), reduces its threads in a fixed tree and
+// writes float32 partials to the workspace, laid out [slice][dw_channel][kH*kW]. Pass 2 sums the slices of
+// each tap in a fixed order and writes grad_w. No atomics: the result depends only on the geometry and the
+// layout, so it is bitwise reproducible, and the same on every GPU.
+
+// Channels and position lanes per block: channels_last puts 32 channels on a warp; NCHW puts 64 positions.
+inline int64_t depthwise_wgrad_channels_per_block(bool channels_last) { return channels_last ? 32 : 4; }
+inline int64_t depthwise_wgrad_lanes_per_block(bool channels_last) { return channels_last ? 8 : 64; }
+// Kernel sizes whose weight-gradient kernel holds every tap in registers (one block covers all taps).
+inline bool depthwise_wgrad_all_taps(const Conv2dGeometry& g) {
+  return (g.kernel_h == 3 && g.kernel_w == 3) || (g.kernel_h == 1 && g.kernel_w == 1);
+}
+
+inline int64_t depthwise_wgrad_slices(const DepthwiseParams& p) {
+  const Conv2dGeometry& g = p.g;
+  const int64_t positions = g.batch * g.out_h * g.out_w;
+  if (positions <= 0) return 1;
+  const int64_t chan_blocks =
+      (g.dw_channels() + depthwise_wgrad_channels_per_block(p.channels_last) - 1) /
+      depthwise_wgrad_channels_per_block(p.channels_last);
+  const int64_t tap_blocks = depthwise_wgrad_all_taps(g) ? 1 : g.kernel_h * g.kernel_w;
+  const int64_t target_blocks = 1024;  // about 8 blocks per SM on a 132-SM GPU
+  int64_t slices = (target_blocks + chan_blocks * tap_blocks - 1) / (chan_blocks * tap_blocks);
+  // Keep at least 16 positions per thread lane so a slice is worth its partials.
+  const int64_t by_work = (positions + 16 * depthwise_wgrad_lanes_per_block(p.channels_last) - 1) /
+                          (16 * depthwise_wgrad_lanes_per_block(p.channels_last));
+  if (slices > by_work) slices = by_work;
+  if (slices > 1024) slices = 1024;
+  if (slices < 1) slices = 1;
+  return slices;
+}
+
+// Bytes of float32 workspace the backward_weight launcher needs: slices * dw_channels * kH * kW * 4.
+inline size_t depthwise_wgrad_workspace_bytes(const DepthwiseParams& p) {
+  const Conv2dGeometry& g = p.g;
+  return static_cast<size_t>(depthwise_wgrad_slices(p)) * static_cast<size_t>(g.dw_channels()) *
+         static_cast<size_t>(g.kernel_h * g.kernel_w) * sizeof(float);
+}
+
+// ---- launchers (cuda/depthwise_launch.cu) ----
+// Each launches on `stream` and returns cudaGetLastError() after its launches (cudaSuccess when there is
+// nothing to do). The caller sets the device. The workspace must hold depthwise_wgrad_workspace_bytes(p)
+// bytes, 4-byte aligned; backward_weight returns cudaErrorInvalidValue when it is smaller.
+cudaError_t launch_depthwise_forward(const DepthwiseParams& p, DType dtype, cudaStream_t stream);
+cudaError_t launch_depthwise_backward_input(const DepthwiseParams& p, DType dtype, cudaStream_t stream);
+cudaError_t launch_depthwise_backward_weight(const DepthwiseParams& p, DType dtype, void* workspace,
+                                             size_t workspace_bytes, cudaStream_t stream);
+
+}  // namespace xception_ops

@@ -1,0 +1,74 @@
+// The torch layer of xception_ops: argument checks, the ATen reference implementations and the backend
+// router. Kernel bodies live in torch-free headers under kernels/; nothing here launches a kernel directly.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+#include <c10/util/string_view.h>
+
+#include <string>
+#include <tuple>
+
+#include "kernels/conv_geometry.h"
+
+namespace xception_ops {
+
+using at::IntArrayRef;
+using at::Tensor;
+using OptTensor = c10::optional<Tensor>;
+
+// What sits between the depthwise and the pointwise halves (paper section 4.7).
+enum class MidActivation { None, Relu, Elu };
+MidActivation parse_mid_activation(c10::string_view name);
+
+// The fused op's options, with the tensors that come with them. Filled once from the op's arguments.
+struct SeparableOptions {
+  OptTensor in_scale, in_shift;  // prologue: x * in_scale + in_shift, per input channel
+  bool in_relu = false;          // prologue: relu after the affine
+  MidActivation mid = MidActivation::None;
+  OptTensor out_scale, out_shift;  // epilogue: folded BatchNorm or bias, per output channel
+  bool out_relu = false;           // epilogue: relu(z + residual)
+  OptTensor residual;
+  bool compute_stats = false;  // epilogue: per-channel fp32 sum and sum of squares of the pre-BN output
+};
+
+// ---- checks (checks.cpp): raise a Python ValueError / TypeError naming the offending argument ----
+// Shape checks only; the backward ops know the input and weight by their sizes.
+Conv2dGeometry make_geometry(const char* op, IntArrayRef x_sizes, IntArrayRef weight_sizes, IntArrayRef stride,
+                             IntArrayRef padding, IntArrayRef dilation);
+Conv2dGeometry check_depthwise(const char* op, const Tensor& x, const Tensor& weight, const OptTensor& bias,
+                               IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation);
+Conv2dGeometry check_separable(const char* op, const Tensor& x, const Tensor& dw_weight, const Tensor& pw_weight,
+                               const SeparableOptions& opt, IntArrayRef stride, IntArrayRef padding,
+                               IntArrayRef dilation);
+// Checks a tensor that must have `shape` and x's dtype and device (gradients, saved outputs).
+void check_like(const char* op, const char* name, const Tensor& t, IntArrayRef shape, const Tensor& x);
+// Output layout rule shared by every backend and the fake kernels: channels_last in, channels_last out.
+at::MemoryFormat output_memory_format(const Tensor& x);
+
+// ---- reference implementations through ATen ops (reference.cpp); these are the "torch" backend ----
+namespace reference {
+Tensor depthwise_conv2d(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Conv2dGeometry& g);
+Tensor depthwise_conv2d_backward_input(const Tensor& grad_out, const Tensor& weight, const Conv2dGeometry& g,
+                                       at::MemoryFormat fmt);
+Tensor depthwise_conv2d_backward_weight(const Tensor& grad_out, const Tensor& x, const Conv2dGeometry& g);
+std::tuple<Tensor, Tensor, Tensor> separable_conv2d(const Tensor& x, const Tensor& dw_weight,
+                                                    const Tensor& pw_weight, const SeparableOptions& opt,
+                                                    const Conv2dGeometry& g);
+// Returns grads of (x, dw_weight, pw_weight, in_scale, in_shift, out_scale, out_shift); the grads of absent
+// optional inputs are empty tensors.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_conv2d_backward(
+    const Tensor& grad_out, const OptTensor& grad_sum, const OptTensor& grad_sumsq, const OptTensor& out,
+    const Tensor& x, const Tensor& dw_weight, const Tensor& pw_weight, const SeparableOptions& opt,
+    const Conv2dGeometry& g);
+}  // namespace reference
+
+// ---- backends ----
+enum class Backend { Torch, Cuda, Triton };
+// Resolves a backend name for tensors on x's device; "auto" picks the fastest one built for this op.
+// Raises a clear error when the backend is unknown, not built, or cannot run on that device.
+Backend resolve_backend(c10::string_view name, const char* op, const Tensor& x);
+bool cuda_built();                           // compiled with the CUDA kernels
+bool cuda_implements(c10::string_view op);   // the CUDA backend has a kernel for this op (by schema name)
+
+}  // namespace xception_ops

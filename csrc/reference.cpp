@@ -1,0 +1,179 @@
+// The reference path: every op written with ATen ops (cuDNN / oneDNN underneath). It is the "torch" backend,
+// the CPU implementation, and the yardstick the CUDA and Triton kernels are checked against.
+#include <ATen/ATen.h>
+
+#include "ops.h"
+
+namespace xception_ops {
+namespace reference {
+namespace {
+
+// Per-channel math (affines, reductions) runs in float32, or float64 for float64 inputs.
+at::ScalarType compute_type(const Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+Tensor per_channel(const Tensor& v, at::ScalarType type) { return v.to(type).view({1, -1, 1, 1}); }
+
+Tensor channel_sum(const Tensor& t, at::ScalarType type) { return t.to(type).sum({0, 2, 3}); }
+
+Tensor empty_vector(const Tensor& x, at::ScalarType type) { return at::empty({0}, x.options().dtype(type)); }
+
+// x * scale + shift, per channel, computed in float32 and returned in x's dtype.
+Tensor channel_affine(const Tensor& x, const OptTensor& scale, const OptTensor& shift) {
+  if (!scale.has_value() && !shift.has_value()) return x;
+  const auto type = compute_type(x);
+  Tensor r = x.to(type);
+  if (scale.has_value()) r = r * per_channel(*scale, type);
+  if (shift.has_value()) r = r + per_channel(*shift, type);
+  return r.to(x.scalar_type());
+}
+
+// ATen convolutions pad symmetrically; asymmetric ("same" at stride 2) padding is applied explicitly.
+Tensor pad_input(const Tensor& x, const Conv2dGeometry& g) {
+  if (g.symmetric_padding()) return x;
+  return at::constant_pad_nd(x, {g.pad_left, g.pad_right, g.pad_top, g.pad_bottom}, 0);
+}
+
+std::vector<int64_t> conv_padding(const Conv2dGeometry& g) {
+  if (g.symmetric_padding()) return {g.pad_top, g.pad_left};
+  return {0, 0};
+}
+
+Tensor pointwise(const Tensor& m, const Tensor& pw_weight) {
+  return at::convolution(m, pw_weight, c10::nullopt, {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, 1);
+}
+
+// The intermediate results of the fused forward; the backward recomputes them rather than storing them.
+struct ForwardPieces {
+  Tensor affine;  // x * in_scale + in_shift (x itself without a prologue)
+  Tensor input;   // what the depthwise stage reads: relu(affine) or affine
+  Tensor dw;      // depthwise result
+  Tensor mid;     // activation(dw)
+  Tensor y;       // pointwise result, before the epilogue
+};
+
+ForwardPieces forward_pieces(const Tensor& x, const Tensor& dw_weight, const Tensor& pw_weight,
+                             const SeparableOptions& opt, const Conv2dGeometry& g) {
+  ForwardPieces f;
+  f.affine = channel_affine(x, opt.in_scale, opt.in_shift);
+  f.input = opt.in_relu ? at::relu(f.affine) : f.affine;
+  f.dw = depthwise_conv2d(f.input, dw_weight, c10::nullopt, g);
+  switch (opt.mid) {
+    case MidActivation::None: f.mid = f.dw; break;
+    case MidActivation::Relu: f.mid = at::relu(f.dw); break;
+    case MidActivation::Elu: f.mid = at::elu(f.dw); break;
+  }
+  f.y = pointwise(f.mid, pw_weight);
+  return f;
+}
+
+}  // namespace
+
+Tensor depthwise_conv2d(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Conv2dGeometry& g) {
+  return at::convolution(pad_input(x, g), weight, bias, {g.stride_h, g.stride_w}, conv_padding(g),
+                         {g.dilation_h, g.dilation_w}, false, {0, 0}, g.in_channels)
+      .contiguous(output_memory_format(x));
+}
+
+Tensor depthwise_conv2d_backward_input(const Tensor& grad_out, const Tensor& weight, const Conv2dGeometry& g,
+                                       at::MemoryFormat fmt) {
+  // A transposed convolution rebuilds the gradient of the padded input; output_padding restores the rows and
+  // columns the strided forward never read. Then the padding is cut away.
+  const int64_t extra_h = g.padded_h() - ((g.out_h - 1) * g.stride_h + g.span_h());
+  const int64_t extra_w = g.padded_w() - ((g.out_w - 1) * g.stride_w + g.span_w());
+  Tensor grad_padded = at::convolution(grad_out, weight, c10::nullopt, {g.stride_h, g.stride_w}, {0, 0},
+                                       {g.dilation_h, g.dilation_w}, true, {extra_h, extra_w}, g.in_channels);
+  return grad_padded.slice(2, g.pad_top, g.pad_top + g.in_h)
+      .slice(3, g.pad_left, g.pad_left + g.in_w)
+      .contiguous(fmt);
+}
+
+Tensor depthwise_conv2d_backward_weight(const Tensor& grad_out, const Tensor& x, const Conv2dGeometry& g) {
+  // convolution_backward takes the weight for its shape only when just the weight gradient is asked for.
+  Tensor weight_shape = at::empty({g.dw_channels(), 1, g.kernel_h, g.kernel_w}, x.options());
+  auto grads = at::convolution_backward(grad_out, pad_input(x, g), weight_shape, c10::nullopt,
+                                        {g.stride_h, g.stride_w}, conv_padding(g), {g.dilation_h, g.dilation_w},
+                                        false, {0, 0}, g.in_channels, {false, true, false});
+  return std::get<1>(grads).contiguous();
+}
+
+std::tuple<Tensor, Tensor, Tensor> separable_conv2d(const Tensor& x, const Tensor& dw_weight,
+                                                    const Tensor& pw_weight, const SeparableOptions& opt,
+                                                    const Conv2dGeometry& g) {
+  const ForwardPieces f = forward_pieces(x, dw_weight, pw_weight, opt, g);
+  Tensor z = channel_affine(f.y, opt.out_scale, opt.out_shift);
+  if (opt.residual.has_value()) z = z + *opt.residual;
+  if (opt.out_relu) z = at::relu(z);
+  const auto stat_type = compute_type(x);
+  Tensor sum = empty_vector(x, stat_type), sumsq = empty_vector(x, stat_type);
+  if (opt.compute_stats) {
+    const Tensor yf = f.y.to(stat_type);
+    sum = yf.sum({0, 2, 3});
+    sumsq = (yf * yf).sum({0, 2, 3});
+  }
+  return {z.contiguous(output_memory_format(x)), sum, sumsq};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_conv2d_backward(
+    const Tensor& grad_out, const OptTensor& grad_sum, const OptTensor& grad_sumsq, const OptTensor& out,
+    const Tensor& x, const Tensor& dw_weight, const Tensor& pw_weight, const SeparableOptions& opt,
+    const Conv2dGeometry& g) {
+  const ForwardPieces f = forward_pieces(x, dw_weight, pw_weight, opt, g);
+  const auto type = compute_type(x);
+  const auto dtype = x.scalar_type();
+  const auto fmt = output_memory_format(x);
+
+  // Epilogue: out = relu(y * out_scale + out_shift + residual).
+  Tensor grad_z = opt.out_relu ? at::where(*out > 0, grad_out, at::zeros({}, grad_out.options())) : grad_out;
+  Tensor grad_out_scale, grad_out_shift;
+  if (opt.out_scale.has_value()) {
+    grad_out_scale = channel_sum(grad_z.to(type) * f.y.to(type), type).to(opt.out_scale->scalar_type());
+  }
+  if (opt.out_shift.has_value()) grad_out_shift = channel_sum(grad_z, type).to(opt.out_shift->scalar_type());
+  Tensor grad_y = grad_z;
+  const bool stats_grad = grad_sum.has_value() || grad_sumsq.has_value();
+  if (opt.out_scale.has_value() || stats_grad) {
+    Tensor gy = grad_z.to(type);
+    if (opt.out_scale.has_value()) gy = gy * per_channel(*opt.out_scale, type);
+    if (grad_sum.has_value()) gy = gy + per_channel(*grad_sum, type);
+    if (grad_sumsq.has_value()) gy = gy + 2 * f.y.to(type) * per_channel(*grad_sumsq, type);
+    grad_y = gy.to(dtype);
+  }
+
+  // Pointwise: grad_mid = W^T grad_y, grad_W = sum over pixels of grad_y x mid^T.
+  const int64_t dw_channels = g.dw_channels();
+  Tensor grad_mid = pointwise(grad_y, pw_weight.transpose(0, 1));
+  Tensor grad_pw = at::mm(grad_y.permute({1, 0, 2, 3}).reshape({g.out_channels, -1}),
+                          f.mid.permute({0, 2, 3, 1}).reshape({-1, dw_channels}))
+                       .view({g.out_channels, dw_channels, 1, 1});
+
+  Tensor grad_dw_out;
+  const Tensor zero = at::zeros({}, grad_mid.options());
+  switch (opt.mid) {
+    case MidActivation::None: grad_dw_out = grad_mid; break;
+    case MidActivation::Relu: grad_dw_out = at::where(f.dw > 0, grad_mid, zero); break;
+    case MidActivation::Elu: grad_dw_out = at::where(f.dw > 0, grad_mid, grad_mid * (f.mid + 1)); break;
+  }
+
+  Tensor grad_dw = depthwise_conv2d_backward_weight(grad_dw_out, f.input, g);
+  Tensor grad_input = depthwise_conv2d_backward_input(grad_dw_out, dw_weight, g, fmt);
+
+  // Prologue: input = relu(x * in_scale + in_shift).
+  if (opt.in_relu) grad_input = at::where(f.affine > 0, grad_input, zero);
+  Tensor grad_in_scale, grad_in_shift;
+  if (opt.in_scale.has_value()) {
+    grad_in_scale = channel_sum(grad_input.to(type) * x.to(type), type).to(opt.in_scale->scalar_type());
+  }
+  if (opt.in_shift.has_value()) grad_in_shift = channel_sum(grad_input, type).to(opt.in_shift->scalar_type());
+  Tensor grad_x = grad_input;
+  if (opt.in_scale.has_value()) grad_x = (grad_input.to(type) * per_channel(*opt.in_scale, type)).to(dtype);
+
+  auto or_empty = [&](const Tensor& t) { return t.defined() ? t : empty_vector(x, type); };
+  return {grad_x.contiguous(fmt),          grad_dw.contiguous(),          grad_pw.contiguous(),
+          or_empty(grad_in_scale),         or_empty(grad_in_shift),       or_empty(grad_out_scale),
+          or_empty(grad_out_shift)};
+}
+
+}  // namespace reference
+}  // namespace xception_ops

@@ -1,0 +1,181 @@
+// The operators, defined once. Schemas, the backend router, and the CPU / CUDA registrations.
+//
+// Every op takes `backend` last: "auto", "torch" (the ATen reference), "cuda" (csrc/cuda) or "triton"
+// (Python). Fake (meta) kernels and autograd are registered from Python in xception_ops/_library.py.
+#include <torch/library.h>
+
+#include "ops.h"
+#ifdef XCEPTION_OPS_WITH_CUDA
+#include "cuda_backend.h"
+#endif
+
+namespace xception_ops {
+
+#ifdef XCEPTION_OPS_WITH_CUDA
+bool cuda_built() { return true; }
+bool cuda_implements(c10::string_view op) { return cuda::implements(op); }
+#define XO_IF_CUDA(statement) statement
+#else
+bool cuda_built() { return false; }
+bool cuda_implements(c10::string_view) { return false; }
+// Without CUDA, resolve_backend raises before a router could take the CUDA branch.
+#define XO_IF_CUDA(statement)
+#endif
+
+Backend resolve_backend(c10::string_view name, const char* op, const Tensor& x) {
+  if (name == "torch") return Backend::Torch;
+  if (name == "auto") {  // the CUDA kernels take float32, float16 and bfloat16; float64 stays on the reference
+    const bool kernel_dtype = x.scalar_type() != at::kDouble;
+    return x.is_cuda() && kernel_dtype && cuda_implements(op) ? Backend::Cuda : Backend::Torch;
+  }
+  if (name == "cuda") {
+    TORCH_CHECK_NOT_IMPLEMENTED(cuda_built(), op,
+                                ": backend 'cuda' is not built: this copy of xception_ops was compiled without "
+                                "CUDA (no CUDA toolkit, or a CPU-only torch, at build time). `xception-ops info` "
+                                "says which backends are usable.");
+    TORCH_CHECK_VALUE(x.is_cuda(), op, ": backend 'cuda' needs CUDA tensors, but x is on ", x.device());
+    TORCH_CHECK_NOT_IMPLEMENTED(cuda_implements(op), op, ": backend 'cuda' has no kernel for this op yet");
+    return Backend::Cuda;
+  }
+  if (name == "triton") {
+    TORCH_CHECK_NOT_IMPLEMENTED(false, op, ": backend 'triton' is not implemented in this version");
+  }
+  TORCH_CHECK_VALUE(false, op, ": unknown backend '", std::string(name),
+                    "'; expected 'auto', 'torch', 'cuda' or 'triton'");
+}
+
+namespace {
+
+// Names as they appear in error messages: the Python spelling of the op.
+constexpr const char* kDepthwise = "xception_ops.depthwise_conv2d";
+constexpr const char* kDepthwiseBwdInput = "xception_ops.depthwise_conv2d_backward_input";
+constexpr const char* kDepthwiseBwdWeight = "xception_ops.depthwise_conv2d_backward_weight";
+constexpr const char* kSeparable = "xception_ops.separable_conv2d";
+constexpr const char* kSeparableBwd = "xception_ops.separable_conv2d_backward";
+
+std::vector<int64_t> output_shape(const Conv2dGeometry& g) { return {g.batch, g.out_channels, g.out_h, g.out_w}; }
+
+SeparableOptions separable_options(const OptTensor& in_scale, const OptTensor& in_shift, bool in_relu,
+                                   c10::string_view mid_activation, const OptTensor& out_scale,
+                                   const OptTensor& out_shift, bool out_relu, const OptTensor& residual,
+                                   bool compute_stats) {
+  SeparableOptions opt;
+  opt.in_scale = in_scale;
+  opt.in_shift = in_shift;
+  opt.in_relu = in_relu;
+  opt.mid = parse_mid_activation(mid_activation);
+  opt.out_scale = out_scale;
+  opt.out_shift = out_shift;
+  opt.out_relu = out_relu;
+  opt.residual = residual;
+  opt.compute_stats = compute_stats;
+  return opt;
+}
+
+Tensor depthwise_conv2d(const Tensor& x, const Tensor& weight, const OptTensor& bias, IntArrayRef stride,
+                        IntArrayRef padding, IntArrayRef dilation, c10::string_view backend) {
+  const Conv2dGeometry g = check_depthwise(kDepthwise, x, weight, bias, stride, padding, dilation);
+  if (resolve_backend(backend, kDepthwise, x) == Backend::Cuda) {
+    XO_IF_CUDA(return cuda::depthwise_conv2d(x, weight, bias, g));
+  }
+  return reference::depthwise_conv2d(x, weight, bias, g);
+}
+
+Tensor depthwise_conv2d_backward_input(const Tensor& grad_out, const Tensor& weight, c10::SymIntArrayRef input_size,
+                                       IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
+                                       c10::string_view backend) {
+  const auto x_sizes = C10_AS_INTARRAYREF_SLOW(input_size);
+  const Conv2dGeometry g = make_geometry(kDepthwiseBwdInput, x_sizes, weight.sizes(), stride, padding, dilation);
+  check_like(kDepthwiseBwdInput, "grad_out", grad_out, output_shape(g), weight);
+  const auto fmt = output_memory_format(grad_out);
+  if (resolve_backend(backend, kDepthwiseBwdInput, grad_out) == Backend::Cuda) {
+    XO_IF_CUDA(return cuda::depthwise_conv2d_backward_input(grad_out, weight, g, fmt));
+  }
+  return reference::depthwise_conv2d_backward_input(grad_out, weight, g, fmt);
+}
+
+Tensor depthwise_conv2d_backward_weight(const Tensor& grad_out, const Tensor& x, c10::SymIntArrayRef weight_size,
+                                        IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
+                                        c10::string_view backend) {
+  const auto w_sizes = C10_AS_INTARRAYREF_SLOW(weight_size);
+  const Conv2dGeometry g = make_geometry(kDepthwiseBwdWeight, x.sizes(), w_sizes, stride, padding, dilation);
+  check_like(kDepthwiseBwdWeight, "grad_out", grad_out, output_shape(g), x);
+  if (resolve_backend(backend, kDepthwiseBwdWeight, x) == Backend::Cuda) {
+    XO_IF_CUDA(return cuda::depthwise_conv2d_backward_weight(grad_out, x, g));
+  }
+  return reference::depthwise_conv2d_backward_weight(grad_out, x, g);
+}
+
+std::tuple<Tensor, Tensor, Tensor> separable_conv2d(const Tensor& x, const Tensor& dw_weight, const Tensor& pw_weight,
+                                                    const OptTensor& in_scale, const OptTensor& in_shift, bool in_relu,
+                                                    IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
+                                                    c10::string_view mid_activation, const OptTensor& out_scale,
+                                                    const OptTensor& out_shift, bool out_relu,
+                                                    const OptTensor& residual, bool compute_stats,
+                                                    c10::string_view backend) {
+  const SeparableOptions opt = separable_options(in_scale, in_shift, in_relu, mid_activation, out_scale, out_shift,
+                                                 out_relu, residual, compute_stats);
+  const Conv2dGeometry g = check_separable(kSeparable, x, dw_weight, pw_weight, opt, stride, padding, dilation);
+  resolve_backend(backend, kSeparable, x);  // the fused CUDA kernel is not written yet: cuda_implements says no
+  return reference::separable_conv2d(x, dw_weight, pw_weight, opt, g);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_conv2d_backward(
+    const Tensor& grad_out, const OptTensor& grad_sum, const OptTensor& grad_sumsq, const OptTensor& out,
+    const Tensor& x, const Tensor& dw_weight, const Tensor& pw_weight, const OptTensor& in_scale,
+    const OptTensor& in_shift, bool in_relu, IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
+    c10::string_view mid_activation, const OptTensor& out_scale, const OptTensor& out_shift, bool out_relu,
+    c10::string_view backend) {
+  const SeparableOptions opt = separable_options(in_scale, in_shift, in_relu, mid_activation, out_scale, out_shift,
+                                                 out_relu, c10::nullopt, false);
+  const Conv2dGeometry g = check_separable(kSeparableBwd, x, dw_weight, pw_weight, opt, stride, padding, dilation);
+  const auto shape = output_shape(g);
+  check_like(kSeparableBwd, "grad_out", grad_out, shape, x);
+  TORCH_CHECK_VALUE(!out_relu || out.has_value(), kSeparableBwd, ": out (the forward's output) is required when out_relu is set");
+  if (out.has_value()) check_like(kSeparableBwd, "out", *out, shape, x);
+  for (const auto* grad : {&grad_sum, &grad_sumsq}) {
+    if (!grad->has_value()) continue;
+    TORCH_CHECK_VALUE((*grad)->dim() == 1 && (*grad)->size(0) == g.out_channels, kSeparableBwd,
+                      ": grad_sum and grad_sumsq must have shape [", g.out_channels, "], got ", (*grad)->sizes());
+  }
+  resolve_backend(backend, kSeparableBwd, x);
+  return reference::separable_conv2d_backward(grad_out, grad_sum, grad_sumsq, out, x, dw_weight, pw_weight, opt, g);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(xception_ops, m) {
+  m.def(
+      "depthwise_conv2d(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[4] padding, int[2] dilation, "
+      "str backend) -> Tensor");
+  m.def(
+      "depthwise_conv2d_backward_input(Tensor grad_out, Tensor weight, SymInt[4] input_size, int[2] stride, "
+      "int[4] padding, int[2] dilation, str backend) -> Tensor");
+  m.def(
+      "depthwise_conv2d_backward_weight(Tensor grad_out, Tensor x, SymInt[4] weight_size, int[2] stride, "
+      "int[4] padding, int[2] dilation, str backend) -> Tensor");
+  m.def(
+      "separable_conv2d(Tensor x, Tensor dw_weight, Tensor pw_weight, Tensor? in_scale, Tensor? in_shift, "
+      "bool in_relu, int[2] stride, int[4] padding, int[2] dilation, str mid_activation, Tensor? out_scale, "
+      "Tensor? out_shift, bool out_relu, Tensor? residual, bool compute_stats, str backend) "
+      "-> (Tensor out, Tensor sum, Tensor sumsq)");
+  m.def(
+      "separable_conv2d_backward(Tensor grad_out, Tensor? grad_sum, Tensor? grad_sumsq, Tensor? out, Tensor x, "
+      "Tensor dw_weight, Tensor pw_weight, Tensor? in_scale, Tensor? in_shift, bool in_relu, int[2] stride, "
+      "int[4] padding, int[2] dilation, str mid_activation, Tensor? out_scale, Tensor? out_shift, bool out_relu, "
+      "str backend) -> (Tensor grad_x, Tensor grad_dw_weight, Tensor grad_pw_weight, Tensor grad_in_scale, "
+      "Tensor grad_in_shift, Tensor grad_out_scale, Tensor grad_out_shift)");
+}
+
+// One router per op serves both devices: it checks, picks the backend and calls it.
+#define XO_REGISTER_ROUTERS(m)                                                             \
+  m.impl("depthwise_conv2d", &depthwise_conv2d);                                           \
+  m.impl("depthwise_conv2d_backward_input", &depthwise_conv2d_backward_input);             \
+  m.impl("depthwise_conv2d_backward_weight", &depthwise_conv2d_backward_weight);           \
+  m.impl("separable_conv2d", &separable_conv2d);                                           \
+  m.impl("separable_conv2d_backward", &separable_conv2d_backward)
+
+TORCH_LIBRARY_IMPL(xception_ops, CPU, m) { XO_REGISTER_ROUTERS(m); }
+TORCH_LIBRARY_IMPL(xception_ops, CUDA, m) { XO_REGISTER_ROUTERS(m); }
+
+}  // namespace xception_ops

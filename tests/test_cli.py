@@ -1,0 +1,117 @@
+"""The xception-ops command (info, parity, bench), the parity report, and the Python-only install."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from xception_ops import cli
+from xception_ops.parity import run_parity
+
+
+def test_info_lists_every_backend(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "torch" in out and "backends:" in out
+    for name in ("torch", "cuda", "triton"):
+        assert f"  {name}" in out
+    assert cli.main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert {b["name"] for b in info["backends"]} == {"torch", "cuda", "triton"}
+    assert info["torch"] == torch.__version__
+
+
+def test_parity_report_on_cpu():
+    report = run_parity(device="cpu", batch=2, image_size=71, mode="train")
+    assert report.passed
+    layers = [name for name, *_ in report.worst_by_layer()]
+    assert "block4.convs.2" in layers and "conv4" in layers and "(output)" in layers
+    names = {r.name for r in report.rows}
+    assert {"logits", "loss", "block4.convs.2.bn.running_var", "conv1.weight.grad"} <= names
+    # every parameter's gradient and every BatchNorm statistic is compared
+    model = __import__("xception_ops").models.xception()
+    assert sum(n.endswith(".grad") for n in names) == len(list(model.parameters()))
+    assert sum(n.endswith("running_var") for n in names) == sum(1 for n, _ in model.named_buffers()
+                                                               if n.endswith("running_var"))
+    worst = max(r.error for r in report.rows)
+    assert 0 < worst < 1e-3  # float32 on the reference path, against float64
+
+
+def test_parity_fails_a_wrong_backend(monkeypatch):
+    """The verdict can fail: a backend that perturbs its result by 1e-3 is caught."""
+    import xception_ops.ops as ops_module
+    real = ops_module.separable_conv2d
+
+    def perturbed(*args, backend="auto", **kwargs):
+        out = real(*args, backend="torch", **kwargs)
+        if backend == "torch":
+            return out
+        if isinstance(out, tuple):
+            return (out[0] * (1 + 1e-3),) + out[1:]
+        return out * (1 + 1e-3)
+
+    monkeypatch.setattr(ops_module, "separable_conv2d", perturbed)
+    report = run_parity(backend="auto", device="cpu", batch=2, image_size=71, mode="eval")
+    assert not report.passed
+
+
+def test_parity_command(tmp_path, capsys):
+    path = tmp_path / "parity.json"
+    assert cli.main(["parity", "--device", "cpu", "--mode", "eval", "--json", str(path)]) == 0
+    assert "PASS" in capsys.readouterr().out
+    data = json.loads(path.read_text())
+    assert data["passed"] and data["mode"] == "eval" and data["rows"]
+
+
+def test_parity_rejects_small_images(capsys):
+    assert cli.main(["parity", "--device", "cpu", "--size", "64"]) == 2
+    assert "at least 71" in capsys.readouterr().err
+
+
+def test_bench_command_writes_its_outputs(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert cli.main(["bench", "--device", "cpu", "--passes", "inference", "--scale", "0.05", "--no-models",
+                     "--layouts", "NHWC", "--backends", "torch", "cuda", "--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert "backend cuda: cannot run here" in printed.err
+    report = json.loads((out / "bench.json").read_text())
+    assert report["env"]["torch"] == torch.__version__
+    impls = {r["impl"] for r in report["layers"]}
+    assert impls == {"eager", "xo:torch", "xo:cuda"}
+    cuda_rows = [r for r in report["layers"] if r["impl"] == "xo:cuda"]
+    assert all(r["error"] and "backend 'cuda'" in r["error"] for r in cuda_rows)  # reported, not crashed on
+    ok = [r for r in report["layers"] if r["impl"] == "xo:torch"]
+    assert len(ok) == 10 and all(r["median_ms"] > 0 and r["error"] is None for r in ok)
+    assert (out / "bench.md").read_text().startswith("# xception-ops benchmark")
+
+
+def test_python_only_install_runs_on_the_reference_path(tmp_path):
+    """XCEPTION_OPS_SKIP_EXT=1: no compiled library; the model still trains; asking for cuda names the cause."""
+    script = """
+import torch, xception_ops
+from xception_ops import _library
+assert _library.EXTENSION is None, _library.LOAD_ERROR
+m = xception_ops.models.xception(num_classes=4)
+x = torch.randn(2, 3, 71, 71)
+m.loss(m(x), torch.tensor([0, 1])).backward()
+assert m.conv3.depthwise.weight.grad is not None
+try:
+    xception_ops.separable_conv2d(x, torch.randn(3, 1, 3, 3), torch.randn(4, 3, 1, 1), backend="cuda")
+except NotImplementedError as e:
+    assert "compiled library is not loaded" in str(e) and "XCEPTION_OPS_SKIP_EXT" in str(e), e
+else:
+    raise AssertionError("backend='cuda' did not raise")
+print("ok")
+"""
+    env = dict(os.environ, XCEPTION_OPS_SKIP_EXT="1")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_unknown_command_exits_with_usage():
+    with pytest.raises(SystemExit):
+        cli.main(["frobnicate"])

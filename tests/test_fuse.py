@@ -1,0 +1,155 @@
+"""fuse(): finds the chains by dataflow, swaps them, and the model computes what it did."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import xception_ops
+from xception_ops.fuse import find_chains
+from xception_ops.nn import SeparableConvBN
+from xception_ops.parity import randomize_batch_norm
+
+from .conftest import relative_error
+
+timm = pytest.importorskip("timm")
+
+
+def sep_block(cin, cout, pre_relu=True, inplace=False):
+    layers = [nn.ReLU(inplace=inplace)] if pre_relu else []
+    layers += [nn.Conv2d(cin, cin, 3, padding=1, groups=cin, bias=False), nn.Conv2d(cin, cout, 1, bias=False),
+               nn.BatchNorm2d(cout), nn.ReLU()]
+    return layers
+
+
+def compare_train_and_eval(original, fused, x):
+    for training in (False, True):
+        original.train(training)
+        fused.train(training)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out_a, out_b = original(xa), fused(xb)
+        assert relative_error(out_b, out_a) <= 1e-5
+        grad = torch.randn_like(out_a)
+        out_a.backward(grad)
+        out_b.backward(grad)
+        assert relative_error(xb.grad, xa.grad) <= 1e-4
+    for (name, pa), (_, pb) in zip(original.named_parameters(), fused.named_parameters()):
+        assert pa.shape == pb.shape
+
+
+def test_plain_sequential():
+    model = nn.Sequential(*sep_block(3, 8, pre_relu=False), *sep_block(8, 8), nn.Conv2d(8, 4, 1))
+    randomize_batch_norm(model, torch.Generator().manual_seed(0))
+    chains = find_chains(model)
+    assert [(c.depthwise, c.pointwise, c.batch_norm, c.pre_relu, c.post_relu) for c in chains] == [
+        ("0", "1", "2", None, "3"), ("5", "6", "7", "4", "8")]
+    fused = xception_ops.fuse(model)
+    assert sum(isinstance(m, SeparableConvBN) for m in fused.modules()) == 2
+    assert isinstance(model[0], nn.Conv2d)  # not inplace: the original is untouched
+    compare_train_and_eval(model, fused, torch.randn(2, 3, 9, 9))
+
+
+def test_relu_shared_between_chains_is_applied_once():
+    model = nn.Sequential(*sep_block(4, 4, pre_relu=False), *sep_block(4, 4, pre_relu=False))
+    model = nn.Sequential(*list(model)[:4], *list(model)[4:])  # [dw pw bn relu dw pw bn relu]
+    fused = xception_ops.fuse(model)
+    seps = [m for m in fused.modules() if isinstance(m, SeparableConvBN)]
+    assert [(s.pre_relu, s.post_relu) for s in seps] == [(False, True), (False, True)]
+
+
+def test_mid_activation_is_fused():
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False), nn.ELU(), nn.Conv2d(4, 6, 1),
+                          nn.BatchNorm2d(6))
+    fused = xception_ops.fuse(model)
+    (sep,) = [m for m in fused.modules() if isinstance(m, SeparableConvBN)]
+    assert sep.mid_activation == "elu"
+    compare_train_and_eval(model, fused, torch.randn(2, 4, 7, 7))
+
+
+class Branchy(nn.Module):
+    """The depthwise output also feeds a second branch: not fusable. The ReLU's input is also used: in-place
+    ReLU is not folded, out-of-place is."""
+
+    def __init__(self, inplace):
+        super().__init__()
+        self.relu = nn.ReLU(inplace=inplace)
+        self.dw = nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False)
+        self.pw = nn.Conv2d(4, 4, 1, bias=False)
+        self.dw2 = nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False)
+        self.pw2 = nn.Conv2d(4, 4, 1, bias=False)
+
+    def forward(self, x):
+        d = self.dw(x)
+        a = self.pw(d) + d
+        return self.pw2(self.dw2(self.relu(a))) + a
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_dataflow_decides_what_fuses(inplace):
+    model = Branchy(inplace)
+    chains = find_chains(model)
+    assert [c.depthwise for c in chains] == ["dw2"]
+    assert chains[0].pre_relu == (None if inplace else "relu")
+    fused = xception_ops.fuse(model)
+    compare_train_and_eval(model, fused, torch.randn(2, 4, 6, 6))
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(*sep_block(4, 6))
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow defeats torch.fx
+            return self.body(x)
+        return self.body(-x)
+
+
+def test_untraceable_model_falls_back_to_sequential_containers():
+    model = Untraceable()
+    with pytest.warns(RuntimeWarning, match="could not trace"):
+        fused = xception_ops.fuse(model)
+    assert sum(isinstance(m, SeparableConvBN) for m in fused.modules()) == 1
+    compare_train_and_eval(model, fused, torch.randn(2, 4, 5, 5))
+
+
+def test_timm_legacy_xception():
+    model = timm.create_model("legacy_xception", pretrained=False, num_classes=10)
+    randomize_batch_norm(model, torch.Generator().manual_seed(1))
+    fused = xception_ops.fuse(model)
+    seps = [m for m in fused.modules() if isinstance(m, SeparableConvBN)]
+    assert len(seps) == 34  # 36 conv layers, less the two stem convs
+    # Each block's opening ReLU (blocks 2-12) becomes a prologue; the ReLUs inside the blocks and the exit flow's
+    # act3 / act4 become epilogues of the conv before them.
+    assert sum(s.pre_relu for s in seps) == 11
+    assert sum(s.post_relu for s in seps) == 3 * 1 + 8 * 2 + 1 + 2
+    assert type(fused) is type(model)
+    x = torch.randn(2, 3, 71, 71)
+    fused.eval()
+    model.eval()
+    assert relative_error(fused(x), model(x)) <= 1e-5
+    model.train()
+    fused.train()
+    assert relative_error(fused(x), model(x)) <= 1e-5
+
+
+def test_fuse_inplace_returns_the_same_object():
+    model = nn.Sequential(*sep_block(3, 3))
+    assert xception_ops.fuse(model, inplace=True) is model
+    assert any(isinstance(m, SeparableConvBN) for m in model.modules())
+
+
+def test_shared_module_is_not_fused():
+    dw = nn.Conv2d(3, 3, 3, padding=1, groups=3, bias=False)
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dw, self.pw = dw, nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            return self.pw(self.dw(x)) + self.dw(x)
+
+    assert find_chains(Shared()) == []
+    model = Shared()
+    x = torch.randn(1, 3, 4, 4)
+    assert torch.equal(xception_ops.fuse(model)(x), model(x))

@@ -1,0 +1,87 @@
+"""On a GPU: the reference path there (cuDNN), the model in bf16 / channels_last, parity, CUDA graphs.
+(The CUDA kernels' own tests are in test_cuda_*.py.)"""
+
+import pytest
+import torch
+
+import xception_ops
+from xception_ops.models import xception
+from xception_ops.nn import SeparableConvBN
+from xception_ops.parity import run_parity
+
+from .conftest import relative_error, requires_gpu
+
+pytestmark = [pytest.mark.gpu, requires_gpu]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_torch_backend_on_gpu_against_float64(dtype, layout):
+    x = torch.randn(3, 13, 17, 15, device="cuda", dtype=dtype).contiguous(memory_format=layout)
+    dw = torch.randn(13, 1, 3, 3, device="cuda", dtype=dtype)
+    pw = torch.randn(21, 13, 1, 1, device="cuda", dtype=dtype) / 13 ** 0.5
+    scale, shift = torch.rand(13, device="cuda") + 0.5, torch.randn(13, device="cuda")
+    kwargs = dict(padding="same", stride=2, in_scale=scale, in_shift=shift, in_relu=True, compute_stats=True)
+    out, total, total_sq = xception_ops.separable_conv2d(x, dw, pw, backend="torch", **kwargs)
+    exact = xception_ops.separable_conv2d(x.double().cpu(), dw.double().cpu(), pw.double().cpu(),
+                                          **{**kwargs, "in_scale": scale.double().cpu(),
+                                             "in_shift": shift.double().cpu()}, backend="torch")
+    tol = 1e-3 if dtype == torch.float32 else 2e-2  # fp32: cuDNN may use TF32
+    assert relative_error(out, exact[0]) <= tol
+    assert relative_error(total_sq, exact[2]) <= tol
+    assert out.is_contiguous(memory_format=layout)
+
+
+def test_model_trains_in_bf16_channels_last():
+    model = xception(num_classes=10).cuda().to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(4, 3, 107, 107, device="cuda").contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (4,), device="cuda")
+    losses = []
+    for _ in range(3):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model.loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_parity_on_gpu(backend):
+    report = run_parity(backend=backend, device="cuda", batch=2, image_size=71, mode="train")
+    assert report.passed, report.format()
+
+
+def test_cuda_graph_capture_of_a_fused_module():
+    module = SeparableConvBN(32, 48, 3, pre_relu=True, post_relu=True).cuda().eval()
+    x = torch.randn(4, 32, 19, 19, device="cuda")
+    reference = module(x)
+    static_x = x.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        module(static_x)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = module(static_x)
+    static_x.copy_(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert relative_error(static_out, reference) <= 1e-6
+
+
+def test_auto_routing_on_gpu():
+    from xception_ops.backend import resolve
+    op = "xception_ops.depthwise_conv2d"
+    x = torch.randn(2, 8, 9, 9, device="cuda")
+    assert resolve("auto", op, x) == "cuda"  # NCHW: the measured winner
+    assert resolve("auto", op, x.contiguous(memory_format=torch.channels_last)) == "torch"
+    assert resolve("auto", op, x.double()) == "torch"  # the kernels take no float64
+    w = torch.randn(8, 1, 3, 3, device="cuda", dtype=torch.float64)
+    out = xception_ops.depthwise_conv2d(x.double(), w, padding=1)  # auto with float64 runs, on the reference
+    assert out.dtype == torch.float64
+    assert resolve("auto", "xception_ops.separable_conv2d", x) == "torch"  # no fused CUDA kernel yet

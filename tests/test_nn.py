@@ -1,0 +1,209 @@
+"""The drop-in modules against the unfused PyTorch layers they replace, in training and eval mode."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from xception_ops import batchnorm
+from xception_ops.geometry import same_padding
+from xception_ops.nn import SeparableConv2d, SeparableConvBN
+
+from .conftest import relative_error
+
+
+def keras_same(x, kernel, stride, dilation=1):
+    """TensorFlow's "same" padding applied explicitly."""
+    top, bottom = same_padding(x.shape[2], kernel, stride, dilation)
+    left, right = same_padding(x.shape[3], kernel, stride, dilation)
+    return F.pad(x, (left, right, top, bottom))
+
+
+@pytest.mark.parametrize("size", [9, 10])
+@pytest.mark.parametrize("stride,dilation", [(1, 1), (2, 1), (1, 2)])
+@pytest.mark.parametrize("depth_multiplier", [1, 2])
+def test_separable_conv2d_has_keras_semantics(size, stride, dilation, depth_multiplier):
+    layer = SeparableConv2d(3, 5, 3, stride=stride, padding="same", dilation=dilation,
+                            depth_multiplier=depth_multiplier)
+    nn.init.normal_(layer.pointwise.bias)
+    x = torch.randn(2, 3, size, size + 1)
+    out = layer(x)
+    d = F.conv2d(keras_same(x, 3, stride, dilation), layer.depthwise.weight, stride=stride, dilation=dilation,
+                 groups=3)
+    expected = F.conv2d(d, layer.pointwise.weight, layer.pointwise.bias)
+    assert out.shape == (2, 5, -(-size // stride), -(-(size + 1) // stride))
+    assert relative_error(out, expected) <= 1e-6
+
+
+def test_separable_conv2d_valid_padding_and_relu_activation():
+    layer = SeparableConv2d(4, 6, (3, 5), padding="valid", activation="relu")
+    x = torch.randn(1, 4, 8, 9)
+    expected = F.relu(layer.pointwise(F.conv2d(x, layer.depthwise.weight, groups=4)))
+    assert layer(x).shape == (1, 6, 6, 5)
+    assert relative_error(layer(x), expected) <= 1e-6
+
+
+def test_separable_conv2d_state_dict_is_that_of_the_pair_it_replaces():
+    pair = nn.Sequential()
+    pair.add_module("depthwise", nn.Conv2d(8, 16, 3, groups=8, bias=False))
+    pair.add_module("pointwise", nn.Conv2d(16, 4, 1))
+    layer = SeparableConv2d(8, 4, 3, depth_multiplier=2)
+    theirs, ours = pair.state_dict(), layer.state_dict()
+    assert {k: v.shape for k, v in theirs.items()} == {k: v.shape for k, v in ours.items()}
+    layer.load_state_dict(theirs)
+    x = torch.randn(2, 8, 7, 7)
+    assert relative_error(layer(x), pair(x)) <= 1e-6
+
+
+def test_keras_bias_flag():
+    assert SeparableConv2d(2, 3, 3, bias=False).pointwise.bias is None
+    with pytest.raises(ValueError, match="activation must be None or 'relu'"):
+        SeparableConv2d(2, 3, 3, activation="tanh")
+
+
+def unfused(module: SeparableConvBN) -> nn.Module:
+    """The same computation as separate PyTorch layers, sharing nothing with `module`."""
+    m = copy.deepcopy(module)
+    layers = [nn.ReLU()] if m.pre_relu else []
+    pad = m.padding
+
+    class Pad(nn.Module):
+        def forward(self, x):
+            if pad == "same":
+                return keras_same(x, m.depthwise.kernel_size[0], m.depthwise.stride[0], m.depthwise.dilation[0])
+            return F.pad(x, (pad,) * 4)
+
+    layers += [Pad(), m.depthwise]
+    layers += {None: [], "relu": [nn.ReLU()], "elu": [nn.ELU()]}[m.mid_activation]
+    layers += [m.pointwise] + ([m.bn] if m.bn is not None else [])
+    seq = nn.Sequential(*layers)
+
+    class Unfused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.seq = seq
+
+        def forward(self, x, residual=None):
+            y = self.seq(x)
+            if residual is not None:
+                y = y + residual
+            return F.relu(y) if m.post_relu else y
+
+    return Unfused()
+
+
+CONFIGS = [
+    dict(),
+    dict(pre_relu=True, post_relu=True),
+    dict(pre_relu=True, mid_activation="elu", bias=True),
+    dict(stride=2, padding="same", mid_activation="relu"),
+    dict(padding=1, depth_multiplier=2, post_relu=True, momentum=None),
+    dict(batch_norm=False, bias=True, post_relu=True),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("residual", [False, True])
+def test_separable_conv_bn_matches_unfused_layers(config, training, residual):
+    module = SeparableConvBN(5, 6, 3, **config)
+    with torch.no_grad():
+        if module.bn is not None:
+            module.bn.running_mean.uniform_(-0.5, 0.5)
+            module.bn.running_var.uniform_(0.5, 1.5)
+            module.bn.weight.uniform_(0.5, 1.5)
+            module.bn.bias.uniform_(-0.5, 0.5)
+        if module.pointwise.bias is not None:
+            module.pointwise.bias.uniform_(-0.5, 0.5)
+    reference = unfused(module)
+    module.train(training)
+    reference.train(training)
+    x = torch.randn(3, 5, 9, 8)
+    x_ref = x.clone().requires_grad_()
+    x.requires_grad_()
+    out_shape = copy.deepcopy(reference)(x_ref.detach()).shape  # a copy: keep the running stats as they are
+    res = torch.randn(out_shape, requires_grad=True) if residual else None
+    res_ref = res.detach().clone().requires_grad_() if residual else None
+    for step in range(2):  # two steps: running statistics (and num_batches_tracked) must evolve alike
+        out, want = module(x, res), reference(x_ref, res_ref)
+        assert relative_error(out, want) <= 1e-5
+        grad = torch.randn_like(out)
+        out.backward(grad)
+        want.backward(grad)
+    assert relative_error(x.grad, x_ref.grad) <= 1e-5
+    if residual:
+        assert relative_error(res.grad, res_ref.grad) <= 1e-5
+    pairs = list(zip(module.named_parameters(), _params_in_module_order(reference, module)))
+    # A bias before a training BatchNorm has a zero gradient, which the unfused layers compute as rounding noise:
+    # compare such gradients against the scale of the others.
+    scale = max(p2.grad.norm().item() for _, (_, p2) in pairs)
+    for (name, p1), (_, p2) in pairs:
+        assert relative_error(p1.grad, p2.grad) <= 1e-5 or (p1.grad - p2.grad).norm() <= 1e-5 * scale, name
+    if module.bn is not None:
+        bn_ref = _find(reference, nn.BatchNorm2d)
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            assert torch.allclose(getattr(module.bn, name).double(), getattr(bn_ref, name).double(), rtol=1e-5,
+                                  atol=1e-6), name
+
+
+def _find(module, kind):
+    return next(m for m in module.modules() if isinstance(m, kind))
+
+
+def _params_in_module_order(reference, module):
+    """The reference's parameters listed in the order of module.named_parameters()."""
+    by_role = {"depthwise": _find_conv(reference, depthwise=True), "pointwise": _find_conv(reference, False)}
+    if module.bn is not None:
+        by_role["bn"] = _find(reference, nn.BatchNorm2d)
+    return [(name, dict(by_role[name.split(".")[0]].named_parameters())[name.split(".", 1)[1]])
+            for name, _ in module.named_parameters()]
+
+
+def _find_conv(module, depthwise):
+    return next(m for m in module.modules() if isinstance(m, nn.Conv2d) and (m.groups > 1) == depthwise)
+
+
+def test_depthwise_bias_is_carried_through_the_pointwise_stage():
+    dw = nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=True)
+    pw = nn.Conv2d(4, 6, 1, bias=True)
+    bn = nn.BatchNorm2d(6)
+    fused = SeparableConvBN.from_modules(copy.deepcopy(dw), copy.deepcopy(pw), copy.deepcopy(bn))
+    x = torch.randn(2, 4, 7, 7)
+    for training in (True, False):
+        fused.train(training)
+        bn.train(training)
+        assert relative_error(fused(x), bn(pw(dw(x)))) <= 1e-5
+    assert torch.allclose(fused.bn.running_mean, bn.running_mean, atol=1e-6)
+
+
+def test_depthwise_bias_across_a_mid_activation_is_refused():
+    with pytest.raises(ValueError, match="depthwise bias cannot be fused across a mid activation"):
+        SeparableConvBN.from_modules(nn.Conv2d(4, 4, 3, groups=4), nn.Conv2d(4, 4, 1), mid_activation="relu")
+
+
+def test_training_batch_norm_needs_more_than_one_value():
+    module = SeparableConvBN(2, 3, 1, padding="valid").train()
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        module(torch.randn(1, 2, 1, 1))
+
+
+def test_folded_scale_shift_is_inference_batch_norm():
+    bn = nn.BatchNorm2d(4).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1, 1)
+    y = torch.randn(2, 4, 3, 3)
+    scale, shift = batchnorm.folded_scale_shift(bn)
+    assert relative_error(batchnorm.apply_scale_shift(y, scale, shift), bn(y)) <= 1e-6
+
+
+def test_channels_last_module_output_keeps_the_layout():
+    module = SeparableConvBN(4, 8, 3, pre_relu=True).eval()
+    x = torch.randn(2, 4, 6, 6).contiguous(memory_format=torch.channels_last)
+    out = module(x)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert relative_error(out, module(x.contiguous())) <= 1e-6

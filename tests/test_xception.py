@@ -1,0 +1,176 @@
+"""The paper's Xception: structure, options, and parity with timm's legacy_xception."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from xception_ops.models import MaxPool2dSame, from_timm, timm_key_map, xception
+from xception_ops.nn import SeparableConvBN
+from xception_ops.parity import randomize_batch_norm
+
+from .conftest import relative_error
+
+timm = pytest.importorskip("timm")
+
+
+def trainable(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_parameter_count_is_the_papers():
+    assert trainable(xception()) == 22_855_952
+
+
+def test_structure_follows_figure_5():
+    model = xception()
+    seps = [m for m in model.modules() if isinstance(m, SeparableConvBN)]
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) and m.groups == 1]
+    assert len(seps) == 34 and len(convs) == 2  # 36 convolutional layers
+    assert all(s.depthwise.kernel_size == (3, 3) and s.depthwise.stride == (1, 1) and s.padding == "same"
+               and s.mid_activation is None and s.depthwise.groups == s.depthwise.in_channels for s in seps)
+    shapes = [(s.depthwise.in_channels, s.pointwise.out_channels) for s in seps]
+    assert shapes.count((728, 728)) == 1 + 24 + 1  # block3's second, the middle flow, block12's first
+    x = torch.randn(1, 3, 299, 299)
+    sizes = []
+    hooks = [b.register_forward_hook(lambda m, i, o: sizes.append(tuple(o.shape[1:]))) for b in model.blocks()]
+    with torch.no_grad():
+        model.eval()(x)
+    for h in hooks:
+        h.remove()
+    assert sizes[:3] == [(128, 74, 74), (256, 37, 37), (728, 19, 19)]
+    assert sizes[3:11] == [(728, 19, 19)] * 8
+    assert sizes[11] == (1024, 10, 10)
+
+
+def test_options():
+    fc = xception(fc_hidden=(4096, 4096))
+    assert trainable(fc) - 22_855_952 == (2048 * 4096 + 4096) + (4096 * 4096 + 4096) + (4096 - 2048) * 1000
+    no_res = xception(residual=False)
+    assert all(b.skip is None and not b.residual for b in no_res.blocks())
+    assert trainable(no_res) < 22_855_952
+    elu = xception(mid_activation="elu")
+    assert all(s.mid_activation == "elu" for s in elu.modules() if isinstance(s, SeparableConvBN))
+    keras = xception(bn="keras")
+    bns = [m for m in keras.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(b.eps == 1e-3 and b.momentum == pytest.approx(0.01) for b in bns)
+    with pytest.raises(ValueError, match="bn must be one of"):
+        xception(bn="tf")
+
+
+def test_dropout_and_multi_label_head():
+    model = xception(num_classes=7, drop_rate=0.5, multi_label=True)
+    x = torch.randn(2, 3, 71, 71)
+    model.train()
+    logits = model(x)
+    target = torch.randint(0, 2, (2, 7))
+    loss = model.loss(logits, target)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    probs = model.eval().predict(x)
+    assert probs.shape == (2, 7) and ((probs > 0) & (probs < 1)).all()
+    assert not torch.allclose(probs.sum(1), torch.ones(2))  # sigmoid per class, not a softmax
+    model.eval()
+    assert torch.equal(model(x), model(x))  # dropout only in training
+
+
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("mid", [None, "relu"])
+def test_ablations_train(residual, mid):
+    model = xception(num_classes=5, residual=residual, mid_activation=mid)
+    x = torch.randn(2, 3, 71, 71)
+    loss = model.loss(model(x), torch.tensor([0, 3]))
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_pool_padding_is_tensorflow_same_by_default():
+    x = torch.randn(1, 2, 8, 8)
+    same, symmetric = MaxPool2dSame(3, 2, "same"), MaxPool2dSame(3, 2, "symmetric")
+    assert same(x).shape == symmetric(x).shape == (1, 2, 4, 4)
+    assert torch.equal(same(x)[..., 0, 0], x[..., :3, :3].amax((-1, -2)))  # window starts at row 0 (TF)
+    assert torch.equal(symmetric(x)[..., 0, 0], x[..., :2, :2].amax((-1, -2)))  # starts at row -1 (PyTorch)
+    odd = torch.randn(1, 2, 9, 9)
+    assert torch.equal(same(odd), symmetric(odd))
+
+
+def _timm_pair(num_classes=1000, seed=0):
+    torch.manual_seed(seed)
+    theirs = timm.create_model("legacy_xception", pretrained=False, num_classes=num_classes)
+    randomize_batch_norm(theirs, torch.Generator().manual_seed(seed))
+    ours = from_timm(theirs)
+    assert trainable(ours) == trainable(theirs)
+    assert len(timm_key_map(theirs)) == len(theirs.state_dict()) == len(ours.state_dict())
+    return theirs, ours
+
+
+def _grads(theirs, ours):
+    """(name, timm's gradient, our gradient) for every parameter."""
+    mapping = timm_key_map(theirs)
+    params = dict(ours.named_parameters())
+    return [(name, p.grad, params[mapping[name]].grad) for name, p in theirs.named_parameters()]
+
+
+def _step(model, x, y):
+    logits = model(x)
+    nn.functional.cross_entropy(logits, y).backward()
+    return logits
+
+
+def test_timm_weights_give_identical_outputs_and_gradients_in_eval_mode():
+    theirs, ours = _timm_pair()
+    theirs.eval()
+    ours.eval()
+    x, y = torch.randn(2, 3, 75, 75), torch.randint(0, 1000, (2,))
+    assert relative_error(_step(ours, x, y), _step(theirs, x, y)) <= 1e-5
+    for name, g_theirs, g_ours in _grads(theirs, ours):
+        assert relative_error(g_ours, g_theirs) <= 1e-5, name
+
+
+def test_timm_parity_in_training_mode():
+    """Logits within 1e-5. Gradients: identical in float64. In float32 the backward of 36 layers of ReLU and batch
+    statistics is ill-conditioned (activations near zero flip): timm itself lands 1e-3 to 2e-2 from float64, and
+    differently in NCHW and channels_last. Ours must be no worse than twice PyTorch's own error."""
+    theirs, ours = _timm_pair(seed=1)
+    x, y = torch.randn(4, 3, 71, 71), torch.randint(0, 1000, (4,))
+    theirs64, ours64 = copy.deepcopy(theirs).double(), copy.deepcopy(ours).double()
+    theirs_cl = copy.deepcopy(theirs).to(memory_format=torch.channels_last)
+    logits = [_step(m, x, y) for m in (theirs, ours)]
+    logits64 = [_step(m, x.double(), y) for m in (theirs64, ours64)]
+    _step(theirs_cl, x.contiguous(memory_format=torch.channels_last), y)
+    assert relative_error(logits[1], logits[0]) <= 1e-5
+    assert relative_error(logits64[1], logits64[0]) <= 1e-12
+    grads_cl = {name: p.grad for name, p in theirs_cl.named_parameters()}
+    for (name, g_t, g_o), (_, g_t64, g_o64) in zip(_grads(theirs, ours), _grads(theirs64, ours64)):
+        assert relative_error(g_o64, g_t64) <= 1e-10, name
+        pytorch_error = max(relative_error(g_t, g_t64), relative_error(grads_cl[name], g_t64))
+        assert relative_error(g_o, g_t64) <= 2 * pytorch_error + 1e-5, name
+    mapping, buffers = timm_key_map(theirs), dict(ours.named_buffers())
+    for name, b_t in theirs.named_buffers():
+        assert relative_error(buffers[mapping[name]], b_t) <= 1e-5, name
+
+
+def test_channels_last_and_zero_batch():
+    model = xception(num_classes=10).eval()
+    x = torch.randn(2, 3, 71, 71)
+    with torch.no_grad():
+        a = model(x)
+        b = model.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+        assert relative_error(b, a) <= 1e-5
+        assert model(torch.randn(0, 3, 71, 71)).shape == (0, 10)
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_has_no_graph_breaks():
+    model = xception(num_classes=10)
+    x = torch.randn(2, 3, 71, 71)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    for training in (True, False):
+        model.train(training)
+        ref_model = copy.deepcopy(model)
+        out = compiled(x)
+        assert relative_error(out, ref_model(x)) <= 1e-5
+        if training:
+            out.sum().backward()
+            assert model.conv3.pointwise.weight.grad is not None

@@ -1,0 +1,152 @@
+"""Loads the compiled operators and registers what PyTorch needs around them: fake (meta) kernels for
+torch.compile and autograd formulas. The schemas themselves are defined once, in csrc/registration.cpp.
+
+Without the compiled library (XCEPTION_OPS_SKIP_EXT=1, or a failed build) `EXTENSION` is None, `LOAD_ERROR`
+says why, and xception_ops.ops runs everything on the reference path in plain PyTorch.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from . import checks
+
+EXTENSION = None
+LOAD_ERROR: str | None = None
+
+if os.environ.get("XCEPTION_OPS_SKIP_EXT", "0").lower() in ("1", "true", "yes", "on"):
+    LOAD_ERROR = "XCEPTION_OPS_SKIP_EXT is set"
+else:
+    try:
+        from . import _C as EXTENSION  # noqa: N811  (importing runs the TORCH_LIBRARY registrations)
+    except ImportError as e:
+        LOAD_ERROR = f"xception_ops._C could not be imported: {e}"
+        warnings.warn(f"{LOAD_ERROR}; every op runs on the reference path (backend 'torch'). Build the extension "
+                      "with `pip install --no-build-isolation -e .`", RuntimeWarning, stacklevel=2)
+
+OPS = ("depthwise_conv2d", "depthwise_conv2d_backward_input", "depthwise_conv2d_backward_weight",
+       "separable_conv2d", "separable_conv2d_backward")
+
+
+def _empty_vector(x: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+    return x.new_empty((0,), dtype=checks.stats_dtype(x) if like is None else like.dtype)
+
+
+def _empty_like_fmt(x: torch.Tensor, shape, fmt_of: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(shape).contiguous(memory_format=checks.output_memory_format(fmt_of))
+
+
+def _register_fakes() -> None:
+    lib = "xception_ops::"
+    op_name = "xception_ops.{}".format
+
+    @torch.library.register_fake(lib + "depthwise_conv2d")
+    def _(x, weight, bias, stride, padding, dilation, backend):
+        g = checks.check_depthwise(op_name("depthwise_conv2d"), x, weight, bias, stride, padding, dilation)
+        return _empty_like_fmt(x, g.output_shape(), x)
+
+    @torch.library.register_fake(lib + "depthwise_conv2d_backward_input")
+    def _(grad_out, weight, input_size, stride, padding, dilation, backend):
+        op = op_name("depthwise_conv2d_backward_input")
+        g = checks.make_geometry(op, input_size, weight.shape, stride, padding, dilation)
+        checks.check_like(op, "grad_out", grad_out, g.output_shape(), weight)
+        return _empty_like_fmt(grad_out, input_size, grad_out)
+
+    @torch.library.register_fake(lib + "depthwise_conv2d_backward_weight")
+    def _(grad_out, x, weight_size, stride, padding, dilation, backend):
+        op = op_name("depthwise_conv2d_backward_weight")
+        g = checks.make_geometry(op, x.shape, weight_size, stride, padding, dilation)
+        checks.check_like(op, "grad_out", grad_out, g.output_shape(), x)
+        return x.new_empty(weight_size)
+
+    @torch.library.register_fake(lib + "separable_conv2d")
+    def _(x, dw_weight, pw_weight, in_scale, in_shift, in_relu, stride, padding, dilation, mid_activation,
+          out_scale, out_shift, out_relu, residual, compute_stats, backend):
+        g = checks.check_separable(op_name("separable_conv2d"), x, dw_weight, pw_weight, stride, padding,
+                                   dilation, in_scale=in_scale, in_shift=in_shift, mid_activation=mid_activation,
+                                   out_scale=out_scale, out_shift=out_shift, residual=residual)
+        stats_shape = (g.out_channels,) if compute_stats else (0,)
+        dtype = checks.stats_dtype(x)
+        return (_empty_like_fmt(x, g.output_shape(), x), x.new_empty(stats_shape, dtype=dtype),
+                x.new_empty(stats_shape, dtype=dtype))
+
+    @torch.library.register_fake(lib + "separable_conv2d_backward")
+    def _(grad_out, grad_sum, grad_sumsq, out, x, dw_weight, pw_weight, in_scale, in_shift, in_relu, stride,
+          padding, dilation, mid_activation, out_scale, out_shift, out_relu, backend):
+        op = op_name("separable_conv2d_backward")
+        g = checks.check_separable(op, x, dw_weight, pw_weight, stride, padding, dilation, in_scale=in_scale,
+                                   in_shift=in_shift, mid_activation=mid_activation, out_scale=out_scale,
+                                   out_shift=out_shift)
+        checks.check_like(op, "grad_out", grad_out, g.output_shape(), x)
+
+        def vector_grad(param):
+            return _empty_vector(x) if param is None else param.new_empty(param.shape)
+
+        return (_empty_like_fmt(x, x.shape, x), dw_weight.new_empty(dw_weight.shape),
+                pw_weight.new_empty(pw_weight.shape), vector_grad(in_scale), vector_grad(in_shift),
+                vector_grad(out_scale), vector_grad(out_shift))
+
+
+def _register_autograd() -> None:
+    ops = torch.ops.xception_ops
+
+    def depthwise_setup(ctx, inputs, output):
+        x, weight, bias, stride, padding, dilation, backend = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        ctx.args = (list(stride), list(padding), list(dilation), backend)
+
+    def depthwise_backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, backend = ctx.args
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = ops.depthwise_conv2d_backward_input(grad_out, weight, list(x.shape), stride, padding,
+                                                         dilation, backend)
+        if ctx.needs_input_grad[1]:
+            grad_w = ops.depthwise_conv2d_backward_weight(grad_out, x, list(weight.shape), stride, padding,
+                                                          dilation, backend)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_out.sum((0, 2, 3))
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+    torch.library.register_autograd("xception_ops::depthwise_conv2d", depthwise_backward,
+                                    setup_context=depthwise_setup)
+
+    def separable_setup(ctx, inputs, output):
+        (x, dw_weight, pw_weight, in_scale, in_shift, in_relu, stride, padding, dilation, mid_activation,
+         out_scale, out_shift, out_relu, residual, compute_stats, backend) = inputs
+        out = output[0]
+        ctx.save_for_backward(x, dw_weight, pw_weight, in_scale, in_shift, out_scale, out_shift,
+                              out if out_relu else None)
+        ctx.args = (in_relu, list(stride), list(padding), list(dilation), mid_activation, out_relu, backend)
+        ctx.has_residual = residual is not None
+        ctx.compute_stats = compute_stats
+
+    def separable_backward(ctx, grad_out, grad_sum, grad_sumsq):
+        x, dw_weight, pw_weight, in_scale, in_shift, out_scale, out_shift, out = ctx.saved_tensors
+        in_relu, stride, padding, dilation, mid_activation, out_relu, backend = ctx.args
+        if not ctx.compute_stats:  # autograd hands in zero grads for the empty statistics outputs
+            grad_sum = grad_sumsq = None
+        grads = ops.separable_conv2d_backward(grad_out, grad_sum, grad_sumsq, out, x, dw_weight, pw_weight,
+                                              in_scale, in_shift, in_relu, stride, padding, dilation,
+                                              mid_activation, out_scale, out_shift, out_relu, backend)
+        grad_x, grad_dw, grad_pw, grad_in_scale, grad_in_shift, grad_out_scale, grad_out_shift = grads
+        grad_residual = None
+        if ctx.has_residual and ctx.needs_input_grad[13]:
+            grad_residual = grad_out.masked_fill(out <= 0, 0) if out_relu else grad_out
+        return (grad_x, grad_dw, grad_pw, grad_in_scale if in_scale is not None else None,
+                grad_in_shift if in_shift is not None else None, None, None, None, None, None,
+                grad_out_scale if out_scale is not None else None,
+                grad_out_shift if out_shift is not None else None, None, grad_residual, None, None)
+
+    torch.library.register_autograd("xception_ops::separable_conv2d", separable_backward,
+                                    setup_context=separable_setup)
+
+
+if EXTENSION is not None:
+    _register_fakes()
+    _register_autograd()

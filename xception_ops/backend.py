@@ -1,0 +1,106 @@
+"""Which backend runs an op: "torch" (the ATen reference), "cuda" (csrc/cuda) or "triton".
+
+`backend="auto"` (the default everywhere) is resolved per call: the XCEPTION_OPS_BACKEND environment variable
+overrides it when set; otherwise the CUDA kernel runs when the tensors are on a GPU, this build has a CUDA
+kernel for the op, and measurements say it is the faster choice there (`_cuda_preferred`); the reference path
+runs elsewhere. Asking for a backend that cannot run raises an error
+that names what is missing.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from . import _library, checks
+
+BACKENDS = ("auto", "torch", "cuda", "triton")
+ENV_VAR = "XCEPTION_OPS_BACKEND"
+
+
+class BackendUnavailableError(NotImplementedError):
+    """The requested backend is not built, not implemented for this op, or cannot run on this device."""
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    name: str
+    built: bool
+    usable: bool  # on this machine's GPU, for the cuda and triton backends
+    detail: str
+
+
+def cuda_ops() -> tuple[str, ...]:
+    """Ops (Python names, e.g. "xception_ops.depthwise_conv2d") the compiled CUDA backend has kernels for."""
+    ext = _library.EXTENSION
+    return tuple(ext.CUDA_OPS) if ext is not None and ext.WITH_CUDA else ()
+
+
+def _cuda_problem(op: str | None, device: torch.device | None) -> str | None:
+    """Why the cuda backend cannot run `op` on `device`, or None when it can."""
+    ext = _library.EXTENSION
+    if ext is None:
+        return f"the compiled library is not loaded ({_library.LOAD_ERROR})"
+    if not ext.WITH_CUDA:
+        return ("this copy of xception_ops was compiled without CUDA (no CUDA toolkit, or a CPU-only torch, at "
+                "build time)")
+    if device is not None and device.type != "cuda":
+        return f"it needs CUDA tensors, but x is on {device}"
+    if op is not None and op not in cuda_ops():
+        return f"it has no kernel for {op} yet"
+    return None
+
+
+def _cuda_preferred(op: str, x: torch.Tensor) -> bool:
+    """Whether "auto" takes a CUDA kernel that can run, from measured results (benchmarks/RESULTS.md).
+
+    float64 always stays on the reference path. The depthwise kernels beat PyTorch in NCHW but not yet in
+    channels_last, where cuDNN's depthwise kernels are faster (H200, 2026-11-26).
+    """
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return False
+    if op.startswith("xception_ops.depthwise_conv2d"):
+        return checks.output_memory_format(x) != torch.channels_last
+    return True
+
+
+def _triton_problem() -> str:
+    return "the triton backend is not implemented in this version"
+
+
+def resolve(backend: str, op: str, x: torch.Tensor) -> str:
+    """The concrete backend ("torch", "cuda" or "triton") that runs `op` on x's device."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        override = os.environ.get(ENV_VAR, "").strip().lower()
+        if override and override not in BACKENDS:
+            raise ValueError(f"{ENV_VAR}={override!r} is not a backend; expected one of {', '.join(BACKENDS)}")
+        backend = override or "auto"
+    if backend == "auto":
+        return "cuda" if _cuda_problem(op, x.device) is None and _cuda_preferred(op, x) else "torch"
+    if backend == "cuda":
+        problem = _cuda_problem(op, x.device)
+        if problem is not None:
+            raise BackendUnavailableError(f"{op}: backend 'cuda' cannot run: {problem}")
+    if backend == "triton":
+        raise BackendUnavailableError(f"{op}: backend 'triton' cannot run: {_triton_problem()}")
+    return backend
+
+
+def status() -> list[BackendStatus]:
+    """What each backend is and whether it can run here; printed by `xception-ops info`."""
+    gpu = torch.device("cuda") if torch.cuda.is_available() else None
+    ext = _library.EXTENSION
+    cuda_detail = _cuda_problem(None, gpu or torch.device("cpu"))
+    cuda_built = ext is not None and bool(ext.WITH_CUDA)
+    if cuda_built:
+        built_for = f"built for sm {ext.CUDA_ARCHS}; kernels: {', '.join(cuda_ops()) or 'none yet'}"
+        cuda_detail = built_for if cuda_detail is None else f"{built_for}; not usable: {cuda_detail}"
+    return [
+        BackendStatus("torch", True, True, "ATen reference (cuDNN on CUDA, oneDNN / native on CPU); always usable"),
+        BackendStatus("cuda", cuda_built, cuda_built and gpu is not None, cuda_detail or ""),
+        BackendStatus("triton", False, False, _triton_problem()),
+    ]

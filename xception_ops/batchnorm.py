@@ -1,0 +1,87 @@
+"""BatchNorm in two phases, as the fused ops use it.
+
+Inference: the BatchNorm folds into a per-channel scale and shift that the producing op applies in its epilogue.
+Training: the producing op returns per-channel float32 sums of y and y^2; `scale_shift_from_stats` turns them into
+batch mean and variance, updates the running statistics exactly as nn.BatchNorm2d does, and returns the scale
+and shift that the consumer applies (`apply_scale_shift`, or a later op's prologue).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .checks import stats_dtype
+
+
+def uses_batch_stats(bn: nn.modules.batchnorm._BatchNorm) -> bool:
+    """nn.BatchNorm2d's rule: batch statistics in training, and always without running statistics."""
+    return bn.training or bn.running_mean is None
+
+
+def _scale_shift(bn, mean: torch.Tensor, invstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = invstd if bn.weight is None else bn.weight.to(invstd.dtype) * invstd
+    shift = -mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.to(invstd.dtype)
+    return scale, shift
+
+
+def folded_scale_shift(bn: nn.modules.batchnorm._BatchNorm, pre_bias: torch.Tensor | None = None,
+                       dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inference BatchNorm as out = y * scale + shift, with an optional bias added to y before the BatchNorm."""
+    mean = bn.running_mean.to(dtype)
+    if pre_bias is not None:
+        mean = mean - pre_bias.to(dtype)
+    return _scale_shift(bn, mean, torch.rsqrt(bn.running_var.to(dtype) + bn.eps))
+
+
+def _momentum(bn) -> float:
+    """The running-average factor for this step, advancing num_batches_tracked as nn.BatchNorm2d does."""
+    if not (bn.training and bn.track_running_stats):
+        return 0.0
+    if bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # cumulative moving average
+            return 1.0 / float(bn.num_batches_tracked)
+    return bn.momentum if bn.momentum is not None else 0.0
+
+
+def scale_shift_from_stats(bn: nn.modules.batchnorm._BatchNorm, total: torch.Tensor, total_sq: torch.Tensor,
+                           count: int, pre_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training BatchNorm from the sums of y and y^2 over `count` values per channel; the returned scale and
+    shift apply to y itself (a bias added before the BatchNorm cancels in the normalization).
+
+    The batch variance is biased, as in the normalization; the running variance gets the unbiased estimate.
+    Differentiable with respect to the sums, the BatchNorm's affine parameters and pre_bias.
+    """
+    if count <= 1 and bn.training:
+        raise ValueError(f"Expected more than 1 value per channel when training, got {count}")
+    mean = total / count
+    var = (total_sq / count - mean * mean).clamp_min(0)
+    if pre_bias is not None:  # the BatchNorm sees y + pre_bias: its mean moves with the bias, its variance not
+        mean = mean + pre_bias.to(mean.dtype)
+    factor = _momentum(bn)
+    if bn.running_mean is not None and factor > 0:
+        with torch.no_grad():
+            unbiased = var * (count / (count - 1))
+            bn.running_mean.mul_(1 - factor).add_(mean.detach().to(bn.running_mean.dtype), alpha=factor)
+            bn.running_var.mul_(1 - factor).add_(unbiased.detach().to(bn.running_var.dtype), alpha=factor)
+    scale, shift = _scale_shift(bn, mean, torch.rsqrt(var + bn.eps))
+    if pre_bias is not None:
+        # Move the bias into the shift so that it applies to y. Its gradient is then exactly zero, as in the
+        # unfused layers, rather than absent (which DistributedDataParallel would take for an unused parameter).
+        shift = shift + pre_bias.to(scale.dtype) * scale
+    return scale, shift
+
+
+def apply_scale_shift(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                      residual: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
+    """relu?(y * scale + shift + residual), per channel, computed in float32 and returned in y's dtype."""
+    dtype = stats_dtype(y)
+    z = torch.addcmul(shift.to(dtype).view(1, -1, 1, 1), y.to(dtype), scale.to(dtype).view(1, -1, 1, 1))
+    if residual is not None:
+        z = z + residual.to(dtype)
+    if relu:
+        z = torch.relu(z)
+    return z.to(y.dtype)

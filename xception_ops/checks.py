@@ -1,0 +1,160 @@
+"""Argument checks for the ops, shared by the Python API, the fake (meta) kernels and the Python-only path.
+
+The Python twin of csrc/checks.cpp: same rules, same error types (ValueError for shapes, devices and values,
+TypeError for dtypes), each message naming the op and the argument at fault.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .geometry import output_hw
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+MID_ACTIVATIONS = ("none", "relu", "elu")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    batch: int
+    in_channels: int
+    in_hw: tuple[int, int]
+    depth_multiplier: int
+    dw_channels: int
+    kernel_hw: tuple[int, int]
+    out_channels: int
+    out_hw: tuple[int, int]
+
+    def output_shape(self) -> tuple[int, int, int, int]:
+        return (self.batch, self.out_channels, *self.out_hw)
+
+
+def _check_dtype(op: str, name: str, t: torch.Tensor) -> None:
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{op}: {name} has dtype {t.dtype}; supported dtypes are float32, float16, bfloat16 "
+                        "and float64")
+
+
+def _check_same_device(op: str, name: str, t: torch.Tensor, x: torch.Tensor) -> None:
+    if t.device != x.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}; move both to the same device")
+
+
+def _check_same_dtype(op: str, name: str, t: torch.Tensor, x: torch.Tensor) -> None:
+    if t.dtype != x.dtype:
+        raise TypeError(f"{op}: {name} has dtype {t.dtype} but x has dtype {x.dtype}; cast them to one dtype "
+                        "(or use autocast)")
+
+
+def _check_ints(op: str, name: str, values: Sequence[int], length: int, minimum: int) -> None:
+    if len(values) != length:
+        raise ValueError(f"{op}: {name} must have {length} values, got {len(values)}")
+    if any(v < minimum for v in values):
+        raise ValueError(f"{op}: every value of {name} must be >= {minimum}, got {list(values)}")
+
+
+def check_channel_vector(op: str, name: str, t: torch.Tensor | None, channels: int, x: torch.Tensor) -> None:
+    if t is None:
+        return
+    if t.dim() != 1 or t.shape[0] != channels:
+        raise ValueError(f"{op}: {name} must have shape [{channels}], got {list(t.shape)}")
+    _check_dtype(op, name, t)
+    _check_same_device(op, name, t, x)
+
+
+def make_geometry(op: str, x_shape: Sequence[int], weight_shape: Sequence[int], stride: Sequence[int],
+                  padding: Sequence[int], dilation: Sequence[int]) -> Geometry:
+    """Shape checks; the backward ops know the input and the weight by their shapes only."""
+    if len(x_shape) != 4:
+        raise ValueError(f"{op}: x must be a 4-D tensor (N, C, H, W), got {len(x_shape)}-D with shape "
+                         f"{list(x_shape)}")
+    if len(weight_shape) != 4 or weight_shape[1] != 1:
+        raise ValueError(f"{op}: dw_weight must have shape (C * depth_multiplier, 1, kH, kW), got "
+                         f"{list(weight_shape)}")
+    channels = x_shape[1]
+    if channels <= 0:
+        raise ValueError(f"{op}: x has 0 channels")
+    if weight_shape[0] <= 0 or weight_shape[0] % channels != 0:
+        raise ValueError(f"{op}: dw_weight has {weight_shape[0]} output channels, which is not a positive "
+                         f"multiple of x's {channels} channels")
+    if weight_shape[2] <= 0 or weight_shape[3] <= 0:
+        raise ValueError(f"{op}: dw_weight has an empty kernel {list(weight_shape)}")
+    _check_ints(op, "stride", stride, 2, 1)
+    _check_ints(op, "padding", padding, 4, 0)
+    _check_ints(op, "dilation", dilation, 2, 1)
+    kernel = (weight_shape[2], weight_shape[3])
+    span = tuple(d * (k - 1) + 1 for d, k in zip(dilation, kernel))
+    padded = (x_shape[2] + padding[0] + padding[1], x_shape[3] + padding[2] + padding[3])
+    if span[0] > padded[0] or span[1] > padded[1]:
+        raise ValueError(f"{op}: the kernel {kernel[0]}x{kernel[1]} with dilation {list(dilation)} spans "
+                         f"{span[0]}x{span[1]}, larger than the padded input {padded[0]}x{padded[1]} (x is "
+                         f"{x_shape[2]}x{x_shape[3]}, padding (top, bottom, left, right) = {list(padding)})")
+    return Geometry(batch=x_shape[0], in_channels=channels, in_hw=(x_shape[2], x_shape[3]),
+                    depth_multiplier=weight_shape[0] // channels, dw_channels=weight_shape[0], kernel_hw=kernel,
+                    out_channels=weight_shape[0], out_hw=output_hw(x_shape[2:], kernel, stride, padding, dilation))
+
+
+def check_depthwise(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> Geometry:
+    g = make_geometry(op, x.shape, weight.shape, stride, padding, dilation)
+    _check_dtype(op, "x", x)
+    _check_same_device(op, "dw_weight", weight, x)
+    _check_same_dtype(op, "dw_weight", weight, x)
+    check_channel_vector(op, "bias", bias, g.dw_channels, x)
+    if bias is not None:
+        _check_same_dtype(op, "bias", bias, x)
+    return g
+
+
+def check_separable(op: str, x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Tensor,
+                    stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], *,
+                    in_scale: torch.Tensor | None = None, in_shift: torch.Tensor | None = None,
+                    mid_activation: str = "none", out_scale: torch.Tensor | None = None,
+                    out_shift: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> Geometry:
+    g = check_depthwise(op, x, dw_weight, None, stride, padding, dilation)
+    if pw_weight.dim() != 4 or pw_weight.shape[2:] != (1, 1):
+        raise ValueError(f"{op}: pw_weight must have shape (C_out, C * depth_multiplier, 1, 1), got "
+                         f"{list(pw_weight.shape)}")
+    if pw_weight.shape[1] != g.dw_channels:
+        raise ValueError(f"{op}: pw_weight has {pw_weight.shape[1]} input channels but the depthwise stage gives "
+                         f"{g.dw_channels} (channel mismatch between dw_weight and pw_weight)")
+    if pw_weight.shape[0] <= 0:
+        raise ValueError(f"{op}: pw_weight has 0 output channels")
+    _check_same_device(op, "pw_weight", pw_weight, x)
+    _check_same_dtype(op, "pw_weight", pw_weight, x)
+    if mid_activation not in MID_ACTIVATIONS:
+        raise ValueError(f"xception_ops: mid_activation must be 'none', 'relu' or 'elu', got '{mid_activation}'")
+    g = Geometry(**{**g.__dict__, "out_channels": pw_weight.shape[0]})
+    check_channel_vector(op, "in_scale", in_scale, g.in_channels, x)
+    check_channel_vector(op, "in_shift", in_shift, g.in_channels, x)
+    check_channel_vector(op, "out_scale", out_scale, g.out_channels, x)
+    check_channel_vector(op, "out_shift", out_shift, g.out_channels, x)
+    if residual is not None:
+        if tuple(residual.shape) != g.output_shape():
+            raise ValueError(f"{op}: residual must have the output's shape {list(g.output_shape())}, got "
+                             f"{list(residual.shape)}")
+        _check_same_device(op, "residual", residual, x)
+        _check_same_dtype(op, "residual", residual, x)
+    return g
+
+
+def check_like(op: str, name: str, t: torch.Tensor, shape: Sequence[int], x: torch.Tensor) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} must have shape {list(shape)}, got {list(t.shape)}")
+    _check_same_device(op, name, t, x)
+    _check_same_dtype(op, name, t, x)
+
+
+def output_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last in, channels_last out; plain contiguous wins ties. Same rule as csrc/checks.cpp."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def stats_dtype(x: torch.Tensor) -> torch.dtype:
+    """BatchNorm statistics and per-channel math: float32, or float64 for float64 inputs."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -1,0 +1,186 @@
+"""`fuse(model)`: swap the depthwise → pointwise (→ BatchNorm) (→ ReLU) chains of any model for SeparableConvBN.
+
+The chains are found in the model's dataflow (torch.fx), not guessed from module order: a chain is fused only
+when each step's output feeds the next step alone. A ReLU module right before the depthwise conv joins as the
+prologue; a ReLU or ELU module between the depthwise and pointwise convs as the mid activation. The fused module
+takes the place of the depthwise conv and keeps the original layers (and so the same parameters) as children;
+the other layers of the chain become nn.Identity. The model keeps its class and its forward code.
+
+Models that torch.fx cannot trace fall back to chains of consecutive children of nn.Sequential containers.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+import torch.nn as nn
+
+from .nn import SeparableConvBN
+
+
+@dataclass
+class Chain:
+    """One fusable chain, by the qualified names of its modules in the model."""
+    depthwise: str
+    pointwise: str
+    batch_norm: str | None = None
+    pre_relu: str | None = None
+    mid_activation: str | None = None  # module name of the mid activation
+    post_relu: str | None = None
+
+    def names(self) -> list[str]:
+        return [n for n in (self.pre_relu, self.depthwise, self.mid_activation, self.pointwise, self.batch_norm,
+                            self.post_relu) if n is not None]
+
+
+def _is_depthwise(m: nn.Module) -> bool:
+    return (isinstance(m, nn.Conv2d) and m.groups == m.in_channels and m.out_channels % m.in_channels == 0
+            and m.padding_mode == "zeros" and m.transposed is False)
+
+
+def _is_pointwise(m: nn.Module, channels: int) -> bool:
+    return (isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride == (1, 1) and m.groups == 1
+            and m.in_channels == channels and m.padding in ((0, 0), "valid") and m.padding_mode == "zeros")
+
+
+def _is_bn(m: nn.Module, channels: int) -> bool:
+    return type(m) is nn.BatchNorm2d and m.num_features == channels
+
+
+def _mid_activation_name(m: nn.Module) -> str | None:
+    if type(m) is nn.ReLU:
+        return "relu"
+    if type(m) is nn.ELU and m.alpha == 1.0:
+        return "elu"
+    return None
+
+
+def _find_chains_fx(model: nn.Module, graph: torch.fx.Graph) -> list[Chain]:
+    modules = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+
+    def module_of(node) -> nn.Module | None:
+        # Shared modules (called more than once) are never fused: the swap would change every call.
+        if node.op == "call_module" and calls[node.target] == 1:
+            return modules[node.target]
+        return None
+
+    def sole_user(node):
+        users = list(node.users)
+        return users[0] if len(users) == 1 else None
+
+    chains = []
+    for node in graph.nodes:
+        dw = module_of(node)
+        if dw is None or not _is_depthwise(dw) or len(node.args) != 1 or node.kwargs:
+            continue
+        chain = Chain(depthwise=node.target, pointwise="")
+        nxt = sole_user(node)
+        if nxt is not None and module_of(nxt) is not None and _mid_activation_name(module_of(nxt)):
+            if dw.bias is not None:
+                continue  # a depthwise bias does not commute with the activation
+            chain.mid_activation, nxt = nxt.target, sole_user(nxt)
+        if nxt is None or module_of(nxt) is None or not _is_pointwise(module_of(nxt), dw.out_channels):
+            continue
+        chain.pointwise, tail = nxt.target, nxt
+        channels = module_of(nxt).out_channels
+        nxt = sole_user(tail)
+        if nxt is not None and module_of(nxt) is not None and _is_bn(module_of(nxt), channels):
+            chain.batch_norm, tail = nxt.target, nxt
+        nxt = sole_user(tail)
+        if nxt is not None and module_of(nxt) is not None and type(module_of(nxt)) is nn.ReLU:
+            chain.post_relu = nxt.target
+        # Prologue: a ReLU module feeding only this depthwise conv. An in-place ReLU also rewrites its input,
+        # which is then safe only if nothing else reads that input.
+        src = node.args[0]
+        if isinstance(src, torch.fx.Node) and sole_user(src) is node and module_of(src) is not None \
+                and type(module_of(src)) is nn.ReLU:
+            inner = src.args[0] if src.args else None
+            if not module_of(src).inplace or (isinstance(inner, torch.fx.Node) and sole_user(inner) is src):
+                chain.pre_relu = src.target
+        chains.append(chain)
+    return chains
+
+
+def _find_chains_sequential(model: nn.Module) -> list[Chain]:
+    chains = []
+    for prefix, container in model.named_modules():
+        if not isinstance(container, nn.Sequential):
+            continue
+        children = list(container.named_children())
+        name = (lambda n: f"{prefix}.{n}" if prefix else n)
+        i = 0
+        while i < len(children):
+            _, dw = children[i]
+            if not _is_depthwise(dw):
+                i += 1
+                continue
+            chain = Chain(depthwise=name(children[i][0]), pointwise="")
+            j = i + 1
+            if j < len(children) and _mid_activation_name(children[j][1]) and dw.bias is None:
+                chain.mid_activation, j = name(children[j][0]), j + 1
+            if j >= len(children) or not _is_pointwise(children[j][1], dw.out_channels):
+                i += 1
+                continue
+            chain.pointwise, channels, j = name(children[j][0]), children[j][1].out_channels, j + 1
+            if j < len(children) and _is_bn(children[j][1], channels):
+                chain.batch_norm, j = name(children[j][0]), j + 1
+            if j < len(children) and type(children[j][1]) is nn.ReLU:
+                chain.post_relu, j = name(children[j][0]), j + 1
+            if i > 0 and type(children[i - 1][1]) is nn.ReLU:
+                chain.pre_relu = name(children[i - 1][0])
+            chains.append(chain)
+            i = j
+    return chains
+
+
+def find_chains(model: nn.Module) -> list[Chain]:
+    """The fusable chains of `model`, found by tracing it with torch.fx (or in nn.Sequential containers)."""
+    try:
+        graph = torch.fx.Tracer().trace(model)
+    except Exception as e:  # noqa: BLE001  (tracing fails in many ways on dynamic Python code)
+        warnings.warn(f"fuse: torch.fx could not trace {type(model).__name__} ({e}); looking for chains inside "
+                      "nn.Sequential containers only", RuntimeWarning, stacklevel=3)
+        return _find_chains_sequential(model)
+    return _find_chains_fx(model, graph)
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
+
+
+def fuse(model: nn.Module, *, inplace: bool = False, backend: str = "auto") -> nn.Module:
+    """Returns `model` (a copy unless inplace) with every depthwise → pointwise (→ BN) (→ ReLU) chain fused.
+
+    The fused model computes what the original does, in training and in eval mode, with the same parameters.
+    """
+    if not inplace:
+        model = copy.deepcopy(model)
+    modules = dict(model.named_modules())
+    claimed: set[str] = set()
+    for chain in find_chains(model):
+        if chain.pre_relu in claimed:  # already the previous chain's post_relu
+            chain.pre_relu = None
+        claimed.update(chain.names())
+        mid = modules[chain.mid_activation] if chain.mid_activation else None
+        fused = SeparableConvBN.from_modules(
+            modules[chain.depthwise], modules[chain.pointwise],
+            modules[chain.batch_norm] if chain.batch_norm else None,
+            pre_relu=chain.pre_relu is not None, mid_activation=_mid_activation_name(mid) if mid else None,
+            post_relu=chain.post_relu is not None, backend=backend)
+        for name in chain.names():
+            if name != chain.depthwise:
+                _set_module(model, name, nn.Identity())
+        _set_module(model, chain.depthwise, fused)
+    return model
+
+
+__all__ = ["Chain", "find_chains", "fuse"]

@@ -1,0 +1,131 @@
+"""Modules to drop into a model: a Keras-style SeparableConv2d, and SeparableConvBN with the BatchNorm and the
+activations fused in.
+
+Both keep their weights in ordinary nn.Conv2d / nn.BatchNorm2d children named `depthwise`, `pointwise` and `bn`,
+so their state_dict is that of the layers they replace; the children's own forward is never called.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from . import batchnorm, ops
+from .checks import MID_ACTIVATIONS
+from .geometry import PaddingSpec, pair
+
+
+class SeparableConvBN(nn.Module):
+    """relu?(x) → depthwise k×k → act? → pointwise 1×1 (+bias) → BatchNorm? → (+residual) → relu?, in one op.
+
+    Args:
+        in_channels, out_channels: channels in and out.
+        kernel_size, stride, dilation: of the depthwise stage (an int or a pair).
+        padding: "same" (TensorFlow's: output = ceil(input / stride), asymmetric at stride 2 when needed),
+            "valid", an int, a pair, or (top, bottom, left, right).
+        depth_multiplier: depthwise output channels per input channel.
+        bias: a bias on the pointwise stage.
+        batch_norm: a BatchNorm2d after the pointwise stage (eps and momentum in PyTorch's convention).
+        pre_relu: ReLU on the input, applied as it is read.
+        mid_activation: None, "relu" or "elu" between the depthwise and pointwise stages (paper section 4.7).
+        post_relu: ReLU on the output (after the residual add, when forward is given one).
+        backend: "auto", "torch", "cuda" or "triton" (see xception_ops.backend).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int] = 3,
+                 stride: int | tuple[int, int] = 1, padding: PaddingSpec = "same",
+                 dilation: int | tuple[int, int] = 1, depth_multiplier: int = 1, bias: bool = False,
+                 batch_norm: bool = True, pre_relu: bool = False, mid_activation: str | None = None,
+                 post_relu: bool = False, eps: float = 1e-5, momentum: float | None = 0.1, backend: str = "auto",
+                 device=None, dtype=None):
+        super().__init__()
+        if depth_multiplier < 1:
+            raise ValueError(f"depth_multiplier must be >= 1, got {depth_multiplier}")
+        factory = {"device": device, "dtype": dtype}
+        depthwise = nn.Conv2d(in_channels, in_channels * depth_multiplier, kernel_size, stride, 0, dilation,
+                              groups=in_channels, bias=False, **factory)
+        pointwise = nn.Conv2d(in_channels * depth_multiplier, out_channels, 1, bias=bias, **factory)
+        bn = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, **factory) if batch_norm else None
+        self._setup(depthwise, pointwise, bn, padding, pre_relu, mid_activation, post_relu, backend)
+
+    def _setup(self, depthwise: nn.Conv2d, pointwise: nn.Conv2d, bn: nn.BatchNorm2d | None, padding: PaddingSpec,
+               pre_relu: bool, mid_activation: str | None, post_relu: bool, backend: str) -> None:
+        if mid_activation not in (None, *MID_ACTIVATIONS):
+            raise ValueError(f"mid_activation must be None, 'relu' or 'elu', got {mid_activation!r}")
+        if depthwise.bias is not None and mid_activation not in (None, "none"):
+            raise ValueError("a depthwise bias cannot be fused across a mid activation")
+        self.depthwise = depthwise
+        self.pointwise = pointwise
+        self.bn = bn
+        self.padding = padding
+        self.pre_relu = pre_relu
+        self.mid_activation = None if mid_activation == "none" else mid_activation
+        self.post_relu = post_relu
+        self.backend = backend
+
+    @classmethod
+    def from_modules(cls, depthwise: nn.Conv2d, pointwise: nn.Conv2d, bn: nn.BatchNorm2d | None = None, *,
+                     padding: PaddingSpec | None = None, pre_relu: bool = False, mid_activation: str | None = None,
+                     post_relu: bool = False, backend: str = "auto") -> SeparableConvBN:
+        """Wraps existing layers (sharing their parameters); padding defaults to the depthwise layer's own."""
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        if padding is None:
+            padding = depthwise.padding if isinstance(depthwise.padding, str) else tuple(depthwise.padding)
+        module._setup(depthwise, pointwise, bn, padding, pre_relu, mid_activation, post_relu, backend)
+        return module
+
+    def extra_repr(self) -> str:
+        flags = [f"padding={self.padding!r}"]
+        flags += [name for name in ("pre_relu", "post_relu") if getattr(self, name)]
+        if self.mid_activation:
+            flags.append(f"mid_activation={self.mid_activation!r}")
+        if self.backend != "auto":
+            flags.append(f"backend={self.backend!r}")
+        return ", ".join(flags)
+
+    def _dw_bias_as_pre_bias(self) -> torch.Tensor | None:
+        """The pointwise bias, plus a depthwise bias carried through the (linear) pointwise stage."""
+        bias = self.pointwise.bias
+        if self.depthwise.bias is not None:
+            carried = self.pointwise.weight.flatten(1) @ self.depthwise.bias
+            bias = carried if bias is None else bias + carried
+        return bias
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        dw, pw, bn = self.depthwise, self.pointwise, self.bn
+        pre_bias = self._dw_bias_as_pre_bias()
+        conv = dict(stride=dw.stride, padding=self.padding, dilation=dw.dilation, in_relu=self.pre_relu,
+                    mid_activation=self.mid_activation, backend=self.backend)
+        if bn is None or not batchnorm.uses_batch_stats(bn):
+            if bn is None:
+                scale, shift = None, pre_bias
+            else:
+                scale, shift = batchnorm.folded_scale_shift(bn, pre_bias)
+            return ops.separable_conv2d(x, dw.weight, pw.weight, out_scale=scale, out_shift=shift,
+                                        out_relu=self.post_relu, residual=residual, **conv)
+        y, total, total_sq = ops.separable_conv2d(x, dw.weight, pw.weight, compute_stats=True, **conv)
+        count = y.shape[0] * y.shape[2] * y.shape[3]
+        scale, shift = batchnorm.scale_shift_from_stats(bn, total, total_sq, count, pre_bias)
+        return batchnorm.apply_scale_shift(y, scale, shift, residual, relu=self.post_relu)
+
+
+class SeparableConv2d(SeparableConvBN):
+    """Keras SeparableConv2D in PyTorch: depthwise k×k then pointwise 1×1 with one bias, fused.
+
+    Same arguments as Keras (`strides` is `stride`, `dilation_rate` is `dilation`, `use_bias` is `bias`);
+    padding "valid" (the default) or "same" with TensorFlow's asymmetric split at stride 2. `activation` is
+    None or "relu". The state_dict holds `depthwise.weight`, `pointwise.weight` and `pointwise.bias`: those of
+    the nn.Conv2d pair it replaces.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
+                 stride: int | tuple[int, int] = 1, padding: PaddingSpec = "valid",
+                 dilation: int | tuple[int, int] = 1, depth_multiplier: int = 1, bias: bool = True,
+                 activation: str | None = None, backend: str = "auto", device=None, dtype=None):
+        if activation not in (None, "relu"):
+            raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+        pair(kernel_size, "kernel_size")
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, depth_multiplier,
+                         bias=bias, batch_norm=False, post_relu=activation == "relu", backend=backend,
+                         device=device, dtype=dtype)

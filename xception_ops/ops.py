@@ -1,0 +1,82 @@
+"""The functional API: depthwise and fused separable convolutions.
+
+Each function normalizes its arguments (padding specs, autocast), checks them, picks the backend and calls the
+registered operator `torch.ops.xception_ops.*`, or the plain-PyTorch reference when the compiled library is
+absent. Both paths are differentiable.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _library, backend as backends, checks, reference
+from .geometry import PaddingSpec, pair, resolve_padding
+
+
+def _autocast(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Under autocast, the convolution's tensors run in the autocast dtype, as torch's own convolutions do."""
+    first = tensors[0]
+    device_type = first.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
+def _conv_args(x: torch.Tensor, weight: torch.Tensor, stride, padding: PaddingSpec, dilation):
+    stride2, dilation2 = pair(stride, "stride"), pair(dilation, "dilation")
+    if x.dim() != 4:  # checked again below; needed here for the spatial size of "same"
+        raise ValueError(f"x must be a 4-D tensor (N, C, H, W), got {x.dim()}-D with shape {list(x.shape)}")
+    pad4 = resolve_padding(padding, x.shape[2:], weight.shape[2:], stride2, dilation2)
+    return list(stride2), list(pad4), list(dilation2)
+
+
+def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                     stride: int | tuple[int, int] = 1, padding: PaddingSpec = 0,
+                     dilation: int | tuple[int, int] = 1, *, backend: str = "auto") -> torch.Tensor:
+    """Depthwise 2-D convolution: `F.conv2d(x, weight, bias, stride, padding, dilation, groups=C)`.
+
+    weight has shape (C * depth_multiplier, 1, kH, kW). padding is "valid", "same" (TensorFlow's, asymmetric
+    at stride 2 when needed), an int, (pad_h, pad_w) or (top, bottom, left, right).
+    """
+    op = "xception_ops.depthwise_conv2d"
+    x, weight, bias = _autocast(x, weight, bias)
+    stride_, padding_, dilation_ = _conv_args(x, weight, stride, padding, dilation)
+    checks.check_depthwise(op, x, weight, bias, stride_, padding_, dilation_)
+    chosen = backends.resolve(backend, op, x)
+    if _library.EXTENSION is None:
+        return reference.depthwise_conv2d(x, weight, bias, stride_, padding_, dilation_)
+    return torch.ops.xception_ops.depthwise_conv2d(x, weight, bias, stride_, padding_, dilation_, chosen)
+
+
+def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Tensor, *,
+                     stride: int | tuple[int, int] = 1, padding: PaddingSpec = 0,
+                     dilation: int | tuple[int, int] = 1, in_scale: torch.Tensor | None = None,
+                     in_shift: torch.Tensor | None = None, in_relu: bool = False, mid_activation: str | None = None,
+                     out_scale: torch.Tensor | None = None, out_shift: torch.Tensor | None = None,
+                     out_relu: bool = False, residual: torch.Tensor | None = None, compute_stats: bool = False,
+                     backend: str = "auto"):
+    """Fused separable convolution with BatchNorm and activations folded in:
+
+        a   = relu?(x * in_scale + in_shift)            prologue: the previous BatchNorm + ReLU, per input channel
+        y   = pointwise(act(depthwise(a)))              act is mid_activation: None, "relu" or "elu"
+        out = relu?(y * out_scale + out_shift + residual)  epilogue: folded BatchNorm or bias, per output channel
+
+    With compute_stats=True returns (out, sum, sumsq): the per-channel sum and sum of squares of y in float32,
+    which training-mode BatchNorm turns into batch statistics (see xception_ops.batchnorm). Otherwise returns out.
+    """
+    op = "xception_ops.separable_conv2d"
+    mid = "none" if mid_activation is None else mid_activation
+    x, dw_weight, pw_weight, residual = _autocast(x, dw_weight, pw_weight, residual)
+    stride_, padding_, dilation_ = _conv_args(x, dw_weight, stride, padding, dilation)
+    checks.check_separable(op, x, dw_weight, pw_weight, stride_, padding_, dilation_, in_scale=in_scale,
+                           in_shift=in_shift, mid_activation=mid, out_scale=out_scale, out_shift=out_shift,
+                           residual=residual)
+    chosen = backends.resolve(backend, op, x)
+    args = (x, dw_weight, pw_weight, in_scale, in_shift, in_relu, stride_, padding_, dilation_, mid, out_scale,
+            out_shift, out_relu, residual, compute_stats)
+    if _library.EXTENSION is None:
+        out, total, total_sq = reference.separable_conv2d(*args)
+    else:
+        out, total, total_sq = torch.ops.xception_ops.separable_conv2d(*args, chosen)
+    return (out, total, total_sq) if compute_stats else out

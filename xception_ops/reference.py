@@ -1,0 +1,80 @@
+"""The ops in plain PyTorch, differentiable by autograd.
+
+Two uses: the test oracle (run in float64), and the path every op takes when the compiled library is absent
+(`XCEPTION_OPS_SKIP_EXT=1`). Arguments are already normalized: padding is (top, bottom, left, right).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .checks import output_memory_format, stats_dtype
+
+
+def _per_channel(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return v.to(dtype).view(1, -1, 1, 1)
+
+
+def channel_affine(x: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None) -> torch.Tensor:
+    """x * scale + shift per channel, computed in float32 (float64 for float64) and returned in x's dtype."""
+    if scale is None and shift is None:
+        return x
+    dtype = stats_dtype(x)
+    r = x.to(dtype)
+    if scale is not None:
+        r = r * _per_channel(scale, dtype)
+    if shift is not None:
+        r = r + _per_channel(shift, dtype)
+    return r.to(x.dtype)
+
+
+def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: Sequence[int],
+                     padding: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:
+    top, bottom, left, right = padding
+    if top == bottom and left == right:
+        y = F.conv2d(x, weight, bias, tuple(stride), (top, left), tuple(dilation), groups=x.shape[1])
+    else:
+        y = F.conv2d(F.pad(x, (left, right, top, bottom)), weight, bias, tuple(stride), 0, tuple(dilation),
+                     groups=x.shape[1])
+    return y.contiguous(memory_format=output_memory_format(x))
+
+
+def mid_activation_fn(name: str, d: torch.Tensor) -> torch.Tensor:
+    if name == "relu":
+        return F.relu(d)
+    if name == "elu":
+        return F.elu(d)
+    return d
+
+
+def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Tensor,
+                     in_scale: torch.Tensor | None, in_shift: torch.Tensor | None, in_relu: bool,
+                     stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], mid_activation: str,
+                     out_scale: torch.Tensor | None, out_shift: torch.Tensor | None, out_relu: bool,
+                     residual: torch.Tensor | None, compute_stats: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """out = relu?(pointwise(act(depthwise(relu?(x * in_scale + in_shift)))) * out_scale + out_shift + residual).
+
+    Also returns the per-channel sum and sum of squares of the pointwise result (before out_scale), in float32
+    (float64 for float64 inputs), when compute_stats; empty tensors otherwise.
+    """
+    a = channel_affine(x, in_scale, in_shift)
+    if in_relu:
+        a = F.relu(a)
+    d = depthwise_conv2d(a, dw_weight, None, stride, padding, dilation)
+    y = F.conv2d(mid_activation_fn(mid_activation, d), pw_weight)
+    z = channel_affine(y, out_scale, out_shift)
+    if residual is not None:
+        z = z + residual
+    if out_relu:
+        z = F.relu(z)
+    dtype = stats_dtype(x)
+    if compute_stats:
+        yf = y.to(dtype)
+        total, total_sq = yf.sum((0, 2, 3)), (yf * yf).sum((0, 2, 3))
+    else:
+        total = total_sq = x.new_empty((0,), dtype=dtype)
+    return z.contiguous(memory_format=output_memory_format(x)), total, total_sq
