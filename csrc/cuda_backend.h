@@ -16,11 +16,14 @@ Tensor depthwise_conv2d_backward_input(const Tensor& grad_out, const Tensor& wei
                                        at::MemoryFormat fmt);
 Tensor depthwise_conv2d_backward_weight(const Tensor& grad_out, const Tensor& x, const Conv2dGeometry& g);
 
-inline bool implements(c10::string_view op) {
-  for (const char* name : kImplementedOps) {
+template <size_t N>
+bool listed(const std::array<const char*, N>& names, c10::string_view op) {
+  for (const char* name : names) {
     if (op == name) return true;
   }
   return false;
 }
+inline bool implements(c10::string_view op) { return listed(kImplementedOps, op); }
+inline bool preferred(c10::string_view op) { return listed(kAutoOps, op); }
 
 }  // namespace xception_ops::cuda

@@ -1,5 +1,5 @@
 // The ops the CUDA backend has kernels for, by their Python names. Kept light (no torch headers) because the
-// Python module init reads it too. An op not listed here falls back to the reference path under "auto".
+// Python module init reads it too.
 #pragma once
 
 #include <array>
@@ -10,4 +10,7 @@ inline constexpr std::array<const char*, 3> kImplementedOps = {
     "xception_ops.depthwise_conv2d_backward_input",
     "xception_ops.depthwise_conv2d_backward_weight",
 };
+// The subset that backend "auto" takes on CUDA tensors: kernels that beat the reference path wherever measured
+// (benchmarks/RESULTS.md). The depthwise kernels do not yet: PyTorch's forward is faster on the H200.
+inline constexpr std::array<const char*, 0> kAutoOps = {};
 }  // namespace xception_ops::cuda

@@ -70,5 +70,6 @@ enum class Backend { Torch, Cuda, Triton };
 Backend resolve_backend(c10::string_view name, const char* op, const Tensor& x);
 bool cuda_built();                           // compiled with the CUDA kernels
 bool cuda_implements(c10::string_view op);   // the CUDA backend has a kernel for this op (by schema name)
+bool cuda_preferred(c10::string_view op);    // ... and "auto" takes it (it beat the reference where measured)
 
 }  // namespace xception_ops

@@ -8,11 +8,16 @@
 #define XCEPTION_OPS_CUDA_ARCHS ""
 #endif
 
-#ifdef XCEPTION_OPS_WITH_CUDA
 #include "cuda_ops_list.h"
-#endif
 
 namespace {
+template <size_t N>
+PyObject* names_tuple(const std::array<const char*, N>& names) {
+  PyObject* t = PyTuple_New(static_cast<Py_ssize_t>(N));
+  for (size_t i = 0; t != nullptr && i < N; ++i) PyTuple_SET_ITEM(t, i, PyUnicode_FromString(names[i]));
+  return t;
+}
+
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "xception_ops compiled operators", -1, nullptr};
 }
 
@@ -20,19 +25,22 @@ PyMODINIT_FUNC PyInit__C(void) {
   PyObject* m = PyModule_Create(&module_def);
   if (m == nullptr) return nullptr;
 #ifdef XCEPTION_OPS_WITH_CUDA
-  PyObject* cuda_ops = PyTuple_New(static_cast<Py_ssize_t>(xception_ops::cuda::kImplementedOps.size()));
-  for (size_t i = 0; i < xception_ops::cuda::kImplementedOps.size(); ++i) {
-    PyTuple_SET_ITEM(cuda_ops, i, PyUnicode_FromString(xception_ops::cuda::kImplementedOps[i]));
-  }
+  PyObject* cuda_ops = names_tuple(xception_ops::cuda::kImplementedOps);
+  PyObject* auto_ops = names_tuple(xception_ops::cuda::kAutoOps);
   const int with_cuda = 1;
 #else
   PyObject* cuda_ops = PyTuple_New(0);
+  PyObject* auto_ops = PyTuple_New(0);
   const int with_cuda = 0;
 #endif
-  if (PyModule_AddIntConstant(m, "WITH_CUDA", with_cuda) < 0 ||
-      PyModule_AddStringConstant(m, "CUDA_ARCHS", XCEPTION_OPS_CUDA_ARCHS) < 0 ||
-      PyModule_AddObject(m, "CUDA_OPS", cuda_ops) < 0) {
-    Py_XDECREF(cuda_ops);
+  // PyModule_AddObjectRef leaves the references with us: dropped below whether or not it succeeded.
+  const bool ok = PyModule_AddIntConstant(m, "WITH_CUDA", with_cuda) == 0 &&
+                  PyModule_AddStringConstant(m, "CUDA_ARCHS", XCEPTION_OPS_CUDA_ARCHS) == 0 &&
+                  PyModule_AddObjectRef(m, "CUDA_OPS", cuda_ops) == 0 &&
+                  PyModule_AddObjectRef(m, "CUDA_AUTO_OPS", auto_ops) == 0;
+  Py_XDECREF(cuda_ops);
+  Py_XDECREF(auto_ops);
+  if (!ok) {
     Py_DECREF(m);
     return nullptr;
   }

@@ -14,10 +14,12 @@ namespace xception_ops {
 #ifdef XCEPTION_OPS_WITH_CUDA
 bool cuda_built() { return true; }
 bool cuda_implements(c10::string_view op) { return cuda::implements(op); }
+bool cuda_preferred(c10::string_view op) { return cuda::preferred(op); }
 #define XO_IF_CUDA(statement) statement
 #else
 bool cuda_built() { return false; }
 bool cuda_implements(c10::string_view) { return false; }
+bool cuda_preferred(c10::string_view) { return false; }
 // Without CUDA, resolve_backend raises before a router could take the CUDA branch.
 #define XO_IF_CUDA(statement)
 #endif
@@ -26,7 +28,7 @@ Backend resolve_backend(c10::string_view name, const char* op, const Tensor& x) 
   if (name == "torch") return Backend::Torch;
   if (name == "auto") {  // the CUDA kernels take float32, float16 and bfloat16; float64 stays on the reference
     const bool kernel_dtype = x.scalar_type() != at::kDouble;
-    return x.is_cuda() && kernel_dtype && cuda_implements(op) ? Backend::Cuda : Backend::Torch;
+    return x.is_cuda() && kernel_dtype && cuda_preferred(op) ? Backend::Cuda : Backend::Torch;
   }
   if (name == "cuda") {
     TORCH_CHECK_NOT_IMPLEMENTED(cuda_built(), op,

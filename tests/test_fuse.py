@@ -112,10 +112,11 @@ def test_untraceable_model_falls_back_to_sequential_containers():
     compare_train_and_eval(model, fused, torch.randn(2, 4, 5, 5))
 
 
-def test_timm_legacy_xception():
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_timm_legacy_xception(backend):
     model = timm.create_model("legacy_xception", pretrained=False, num_classes=10)
     randomize_batch_norm(model, torch.Generator().manual_seed(1))
-    fused = xception_ops.fuse(model)
+    fused = xception_ops.fuse(model, backend=backend)
     seps = [m for m in fused.modules() if isinstance(m, SeparableConvBN)]
     assert len(seps) == 34  # 36 conv layers, less the two stem convs
     # Each block's opening ReLU (blocks 2-12) becomes a prologue; the ReLUs inside the blocks and the exit flow's

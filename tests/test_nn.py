@@ -24,9 +24,10 @@ def keras_same(x, kernel, stride, dilation=1):
 @pytest.mark.parametrize("size", [9, 10])
 @pytest.mark.parametrize("stride,dilation", [(1, 1), (2, 1), (1, 2)])
 @pytest.mark.parametrize("depth_multiplier", [1, 2])
-def test_separable_conv2d_has_keras_semantics(size, stride, dilation, depth_multiplier):
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_separable_conv2d_has_keras_semantics(size, stride, dilation, depth_multiplier, backend):
     layer = SeparableConv2d(3, 5, 3, stride=stride, padding="same", dilation=dilation,
-                            depth_multiplier=depth_multiplier)
+                            depth_multiplier=depth_multiplier, backend=backend)
     nn.init.normal_(layer.pointwise.bias)
     x = torch.randn(2, 3, size, size + 1)
     out = layer(x)
@@ -104,11 +105,16 @@ CONFIGS = [
 ]
 
 
+# "torch": the fused operator on its reference path; "auto" on a CPU: no fused kernel, the PyTorch layers.
+BACKENDS = ["torch", "auto"]
+
+
 @pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("residual", [False, True])
-def test_separable_conv_bn_matches_unfused_layers(config, training, residual):
-    module = SeparableConvBN(5, 6, 3, **config)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_separable_conv_bn_matches_unfused_layers(config, training, residual, backend):
+    module = SeparableConvBN(5, 6, 3, backend=backend, **config)
     with torch.no_grad():
         if module.bn is not None:
             module.bn.running_mean.uniform_(-0.5, 0.5)
@@ -165,11 +171,12 @@ def _find_conv(module, depthwise):
     return next(m for m in module.modules() if isinstance(m, nn.Conv2d) and (m.groups > 1) == depthwise)
 
 
-def test_depthwise_bias_is_carried_through_the_pointwise_stage():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_depthwise_bias_is_carried_through_the_pointwise_stage(backend):
     dw = nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=True)
     pw = nn.Conv2d(4, 6, 1, bias=True)
     bn = nn.BatchNorm2d(6)
-    fused = SeparableConvBN.from_modules(copy.deepcopy(dw), copy.deepcopy(pw), copy.deepcopy(bn))
+    fused = SeparableConvBN.from_modules(copy.deepcopy(dw), copy.deepcopy(pw), copy.deepcopy(bn), backend=backend)
     x = torch.randn(2, 4, 7, 7)
     for training in (True, False):
         fused.train(training)
@@ -183,8 +190,9 @@ def test_depthwise_bias_across_a_mid_activation_is_refused():
         SeparableConvBN.from_modules(nn.Conv2d(4, 4, 3, groups=4), nn.Conv2d(4, 4, 1), mid_activation="relu")
 
 
-def test_training_batch_norm_needs_more_than_one_value():
-    module = SeparableConvBN(2, 3, 1, padding="valid").train()
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_training_batch_norm_needs_more_than_one_value(backend):
+    module = SeparableConvBN(2, 3, 1, padding="valid", backend=backend).train()
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         module(torch.randn(1, 2, 1, 1))
 
@@ -201,9 +209,26 @@ def test_folded_scale_shift_is_inference_batch_norm():
     assert relative_error(batchnorm.apply_scale_shift(y, scale, shift), bn(y)) <= 1e-6
 
 
-def test_channels_last_module_output_keeps_the_layout():
-    module = SeparableConvBN(4, 8, 3, pre_relu=True).eval()
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_channels_last_module_output_keeps_the_layout(backend):
+    module = SeparableConvBN(4, 8, 3, pre_relu=True, backend=backend).eval()
     x = torch.randn(2, 4, 6, 6).contiguous(memory_format=torch.channels_last)
     out = module(x)
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert relative_error(out, module(x.contiguous())) <= 1e-6
+
+
+def test_auto_without_a_fused_kernel_runs_the_pytorch_layers(monkeypatch):
+    """On a CPU no fused kernel runs: "auto" takes the unfused layers, XCEPTION_OPS_BACKEND=torch the operator."""
+    calls = []
+    real = torch.ops.xception_ops.separable_conv2d
+    module = SeparableConvBN(4, 4, 3).eval()
+    x = torch.randn(1, 4, 5, 5)
+    monkeypatch.setattr(torch.ops.xception_ops, "separable_conv2d", lambda *a: calls.append(1) or real(*a),
+                        raising=False)
+    unfused_out = module(x)
+    assert calls == []
+    monkeypatch.setenv("XCEPTION_OPS_BACKEND", "torch")
+    fused_out = module(x)
+    assert calls == [1]
+    assert relative_error(fused_out, unfused_out) <= 1e-6

@@ -78,7 +78,7 @@ def test_dropout_and_multi_label_head():
 @pytest.mark.parametrize("residual", [True, False])
 @pytest.mark.parametrize("mid", [None, "relu"])
 def test_ablations_train(residual, mid):
-    model = xception(num_classes=5, residual=residual, mid_activation=mid)
+    model = xception(num_classes=5, residual=residual, mid_activation=mid, backend="torch")
     x = torch.randn(2, 3, 71, 71)
     loss = model.loss(model(x), torch.tensor([0, 3]))
     loss.backward()
@@ -95,11 +95,11 @@ def test_pool_padding_is_tensorflow_same_by_default():
     assert torch.equal(same(odd), symmetric(odd))
 
 
-def _timm_pair(num_classes=1000, seed=0):
+def _timm_pair(num_classes=1000, seed=0, backend="auto"):
     torch.manual_seed(seed)
     theirs = timm.create_model("legacy_xception", pretrained=False, num_classes=num_classes)
     randomize_batch_norm(theirs, torch.Generator().manual_seed(seed))
-    ours = from_timm(theirs)
+    ours = from_timm(theirs, backend=backend)
     assert trainable(ours) == trainable(theirs)
     assert len(timm_key_map(theirs)) == len(theirs.state_dict()) == len(ours.state_dict())
     return theirs, ours
@@ -118,8 +118,10 @@ def _step(model, x, y):
     return logits
 
 
-def test_timm_weights_give_identical_outputs_and_gradients_in_eval_mode():
-    theirs, ours = _timm_pair()
+# "torch": every separable conv through the fused operator (reference path); "auto" on a CPU: the PyTorch layers.
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_timm_weights_give_identical_outputs_and_gradients_in_eval_mode(backend):
+    theirs, ours = _timm_pair(backend=backend)
     theirs.eval()
     ours.eval()
     x, y = torch.randn(2, 3, 75, 75), torch.randint(0, 1000, (2,))
@@ -128,11 +130,12 @@ def test_timm_weights_give_identical_outputs_and_gradients_in_eval_mode():
         assert relative_error(g_ours, g_theirs) <= 1e-5, name
 
 
-def test_timm_parity_in_training_mode():
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_timm_parity_in_training_mode(backend):
     """Logits within 1e-5. Gradients: identical in float64. In float32 the backward of 36 layers of ReLU and batch
     statistics is ill-conditioned (activations near zero flip): timm itself lands 1e-3 to 2e-2 from float64, and
     differently in NCHW and channels_last. Ours must be no worse than twice PyTorch's own error."""
-    theirs, ours = _timm_pair(seed=1)
+    theirs, ours = _timm_pair(seed=1, backend=backend)
     x, y = torch.randn(4, 3, 71, 71), torch.randint(0, 1000, (4,))
     theirs64, ours64 = copy.deepcopy(theirs).double(), copy.deepcopy(ours).double()
     theirs_cl = copy.deepcopy(theirs).to(memory_format=torch.channels_last)
@@ -151,8 +154,9 @@ def test_timm_parity_in_training_mode():
         assert relative_error(buffers[mapping[name]], b_t) <= 1e-5, name
 
 
-def test_channels_last_and_zero_batch():
-    model = xception(num_classes=10).eval()
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_channels_last_and_zero_batch(backend):
+    model = xception(num_classes=10, backend=backend).eval()
     x = torch.randn(2, 3, 71, 71)
     with torch.no_grad():
         a = model(x)
@@ -162,8 +166,9 @@ def test_channels_last_and_zero_batch():
 
 
 @pytest.mark.slow
-def test_torch_compile_fullgraph_has_no_graph_breaks():
-    model = xception(num_classes=10)
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_torch_compile_fullgraph_has_no_graph_breaks(backend):
+    model = xception(num_classes=10, backend=backend)
     x = torch.randn(2, 3, 71, 71)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     for training in (True, False):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _library, checks
+from . import _library
 
 BACKENDS = ("auto", "torch", "cuda", "triton")
 ENV_VAR = "XCEPTION_OPS_BACKEND"
@@ -54,20 +54,34 @@ def _cuda_problem(op: str | None, device: torch.device | None) -> str | None:
 
 
 def _cuda_preferred(op: str, x: torch.Tensor) -> bool:
-    """Whether "auto" takes a CUDA kernel that can run, from measured results (benchmarks/RESULTS.md).
-
-    float64 always stays on the reference path. The depthwise kernels beat PyTorch in NCHW but not yet in
-    channels_last, where cuDNN's depthwise kernels are faster (H200, 2026-11-26).
-    """
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return False
-    if op.startswith("xception_ops.depthwise_conv2d"):
-        return checks.output_memory_format(x) != torch.channels_last
-    return True
+    """Whether "auto" takes a CUDA kernel that can run: the compiled library lists the ops whose kernels beat the
+    reference path wherever measured (csrc/cuda_ops_list.h, benchmarks/RESULTS.md); float64 never."""
+    ext = _library.EXTENSION
+    return x.dtype in (torch.float32, torch.float16, torch.bfloat16) and op in tuple(ext.CUDA_AUTO_OPS)
 
 
 def _triton_problem() -> str:
     return "the triton backend is not implemented in this version"
+
+
+def _env_override() -> str | None:
+    override = os.environ.get(ENV_VAR, "").strip().lower()
+    if override and override not in BACKENDS:
+        raise ValueError(f"{ENV_VAR}={override!r} is not a backend; expected one of {', '.join(BACKENDS)}")
+    return None if override in ("", "auto") else override
+
+
+def fused_backend(backend: str, op: str, x: torch.Tensor) -> str | None:
+    """For the fused modules: the backend that runs the fused op, or None when "auto" finds no fused kernel for x.
+
+    The modules then run the unfused PyTorch layers, as fast as the model was before fusing, rather than the
+    reference operator (which recomputes in its backward). An explicit backend, or XCEPTION_OPS_BACKEND, always
+    runs the operator.
+    """
+    if backend == "auto" and _env_override() is None:
+        chosen = resolve("auto", op, x)
+        return None if chosen == "torch" else chosen
+    return resolve(backend, op, x)
 
 
 def resolve(backend: str, op: str, x: torch.Tensor) -> str:
@@ -75,10 +89,7 @@ def resolve(backend: str, op: str, x: torch.Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"{op}: unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        override = os.environ.get(ENV_VAR, "").strip().lower()
-        if override and override not in BACKENDS:
-            raise ValueError(f"{ENV_VAR}={override!r} is not a backend; expected one of {', '.join(BACKENDS)}")
-        backend = override or "auto"
+        backend = _env_override() or "auto"
     if backend == "auto":
         return "cuda" if _cuda_problem(op, x.device) is None and _cuda_preferred(op, x) else "torch"
     if backend == "cuda":
@@ -94,10 +105,13 @@ def status() -> list[BackendStatus]:
     """What each backend is and whether it can run here; printed by `xception-ops info`."""
     gpu = torch.device("cuda") if torch.cuda.is_available() else None
     ext = _library.EXTENSION
-    cuda_detail = _cuda_problem(None, gpu or torch.device("cpu"))
+    cuda_detail = _cuda_problem(None, gpu)
+    if cuda_detail is None and gpu is None:
+        cuda_detail = "no CUDA GPU is visible"
     cuda_built = ext is not None and bool(ext.WITH_CUDA)
     if cuda_built:
-        built_for = f"built for sm {ext.CUDA_ARCHS}; kernels: {', '.join(cuda_ops()) or 'none yet'}"
+        built_for = (f"built for sm {ext.CUDA_ARCHS}; kernels: {', '.join(cuda_ops()) or 'none yet'}; "
+                     f"taken by backend='auto': {', '.join(ext.CUDA_AUTO_OPS) or 'none yet'}")
         cuda_detail = built_for if cuda_detail is None else f"{built_for}; not usable: {cuda_detail}"
     return [
         BackendStatus("torch", True, True, "ATen reference (cuDNN on CUDA, oneDNN / native on CPU); always usable"),

@@ -332,13 +332,15 @@ def run(device: str | None = None, backends_: Sequence[str] | None = None, dtype
     return report
 
 
-def weighted_totals(report: dict) -> list[dict]:
-    """Per (dtype, layout, pass, impl): the time of all of Xception's separable convs, each layer times its count."""
+def weighted_totals(rows: list[dict]) -> list[dict]:
+    """Per (dtype, layout, pass, impl): the time of all of Xception's separable convs, each layer times its count.
+    An implementation that failed on any layer gets no total."""
     totals: dict[tuple, float] = {}
-    for r in report["layers"]:
+    for r in rows:
         key = (r["dtype"], r["layout"], r["pass_"], r["impl"])
-        totals[key] = totals.get(key, 0.0) + r["median_ms"] * r["count"]
-    return [dict(dtype=k[0], layout=k[1], pass_=k[2], impl=k[3], total_ms=v) for k, v in totals.items()]
+        totals[key] = totals.get(key, 0.0) + (float("nan") if r["error"] else r["median_ms"] * r["count"])
+    return [dict(dtype=k[0], layout=k[1], pass_=k[2], impl=k[3], total_ms=v) for k, v in totals.items()
+            if v == v]
 
 
 def _format_rows(rows: list[dict], title: str) -> list[str]:
@@ -360,9 +362,12 @@ def format_tables(report: dict) -> str:
     if report.get("depthwise"):
         lines += [""] + _format_rows(report["depthwise"], "Depthwise 3x3 alone (eager: F.conv2d groups=C)")
     lines.append("")
-    lines.append("All separable convs of one forward pass (each layer x its count):")
-    for t in weighted_totals(report):
-        lines.append(f"  {t['dtype']:<10}{t['layout']:<7}{t['pass_']:<10}{t['impl']:<12}{t['total_ms']:10.3f} ms")
+    for section, title in (("layers", "separable conv + BN"), ("depthwise", "depthwise stage")):
+        totals = weighted_totals(report.get(section, []))
+        if totals:
+            lines.append(f"All of Xception's layers, each times its count ({title}):")
+        for t in totals:
+            lines.append(f"  {t['dtype']:<10}{t['layout']:<7}{t['pass_']:<10}{t['impl']:<12}{t['total_ms']:10.3f} ms")
     if report["models"]:
         lines.append("")
         lines.append(f"{'model (Table 3)':<24}{'params':>12}{'dtype':>10}{'train steps/s':>15}{'infer img/s':>13}")

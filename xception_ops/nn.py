@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from . import batchnorm, ops
+from . import backend as backends, batchnorm, checks, ops, reference
 from .checks import MID_ACTIVATIONS
 from .geometry import PaddingSpec, pair
 
@@ -93,10 +94,13 @@ class SeparableConvBN(nn.Module):
         return bias
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        backend = backends.fused_backend(self.backend, "xception_ops.separable_conv2d", x)
+        if backend is None:
+            return self._forward_unfused(x, residual)
         dw, pw, bn = self.depthwise, self.pointwise, self.bn
         pre_bias = self._dw_bias_as_pre_bias()
         conv = dict(stride=dw.stride, padding=self.padding, dilation=dw.dilation, in_relu=self.pre_relu,
-                    mid_activation=self.mid_activation, backend=self.backend)
+                    mid_activation=self.mid_activation, backend=backend)
         if bn is None or not batchnorm.uses_batch_stats(bn):
             if bn is None:
                 scale, shift = None, pre_bias
@@ -108,6 +112,22 @@ class SeparableConvBN(nn.Module):
         count = y.shape[0] * y.shape[2] * y.shape[3]
         scale, shift = batchnorm.scale_shift_from_stats(bn, total, total_sq, count, pre_bias)
         return batchnorm.apply_scale_shift(y, scale, shift, residual, relu=self.post_relu)
+
+
+    def _forward_unfused(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """The same computation as separate PyTorch layers (cuDNN on a GPU), for where no fused kernel runs."""
+        dw, pw = self.depthwise, self.pointwise
+        stride, padding, dilation = ops.conv_args(x, dw.weight, dw.stride, self.padding, dw.dilation)
+        checks.check_separable("xception_ops.nn.SeparableConvBN", x, dw.weight, pw.weight, stride, padding,
+                               dilation, residual=residual)
+        d = reference.depthwise_conv2d(F.relu(x) if self.pre_relu else x, dw.weight, dw.bias, stride, padding,
+                                       dilation)
+        y = F.conv2d(reference.mid_activation_fn(self.mid_activation, d), pw.weight, pw.bias)
+        if self.bn is not None:
+            y = self.bn(y)
+        if residual is not None:
+            y = y + residual
+        return F.relu(y) if self.post_relu else y
 
 
 class SeparableConv2d(SeparableConvBN):

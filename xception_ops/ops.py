@@ -23,7 +23,8 @@ def _autocast(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
 
 
-def _conv_args(x: torch.Tensor, weight: torch.Tensor, stride, padding: PaddingSpec, dilation):
+def conv_args(x: torch.Tensor, weight: torch.Tensor, stride, padding: PaddingSpec, dilation):
+    """stride, padding spec and dilation as the operators take them: [sh, sw], [top, bottom, left, right], [dh, dw]."""
     stride2, dilation2 = pair(stride, "stride"), pair(dilation, "dilation")
     if x.dim() != 4:  # checked again below; needed here for the spatial size of "same"
         raise ValueError(f"x must be a 4-D tensor (N, C, H, W), got {x.dim()}-D with shape {list(x.shape)}")
@@ -41,7 +42,7 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     """
     op = "xception_ops.depthwise_conv2d"
     x, weight, bias = _autocast(x, weight, bias)
-    stride_, padding_, dilation_ = _conv_args(x, weight, stride, padding, dilation)
+    stride_, padding_, dilation_ = conv_args(x, weight, stride, padding, dilation)
     checks.check_depthwise(op, x, weight, bias, stride_, padding_, dilation_)
     chosen = backends.resolve(backend, op, x)
     if _library.EXTENSION is None:
@@ -68,7 +69,7 @@ def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.
     op = "xception_ops.separable_conv2d"
     mid = "none" if mid_activation is None else mid_activation
     x, dw_weight, pw_weight, residual = _autocast(x, dw_weight, pw_weight, residual)
-    stride_, padding_, dilation_ = _conv_args(x, dw_weight, stride, padding, dilation)
+    stride_, padding_, dilation_ = conv_args(x, dw_weight, stride, padding, dilation)
     checks.check_separable(op, x, dw_weight, pw_weight, stride_, padding_, dilation_, in_scale=in_scale,
                            in_shift=in_shift, mid_activation=mid, out_scale=out_scale, out_shift=out_shift,
                            residual=residual)

@@ -42,7 +42,7 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return y.contiguous(memory_format=output_memory_format(x))
 
 
-def mid_activation_fn(name: str, d: torch.Tensor) -> torch.Tensor:
+def mid_activation_fn(name: str | None, d: torch.Tensor) -> torch.Tensor:
     if name == "relu":
         return F.relu(d)
     if name == "elu":
