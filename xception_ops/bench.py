@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from . import backend as backends
 from .nn import SeparableConvBN
+from .ops import depthwise_conv2d
 from .version import __version__
 
 # Xception's separable convs at 299x299: (C_in, C_out, H=W, how many in one forward pass).
@@ -133,35 +134,26 @@ class EagerSeparable(nn.Sequential):
                          nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
 
 
-def bench_layer(cin: int, cout: int, hw: int, batch: int, count: int, dtype: torch.dtype, layout: str, pass_: str,
-                impl: str, device: torch.device, warmup: int, reps: int) -> LayerRow:
-    training = pass_ == "training"
-    fmt = torch.channels_last if layout == "NHWC" else torch.contiguous_format
-    elem = torch.tensor([], dtype=dtype).element_size()
-    min_bytes = batch * hw * hw * (cin + cout) * elem + (cin * 9 + cin * cout) * elem
-    flops = 2 * batch * hw * hw * (cin * 9 + cin * cout)
-    if training:  # forward + backward: about three times the work, the activations read and written again
-        min_bytes, flops = 3 * min_bytes, 3 * flops
-    row = dict(cin=cin, cout=cout, hw=hw, batch=batch, count=count, dtype=str(dtype).replace("torch.", ""),
-               layout=layout, pass_=pass_, impl=impl)
+def _measure(row: dict, make_fn: Callable[[], Callable], cin: int, cout: int, min_bytes: int, flops: int,
+             device: torch.device, warmup: int, reps: int) -> LayerRow:
+    """Times fn(x) (forward, or forward + backward in training) over rotated random inputs of row's shape.
+    A configuration that cannot run is reported in the row, not raised."""
+    training = row["pass_"] == "training"
+    batch, hw, dtype = row["batch"], row["hw"], DTYPES[row["dtype"]]
+    fmt = torch.channels_last if row["layout"] == "NHWC" else torch.contiguous_format
     try:
-        if impl == "eager":
-            module = EagerSeparable(cin, cout, relu=training)
-        else:
-            module = SeparableConvBN(cin, cout, 3, pre_relu=training, backend=impl.split(":", 1)[1])
-        module = module.to(device=device, dtype=dtype, memory_format=fmt).train(training)
-        nbuf = _buffers_needed(batch * cin * hw * hw * elem, device)
+        fn = make_fn()
+        nbuf = _buffers_needed(batch * cin * hw * hw * torch.tensor([], dtype=dtype).element_size(), device)
         inputs = [torch.randn(batch, cin, hw, hw, device=device, dtype=dtype).contiguous(memory_format=fmt)
                   .requires_grad_(training) for _ in range(nbuf)]
         grad = torch.randn(batch, cout, hw, hw, device=device, dtype=dtype).contiguous(memory_format=fmt)
 
         def run(i: int):
-            x = inputs[i % nbuf]
             if training:
-                module(x).backward(grad)
+                fn(inputs[i % nbuf]).backward(grad)
             else:
                 with torch.no_grad():
-                    module(x)
+                    fn(inputs[i % nbuf])
 
         t = time_fn(run, device, warmup, reps)
         return LayerRow(**row, median_ms=t.median_ms, q10_ms=t.q10_ms, q90_ms=t.q90_ms,
@@ -171,45 +163,50 @@ def bench_layer(cin: int, cout: int, hw: int, batch: int, count: int, dtype: tor
                         tflops=float("nan"), error=f"{type(e).__name__}: {e}".splitlines()[0][:300])
 
 
+def _row(cin, cout, hw, batch, count, dtype, layout, pass_, impl) -> dict:
+    return dict(cin=cin, cout=cout, hw=hw, batch=batch, count=count, dtype=str(dtype).replace("torch.", ""),
+                layout=layout, pass_=pass_, impl=impl)
+
+
+def bench_layer(cin: int, cout: int, hw: int, batch: int, count: int, dtype: torch.dtype, layout: str, pass_: str,
+                impl: str, device: torch.device, warmup: int, reps: int) -> LayerRow:
+    """One separable conv + BN: the eager layers (ReLU first in training) against SeparableConvBN on a backend."""
+    training = pass_ == "training"
+    elem = torch.tensor([], dtype=dtype).element_size()
+    min_bytes = batch * hw * hw * (cin + cout) * elem + (cin * 9 + cin * cout) * elem
+    flops = 2 * batch * hw * hw * (cin * 9 + cin * cout)
+    if training:  # forward + backward: about three times the work, the activations read and written again
+        min_bytes, flops = 3 * min_bytes, 3 * flops
+    fmt = torch.channels_last if layout == "NHWC" else torch.contiguous_format
+
+    def make():
+        if impl == "eager":
+            module = EagerSeparable(cin, cout, relu=training)
+        else:
+            module = SeparableConvBN(cin, cout, 3, pre_relu=training, backend=impl.split(":", 1)[1])
+        return module.to(device=device, dtype=dtype, memory_format=fmt).train(training)
+
+    return _measure(_row(cin, cout, hw, batch, count, dtype, layout, pass_, impl), make, cin, cout, min_bytes, flops,
+                    device, warmup, reps)
+
+
 def bench_depthwise(channels: int, hw: int, batch: int, count: int, dtype: torch.dtype, layout: str, pass_: str,
                     impl: str, device: torch.device, warmup: int, reps: int) -> LayerRow:
     """The depthwise 3x3 stage alone: torch's F.conv2d(groups=C) (cuDNN or its native kernel) against ours."""
     training = pass_ == "training"
-    fmt = torch.channels_last if layout == "NHWC" else torch.contiguous_format
     elem = torch.tensor([], dtype=dtype).element_size()
     min_bytes = 2 * batch * hw * hw * channels * elem * (3 if training else 1)
     flops = 2 * batch * hw * hw * channels * 9 * (3 if training else 1)
-    row = dict(cin=channels, cout=channels, hw=hw, batch=batch, count=count, dtype=str(dtype).replace("torch.", ""),
-               layout=layout, pass_=pass_, impl=impl)
-    try:
+
+    def make():
         weight = torch.randn(channels, 1, 3, 3, device=device, dtype=dtype, requires_grad=training)
         if impl == "eager":
-            def conv(x):
-                return nn.functional.conv2d(x, weight, padding=1, groups=channels)
-        else:
-            from .ops import depthwise_conv2d
-            backend = impl.split(":", 1)[1]
+            return lambda x: nn.functional.conv2d(x, weight, padding=1, groups=channels)
+        backend = impl.split(":", 1)[1]
+        return lambda x: depthwise_conv2d(x, weight, padding=1, backend=backend)
 
-            def conv(x):
-                return depthwise_conv2d(x, weight, padding=1, backend=backend)
-        nbuf = _buffers_needed(batch * channels * hw * hw * elem, device)
-        inputs = [torch.randn(batch, channels, hw, hw, device=device, dtype=dtype).contiguous(memory_format=fmt)
-                  .requires_grad_(training) for _ in range(nbuf)]
-        grad = torch.randn(batch, channels, hw, hw, device=device, dtype=dtype).contiguous(memory_format=fmt)
-
-        def run(i: int):
-            if training:
-                conv(inputs[i % nbuf]).backward(grad)
-            else:
-                with torch.no_grad():
-                    conv(inputs[i % nbuf])
-
-        t = time_fn(run, device, warmup, reps)
-        return LayerRow(**row, median_ms=t.median_ms, q10_ms=t.q10_ms, q90_ms=t.q90_ms,
-                        gbps=min_bytes / t.median_ms / 1e6, tflops=flops / t.median_ms / 1e9)
-    except Exception as e:  # noqa: BLE001
-        return LayerRow(**row, median_ms=float("nan"), q10_ms=float("nan"), q90_ms=float("nan"), gbps=float("nan"),
-                        tflops=float("nan"), error=f"{type(e).__name__}: {e}".splitlines()[0][:300])
+    return _measure(_row(channels, channels, hw, batch, count, dtype, layout, pass_, impl), make, channels, channels,
+                    min_bytes, flops, device, warmup, reps)
 
 
 def _make_model(name: str, image: int) -> nn.Module:
