@@ -21,7 +21,7 @@ export TORCH_CUDA_ARCH_LIST
 
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
 
-.PHONY: all setup build test pytest cmake-test bench clean
+.PHONY: all setup build test pytest cmake-test old-archs bench clean
 all: test
 
 $(VENV)/.requirements: requirements.txt
@@ -48,10 +48,14 @@ cmake-test: $(CMAKE_BUILD)/CMakeCache.txt
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH cmake --build $(CMAKE_BUILD)
 	cd $(CMAKE_BUILD) && PATH=$(CURDIR)/$(VENV)/bin:$$PATH ctest --output-on-failure
 
+# The kernels for pre-Turing GPUs (sm_37, sm_60, sm_70), which CUDA 13 cannot target: clang-19 + CUDA 11.8.
+old-archs: $(VENV)/.requirements
+	PYTHON=$(PY) tools/build_old_archs.sh
+
 pytest: build
 	$(PY) -m pytest
 
-test: build cmake-test
+test: build cmake-test old-archs
 	$(PY) -m pytest
 
 bench: build
