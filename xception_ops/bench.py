@@ -1,20 +1,22 @@
-"""Benchmarks: Xception's separable-conv layers on every backend against PyTorch eager (cuDNN), and whole models
-(Xception on our ops, timm's legacy_xception, torchvision's Inception V3) in training steps/s and images/s.
+"""Benchmarks: Xception's separable-conv layers on every backend against PyTorch eager (cuDNN) and torch.compile,
+and whole models (Xception on our ops, timm's legacy_xception, torchvision's Inception V3) in training steps/s
+and images/s: the paper's Table 3 on your GPU.
 
-On a GPU, times are medians of CUDA-event timings after warm-up, over inputs rotated among enough buffers to
-exceed the L2 cache. Without a GPU the same suite runs on the CPU at small sizes (host clock; indicative only).
+Honest timing: warm-up first; inputs rotated among enough buffers to exceed the L2 cache; CUDA-event medians
+with quantiles; CUDA graphs for launch-bound cases; every configuration timed twice to show the spread; the
+floors (a device-to-device copy, a bf16 and an fp32 matrix product) measured in the same run. Without a GPU the
+same suite runs on the CPU at small sizes (host clock; indicative only). Reports: bench_report.py.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
@@ -22,6 +24,7 @@ import torch.nn as nn
 from . import backend as backends
 from .nn import SeparableConvBN
 from .ops import depthwise_conv2d
+from .progress import Progress
 from .version import __version__
 
 # Xception's separable convs at 299x299: (C_in, C_out, H=W, how many in one forward pass).
@@ -29,6 +32,11 @@ XCEPTION_LAYERS = [(64, 128, 147, 1), (128, 128, 147, 1), (128, 256, 74, 1), (25
                    (256, 728, 37, 1), (728, 728, 37, 1), (728, 728, 19, 25), (728, 1024, 19, 1),
                    (1024, 1536, 10, 1), (1536, 2048, 10, 1)]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# inference: eval mode, no autograd, BatchNorm folded. The others: training mode (ReLU before, batch-statistics
+# BatchNorm after), forward alone, backward alone, or both.
+PASSES = ("inference", "forward", "backward", "training")
+MODELS = ("xception", "timm_legacy_xception", "inception_v3")
+GRAPH_BELOW_MS = 0.1  # inference runs faster than this are timed as CUDA-graph replays (launch-bound otherwise)
 
 
 @dataclass
@@ -37,26 +45,38 @@ class Timing:
     q10_ms: float
     q90_ms: float
     runs: int
+    graph: bool = False
 
 
 @dataclass
 class LayerRow:
+    op: str           # "separable" (dw + pw + BN) or "depthwise" (the depthwise stage alone)
     cin: int
     cout: int
     hw: int
     batch: int
-    count: int
+    count: int        # how many such layers one Xception forward pass has
     dtype: str
-    layout: str
-    pass_: str        # "inference" (BN folded) or "training" (ReLU + BN with batch stats, forward + backward)
-    impl: str         # "eager" (nn.Conv2d x2 + BatchNorm2d: cuDNN on GPU) or "xo:<backend>"
-    median_ms: float
-    q10_ms: float
-    q90_ms: float
-    gbps: float       # minimal bytes / time
-    tflops: float
+    layout: str       # "NCHW" or "NHWC"
+    pass_: str        # one of PASSES
+    impl: str         # "eager" (PyTorch layers: cuDNN on GPU), "compile" (torch.compile of those) or "xo:<backend>"
+    median_ms: float = float("nan")
+    q10_ms: float = float("nan")
+    q90_ms: float = float("nan")
+    median2_ms: float = float("nan")  # the same configuration timed a second time
+    graph: bool = False               # timed as CUDA-graph replays
+    min_bytes: int = 0                # each input read once, each output written once
+    flops: int = 0
+    floor_ms: float = float("nan")    # max(bytes / copy rate, flops / matmul rate), from this run's ceilings
+    gbps: float = float("nan")
+    tflops: float = float("nan")
+    peak_mib: float = float("nan")    # device memory beyond what was allocated before the run (CUDA only)
     speedup_vs_eager: float | None = None
     error: str | None = None
+
+    @property
+    def spread(self) -> float:
+        return abs(self.median_ms - self.median2_ms) / min(self.median_ms, self.median2_ms)
 
 
 @dataclass
@@ -65,12 +85,20 @@ class ModelRow:
     params: int
     dtype: str
     layout: str
+    compiled: bool
     batch: int
     image: int
-    train_step_ms: float
-    train_steps_per_s: float
-    infer_images_per_s: float
+    train_step_ms: float = float("nan")
+    train_steps_per_s: float = float("nan")
+    infer_images_per_s: float = float("nan")
+    peak_gib: float = float("nan")
     error: str | None = None
+
+
+@dataclass
+class Ceilings:
+    copy_gbps: float                                   # device-to-device copy, bytes read + written
+    matmul_tflops: dict[str, float] = field(default_factory=dict)  # by dtype (float32 without TF32)
 
 
 def environment() -> dict:
@@ -87,7 +115,6 @@ def environment() -> dict:
         env.update(device="cuda", gpu=props.name, sm=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
                    cudnn=torch.backends.cudnn.version())
         try:
-            import subprocess
             env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                                            capture_output=True, text=True, timeout=10).stdout.strip() or None
         except (OSError, subprocess.SubprocessError):
@@ -95,27 +122,65 @@ def environment() -> dict:
     return env
 
 
-def time_fn(fn: Callable[[int], object], device: torch.device, warmup: int, reps: int) -> Timing:
-    """Times fn(i) for i = 0..reps-1 (i picks the input buffer); CUDA events on a GPU, the host clock on CPU."""
+# ---------------------------------------------------------------------------------------------- timing
+
+def time_fn(fn: Callable[[int], object], device: torch.device, warmup: int, reps: int,
+            graph: bool = False) -> Timing:
+    """Times fn(i) for i = 0..reps-1 (i picks the input buffer): CUDA events on a GPU, the host clock on CPU.
+    With graph=True (CUDA only) fn's launches are captured once per buffer and the replays are timed."""
     for i in range(warmup):
         fn(i)
+    if device.type == "cuda" and graph:
+        graphs = []
+        for i in range(max(1, reps if reps < 8 else 8)):
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                fn(i)
+            graphs.append(g)
+        run = lambda i: graphs[i % len(graphs)].replay()  # noqa: E731
+    else:
+        run = fn
     times = []
     if device.type == "cuda":
         torch.cuda.synchronize()
         for i in range(reps):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn(i)
+            run(i)
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))
     else:
         for i in range(reps):
             t0 = time.perf_counter()
-            fn(i)
+            run(i)
             times.append((time.perf_counter() - t0) * 1e3)
-    qs = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
-    return Timing(statistics.median(times), qs[0], qs[-1], len(times))
+    qs = statistics.quantiles(times, n=10, method="inclusive") if len(times) >= 2 else [times[0]] * 9
+    return Timing(statistics.median(times), qs[0], qs[-1], len(times), graph and device.type == "cuda")
+
+
+def measure_ceilings(device: torch.device) -> Ceilings:
+    """The two rates every floor is computed from, measured now on this device."""
+    if device.type == "cuda":
+        n_copy, sizes, reps = 2**28, {"bfloat16": 8192, "float32": 4096}, 10
+    else:
+        n_copy, sizes, reps = 2**24, {"bfloat16": 256, "float32": 512}, 3
+    src = torch.randn(n_copy, device=device)
+    dst = torch.empty_like(src)
+    t = time_fn(lambda i: dst.copy_(src), device, 2, reps)
+    ceilings = Ceilings(copy_gbps=2 * src.numel() * src.element_size() / t.median_ms / 1e6)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 ceiling is plain fp32
+    try:
+        for name, n in sizes.items():
+            a = torch.randn(n, n, device=device, dtype=DTYPES[name])
+            b = torch.randn(n, n, device=device, dtype=DTYPES[name])
+            t = time_fn(lambda i: a @ b, device, 2, reps)
+            ceilings.matmul_tflops[name] = 2 * n**3 / t.median_ms / 1e9
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    ceilings.matmul_tflops.setdefault("float16", ceilings.matmul_tflops["bfloat16"])
+    return ceilings
 
 
 def _buffers_needed(bytes_per_input: int, device: torch.device) -> int:
@@ -126,6 +191,12 @@ def _buffers_needed(bytes_per_input: int, device: torch.device) -> int:
     return max(1, min(8, -(-3 * l2 // max(bytes_per_input, 1))))
 
 
+def _error(e: Exception) -> str:
+    return f"{type(e).__name__}: {e}".splitlines()[0][:300]
+
+
+# ---------------------------------------------------------------------------------------------- layers
+
 class EagerSeparable(nn.Sequential):
     """What a user writes without this package: ReLU, depthwise conv, pointwise conv, BatchNorm."""
 
@@ -134,82 +205,99 @@ class EagerSeparable(nn.Sequential):
                          nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
 
 
-def _measure(row: dict, make_fn: Callable[[], Callable], cin: int, cout: int, min_bytes: int, flops: int,
-             device: torch.device, warmup: int, reps: int) -> LayerRow:
-    """Times fn(x) (forward, or forward + backward in training) over rotated random inputs of row's shape.
-    A configuration that cannot run is reported in the row, not raised."""
-    training = row["pass_"] == "training"
-    batch, hw, dtype = row["batch"], row["hw"], DTYPES[row["dtype"]]
-    fmt = torch.channels_last if row["layout"] == "NHWC" else torch.contiguous_format
-    try:
-        fn = make_fn()
-        nbuf = _buffers_needed(batch * cin * hw * hw * torch.tensor([], dtype=dtype).element_size(), device)
-        inputs = [torch.randn(batch, cin, hw, hw, device=device, dtype=dtype).contiguous(memory_format=fmt)
-                  .requires_grad_(training) for _ in range(nbuf)]
-        grad = torch.randn(batch, cout, hw, hw, device=device, dtype=dtype).contiguous(memory_format=fmt)
-
-        def run(i: int):
-            if training:
-                fn(inputs[i % nbuf]).backward(grad)
-            else:
-                with torch.no_grad():
-                    fn(inputs[i % nbuf])
-
-        t = time_fn(run, device, warmup, reps)
-        return LayerRow(**row, median_ms=t.median_ms, q10_ms=t.q10_ms, q90_ms=t.q90_ms,
-                        gbps=min_bytes / t.median_ms / 1e6, tflops=flops / t.median_ms / 1e9)
-    except Exception as e:  # noqa: BLE001  (a backend that cannot run is reported, not fatal)
-        return LayerRow(**row, median_ms=float("nan"), q10_ms=float("nan"), q90_ms=float("nan"), gbps=float("nan"),
-                        tflops=float("nan"), error=f"{type(e).__name__}: {e}".splitlines()[0][:300])
+def layer_cost(op: str, cin: int, cout: int, hw: int, batch: int, elem: int, pass_: str) -> tuple[int, int]:
+    """(minimal bytes, FLOPs) of one layer; the backward counts about twice the forward's work and traffic."""
+    pixels = batch * hw * hw
+    if op == "separable":
+        nbytes = pixels * (cin + cout) * elem + (cin * 9 + cin * cout) * elem
+        flops = 2 * pixels * (cin * 9 + cin * cout)
+    else:
+        nbytes, flops = 2 * pixels * cin * elem + cin * 9 * elem, 2 * pixels * cin * 9
+    factor = {"inference": 1, "forward": 1, "backward": 2, "training": 3}[pass_]
+    return factor * nbytes, factor * flops
 
 
-def _row(cin, cout, hw, batch, count, dtype, layout, pass_, impl) -> dict:
-    return dict(cin=cin, cout=cout, hw=hw, batch=batch, count=count, dtype=str(dtype).replace("torch.", ""),
-                layout=layout, pass_=pass_, impl=impl)
-
-
-def bench_layer(cin: int, cout: int, hw: int, batch: int, count: int, dtype: torch.dtype, layout: str, pass_: str,
-                impl: str, device: torch.device, warmup: int, reps: int) -> LayerRow:
-    """One separable conv + BN: the eager layers (ReLU first in training) against SeparableConvBN on a backend."""
-    training = pass_ == "training"
-    elem = torch.tensor([], dtype=dtype).element_size()
-    min_bytes = batch * hw * hw * (cin + cout) * elem + (cin * 9 + cin * cout) * elem
-    flops = 2 * batch * hw * hw * (cin * 9 + cin * cout)
-    if training:  # forward + backward: about three times the work, the activations read and written again
-        min_bytes, flops = 3 * min_bytes, 3 * flops
-    fmt = torch.channels_last if layout == "NHWC" else torch.contiguous_format
-
-    def make():
-        if impl == "eager":
-            module = EagerSeparable(cin, cout, relu=training)
-        else:
+def _layer_fn(op: str, impl: str, cin: int, cout: int, training: bool, device, dtype, fmt) -> Callable:
+    if op == "separable":
+        if impl.startswith("xo:"):
             module = SeparableConvBN(cin, cout, 3, pre_relu=training, backend=impl.split(":", 1)[1])
-        return module.to(device=device, dtype=dtype, memory_format=fmt).train(training)
+        else:
+            module = EagerSeparable(cin, cout, relu=training)
+        module = module.to(device=device, dtype=dtype, memory_format=fmt).train(training)
+        fn = module
+    else:
+        weight = torch.randn(cin, 1, 3, 3, device=device, dtype=dtype, requires_grad=training)
+        if impl.startswith("xo:"):
+            backend = impl.split(":", 1)[1]
+            fn = lambda x: depthwise_conv2d(x, weight, padding=1, backend=backend)  # noqa: E731
+        else:
+            fn = lambda x: nn.functional.conv2d(x, weight, padding=1, groups=cin)  # noqa: E731
+    return torch.compile(fn) if impl == "compile" else fn
 
-    return _measure(_row(cin, cout, hw, batch, count, dtype, layout, pass_, impl), make, cin, cout, min_bytes, flops,
-                    device, warmup, reps)
 
-
-def bench_depthwise(channels: int, hw: int, batch: int, count: int, dtype: torch.dtype, layout: str, pass_: str,
-                    impl: str, device: torch.device, warmup: int, reps: int) -> LayerRow:
-    """The depthwise 3x3 stage alone: torch's F.conv2d(groups=C) (cuDNN or its native kernel) against ours."""
-    training = pass_ == "training"
+def layer_runner(op: str, impl: str, cin: int, cout: int, hw: int, batch: int, dtype: torch.dtype, layout: str,
+                 pass_: str, device: torch.device) -> Callable[[int], None]:
+    """run(i): one pass of one layer configuration on input buffer i (inputs rotated past the L2 cache)."""
+    training = pass_ != "inference"
+    fmt = torch.channels_last if layout == "NHWC" else torch.contiguous_format
+    fn = _layer_fn(op, impl, cin, cout, training, device, dtype, fmt)
     elem = torch.tensor([], dtype=dtype).element_size()
-    min_bytes = 2 * batch * hw * hw * channels * elem * (3 if training else 1)
-    flops = 2 * batch * hw * hw * channels * 9 * (3 if training else 1)
+    nbuf = _buffers_needed(batch * cin * hw * hw * elem, device)
+    inputs = [torch.randn(batch, cin, hw, hw, device=device, dtype=dtype).contiguous(memory_format=fmt)
+              .requires_grad_(training) for _ in range(nbuf)]
+    grad = torch.randn(batch, cout if op == "separable" else cin, hw, hw, device=device,
+                       dtype=dtype).contiguous(memory_format=fmt)
+    if pass_ == "inference":
+        def run(i):
+            with torch.no_grad():
+                fn(inputs[i % nbuf])
+    elif pass_ == "forward":
+        def run(i):
+            fn(inputs[i % nbuf])
+    elif pass_ == "training":
+        def run(i):
+            fn(inputs[i % nbuf]).backward(grad)
+    else:  # backward alone, over graphs recorded once per buffer
+        outputs = [fn(x) for x in inputs]
 
-    def make():
-        weight = torch.randn(channels, 1, 3, 3, device=device, dtype=dtype, requires_grad=training)
-        if impl == "eager":
-            return lambda x: nn.functional.conv2d(x, weight, padding=1, groups=channels)
-        backend = impl.split(":", 1)[1]
-        return lambda x: depthwise_conv2d(x, weight, padding=1, backend=backend)
-
-    return _measure(_row(channels, channels, hw, batch, count, dtype, layout, pass_, impl), make, channels, channels,
-                    min_bytes, flops, device, warmup, reps)
+        def run(i):
+            outputs[i % nbuf].backward(grad, retain_graph=True)
+    return run
 
 
-def _make_model(name: str, image: int) -> nn.Module:
+def bench_layer(op: str, cin: int, cout: int, hw: int, batch: int, count: int, dtype: torch.dtype, layout: str,
+                pass_: str, impl: str, device: torch.device, warmup: int, reps: int,
+                ceilings: Ceilings | None = None) -> LayerRow:
+    """Times one layer configuration twice. A configuration that cannot run is reported in the row, not raised."""
+    dtype_name = str(dtype).replace("torch.", "")
+    nbytes, flops = layer_cost(op, cin, cout, hw, batch, torch.tensor([], dtype=dtype).element_size(), pass_)
+    row = LayerRow(op, cin, cout, hw, batch, count, dtype_name, layout, pass_, impl, min_bytes=nbytes, flops=flops)
+    if ceilings is not None:
+        row.floor_ms = max(nbytes / ceilings.copy_gbps / 1e6, flops / ceilings.matmul_tflops[dtype_name] / 1e9)
+    try:
+        run = layer_runner(op, impl, cin, cout, hw, batch, dtype, layout, pass_, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            baseline = torch.cuda.memory_allocated()
+        graph = False
+        if device.type == "cuda" and pass_ == "inference":
+            graph = time_fn(run, device, warmup, min(reps, 5)).median_ms < GRAPH_BELOW_MS
+        first = time_fn(run, device, warmup, reps, graph)
+        second = time_fn(run, device, 0, reps, graph)
+        row.median_ms, row.q10_ms, row.q90_ms, row.graph = first.median_ms, first.q10_ms, first.q90_ms, first.graph
+        row.median2_ms = second.median_ms
+        row.gbps, row.tflops = nbytes / first.median_ms / 1e6, flops / first.median_ms / 1e9
+        if device.type == "cuda":
+            row.peak_mib = (torch.cuda.max_memory_allocated() - baseline) / 2**20
+    except Exception as e:  # noqa: BLE001  (a backend that cannot run is reported, not fatal)
+        row.error = _error(e)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+def make_model(name: str) -> nn.Module:
     if name.startswith("xception"):
         from .models import xception
         return xception(backend=name.split(":", 1)[1] if ":" in name else "auto")
@@ -219,42 +307,48 @@ def _make_model(name: str, image: int) -> nn.Module:
     if name == "inception_v3":
         from torchvision.models import inception_v3
         return inception_v3(weights=None, aux_logits=False, init_weights=False)
-    raise ValueError(f"unknown model {name!r}")
+    raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)} (or xception:<backend>)")
 
 
 def bench_model(name: str, dtype: torch.dtype, layout: str, batch: int, image: int, device: torch.device,
-                warmup: int, reps: int) -> ModelRow:
-    row = dict(model=name, dtype=str(dtype).replace("torch.", ""), layout=layout, batch=batch, image=image)
+                warmup: int, reps: int, compiled: bool = False) -> ModelRow:
+    """Training steps/s (forward, loss, backward and the paper's SGD step) and inference images/s."""
+    row = ModelRow(name, 0, str(dtype).replace("torch.", ""), layout, compiled, batch, image)
     try:
-        model = _make_model(name, image)
-        params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        model = make_model(name)
+        row.params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         fmt = torch.channels_last if layout == "NHWC" else torch.contiguous_format
         model = model.to(device=device, dtype=dtype, memory_format=fmt)
-        # The paper's ImageNet optimizer.
+        run_model = torch.compile(model) if compiled else model
         opt = torch.optim.SGD(model.parameters(), lr=0.045, momentum=0.9, weight_decay=1e-5)
         x = torch.randn(batch, 3, image, image, device=device, dtype=dtype).contiguous(memory_format=fmt)
         y = torch.randint(0, 1000, (batch,), device=device)
 
         def train_step(_):
             opt.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(model(x), y).backward()
+            nn.functional.cross_entropy(run_model(x), y).backward()
             opt.step()
-
-        model.train()
-        train = time_fn(train_step, device, warmup, reps)
-        model.eval()
 
         def infer(_):
             with torch.no_grad():
-                model(x)
+                run_model(x)
 
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        model.train()
+        train = time_fn(train_step, device, warmup, reps)
+        if device.type == "cuda":
+            row.peak_gib = torch.cuda.max_memory_allocated() / 2**30
+        model.eval()
         inference = time_fn(infer, device, warmup, reps)
-        return ModelRow(**row, params=params, train_step_ms=train.median_ms,
-                        train_steps_per_s=1e3 / train.median_ms, infer_images_per_s=batch * 1e3 / inference.median_ms)
+        row.train_step_ms, row.train_steps_per_s = train.median_ms, 1e3 / train.median_ms
+        row.infer_images_per_s = batch * 1e3 / inference.median_ms
     except Exception as e:  # noqa: BLE001
-        return ModelRow(**row, params=0, train_step_ms=float("nan"), train_steps_per_s=float("nan"),
-                        infer_images_per_s=float("nan"), error=f"{type(e).__name__}: {e}".splitlines()[0][:300])
+        row.error = _error(e)
+    return row
 
+
+# ---------------------------------------------------------------------------------------------- the suite
 
 def default_settings(device: torch.device) -> dict:
     """GPU: the paper's sizes at batch 32. CPU: a quick run on shrunken sizes, within about a minute."""
@@ -265,121 +359,73 @@ def default_settings(device: torch.device) -> dict:
                 warmup=1, reps=3)
 
 
+def parse_shape(text: str) -> tuple[int, int, int, int]:
+    """"CIN,COUT,HW" or "CIN,COUT,HW,COUNT" as a layer shape."""
+    parts = [int(p) for p in text.split(",")]
+    if len(parts) not in (3, 4) or min(parts) <= 0:
+        raise ValueError(f"a shape is CIN,COUT,HW[,COUNT] with positive integers, got {text!r}")
+    return (*parts, 1)[:4] if len(parts) == 3 else tuple(parts)  # type: ignore[return-value]
+
+
 def run(device: str | None = None, backends_: Sequence[str] | None = None, dtypes: Sequence[str] | None = None,
         layouts: Sequence[str] | None = None, passes: Sequence[str] = ("inference", "training"),
-        batch: int | None = None, scale: float | None = None, layers: bool = True, models: bool = True,
-        warmup: int | None = None, reps: int | None = None, out_dir: str | None = None,
-        progress: Callable[[str], None] = print) -> dict:
+        batch: int | None = None, scale: float | None = None, shapes: Sequence[tuple] | None = None,
+        ops: Sequence[str] = ("separable", "depthwise"), compile_: bool = False, layers: bool = True,
+        models: Sequence[str] | bool = True, image: int | None = None, model_batch: int | None = None,
+        warmup: int | None = None, reps: int | None = None, progress: Callable[[str], None] | None = None) -> dict:
+    """Runs the suite and returns the report (see bench_report for its outputs)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     settings = default_settings(dev)
-    settings.update({k: v for k, v in (("warmup", warmup), ("reps", reps)) if v is not None})
-    batch = batch or settings["batch"]
-    scale = scale or settings["scale"]
-    dtypes = list(dtypes or settings["dtypes"])
-    layouts = list(layouts or settings["layouts"])
+    settings.update({k: v for k, v in (("warmup", warmup), ("reps", reps), ("image", image),
+                                       ("model_batch", model_batch)) if v is not None})
+    batch, scale = batch or settings["batch"], scale or settings["scale"]
+    dtypes, layouts = list(dtypes or settings["dtypes"]), list(layouts or settings["layouts"])
+    statuses = {s.name: s for s in backends.status()}
     if backends_ is None:
-        backends_ = [s.name for s in backends.status() if s.usable or s.name == "torch"]
-    impls = ["eager"] + [f"xo:{b}" for b in backends_]
+        backends_ = [name for name, s in statuses.items() if s.usable]
+    impls = ["eager"] + (["compile"] if compile_ else []) + [f"xo:{b}" for b in backends_]
+    model_names = list(MODELS if models is True else (models or []))
+    if shapes:
+        layer_shapes = [tuple(s) for s in shapes]
+    else:
+        layer_shapes = [(cin, cout, max(3, round(hw * scale)), count) for cin, cout, hw, count in XCEPTION_LAYERS]
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    report = {"env": environment(), "settings": dict(settings, batch=batch, scale=scale, dtypes=dtypes,
-                                                      layouts=layouts, impls=impls),
-              "layers": [], "depthwise": [], "models": []}
+    n_layers = len(layer_shapes) * len(dtypes) * len(layouts) * len(passes) * len(impls) * len(ops) if layers else 0
+    n_models = len(model_names) * len(dtypes) * (2 if compile_ else 1)
+    bar = Progress(n_layers + n_models, progress)
     if dev.type == "cpu":
-        progress("no GPU: running the CPU suite at small sizes (host-clock timings, indicative only)")
-    for status in backends.status():
-        if status.name in backends_ and not status.usable and status.name != "torch":
-            progress(f"backend {status.name}: cannot run here: {status.detail}")
-    total = 2 * len(XCEPTION_LAYERS) * len(dtypes) * len(layouts) * len(passes) * len(impls)
-    done = 0
-
-    def time_impls(bench_fn, section: str, *args) -> None:
-        """Times every implementation of one configuration; speed-ups are against eager, timed first."""
-        nonlocal done
-        eager_ms = None
-        for impl in impls:
-            r = bench_fn(*args[:-2], impl, dev, *args[-2:])
-            if impl == "eager":
-                eager_ms = r.median_ms
-            elif eager_ms and r.median_ms == r.median_ms:
-                r.speedup_vs_eager = eager_ms / r.median_ms
-            report[section].append(asdict(r))
-            done += 1
-
+        bar.note("no GPU: running the CPU suite at small sizes (host-clock timings, indicative only)")
+    for name in backends_:
+        status = statuses.get(name)
+        if status is not None and not status.usable:
+            bar.note(f"backend {name}: cannot run here: {status.detail}")
+    ceilings = measure_ceilings(dev)
+    report = {"env": environment(), "ceilings": asdict(ceilings),
+              "settings": dict(settings, batch=batch, scale=scale, dtypes=dtypes, layouts=layouts, passes=list(passes),
+                               ops=list(ops), impls=impls, shapes=[list(s) for s in layer_shapes]),
+              "layers": [], "models": []}
     for dtype_name in dtypes if layers else []:
         for layout in layouts:
             for pass_ in passes:
-                for cin, cout, hw, count in XCEPTION_LAYERS:
-                    size, dtype, timing = max(3, round(hw * scale)), DTYPES[dtype_name], (settings["warmup"],
-                                                                                           settings["reps"])
-                    time_impls(bench_layer, "layers", cin, cout, size, batch, count, dtype, layout, pass_, *timing)
-                    time_impls(bench_depthwise, "depthwise", cin, size, batch, count, dtype, layout, pass_, *timing)
-                    progress(f"[{done}/{total}] layer {cin}->{cout} @{size}^2 {dtype_name} {layout} {pass_}")
-    if models:
-        names = ["xception", "timm_legacy_xception", "inception_v3"]
-        for dtype_name in dtypes:
-            for name in names:
+                for cin, cout, hw, count in layer_shapes:
+                    for op in ops:
+                        eager_ms = None
+                        for impl in impls:
+                            r = bench_layer(op, cin, cout, hw, batch, count, DTYPES[dtype_name], layout, pass_, impl,
+                                            dev, settings["warmup"], settings["reps"], ceilings)
+                            if impl == "eager":
+                                eager_ms = r.median_ms
+                            elif eager_ms and r.error is None:
+                                r.speedup_vs_eager = eager_ms / r.median_ms
+                            report["layers"].append(asdict(r))
+                        bar.step(f"{op} {cin}->{cout} @{hw}^2 {dtype_name} {layout} {pass_}", len(impls))
+    for dtype_name in dtypes:
+        for compiled in (False, True) if compile_ else (False,):
+            for name in model_names:
                 r = bench_model(name, DTYPES[dtype_name], layouts[0], settings["model_batch"], settings["image"],
-                                dev, settings["warmup"], settings["reps"])
+                                dev, settings["warmup"], settings["reps"], compiled)
                 report["models"].append(asdict(r))
-                progress(f"model {name} {dtype_name}: {r.train_steps_per_s:.2f} train steps/s"
-                         + (f" ({r.error})" if r.error else ""))
-    if out_dir:
-        write_outputs(report, Path(out_dir))
+                bar.step(f"model {name} {dtype_name}{' compiled' if compiled else ''}: "
+                         + (r.error or f"{r.train_steps_per_s:.2f} train steps/s"))
     return report
-
-
-def weighted_totals(rows: list[dict]) -> list[dict]:
-    """Per (dtype, layout, pass, impl): the time of all of Xception's separable convs, each layer times its count.
-    An implementation that failed on any layer gets no total."""
-    totals: dict[tuple, float] = {}
-    for r in rows:
-        key = (r["dtype"], r["layout"], r["pass_"], r["impl"])
-        totals[key] = totals.get(key, 0.0) + (float("nan") if r["error"] else r["median_ms"] * r["count"])
-    return [dict(dtype=k[0], layout=k[1], pass_=k[2], impl=k[3], total_ms=v) for k, v in totals.items()
-            if v == v]
-
-
-def _format_rows(rows: list[dict], title: str) -> list[str]:
-    lines = [title, f"{'layer':<22}{'dtype':<10}{'layout':<7}{'pass':<10}{'impl':<12}{'ms':>10}{'GB/s':>9}"
-                    f"{'TFLOP/s':>9}{'vs eager':>9}"]
-    for r in rows:
-        name = f"{r['cin']}->{r['cout']} @{r['hw']}^2"
-        speed = f"{r['speedup_vs_eager']:.2f}x" if r["speedup_vs_eager"] else ""
-        if r["error"]:
-            lines.append(f"{name:<22}{r['dtype']:<10}{r['layout']:<7}{r['pass_']:<10}{r['impl']:<12}  {r['error']}")
-            continue
-        lines.append(f"{name:<22}{r['dtype']:<10}{r['layout']:<7}{r['pass_']:<10}{r['impl']:<12}"
-                     f"{r['median_ms']:10.3f}{r['gbps']:9.1f}{r['tflops']:9.2f}{speed:>9}")
-    return lines
-
-
-def format_tables(report: dict) -> str:
-    lines = _format_rows(report["layers"], "Separable conv + BN (eager: nn.Conv2d x2 + BatchNorm2d)")
-    if report.get("depthwise"):
-        lines += [""] + _format_rows(report["depthwise"], "Depthwise 3x3 alone (eager: F.conv2d groups=C)")
-    lines.append("")
-    for section, title in (("layers", "separable conv + BN"), ("depthwise", "depthwise stage")):
-        totals = weighted_totals(report.get(section, []))
-        if totals:
-            lines.append(f"All of Xception's layers, each times its count ({title}):")
-        for t in totals:
-            lines.append(f"  {t['dtype']:<10}{t['layout']:<7}{t['pass_']:<10}{t['impl']:<12}{t['total_ms']:10.3f} ms")
-    if report["models"]:
-        lines.append("")
-        lines.append(f"{'model (Table 3)':<24}{'params':>12}{'dtype':>10}{'train steps/s':>15}{'infer img/s':>13}")
-        for m in report["models"]:
-            if m["error"]:
-                lines.append(f"{m['model']:<24}  {m['error']}")
-                continue
-            lines.append(f"{m['model']:<24}{m['params']:>12,}{m['dtype']:>10}{m['train_steps_per_s']:15.2f}"
-                         f"{m['infer_images_per_s']:13.1f}")
-    return "\n".join(lines)
-
-
-def write_outputs(report: dict, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bench.json").write_text(json.dumps(report, indent=1))
-    env = report["env"]
-    header = ", ".join(f"{k} {v}" for k, v in env.items() if v is not None)
-    (out_dir / "bench.md").write_text(f"# xception-ops benchmark\n\n{header}\n\n```\n{format_tables(report)}\n```\n")

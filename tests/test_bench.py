@@ -1,0 +1,98 @@
+"""The benchmark suite: report schema, CLI options, outputs, and backends that cannot run."""
+
+import json
+
+import pytest
+import torch
+
+from xception_ops import bench, bench_report, cli
+from xception_ops.bench import LayerRow, ModelRow
+from xception_ops.progress import Progress
+
+LAYER_FIELDS = set(LayerRow.__dataclass_fields__)
+MODEL_FIELDS = set(ModelRow.__dataclass_fields__)
+
+
+@pytest.fixture(scope="module")
+def small_report():
+    return bench.run(device="cpu", backends_=["torch", "cuda"], dtypes=["float32"], layouts=["NCHW", "NHWC"],
+                     passes=bench.PASSES, shapes=[(4, 6, 7, 2), (6, 6, 5, 1)], models=["xception"], image=71,
+                     warmup=0, reps=2, progress=lambda line: None)
+
+
+def test_report_schema(small_report):
+    assert set(small_report) == set(bench_report.REPORT_KEYS)
+    env = small_report["env"]
+    assert {"date", "torch", "xception_ops", "device", "python", "triton", "cuda"} <= set(env)
+    assert env["device"] == "cpu" and env["torch"] == torch.__version__
+    ceilings = small_report["ceilings"]
+    assert ceilings["copy_gbps"] > 0 and {"float32", "bfloat16"} <= set(ceilings["matmul_tflops"])
+    rows = small_report["layers"]
+    # 2 shapes x 2 layouts x 4 passes x 2 ops x (eager, xo:torch, xo:cuda)
+    assert len(rows) == 2 * 2 * 4 * 2 * 3
+    assert all(set(r) == LAYER_FIELDS for r in rows)
+    ok = [r for r in rows if r["error"] is None]
+    assert {r["impl"] for r in ok} == {"eager", "xo:torch"}
+    for r in ok:
+        assert r["median_ms"] > 0 and r["median2_ms"] > 0 and r["q10_ms"] <= r["q90_ms"]
+        assert r["min_bytes"] > 0 and r["flops"] > 0 and r["floor_ms"] > 0
+        assert r["gbps"] == pytest.approx(r["min_bytes"] / r["median_ms"] / 1e6)
+    assert all(r["speedup_vs_eager"] is not None for r in ok if r["impl"] == "xo:torch")
+    (model,) = small_report["models"]
+    assert set(model) == MODEL_FIELDS and model["params"] == 22_855_952 and model["train_steps_per_s"] > 0
+
+
+def test_a_backend_that_cannot_run_is_reported_not_crashed_on(small_report):
+    cuda_rows = [r for r in small_report["layers"] if r["impl"] == "xo:cuda"]
+    assert cuda_rows and all("backend 'cuda'" in r["error"] for r in cuda_rows)
+    table = bench_report.format_tables(small_report)
+    assert "backend 'cuda'" in table
+    totals = bench_report.weighted_totals(small_report["layers"])
+    assert {t["impl"] for t in totals} == {"eager", "xo:torch"}  # no total for a backend that failed
+    separable_eager = [t for t in totals if t["impl"] == "eager" and t["op"] == "separable"
+                       and t["pass_"] == "inference" and t["layout"] == "NCHW"]
+    rows = [r for r in small_report["layers"] if r["impl"] == "eager" and r["op"] == "separable"
+            and r["pass_"] == "inference" and r["layout"] == "NCHW"]
+    assert separable_eager[0]["total_ms"] == pytest.approx(sum(r["median_ms"] * r["count"] for r in rows))
+
+
+def test_outputs(small_report, tmp_path):
+    written = bench_report.write_outputs(small_report, tmp_path)
+    assert written == ["bench.json", "bench.md", "roofline.png", "models.png"]
+    assert (tmp_path / "bench.json").read_text() == json.dumps(small_report, indent=1)
+    assert (tmp_path / "bench.md").read_text().startswith("# xception-ops benchmark")
+    for png in ("roofline.png", "models.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_options(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["bench", "--device", "cpu", "--shapes", "3,5,6", "8,4,5,3", "--batch", "1", "--dtypes",
+                     "float16", "--layouts", "NHWC", "--passes", "forward", "--ops", "depthwise", "--backends",
+                     "torch", "--no-models", "--warmup", "0", "--reps", "2", "--out", str(out)]) == 0
+    report = json.loads((out / "bench.json").read_text())
+    rows = report["layers"]
+    assert {(r["cin"], r["cout"], r["hw"], r["count"]) for r in rows} == {(3, 5, 6, 1), (8, 4, 5, 3)}
+    assert {r["dtype"] for r in rows} == {"float16"} and {r["layout"] for r in rows} == {"NHWC"}
+    assert {r["pass_"] for r in rows} == {"forward"} and {r["op"] for r in rows} == {"depthwise"}
+    assert {r["impl"] for r in rows} == {"eager", "xo:torch"} and all(r["batch"] == 1 for r in rows)
+    assert report["models"] == []
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_cli_rejects_a_bad_shape(capsys):
+    assert cli.main(["bench", "--device", "cpu", "--shapes", "3,5"]) == 2
+    assert "CIN,COUT,HW" in capsys.readouterr().err
+
+
+def test_unknown_model_is_reported():
+    row = bench.bench_model("resnet", torch.float32, "NCHW", 1, 71, torch.device("cpu"), 0, 1)
+    assert row.error and "unknown model 'resnet'" in row.error
+
+
+def test_progress_bar_reaches_the_total():
+    lines = []
+    bar = Progress(4, lines.append)
+    for _ in range(2):
+        bar.step("x", 2)
+    assert lines[-1].startswith("[" + "#" * 24 + "] 4/4")
