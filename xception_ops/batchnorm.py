@@ -47,14 +47,37 @@ def _momentum(bn) -> float:
     return bn.momentum if bn.momentum is not None else 0.0
 
 
+def synchronizes(module: nn.Module) -> bool:
+    """Whether `module` all-reduces its batch statistics now: asked to, and more than one process in its group."""
+    if not getattr(module, "sync_stats", False):
+        return False
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(module.process_group) > 1
+
+
+def all_reduce_stats(total: torch.Tensor, total_sq: torch.Tensor, count: int,
+                     group=None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Sums the per-channel statistics (2 x C values and the count) over a process group, differentiably:
+    synchronized BatchNorm is this one all-reduce before the finalize step."""
+    from torch.distributed.nn.functional import all_reduce
+    channels = total.shape[0]
+    packed = torch.cat([total, total_sq, total.new_tensor([float(count)])])
+    packed = all_reduce(packed, group=group) if group is not None else all_reduce(packed)
+    return packed[:channels], packed[channels:2 * channels], int(round(packed[-1].item()))
+
+
 def scale_shift_from_stats(bn: nn.modules.batchnorm._BatchNorm, total: torch.Tensor, total_sq: torch.Tensor,
-                           count: int, pre_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                           count: int, pre_bias: torch.Tensor | None = None,
+                           sync_group=None, sync: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Training BatchNorm from the sums of y and y^2 over `count` values per channel; the returned scale and
     shift apply to y itself (a bias added before the BatchNorm cancels in the normalization).
 
     The batch variance is biased, as in the normalization; the running variance gets the unbiased estimate.
-    Differentiable with respect to the sums, the BatchNorm's affine parameters and pre_bias.
+    Differentiable with respect to the sums, the BatchNorm's affine parameters and pre_bias. With sync=True the
+    sums are first all-reduced over `sync_group` (default: every process), which makes it SyncBatchNorm.
     """
+    if sync:
+        total, total_sq, count = all_reduce_stats(total, total_sq, count, sync_group)
     if count <= 1 and bn.training:
         raise ValueError(f"Expected more than 1 value per channel when training, got {count}")
     mean = total / count
@@ -85,3 +108,45 @@ def apply_scale_shift(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
     if relu:
         z = torch.relu(z)
     return z.to(y.dtype)
+
+
+def batch_stats(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per-channel sum and sum of squares of y in float32 (float64 for float64), and the count per channel."""
+    yf = y.to(stats_dtype(y))
+    return yf.sum((0, 2, 3)), (yf * yf).sum((0, 2, 3)), y.shape[0] * y.shape[2] * y.shape[3]
+
+
+class SyncBatchNorm2d(nn.BatchNorm2d):
+    """nn.BatchNorm2d whose batch statistics are all-reduced across a process group (2 x C sums and a count), on
+    any device and any distributed backend (gloo on CPU too, which torch's SyncBatchNorm does not support).
+    Same parameters and state_dict as nn.BatchNorm2d; outside a multi-process run it is nn.BatchNorm2d."""
+
+    def __init__(self, *args, process_group=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sync_stats, self.process_group = True, process_group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (uses_batch_stats(self) and synchronizes(self)):
+            return super().forward(x)
+        total, total_sq, count = batch_stats(x)
+        scale, shift = scale_shift_from_stats(self, total, total_sq, count, sync_group=self.process_group, sync=True)
+        return apply_scale_shift(x, scale, shift)
+
+
+def convert_sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
+    """Synchronized batch statistics everywhere in `model`, in place: every nn.BatchNorm2d becomes a
+    SyncBatchNorm2d (same parameters and buffers), and the fused modules all-reduce their statistics."""
+    for name, child in list(model.named_children()):
+        if hasattr(child, "sync_stats"):  # SeparableConvBN (its own bn is used through the fused statistics)
+            child.sync_stats, child.process_group = True, process_group
+        elif type(child) is nn.BatchNorm2d:
+            sync = SyncBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
+                                   child.track_running_stats, process_group=process_group,
+                                   device=child.running_mean.device if child.running_mean is not None else None,
+                                   dtype=child.weight.dtype if child.weight is not None else None)
+            sync.load_state_dict(child.state_dict())
+            sync.train(child.training)
+            setattr(model, name, sync)
+            continue
+        convert_sync_batchnorm(child, process_group)
+    return model

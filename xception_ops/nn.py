@@ -63,6 +63,7 @@ class SeparableConvBN(nn.Module):
         self.mid_activation = None if mid_activation == "none" else mid_activation
         self.post_relu = post_relu
         self.backend = backend
+        self.sync_stats, self.process_group = False, None  # see batchnorm.convert_sync_batchnorm
 
     @classmethod
     def from_modules(cls, depthwise: nn.Conv2d, pointwise: nn.Conv2d, bn: nn.BatchNorm2d | None = None, *,
@@ -94,14 +95,17 @@ class SeparableConvBN(nn.Module):
         return bias
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        backend = backends.fused_backend(self.backend, "xception_ops.separable_conv2d", x)
-        if backend is None:
-            return self._forward_unfused(x, residual)
         dw, pw, bn = self.depthwise, self.pointwise, self.bn
+        backend = backends.fused_backend(self.backend, "xception_ops.separable_conv2d", x)
+        batch_stats = bn is not None and batchnorm.uses_batch_stats(bn)
+        if backend is None:
+            if not (batch_stats and batchnorm.synchronizes(self)):
+                return self._forward_unfused(x, residual)
+            backend = "torch"  # synchronized statistics come from the operator's per-channel sums
         pre_bias = self._dw_bias_as_pre_bias()
         conv = dict(stride=dw.stride, padding=self.padding, dilation=dw.dilation, in_relu=self.pre_relu,
                     mid_activation=self.mid_activation, backend=backend)
-        if bn is None or not batchnorm.uses_batch_stats(bn):
+        if not batch_stats:
             if bn is None:
                 scale, shift = None, pre_bias
             else:
@@ -110,19 +114,21 @@ class SeparableConvBN(nn.Module):
                                         out_relu=self.post_relu, residual=residual, **conv)
         y, total, total_sq = ops.separable_conv2d(x, dw.weight, pw.weight, compute_stats=True, **conv)
         count = y.shape[0] * y.shape[2] * y.shape[3]
-        scale, shift = batchnorm.scale_shift_from_stats(bn, total, total_sq, count, pre_bias)
+        scale, shift = batchnorm.scale_shift_from_stats(bn, total, total_sq, count, pre_bias, self.process_group,
+                                                        sync=batchnorm.synchronizes(self))
         return batchnorm.apply_scale_shift(y, scale, shift, residual, relu=self.post_relu)
 
 
     def _forward_unfused(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         """The same computation as separate PyTorch layers (cuDNN on a GPU), for where no fused kernel runs."""
         dw, pw = self.depthwise, self.pointwise
-        stride, padding, dilation = ops.conv_args(x, dw.weight, dw.stride, self.padding, dw.dilation)
-        checks.check_separable("xception_ops.nn.SeparableConvBN", x, dw.weight, pw.weight, stride, padding,
+        x, dw_weight, pw_weight, residual = ops.autocast_inputs(x, dw.weight, pw.weight, residual)
+        stride, padding, dilation = ops.conv_args(x, dw_weight, dw.stride, self.padding, dw.dilation)
+        checks.check_separable("xception_ops.nn.SeparableConvBN", x, dw_weight, pw_weight, stride, padding,
                                dilation, residual=residual)
-        d = reference.depthwise_conv2d(F.relu(x) if self.pre_relu else x, dw.weight, dw.bias, stride, padding,
+        d = reference.depthwise_conv2d(F.relu(x) if self.pre_relu else x, dw_weight, dw.bias, stride, padding,
                                        dilation)
-        y = F.conv2d(reference.mid_activation_fn(self.mid_activation, d), pw.weight, pw.bias)
+        y = F.conv2d(reference.mid_activation_fn(self.mid_activation, d), pw_weight, pw.bias)
         if self.bn is not None:
             y = self.bn(y)
         if residual is not None:

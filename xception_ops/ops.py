@@ -13,7 +13,7 @@ from . import _library, backend as backends, checks, reference
 from .geometry import PaddingSpec, pair, resolve_padding
 
 
-def _autocast(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+def autocast_inputs(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
     """Under autocast, the convolution's tensors run in the autocast dtype, as torch's own convolutions do."""
     first = tensors[0]
     device_type = first.device.type
@@ -41,7 +41,7 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     at stride 2 when needed), an int, (pad_h, pad_w) or (top, bottom, left, right).
     """
     op = "xception_ops.depthwise_conv2d"
-    x, weight, bias = _autocast(x, weight, bias)
+    x, weight, bias = autocast_inputs(x, weight, bias)
     stride_, padding_, dilation_ = conv_args(x, weight, stride, padding, dilation)
     checks.check_depthwise(op, x, weight, bias, stride_, padding_, dilation_)
     chosen = backends.resolve(backend, op, x)
@@ -68,7 +68,7 @@ def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.
     """
     op = "xception_ops.separable_conv2d"
     mid = "none" if mid_activation is None else mid_activation
-    x, dw_weight, pw_weight, residual = _autocast(x, dw_weight, pw_weight, residual)
+    x, dw_weight, pw_weight, residual = autocast_inputs(x, dw_weight, pw_weight, residual)
     stride_, padding_, dilation_ = conv_args(x, dw_weight, stride, padding, dilation)
     checks.check_separable(op, x, dw_weight, pw_weight, stride_, padding_, dilation_, in_scale=in_scale,
                            in_shift=in_shift, mid_activation=mid, out_scale=out_scale, out_shift=out_shift,
