@@ -21,7 +21,7 @@ export TORCH_CUDA_ARCH_LIST
 
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
 
-.PHONY: all setup build test pytest cmake-test old-archs bench clean
+.PHONY: all setup build test pytest cmake-test old-archs bench bench-pytest clean
 all: test
 
 $(VENV)/.requirements: requirements.txt
@@ -55,11 +55,17 @@ old-archs: $(VENV)/.requirements
 pytest: build
 	$(PY) -m pytest
 
+# The whole suite, then each benchmark of benchmarks/ once (--benchmark-disable) so the suites keep working.
 test: build cmake-test old-archs
 	$(PY) -m pytest
+	$(PY) -m pytest benchmarks -q --benchmark-disable
 
 bench: build
 	$(VENV)/bin/xception-ops bench --out $(BENCH_OUT)
+
+# The pytest-benchmark suites (timed); add BENCH_ARGS="--benchmark-json=FILE" to keep the numbers.
+bench-pytest: build
+	$(PY) -m pytest benchmarks --benchmark-only $(BENCH_ARGS)
 
 clean:
 	rm -rf build $(BENCH_OUT) xception_ops/_C*.so

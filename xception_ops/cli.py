@@ -9,6 +9,8 @@ import sys
 
 import torch
 
+from .bench import MODELS, PASSES
+
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -61,15 +63,39 @@ def cmd_parity(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from . import bench
+    from . import bench, bench_report
 
+    shapes = [bench.parse_shape(s) for s in args.shapes] if args.shapes else None
+    models = False if args.no_models else (args.models or True)
     report = bench.run(device=args.device, backends_=args.backends, dtypes=args.dtypes, layouts=args.layouts,
-                       passes=args.passes, batch=args.batch, scale=args.scale, layers=not args.no_layers,
-                       models=not args.no_models, warmup=args.warmup, reps=args.reps,
-                       out_dir=args.out, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
-    print(bench.format_tables(report))
+                       passes=args.passes, batch=args.batch, scale=args.scale, shapes=shapes, ops=args.ops,
+                       compile_=args.compile, layers=not args.no_layers, models=models, image=args.image,
+                       model_batch=args.model_batch, warmup=args.warmup, reps=args.reps)
+    print(bench_report.format_tables(report))
     if args.out:
-        print(f"\nwrote {args.out}/bench.json and {args.out}/bench.md")
+        written = bench_report.write_outputs(report, args.out)
+        print(f"\nwrote {', '.join(f'{args.out}/{name}' for name in written)}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, train
+
+    cfg = TrainConfig(model=args.model, preset=args.preset, data=args.data, synthetic_size=args.synthetic_size,
+                      num_classes=args.num_classes, multi_label=args.multi_label, image_size=args.image_size,
+                      batch_size=args.batch_size, epochs=args.epochs, max_steps=args.max_steps, lr=args.lr,
+                      weight_decay=args.weight_decay, dropout=args.dropout, backend=args.backend,
+                      residual=not args.no_residual, mid_activation=args.mid_activation, bf16=args.bf16,
+                      dtype=args.dtype, channels_last=args.channels_last, sync_bn=args.sync_bn,
+                      ema_decay=None if args.no_ema else args.ema_decay, checkpoint=args.checkpoint,
+                      checkpoint_every=args.checkpoint_every, resume=args.resume, seed=args.seed,
+                      workers=args.workers, eval_batches=args.eval_batches)
+    result = train(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        summary = {"steps": result.steps, "final_loss": result.losses[-1] if result.losses else None,
+                   "top1": result.top1, "top5": result.top5, "steps_per_s": result.steps_per_s,
+                   "images_per_s": result.images_per_s}
+        print(json.dumps(summary))
     return 0
 
 
@@ -92,21 +118,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the report to this JSON file")
     p.set_defaults(func=cmd_parity)
 
-    p = sub.add_parser("bench", help="layer and model benchmarks (CPU: a quick run at small sizes)")
+    p = sub.add_parser("bench", help="layer and model benchmarks (without a GPU: a quick CPU run at small sizes)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--backends", nargs="+", choices=["torch", "cuda", "triton"], default=None,
                    help="our backends to time (default: every usable one); eager PyTorch is always timed")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile of the eager layers and models")
     p.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--layouts", nargs="+", choices=["NCHW", "NHWC"], default=None)
-    p.add_argument("--passes", nargs="+", choices=["inference", "training"], default=["inference", "training"])
-    p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--scale", type=float, default=None, help="spatial scale of the layer shapes (1.0 = 299x299)")
+    p.add_argument("--passes", nargs="+", choices=list(PASSES), default=["inference", "training"])
+    p.add_argument("--ops", nargs="+", choices=["separable", "depthwise"], default=["separable", "depthwise"])
+    p.add_argument("--shapes", nargs="+", metavar="CIN,COUT,HW[,COUNT]",
+                   help="layer shapes to time instead of Xception's ten")
+    p.add_argument("--batch", type=int, default=None, help="layer batch size (default: 32 on GPU, 2 on CPU)")
+    p.add_argument("--scale", type=float, default=None, help="spatial scale of Xception's shapes (1.0 = 299x299)")
+    p.add_argument("--models", nargs="+", default=None, help=f"models to time (default: {', '.join(MODELS)})")
     p.add_argument("--no-models", action="store_true", help="skip the whole-model comparison")
     p.add_argument("--no-layers", action="store_true", help="skip the layer benchmarks")
+    p.add_argument("--image", type=int, default=None, help="model input size (default: 299 on GPU, 75 on CPU)")
+    p.add_argument("--model-batch", type=int, default=None, help="model batch size (default: 32 on GPU, 2 on CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs before timing")
     p.add_argument("--reps", type=int, default=None, help="timed runs per configuration (the median is reported)")
-    p.add_argument("--out", default=None, help="directory for bench.json and bench.md")
+    p.add_argument("--out", default=None, help="directory for bench.json, bench.md and the PNG charts")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("train", help="train Xception or Inception V3 with the paper's recipes (torchrun for DDP)")
+    p.add_argument("--model", default="xception", choices=["xception", "inception_v3"])
+    p.add_argument("--preset", default="imagenet", choices=["imagenet", "jft"],
+                   help="imagenet: SGD 0.045, x0.94 every 2 epochs, dropout 0.5; jft: RMSprop 0.001, x0.9 every 3M "
+                        "samples, no dropout (weight decay 1e-5 for Xception, 4e-5 for Inception V3)")
+    p.add_argument("--data", help="ImageFolder root (with train/ and optionally val/); default: synthetic data")
+    p.add_argument("--synthetic-size", type=int, default=256, help="images in the synthetic training set")
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--multi-label", action="store_true", help="synthetic multi-hot targets, sigmoid head")
+    p.add_argument("--image-size", type=int, default=299)
+    p.add_argument("--batch-size", type=int, default=32, help="per process")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None, help="override the preset's initial learning rate")
+    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "cuda", "triton"])
+    p.add_argument("--no-residual", action="store_true", help="Xception without residual connections (4.6)")
+    p.add_argument("--mid-activation", choices=["relu", "elu"], default=None, help="between dw and pw (4.7)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--sync-bn", action="store_true", help="all-reduce BatchNorm statistics across processes")
+    p.add_argument("--ema-decay", type=float, default=0.9999, help="Polyak averaging of the weights")
+    p.add_argument("--no-ema", action="store_true")
+    p.add_argument("--checkpoint", help="checkpoint file (written at the end and every --checkpoint-every steps)")
+    p.add_argument("--checkpoint-every", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=0, help="data-loading processes")
+    p.add_argument("--eval-batches", type=int, default=None)
+    p.set_defaults(func=cmd_train)
     return parser
 
 
