@@ -1,7 +1,9 @@
 // The operators, defined once. Schemas, the backend router, and the CPU / CUDA registrations.
 //
 // Every op takes `backend` last: "auto", "torch" (the ATen reference), "cuda" (csrc/cuda) or "triton"
-// (Python). Fake (meta) kernels and autograd are registered from Python in xception_ops/_library.py.
+// (Python: xception_ops/triton, reached through the dispatcher). Fake (meta) kernels and autograd are registered
+// from Python in xception_ops/_library.py.
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include "ops.h"
@@ -39,14 +41,24 @@ Backend resolve_backend(c10::string_view name, const char* op, const Tensor& x) 
     TORCH_CHECK_NOT_IMPLEMENTED(cuda_implements(op), op, ": backend 'cuda' has no kernel for this op yet");
     return Backend::Cuda;
   }
-  if (name == "triton") {
-    TORCH_CHECK_NOT_IMPLEMENTED(false, op, ": backend 'triton' is not implemented in this version");
-  }
+  if (name == "triton") return Backend::Triton;  // the Python side checks the device (see call_triton)
   TORCH_CHECK_VALUE(false, op, ": unknown backend '", std::string(name),
                     "'; expected 'auto', 'torch', 'cuda' or 'triton'");
 }
 
 namespace {
+
+// The Triton kernels live in Python (xception_ops/triton): importing xception_ops with triton installed registers
+// private ops "xception_ops::triton_<op>", each with its public op's schema less `backend`. The routers call
+// them through the dispatcher like any other operator.
+template <typename Signature, typename... Args>
+decltype(auto) call_triton(const char* op, const char* triton_op, Args&&... args) {
+  const auto handle = c10::Dispatcher::singleton().findSchema({triton_op, ""});
+  TORCH_CHECK_NOT_IMPLEMENTED(handle.has_value(), op, ": backend 'triton' has no kernel for this op: ", triton_op,
+                              " is not registered (it is, for the ops the triton backend implements, once "
+                              "xception_ops is imported in Python with triton installed)");
+  return handle->typed<Signature>().call(std::forward<Args>(args)...);
+}
 
 // Names as they appear in error messages: the Python spelling of the op.
 constexpr const char* kDepthwise = "xception_ops.depthwise_conv2d";
@@ -77,8 +89,14 @@ SeparableOptions separable_options(const OptTensor& in_scale, const OptTensor& i
 Tensor depthwise_conv2d(const Tensor& x, const Tensor& weight, const OptTensor& bias, IntArrayRef stride,
                         IntArrayRef padding, IntArrayRef dilation, c10::string_view backend) {
   const Conv2dGeometry g = check_depthwise(kDepthwise, x, weight, bias, stride, padding, dilation);
-  if (resolve_backend(backend, kDepthwise, x) == Backend::Cuda) {
+  const Backend chosen = resolve_backend(backend, kDepthwise, x);
+  if (chosen == Backend::Cuda) {
     XO_IF_CUDA(return cuda::depthwise_conv2d(x, weight, bias, g));
+  }
+  if (chosen == Backend::Triton) {
+    return call_triton<Tensor(const Tensor&, const Tensor&, const OptTensor&, IntArrayRef, IntArrayRef,
+                              IntArrayRef)>(kDepthwise, "xception_ops::triton_depthwise_conv2d", x, weight, bias,
+                                            stride, padding, dilation);
   }
   return reference::depthwise_conv2d(x, weight, bias, g);
 }
@@ -90,8 +108,14 @@ Tensor depthwise_conv2d_backward_input(const Tensor& grad_out, const Tensor& wei
   const Conv2dGeometry g = make_geometry(kDepthwiseBwdInput, x_sizes, weight.sizes(), stride, padding, dilation);
   check_like(kDepthwiseBwdInput, "grad_out", grad_out, output_shape(g), weight);
   const auto fmt = output_memory_format(grad_out);
-  if (resolve_backend(backend, kDepthwiseBwdInput, grad_out) == Backend::Cuda) {
+  const Backend chosen = resolve_backend(backend, kDepthwiseBwdInput, grad_out);
+  if (chosen == Backend::Cuda) {
     XO_IF_CUDA(return cuda::depthwise_conv2d_backward_input(grad_out, weight, g, fmt));
+  }
+  if (chosen == Backend::Triton) {
+    return call_triton<Tensor(const Tensor&, const Tensor&, c10::SymIntArrayRef, IntArrayRef, IntArrayRef,
+                              IntArrayRef)>(kDepthwiseBwdInput, "xception_ops::triton_depthwise_conv2d_backward_input",
+                                            grad_out, weight, input_size, stride, padding, dilation);
   }
   return reference::depthwise_conv2d_backward_input(grad_out, weight, g, fmt);
 }
@@ -102,13 +126,22 @@ Tensor depthwise_conv2d_backward_weight(const Tensor& grad_out, const Tensor& x,
   const auto w_sizes = C10_AS_INTARRAYREF_SLOW(weight_size);
   const Conv2dGeometry g = make_geometry(kDepthwiseBwdWeight, x.sizes(), w_sizes, stride, padding, dilation);
   check_like(kDepthwiseBwdWeight, "grad_out", grad_out, output_shape(g), x);
-  if (resolve_backend(backend, kDepthwiseBwdWeight, x) == Backend::Cuda) {
+  const Backend chosen = resolve_backend(backend, kDepthwiseBwdWeight, x);
+  if (chosen == Backend::Cuda) {
     XO_IF_CUDA(return cuda::depthwise_conv2d_backward_weight(grad_out, x, g));
+  }
+  if (chosen == Backend::Triton) {
+    return call_triton<Tensor(const Tensor&, const Tensor&, c10::SymIntArrayRef, IntArrayRef, IntArrayRef,
+                              IntArrayRef)>(kDepthwiseBwdWeight, "xception_ops::triton_depthwise_conv2d_backward_weight",
+                                            grad_out, x, weight_size, stride, padding, dilation);
   }
   return reference::depthwise_conv2d_backward_weight(grad_out, x, g);
 }
 
-std::tuple<Tensor, Tensor, Tensor> separable_conv2d(const Tensor& x, const Tensor& dw_weight, const Tensor& pw_weight,
+using SeparableOut = std::tuple<Tensor, Tensor, Tensor>;
+using SeparableGrads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+SeparableOut separable_conv2d(const Tensor& x, const Tensor& dw_weight, const Tensor& pw_weight,
                                                     const OptTensor& in_scale, const OptTensor& in_shift, bool in_relu,
                                                     IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
                                                     c10::string_view mid_activation, const OptTensor& out_scale,
@@ -118,11 +151,18 @@ std::tuple<Tensor, Tensor, Tensor> separable_conv2d(const Tensor& x, const Tenso
   const SeparableOptions opt = separable_options(in_scale, in_shift, in_relu, mid_activation, out_scale, out_shift,
                                                  out_relu, residual, compute_stats);
   const Conv2dGeometry g = check_separable(kSeparable, x, dw_weight, pw_weight, opt, stride, padding, dilation);
-  resolve_backend(backend, kSeparable, x);  // the fused CUDA kernel is not written yet: cuda_implements says no
+  // The fused CUDA kernel is not written yet: resolve_backend never picks Cuda here (cuda_implements says no).
+  if (resolve_backend(backend, kSeparable, x) == Backend::Triton) {
+    return call_triton<SeparableOut(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
+                                    bool, IntArrayRef, IntArrayRef, IntArrayRef, c10::string_view, const OptTensor&,
+                                    const OptTensor&, bool, const OptTensor&, bool)>(
+        kSeparable, "xception_ops::triton_separable_conv2d", x, dw_weight, pw_weight, in_scale, in_shift, in_relu,
+        stride, padding, dilation, mid_activation, out_scale, out_shift, out_relu, residual, compute_stats);
+  }
   return reference::separable_conv2d(x, dw_weight, pw_weight, opt, g);
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_conv2d_backward(
+SeparableGrads separable_conv2d_backward(
     const Tensor& grad_out, const OptTensor& grad_sum, const OptTensor& grad_sumsq, const OptTensor& out,
     const Tensor& x, const Tensor& dw_weight, const Tensor& pw_weight, const OptTensor& in_scale,
     const OptTensor& in_shift, bool in_relu, IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
@@ -140,7 +180,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_con
     TORCH_CHECK_VALUE((*grad)->dim() == 1 && (*grad)->size(0) == g.out_channels, kSeparableBwd,
                       ": grad_sum and grad_sumsq must have shape [", g.out_channels, "], got ", (*grad)->sizes());
   }
-  resolve_backend(backend, kSeparableBwd, x);
+  if (resolve_backend(backend, kSeparableBwd, x) == Backend::Triton) {
+    return call_triton<SeparableGrads(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+                                      const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
+                                      bool, IntArrayRef, IntArrayRef, IntArrayRef, c10::string_view, const OptTensor&,
+                                      const OptTensor&, bool)>(
+        kSeparableBwd, "xception_ops::triton_separable_conv2d_backward", grad_out, grad_sum, grad_sumsq, out, x,
+        dw_weight, pw_weight, in_scale, in_shift, in_relu, stride, padding, dilation, mid_activation, out_scale,
+        out_shift, out_relu);
+  }
   return reference::separable_conv2d_backward(grad_out, grad_sum, grad_sumsq, out, x, dw_weight, pw_weight, opt, g);
 }
 

@@ -39,30 +39,41 @@ def _empty_like_fmt(x: torch.Tensor, shape, fmt_of: torch.Tensor) -> torch.Tenso
     return x.new_empty(shape).contiguous(memory_format=checks.output_memory_format(fmt_of))
 
 
+# The fake (meta) kernel of each op, by op name; the triton backend's private ops reuse them.
+FAKES = {}
+
+
+def _fake(name: str):
+    def register(fn):
+        FAKES[name] = fn
+        torch.library.register_fake(f"xception_ops::{name}")(fn)
+        return fn
+    return register
+
+
 def _register_fakes() -> None:
-    lib = "xception_ops::"
     op_name = "xception_ops.{}".format
 
-    @torch.library.register_fake(lib + "depthwise_conv2d")
+    @_fake("depthwise_conv2d")
     def _(x, weight, bias, stride, padding, dilation, backend):
         g = checks.check_depthwise(op_name("depthwise_conv2d"), x, weight, bias, stride, padding, dilation)
         return _empty_like_fmt(x, g.output_shape(), x)
 
-    @torch.library.register_fake(lib + "depthwise_conv2d_backward_input")
+    @_fake("depthwise_conv2d_backward_input")
     def _(grad_out, weight, input_size, stride, padding, dilation, backend):
         op = op_name("depthwise_conv2d_backward_input")
         g = checks.make_geometry(op, input_size, weight.shape, stride, padding, dilation)
         checks.check_like(op, "grad_out", grad_out, g.output_shape(), weight)
         return _empty_like_fmt(grad_out, input_size, grad_out)
 
-    @torch.library.register_fake(lib + "depthwise_conv2d_backward_weight")
+    @_fake("depthwise_conv2d_backward_weight")
     def _(grad_out, x, weight_size, stride, padding, dilation, backend):
         op = op_name("depthwise_conv2d_backward_weight")
         g = checks.make_geometry(op, x.shape, weight_size, stride, padding, dilation)
         checks.check_like(op, "grad_out", grad_out, g.output_shape(), x)
         return x.new_empty(weight_size)
 
-    @torch.library.register_fake(lib + "separable_conv2d")
+    @_fake("separable_conv2d")
     def _(x, dw_weight, pw_weight, in_scale, in_shift, in_relu, stride, padding, dilation, mid_activation,
           out_scale, out_shift, out_relu, residual, compute_stats, backend):
         g = checks.check_separable(op_name("separable_conv2d"), x, dw_weight, pw_weight, stride, padding,
@@ -73,7 +84,7 @@ def _register_fakes() -> None:
         return (_empty_like_fmt(x, g.output_shape(), x), x.new_empty(stats_shape, dtype=dtype),
                 x.new_empty(stats_shape, dtype=dtype))
 
-    @torch.library.register_fake(lib + "separable_conv2d_backward")
+    @_fake("separable_conv2d_backward")
     def _(grad_out, grad_sum, grad_sumsq, out, x, dw_weight, pw_weight, in_scale, in_shift, in_relu, stride,
           padding, dilation, mid_activation, out_scale, out_shift, out_relu, backend):
         op = op_name("separable_conv2d_backward")
@@ -147,6 +158,19 @@ def _register_autograd() -> None:
                                     setup_context=separable_setup)
 
 
+TRITON = None  # xception_ops.triton once it loads; TRITON_ERROR says why it did not
+TRITON_ERROR: str | None = "the compiled library is not loaded" if EXTENSION is None else None
+
 if EXTENSION is not None:
     _register_fakes()
     _register_autograd()
+    try:
+        import triton  # noqa: F401  (optional: the triton backend)
+    except ImportError as e:
+        TRITON_ERROR = f"triton is not installed ({e})"
+    else:
+        try:
+            from . import triton as TRITON  # noqa: N812  (registers the private ops xception_ops::triton_*)
+        except Exception as e:  # noqa: BLE001  (an optional backend must not break the package)
+            TRITON_ERROR = f"xception_ops.triton failed to load: {type(e).__name__}: {e}"
+            warnings.warn(f"{TRITON_ERROR}; backend 'triton' is unavailable", RuntimeWarning, stacklevel=2)

@@ -60,8 +60,14 @@ def _cuda_preferred(op: str, x: torch.Tensor) -> bool:
     return x.dtype in (torch.float32, torch.float16, torch.bfloat16) and op in tuple(ext.CUDA_AUTO_OPS)
 
 
-def _triton_problem() -> str:
-    return "the triton backend is not implemented in this version"
+def _triton_problem(op: str | None, device: torch.device | None) -> str | None:
+    """Why the triton backend cannot run `op` on `device`, or None when it can."""
+    module = _library.TRITON
+    if module is None:
+        return _library.TRITON_ERROR
+    if op is not None and op.removeprefix("xception_ops.") not in module.IMPLEMENTED:
+        return f"it has no kernel for {op} yet"
+    return None if device is None else module.device_problem(device)
 
 
 def _env_override() -> str | None:
@@ -97,7 +103,9 @@ def resolve(backend: str, op: str, x: torch.Tensor) -> str:
         if problem is not None:
             raise BackendUnavailableError(f"{op}: backend 'cuda' cannot run: {problem}")
     if backend == "triton":
-        raise BackendUnavailableError(f"{op}: backend 'triton' cannot run: {_triton_problem()}")
+        problem = _triton_problem(op, x.device)
+        if problem is not None:
+            raise BackendUnavailableError(f"{op}: backend 'triton' cannot run: {problem}")
     return backend
 
 
@@ -116,5 +124,18 @@ def status() -> list[BackendStatus]:
     return [
         BackendStatus("torch", True, True, "ATen reference (cuDNN on CUDA, oneDNN / native on CPU); always usable"),
         BackendStatus("cuda", cuda_built, cuda_built and gpu is not None, cuda_detail or ""),
-        BackendStatus("triton", False, False, _triton_problem()),
+        _triton_status(gpu),
     ]
+
+
+def _triton_status(gpu: torch.device | None) -> BackendStatus:
+    module = _library.TRITON
+    if module is None:
+        return BackendStatus("triton", False, False, _library.TRITON_ERROR or "")
+    import triton
+
+    detail = f"triton {triton.__version__}; kernels: {', '.join(sorted(module.IMPLEMENTED)) or 'none yet'}"
+    problem = "no CUDA GPU is visible" if gpu is None else module.device_problem(gpu)
+    if problem is not None:
+        detail += f"; not usable: {problem}"
+    return BackendStatus("triton", True, problem is None, detail)

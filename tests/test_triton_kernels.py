@@ -1,0 +1,493 @@
+"""The Triton kernels (xception_ops/triton/launch.py), called directly, against the float64 reference.
+
+Without a CUDA GPU the kernels run in Triton's interpreter on CPU tensors: TRITON_INTERPRET=1 is set when no GPU
+is visible (conftest.py does it for the session; this module does it too, so it also runs alone). @triton.jit
+reads the variable when kernels.py is imported; if kernels.py was imported before the variable was set,
+launch.py re-imports it at the next launch, and the kernels avoid triton.language's own jit'd helpers
+(tl.sum, tl.cdiv, tl.zeros), which would stay compiled (test_kernels_imported_before_the_variable_is_set...).
+bf16 tests need a GPU: the interpreter's tl.dot on bf16 operands is wrong (triton-lang/triton#11584), and its
+float32 -> bf16 conversion truncates instead of rounding to nearest even. Shapes are small: the interpreter is
+slow.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    if os.environ["TRITON_INTERPRET"] != "1":
+        pytest.skip("no CUDA GPU, and TRITON_INTERPRET is set to something other than 1", allow_module_level=True)
+
+from xception_ops import reference  # noqa: E402
+from xception_ops.checks import output_memory_format  # noqa: E402
+from xception_ops.triton import autotune, launch  # noqa: E402
+
+from .conftest import relative_error, requires_gpu  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+LAYOUTS = ["contiguous", "channels_last", "strided"]
+# fp32: exact fp32 math on the CPU and with TF32 off; TF32 tensor cores (when allowed) give ~1e-4.
+FP32_TOL = 1e-4 if DEVICE == "cuda" and torch.backends.cuda.matmul.allow_tf32 else 1e-5
+LOW_PRECISION_FLOOR = 1e-3
+# bf16 only on a GPU: besides tl.dot (above), the interpreter converts float32 to bf16 by truncation.
+BF16_GPU_ONLY = pytest.param(torch.bfloat16, marks=[pytest.mark.gpu, requires_gpu], id="bfloat16")
+
+
+def make_input(shape, dtype, layout):
+    """A random tensor in the given layout; "strided" is a non-contiguous slice of a larger tensor."""
+    if layout == "strided":
+        n, c, h, w = shape
+        return torch.randn(n, c, h, 2 * w + 1, dtype=dtype, device=DEVICE)[..., 1::2]
+    x = torch.randn(shape, dtype=dtype, device=DEVICE)
+    return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+
+
+def expected_format(layout):
+    return torch.channels_last if layout == "channels_last" else torch.contiguous_format
+
+
+def assert_close_to_reference(got, exact, plain, dtype, what):
+    """fp32: relative error <= FP32_TOL. fp16/bf16: no worse than twice PyTorch's own error in that dtype
+    (`plain`, the reference run in the dtype), plus a small floor."""
+    assert got.dtype == (plain.dtype if plain is not None else got.dtype)
+    err = relative_error(got, exact)
+    if dtype == torch.float32:
+        assert err <= FP32_TOL, f"{what}: relative error {err:.3g}"
+    else:
+        bound = 2 * relative_error(plain, exact) + LOW_PRECISION_FLOOR
+        assert err <= bound, f"{what}: relative error {err:.3g} > {bound:.3g}"
+
+
+# ---------------------------------------------------------------------------------------------- mode
+
+def test_interpreter_mode_is_active():
+    kernels = launch._kernels()
+    interpreted = type(kernels.reduce_rows_kernel).__name__ == "InterpretedFunction"
+    assert interpreted == (DEVICE == "cpu")
+    if DEVICE == "cpu":
+        assert len(autotune.depthwise_configs(True)) == len(autotune.gemm_configs(torch.float16)) == 1
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter switch matters where there is no GPU")
+def test_kernels_imported_before_the_variable_is_set_still_run_interpreted():
+    """A process that imports the kernels first and sets TRITON_INTERPRET=1 afterwards (as a test session
+    does when another module imports xception_ops.triton before this one) still gets interpreted kernels."""
+    code = (
+        "import os, torch\n"
+        "from xception_ops.triton import launch\n"
+        "assert type(launch.kernels.reduce_rows_kernel).__name__ == 'JITFunction'\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "x, w = torch.randn(1, 2, 5, 5), torch.randn(2, 1, 3, 3)\n"
+        "y = launch.depthwise_conv2d(x, w, None, [1, 1], [1, 1, 1, 1], [1, 1])\n"
+        "ref = torch.nn.functional.conv2d(x, w, padding=1, groups=2)\n"
+        "assert torch.allclose(y, ref, atol=1e-5), (y - ref).abs().max()\n"
+        "assert type(launch.kernels.reduce_rows_kernel).__name__ == 'InterpretedFunction'\n"
+        # every other kernel too (tl.dot, reductions, the backward passes)
+        "from xception_ops import reference\n"
+        "v = [torch.rand(2) + 0.5, torch.randn(2), torch.rand(3) + 0.5, torch.randn(3)]\n"
+        "pw = torch.randn(3, 2, 1, 1)\n"
+        "args = (v[0], v[1], True, [1, 1], [1, 1, 1, 1], [1, 1], 'elu', v[2], v[3], True)\n"
+        "out, s, ss = launch.separable_conv2d(x, w, pw, *args, None, True)\n"
+        "want = reference.separable_conv2d(x, w, pw, *args, None, True)\n"
+        "assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip((out, s, ss), want))\n"
+        "g = launch.separable_conv2d_backward(torch.randn_like(out), v[3], v[3], out, x, w, pw, *args)\n"
+        "assert all(t.isfinite().all() for t in g) and g[1].abs().sum() > 0\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+# Records every launch the launchers make (default configuration, bf16, channels_last, all options on), then
+# compiles each kernel for sm_90 with the ptxas that ships in the triton wheel: no GPU needed.
+_COMPILE_ALL = r'''
+import os, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from xception_ops.triton import autotune, kernels, launch
+
+calls = []
+class Recorder:
+    def __init__(self, name): self.name = name
+    def __getitem__(self, grid): return lambda *args, **kw: calls.append((self.name, args, kw))
+class Kernels:
+    def __getattr__(self, name): return Recorder(name)
+launch._kernels = lambda: Kernels()
+launch._check_device = lambda x: None
+autotune.interpreting = lambda: False
+
+bf = dict(dtype=torch.bfloat16)
+x = torch.randn(2, 6, 9, 8, **bf).contiguous(memory_format=torch.channels_last)
+dw, pw = torch.randn(12, 1, 3, 3, **bf), torch.randn(10, 12, 1, 1, **bf)
+vec = [torch.rand(6), torch.randn(6), torch.rand(10), torch.randn(10)]
+res = torch.randn(2, 10, 5, 8, **bf).contiguous(memory_format=torch.channels_last)
+geo = ([2, 1], [1, 1, 1, 1], [1, 1])
+g_dw = torch.randn(2, 12, 5, 8, **bf).contiguous(memory_format=torch.channels_last)
+launch.depthwise_conv2d(x, dw, torch.randn(12, **bf), *geo)
+launch.depthwise_conv2d_backward_input(g_dw, dw, list(x.shape), *geo)
+launch.depthwise_conv2d_backward_weight(g_dw, x, list(dw.shape), *geo)
+opts = (vec[0], vec[1], True, *geo, "elu", vec[2], vec[3], True)
+launch.separable_conv2d(x, dw, pw, *opts, res, True)
+launch.separable_conv2d_backward(res, vec[3], vec[3], res, x, dw, pw, *opts)
+launch.separable_conv2d_backward(res, vec[3], None, res, x, dw, pw, *opts)
+
+types = {torch.float32: "*fp32", torch.bfloat16: "*bf16"}
+done = set()
+for name, args, kw in calls:
+    fn = getattr(kernels, name)
+    values = dict(zip(fn.arg_names, args), **{k: v for k, v in kw.items() if k in fn.arg_names})
+    signature, constexprs = {}, {}
+    for p in fn.params:
+        v = values[p.name]
+        if p.is_constexpr or (isinstance(v, int) and v == 1):  # ints equal to 1 are specialized, as at launch
+            signature[p.name], constexprs[p.name] = "constexpr", v
+        elif isinstance(v, torch.Tensor):
+            signature[p.name] = types[v.dtype]
+        else:
+            signature[p.name] = "i32"
+    key = (name, tuple(signature.items()), tuple(map(str, constexprs.items())))
+    if key in done:
+        continue
+    done.add(key)
+    options = dict(num_warps=kw["num_warps"], num_stages=kw.get("num_stages", 2))
+    triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                   options=options)
+assert len(done) >= 9, len(done)
+print(len(done), "kernels compiled")
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(DEVICE != "cpu", reason="with a GPU the other tests compile and run every kernel")
+def test_every_kernel_compiles_for_sm90_without_a_gpu():
+    """The GPU compile path (frontend, TTGIR, PTX, ptxas) of every kernel variant the launchers use, in bf16 (the
+    dtype the interpreter cannot check), on a machine without a GPU."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["XCEPTION_OPS_TRITON_AUTOTUNE"] = "0"  # the default configurations, nothing timed
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
+    done = subprocess.run([sys.executable, "-c", _COMPILE_ALL], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "kernels compiled" in done.stdout
+
+
+def test_implemented_names_every_op():
+    assert launch.IMPLEMENTED == {"depthwise_conv2d", "depthwise_conv2d_backward_input",
+                                  "depthwise_conv2d_backward_weight", "separable_conv2d",
+                                  "separable_conv2d_backward"}
+
+
+# ---------------------------------------------------------------------------------------------- depthwise
+
+DEPTHWISE_CASES = [
+    # (N, C, H, W, multiplier, kernel, stride, padding (t, b, l, r), dilation, bias)
+    (2, 5, 9, 7, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), False),
+    (1, 3, 9, 10, 2, (3, 3), (2, 2), (1, 1, 0, 1), (1, 1), True),  # TF "same" at stride 2: asymmetric
+    (2, 6, 8, 7, 1, (5, 3), (1, 2), (2, 2, 1, 1), (2, 1), True),
+    (1, 4, 6, 6, 1, (1, 1), (3, 3), (0, 0, 0, 0), (1, 1), False),
+    (1, 5, 9, 8, 3, (3, 3), (2, 1), (0, 2, 1, 0), (1, 2), False),
+    (1, 2, 9, 9, 1, (8, 7), (1, 1), (3, 4, 3, 3), (1, 1), False),  # 56 taps: looped, several tap groups
+]
+
+
+def run_depthwise(case, dtype, layout):
+    n, c, h, w, mult, k, stride, padding, dilation, with_bias = case
+    x = make_input((n, c, h, w), dtype, layout)
+    weight = torch.randn(c * mult, 1, *k, dtype=dtype, device=DEVICE)
+    bias = torch.randn(c * mult, dtype=dtype, device=DEVICE) if with_bias else None
+    y = launch.depthwise_conv2d(x, weight, bias, stride, padding, dilation)
+    grad = make_input(tuple(y.shape), dtype, layout)
+    gx = launch.depthwise_conv2d_backward_input(grad, weight, list(x.shape), stride, padding, dilation)
+    gw = launch.depthwise_conv2d_backward_weight(grad, x, list(weight.shape), stride, padding, dilation)
+    return (x, weight, bias, grad), (y, gx, gw)
+
+
+def reference_depthwise(inputs, case, cast):
+    x, weight, bias, grad = inputs
+    _, _, _, _, _, _, stride, padding, dilation, _ = case
+    leaves = [None if t is None else cast(t).requires_grad_() for t in (x, weight, bias)]
+    y = reference.depthwise_conv2d(*leaves, stride, padding, dilation)
+    gx, gw = torch.autograd.grad(y, leaves[:2], cast(grad))
+    return y, gx, gw
+
+
+@pytest.mark.parametrize("case", DEPTHWISE_CASES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, BF16_GPU_ONLY])
+def test_depthwise_matches_float64(case, layout, dtype):
+    if dtype != torch.float32 and layout == "strided":
+        pytest.skip("low precision: contiguous and channels_last only (time)")
+    inputs, (y, gx, gw) = run_depthwise(case, dtype, layout)
+    exact = reference_depthwise(inputs, case, lambda t: t.detach().double().cpu())
+    plain = (None,) * 3 if dtype == torch.float32 else reference_depthwise(inputs, case, lambda t: t.detach())
+    for got, want, base, what in zip((y, gx, gw), exact, plain, ("output", "grad_x", "grad_weight")):
+        assert got.shape == want.shape and got.dtype == dtype, what
+        assert_close_to_reference(got, want, base, dtype, what)
+    fmt = expected_format(layout)
+    assert y.is_contiguous(memory_format=fmt)
+    assert gx.is_contiguous(memory_format=fmt)  # follows grad_out's layout
+    assert gw.is_contiguous()
+
+
+# ---------------------------------------------------------------------------------------------- separable
+
+SEPARABLE_SHAPES = [
+    # (N, C_in, C_out, H, W, multiplier, kernel, stride, padding (t, b, l, r), dilation)
+    (2, 5, 7, 9, 7, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
+    (1, 3, 6, 9, 8, 2, (3, 3), (2, 2), (0, 1, 0, 1), (1, 1)),
+    (2, 4, 5, 8, 9, 1, (5, 3), (1, 2), (2, 1, 0, 1), (2, 1)),
+    (1, 10, 18, 5, 5, 2, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),  # 20 dw channels, 18 out: several GEMM chunks
+]
+SEPARABLE_OPTIONS = [
+    dict(),
+    dict(in_scale=True, in_shift=True, in_relu=True, out_scale=True, out_shift=True, out_relu=True),
+    dict(residual=True, out_relu=True, out_scale=True, out_shift=True),
+    dict(compute_stats=True, in_scale=True, in_shift=True, in_relu=True, mid="relu"),
+    dict(mid="elu", out_scale=True, compute_stats=True),
+    dict(in_scale=True, out_shift=True, residual=True, mid="elu"),
+    dict(in_relu=True, out_scale=True, compute_stats=True, grads=("sum",)),
+    dict(in_shift=True, mid="relu", compute_stats=True, grads=("sumsq",), out_relu=True),
+]
+
+
+def separable_inputs(shape, opts, dtype, layout, param_dtype=torch.float32):
+    n, cin, cout, h, w, mult, k, stride, padding, dilation = shape
+    x = make_input((n, cin, h, w), dtype, layout)
+    t = dict(dw_weight=torch.randn(cin * mult, 1, *k, dtype=dtype, device=DEVICE),
+             pw_weight=torch.randn(cout, cin * mult, 1, 1, dtype=dtype, device=DEVICE) / (cin * mult) ** 0.5,
+             in_scale=None, in_shift=None, out_scale=None, out_shift=None, residual=None)
+    vec = dict(dtype=param_dtype, device=DEVICE)
+    if opts.get("in_scale"):
+        t["in_scale"] = torch.rand(cin, **vec) + 0.5
+    if opts.get("in_shift"):
+        t["in_shift"] = torch.randn(cin, **vec) * 0.3
+    if opts.get("out_scale"):
+        t["out_scale"] = torch.rand(cout, **vec) + 0.5
+    if opts.get("out_shift"):
+        t["out_shift"] = torch.randn(cout, **vec) * 0.3
+    span = [d * (kk - 1) + 1 for d, kk in zip(dilation, k)]
+    ho = (h + padding[0] + padding[1] - span[0]) // stride[0] + 1
+    wo = (w + padding[2] + padding[3] - span[1]) // stride[1] + 1
+    if opts.get("residual"):
+        t["residual"] = make_input((n, cout, ho, wo), dtype, layout)
+    flags = dict(in_relu=opts.get("in_relu", False), stride=stride, padding=padding, dilation=dilation,
+                 mid_activation=opts.get("mid", "none"), out_relu=opts.get("out_relu", False),
+                 compute_stats=opts.get("compute_stats", False))
+    grads = dict(grad_out=make_input((n, cout, ho, wo), dtype, layout), grad_sum=None, grad_sumsq=None)
+    if flags["compute_stats"]:
+        wanted = opts.get("grads", ("sum", "sumsq"))
+        if "sum" in wanted:
+            grads["grad_sum"] = torch.randn(cout, device=DEVICE)
+        if "sumsq" in wanted:
+            grads["grad_sumsq"] = torch.randn(cout, device=DEVICE) * 0.1
+    return x, t, flags, grads
+
+
+def call_forward(fn, x, t, f):
+    return fn(x, t["dw_weight"], t["pw_weight"], t["in_scale"], t["in_shift"], f["in_relu"], f["stride"],
+              f["padding"], f["dilation"], f["mid_activation"], t["out_scale"], t["out_shift"], f["out_relu"],
+              t["residual"], f["compute_stats"])
+
+
+def triton_separable(x, t, f, g):
+    out, total, total_sq = call_forward(launch.separable_conv2d, x, t, f)
+    grads = launch.separable_conv2d_backward(
+        g["grad_out"], g["grad_sum"], g["grad_sumsq"], out if f["out_relu"] else None, x, t["dw_weight"],
+        t["pw_weight"], t["in_scale"], t["in_shift"], f["in_relu"], f["stride"], f["padding"], f["dilation"],
+        f["mid_activation"], t["out_scale"], t["out_shift"], f["out_relu"])
+    return (out, total, total_sq), grads
+
+
+GRAD_NAMES = ("x", "dw_weight", "pw_weight", "in_scale", "in_shift", "out_scale", "out_shift")
+
+
+def reference_separable(x, t, f, g, cast):
+    """Forward outputs and the 7 gradients (None for absent inputs) by autograd on the reference."""
+    x = cast(x).requires_grad_()
+    t = {k: None if v is None else cast(v).requires_grad_(k != "residual") for k, v in t.items()}
+    out, total, total_sq = call_forward(reference.separable_conv2d, x, t, f)
+    loss = (out * cast(g["grad_out"])).sum()
+    if g["grad_sum"] is not None:
+        loss = loss + (total * cast(g["grad_sum"]).to(total.dtype)).sum()
+    if g["grad_sumsq"] is not None:
+        loss = loss + (total_sq * cast(g["grad_sumsq"]).to(total.dtype)).sum()
+    leaves = [x] + [t[name] for name in GRAD_NAMES[1:]]
+    present = [v for v in leaves if v is not None]
+    got = iter(torch.autograd.grad(loss, present))
+    return (out, total, total_sq), [None if v is None else next(got) for v in leaves]
+
+
+def check_separable(shape, opts, dtype, layout, param_dtype=torch.float32):
+    x, t, f, g = separable_inputs(shape, opts, dtype, layout, param_dtype)
+    outs, grads = triton_separable(x, t, f, g)
+    exact_outs, exact_grads = reference_separable(x, t, f, g, lambda v: v.detach().double().cpu())
+    if dtype == torch.float32:
+        plain_outs, plain_grads = (None,) * 3, (None,) * 7
+    else:
+        plain_outs, plain_grads = reference_separable(x, t, f, g, lambda v: v.detach().clone())
+
+    out, total, total_sq = outs
+    assert out.dtype == dtype and out.shape == exact_outs[0].shape
+    assert out.is_contiguous(memory_format=expected_format(layout))
+    assert_close_to_reference(out, exact_outs[0], plain_outs[0], dtype, "out")
+    if f["compute_stats"]:
+        for got, want, base, what in zip(outs[1:], exact_outs[1:], plain_outs[1:], ("sum", "sumsq")):
+            assert got.dtype == torch.float32 and got.shape == want.shape
+            assert_close_to_reference(got, want, base, dtype, what)
+    else:
+        assert total.shape == total_sq.shape == (0,) and total.dtype == total_sq.dtype == torch.float32
+
+    assert len(grads) == 7
+    for name, got, want, base in zip(GRAD_NAMES, grads, exact_grads, plain_grads):
+        if want is None:
+            assert got.shape == (0,) and got.dtype == torch.float32, name
+            continue
+        param = x if name == "x" else t[name]
+        assert got.shape == param.shape and got.dtype == param.dtype, name
+        assert_close_to_reference(got, want, base, dtype, f"grad_{name}")
+    assert grads[0].is_contiguous(memory_format=expected_format(layout))
+    assert grads[1].is_contiguous() and grads[2].is_contiguous()
+
+
+@pytest.mark.parametrize("shape", SEPARABLE_SHAPES)
+@pytest.mark.parametrize("opts", SEPARABLE_OPTIONS)
+def test_separable_fp32_matches_float64(shape, opts):
+    check_separable(shape, opts, torch.float32, "contiguous")
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+@pytest.mark.parametrize("opts", [SEPARABLE_OPTIONS[1], SEPARABLE_OPTIONS[2], SEPARABLE_OPTIONS[3],
+                                  SEPARABLE_OPTIONS[7]])
+@pytest.mark.parametrize("shape", [SEPARABLE_SHAPES[1], SEPARABLE_SHAPES[2]])
+def test_separable_fp32_layouts(shape, opts, layout):
+    check_separable(shape, opts, torch.float32, layout)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("opts", [SEPARABLE_OPTIONS[1], SEPARABLE_OPTIONS[3], SEPARABLE_OPTIONS[5]])
+def test_separable_fp16_no_worse_than_pytorch(opts, layout):
+    check_separable(SEPARABLE_SHAPES[0], opts, torch.float16, layout)
+
+
+def test_separable_fp16_with_fp16_parameters():
+    opts = dict(in_scale=True, in_shift=True, in_relu=True, out_scale=True, out_shift=True, compute_stats=True,
+                residual=True, mid="elu")
+    check_separable(SEPARABLE_SHAPES[3], opts, torch.float16, "strided", param_dtype=torch.float16)
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("opts", SEPARABLE_OPTIONS)
+def test_separable_bf16_no_worse_than_pytorch(opts, layout):
+    check_separable(SEPARABLE_SHAPES[0], opts, torch.bfloat16, layout)
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_separable_low_precision_larger_shape(dtype):
+    shape = (4, 32, 48, 19, 17, 1, (3, 3), (2, 2), (0, 1, 0, 1), (1, 1))
+    check_separable(shape, SEPARABLE_OPTIONS[1] | dict(compute_stats=True, residual=True), dtype, "channels_last")
+
+
+# ---------------------------------------------------------------------------------------------- determinism
+
+def test_weight_gradients_and_statistics_are_bitwise_reproducible():
+    opts = dict(in_scale=True, in_shift=True, in_relu=True, out_scale=True, out_shift=True, compute_stats=True,
+                mid="elu")
+    x, t, f, g = separable_inputs(SEPARABLE_SHAPES[3], opts, torch.float32, "channels_last")
+    first_outs, first_grads = triton_separable(x, t, f, g)
+    second_outs, second_grads = triton_separable(x, t, f, g)
+    for a, b in zip(first_outs + tuple(first_grads), second_outs + tuple(second_grads)):
+        assert torch.equal(a, b)
+    case = DEPTHWISE_CASES[1]
+    inputs, (_, _, gw) = run_depthwise(case, torch.float32, "contiguous")
+    x, weight, _, grad = inputs
+    again = launch.depthwise_conv2d_backward_weight(grad, x, list(weight.shape), *case[6:9])
+    assert torch.equal(gw, again)
+
+
+def test_fixed_order_reduction_over_many_rows():
+    """More rows than one program sums: two levels of partial sums, same bits on every run."""
+    ws = torch.randn(300, 7, device=DEVICE)
+    first, second = torch.empty(7, device=DEVICE), torch.empty(7, device=DEVICE)
+    launch._reduce_rows(ws, first)
+    launch._reduce_rows(ws, second)
+    assert torch.equal(first, second)
+    assert relative_error(first, ws.double().sum(0)) <= 1e-6
+
+
+# ---------------------------------------------------------------------------------------------- edge cases
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_zero_batch(layout):
+    x = make_input((0, 4, 7, 7), torch.float32, layout)
+    dw = torch.randn(8, 1, 3, 3, device=DEVICE)
+    pw = torch.randn(5, 8, 1, 1, device=DEVICE)
+    scale, shift = torch.rand(4, device=DEVICE), torch.randn(4, device=DEVICE)
+    pad, stride, dil = [1, 1, 1, 1], [1, 1], [1, 1]
+    y = launch.depthwise_conv2d(x, dw, None, stride, pad, dil)
+    assert y.shape == (0, 8, 7, 7) and y.is_contiguous(memory_format=output_memory_format(x))
+    assert launch.depthwise_conv2d_backward_input(y, dw, list(x.shape), stride, pad, dil).shape == x.shape
+    gw = launch.depthwise_conv2d_backward_weight(y, x, list(dw.shape), stride, pad, dil)
+    assert torch.equal(gw, torch.zeros_like(dw))
+    out, total, total_sq = launch.separable_conv2d(x, dw, pw, scale, shift, True, stride, pad, dil, "relu", None,
+                                                   None, False, None, True)
+    assert out.shape == (0, 5, 7, 7) and torch.equal(total, torch.zeros(5, device=DEVICE))
+    assert torch.equal(total_sq, torch.zeros(5, device=DEVICE))
+    grads = launch.separable_conv2d_backward(out, torch.ones(5, device=DEVICE), None, None, x, dw, pw, scale, shift,
+                                             True, stride, pad, dil, "relu", None, None, False)
+    assert grads[0].shape == x.shape
+    for got, like in zip(grads[1:], (dw, pw, scale, shift)):
+        assert torch.equal(got, torch.zeros_like(like))
+    assert grads[5].shape == grads[6].shape == (0,)
+
+
+def test_empty_image_with_padding_gives_zero_input_contributions():
+    """H = 0 with padding: the output is made of padding only (the prologue does not reach it)."""
+    x = torch.randn(1, 3, 0, 4, device=DEVICE)
+    dw = torch.randn(3, 1, 1, 3, device=DEVICE)
+    pw = torch.randn(2, 3, 1, 1, device=DEVICE)
+    shift = torch.ones(3, device=DEVICE)
+    out, _, _ = launch.separable_conv2d(x, dw, pw, None, shift, True, [1, 1], [1, 1, 1, 1], [1, 1], "none",
+                                        None, None, False, None, False)
+    assert out.shape == (1, 2, 2, 4) and torch.equal(out, torch.zeros_like(out))
+    grads = launch.separable_conv2d_backward(torch.randn_like(out), None, None, None, x, dw, pw, None, shift, True,
+                                             [1, 1], [1, 1, 1, 1], [1, 1], "none", None, None, False)
+    assert grads[0].shape == x.shape
+    assert torch.equal(grads[1], torch.zeros_like(dw)) and torch.equal(grads[4], torch.zeros_like(shift))
+
+
+def test_outputs_are_fully_written():
+    """Outputs come from torch.empty: poison the allocator's memory first, then check that nothing stays NaN."""
+    for _ in range(4):
+        torch.full((1 << 14,), float("nan"), device=DEVICE)
+    shape, opts = SEPARABLE_SHAPES[3], SEPARABLE_OPTIONS[1] | dict(compute_stats=True)
+    x, t, f, g = separable_inputs(shape, opts, torch.float16, "channels_last")
+    outs, grads = triton_separable(x, t, f, g)
+    for v in outs + tuple(grads):
+        assert torch.isfinite(v).all()
+
+
+def test_index64_path_matches():
+    """The int64-index variant of every kernel, forced on small tensors."""
+    old = launch._INDEX_LIMIT
+    launch._INDEX_LIMIT = 0
+    try:
+        check_separable(SEPARABLE_SHAPES[1], SEPARABLE_OPTIONS[3] | dict(out_scale=True), torch.float32,
+                        "channels_last")
+        inputs, got = run_depthwise(DEPTHWISE_CASES[2], torch.float32, "strided")
+    finally:
+        launch._INDEX_LIMIT = old
+    for a, b in zip(got, reference_depthwise(inputs, DEPTHWISE_CASES[2], lambda v: v.detach().double().cpu())):
+        assert relative_error(a, b) <= FP32_TOL

@@ -1,0 +1,113 @@
+"""Launch configurations for the Triton kernels, and a small autotuner that picks one per shape and caches it.
+
+triton.autotune is not used directly because several ops size a workspace by the number of tiles, which
+depends on the block sizes: here the whole launch sequence of an op (kernels + fixed-order reductions) is timed
+per configuration, and the winner is cached under a key built from the shape, dtype, layout and flags.
+
+Under TRITON_INTERPRET=1 (CPU tests) every list collapses to one small configuration and nothing is timed.
+XCEPTION_OPS_TRITON_AUTOTUNE=0 turns the timing off on a GPU too (the first configuration of each list is
+used): weight gradients and statistics are then bitwise reproducible across processes, not only within one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Hashable, Sequence
+from typing import NamedTuple
+
+import torch
+
+
+class Config(NamedTuple):
+    BLOCK_P: int  # pixels per tile
+    BLOCK_C: int  # depthwise (or input) channels per tile
+    BLOCK_K: int = 16  # pointwise output channels per tile (GEMM kernels only)
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def meta(self, gemm: bool) -> dict:
+        m = dict(BLOCK_P=self.BLOCK_P, BLOCK_C=self.BLOCK_C, num_warps=self.num_warps, num_stages=self.num_stages)
+        if gemm:
+            m["BLOCK_K"] = self.BLOCK_K
+        return m
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def tuning_enabled() -> bool:
+    return os.environ.get("XCEPTION_OPS_TRITON_AUTOTUNE", "1").lower() not in ("0", "false", "no", "off")
+
+
+# Depthwise kernels (no tl.dot). With channels fastest in memory (NHWC) a tile is wide in channels; with
+# pixels fastest (NCHW, strided views) it is long in pixels. Every tile gives each thread 8 elements: at 16 the
+# input-gradient kernel spilled on sm_90 (3x3, all taps' gathers live at once).
+_DW_CHANNELS_LAST = (
+    Config(32, 64, num_warps=8), Config(16, 64, num_warps=4), Config(64, 32, num_warps=8),
+    Config(16, 128, num_warps=8),
+)
+_DW_PLANAR = (
+    Config(128, 8, num_warps=4), Config(256, 4, num_warps=4), Config(64, 16, num_warps=4),
+    Config(256, 8, num_warps=8),
+)
+# GEMM kernels (fused separable forward / backward): tl.dot needs every block dimension >= 16. The depthwise
+# tile is gathered tap by tap into registers, so the list favours tiles that compile without spills (checked
+# with ptxas for sm_90, fp16 and fp32, 3x3: the first three spill nothing in the forward, mid and pointwise-
+# gradient kernels, the last two a few bytes; larger tiles spilled kilobytes). The first entry is the default.
+_GEMM = (
+    Config(64, 32, 64, num_warps=8, num_stages=2), Config(32, 32, 64, num_warps=4, num_stages=2),
+    Config(128, 16, 64, num_warps=8, num_stages=2), Config(64, 16, 128, num_warps=8, num_stages=2),
+    Config(64, 32, 128, num_warps=8, num_stages=2),
+)
+# Interpreter: small tiles, so the CPU tests cover several tiles and channel chunks.
+_DW_INTERPRET = (Config(32, 8),)
+_GEMM_INTERPRET = (Config(32, 16, 16),)
+
+
+def depthwise_configs(channels_last: bool) -> Sequence[Config]:
+    if interpreting():
+        return _DW_INTERPRET
+    return _DW_CHANNELS_LAST if channels_last else _DW_PLANAR
+
+
+def gemm_configs(dtype: torch.dtype) -> Sequence[Config]:
+    if interpreting():
+        return _GEMM_INTERPRET
+    if dtype == torch.float32:
+        # A float32 tl.dot is pipelined by staging every tap's gather in shared memory (about 90 KB at the first
+        # tile size with 2 stages, over 300 KB at the larger ones, measured from the sm_90 compile): one stage.
+        return tuple(dict.fromkeys(c._replace(num_stages=1) for c in _GEMM))
+    return _GEMM
+
+
+_CACHE: dict[Hashable, Config] = {}
+
+
+def choose(op: str, key: Hashable, configs: Sequence[Config], run: Callable[[Config], object]) -> Config:
+    """The configuration `run` is fastest with, timed once per (op, key) and cached. `run(config)` launches the
+    op's whole sequence with that configuration (it may be called several times, so it must be idempotent)."""
+    if len(configs) == 1 or interpreting() or not tuning_enabled():
+        return configs[0]
+    cache_key = (op, key)
+    best = _CACHE.get(cache_key)
+    if best is not None:
+        return best
+    from triton.testing import do_bench
+
+    timings = []
+    error: Exception | None = None
+    for cfg in configs:
+        try:
+            timings.append((do_bench(lambda: run(cfg), warmup=5, rep=20, return_mode="median"), cfg))
+        except Exception as e:  # a configuration that does not fit (shared memory, registers) is skipped
+            error = e
+    if not timings:
+        raise RuntimeError(f"xception_ops triton backend: no launch configuration of {op} runs for {key}") from error
+    best = min(timings, key=lambda tc: tc[0])[1]
+    _CACHE[cache_key] = best
+    return best
+
+
+def cache_clear() -> None:
+    _CACHE.clear()

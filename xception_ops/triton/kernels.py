@@ -1,0 +1,567 @@
+"""Triton kernel bodies for xception_ops (no torch, no launch logic: see launch.py).
+
+Semantics are those of csrc/reference.cpp. Conventions shared by every kernel:
+
+* Pixels are flattened: a forward-side pixel index q runs over N * OH * OW (input-side kernels over N * H * W)
+  and is split into (n, oh, ow) in the kernel, so small images still fill a tile.
+* Every tensor is read and written through its own element strides (NCHW, NHWC or any strided view).
+* The math is float32. Values the reference holds in the input dtype (the prologue's affine, the depthwise
+  result, the pointwise result y) are rounded to that dtype at the same points, so masks such as `affine > 0`
+  and the statistics of y agree with the reference.
+* IDX64 (set by the launcher when a tensor spans 2^31 elements or more) makes every index int64.
+* Per-channel reductions (weight gradients, statistics, BN-parameter gradients) never use atomics: each program
+  writes its partial sums to its own row of a float32 workspace, and `reduce_rows_kernel` sums the rows in a
+  fixed order. Results are bitwise reproducible for a given launch configuration.
+* Flags are tl.constexpr, so every option compiles away when off.
+"""
+
+import triton
+import triton.language as tl
+
+MID_NONE = 0
+MID_RELU = 1
+MID_ELU = 2
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+# tl.sum, tl.cdiv and tl.zeros are themselves @triton.jit functions, decorated once when triton.language is
+# imported: in a process that imports triton before setting TRITON_INTERPRET=1 they cannot run in the
+# interpreter. The kernels use these equivalents, which follow kernels.py (re-imported by launch.py when the
+# variable changes). _sum is tl.sum's own definition: tl.reduce (a builtin) with triton's add combiner, which
+# the interpreter recognizes by identity and sums with numpy without calling it.
+
+@triton.jit
+def _sum(v, axis: tl.constexpr):
+    return tl.reduce(v, axis, tl.standard._sum_combine)
+
+
+@triton.jit
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
+@triton.jit
+def _index(v, IDX64: tl.constexpr):
+    if IDX64:
+        return v.to(tl.int64)
+    else:
+        return v
+
+
+@triton.jit
+def _pixels(pid_p, total, HW, W, IDX64: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The tile's flattened pixel indices split into (n, h, w), and the in-range mask."""
+    q = _index(pid_p, IDX64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask = q < total
+    n = q // HW
+    r = q - n * HW
+    h = r // W
+    w = r - h * W
+    return n, h, w, mask
+
+
+@triton.jit
+def _round(v, DTYPE: tl.constexpr):
+    """v as the reference holds it in DTYPE (a no-op for float32)."""
+    return v.to(DTYPE).to(tl.float32)
+
+
+@triton.jit
+def _prologue_params(in_scale_ptr, in_shift_ptr, ic, c_mask, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+                     BLOCK_C: tl.constexpr):
+    if HAS_SCALE:
+        scale = tl.load(in_scale_ptr + ic, mask=c_mask, other=1.0).to(tl.float32)
+    else:
+        scale = tl.full([BLOCK_C], 1.0, tl.float32)
+    if HAS_SHIFT:
+        shift = tl.load(in_shift_ptr + ic, mask=c_mask, other=0.0).to(tl.float32)
+    else:
+        shift = tl.full([BLOCK_C], 0.0, tl.float32)
+    return scale, shift
+
+
+@triton.jit
+def _load_input(x_ptr, offs, mask, scale, shift, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+                IN_RELU: tl.constexpr):
+    """What the depthwise stage reads: relu?(x * scale + shift) in x's dtype; zero outside the image (the
+    padding comes after the prologue)."""
+    v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SCALE or HAS_SHIFT:
+        if HAS_SCALE:
+            v = v * scale[None, :]
+        if HAS_SHIFT:
+            v = v + shift[None, :]
+        v = _round(v, x_ptr.dtype.element_ty)
+        if IN_RELU:
+            v = tl.maximum(v, 0.0)
+        v = tl.where(mask, v, 0.0)
+    elif IN_RELU:
+        v = tl.maximum(v, 0.0)
+    return v
+
+
+@triton.jit
+def _dw_tap(acc, x_ptr, dw_ptr, x_row, x_col, w_col, ih0, iw0, p_mask, c_mask, scale, shift, kh, kw,
+            H, W, sxh, sxw, swh, sww, dil_h, dil_w,
+            HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, IN_RELU: tl.constexpr):
+    ih = ih0 + kh * dil_h
+    iw = iw0 + kw * dil_w
+    ok = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    mask = ok[:, None] & c_mask[None, :]
+    offs = (x_row + ih * sxh + iw * sxw)[:, None] + x_col[None, :]
+    v = _load_input(x_ptr, offs, mask, scale, shift, HAS_SCALE, HAS_SHIFT, IN_RELU)
+    wv = tl.load(dw_ptr + w_col + kh * swh + kw * sww, mask=c_mask, other=0.0).to(tl.float32)
+    return acc + v * wv[None, :]
+
+
+@triton.jit
+def _dw_tile(x_ptr, dw_ptr, in_scale_ptr, in_shift_ptr, n, oh, ow, p_mask, oc, c_mask,
+             H, W, M, stride_h, stride_w, pad_t, pad_l, dil_h, dil_w,
+             sxn, sxc, sxh, sxw, swo, swh, sww,
+             KH: tl.constexpr, KW: tl.constexpr, UNROLL: tl.constexpr,
+             HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, IN_RELU: tl.constexpr, IDX64: tl.constexpr,
+             BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The depthwise result for BLOCK_P output pixels x BLOCK_C depthwise channels, float32, in registers."""
+    ic = oc // M
+    scale, shift = _prologue_params(in_scale_ptr, in_shift_ptr, ic, c_mask, HAS_SCALE, HAS_SHIFT, BLOCK_C)
+    x_row = n * sxn
+    x_col = _index(ic, IDX64) * sxc
+    w_col = _index(oc, IDX64) * swo
+    ih0 = oh * stride_h - pad_t
+    iw0 = ow * stride_w - pad_l
+    acc = tl.full([BLOCK_P, BLOCK_C], 0.0, tl.float32)
+    if UNROLL:
+        for kh in tl.static_range(KH):
+            for kw in tl.static_range(KW):
+                acc = _dw_tap(acc, x_ptr, dw_ptr, x_row, x_col, w_col, ih0, iw0, p_mask, c_mask, scale, shift,
+                              kh, kw, H, W, sxh, sxw, swh, sww, dil_h, dil_w, HAS_SCALE, HAS_SHIFT, IN_RELU)
+    else:
+        for kh in range(KH):
+            for kw in range(KW):
+                acc = _dw_tap(acc, x_ptr, dw_ptr, x_row, x_col, w_col, ih0, iw0, p_mask, c_mask, scale, shift,
+                              kh, kw, H, W, sxh, sxw, swh, sww, dil_h, dil_w, HAS_SCALE, HAS_SHIFT, IN_RELU)
+    return acc
+
+
+@triton.jit
+def _mid_act(d, MID: tl.constexpr):
+    if MID == 1:
+        d = tl.maximum(d, 0.0)
+    elif MID == 2:
+        d = tl.where(d > 0, d, tl.exp(d) - 1.0)
+    return d
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_PREC: tl.constexpr):
+    return tl.dot(a, b, acc, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _sep_y_tile(x_ptr, dw_ptr, pw_ptr, in_scale_ptr, in_shift_ptr, n, oh, ow, p_mask, k, k_mask,
+                C_DW, H, W, M, stride_h, stride_w, pad_t, pad_l, dil_h, dil_w,
+                sxn, sxc, sxh, sxw, swo, swh, sww, spk, spc,
+                KH: tl.constexpr, KW: tl.constexpr, UNROLL: tl.constexpr,
+                HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, IN_RELU: tl.constexpr, MID: tl.constexpr,
+                DOT_PREC: tl.constexpr, IDX64: tl.constexpr,
+                BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The pointwise result y for BLOCK_P pixels x BLOCK_K output channels: for each chunk of BLOCK_C depthwise
+    channels, the depthwise tile is computed in registers and multiplied into the accumulator with tl.dot.
+    The depthwise intermediate never leaves the chip."""
+    acc = tl.full([BLOCK_P, BLOCK_K], 0.0, tl.float32)
+    pw_row = _index(k, IDX64) * spk
+    for c0 in range(0, C_DW, BLOCK_C):
+        oc = c0 + tl.arange(0, BLOCK_C)
+        c_mask = oc < C_DW
+        d = _dw_tile(x_ptr, dw_ptr, in_scale_ptr, in_shift_ptr, n, oh, ow, p_mask, oc, c_mask,
+                     H, W, M, stride_h, stride_w, pad_t, pad_l, dil_h, dil_w, sxn, sxc, sxh, sxw, swo, swh, sww,
+                     KH, KW, UNROLL, HAS_SCALE, HAS_SHIFT, IN_RELU, IDX64, BLOCK_P, BLOCK_C)
+        mid = _mid_act(_round(d, x_ptr.dtype.element_ty), MID)
+        pw = tl.load(pw_ptr + (_index(oc, IDX64) * spc)[:, None] + pw_row[None, :],
+                     mask=c_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = _dot(mid.to(x_ptr.dtype.element_ty), pw, acc, DOT_PREC)
+    return acc
+
+
+@triton.jit
+def _grad_y_tile(go_ptr, out_ptr, out_scale_ptr, gsum_ptr, n, oh, ow, p_mask, k, k_mask,
+                 sgn, sgk, sgh, sgw, son, sok, soh, sow,
+                 OUT_RELU: tl.constexpr, HAS_OSCALE: tl.constexpr, HAS_GSUM: tl.constexpr, IDX64: tl.constexpr):
+    """The gradient of the pointwise result y, float32, zero outside the tile: the epilogue's backward folded
+    into the load of grad_out (relu mask from the saved output, out_scale, the gradient of the sum statistic).
+    With every flag off it is a plain load (of grad_out, or of a materialized grad_y)."""
+    mask = p_mask[:, None] & k_mask[None, :]
+    kk = _index(k, IDX64)
+    g = tl.load(go_ptr + (n * sgn + oh * sgh + ow * sgw)[:, None] + (kk * sgk)[None, :], mask=mask,
+                other=0.0).to(tl.float32)
+    if OUT_RELU:
+        o = tl.load(out_ptr + (n * son + oh * soh + ow * sow)[:, None] + (kk * sok)[None, :], mask=mask,
+                    other=0.0)
+        g = tl.where(o > 0, g, 0.0)
+    if HAS_OSCALE:
+        g = g * tl.load(out_scale_ptr + k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_GSUM:
+        g = g + tl.load(gsum_ptr + k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+        g = tl.where(mask, g, 0.0)
+    return g
+
+
+# ------------------------------------------------------------------------------------------------ reduction
+
+@triton.jit
+def reduce_rows_kernel(ws_ptr, out_ptr, R, COLS, ROWS_PER_PROGRAM, BLOCK_R: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """out[g, j] = sum of ws[r, j] over the rows r of group g (ROWS_PER_PROGRAM rows from g * ROWS_PER_PROGRAM),
+    ws float32 row-major [R, COLS]; always summed in the same order. Grid: (column blocks, row groups)."""
+    cols = tl.program_id(0) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    c_mask = cols < COLS
+    group = tl.program_id(1).to(tl.int64)
+    first = group * ROWS_PER_PROGRAM
+    acc = tl.full([BLOCK_R, BLOCK_COLS], 0.0, tl.float32)
+    for r0 in range(0, ROWS_PER_PROGRAM, BLOCK_R):
+        local = r0 + tl.arange(0, BLOCK_R)
+        rows = first + local
+        mask = ((local < ROWS_PER_PROGRAM) & (rows < R))[:, None] & c_mask[None, :]
+        acc += tl.load(ws_ptr + rows[:, None] * COLS + cols[None, :], mask=mask, other=0.0)
+    total = _sum(acc, axis=0)
+    tl.store(out_ptr + group * COLS + cols, total.to(out_ptr.dtype.element_ty), mask=c_mask)
+
+
+# ------------------------------------------------------------------------------------------------ depthwise
+
+@triton.jit
+def dw_fwd_kernel(x_ptr, dw_ptr, bias_ptr, y_ptr,
+                  Q, OHW, OW, H, W, C_DW, M, stride_h, stride_w, pad_t, pad_l, dil_h, dil_w,
+                  sxn, sxc, sxh, sxw, swo, swh, sww, syn, syc, syh, syw,
+                  KH: tl.constexpr, KW: tl.constexpr, UNROLL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  IDX64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Depthwise forward: one program per BLOCK_P output pixels x BLOCK_C output channels."""
+    pid = tl.program_id(0)
+    num_c = _cdiv(C_DW, BLOCK_C)
+    pid_p = pid // num_c
+    pid_c = pid - pid_p * num_c
+    n, oh, ow, p_mask = _pixels(pid_p, Q, OHW, OW, IDX64, BLOCK_P)
+    oc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = oc < C_DW
+    acc = _dw_tile(x_ptr, dw_ptr, x_ptr, x_ptr, n, oh, ow, p_mask, oc, c_mask,
+                   H, W, M, stride_h, stride_w, pad_t, pad_l, dil_h, dil_w, sxn, sxc, sxh, sxw, swo, swh, sww,
+                   KH, KW, UNROLL, False, False, False, IDX64, BLOCK_P, BLOCK_C)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + oc, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    offs = (n * syn + oh * syh + ow * syw)[:, None] + (_index(oc, IDX64) * syc)[None, :]
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=p_mask[:, None] & c_mask[None, :])
+
+
+@triton.jit
+def dw_dgrad_kernel(g_ptr, dw_ptr, gx_ptr, x_ptr, in_scale_ptr, in_shift_ptr, ws_ptr,
+                    Q_IN, HW, W, C, OH, OW, M, stride_h, stride_w, pad_t, pad_l, dil_h, dil_w,
+                    sgn, sgc, sgh, sgw, swo, swh, sww, sxn, sxc, sxh, sxw, son, soc, soh, sow,
+                    KH: tl.constexpr, KW: tl.constexpr, UNROLL: tl.constexpr,
+                    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, IN_RELU: tl.constexpr, IDX64: tl.constexpr,
+                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Depthwise input gradient, gather form: one program per BLOCK_P input pixels x BLOCK_C input channels,
+    summing over m < M and the taps that reach each pixel (deterministic, no atomics).
+
+    With the separable prologue (x * in_scale + in_shift, relu) its backward is fused into the epilogue: the
+    relu mask is recomputed from x, the per-channel partial sums of grad * x (for in_scale) and grad (for
+    in_shift) go to rows pid_p of the workspace planes 0 and 1 ([2, num_pixel_tiles, C]), and grad_x = grad *
+    in_scale is stored."""
+    pid = tl.program_id(0)
+    num_c = _cdiv(C, BLOCK_C)
+    pid_p = pid // num_c
+    pid_c = pid - pid_p * num_c
+    n, ih, iw, p_mask = _pixels(pid_p, Q_IN, HW, W, IDX64, BLOCK_P)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    g_row = n * sgn
+    th0 = ih + pad_t
+    tw0 = iw + pad_l
+    acc = tl.full([BLOCK_P, BLOCK_C], 0.0, tl.float32)
+    for m in range(M):
+        oc = _index(c * M + m, IDX64)
+        g_col = oc * sgc
+        w_col = oc * swo
+        if UNROLL:
+            for kh in tl.static_range(KH):
+                for kw in tl.static_range(KW):
+                    acc = _dgrad_tap(acc, g_ptr, dw_ptr, g_row, g_col, w_col, th0, tw0, p_mask, c_mask, kh, kw,
+                                     OH, OW, stride_h, stride_w, dil_h, dil_w, sgh, sgw, swh, sww)
+        else:
+            for kh in range(KH):
+                for kw in range(KW):
+                    acc = _dgrad_tap(acc, g_ptr, dw_ptr, g_row, g_col, w_col, th0, tw0, p_mask, c_mask, kh, kw,
+                                     OH, OW, stride_h, stride_w, dil_h, dil_w, sgh, sgw, swh, sww)
+    mask = p_mask[:, None] & c_mask[None, :]
+    cc = _index(c, IDX64)
+    if HAS_SCALE or HAS_SHIFT or IN_RELU:
+        xv = tl.load(x_ptr + (n * sxn + ih * sxh + iw * sxw)[:, None] + (cc * sxc)[None, :], mask=mask,
+                     other=0.0).to(tl.float32)
+        scale, shift = _prologue_params(in_scale_ptr, in_shift_ptr, c, c_mask, HAS_SCALE, HAS_SHIFT, BLOCK_C)
+        if IN_RELU:
+            a = xv
+            if HAS_SCALE or HAS_SHIFT:
+                a = _round(xv * scale[None, :] + shift[None, :], x_ptr.dtype.element_ty)
+            acc = tl.where(a > 0, acc, 0.0)
+        row = pid_p.to(tl.int64) * C
+        plane = (tl.num_programs(0) // num_c).to(tl.int64) * C
+        if HAS_SCALE:
+            tl.store(ws_ptr + row + c, _sum(tl.where(mask, acc * xv, 0.0), axis=0), mask=c_mask)
+            if HAS_SHIFT:
+                tl.store(ws_ptr + plane + row + c, _sum(tl.where(mask, acc, 0.0), axis=0), mask=c_mask)
+            acc = acc * scale[None, :]
+        elif HAS_SHIFT:
+            tl.store(ws_ptr + plane + row + c, _sum(tl.where(mask, acc, 0.0), axis=0), mask=c_mask)
+    offs = (n * son + ih * soh + iw * sow)[:, None] + (cc * soc)[None, :]
+    tl.store(gx_ptr + offs, acc.to(gx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dgrad_tap(acc, g_ptr, dw_ptr, g_row, g_col, w_col, th0, tw0, p_mask, c_mask, kh, kw,
+               OH, OW, stride_h, stride_w, dil_h, dil_w, sgh, sgw, swh, sww):
+    # Tap (kh, kw) reaches input pixel (ih, iw) from output pixel (oh, ow) when ih + pad_t - kh * dil_h
+    # = oh * stride_h, likewise for w.
+    th = th0 - kh * dil_h
+    tw = tw0 - kw * dil_w
+    oh = tl.maximum(th, 0) // stride_h
+    ow = tl.maximum(tw, 0) // stride_w
+    ok = p_mask & (th >= 0) & (tw >= 0) & (oh * stride_h == th) & (ow * stride_w == tw) & (oh < OH) & (ow < OW)
+    gv = tl.load(g_ptr + (g_row + oh * sgh + ow * sgw)[:, None] + g_col[None, :],
+                 mask=ok[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
+    wv = tl.load(dw_ptr + w_col + kh * swh + kw * sww, mask=c_mask, other=0.0).to(tl.float32)
+    return acc + gv * wv[None, :]
+
+
+@triton.jit
+def dw_wgrad_kernel(g_ptr, x_ptr, in_scale_ptr, in_shift_ptr, ws_ptr,
+                    Q, OHW, OW, H, W, C_DW, M, T, TILES_PER_SLICE,
+                    stride_h, stride_w, pad_t, pad_l, dil_h, dil_w,
+                    sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw,
+                    KW: tl.constexpr, TAPS: tl.constexpr, BLOCK_T: tl.constexpr,
+                    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, IN_RELU: tl.constexpr, IDX64: tl.constexpr,
+                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Depthwise weight gradient, partial sums: one program per (pixel slice, BLOCK_C channels, group of TAPS
+    taps). It walks its slice of TILES_PER_SLICE pixel tiles, reads each grad tile once, and keeps one float32
+    partial per (tap, channel); the partials go to row `slice` of the workspace [num_slices, C_DW, T], which
+    reduce_rows_kernel then sums in a fixed order. The input goes through the separable prologue on load."""
+    pid = tl.program_id(0)
+    num_c = _cdiv(C_DW, BLOCK_C)
+    num_g = _cdiv(T, TAPS)
+    pid_g = pid % num_g
+    rest = pid // num_g
+    pid_c = rest % num_c
+    s = rest // num_c
+    oc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = oc < C_DW
+    ic = oc // M
+    scale, shift = _prologue_params(in_scale_ptr, in_shift_ptr, ic, c_mask, HAS_SCALE, HAS_SHIFT, BLOCK_C)
+    g_col = _index(oc, IDX64) * sgc
+    x_col = _index(ic, IDX64) * sxc
+    t_ids = tl.arange(0, BLOCK_T)
+    acc = tl.full([BLOCK_T, BLOCK_C], 0.0, tl.float32)
+    for i in range(TILES_PER_SLICE):
+        n, oh, ow, p_mask = _pixels(s * TILES_PER_SLICE + i, Q, OHW, OW, IDX64, BLOCK_P)
+        gv = tl.load(g_ptr + (n * sgn + oh * sgh + ow * sgw)[:, None] + g_col[None, :],
+                     mask=p_mask[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
+        x_row = n * sxn
+        ih0 = oh * stride_h - pad_t
+        iw0 = ow * stride_w - pad_l
+        for j in tl.static_range(TAPS):
+            t = pid_g * TAPS + j
+            kh = t // KW
+            kw = t - kh * KW
+            ih = ih0 + kh * dil_h
+            iw = iw0 + kw * dil_w
+            ok = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W) & (t < T)
+            mask = ok[:, None] & c_mask[None, :]
+            v = _load_input(x_ptr, (x_row + ih * sxh + iw * sxw)[:, None] + x_col[None, :], mask, scale, shift,
+                            HAS_SCALE, HAS_SHIFT, IN_RELU)
+            part = _sum(gv * v, axis=0)
+            acc = tl.where(t_ids[:, None] == j, acc + part[None, :], acc)
+    t_glob = pid_g * TAPS + t_ids
+    offs = s.to(tl.int64) * C_DW * T + (_index(oc, IDX64) * T)[None, :] + t_glob[:, None]
+    tl.store(ws_ptr + offs, acc, mask=((t_ids < TAPS) & (t_glob < T))[:, None] & c_mask[None, :])
+
+
+# ------------------------------------------------------------------------------------------------ separable
+
+@triton.jit
+def sep_fwd_kernel(x_ptr, dw_ptr, pw_ptr, in_scale_ptr, in_shift_ptr, out_scale_ptr, out_shift_ptr, res_ptr,
+                   out_ptr, ws_ptr,
+                   Q, OHW, OW, H, W, C_DW, K, M, stride_h, stride_w, pad_t, pad_l, dil_h, dil_w,
+                   sxn, sxc, sxh, sxw, swo, swh, sww, spk, spc, srn, srk, srh, srw, son, sok, soh, sow,
+                   KH: tl.constexpr, KW: tl.constexpr, UNROLL: tl.constexpr,
+                   HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, IN_RELU: tl.constexpr, MID: tl.constexpr,
+                   HAS_OSCALE: tl.constexpr, HAS_OSHIFT: tl.constexpr, HAS_RES: tl.constexpr,
+                   OUT_RELU: tl.constexpr, STATS: tl.constexpr, DOT_PREC: tl.constexpr, IDX64: tl.constexpr,
+                   BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Fused separable forward: one program per BLOCK_P output pixels x BLOCK_K output channels.
+
+    y = pw(act(dw(relu?(x * in_scale + in_shift)))) with the depthwise tile on chip (_sep_y_tile), then the
+    epilogue out = relu?(y * out_scale + out_shift + residual). With STATS, the tile's per-channel partial sums
+    of y and y^2 go to row pid_p of the workspace planes 0 and 1 ([2, num_pixel_tiles, K])."""
+    pid = tl.program_id(0)
+    num_k = _cdiv(K, BLOCK_K)
+    pid_p = pid // num_k
+    pid_k = pid - pid_p * num_k
+    n, oh, ow, p_mask = _pixels(pid_p, Q, OHW, OW, IDX64, BLOCK_P)
+    k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_mask = k < K
+    acc = _sep_y_tile(x_ptr, dw_ptr, pw_ptr, in_scale_ptr, in_shift_ptr, n, oh, ow, p_mask, k, k_mask,
+                      C_DW, H, W, M, stride_h, stride_w, pad_t, pad_l, dil_h, dil_w,
+                      sxn, sxc, sxh, sxw, swo, swh, sww, spk, spc,
+                      KH, KW, UNROLL, HAS_SCALE, HAS_SHIFT, IN_RELU, MID, DOT_PREC, IDX64,
+                      BLOCK_P, BLOCK_C, BLOCK_K)
+    mask = p_mask[:, None] & k_mask[None, :]
+    y = tl.where(mask, _round(acc, x_ptr.dtype.element_ty), 0.0)
+    if STATS:
+        row = pid_p.to(tl.int64) * K
+        plane = (tl.num_programs(0) // num_k).to(tl.int64) * K
+        tl.store(ws_ptr + row + k, _sum(y, axis=0), mask=k_mask)
+        tl.store(ws_ptr + plane + row + k, _sum(y * y, axis=0), mask=k_mask)
+    z = y
+    if HAS_OSCALE:
+        z = z * tl.load(out_scale_ptr + k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_OSHIFT:
+        z = z + tl.load(out_shift_ptr + k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+    kk = _index(k, IDX64)
+    if HAS_RES:
+        z = z + tl.load(res_ptr + (n * srn + oh * srh + ow * srw)[:, None] + (kk * srk)[None, :], mask=mask,
+                        other=0.0).to(tl.float32)
+    if OUT_RELU:
+        z = tl.maximum(z, 0.0)
+    offs = (n * son + oh * soh + ow * sow)[:, None] + (kk * sok)[None, :]
+    tl.store(out_ptr + offs, z.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def sep_bwd_epilogue_kernel(go_ptr, out_ptr, out_scale_ptr, gsum_ptr, gsumsq_ptr,
+                            x_ptr, dw_ptr, pw_ptr, in_scale_ptr, in_shift_ptr, ws_ptr, gy_ptr,
+                            Q, OHW, OW, H, W, C_DW, K, M, stride_h, stride_w, pad_t, pad_l, dil_h, dil_w,
+                            sxn, sxc, sxh, sxw, swo, swh, sww, spk, spc,
+                            sgn, sgk, sgh, sgw, son, sok, soh, sow, syn, syk, syh, syw,
+                            KH: tl.constexpr, KW: tl.constexpr, UNROLL: tl.constexpr,
+                            HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, IN_RELU: tl.constexpr,
+                            MID: tl.constexpr, NEED_Y: tl.constexpr, OUT_RELU: tl.constexpr,
+                            HAS_OSCALE: tl.constexpr, HAS_OSHIFT: tl.constexpr, HAS_GSUM: tl.constexpr,
+                            WRITE_GY: tl.constexpr, DOT_PREC: tl.constexpr, IDX64: tl.constexpr,
+                            BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Separable backward, epilogue part (runs only when out_scale / out_shift have gradients or grad_sumsq is
+    given): recomputes y when needed (NEED_Y), writes the per-tile partial sums of grad_z * y (plane 0, for
+    out_scale) and grad_z (plane 1, for out_shift) to the workspace [2, num_pixel_tiles, K], and with WRITE_GY
+    materializes grad_y = grad_z * out_scale + grad_sum + 2 * y * grad_sumsq in x's dtype."""
+    pid = tl.program_id(0)
+    num_k = _cdiv(K, BLOCK_K)
+    pid_p = pid // num_k
+    pid_k = pid - pid_p * num_k
+    n, oh, ow, p_mask = _pixels(pid_p, Q, OHW, OW, IDX64, BLOCK_P)
+    k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_mask = k < K
+    mask = p_mask[:, None] & k_mask[None, :]
+    gz = _grad_y_tile(go_ptr, out_ptr, out_scale_ptr, gsum_ptr, n, oh, ow, p_mask, k, k_mask,
+                      sgn, sgk, sgh, sgw, son, sok, soh, sow, OUT_RELU, False, False, IDX64)
+    if NEED_Y:
+        acc = _sep_y_tile(x_ptr, dw_ptr, pw_ptr, in_scale_ptr, in_shift_ptr, n, oh, ow, p_mask, k, k_mask,
+                          C_DW, H, W, M, stride_h, stride_w, pad_t, pad_l, dil_h, dil_w,
+                          sxn, sxc, sxh, sxw, swo, swh, sww, spk, spc,
+                          KH, KW, UNROLL, HAS_SCALE, HAS_SHIFT, IN_RELU, MID, DOT_PREC, IDX64,
+                          BLOCK_P, BLOCK_C, BLOCK_K)
+        y = tl.where(mask, _round(acc, x_ptr.dtype.element_ty), 0.0)
+    row = pid_p.to(tl.int64) * K
+    plane = (tl.num_programs(0) // num_k).to(tl.int64) * K
+    if HAS_OSCALE:
+        tl.store(ws_ptr + row + k, _sum(gz * y, axis=0), mask=k_mask)
+    if HAS_OSHIFT:
+        tl.store(ws_ptr + plane + row + k, _sum(gz, axis=0), mask=k_mask)
+    if WRITE_GY:
+        gy = gz
+        if HAS_OSCALE:
+            gy = gy * tl.load(out_scale_ptr + k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+        if HAS_GSUM:
+            gy = gy + tl.load(gsum_ptr + k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+        gy = gy + 2.0 * y * tl.load(gsumsq_ptr + k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+        offs = (n * syn + oh * syh + ow * syw)[:, None] + (_index(k, IDX64) * syk)[None, :]
+        tl.store(gy_ptr + offs, gy.to(gy_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def sep_bwd_mid_kernel(go_ptr, out_ptr, out_scale_ptr, gsum_ptr,
+                       x_ptr, dw_ptr, pw_ptr, in_scale_ptr, in_shift_ptr, g_ptr,
+                       Q, OHW, OW, H, W, C_DW, K, M, stride_h, stride_w, pad_t, pad_l, dil_h, dil_w,
+                       sxn, sxc, sxh, sxw, swo, swh, sww, spk, spc,
+                       sgn, sgk, sgh, sgw, son, sok, soh, sow, sdn, sdc, sdh, sdw,
+                       KH: tl.constexpr, KW: tl.constexpr, UNROLL: tl.constexpr,
+                       HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, IN_RELU: tl.constexpr, MID: tl.constexpr,
+                       OUT_RELU: tl.constexpr, HAS_OSCALE: tl.constexpr, HAS_GSUM: tl.constexpr,
+                       DOT_PREC: tl.constexpr, IDX64: tl.constexpr,
+                       BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Separable backward, gradient of the depthwise output: one program per BLOCK_P pixels x BLOCK_C depthwise
+    channels. grad_mid = grad_y @ W as tl.dot over chunks of BLOCK_K output channels (grad_y folded from
+    grad_out, or read from its materialized buffer); the mid activation's backward uses the depthwise result,
+    recomputed in registers. The result (grad of the depthwise output) is stored in x's dtype."""
+    pid = tl.program_id(0)
+    num_c = _cdiv(C_DW, BLOCK_C)
+    pid_p = pid // num_c
+    pid_c = pid - pid_p * num_c
+    n, oh, ow, p_mask = _pixels(pid_p, Q, OHW, OW, IDX64, BLOCK_P)
+    oc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = oc < C_DW
+    pw_col = _index(oc, IDX64) * spc
+    gmid = tl.full([BLOCK_P, BLOCK_C], 0.0, tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = k < K
+        gy = _grad_y_tile(go_ptr, out_ptr, out_scale_ptr, gsum_ptr, n, oh, ow, p_mask, k, k_mask,
+                          sgn, sgk, sgh, sgw, son, sok, soh, sow, OUT_RELU, HAS_OSCALE, HAS_GSUM, IDX64)
+        w = tl.load(pw_ptr + (_index(k, IDX64) * spk)[:, None] + pw_col[None, :],
+                    mask=k_mask[:, None] & c_mask[None, :], other=0.0)
+        gmid = _dot(gy.to(x_ptr.dtype.element_ty), w, gmid, DOT_PREC)
+    if MID != 0:
+        d = _dw_tile(x_ptr, dw_ptr, in_scale_ptr, in_shift_ptr, n, oh, ow, p_mask, oc, c_mask,
+                     H, W, M, stride_h, stride_w, pad_t, pad_l, dil_h, dil_w, sxn, sxc, sxh, sxw, swo, swh, sww,
+                     KH, KW, UNROLL, HAS_SCALE, HAS_SHIFT, IN_RELU, IDX64, BLOCK_P, BLOCK_C)
+        d = _round(d, x_ptr.dtype.element_ty)
+        if MID == 1:
+            gmid = tl.where(d > 0, gmid, 0.0)
+        else:
+            gmid = tl.where(d > 0, gmid, gmid * tl.exp(tl.minimum(d, 0.0)))
+    offs = (n * sdn + oh * sdh + ow * sdw)[:, None] + (_index(oc, IDX64) * sdc)[None, :]
+    tl.store(g_ptr + offs, gmid.to(g_ptr.dtype.element_ty), mask=p_mask[:, None] & c_mask[None, :])
+
+
+@triton.jit
+def sep_bwd_pw_kernel(go_ptr, out_ptr, out_scale_ptr, gsum_ptr,
+                      x_ptr, dw_ptr, in_scale_ptr, in_shift_ptr, ws_ptr,
+                      Q, OHW, OW, H, W, C_DW, K, M, TILES_PER_SLICE,
+                      stride_h, stride_w, pad_t, pad_l, dil_h, dil_w,
+                      sxn, sxc, sxh, sxw, swo, swh, sww, sgn, sgk, sgh, sgw, son, sok, soh, sow,
+                      KH: tl.constexpr, KW: tl.constexpr, UNROLL: tl.constexpr,
+                      HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, IN_RELU: tl.constexpr, MID: tl.constexpr,
+                      OUT_RELU: tl.constexpr, HAS_OSCALE: tl.constexpr, HAS_GSUM: tl.constexpr,
+                      DOT_PREC: tl.constexpr, IDX64: tl.constexpr,
+                      BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Separable backward, pointwise weight gradient, partial sums: one program per (pixel slice, BLOCK_K output
+    channels, BLOCK_C depthwise channels) accumulates grad_y^T @ act(dw) with tl.dot over its slice's pixel
+    tiles (the depthwise result recomputed in registers) and writes row `slice` of the workspace
+    [num_slices, K, C_DW]; reduce_rows_kernel sums the rows in a fixed order."""
+    pid = tl.program_id(0)
+    num_c = _cdiv(C_DW, BLOCK_C)
+    num_k = _cdiv(K, BLOCK_K)
+    pid_c = pid % num_c
+    rest = pid // num_c
+    pid_k = rest % num_k
+    s = rest // num_k
+    oc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = oc < C_DW
+    k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_mask = k < K
+    acc = tl.full([BLOCK_K, BLOCK_C], 0.0, tl.float32)
+    for i in range(TILES_PER_SLICE):
+        n, oh, ow, p_mask = _pixels(s * TILES_PER_SLICE + i, Q, OHW, OW, IDX64, BLOCK_P)
+        gy = _grad_y_tile(go_ptr, out_ptr, out_scale_ptr, gsum_ptr, n, oh, ow, p_mask, k, k_mask,
+                          sgn, sgk, sgh, sgw, son, sok, soh, sow, OUT_RELU, HAS_OSCALE, HAS_GSUM, IDX64)
+        d = _dw_tile(x_ptr, dw_ptr, in_scale_ptr, in_shift_ptr, n, oh, ow, p_mask, oc, c_mask,
+                     H, W, M, stride_h, stride_w, pad_t, pad_l, dil_h, dil_w, sxn, sxc, sxh, sxw, swo, swh, sww,
+                     KH, KW, UNROLL, HAS_SCALE, HAS_SHIFT, IN_RELU, IDX64, BLOCK_P, BLOCK_C)
+        mid = _mid_act(_round(d, x_ptr.dtype.element_ty), MID)
+        acc = _dot(tl.trans(gy.to(x_ptr.dtype.element_ty)), mid.to(x_ptr.dtype.element_ty), acc, DOT_PREC)
+    offs = s.to(tl.int64) * K * C_DW + (_index(k, IDX64) * C_DW)[:, None] + oc[None, :]
+    tl.store(ws_ptr + offs, acc, mask=k_mask[:, None] & c_mask[None, :])

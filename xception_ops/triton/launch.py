@@ -1,0 +1,465 @@
+"""Launchers for the Triton kernels (kernels.py): plain functions on tensors, same results, dtypes and memory
+formats as the reference path (csrc/reference.cpp). Arguments arrive validated and normalized: stride [sh, sw],
+padding [top, bottom, left, right], dilation [dh, dw]. Registration and routing live elsewhere.
+
+What each op launches:
+
+* depthwise_conv2d: dw_fwd_kernel (tile of pixels x channels, taps unrolled up to 7x7).
+* depthwise_conv2d_backward_input: dw_dgrad_kernel (gather form; deterministic).
+* depthwise_conv2d_backward_weight: dw_wgrad_kernel (per-slice partials) + reduce_rows_kernel (fixed order).
+* separable_conv2d: sep_fwd_kernel, the fused dw -> pw GEMM (tl.dot on the depthwise tile held in registers),
+  with the prologue, mid activation, epilogue and per-tile statistics partials; reduce_rows_kernel for the
+  statistics.
+* separable_conv2d_backward, in up to five passes (the depthwise result is recomputed, never stored):
+  1. sep_bwd_epilogue_kernel, only when out_scale / out_shift are given or grad_sumsq is: partial sums for
+     their gradients (recomputing y with the fused forward when needed); with grad_sumsq it materializes
+     grad_y (output-sized, x's dtype), since grad_y then depends on y.
+  2. sep_bwd_mid_kernel: grad of the depthwise output = act'(dw) * (grad_y @ W) as tl.dot, with the
+     epilogue's backward (relu mask from `out`, out_scale, grad_sum) folded into the grad_out loads. This
+     buffer (the size of the depthwise output, x's dtype) is the one intermediate that is materialized.
+  3. sep_bwd_pw_kernel: grad_pw = grad_y^T @ act(dw) as tl.dot per pixel slice, depthwise tile recomputed.
+  4. dw_wgrad_kernel on the buffer of pass 2, the input going through the prologue on load -> grad_dw_weight.
+  5. dw_dgrad_kernel on the same buffer, with the prologue's backward fused into its epilogue (relu mask,
+     partial sums for in_scale / in_shift, times in_scale) -> grad_x.
+  Every per-channel sum goes through a float32 workspace and reduce_rows_kernel: no atomics.
+
+CPU tensors run in Triton's interpreter and need TRITON_INTERPRET=1; the kernels follow the variable as it is
+at each call (kernels.py is re-imported when it changed since the kernels were decorated).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Sequence
+
+import torch
+import triton
+
+from ..checks import output_memory_format
+from ..geometry import output_hw
+from . import autotune, kernels
+from .autotune import Config
+
+IMPLEMENTED = frozenset({
+    "depthwise_conv2d",
+    "depthwise_conv2d_backward_input",
+    "depthwise_conv2d_backward_weight",
+    "separable_conv2d",
+    "separable_conv2d_backward",
+})
+
+_MID = {None: kernels.MID_NONE, "none": kernels.MID_NONE, "relu": kernels.MID_RELU, "elu": kernels.MID_ELU}
+_MAX_UNROLLED_TAPS = 49  # kernels up to 7x7 have their taps unrolled; larger ones loop
+_INDEX_LIMIT = 2**30  # int32 indexing below this span; headroom for the offsets of masked (out-of-image) taps
+_REDUCE_META = dict(BLOCK_R=8, BLOCK_COLS=128, num_warps=4)
+_REDUCE_GROUP = 64  # rows per program in each level of the fixed-order reduction
+
+
+# ------------------------------------------------------------------------------------------------ plumbing
+
+def _kernels():
+    """kernels.py, decorated for the interpreter exactly when TRITON_INTERPRET=1 now.
+
+    @triton.jit reads TRITON_INTERPRET when the module is imported; a process that imported it before setting
+    the variable (a test session, say) gets it re-imported here."""
+    interpreted = type(kernels.reduce_rows_kernel).__name__ == "InterpretedFunction"
+    if interpreted != autotune.interpreting():
+        importlib.reload(kernels)
+    return kernels
+
+
+def _on_device(fn):
+    """Runs fn with the device of its first tensor argument current: Triton launches on the current device and
+    its current stream."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        t = next(a for a in args if isinstance(a, torch.Tensor))
+        if t.device.type == "cuda":
+            with torch.cuda.device(t.device):
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+def _check_device(x: torch.Tensor) -> None:
+    if x.device.type != "cuda" and not autotune.interpreting():
+        raise RuntimeError(f"xception_ops triton backend: x is on {x.device}; the Triton kernels need CUDA "
+                           "tensors, or TRITON_INTERPRET=1 to run in Triton's interpreter on the CPU")
+
+
+def _span(t: torch.Tensor | None) -> int:
+    """How many elements the tensor reaches from its first one (its largest offset + 1)."""
+    if t is None or t.numel() == 0:
+        return 0
+    return 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+
+
+def _idx64(*tensors: torch.Tensor | None, extra: Sequence[int] = ()) -> bool:
+    return max([_span(t) for t in tensors] + list(extra)) >= _INDEX_LIMIT
+
+
+def _channels_last(t: torch.Tensor) -> bool:
+    return t.stride(1) == 1 and t.shape[1] > 1
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and not autotune.interpreting() and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _unroll(kh: int, kw: int) -> bool:
+    return kh * kw <= _MAX_UNROLLED_TAPS
+
+
+def _slices(num_tiles: int, other_programs: int, device: torch.device) -> tuple[int, int]:
+    """(number of slices, tiles per slice) to split num_tiles pixel tiles into, for the kernels that write one
+    partial-sum row per slice: enough programs to fill the GPU, few rows to reduce."""
+    if device.type == "cuda":
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 4
+    slices = max(1, min(num_tiles, target // max(other_programs, 1)))
+    per_slice = triton.cdiv(num_tiles, slices)
+    return triton.cdiv(num_tiles, per_slice), per_slice
+
+
+def _reduce_rows(ws: torch.Tensor, out: torch.Tensor) -> None:
+    """out (1-D, contiguous) = ws.sum(0) in a fixed order, ws a contiguous float32 [R, COLS]: groups of
+    _REDUCE_GROUP rows are summed in parallel, level by level, until one row is left."""
+    K = _kernels()
+    rows, cols = ws.shape
+    col_blocks = triton.cdiv(cols, _REDUCE_META["BLOCK_COLS"])
+    while rows > _REDUCE_GROUP:
+        groups = triton.cdiv(rows, _REDUCE_GROUP)
+        partial = torch.empty((groups, cols), dtype=torch.float32, device=ws.device)
+        K.reduce_rows_kernel[(col_blocks, groups)](ws, partial, rows, cols, _REDUCE_GROUP, **_REDUCE_META)
+        ws, rows = partial, groups
+    K.reduce_rows_kernel[(col_blocks, 1)](ws, out, rows, cols, max(rows, 1), **_REDUCE_META)
+
+
+def _empty_vector(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((0,), dtype=torch.float32)
+
+
+def _weight_strides(w: torch.Tensor) -> tuple[int, int, int]:
+    return w.stride(0), w.stride(2), w.stride(3)
+
+
+def _geometry(x_shape, weight_shape, stride, padding, dilation):
+    n, c, h, w = (int(v) for v in x_shape)
+    cm, _, kh, kw = (int(v) for v in weight_shape)
+    oh, ow = output_hw((h, w), (kh, kw), stride, padding, dilation)
+    conv = (int(stride[0]), int(stride[1]), int(padding[0]), int(padding[2]), int(dilation[0]),
+            int(dilation[1]))
+    return n, c, h, w, cm, kh, kw, oh, ow, conv
+
+
+def _key(*parts) -> tuple:
+    """An autotune key: shapes, strides, dtypes and flags, all hashable."""
+    out = []
+    for p in parts:
+        if isinstance(p, torch.Tensor):
+            out.append((tuple(p.shape), tuple(p.stride()), p.dtype, p.device.index))
+        elif isinstance(p, (list, tuple)):
+            out.append(tuple(p))
+        else:
+            out.append(p)
+    return tuple(out)
+
+
+# ------------------------------------------------------------------------------------------------ depthwise
+
+@_on_device
+def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: Sequence[int],
+                     padding: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:
+    _check_device(x)
+    n, c, h, w, cm, kh, kw, oh, ow, conv = _geometry(x.shape, weight.shape, stride, padding, dilation)
+    y = torch.empty((n, cm, oh, ow), dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+    q = n * oh * ow
+    if q == 0:
+        return y
+    K = _kernels()
+    idx64 = _idx64(x, weight, y)
+
+    def run(cfg: Config) -> None:
+        grid = (triton.cdiv(q, cfg.BLOCK_P) * triton.cdiv(cm, cfg.BLOCK_C),)
+        K.dw_fwd_kernel[grid](
+            x, weight, bias if bias is not None else weight, y,
+            q, oh * ow, ow, h, w, cm, cm // c, *conv, *x.stride(), *_weight_strides(weight), *y.stride(),
+            KH=kh, KW=kw, UNROLL=_unroll(kh, kw), HAS_BIAS=bias is not None, IDX64=idx64, **cfg.meta(False))
+
+    key = _key(x, weight, bias is not None, conv)
+    run(autotune.choose("depthwise_conv2d", key, autotune.depthwise_configs(_channels_last(x)), run))
+    return y
+
+
+def _dgrad(g: torch.Tensor, weight: torch.Tensor, grad_x: torch.Tensor, conv, x: torch.Tensor | None = None,
+           in_scale: torch.Tensor | None = None, in_shift: torch.Tensor | None = None, in_relu: bool = False,
+           grad_in_scale: torch.Tensor | None = None, grad_in_shift: torch.Tensor | None = None) -> None:
+    """grad_x = the depthwise input gradient of g, with the separable prologue's backward when x is given."""
+    n, c, h, w = grad_x.shape
+    cm, _, kh, kw = weight.shape
+    oh, ow = g.shape[2:]
+    q_in = n * h * w
+    prologue = x is not None and (in_scale is not None or in_shift is not None or in_relu)
+    if q_in == 0:
+        for t in (grad_in_scale, grad_in_shift):
+            if t is not None:
+                t.zero_()
+        return
+    K = _kernels()
+    xs = x if prologue else grad_x
+    idx64 = _idx64(g, weight, grad_x, xs, extra=[2 * q_in * c])
+    has_scale, has_shift = prologue and in_scale is not None, prologue and in_shift is not None
+
+    def run(cfg: Config) -> None:
+        tiles = triton.cdiv(q_in, cfg.BLOCK_P)
+        grid = (tiles * triton.cdiv(c, cfg.BLOCK_C),)
+        ws = (torch.empty((2, tiles, c), dtype=torch.float32, device=g.device) if has_scale or has_shift
+              else grad_x)
+        K.dw_dgrad_kernel[grid](
+            g, weight, grad_x, xs, in_scale if has_scale else weight, in_shift if has_shift else weight, ws,
+            q_in, h * w, w, c, oh, ow, cm // c, *conv, *g.stride(), *_weight_strides(weight), *xs.stride(),
+            *grad_x.stride(),
+            KH=kh, KW=kw, UNROLL=_unroll(kh, kw), HAS_SCALE=has_scale, HAS_SHIFT=has_shift,
+            IN_RELU=prologue and in_relu, IDX64=idx64, **cfg.meta(False))
+        if has_scale:
+            _reduce_rows(ws[0], grad_in_scale)
+        if has_shift:
+            _reduce_rows(ws[1], grad_in_shift)
+
+    key = _key(g, weight, grad_x, xs, conv, has_scale, has_shift, in_relu)
+    run(autotune.choose("dw_dgrad", key, autotune.depthwise_configs(_channels_last(g)), run))
+
+
+def _wgrad(g: torch.Tensor, x: torch.Tensor, grad_w: torch.Tensor, conv, in_scale: torch.Tensor | None = None,
+           in_shift: torch.Tensor | None = None, in_relu: bool = False) -> None:
+    """grad_w (contiguous, (C*M, 1, kH, kW)) = the depthwise weight gradient for grad g of the output and input
+    relu?(x * in_scale + in_shift); per-slice partials, then a fixed-order reduction."""
+    n, c, h, w = x.shape
+    cm, _, kh, kw = grad_w.shape
+    oh, ow = g.shape[2:]
+    q = n * oh * ow
+    if q == 0:
+        grad_w.zero_()
+        return
+    K = _kernels()
+    taps = kh * kw
+    group = taps if taps <= 32 else 16
+    block_t = triton.next_power_of_2(group)
+    idx64 = _idx64(g, x, extra=[q, grad_w.numel()])
+
+    def run(cfg: Config) -> None:
+        tiles = triton.cdiv(q, cfg.BLOCK_P)
+        other = triton.cdiv(cm, cfg.BLOCK_C) * triton.cdiv(taps, group)
+        slices, per_slice = _slices(tiles, other, g.device)
+        ws = torch.empty((slices, cm * taps), dtype=torch.float32, device=g.device)
+        K.dw_wgrad_kernel[(slices * other,)](
+            g, x, in_scale if in_scale is not None else x, in_shift if in_shift is not None else x, ws,
+            q, oh * ow, ow, h, w, cm, cm // c, taps, per_slice, *conv, *g.stride(), *x.stride(),
+            KW=kw, TAPS=group, BLOCK_T=block_t, HAS_SCALE=in_scale is not None, HAS_SHIFT=in_shift is not None,
+            IN_RELU=in_relu, IDX64=idx64, **cfg.meta(False))
+        _reduce_rows(ws, grad_w.view(-1))
+
+    key = _key(g, x, grad_w.shape, conv, in_scale is not None, in_shift is not None, in_relu)
+    run(autotune.choose("dw_wgrad", key, autotune.depthwise_configs(_channels_last(x)), run))
+
+
+@_on_device
+def depthwise_conv2d_backward_input(grad_out: torch.Tensor, weight: torch.Tensor, input_size: Sequence[int],
+                                    stride: Sequence[int], padding: Sequence[int],
+                                    dilation: Sequence[int]) -> torch.Tensor:
+    _check_device(grad_out)
+    *_, conv = _geometry(input_size, weight.shape, stride, padding, dilation)
+    grad_x = torch.empty(tuple(int(v) for v in input_size), dtype=grad_out.dtype, device=grad_out.device,
+                         memory_format=output_memory_format(grad_out))
+    _dgrad(grad_out, weight, grad_x, conv)
+    return grad_x
+
+
+@_on_device
+def depthwise_conv2d_backward_weight(grad_out: torch.Tensor, x: torch.Tensor, weight_size: Sequence[int],
+                                     stride: Sequence[int], padding: Sequence[int],
+                                     dilation: Sequence[int]) -> torch.Tensor:
+    _check_device(x)
+    *_, conv = _geometry(x.shape, weight_size, stride, padding, dilation)
+    grad_w = torch.empty(tuple(int(v) for v in weight_size), dtype=x.dtype, device=x.device)
+    _wgrad(grad_out, x, grad_w, conv)
+    return grad_w
+
+
+# ------------------------------------------------------------------------------------------------ separable
+
+@_on_device
+def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Tensor,
+                     in_scale: torch.Tensor | None, in_shift: torch.Tensor | None, in_relu: bool,
+                     stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], mid_activation: str,
+                     out_scale: torch.Tensor | None, out_shift: torch.Tensor | None, out_relu: bool,
+                     residual: torch.Tensor | None, compute_stats: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_device(x)
+    n, c, h, w, cm, kh, kw, oh, ow, conv = _geometry(x.shape, dw_weight.shape, stride, padding, dilation)
+    k_out = int(pw_weight.shape[0])
+    out = torch.empty((n, k_out, oh, ow), dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+    if compute_stats:
+        total = torch.empty((k_out,), dtype=torch.float32, device=x.device)
+        total_sq = torch.empty((k_out,), dtype=torch.float32, device=x.device)
+    else:
+        total = total_sq = _empty_vector(x)
+    q = n * oh * ow
+    if q == 0:
+        if compute_stats:
+            total.zero_()
+            total_sq.zero_()
+        return out, total, total_sq
+    K = _kernels()
+    idx64 = _idx64(x, dw_weight, pw_weight, out, residual, extra=[2 * q * k_out])
+    mid = _MID[mid_activation]
+    dummy = dw_weight
+    res_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
+
+    def run(cfg: Config) -> None:
+        tiles = triton.cdiv(q, cfg.BLOCK_P)
+        grid = (tiles * triton.cdiv(k_out, cfg.BLOCK_K),)
+        ws = torch.empty((2, tiles, k_out), dtype=torch.float32, device=x.device) if compute_stats else dummy
+        K.sep_fwd_kernel[grid](
+            x, dw_weight, pw_weight, _or(in_scale, dummy), _or(in_shift, dummy), _or(out_scale, dummy),
+            _or(out_shift, dummy), _or(residual, dummy), out, ws,
+            q, oh * ow, ow, h, w, cm, k_out, cm // c, *conv,
+            *x.stride(), *_weight_strides(dw_weight), pw_weight.stride(0), pw_weight.stride(1), *res_strides,
+            *out.stride(),
+            KH=kh, KW=kw, UNROLL=_unroll(kh, kw), HAS_SCALE=in_scale is not None, HAS_SHIFT=in_shift is not None,
+            IN_RELU=bool(in_relu), MID=mid, HAS_OSCALE=out_scale is not None, HAS_OSHIFT=out_shift is not None,
+            HAS_RES=residual is not None, OUT_RELU=bool(out_relu), STATS=bool(compute_stats),
+            DOT_PREC=_dot_precision(x.dtype), IDX64=idx64, **cfg.meta(True))
+        if compute_stats:
+            _reduce_rows(ws[0], total)
+            _reduce_rows(ws[1], total_sq)
+
+    key = _key(x, dw_weight, pw_weight, residual, conv, in_scale is not None, in_shift is not None, in_relu, mid,
+               out_scale is not None, out_shift is not None, out_relu, compute_stats, _dot_precision(x.dtype))
+    run(autotune.choose("separable_conv2d", key, autotune.gemm_configs(x.dtype), run))
+    return out, total, total_sq
+
+
+def _or(t: torch.Tensor | None, default: torch.Tensor) -> torch.Tensor:
+    return t if t is not None else default
+
+
+@_on_device
+def separable_conv2d_backward(grad_out: torch.Tensor, grad_sum: torch.Tensor | None,
+                              grad_sumsq: torch.Tensor | None, out: torch.Tensor | None, x: torch.Tensor,
+                              dw_weight: torch.Tensor, pw_weight: torch.Tensor, in_scale: torch.Tensor | None,
+                              in_shift: torch.Tensor | None, in_relu: bool, stride: Sequence[int],
+                              padding: Sequence[int], dilation: Sequence[int], mid_activation: str,
+                              out_scale: torch.Tensor | None, out_shift: torch.Tensor | None, out_relu: bool):
+    _check_device(x)
+    n, c, h, w, cm, kh, kw, oh, ow, conv = _geometry(x.shape, dw_weight.shape, stride, padding, dilation)
+    k_out = int(pw_weight.shape[0])
+    dev = x.device
+    fmt = output_memory_format(x)
+    grad_x = torch.empty(x.shape, dtype=x.dtype, device=dev, memory_format=fmt)
+    grad_dw = torch.empty(dw_weight.shape, dtype=dw_weight.dtype, device=dev)
+    grad_pw = torch.empty(pw_weight.shape, dtype=pw_weight.dtype, device=dev)
+
+    def vector_grad(p):
+        return _empty_vector(x) if p is None else torch.empty(p.shape, dtype=p.dtype, device=dev)
+
+    g_in_scale, g_in_shift = vector_grad(in_scale), vector_grad(in_shift)
+    g_out_scale, g_out_shift = vector_grad(out_scale), vector_grad(out_shift)
+    result = (grad_x, grad_dw, grad_pw, g_in_scale, g_in_shift, g_out_scale, g_out_shift)
+    q = n * oh * ow
+    if q == 0:
+        for t in result[1:]:
+            t.zero_()
+        grad_x.zero_()
+        return result
+    if out_relu and out is None:
+        raise ValueError("xception_ops triton backend: separable_conv2d_backward needs the forward's output when "
+                         "out_relu is set")
+
+    K = _kernels()
+    dtype = x.dtype
+    mid = _MID[mid_activation]
+    prec = _dot_precision(dtype)
+    dummy = dw_weight
+    idx64 = _idx64(x, dw_weight, pw_weight, grad_out, out, extra=[2 * q * max(k_out, cm), k_out * cm])
+    unroll = _unroll(kh, kw)
+    flags_in = dict(KH=kh, KW=kw, UNROLL=unroll, HAS_SCALE=in_scale is not None, HAS_SHIFT=in_shift is not None,
+                    IN_RELU=bool(in_relu), MID=mid, DOT_PREC=prec, IDX64=idx64)
+    geo = (q, oh * ow, ow, h, w, cm, k_out, cm // c, *conv)
+    x_args = (*x.stride(), *_weight_strides(dw_weight), pw_weight.stride(0), pw_weight.stride(1))
+    out_strides = out.stride() if out is not None else (0, 0, 0, 0)
+    base_key = _key(x, dw_weight, pw_weight, grad_out, conv, in_scale is not None, in_shift is not None, in_relu,
+                    mid, out_relu, prec)
+
+    # 1. Epilogue: gradients of out_scale / out_shift, and grad_y itself when it depends on y (grad_sumsq).
+    write_gy = grad_sumsq is not None
+    need_y = out_scale is not None or write_gy
+    gy_buf = torch.empty((n, k_out, oh, ow), dtype=dtype, device=dev, memory_format=fmt) if write_gy else None
+    if out_scale is not None or out_shift is not None or write_gy:
+        gy_target = gy_buf if write_gy else grad_out
+
+        def run_epilogue(cfg: Config) -> None:
+            tiles = triton.cdiv(q, cfg.BLOCK_P)
+            grid = (tiles * triton.cdiv(k_out, cfg.BLOCK_K),)
+            ws = torch.empty((2, tiles, k_out), dtype=torch.float32, device=dev)
+            K.sep_bwd_epilogue_kernel[grid](
+                grad_out, _or(out, grad_out), _or(out_scale, dummy), _or(grad_sum, dummy), _or(grad_sumsq, dummy),
+                x, dw_weight, pw_weight, _or(in_scale, dummy), _or(in_shift, dummy), ws, gy_target,
+                *geo, *x_args, *grad_out.stride(), *out_strides, *gy_target.stride(),
+                NEED_Y=need_y, OUT_RELU=bool(out_relu), HAS_OSCALE=out_scale is not None,
+                HAS_OSHIFT=out_shift is not None, HAS_GSUM=grad_sum is not None, WRITE_GY=write_gy,
+                **flags_in, **cfg.meta(True))
+            if out_scale is not None:
+                _reduce_rows(ws[0], g_out_scale)
+            if out_shift is not None:
+                _reduce_rows(ws[1], g_out_shift)
+
+        key = base_key + (out_scale is not None, out_shift is not None, grad_sum is not None, write_gy)
+        run_epilogue(autotune.choose("sep_bwd_epilogue", key, autotune.gemm_configs(dtype), run_epilogue))
+
+    # Where passes 2 and 3 read grad_y from: the buffer of pass 1, or grad_out with the epilogue's backward
+    # folded into the load.
+    if write_gy:
+        gy_src = (gy_buf, gy_buf, dummy, dummy, *gy_buf.stride(), 0, 0, 0, 0)
+        gy_flags = dict(OUT_RELU=False, HAS_OSCALE=False, HAS_GSUM=False)
+    else:
+        gy_src = (grad_out, _or(out, grad_out), _or(out_scale, dummy), _or(grad_sum, dummy), *grad_out.stride(),
+                  *out_strides)
+        gy_flags = dict(OUT_RELU=bool(out_relu), HAS_OSCALE=out_scale is not None, HAS_GSUM=grad_sum is not None)
+    src_key = base_key + tuple(gy_flags.values()) + (write_gy,)
+
+    # 2. grad of the depthwise output (materialized, x's dtype).
+    g_dw_out = torch.empty((n, cm, oh, ow), dtype=dtype, device=dev, memory_format=fmt)
+
+    def run_mid(cfg: Config) -> None:
+        grid = (triton.cdiv(q, cfg.BLOCK_P) * triton.cdiv(cm, cfg.BLOCK_C),)
+        K.sep_bwd_mid_kernel[grid](
+            *gy_src[:4], x, dw_weight, pw_weight, _or(in_scale, dummy), _or(in_shift, dummy), g_dw_out,
+            *geo, *x_args, *gy_src[4:], *g_dw_out.stride(), **gy_flags, **flags_in, **cfg.meta(True))
+
+    run_mid(autotune.choose("sep_bwd_mid", src_key, autotune.gemm_configs(dtype), run_mid))
+
+    # 3. grad_pw: per-slice partial GEMMs, then a fixed-order reduction.
+    def run_pw(cfg: Config) -> None:
+        tiles = triton.cdiv(q, cfg.BLOCK_P)
+        other = triton.cdiv(k_out, cfg.BLOCK_K) * triton.cdiv(cm, cfg.BLOCK_C)
+        slices, per_slice = _slices(tiles, other, dev)
+        ws = torch.empty((slices, k_out * cm), dtype=torch.float32, device=dev)
+        K.sep_bwd_pw_kernel[(slices * other,)](
+            *gy_src[:4], x, dw_weight, _or(in_scale, dummy), _or(in_shift, dummy), ws,
+            q, oh * ow, ow, h, w, cm, k_out, cm // c, per_slice, *conv,
+            *x.stride(), *_weight_strides(dw_weight), *gy_src[4:], **gy_flags, **flags_in, **cfg.meta(True))
+        _reduce_rows(ws, grad_pw.view(-1))
+
+    run_pw(autotune.choose("sep_bwd_pw", src_key, autotune.gemm_configs(dtype), run_pw))
+
+    # 4. grad_dw_weight, the input through the prologue on load.
+    _wgrad(g_dw_out, x, grad_dw, conv, in_scale, in_shift, bool(in_relu))
+
+    # 5. grad_x, with the prologue's backward fused.
+    _dgrad(g_dw_out, dw_weight, grad_x, conv, x, in_scale, in_shift, bool(in_relu), g_in_scale, g_in_shift)
+    return result
