@@ -129,3 +129,18 @@ def test_cli_trains(capsys):
     assert cli.main(["train", "--synthetic-size", "8", "--image-size", "71", "--batch-size", "4", "--num-classes",
                      "3", "--max-steps", "1", "--no-ema"]) == 0
     assert '"steps": 1' in capsys.readouterr().out
+
+
+def test_torchrun_launches_data_parallel_training(tmp_path):
+    """The documented command, under torchrun with two gloo processes on the CPU."""
+    import subprocess
+    import sys
+    ckpt = tmp_path / "run.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(_free_port()), "-m", "xception_ops.cli", "train", "--synthetic-size", "8", "--image-size", "71",
+           "--batch-size", "2", "--num-classes", "3", "--max-steps", "2", "--sync-bn", "--checkpoint", str(ckpt)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert '"steps": 2' in result.stdout
+    assert state(ckpt)["step"] == 2
