@@ -118,7 +118,6 @@ class SeparableConvBN(nn.Module):
                                                         sync=batchnorm.synchronizes(self))
         return batchnorm.apply_scale_shift(y, scale, shift, residual, relu=self.post_relu)
 
-
     def _forward_unfused(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         """The same computation as separate PyTorch layers (cuDNN on a GPU), for where no fused kernel runs."""
         dw, pw = self.depthwise, self.pointwise

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from .batchnorm import batch_stats
 from .checks import output_memory_format, stats_dtype
 
 
@@ -71,10 +72,8 @@ def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.
         z = z + residual
     if out_relu:
         z = F.relu(z)
-    dtype = stats_dtype(x)
     if compute_stats:
-        yf = y.to(dtype)
-        total, total_sq = yf.sum((0, 2, 3)), (yf * yf).sum((0, 2, 3))
+        total, total_sq, _ = batch_stats(y)
     else:
-        total = total_sq = x.new_empty((0,), dtype=dtype)
+        total = total_sq = x.new_empty((0,), dtype=stats_dtype(x))
     return z.contiguous(memory_format=output_memory_format(x)), total, total_sq
