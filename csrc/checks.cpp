@@ -1,5 +1,5 @@
 // Argument checks for every op, run before any backend sees the tensors.
-// TORCH_CHECK_VALUE raises ValueError in Python and TORCH_CHECK_TYPE raises TypeError; each message names
+// XO_CHECK_VALUE raises ValueError in Python and XO_CHECK_TYPE raises TypeError (ops.h); each message names
 // the op and the argument at fault.
 #include <c10/util/Exception.h>
 
@@ -13,17 +13,17 @@ bool is_supported_dtype(at::ScalarType t) {
 }
 
 void check_float_tensor(const char* op, const char* name, const Tensor& t) {
-  TORCH_CHECK_TYPE(is_supported_dtype(t.scalar_type()), op, ": ", name, " has dtype ", t.scalar_type(),
+  XO_CHECK_TYPE(is_supported_dtype(t.scalar_type()), op, ": ", name, " has dtype ", t.scalar_type(),
                    "; supported dtypes are float32, float16, bfloat16 and float64");
 }
 
 void check_same_device(const char* op, const char* name, const Tensor& t, const Tensor& x) {
-  TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device(),
+  XO_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device(),
                     "; move both to the same device");
 }
 
 void check_same_dtype(const char* op, const char* name, const Tensor& t, const Tensor& x) {
-  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
+  XO_CHECK_TYPE(t.scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
                    " but x has dtype ", x.scalar_type(), "; cast them to one dtype (or use autocast)");
 }
 
@@ -31,26 +31,32 @@ void check_same_dtype(const char* op, const char* name, const Tensor& t, const T
 void check_channel_vector(const char* op, const char* name, const OptTensor& t, int64_t channels,
                           const Tensor& x) {
   if (!t.has_value()) return;
-  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == channels, op, ": ", name, " must have shape [", channels,
-                    "], got ", t->sizes());
+  XO_CHECK_VALUE(t->dim() == 1 && t->size(0) == channels, op, ": ", name, " must have shape [", channels,
+                    "], got ", dims(t->sizes()));
   check_float_tensor(op, name, *t);
   check_same_device(op, name, *t, x);
 }
 
 void check_int_list(const char* op, const char* name, IntArrayRef v, size_t len, int64_t min_value) {
-  TORCH_CHECK_VALUE(v.size() == len, op, ": ", name, " must have ", len, " values, got ", v.size());
+  XO_CHECK_VALUE(v.size() == len, op, ": ", name, " must have ", len, " values, got ", v.size());
   for (int64_t e : v) {
-    TORCH_CHECK_VALUE(e >= min_value, op, ": every value of ", name, " must be >= ", min_value, ", got ", v);
+    XO_CHECK_VALUE(e >= min_value, op, ": every value of ", name, " must be >= ", min_value, ", got ", dims(v));
   }
 }
 
 }  // namespace
 
+std::string dims(IntArrayRef v) {
+  std::string s = "[";
+  for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
+  return s + "]";
+}
+
 MidActivation parse_mid_activation(c10::string_view name) {
   if (name == "none") return MidActivation::None;
   if (name == "relu") return MidActivation::Relu;
   if (name == "elu") return MidActivation::Elu;
-  TORCH_CHECK_VALUE(false, "xception_ops: mid_activation must be 'none', 'relu' or 'elu', got '",
+  XO_CHECK_VALUE(false, "xception_ops: mid_activation must be 'none', 'relu' or 'elu', got '",
                     std::string(name), "'");
 }
 
@@ -64,16 +70,16 @@ at::MemoryFormat output_memory_format(const Tensor& x) {
 
 Conv2dGeometry make_geometry(const char* op, IntArrayRef x_sizes, IntArrayRef weight_sizes, IntArrayRef stride,
                              IntArrayRef padding, IntArrayRef dilation) {
-  TORCH_CHECK_VALUE(x_sizes.size() == 4, op, ": x must be a 4-D tensor (N, C, H, W), got ", x_sizes.size(),
+  XO_CHECK_VALUE(x_sizes.size() == 4, op, ": x must be a 4-D tensor (N, C, H, W), got ", x_sizes.size(),
                     "-D with shape ", x_sizes);
-  TORCH_CHECK_VALUE(weight_sizes.size() == 4 && weight_sizes[1] == 1, op,
+  XO_CHECK_VALUE(weight_sizes.size() == 4 && weight_sizes[1] == 1, op,
                     ": dw_weight must have shape (C * depth_multiplier, 1, kH, kW), got ", weight_sizes);
   const int64_t channels = x_sizes[1];
-  TORCH_CHECK_VALUE(channels > 0, op, ": x has 0 channels");
-  TORCH_CHECK_VALUE(weight_sizes[0] > 0 && weight_sizes[0] % channels == 0, op, ": dw_weight has ",
+  XO_CHECK_VALUE(channels > 0, op, ": x has 0 channels");
+  XO_CHECK_VALUE(weight_sizes[0] > 0 && weight_sizes[0] % channels == 0, op, ": dw_weight has ",
                     weight_sizes[0], " output channels, which is not a positive multiple of x's ", channels,
                     " channels");
-  TORCH_CHECK_VALUE(weight_sizes[2] > 0 && weight_sizes[3] > 0, op, ": dw_weight has an empty kernel ",
+  XO_CHECK_VALUE(weight_sizes[2] > 0 && weight_sizes[3] > 0, op, ": dw_weight has an empty kernel ",
                     weight_sizes);
   check_int_list(op, "stride", stride, 2, 1);
   check_int_list(op, "padding", padding, 4, 0);
@@ -96,10 +102,10 @@ Conv2dGeometry make_geometry(const char* op, IntArrayRef x_sizes, IntArrayRef we
   g.pad_right = padding[3];
   g.dilation_h = dilation[0];
   g.dilation_w = dilation[1];
-  TORCH_CHECK_VALUE(g.span_h() <= g.padded_h() && g.span_w() <= g.padded_w(), op, ": the kernel ", g.kernel_h,
-                    "x", g.kernel_w, " with dilation ", dilation, " spans ", g.span_h(), "x", g.span_w(),
+  XO_CHECK_VALUE(g.span_h() <= g.padded_h() && g.span_w() <= g.padded_w(), op, ": the kernel ", g.kernel_h,
+                    "x", g.kernel_w, " with dilation ", dims(dilation), " spans ", g.span_h(), "x", g.span_w(),
                     ", larger than the padded input ", g.padded_h(), "x", g.padded_w(), " (x is ", g.in_h, "x",
-                    g.in_w, ", padding (top, bottom, left, right) = ", padding, ")");
+                    g.in_w, ", padding (top, bottom, left, right) = ", dims(padding), ")");
   g.compute_output_size();
   return g;
 }
@@ -119,12 +125,12 @@ Conv2dGeometry check_separable(const char* op, const Tensor& x, const Tensor& dw
                                const SeparableOptions& opt, IntArrayRef stride, IntArrayRef padding,
                                IntArrayRef dilation) {
   Conv2dGeometry g = check_depthwise(op, x, dw_weight, c10::nullopt, stride, padding, dilation);
-  TORCH_CHECK_VALUE(pw_weight.dim() == 4 && pw_weight.size(2) == 1 && pw_weight.size(3) == 1, op,
+  XO_CHECK_VALUE(pw_weight.dim() == 4 && pw_weight.size(2) == 1 && pw_weight.size(3) == 1, op,
                     ": pw_weight must have shape (C_out, C * depth_multiplier, 1, 1), got ", pw_weight.sizes());
-  TORCH_CHECK_VALUE(pw_weight.size(1) == g.dw_channels(), op, ": pw_weight has ", pw_weight.size(1),
+  XO_CHECK_VALUE(pw_weight.size(1) == g.dw_channels(), op, ": pw_weight has ", pw_weight.size(1),
                     " input channels but the depthwise stage gives ", g.dw_channels(),
                     " (channel mismatch between dw_weight and pw_weight)");
-  TORCH_CHECK_VALUE(pw_weight.size(0) > 0, op, ": pw_weight has 0 output channels");
+  XO_CHECK_VALUE(pw_weight.size(0) > 0, op, ": pw_weight has 0 output channels");
   check_same_device(op, "pw_weight", pw_weight, x);
   check_same_dtype(op, "pw_weight", pw_weight, x);
   g.out_channels = pw_weight.size(0);
@@ -134,10 +140,10 @@ Conv2dGeometry check_separable(const char* op, const Tensor& x, const Tensor& dw
   check_channel_vector(op, "out_shift", opt.out_shift, g.out_channels, x);
   if (opt.residual.has_value()) {
     const Tensor& r = *opt.residual;
-    TORCH_CHECK_VALUE(r.dim() == 4 && r.size(0) == g.batch && r.size(1) == g.out_channels &&
+    XO_CHECK_VALUE(r.dim() == 4 && r.size(0) == g.batch && r.size(1) == g.out_channels &&
                           r.size(2) == g.out_h && r.size(3) == g.out_w,
                       op, ": residual must have the output's shape [", g.batch, ", ", g.out_channels, ", ",
-                      g.out_h, ", ", g.out_w, "], got ", r.sizes());
+                      g.out_h, ", ", g.out_w, "], got ", dims(r.sizes()));
     check_same_device(op, "residual", r, x);
     check_same_dtype(op, "residual", r, x);
   }
@@ -145,7 +151,7 @@ Conv2dGeometry check_separable(const char* op, const Tensor& x, const Tensor& dw
 }
 
 void check_like(const char* op, const char* name, const Tensor& t, IntArrayRef shape, const Tensor& x) {
-  TORCH_CHECK_VALUE(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+  XO_CHECK_VALUE(t.sizes() == shape, op, ": ", name, " must have shape ", dims(shape), ", got ", dims(t.sizes()));
   check_same_device(op, name, t, x);
   check_same_dtype(op, name, t, x);
 }

@@ -16,6 +16,13 @@ Tensor depthwise_conv2d_backward_input(const Tensor& grad_out, const Tensor& wei
                                        at::MemoryFormat fmt);
 Tensor depthwise_conv2d_backward_weight(const Tensor& grad_out, const Tensor& x, const Conv2dGeometry& g);
 
+// The fused separable forward (csrc/cuda/separable_backend.cpp), with the contract of
+// reference::separable_conv2d: returns (out, sum, sumsq), the statistics float32 [out_channels] with
+// opt.compute_stats and empty otherwise.
+std::tuple<Tensor, Tensor, Tensor> separable_conv2d(const Tensor& x, const Tensor& dw_weight,
+                                                    const Tensor& pw_weight, const SeparableOptions& opt,
+                                                    const Conv2dGeometry& g);
+
 template <size_t N>
 bool listed(const std::array<const char*, N>& names, c10::string_view op) {
   for (const char* name : names) {

@@ -8,6 +8,7 @@
 
 #include <string>
 #include <tuple>
+#include <type_traits>
 
 #include "kernels/conv_geometry.h"
 
@@ -31,6 +32,39 @@ struct SeparableOptions {
   OptTensor residual;
   bool compute_stats = false;  // epilogue: per-channel fp32 sum and sum of squares of the pre-BN output
 };
+
+// ---- error messages ----
+// Messages are assembled here with std::to_string and string appends, then handed to TORCH_CHECK_* as one
+// string: no number goes through an iostream in this library. On the lent GPU machines (extension built with a
+// newer g++ than the process's libstdc++), streaming an integer into c10::str's ostringstream crashed the
+// process (SIGSEGV) exactly where a check failed; messages without numbers did not. XO_CHECK_* are the
+// TORCH_CHECK_* macros with their message built by msg().
+std::string dims(IntArrayRef v);  // "[1, 5, 5, 5]"
+
+namespace detail {
+inline void append(std::string& s, const char* v) { s += v; }
+inline void append(std::string& s, const std::string& v) { s += v; }
+inline void append(std::string& s, c10::string_view v) { s.append(v.data(), v.size()); }
+inline void append(std::string& s, IntArrayRef v) { s += dims(v); }
+inline void append(std::string& s, at::ScalarType v) { s += c10::toString(v); }
+inline void append(std::string& s, const c10::Device& v) { s += v.str(); }
+template <typename I, std::enable_if_t<std::is_integral_v<I> && !std::is_same_v<I, bool>, int> = 0>
+inline void append(std::string& s, I v) {
+  s += std::to_string(v);
+}
+}  // namespace detail
+
+template <typename... Args>
+std::string msg(const Args&... args) {
+  std::string s;
+  (detail::append(s, args), ...);
+  return s;
+}
+
+#define XO_CHECK(cond, ...) TORCH_CHECK(cond, ::xception_ops::msg(__VA_ARGS__))
+#define XO_CHECK_VALUE(cond, ...) TORCH_CHECK_VALUE(cond, ::xception_ops::msg(__VA_ARGS__))
+#define XO_CHECK_TYPE(cond, ...) TORCH_CHECK_TYPE(cond, ::xception_ops::msg(__VA_ARGS__))
+#define XO_CHECK_NOT_IMPLEMENTED(cond, ...) TORCH_CHECK_NOT_IMPLEMENTED(cond, ::xception_ops::msg(__VA_ARGS__))
 
 // ---- checks (checks.cpp): raise a Python ValueError / TypeError naming the offending argument ----
 // Shape checks only; the backward ops know the input and weight by their sizes.

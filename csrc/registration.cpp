@@ -33,16 +33,16 @@ Backend resolve_backend(c10::string_view name, const char* op, const Tensor& x) 
     return x.is_cuda() && kernel_dtype && cuda_preferred(op) ? Backend::Cuda : Backend::Torch;
   }
   if (name == "cuda") {
-    TORCH_CHECK_NOT_IMPLEMENTED(cuda_built(), op,
+    XO_CHECK_NOT_IMPLEMENTED(cuda_built(), op,
                                 ": backend 'cuda' is not built: this copy of xception_ops was compiled without "
                                 "CUDA (no CUDA toolkit, or a CPU-only torch, at build time). `xception-ops info` "
                                 "says which backends are usable.");
-    TORCH_CHECK_VALUE(x.is_cuda(), op, ": backend 'cuda' needs CUDA tensors, but x is on ", x.device());
-    TORCH_CHECK_NOT_IMPLEMENTED(cuda_implements(op), op, ": backend 'cuda' has no kernel for this op yet");
+    XO_CHECK_VALUE(x.is_cuda(), op, ": backend 'cuda' needs CUDA tensors, but x is on ", x.device());
+    XO_CHECK_NOT_IMPLEMENTED(cuda_implements(op), op, ": backend 'cuda' has no kernel for this op yet");
     return Backend::Cuda;
   }
   if (name == "triton") return Backend::Triton;  // the Python side checks the device (see call_triton)
-  TORCH_CHECK_VALUE(false, op, ": unknown backend '", std::string(name),
+  XO_CHECK_VALUE(false, op, ": unknown backend '", std::string(name),
                     "'; expected 'auto', 'torch', 'cuda' or 'triton'");
 }
 
@@ -54,7 +54,7 @@ namespace {
 template <typename Signature, typename... Args>
 decltype(auto) call_triton(const char* op, const char* triton_op, Args&&... args) {
   const auto handle = c10::Dispatcher::singleton().findSchema({triton_op, ""});
-  TORCH_CHECK_NOT_IMPLEMENTED(handle.has_value(), op, ": backend 'triton' has no kernel for this op: ", triton_op,
+  XO_CHECK_NOT_IMPLEMENTED(handle.has_value(), op, ": backend 'triton' has no kernel for this op: ", triton_op,
                               " is not registered (it is, for the ops the triton backend implements, once "
                               "xception_ops is imported in Python with triton installed)");
   return handle->typed<Signature>().call(std::forward<Args>(args)...);
@@ -151,8 +151,11 @@ SeparableOut separable_conv2d(const Tensor& x, const Tensor& dw_weight, const Te
   const SeparableOptions opt = separable_options(in_scale, in_shift, in_relu, mid_activation, out_scale, out_shift,
                                                  out_relu, residual, compute_stats);
   const Conv2dGeometry g = check_separable(kSeparable, x, dw_weight, pw_weight, opt, stride, padding, dilation);
-  // The fused CUDA kernel is not written yet: resolve_backend never picks Cuda here (cuda_implements says no).
-  if (resolve_backend(backend, kSeparable, x) == Backend::Triton) {
+  const Backend chosen = resolve_backend(backend, kSeparable, x);
+  if (chosen == Backend::Cuda) {
+    XO_IF_CUDA(return cuda::separable_conv2d(x, dw_weight, pw_weight, opt, g));
+  }
+  if (chosen == Backend::Triton) {
     return call_triton<SeparableOut(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
                                     bool, IntArrayRef, IntArrayRef, IntArrayRef, c10::string_view, const OptTensor&,
                                     const OptTensor&, bool, const OptTensor&, bool)>(
@@ -173,12 +176,12 @@ SeparableGrads separable_conv2d_backward(
   const Conv2dGeometry g = check_separable(kSeparableBwd, x, dw_weight, pw_weight, opt, stride, padding, dilation);
   const auto shape = output_shape(g);
   check_like(kSeparableBwd, "grad_out", grad_out, shape, x);
-  TORCH_CHECK_VALUE(!out_relu || out.has_value(), kSeparableBwd, ": out (the forward's output) is required when out_relu is set");
+  XO_CHECK_VALUE(!out_relu || out.has_value(), kSeparableBwd, ": out (the forward's output) is required when out_relu is set");
   if (out.has_value()) check_like(kSeparableBwd, "out", *out, shape, x);
   for (const auto* grad : {&grad_sum, &grad_sumsq}) {
     if (!grad->has_value()) continue;
-    TORCH_CHECK_VALUE((*grad)->dim() == 1 && (*grad)->size(0) == g.out_channels, kSeparableBwd,
-                      ": grad_sum and grad_sumsq must have shape [", g.out_channels, "], got ", (*grad)->sizes());
+    XO_CHECK_VALUE((*grad)->dim() == 1 && (*grad)->size(0) == g.out_channels, kSeparableBwd,
+                      ": grad_sum and grad_sumsq must have shape [", g.out_channels, "], got ", dims((*grad)->sizes()));
   }
   if (resolve_backend(backend, kSeparableBwd, x) == Backend::Triton) {
     return call_triton<SeparableGrads(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,

@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
-# On a GPU machine: build for that GPU only, run the GPU tests, parity and the quick layer benchmark, and write
-# the logs and results into an output folder.
+# On a GPU machine: build for that GPU only, run the GPU tests (CUDA and Triton backends), parity and the layer
+# and model benchmarks, and write the logs and results into an output folder.
 #   tools/gpu_check.sh [OUT_DIR]          (default: $OUT, else ./gpu-check)
+# Knobs (environment):
+#   STEPS         which steps to run, in order (default: all of them, see below)
+#   PYTEST_ARGS   extra pytest arguments for the test steps, split on spaces without quote handling (e.g.
+#                 "--maxfail=20 --deselect tests/test_x.py::test_y"; a -k expression cannot contain spaces)
+#   GPU_TESTS     the test files or folders of the gpu_tests step (default: tests)
+#   BENCH_ARGS    arguments of the layer benchmark; BENCH_MODEL_ARGS those of the model benchmark
+#   STEP_TIMEOUT  seconds after which a step is stopped (default 600), so one hang does not eat the others' time
 # Each step runs even if an earlier one failed; the exit status is non-zero if any failed. Everything printed goes
 # to OUT_DIR/gpu_check.log; results to parity.json, bench.{json,md} (layers) and models/bench.{json,md}.
 set -uo pipefail
@@ -10,14 +17,16 @@ out="${1:-${OUT:-gpu-check}}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
+STEPS="${STEPS:-build install info gpu_tests triton_tests bench_layers parity bench_models}"
 status=0
 log="$out/gpu_check.log"
 summary=""
-step() {  # step NAME COMMAND...: runs the command into the log, remembers a failure
+step() {  # step NAME COMMAND...: runs the command into the log (if NAME is in STEPS), remembers a failure
   local name="$1"; shift
+  [[ " $STEPS " == *" $name "* ]] || return 0
   echo "=== $name: $*" >> "$log"
   local t0=$SECONDS
-  "$@" >> "$log" 2>&1
+  timeout "${STEP_TIMEOUT:-600}" "$@" >> "$log" 2>&1
   local rc=$?
   summary+="$name: exit $rc in $((SECONDS - t0)) s"$'\n'
   echo "=== $name: exit $rc in $((SECONDS - t0)) s" >> "$log"
@@ -34,9 +43,18 @@ nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total --format=csv
 step build "$PY" setup.py build_ext --inplace
 step install env XCEPTION_OPS_SKIP_EXT=1 "$PY" -m pip install --no-deps --no-build-isolation -e .
 step info "$PY" -m xception_ops.cli info
-step gpu_tests "$PY" -m pytest -m gpu -q -p no:cacheprovider -rA
+# The tests marked gpu, then the whole Triton modules: their unmarked tests run compiled on the GPU when there is one.
+# ${PYTEST_ARGS} is unquoted on purpose: it is a list of arguments.
+# shellcheck disable=SC2086
+step gpu_tests "$PY" -m pytest -m gpu -q -p no:cacheprovider -rfE ${PYTEST_ARGS:-} \
+  --ignore=tests/test_triton_kernels.py --ignore=tests/test_triton_backend.py ${GPU_TESTS:-tests}
+# shellcheck disable=SC2086
+step triton_tests env XCEPTION_OPS_TRITON_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider -rfE \
+  ${PYTEST_ARGS:-} tests/test_triton_kernels.py tests/test_triton_backend.py
+# shellcheck disable=SC2086
 step bench_layers "$PY" -m xception_ops.cli bench --out "$out" --no-models ${BENCH_ARGS:---warmup 5 --reps 20}
 step parity "$PY" -m xception_ops.cli parity --device cuda --json "$out/parity.json"
+# shellcheck disable=SC2086
 step bench_models "$PY" -m xception_ops.cli bench --out "$out/models" --no-layers \
   ${BENCH_MODEL_ARGS:---dtypes bfloat16 --layouts NHWC --warmup 3 --reps 10}
 # The end of the log and the summary, for a caller that sees only the tail of the output.

@@ -101,6 +101,11 @@ def _register_fakes() -> None:
                 vector_grad(out_scale), vector_grad(out_shift))
 
 
+def _cuda_has(op: str) -> bool:
+    """Whether the compiled CUDA backend has a kernel for xception_ops.<op>."""
+    return EXTENSION is not None and bool(EXTENSION.WITH_CUDA) and f"xception_ops.{op}" in EXTENSION.CUDA_OPS
+
+
 def _register_autograd() -> None:
     ops = torch.ops.xception_ops
 
@@ -142,6 +147,8 @@ def _register_autograd() -> None:
         in_relu, stride, padding, dilation, mid_activation, out_relu, backend = ctx.args
         if not ctx.compute_stats:  # autograd hands in zero grads for the empty statistics outputs
             grad_sum = grad_sumsq = None
+        if backend == "cuda" and not _cuda_has("separable_conv2d_backward"):
+            backend = "torch"  # the fused CUDA backward is not written yet: the reference computes the gradients
         grads = ops.separable_conv2d_backward(grad_out, grad_sum, grad_sumsq, out, x, dw_weight, pw_weight,
                                               in_scale, in_shift, in_relu, stride, padding, dilation,
                                               mid_activation, out_scale, out_shift, out_relu, backend)

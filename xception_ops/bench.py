@@ -410,7 +410,7 @@ def run(device: str | None = None, backends_: Sequence[str] | None = None, dtype
             for pass_ in passes:
                 for cin, cout, hw, count in layer_shapes:
                     for op in ops:
-                        eager_ms = None
+                        eager_ms, timings = None, []
                         for impl in impls:
                             r = bench_layer(op, cin, cout, hw, batch, count, DTYPES[dtype_name], layout, pass_, impl,
                                             dev, settings["warmup"], settings["reps"], ceilings)
@@ -419,7 +419,10 @@ def run(device: str | None = None, backends_: Sequence[str] | None = None, dtype
                             elif eager_ms and r.error is None:
                                 r.speedup_vs_eager = eager_ms / r.median_ms
                             report["layers"].append(asdict(r))
-                        bar.step(f"{op} {cin}->{cout} @{hw}^2 {dtype_name} {layout} {pass_}", len(impls))
+                            timings.append(f"{impl} " + ("error" if r.error else f"{r.median_ms:.3f} ms"))
+                        # The timings are in the progress line too, so a run stopped early still shows them.
+                        bar.step(f"{op} {cin}->{cout} @{hw}^2 {dtype_name} {layout} {pass_}: " + ", ".join(timings),
+                                 len(impls))
     for dtype_name in dtypes:
         for compiled in (False, True) if compile_ else (False,):
             for name in model_names:

@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include "cuda/backend_common.h"
 #include "cuda_backend.h"
 #include "kernels/depthwise_params.h"
 
@@ -18,47 +19,7 @@ constexpr const char* kForward = "xception_ops.depthwise_conv2d";
 constexpr const char* kBackwardInput = "xception_ops.depthwise_conv2d_backward_input";
 constexpr const char* kBackwardWeight = "xception_ops.depthwise_conv2d_backward_weight";
 
-DType kernel_dtype(const char* op, const Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return DType::Float32;
-    case at::kHalf: return DType::Float16;
-    case at::kBFloat16: return DType::BFloat16;
-    case at::kDouble:
-      TORCH_CHECK_TYPE(false, op, ": the cuda backend does not support float64; use backend=\"torch\" for "
-                       "float64 tensors (or cast to float32, float16 or bfloat16)");
-    default:
-      TORCH_CHECK_TYPE(false, op, ": the cuda backend supports float32, float16 and bfloat16, got ",
-                       t.scalar_type());
-  }
-  return DType::Float32;  // not reached
-}
-
-// Every tensor the kernels touch: a CUDA tensor on `ref`'s device, with `ref`'s dtype.
-void check_operand(const char* op, const char* name, const Tensor& t, const Tensor& ref, const char* ref_name) {
-  TORCH_CHECK_VALUE(t.is_cuda(), op, ": backend 'cuda' needs CUDA tensors, but ", name, " is on ", t.device());
-  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name,
-                    " is on ", ref.device(), "; move both to the same device");
-  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but ",
-                   ref_name, " has dtype ", ref.scalar_type());
-}
-
-void check_shape(const char* op, const char* name, const Tensor& t, at::IntArrayRef shape) {
-  TORCH_CHECK_VALUE(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
-}
-
-DepthwiseTensor view_of(const Tensor& t) {
-  DepthwiseTensor v;
-  v.data = t.data_ptr();
-  for (int d = 0; d < 4; ++d) v.stride[d] = t.stride(d);
-  return v;
-}
-
 bool is_channels_last(at::MemoryFormat fmt) { return fmt == at::MemoryFormat::ChannelsLast; }
-
-void check_launch(const char* op, cudaError_t err) {
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorName(err), " (",
-              cudaGetErrorString(err), ")");
-}
 
 std::vector<int64_t> input_shape(const Conv2dGeometry& g) { return {g.batch, g.in_channels, g.in_h, g.in_w}; }
 std::vector<int64_t> output_shape(const Conv2dGeometry& g) { return {g.batch, g.dw_channels(), g.out_h, g.out_w}; }
@@ -67,7 +28,7 @@ std::vector<int64_t> weight_shape(const Conv2dGeometry& g) { return {g.dw_channe
 }  // namespace
 
 Tensor depthwise_conv2d(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Conv2dGeometry& g) {
-  TORCH_CHECK_VALUE(x.is_cuda(), kForward, ": backend 'cuda' needs CUDA tensors, but x is on ", x.device());
+  XO_CHECK_VALUE(x.is_cuda(), kForward, ": backend 'cuda' needs CUDA tensors, but x is on ", x.device());
   const DType dtype = kernel_dtype(kForward, x);
   check_operand(kForward, "dw_weight", weight, x, "x");
   check_shape(kForward, "x", x, input_shape(g));
@@ -75,8 +36,8 @@ Tensor depthwise_conv2d(const Tensor& x, const Tensor& weight, const OptTensor& 
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias) {
     check_operand(kForward, "bias", *bias, x, "x");
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == g.dw_channels(), kForward, ": bias must have shape [",
-                      g.dw_channels(), "], got ", bias->sizes());
+    XO_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == g.dw_channels(), kForward, ": bias must have shape [",
+                      g.dw_channels(), "], got ", dims(bias->sizes()));
   }
 
   const c10::cuda::CUDAGuard guard(x.device());
@@ -101,7 +62,7 @@ Tensor depthwise_conv2d(const Tensor& x, const Tensor& weight, const OptTensor& 
 
 Tensor depthwise_conv2d_backward_input(const Tensor& grad_out, const Tensor& weight, const Conv2dGeometry& g,
                                        at::MemoryFormat fmt) {
-  TORCH_CHECK_VALUE(grad_out.is_cuda(), kBackwardInput, ": backend 'cuda' needs CUDA tensors, but grad_out is on ",
+  XO_CHECK_VALUE(grad_out.is_cuda(), kBackwardInput, ": backend 'cuda' needs CUDA tensors, but grad_out is on ",
                     grad_out.device());
   const DType dtype = kernel_dtype(kBackwardInput, grad_out);
   check_operand(kBackwardInput, "dw_weight", weight, grad_out, "grad_out");
@@ -126,7 +87,7 @@ Tensor depthwise_conv2d_backward_input(const Tensor& grad_out, const Tensor& wei
 }
 
 Tensor depthwise_conv2d_backward_weight(const Tensor& grad_out, const Tensor& x, const Conv2dGeometry& g) {
-  TORCH_CHECK_VALUE(x.is_cuda(), kBackwardWeight, ": backend 'cuda' needs CUDA tensors, but x is on ", x.device());
+  XO_CHECK_VALUE(x.is_cuda(), kBackwardWeight, ": backend 'cuda' needs CUDA tensors, but x is on ", x.device());
   const DType dtype = kernel_dtype(kBackwardWeight, x);
   check_operand(kBackwardWeight, "grad_out", grad_out, x, "x");
   check_shape(kBackwardWeight, "x", x, input_shape(g));

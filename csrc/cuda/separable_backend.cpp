@@ -1,0 +1,106 @@
+// The "cuda" backend's fused separable forward: checks, device guard, allocation, the GEMM mode and the launch
+// plan; the kernels and their launcher are torch-free (kernels/separable.cuh, cuda/separable_launch.cu).
+//
+// The router in registration.cpp has already checked shapes, dtypes and devices (check_separable); the checks
+// here repeat the ones a launch depends on, so this function is safe on its own.
+#include <ATen/Context.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "cuda/backend_common.h"
+#include "cuda_backend.h"
+#include "kernels/separable_params.h"
+
+namespace xception_ops::cuda {
+namespace {
+
+constexpr const char* kForward = "xception_ops.separable_conv2d";
+
+// Per-channel vectors go to the kernels as contiguous float32.
+const float* channel_vector(const OptTensor& v, Tensor& keep) {
+  if (!v.has_value()) return nullptr;
+  keep = v->to(at::kFloat).contiguous();
+  return keep.data_ptr<float>();
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor> separable_conv2d(const Tensor& x, const Tensor& dw_weight,
+                                                    const Tensor& pw_weight, const SeparableOptions& opt,
+                                                    const Conv2dGeometry& g) {
+  XO_CHECK_VALUE(x.is_cuda(), kForward, ": backend 'cuda' needs CUDA tensors, but x is on ", x.device());
+  const DType dtype = kernel_dtype(kForward, x);
+  check_operand(kForward, "dw_weight", dw_weight, x, "x");
+  check_operand(kForward, "pw_weight", pw_weight, x, "x");
+  check_shape(kForward, "x", x, {g.batch, g.in_channels, g.in_h, g.in_w});
+  check_shape(kForward, "dw_weight", dw_weight, {g.dw_channels(), 1, g.kernel_h, g.kernel_w});
+  check_shape(kForward, "pw_weight", pw_weight, {g.out_channels, g.dw_channels(), 1, 1});
+  const std::vector<int64_t> out_shape = {g.batch, g.out_channels, g.out_h, g.out_w};
+  const char* vector_names[] = {"in_scale", "in_shift", "out_scale", "out_shift"};
+  const OptTensor* vectors[] = {&opt.in_scale, &opt.in_shift, &opt.out_scale, &opt.out_shift};
+  for (int i = 0; i < 4; ++i) {
+    if (!vectors[i]->has_value()) continue;
+    const Tensor& v = **vectors[i];
+    XO_CHECK_VALUE(v.is_cuda() && v.device() == x.device(), kForward, ": ", vector_names[i], " is on ",
+                      v.device(), " but x is on ", x.device());
+    XO_CHECK_VALUE(v.dim() == 1 && v.size(0) == (i < 2 ? g.in_channels : g.out_channels), kForward, ": ",
+                      vector_names[i], " must have shape [", i < 2 ? g.in_channels : g.out_channels, "], got ",
+                      dims(v.sizes()));
+  }
+  if (opt.residual.has_value()) {
+    check_operand(kForward, "residual", *opt.residual, x, "x");
+    check_shape(kForward, "residual", *opt.residual, out_shape);
+  }
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::MemoryFormat fmt = output_memory_format(x);
+  Tensor out = at::empty(out_shape, x.options().memory_format(fmt));
+  const auto stats_options = x.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous);
+  Tensor sum = at::empty({opt.compute_stats ? g.out_channels : 0}, stats_options);
+  Tensor sumsq = at::empty({opt.compute_stats ? g.out_channels : 0}, stats_options);
+
+  DeviceCaps caps;
+  check_launch(kForward, current_device_caps(&caps));
+  // PyTorch's own convolutions follow the cuDNN TF32 flag (torch.backends.cudnn.allow_tf32): so do we.
+  const PointwiseMath math = separable_math(dtype, caps.major, at::globalContext().allowTF32CuDNN());
+  const int dtype_bytes = static_cast<int>(x.element_size());
+
+  SeparableParams p;
+  p.g = g;
+  p.x = view_of(x);
+  p.out = view_of(out);
+  if (opt.residual.has_value()) p.residual = view_of(*opt.residual);
+  const Tensor dw = dw_weight.contiguous(), pw = pw_weight.contiguous();
+  p.dw_weight = dw.data_ptr();
+  p.pw_weight = pw.data_ptr();
+  Tensor keep[4];
+  p.in_scale = channel_vector(opt.in_scale, keep[0]);
+  p.in_shift = channel_vector(opt.in_shift, keep[1]);
+  p.out_scale = channel_vector(opt.out_scale, keep[2]);
+  p.out_shift = channel_vector(opt.out_shift, keep[3]);
+  p.in_relu = opt.in_relu;
+  p.mid = static_cast<int32_t>(opt.mid);
+  p.out_relu = opt.out_relu;
+  // A tensor whose channels are fastest in memory is read / written channel-fastest across threads.
+  p.x_channels_last = x.size(1) > 1 && x.stride(1) == 1;
+  p.out_channels_last = fmt == at::MemoryFormat::ChannelsLast;
+  XO_CHECK(separable_plan(p, math, dtype_bytes, caps.smem_optin), kForward, ": this GPU's shared memory (",
+              caps.smem_optin, " bytes per block) is too small for the fused kernel");
+  XO_CHECK_VALUE(g.dw_channels() < (int64_t{1} << 31), kForward, ": more than 2^31 - 1 depthwise channels");
+
+  Tensor workspace;
+  if (opt.compute_stats) {
+    workspace = at::empty({static_cast<int64_t>(separable_stats_workspace_bytes(g) / sizeof(float))}, stats_options);
+    p.stats_partial = workspace.data_ptr<float>();
+  }
+  const int groups = separable_channel_groups(g, caps.sms);
+  check_launch(kForward, launch_separable_forward(p, dtype, math, groups,
+                                                  opt.compute_stats ? sum.data_ptr<float>() : nullptr,
+                                                  opt.compute_stats ? sumsq.data_ptr<float>() : nullptr,
+                                                  c10::cuda::getCurrentCUDAStream()));
+  return {out, sum, sumsq};
+}
+
+}  // namespace xception_ops::cuda

@@ -1,0 +1,110 @@
+// Launchers of the fused separable forward (kernels/separable.cuh): pick the specialization, size the shared
+// memory, launch on the given stream and reduce the statistics; cudaGetLastError() is checked after every
+// launch. No torch headers here, so this file compiles quickly and also outside a torch build.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <climits>
+
+#include "kernels/separable.cuh"
+#include "kernels/separable_params.h"
+
+namespace xception_ops {
+namespace {
+
+using kernels::separable_forward_kernel;
+using kernels::separable_stats_reduce_kernel;
+
+template <typename T, PointwiseMath kMath, int KH, int KW>
+cudaError_t launch_forward_kernel(const SeparableParams& p, int groups, cudaStream_t stream) {
+  const SeparableSmem smem = separable_smem(p.a_pitch, kMath, static_cast<int>(sizeof(T)));
+  auto* kernel = &separable_forward_kernel<T, kMath, KH, KW>;
+  if (smem.total > 48 * 1024) {  // above the default limit, a kernel must opt in
+    const cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem.total));
+    if (err != cudaSuccess) return err;
+  }
+  const dim3 grid(static_cast<unsigned int>(separable_pixel_tiles(p.g)), static_cast<unsigned int>(groups));
+  kernel<<<grid, kSepThreads, smem.total, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T, PointwiseMath kMath>
+cudaError_t forward_for_math(const SeparableParams& p, int groups, cudaStream_t stream) {
+  if (p.g.kernel_h == 3 && p.g.kernel_w == 3) return launch_forward_kernel<T, kMath, 3, 3>(p, groups, stream);
+  return launch_forward_kernel<T, kMath, 0, 0>(p, groups, stream);
+}
+
+// The GEMM modes each dtype is built with: FFMA always; tensor cores for fp16 / bf16, TF32 for float32.
+template <typename T>
+cudaError_t forward_typed(const SeparableParams& p, PointwiseMath math, int groups, cudaStream_t stream) {
+  constexpr PointwiseMath kFast = sizeof(T) == 4 ? PointwiseMath::Tf32 : PointwiseMath::TensorCore;
+  if (math == PointwiseMath::Ffma) return forward_for_math<T, PointwiseMath::Ffma>(p, groups, stream);
+  if (math == kFast) return forward_for_math<T, kFast>(p, groups, stream);
+  return cudaErrorInvalidValue;
+}
+
+// Sums the per-tile partial rows, 64 rows per group and level, until one row is left; the last level writes
+// sum and sumsq. Levels alternate between the partials and the scratch rows after them.
+cudaError_t reduce_stats(const SeparableParams& p, float* sum, float* sumsq, cudaStream_t stream) {
+  const int64_t cols = 2 * p.g.out_channels;
+  int64_t rows = separable_pixel_tiles(p.g);
+  float* buffers[2] = {p.stats_partial, p.stats_partial + rows * cols};
+  int level = 0;
+  while (true) {
+    const int64_t groups = (rows + 63) / 64;
+    const dim3 grid(static_cast<unsigned int>(groups), static_cast<unsigned int>((cols + 255) / 256));
+    const bool last = groups == 1;
+    separable_stats_reduce_kernel<<<grid, 256, 0, stream>>>(buffers[level % 2], rows, cols,
+                                                            last ? nullptr : buffers[(level + 1) % 2],
+                                                            last ? sum : nullptr, last ? sumsq : nullptr,
+                                                            p.g.out_channels);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess || last) return err;
+    rows = groups;
+    ++level;
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_separable_forward(const SeparableParams& p, DType dtype, PointwiseMath math, int channel_groups,
+                                     float* sum, float* sumsq, cudaStream_t stream) {
+  const Conv2dGeometry& g = p.g;
+  const int64_t tiles = separable_pixel_tiles(g);
+  if (tiles == 0 || g.out_channels == 0) {  // nothing to write but empty sums
+    if (sum != nullptr && sumsq != nullptr && g.out_channels > 0) {
+      cudaError_t err = cudaMemsetAsync(sum, 0, g.out_channels * sizeof(float), stream);
+      if (err == cudaSuccess) err = cudaMemsetAsync(sumsq, 0, g.out_channels * sizeof(float), stream);
+      return err;
+    }
+    return cudaSuccess;
+  }
+  if (tiles > INT_MAX || p.k_chunk < kSepKStep || p.k_chunk % kSepKStep != 0 || p.a_pitch < p.k_chunk ||
+      channel_groups < 1 || channel_groups > 65535 || g.dw_channels() > INT_MAX) {
+    return cudaErrorInvalidValue;
+  }
+  cudaError_t err = cudaErrorInvalidValue;
+  switch (dtype) {
+    case DType::Float32: err = forward_typed<float>(p, math, channel_groups, stream); break;
+    case DType::Float16: err = forward_typed<__half>(p, math, channel_groups, stream); break;
+    case DType::BFloat16: err = forward_typed<__nv_bfloat16>(p, math, channel_groups, stream); break;
+  }
+  if (err != cudaSuccess || p.stats_partial == nullptr) return err;
+  return reduce_stats(p, sum, sumsq, stream);
+}
+
+cudaError_t current_device_caps(DeviceCaps* caps) {
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  int smem = 0;
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&caps->major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&caps->minor, cudaDevAttrComputeCapabilityMinor, device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&caps->sms, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err == cudaSuccess) caps->smem_optin = static_cast<size_t>(smem);
+  return err;
+}
+
+}  // namespace xception_ops

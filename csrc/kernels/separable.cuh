@@ -1,0 +1,510 @@
+// The fused separable conv forward: depthwise -> pointwise GEMM -> epilogue in one kernel, and the fixed-order
+// reduction of its BatchNorm statistics.
+//
+// Torch-free: takes a SeparableParams (kernels/separable_params.h); compiles with nvcc or clang for any GPU from
+// sm_37 on. Tensor-core code sits behind __CUDA_ARCH__ >= 800; below that every kernel takes its FFMA path.
+//
+// One block owns kSepTileP consecutive output pixels (flattened over N, OH, OW, so odd image sizes cost
+// nothing) and every output channel:
+//   1. the depthwise result for its pixels and a chunk of depthwise channels is computed into shared memory,
+//      with the prologue applied as x is read and the mid activation on the result. It never reaches global
+//      memory. When every channel fits (k_chunk covers them) this runs once per block.
+//   2. for each tile of kSepTileN output channels, the pointwise GEMM [pixels x K] x [K x N] runs from shared
+//      memory, the weight tiles double-buffered: wmma fragments on tensor cores (fp16 / bf16, or TF32), or
+//      FFMA with an 8 x 4 register tile per thread; float32 accumulation either way. With few pixel tiles,
+//      several blocks share one and split the output-channel tiles (grid.y), each computing the depthwise tile.
+//   3. the accumulators go through shared memory to the epilogue: y rounded to the dtype (as PyTorch's
+//      unfused layers round it), folded BN / bias, residual, ReLU, stored in the output's layout; with
+//      statistics, the block's per-channel sums of y and y^2 go to a per-tile row of float32 partials.
+// separable_stats_reduce_kernel then sums the partial rows in a fixed order (groups of 64 rows per level): the
+// statistics are bitwise reproducible, with no atomics.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "depthwise.cuh"
+#include "separable_params.h"
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#include <mma.h>
+#define XO_SEPARABLE_WMMA 1
+#endif
+
+namespace xception_ops {
+namespace kernels {
+
+// ---- rounding to the dtype (float32 in registers) ----
+template <typename T>
+__device__ __forceinline__ float round_to(float v);
+template <>
+__device__ __forceinline__ float round_to<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ float round_to<__half>(float v) { return __half2float(__float2half_rn(v)); }
+// Integer ops, as in Elem<__nv_bfloat16>::store: no sm_80 instruction needed.
+template <>
+__device__ __forceinline__ float round_to<__nv_bfloat16>(float v) {
+  const unsigned int u = __float_as_uint(v);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return v;  // NaN
+  return __uint_as_float((u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u);
+}
+
+// The depthwise tile holds the dtype itself on the 16-bit tensor-core path, float32 otherwise. Values written
+// are already rounded to the dtype, so the 16-bit store is exact.
+template <typename S>
+struct TileElem;
+template <>
+struct TileElem<float> {
+  __device__ __forceinline__ static void store(float* p, float v) { *p = v; }
+  __device__ __forceinline__ static float load(const float* p) { return *p; }
+};
+template <>
+struct TileElem<__half> {
+  __device__ __forceinline__ static void store(__half* p, float v) { *p = __float2half_rn(v); }
+  __device__ __forceinline__ static float load(const __half* p) { return __half2float(*p); }
+};
+template <>
+struct TileElem<__nv_bfloat16> {
+  __device__ __forceinline__ static void store(__nv_bfloat16* p, float v) {
+    *reinterpret_cast<unsigned short*>(p) = static_cast<unsigned short>(__float_as_uint(v) >> 16);
+  }
+  __device__ __forceinline__ static float load(const __nv_bfloat16* p) {
+    return __uint_as_float(static_cast<unsigned int>(*reinterpret_cast<const unsigned short*>(p)) << 16);
+  }
+};
+
+// Per-pixel facts of a block's tile, in shared memory. base < 0 marks a pixel past the end.
+struct PixelInfo {
+  int64_t* x_base;    // n * x.stride[0]
+  int64_t* out_base;  // n * out.stride[0] + oh * out.stride[2] + ow * out.stride[3]
+  int64_t* res_base;  // the same for the residual
+  int32_t* ih0;       // oh * stride_h - pad_top
+  int32_t* iw0;       // ow * stride_w - pad_left
+};
+
+// ---- the GEMM of one output-channel tile ----
+// Both implementations share one interface:
+//   Regs                     one thread's share of a weight tile (kSepTileN x kSepKStep / kSepThreads values)
+//   fetch(regs, w, n0, k0)   loads the weight tile W[n0 .., k0 ..] from global memory into registers (zeros
+//                            past the ends), so that the next tile is in flight while the current one is used
+//   stash(bs, regs)          stores them into a shared-memory weight buffer
+//   step(a, lda, kk, bs)     multiplies the depthwise tile's columns [kk, kk + kSepKStep) by the buffer
+//   store(c)                 writes the float32 accumulators to the [kSepTileP][kSepCPitch] tile
+// Element e = threadIdx.x + kSepThreads * r of a weight tile is (n, k) = (e / kSepKStep, e % kSepKStep): a warp
+// reads consecutive k of one row of W, which is contiguous (C_out, K).
+constexpr int kSepBRegs = kSepTileN * kSepKStep / kSepThreads;
+
+template <typename T, typename R>
+__device__ __forceinline__ void fetch_weight_tile(R (&regs)[kSepBRegs], const T* w, int64_t n0, int64_t k0,
+                                                  int64_t n_total, int64_t k_total) {
+#pragma unroll
+  for (int r = 0; r < kSepBRegs; ++r) {
+    const int e = threadIdx.x + kSepThreads * r;
+    const int64_t n = n0 + e / kSepKStep, k = k0 + e % kSepKStep;
+    const bool ok = n < n_total && k < k_total;
+    if constexpr (sizeof(R) == 2) {  // raw 16-bit patterns
+      regs[r] = ok ? load_readonly(reinterpret_cast<const unsigned short*>(w) + n * k_total + k)
+                   : static_cast<unsigned short>(0);
+    } else {
+      regs[r] = ok ? Elem<T>::load(w + n * k_total + k) : 0.f;
+    }
+  }
+}
+
+// FFMA: thread (ty, tx) = (tid / 32, tid % 32) owns rows 8 * ty + i and columns tx + 32 * j of the 64 x 128
+// tile. The weight buffer is float32 [k][n]: a warp reads 32 consecutive columns, conflict free; the depthwise
+// values of a row are broadcast.
+struct FfmaGemm {
+  using Regs = float[kSepBRegs];
+  float acc[8][4];
+
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+  }
+
+  template <typename T>
+  __device__ __forceinline__ static void fetch(Regs& regs, const T* w, int64_t n0, int64_t k0, int64_t n_total,
+                                               int64_t k_total) {
+    fetch_weight_tile<T, float>(regs, w, n0, k0, n_total, k_total);
+  }
+
+  __device__ __forceinline__ static void stash(float* bs, const Regs& regs) {
+#pragma unroll
+    for (int r = 0; r < kSepBRegs; ++r) {
+      const int e = threadIdx.x + kSepThreads * r;
+      bs[(e % kSepKStep) * kSepBPitchKN + e / kSepKStep] = regs[r];
+    }
+  }
+
+  template <typename S>
+  __device__ __forceinline__ void step(const S* a, int lda, int kk, const float* bs) {
+    const int ty = threadIdx.x / 32, tx = threadIdx.x % 32;
+#pragma unroll 4
+    for (int k = 0; k < kSepKStep; ++k) {
+      float av[8], bv[4];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) av[i] = TileElem<S>::load(a + (8 * ty + i) * lda + kk + k);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) bv[j] = bs[k * kSepBPitchKN + tx + 32 * j];
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+    }
+  }
+
+  __device__ __forceinline__ void store(float* c) const {
+    const int ty = threadIdx.x / 32, tx = threadIdx.x % 32;
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) c[(8 * ty + i) * kSepCPitch + tx + 32 * j] = acc[i][j];
+  }
+};
+
+#ifdef XO_SEPARABLE_WMMA
+// ---- the GEMM on tensor cores (sm_80+) ----
+// Warp w owns rows 32 * (w % 2) .. +32 and columns 32 * (w / 2) .. +32 of the 64 x 128 tile: 2 x 2 accumulator
+// fragments of 16 x 16. 16-bit operands: m16n16k16; float32: TF32 m16n16k8, rounded to TF32 as loaded. The
+// weight buffer is [n][k] (B column-major).
+template <typename T>
+struct WmmaGemm {
+  static constexpr bool kTf32 = sizeof(T) == 4;
+  static constexpr int kK = kTf32 ? 8 : 16;
+  static constexpr int kBPitch = kTf32 ? kSepBPitch32 : kSepBPitch16;
+  using AType = typename std::conditional<kTf32, nvcuda::wmma::precision::tf32, T>::type;
+  using Reg = typename std::conditional<kTf32, float, unsigned short>::type;
+  using Regs = Reg[kSepBRegs];
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, kK, float> acc[2][2];
+
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) nvcuda::wmma::fill_fragment(acc[i][j], 0.f);
+  }
+
+  __device__ __forceinline__ static void fetch(Regs& regs, const T* w, int64_t n0, int64_t k0, int64_t n_total,
+                                               int64_t k_total) {
+    fetch_weight_tile<T, Reg>(regs, w, n0, k0, n_total, k_total);
+  }
+
+  __device__ __forceinline__ static void stash(T* bs, const Regs& regs) {
+    Reg* dst = reinterpret_cast<Reg*>(bs);
+#pragma unroll
+    for (int r = 0; r < kSepBRegs; ++r) {
+      const int e = threadIdx.x + kSepThreads * r;
+      dst[(e / kSepKStep) * kBPitch + e % kSepKStep] = regs[r];
+    }
+  }
+
+  __device__ __forceinline__ void step(const T* a, int lda, int kk, const T* bs) {
+    using namespace nvcuda;
+    const int warp = threadIdx.x / 32, wr = warp % 2, wc = warp / 2;
+#pragma unroll
+    for (int ks = 0; ks < kSepKStep; ks += kK) {
+      wmma::fragment<wmma::matrix_a, 16, 16, kK, AType, wmma::row_major> af[2];
+      wmma::fragment<wmma::matrix_b, 16, 16, kK, AType, wmma::col_major> bf[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        wmma::load_matrix_sync(af[i], a + (32 * wr + 16 * i) * lda + kk + ks, lda);
+        wmma::load_matrix_sync(bf[i], bs + (32 * wc + 16 * i) * kBPitch + ks, kBPitch);
+        if constexpr (kTf32) {
+#pragma unroll
+          for (int t = 0; t < af[i].num_elements; ++t) af[i].x[t] = wmma::__float_to_tf32(af[i].x[t]);
+#pragma unroll
+          for (int t = 0; t < bf[i].num_elements; ++t) bf[i].x[t] = wmma::__float_to_tf32(bf[i].x[t]);
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], af[i], bf[j], acc[i][j]);
+    }
+  }
+
+  __device__ __forceinline__ void store(float* c) const {
+    const int warp = threadIdx.x / 32, wr = warp % 2, wc = warp / 2;
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        nvcuda::wmma::store_matrix_sync(c + (32 * wr + 16 * i) * kSepCPitch + 32 * wc + 16 * j, acc[i][j],
+                                        kSepCPitch, nvcuda::wmma::mem_row_major);
+      }
+  }
+};
+#endif  // XO_SEPARABLE_WMMA
+
+// ---- stage 1: the depthwise tile for channels [k0, k0 + cols) into shared memory ----
+// A thread keeps one channel's taps (weights, prologue scale and shift) in registers and walks its pixels. Every
+// tap is loaded unconditionally (a masked tap reads a valid element instead and contributes 0), so the loads
+// of all taps are issued before the first multiply-add: with branches around them (the first version), each
+// tap paid a full memory latency in turn and the stage ran ~10x slower than its loads allow.
+//   kCL: a warp takes 32 consecutive channels of 8 pixels (coalesced when channels are fastest in x);
+//   otherwise 64 consecutive pixels of one channel.
+template <typename T, typename S, int KH, int KW, bool kCL>
+__device__ __forceinline__ void depthwise_tile_mapped(const SeparableParams& p, const PixelInfo& px, S* a, int lda,
+                                                      int32_t k0, int cols) {
+  constexpr int kRows = kCL ? kSepTileP / (kSepThreads / 32) : 1;  // pixels per thread and channel
+  constexpr int kRowStep = kCL ? kSepThreads / 32 : kSepTileP;
+  constexpr int kColStep = kCL ? 32 : kSepThreads / kSepTileP;
+  constexpr int kTaps = KH * KW;  // 0: kernel size known at run time only
+  const Conv2dGeometry& g = p.g;
+  const int kh_n = KH > 0 ? KH : static_cast<int>(g.kernel_h);
+  const int kw_n = KW > 0 ? KW : static_cast<int>(g.kernel_w);
+  const int32_t K = static_cast<int32_t>(g.dw_channels()), M = static_cast<int32_t>(g.depth_multiplier);
+  const int64_t H = g.in_h, W = g.in_w;
+  const int64_t dh = g.dilation_h, dwl = g.dilation_w;
+  const T* __restrict__ x = static_cast<const T*>(p.x.data);
+  const T* __restrict__ wdw = static_cast<const T*>(p.dw_weight);
+  const int64_t xs1 = p.x.stride[1], xs2 = p.x.stride[2], xs3 = p.x.stride[3];
+  const int row0 = kCL ? threadIdx.x / 32 : threadIdx.x % kSepTileP;
+
+#pragma unroll 1
+  for (int col = kCL ? threadIdx.x % 32 : threadIdx.x / kSepTileP; col < cols; col += kColStep) {
+    const int32_t k_raw = k0 + col;
+    const bool k_ok = k_raw < K;
+    const int32_t k = k_ok ? k_raw : K - 1;  // padding columns read a real channel and are zeroed
+    const int32_t ci = M == 1 ? k : k / M;
+    const float scale = p.in_scale != nullptr ? p.in_scale[ci] : 1.f;
+    const float shift = p.in_shift != nullptr ? p.in_shift[ci] : 0.f;
+    const T* wk = wdw + static_cast<int64_t>(k) * kh_n * kw_n;
+    float wv[kTaps > 0 ? kTaps : 1];
+#pragma unroll
+    for (int t = 0; t < kTaps; ++t) wv[t] = Elem<T>::load(wk + t);
+    const T* chan = x + ci * xs1;
+
+    // Branch-free per tap: the prologue's affine is applied always (x * 1 + 0 rounds to x exactly), ReLU and
+    // the mask are selects, so nothing stands between the loads of consecutive taps and pixels.
+    float acc[kRows];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int row = row0 + r * kRowStep;
+      const int64_t base = px.x_base[row];
+      const bool pix_ok = k_ok && base >= 0;
+      const T* xc = chan + (pix_ok ? base : 0);  // a valid address even for a masked tap
+      const int64_t ih0 = px.ih0[row], iw0 = px.iw0[row];
+      auto tap_address = [&](int i, int j, bool& ok) {
+        const int64_t ih = ih0 + i * dh, iw = iw0 + j * dwl;
+        ok = pix_ok && in_range<int64_t>(ih, H) && in_range<int64_t>(iw, W);
+        return ok ? xc + ih * xs2 + iw * xs3 : xc;
+      };
+      auto prologue = [&](float v, bool ok) {
+        v = round_to<T>(fmaf(v, scale, shift));
+        const float relu = fmaxf(v, 0.f);
+        v = p.in_relu ? relu : v;
+        return ok ? v : 0.f;
+      };
+      float sum = 0.f;
+      if constexpr (kTaps > 0) {
+        float raw[kTaps];
+        bool ok[kTaps];
+#pragma unroll
+        for (int i = 0; i < KH; ++i)
+#pragma unroll
+          for (int j = 0; j < KW; ++j) raw[i * KW + j] = Elem<T>::load(tap_address(i, j, ok[i * KW + j]));
+#pragma unroll
+        for (int t = 0; t < kTaps; ++t) sum = fmaf(prologue(raw[t], ok[t]), wv[t], sum);
+      } else {
+        for (int i = 0; i < kh_n; ++i) {
+          for (int j = 0; j < kw_n; ++j) {
+            bool ok;
+            const float v = Elem<T>::load(tap_address(i, j, ok));
+            sum = fmaf(prologue(v, ok), Elem<T>::load(wk + i * kw_n + j), sum);
+          }
+        }
+      }
+      acc[r] = sum;
+    }
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      float v = round_to<T>(acc[r]);
+      if (p.mid == 1) v = fmaxf(v, 0.f);
+      if (p.mid == 2 && v <= 0.f) v = round_to<T>(expm1f(v));
+      TileElem<S>::store(a + (row0 + r * kRowStep) * lda + col, v);
+    }
+  }
+}
+
+template <typename T, typename S, int KH, int KW>
+__device__ __forceinline__ void depthwise_tile(const SeparableParams& p, const PixelInfo& px, S* a, int lda,
+                                               int32_t k0, int cols) {
+  if (p.x_channels_last) {
+    depthwise_tile_mapped<T, S, KH, KW, true>(p, px, a, lda, k0, cols);
+  } else {
+    depthwise_tile_mapped<T, S, KH, KW, false>(p, px, a, lda, k0, cols);
+  }
+}
+
+// ---- stage 3: the epilogue of one output-channel tile, from the float32 accumulators in `c` ----
+template <typename T>
+__device__ __forceinline__ void epilogue_tile(const SeparableParams& p, const PixelInfo& px, float* c, int64_t n0,
+                                              int64_t tile) {
+  const int64_t n_total = p.g.out_channels;
+  T* __restrict__ out = static_cast<T*>(p.out.data);
+  const T* __restrict__ res = static_cast<const T*>(p.residual.data);
+  const bool affine = p.out_scale != nullptr || p.out_shift != nullptr;
+  const bool stats = p.stats_partial != nullptr;
+
+  auto finish = [&](int row, int col) {
+    const int64_t n = n0 + col;
+    float* cv = c + row * kSepCPitch + col;
+    if (n >= n_total || px.out_base[row] < 0) {
+      *cv = 0.f;  // no contribution to the statistics
+      return;
+    }
+    const float y = round_to<T>(*cv);
+    *cv = y;
+    float z = y;
+    if (affine) {
+      z = round_to<T>(fmaf(z, p.out_scale != nullptr ? p.out_scale[n] : 1.f,
+                           p.out_shift != nullptr ? p.out_shift[n] : 0.f));
+    }
+    if (res != nullptr) z = round_to<T>(z + Elem<T>::load(res + px.res_base[row] + n * p.residual.stride[1]));
+    if (p.out_relu) z = fmaxf(z, 0.f);
+    Elem<T>::store(out + px.out_base[row] + n * p.out.stride[1], z);
+  };
+
+  if (p.out_channels_last) {  // a warp writes 32 consecutive channels of one pixel
+    for (int row = threadIdx.x / kSepTileN; row < kSepTileP; row += kSepThreads / kSepTileN)
+      finish(row, threadIdx.x % kSepTileN);
+  } else {  // 64 consecutive pixels of one channel
+    for (int col = threadIdx.x / kSepTileP; col < kSepTileN; col += kSepThreads / kSepTileP)
+      finish(threadIdx.x % kSepTileP, col);
+  }
+  if (!stats) return;
+  __syncthreads();
+  if (threadIdx.x < kSepTileN && n0 + threadIdx.x < n_total) {  // one thread per channel, rows in order
+    float s = 0.f, ss = 0.f;
+    for (int row = 0; row < kSepTileP; ++row) {
+      const float y = c[row * kSepCPitch + threadIdx.x];
+      s += y;
+      ss = fmaf(y, y, ss);
+    }
+    float* partial = p.stats_partial + tile * 2 * n_total;
+    partial[n0 + threadIdx.x] = s;
+    partial[n_total + n0 + threadIdx.x] = ss;
+  }
+}
+
+// ---- the fused forward ----
+// T: element type. kMath: the GEMM mode the launcher chose; on GPUs below sm_80 every mode compiles to FFMA
+// (the launcher never asks them for tensor cores). KH, KW: kernel size known at compile time, 0 = run time.
+template <typename T, PointwiseMath kMath, int KH, int KW>
+__global__ void __launch_bounds__(kSepThreads) separable_forward_kernel(const SeparableParams p) {
+  using S = typename std::conditional<kMath == PointwiseMath::TensorCore, T, float>::type;  // tile element
+  extern __shared__ __align__(128) unsigned char smem[];
+  const Conv2dGeometry& g = p.g;
+  const SeparableSmem layout = separable_smem(p.a_pitch, kMath, static_cast<int>(sizeof(T)));
+  PixelInfo px;
+  px.x_base = reinterpret_cast<int64_t*>(smem);
+  px.out_base = px.x_base + kSepTileP;
+  px.res_base = px.out_base + kSepTileP;
+  px.ih0 = reinterpret_cast<int32_t*>(px.res_base + kSepTileP);
+  px.iw0 = px.ih0 + kSepTileP;
+  S* a = reinterpret_cast<S*>(smem + layout.pixel_info);
+  unsigned char* bc = smem + layout.pixel_info + layout.a_tile;  // weight buffers, then the accumulators
+  float* c = reinterpret_cast<float*>(bc);
+  const int lda = p.a_pitch;
+
+  const int64_t tile = blockIdx.x;
+  const int64_t npix = g.batch * g.out_h * g.out_w;
+  if (threadIdx.x < kSepTileP) {
+    const int64_t q = tile * kSepTileP + threadIdx.x;
+    if (q < npix) {
+      const int64_t ow = q % g.out_w, t = q / g.out_w, oh = t % g.out_h, n = t / g.out_h;
+      px.x_base[threadIdx.x] = n * p.x.stride[0];
+      px.out_base[threadIdx.x] = n * p.out.stride[0] + oh * p.out.stride[2] + ow * p.out.stride[3];
+      px.res_base[threadIdx.x] = p.residual.data != nullptr
+                                     ? n * p.residual.stride[0] + oh * p.residual.stride[2] + ow * p.residual.stride[3]
+                                     : 0;
+      px.ih0[threadIdx.x] = static_cast<int32_t>(oh * g.stride_h - g.pad_top);
+      px.iw0[threadIdx.x] = static_cast<int32_t>(ow * g.stride_w - g.pad_left);
+    } else {
+      px.x_base[threadIdx.x] = -1;
+      px.out_base[threadIdx.x] = -1;
+      px.res_base[threadIdx.x] = 0;
+      px.ih0[threadIdx.x] = 0;
+      px.iw0[threadIdx.x] = 0;
+    }
+  }
+  __syncthreads();
+
+  const int32_t K = static_cast<int32_t>(g.dw_channels());
+  const int64_t n_total = g.out_channels;
+  const T* w = static_cast<const T*>(p.pw_weight);
+  const bool resident = p.k_chunk >= K;
+
+#ifdef XO_SEPARABLE_WMMA
+  using Gemm = typename std::conditional<kMath == PointwiseMath::Ffma, FfmaGemm, WmmaGemm<T>>::type;
+  using BType = typename std::conditional<kMath == PointwiseMath::Ffma, float, T>::type;
+#else
+  using Gemm = FfmaGemm;
+  using BType = float;
+#endif
+  BType* bufs[2] = {reinterpret_cast<BType*>(bc), reinterpret_cast<BType*>(bc + layout.bc_region / 2)};
+
+  // Block (x, y) covers pixel tile x and every gridDim.y-th output-channel tile from y.
+  bool first = true;
+  for (int64_t n0 = static_cast<int64_t>(blockIdx.y) * kSepTileN; n0 < n_total;
+       n0 += static_cast<int64_t>(gridDim.y) * kSepTileN) {
+    Gemm gemm;
+    gemm.zero();
+    for (int32_t k0 = 0; k0 < K; k0 += p.k_chunk) {
+      const int cols = static_cast<int>(round_up(K - k0 < p.k_chunk ? K - k0 : p.k_chunk, kSepKStep));
+      if (!resident || first) depthwise_tile<T, S, KH, KW>(p, px, a, lda, k0, cols);
+      // Weight tiles double-buffered: the next one is fetched into registers before the current one is used,
+      // and stored into the other buffer after; one barrier per step.
+      typename Gemm::Regs regs;
+      Gemm::fetch(regs, w, n0, k0, n_total, K);
+      Gemm::stash(bufs[0], regs);
+      __syncthreads();  // the depthwise tile and the first weight tile are in place
+      const int steps = cols / kSepKStep;
+      for (int s = 0; s < steps; ++s) {
+        const bool more = s + 1 < steps;
+        if (more) Gemm::fetch(regs, w, n0, k0 + (s + 1) * kSepKStep, n_total, K);
+        gemm.step(a, lda, s * kSepKStep, bufs[s % 2]);
+        if (more) Gemm::stash(bufs[(s + 1) % 2], regs);
+        __syncthreads();
+      }
+    }
+    first = false;
+    gemm.store(c);  // over the weight buffers: every step is done (the barrier above)
+    __syncthreads();
+    epilogue_tile<T>(p, px, c, n0, tile);
+    __syncthreads();  // c and the weight buffers are reused by the next tile
+  }
+}
+
+// ---- fixed-order reduction of the statistics partials ----
+// in: [rows][cols] float32. Block (x, y) sums rows [64 x, 64 x + 64) of columns [256 y, 256 y + 256) in order
+// (row groups on x: grid.y is limited to 65535). With sum / sumsq set (the last level, one row group) column
+// c < half goes to sum[c], the rest to sumsq[c - half]; otherwise the result is row x of `out`.
+__global__ void __launch_bounds__(256) separable_stats_reduce_kernel(const float* in, int64_t rows, int64_t cols,
+                                                                    float* out, float* sum, float* sumsq,
+                                                                    int64_t half) {
+  const int64_t col = static_cast<int64_t>(blockIdx.y) * 256 + threadIdx.x;
+  if (col >= cols) return;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * 64;
+  const int64_t r1 = r0 + 64 < rows ? r0 + 64 : rows;
+  float s = 0.f;
+  for (int64_t r = r0; r < r1; ++r) s += in[r * cols + col];
+  if (sum != nullptr) {
+    if (col < half) {
+      sum[col] = s;
+    } else {
+      sumsq[col - half] = s;
+    }
+  } else {
+    out[static_cast<int64_t>(blockIdx.x) * cols + col] = s;
+  }
+}
+
+}  // namespace kernels
+}  // namespace xception_ops

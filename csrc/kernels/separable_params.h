@@ -1,0 +1,179 @@
+// What the fused separable-conv CUDA kernels are told: the geometry, raw pointers and element strides, the
+// prologue / epilogue options, and the launch plan. Filled once on the host by the torch layer
+// (csrc/cuda/separable_backend.cpp) and passed by value to every kernel.
+//
+// Torch-free on purpose, like depthwise_params.h: the kernels (kernels/separable.cuh) and their launchers
+// (cuda/separable_launch.cu) compile without torch headers, also for old GPUs with clang.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "depthwise_params.h"
+
+namespace xception_ops {
+
+// How the pointwise GEMM runs. The launcher picks it from the dtype, the GPU's compute capability and
+// PyTorch's TF32 flag; every mode has the same semantics and the same float32 accumulation.
+enum class PointwiseMath : int32_t {
+  Ffma = 0,        // CUDA cores, float32 multiply-add: any dtype, any GPU
+  TensorCore = 1,  // fp16 / bf16 operands on tensor cores (sm_80 and newer)
+  Tf32 = 2,        // float32 operands rounded to TF32 on tensor cores (sm_80+, when PyTorch allows TF32)
+};
+
+// The fused forward: out = act(relu?(y * out_scale + out_shift + residual)), y = pw(mid(dw(prologue(x)))).
+//   prologue(x) = relu?(x * in_scale + in_shift), per input channel; padding reads as 0 after the prologue.
+//   mid         = none, relu or elu on the depthwise result.
+// With compute_stats, per-channel float32 sums of y and y^2 (the pre-BN output) go to `stats_partial`.
+struct SeparableParams {
+  Conv2dGeometry g;        // dw stage: in_channels -> dw_channels(); pw stage: dw_channels() -> out_channels
+  DepthwiseTensor x;       // read, (N, C, H, W) strides
+  DepthwiseTensor out;     // written, (N, C_out, OH, OW)
+  DepthwiseTensor residual;  // read when residual.data != nullptr
+  const void* dw_weight = nullptr;  // contiguous (dw_channels, 1, kH, kW), x's dtype
+  const void* pw_weight = nullptr;  // contiguous (C_out, dw_channels), x's dtype
+  const float* in_scale = nullptr;  // per input channel, float32; nullptr: 1
+  const float* in_shift = nullptr;  // nullptr: 0
+  bool in_relu = false;
+  int32_t mid = 0;                   // 0 none, 1 relu, 2 elu (the values of MidActivation)
+  const float* out_scale = nullptr;  // per output channel, float32; nullptr: 1
+  const float* out_shift = nullptr;  // nullptr: 0
+  bool out_relu = false;
+  // Per pixel tile, the float32 sums of y then of y^2 over the tile's pixels: [tiles][2][out_channels]. nullptr
+  // when the statistics are not asked for.
+  float* stats_partial = nullptr;
+  // Thread orders: channel fastest across threads where the tensor has channels fastest in memory.
+  bool x_channels_last = false;
+  bool out_channels_last = false;
+  // The launch plan (separable_plan): the depthwise channels resident in shared memory at once (a multiple of
+  // kSepKStep, or all of them rounded up) and the row pitch of that tile. When k_chunk covers every channel the
+  // depthwise tile is computed once per block; otherwise once per (block, output-channel tile).
+  int32_t k_chunk = 0;
+  int32_t a_pitch = 0;
+};
+
+// ---- the launch plan (host side, pure arithmetic) ----
+constexpr int kSepThreads = 256;  // 8 warps
+constexpr int kSepTileP = 64;     // output pixels per block (flattened over N, OH, OW)
+constexpr int kSepTileN = 128;    // output channels per GEMM tile
+constexpr int kSepKStep = 32;     // depthwise channels per shared-memory weight tile (double-buffered)
+
+XO_HOST_DEVICE inline int64_t separable_pixel_tiles(const Conv2dGeometry& g) {
+  return (g.batch * g.out_h * g.out_w + kSepTileP - 1) / kSepTileP;
+}
+XO_HOST_DEVICE inline int64_t separable_channel_tiles(const Conv2dGeometry& g) {
+  return (g.out_channels + kSepTileN - 1) / kSepTileN;
+}
+
+XO_HOST_DEVICE inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+XO_HOST_DEVICE inline size_t align128(size_t v) { return (v + 127) / 128 * 128; }
+
+// Bytes of one element of the on-chip depthwise tile: the dtype's own size on the 16-bit tensor-core path
+// (the depthwise result is rounded to the dtype, as PyTorch's unfused layers do), float32 otherwise.
+XO_HOST_DEVICE inline int separable_tile_elem_bytes(PointwiseMath math, int dtype_bytes) {
+  return math == PointwiseMath::TensorCore ? dtype_bytes : 4;
+}
+
+// Weight-tile and accumulator-tile pitches (elements). Fragment loads need multiples of 8 (16-bit) or 4
+// (float32) elements; the padding puts consecutive rows in different banks.
+constexpr int kSepBPitch16 = kSepKStep + 8;  // 16-bit weight tile [n][k] (col-major B of the fragments)
+constexpr int kSepBPitch32 = kSepKStep + 4;  // float32 weight tile [n][k] (TF32 fragments)
+constexpr int kSepBPitchKN = kSepTileN + 4;  // float32 weight tile [k][n] (FFMA)
+constexpr int kSepCPitch = kSepTileN + 4;    // float32 accumulator tile [p][n]
+
+// Shared memory layout of a block, in bytes. Every region starts 128-byte aligned. The accumulator tile
+// shares a region with the two weight-tile buffers (at its start and its middle): it is written only after the
+// last GEMM step of a tile. The region also fits two FFMA [k][n] buffers, which is what every kernel uses on
+// GPUs below sm_80.
+struct SeparableSmem {
+  size_t pixel_info;  // per pixel: offsets of its image in x, out and residual, and its input origin
+  size_t a_tile;      // depthwise tile [kSepTileP][a_pitch]
+  size_t bc_region;   // two weight buffers of bc_region / 2 bytes, or the accumulators [kSepTileP][kSepCPitch]
+  size_t total;
+};
+
+XO_HOST_DEVICE inline SeparableSmem separable_smem(int64_t a_pitch, PointwiseMath math, int dtype_bytes) {
+  const int eb = separable_tile_elem_bytes(math, dtype_bytes);
+  SeparableSmem s;
+  s.pixel_info = align128(static_cast<size_t>(kSepTileP) * (3 * sizeof(int64_t) + 2 * sizeof(int32_t)));
+  s.a_tile = align128(static_cast<size_t>(kSepTileP) * static_cast<size_t>(a_pitch) * eb);
+  size_t buffer = static_cast<size_t>(kSepKStep) * kSepBPitchKN * sizeof(float);  // FFMA [k][n]
+  const size_t nk = math == PointwiseMath::TensorCore
+                        ? static_cast<size_t>(kSepTileN) * kSepBPitch16 * dtype_bytes
+                        : static_cast<size_t>(kSepTileN) * kSepBPitch32 * sizeof(float);
+  if (nk > buffer) buffer = nk;
+  const size_t c = static_cast<size_t>(kSepTileP) * kSepCPitch * sizeof(float);
+  s.bc_region = align128(2 * align128(buffer) > c ? 2 * align128(buffer) : c);
+  s.total = s.pixel_info + s.a_tile + s.bc_region;
+  return s;
+}
+
+// Fills p.k_chunk and p.a_pitch: every depthwise channel on chip when it fits in `smem_limit` bytes (with the
+// padded pitch, else unpadded), otherwise the largest multiple of kSepKStep that does. Returns false when not
+// even one step fits.
+inline bool separable_plan(SeparableParams& p, PointwiseMath math, int dtype_bytes, size_t smem_limit) {
+  const int eb = separable_tile_elem_bytes(math, dtype_bytes);
+  const int pad = eb == 2 ? 8 : 4;
+  const int64_t all = round_up(p.g.dw_channels(), kSepKStep);
+  for (int64_t pitch : {all + pad, all}) {
+    if (separable_smem(pitch, math, dtype_bytes).total <= smem_limit) {
+      p.k_chunk = static_cast<int32_t>(all);
+      p.a_pitch = static_cast<int32_t>(pitch);
+      return true;
+    }
+  }
+  for (int64_t k = all - kSepKStep; k >= kSepKStep; k -= kSepKStep) {
+    if (separable_smem(k + pad, math, dtype_bytes).total <= smem_limit) {
+      p.k_chunk = static_cast<int32_t>(k);
+      p.a_pitch = static_cast<int32_t>(k + pad);
+      return true;
+    }
+  }
+  return false;
+}
+
+// How many blocks share one pixel tile, each taking every n_groups-th output-channel tile: enough blocks for
+// two waves on `sms` multiprocessors when there are few pixel tiles (the 10x10 layers have 50 at batch 32).
+// Each extra group recomputes the depthwise tile once more.
+inline int separable_channel_groups(const Conv2dGeometry& g, int sms) {
+  const int64_t tiles = separable_pixel_tiles(g), n_tiles = separable_channel_tiles(g);
+  if (tiles <= 0) return 1;
+  int64_t groups = (2 * static_cast<int64_t>(sms) + tiles - 1) / tiles;
+  if (groups > n_tiles) groups = n_tiles;
+  if (groups > 65535) groups = 65535;
+  return groups < 1 ? 1 : static_cast<int>(groups);
+}
+
+// The GEMM mode for a dtype on a GPU of compute capability `cc_major`.x: tensor cores from sm_80 (fp16 / bf16
+// always, float32 as TF32 only when PyTorch allows TF32 for convolutions), FFMA elsewhere.
+inline PointwiseMath separable_math(DType dtype, int cc_major, bool allow_tf32) {
+  if (cc_major < 8) return PointwiseMath::Ffma;
+  if (dtype == DType::Float32) return allow_tf32 ? PointwiseMath::Tf32 : PointwiseMath::Ffma;
+  return PointwiseMath::TensorCore;
+}
+
+// Bytes of the statistics workspace: the per-tile partials plus the scratch of the fixed-order reduction.
+inline size_t separable_stats_workspace_bytes(const Conv2dGeometry& g) {
+  const int64_t tiles = separable_pixel_tiles(g);
+  const int64_t cols = 2 * g.out_channels;
+  return static_cast<size_t>(tiles + (tiles + 63) / 64) * static_cast<size_t>(cols) * sizeof(float);
+}
+
+// ---- launchers (cuda/separable_launch.cu) ----
+// Fused forward. `p.k_chunk` / `p.a_pitch` must come from separable_plan() with the same math and the device's
+// opt-in shared-memory limit; `channel_groups` from separable_channel_groups(). With p.stats_partial set, `sum` and `sumsq` (float32, out_channels each) receive
+// the reduced statistics; the workspace behind p.stats_partial must hold separable_stats_workspace_bytes(g).
+// Returns cudaGetLastError() after its launches.
+cudaError_t launch_separable_forward(const SeparableParams& p, DType dtype, PointwiseMath math, int channel_groups,
+                                     float* sum, float* sumsq, cudaStream_t stream);
+
+// The current device's compute capability, multiprocessor count and opt-in shared memory per block.
+struct DeviceCaps {
+  int major = 0, minor = 0, sms = 0;
+  size_t smem_optin = 0;
+};
+cudaError_t current_device_caps(DeviceCaps* caps);
+
+}  // namespace xception_ops

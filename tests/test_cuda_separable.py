@@ -1,0 +1,274 @@
+"""GPU tests of the "cuda" backend's fused separable forward (csrc/kernels/separable.cuh).
+
+The op is called through torch.ops with backend="cuda" and compared with the float64 reference
+(xception_ops.reference on float64 copies) on fresh random inputs: odd sizes (H, W not multiples of the tile,
+channels not multiples of 8, batch 1), every prologue / mid / epilogue option, three layouts (contiguous,
+channels_last, strided views), three dtypes, TF32 on and off, and depthwise channel counts large enough that
+the depthwise tile no longer fits in shared memory at once. Tolerances: float32 1e-5 relative (1e-3 with TF32);
+float16 / bfloat16 no worse than twice PyTorch's own error in that dtype (the reference run on the
+low-precision tensors, i.e. cuDNN) plus a small floor. Outputs are poisoned with NaN through the caching
+allocator before every call.
+"""
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+try:
+    import xception_ops._C as _C  # importing runs the op registrations
+except Exception as e:  # noqa: BLE001  (any failure to load means there is nothing to test)
+    pytest.skip(f"xception_ops._C does not import: {e!r}", allow_module_level=True)
+
+if not getattr(_C, "WITH_CUDA", 0) or "xception_ops.separable_conv2d" not in _C.CUDA_OPS:
+    pytest.skip("xception_ops._C was built without the fused CUDA kernel", allow_module_level=True)
+
+from xception_ops import reference  # noqa: E402
+
+OPS = torch.ops.xception_ops
+DEV = "cuda"
+LAYOUTS = ["contiguous", "channels_last", "strided"]
+FLOOR = {torch.float16: 2e-5, torch.bfloat16: 2e-4}
+
+# (N, C_in, C_out, H, W, multiplier, kernel, stride, padding (t, b, l, r), dilation)
+SHAPES = [
+    (2, 13, 21, 11, 9, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),     # odd channels, 198 pixels: 4 tiles
+    (1, 40, 70, 17, 19, 1, (3, 3), (2, 2), (0, 1, 0, 1), (1, 1)),    # TensorFlow "same" at stride 2
+    (3, 8, 16, 7, 10, 2, (5, 5), (1, 1), (2, 2, 2, 2), (1, 1)),      # depth multiplier, generic kernel size
+    (1, 96, 130, 9, 9, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),     # K = 96 (3 steps), 3 output tiles
+    (2, 5, 3, 6, 7, 1, (3, 2), (2, 1), (1, 0, 0, 1), (1, 2)),        # tiny, asymmetric everything
+    (1, 1, 1, 1, 1, 1, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1)),        # one pixel, one channel
+]
+OPTIONS = [
+    dict(),
+    dict(out_scale=True, out_shift=True, out_relu=True),                         # inference: folded BN + ReLU
+    dict(compute_stats=True, in_scale=True, in_shift=True, in_relu=True),        # training: BN of the producer
+    dict(mid="relu", residual=True, out_relu=True, out_shift=True),
+    dict(mid="elu", in_scale=True, out_scale=True, compute_stats=True),
+    dict(in_relu=True, in_shift=True, mid="relu", out_scale=True, out_shift=True, residual=True,
+         compute_stats=True, out_relu=True),
+]
+
+
+def randn(shape, dtype, layout, scale=1.0):
+    if layout == "strided":
+        n, c, h, w = shape
+        big = torch.randn(n, 2 * c, h + 2, 2 * w + 1, device=DEV, dtype=dtype) * scale
+        t = big[:, 1::2, 1:1 + h, 1::2]
+        assert t.shape == tuple(shape)
+        return t
+    t = torch.randn(shape, device=DEV, dtype=dtype) * scale
+    return t.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else t
+
+
+def make_inputs(shape, opts, dtype, layout):
+    n, cin, cout, h, w, mult, k, stride, padding, dilation = shape
+    k_dw = cin * mult
+    x = randn((n, cin, h, w), dtype, layout)
+    dw = randn((k_dw, 1, *k), dtype, "strided" if layout == "strided" else "contiguous")
+    pw = randn((cout, k_dw, 1, 1), dtype, "contiguous", scale=k_dw ** -0.5)
+    vec = dict(device=DEV, dtype=torch.float32)
+    t = dict(in_scale=torch.rand(cin, **vec) + 0.5 if opts.get("in_scale") else None,
+             in_shift=torch.randn(cin, **vec) * 0.3 if opts.get("in_shift") else None,
+             out_scale=torch.rand(cout, **vec) + 0.5 if opts.get("out_scale") else None,
+             out_shift=torch.randn(cout, **vec) * 0.3 if opts.get("out_shift") else None)
+    span = [d * (kk - 1) + 1 for d, kk in zip(dilation, k)]
+    ho = (h + padding[0] + padding[1] - span[0]) // stride[0] + 1
+    wo = (w + padding[2] + padding[3] - span[1]) // stride[1] + 1
+    t["residual"] = randn((n, cout, ho, wo), dtype, layout) if opts.get("residual") else None
+    args = dict(in_relu=opts.get("in_relu", False), stride=list(stride), padding=list(padding),
+                dilation=list(dilation), mid_activation=opts.get("mid", "none"), out_relu=opts.get("out_relu", False),
+                compute_stats=opts.get("compute_stats", False))
+    return x, dw, pw, t, args
+
+
+def call(fn, x, dw, pw, t, a, *backend):
+    return fn(x, dw, pw, t["in_scale"], t["in_shift"], a["in_relu"], a["stride"], a["padding"], a["dilation"],
+              a["mid_activation"], t["out_scale"], t["out_shift"], a["out_relu"], t["residual"], a["compute_stats"],
+              *backend)
+
+
+def to64(v):
+    return None if v is None else v.double()
+
+
+def rel_err(out, ref):
+    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-300)).item()
+
+
+def poison(shape, dtype):
+    """Leaves a freed NaN block of this size in the caching allocator: the next allocation of it gets NaNs."""
+    t = torch.full(shape, float("nan"), device=DEV, dtype=dtype)
+    del t
+
+
+def check(shape, opts, dtype, layout, tf32=False):
+    x, dw, pw, t, a = make_inputs(shape, opts, dtype, layout)
+    ref = call(reference.separable_conv2d, x.double(), dw.double(), pw.double(),
+               {k: to64(v) for k, v in t.items()}, a)
+    plain = call(OPS.separable_conv2d, x, dw, pw, t, a, "torch") if dtype != torch.float32 else None
+    poison(ref[0].shape, dtype)
+    got = call(OPS.separable_conv2d, x, dw, pw, t, a, "cuda")
+    torch.cuda.synchronize()
+    names = ("out", "sum", "sumsq") if a["compute_stats"] else ("out",)
+    for i, name in enumerate(names):
+        out, exact = got[i], ref[i]
+        assert out.shape == exact.shape, f"{name}: shape {tuple(out.shape)} != {tuple(exact.shape)}"
+        assert out.dtype == (dtype if i == 0 else torch.float32), f"{name}: dtype {out.dtype}"
+        assert torch.isfinite(out).all(), f"{name}: non-finite values (an element left unwritten?)"
+        err = rel_err(out, exact)
+        if dtype == torch.float32:
+            tol = 1e-3 if tf32 else 1e-5
+            assert err <= tol, f"{name}: relative error {err:.3g} > {tol}"
+        else:
+            torch_err = rel_err(plain[i], exact)
+            bound = 2 * torch_err + FLOOR[dtype]
+            assert err <= bound, f"{name}: relative error {err:.3g} > 2 x PyTorch's {torch_err:.3g} + {FLOOR[dtype]}"
+    if not a["compute_stats"]:
+        assert got[1].numel() == 0 and got[2].numel() == 0
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert got[0].is_contiguous(memory_format=fmt), "output layout does not follow the input's"
+    return got
+
+
+@pytest.fixture
+def tf32_off():
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(sorted(o)) or "plain")
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:5])))
+def test_float32(shape, opts, layout, tf32_off):
+    check(shape, opts, torch.float32, layout)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("opts", [OPTIONS[1], OPTIONS[5]], ids=["inference", "everything"])
+@pytest.mark.parametrize("shape", SHAPES[:4], ids=lambda s: "x".join(map(str, s[:5])))
+def test_float32_tf32(shape, opts, layout):
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        check(shape, opts, torch.float32, layout, tf32=True)
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(sorted(o)) or "plain")
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:5])))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_low_precision(dtype, shape, opts, layout):
+    check(shape, opts, dtype, layout)
+
+
+# Depthwise channels beyond what shared memory holds at once (the tile is then computed per output tile).
+@pytest.mark.parametrize("dtype,channels", [(torch.float32, 1024), (torch.bfloat16, 1696)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_more_channels_than_shared_memory(dtype, channels, layout, tf32_off):
+    shape = (1, channels, 72, 5, 6, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
+    check(shape, OPTIONS[5], dtype, layout)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_xception_shapes(dtype, tf32_off):
+    """Two of the model's layer shapes at batch 2: entry flow (128 -> 256 at 74^2) and middle flow (728 at 19^2)."""
+    check((2, 128, 256, 74, 74, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)), OPTIONS[1], dtype, "channels_last")
+    check((2, 728, 728, 19, 19, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)), OPTIONS[5], dtype, "channels_last")
+
+
+def test_repeatable_bitwise():
+    """Ten runs give the same bits: outputs and statistics (fixed-order reduction, no atomics, no races)."""
+    shape = (4, 64, 96, 37, 37, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
+    x, dw, pw, t, a = make_inputs(shape, OPTIONS[2], torch.bfloat16, "channels_last")
+    first = call(OPS.separable_conv2d, x, dw, pw, t, a, "cuda")
+    for _ in range(10):
+        again = call(OPS.separable_conv2d, x, dw, pw, t, a, "cuda")
+        for u, v in zip(first, again):
+            assert torch.equal(u, v)
+
+
+def test_empty_batch_gives_zero_statistics():
+    shape = (0, 8, 16, 5, 5, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
+    x, dw, pw, t, a = make_inputs(shape, dict(compute_stats=True), torch.float32, "contiguous")
+    out, total, total_sq = call(OPS.separable_conv2d, x, dw, pw, t, a, "cuda")
+    assert out.shape == (0, 16, 5, 5)
+    assert torch.equal(total, torch.zeros(16, device=DEV)) and torch.equal(total_sq, torch.zeros(16, device=DEV))
+
+
+def test_cuda_graph_capture():
+    shape = (2, 32, 48, 19, 19, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
+    x, dw, pw, t, a = make_inputs(shape, OPTIONS[5], torch.bfloat16, "channels_last")
+    eager = call(OPS.separable_conv2d, x, dw, pw, t, a, "cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up outside the capture (first launches set kernel attributes)
+        call(OPS.separable_conv2d, x, dw, pw, t, a, "cuda")
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = call(OPS.separable_conv2d, x, dw, pw, t, a, "cuda")
+    graph.replay()
+    torch.cuda.synchronize()
+    for u, v in zip(eager, captured):
+        assert torch.equal(u, v)
+
+
+@pytest.mark.slow
+def test_more_than_2_31_elements():
+    """x and out of 2^31 + elements each: every offset is 64-bit."""
+    x = torch.randn(1, 8, 16400, 16400, device=DEV, dtype=torch.bfloat16)
+    assert x.numel() > 2**31
+    dw = torch.randn(8, 1, 3, 3, device=DEV, dtype=torch.bfloat16)
+    pw = torch.randn(8, 8, 1, 1, device=DEV, dtype=torch.bfloat16)
+    args = ([1, 1], [1, 1, 1, 1], [1, 1], "none", None, None, False, None, False)
+    out, _, _ = OPS.separable_conv2d(x, dw, pw, None, None, False, *args, "cuda")
+    # Compare the last rows (the far end of both tensors) with the reference on that slice.
+    tail = x[:, :, -6:, :]
+    ref = reference.separable_conv2d(tail.double(), dw.double(), pw.double(), None, None, False, [1, 1],
+                                     [1, 1, 1, 1], [1, 1], "none", None, None, False, None, False)[0]
+    got = out[:, :, -5:, :]  # the last output row sees the bottom padding; the slice's first row is not compared
+    assert rel_err(got[:, :, 1:], ref[:, :, 2:]) <= 2e-2
+    del x, out
+
+
+def test_bad_input_raises_before_launch():
+    x = torch.randn(1, 4, 5, 5, device=DEV)
+    dw = torch.randn(4, 1, 3, 3, device=DEV)
+    pw = torch.randn(6, 4, 1, 1, device=DEV)
+    base = ([1, 1], [1, 1, 1, 1], [1, 1], "none", None, None, False, None, False)
+    with pytest.raises(TypeError, match="pw_weight"):
+        OPS.separable_conv2d(x, dw, pw.half(), None, None, False, *base, "cuda")
+    with pytest.raises(ValueError, match="residual"):
+        bad = list(base)
+        bad[7] = torch.randn(1, 5, 5, 5, device=DEV)
+        OPS.separable_conv2d(x, dw, pw, None, None, False, *bad, "cuda")
+    with pytest.raises(TypeError, match="float64"):
+        OPS.separable_conv2d(x.double(), dw.double(), pw.double(), None, None, False, *base, "cuda")
+
+
+def test_autograd_through_the_cuda_forward():
+    """The forward runs the fused kernel; the gradients (reference backward until the CUDA one lands) match."""
+    import xception_ops
+
+    x = torch.randn(2, 16, 9, 9, device=DEV, requires_grad=True)
+    dw = torch.randn(16, 1, 3, 3, device=DEV, requires_grad=True)
+    pw = torch.randn(24, 16, 1, 1, device=DEV, requires_grad=True)
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        grads = {}
+        for backend in ("torch", "cuda"):
+            y = xception_ops.separable_conv2d(x, dw, pw, padding=1, backend=backend)
+            grads[backend] = torch.autograd.grad(y.square().sum(), (x, dw, pw))
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
+    for u, v in zip(grads["torch"], grads["cuda"]):
+        assert rel_err(v, u) <= 1e-5
