@@ -113,6 +113,7 @@ setup(
     license="BSD-3-Clause",
     python_requires=">=3.10",
     packages=find_packages(include=["xception_ops", "xception_ops.*"]),
+    package_data={"xception_ops": ["auto_table.json"]},  # the measurements behind backend="auto"
     install_requires=["torch>=2.11", "numpy"],
     extras_require={"timm": ["timm"], "triton": ["triton>=3.6"], "test": ["pytest", "pytest-benchmark", "timm"]},
     entry_points={"console_scripts": ["xception-ops = xception_ops.cli:main"]},

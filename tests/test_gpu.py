@@ -88,4 +88,31 @@ def test_auto_routing_on_gpu():
     w = torch.randn(8, 1, 3, 3, device="cuda", dtype=torch.float64)
     out = xception_ops.depthwise_conv2d(x.double(), w, padding=1)  # auto with float64 runs, on the reference
     assert out.dtype == torch.float64
-    assert resolve("auto", "xception_ops.separable_conv2d", x) == "torch"  # no fused CUDA kernel yet
+    # Measured slower than PyTorch's layers on sm_90 (auto_table.json); not measured elsewhere: the compiled-in
+    # list, which does not have it.
+    assert resolve("auto", "xception_ops.separable_conv2d", x, 16) == "torch"
+
+
+def test_auto_follows_the_measured_table(tmp_path, monkeypatch):
+    """A table that says the CUDA kernel wins for this GPU makes "auto" take it; one that says it loses does not."""
+    from xception_ops import autotable
+    from xception_ops.backend import auto_choice
+    op = "xception_ops.separable_conv2d"
+    x = torch.randn(2, 64, 37, 37, device="cuda").contiguous(memory_format=torch.channels_last)
+    arch = autotable.arch_name(*torch.cuda.get_device_capability())
+    path = tmp_path / "table.json"
+    monkeypatch.setenv(autotable.TABLE_ENV, str(path))
+    try:
+        for speedup, expected in ((2.0, "cuda"), (0.5, "torch")):
+            entry = autotable.Entry(arch, "separable_conv2d", "float32", "NHWC", "inference", 64, 128, 37, 1.0,
+                                    {"cuda": speedup}, source="test")
+            autotable.save([entry], path)
+            autotable.clear_cache()
+            with torch.no_grad():
+                choice = auto_choice(op, x, 128)
+                assert choice.backend == expected, choice.reason
+                assert xception_ops.backend.resolve("auto", op, x, 128) == expected
+            with torch.enable_grad():  # the training pass has no entry: the compiled-in list, without it
+                assert auto_choice(op, x, 128).backend == "torch"
+    finally:
+        autotable.clear_cache()

@@ -1,10 +1,11 @@
 """Which backend runs an op: "torch" (the ATen reference), "cuda" (csrc/cuda) or "triton".
 
-`backend="auto"` (the default everywhere) is resolved per call: the XCEPTION_OPS_BACKEND environment variable
-overrides it when set; otherwise the CUDA kernel runs when the tensors are on a GPU, this build has a CUDA
-kernel for the op, and measurements say it is the faster choice there (`_cuda_preferred`); the reference path
-runs elsewhere. Asking for a backend that cannot run raises an error
-that names what is missing.
+`backend="auto"` (the default everywhere) is resolved per call (`auto_choice`): the XCEPTION_OPS_BACKEND
+environment variable overrides it when set; otherwise, on a GPU, the measured table of xception_ops/autotable.py
+picks the fastest backend for the arch, dtype, layout, pass and nearest layer shape, among those that can run;
+configurations it has not measured take the CUDA ops compiled into the auto list (`_cuda_preferred`); the
+reference path ("torch": the fused modules then run PyTorch's own layers) runs elsewhere. Asking for a backend
+that cannot run raises an error that names what is missing.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _library
+from . import _library, autotable
+from .checks import output_memory_format
 
 BACKENDS = ("auto", "torch", "cuda", "triton")
 ENV_VAR = "XCEPTION_OPS_BACKEND"
@@ -70,6 +72,64 @@ def _triton_problem(op: str | None, device: torch.device | None) -> str | None:
     return None if device is None else module.device_problem(device)
 
 
+@dataclass(frozen=True)
+class AutoChoice:
+    backend: str  # "torch", "cuda" or "triton"
+    reason: str
+
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_ARCHS: dict[int, str] = {}
+
+
+def _arch(device: torch.device) -> str:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _ARCHS:
+        _ARCHS[index] = autotable.arch_name(*torch.cuda.get_device_capability(index))
+    return _ARCHS[index]
+
+
+def _problem(backend: str, op: str, device: torch.device) -> str | None:
+    if backend == "cuda":
+        return _cuda_problem(op, device)
+    if backend == "triton":
+        return _triton_problem(op, device)
+    return None
+
+
+def choose_from_entry(entry: autotable.Entry, can_run) -> AutoChoice:
+    """The fastest backend of a table entry that `can_run(backend)`, else PyTorch's layers."""
+    where = f"{entry.source}: {entry.cin}->{entry.cout} @{entry.hw}^2"
+    for name, speedup in entry.ranked():
+        if can_run(name):
+            return AutoChoice(name, f"measured {speedup:.2f}x PyTorch's layers ({where})")
+    ours = ", ".join(f"{b} {s:.2f}x" for b, s in sorted(entry.speedup.items(), key=lambda bs: -bs[1]))
+    return AutoChoice("torch", f"measured: PyTorch's layers are the fastest ({where}; ours: {ours or 'none'})")
+
+
+def auto_choice(op: str, x: torch.Tensor, out_channels: int | None = None,
+                training: bool | None = None) -> AutoChoice:
+    """What backend="auto" runs `op` with for input x, and why. `training`: whether autograd may need the
+    backward (default: grad mode); `out_channels`: the op's output channels (default: x's)."""
+    if x.device.type != "cuda":
+        return AutoChoice("torch", f"{x.device.type} tensors run on PyTorch's layers")
+    dtype = _DTYPE_NAMES.get(x.dtype)
+    if dtype is None:
+        return AutoChoice("torch", f"{x.dtype}: none of our kernels takes it")
+    pass_ = "training" if (torch.is_grad_enabled() if training is None else training) else "inference"
+    layout = "NHWC" if output_memory_format(x) == torch.channels_last else "NCHW"
+    arch = _arch(x.device)
+    name = op.removeprefix("xception_ops.")
+    cin = x.shape[1] if x.dim() == 4 else 0
+    hw = x.shape[-2] if x.dim() == 4 else 0
+    entry = autotable.lookup(arch, name, dtype, layout, pass_, cin, out_channels or cin, hw)
+    if entry is not None:
+        return choose_from_entry(entry, lambda b: _problem(b, op, x.device) is None)
+    if _cuda_problem(op, x.device) is None and _cuda_preferred(op, x):
+        return AutoChoice("cuda", "in the compiled-in auto list (csrc/cuda_ops_list.h)")
+    return AutoChoice("torch", f"not measured for {arch} {dtype} {layout} {pass_}")
+
+
 def _env_override() -> str | None:
     override = os.environ.get(ENV_VAR, "").strip().lower()
     if override and override not in BACKENDS:
@@ -77,7 +137,7 @@ def _env_override() -> str | None:
     return None if override in ("", "auto") else override
 
 
-def fused_backend(backend: str, op: str, x: torch.Tensor) -> str | None:
+def fused_backend(backend: str, op: str, x: torch.Tensor, out_channels: int | None = None) -> str | None:
     """For the fused modules: the backend that runs the fused op, or None when "auto" finds no fused kernel for x.
 
     The modules then run the unfused PyTorch layers, as fast as the model was before fusing, rather than the
@@ -85,19 +145,19 @@ def fused_backend(backend: str, op: str, x: torch.Tensor) -> str | None:
     runs the operator.
     """
     if backend == "auto" and _env_override() is None:
-        chosen = resolve("auto", op, x)
+        chosen = resolve("auto", op, x, out_channels)
         return None if chosen == "torch" else chosen
-    return resolve(backend, op, x)
+    return resolve(backend, op, x, out_channels)
 
 
-def resolve(backend: str, op: str, x: torch.Tensor) -> str:
+def resolve(backend: str, op: str, x: torch.Tensor, out_channels: int | None = None) -> str:
     """The concrete backend ("torch", "cuda" or "triton") that runs `op` on x's device."""
     if backend not in BACKENDS:
         raise ValueError(f"{op}: unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     if backend == "auto":
         backend = _env_override() or "auto"
     if backend == "auto":
-        return "cuda" if _cuda_problem(op, x.device) is None and _cuda_preferred(op, x) else "torch"
+        return auto_choice(op, x, out_channels).backend
     if backend == "cuda":
         problem = _cuda_problem(op, x.device)
         if problem is not None:

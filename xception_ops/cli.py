@@ -1,4 +1,4 @@
-"""The `xception-ops` command: info, parity, bench."""
+"""The `xception-ops` command: info, parity, bench, autotable, train."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -47,6 +48,17 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"  {s.name:<7} {state}: {s.detail}")
     if os.environ.get(backend.ENV_VAR):
         print(f"{backend.ENV_VAR}={os.environ[backend.ENV_VAR]} overrides backend='auto'")
+    from . import autotable
+
+    entries = autotable.load()
+    arch = (autotable.arch_name(*torch.cuda.get_device_capability()) if torch.cuda.is_available() else None)
+    print(f"auto table:          {autotable.table_path()}, {len(entries)} measured configurations")
+    lines = autotable.summary(entries, arch)
+    if arch is not None and not lines:
+        print(f"  nothing measured for {arch}: backend='auto' falls back to the compiled-in list "
+              "(csrc/cuda_ops_list.h), then PyTorch's layers")
+    for line in lines:
+        print(f"  {line}")
     return 0
 
 
@@ -65,6 +77,9 @@ def cmd_parity(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench, bench_report
 
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.auto_table and not device.startswith("cuda"):  # fail before the run, not after
+        raise ValueError("--auto-table needs a run on a CUDA GPU: the table records GPU measurements")
     shapes = [bench.parse_shape(s) for s in args.shapes] if args.shapes else None
     models = False if args.no_models else (args.models or True)
     report = bench.run(device=args.device, backends_=args.backends, dtypes=args.dtypes, layouts=args.layouts,
@@ -75,6 +90,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.out:
         written = bench_report.write_outputs(report, args.out)
         print(f"\nwrote {', '.join(f'{args.out}/{name}' for name in written)}")
+    if args.auto_table:
+        _update_auto_table(args.auto_table, [report])
+    return 0
+
+
+def _update_auto_table(path: str, reports: list[dict]) -> None:
+    from . import autotable
+
+    new = [e for r in reports for e in autotable.entries_from_report(r)]
+    old = autotable.read(path) if Path(path).exists() else []
+    merged = autotable.merge(old, new)
+    autotable.save(merged, path)
+    print(f"auto table {path}: {len(new)} measured configurations merged, {len(merged)} entries")
+    for line in autotable.summary(merged):
+        print(f"  {line}")
+
+
+def cmd_autotable(args: argparse.Namespace) -> int:
+    reports = [json.loads(Path(p).read_text()) for p in args.reports]
+    _update_auto_table(args.out, reports)
     return 0
 
 
@@ -139,7 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=None, help="untimed runs before timing")
     p.add_argument("--reps", type=int, default=None, help="timed runs per configuration (the median is reported)")
     p.add_argument("--out", default=None, help="directory for bench.json, bench.md and the PNG charts")
+    p.add_argument("--auto-table", default=None, metavar="FILE",
+                   help="merge this GPU run's layer results into an auto table (JSON; the package's own is "
+                        "xception_ops/auto_table.json)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("autotable", help="build or update the table behind backend='auto' from bench.json files")
+    p.add_argument("reports", nargs="+", help="bench.json files of GPU runs (later ones win per configuration)")
+    p.add_argument("--out", default=str(Path(__file__).with_name("auto_table.json")),
+                   help="the table to update (default: the package's own)")
+    p.set_defaults(func=cmd_autotable)
 
     p = sub.add_parser("train", help="train Xception or Inception V3 with the paper's recipes (torchrun for DDP)")
     p.add_argument("--model", default="xception", choices=["xception", "inception_v3"])

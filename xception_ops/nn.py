@@ -96,7 +96,7 @@ class SeparableConvBN(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         dw, pw, bn = self.depthwise, self.pointwise, self.bn
-        backend = backends.fused_backend(self.backend, "xception_ops.separable_conv2d", x)
+        backend = backends.fused_backend(self.backend, "xception_ops.separable_conv2d", x, pw.out_channels)
         batch_stats = bn is not None and batchnorm.uses_batch_stats(bn)
         if backend is None:
             if not (batch_stats and batchnorm.synchronizes(self)):

@@ -44,7 +44,7 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     x, weight, bias = autocast_inputs(x, weight, bias)
     stride_, padding_, dilation_ = conv_args(x, weight, stride, padding, dilation)
     checks.check_depthwise(op, x, weight, bias, stride_, padding_, dilation_)
-    chosen = backends.resolve(backend, op, x)
+    chosen = backends.resolve(backend, op, x, weight.shape[0])
     if _library.EXTENSION is None:
         return reference.depthwise_conv2d(x, weight, bias, stride_, padding_, dilation_)
     return torch.ops.xception_ops.depthwise_conv2d(x, weight, bias, stride_, padding_, dilation_, chosen)
@@ -73,7 +73,7 @@ def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.
     checks.check_separable(op, x, dw_weight, pw_weight, stride_, padding_, dilation_, in_scale=in_scale,
                            in_shift=in_shift, mid_activation=mid, out_scale=out_scale, out_shift=out_shift,
                            residual=residual)
-    chosen = backends.resolve(backend, op, x)
+    chosen = backends.resolve(backend, op, x, pw_weight.shape[0])
     args = (x, dw_weight, pw_weight, in_scale, in_shift, in_relu, stride_, padding_, dilation_, mid, out_scale,
             out_shift, out_relu, residual, compute_stats)
     if _library.EXTENSION is None:
