@@ -150,6 +150,28 @@ Conv2dGeometry check_separable(const char* op, const Tensor& x, const Tensor& dw
   return g;
 }
 
+void check_batch_norm_finalize(const char* op, const Tensor& sum, const Tensor& sumsq, int64_t count,
+                               const OptTensor& weight, const OptTensor& bias, double eps) {
+  XO_CHECK_VALUE(sum.dim() == 1, op, ": sum must be 1-D (one value per channel), got shape ", sum.sizes());
+  XO_CHECK_TYPE(sum.scalar_type() == at::kFloat || sum.scalar_type() == at::kDouble, op,
+                ": sum must be float32 or float64 (the fused ops' statistics), got ", sum.scalar_type());
+  XO_CHECK_VALUE(sumsq.sizes() == sum.sizes(), op, ": sumsq must have sum's shape ", sum.sizes(), ", got ",
+                 sumsq.sizes());
+  XO_CHECK_TYPE(sumsq.scalar_type() == sum.scalar_type(), op, ": sumsq has dtype ", sumsq.scalar_type(),
+                " but sum has dtype ", sum.scalar_type());
+  XO_CHECK_VALUE(count >= 1, op, ": count must be at least 1, got ", count);
+  XO_CHECK_VALUE(eps >= 0, op, ": eps must be >= 0");
+  const char* names[] = {"sumsq", "weight", "bias"};
+  const Tensor* others[] = {&sumsq, weight.has_value() ? &*weight : nullptr, bias.has_value() ? &*bias : nullptr};
+  for (int i = 0; i < 3; ++i) {
+    XO_CHECK_VALUE(others[i] == nullptr || others[i]->device() == sum.device(), op, ": ", names[i], " is on ",
+                   others[i] != nullptr ? others[i]->device() : sum.device(), " but sum is on ", sum.device(),
+                   "; move both to the same device");
+  }
+  check_channel_vector(op, "weight", weight, sum.size(0), sum);
+  check_channel_vector(op, "bias", bias, sum.size(0), sum);
+}
+
 void check_like(const char* op, const char* name, const Tensor& t, IntArrayRef shape, const Tensor& x) {
   XO_CHECK_VALUE(t.sizes() == shape, op, ": ", name, " must have shape ", dims(shape), ", got ", dims(t.sizes()));
   check_same_device(op, name, t, x);

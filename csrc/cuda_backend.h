@@ -23,6 +23,11 @@ std::tuple<Tensor, Tensor, Tensor> separable_conv2d(const Tensor& x, const Tenso
                                                     const Tensor& pw_weight, const SeparableOptions& opt,
                                                     const Conv2dGeometry& g);
 
+// BatchNorm finalize (csrc/cuda/batchnorm_backend.cpp), with the contract of reference::batch_norm_finalize.
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize(const Tensor& sum, const Tensor& sumsq,
+                                                               int64_t count, const OptTensor& weight,
+                                                               const OptTensor& bias, double eps);
+
 template <size_t N>
 bool listed(const std::array<const char*, N>& names, c10::string_view op) {
   for (const char* name : names) {

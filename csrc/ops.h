@@ -75,6 +75,10 @@ Conv2dGeometry check_depthwise(const char* op, const Tensor& x, const Tensor& we
 Conv2dGeometry check_separable(const char* op, const Tensor& x, const Tensor& dw_weight, const Tensor& pw_weight,
                                const SeparableOptions& opt, IntArrayRef stride, IntArrayRef padding,
                                IntArrayRef dilation);
+// The statistics (float32 or float64 vectors of one length on one device), count >= 1, the affine parameters
+// (that length, same device, any float dtype), eps >= 0.
+void check_batch_norm_finalize(const char* op, const Tensor& sum, const Tensor& sumsq, int64_t count,
+                               const OptTensor& weight, const OptTensor& bias, double eps);
 // Checks a tensor that must have `shape` and x's dtype and device (gradients, saved outputs).
 void check_like(const char* op, const char* name, const Tensor& t, IntArrayRef shape, const Tensor& x);
 // Output layout rule shared by every backend and the fake kernels: channels_last in, channels_last out.
@@ -95,6 +99,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_con
     const Tensor& grad_out, const OptTensor& grad_sum, const OptTensor& grad_sumsq, const OptTensor& out,
     const Tensor& x, const Tensor& dw_weight, const Tensor& pw_weight, const SeparableOptions& opt,
     const Conv2dGeometry& g);
+// Returns (scale, shift, mean, var) in the statistics' dtype (kernels/batchnorm.cuh gives the formulas).
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize(const Tensor& sum, const Tensor& sumsq,
+                                                               int64_t count, const OptTensor& weight,
+                                                               const OptTensor& bias, double eps);
 }  // namespace reference
 
 // ---- backends ----

@@ -175,5 +175,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_con
           or_empty(grad_out_shift)};
 }
 
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize(const Tensor& sum, const Tensor& sumsq,
+                                                               int64_t count, const OptTensor& weight,
+                                                               const OptTensor& bias, double eps) {
+  const auto type = sum.scalar_type();
+  const double n = static_cast<double>(count);
+  Tensor mean = sum / n;
+  Tensor var = (sumsq / n - mean * mean).clamp_min(0);
+  Tensor invstd = (var + eps).rsqrt();
+  Tensor scale = weight.has_value() ? weight->to(type) * invstd : invstd;
+  Tensor shift = -mean * scale;
+  if (bias.has_value()) shift = shift + bias->to(type);
+  return {scale, shift, mean, var};
+}
+
 }  // namespace reference
 }  // namespace xception_ops

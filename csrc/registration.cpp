@@ -195,6 +195,23 @@ SeparableGrads separable_conv2d_backward(
   return reference::separable_conv2d_backward(grad_out, grad_sum, grad_sumsq, out, x, dw_weight, pw_weight, opt, g);
 }
 
+constexpr const char* kFinalize = "xception_ops.batch_norm_finalize";
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize(const Tensor& sum, const Tensor& sumsq,
+                                                               int64_t count, const OptTensor& weight,
+                                                               const OptTensor& bias, double eps,
+                                                               c10::string_view backend) {
+  check_batch_norm_finalize(kFinalize, sum, sumsq, count, weight, bias, eps);
+  const Backend chosen = resolve_backend(backend, kFinalize, sum);
+  if (chosen == Backend::Cuda) {
+    XO_IF_CUDA(return cuda::batch_norm_finalize(sum, sumsq, count, weight, bias, eps));
+  }
+  XO_CHECK_NOT_IMPLEMENTED(chosen != Backend::Triton, kFinalize,
+                           ": backend 'triton' has no kernel for this op (it works on C-element vectors; the "
+                           "fused modules run it on 'torch' or 'cuda')");
+  return reference::batch_norm_finalize(sum, sumsq, count, weight, bias, eps);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(xception_ops, m) {
@@ -218,6 +235,9 @@ TORCH_LIBRARY(xception_ops, m) {
       "int[4] padding, int[2] dilation, str mid_activation, Tensor? out_scale, Tensor? out_shift, bool out_relu, "
       "str backend) -> (Tensor grad_x, Tensor grad_dw_weight, Tensor grad_pw_weight, Tensor grad_in_scale, "
       "Tensor grad_in_shift, Tensor grad_out_scale, Tensor grad_out_shift)");
+  m.def(
+      "batch_norm_finalize(Tensor sum, Tensor sumsq, int count, Tensor? weight, Tensor? bias, float eps, "
+      "str backend) -> (Tensor scale, Tensor shift, Tensor mean, Tensor var)");
 }
 
 // One router per op serves both devices: it checks, picks the backend and calls it.
@@ -226,7 +246,8 @@ TORCH_LIBRARY(xception_ops, m) {
   m.impl("depthwise_conv2d_backward_input", &depthwise_conv2d_backward_input);             \
   m.impl("depthwise_conv2d_backward_weight", &depthwise_conv2d_backward_weight);           \
   m.impl("separable_conv2d", &separable_conv2d);                                           \
-  m.impl("separable_conv2d_backward", &separable_conv2d_backward)
+  m.impl("separable_conv2d_backward", &separable_conv2d_backward);                         \
+  m.impl("batch_norm_finalize", &batch_norm_finalize)
 
 TORCH_LIBRARY_IMPL(xception_ops, CPU, m) { XO_REGISTER_ROUTERS(m); }
 TORCH_LIBRARY_IMPL(xception_ops, CUDA, m) { XO_REGISTER_ROUTERS(m); }

@@ -13,6 +13,18 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+GPU_MARKS = [pytest.mark.gpu, requires_gpu]  # a GPU test module's pytestmark
+
+
+def require_cuda_kernel(op: str):
+    """For a module that tests the CUDA kernel of xception_ops.<op>: the compiled library, or skip the module."""
+    try:
+        import xception_ops._C as ext  # importing runs the op registrations
+    except Exception as e:  # noqa: BLE001  (any failure to load means there is nothing to test)
+        pytest.skip(f"xception_ops._C does not import: {e!r}", allow_module_level=True)
+    if not getattr(ext, "WITH_CUDA", 0) or f"xception_ops.{op}" not in ext.CUDA_OPS:
+        pytest.skip(f"xception_ops._C was built without the CUDA kernel of {op}", allow_module_level=True)
+    return ext
 
 
 def pytest_configure(config):

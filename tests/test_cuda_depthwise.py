@@ -12,18 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-]
+from .conftest import GPU_MARKS, require_cuda_kernel
 
-try:
-    import xception_ops._C as _C  # importing runs the op registrations
-except Exception as e:  # noqa: BLE001  (any failure to load means there is nothing to test)
-    pytest.skip(f"xception_ops._C does not import: {e!r}", allow_module_level=True)
-
-if not getattr(_C, "WITH_CUDA", 0):
-    pytest.skip("xception_ops._C was built without the CUDA kernels", allow_module_level=True)
+pytestmark = GPU_MARKS
+require_cuda_kernel("depthwise_conv2d")
 
 OPS = torch.ops.xception_ops
 DEV = "cuda"

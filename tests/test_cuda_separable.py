@@ -13,18 +13,10 @@ allocator before every call.
 import pytest
 import torch
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-]
+from .conftest import GPU_MARKS, require_cuda_kernel
 
-try:
-    import xception_ops._C as _C  # importing runs the op registrations
-except Exception as e:  # noqa: BLE001  (any failure to load means there is nothing to test)
-    pytest.skip(f"xception_ops._C does not import: {e!r}", allow_module_level=True)
-
-if not getattr(_C, "WITH_CUDA", 0) or "xception_ops.separable_conv2d" not in _C.CUDA_OPS:
-    pytest.skip("xception_ops._C was built without the fused CUDA kernel", allow_module_level=True)
+pytestmark = GPU_MARKS
+require_cuda_kernel("separable_conv2d")
 
 from xception_ops import reference  # noqa: E402
 

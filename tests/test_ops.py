@@ -235,11 +235,17 @@ def _opcheck_cases():
                                                  x.detach(), dw.detach(), pw.detach(), scale.detach(),
                                                  shift.detach(), True, stride, pad, dil, "none", oscale.detach(),
                                                  oshift.detach(), True, "torch")),
+        (ops.batch_norm_finalize.default, (torch.rand(4, requires_grad=True) * 10,
+                                           torch.rand(4, requires_grad=True) * 50 + 30, 12, oscale, oshift, 1e-5,
+                                           "torch")),
+        (ops.batch_norm_finalize.default, (torch.randn(4, dtype=torch.float64, requires_grad=True),
+                                           torch.rand(4, dtype=torch.float64, requires_grad=True) + 3, 7, None, None,
+                                           1e-3, "torch")),
     ]
 
 
 @needs_ext
-@pytest.mark.parametrize("index", range(8))
+@pytest.mark.parametrize("index", range(10))
 def test_opcheck(index):
     op, args = _opcheck_cases()[index]
     torch.library.opcheck(op, args)

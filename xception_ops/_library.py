@@ -28,7 +28,7 @@ else:
                       "with `pip install --no-build-isolation -e .`", RuntimeWarning, stacklevel=2)
 
 OPS = ("depthwise_conv2d", "depthwise_conv2d_backward_input", "depthwise_conv2d_backward_weight",
-       "separable_conv2d", "separable_conv2d_backward")
+       "separable_conv2d", "separable_conv2d_backward", "batch_norm_finalize")
 
 
 def _empty_vector(x: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
@@ -106,8 +106,56 @@ def _cuda_has(op: str) -> bool:
     return EXTENSION is not None and bool(EXTENSION.WITH_CUDA) and f"xception_ops.{op}" in EXTENSION.CUDA_OPS
 
 
+def _register_finalize_fake() -> None:
+    @_fake("batch_norm_finalize")
+    def _(total, total_sq, count, weight, bias, eps, backend):
+        checks.check_batch_norm_finalize("xception_ops.batch_norm_finalize", total, total_sq, count, weight, bias,
+                                         eps)
+        return tuple(total.new_empty(total.shape) for _ in range(4))
+
+
+def finalize_backward(total, total_sq, count, weight, eps, grad_scale, grad_shift, grad_mean, grad_var):
+    """Gradients of batch_norm_finalize's (scale, shift, mean, var) with respect to (sum, sumsq, weight, bias).
+
+    With m = sum / n, v = max(sumsq / n - m^2, 0), r = (v + eps)^-1/2, scale = w r, shift = b - m w r:
+    dL/dr = (g_scale - g_shift m) w;  dL/dv = (g_var - dL/dr r^3 / 2) [v >= 0 before the clamp];
+    dL/dm = g_mean - g_shift w r - 2 m dL/dv;  dL/dsum = dL/dm / n;  dL/dsumsq = dL/dv / n;
+    dL/dw = (g_scale - g_shift m) r;  dL/db = g_shift. Missing output gradients count as zeros.
+    """
+    n = float(count)
+    zero = torch.zeros_like(total)
+    g_scale, g_shift, g_mean, g_var = (zero if g is None else g for g in (grad_scale, grad_shift, grad_mean, grad_var))
+    w = torch.ones_like(total) if weight is None else weight.to(total.dtype)
+    m = total / n
+    raw_var = total_sq / n - m * m
+    r = torch.rsqrt(raw_var.clamp_min(0) + eps)
+    g_r = (g_scale - g_shift * m) * w
+    g_v = (g_var - 0.5 * g_r * r * r * r) * (raw_var >= 0).to(total.dtype)
+    g_m = g_mean - g_shift * w * r - 2 * m * g_v
+    g_w = (g_scale - g_shift * m) * r
+    return g_m / n, g_v / n, g_w, g_shift
+
+
 def _register_autograd() -> None:
     ops = torch.ops.xception_ops
+
+    def finalize_setup(ctx, inputs, output):
+        total, total_sq, count, weight, bias, eps, backend = inputs
+        ctx.save_for_backward(total, total_sq, weight)
+        ctx.count, ctx.eps = count, eps
+        ctx.has_bias = bias is not None
+        ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+
+    def finalize_grads(ctx, grad_scale, grad_shift, grad_mean, grad_var):
+        total, total_sq, weight = ctx.saved_tensors
+        g_sum, g_sumsq, g_w, g_b = finalize_backward(total, total_sq, ctx.count, weight, ctx.eps, grad_scale,
+                                                     grad_shift, grad_mean, grad_var)
+        w_dtype, b_dtype = ctx.param_dtypes
+        return (g_sum, g_sumsq, None, None if weight is None else g_w.to(w_dtype),
+                g_b.to(b_dtype) if ctx.has_bias else None, None, None)
+
+    torch.library.register_autograd("xception_ops::batch_norm_finalize", finalize_grads,
+                                    setup_context=finalize_setup)
 
     def depthwise_setup(ctx, inputs, output):
         x, weight, bias, stride, padding, dilation, backend = inputs
@@ -170,6 +218,7 @@ TRITON_ERROR: str | None = "the compiled library is not loaded" if EXTENSION is 
 
 if EXTENSION is not None:
     _register_fakes()
+    _register_finalize_fake()
     _register_autograd()
     try:
         import triton  # noqa: F401  (optional: the triton backend)

@@ -137,6 +137,11 @@ def _env_override() -> str | None:
     return None if override in ("", "auto") else override
 
 
+def requested(backend: str) -> str:
+    """The backend asked for: XCEPTION_OPS_BACKEND's when `backend` is "auto" and the variable is set."""
+    return (_env_override() or "auto") if backend == "auto" else backend
+
+
 def fused_backend(backend: str, op: str, x: torch.Tensor, out_channels: int | None = None) -> str | None:
     """For the fused modules: the backend that runs the fused op, or None when "auto" finds no fused kernel for x.
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from . import checks
 from .checks import stats_dtype
 
 
@@ -66,35 +67,58 @@ def all_reduce_stats(total: torch.Tensor, total_sq: torch.Tensor, count: int,
     return packed[:channels], packed[channels:2 * channels], int(round(packed[-1].item()))
 
 
+def finalize(total: torch.Tensor, total_sq: torch.Tensor, count: int, weight: torch.Tensor | None,
+             bias: torch.Tensor | None, eps: float, backend: str = "auto"
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scale, shift, batch mean, biased batch variance) from the per-channel sums of y and y^2 over `count`
+    values: the op xception_ops.batch_norm_finalize (one kernel on the "cuda" backend), differentiable. The
+    "triton" backend has no kernel for it (C-element vectors): it runs on the reference path."""
+    op = "xception_ops.batch_norm_finalize"
+    from . import _library
+    from . import backend as backends
+    if _library.EXTENSION is None:
+        checks.check_batch_norm_finalize(op, total, total_sq, count, weight, bias, eps)
+        mean = total / count
+        var = (total_sq / count - mean * mean).clamp_min(0)
+        scale = torch.rsqrt(var + eps)
+        if weight is not None:
+            scale = weight.to(scale.dtype) * scale
+        shift = -mean * scale if bias is None else bias.to(scale.dtype) - mean * scale
+        return scale, shift, mean, var
+    wanted = backends.requested(backend)
+    chosen = "torch" if wanted == "triton" else backends.resolve(wanted, op, total)
+    return torch.ops.xception_ops.batch_norm_finalize(total, total_sq, count, weight, bias, eps, chosen)
+
+
 def scale_shift_from_stats(bn: nn.modules.batchnorm._BatchNorm, total: torch.Tensor, total_sq: torch.Tensor,
                            count: int, pre_bias: torch.Tensor | None = None,
-                           sync_group=None, sync: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                           sync_group=None, sync: bool = False, backend: str = "auto"
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Training BatchNorm from the sums of y and y^2 over `count` values per channel; the returned scale and
     shift apply to y itself (a bias added before the BatchNorm cancels in the normalization).
 
     The batch variance is biased, as in the normalization; the running variance gets the unbiased estimate.
     Differentiable with respect to the sums, the BatchNorm's affine parameters and pre_bias. With sync=True the
     sums are first all-reduced over `sync_group` (default: every process), which makes it SyncBatchNorm.
+    `backend` runs the finalize step (`finalize`).
     """
     if sync:
         total, total_sq, count = all_reduce_stats(total, total_sq, count, sync_group)
     if count <= 1 and bn.training:
         raise ValueError(f"Expected more than 1 value per channel when training, got {count}")
-    mean = total / count
-    var = (total_sq / count - mean * mean).clamp_min(0)
-    if pre_bias is not None:  # the BatchNorm sees y + pre_bias: its mean moves with the bias, its variance not
-        mean = mean + pre_bias.to(mean.dtype)
+    scale, shift, mean, var = finalize(total, total_sq, count, bn.weight, bn.bias, bn.eps, backend)
     factor = _momentum(bn)
     if bn.running_mean is not None and factor > 0:
         with torch.no_grad():
+            if pre_bias is not None:  # the BatchNorm sees y + pre_bias: its mean moves with the bias
+                mean = mean + pre_bias.to(mean.dtype)
             unbiased = var * (count / (count - 1))
             bn.running_mean.mul_(1 - factor).add_(mean.detach().to(bn.running_mean.dtype), alpha=factor)
             bn.running_var.mul_(1 - factor).add_(unbiased.detach().to(bn.running_var.dtype), alpha=factor)
-    scale, shift = _scale_shift(bn, mean, torch.rsqrt(var + bn.eps))
     if pre_bias is not None:
-        # Move the bias into the shift so that it applies to y. Its gradient is then exactly zero, as in the
-        # unfused layers, rather than absent (which DistributedDataParallel would take for an unused parameter).
-        shift = shift + pre_bias.to(scale.dtype) * scale
+        # The bias cancels in the normalization. It still gets an exactly zero gradient, as in the unfused layers,
+        # rather than none (which DistributedDataParallel would take for an unused parameter).
+        shift = shift + pre_bias.to(shift.dtype) * 0
     return scale, shift
 
 

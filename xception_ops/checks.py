@@ -141,6 +141,29 @@ def check_separable(op: str, x: torch.Tensor, dw_weight: torch.Tensor, pw_weight
     return g
 
 
+def check_batch_norm_finalize(op: str, total: torch.Tensor, total_sq: torch.Tensor, count: int,
+                              weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> None:
+    """The same checks as the C++ op (csrc/checks.cpp), for the fake kernel and the Python fallback."""
+    if total.dim() != 1:
+        raise ValueError(f"{op}: sum must be 1-D (one value per channel), got shape {list(total.shape)}")
+    if total.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{op}: sum must be float32 or float64 (the fused ops' statistics), got {total.dtype}")
+    if total_sq.shape != total.shape:
+        raise ValueError(f"{op}: sumsq must have sum's shape {list(total.shape)}, got {list(total_sq.shape)}")
+    for name, t in (("sumsq", total_sq), ("weight", weight), ("bias", bias)):
+        if t is not None and t.device != total.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but sum is on {total.device}; move both to the same "
+                             "device")
+    if total_sq.dtype != total.dtype:
+        raise TypeError(f"{op}: sumsq has dtype {total_sq.dtype} but sum has dtype {total.dtype}")
+    if count < 1:
+        raise ValueError(f"{op}: count must be at least 1, got {count}")
+    if eps < 0:
+        raise ValueError(f"{op}: eps must be >= 0")
+    check_channel_vector(op, "weight", weight, total.shape[0], total)
+    check_channel_vector(op, "bias", bias, total.shape[0], total)
+
+
 def check_like(op: str, name: str, t: torch.Tensor, shape: Sequence[int], x: torch.Tensor) -> None:
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{op}: {name} must have shape {list(shape)}, got {list(t.shape)}")

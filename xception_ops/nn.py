@@ -115,7 +115,7 @@ class SeparableConvBN(nn.Module):
         y, total, total_sq = ops.separable_conv2d(x, dw.weight, pw.weight, compute_stats=True, **conv)
         count = y.shape[0] * y.shape[2] * y.shape[3]
         scale, shift = batchnorm.scale_shift_from_stats(bn, total, total_sq, count, pre_bias, self.process_group,
-                                                        sync=batchnorm.synchronizes(self))
+                                                        sync=batchnorm.synchronizes(self), backend=backend)
         return batchnorm.apply_scale_shift(y, scale, shift, residual, relu=self.post_relu)
 
     def _forward_unfused(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:

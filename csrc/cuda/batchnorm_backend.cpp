@@ -1,0 +1,55 @@
+// The "cuda" backend's BatchNorm finalize: checks, allocation, the params struct and the launch
+// (kernels/batchnorm.cuh). The router in registration.cpp has already run check_batch_norm_finalize.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+
+#include "cuda/backend_common.h"
+#include "cuda_backend.h"
+#include "kernels/batchnorm_params.h"
+
+namespace xception_ops::cuda {
+namespace {
+
+constexpr const char* kOp = "xception_ops.batch_norm_finalize";
+
+template <typename T>
+std::tuple<Tensor, Tensor, Tensor, Tensor> finalize_typed(const Tensor& sum, const Tensor& sumsq, int64_t count,
+                                                          const OptTensor& weight, const OptTensor& bias,
+                                                          double eps) {
+  const Tensor s = sum.contiguous(), q = sumsq.contiguous();
+  // The affine parameters in the statistics' precision; kept alive until the launch is queued (the caching
+  // allocator orders their reuse after it on this stream).
+  const Tensor w = weight.has_value() ? weight->to(sum.scalar_type()).contiguous() : Tensor();
+  const Tensor b = bias.has_value() ? bias->to(sum.scalar_type()).contiguous() : Tensor();
+  Tensor scale = at::empty_like(s), shift = at::empty_like(s), mean = at::empty_like(s), var = at::empty_like(s);
+  BatchNormFinalizeParams<T> p;
+  p.sum = s.data_ptr<T>();
+  p.sumsq = q.data_ptr<T>();
+  p.weight = w.defined() ? w.data_ptr<T>() : nullptr;
+  p.bias = b.defined() ? b.data_ptr<T>() : nullptr;
+  p.scale = scale.data_ptr<T>();
+  p.shift = shift.data_ptr<T>();
+  p.mean = mean.data_ptr<T>();
+  p.var = var.data_ptr<T>();
+  p.channels = s.numel();
+  p.count = static_cast<double>(count);
+  p.eps = eps;
+  check_launch(kOp, launch_batch_norm_finalize<T>(p, c10::cuda::getCurrentCUDAStream()));
+  return {scale, shift, mean, var};
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize(const Tensor& sum, const Tensor& sumsq,
+                                                               int64_t count, const OptTensor& weight,
+                                                               const OptTensor& bias, double eps) {
+  XO_CHECK_VALUE(sum.is_cuda(), kOp, ": backend 'cuda' needs CUDA tensors, but sum is on ", sum.device());
+  const c10::cuda::CUDAGuard guard(sum.device());
+  if (sum.scalar_type() == at::kDouble) return finalize_typed<double>(sum, sumsq, count, weight, bias, eps);
+  return finalize_typed<float>(sum, sumsq, count, weight, bias, eps);
+}
+
+}  // namespace xception_ops::cuda

@@ -1,0 +1,20 @@
+// Launcher of the BatchNorm finalize kernel (kernels/batchnorm.cuh). No torch headers.
+#include <cuda_runtime.h>
+
+#include "kernels/batchnorm.cuh"
+
+namespace xception_ops {
+
+template <typename T>
+cudaError_t launch_batch_norm_finalize(const BatchNormFinalizeParams<T>& p, cudaStream_t stream) {
+  if (p.channels == 0) return cudaSuccess;
+  constexpr int kThreads = 256;
+  const dim3 grid(static_cast<unsigned int>((p.channels + kThreads - 1) / kThreads));
+  kernels::batch_norm_finalize_kernel<T><<<grid, kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template cudaError_t launch_batch_norm_finalize<float>(const BatchNormFinalizeParams<float>&, cudaStream_t);
+template cudaError_t launch_batch_norm_finalize<double>(const BatchNormFinalizeParams<double>&, cudaStream_t);
+
+}  // namespace xception_ops

@@ -1,0 +1,145 @@
+"""The BatchNorm finalize op (xception_ops.batch_norm_finalize): statistics sums -> scale, shift, mean, variance.
+
+Forward against the formulas in float64, its hand-written gradients against finite differences (gradcheck), the
+plain-PyTorch fallback, argument errors, and on a GPU the CUDA kernel against the reference path.
+"""
+
+import pytest
+import torch
+
+from xception_ops import _library, batchnorm
+
+from .conftest import requires_gpu
+
+OPS = torch.ops.xception_ops
+needs_ext = pytest.mark.skipif(_library.EXTENSION is None, reason="the compiled library is not loaded")
+
+
+def sums(channels, count, dtype=torch.float64, device="cpu"):
+    """Per-channel sums of `count` draws with means ~ N(0, 1) and standard deviations in [0.5, 2], as a fused
+    forward would return them (variances not tiny next to the squared means: well conditioned in float32)."""
+    kw = dict(dtype=dtype, device=device)
+    std = torch.rand(channels, **kw) * 1.5 + 0.5
+    y = torch.randn(count, channels, **kw) * std + torch.randn(channels, **kw)
+    return y.sum(0), (y * y).sum(0)
+
+
+def expected(total, total_sq, count, weight, bias, eps):
+    mean = total / count
+    var = (total_sq / count - mean * mean).clamp_min(0)
+    scale = torch.rsqrt(var + eps) * (1 if weight is None else weight.to(total.dtype))
+    shift = (0 if bias is None else bias.to(total.dtype)) - mean * scale
+    return scale, shift, mean, var
+
+
+@needs_ext
+@pytest.mark.parametrize("affine", [True, False])
+def test_forward_matches_the_formulas(affine):
+    total, total_sq = sums(6, 40)
+    weight = torch.rand(6, dtype=torch.float64) + 0.5 if affine else None
+    bias = torch.randn(6, dtype=torch.float64) if affine else None
+    got = OPS.batch_norm_finalize(total, total_sq, 40, weight, bias, 1e-5, "torch")
+    for g, e in zip(got, expected(total, total_sq, 40, weight, bias, 1e-5)):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
+@needs_ext
+def test_negative_variance_from_rounding_is_clamped():
+    total = torch.tensor([3.0, -2.0])
+    total_sq = total * total / 3 - torch.tensor([1e-3, 0.0])  # sumsq / n slightly below mean^2
+    scale, shift, mean, var = OPS.batch_norm_finalize(total, total_sq, 3, None, None, 1e-5, "torch")
+    assert torch.equal(var, torch.zeros(2)) and torch.allclose(scale, torch.full((2,), 1e-5 ** -0.5))
+
+
+@needs_ext
+@pytest.mark.parametrize("weight,bias", [(True, True), (False, True), (True, False), (False, False)])
+def test_gradients_match_finite_differences(weight, bias):
+    total, total_sq = sums(5, 30)
+    args = [total.requires_grad_(), total_sq.requires_grad_()]
+    w = (torch.rand(5, dtype=torch.float64) + 0.5).requires_grad_() if weight else None
+    b = torch.randn(5, dtype=torch.float64).requires_grad_() if bias else None
+
+    def fn(s, q, *params):
+        it = iter(params)
+        return OPS.batch_norm_finalize(s, q, 30, next(it) if weight else None, next(it) if bias else None, 1e-3,
+                                       "torch")
+
+    inputs = tuple(args + [t for t in (w, b) if t is not None])
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+@needs_ext
+def test_gradients_in_float32_parameters_keep_their_dtype():
+    total, total_sq = sums(4, 20, dtype=torch.float32)
+    weight = torch.rand(4, dtype=torch.bfloat16, requires_grad=True)
+    bias = torch.randn(4, dtype=torch.bfloat16, requires_grad=True)
+    scale, shift, _, _ = OPS.batch_norm_finalize(total.requires_grad_(), total_sq, 20, weight, bias, 1e-5, "torch")
+    (scale.sum() + shift.sum()).backward()
+    assert weight.grad.dtype == torch.bfloat16 and bias.grad.dtype == torch.bfloat16
+    assert total.grad.dtype == torch.float32
+
+
+def test_python_fallback_matches_the_op(monkeypatch):
+    total, total_sq = sums(6, 25, dtype=torch.float32)
+    weight, bias = torch.rand(6) + 0.5, torch.randn(6)
+    if _library.EXTENSION is not None:
+        want = OPS.batch_norm_finalize(total, total_sq, 25, weight, bias, 1e-5, "torch")
+    else:
+        want = expected(total, total_sq, 25, weight, bias, 1e-5)
+    monkeypatch.setattr(_library, "EXTENSION", None)
+    got = batchnorm.finalize(total, total_sq, 25, weight, bias, 1e-5)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+
+
+@needs_ext
+def test_triton_requests_run_the_reference(monkeypatch):
+    total, total_sq = sums(3, 9, dtype=torch.float32)
+    got = batchnorm.finalize(total, total_sq, 9, None, None, 1e-5, backend="triton")
+    monkeypatch.setenv("XCEPTION_OPS_BACKEND", "triton")
+    again = batchnorm.finalize(total, total_sq, 9, None, None, 1e-5)
+    for g, a, e in zip(got, again, expected(total, total_sq, 9, None, None, 1e-5)):
+        torch.testing.assert_close(g, e)
+        torch.testing.assert_close(a, e)
+
+
+@needs_ext
+@pytest.mark.parametrize("bad,match", [
+    (dict(count=0), "count must be at least 1"),
+    (dict(total=torch.zeros(3, dtype=torch.float16)), "float32 or float64"),
+    (dict(total=torch.zeros(3, 1)), "1-D"),
+    (dict(total_sq=torch.zeros(4)), "sumsq must have sum's shape"),
+    (dict(total_sq=torch.zeros(3, dtype=torch.float64)), "sumsq has dtype"),
+    (dict(weight=torch.ones(4)), "weight must have shape \\[3\\]"),
+    (dict(bias=torch.ones(3, device="meta")), "bias is on meta but sum is on cpu"),
+    (dict(eps=-1.0), "eps must be >= 0"),
+    (dict(backend="nope"), "unknown backend"),
+])
+def test_bad_arguments_are_named(bad, match):
+    args = dict(total=torch.zeros(3), total_sq=torch.ones(3), count=4, weight=None, bias=None, eps=1e-5,
+                backend="torch")
+    args.update(bad)
+    with pytest.raises((ValueError, TypeError), match=match):
+        OPS.batch_norm_finalize(args["total"], args["total_sq"], args["count"], args["weight"], args["bias"],
+                                args["eps"], args["backend"])
+
+
+@pytest.mark.gpu
+@requires_gpu
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("channels", [1, 7, 300, 2048])
+def test_cuda_kernel_matches_the_reference(dtype, channels):
+    if "xception_ops.batch_norm_finalize" not in _library.EXTENSION.CUDA_OPS:
+        pytest.skip("built without the CUDA kernels")
+    total, total_sq = sums(channels, 64, dtype=dtype, device="cuda")
+    weight = torch.rand(channels, device="cuda", dtype=torch.bfloat16) + 0.5
+    bias = torch.randn(channels, device="cuda")
+    for w, b in ((weight, bias), (None, None)):
+        got = OPS.batch_norm_finalize(total, total_sq, 64, w, b, 1e-5, "cuda")
+        want = OPS.batch_norm_finalize(total.double(), total_sq.double(), 64, w, b, 1e-5, "torch")
+        tol = 2e-5 if dtype == torch.float32 else 1e-12  # float32: rsqrtf and sumsq / n - mean^2
+        for g, e in zip(got, want):
+            assert g.dtype == dtype and g.is_cuda
+            torch.testing.assert_close(g.double(), e, rtol=tol, atol=tol)
