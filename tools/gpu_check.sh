@@ -48,8 +48,13 @@ step info "$PY" -m xception_ops.cli info
 # shellcheck disable=SC2086
 step gpu_tests "$PY" -m pytest -m gpu -q -p no:cacheprovider -rfE ${PYTEST_ARGS:-} \
   --ignore=tests/test_triton_kernels.py --ignore=tests/test_triton_backend.py ${GPU_TESTS:-tests}
+# Triton compiles each new specialization on the CPU, one at a time per process: with pytest-xdist installed the
+# modules run in parallel processes (the lent machines have 16 cores); in session 2 one process managed 64 tests
+# in 170 s. One seed for every worker (printed in the header), so that a failure replays.
+xdist=""
+"$PY" -c "import xdist" 2>/dev/null && xdist="-n ${XDIST_WORKERS:-$(nproc)}"
 # shellcheck disable=SC2086
-step triton_tests env XCEPTION_OPS_TRITON_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider -rfE \
+step triton_tests env XCEPTION_OPS_TRITON_AUTOTUNE=0 XO_TEST_SEED="${XO_TEST_SEED:-$RANDOM}" "$PY" -m pytest -q -p no:cacheprovider -rfE $xdist \
   ${PYTEST_ARGS:-} tests/test_triton_kernels.py tests/test_triton_backend.py
 # shellcheck disable=SC2086
 step bench_layers "$PY" -m xception_ops.cli bench --out "$out" --no-models ${BENCH_ARGS:---warmup 5 --reps 20}
