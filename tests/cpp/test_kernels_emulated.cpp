@@ -1,0 +1,262 @@
+// The fused separable forward kernel (csrc/kernels/separable.cuh) run on the CPU through cuda_emulation.h,
+// against a float64 loop. This checks, without a GPU, everything but the tensor-core GEMM (compiled out on the
+// host, where every mode takes the FFMA path): the launch plan, pixel tiles and their tails, the depthwise
+// stage (prologue, padding, stride, dilation, depth multiplier, mid activation, both thread orders), the
+// chunked path for channels beyond shared memory, output-channel groups, the weight double-buffering, the
+// epilogue (folded BN, residual, ReLU, strided NCHW / NHWC output) and the fixed-order statistics reduction.
+// Outputs are poisoned with NaN before the launch.
+#include "cuda_emulation.h"  // first: defines what the kernel headers expect from CUDA
+
+#include <algorithm>
+#include <limits>
+#include <random>
+
+#include "kernels/separable.cuh"
+#include "kernels/separable_params.h"
+#include "test_harness.h"
+
+namespace xception_ops::kernels {
+alignas(128) unsigned char smem[256 * 1024];  // the kernels' `extern __shared__` array
+}
+
+namespace {
+
+using namespace xception_ops;
+
+struct Case {
+  int64_t n, c, h, w, m, cout, kh, kw, sh, sw, pt, pb, pl, pr, dh, dw;
+  bool in_affine, in_relu;
+  int mid;
+  bool out_affine, out_relu, residual, stats;
+};
+
+Conv2dGeometry geometry(const Case& k) {
+  Conv2dGeometry g;
+  g.batch = k.n;
+  g.in_channels = k.c;
+  g.in_h = k.h;
+  g.in_w = k.w;
+  g.depth_multiplier = k.m;
+  g.out_channels = k.cout;
+  g.kernel_h = k.kh;
+  g.kernel_w = k.kw;
+  g.stride_h = k.sh;
+  g.stride_w = k.sw;
+  g.pad_top = k.pt;
+  g.pad_bottom = k.pb;
+  g.pad_left = k.pl;
+  g.pad_right = k.pr;
+  g.dilation_h = k.dh;
+  g.dilation_w = k.dw;
+  g.compute_output_size();
+  return g;
+}
+
+// Element strides of an (N, C, H, W) tensor, channels fastest or width fastest.
+void strides(int64_t c, int64_t h, int64_t w, bool channels_last, int64_t (&s)[4]) {
+  if (channels_last) {
+    s[1] = 1, s[3] = c, s[2] = c * w, s[0] = c * w * h;
+  } else {
+    s[3] = 1, s[2] = w, s[1] = w * h, s[0] = w * h * c;
+  }
+}
+
+template <typename T>
+T from_float(float v);
+template <>
+float from_float<float>(float v) { return v; }
+template <>
+__half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+double to_double(float v) { return v; }
+double to_double(__half v) { return __half2float(v); }
+double to_double(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+double relative_error(const std::vector<double>& got, const std::vector<double>& want) {
+  double diff = 0, norm = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    if (!std::isfinite(got[i])) return std::numeric_limits<double>::infinity();
+    diff += (got[i] - want[i]) * (got[i] - want[i]);
+    norm += want[i] * want[i];
+  }
+  return norm > 0 ? std::sqrt(diff / norm) : std::sqrt(diff);
+}
+
+// Runs one case through the kernel and compares out, sum and sumsq with the float64 loop.
+template <typename T, PointwiseMath kMath>
+void check_case(const Case& k, bool x_cl, bool out_cl, size_t smem_limit, int sms, double tol, const char* what) {
+  std::mt19937 rng(static_cast<unsigned>(k.c * 131 + k.cout * 7 + k.h));
+  std::normal_distribution<float> normal(0.f, 1.f);
+  std::uniform_real_distribution<float> uniform(0.5f, 1.5f);
+  const Conv2dGeometry g = geometry(k);
+  const int64_t K = g.dw_channels(), OH = g.out_h, OW = g.out_w;
+
+  SeparableParams p;
+  p.g = g;
+  std::vector<T> x(k.n * k.c * k.h * k.w), dw(K * k.kh * k.kw), pw(k.cout * K);
+  std::vector<T> res(k.n * k.cout * OH * OW), out(res.size(), from_float<T>(std::nanf("")));
+  for (auto& v : x) v = from_float<T>(normal(rng));
+  for (auto& v : dw) v = from_float<T>(normal(rng));
+  for (auto& v : pw) v = from_float<T>(normal(rng) / std::sqrt(static_cast<float>(K)));
+  for (auto& v : res) v = from_float<T>(normal(rng));
+  std::vector<float> in_scale(k.c), in_shift(k.c), out_scale(k.cout), out_shift(k.cout);
+  for (auto& v : in_scale) v = uniform(rng);
+  for (auto& v : in_shift) v = 0.3f * normal(rng);
+  for (auto& v : out_scale) v = uniform(rng);
+  for (auto& v : out_shift) v = 0.3f * normal(rng);
+
+  strides(k.c, k.h, k.w, x_cl, p.x.stride);
+  strides(k.cout, OH, OW, out_cl, p.out.stride);
+  p.x.data = x.data();
+  p.out.data = out.data();
+  if (k.residual) {
+    strides(k.cout, OH, OW, out_cl, p.residual.stride);
+    p.residual.data = res.data();
+  }
+  p.dw_weight = dw.data();
+  p.pw_weight = pw.data();
+  p.in_scale = k.in_affine ? in_scale.data() : nullptr;
+  p.in_shift = k.in_affine ? in_shift.data() : nullptr;
+  p.in_relu = k.in_relu;
+  p.mid = k.mid;
+  p.out_scale = k.out_affine ? out_scale.data() : nullptr;
+  p.out_shift = k.out_affine ? out_shift.data() : nullptr;
+  p.out_relu = k.out_relu;
+  p.x_channels_last = x_cl;
+  p.out_channels_last = out_cl;
+  EXPECT(separable_plan(p, kMath, static_cast<int>(sizeof(T)), smem_limit));
+  EXPECT(separable_smem(p.a_pitch, kMath, static_cast<int>(sizeof(T))).total <= sizeof(kernels::smem));
+  const int64_t tiles = separable_pixel_tiles(g);
+  std::vector<float> workspace(separable_stats_workspace_bytes(g) / sizeof(float), std::nanf(""));
+  std::vector<float> sum(k.cout, std::nanf("")), sumsq(k.cout, std::nanf(""));
+  if (k.stats) p.stats_partial = workspace.data();
+
+  const int groups = separable_channel_groups(g, sms);
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(groups));
+  if (g.kernel_h == 3 && g.kernel_w == 3) {
+    emulate_launch(kernels::separable_forward_kernel<T, kMath, 3, 3>, grid, dim3(kSepThreads), p);
+  } else {
+    emulate_launch(kernels::separable_forward_kernel<T, kMath, 0, 0>, grid, dim3(kSepThreads), p);
+  }
+  if (k.stats) {  // the launcher's reduction levels (cuda/separable_launch.cu)
+    const int64_t cols = 2 * k.cout;
+    int64_t rows = tiles;
+    float* buffers[2] = {workspace.data(), workspace.data() + rows * cols};
+    for (int level = 0;; ++level) {
+      const int64_t row_groups = (rows + 63) / 64;
+      const bool last = row_groups == 1;
+      emulate_launch(kernels::separable_stats_reduce_kernel,
+                     dim3(static_cast<unsigned>(row_groups), static_cast<unsigned>((cols + 255) / 256)), dim3(256),
+                     static_cast<const float*>(buffers[level % 2]), rows, cols,
+                     last ? static_cast<float*>(nullptr) : buffers[(level + 1) % 2], last ? sum.data() : nullptr,
+                     last ? sumsq.data() : nullptr, k.cout);
+      if (last) break;
+      rows = row_groups;
+    }
+  }
+
+  // float64 reference, same element order as the strides.
+  auto xat = [&](int64_t n, int64_t c, int64_t h, int64_t w) {
+    return to_double(x[n * p.x.stride[0] + c * p.x.stride[1] + h * p.x.stride[2] + w * p.x.stride[3]]);
+  };
+  std::vector<double> want(out.size()), got(out.size()), want_sum(k.cout, 0), want_sq(k.cout, 0);
+  std::vector<double> mid(K);
+  for (int64_t n = 0; n < k.n; ++n) {
+    for (int64_t oh = 0; oh < OH; ++oh) {
+      for (int64_t ow = 0; ow < OW; ++ow) {
+        for (int64_t kc = 0; kc < K; ++kc) {
+          const int64_t ci = kc / k.m;
+          double acc = 0;
+          for (int64_t i = 0; i < k.kh; ++i) {
+            for (int64_t j = 0; j < k.kw; ++j) {
+              const int64_t ih = oh * k.sh - k.pt + i * k.dh, iw = ow * k.sw - k.pl + j * k.dw;
+              if (ih < 0 || ih >= k.h || iw < 0 || iw >= k.w) continue;
+              double v = xat(n, ci, ih, iw);
+              if (k.in_affine) v = v * in_scale[ci] + in_shift[ci];
+              if (k.in_relu) v = std::max(v, 0.0);
+              acc += v * to_double(dw[kc * k.kh * k.kw + i * k.kw + j]);
+            }
+          }
+          if (k.mid == 1) acc = std::max(acc, 0.0);
+          if (k.mid == 2 && acc <= 0) acc = std::expm1(acc);
+          mid[kc] = acc;
+        }
+        for (int64_t co = 0; co < k.cout; ++co) {
+          double y = 0;
+          for (int64_t kc = 0; kc < K; ++kc) y += mid[kc] * to_double(pw[co * K + kc]);
+          want_sum[co] += y;
+          want_sq[co] += y * y;
+          double z = k.out_affine ? y * out_scale[co] + out_shift[co] : y;
+          const int64_t off = n * p.out.stride[0] + co * p.out.stride[1] + oh * p.out.stride[2] + ow * p.out.stride[3];
+          if (k.residual) z += to_double(res[off]);
+          if (k.out_relu) z = std::max(z, 0.0);
+          want[off] = z;
+          got[off] = to_double(out[off]);
+        }
+      }
+    }
+  }
+  const double err = relative_error(got, want);
+  if (!(err <= tol)) std::printf("  %s: out relative error %.3g > %.3g\n", what, err, tol);
+  EXPECT(err <= tol);
+  if (k.stats) {
+    std::vector<double> gs(sum.begin(), sum.end()), gq(sumsq.begin(), sumsq.end());
+    const double es = relative_error(gs, want_sum), eq = relative_error(gq, want_sq);
+    if (!(es <= tol && eq <= tol)) std::printf("  %s: sum error %.3g, sumsq error %.3g > %.3g\n", what, es, eq, tol);
+    EXPECT(es <= tol && eq <= tol);
+  }
+}
+
+//            n   c  h   w  m cout kh kw sh sw pt pb pl pr dh dw  in_aff relu mid out_aff relu  res   stats
+const Case kPlain{2, 13, 11, 9, 1, 21, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, false, false, 0, false, false, false, false};
+const Case kTrain{2, 13, 11, 9, 1, 21, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, true, true, 0, false, false, false, true};
+const Case kInfer{1, 40, 17, 19, 1, 70, 3, 3, 2, 2, 0, 1, 0, 1, 1, 1, false, false, 1, true, true, true, false};
+const Case kOdd{3, 4, 7, 10, 2, 9, 5, 3, 1, 2, 2, 1, 0, 1, 1, 2, true, false, 2, true, false, true, true};
+const Case kWide{1, 96, 9, 9, 1, 130, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, true, true, 1, true, true, true, true};
+const Case kGeneric{2, 6, 9, 8, 1, 10, 5, 5, 1, 1, 2, 2, 2, 2, 1, 1, false, false, 0, true, false, false, true};
+
+constexpr size_t kBigSmem = 227 * 1024;
+
+TEST_CASE(fp32_every_option_both_layouts) {
+  for (const Case* c : {&kPlain, &kTrain, &kInfer, &kOdd, &kWide, &kGeneric}) {
+    for (bool cl : {false, true}) {
+      check_case<float, PointwiseMath::Ffma>(*c, cl, cl, kBigSmem, 132, 1e-5, cl ? "fp32 NHWC" : "fp32 NCHW");
+    }
+  }
+  // Input and output in different layouts (the thread orders are chosen separately).
+  check_case<float, PointwiseMath::Ffma>(kWide, true, false, kBigSmem, 132, 1e-5, "fp32 NHWC in, NCHW out");
+}
+
+TEST_CASE(fp32_channels_beyond_shared_memory_take_the_chunked_path) {
+  // 96 depthwise channels, but room for 32 at a time: the tile is recomputed per output tile.
+  const size_t limit = separable_smem(32 + 4, PointwiseMath::Ffma, 4).total;
+  Conv2dGeometry g = geometry(kWide);
+  SeparableParams plan;
+  plan.g = g;
+  EXPECT(separable_plan(plan, PointwiseMath::Ffma, 4, limit) && plan.k_chunk == 32);
+  check_case<float, PointwiseMath::Ffma>(kWide, true, true, limit, 132, 1e-5, "fp32 chunked");
+  check_case<float, PointwiseMath::Ffma>(kOdd, false, false, limit, 132, 1e-5, "fp32 chunked, odd");
+}
+
+TEST_CASE(one_group_per_pixel_tile_and_many) {
+  check_case<float, PointwiseMath::Ffma>(kWide, true, true, kBigSmem, 1, 1e-5, "fp32, 1 group");
+  check_case<float, PointwiseMath::Ffma>(kWide, true, true, kBigSmem, 1000, 1e-5, "fp32, a group per tile");
+}
+
+TEST_CASE(half_and_bfloat16_with_the_tile_in_their_own_precision) {
+  // TensorCore mode keeps the depthwise tile in the 16-bit dtype; on the host it runs the FFMA path.
+  for (const Case* c : {&kTrain, &kInfer, &kOdd, &kWide}) {
+    check_case<__half, PointwiseMath::TensorCore>(*c, true, true, kBigSmem, 132, 5e-3, "fp16 NHWC");
+    check_case<__nv_bfloat16, PointwiseMath::TensorCore>(*c, false, false, kBigSmem, 132, 3e-2, "bf16 NCHW");
+    check_case<__nv_bfloat16, PointwiseMath::Ffma>(*c, true, true, kBigSmem, 132, 3e-2, "bf16 FFMA NHWC");
+  }
+}
+
+TEST_CASE(tf32_mode_compiles_to_the_same_ffma_path_on_the_host) {
+  check_case<float, PointwiseMath::Tf32>(kTrain, true, true, kBigSmem, 132, 1e-5, "tf32 mode");
+}
+
+}  // namespace
+
+int main() { return xo_test::run_all(); }
