@@ -33,6 +33,11 @@
 #define XO_SEPARABLE_WMMA 1
 #endif
 
+// Dynamic shared memory; tests/cpp/cuda_emulation.h, which runs kernels on the CPU, redefines it.
+#ifndef XO_EXTERN_SHARED
+#define XO_EXTERN_SHARED extern __shared__
+#endif
+
 namespace xception_ops {
 namespace kernels {
 
@@ -99,16 +104,21 @@ constexpr int kSepBRegs = kSepTileN * kSepKStep / kSepThreads;
 template <typename T, typename R>
 __device__ __forceinline__ void fetch_weight_tile(R (&regs)[kSepBRegs], const T* w, int64_t n0, int64_t k0,
                                                   int64_t n_total, int64_t k_total) {
+  // Element e = tid + kSepThreads * r is (n, k) = (tid / 32 + 8 r, tid % 32): one column per thread, rows 8
+  // apart, so the address advances by a constant; the bounds are one compare per element.
+  static_assert(kSepKStep == 32 && kSepThreads % kSepKStep == 0, "a warp reads one row of the tile");
+  constexpr int kRowsApart = kSepThreads / kSepKStep;
+  const int64_t n = n0 + threadIdx.x / kSepKStep, k = k0 + threadIdx.x % kSepKStep;
+  const bool k_ok = k < k_total;
+  const T* src = w + n * k_total + k;
+  const int64_t stride = kRowsApart * k_total;
 #pragma unroll
-  for (int r = 0; r < kSepBRegs; ++r) {
-    const int e = threadIdx.x + kSepThreads * r;
-    const int64_t n = n0 + e / kSepKStep, k = k0 + e % kSepKStep;
-    const bool ok = n < n_total && k < k_total;
+  for (int r = 0; r < kSepBRegs; ++r, src += stride) {
+    const bool ok = k_ok && n + r * kRowsApart < n_total;
     if constexpr (sizeof(R) == 2) {  // raw 16-bit patterns
-      regs[r] = ok ? load_readonly(reinterpret_cast<const unsigned short*>(w) + n * k_total + k)
-                   : static_cast<unsigned short>(0);
+      regs[r] = ok ? load_readonly(reinterpret_cast<const unsigned short*>(src)) : static_cast<unsigned short>(0);
     } else {
-      regs[r] = ok ? Elem<T>::load(w + n * k_total + k) : 0.f;
+      regs[r] = ok ? Elem<T>::load(src) : 0.f;
     }
   }
 }
@@ -419,7 +429,7 @@ __device__ __forceinline__ void epilogue_tile(const SeparableParams& p, const Pi
 template <typename T, PointwiseMath kMath, int KH, int KW>
 __global__ void __launch_bounds__(kSepThreads, 2) separable_forward_kernel(const SeparableParams p) {
   using S = typename std::conditional<kMath == PointwiseMath::TensorCore, T, float>::type;  // tile element
-  extern __shared__ __align__(128) unsigned char smem[];
+  XO_EXTERN_SHARED __align__(128) unsigned char smem[];
   const Conv2dGeometry& g = p.g;
   const SeparableSmem layout = separable_smem(p.a_pitch, kMath, static_cast<int>(sizeof(T)));
   PixelInfo px;
@@ -468,7 +478,10 @@ __global__ void __launch_bounds__(kSepThreads, 2) separable_forward_kernel(const
   using Gemm = FfmaGemm;
   using BType = float;
 #endif
-  BType* bufs[2] = {reinterpret_cast<BType*>(bc), reinterpret_cast<BType*>(bc + layout.bc_region / 2)};
+  // The weight buffer of step s: chosen by arithmetic, not from an array of pointers, so that the compiler keeps
+  // knowing it is shared memory (an indexed pointer array made every access a generic LD / ST).
+  const size_t half_region = layout.bc_region / 2;
+  auto buffer = [&](int s) { return reinterpret_cast<BType*>(bc + (s & 1) * half_region); };
 
   // Block (x, y) covers pixel tile x and every gridDim.y-th output-channel tile from y.
   bool first = true;
@@ -483,14 +496,14 @@ __global__ void __launch_bounds__(kSepThreads, 2) separable_forward_kernel(const
       // and stored into the other buffer after; one barrier per step.
       typename Gemm::Regs regs;
       Gemm::fetch(regs, w, n0, k0, n_total, K);
-      Gemm::stash(bufs[0], regs);
+      Gemm::stash(buffer(0), regs);
       __syncthreads();  // the depthwise tile and the first weight tile are in place
       const int steps = cols / kSepKStep;
       for (int s = 0; s < steps; ++s) {
         const bool more = s + 1 < steps;
         if (more) Gemm::fetch(regs, w, n0, k0 + (s + 1) * kSepKStep, n_total, K);
-        gemm.step(a, lda, s * kSepKStep, bufs[s % 2]);
-        if (more) Gemm::stash(bufs[(s + 1) % 2], regs);
+        gemm.step(a, lda, s * kSepKStep, buffer(s));
+        if (more) Gemm::stash(buffer(s + 1), regs);
         __syncthreads();
       }
     }

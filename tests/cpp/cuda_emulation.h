@@ -3,7 +3,8 @@
 // One std::thread per CUDA thread of a block, the blocks one after another, __syncthreads as a std::barrier
 // shared by the block's threads. threadIdx / blockIdx are thread-local, blockDim / gridDim global. Dynamic
 // shared memory is the namespace-scope array a kernel's `extern __shared__` declaration names: the test defines
-// it (blocks run one at a time, so one array serves them all). What this cannot check: warp-level behaviour
+// it (blocks run one at a time, so one array serves them all); static __shared__ arrays become function
+// statics. What this cannot check: warp-level behaviour
 // (shuffles, tensor cores: the kernels' sm_80 paths are compiled out here), timing, and the memory model beyond
 // the barrier's ordering.
 //
@@ -24,6 +25,11 @@
 #ifndef __launch_bounds__
 #define __launch_bounds__(...)
 #endif
+// A kernel's static __shared__ arrays become function-statics: one copy, which a block's threads share (blocks
+// run one at a time). Dynamic shared memory is declared through XO_EXTERN_SHARED (kernels/separable.cuh).
+#undef __shared__
+#define __shared__ static
+#define XO_EXTERN_SHARED extern
 
 inline thread_local uint3 threadIdx;
 inline thread_local uint3 blockIdx;
@@ -43,6 +49,10 @@ inline float __uint_as_float(unsigned int u) {
   std::memcpy(&v, &u, sizeof v);
   return v;
 }
+
+// Device math the kernels use that the host headers do not declare.
+inline float rsqrtf(float v) { return 1.f / std::sqrt(v); }
+inline double rsqrt(double v) { return 1.0 / std::sqrt(v); }
 
 // kernel<<<grid, block>>>(args...), emulated.
 template <typename Kernel, typename... Args>

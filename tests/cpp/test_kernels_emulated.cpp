@@ -1,5 +1,8 @@
-// The fused separable forward kernel (csrc/kernels/separable.cuh) run on the CPU through cuda_emulation.h,
-// against a float64 loop. This checks, without a GPU, everything but the tensor-core GEMM (compiled out on the
+// The CUDA kernels run on the CPU through cuda_emulation.h, against float64 loops: the depthwise forward,
+// input-gradient and weight-gradient kernels (csrc/kernels/depthwise.cuh), the BatchNorm finalize kernel
+// (batchnorm.cuh) and, mostly, the fused separable forward (separable.cuh).
+//
+// For the fused forward This checks, without a GPU, everything but the tensor-core GEMM (compiled out on the
 // host, where every mode takes the FFMA path): the launch plan, pixel tiles and their tails, the depthwise
 // stage (prologue, padding, stride, dilation, depth multiplier, mid activation, both thread orders), the
 // chunked path for channels beyond shared memory, output-channel groups, the weight double-buffering, the
@@ -11,6 +14,8 @@
 #include <limits>
 #include <random>
 
+#include "kernels/batchnorm.cuh"
+#include "kernels/depthwise.cuh"
 #include "kernels/separable.cuh"
 #include "kernels/separable_params.h"
 #include "test_harness.h"
@@ -255,6 +260,127 @@ TEST_CASE(half_and_bfloat16_with_the_tile_in_their_own_precision) {
 
 TEST_CASE(tf32_mode_compiles_to_the_same_ffma_path_on_the_host) {
   check_case<float, PointwiseMath::Tf32>(kTrain, true, true, kBigSmem, 132, 1e-5, "tf32 mode");
+}
+
+// ---- the depthwise kernels: the launchers' plans (cuda/depthwise_launch.cu), emulated ----
+
+unsigned int elementwise_blocks(int64_t total) {
+  return static_cast<unsigned int>(std::min<int64_t>((total + kDepthwiseThreads - 1) / kDepthwiseThreads,
+                                                     kDepthwiseMaxBlocks));
+}
+
+template <typename T, bool kCL>
+void check_depthwise(const Case& k, double tol, const char* what) {
+  std::mt19937 rng(static_cast<unsigned>(k.c * 17 + k.h));
+  std::normal_distribution<float> normal(0.f, 1.f);
+  const Conv2dGeometry g = [&] {
+    Conv2dGeometry d = geometry(k);
+    d.out_channels = d.dw_channels();
+    return d;
+  }();
+  const int64_t K = g.dw_channels(), OH = g.out_h, OW = g.out_w, taps = k.kh * k.kw;
+  std::vector<T> x(k.n * k.c * k.h * k.w), w(K * taps), gy(k.n * K * OH * OW);
+  for (auto& v : x) v = from_float<T>(normal(rng));
+  for (auto& v : w) v = from_float<T>(normal(rng));
+  for (auto& v : gy) v = from_float<T>(normal(rng));
+  std::vector<T> y(gy.size(), from_float<T>(std::nanf(""))), gx(x.size(), from_float<T>(std::nanf("")));
+  std::vector<T> gw(w.size(), from_float<T>(std::nanf("")));
+  DepthwiseParams p;
+  p.g = g;
+  p.channels_last = kCL;
+  p.use_int32 = true;
+  int64_t xs[4], ys[4];
+  strides(k.c, k.h, k.w, kCL, xs);
+  strides(K, OH, OW, kCL, ys);
+  std::copy(xs, xs + 4, p.input.stride);
+  std::copy(ys, ys + 4, p.output.stride);
+  p.weight.stride[0] = taps, p.weight.stride[1] = taps, p.weight.stride[2] = k.kw, p.weight.stride[3] = 1;
+
+  // forward: input = x, output = y
+  p.input.data = x.data(), p.output.data = y.data(), p.weight.data = w.data();
+  emulate_launch(kernels::depthwise_forward_kernel<T, int32_t, kCL, 0, 0, 0, 0>,
+                 dim3(elementwise_blocks(k.n * K * OH * OW)), dim3(kDepthwiseThreads), p);
+  // input gradient: input = grad_x (written), output = grad_y
+  p.input.data = gx.data(), p.output.data = gy.data();
+  emulate_launch(kernels::depthwise_backward_input_kernel<T, int32_t, kCL, 0, 0, 0, 0>,
+                 dim3(elementwise_blocks(k.n * k.c * k.h * k.w)), dim3(kDepthwiseThreads), p);
+  // weight gradient: input = x, output = grad_y, weight = grad_w (written)
+  p.input.data = x.data(), p.weight.data = gw.data();
+  const int64_t slices = depthwise_wgrad_slices(p);
+  std::vector<float> workspace(depthwise_wgrad_workspace_bytes(p) / sizeof(float), std::nanf(""));
+  const int64_t chan_blocks = (K + depthwise_wgrad_channels_per_block(kCL) - 1) / depthwise_wgrad_channels_per_block(kCL);
+  emulate_launch(kernels::depthwise_backward_weight_partial_kernel<T, int32_t, kCL, 0, 0>,
+                 dim3(static_cast<unsigned>(chan_blocks * taps), static_cast<unsigned>(slices)),
+                 dim3(kDepthwiseThreads), p, workspace.data(), slices);
+  emulate_launch(kernels::depthwise_backward_weight_reduce_kernel<T>, dim3(static_cast<unsigned>((K * taps + 31) / 32)),
+                 dim3(kDepthwiseThreads), p, static_cast<const float*>(workspace.data()), slices);
+
+  std::vector<double> want_y(y.size(), 0), want_gx(x.size(), 0), want_gw(w.size(), 0);
+  for (int64_t n = 0; n < k.n; ++n)
+    for (int64_t kc = 0; kc < K; ++kc)
+      for (int64_t oh = 0; oh < OH; ++oh)
+        for (int64_t ow = 0; ow < OW; ++ow) {
+          const int64_t yo = n * ys[0] + kc * ys[1] + oh * ys[2] + ow * ys[3];
+          for (int64_t i = 0; i < k.kh; ++i)
+            for (int64_t j = 0; j < k.kw; ++j) {
+              const int64_t ih = oh * k.sh - k.pt + i * k.dh, iw = ow * k.sw - k.pl + j * k.dw;
+              if (ih < 0 || ih >= k.h || iw < 0 || iw >= k.w) continue;
+              const int64_t xo = n * xs[0] + (kc / k.m) * xs[1] + ih * xs[2] + iw * xs[3];
+              want_y[yo] += to_double(x[xo]) * to_double(w[kc * taps + i * k.kw + j]);
+              want_gx[xo] += to_double(gy[yo]) * to_double(w[kc * taps + i * k.kw + j]);
+              want_gw[kc * taps + i * k.kw + j] += to_double(gy[yo]) * to_double(x[xo]);
+            }
+        }
+  auto as_double = [](const std::vector<T>& v) {
+    std::vector<double> d(v.size());
+    for (size_t i = 0; i < v.size(); ++i) d[i] = to_double(v[i]);
+    return d;
+  };
+  const double ey = relative_error(as_double(y), want_y), ex = relative_error(as_double(gx), want_gx);
+  const double ew = relative_error(as_double(gw), want_gw);
+  if (!(ey <= tol && ex <= tol && ew <= tol)) {
+    std::printf("  %s: forward %.3g, input grad %.3g, weight grad %.3g > %.3g\n", what, ey, ex, ew, tol);
+  }
+  EXPECT(ey <= tol && ex <= tol && ew <= tol);
+}
+
+TEST_CASE(depthwise_forward_and_gradients) {
+  for (const Case* c : {&kPlain, &kInfer, &kOdd, &kGeneric}) {
+    check_depthwise<float, false>(*c, 1e-5, "depthwise fp32 NCHW");
+    check_depthwise<float, true>(*c, 1e-5, "depthwise fp32 NHWC");
+    check_depthwise<__nv_bfloat16, true>(*c, 1e-2, "depthwise bf16 NHWC");
+  }
+}
+
+TEST_CASE(batch_norm_finalize_kernel) {
+  const int64_t C = 300, count = 50;
+  std::vector<float> sum(C), sumsq(C), weight(C), bias(C), out[4];
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal(0.f, 1.f);
+  for (int64_t c = 0; c < C; ++c) {
+    const float mean = normal(rng), sd = 0.5f + std::abs(normal(rng));
+    sum[c] = mean * count;
+    sumsq[c] = (sd * sd + mean * mean) * count;
+    weight[c] = 1.f + 0.1f * normal(rng);
+    bias[c] = normal(rng);
+  }
+  sumsq[7] = sum[7] * sum[7] / count - 1.f;  // a negative variance from rounding: clamped to 0
+  for (auto& o : out) o.assign(C, std::nanf(""));
+  BatchNormFinalizeParams<float> p;
+  p.sum = sum.data(), p.sumsq = sumsq.data(), p.weight = weight.data(), p.bias = bias.data();
+  p.scale = out[0].data(), p.shift = out[1].data(), p.mean = out[2].data(), p.var = out[3].data();
+  p.channels = C, p.count = count, p.eps = 1e-5;
+  emulate_launch(kernels::batch_norm_finalize_kernel<float>, dim3((C + 255) / 256), dim3(256), p);
+  for (int64_t c = 0; c < C; ++c) {
+    const double mean = double(sum[c]) / count;
+    const double var = std::max(double(sumsq[c]) / count - mean * mean, 0.0);
+    const double scale = weight[c] / std::sqrt(var + 1e-5);
+    EXPECT_NEAR(out[2][c], mean, 1e-5);
+    EXPECT_NEAR(out[3][c], var, 1e-4 * (1 + var));
+    EXPECT_NEAR(out[0][c], scale, 1e-4 * std::abs(scale));
+    EXPECT_NEAR(out[1][c], bias[c] - mean * scale, 1e-3);
+  }
+  EXPECT(out[3][7] == 0.f);
 }
 
 }  // namespace
