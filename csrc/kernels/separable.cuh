@@ -382,31 +382,47 @@ __device__ __forceinline__ void epilogue_tile(const SeparableParams& p, const Pi
   const bool affine = p.out_scale != nullptr || p.out_shift != nullptr;
   const bool stats = p.stats_partial != nullptr;
 
-  auto finish = [&](int row, int col) {
+  // Per channel: its scale, shift and offsets; per pixel: its offsets. Each thread keeps one of the two fixed
+  // across its loop (the channel with channels fastest, the pixel otherwise), so it is loaded once.
+  struct Channel {
+    bool ok;
+    float scale, shift;
+    int64_t out_off, res_off;
+  };
+  auto channel = [&](int col) {
     const int64_t n = n0 + col;
+    Channel ch;
+    ch.ok = n < n_total;
+    ch.scale = ch.ok && p.out_scale != nullptr ? p.out_scale[n] : 1.f;
+    ch.shift = ch.ok && p.out_shift != nullptr ? p.out_shift[n] : 0.f;
+    ch.out_off = n * p.out.stride[1];
+    ch.res_off = n * p.residual.stride[1];
+    return ch;
+  };
+  auto finish = [&](int row, int col, const Channel& ch) {
     float* cv = c + row * kSepCPitch + col;
-    if (n >= n_total || px.out_base[row] < 0) {
+    const int64_t out_base = px.out_base[row];
+    if (!ch.ok || out_base < 0) {
       *cv = 0.f;  // no contribution to the statistics
       return;
     }
     const float y = round_to<T>(*cv);
     *cv = y;
     float z = y;
-    if (affine) {
-      z = round_to<T>(fmaf(z, p.out_scale != nullptr ? p.out_scale[n] : 1.f,
-                           p.out_shift != nullptr ? p.out_shift[n] : 0.f));
-    }
-    if (res != nullptr) z = round_to<T>(z + Elem<T>::load(res + px.res_base[row] + n * p.residual.stride[1]));
+    if (affine) z = round_to<T>(fmaf(z, ch.scale, ch.shift));
+    if (res != nullptr) z = round_to<T>(z + Elem<T>::load(res + px.res_base[row] + ch.res_off));
     if (p.out_relu) z = fmaxf(z, 0.f);
-    Elem<T>::store(out + px.out_base[row] + n * p.out.stride[1], z);
+    Elem<T>::store(out + out_base + ch.out_off, z);
   };
 
-  if (p.out_channels_last) {  // a warp writes 32 consecutive channels of one pixel
-    for (int row = threadIdx.x / kSepTileN; row < kSepTileP; row += kSepThreads / kSepTileN)
-      finish(row, threadIdx.x % kSepTileN);
+  if (p.out_channels_last) {  // a warp writes 32 consecutive channels of one pixel; a thread keeps its channel
+    const int col = threadIdx.x % kSepTileN;
+    const Channel ch = channel(col);
+    for (int row = threadIdx.x / kSepTileN; row < kSepTileP; row += kSepThreads / kSepTileN) finish(row, col, ch);
   } else {  // 64 consecutive pixels of one channel
-    for (int col = threadIdx.x / kSepTileP; col < kSepTileN; col += kSepThreads / kSepTileP)
-      finish(threadIdx.x % kSepTileP, col);
+    for (int col = threadIdx.x / kSepTileP; col < kSepTileN; col += kSepThreads / kSepTileP) {
+      finish(threadIdx.x % kSepTileP, col, channel(col));
+    }
   }
   if (!stats) return;
   __syncthreads();
