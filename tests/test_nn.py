@@ -232,3 +232,31 @@ def test_auto_without_a_fused_kernel_runs_the_pytorch_layers(monkeypatch):
     fused_out = module(x)
     assert calls == [1]
     assert relative_error(fused_out, unfused_out) <= 1e-6
+
+
+def test_inference_epilogue_is_reused_until_a_parameter_changes():
+    """Eager inference folds the BatchNorm once and reuses it; any in-place change of a parameter or running
+    statistic (and a new tensor in its place) folds it again."""
+    m = SeparableConvBN(4, 6, 3, bias=True, backend="torch").eval()
+    with torch.no_grad():
+        m.bn.running_mean.uniform_(-1, 1)
+        m.bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 4, 7, 7)
+    with torch.no_grad():
+        first = m(x)
+        cached = m._epilogue_cache[2]
+        assert m(x).equal(first) and m._epilogue_cache[2] is cached  # reused
+        m.bn.weight.mul_(2)  # in place: the version counter moves
+        second = m(x)
+        assert m._epilogue_cache[2] is not cached and not second.equal(first)
+        m.pointwise.bias = torch.nn.Parameter(torch.randn(6))  # a new tensor object
+        third = m(x)
+    reference = torch.nn.functional.conv2d(
+        torch.nn.functional.conv2d(x, m.depthwise.weight, padding=1, groups=4), m.pointwise.weight,
+        m.pointwise.bias)
+    expected = m.bn(reference)
+    torch.testing.assert_close(third, expected.detach(), rtol=1e-5, atol=1e-5)
+    # With grad mode on and trainable parameters the epilogue is recomputed (autograd needs its graph).
+    y = m(x)
+    y.sum().backward()
+    assert m.bn.weight.grad is not None

@@ -7,6 +7,8 @@ so their state_dict is that of the layers they replace; the children's own forwa
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -86,6 +88,31 @@ class SeparableConvBN(nn.Module):
             flags.append(f"backend={self.backend!r}")
         return ", ".join(flags)
 
+    def _folded_epilogue(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The inference epilogue (scale, shift): the BatchNorm folded, the biases carried into the shift.
+
+        Eager inference reuses the last result while none of the tensors it comes from has changed (their version
+        counters and identities), which saves its half-dozen small kernels per layer and call; it is computed
+        afresh when autograd may need its graph and under torch.compile."""
+        bn = self.bn
+        sources = [t for t in (self.pointwise.bias, self.depthwise.bias) if t is not None]
+        if self.depthwise.bias is not None:
+            sources.append(self.pointwise.weight)
+        if bn is not None:
+            sources += [t for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var) if t is not None]
+        cacheable = not torch.compiler.is_compiling() and not (
+            torch.is_grad_enabled() and any(t.requires_grad for t in sources))
+        versions = (tuple(t._version for t in sources), bn.eps if bn is not None else None) if cacheable else None
+        cached = self.__dict__.get("_epilogue_cache")
+        if (cacheable and cached is not None and cached[1] == versions and len(cached[0]) == len(sources)
+                and all(ref() is t for ref, t in zip(cached[0], sources))):  # the same tensor objects, unchanged
+            return cached[2]
+        pre_bias = self._dw_bias_as_pre_bias()
+        result = (None, pre_bias) if bn is None else batchnorm.folded_scale_shift(bn, pre_bias)
+        self.__dict__["_epilogue_cache"] = (
+            (tuple(weakref.ref(t) for t in sources), versions, result) if cacheable else None)
+        return result
+
     def _dw_bias_as_pre_bias(self) -> torch.Tensor | None:
         """The pointwise bias, plus a depthwise bias carried through the (linear) pointwise stage."""
         bias = self.pointwise.bias
@@ -102,16 +129,13 @@ class SeparableConvBN(nn.Module):
             if not (batch_stats and batchnorm.synchronizes(self)):
                 return self._forward_unfused(x, residual)
             backend = "torch"  # synchronized statistics come from the operator's per-channel sums
-        pre_bias = self._dw_bias_as_pre_bias()
         conv = dict(stride=dw.stride, padding=self.padding, dilation=dw.dilation, in_relu=self.pre_relu,
                     mid_activation=self.mid_activation, backend=backend)
         if not batch_stats:
-            if bn is None:
-                scale, shift = None, pre_bias
-            else:
-                scale, shift = batchnorm.folded_scale_shift(bn, pre_bias)
+            scale, shift = self._folded_epilogue()
             return ops.separable_conv2d(x, dw.weight, pw.weight, out_scale=scale, out_shift=shift,
                                         out_relu=self.post_relu, residual=residual, **conv)
+        pre_bias = self._dw_bias_as_pre_bias()
         y, total, total_sq = ops.separable_conv2d(x, dw.weight, pw.weight, compute_stats=True, **conv)
         count = y.shape[0] * y.shape[2] * y.shape[3]
         scale, shift = batchnorm.scale_shift_from_stats(bn, total, total_sq, count, pre_bias, self.process_group,
