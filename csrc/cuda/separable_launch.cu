@@ -18,7 +18,7 @@ using kernels::separable_stats_reduce_kernel;
 
 template <typename T, PointwiseMath kMath, int KH, int KW>
 cudaError_t launch_forward_kernel(const SeparableParams& p, int groups, cudaStream_t stream) {
-  const SeparableSmem smem = separable_smem(p.a_pitch, kMath, static_cast<int>(sizeof(T)));
+  const SeparableSmem smem = separable_smem(p.g, p.a_pitch, kMath, static_cast<int>(sizeof(T)));
   auto* kernel = &separable_forward_kernel<T, kMath, KH, KW>;
   if (smem.total > 48 * 1024) {  // above the default limit, a kernel must opt in
     const cudaError_t err =

@@ -60,8 +60,24 @@ constexpr int kSepTileP = 64;     // output pixels per block (flattened over N, 
 constexpr int kSepTileN = 128;    // output channels per GEMM tile
 constexpr int kSepKStep = 32;     // depthwise channels per shared-memory weight tile (double-buffered)
 
+// A block's pixels: an 8 x 8 square of one image for 3x3 depthwise kernels at stride 1 or 2 without dilation
+// (Xception's layers), whose input window (10 x 10, or 17 x 17) is staged in shared memory 32 channels at a
+// time; otherwise 64 consecutive pixels of the flattened (N, OH, OW) index, each tap read from global memory.
+constexpr int kSepSquare = 8;
+constexpr int kSepHaloChannels = 32;
+XO_HOST_DEVICE inline bool separable_spatial_tiles(const Conv2dGeometry& g) {
+  return g.kernel_h == 3 && g.kernel_w == 3 && g.dilation_h == 1 && g.dilation_w == 1 && g.stride_h == g.stride_w &&
+         (g.stride_h == 1 || g.stride_h == 2);
+}
 XO_HOST_DEVICE inline int64_t separable_pixel_tiles(const Conv2dGeometry& g) {
+  if (separable_spatial_tiles(g)) {
+    return g.batch * ((g.out_h + kSepSquare - 1) / kSepSquare) * ((g.out_w + kSepSquare - 1) / kSepSquare);
+  }
   return (g.batch * g.out_h * g.out_w + kSepTileP - 1) / kSepTileP;
+}
+// Side of the staged input window of a square tile: 7 strides and a 3-wide kernel.
+XO_HOST_DEVICE inline int separable_halo_side(const Conv2dGeometry& g) {
+  return static_cast<int>((kSepSquare - 1) * g.stride_h + 3);
 }
 XO_HOST_DEVICE inline int64_t separable_channel_tiles(const Conv2dGeometry& g) {
   return (g.out_channels + kSepTileN - 1) / kSepTileN;
@@ -84,17 +100,18 @@ constexpr int kSepBPitchKN = kSepTileN + 4;  // float32 weight tile [k][n] (FFMA
 constexpr int kSepCPitch = kSepTileN + 4;    // float32 accumulator tile [p][n]
 
 // Shared memory layout of a block, in bytes. Every region starts 128-byte aligned. The accumulator tile
-// shares a region with the two weight-tile buffers (at its start and its middle): it is written only after the
-// last GEMM step of a tile. The region also fits two FFMA [k][n] buffers, which is what every kernel uses on
-// GPUs below sm_80.
+// shares a region with the two weight-tile buffers (at its start and its middle) and with the staged input
+// window of square tiles: each is live in a different phase. The region also fits two FFMA [k][n] buffers,
+// which is what every kernel uses on GPUs below sm_80.
 struct SeparableSmem {
   size_t pixel_info;  // per pixel: offsets of its image in x, out and residual, and its input origin
   size_t a_tile;      // depthwise tile [kSepTileP][a_pitch]
-  size_t bc_region;   // two weight buffers of bc_region / 2 bytes, or the accumulators [kSepTileP][kSepCPitch]
+  size_t bc_region;   // two weight buffers of bc_region / 2 bytes, the accumulators, or the input window
   size_t total;
 };
 
-XO_HOST_DEVICE inline SeparableSmem separable_smem(int64_t a_pitch, PointwiseMath math, int dtype_bytes) {
+XO_HOST_DEVICE inline SeparableSmem separable_smem(const Conv2dGeometry& g, int64_t a_pitch, PointwiseMath math,
+                                                   int dtype_bytes) {
   const int eb = separable_tile_elem_bytes(math, dtype_bytes);
   SeparableSmem s;
   s.pixel_info = align128(static_cast<size_t>(kSepTileP) * (3 * sizeof(int64_t) + 2 * sizeof(int32_t)));
@@ -104,7 +121,12 @@ XO_HOST_DEVICE inline SeparableSmem separable_smem(int64_t a_pitch, PointwiseMat
                         ? static_cast<size_t>(kSepTileN) * kSepBPitch16 * dtype_bytes
                         : static_cast<size_t>(kSepTileN) * kSepBPitch32 * sizeof(float);
   if (nk > buffer) buffer = nk;
-  const size_t c = static_cast<size_t>(kSepTileP) * kSepCPitch * sizeof(float);
+  size_t c = static_cast<size_t>(kSepTileP) * kSepCPitch * sizeof(float);
+  if (separable_spatial_tiles(g)) {  // the staged input window, in the dtype, during the depthwise stage only
+    const size_t side = static_cast<size_t>(separable_halo_side(g));
+    const size_t halo = side * side * kSepHaloChannels * static_cast<size_t>(dtype_bytes);
+    if (halo > c) c = halo;
+  }
   s.bc_region = align128(2 * align128(buffer) > c ? 2 * align128(buffer) : c);
   s.total = s.pixel_info + s.a_tile + s.bc_region;
   return s;
@@ -118,14 +140,14 @@ inline bool separable_plan(SeparableParams& p, PointwiseMath math, int dtype_byt
   const int pad = eb == 2 ? 8 : 4;
   const int64_t all = round_up(p.g.dw_channels(), kSepKStep);
   for (int64_t pitch : {all + pad, all}) {
-    if (separable_smem(pitch, math, dtype_bytes).total <= smem_limit) {
+    if (separable_smem(p.g, pitch, math, dtype_bytes).total <= smem_limit) {
       p.k_chunk = static_cast<int32_t>(all);
       p.a_pitch = static_cast<int32_t>(pitch);
       return true;
     }
   }
   for (int64_t k = all - kSepKStep; k >= kSepKStep; k -= kSepKStep) {
-    if (separable_smem(k + pad, math, dtype_bytes).total <= smem_limit) {
+    if (separable_smem(p.g, k + pad, math, dtype_bytes).total <= smem_limit) {
       p.k_chunk = static_cast<int32_t>(k);
       p.a_pitch = static_cast<int32_t>(k + pad);
       return true;

@@ -131,7 +131,7 @@ void check_case(const Case& k, bool x_cl, bool out_cl, size_t smem_limit, int sm
   p.x_channels_last = x_cl;
   p.out_channels_last = out_cl;
   EXPECT(separable_plan(p, kMath, static_cast<int>(sizeof(T)), smem_limit));
-  EXPECT(separable_smem(p.a_pitch, kMath, static_cast<int>(sizeof(T))).total <= sizeof(kernels::smem));
+  EXPECT(separable_smem(g, p.a_pitch, kMath, static_cast<int>(sizeof(T))).total <= sizeof(kernels::smem));
   const int64_t tiles = separable_pixel_tiles(g);
   std::vector<float> workspace(separable_stats_workspace_bytes(g) / sizeof(float), std::nanf(""));
   std::vector<float> sum(k.cout, std::nanf("")), sumsq(k.cout, std::nanf(""));
@@ -235,8 +235,8 @@ TEST_CASE(fp32_every_option_both_layouts) {
 
 TEST_CASE(fp32_channels_beyond_shared_memory_take_the_chunked_path) {
   // 96 depthwise channels, but room for 32 at a time: the tile is recomputed per output tile.
-  const size_t limit = separable_smem(32 + 4, PointwiseMath::Ffma, 4).total;
   Conv2dGeometry g = geometry(kWide);
+  const size_t limit = separable_smem(g, 32 + 4, PointwiseMath::Ffma, 4).total;
   SeparableParams plan;
   plan.g = g;
   EXPECT(separable_plan(plan, PointwiseMath::Ffma, 4, limit) && plan.k_chunk == 32);
