@@ -33,6 +33,12 @@
 #define XO_SEPARABLE_WMMA 1
 #endif
 
+// mma.sync + ldmatrix for the 16-bit GEMM: on sm_80+ devices, and on the CPU where tests/cpp/cuda_emulation.h
+// provides warp-collective versions of ldmatrix_x4 and mma_16816 (and defines XO_EMULATED_WARP_MMA).
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(XO_EMULATED_WARP_MMA)
+#define XO_SEPARABLE_MMA 1
+#endif
+
 // Dynamic shared memory; tests/cpp/cuda_emulation.h, which runs kernels on the CPU, redefines it.
 #ifndef XO_EXTERN_SHARED
 #define XO_EXTERN_SHARED extern __shared__
@@ -177,8 +183,140 @@ struct FfmaGemm {
   }
 };
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+// Four 8x8 16-bit matrices from shared memory: lane l gives the address of row l % 8 of matrix l / 8 and
+// receives, in r[j], elements (row l / 4, columns 2 (l % 4) and + 1) of matrix j.
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* smem_row) {
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem_row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// d += a b for a 16x16 (row-major fragments a0..a3) by 16x8 (column-major b0, b1) tile, float32 accumulators.
+template <bool kBf16>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+  if constexpr (kBf16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+#endif
+
+#ifdef XO_SEPARABLE_MMA
+// ---- the 16-bit GEMM on tensor cores: ldmatrix + mma.sync.m16n8k16 (sm_80+) ----
+// Warp w owns rows 32 * (w % 2) .. +32 and columns 32 * (w / 2) .. +32 of the 64 x 128 tile: 2 x 4 tiles of
+// 16 x 8, 32 float32 accumulators per thread. Per 16-deep slice: two ldmatrix.x4 for A (a 16 x 16 tile each),
+// two for B (two 8-column tiles each, from the [n][k] weight buffer), eight MMAs. Fragment layouts (PTX ISA,
+// "Matrix fragments for mma.m16n8k16"): g = lane / 4, t = lane % 4; a0: (g, 2t..2t+1), a1: (g + 8, 2t..),
+// a2: (g, 2t + 8..), a3: (g + 8, 2t + 8..); b0: (k 2t..2t+1, n g), b1: (k 2t + 8.., n g); d0, d1: (g, 2t..),
+// d2, d3: (g + 8, 2t..).
+template <typename T>
+struct MmaGemm {
+  static_assert(sizeof(T) == 2, "16-bit operands");
+  static constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
+  // One thread's share of a weight tile: two 16-byte vectors of 8 consecutive k. Vector v = tid + 256 r holds
+  // row n = v / 4, k = 8 (v % 4) .. +8 of the 128 x 32 tile.
+  using Regs = uint4[2];
+  float acc[2][4][4];
+
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+  }
+
+  static_assert(kSepTileN * kSepKStep == 2 * 8 * kSepThreads, "two 8-element vectors per thread");
+
+  // 16-byte loads when every row of W starts 16-byte aligned (an aligned W, K a multiple of 8) and the vector
+  // lies inside the row; element by element otherwise (a ragged end of K, a W viewed at an odd offset).
+  __device__ __forceinline__ static void fetch(Regs& regs, const T* w, int64_t n0, int64_t k0, int64_t n_total,
+                                               int64_t k_total) {
+    const bool vectors = k_total % 8 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int v = threadIdx.x + kSepThreads * r;
+      const int64_t n = n0 + v / 4, k = k0 + 8 * (v % 4);
+      uint4 val = make_uint4(0u, 0u, 0u, 0u);
+      if (n < n_total && k < k_total) {
+        const T* src = w + n * k_total + k;
+        if (vectors && k + 8 <= k_total) {
+          val = load_readonly(reinterpret_cast<const uint4*>(src));
+        } else {
+          unsigned short e[8];
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            e[i] = k + i < k_total ? load_readonly(reinterpret_cast<const unsigned short*>(src) + i)
+                                   : static_cast<unsigned short>(0);
+          }
+          val = make_uint4(e[0] | (unsigned(e[1]) << 16), e[2] | (unsigned(e[3]) << 16), e[4] | (unsigned(e[5]) << 16),
+                           e[6] | (unsigned(e[7]) << 16));
+        }
+      }
+      regs[r] = val;
+    }
+  }
+
+  __device__ __forceinline__ static void stash(T* bs, const Regs& regs) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int v = threadIdx.x + kSepThreads * r;
+      *reinterpret_cast<uint4*>(bs + (v / 4) * kSepBPitch16 + 8 * (v % 4)) = regs[r];
+    }
+  }
+
+  __device__ __forceinline__ void step(const T* a, int lda, int kk, const T* bs) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wr = warp % 2, wc = warp / 2;
+    // Row addresses each lane gives ldmatrix: A, row (lane % 8) of 8x8 matrix lane / 8, the matrices ordered
+    // (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15) = a0..a3;
+    // B (stored [n][k]), (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15) = b0, b1 of two
+    // 8-column tiles.
+    const int a_row = 32 * wr + lane % 8 + 8 * ((lane / 8) % 2), a_col = 8 * (lane / 16);
+    const int b_row = 32 * wc + lane % 8 + 8 * (lane / 16), b_col = 8 * ((lane / 8) % 2);
+#pragma unroll
+    for (int ks = 0; ks < kSepKStep; ks += 16) {
+      unsigned af[2][4], bf[2][4];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) ldmatrix_x4(af[i], a + (a_row + 16 * i) * lda + kk + ks + a_col);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) ldmatrix_x4(bf[j], bs + (b_row + 16 * j) * kSepBPitch16 + ks + b_col);
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) mma_16816<kBf16>(acc[i][j], af[i], bf[j / 2][2 * (j % 2)], bf[j / 2][2 * (j % 2) + 1]);
+    }
+  }
+
+  __device__ __forceinline__ void store(float* c) const {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wr = warp % 2, wc = warp / 2;
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int row = 32 * wr + 16 * i + lane / 4, col = 32 * wc + 8 * j + 2 * (lane % 4);
+        c[row * kSepCPitch + col] = acc[i][j][0];
+        c[row * kSepCPitch + col + 1] = acc[i][j][1];
+        c[(row + 8) * kSepCPitch + col] = acc[i][j][2];
+        c[(row + 8) * kSepCPitch + col + 1] = acc[i][j][3];
+      }
+  }
+};
+#endif  // XO_SEPARABLE_MMA
+
 #ifdef XO_SEPARABLE_WMMA
-// ---- the GEMM on tensor cores (sm_80+) ----
+// ---- the TF32 GEMM on tensor cores (sm_80+), through wmma ----
 // Warp w owns rows 32 * (w % 2) .. +32 and columns 32 * (w / 2) .. +32 of the 64 x 128 tile: 2 x 2 accumulator
 // fragments of 16 x 16. 16-bit operands: m16n16k16; float32: TF32 m16n16k8, rounded to TF32 as loaded. The
 // weight buffer is [n][k] (B column-major).
@@ -599,9 +737,13 @@ __global__ void __launch_bounds__(kSepThreads, 2) separable_forward_kernel(const
   const T* w = static_cast<const T*>(p.pw_weight);
   const bool resident = p.k_chunk >= K;
 
-#ifdef XO_SEPARABLE_WMMA
-  using Gemm = typename std::conditional<kMath == PointwiseMath::Ffma, FfmaGemm, WmmaGemm<T>>::type;
+#if defined(XO_SEPARABLE_WMMA)  // a device of sm_80+: 16-bit operands through mma.sync, TF32 through wmma
+  using TensorGemm = typename std::conditional<kMath == PointwiseMath::TensorCore, MmaGemm<T>, WmmaGemm<T>>::type;
+  using Gemm = typename std::conditional<kMath == PointwiseMath::Ffma, FfmaGemm, TensorGemm>::type;
   using BType = typename std::conditional<kMath == PointwiseMath::Ffma, float, T>::type;
+#elif defined(XO_SEPARABLE_MMA)  // the CPU emulation: mma.sync emulated, TF32 on the FFMA path
+  using Gemm = typename std::conditional<kMath == PointwiseMath::TensorCore, MmaGemm<T>, FfmaGemm>::type;
+  using BType = typename std::conditional<kMath == PointwiseMath::TensorCore, T, float>::type;
 #else
   using Gemm = FfmaGemm;
   using BType = float;

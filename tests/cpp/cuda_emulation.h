@@ -5,8 +5,8 @@
 // shared memory is the namespace-scope array a kernel's `extern __shared__` declaration names: the test defines
 // it (blocks run one at a time, so one array serves them all); static __shared__ arrays become function
 // statics. What this cannot check: warp-level behaviour
-// (shuffles, tensor cores: the kernels' sm_80 paths are compiled out here), timing, and the memory model beyond
-// the barrier's ordering.
+// (shuffles; wmma), timing, and the memory model beyond
+// the barrier's ordering. Warp collectives (ldmatrix, mma.sync) are emulated from their documented layouts.
 //
 // Include this before any kernel header.
 #pragma once
@@ -15,8 +15,10 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <barrier>
 #include <cmath>
+#include <memory>
 #include <cstdint>
 #include <cstring>
 #include <thread>
@@ -36,8 +38,10 @@ inline thread_local uint3 blockIdx;
 inline dim3 blockDim;
 inline dim3 gridDim;
 inline std::barrier<>* xo_emulated_block_barrier = nullptr;
+inline thread_local std::barrier<>* xo_emulated_warp_barrier = nullptr;  // the 32 threads of this thread's warp
 
 inline void __syncthreads() { xo_emulated_block_barrier->arrive_and_wait(); }
+inline void xo_emulated_syncwarp() { xo_emulated_warp_barrier->arrive_and_wait(); }
 
 inline unsigned int __float_as_uint(float v) {
   unsigned int u;
@@ -54,6 +58,60 @@ inline float __uint_as_float(unsigned int u) {
 inline float rsqrtf(float v) { return 1.f / std::sqrt(v); }
 inline double rsqrt(double v) { return 1.0 / std::sqrt(v); }
 
+// ---- warp collectives: ldmatrix.x4 and mma.sync.m16n8k16 (kernels/separable.cuh's MmaGemm) ----
+// The lanes of a warp meet at a warp barrier and exchange their operands through per-warp scratch; each lane then
+// takes what the PTX ISA says it receives. These encode the documented fragment layouts (see MmaGemm), so the
+// kernel's addressing and tile bookkeeping are checked against them; the GPU tests check the hardware.
+#define XO_EMULATED_WARP_MMA 1
+namespace xception_ops::kernels {
+
+struct EmulatedWarpScratch {
+  const void* rows[32];
+  unsigned a[32][4];
+  unsigned b[32][2];
+};
+inline EmulatedWarpScratch emulated_warp_scratch[32];
+
+inline void ldmatrix_x4(unsigned (&r)[4], const void* smem_row) {
+  const unsigned lane = threadIdx.x % 32;
+  EmulatedWarpScratch& s = emulated_warp_scratch[threadIdx.x / 32];
+  s.rows[lane] = smem_row;
+  xo_emulated_syncwarp();
+  for (int j = 0; j < 4; ++j) {  // matrix j, row lane / 4, columns 2 (lane % 4) and + 1
+    const auto* row = static_cast<const unsigned short*>(s.rows[8 * j + lane / 4]);
+    r[j] = static_cast<unsigned>(row[2 * (lane % 4)]) | (static_cast<unsigned>(row[2 * (lane % 4) + 1]) << 16);
+  }
+  xo_emulated_syncwarp();
+}
+
+template <bool kBf16>
+void mma_16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+  const unsigned lane = threadIdx.x % 32;
+  EmulatedWarpScratch& s = emulated_warp_scratch[threadIdx.x / 32];
+  for (int i = 0; i < 4; ++i) s.a[lane][i] = a[i];
+  s.b[lane][0] = b0, s.b[lane][1] = b1;
+  xo_emulated_syncwarp();
+  auto value = [](unsigned reg, int high) {
+    const unsigned short bits = static_cast<unsigned short>(high ? reg >> 16 : reg & 0xffffu);
+    return kBf16 ? __uint_as_float(static_cast<unsigned>(bits) << 16) : __half2float(__ushort_as_half(bits));
+  };
+  // A(row, k) sits in lane 4 (row % 8) + (k % 8) / 2, register (row >= 8) + 2 (k >= 8), half k % 2;
+  // B(k, n) in lane 4 n + (k % 8) / 2, register k >= 8, half k % 2.
+  auto A = [&](int row, int k) { return value(s.a[4 * (row % 8) + (k % 8) / 2][(row >= 8) + 2 * (k >= 8)], k % 2); };
+  auto B = [&](int k, int n) { return value(s.b[4 * n + (k % 8) / 2][k >= 8], k % 2); };
+  float out[4];
+  for (int i = 0; i < 4; ++i) {
+    const int row = static_cast<int>(lane / 4) + 8 * (i / 2), col = 2 * static_cast<int>(lane % 4) + i % 2;
+    float acc = d[i];
+    for (int k = 0; k < 16; ++k) acc += A(row, k) * B(k, col);
+    out[i] = acc;
+  }
+  xo_emulated_syncwarp();
+  for (int i = 0; i < 4; ++i) d[i] = out[i];
+}
+
+}  // namespace xception_ops::kernels
+
 // kernel<<<grid, block>>>(args...), emulated.
 template <typename Kernel, typename... Args>
 void emulate_launch(Kernel kernel, dim3 grid, dim3 block, const Args&... args) {
@@ -65,12 +123,17 @@ void emulate_launch(Kernel kernel, dim3 grid, dim3 block, const Args&... args) {
       for (unsigned int bx = 0; bx < grid.x; ++bx) {
         std::barrier<> barrier(threads);
         xo_emulated_block_barrier = &barrier;
+        std::vector<std::unique_ptr<std::barrier<>>> warps;
+        for (unsigned int w = 0; w * 32 < threads; ++w) {
+          warps.push_back(std::make_unique<std::barrier<>>(std::min(32u, threads - 32 * w)));
+        }
         std::vector<std::thread> pool;
         pool.reserve(threads);
         for (unsigned int t = 0; t < threads; ++t) {
           pool.emplace_back([&, t] {
             threadIdx = uint3{t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
             blockIdx = uint3{bx, by, bz};
+            xo_emulated_warp_barrier = warps[t / 32].get();
             kernel(args...);
           });
         }
