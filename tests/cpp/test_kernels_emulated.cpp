@@ -244,6 +244,15 @@ TEST_CASE(fp32_channels_beyond_shared_memory_take_the_chunked_path) {
   check_case<float, PointwiseMath::Ffma>(kOdd, false, false, limit, 132, 1e-5, "fp32 chunked, odd");
 }
 
+TEST_CASE(statistics_over_more_than_64_tiles_reduce_in_two_levels) {
+  // 3 images of 40 x 40 outputs: 75 square tiles (8 x 8), and 150 flattened ones for a 5x3 kernel.
+  const Case square{3, 6, 40, 40, 1, 9, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, false, true, 0, false, false, false, true};
+  const Case flat{3, 6, 40, 40, 1, 9, 5, 3, 1, 1, 2, 2, 1, 1, 1, 1, false, false, 0, true, false, false, true};
+  EXPECT(separable_pixel_tiles(geometry(square)) == 75 && separable_pixel_tiles(geometry(flat)) == 75);
+  check_case<float, PointwiseMath::Ffma>(square, true, true, kBigSmem, 132, 1e-5, "stats, square tiles");
+  check_case<float, PointwiseMath::Ffma>(flat, false, false, kBigSmem, 132, 1e-5, "stats, flattened tiles");
+}
+
 TEST_CASE(one_group_per_pixel_tile_and_many) {
   check_case<float, PointwiseMath::Ffma>(kWide, true, true, kBigSmem, 1, 1e-5, "fp32, 1 group");
   check_case<float, PointwiseMath::Ffma>(kWide, true, true, kBigSmem, 1000, 1e-5, "fp32, a group per tile");
