@@ -49,14 +49,15 @@ def test_model_trains_in_bf16_channels_last():
     assert losses[-1] < losses[0]
 
 
-@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("backend", ["auto", "torch", "cuda"])
 def test_parity_on_gpu(backend):
     report = run_parity(backend=backend, device="cuda", batch=2, image_size=71, mode="train")
     assert report.passed, report.format()
 
 
-def test_cuda_graph_capture_of_a_fused_module():
-    module = SeparableConvBN(32, 48, 3, pre_relu=True, post_relu=True).cuda().eval()
+@pytest.mark.parametrize("backend,training", [("auto", False), ("cuda", False), ("cuda", True)])
+def test_cuda_graph_capture_of_a_fused_module(backend, training):
+    module = SeparableConvBN(32, 48, 3, pre_relu=True, post_relu=True, backend=backend).cuda().train(training)
     x = torch.randn(4, 32, 19, 19, device="cuda")
     reference = module(x)
     static_x = x.clone()
@@ -116,3 +117,26 @@ def test_auto_follows_the_measured_table(tmp_path, monkeypatch):
                 assert auto_choice(op, x, 128).backend == "torch"
     finally:
         autotable.clear_cache()
+
+
+@pytest.mark.parametrize("backend", ["cuda", "torch"])
+def test_torch_compile_fullgraph_on_gpu(backend):
+    """The model on the fused ops compiles into one graph (training with its backward, and inference) and
+    matches eager; with backend="cuda" that is the fused CUDA forward and the BatchNorm finalize kernel."""
+    import copy
+    model = xception(num_classes=10, backend=backend).cuda()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 71, 71, device="cuda")
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        for training in (True, False):
+            model.train(training)
+            eager = copy.deepcopy(model)
+            out = compiled(x)
+            assert relative_error(out, eager(x)) <= 1e-4
+            if training:
+                out.sum().backward()
+                assert model.conv3.pointwise.weight.grad is not None
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
