@@ -264,3 +264,21 @@ def test_autograd_through_the_cuda_forward():
         torch.backends.cudnn.allow_tf32 = saved
     for u, v in zip(grads["torch"], grads["cuda"]):
         assert rel_err(v, u) <= 1e-5
+
+
+@pytest.mark.parametrize("env", [{"XCEPTION_OPS_SEPARABLE_GEMM": "wmma"}, {"XCEPTION_OPS_SEPARABLE_TILES": "flat"}],
+                         ids=["wmma-gemm", "flat-tiles"])
+def test_implementations_kept_for_comparison(env):
+    """The alternatives selected by environment variables (read when the library loads, hence a fresh process)
+    pass the low-precision checks of one shape and the Xception shapes."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).relative_to(root)),
+           "-k", "(low_precision and 40x70) or xception_shapes"]
+    done = subprocess.run(cmd, cwd=root, env={**os.environ, **env}, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout

@@ -4,7 +4,8 @@
 #   tools/profile_separable.sh [OUT_DIR]     (default: $OUT, else ./profile)
 # 1. builds for the visible GPU (tools/gpu_check.sh's build and install steps);
 # 2. times shapes that isolate the phases (bf16 NHWC inference, batch 32): 8 output channels (the depthwise
-#    stage dominates), 8 input channels (the epilogue dominates), and full layers (the GEMM);
+#    stage dominates), 8 input channels (the epilogue dominates), and full layers (the GEMM), for the default
+#    kernel and the alternatives kept for comparison (wmma GEMM, flat pixel tiles);
 # 3. with Nsight Compute (ncu) installed: speed of light, occupancy, warp stall reasons and instruction mix of
 #    the kernel on three layers;
 # 4. with cuobjdump installed: each kernel's instruction count and mix (code size, local memory).
@@ -18,10 +19,14 @@ log="$out/profile.log"
 STEPS="build install" bash tools/gpu_check.sh "$out" > /dev/null 2>&1
 mv "$out/gpu_check.log" "$out/build.log"
 
-echo "=== phase-isolating shapes" > "$log"
-"$PY" -m xception_ops.cli bench --backends cuda --ops separable --dtypes bfloat16 --layouts NHWC \
-  --passes inference --no-models --warmup 3 --reps 10 \
-  --shapes 64,8,147 64,128,147 64,512,147 8,128,147 728,8,19 728,728,19 8,728,19 1536,2048,10 >> "$log" 2>&1
+# The same shapes for each implementation kept for comparison (csrc/cuda/separable_backend.cpp).
+for variant in default XCEPTION_OPS_SEPARABLE_GEMM=wmma XCEPTION_OPS_SEPARABLE_TILES=flat; do
+  echo "=== phase-isolating shapes, $variant" >> "$log"
+  env $([ "$variant" = default ] || echo "$variant") "$PY" -m xception_ops.cli bench --backends cuda --ops separable \
+    --dtypes bfloat16 --layouts NHWC --passes inference --no-models --warmup 3 --reps 10 \
+    --shapes 64,8,147 64,128,147 64,512,147 8,128,147 728,8,19 728,728,19 8,728,19 1536,2048,10 2>&1 \
+    | grep -E "xo:cuda|eager" >> "$log"
+done
 
 cat > "$out/one_layer.py" <<'PY'
 # Runs the fused forward once per shape (after one warm-up), for a profiler to capture.

@@ -9,6 +9,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <cstdlib>
+#include <cstring>
+
 #include "cuda/backend_common.h"
 #include "cuda_backend.h"
 #include "kernels/separable_params.h"
@@ -17,6 +20,16 @@ namespace xception_ops::cuda {
 namespace {
 
 constexpr const char* kForward = "xception_ops.separable_conv2d";
+
+// Implementation choices for comparing kernel versions on one build (benchmarks/RESULTS.md), read once:
+// XCEPTION_OPS_SEPARABLE_GEMM=wmma runs the fp16 / bf16 GEMM through wmma instead of ldmatrix + mma.sync;
+// XCEPTION_OPS_SEPARABLE_TILES=flat keeps 64-consecutive-pixel tiles where square tiles would be used.
+bool env_is(const char* name, const char* value) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::strcmp(v, value) == 0;
+}
+const bool kWmma16 = env_is("XCEPTION_OPS_SEPARABLE_GEMM", "wmma");
+const bool kFlatTiles = env_is("XCEPTION_OPS_SEPARABLE_TILES", "flat");
 
 // Per-channel vectors go to the kernels as contiguous float32.
 const float* channel_vector(const OptTensor& v, Tensor& keep) {
@@ -64,7 +77,7 @@ std::tuple<Tensor, Tensor, Tensor> separable_conv2d(const Tensor& x, const Tenso
   DeviceCaps caps;
   check_launch(kForward, current_device_caps(&caps));
   // PyTorch's own convolutions follow the cuDNN TF32 flag (torch.backends.cudnn.allow_tf32): so do we.
-  const PointwiseMath math = separable_math(dtype, caps.major, at::globalContext().allowTF32CuDNN());
+  const PointwiseMath math = separable_math(dtype, caps.major, at::globalContext().allowTF32CuDNN(), kWmma16);
   const int dtype_bytes = static_cast<int>(x.element_size());
 
   SeparableParams p;
@@ -86,16 +99,17 @@ std::tuple<Tensor, Tensor, Tensor> separable_conv2d(const Tensor& x, const Tenso
   // A tensor whose channels are fastest in memory is read / written channel-fastest across threads.
   p.x_channels_last = x.size(1) > 1 && x.stride(1) == 1;
   p.out_channels_last = fmt == at::MemoryFormat::ChannelsLast;
+  p.square_tiles = separable_spatial_tiles(g) && !kFlatTiles;
   XO_CHECK(separable_plan(p, math, dtype_bytes, caps.smem_optin), kForward, ": this GPU's shared memory (",
               caps.smem_optin, " bytes per block) is too small for the fused kernel");
   XO_CHECK_VALUE(g.dw_channels() < (int64_t{1} << 31), kForward, ": more than 2^31 - 1 depthwise channels");
 
   Tensor workspace;
   if (opt.compute_stats) {
-    workspace = at::empty({static_cast<int64_t>(separable_stats_workspace_bytes(g) / sizeof(float))}, stats_options);
+    workspace = at::empty({static_cast<int64_t>(separable_stats_workspace_bytes(p) / sizeof(float))}, stats_options);
     p.stats_partial = workspace.data_ptr<float>();
   }
-  const int groups = separable_channel_groups(g, caps.sms);
+  const int groups = separable_channel_groups(p, caps.sms);
   check_launch(kForward, launch_separable_forward(p, dtype, math, groups,
                                                   opt.compute_stats ? sum.data_ptr<float>() : nullptr,
                                                   opt.compute_stats ? sumsq.data_ptr<float>() : nullptr,

@@ -18,14 +18,15 @@ using kernels::separable_stats_reduce_kernel;
 
 template <typename T, PointwiseMath kMath, int KH, int KW>
 cudaError_t launch_forward_kernel(const SeparableParams& p, int groups, cudaStream_t stream) {
-  const SeparableSmem smem = separable_smem(p.g, p.a_pitch, kMath, static_cast<int>(sizeof(T)));
+  const SeparableSmem smem = separable_smem(p, p.a_pitch, kMath, static_cast<int>(sizeof(T)));
   auto* kernel = &separable_forward_kernel<T, kMath, KH, KW>;
   if (smem.total > 48 * 1024) {  // above the default limit, a kernel must opt in
     const cudaError_t err =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem.total));
     if (err != cudaSuccess) return err;
   }
-  const dim3 grid(static_cast<unsigned int>(separable_pixel_tiles(p.g)), static_cast<unsigned int>(groups));
+  const dim3 grid(static_cast<unsigned int>(separable_pixel_tiles(p.g, p.square_tiles)),
+                  static_cast<unsigned int>(groups));
   kernel<<<grid, kSepThreads, smem.total, stream>>>(p);
   return cudaGetLastError();
 }
@@ -36,12 +37,19 @@ cudaError_t forward_for_math(const SeparableParams& p, int groups, cudaStream_t 
   return launch_forward_kernel<T, kMath, 0, 0>(p, groups, stream);
 }
 
-// The GEMM modes each dtype is built with: FFMA always; tensor cores for fp16 / bf16, TF32 for float32.
+// The GEMM modes each dtype is built with: FFMA always; for fp16 / bf16 tensor cores through mma.sync and
+// through wmma; TF32 for float32.
 template <typename T>
 cudaError_t forward_typed(const SeparableParams& p, PointwiseMath math, int groups, cudaStream_t stream) {
-  constexpr PointwiseMath kFast = sizeof(T) == 4 ? PointwiseMath::Tf32 : PointwiseMath::TensorCore;
   if (math == PointwiseMath::Ffma) return forward_for_math<T, PointwiseMath::Ffma>(p, groups, stream);
-  if (math == kFast) return forward_for_math<T, kFast>(p, groups, stream);
+  if constexpr (sizeof(T) == 4) {
+    if (math == PointwiseMath::Tf32) return forward_for_math<T, PointwiseMath::Tf32>(p, groups, stream);
+  } else {
+    if (math == PointwiseMath::TensorCore) return forward_for_math<T, PointwiseMath::TensorCore>(p, groups, stream);
+    if (math == PointwiseMath::TensorCoreWmma) {
+      return forward_for_math<T, PointwiseMath::TensorCoreWmma>(p, groups, stream);
+    }
+  }
   return cudaErrorInvalidValue;
 }
 
@@ -49,7 +57,7 @@ cudaError_t forward_typed(const SeparableParams& p, PointwiseMath math, int grou
 // sum and sumsq. Levels alternate between the partials and the scratch rows after them.
 cudaError_t reduce_stats(const SeparableParams& p, float* sum, float* sumsq, cudaStream_t stream) {
   const int64_t cols = 2 * p.g.out_channels;
-  int64_t rows = separable_pixel_tiles(p.g);
+  int64_t rows = separable_pixel_tiles(p.g, p.square_tiles);
   float* buffers[2] = {p.stats_partial, p.stats_partial + rows * cols};
   int level = 0;
   while (true) {
@@ -72,7 +80,7 @@ cudaError_t reduce_stats(const SeparableParams& p, float* sum, float* sumsq, cud
 cudaError_t launch_separable_forward(const SeparableParams& p, DType dtype, PointwiseMath math, int channel_groups,
                                      float* sum, float* sumsq, cudaStream_t stream) {
   const Conv2dGeometry& g = p.g;
-  const int64_t tiles = separable_pixel_tiles(g);
+  const int64_t tiles = separable_pixel_tiles(g, p.square_tiles);
   if (tiles == 0 || g.out_channels == 0) {  // nothing to write but empty sums
     if (sum != nullptr && sumsq != nullptr && g.out_channels > 0) {
       cudaError_t err = cudaMemsetAsync(sum, 0, g.out_channels * sizeof(float), stream);

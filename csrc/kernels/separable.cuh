@@ -493,7 +493,7 @@ __device__ __forceinline__ void depthwise_tile_mapped(const SeparableParams& p, 
   }
 }
 
-// Square tiles (separable_spatial_tiles: 3x3, stride 1 or 2, no dilation). For each 32 channels: the tile's
+// Square tiles (p.square_tiles, allowed by separable_spatial_tiles: 3x3, stride 1 or 2, no dilation). For each 32 channels: the tile's
 // input window goes to shared memory (prologue applied, zeros outside the image), then thread (channel
 // tid % 32, tile row tid / 32) computes its 8 pixels from one window row at a time held in registers: per output
 // about 4 shared-memory loads and 9 FMAs, against 9 global loads with their index math on the direct path.
@@ -587,7 +587,7 @@ __device__ __forceinline__ void depthwise_tile(const SeparableParams& p, const P
                                                int32_t k0, int cols, unsigned char* window) {
   const bool prologue = p.in_scale != nullptr || p.in_shift != nullptr || p.in_relu;
   if constexpr (KH == 3 && KW == 3) {
-    if (separable_spatial_tiles(p.g)) {
+    if (p.square_tiles) {
       T* w = reinterpret_cast<T*>(window);
       if (p.g.stride_h == 1) {
         depthwise_tile_square_dispatch<T, S, 1>(p, a, lda, k0, cols, w, prologue);
@@ -682,10 +682,11 @@ __device__ __forceinline__ void epilogue_tile(const SeparableParams& p, const Pi
 // (the launcher never asks them for tensor cores). KH, KW: kernel size known at compile time, 0 = run time.
 template <typename T, PointwiseMath kMath, int KH, int KW>
 __global__ void __launch_bounds__(kSepThreads, 2) separable_forward_kernel(const SeparableParams p) {
-  using S = typename std::conditional<kMath == PointwiseMath::TensorCore, T, float>::type;  // tile element
+  constexpr bool k16 = separable_16bit_tensor_cores(kMath);
+  using S = typename std::conditional<k16, T, float>::type;  // tile element
   XO_EXTERN_SHARED __align__(128) unsigned char smem[];
   const Conv2dGeometry& g = p.g;
-  const SeparableSmem layout = separable_smem(g, p.a_pitch, kMath, static_cast<int>(sizeof(T)));
+  const SeparableSmem layout = separable_smem(p, p.a_pitch, kMath, static_cast<int>(sizeof(T)));
   PixelInfo px;
   px.x_base = reinterpret_cast<int64_t*>(smem);
   px.out_base = px.x_base + kSepTileP;
@@ -702,7 +703,7 @@ __global__ void __launch_bounds__(kSepThreads, 2) separable_forward_kernel(const
   if (threadIdx.x < kSepTileP) {
     int64_t n, oh, ow;
     bool inside;
-    if (separable_spatial_tiles(g)) {  // an 8 x 8 square of one image
+    if (p.square_tiles) {  // an 8 x 8 square of one image
       const int64_t tiles_w = (g.out_w + kSepSquare - 1) / kSepSquare;
       const int64_t tiles_h = (g.out_h + kSepSquare - 1) / kSepSquare;
       oh = (tile / tiles_w) % tiles_h * kSepSquare + threadIdx.x / kSepSquare;
@@ -737,11 +738,11 @@ __global__ void __launch_bounds__(kSepThreads, 2) separable_forward_kernel(const
   const T* w = static_cast<const T*>(p.pw_weight);
   const bool resident = p.k_chunk >= K;
 
-#if defined(XO_SEPARABLE_WMMA)  // a device of sm_80+: 16-bit operands through mma.sync, TF32 through wmma
+#if defined(XO_SEPARABLE_WMMA)  // a device of sm_80+: 16-bit operands through mma.sync (or wmma), TF32 through wmma
   using TensorGemm = typename std::conditional<kMath == PointwiseMath::TensorCore, MmaGemm<T>, WmmaGemm<T>>::type;
   using Gemm = typename std::conditional<kMath == PointwiseMath::Ffma, FfmaGemm, TensorGemm>::type;
   using BType = typename std::conditional<kMath == PointwiseMath::Ffma, float, T>::type;
-#elif defined(XO_SEPARABLE_MMA)  // the CPU emulation: mma.sync emulated, TF32 on the FFMA path
+#elif defined(XO_SEPARABLE_MMA)  // the CPU emulation: mma.sync emulated, wmma and TF32 on the FFMA path
   using Gemm = typename std::conditional<kMath == PointwiseMath::TensorCore, MmaGemm<T>, FfmaGemm>::type;
   using BType = typename std::conditional<kMath == PointwiseMath::TensorCore, T, float>::type;
 #else

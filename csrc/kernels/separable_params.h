@@ -18,10 +18,14 @@ namespace xception_ops {
 // How the pointwise GEMM runs. The launcher picks it from the dtype, the GPU's compute capability and
 // PyTorch's TF32 flag; every mode has the same semantics and the same float32 accumulation.
 enum class PointwiseMath : int32_t {
-  Ffma = 0,        // CUDA cores, float32 multiply-add: any dtype, any GPU
-  TensorCore = 1,  // fp16 / bf16 operands on tensor cores (sm_80 and newer)
-  Tf32 = 2,        // float32 operands rounded to TF32 on tensor cores (sm_80+, when PyTorch allows TF32)
+  Ffma = 0,            // CUDA cores, float32 multiply-add: any dtype, any GPU
+  TensorCore = 1,      // fp16 / bf16 operands on tensor cores through ldmatrix + mma.sync (sm_80 and newer)
+  Tf32 = 2,            // float32 operands rounded to TF32 on tensor cores, through wmma (sm_80+, PyTorch allowing)
+  TensorCoreWmma = 3,  // fp16 / bf16 through wmma: the previous implementation, kept for comparison
 };
+XO_HOST_DEVICE constexpr bool separable_16bit_tensor_cores(PointwiseMath m) {
+  return m == PointwiseMath::TensorCore || m == PointwiseMath::TensorCoreWmma;
+}
 
 // The fused forward: out = act(relu?(y * out_scale + out_shift + residual)), y = pw(mid(dw(prologue(x)))).
 //   prologue(x) = relu?(x * in_scale + in_shift), per input channel; padding reads as 0 after the prologue.
@@ -52,6 +56,9 @@ struct SeparableParams {
   // depthwise tile is computed once per block; otherwise once per (block, output-channel tile).
   int32_t k_chunk = 0;
   int32_t a_pitch = 0;
+  // Square 8 x 8 pixel tiles with a staged input window (only where separable_spatial_tiles() allows them);
+  // otherwise 64 consecutive pixels.
+  bool square_tiles = false;
 };
 
 // ---- the launch plan (host side, pure arithmetic) ----
@@ -69,8 +76,8 @@ XO_HOST_DEVICE inline bool separable_spatial_tiles(const Conv2dGeometry& g) {
   return g.kernel_h == 3 && g.kernel_w == 3 && g.dilation_h == 1 && g.dilation_w == 1 && g.stride_h == g.stride_w &&
          (g.stride_h == 1 || g.stride_h == 2);
 }
-XO_HOST_DEVICE inline int64_t separable_pixel_tiles(const Conv2dGeometry& g) {
-  if (separable_spatial_tiles(g)) {
+XO_HOST_DEVICE inline int64_t separable_pixel_tiles(const Conv2dGeometry& g, bool square_tiles) {
+  if (square_tiles) {
     return g.batch * ((g.out_h + kSepSquare - 1) / kSepSquare) * ((g.out_w + kSepSquare - 1) / kSepSquare);
   }
   return (g.batch * g.out_h * g.out_w + kSepTileP - 1) / kSepTileP;
@@ -89,7 +96,7 @@ XO_HOST_DEVICE inline size_t align128(size_t v) { return (v + 127) / 128 * 128; 
 // Bytes of one element of the on-chip depthwise tile: the dtype's own size on the 16-bit tensor-core path
 // (the depthwise result is rounded to the dtype, as PyTorch's unfused layers do), float32 otherwise.
 XO_HOST_DEVICE inline int separable_tile_elem_bytes(PointwiseMath math, int dtype_bytes) {
-  return math == PointwiseMath::TensorCore ? dtype_bytes : 4;
+  return separable_16bit_tensor_cores(math) ? dtype_bytes : 4;
 }
 
 // Weight-tile and accumulator-tile pitches (elements). Fragment loads need multiples of 8 (16-bit) or 4
@@ -110,19 +117,20 @@ struct SeparableSmem {
   size_t total;
 };
 
-XO_HOST_DEVICE inline SeparableSmem separable_smem(const Conv2dGeometry& g, int64_t a_pitch, PointwiseMath math,
+XO_HOST_DEVICE inline SeparableSmem separable_smem(const SeparableParams& p, int64_t a_pitch, PointwiseMath math,
                                                    int dtype_bytes) {
+  const Conv2dGeometry& g = p.g;
   const int eb = separable_tile_elem_bytes(math, dtype_bytes);
   SeparableSmem s;
   s.pixel_info = align128(static_cast<size_t>(kSepTileP) * (3 * sizeof(int64_t) + 2 * sizeof(int32_t)));
   s.a_tile = align128(static_cast<size_t>(kSepTileP) * static_cast<size_t>(a_pitch) * eb);
   size_t buffer = static_cast<size_t>(kSepKStep) * kSepBPitchKN * sizeof(float);  // FFMA [k][n]
-  const size_t nk = math == PointwiseMath::TensorCore
+  const size_t nk = separable_16bit_tensor_cores(math)
                         ? static_cast<size_t>(kSepTileN) * kSepBPitch16 * dtype_bytes
                         : static_cast<size_t>(kSepTileN) * kSepBPitch32 * sizeof(float);
   if (nk > buffer) buffer = nk;
   size_t c = static_cast<size_t>(kSepTileP) * kSepCPitch * sizeof(float);
-  if (separable_spatial_tiles(g)) {  // the staged input window, in the dtype, during the depthwise stage only
+  if (p.square_tiles) {  // the staged input window, in the dtype, during the depthwise stage only
     const size_t side = static_cast<size_t>(separable_halo_side(g));
     const size_t halo = side * side * kSepHaloChannels * static_cast<size_t>(dtype_bytes);
     if (halo > c) c = halo;
@@ -140,14 +148,14 @@ inline bool separable_plan(SeparableParams& p, PointwiseMath math, int dtype_byt
   const int pad = eb == 2 ? 8 : 4;
   const int64_t all = round_up(p.g.dw_channels(), kSepKStep);
   for (int64_t pitch : {all + pad, all}) {
-    if (separable_smem(p.g, pitch, math, dtype_bytes).total <= smem_limit) {
+    if (separable_smem(p, pitch, math, dtype_bytes).total <= smem_limit) {
       p.k_chunk = static_cast<int32_t>(all);
       p.a_pitch = static_cast<int32_t>(pitch);
       return true;
     }
   }
   for (int64_t k = all - kSepKStep; k >= kSepKStep; k -= kSepKStep) {
-    if (separable_smem(p.g, k + pad, math, dtype_bytes).total <= smem_limit) {
+    if (separable_smem(p, k + pad, math, dtype_bytes).total <= smem_limit) {
       p.k_chunk = static_cast<int32_t>(k);
       p.a_pitch = static_cast<int32_t>(k + pad);
       return true;
@@ -159,8 +167,9 @@ inline bool separable_plan(SeparableParams& p, PointwiseMath math, int dtype_byt
 // How many blocks share one pixel tile, each taking every n_groups-th output-channel tile: enough blocks for
 // two waves on `sms` multiprocessors when there are few pixel tiles (the 10x10 layers have 50 at batch 32).
 // Each extra group recomputes the depthwise tile once more.
-inline int separable_channel_groups(const Conv2dGeometry& g, int sms) {
-  const int64_t tiles = separable_pixel_tiles(g), n_tiles = separable_channel_tiles(g);
+inline int separable_channel_groups(const SeparableParams& p, int sms) {
+  const Conv2dGeometry& g = p.g;
+  const int64_t tiles = separable_pixel_tiles(g, p.square_tiles), n_tiles = separable_channel_tiles(g);
   if (tiles <= 0) return 1;
   int64_t groups = (2 * static_cast<int64_t>(sms) + tiles - 1) / tiles;
   if (groups > n_tiles) groups = n_tiles;
@@ -170,15 +179,16 @@ inline int separable_channel_groups(const Conv2dGeometry& g, int sms) {
 
 // The GEMM mode for a dtype on a GPU of compute capability `cc_major`.x: tensor cores from sm_80 (fp16 / bf16
 // always, float32 as TF32 only when PyTorch allows TF32 for convolutions), FFMA elsewhere.
-inline PointwiseMath separable_math(DType dtype, int cc_major, bool allow_tf32) {
+inline PointwiseMath separable_math(DType dtype, int cc_major, bool allow_tf32, bool wmma_16bit = false) {
   if (cc_major < 8) return PointwiseMath::Ffma;
   if (dtype == DType::Float32) return allow_tf32 ? PointwiseMath::Tf32 : PointwiseMath::Ffma;
-  return PointwiseMath::TensorCore;
+  return wmma_16bit ? PointwiseMath::TensorCoreWmma : PointwiseMath::TensorCore;
 }
 
 // Bytes of the statistics workspace: the per-tile partials plus the scratch of the fixed-order reduction.
-inline size_t separable_stats_workspace_bytes(const Conv2dGeometry& g) {
-  const int64_t tiles = separable_pixel_tiles(g);
+inline size_t separable_stats_workspace_bytes(const SeparableParams& p) {
+  const Conv2dGeometry& g = p.g;
+  const int64_t tiles = separable_pixel_tiles(g, p.square_tiles);
   const int64_t cols = 2 * g.out_channels;
   return static_cast<size_t>(tiles + (tiles + 63) / 64) * static_cast<size_t>(cols) * sizeof(float);
 }
@@ -186,7 +196,7 @@ inline size_t separable_stats_workspace_bytes(const Conv2dGeometry& g) {
 // ---- launchers (cuda/separable_launch.cu) ----
 // Fused forward. `p.k_chunk` / `p.a_pitch` must come from separable_plan() with the same math and the device's
 // opt-in shared-memory limit; `channel_groups` from separable_channel_groups(). With p.stats_partial set, `sum` and `sumsq` (float32, out_channels each) receive
-// the reduced statistics; the workspace behind p.stats_partial must hold separable_stats_workspace_bytes(g).
+// the reduced statistics; the workspace behind p.stats_partial must hold separable_stats_workspace_bytes(p).
 // Returns cudaGetLastError() after its launches.
 cudaError_t launch_separable_forward(const SeparableParams& p, DType dtype, PointwiseMath math, int channel_groups,
                                      float* sum, float* sumsq, cudaStream_t stream);

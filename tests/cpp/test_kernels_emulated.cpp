@@ -90,7 +90,8 @@ double relative_error(const std::vector<double>& got, const std::vector<double>&
 
 // Runs one case through the kernel and compares out, sum and sumsq with the float64 loop.
 template <typename T, PointwiseMath kMath>
-void check_case(const Case& k, bool x_cl, bool out_cl, size_t smem_limit, int sms, double tol, const char* what) {
+void check_case(const Case& k, bool x_cl, bool out_cl, size_t smem_limit, int sms, double tol, const char* what,
+                bool allow_square = true) {
   std::mt19937 rng(static_cast<unsigned>(k.c * 131 + k.cout * 7 + k.h));
   std::normal_distribution<float> normal(0.f, 1.f);
   std::uniform_real_distribution<float> uniform(0.5f, 1.5f);
@@ -130,14 +131,15 @@ void check_case(const Case& k, bool x_cl, bool out_cl, size_t smem_limit, int sm
   p.out_relu = k.out_relu;
   p.x_channels_last = x_cl;
   p.out_channels_last = out_cl;
+  p.square_tiles = allow_square && separable_spatial_tiles(g);
   EXPECT(separable_plan(p, kMath, static_cast<int>(sizeof(T)), smem_limit));
-  EXPECT(separable_smem(g, p.a_pitch, kMath, static_cast<int>(sizeof(T))).total <= sizeof(kernels::smem));
-  const int64_t tiles = separable_pixel_tiles(g);
-  std::vector<float> workspace(separable_stats_workspace_bytes(g) / sizeof(float), std::nanf(""));
+  EXPECT(separable_smem(p, p.a_pitch, kMath, static_cast<int>(sizeof(T))).total <= sizeof(kernels::smem));
+  const int64_t tiles = separable_pixel_tiles(g, p.square_tiles);
+  std::vector<float> workspace(separable_stats_workspace_bytes(p) / sizeof(float), std::nanf(""));
   std::vector<float> sum(k.cout, std::nanf("")), sumsq(k.cout, std::nanf(""));
   if (k.stats) p.stats_partial = workspace.data();
 
-  const int groups = separable_channel_groups(g, sms);
+  const int groups = separable_channel_groups(p, sms);
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(groups));
   if (g.kernel_h == 3 && g.kernel_w == 3) {
     emulate_launch(kernels::separable_forward_kernel<T, kMath, 3, 3>, grid, dim3(kSepThreads), p);
@@ -235,10 +237,10 @@ TEST_CASE(fp32_every_option_both_layouts) {
 
 TEST_CASE(fp32_channels_beyond_shared_memory_take_the_chunked_path) {
   // 96 depthwise channels, but room for 32 at a time: the tile is recomputed per output tile.
-  Conv2dGeometry g = geometry(kWide);
-  const size_t limit = separable_smem(g, 32 + 4, PointwiseMath::Ffma, 4).total;
   SeparableParams plan;
-  plan.g = g;
+  plan.g = geometry(kWide);
+  plan.square_tiles = true;
+  const size_t limit = separable_smem(plan, 32 + 4, PointwiseMath::Ffma, 4).total;
   EXPECT(separable_plan(plan, PointwiseMath::Ffma, 4, limit) && plan.k_chunk == 32);
   check_case<float, PointwiseMath::Ffma>(kWide, true, true, limit, 132, 1e-5, "fp32 chunked");
   check_case<float, PointwiseMath::Ffma>(kOdd, false, false, limit, 132, 1e-5, "fp32 chunked, odd");
@@ -248,9 +250,18 @@ TEST_CASE(statistics_over_more_than_64_tiles_reduce_in_two_levels) {
   // 3 images of 40 x 40 outputs: 75 square tiles (8 x 8), and 150 flattened ones for a 5x3 kernel.
   const Case square{3, 6, 40, 40, 1, 9, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, false, true, 0, false, false, false, true};
   const Case flat{3, 6, 40, 40, 1, 9, 5, 3, 1, 1, 2, 2, 1, 1, 1, 1, false, false, 0, true, false, false, true};
-  EXPECT(separable_pixel_tiles(geometry(square)) == 75 && separable_pixel_tiles(geometry(flat)) == 75);
+  EXPECT(separable_pixel_tiles(geometry(square), true) == 75 && separable_pixel_tiles(geometry(flat), false) == 75);
   check_case<float, PointwiseMath::Ffma>(square, true, true, kBigSmem, 132, 1e-5, "stats, square tiles");
   check_case<float, PointwiseMath::Ffma>(flat, false, false, kBigSmem, 132, 1e-5, "stats, flattened tiles");
+}
+
+TEST_CASE(three_by_three_kernels_on_flat_tiles_too) {
+  // XCEPTION_OPS_SEPARABLE_TILES=flat: the direct depthwise path where square tiles would be used.
+  for (const Case* c : {&kTrain, &kInfer, &kWide}) {
+    check_case<float, PointwiseMath::Ffma>(*c, true, true, kBigSmem, 132, 1e-5, "fp32 flat NHWC", false);
+    check_case<__nv_bfloat16, PointwiseMath::TensorCore>(*c, false, false, kBigSmem, 132, 3e-2, "bf16 flat NCHW",
+                                                         false);
+  }
 }
 
 TEST_CASE(one_group_per_pixel_tile_and_many) {
