@@ -57,3 +57,19 @@ def _seed_per_test(request):
     seed = (BASE_SEED + zlib.crc32(request.node.nodeid.encode())) % 2**31
     torch.manual_seed(seed)
     random.seed(seed)
+
+
+def check_compiled_matches_eager(model, x, tol):
+    """torch.compile(fullgraph=True) of `model` (aot_eager: graph capture and autograd, no code generation) runs
+    without graph breaks and matches eager, in training (with its backward) and in inference."""
+    import copy
+
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    for training in (True, False):
+        model.train(training)
+        eager = copy.deepcopy(model)  # before the compiled call updates the running statistics
+        out = compiled(x)
+        assert relative_error(out, eager(x)) <= tol
+        if training:
+            out.sum().backward()
+            assert model.conv3.pointwise.weight.grad is not None

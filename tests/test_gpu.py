@@ -9,7 +9,7 @@ from xception_ops.models import xception
 from xception_ops.nn import SeparableConvBN
 from xception_ops.parity import run_parity
 
-from .conftest import relative_error, requires_gpu
+from .conftest import check_compiled_matches_eager, relative_error, requires_gpu
 
 pytestmark = [pytest.mark.gpu, requires_gpu]
 
@@ -123,20 +123,10 @@ def test_auto_follows_the_measured_table(tmp_path, monkeypatch):
 def test_torch_compile_fullgraph_on_gpu(backend):
     """The model on the fused ops compiles into one graph (training with its backward, and inference) and
     matches eager; with backend="cuda" that is the fused CUDA forward and the BatchNorm finalize kernel."""
-    import copy
-    model = xception(num_classes=10, backend=backend).cuda()
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    x = torch.randn(2, 3, 71, 71, device="cuda")
     saved = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
     try:
-        for training in (True, False):
-            model.train(training)
-            eager = copy.deepcopy(model)
-            out = compiled(x)
-            assert relative_error(out, eager(x)) <= 1e-4
-            if training:
-                out.sum().backward()
-                assert model.conv3.pointwise.weight.grad is not None
+        check_compiled_matches_eager(xception(num_classes=10, backend=backend).cuda(),
+                                     torch.randn(2, 3, 71, 71, device="cuda"), 1e-4)
     finally:
         torch.backends.cudnn.allow_tf32 = saved

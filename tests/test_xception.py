@@ -10,7 +10,7 @@ from xception_ops.models import MaxPool2dSame, from_timm, timm_key_map, xception
 from xception_ops.nn import SeparableConvBN
 from xception_ops.parity import randomize_batch_norm
 
-from .conftest import relative_error
+from .conftest import check_compiled_matches_eager, relative_error
 
 timm = pytest.importorskip("timm")
 
@@ -168,14 +168,4 @@ def test_channels_last_and_zero_batch(backend):
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torch", "auto"])
 def test_torch_compile_fullgraph_has_no_graph_breaks(backend):
-    model = xception(num_classes=10, backend=backend)
-    x = torch.randn(2, 3, 71, 71)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    for training in (True, False):
-        model.train(training)
-        ref_model = copy.deepcopy(model)
-        out = compiled(x)
-        assert relative_error(out, ref_model(x)) <= 1e-5
-        if training:
-            out.sum().backward()
-            assert model.conv3.pointwise.weight.grad is not None
+    check_compiled_matches_eager(xception(num_classes=10, backend=backend), torch.randn(2, 3, 71, 71), 1e-5)
