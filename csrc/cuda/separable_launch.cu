@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <climits>
+#include <mutex>
 
 #include "kernels/separable.cuh"
 #include "kernels/separable_params.h"
@@ -104,15 +105,27 @@ cudaError_t launch_separable_forward(const SeparableParams& p, DType dtype, Poin
 }
 
 cudaError_t current_device_caps(DeviceCaps* caps) {
+  // The attributes never change for a device: queried once per device (the op calls this on every launch).
+  constexpr int kMaxDevices = 64;
+  static std::once_flag once[kMaxDevices];
+  static DeviceCaps cached[kMaxDevices];
+  static cudaError_t status[kMaxDevices];
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
-  int smem = 0;
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&caps->major, cudaDevAttrComputeCapabilityMajor, device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&caps->minor, cudaDevAttrComputeCapabilityMinor, device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&caps->sms, cudaDevAttrMultiProcessorCount, device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  if (err == cudaSuccess) caps->smem_optin = static_cast<size_t>(smem);
-  return err;
+  if (err != cudaSuccess) return err;
+  if (device < 0 || device >= kMaxDevices) return cudaErrorInvalidDevice;
+  std::call_once(once[device], [device] {
+    DeviceCaps& c = cached[device];
+    int smem = 0;
+    cudaError_t e = cudaDeviceGetAttribute(&c.major, cudaDevAttrComputeCapabilityMajor, device);
+    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&c.minor, cudaDevAttrComputeCapabilityMinor, device);
+    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&c.sms, cudaDevAttrMultiProcessorCount, device);
+    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    c.smem_optin = static_cast<size_t>(smem);
+    status[device] = e;
+  });
+  *caps = cached[device];
+  return status[device];
 }
 
 }  // namespace xception_ops

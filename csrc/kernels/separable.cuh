@@ -390,6 +390,14 @@ struct WmmaGemm {
 #endif  // XO_SEPARABLE_WMMA
 
 // ---- stage 1: the depthwise tile for channels [k0, k0 + cols) into shared memory ----
+
+// What the depthwise stage reads: relu?(x * scale + shift), rounded to the dtype as the reference rounds it.
+template <typename T>
+__device__ __forceinline__ float prologue_value(float v, float scale, float shift, bool relu) {
+  v = round_to<T>(fmaf(v, scale, shift));
+  return relu ? fmaxf(v, 0.f) : v;
+}
+
 // A thread keeps one channel's taps (weights, prologue scale and shift) in registers and walks its pixels. Every
 // tap is loaded unconditionally (a masked tap reads a valid element instead and contributes 0), so the loads
 // of all taps are issued before the first multiply-add: with branches around them (version 1), each tap paid
@@ -423,11 +431,7 @@ __device__ __forceinline__ void depthwise_tile_mapped(const SeparableParams& p, 
 
   // The prologue (compiled in only when there is one): relu?(x * scale + shift) rounded to the dtype.
   auto prologue = [&](float v, float scale, float shift) {
-    if constexpr (kPrologue) {
-      v = round_to<T>(fmaf(v, scale, shift));
-      const float relu = fmaxf(v, 0.f);
-      v = p.in_relu ? relu : v;
-    }
+    if constexpr (kPrologue) v = prologue_value<T>(v, scale, shift, p.in_relu);
     return v;
   };
 
@@ -528,9 +532,8 @@ __device__ __forceinline__ void depthwise_tile_square(const SeparableParams& p, 
         const int32_t ci = M == 1 ? k : k / M;
         v = Elem<T>::load(xn + ci * xs1 + ih * xs2 + iw * xs3);
         if constexpr (kPrologue) {
-          v = round_to<T>(fmaf(v, p.in_scale != nullptr ? p.in_scale[ci] : 1.f,
-                               p.in_shift != nullptr ? p.in_shift[ci] : 0.f));
-          if (p.in_relu) v = fmaxf(v, 0.f);
+          v = prologue_value<T>(v, p.in_scale != nullptr ? p.in_scale[ci] : 1.f,
+                                p.in_shift != nullptr ? p.in_shift[ci] : 0.f, p.in_relu);
         }
       }
       TileElem<T>::store(window + pos * kCh + c, v);

@@ -195,13 +195,14 @@ inline size_t separable_stats_workspace_bytes(const SeparableParams& p) {
 
 // ---- launchers (cuda/separable_launch.cu) ----
 // Fused forward. `p.k_chunk` / `p.a_pitch` must come from separable_plan() with the same math and the device's
-// opt-in shared-memory limit; `channel_groups` from separable_channel_groups(). With p.stats_partial set, `sum` and `sumsq` (float32, out_channels each) receive
-// the reduced statistics; the workspace behind p.stats_partial must hold separable_stats_workspace_bytes(p).
-// Returns cudaGetLastError() after its launches.
+// opt-in shared-memory limit; `channel_groups` from separable_channel_groups(). With p.stats_partial set, `sum`
+// and `sumsq` (float32, out_channels each) receive the reduced statistics; the workspace behind p.stats_partial
+// must hold separable_stats_workspace_bytes(p). Returns cudaGetLastError() after its launches.
 cudaError_t launch_separable_forward(const SeparableParams& p, DType dtype, PointwiseMath math, int channel_groups,
                                      float* sum, float* sumsq, cudaStream_t stream);
 
-// The current device's compute capability, multiprocessor count and opt-in shared memory per block.
+// The current device's compute capability, multiprocessor count and opt-in shared memory per block (queried
+// once per device).
 struct DeviceCaps {
   int major = 0, minor = 0, sms = 0;
   size_t smem_optin = 0;
