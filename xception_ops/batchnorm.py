@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from . import checks
+from . import _library, backend as backends, checks
 from .checks import stats_dtype
 
 
@@ -74,8 +74,6 @@ def finalize(total: torch.Tensor, total_sq: torch.Tensor, count: int, weight: to
     values: the op xception_ops.batch_norm_finalize (one kernel on the "cuda" backend), differentiable. The
     "triton" backend has no kernel for it (C-element vectors): it runs on the reference path."""
     op = "xception_ops.batch_norm_finalize"
-    from . import _library
-    from . import backend as backends
     if _library.EXTENSION is None:
         checks.check_batch_norm_finalize(op, total, total_sq, count, weight, bias, eps)
         mean = total / count
