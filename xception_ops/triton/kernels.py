@@ -61,6 +61,25 @@ def _pixels(pid_p, total, HW, W, IDX64: tl.constexpr, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
+def _program_tile(C, BLOCK: tl.constexpr):
+    """The 1-D grid's program as (pixel tile, BLOCK of the C channels), channels fastest in the program id:
+    (pixel-tile index, channel indices, channel mask, number of pixel tiles)."""
+    pid = tl.program_id(0)
+    num_c = _cdiv(C, BLOCK)
+    pid_p = pid // num_c
+    c = (pid - pid_p * num_c) * BLOCK + tl.arange(0, BLOCK)
+    return pid_p, c, c < C, tl.num_programs(0) // num_c
+
+
+@triton.jit
+def _unflatten3(index, inner, middle):
+    """index = (outer * middle + m) * inner + i as (i, m, outer)."""
+    rest = index // inner
+    outer = rest // middle
+    return index - rest * inner, rest - outer * middle, outer
+
+
+@triton.jit
 def _round(v, DTYPE: tl.constexpr):
     """v as the reference holds it in DTYPE (a no-op for float32)."""
     return v.to(DTYPE).to(tl.float32)
@@ -235,13 +254,8 @@ def dw_fwd_kernel(x_ptr, dw_ptr, bias_ptr, y_ptr,
                   KH: tl.constexpr, KW: tl.constexpr, UNROLL: tl.constexpr, HAS_BIAS: tl.constexpr,
                   IDX64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Depthwise forward: one program per BLOCK_P output pixels x BLOCK_C output channels."""
-    pid = tl.program_id(0)
-    num_c = _cdiv(C_DW, BLOCK_C)
-    pid_p = pid // num_c
-    pid_c = pid - pid_p * num_c
+    pid_p, oc, c_mask, num_p = _program_tile(C_DW, BLOCK_C)
     n, oh, ow, p_mask = _pixels(pid_p, Q, OHW, OW, IDX64, BLOCK_P)
-    oc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = oc < C_DW
     acc = _dw_tile(x_ptr, dw_ptr, x_ptr, x_ptr, n, oh, ow, p_mask, oc, c_mask,
                    H, W, M, stride_h, stride_w, pad_t, pad_l, dil_h, dil_w, sxn, sxc, sxh, sxw, swo, swh, sww,
                    KH, KW, UNROLL, False, False, False, IDX64, BLOCK_P, BLOCK_C)
@@ -265,13 +279,8 @@ def dw_dgrad_kernel(g_ptr, dw_ptr, gx_ptr, x_ptr, in_scale_ptr, in_shift_ptr, ws
     relu mask is recomputed from x, the per-channel partial sums of grad * x (for in_scale) and grad (for
     in_shift) go to rows pid_p of the workspace planes 0 and 1 ([2, num_pixel_tiles, C]), and grad_x = grad *
     in_scale is stored."""
-    pid = tl.program_id(0)
-    num_c = _cdiv(C, BLOCK_C)
-    pid_p = pid // num_c
-    pid_c = pid - pid_p * num_c
+    pid_p, c, c_mask, num_p = _program_tile(C, BLOCK_C)
     n, ih, iw, p_mask = _pixels(pid_p, Q_IN, HW, W, IDX64, BLOCK_P)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
     g_row = n * sgn
     th0 = ih + pad_t
     tw0 = iw + pad_l
@@ -302,7 +311,7 @@ def dw_dgrad_kernel(g_ptr, dw_ptr, gx_ptr, x_ptr, in_scale_ptr, in_shift_ptr, ws
                 a = _round(xv * scale[None, :] + shift[None, :], x_ptr.dtype.element_ty)
             acc = tl.where(a > 0, acc, 0.0)
         row = pid_p.to(tl.int64) * C
-        plane = (tl.num_programs(0) // num_c).to(tl.int64) * C
+        plane = num_p.to(tl.int64) * C
         if HAS_SCALE:
             tl.store(ws_ptr + row + c, _sum(tl.where(mask, acc * xv, 0.0), axis=0), mask=c_mask)
             if HAS_SHIFT:
@@ -342,13 +351,7 @@ def dw_wgrad_kernel(g_ptr, x_ptr, in_scale_ptr, in_shift_ptr, ws_ptr,
     taps). It walks its slice of TILES_PER_SLICE pixel tiles, reads each grad tile once, and keeps one float32
     partial per (tap, channel); the partials go to row `slice` of the workspace [num_slices, C_DW, T], which
     reduce_rows_kernel then sums in a fixed order. The input goes through the separable prologue on load."""
-    pid = tl.program_id(0)
-    num_c = _cdiv(C_DW, BLOCK_C)
-    num_g = _cdiv(T, TAPS)
-    pid_g = pid % num_g
-    rest = pid // num_g
-    pid_c = rest % num_c
-    s = rest // num_c
+    pid_g, pid_c, s = _unflatten3(tl.program_id(0), _cdiv(T, TAPS), _cdiv(C_DW, BLOCK_C))
     oc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = oc < C_DW
     ic = oc // M
@@ -398,13 +401,8 @@ def sep_fwd_kernel(x_ptr, dw_ptr, pw_ptr, in_scale_ptr, in_shift_ptr, out_scale_
     y = pw(act(dw(relu?(x * in_scale + in_shift)))) with the depthwise tile on chip (_sep_y_tile), then the
     epilogue out = relu?(y * out_scale + out_shift + residual). With STATS, the tile's per-channel partial sums
     of y and y^2 go to row pid_p of the workspace planes 0 and 1 ([2, num_pixel_tiles, K])."""
-    pid = tl.program_id(0)
-    num_k = _cdiv(K, BLOCK_K)
-    pid_p = pid // num_k
-    pid_k = pid - pid_p * num_k
+    pid_p, k, k_mask, num_p = _program_tile(K, BLOCK_K)
     n, oh, ow, p_mask = _pixels(pid_p, Q, OHW, OW, IDX64, BLOCK_P)
-    k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    k_mask = k < K
     acc = _sep_y_tile(x_ptr, dw_ptr, pw_ptr, in_scale_ptr, in_shift_ptr, n, oh, ow, p_mask, k, k_mask,
                       C_DW, H, W, M, stride_h, stride_w, pad_t, pad_l, dil_h, dil_w,
                       sxn, sxc, sxh, sxw, swo, swh, sww, spk, spc,
@@ -414,7 +412,7 @@ def sep_fwd_kernel(x_ptr, dw_ptr, pw_ptr, in_scale_ptr, in_shift_ptr, out_scale_
     y = tl.where(mask, _round(acc, x_ptr.dtype.element_ty), 0.0)
     if STATS:
         row = pid_p.to(tl.int64) * K
-        plane = (tl.num_programs(0) // num_k).to(tl.int64) * K
+        plane = num_p.to(tl.int64) * K
         tl.store(ws_ptr + row + k, _sum(y, axis=0), mask=k_mask)
         tl.store(ws_ptr + plane + row + k, _sum(y * y, axis=0), mask=k_mask)
     z = y
@@ -448,13 +446,8 @@ def sep_bwd_epilogue_kernel(go_ptr, out_ptr, out_scale_ptr, gsum_ptr, gsumsq_ptr
     given): recomputes y when needed (NEED_Y), writes the per-tile partial sums of grad_z * y (plane 0, for
     out_scale) and grad_z (plane 1, for out_shift) to the workspace [2, num_pixel_tiles, K], and with WRITE_GY
     materializes grad_y = grad_z * out_scale + grad_sum + 2 * y * grad_sumsq in x's dtype."""
-    pid = tl.program_id(0)
-    num_k = _cdiv(K, BLOCK_K)
-    pid_p = pid // num_k
-    pid_k = pid - pid_p * num_k
+    pid_p, k, k_mask, num_p = _program_tile(K, BLOCK_K)
     n, oh, ow, p_mask = _pixels(pid_p, Q, OHW, OW, IDX64, BLOCK_P)
-    k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    k_mask = k < K
     mask = p_mask[:, None] & k_mask[None, :]
     gz = _grad_y_tile(go_ptr, out_ptr, out_scale_ptr, gsum_ptr, n, oh, ow, p_mask, k, k_mask,
                       sgn, sgk, sgh, sgw, son, sok, soh, sow, OUT_RELU, False, False, IDX64)
@@ -466,7 +459,7 @@ def sep_bwd_epilogue_kernel(go_ptr, out_ptr, out_scale_ptr, gsum_ptr, gsumsq_ptr
                           BLOCK_P, BLOCK_C, BLOCK_K)
         y = tl.where(mask, _round(acc, x_ptr.dtype.element_ty), 0.0)
     row = pid_p.to(tl.int64) * K
-    plane = (tl.num_programs(0) // num_k).to(tl.int64) * K
+    plane = num_p.to(tl.int64) * K
     if HAS_OSCALE:
         tl.store(ws_ptr + row + k, _sum(gz * y, axis=0), mask=k_mask)
     if HAS_OSHIFT:
@@ -497,13 +490,8 @@ def sep_bwd_mid_kernel(go_ptr, out_ptr, out_scale_ptr, gsum_ptr,
     channels. grad_mid = grad_y @ W as tl.dot over chunks of BLOCK_K output channels (grad_y folded from
     grad_out, or read from its materialized buffer); the mid activation's backward uses the depthwise result,
     recomputed in registers. The result (grad of the depthwise output) is stored in x's dtype."""
-    pid = tl.program_id(0)
-    num_c = _cdiv(C_DW, BLOCK_C)
-    pid_p = pid // num_c
-    pid_c = pid - pid_p * num_c
+    pid_p, oc, c_mask, num_p = _program_tile(C_DW, BLOCK_C)
     n, oh, ow, p_mask = _pixels(pid_p, Q, OHW, OW, IDX64, BLOCK_P)
-    oc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = oc < C_DW
     pw_col = _index(oc, IDX64) * spc
     gmid = tl.full([BLOCK_P, BLOCK_C], 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -542,13 +530,7 @@ def sep_bwd_pw_kernel(go_ptr, out_ptr, out_scale_ptr, gsum_ptr,
     channels, BLOCK_C depthwise channels) accumulates grad_y^T @ act(dw) with tl.dot over its slice's pixel
     tiles (the depthwise result recomputed in registers) and writes row `slice` of the workspace
     [num_slices, K, C_DW]; reduce_rows_kernel sums the rows in a fixed order."""
-    pid = tl.program_id(0)
-    num_c = _cdiv(C_DW, BLOCK_C)
-    num_k = _cdiv(K, BLOCK_K)
-    pid_c = pid % num_c
-    rest = pid // num_c
-    pid_k = rest % num_k
-    s = rest // num_k
+    pid_c, pid_k, s = _unflatten3(tl.program_id(0), _cdiv(C_DW, BLOCK_C), _cdiv(K, BLOCK_K))
     oc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = oc < C_DW
     k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
