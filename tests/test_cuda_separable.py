@@ -33,6 +33,8 @@ SHAPES = [
     (1, 96, 130, 9, 9, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),     # K = 96 (3 steps), 3 output tiles
     (2, 5, 3, 6, 7, 1, (3, 2), (2, 1), (1, 0, 0, 1), (1, 2)),        # tiny, asymmetric everything
     (1, 1, 1, 1, 1, 1, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1)),        # one pixel, one channel
+    (2, 24, 44, 11, 13, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),    # whole vectors of channels in and out
+    (1, 44, 12, 9, 9, 1, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1)),      # vectors, but K not a multiple of 8
 ]
 OPTIONS = [
     dict(),
@@ -266,8 +268,8 @@ def test_autograd_through_the_cuda_forward():
         assert rel_err(v, u) <= 1e-5
 
 
-@pytest.mark.parametrize("env", [{"XCEPTION_OPS_SEPARABLE_GEMM": "wmma"}, {"XCEPTION_OPS_SEPARABLE_TILES": "flat"}],
-                         ids=["wmma-gemm", "flat-tiles"])
+@pytest.mark.parametrize("env", [{"XCEPTION_OPS_SEPARABLE_GEMM": "wmma"}, {"XCEPTION_OPS_SEPARABLE_TILES": "square"}],
+                         ids=["wmma-gemm", "square-tiles"])
 def test_implementations_kept_for_comparison(env):
     """The alternatives selected by environment variables (read when the library loads, hence a fresh process)
     pass the low-precision checks of one shape and the Xception shapes."""

@@ -23,13 +23,14 @@ constexpr const char* kForward = "xception_ops.separable_conv2d";
 
 // Implementation choices for comparing kernel versions on one build (benchmarks/RESULTS.md), read once:
 // XCEPTION_OPS_SEPARABLE_GEMM=wmma runs the fp16 / bf16 GEMM through wmma instead of ldmatrix + mma.sync;
-// XCEPTION_OPS_SEPARABLE_TILES=flat keeps 64-consecutive-pixel tiles where square tiles would be used.
+// XCEPTION_OPS_SEPARABLE_TILES=square takes 8 x 8 pixel tiles with a staged input window where they apply,
+// instead of 64 consecutive pixels (slower on the H100 in session 3: 24.7 against 20.0 ms over Xception's layers).
 bool env_is(const char* name, const char* value) {
   const char* v = std::getenv(name);
   return v != nullptr && std::strcmp(v, value) == 0;
 }
 const bool kWmma16 = env_is("XCEPTION_OPS_SEPARABLE_GEMM", "wmma");
-const bool kFlatTiles = env_is("XCEPTION_OPS_SEPARABLE_TILES", "flat");
+const bool kSquareTiles = env_is("XCEPTION_OPS_SEPARABLE_TILES", "square");
 
 // Per-channel vectors go to the kernels as contiguous float32.
 const float* channel_vector(const OptTensor& v, Tensor& keep) {
@@ -99,7 +100,7 @@ std::tuple<Tensor, Tensor, Tensor> separable_conv2d(const Tensor& x, const Tenso
   // A tensor whose channels are fastest in memory is read / written channel-fastest across threads.
   p.x_channels_last = x.size(1) > 1 && x.stride(1) == 1;
   p.out_channels_last = fmt == at::MemoryFormat::ChannelsLast;
-  p.square_tiles = separable_spatial_tiles(g) && !kFlatTiles;
+  p.square_tiles = separable_spatial_tiles(g) && kSquareTiles;
   XO_CHECK(separable_plan(p, math, dtype_bytes, caps.smem_optin), kForward, ": this GPU's shared memory (",
               caps.smem_optin, " bytes per block) is too small for the fused kernel");
   XO_CHECK_VALUE(g.dw_channels() < (int64_t{1} << 31), kForward, ": more than 2^31 - 1 depthwise channels");

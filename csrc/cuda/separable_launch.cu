@@ -21,6 +21,13 @@ template <typename T, PointwiseMath kMath, int KH, int KW>
 cudaError_t launch_forward_kernel(const SeparableParams& p, int groups, cudaStream_t stream) {
   const SeparableSmem smem = separable_smem(p, p.a_pitch, kMath, static_cast<int>(sizeof(T)));
   auto* kernel = &separable_forward_kernel<T, kMath, KH, KW>;
+  if constexpr (kMath == PointwiseMath::TensorCore && KH == 3 && KW == 3) {
+    // Shared memory for one block per SM only: the build without the 128-register cap (no spills).
+    DeviceCaps caps;
+    const cudaError_t err = current_device_caps(&caps);
+    if (err != cudaSuccess) return err;
+    if (2 * smem.total > caps.smem_per_sm) kernel = &separable_forward_kernel<T, kMath, KH, KW, 1>;
+  }
   if (smem.total > 48 * 1024) {  // above the default limit, a kernel must opt in
     const cudaError_t err =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem.total));
@@ -122,6 +129,8 @@ cudaError_t current_device_caps(DeviceCaps* caps) {
     if (e == cudaSuccess) e = cudaDeviceGetAttribute(&c.sms, cudaDevAttrMultiProcessorCount, device);
     if (e == cudaSuccess) e = cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
     c.smem_optin = static_cast<size_t>(smem);
+    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
+    c.smem_per_sm = static_cast<size_t>(smem);
     status[device] = e;
   });
   *caps = cached[device];

@@ -54,13 +54,69 @@ template <>
 __device__ __forceinline__ float round_to<float>(float v) { return v; }
 template <>
 __device__ __forceinline__ float round_to<__half>(float v) { return __half2float(__float2half_rn(v)); }
-// Integer ops, as in Elem<__nv_bfloat16>::store: no sm_80 instruction needed.
+// One conversion instruction each way on sm_80+; elsewhere integer ops, as in Elem<__nv_bfloat16>::store.
 template <>
 __device__ __forceinline__ float round_to<__nv_bfloat16>(float v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  return __bfloat162float(__float2bfloat16_rn(v));
+#else
   const unsigned int u = __float_as_uint(v);
   if ((u & 0x7fffffffu) > 0x7f800000u) return v;  // NaN
   return __uint_as_float((u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u);
+#endif
 }
+
+// ---- kSepVec consecutive channels at a time (the vector paths), as float32 in registers ----
+// The 16-bit pattern of a value already rounded to the dtype (round_to), so the conversion is exact.
+template <typename T>
+__device__ __forceinline__ unsigned int bits16(float rounded);
+template <>
+__device__ __forceinline__ unsigned int bits16<__half>(float rounded) {
+  return __half_as_ushort(__float2half_rn(rounded));
+}
+template <>
+__device__ __forceinline__ unsigned int bits16<__nv_bfloat16>(float rounded) {
+  const unsigned int u = __float_as_uint(rounded);
+  return (u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : u >> 16;  // NaN stays a NaN
+}
+template <typename T>
+__device__ __forceinline__ float from_bits16(unsigned int bits);
+template <>
+__device__ __forceinline__ float from_bits16<__half>(unsigned int bits) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));
+}
+template <>
+__device__ __forceinline__ float from_bits16<__nv_bfloat16>(unsigned int bits) { return __uint_as_float(bits << 16); }
+
+static_assert(kSepVec == 4, "VecIO moves four channels");
+template <typename T>
+struct VecIO {  // fp16 / bf16: one 8-byte access
+  __device__ __forceinline__ static void load(const T* p, float (&v)[kSepVec]) { load_if(true, p, v); }
+  // Zeros where !ok, without reading: a predicated load, no branch.
+  __device__ __forceinline__ static void load_if(bool ok, const T* p, float (&v)[kSepVec]) {
+    uint2 u = make_uint2(0u, 0u);
+    if (ok) u = load_readonly(reinterpret_cast<const uint2*>(p));
+    v[0] = from_bits16<T>(u.x & 0xffffu), v[1] = from_bits16<T>(u.x >> 16);
+    v[2] = from_bits16<T>(u.y & 0xffffu), v[3] = from_bits16<T>(u.y >> 16);
+  }
+  // `v` already rounded to the dtype.
+  __device__ __forceinline__ static void store(T* p, const float (&v)[kSepVec]) {
+    *reinterpret_cast<uint2*>(p) = make_uint2(bits16<T>(v[0]) | (bits16<T>(v[1]) << 16),
+                                              bits16<T>(v[2]) | (bits16<T>(v[3]) << 16));
+  }
+};
+template <>
+struct VecIO<float> {  // one 16-byte access
+  __device__ __forceinline__ static void load(const float* p, float (&v)[kSepVec]) { load_if(true, p, v); }
+  __device__ __forceinline__ static void load_if(bool ok, const float* p, float (&v)[kSepVec]) {
+    float4 u = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (ok) u = load_readonly(reinterpret_cast<const float4*>(p));
+    v[0] = u.x, v[1] = u.y, v[2] = u.z, v[3] = u.w;
+  }
+  __device__ __forceinline__ static void store(float* p, const float (&v)[kSepVec]) {
+    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+  }
+};
 
 // The depthwise tile holds the dtype itself on the 16-bit tensor-core path, float32 otherwise. Values written
 // are already rounded to the dtype, so the 16-bit store is exact.
@@ -193,6 +249,30 @@ __device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* smem_r
                : "r"(addr));
 }
 
+// 16 bytes from global to shared memory without passing through registers (cp.async, sm_80+), in groups:
+// cp_async_wait<n>() returns when at most the n most recently committed groups are still in flight.
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(addr), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int kGroups>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kGroups));
+}
+
+#elif !defined(XO_EMULATED_WARP_MMA)
+// Where cp.async does not exist (host pass, GPUs below sm_80) no kernel takes the cp.async path; these keep its
+// code well-formed there, copying at once.
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
+  *static_cast<uint4*>(smem) = *static_cast<const uint4*>(gmem);
+}
+__device__ __forceinline__ void cp_async_commit() {}
+template <int kGroups>
+__device__ __forceinline__ void cp_async_wait() {}
+#endif
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
 // d += a b for a 16x16 (row-major fragments a0..a3) by 16x8 (column-major b0, b1) tile, float32 accumulators.
 template <bool kBf16>
 __device__ __forceinline__ void mma_16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
@@ -274,6 +354,32 @@ struct MmaGemm {
     for (int r = 0; r < 2; ++r) {
       const int v = threadIdx.x + kSepThreads * r;
       *reinterpret_cast<uint4*>(bs + (v / 4) * kSepBPitch16 + 8 * (v % 4)) = regs[r];
+    }
+  }
+
+  // The weight tile W[n0 .., k0 ..] straight into a shared-memory buffer (the same vectors as fetch + stash):
+  // cp.async where `vectors` (K a multiple of 8, W 16-byte aligned) and the row exists; zeros or element copies
+  // otherwise, stored at once. The caller commits the group.
+  __device__ __forceinline__ static void copy_async(T* bs, const T* w, int64_t n0, int64_t k0, int64_t n_total,
+                                                    int64_t k_total, bool vectors) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int v = threadIdx.x + kSepThreads * r;
+      const int64_t n = n0 + v / 4, k = k0 + 8 * (v % 4);
+      T* dst = bs + (v / 4) * kSepBPitch16 + 8 * (v % 4);
+      const T* src = w + n * k_total + k;
+      if (vectors && n < n_total && k < k_total) {
+        cp_async_16(dst, src);
+        continue;
+      }
+      unsigned short e[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        e[i] = n < n_total && k + i < k_total ? load_readonly(reinterpret_cast<const unsigned short*>(src) + i)
+                                              : static_cast<unsigned short>(0);
+      }
+      *reinterpret_cast<uint4*>(dst) = make_uint4(e[0] | (unsigned(e[1]) << 16), e[2] | (unsigned(e[3]) << 16),
+                                                  e[4] | (unsigned(e[5]) << 16), e[6] | (unsigned(e[7]) << 16));
     }
   }
 
@@ -497,6 +603,101 @@ __device__ __forceinline__ void depthwise_tile_mapped(const SeparableParams& p, 
   }
 }
 
+// The vector path (p.x_vectors: channels fastest in x, aligned, no depth multiplier, flat tiles, 3x3): a thread
+// takes kSepVec consecutive channels and walks pixels 256 / lanes apart, where `lanes` threads (the channel
+// groups rounded up to a power of two, at most a warp) cover a pixel's channels. Per tap and kSepVec outputs:
+// one predicated 8- or 16-byte load at a 32-bit offset from the pixel's origin (separable_plan checks that the
+// offsets fit), the conversions and kSepVec FMAs; the weights and prologue of the thread's channels stay in
+// registers across its pixels. (Version 7's first form, with 64-bit tap addresses and selects, spent ~10
+// instructions per tap and output, no fewer than the direct path.)
+template <typename T, typename S, int KH, int KW, bool kPrologue>
+__device__ __forceinline__ void depthwise_tile_vectors(const SeparableParams& p, const PixelInfo& px, S* a, int lda,
+                                                       int32_t k0, int cols) {
+  constexpr int V = kSepVec, kTaps = KH * KW;
+  static_assert(kTaps > 0, "compile-time kernel size");
+  const Conv2dGeometry& g = p.g;
+  const int32_t K = static_cast<int32_t>(g.dw_channels());
+  const uint32_t H = static_cast<uint32_t>(g.in_h), W = static_cast<uint32_t>(g.in_w);
+  const int32_t dh = static_cast<int32_t>(g.dilation_h), dwl = static_cast<int32_t>(g.dilation_w);
+  const T* __restrict__ x = static_cast<const T*>(p.x.data);
+  const T* __restrict__ wdw = static_cast<const T*>(p.dw_weight);
+  const int64_t xs2 = p.x.stride[2], xs3 = p.x.stride[3];
+  const bool in_relu = p.in_relu;
+  int32_t off[kTaps];
+#pragma unroll
+  for (int i = 0; i < KH; ++i)
+#pragma unroll
+    for (int j = 0; j < KW; ++j) off[i * KW + j] = static_cast<int32_t>(i * dh * xs2 + j * dwl * xs3);
+  const int groups = cols / V;
+  int lanes = 32;
+  while (lanes > 1 && lanes / 2 >= groups) lanes /= 2;
+  const int row0 = threadIdx.x / lanes, row_step = kSepThreads / lanes;
+
+#pragma unroll 1
+  for (int grp = threadIdx.x % lanes; grp < groups; grp += lanes) {
+    const int col = grp * V;
+    const int32_t k = k0 + col;
+    const bool k_ok = k < K;  // K is a multiple of V: a vector is all channels or all padding
+    float wv[kTaps][V], scale[V], shift[V];
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      const T* wk = wdw + static_cast<int64_t>(k_ok ? k + v : 0) * kTaps;
+#pragma unroll
+      for (int t = 0; t < kTaps; ++t) wv[t][v] = Elem<T>::load(wk + t);
+      scale[v] = kPrologue && p.in_scale != nullptr && k_ok ? p.in_scale[k + v] : 1.f;
+      shift[v] = kPrologue && p.in_shift != nullptr && k_ok ? p.in_shift[k + v] : 0.f;
+    }
+    const T* chan = x + (k_ok ? k : 0);
+#pragma unroll 1
+    for (int row = row0; row < kSepTileP; row += row_step) {
+      const int64_t base = px.x_base[row];
+      const bool pix_ok = k_ok && base >= 0;
+      const int32_t ih0 = px.ih0[row], iw0 = px.iw0[row];
+      // The origin may lie outside x (padding): only the taps inside the image are read.
+      const T* origin = chan + (pix_ok ? base + ih0 * xs2 + iw0 * xs3 : 0);
+      bool ok[kTaps];
+#pragma unroll
+      for (int i = 0; i < KH; ++i)
+#pragma unroll
+        for (int j = 0; j < KW; ++j) {
+          ok[i * KW + j] = pix_ok && static_cast<uint32_t>(ih0 + i * dh) < H &&
+                           static_cast<uint32_t>(iw0 + j * dwl) < W;
+        }
+      float raw[kTaps][V];
+#pragma unroll
+      for (int t = 0; t < kTaps; ++t) VecIO<T>::load_if(ok[t], origin + off[t], raw[t]);
+      float acc[V];
+#pragma unroll
+      for (int v = 0; v < V; ++v) acc[v] = 0.f;
+#pragma unroll
+      for (int t = 0; t < kTaps; ++t) {
+        // Padding reads as 0 after the prologue: a padded tap's (zero) value times 0. A select here compiled to
+        // a branch per element (BSSY / BSYNC), twice the instructions of the whole tap.
+        const float keep = ok[t] ? 1.f : 0.f;
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          float xv = raw[t][v];  // 0 where the tap is padding
+          if constexpr (kPrologue) xv = prologue_value<T>(xv, scale[v], shift[v], in_relu) * keep;
+          acc[v] = fmaf(xv, wv[t][v], acc[v]);
+        }
+      }
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        float y = round_to<T>(acc[v]);
+        if (p.mid == 1) y = fmaxf(y, 0.f);
+        if (p.mid == 2 && y <= 0.f) y = round_to<T>(expm1f(y));
+        acc[v] = y;
+      }
+      if constexpr (std::is_same<S, T>::value) {
+        VecIO<T>::store(a + row * lda + col, acc);  // the 16-bit tile: one 8-byte store
+      } else {
+#pragma unroll
+        for (int v = 0; v < V; ++v) TileElem<S>::store(a + row * lda + col + v, acc[v]);
+      }
+    }
+  }
+}
+
 // Square tiles (p.square_tiles, allowed by separable_spatial_tiles: 3x3, stride 1 or 2, no dilation). For each 32 channels: the tile's
 // input window goes to shared memory (prologue applied, zeros outside the image), then thread (channel
 // tid % 32, tile row tid / 32) computes its 8 pixels from one window row at a time held in registers: per output
@@ -600,6 +801,16 @@ __device__ __forceinline__ void depthwise_tile(const SeparableParams& p, const P
       return;
     }
   }
+  if constexpr (KH > 0 && KW > 0) {
+    if (p.x_vectors) {
+      if (prologue) {
+        depthwise_tile_vectors<T, S, KH, KW, true>(p, px, a, lda, k0, cols);
+      } else {
+        depthwise_tile_vectors<T, S, KH, KW, false>(p, px, a, lda, k0, cols);
+      }
+      return;
+    }
+  }
   if (p.x_channels_last) {
     if (prologue) {
       depthwise_tile_mapped<T, S, KH, KW, true, true>(p, px, a, lda, k0, cols);
@@ -656,7 +867,41 @@ __device__ __forceinline__ void epilogue_tile(const SeparableParams& p, const Pi
     Elem<T>::store(out + out_base + ch.out_off, z);
   };
 
-  if (p.out_channels_last) {  // a warp writes 32 consecutive channels of one pixel; a thread keeps its channel
+  if (p.out_vectors) {  // kSepVec channels per thread and access: a warp writes 128 channels of one pixel
+    constexpr int kGroups = kSepTileN / kSepVec;
+    static_assert(kSepThreads % kGroups == 0, "a thread keeps its channels across its pixels");
+    const int col = threadIdx.x % kGroups * kSepVec;
+    const int64_t n = n0 + col;
+    const bool ok = n < n_total;  // out_channels is a multiple of kSepVec: all or none of the vector
+    float scale[kSepVec], shift[kSepVec];
+#pragma unroll
+    for (int v = 0; v < kSepVec; ++v) {
+      scale[v] = ok && p.out_scale != nullptr ? p.out_scale[n + v] : 1.f;
+      shift[v] = ok && p.out_shift != nullptr ? p.out_shift[n + v] : 0.f;
+    }
+#pragma unroll 1
+    for (int row = threadIdx.x / kGroups; row < kSepTileP; row += kSepThreads / kGroups) {
+      float* cv = c + row * kSepCPitch + col;
+      const int64_t out_base = px.out_base[row];
+      float y[kSepVec], z[kSepVec];
+      const bool write = ok && out_base >= 0;
+#pragma unroll
+      for (int v = 0; v < kSepVec; ++v) y[v] = write ? round_to<T>(cv[v]) : 0.f;  // 0: no contribution to the stats
+#pragma unroll
+      for (int v = 0; v < kSepVec; ++v) cv[v] = y[v];
+      if (!write) continue;
+      if (res != nullptr) VecIO<T>::load(res + px.res_base[row] + n, z);
+#pragma unroll
+      for (int v = 0; v < kSepVec; ++v) {
+        float o = y[v];
+        if (affine) o = round_to<T>(fmaf(o, scale[v], shift[v]));
+        if (res != nullptr) o = round_to<T>(o + z[v]);
+        if (p.out_relu) o = fmaxf(o, 0.f);
+        z[v] = o;
+      }
+      VecIO<T>::store(out + out_base + n, z);
+    }
+  } else if (p.out_channels_last) {  // a warp writes 32 consecutive channels of one pixel; a thread keeps its channel
     const int col = threadIdx.x % kSepTileN;
     const Channel ch = channel(col);
     for (int row = threadIdx.x / kSepTileN; row < kSepTileP; row += kSepThreads / kSepTileN) finish(row, col, ch);
@@ -680,11 +925,21 @@ __device__ __forceinline__ void epilogue_tile(const SeparableParams& p, const Pi
   }
 }
 
+// Gemm::copy_async, named through a template so that kernels whose GEMM has none (FFMA, wmma) compile.
+template <typename Gemm, typename B, typename T>
+__device__ __forceinline__ void copy_weights_async(B* bs, const T* w, int64_t n0, int64_t k0, int64_t n_total,
+                                                   int64_t k_total, bool vectors) {
+  Gemm::copy_async(bs, w, n0, k0, n_total, k_total, vectors);
+}
+
 // ---- the fused forward ----
 // T: element type. kMath: the GEMM mode the launcher chose; on GPUs below sm_80 every mode compiles to FFMA
 // (the launcher never asks them for tensor cores). KH, KW: kernel size known at compile time, 0 = run time.
-template <typename T, PointwiseMath kMath, int KH, int KW>
-__global__ void __launch_bounds__(kSepThreads, 2) separable_forward_kernel(const SeparableParams p) {
+// kMinBlocks: blocks per SM the registers must allow. 2 caps a thread at 128 registers, which spilled
+// accumulators inside the 16-bit GEMM loop; where shared memory allows one block per SM anyway (the 728-channel
+// layers), the launcher takes the kMinBlocks = 1 build, which does not spill.
+template <typename T, PointwiseMath kMath, int KH, int KW, int kMinBlocks = 2>
+__global__ void __launch_bounds__(kSepThreads, kMinBlocks) separable_forward_kernel(const SeparableParams p) {
   constexpr bool k16 = separable_16bit_tensor_cores(kMath);
   using S = typename std::conditional<k16, T, float>::type;  // tile element
   XO_EXTERN_SHARED __align__(128) unsigned char smem[];
@@ -752,10 +1007,15 @@ __global__ void __launch_bounds__(kSepThreads, 2) separable_forward_kernel(const
   using Gemm = FfmaGemm;
   using BType = float;
 #endif
+#if defined(XO_SEPARABLE_MMA)
+  constexpr bool kAsync = kMath == PointwiseMath::TensorCore;  // cp.async weight ring (MmaGemm::copy_async)
+#else
+  constexpr bool kAsync = false;
+#endif
+  constexpr int kStages = separable_weight_stages(kMath);
   // The weight buffer of step s: chosen by arithmetic, not from an array of pointers, so that the compiler keeps
   // knowing it is shared memory (an indexed pointer array made every access a generic LD / ST).
-  const size_t half_region = layout.bc_region / 2;
-  auto buffer = [&](int s) { return reinterpret_cast<BType*>(bc + (s & 1) * half_region); };
+  auto buffer = [&](int s) { return reinterpret_cast<BType*>(bc + (s % kStages) * layout.stage); };
 
   // Block (x, y) covers pixel tile x and every gridDim.y-th output-channel tile from y.
   bool first = true;
@@ -766,19 +1026,41 @@ __global__ void __launch_bounds__(kSepThreads, 2) separable_forward_kernel(const
     for (int32_t k0 = 0; k0 < K; k0 += p.k_chunk) {
       const int cols = static_cast<int>(round_up(K - k0 < p.k_chunk ? K - k0 : p.k_chunk, kSepKStep));
       if (!resident || first) depthwise_tile<T, S, KH, KW>(p, px, a, lda, k0, cols, bc);
-      // Weight tiles double-buffered: the next one is fetched into registers before the current one is used,
-      // and stored into the other buffer after; one barrier per step.
-      typename Gemm::Regs regs;
-      Gemm::fetch(regs, w, n0, k0, n_total, K);
-      Gemm::stash(buffer(0), regs);
-      __syncthreads();  // the depthwise tile and the first weight tile are in place
       const int steps = cols / kSepKStep;
-      for (int s = 0; s < steps; ++s) {
-        const bool more = s + 1 < steps;
-        if (more) Gemm::fetch(regs, w, n0, k0 + (s + 1) * kSepKStep, n_total, K);
-        gemm.step(a, lda, s * kSepKStep, buffer(s));
-        if (more) Gemm::stash(buffer(s + 1), regs);
-        __syncthreads();
+      if constexpr (kAsync) {
+        // A ring of kStages buffers: the tiles of the next kStages - 1 steps are in flight while one is used;
+        // one barrier per step, after which the buffer of the step before is free for the next copy.
+        const bool weight_vectors = K % 8 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0;
+#pragma unroll
+        for (int s = 0; s < kStages - 1; ++s) {
+          if (s < steps) copy_weights_async<Gemm>(buffer(s), w, n0, k0 + s * kSepKStep, n_total, K, weight_vectors);
+          cp_async_commit();
+        }
+        for (int s = 0; s < steps; ++s) {
+          cp_async_wait<kStages - 2>();
+          __syncthreads();  // step s's tile (and at s = 0 the depthwise tile) is in place for every thread
+          const int next = s + kStages - 1;
+          if (next < steps) {
+            copy_weights_async<Gemm>(buffer(next), w, n0, k0 + next * kSepKStep, n_total, K, weight_vectors);
+          }
+          cp_async_commit();
+          gemm.step(a, lda, s * kSepKStep, buffer(s));
+        }
+        __syncthreads();  // every warp is done with the buffers and the depthwise tile
+      } else {
+        // Weight tiles double-buffered: the next one is fetched into registers before the current one is
+        // used, and stored into the other buffer after; one barrier per step.
+        typename Gemm::Regs regs;
+        Gemm::fetch(regs, w, n0, k0, n_total, K);
+        Gemm::stash(buffer(0), regs);
+        __syncthreads();  // the depthwise tile and the first weight tile are in place
+        for (int s = 0; s < steps; ++s) {
+          const bool more = s + 1 < steps;
+          if (more) Gemm::fetch(regs, w, n0, k0 + (s + 1) * kSepKStep, n_total, K);
+          gemm.step(a, lda, s * kSepKStep, buffer(s));
+          if (more) Gemm::stash(buffer(s + 1), regs);
+          __syncthreads();
+        }
       }
     }
     first = false;

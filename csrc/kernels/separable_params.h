@@ -59,13 +59,21 @@ struct SeparableParams {
   // Square 8 x 8 pixel tiles with a staged input window (only where separable_spatial_tiles() allows them);
   // otherwise 64 consecutive pixels.
   bool square_tiles = false;
+  // Vector paths (separable_plan sets them): the depthwise stage reads x kSepVec channels of a pixel at a time,
+  // and the epilogue writes `out` (and reads the residual) likewise. Only where the tensors have channels
+  // fastest, aligned rows and whole vectors of channels.
+  bool x_vectors = false;
+  bool out_vectors = false;
 };
 
 // ---- the launch plan (host side, pure arithmetic) ----
 constexpr int kSepThreads = 256;  // 8 warps
 constexpr int kSepTileP = 64;     // output pixels per block (flattened over N, OH, OW)
 constexpr int kSepTileN = 128;    // output channels per GEMM tile
-constexpr int kSepKStep = 32;     // depthwise channels per shared-memory weight tile (double-buffered)
+constexpr int kSepKStep = 32;     // depthwise channels per shared-memory weight tile
+// Weight tiles in flight: the 16-bit tensor-core GEMM copies them with cp.async into a ring of 4 buffers (three
+// ahead of the one in use); the other GEMMs double-buffer them through registers.
+XO_HOST_DEVICE constexpr int separable_weight_stages(PointwiseMath m) { return m == PointwiseMath::TensorCore ? 4 : 2; }
 
 // A block's pixels: an 8 x 8 square of one image for 3x3 depthwise kernels at stride 1 or 2 without dilation
 // (Xception's layers), whose input window (10 x 10, or 17 x 17) is staged in shared memory 32 channels at a
@@ -107,13 +115,14 @@ constexpr int kSepBPitchKN = kSepTileN + 4;  // float32 weight tile [k][n] (FFMA
 constexpr int kSepCPitch = kSepTileN + 4;    // float32 accumulator tile [p][n]
 
 // Shared memory layout of a block, in bytes. Every region starts 128-byte aligned. The accumulator tile
-// shares a region with the two weight-tile buffers (at its start and its middle) and with the staged input
-// window of square tiles: each is live in a different phase. The region also fits two FFMA [k][n] buffers,
-// which is what every kernel uses on GPUs below sm_80.
+// shares a region with the weight-tile buffers (separable_weight_stages of them, `stage` bytes apart) and with
+// the staged input window of square tiles: each is live in a different phase. The region also fits two FFMA
+// [k][n] buffers, which is what every kernel uses on GPUs below sm_80.
 struct SeparableSmem {
   size_t pixel_info;  // per pixel: offsets of its image in x, out and residual, and its input origin
   size_t a_tile;      // depthwise tile [kSepTileP][a_pitch]
-  size_t bc_region;   // two weight buffers of bc_region / 2 bytes, the accumulators, or the input window
+  size_t bc_region;   // the weight buffers, the accumulators, or the input window
+  size_t stage;       // bytes from one weight buffer to the next
   size_t total;
 };
 
@@ -129,21 +138,42 @@ XO_HOST_DEVICE inline SeparableSmem separable_smem(const SeparableParams& p, int
                         ? static_cast<size_t>(kSepTileN) * kSepBPitch16 * dtype_bytes
                         : static_cast<size_t>(kSepTileN) * kSepBPitch32 * sizeof(float);
   if (nk > buffer) buffer = nk;
+  s.stage = align128(buffer);
   size_t c = static_cast<size_t>(kSepTileP) * kSepCPitch * sizeof(float);
   if (p.square_tiles) {  // the staged input window, in the dtype, during the depthwise stage only
     const size_t side = static_cast<size_t>(separable_halo_side(g));
     const size_t halo = side * side * kSepHaloChannels * static_cast<size_t>(dtype_bytes);
     if (halo > c) c = halo;
   }
-  s.bc_region = align128(2 * align128(buffer) > c ? 2 * align128(buffer) : c);
+  const size_t buffers = separable_weight_stages(math) * s.stage;
+  s.bc_region = align128(buffers > c ? buffers : c);
   s.total = s.pixel_info + s.a_tile + s.bc_region;
   return s;
 }
 
+// Channels per vector of the vector paths: 8 bytes of fp16 / bf16, 16 of float32. Four channels per thread keep
+// a 3x3 depthwise stage's weights (36 floats) in registers next to its loads.
+constexpr int kSepVec = 4;
+
+// Whether a tensor with channels fastest can be read or written kSepVec channels at a time: its data aligned
+// to a vector and every stride but the channels' a whole number of vectors.
+XO_HOST_DEVICE inline bool separable_vectorizable(const DepthwiseTensor& t, int64_t channels, int dtype_bytes) {
+  return t.data != nullptr && reinterpret_cast<uintptr_t>(t.data) % (kSepVec * dtype_bytes) == 0 &&
+         t.stride[1] == 1 && channels % kSepVec == 0 && t.stride[0] % kSepVec == 0 && t.stride[2] % kSepVec == 0 &&
+         t.stride[3] % kSepVec == 0;
+}
+
 // Fills p.k_chunk and p.a_pitch: every depthwise channel on chip when it fits in `smem_limit` bytes (with the
 // padded pitch, else unpadded), otherwise the largest multiple of kSepKStep that does. Returns false when not
-// even one step fits.
+// even one step fits. Also sets the vector paths (x_vectors: flat tiles, 3x3 kernels whose tap offsets fit in
+// 32 bits, no depth multiplier; out_vectors), from the pointers and strides already in p.
 inline bool separable_plan(SeparableParams& p, PointwiseMath math, int dtype_bytes, size_t smem_limit) {
+  const int64_t tap_span = 2 * p.g.dilation_h * p.x.stride[2] + 2 * p.g.dilation_w * p.x.stride[3];
+  p.x_vectors = !p.square_tiles && p.x_channels_last && p.g.depth_multiplier == 1 && p.g.kernel_h == 3 &&
+                p.g.kernel_w == 3 && separable_vectorizable(p.x, p.g.in_channels, dtype_bytes) &&
+                tap_span < (int64_t{1} << 31) && p.g.in_h < (int64_t{1} << 31) && p.g.in_w < (int64_t{1} << 31);
+  p.out_vectors = p.out_channels_last && separable_vectorizable(p.out, p.g.out_channels, dtype_bytes) &&
+                  (p.residual.data == nullptr || separable_vectorizable(p.residual, p.g.out_channels, dtype_bytes));
   const int eb = separable_tile_elem_bytes(math, dtype_bytes);
   const int pad = eb == 2 ? 8 : 4;
   const int64_t all = round_up(p.g.dw_channels(), kSepKStep);
@@ -201,11 +231,11 @@ inline size_t separable_stats_workspace_bytes(const SeparableParams& p) {
 cudaError_t launch_separable_forward(const SeparableParams& p, DType dtype, PointwiseMath math, int channel_groups,
                                      float* sum, float* sumsq, cudaStream_t stream);
 
-// The current device's compute capability, multiprocessor count and opt-in shared memory per block (queried
-// once per device).
+// The current device's compute capability, multiprocessor count and shared memory (queried once per device).
 struct DeviceCaps {
   int major = 0, minor = 0, sms = 0;
-  size_t smem_optin = 0;
+  size_t smem_optin = 0;   // per block
+  size_t smem_per_sm = 0;  // per multiprocessor
 };
 cudaError_t current_device_caps(DeviceCaps* caps);
 

@@ -110,6 +110,29 @@ void mma_16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) 
   for (int i = 0; i < 4; ++i) d[i] = out[i];
 }
 
+// cp.async: each thread's copies wait in committed groups and land only when a cp_async_wait lets them (the
+// latest moment the hardware allows), so a kernel that reads a buffer before waiting for it, or refills one
+// that another warp may still read, computes wrong results here.
+struct EmulatedAsyncCopy {
+  void* dst;
+  const void* src;
+};
+inline thread_local std::vector<EmulatedAsyncCopy> emulated_open_group;
+inline thread_local std::vector<std::vector<EmulatedAsyncCopy>> emulated_committed_groups;
+
+inline void cp_async_16(void* smem, const void* gmem) { emulated_open_group.push_back({smem, gmem}); }
+inline void cp_async_commit() {
+  emulated_committed_groups.push_back(std::move(emulated_open_group));
+  emulated_open_group.clear();
+}
+template <int kGroups>
+void cp_async_wait() {
+  while (emulated_committed_groups.size() > static_cast<size_t>(kGroups)) {
+    for (const EmulatedAsyncCopy& c : emulated_committed_groups.front()) std::memcpy(c.dst, c.src, 16);
+    emulated_committed_groups.erase(emulated_committed_groups.begin());
+  }
+}
+
 }  // namespace xception_ops::kernels
 
 // kernel<<<grid, block>>>(args...), emulated.

@@ -88,6 +88,9 @@ double relative_error(const std::vector<double>& got, const std::vector<double>&
   return norm > 0 ? std::sqrt(diff / norm) : std::sqrt(diff);
 }
 
+// The plan of the last check_case, for tests that check which paths it chose.
+SeparableParams last_plan;
+
 // Runs one case through the kernel and compares out, sum and sumsq with the float64 loop.
 template <typename T, PointwiseMath kMath>
 void check_case(const Case& k, bool x_cl, bool out_cl, size_t smem_limit, int sms, double tol, const char* what,
@@ -133,6 +136,7 @@ void check_case(const Case& k, bool x_cl, bool out_cl, size_t smem_limit, int sm
   p.out_channels_last = out_cl;
   p.square_tiles = allow_square && separable_spatial_tiles(g);
   EXPECT(separable_plan(p, kMath, static_cast<int>(sizeof(T)), smem_limit));
+  last_plan = p;
   EXPECT(separable_smem(p, p.a_pitch, kMath, static_cast<int>(sizeof(T))).total <= sizeof(kernels::smem));
   const int64_t tiles = separable_pixel_tiles(g, p.square_tiles);
   std::vector<float> workspace(separable_stats_workspace_bytes(p) / sizeof(float), std::nanf(""));
@@ -262,6 +266,40 @@ TEST_CASE(three_by_three_kernels_on_flat_tiles_too) {
     check_case<__nv_bfloat16, PointwiseMath::TensorCore>(*c, false, false, kBigSmem, 132, 3e-2, "bf16 flat NCHW",
                                                          false);
   }
+}
+
+TEST_CASE(vector_paths_every_dtype_and_option) {
+  // Channels fastest, channel counts in whole vectors: the depthwise stage reads kSepVec channels per load and
+  // the epilogue writes them per store. The 16-bit GEMM streams its weight tiles through the cp.async ring
+  // (emulated: a copy lands only when the kernel waits for it).
+  //                 n   c   h   w  m cout kh kw sh sw pt pb pl pr dh dw  in_aff relu mid out_aff relu res  stats
+  const Case s1{2, 24, 11, 13, 1, 44, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, true, true, 1, true, true, true, true};
+  const Case s2{1, 40, 17, 19, 1, 136, 3, 3, 2, 2, 0, 1, 0, 1, 1, 1, false, true, 0, true, false, true, true};
+  const Case dilated{1, 16, 12, 12, 1, 20, 3, 3, 1, 1, 2, 2, 2, 2, 2, 2, true, false, 2, false, true, false, true};
+  const Case ragged_k{1, 44, 9, 9, 1, 12, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, false, false, 0, true, false, false, false};
+  for (const Case* c : {&s1, &s2, &dilated, &ragged_k}) {
+    check_case<float, PointwiseMath::Ffma>(*c, true, true, kBigSmem, 132, 1e-5, "fp32 vectors", false);
+    EXPECT(last_plan.x_vectors && last_plan.out_vectors);
+    check_case<__half, PointwiseMath::TensorCore>(*c, true, true, kBigSmem, 132, 5e-3, "fp16 vectors", false);
+    EXPECT(last_plan.x_vectors && last_plan.out_vectors);
+    check_case<__nv_bfloat16, PointwiseMath::TensorCore>(*c, true, true, kBigSmem, 132, 3e-2, "bf16 vectors", false);
+    check_case<__nv_bfloat16, PointwiseMath::Ffma>(*c, true, true, kBigSmem, 132, 3e-2, "bf16 FFMA vectors", false);
+  }
+  // One side vectorized, the other not.
+  check_case<__nv_bfloat16, PointwiseMath::TensorCore>(s2, true, false, kBigSmem, 132, 3e-2, "bf16 NHWC in", false);
+  EXPECT(last_plan.x_vectors && !last_plan.out_vectors);
+  check_case<__nv_bfloat16, PointwiseMath::TensorCore>(s2, false, true, kBigSmem, 132, 3e-2, "bf16 NHWC out", false);
+  EXPECT(!last_plan.x_vectors && last_plan.out_vectors);
+  // Square tiles keep their own depthwise stage; the epilogue still writes vectors.
+  check_case<__nv_bfloat16, PointwiseMath::TensorCore>(s1, true, true, kBigSmem, 132, 3e-2, "bf16 square", true);
+  EXPECT(!last_plan.x_vectors && last_plan.out_vectors);
+  // Channels beyond shared memory: the ring restarts for every chunk of 32 channels.
+  SeparableParams plan;
+  plan.g = geometry(s2);
+  const size_t limit = separable_smem(plan, 32 + 8, PointwiseMath::TensorCore, 2).total;
+  EXPECT(separable_plan(plan, PointwiseMath::TensorCore, 2, limit) && plan.k_chunk == 32);
+  check_case<__nv_bfloat16, PointwiseMath::TensorCore>(s2, true, true, limit, 132, 3e-2, "bf16 chunked", false);
+  EXPECT(last_plan.k_chunk == 32 && last_plan.x_vectors);
 }
 
 TEST_CASE(one_group_per_pixel_tile_and_many) {
