@@ -7,7 +7,7 @@ TypeError for dtypes), each message naming the op and the argument at fault.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -127,7 +127,7 @@ def check_separable(op: str, x: torch.Tensor, dw_weight: torch.Tensor, pw_weight
     _check_same_dtype(op, "pw_weight", pw_weight, x)
     if mid_activation not in MID_ACTIVATIONS:
         raise ValueError(f"xception_ops: mid_activation must be 'none', 'relu' or 'elu', got '{mid_activation}'")
-    g = Geometry(**{**g.__dict__, "out_channels": pw_weight.shape[0]})
+    g = replace(g, out_channels=pw_weight.shape[0])  # (Dynamo of torch 2.11 cannot trace **g.__dict__)
     check_channel_vector(op, "in_scale", in_scale, g.in_channels, x)
     check_channel_vector(op, "in_shift", in_shift, g.in_channels, x)
     check_channel_vector(op, "out_scale", out_scale, g.out_channels, x)
