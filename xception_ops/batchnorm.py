@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import _library, backend as backends, checks
 from .checks import stats_dtype
@@ -122,14 +123,23 @@ def scale_shift_from_stats(bn: nn.modules.batchnorm._BatchNorm, total: torch.Ten
 
 def apply_scale_shift(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                       residual: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
-    """relu?(y * scale + shift + residual), per channel, computed in float32 and returned in y's dtype."""
+    """relu?(y * scale + shift + residual), per channel: y * scale + shift computed in float32 and rounded to y's
+    dtype, then the residual added in that dtype, as PyTorch's unfused BatchNorm and add do (and the fused
+    epilogue of the "cuda" backend).
+
+    One pass over y: PyTorch's inference BatchNorm kernel with mean 0 and variance 1 (eps 0) applies the
+    per-channel affine map, and its autograd formula gives the gradients of y, scale and shift. The composition
+    this replaces (y to float32, addcmul, relu, back to bf16) moved 32 bytes per bf16 element instead of 8: about
+    1 ms of the 1.75 ms training-mode forward of the 64->128 @147^2 layer on the H100 (session 3).
+    """
     dtype = stats_dtype(y)
-    z = torch.addcmul(shift.to(dtype).view(1, -1, 1, 1), y.to(dtype), scale.to(dtype).view(1, -1, 1, 1))
+    channels = y.shape[1]
+    mean = torch.zeros(channels, dtype=dtype, device=y.device)
+    var = torch.ones(channels, dtype=dtype, device=y.device)
+    z = F.batch_norm(y, mean, var, scale.to(dtype), shift.to(dtype), training=False, momentum=0.0, eps=0.0)
     if residual is not None:
-        z = z + residual.to(dtype)
-    if relu:
-        z = torch.relu(z)
-    return z.to(y.dtype)
+        z = z + residual
+    return torch.relu(z) if relu else z
 
 
 def batch_stats(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
