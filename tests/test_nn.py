@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from xception_ops import batchnorm
 from xception_ops.geometry import same_padding
-from xception_ops.nn import SeparableConv2d, SeparableConvBN
+from xception_ops.nn import PendingBatchNorm, SeparableConv2d, SeparableConvBN
 
 from .conftest import relative_error
 
@@ -260,3 +260,57 @@ def test_inference_epilogue_is_reused_until_a_parameter_changes():
     y = m(x)
     y.sum().backward()
     assert m.bn.weight.grad is not None
+
+
+# ---- training BatchNorm applied by the next layer's prologue (PendingBatchNorm) ----
+
+def _two_layers(backend):
+    first = SeparableConvBN(5, 6, 3, pre_relu=True, backend=backend).train()
+    second = SeparableConvBN(6, 7, 3, pre_relu=True, backend=backend).train()
+    for bn in (first.bn, second.bn):
+        nn.init.uniform_(bn.weight, 0.5, 1.5)
+        nn.init.uniform_(bn.bias, -0.5, 0.5)
+    return first, second
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_a_deferred_batch_norm_gives_the_same_output_and_gradients(backend):
+    """defer_bn hands the BatchNorm to the next layer ("torch": applied in the fused op's prologue; "auto" on a
+    CPU: the unfused layers apply it first); outputs, gradients and running statistics match the applied path.
+    In float64: the same mathematics in another order (in float32 both paths are ~3e-4 from float64 in these
+    gradients, which two training BatchNorms make ill-conditioned)."""
+    x = torch.randn(3, 5, 9, 8, dtype=torch.float64, requires_grad=True)
+    results = []
+    for defer in (False, True):
+        torch.manual_seed(0)
+        first, second = (m.double() for m in _two_layers(backend))
+        mid = first(x, defer_bn=defer)
+        if backend == "torch":
+            assert isinstance(mid, PendingBatchNorm) == defer
+        out = second(mid)
+        grads = torch.autograd.grad(out.square().sum(), (x, first.depthwise.weight, first.bn.weight,
+                                                         second.pointwise.weight))
+        results.append((out, *grads, first.bn.running_var.clone()))
+    for a, b in zip(*results):
+        assert relative_error(b, a) <= 1e-10
+
+
+def test_a_layer_with_residual_or_post_relu_does_not_defer():
+    module = SeparableConvBN(4, 4, 3, post_relu=True, backend="torch").train()
+    assert isinstance(module(torch.randn(2, 4, 5, 5), defer_bn=True), torch.Tensor)
+    module = SeparableConvBN(4, 4, 3, backend="torch").train()
+    x = torch.randn(2, 4, 5, 5)
+    assert isinstance(module(x, residual=x, defer_bn=True), torch.Tensor)
+    module.eval()  # folded BatchNorm: nothing to defer
+    assert isinstance(module(x, defer_bn=True), torch.Tensor)
+
+
+def test_xception_blocks_apply_batch_norm_once_per_block(monkeypatch):
+    """In training on the fused op, only a module's last BatchNorm is applied as a separate pass."""
+    from xception_ops.models.xception import XceptionBlock
+    calls = []
+    real = batchnorm.apply_scale_shift
+    monkeypatch.setattr(batchnorm, "apply_scale_shift", lambda *a, **k: calls.append(1) or real(*a, **k))
+    block = XceptionBlock(8, 8, reps=3, backend="torch").train()
+    out = block(torch.randn(2, 8, 7, 7))
+    assert out.shape == (2, 8, 7, 7) and len(calls) == 1

@@ -8,6 +8,7 @@ so their state_dict is that of the layers they replace; the children's own forwa
 from __future__ import annotations
 
 import weakref
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -16,6 +17,20 @@ import torch.nn.functional as F
 from . import backend as backends, batchnorm, checks, ops, reference
 from .checks import MID_ACTIVATIONS
 from .geometry import PaddingSpec, pair
+
+
+class PendingBatchNorm(NamedTuple):
+    """A training-mode BatchNorm's output, not yet computed: the pre-BatchNorm y and the per-channel scale and
+    shift that make it y * scale + shift. A SeparableConvBN given one applies them in its prologue as it reads y,
+    so the normalized tensor is never written (the two phases of a training BatchNorm: the producer's epilogue
+    collects the statistics, the consumer's prologue applies them)."""
+    y: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor
+
+    def apply(self) -> torch.Tensor:
+        """The BatchNorm's output itself."""
+        return batchnorm.apply_scale_shift(self.y, self.scale, self.shift)
 
 
 class SeparableConvBN(nn.Module):
@@ -121,16 +136,25 @@ class SeparableConvBN(nn.Module):
             bias = carried if bias is None else bias + carried
         return bias
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | PendingBatchNorm, residual: torch.Tensor | None = None,
+                defer_bn: bool = False) -> torch.Tensor | PendingBatchNorm:
+        """x may be a PendingBatchNorm from the layer before, applied here as x is read. With defer_bn, a layer that
+        computes batch statistics on the fused op (and has no residual or ReLU after its BatchNorm) returns its
+        output as a PendingBatchNorm for the next SeparableConvBN; otherwise the output itself."""
         dw, pw, bn = self.depthwise, self.pointwise, self.bn
+        pending = x if isinstance(x, PendingBatchNorm) else None
+        if pending is not None:
+            x = pending.y
         backend = backends.fused_backend(self.backend, "xception_ops.separable_conv2d", x, pw.out_channels)
         batch_stats = bn is not None and batchnorm.uses_batch_stats(bn)
         if backend is None:
             if not (batch_stats and batchnorm.synchronizes(self)):
-                return self._forward_unfused(x, residual)
+                return self._forward_unfused(x if pending is None else pending.apply(), residual)
             backend = "torch"  # synchronized statistics come from the operator's per-channel sums
         conv = dict(stride=dw.stride, padding=self.padding, dilation=dw.dilation, in_relu=self.pre_relu,
                     mid_activation=self.mid_activation, backend=backend)
+        if pending is not None:
+            conv.update(in_scale=pending.scale, in_shift=pending.shift)
         if not batch_stats:
             scale, shift = self._folded_epilogue()
             return ops.separable_conv2d(x, dw.weight, pw.weight, out_scale=scale, out_shift=shift,
@@ -140,6 +164,8 @@ class SeparableConvBN(nn.Module):
         count = y.shape[0] * y.shape[2] * y.shape[3]
         scale, shift = batchnorm.scale_shift_from_stats(bn, total, total_sq, count, pre_bias, self.process_group,
                                                         sync=batchnorm.synchronizes(self), backend=backend)
+        if defer_bn and residual is None and not self.post_relu:
+            return PendingBatchNorm(y, scale, shift)
         return batchnorm.apply_scale_shift(y, scale, shift, residual, relu=self.post_relu)
 
     def _forward_unfused(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
