@@ -6,8 +6,8 @@
 # 2. times shapes that isolate the phases (bf16 NHWC inference, batch 32): 8 output channels (the depthwise
 #    stage dominates), 8 input channels (the epilogue dominates), and full layers (the GEMM), for the default
 #    kernel and the alternatives kept for comparison (wmma GEMM, square pixel tiles);
-# 3. with Nsight Compute (ncu) installed: speed of light, occupancy, warp stall reasons and instruction mix of
-#    the kernel on three layers;
+# 3. with Nsight Compute (ncu) installed: speed of light, occupancy, warp stall reasons, instruction mix and the
+#    hottest instructions (SourceCounters; the extension is built with -lineinfo) of the kernel on three layers;
 # 4. with cuobjdump installed: each kernel's instruction count and mix (code size, local memory).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -50,7 +50,8 @@ if [ -n "$NCU" ]; then
   echo "=== ncu ($NCU)" >> "$log"
   "$NCU" --kernel-name regex:separable_forward_kernel --launch-skip 1 --launch-count 3 \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-    --section InstructionStats --section MemoryWorkloadAnalysis "$PY" "$out/one_layer.py" >> "$log" 2>&1
+    --section InstructionStats --section MemoryWorkloadAnalysis --section SchedulerStats --section SourceCounters \
+    "$PY" "$out/one_layer.py" >> "$log" 2>&1
 else
   echo "=== ncu: not installed here" >> "$log"
 fi

@@ -604,34 +604,54 @@ __device__ __forceinline__ void depthwise_tile_mapped(const SeparableParams& p, 
 }
 
 // The vector path (p.x_vectors: channels fastest in x, aligned, no depth multiplier, flat tiles, 3x3): a thread
-// takes kSepVec consecutive channels and walks pixels 256 / lanes apart, where `lanes` threads (the channel
-// groups rounded up to a power of two, at most a warp) cover a pixel's channels. Per tap and kSepVec outputs:
-// one predicated 8- or 16-byte load at a 32-bit offset from the pixel's origin (separable_plan checks that the
-// offsets fit), the conversions and kSepVec FMAs; the weights and prologue of the thread's channels stay in
-// registers across its pixels. (Version 7's first form, with 64-bit tap addresses and selects, spent ~10
-// instructions per tap and output, no fewer than the direct path.)
-template <typename T, typename S, int KH, int KW, bool kPrologue>
+// takes kSepVec consecutive channels; `lanes` threads (the channel groups rounded up to a power of two, at most a
+// warp) cover a pixel's channels, and each thread walks its share of the tile's pixels with the weights and
+// prologue of its channels in registers. Per tap: one predicated 8- or 16-byte load at a 32-bit offset from the
+// pixel's origin (separable_plan checks that the offsets fit).
+//   Four consecutive pixels of one output row (kQuad, at stride 1 or 2 without horizontal dilation) share their
+//   input columns: one kernel row at a time, 3 s + 3 columns are loaded, converted and prologued once and feed
+//   4 x 3 taps, about 19 instructions per output against 64 pixel by pixel (measured form of the latter, v7b:
+//   255 instructions per pixel and 4 channels). A group of four that crosses a row, or the tile's end, goes
+//   pixel by pixel. Only in the kernel build without the 128-register cap (kQuads; one block per SM).
+template <typename T, typename S, int KH, int KW, bool kPrologue, bool kQuads>
 __device__ __forceinline__ void depthwise_tile_vectors(const SeparableParams& p, const PixelInfo& px, S* a, int lda,
                                                        int32_t k0, int cols) {
-  constexpr int V = kSepVec, kTaps = KH * KW;
+  constexpr int V = kSepVec, kTaps = KH * KW, kQuad = 4, kMaxCols = 3 * 2 + KW;  // columns at stride 2
   static_assert(kTaps > 0, "compile-time kernel size");
+  static_assert(kSepTileP % kQuad == 0, "whole groups of four pixels");
   const Conv2dGeometry& g = p.g;
   const int32_t K = static_cast<int32_t>(g.dw_channels());
   const uint32_t H = static_cast<uint32_t>(g.in_h), W = static_cast<uint32_t>(g.in_w);
   const int32_t dh = static_cast<int32_t>(g.dilation_h), dwl = static_cast<int32_t>(g.dilation_w);
+  const int32_t sw = static_cast<int32_t>(g.stride_w);
   const T* __restrict__ x = static_cast<const T*>(p.x.data);
   const T* __restrict__ wdw = static_cast<const T*>(p.dw_weight);
   const int64_t xs2 = p.x.stride[2], xs3 = p.x.stride[3];
+  const int32_t xs2i = static_cast<int32_t>(xs2), xs3i = static_cast<int32_t>(xs3);  // fit: separable_plan
   const bool in_relu = p.in_relu;
-  int32_t off[kTaps];
-#pragma unroll
-  for (int i = 0; i < KH; ++i)
-#pragma unroll
-    for (int j = 0; j < KW; ++j) off[i * KW + j] = static_cast<int32_t>(i * dh * xs2 + j * dwl * xs3);
   const int groups = cols / V;
   int lanes = 32;
   while (lanes > 1 && lanes / 2 >= groups) lanes /= 2;
-  const int row0 = threadIdx.x / lanes, row_step = kSepThreads / lanes;
+  // Groups of four when they keep every thread busy (16 groups per tile) and the window is shared.
+  const bool quads = kQuads && lanes >= kSepThreads / (kSepTileP / kQuad) && dwl == 1 && (sw == 1 || sw == 2);
+  const int unit = quads ? kQuad : 1;  // pixels per work item
+  const int item0 = threadIdx.x / lanes, item_step = kSepThreads / lanes;
+
+  auto finish = [&](float (&acc)[V], int row, int col) {  // round, mid activation, store into the tile
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      float y = round_to<T>(acc[v]);
+      if (p.mid == 1) y = fmaxf(y, 0.f);
+      if (p.mid == 2 && y <= 0.f) y = round_to<T>(expm1f(y));
+      acc[v] = y;
+    }
+    if constexpr (std::is_same<S, T>::value) {
+      VecIO<T>::store(a + row * lda + col, acc);  // the 16-bit tile: one 8-byte store
+    } else {
+#pragma unroll
+      for (int v = 0; v < V; ++v) TileElem<S>::store(a + row * lda + col + v, acc[v]);
+    }
+  };
 
 #pragma unroll 1
   for (int grp = threadIdx.x % lanes; grp < groups; grp += lanes) {
@@ -648,52 +668,97 @@ __device__ __forceinline__ void depthwise_tile_vectors(const SeparableParams& p,
       shift[v] = kPrologue && p.in_shift != nullptr && k_ok ? p.in_shift[k + v] : 0.f;
     }
     const T* chan = x + (k_ok ? k : 0);
-#pragma unroll 1
-    for (int row = row0; row < kSepTileP; row += row_step) {
+    // One input vector: loaded where ok (0 otherwise), the prologue applied, padding 0 after it.
+    auto input = [&](bool ok, const T* src, float (&xv)[V]) {
+      VecIO<T>::load_if(ok, src, xv);
+      if constexpr (kPrologue) {
+        const float keep = ok ? 1.f : 0.f;  // a select here compiled to a branch per element
+#pragma unroll
+        for (int v = 0; v < V; ++v) xv[v] = prologue_value<T>(xv[v], scale[v], shift[v], in_relu) * keep;
+      }
+    };
+    // One pixel: nine taps.
+    auto one_pixel = [&](int row) {
       const int64_t base = px.x_base[row];
       const bool pix_ok = k_ok && base >= 0;
       const int32_t ih0 = px.ih0[row], iw0 = px.iw0[row];
       // The origin may lie outside x (padding): only the taps inside the image are read.
       const T* origin = chan + (pix_ok ? base + ih0 * xs2 + iw0 * xs3 : 0);
-      bool ok[kTaps];
-#pragma unroll
-      for (int i = 0; i < KH; ++i)
-#pragma unroll
-        for (int j = 0; j < KW; ++j) {
-          ok[i * KW + j] = pix_ok && static_cast<uint32_t>(ih0 + i * dh) < H &&
-                           static_cast<uint32_t>(iw0 + j * dwl) < W;
-        }
-      float raw[kTaps][V];
-#pragma unroll
-      for (int t = 0; t < kTaps; ++t) VecIO<T>::load_if(ok[t], origin + off[t], raw[t]);
       float acc[V];
 #pragma unroll
       for (int v = 0; v < V; ++v) acc[v] = 0.f;
 #pragma unroll
-      for (int t = 0; t < kTaps; ++t) {
-        // Padding reads as 0 after the prologue: a padded tap's (zero) value times 0. A select here compiled to
-        // a branch per element (BSSY / BSYNC), twice the instructions of the whole tap.
-        const float keep = ok[t] ? 1.f : 0.f;
+      for (int i = 0; i < KH; ++i) {
+        const bool row_ok = pix_ok && static_cast<uint32_t>(ih0 + i * dh) < H;
 #pragma unroll
-        for (int v = 0; v < V; ++v) {
-          float xv = raw[t][v];  // 0 where the tap is padding
-          if constexpr (kPrologue) xv = prologue_value<T>(xv, scale[v], shift[v], in_relu) * keep;
-          acc[v] = fmaf(xv, wv[t][v], acc[v]);
+        for (int j = 0; j < KW; ++j) {
+          float xv[V];
+          input(row_ok && static_cast<uint32_t>(iw0 + j * dwl) < W, origin + (i * dh * xs2i + j * dwl * xs3i), xv);
+#pragma unroll
+          for (int v = 0; v < V; ++v) acc[v] = fmaf(xv[v], wv[i * KW + j][v], acc[v]);
+        }
+      }
+      finish(acc, row, col);
+    };
+
+#pragma unroll 1
+    for (int item = item0; item * unit < kSepTileP; item += item_step) {
+      if (!kQuads || !quads) {
+        one_pixel(item);
+        continue;
+      }
+      const int r0 = item * kQuad;
+      // Four pixels of one output row: same image and input row, input columns sw apart.
+      const int64_t base = px.x_base[r0];
+      const int32_t ih0 = px.ih0[r0], iw0 = px.iw0[r0];
+      bool same_row = base >= 0;
+#pragma unroll
+      for (int q = 1; q < kQuad; ++q) {
+        same_row = same_row && px.x_base[r0 + q] == base && px.ih0[r0 + q] == ih0 && px.iw0[r0 + q] == iw0 + q * sw;
+      }
+      if (!same_row) {
+#pragma unroll 1
+        for (int q = 0; q < kQuad; ++q) one_pixel(r0 + q);
+        continue;
+      }
+      const T* origin = chan + (k_ok ? base + ih0 * xs2 + iw0 * xs3 : 0);
+      float acc[kQuad][V];
+#pragma unroll
+      for (int q = 0; q < kQuad; ++q)
+#pragma unroll
+        for (int v = 0; v < V; ++v) acc[q][v] = 0.f;
+#pragma unroll
+      for (int i = 0; i < KH; ++i) {
+        const bool row_ok = k_ok && static_cast<uint32_t>(ih0 + i * dh) < H;
+        const T* line = origin + i * dh * xs2i;
+        if (sw == 1) {
+          float xv[(kQuad - 1) + KW][V];
+#pragma unroll
+          for (int c = 0; c < (kQuad - 1) + KW; ++c) {
+            input(row_ok && static_cast<uint32_t>(iw0 + c) < W, line + c * xs3i, xv[c]);
+          }
+#pragma unroll
+          for (int q = 0; q < kQuad; ++q)
+#pragma unroll
+            for (int j = 0; j < KW; ++j)
+#pragma unroll
+              for (int v = 0; v < V; ++v) acc[q][v] = fmaf(xv[q + j][v], wv[i * KW + j][v], acc[q][v]);
+        } else {
+          float xv[kMaxCols][V];
+#pragma unroll
+          for (int c = 0; c < kMaxCols; ++c) {
+            input(row_ok && static_cast<uint32_t>(iw0 + c) < W, line + c * xs3i, xv[c]);
+          }
+#pragma unroll
+          for (int q = 0; q < kQuad; ++q)
+#pragma unroll
+            for (int j = 0; j < KW; ++j)
+#pragma unroll
+              for (int v = 0; v < V; ++v) acc[q][v] = fmaf(xv[2 * q + j][v], wv[i * KW + j][v], acc[q][v]);
         }
       }
 #pragma unroll
-      for (int v = 0; v < V; ++v) {
-        float y = round_to<T>(acc[v]);
-        if (p.mid == 1) y = fmaxf(y, 0.f);
-        if (p.mid == 2 && y <= 0.f) y = round_to<T>(expm1f(y));
-        acc[v] = y;
-      }
-      if constexpr (std::is_same<S, T>::value) {
-        VecIO<T>::store(a + row * lda + col, acc);  // the 16-bit tile: one 8-byte store
-      } else {
-#pragma unroll
-        for (int v = 0; v < V; ++v) TileElem<S>::store(a + row * lda + col + v, acc[v]);
-      }
+      for (int q = 0; q < kQuad; ++q) finish(acc[q], r0 + q, col);
     }
   }
 }
@@ -786,7 +851,8 @@ __device__ __forceinline__ void depthwise_tile_square_dispatch(const SeparablePa
   }
 }
 
-template <typename T, typename S, int KH, int KW>
+// kQuads: whether the vector path may take groups of four pixels (which need more than 128 registers).
+template <typename T, typename S, int KH, int KW, bool kQuads>
 __device__ __forceinline__ void depthwise_tile(const SeparableParams& p, const PixelInfo& px, S* a, int lda,
                                                int32_t k0, int cols, unsigned char* window) {
   const bool prologue = p.in_scale != nullptr || p.in_shift != nullptr || p.in_relu;
@@ -804,9 +870,9 @@ __device__ __forceinline__ void depthwise_tile(const SeparableParams& p, const P
   if constexpr (KH > 0 && KW > 0) {
     if (p.x_vectors) {
       if (prologue) {
-        depthwise_tile_vectors<T, S, KH, KW, true>(p, px, a, lda, k0, cols);
+        depthwise_tile_vectors<T, S, KH, KW, true, kQuads>(p, px, a, lda, k0, cols);
       } else {
-        depthwise_tile_vectors<T, S, KH, KW, false>(p, px, a, lda, k0, cols);
+        depthwise_tile_vectors<T, S, KH, KW, false, kQuads>(p, px, a, lda, k0, cols);
       }
       return;
     }
@@ -1025,7 +1091,7 @@ __global__ void __launch_bounds__(kSepThreads, kMinBlocks) separable_forward_ker
     gemm.zero();
     for (int32_t k0 = 0; k0 < K; k0 += p.k_chunk) {
       const int cols = static_cast<int>(round_up(K - k0 < p.k_chunk ? K - k0 : p.k_chunk, kSepKStep));
-      if (!resident || first) depthwise_tile<T, S, KH, KW>(p, px, a, lda, k0, cols, bc);
+      if (!resident || first) depthwise_tile<T, S, KH, KW, kMinBlocks == 1>(p, px, a, lda, k0, cols, bc);
       const int steps = cols / kSepKStep;
       if constexpr (kAsync) {
         // A ring of kStages buffers: the tiles of the next kStages - 1 steps are in flight while one is used;

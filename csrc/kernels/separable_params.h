@@ -168,7 +168,9 @@ XO_HOST_DEVICE inline bool separable_vectorizable(const DepthwiseTensor& t, int6
 // even one step fits. Also sets the vector paths (x_vectors: flat tiles, 3x3 kernels whose tap offsets fit in
 // 32 bits, no depth multiplier; out_vectors), from the pointers and strides already in p.
 inline bool separable_plan(SeparableParams& p, PointwiseMath math, int dtype_bytes, size_t smem_limit) {
-  const int64_t tap_span = 2 * p.g.dilation_h * p.x.stride[2] + 2 * p.g.dilation_w * p.x.stride[3];
+  // Tap offsets from a pixel's origin as 32-bit ints, up to 3 s + 2 columns wide (groups of four pixels).
+  const int64_t tap_span = 2 * p.g.dilation_h * p.x.stride[2] +
+                           (3 * p.g.stride_w + 2 * p.g.dilation_w) * p.x.stride[3] + p.x.stride[2] + p.x.stride[3];
   p.x_vectors = !p.square_tiles && p.x_channels_last && p.g.depth_multiplier == 1 && p.g.kernel_h == 3 &&
                 p.g.kernel_w == 3 && separable_vectorizable(p.x, p.g.in_channels, dtype_bytes) &&
                 tap_span < (int64_t{1} << 31) && p.g.in_h < (int64_t{1} << 31) && p.g.in_w < (int64_t{1} << 31);

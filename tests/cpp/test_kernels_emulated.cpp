@@ -277,7 +277,10 @@ TEST_CASE(vector_paths_every_dtype_and_option) {
   const Case s2{1, 40, 17, 19, 1, 136, 3, 3, 2, 2, 0, 1, 0, 1, 1, 1, false, true, 0, true, false, true, true};
   const Case dilated{1, 16, 12, 12, 1, 20, 3, 3, 1, 1, 2, 2, 2, 2, 2, 2, true, false, 2, false, true, false, true};
   const Case ragged_k{1, 44, 9, 9, 1, 12, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, false, false, 0, true, false, false, false};
-  for (const Case* c : {&s1, &s2, &dilated, &ragged_k}) {
+  // 64 channels and more: groups of four pixels share their input columns (rows of 13 and 11 split some).
+  const Case quads{2, 64, 10, 13, 1, 36, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, true, true, 2, true, true, true, true};
+  const Case quads_dh{1, 64, 12, 11, 1, 8, 3, 3, 1, 1, 2, 2, 1, 1, 2, 1, true, false, 1, false, false, false, true};
+  for (const Case* c : {&s1, &s2, &dilated, &ragged_k, &quads, &quads_dh}) {
     check_case<float, PointwiseMath::Ffma>(*c, true, true, kBigSmem, 132, 1e-5, "fp32 vectors", false);
     EXPECT(last_plan.x_vectors && last_plan.out_vectors);
     check_case<__half, PointwiseMath::TensorCore>(*c, true, true, kBigSmem, 132, 5e-3, "fp16 vectors", false);
