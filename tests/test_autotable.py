@@ -28,6 +28,15 @@ def table_file(tmp_path, monkeypatch):
     autotable.clear_cache()
 
 
+def test_the_faster_of_a_configurations_two_timings_counts():
+    """A slow first timing (interference) does not hand "auto" to a kernel that is slower than PyTorch."""
+    noisy = dict(row("separable", "eager", 1.13), median2_ms=0.55)
+    (entry,) = autotable.entries_from_report(report([noisy, dict(row("separable", "xo:cuda", 0.69), median2_ms=0.67)]))
+    assert entry.eager_ms == pytest.approx(0.55) and entry.speedup["cuda"] == pytest.approx(0.55 / 0.67)
+    (entry,) = autotable.entries_from_report(report([row("separable", "eager", 1.0), row("separable", "xo:cuda", 0.5)]))
+    assert entry.speedup["cuda"] == pytest.approx(2.0)  # reports without a second timing
+
+
 def test_entries_are_speedups_over_pytorch_in_the_same_run():
     entries = autotable.entries_from_report(report([
         row("separable", "eager", 1.0), row("separable", "xo:cuda", 0.5), row("separable", "xo:triton", 2.0),
