@@ -357,31 +357,49 @@ struct MmaGemm {
     }
   }
 
-  // The weight tile W[n0 .., k0 ..] straight into a shared-memory buffer (the same vectors as fetch + stash):
-  // cp.async where `vectors` (K a multiple of 8, W 16-byte aligned) and the row exists; zeros or element copies
-  // otherwise, stored at once. The caller commits the group.
-  __device__ __forceinline__ static void copy_async(T* bs, const T* w, int64_t n0, int64_t k0, int64_t n_total,
-                                                    int64_t k_total, bool vectors) {
+  // This thread's two 16-byte vectors of every weight tile of one output-channel tile, W[n0 .., k0 + 32 s ..]
+  // straight into a shared-memory buffer (the same vectors as fetch + stash): the addresses are set up once per
+  // output-channel tile and advance by a constant per step (computing them per step cost ~50 of a step's ~110
+  // instructions). cp.async where `vectors` (K a multiple of 8, W 16-byte aligned) and the vector exists; zeros
+  // or element copies otherwise, stored at once. The caller commits the group.
+  struct WeightStream {
+    const T* src[2];
+    int dst[2];
+    int32_t k[2];  // K < 2^31 (the launcher checks)
+    bool row_ok[2];
+
+    __device__ __forceinline__ WeightStream(const T* w, int64_t n0, int64_t k0, int64_t n_total, int64_t k_total) {
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int v = threadIdx.x + kSepThreads * r;
-      const int64_t n = n0 + v / 4, k = k0 + 8 * (v % 4);
-      T* dst = bs + (v / 4) * kSepBPitch16 + 8 * (v % 4);
-      const T* src = w + n * k_total + k;
-      if (vectors && n < n_total && k < k_total) {
-        cp_async_16(dst, src);
-        continue;
+      for (int r = 0; r < 2; ++r) {
+        const int v = threadIdx.x + kSepThreads * r;
+        const int64_t n = n0 + v / 4;
+        row_ok[r] = n < n_total;
+        k[r] = static_cast<int32_t>(k0 + 8 * (v % 4));
+        src[r] = w + (row_ok[r] ? n : 0) * k_total + k[r];
+        dst[r] = (v / 4) * kSepBPitch16 + 8 * (v % 4);
       }
-      unsigned short e[8];
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        e[i] = n < n_total && k + i < k_total ? load_readonly(reinterpret_cast<const unsigned short*>(src) + i)
-                                              : static_cast<unsigned short>(0);
-      }
-      *reinterpret_cast<uint4*>(dst) = make_uint4(e[0] | (unsigned(e[1]) << 16), e[2] | (unsigned(e[3]) << 16),
-                                                  e[4] | (unsigned(e[5]) << 16), e[6] | (unsigned(e[7]) << 16));
     }
-  }
+
+    __device__ __forceinline__ void copy(T* bs, int step, int32_t k_total, bool vectors) const {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int32_t kk = k[r] + step * kSepKStep;
+        const T* from = src[r] + step * kSepKStep;
+        if (vectors && row_ok[r] && kk < k_total) {
+          cp_async_16(bs + dst[r], from);
+          continue;
+        }
+        unsigned short e[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          e[i] = row_ok[r] && kk + i < k_total ? load_readonly(reinterpret_cast<const unsigned short*>(from) + i)
+                                                : static_cast<unsigned short>(0);
+        }
+        *reinterpret_cast<uint4*>(bs + dst[r]) = make_uint4(e[0] | (unsigned(e[1]) << 16), e[2] | (unsigned(e[3]) << 16),
+                                                            e[4] | (unsigned(e[5]) << 16), e[6] | (unsigned(e[7]) << 16));
+      }
+    }
+  };
 
   __device__ __forceinline__ void step(const T* a, int lda, int kk, const T* bs) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wr = warp % 2, wc = warp / 2;
@@ -991,11 +1009,11 @@ __device__ __forceinline__ void epilogue_tile(const SeparableParams& p, const Pi
   }
 }
 
-// Gemm::copy_async, named through a template so that kernels whose GEMM has none (FFMA, wmma) compile.
-template <typename Gemm, typename B, typename T>
-__device__ __forceinline__ void copy_weights_async(B* bs, const T* w, int64_t n0, int64_t k0, int64_t n_total,
-                                                   int64_t k_total, bool vectors) {
-  Gemm::copy_async(bs, w, n0, k0, n_total, k_total, vectors);
+// Gemm::WeightStream, named through a template so that kernels whose GEMM has none (FFMA, wmma) compile.
+template <typename Gemm, typename T>
+__device__ __forceinline__ typename Gemm::WeightStream make_weight_stream(const T* w, int64_t n0, int64_t k0,
+                                                                          int64_t n_total, int64_t k_total) {
+  return typename Gemm::WeightStream(w, n0, k0, n_total, k_total);
 }
 
 // ---- the fused forward ----
@@ -1074,7 +1092,7 @@ __global__ void __launch_bounds__(kSepThreads, kMinBlocks) separable_forward_ker
   using BType = float;
 #endif
 #if defined(XO_SEPARABLE_MMA)
-  constexpr bool kAsync = kMath == PointwiseMath::TensorCore;  // cp.async weight ring (MmaGemm::copy_async)
+  constexpr bool kAsync = kMath == PointwiseMath::TensorCore;  // cp.async weight ring (MmaGemm::WeightStream)
 #else
   constexpr bool kAsync = false;
 #endif
@@ -1097,18 +1115,17 @@ __global__ void __launch_bounds__(kSepThreads, kMinBlocks) separable_forward_ker
         // A ring of kStages buffers: the tiles of the next kStages - 1 steps are in flight while one is used;
         // one barrier per step, after which the buffer of the step before is free for the next copy.
         const bool weight_vectors = K % 8 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0;
+        const auto weights = make_weight_stream<Gemm>(w, n0, k0, n_total, K);
 #pragma unroll
         for (int s = 0; s < kStages - 1; ++s) {
-          if (s < steps) copy_weights_async<Gemm>(buffer(s), w, n0, k0 + s * kSepKStep, n_total, K, weight_vectors);
+          if (s < steps) weights.copy(buffer(s), s, K, weight_vectors);
           cp_async_commit();
         }
         for (int s = 0; s < steps; ++s) {
           cp_async_wait<kStages - 2>();
           __syncthreads();  // step s's tile (and at s = 0 the depthwise tile) is in place for every thread
           const int next = s + kStages - 1;
-          if (next < steps) {
-            copy_weights_async<Gemm>(buffer(next), w, n0, k0 + next * kSepKStep, n_total, K, weight_vectors);
-          }
+          if (next < steps) weights.copy(buffer(next), next, K, weight_vectors);
           cp_async_commit();
           gemm.step(a, lda, s * kSepKStep, buffer(s));
         }
