@@ -23,6 +23,13 @@ std::tuple<Tensor, Tensor, Tensor> separable_conv2d(const Tensor& x, const Tenso
                                                     const Tensor& pw_weight, const SeparableOptions& opt,
                                                     const Conv2dGeometry& g);
 
+// Its backward (csrc/cuda/separable_backward_backend.cpp), with the contract of
+// reference::separable_conv2d_backward.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_conv2d_backward(
+    const Tensor& grad_out, const OptTensor& grad_sum, const OptTensor& grad_sumsq, const OptTensor& out,
+    const Tensor& x, const Tensor& dw_weight, const Tensor& pw_weight, const SeparableOptions& opt,
+    const Conv2dGeometry& g);
+
 // BatchNorm finalize (csrc/cuda/batchnorm_backend.cpp), with the contract of reference::batch_norm_finalize.
 std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize(const Tensor& sum, const Tensor& sumsq,
                                                                int64_t count, const OptTensor& weight,

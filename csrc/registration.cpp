@@ -183,7 +183,12 @@ SeparableGrads separable_conv2d_backward(
     XO_CHECK_VALUE((*grad)->dim() == 1 && (*grad)->size(0) == g.out_channels, kSeparableBwd,
                       ": grad_sum and grad_sumsq must have shape [", g.out_channels, "], got ", dims((*grad)->sizes()));
   }
-  if (resolve_backend(backend, kSeparableBwd, x) == Backend::Triton) {
+  const Backend chosen = resolve_backend(backend, kSeparableBwd, x);
+  if (chosen == Backend::Cuda) {
+    XO_IF_CUDA(return cuda::separable_conv2d_backward(grad_out, grad_sum, grad_sumsq, out, x, dw_weight, pw_weight,
+                                                      opt, g));
+  }
+  if (chosen == Backend::Triton) {
     return call_triton<SeparableGrads(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
                                       const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
                                       bool, IntArrayRef, IntArrayRef, IntArrayRef, c10::string_view, const OptTensor&,

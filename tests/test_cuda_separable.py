@@ -249,7 +249,7 @@ def test_bad_input_raises_before_launch():
 
 
 def test_autograd_through_the_cuda_forward():
-    """The forward runs the fused kernel; the gradients (reference backward until the CUDA one lands) match."""
+    """The forward and the backward run on the cuda backend; the gradients match the reference's."""
     import xception_ops
 
     x = torch.randn(2, 16, 9, 9, device=DEV, requires_grad=True)
@@ -284,3 +284,87 @@ def test_implementations_kept_for_comparison(env):
     done = subprocess.run(cmd, cwd=root, env={**os.environ, **env}, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert " passed" in done.stdout
+
+
+# ---- the backward (csrc/cuda/separable_backward_backend.cpp, kernels/separable_backward.cuh) ----
+
+BACKWARD_OPTIONS = [
+    dict(),
+    dict(compute_stats=True, in_scale=True, in_shift=True, in_relu=True),   # training: the statistics' gradients
+    dict(out_scale=True, out_shift=True, out_relu=True),                    # folded BN + ReLU after it
+    dict(in_relu=True, out_shift=True, compute_stats=True, out_relu=True),
+]
+
+
+def check_backward(shape, opts, dtype, layout):
+    """Every gradient of separable_conv2d_backward on the cuda backend against the reference op in float64, with
+    the same upstream gradients (random grad_out, grad_sum, grad_sumsq); outputs poisoned before the call."""
+    x, dw, pw, t, a = make_inputs(shape, opts, dtype, layout)
+    out = call(OPS.separable_conv2d, x, dw, pw, t, a, "torch")[0]
+    grad_out = torch.randn_like(out)
+    c_out = pw.shape[0]
+    stats = a["compute_stats"]
+    gsum = torch.randn(c_out, device=DEV) if stats else None
+    gsumsq = torch.randn(c_out, device=DEV) * 0.1 if stats else None
+
+    def run(tensors, backend, cast):
+        v = {k: (None if u is None else cast(u)) for k, u in t.items()}
+        return OPS.separable_conv2d_backward(
+            cast(grad_out), None if gsum is None else cast(gsum), None if gsumsq is None else cast(gsumsq),
+            cast(out) if a["out_relu"] else None, *[cast(u) for u in tensors], v["in_scale"], v["in_shift"],
+            a["in_relu"], a["stride"], a["padding"], a["dilation"], a["mid_activation"], v["out_scale"],
+            v["out_shift"], a["out_relu"], backend)
+
+    exact = run((x, dw, pw), "torch", lambda u: u.double())
+    plain = run((x, dw, pw), "torch", lambda u: u) if dtype != torch.float32 else None
+    poison(x.shape, dtype)
+    got = run((x, dw, pw), "cuda", lambda u: u)
+    torch.cuda.synchronize()
+    names = ("grad_x", "grad_dw", "grad_pw", "grad_in_scale", "grad_in_shift", "grad_out_scale", "grad_out_shift")
+    for i, name in enumerate(names):
+        assert got[i].shape == exact[i].shape, f"{name}: shape {tuple(got[i].shape)} != {tuple(exact[i].shape)}"
+        if exact[i].numel() == 0:
+            continue
+        assert torch.isfinite(got[i]).all(), f"{name}: non-finite values"
+        err = rel_err(got[i], exact[i])
+        if dtype == torch.float32:
+            assert err <= 1e-5, f"{name}: relative error {err:.3g} > 1e-5"
+        else:
+            bound = 2 * rel_err(plain[i], exact[i]) + FLOOR[dtype]
+            assert err <= bound, f"{name}: relative error {err:.3g} > {bound:.3g} (twice PyTorch's, plus a floor)"
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert got[0].is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("opts", BACKWARD_OPTIONS, ids=lambda o: "-".join(sorted(o)) or "plain")
+@pytest.mark.parametrize("shape", SHAPES[:4] + SHAPES[6:], ids=lambda s: "x".join(map(str, s[:5])))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_backward(dtype, shape, opts, layout, tf32_off):
+    check_backward(shape, opts, dtype, layout)
+
+
+def test_backward_of_xception_shapes(tf32_off):
+    """The middle flow's 728 channels (several output-channel and depthwise-channel tiles of the kernel)."""
+    check_backward((2, 728, 728, 19, 19, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)), BACKWARD_OPTIONS[1],
+                   torch.bfloat16, "channels_last")
+    check_backward((2, 128, 256, 37, 37, 1, (3, 3), (2, 2), (0, 1, 0, 1), (1, 1)), BACKWARD_OPTIONS[1],
+                   torch.float32, "contiguous")
+
+
+def test_backward_repeatable_bitwise():
+    """Fixed-order reductions throughout: ten backward passes give the same bits."""
+    shape = (4, 64, 96, 19, 19, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
+    x, dw, pw, t, a = make_inputs(shape, BACKWARD_OPTIONS[1], torch.bfloat16, "channels_last")
+    out = call(OPS.separable_conv2d, x, dw, pw, t, a, "cuda")[0]
+    g = torch.randn_like(out)
+    s, ss = torch.randn(96, device=DEV), torch.randn(96, device=DEV)
+
+    def once():
+        return OPS.separable_conv2d_backward(g, s, ss, None, x, dw, pw, t["in_scale"], t["in_shift"], True,
+                                             a["stride"], a["padding"], a["dilation"], "none", None, None, False,
+                                             "cuda")
+    first = once()
+    for _ in range(10):
+        for u, v in zip(first, once()):
+            assert torch.equal(u, v)

@@ -196,7 +196,7 @@ def _register_autograd() -> None:
         if not ctx.compute_stats:  # autograd hands in zero grads for the empty statistics outputs
             grad_sum = grad_sumsq = None
         if backend == "cuda" and not _cuda_has("separable_conv2d_backward"):
-            backend = "torch"  # the fused CUDA backward is not written yet: the reference computes the gradients
+            backend = "torch"  # a build without the CUDA backward: the reference computes the gradients
         grads = ops.separable_conv2d_backward(grad_out, grad_sum, grad_sumsq, out, x, dw_weight, pw_weight,
                                               in_scale, in_shift, in_relu, stride, padding, dilation,
                                               mid_activation, out_scale, out_shift, out_relu, backend)

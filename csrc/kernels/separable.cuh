@@ -1154,11 +1154,11 @@ __global__ void __launch_bounds__(kSepThreads, kMinBlocks) separable_forward_ker
   }
 }
 
-// ---- fixed-order reduction of the statistics partials ----
+// ---- fixed-order reduction of the statistics partials (static: the header is in several translation units) ----
 // in: [rows][cols] float32. Block (x, y) sums rows [64 x, 64 x + 64) of columns [256 y, 256 y + 256) in order
 // (row groups on x: grid.y is limited to 65535). With sum / sumsq set (the last level, one row group) column
 // c < half goes to sum[c], the rest to sumsq[c - half]; otherwise the result is row x of `out`.
-__global__ void __launch_bounds__(256) separable_stats_reduce_kernel(const float* in, int64_t rows, int64_t cols,
+static __global__ void __launch_bounds__(256) separable_stats_reduce_kernel(const float* in, int64_t rows, int64_t cols,
                                                                     float* out, float* sum, float* sumsq,
                                                                     int64_t half) {
   const int64_t col = static_cast<int64_t>(blockIdx.y) * 256 + threadIdx.x;

@@ -225,13 +225,43 @@ inline size_t separable_stats_workspace_bytes(const SeparableParams& p) {
   return static_cast<size_t>(tiles + (tiles + 63) / 64) * static_cast<size_t>(cols) * sizeof(float);
 }
 
-// ---- launchers (cuda/separable_launch.cu) ----
+// The backward's pointwise weight gradient (kernels/separable_backward.cuh): grad_pw = grad_y^T mid, with mid
+// recomputed from x as in the forward described by `fwd` (its x, weights, prologue and mid activation; its output
+// fields unused). grad_y is [pixels][out_channels] in x's dtype, pixels flattened over (N, OH, OW). Block
+// (x, y, z) writes its sums over the steps of 32 pixels [z steps_per_slice, (z + 1) steps_per_slice) into row z
+// of `partial`, float32 [slices][out_channels][dw_channels].
+struct PointwiseGradParams {
+  SeparableParams fwd;
+  const void* grad_y = nullptr;
+  float* partial = nullptr;
+  int64_t steps_per_slice = 0;
+};
+
+// Pixel slices of the pointwise-gradient kernel: enough blocks for two waves on `sms` multiprocessors, each slice
+// at least 8 steps of 32 pixels. Returns the slice count; steps_per_slice receives its length.
+inline int64_t pointwise_grad_slices(const Conv2dGeometry& g, int sms, int64_t* steps_per_slice) {
+  const int64_t steps = (g.batch * g.out_h * g.out_w + 31) / 32;
+  const int64_t tiles = ((g.out_channels + 63) / 64) * ((g.dw_channels() + 127) / 128);
+  int64_t slices = (2 * static_cast<int64_t>(sms) + tiles - 1) / tiles;
+  const int64_t most = (steps + 7) / 8;
+  if (slices > most) slices = most;
+  if (slices > 65535) slices = 65535;
+  if (slices < 1) slices = 1;
+  *steps_per_slice = (steps + slices - 1) / slices;
+  return (steps + *steps_per_slice - 1) / *steps_per_slice;
+}
+
+// ---- launchers (cuda/separable_launch.cu, cuda/separable_backward_launch.cu) ----
 // Fused forward. `p.k_chunk` / `p.a_pitch` must come from separable_plan() with the same math and the device's
 // opt-in shared-memory limit; `channel_groups` from separable_channel_groups(). With p.stats_partial set, `sum`
 // and `sumsq` (float32, out_channels each) receive the reduced statistics; the workspace behind p.stats_partial
 // must hold separable_stats_workspace_bytes(p). Returns cudaGetLastError() after its launches.
 cudaError_t launch_separable_forward(const SeparableParams& p, DType dtype, PointwiseMath math, int channel_groups,
                                      float* sum, float* sumsq, cudaStream_t stream);
+
+// The pointwise weight gradient's partial sums (PointwiseGradParams); `slices` blocks along z.
+cudaError_t launch_separable_pointwise_grad(const PointwiseGradParams& q, DType dtype, PointwiseMath math,
+                                            int64_t slices, cudaStream_t stream);
 
 // The current device's compute capability, multiprocessor count and shared memory (queried once per device).
 struct DeviceCaps {

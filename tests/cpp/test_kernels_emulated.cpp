@@ -17,6 +17,7 @@
 #include "kernels/batchnorm.cuh"
 #include "kernels/depthwise.cuh"
 #include "kernels/separable.cuh"
+#include "kernels/separable_backward.cuh"
 #include "kernels/separable_params.h"
 #include "test_harness.h"
 
@@ -321,6 +322,96 @@ TEST_CASE(half_and_bfloat16_with_the_tile_in_their_own_precision) {
 
 TEST_CASE(tf32_mode_compiles_to_the_same_ffma_path_on_the_host) {
   check_case<float, PointwiseMath::Tf32>(kTrain, true, true, kBigSmem, 132, 1e-5, "tf32 mode");
+}
+
+// ---- the fused backward's pointwise weight gradient (separable_backward.cuh) ----
+
+// grad_pw[n][k] = sum over pixels of grad_y[p][n] * mid[p][k], mid recomputed from x, against float64.
+template <typename T, PointwiseMath kMath>
+void check_pointwise_grad(const Case& k, bool x_cl, int sms, double tol, const char* what) {
+  std::mt19937 rng(static_cast<unsigned>(k.c * 31 + k.cout + k.h));
+  std::normal_distribution<float> normal(0.f, 1.f);
+  std::uniform_real_distribution<float> uniform(0.5f, 1.5f);
+  const Conv2dGeometry g = geometry(k);
+  const int64_t K = g.dw_channels(), P = g.batch * g.out_h * g.out_w;
+  std::vector<T> x(k.n * k.c * k.h * k.w), dw(K * k.kh * k.kw), gy(P * k.cout);
+  for (auto& v : x) v = from_float<T>(normal(rng));
+  for (auto& v : dw) v = from_float<T>(normal(rng));
+  for (auto& v : gy) v = from_float<T>(normal(rng));
+  std::vector<float> in_scale(k.c), in_shift(k.c);
+  for (auto& v : in_scale) v = uniform(rng);
+  for (auto& v : in_shift) v = 0.3f * normal(rng);
+
+  PointwiseGradParams q;
+  q.fwd.g = g;
+  strides(k.c, k.h, k.w, x_cl, q.fwd.x.stride);
+  q.fwd.x.data = x.data();
+  q.fwd.dw_weight = dw.data();
+  q.fwd.in_scale = k.in_affine ? in_scale.data() : nullptr;
+  q.fwd.in_shift = k.in_affine ? in_shift.data() : nullptr;
+  q.fwd.in_relu = k.in_relu;
+  q.fwd.mid = k.mid;
+  q.grad_y = gy.data();
+  const int64_t slices = pointwise_grad_slices(g, sms, &q.steps_per_slice);
+  std::vector<float> partial(slices * k.cout * K, std::nanf(""));
+  q.partial = partial.data();
+  const dim3 grid(static_cast<unsigned>((K + 127) / 128), static_cast<unsigned>((k.cout + 63) / 64),
+                  static_cast<unsigned>(slices));
+  if (g.kernel_h == 3 && g.kernel_w == 3) {
+    emulate_launch(kernels::separable_pointwise_grad_kernel<T, kMath, 3, 3>, grid, dim3(kSepThreads), q);
+  } else {
+    emulate_launch(kernels::separable_pointwise_grad_kernel<T, kMath, 0, 0>, grid, dim3(kSepThreads), q);
+  }
+  std::vector<double> got(k.cout * K, 0.0), want(k.cout * K, 0.0);
+  for (int64_t z = 0; z < slices; ++z) {  // the caller's fixed-order sum over slices
+    for (int64_t i = 0; i < k.cout * K; ++i) got[i] += partial[z * k.cout * K + i];
+  }
+  auto xat = [&](int64_t n, int64_t c, int64_t h, int64_t w) {
+    return to_double(x[n * q.fwd.x.stride[0] + c * q.fwd.x.stride[1] + h * q.fwd.x.stride[2] + w * q.fwd.x.stride[3]]);
+  };
+  for (int64_t n = 0; n < k.n; ++n) {
+    for (int64_t oh = 0; oh < g.out_h; ++oh) {
+      for (int64_t ow = 0; ow < g.out_w; ++ow) {
+        const int64_t pix = (n * g.out_h + oh) * g.out_w + ow;
+        for (int64_t kc = 0; kc < K; ++kc) {
+          const int64_t ci = kc / k.m;
+          double acc = 0;
+          for (int64_t i = 0; i < k.kh; ++i) {
+            for (int64_t j = 0; j < k.kw; ++j) {
+              const int64_t ih = oh * k.sh - k.pt + i * k.dh, iw = ow * k.sw - k.pl + j * k.dw;
+              if (ih < 0 || ih >= k.h || iw < 0 || iw >= k.w) continue;
+              double v = xat(n, ci, ih, iw);
+              if (k.in_affine) v = v * in_scale[ci] + in_shift[ci];
+              if (k.in_relu) v = std::max(v, 0.0);
+              acc += v * to_double(dw[kc * k.kh * k.kw + i * k.kw + j]);
+            }
+          }
+          if (k.mid == 1) acc = std::max(acc, 0.0);
+          if (k.mid == 2 && acc <= 0) acc = std::expm1(acc);
+          for (int64_t co = 0; co < k.cout; ++co) want[co * K + kc] += to_double(gy[pix * k.cout + co]) * acc;
+        }
+      }
+    }
+  }
+  const double err = relative_error(got, want);
+  if (!(err <= tol)) std::printf("  %s: grad_pw relative error %.3g > %.3g\n", what, err, tol);
+  EXPECT(err <= tol);
+}
+
+TEST_CASE(pointwise_weight_gradient_recomputes_the_depthwise_result) {
+  // Several slices (sms = 1000 asks for many), output channels past one 64-row tile, depthwise channels past one
+  // 128-column tile, a depth multiplier with a generic kernel size, both layouts.
+  //                    n   c   h   w  m cout kh kw sh sw pt pb pl pr dh dw  in_aff relu mid out_aff relu res  stats
+  const Case wide{2, 136, 9, 10, 1, 70, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, true, true, 0, false, false, false, false};
+  const Case strided{1, 40, 17, 19, 1, 21, 3, 3, 2, 2, 0, 1, 0, 1, 1, 1, false, true, 1, false, false, false, false};
+  const Case generic{3, 4, 7, 10, 2, 9, 5, 3, 1, 2, 2, 1, 0, 1, 1, 2, true, false, 2, false, false, false, false};
+  for (const Case* c : {&wide, &strided, &generic}) {
+    for (bool cl : {false, true}) {
+      check_pointwise_grad<float, PointwiseMath::Ffma>(*c, cl, 1000, 1e-5, "fp32 grad_pw");
+      check_pointwise_grad<__nv_bfloat16, PointwiseMath::TensorCore>(*c, cl, 132, 3e-2, "bf16 grad_pw");
+      check_pointwise_grad<__half, PointwiseMath::TensorCore>(*c, cl, 1, 5e-3, "fp16 grad_pw");
+    }
+  }
 }
 
 // ---- the depthwise kernels: the launchers' plans (cuda/depthwise_launch.cu), emulated ----

@@ -1,0 +1,152 @@
+// The "cuda" backend's separable conv backward (the contract of reference::separable_conv2d_backward).
+//
+//   y          recomputed by the fused forward kernel, epilogue off (only where out_scale or grad_sumsq need it)
+//   grad_y     grad_out through the epilogue's ReLU, folded BatchNorm and the statistics' gradients
+//   grad_mid   grad_y W, one matrix product (cuBLAS) over the pixels, channels fastest
+//   grad_pw    grad_y^T mid by the fused kernel (kernels/separable_backward.cuh), which recomputes the
+//              depthwise result tile by tile instead of storing it; per-slice partials summed in a fixed order
+//   grad_dw, grad of the depthwise input   the depthwise backward kernels (csrc/kernels/depthwise.cuh)
+//   prologue   ReLU mask, scale and the sums for in_scale / in_shift
+// With a mid activation (relu, elu) the reference computes the gradients: its backward needs the depthwise result
+// itself, which this path does not materialize yet.
+#include <ATen/Context.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/relu.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "cuda/backend_common.h"
+#include "cuda_backend.h"
+#include "kernels/separable_params.h"
+
+namespace xception_ops::cuda {
+namespace {
+
+constexpr const char* kBackward = "xception_ops.separable_conv2d_backward";
+
+Tensor per_channel(const Tensor& v) { return v.to(at::kFloat).view({1, -1, 1, 1}); }
+Tensor channel_sum(const Tensor& t) { return t.to(at::kFloat).sum({0, 2, 3}); }
+
+const float* float_vector(const OptTensor& v, Tensor& keep) {
+  if (!v.has_value()) return nullptr;
+  keep = v->to(at::kFloat).contiguous();
+  return keep.data_ptr<float>();
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_conv2d_backward(
+    const Tensor& grad_out, const OptTensor& grad_sum, const OptTensor& grad_sumsq, const OptTensor& out,
+    const Tensor& x, const Tensor& dw_weight, const Tensor& pw_weight, const SeparableOptions& opt,
+    const Conv2dGeometry& g) {
+  XO_CHECK_VALUE(x.is_cuda(), kBackward, ": backend 'cuda' needs CUDA tensors, but x is on ", x.device());
+  const DType dtype = kernel_dtype(kBackward, x);
+  check_operand(kBackward, "grad_out", grad_out, x, "x");
+  check_operand(kBackward, "dw_weight", dw_weight, x, "x");
+  check_operand(kBackward, "pw_weight", pw_weight, x, "x");
+  if (out.has_value()) check_operand(kBackward, "out", *out, x, "x");
+  for (const OptTensor* v : {&grad_sum, &grad_sumsq, &opt.in_scale, &opt.in_shift, &opt.out_scale, &opt.out_shift}) {
+    if (v->has_value()) {
+      XO_CHECK_VALUE((*v)->is_cuda() && (*v)->device() == x.device(), kBackward,
+                     ": the per-channel vectors must be on x's device ", x.device(), ", got ", (*v)->device());
+    }
+  }
+  const int64_t pixels = g.batch * g.out_h * g.out_w, K = g.dw_channels(), C = g.out_channels;
+  if (opt.mid != MidActivation::None || pixels == 0) {
+    return reference::separable_conv2d_backward(grad_out, grad_sum, grad_sumsq, out, x, dw_weight, pw_weight, opt,
+                                                g);
+  }
+  XO_CHECK_VALUE(K < (int64_t{1} << 31), kBackward, ": more than 2^31 - 1 depthwise channels");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::MemoryFormat fmt = output_memory_format(x);
+  const auto dt = x.scalar_type();
+
+  // The epilogue's backward: out = relu?(y * out_scale + out_shift (+ residual)).
+  const bool need_y = opt.out_scale.has_value() || grad_sumsq.has_value();
+  Tensor y;
+  if (need_y) {
+    SeparableOptions plain = opt;
+    plain.out_scale = plain.out_shift = plain.residual = c10::nullopt;
+    plain.out_relu = plain.compute_stats = false;
+    y = std::get<0>(separable_conv2d(x, dw_weight, pw_weight, plain, g));
+  }
+  const Tensor grad_z =
+      opt.out_relu ? at::where(*out > 0, grad_out, at::zeros({}, grad_out.options())) : grad_out;
+  const Tensor empty = at::empty({0}, x.options().dtype(at::kFloat));
+  Tensor grad_out_scale = empty, grad_out_shift = empty;
+  if (opt.out_scale.has_value()) {
+    grad_out_scale = channel_sum(grad_z.to(at::kFloat) * y.to(at::kFloat)).to(opt.out_scale->scalar_type());
+  }
+  if (opt.out_shift.has_value()) grad_out_shift = channel_sum(grad_z).to(opt.out_shift->scalar_type());
+  Tensor grad_y = grad_z;
+  if (opt.out_scale.has_value() || grad_sum.has_value() || grad_sumsq.has_value()) {
+    Tensor gy = grad_z.to(at::kFloat);
+    if (opt.out_scale.has_value()) gy = gy * per_channel(*opt.out_scale);
+    if (grad_sum.has_value()) gy = gy + per_channel(*grad_sum);
+    if (grad_sumsq.has_value()) gy = gy + 2 * y.to(at::kFloat) * per_channel(*grad_sumsq);
+    grad_y = gy.to(dt);
+  }
+  // Pixels by channels, channels fastest (a view when grad_y is channels_last already).
+  const Tensor gy2 = grad_y.permute({0, 2, 3, 1}).contiguous().view({pixels, C});
+
+  // grad_mid = grad_y W: [pixels, K], channels fastest, seen as an (N, K, OH, OW) channels_last tensor.
+  const Tensor pw2 = pw_weight.contiguous().view({C, K});
+  const Tensor grad_mid =
+      at::mm(gy2, pw2).view({g.batch, g.out_h, g.out_w, K}).permute({0, 3, 1, 2}).contiguous(fmt);
+
+  // grad_pw = grad_y^T mid, the depthwise result recomputed by the kernel.
+  DeviceCaps caps;
+  check_launch(kBackward, current_device_caps(&caps));
+  const PointwiseMath math = separable_math(dtype, caps.major, false);
+  PointwiseGradParams q;
+  q.fwd.g = g;
+  q.fwd.x = view_of(x);
+  const Tensor dw = dw_weight.contiguous();
+  q.fwd.dw_weight = dw.data_ptr();
+  Tensor keep[2];
+  q.fwd.in_scale = float_vector(opt.in_scale, keep[0]);
+  q.fwd.in_shift = float_vector(opt.in_shift, keep[1]);
+  q.fwd.in_relu = opt.in_relu;
+  q.fwd.mid = static_cast<int32_t>(opt.mid);
+  q.grad_y = gy2.data_ptr();
+  const int64_t slices = pointwise_grad_slices(g, caps.sms, &q.steps_per_slice);
+  Tensor partial = at::empty({slices, C, K}, x.options().dtype(at::kFloat));
+  q.partial = partial.data_ptr<float>();
+  check_launch(kBackward,
+               launch_separable_pointwise_grad(q, dtype, math, slices, c10::cuda::getCurrentCUDAStream()));
+  const Tensor grad_pw = partial.sum(0).to(pw_weight.scalar_type()).view({C, K, 1, 1});  // fixed-order reduction
+
+  // The depthwise stage's backward, on what it read: relu?(x * in_scale + in_shift) rounded to the dtype.
+  Conv2dGeometry gd = g;
+  gd.out_channels = K;
+  const bool prologue = opt.in_scale.has_value() || opt.in_shift.has_value() || opt.in_relu;
+  Tensor affine = x;
+  if (opt.in_scale.has_value() || opt.in_shift.has_value()) {
+    Tensor a = x.to(at::kFloat);
+    if (opt.in_scale.has_value()) a = a * per_channel(*opt.in_scale);
+    if (opt.in_shift.has_value()) a = a + per_channel(*opt.in_shift);
+    affine = a.to(dt);
+  }
+  const Tensor input = opt.in_relu ? at::relu(affine) : affine;
+  const Tensor grad_dw = depthwise_conv2d_backward_weight(grad_mid, prologue ? input.contiguous(fmt) : x, gd);
+  Tensor grad_input = depthwise_conv2d_backward_input(grad_mid, dw_weight, gd, fmt);
+
+  // The prologue's backward.
+  if (opt.in_relu) grad_input = at::where(affine > 0, grad_input, at::zeros({}, grad_input.options()));
+  Tensor grad_in_scale = empty, grad_in_shift = empty;
+  if (opt.in_scale.has_value()) {
+    grad_in_scale = channel_sum(grad_input.to(at::kFloat) * x.to(at::kFloat)).to(opt.in_scale->scalar_type());
+  }
+  if (opt.in_shift.has_value()) grad_in_shift = channel_sum(grad_input).to(opt.in_shift->scalar_type());
+  Tensor grad_x = grad_input;
+  if (opt.in_scale.has_value()) grad_x = (grad_input.to(at::kFloat) * per_channel(*opt.in_scale)).to(dt);
+  return {grad_x.contiguous(fmt), grad_dw.contiguous(), grad_pw.contiguous(), grad_in_scale, grad_in_shift,
+          grad_out_scale, grad_out_shift};
+}
+
+}  // namespace xception_ops::cuda

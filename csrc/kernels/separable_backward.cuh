@@ -1,0 +1,164 @@
+// The fused separable conv backward, pointwise weight gradient: grad_pw[n][k] = sum over pixels p of
+// grad_y[p][n] * mid[p][k], where mid = act(dw(prologue(x))) is recomputed from x tile by tile and never stored.
+//
+// Torch-free: takes a PointwiseGradParams (kernels/separable_params.h); compiles with nvcc or clang for any GPU
+// from sm_37 on (16-bit operands on tensor cores through mma.sync from sm_80, FFMA elsewhere).
+//
+// Block (x, y, z) owns output channels [64 y, 64 y + 64) x depthwise channels [128 x, 128 x + 128) and the
+// pixels of slice z. Per step of 32 pixels:
+//   1. the step's pixel offsets into shared memory;
+//   2. A = grad_y^T [64 n][32 p] from grad_y (a warp reads consecutive n of one pixel), and B = mid for
+//      [128 k][32 p], each thread computing depthwise outputs with the prologue applied as x is read and the
+//      result rounded to the dtype (as the forward rounds it);
+//   3. one 32-deep step of the forward's GEMM (MmaGemm / FfmaGemm) into float32 accumulators.
+// The block's 64 x 128 sums go to row z of a float32 partial buffer [slices][C_out][K]; the caller sums the rows
+// in a fixed order (bitwise reproducible, no atomics).
+#pragma once
+
+#include "separable.cuh"
+
+namespace xception_ops {
+namespace kernels {
+
+// The depthwise output mid[pixel][k] of one pixel and channel, from x (prologue applied, padding 0 after it),
+// rounded to T, then the mid activation.
+template <typename T, int KH, int KW>
+__device__ __forceinline__ float depthwise_value(const SeparableParams& p, int64_t x_base, int32_t ih0, int32_t iw0,
+                                                 int32_t k) {
+  const Conv2dGeometry& g = p.g;
+  const int kh_n = KH > 0 ? KH : static_cast<int>(g.kernel_h);
+  const int kw_n = KW > 0 ? KW : static_cast<int>(g.kernel_w);
+  const int32_t M = static_cast<int32_t>(g.depth_multiplier);
+  const int32_t ci = M == 1 ? k : k / M;
+  const T* __restrict__ x = static_cast<const T*>(p.x.data);
+  const T* __restrict__ wk = static_cast<const T*>(p.dw_weight) + static_cast<int64_t>(k) * kh_n * kw_n;
+  const bool prologue = p.in_scale != nullptr || p.in_shift != nullptr || p.in_relu;
+  const float scale = p.in_scale != nullptr ? p.in_scale[ci] : 1.f;
+  const float shift = p.in_shift != nullptr ? p.in_shift[ci] : 0.f;
+  const T* chan = x + x_base + ci * p.x.stride[1];
+  float sum = 0.f;
+#pragma unroll
+  for (int i = 0; i < kh_n; ++i) {  // unrolled when the kernel size is a template argument
+    const int64_t ih = ih0 + static_cast<int64_t>(i) * g.dilation_h;
+    if (!in_range<int64_t>(ih, g.in_h)) continue;
+#pragma unroll
+    for (int j = 0; j < kw_n; ++j) {
+      const int64_t iw = iw0 + static_cast<int64_t>(j) * g.dilation_w;
+      if (!in_range<int64_t>(iw, g.in_w)) continue;
+      float v = Elem<T>::load(chan + ih * p.x.stride[2] + iw * p.x.stride[3]);
+      if (prologue) v = prologue_value<T>(v, scale, shift, p.in_relu);
+      sum = fmaf(v, Elem<T>::load(wk + i * kw_n + j), sum);
+    }
+  }
+  float v = round_to<T>(sum);
+  if (p.mid == 1) v = fmaxf(v, 0.f);
+  if (p.mid == 2 && v <= 0.f) v = round_to<T>(expm1f(v));
+  return v;
+}
+
+constexpr int kPwgRows = 64;                // output channels per block (the GEMM's rows)
+constexpr int kPwgPixels = kSepKStep;       // pixels per step (the GEMM's reduction)
+static_assert(kPwgRows == kSepTileP && kSepTileN == 128, "the forward's 64 x 128 GEMM tile");
+
+// Shared memory of the pointwise-gradient kernel (bytes, 128-aligned regions): pixel offsets, A, B, and the
+// float32 accumulator tile after the loop (over A and B).
+struct PointwiseGradSmem {
+  size_t pixels, a, b, total;
+};
+XO_HOST_DEVICE inline PointwiseGradSmem pointwise_grad_smem(PointwiseMath math, int dtype_bytes) {
+  PointwiseGradSmem s;
+  const bool k16 = separable_16bit_tensor_cores(math);
+  const size_t eb = k16 ? static_cast<size_t>(dtype_bytes) : sizeof(float);
+  s.pixels = align128(static_cast<size_t>(kPwgPixels) * (sizeof(int64_t) + 2 * sizeof(int32_t)));
+  s.a = align128(static_cast<size_t>(kPwgRows) * (kPwgPixels + (k16 ? 8 : 4)) * eb);
+  s.b = align128(k16 ? static_cast<size_t>(kSepTileN) * kSepBPitch16 * eb
+                     : static_cast<size_t>(kPwgPixels) * kSepBPitchKN * sizeof(float));
+  const size_t c = static_cast<size_t>(kPwgRows) * kSepCPitch * sizeof(float);
+  s.total = s.pixels + (s.a + s.b > c ? s.a + s.b : c);
+  return s;
+}
+
+template <typename T, PointwiseMath kMath, int KH, int KW>
+__global__ void __launch_bounds__(kSepThreads, 2) separable_pointwise_grad_kernel(const PointwiseGradParams q) {
+  constexpr bool k16 = separable_16bit_tensor_cores(kMath);
+  using S = typename std::conditional<k16, T, float>::type;  // element of the A and B tiles
+#if defined(XO_SEPARABLE_MMA)
+  using Gemm = typename std::conditional<k16, MmaGemm<T>, FfmaGemm>::type;
+#else
+  using Gemm = FfmaGemm;
+#endif
+  constexpr bool kMma = !std::is_same<Gemm, FfmaGemm>::value;
+  constexpr int lda = kPwgPixels + (k16 ? 8 : 4);
+  XO_EXTERN_SHARED __align__(128) unsigned char smem[];
+  const PointwiseGradSmem layout = pointwise_grad_smem(kMath, static_cast<int>(sizeof(T)));
+  int64_t* x_base = reinterpret_cast<int64_t*>(smem);
+  int32_t* ih0 = reinterpret_cast<int32_t*>(x_base + kPwgPixels);
+  int32_t* iw0 = ih0 + kPwgPixels;
+  S* a = reinterpret_cast<S*>(smem + layout.pixels);
+  using BType = typename std::conditional<kMma, T, float>::type;
+  BType* b = reinterpret_cast<BType*>(smem + layout.pixels + layout.a);
+  float* c = reinterpret_cast<float*>(smem + layout.pixels);
+
+  const SeparableParams& p = q.fwd;
+  const Conv2dGeometry& g = p.g;
+  const int64_t n_total = g.out_channels, K = g.dw_channels();
+  const int64_t npix = g.batch * g.out_h * g.out_w;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kPwgRows;
+  const int64_t k0 = static_cast<int64_t>(blockIdx.x) * kSepTileN;
+  const T* __restrict__ gy = static_cast<const T*>(q.grad_y);
+
+  Gemm gemm;
+  gemm.zero();
+  const int64_t first = static_cast<int64_t>(blockIdx.z) * q.steps_per_slice;
+  for (int64_t step = first; step < first + q.steps_per_slice; ++step) {
+    const int64_t p0 = step * kPwgPixels;
+    if (p0 >= npix) break;  // uniform across the block
+    if (threadIdx.x < kPwgPixels) {
+      const int64_t pix = p0 + threadIdx.x;
+      if (pix < npix) {
+        const int64_t ow = pix % g.out_w, oh = pix / g.out_w % g.out_h, n = pix / g.out_w / g.out_h;
+        x_base[threadIdx.x] = n * p.x.stride[0];
+        ih0[threadIdx.x] = static_cast<int32_t>(oh * g.stride_h - g.pad_top);
+        iw0[threadIdx.x] = static_cast<int32_t>(ow * g.stride_w - g.pad_left);
+      } else {
+        x_base[threadIdx.x] = -1;
+      }
+    }
+    __syncthreads();  // the pixel offsets are in place; the previous step's GEMM is done with A and B
+    // A[n][p] = grad_y[p0 + p][n0 + n]: consecutive threads read consecutive n of one pixel.
+    for (int e = threadIdx.x; e < kPwgRows * kPwgPixels; e += kSepThreads) {
+      const int nl = e % kPwgRows, pl = e / kPwgRows;
+      const int64_t n = n0 + nl, pix = p0 + pl;
+      const float v = n < n_total && pix < npix ? Elem<T>::load(gy + pix * n_total + n) : 0.f;
+      TileElem<S>::store(a + nl * lda + pl, v);
+    }
+    // B = mid of channels k0 .. + 128 and the step's pixels: [k][p] for mma.sync (B column-major), [p][k] for
+    // FFMA. Consecutive threads take consecutive channels of one pixel.
+    for (int e = threadIdx.x; e < kSepTileN * kPwgPixels; e += kSepThreads) {
+      const int kl = e % kSepTileN, pl = e / kSepTileN;
+      const int64_t k = k0 + kl;
+      const int64_t base = x_base[pl];
+      const float v = k < K && base >= 0 ? depthwise_value<T, KH, KW>(p, base, ih0[pl], iw0[pl], static_cast<int32_t>(k))
+                                         : 0.f;
+      if constexpr (kMma) {
+        TileElem<T>::store(b + kl * kSepBPitch16 + pl, v);
+      } else {
+        b[pl * kSepBPitchKN + kl] = v;
+      }
+    }
+    __syncthreads();
+    gemm.step(a, lda, 0, b);
+  }
+  __syncthreads();  // every warp is done with A and B, which the accumulator tile overlays
+  gemm.store(c);
+  __syncthreads();
+  float* out = q.partial + static_cast<int64_t>(blockIdx.z) * n_total * K;
+  for (int e = threadIdx.x; e < kPwgRows * kSepTileN; e += kSepThreads) {
+    const int row = e / kSepTileN, col = e % kSepTileN;  // a warp writes 32 consecutive k of one n
+    const int64_t n = n0 + row, k = k0 + col;
+    if (n < n_total && k < K) out[n * K + k] = c[row * kSepCPitch + col];
+  }
+}
+
+}  // namespace kernels
+}  // namespace xception_ops
