@@ -293,6 +293,8 @@ BACKWARD_OPTIONS = [
     dict(compute_stats=True, in_scale=True, in_shift=True, in_relu=True),   # training: the statistics' gradients
     dict(out_scale=True, out_shift=True, out_relu=True),                    # folded BN + ReLU after it
     dict(in_relu=True, out_shift=True, compute_stats=True, out_relu=True),
+    dict(mid="relu", in_scale=True, compute_stats=True),
+    dict(mid="elu", out_scale=True, in_relu=True),
 ]
 
 

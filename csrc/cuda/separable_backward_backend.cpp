@@ -7,11 +7,12 @@
 //              depthwise result tile by tile instead of storing it; per-slice partials summed in a fixed order
 //   grad_dw, grad of the depthwise input   the depthwise backward kernels (csrc/kernels/depthwise.cuh)
 //   prologue   ReLU mask, scale and the sums for in_scale / in_shift
-// With a mid activation (relu, elu) the reference computes the gradients: its backward needs the depthwise result
-// itself, which this path does not materialize yet.
+//   mid activation (relu, elu)   its backward needs the depthwise result itself: recomputed by the depthwise
+//              kernel for the mask (the one place this path materializes it)
 #include <ATen/Context.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/elu.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/relu.h>
@@ -57,7 +58,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_con
     }
   }
   const int64_t pixels = g.batch * g.out_h * g.out_w, K = g.dw_channels(), C = g.out_channels;
-  if (opt.mid != MidActivation::None || pixels == 0) {
+  if (pixels == 0) {
     return reference::separable_conv2d_backward(grad_out, grad_sum, grad_sumsq, out, x, dw_weight, pw_weight, opt,
                                                 g);
   }
@@ -132,9 +133,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_con
     if (opt.in_shift.has_value()) a = a + per_channel(*opt.in_shift);
     affine = a.to(dt);
   }
-  const Tensor input = opt.in_relu ? at::relu(affine) : affine;
-  const Tensor grad_dw = depthwise_conv2d_backward_weight(grad_mid, prologue ? input.contiguous(fmt) : x, gd);
-  Tensor grad_input = depthwise_conv2d_backward_input(grad_mid, dw_weight, gd, fmt);
+  const Tensor input = prologue ? (opt.in_relu ? at::relu(affine) : affine).contiguous(fmt) : x;
+  Tensor grad_dw_out = grad_mid;
+  if (opt.mid != MidActivation::None) {
+    const Tensor d = depthwise_conv2d(input, dw_weight, c10::nullopt, gd);
+    const Tensor zero = at::zeros({}, grad_mid.options());
+    grad_dw_out = opt.mid == MidActivation::Relu ? at::where(d > 0, grad_mid, zero)
+                                                 : at::where(d > 0, grad_mid, grad_mid * (at::elu(d) + 1));
+    grad_dw_out = grad_dw_out.contiguous(fmt);
+  }
+  const Tensor grad_dw = depthwise_conv2d_backward_weight(grad_dw_out, input, gd);
+  Tensor grad_input = depthwise_conv2d_backward_input(grad_dw_out, dw_weight, gd, fmt);
 
   // The prologue's backward.
   if (opt.in_relu) grad_input = at::where(affine > 0, grad_input, at::zeros({}, grad_input.options()));
