@@ -1,12 +1,14 @@
 // The "cuda" backend's separable conv backward (the contract of reference::separable_conv2d_backward).
 //
 //   y          recomputed by the fused forward kernel, epilogue off (only where out_scale or grad_sumsq need it)
-//   grad_y     grad_out through the epilogue's ReLU, folded BatchNorm and the statistics' gradients
+//   grad_y     grad_out through the epilogue's ReLU, folded BatchNorm and the statistics' gradients, in one
+//              pass that also sums the gradients of out_scale / out_shift (fixed-order reductions throughout)
 //   grad_mid   grad_y W, one matrix product (cuBLAS) over the pixels, channels fastest
 //   grad_pw    grad_y^T mid by the fused kernel (kernels/separable_backward.cuh), which recomputes the
 //              depthwise result tile by tile instead of storing it; per-slice partials summed in a fixed order
 //   grad_dw, grad of the depthwise input   the depthwise backward kernels (csrc/kernels/depthwise.cuh)
-//   prologue   ReLU mask, scale and the sums for in_scale / in_shift
+//   prologue   applied to x for the weight gradient; its backward (ReLU mask, scale, the sums for in_scale /
+//              in_shift) in one pass
 //   mid activation (relu, elu)   its backward needs the depthwise result itself: recomputed by the depthwise
 //              kernel for the mask (the one place this path materializes it)
 #include <ATen/Context.h>
@@ -29,9 +31,6 @@ namespace xception_ops::cuda {
 namespace {
 
 constexpr const char* kBackward = "xception_ops.separable_conv2d_backward";
-
-Tensor per_channel(const Tensor& v) { return v.to(at::kFloat).view({1, -1, 1, 1}); }
-Tensor channel_sum(const Tensor& t) { return t.to(at::kFloat).sum({0, 2, 3}); }
 
 const float* float_vector(const OptTensor& v, Tensor& keep) {
   if (!v.has_value()) return nullptr;
@@ -65,35 +64,46 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_con
   XO_CHECK_VALUE(K < (int64_t{1} << 31), kBackward, ": more than 2^31 - 1 depthwise channels");
   const c10::cuda::CUDAGuard guard(x.device());
   const at::MemoryFormat fmt = output_memory_format(x);
-  const auto dt = x.scalar_type();
 
   // The epilogue's backward: out = relu?(y * out_scale + out_shift (+ residual)).
   const bool need_y = opt.out_scale.has_value() || grad_sumsq.has_value();
   Tensor y;
   if (need_y) {
-    SeparableOptions plain = opt;
-    plain.out_scale = plain.out_shift = plain.residual = c10::nullopt;
-    plain.out_relu = plain.compute_stats = false;
+    SeparableOptions plain;  // the prologue and mid activation only
+    plain.in_scale = opt.in_scale;
+    plain.in_shift = opt.in_shift;
+    plain.in_relu = opt.in_relu;
+    plain.mid = opt.mid;
     y = std::get<0>(separable_conv2d(x, dw_weight, pw_weight, plain, g));
   }
-  const Tensor grad_z =
-      opt.out_relu ? at::where(*out > 0, grad_out, at::zeros({}, grad_out.options())) : grad_out;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  Tensor keep[8];
+  // grad_y, pixel-major [pixels][C], and the epilogue's sums (of grad_z * y and grad_z) in one pass.
+  const Tensor gy2 = at::empty({pixels, C}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  ChannelPassParams e;
+  e.g = g;
+  e.channels = C, e.h = g.out_h, e.w = g.out_w;
+  e.grad = view_of(grad_out);
+  if (opt.out_relu) e.act = view_of(*out);
+  if (need_y) e.y = view_of(y);
+  e.grad_y = gy2.data_ptr();
+  e.scale = float_vector(opt.out_scale, keep[0]);
+  e.vec_a = float_vector(grad_sum, keep[1]);
+  e.vec_b = float_vector(grad_sumsq, keep[2]);
+  e.relu = opt.out_relu;
+  const int64_t out_tiles = channel_pass_tiles(e);
+  Tensor workspace = at::empty({reduce_rows_workspace(out_tiles, 2 * C)}, x.options().dtype(at::kFloat));
+  e.partial = workspace.data_ptr<float>();
+  check_launch(kBackward, launch_channel_pass(e, dtype, false, stream));
   const Tensor empty = at::empty({0}, x.options().dtype(at::kFloat));
   Tensor grad_out_scale = empty, grad_out_shift = empty;
-  if (opt.out_scale.has_value()) {
-    grad_out_scale = channel_sum(grad_z.to(at::kFloat) * y.to(at::kFloat)).to(opt.out_scale->scalar_type());
+  if (opt.out_scale.has_value() || opt.out_shift.has_value()) {
+    Tensor sums = at::empty({2 * C}, x.options().dtype(at::kFloat));
+    check_launch(kBackward, launch_reduce_rows(e.partial, out_tiles, 2 * C, C, sums.data_ptr<float>(),
+                                               sums.data_ptr<float>() + C, stream));
+    if (opt.out_scale.has_value()) grad_out_scale = sums.slice(0, 0, C).to(opt.out_scale->scalar_type());
+    if (opt.out_shift.has_value()) grad_out_shift = sums.slice(0, C, 2 * C).to(opt.out_shift->scalar_type());
   }
-  if (opt.out_shift.has_value()) grad_out_shift = channel_sum(grad_z).to(opt.out_shift->scalar_type());
-  Tensor grad_y = grad_z;
-  if (opt.out_scale.has_value() || grad_sum.has_value() || grad_sumsq.has_value()) {
-    Tensor gy = grad_z.to(at::kFloat);
-    if (opt.out_scale.has_value()) gy = gy * per_channel(*opt.out_scale);
-    if (grad_sum.has_value()) gy = gy + per_channel(*grad_sum);
-    if (grad_sumsq.has_value()) gy = gy + 2 * y.to(at::kFloat) * per_channel(*grad_sumsq);
-    grad_y = gy.to(dt);
-  }
-  // Pixels by channels, channels fastest (a view when grad_y is channels_last already).
-  const Tensor gy2 = grad_y.permute({0, 2, 3, 1}).contiguous().view({pixels, C});
 
   // grad_mid = grad_y W: [pixels, K], channels fastest, seen as an (N, K, OH, OW) channels_last tensor.
   const Tensor pw2 = pw_weight.contiguous().view({C, K});
@@ -109,31 +119,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_con
   q.fwd.x = view_of(x);
   const Tensor dw = dw_weight.contiguous();
   q.fwd.dw_weight = dw.data_ptr();
-  Tensor keep[2];
-  q.fwd.in_scale = float_vector(opt.in_scale, keep[0]);
-  q.fwd.in_shift = float_vector(opt.in_shift, keep[1]);
+  q.fwd.in_scale = float_vector(opt.in_scale, keep[3]);
+  q.fwd.in_shift = float_vector(opt.in_shift, keep[4]);
   q.fwd.in_relu = opt.in_relu;
   q.fwd.mid = static_cast<int32_t>(opt.mid);
   q.grad_y = gy2.data_ptr();
   const int64_t slices = pointwise_grad_slices(g, caps.sms, &q.steps_per_slice);
   Tensor partial = at::empty({slices, C, K}, x.options().dtype(at::kFloat));
   q.partial = partial.data_ptr<float>();
-  check_launch(kBackward,
-               launch_separable_pointwise_grad(q, dtype, math, slices, c10::cuda::getCurrentCUDAStream()));
+  check_launch(kBackward, launch_separable_pointwise_grad(q, dtype, math, slices, stream));
   const Tensor grad_pw = partial.sum(0).to(pw_weight.scalar_type()).view({C, K, 1, 1});  // fixed-order reduction
 
   // The depthwise stage's backward, on what it read: relu?(x * in_scale + in_shift) rounded to the dtype.
   Conv2dGeometry gd = g;
   gd.out_channels = K;
   const bool prologue = opt.in_scale.has_value() || opt.in_shift.has_value() || opt.in_relu;
-  Tensor affine = x;
-  if (opt.in_scale.has_value() || opt.in_shift.has_value()) {
-    Tensor a = x.to(at::kFloat);
-    if (opt.in_scale.has_value()) a = a * per_channel(*opt.in_scale);
-    if (opt.in_shift.has_value()) a = a + per_channel(*opt.in_shift);
-    affine = a.to(dt);
+  Tensor input = x;
+  if (prologue) {
+    input = at::empty(x.sizes(), x.options().memory_format(fmt));
+    check_launch(kBackward, launch_prologue_apply(view_of(x), view_of(input), g, q.fwd.in_scale, q.fwd.in_shift,
+                                                  opt.in_relu, dtype, stream));
   }
-  const Tensor input = prologue ? (opt.in_relu ? at::relu(affine) : affine).contiguous(fmt) : x;
   Tensor grad_dw_out = grad_mid;
   if (opt.mid != MidActivation::None) {
     const Tensor d = depthwise_conv2d(input, dw_weight, c10::nullopt, gd);
@@ -143,17 +149,34 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_con
     grad_dw_out = grad_dw_out.contiguous(fmt);
   }
   const Tensor grad_dw = depthwise_conv2d_backward_weight(grad_dw_out, input, gd);
-  Tensor grad_input = depthwise_conv2d_backward_input(grad_dw_out, dw_weight, gd, fmt);
+  const Tensor grad_input = depthwise_conv2d_backward_input(grad_dw_out, dw_weight, gd, fmt);
 
-  // The prologue's backward.
-  if (opt.in_relu) grad_input = at::where(affine > 0, grad_input, at::zeros({}, grad_input.options()));
-  Tensor grad_in_scale = empty, grad_in_shift = empty;
-  if (opt.in_scale.has_value()) {
-    grad_in_scale = channel_sum(grad_input.to(at::kFloat) * x.to(at::kFloat)).to(opt.in_scale->scalar_type());
+  // The prologue's backward: the ReLU mask, in_scale, and the sums for in_scale / in_shift, in one pass.
+  Tensor grad_x = grad_input, grad_in_scale = empty, grad_in_shift = empty;
+  if (prologue) {
+    grad_x = at::empty(x.sizes(), x.options().memory_format(fmt));
+    ChannelPassParams r;
+    r.g = g;
+    r.channels = g.in_channels, r.h = g.in_h, r.w = g.in_w;
+    r.grad = view_of(grad_input);
+    r.act = view_of(x);
+    r.result = view_of(grad_x);
+    r.scale = q.fwd.in_scale;
+    r.vec_a = q.fwd.in_shift;
+    r.relu = opt.in_relu;
+    const int64_t in_tiles = channel_pass_tiles(r);
+    Tensor ws = at::empty({reduce_rows_workspace(in_tiles, 2 * g.in_channels)}, x.options().dtype(at::kFloat));
+    r.partial = ws.data_ptr<float>();
+    check_launch(kBackward, launch_channel_pass(r, dtype, true, stream));
+    if (opt.in_scale.has_value() || opt.in_shift.has_value()) {
+      const int64_t ci = g.in_channels;
+      Tensor sums = at::empty({2 * ci}, x.options().dtype(at::kFloat));
+      check_launch(kBackward, launch_reduce_rows(r.partial, in_tiles, 2 * ci, ci, sums.data_ptr<float>(),
+                                                 sums.data_ptr<float>() + ci, stream));
+      if (opt.in_scale.has_value()) grad_in_scale = sums.slice(0, 0, ci).to(opt.in_scale->scalar_type());
+      if (opt.in_shift.has_value()) grad_in_shift = sums.slice(0, ci, 2 * ci).to(opt.in_shift->scalar_type());
+    }
   }
-  if (opt.in_shift.has_value()) grad_in_shift = channel_sum(grad_input).to(opt.in_shift->scalar_type());
-  Tensor grad_x = grad_input;
-  if (opt.in_scale.has_value()) grad_x = (grad_input.to(at::kFloat) * per_channel(*opt.in_scale)).to(dt);
   return {grad_x.contiguous(fmt), grad_dw.contiguous(), grad_pw.contiguous(), grad_in_scale, grad_in_shift,
           grad_out_scale, grad_out_shift};
 }

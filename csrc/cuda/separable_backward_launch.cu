@@ -28,7 +28,69 @@ cudaError_t grad_for_math(const PointwiseGradParams& q, int64_t slices, cudaStre
   return launch_grad<T, kMath, 0, 0>(q, slices, stream);
 }
 
+template <typename T>
+cudaError_t channel_pass(const ChannelPassParams& p, bool prologue_pass, cudaStream_t stream) {
+  const int64_t tiles = channel_pass_tiles(p);
+  if (tiles > INT_MAX) return cudaErrorInvalidValue;
+  if (prologue_pass) {
+    kernels::separable_channel_pass_kernel<T, true><<<static_cast<unsigned>(tiles), 256, 0, stream>>>(p);
+  } else {
+    kernels::separable_channel_pass_kernel<T, false><<<static_cast<unsigned>(tiles), 256, 0, stream>>>(p);
+  }
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t prologue_apply(const DepthwiseTensor& x, const DepthwiseTensor& out, const Conv2dGeometry& g,
+                           const float* scale, const float* shift, bool relu, cudaStream_t stream) {
+  const int64_t total = g.batch * g.in_channels * g.in_h * g.in_w;
+  const int64_t blocks = total / 256 + 1 < 8192 ? total / 256 + 1 : 8192;  // grid-stride beyond
+  kernels::prologue_apply_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
+      x, out, g.batch, g.in_channels, g.in_h, g.in_w, scale, shift, relu);
+  return cudaGetLastError();
+}
+
 }  // namespace
+
+cudaError_t launch_channel_pass(const ChannelPassParams& p, DType dtype, bool prologue_pass, cudaStream_t stream) {
+  if (channel_pass_tiles(p) == 0) return cudaSuccess;
+  switch (dtype) {
+    case DType::Float32: return channel_pass<float>(p, prologue_pass, stream);
+    case DType::Float16: return channel_pass<__half>(p, prologue_pass, stream);
+    case DType::BFloat16: return channel_pass<__nv_bfloat16>(p, prologue_pass, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_prologue_apply(const DepthwiseTensor& x, const DepthwiseTensor& out, const Conv2dGeometry& g,
+                                  const float* scale, const float* shift, bool relu, DType dtype,
+                                  cudaStream_t stream) {
+  if (g.batch * g.in_channels * g.in_h * g.in_w == 0) return cudaSuccess;
+  switch (dtype) {
+    case DType::Float32: return prologue_apply<float>(x, out, g, scale, shift, relu, stream);
+    case DType::Float16: return prologue_apply<__half>(x, out, g, scale, shift, relu, stream);
+    case DType::BFloat16: return prologue_apply<__nv_bfloat16>(x, out, g, scale, shift, relu, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_reduce_rows(float* partial, int64_t rows, int64_t cols, int64_t half, float* first, float* second,
+                               cudaStream_t stream) {
+  float* buffers[2] = {partial, partial + rows * cols};
+  for (int level = 0;; ++level) {
+    const int64_t groups = (rows + 63) / 64;
+    if (groups > INT_MAX || (cols + 255) / 256 > 65535) return cudaErrorInvalidValue;
+    const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>((cols + 255) / 256));
+    const bool last = groups == 1;
+    kernels::separable_stats_reduce_kernel<<<grid, 256, 0, stream>>>(buffers[level % 2], rows, cols,
+                                                                      last ? nullptr : buffers[(level + 1) % 2],
+                                                                      last ? first : nullptr,
+                                                                      last ? second : nullptr, half);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess || last) return err;
+    rows = groups;
+  }
+}
 
 cudaError_t launch_separable_pointwise_grad(const PointwiseGradParams& q, DType dtype, PointwiseMath math,
                                             int64_t slices, cudaStream_t stream) {

@@ -237,6 +237,36 @@ struct PointwiseGradParams {
   int64_t steps_per_slice = 0;
 };
 
+// The backward's elementwise passes over an (N, C, H, W) tensor, 64 pixels (flattened over N, H, W) per block
+// and channels across threads, each block writing one row of per-channel float32 partial sums that
+// launch_reduce_rows adds up in a fixed order. Two kernels (kernels/separable_backward.cuh):
+//   grad_y:   gz = relu'(out) grad_out; grad_y = gz * scale + vec_a + 2 y vec_b (absent terms dropped), stored
+//             pixel-major [pixels][C] in the dtype; sums of gz * y and of gz.
+//   prologue: g = relu'(round(x * scale + shift)) grad; grad_x = round(g * scale) (g without a scale); sums of
+//             g * x and of g.
+struct ChannelPassParams {
+  Conv2dGeometry g;        // batch, channels (in_channels for the prologue, out_channels for grad_y), h, w
+  int64_t channels = 0, h = 0, w = 0;
+  DepthwiseTensor grad;    // grad_out, or the gradient of the depthwise stage's input
+  DepthwiseTensor act;     // out (its ReLU mask; data null without one), or x
+  DepthwiseTensor y;       // the pre-epilogue output (data null when no term needs it)
+  DepthwiseTensor result;  // the prologue pass's grad_x (unused by grad_y)
+  void* grad_y = nullptr;  // the grad_y pass's [pixels][channels] output
+  const float* scale = nullptr;  // out_scale / in_scale
+  const float* vec_a = nullptr;  // grad_sum / in_shift
+  const float* vec_b = nullptr;  // grad_sumsq
+  bool relu = false;
+  float* partial = nullptr;      // [tiles][2 channels]
+};
+constexpr int kChannelPassPixels = 64;
+XO_HOST_DEVICE inline int64_t channel_pass_tiles(const ChannelPassParams& p) {
+  return (p.g.batch * p.h * p.w + kChannelPassPixels - 1) / kChannelPassPixels;
+}
+// Floats of workspace: the partial rows and the scratch of the fixed-order reduction.
+XO_HOST_DEVICE inline int64_t reduce_rows_workspace(int64_t rows, int64_t cols) {
+  return (rows + (rows + 63) / 64) * cols;
+}
+
 // Pixel slices of the pointwise-gradient kernel: enough blocks for two waves on `sms` multiprocessors, each slice
 // at least 8 steps of 32 pixels. Returns the slice count; steps_per_slice receives its length.
 inline int64_t pointwise_grad_slices(const Conv2dGeometry& g, int sms, int64_t* steps_per_slice) {
@@ -262,6 +292,17 @@ cudaError_t launch_separable_forward(const SeparableParams& p, DType dtype, Poin
 // The pointwise weight gradient's partial sums (PointwiseGradParams); `slices` blocks along z.
 cudaError_t launch_separable_pointwise_grad(const PointwiseGradParams& q, DType dtype, PointwiseMath math,
                                             int64_t slices, cudaStream_t stream);
+
+// The backward's elementwise passes (ChannelPassParams); `prologue_pass` picks the prologue formula.
+cudaError_t launch_channel_pass(const ChannelPassParams& p, DType dtype, bool prologue_pass, cudaStream_t stream);
+// relu?(round(x * scale + shift)) into `out` (any strides), elementwise.
+cudaError_t launch_prologue_apply(const DepthwiseTensor& x, const DepthwiseTensor& out, const Conv2dGeometry& g,
+                                  const float* scale, const float* shift, bool relu, DType dtype,
+                                  cudaStream_t stream);
+// Sums the rows of `partial` [rows][cols] in a fixed order (groups of 64 per level, through the scratch rows after
+// them, reduce_rows_workspace floats in all): columns [0, half) go to `first`, the rest to `second`.
+cudaError_t launch_reduce_rows(float* partial, int64_t rows, int64_t cols, int64_t half, float* first, float* second,
+                               cudaStream_t stream);
 
 // The current device's compute capability, multiprocessor count and shared memory (queried once per device).
 struct DeviceCaps {

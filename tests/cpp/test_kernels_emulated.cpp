@@ -414,6 +414,124 @@ TEST_CASE(pointwise_weight_gradient_recomputes_the_depthwise_result) {
   }
 }
 
+// The backward's elementwise passes: grad_y (with out's ReLU mask, out_scale, grad_sum, grad_sumsq) and the
+// prologue's backward (ReLU mask of round(x * scale + shift), grad_x, the sums), against float64 loops.
+template <typename T>
+void check_channel_pass(bool prologue, bool channels_last, bool relu, bool with_vectors, double tol, const char* what) {
+  std::mt19937 rng(prologue * 7 + channels_last * 3 + relu + with_vectors * 11);
+  std::normal_distribution<float> normal(0.f, 1.f);
+  const int64_t n = 2, c = 37, h = 9, w = 11, pixels = n * h * w;  // 198 pixels: 4 blocks, the last partial
+  std::vector<T> grad(n * c * h * w), act(grad.size()), y(grad.size()), result(grad.size(), from_float<T>(std::nanf("")));
+  std::vector<T> grad_y(grad.size(), from_float<T>(std::nanf("")));
+  for (auto& v : grad) v = from_float<T>(normal(rng));
+  // grad_y's act is a ReLU output (exact zeros, which the mask must drop); the prologue's is x.
+  for (auto& v : act) v = from_float<T>(prologue ? normal(rng) : std::max(normal(rng), 0.f));
+  for (auto& v : y) v = from_float<T>(normal(rng));
+  std::vector<float> scale(c), va(c), vb(c);
+  for (auto& v : scale) v = 0.5f + std::abs(normal(rng));
+  for (auto& v : va) v = 0.3f * normal(rng);
+  for (auto& v : vb) v = 0.1f * normal(rng);
+  ChannelPassParams q;
+  q.g.batch = n;
+  q.channels = c, q.h = h, q.w = w;
+  strides(c, h, w, channels_last, q.grad.stride);
+  strides(c, h, w, channels_last, q.act.stride);
+  strides(c, h, w, !channels_last, q.y.stride);  // y in the other layout: every tensor has its own strides
+  strides(c, h, w, channels_last, q.result.stride);
+  q.grad.data = grad.data();
+  q.act.data = (relu || prologue) ? act.data() : nullptr;
+  q.y.data = prologue || !with_vectors ? nullptr : y.data();
+  q.result.data = result.data();
+  q.grad_y = grad_y.data();
+  q.scale = with_vectors ? scale.data() : nullptr;
+  q.vec_a = with_vectors ? va.data() : nullptr;
+  q.vec_b = with_vectors && !prologue ? vb.data() : nullptr;
+  q.relu = relu;
+  const int64_t tiles = channel_pass_tiles(q);
+  std::vector<float> partial(reduce_rows_workspace(tiles, 2 * c), std::nanf(""));
+  q.partial = partial.data();
+  if (prologue) {
+    emulate_launch(kernels::separable_channel_pass_kernel<T, true>, dim3(static_cast<unsigned>(tiles)), dim3(256), q);
+  } else {
+    emulate_launch(kernels::separable_channel_pass_kernel<T, false>, dim3(static_cast<unsigned>(tiles)), dim3(256), q);
+  }
+  std::vector<double> got_first(c, 0), got_second(c, 0), want_first(c, 0), want_second(c, 0);
+  for (int64_t t = 0; t < tiles; ++t) {
+    for (int64_t k = 0; k < c; ++k) got_first[k] += partial[t * 2 * c + k], got_second[k] += partial[t * 2 * c + c + k];
+  }
+  std::vector<double> got_out, want_out;
+  for (int64_t pix = 0; pix < pixels; ++pix) {
+    const int64_t iw = pix % w, ih = pix / w % h, in = pix / w / h;
+    for (int64_t k = 0; k < c; ++k) {
+      auto at = [&](const std::vector<T>& v, const int64_t (&st)[4]) {
+        return to_double(v[in * st[0] + k * st[1] + ih * st[2] + iw * st[3]]);
+      };
+      double g = at(grad, q.grad.stride);
+      const double sc = with_vectors ? scale[k] : 1.0, a = with_vectors ? va[k] : 0.0;
+      if (prologue) {
+        const double xv = at(act, q.act.stride);
+        const double affine = to_double(from_float<T>(static_cast<float>(xv * sc + a)));
+        if (relu && !(affine > 0)) g = 0;
+        want_first[k] += g * xv, want_second[k] += g;
+        want_out.push_back(with_vectors ? g * sc : g);
+        got_out.push_back(at(result, q.result.stride));
+      } else {
+        if (relu && !(at(act, q.act.stride) > 0)) g = 0;
+        const double yv = q.y.data != nullptr ? at(y, q.y.stride) : 0.0;
+        want_first[k] += g * yv, want_second[k] += g;
+        want_out.push_back(g * sc + a + (with_vectors ? 2 * yv * vb[k] : 0.0));
+        got_out.push_back(to_double(grad_y[pix * c + k]));
+      }
+    }
+  }
+  const double e_out = relative_error(got_out, want_out);
+  const double e_first = q.y.data != nullptr || prologue ? relative_error(got_first, want_first) : 0.0;
+  const double e_second = relative_error(got_second, want_second);
+  if (!(e_out <= tol && e_first <= tol && e_second <= tol)) {
+    std::printf("  %s: out %.3g, first sums %.3g, second sums %.3g > %.3g\n", what, e_out, e_first, e_second, tol);
+  }
+  EXPECT(e_out <= tol && e_first <= tol && e_second <= tol);
+}
+
+TEST_CASE(backward_elementwise_passes) {
+  for (bool prologue : {false, true}) {
+    for (bool cl : {false, true}) {
+      for (bool relu : {false, true}) {
+        for (bool vectors : {false, true}) {
+          check_channel_pass<float>(prologue, cl, relu, vectors, 1e-6, prologue ? "fp32 prologue" : "fp32 grad_y");
+          check_channel_pass<__nv_bfloat16>(prologue, cl, relu, vectors, 8e-3, prologue ? "bf16 prologue" : "bf16 grad_y");
+        }
+      }
+    }
+  }
+  // relu?(round(x * scale + shift)) elementwise, strides of its own on each side.
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal(0.f, 1.f);
+  Conv2dGeometry g;
+  g.batch = 2, g.in_channels = 5, g.in_h = 4, g.in_w = 3;
+  std::vector<__half> x(2 * 5 * 4 * 3), out(x.size(), from_float<__half>(std::nanf("")));
+  for (auto& v : x) v = from_float<__half>(normal(rng));
+  std::vector<float> sc = {0.5f, 1.f, 1.5f, -1.f, 2.f}, sh = {0.1f, -0.2f, 0.f, 0.3f, -1.f};
+  DepthwiseTensor xt, ot;
+  strides(5, 4, 3, false, xt.stride);
+  strides(5, 4, 3, true, ot.stride);
+  xt.data = x.data(), ot.data = out.data();
+  emulate_launch(kernels::prologue_apply_kernel<__half>, dim3(1), dim3(256), static_cast<const DepthwiseTensor>(xt),
+                 static_cast<const DepthwiseTensor>(ot), int64_t{2}, int64_t{5}, int64_t{4}, int64_t{3},
+                 static_cast<const float*>(sc.data()), static_cast<const float*>(sh.data()), true);
+  double worst = 0;
+  for (int64_t n = 0; n < 2; ++n)
+    for (int64_t k = 0; k < 5; ++k)
+      for (int64_t h = 0; h < 4; ++h)
+        for (int64_t w = 0; w < 3; ++w) {
+          const double xv = to_double(x[n * xt.stride[0] + k * xt.stride[1] + h * xt.stride[2] + w * xt.stride[3]]);
+          const double want = std::max(to_double(from_float<__half>(static_cast<float>(xv * sc[k] + sh[k]))), 0.0);
+          const double got = to_double(out[n * ot.stride[0] + k * ot.stride[1] + h * ot.stride[2] + w * ot.stride[3]]);
+          worst = std::max(worst, std::abs(got - want));
+        }
+  EXPECT(worst == 0.0);
+}
+
 // ---- the depthwise kernels: the launchers' plans (cuda/depthwise_launch.cu), emulated ----
 
 unsigned int elementwise_blocks(int64_t total) {
