@@ -32,8 +32,11 @@ def test_torch_backend_on_gpu_against_float64(dtype, layout):
     assert out.is_contiguous(memory_format=layout)
 
 
-def test_model_trains_in_bf16_channels_last():
-    model = xception(num_classes=10).cuda().to(memory_format=torch.channels_last)
+@pytest.mark.parametrize("backend", ["auto", "cuda"])
+def test_model_trains_in_bf16_channels_last(backend):
+    """Three SGD steps lower the loss; with backend="cuda" every separable conv runs the fused forward and the
+    CUDA backward, its BatchNorms applied by the next conv's prologue inside each module."""
+    model = xception(num_classes=10, backend=backend).cuda().to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x = torch.randn(4, 3, 107, 107, device="cuda").contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (4,), device="cuda")
