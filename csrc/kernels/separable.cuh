@@ -88,33 +88,57 @@ __device__ __forceinline__ float from_bits16<__half>(unsigned int bits) {
 template <>
 __device__ __forceinline__ float from_bits16<__nv_bfloat16>(unsigned int bits) { return __uint_as_float(bits << 16); }
 
-static_assert(kSepVec == 4, "VecIO moves four channels");
+// V consecutive channels (4: 8 bytes of fp16 / bf16, 16 of float32; 2: half that) in one access. Loads take a
+// predicate and give zeros where it is false, without reading (a predicated load, no branch). Stores take
+// values already rounded to the dtype.
+template <typename T, int V = kSepVec>
+struct VecIO;
 template <typename T>
-struct VecIO {  // fp16 / bf16: one 8-byte access
-  __device__ __forceinline__ static void load(const T* p, float (&v)[kSepVec]) { load_if(true, p, v); }
-  // Zeros where !ok, without reading: a predicated load, no branch.
-  __device__ __forceinline__ static void load_if(bool ok, const T* p, float (&v)[kSepVec]) {
+struct VecIO<T, 4> {
+  __device__ __forceinline__ static void load(const T* p, float (&v)[4]) { load_if(true, p, v); }
+  __device__ __forceinline__ static void load_if(bool ok, const T* p, float (&v)[4]) {
     uint2 u = make_uint2(0u, 0u);
     if (ok) u = load_readonly(reinterpret_cast<const uint2*>(p));
     v[0] = from_bits16<T>(u.x & 0xffffu), v[1] = from_bits16<T>(u.x >> 16);
     v[2] = from_bits16<T>(u.y & 0xffffu), v[3] = from_bits16<T>(u.y >> 16);
   }
-  // `v` already rounded to the dtype.
-  __device__ __forceinline__ static void store(T* p, const float (&v)[kSepVec]) {
+  __device__ __forceinline__ static void store(T* p, const float (&v)[4]) {
     *reinterpret_cast<uint2*>(p) = make_uint2(bits16<T>(v[0]) | (bits16<T>(v[1]) << 16),
                                               bits16<T>(v[2]) | (bits16<T>(v[3]) << 16));
   }
 };
+template <typename T>
+struct VecIO<T, 2> {
+  __device__ __forceinline__ static void load_if(bool ok, const T* p, float (&v)[2]) {
+    unsigned int u = 0u;
+    if (ok) u = load_readonly(reinterpret_cast<const unsigned int*>(p));
+    v[0] = from_bits16<T>(u & 0xffffu), v[1] = from_bits16<T>(u >> 16);
+  }
+  __device__ __forceinline__ static void store(T* p, const float (&v)[2]) {
+    *reinterpret_cast<unsigned int*>(p) = bits16<T>(v[0]) | (bits16<T>(v[1]) << 16);
+  }
+};
 template <>
-struct VecIO<float> {  // one 16-byte access
-  __device__ __forceinline__ static void load(const float* p, float (&v)[kSepVec]) { load_if(true, p, v); }
-  __device__ __forceinline__ static void load_if(bool ok, const float* p, float (&v)[kSepVec]) {
+struct VecIO<float, 4> {
+  __device__ __forceinline__ static void load(const float* p, float (&v)[4]) { load_if(true, p, v); }
+  __device__ __forceinline__ static void load_if(bool ok, const float* p, float (&v)[4]) {
     float4 u = make_float4(0.f, 0.f, 0.f, 0.f);
     if (ok) u = load_readonly(reinterpret_cast<const float4*>(p));
     v[0] = u.x, v[1] = u.y, v[2] = u.z, v[3] = u.w;
   }
-  __device__ __forceinline__ static void store(float* p, const float (&v)[kSepVec]) {
+  __device__ __forceinline__ static void store(float* p, const float (&v)[4]) {
     *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+  }
+};
+template <>
+struct VecIO<float, 2> {
+  __device__ __forceinline__ static void load_if(bool ok, const float* p, float (&v)[2]) {
+    float2 u = make_float2(0.f, 0.f);
+    if (ok) u = load_readonly(reinterpret_cast<const float2*>(p));
+    v[0] = u.x, v[1] = u.y;
+  }
+  __device__ __forceinline__ static void store(float* p, const float (&v)[2]) {
+    *reinterpret_cast<float2*>(p) = make_float2(v[0], v[1]);
   }
 };
 
@@ -622,19 +646,22 @@ __device__ __forceinline__ void depthwise_tile_mapped(const SeparableParams& p, 
 }
 
 // The vector path (p.x_vectors: channels fastest in x, aligned, no depth multiplier, flat tiles, 3x3): a thread
-// takes kSepVec consecutive channels; `lanes` threads (the channel groups rounded up to a power of two, at most a
+// takes V consecutive channels; `lanes` threads (the channel groups rounded up to a power of two, at most a
 // warp) cover a pixel's channels, and each thread walks its share of the tile's pixels with the weights and
-// prologue of its channels in registers. Per tap: one predicated 8- or 16-byte load at a 32-bit offset from the
+// prologue of its channels in registers. Per tap: one predicated load of V channels at a 32-bit offset from the
 // pixel's origin (separable_plan checks that the offsets fit).
 //   Four consecutive pixels of one output row (kQuad, at stride 1 or 2 without horizontal dilation) share their
 //   input columns: one kernel row at a time, 3 s + 3 columns are loaded, converted and prologued once and feed
 //   4 x 3 taps, about 19 instructions per output against 64 pixel by pixel (measured form of the latter, v7b:
 //   255 instructions per pixel and 4 channels). A group of four that crosses a row, or the tile's end, goes
-//   pixel by pixel. Only in the kernel build without the 128-register cap (kQuads; one block per SM).
-template <typename T, typename S, int KH, int KW, bool kPrologue, bool kQuads>
+//   pixel by pixel. V is 4 in the kernel build without the 128-register cap (one block per SM) and 2 in the
+//   capped build, where the 4-channel window would not fit (it spilled 320 bytes; with 2 channels the capped
+//   build spills ~10 values per GEMM step instead, a trade measured by nothing yet).
+template <typename T, typename S, int KH, int KW, bool kPrologue, int V>
 __device__ __forceinline__ void depthwise_tile_vectors(const SeparableParams& p, const PixelInfo& px, S* a, int lda,
                                                        int32_t k0, int cols) {
-  constexpr int V = kSepVec, kTaps = KH * KW, kQuad = 4, kMaxCols = 3 * 2 + KW;  // columns at stride 2
+  constexpr int kTaps = KH * KW, kQuad = 4;
+  static_assert(kSepVec % V == 0, "whole vectors of separable_plan's vector width");
   static_assert(kTaps > 0, "compile-time kernel size");
   static_assert(kSepTileP % kQuad == 0, "whole groups of four pixels");
   const Conv2dGeometry& g = p.g;
@@ -651,7 +678,7 @@ __device__ __forceinline__ void depthwise_tile_vectors(const SeparableParams& p,
   int lanes = 32;
   while (lanes > 1 && lanes / 2 >= groups) lanes /= 2;
   // Groups of four when they keep every thread busy (16 groups per tile) and the window is shared.
-  const bool quads = kQuads && lanes >= kSepThreads / (kSepTileP / kQuad) && dwl == 1 && (sw == 1 || sw == 2);
+  const bool quads = lanes >= kSepThreads / (kSepTileP / kQuad) && dwl == 1 && (sw == 1 || sw == 2);
   const int unit = quads ? kQuad : 1;  // pixels per work item
   const int item0 = threadIdx.x / lanes, item_step = kSepThreads / lanes;
 
@@ -664,7 +691,7 @@ __device__ __forceinline__ void depthwise_tile_vectors(const SeparableParams& p,
       acc[v] = y;
     }
     if constexpr (std::is_same<S, T>::value) {
-      VecIO<T>::store(a + row * lda + col, acc);  // the 16-bit tile: one 8-byte store
+      VecIO<T, V>::store(a + row * lda + col, acc);  // the 16-bit tile: one store
     } else {
 #pragma unroll
       for (int v = 0; v < V; ++v) TileElem<S>::store(a + row * lda + col + v, acc[v]);
@@ -688,7 +715,7 @@ __device__ __forceinline__ void depthwise_tile_vectors(const SeparableParams& p,
     const T* chan = x + (k_ok ? k : 0);
     // One input vector: loaded where ok (0 otherwise), the prologue applied, padding 0 after it.
     auto input = [&](bool ok, const T* src, float (&xv)[V]) {
-      VecIO<T>::load_if(ok, src, xv);
+      VecIO<T, V>::load_if(ok, src, xv);
       if constexpr (kPrologue) {
         const float keep = ok ? 1.f : 0.f;  // a select here compiled to a branch per element
 #pragma unroll
@@ -721,7 +748,7 @@ __device__ __forceinline__ void depthwise_tile_vectors(const SeparableParams& p,
 
 #pragma unroll 1
     for (int item = item0; item * unit < kSepTileP; item += item_step) {
-      if (!kQuads || !quads) {
+      if (!quads) {
         one_pixel(item);
         continue;
       }
@@ -762,6 +789,7 @@ __device__ __forceinline__ void depthwise_tile_vectors(const SeparableParams& p,
 #pragma unroll
               for (int v = 0; v < V; ++v) acc[q][v] = fmaf(xv[q + j][v], wv[i * KW + j][v], acc[q][v]);
         } else {
+          constexpr int kMaxCols = 3 * 2 + KW;  // columns of four pixels at stride 2
           float xv[kMaxCols][V];
 #pragma unroll
           for (int c = 0; c < kMaxCols; ++c) {
@@ -869,8 +897,9 @@ __device__ __forceinline__ void depthwise_tile_square_dispatch(const SeparablePa
   }
 }
 
-// kQuads: whether the vector path may take groups of four pixels (which need more than 128 registers).
-template <typename T, typename S, int KH, int KW, bool kQuads>
+// kWide: the build without the 128-register cap; its vector path moves 4 channels per access, the capped build's
+// 2 (the four-pixel window of 4 channels needs more than 128 registers).
+template <typename T, typename S, int KH, int KW, bool kWide>
 __device__ __forceinline__ void depthwise_tile(const SeparableParams& p, const PixelInfo& px, S* a, int lda,
                                                int32_t k0, int cols, unsigned char* window) {
   const bool prologue = p.in_scale != nullptr || p.in_shift != nullptr || p.in_relu;
@@ -888,9 +917,9 @@ __device__ __forceinline__ void depthwise_tile(const SeparableParams& p, const P
   if constexpr (KH > 0 && KW > 0) {
     if (p.x_vectors) {
       if (prologue) {
-        depthwise_tile_vectors<T, S, KH, KW, true, kQuads>(p, px, a, lda, k0, cols);
+        depthwise_tile_vectors<T, S, KH, KW, true, kWide ? 4 : 2>(p, px, a, lda, k0, cols);
       } else {
-        depthwise_tile_vectors<T, S, KH, KW, false, kQuads>(p, px, a, lda, k0, cols);
+        depthwise_tile_vectors<T, S, KH, KW, false, kWide ? 4 : 2>(p, px, a, lda, k0, cols);
       }
       return;
     }

@@ -93,9 +93,11 @@ double relative_error(const std::vector<double>& got, const std::vector<double>&
 SeparableParams last_plan;
 
 // Runs one case through the kernel and compares out, sum and sumsq with the float64 loop.
+// wide: the kernel build without the 128-register cap (kMinBlocks = 1), which the launcher takes for layers
+// whose shared memory allows one block per SM; its vector depthwise path moves 4 channels, the capped one's 2.
 template <typename T, PointwiseMath kMath>
 void check_case(const Case& k, bool x_cl, bool out_cl, size_t smem_limit, int sms, double tol, const char* what,
-                bool allow_square = true) {
+                bool allow_square = true, bool wide = false) {
   std::mt19937 rng(static_cast<unsigned>(k.c * 131 + k.cout * 7 + k.h));
   std::normal_distribution<float> normal(0.f, 1.f);
   std::uniform_real_distribution<float> uniform(0.5f, 1.5f);
@@ -146,7 +148,9 @@ void check_case(const Case& k, bool x_cl, bool out_cl, size_t smem_limit, int sm
 
   const int groups = separable_channel_groups(p, sms);
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(groups));
-  if (g.kernel_h == 3 && g.kernel_w == 3) {
+  if (g.kernel_h == 3 && g.kernel_w == 3 && wide) {
+    emulate_launch(kernels::separable_forward_kernel<T, kMath, 3, 3, 1>, grid, dim3(kSepThreads), p);
+  } else if (g.kernel_h == 3 && g.kernel_w == 3) {
     emulate_launch(kernels::separable_forward_kernel<T, kMath, 3, 3>, grid, dim3(kSepThreads), p);
   } else {
     emulate_launch(kernels::separable_forward_kernel<T, kMath, 0, 0>, grid, dim3(kSepThreads), p);
@@ -282,12 +286,16 @@ TEST_CASE(vector_paths_every_dtype_and_option) {
   const Case quads{2, 64, 10, 13, 1, 36, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, true, true, 2, true, true, true, true};
   const Case quads_dh{1, 64, 12, 11, 1, 8, 3, 3, 1, 1, 2, 2, 1, 1, 2, 1, true, false, 1, false, false, false, true};
   for (const Case* c : {&s1, &s2, &dilated, &ragged_k, &quads, &quads_dh}) {
-    check_case<float, PointwiseMath::Ffma>(*c, true, true, kBigSmem, 132, 1e-5, "fp32 vectors", false);
-    EXPECT(last_plan.x_vectors && last_plan.out_vectors);
-    check_case<__half, PointwiseMath::TensorCore>(*c, true, true, kBigSmem, 132, 5e-3, "fp16 vectors", false);
-    EXPECT(last_plan.x_vectors && last_plan.out_vectors);
-    check_case<__nv_bfloat16, PointwiseMath::TensorCore>(*c, true, true, kBigSmem, 132, 3e-2, "bf16 vectors", false);
-    check_case<__nv_bfloat16, PointwiseMath::Ffma>(*c, true, true, kBigSmem, 132, 3e-2, "bf16 FFMA vectors", false);
+    for (bool wide : {false, true}) {
+      check_case<float, PointwiseMath::Ffma>(*c, true, true, kBigSmem, 132, 1e-5, "fp32 vectors", false, wide);
+      EXPECT(last_plan.x_vectors && last_plan.out_vectors);
+      check_case<__half, PointwiseMath::TensorCore>(*c, true, true, kBigSmem, 132, 5e-3, "fp16 vectors", false, wide);
+      EXPECT(last_plan.x_vectors && last_plan.out_vectors);
+      check_case<__nv_bfloat16, PointwiseMath::TensorCore>(*c, true, true, kBigSmem, 132, 3e-2, "bf16 vectors", false,
+                                                           wide);
+      check_case<__nv_bfloat16, PointwiseMath::Ffma>(*c, true, true, kBigSmem, 132, 3e-2, "bf16 FFMA vectors", false,
+                                                     wide);
+    }
   }
   // One side vectorized, the other not.
   check_case<__nv_bfloat16, PointwiseMath::TensorCore>(s2, true, false, kBigSmem, 132, 3e-2, "bf16 NHWC in", false);
@@ -304,6 +312,7 @@ TEST_CASE(vector_paths_every_dtype_and_option) {
   EXPECT(separable_plan(plan, PointwiseMath::TensorCore, 2, limit) && plan.k_chunk == 32);
   check_case<__nv_bfloat16, PointwiseMath::TensorCore>(s2, true, true, limit, 132, 3e-2, "bf16 chunked", false);
   EXPECT(last_plan.k_chunk == 32 && last_plan.x_vectors);
+  check_case<__nv_bfloat16, PointwiseMath::TensorCore>(s2, true, true, limit, 132, 3e-2, "bf16 chunked", false, true);
 }
 
 TEST_CASE(one_group_per_pixel_tile_and_many) {
