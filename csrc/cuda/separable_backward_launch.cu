@@ -14,9 +14,8 @@ namespace {
 template <typename T, PointwiseMath kMath, int KH, int KW>
 cudaError_t launch_grad(const PointwiseGradParams& q, int64_t slices, cudaStream_t stream) {
   const Conv2dGeometry& g = q.fwd.g;
-  const dim3 grid(static_cast<unsigned>((g.dw_channels() + kSepTileN - 1) / kSepTileN),
-                  static_cast<unsigned>((g.out_channels + kernels::kPwgRows - 1) / kernels::kPwgRows),
-                  static_cast<unsigned>(slices));
+  const dim3 grid(static_cast<unsigned>((g.dw_channels() + kernels::kPwgRows - 1) / kernels::kPwgRows),
+                  static_cast<unsigned>((g.out_channels + kSepTileN - 1) / kSepTileN), static_cast<unsigned>(slices));
   const size_t smem = kernels::pointwise_grad_smem(kMath, static_cast<int>(sizeof(T))).total;
   kernels::separable_pointwise_grad_kernel<T, kMath, KH, KW><<<grid, kSepThreads, smem, stream>>>(q);
   return cudaGetLastError();
@@ -95,8 +94,7 @@ cudaError_t launch_reduce_rows(float* partial, int64_t rows, int64_t cols, int64
 cudaError_t launch_separable_pointwise_grad(const PointwiseGradParams& q, DType dtype, PointwiseMath math,
                                             int64_t slices, cudaStream_t stream) {
   const Conv2dGeometry& g = q.fwd.g;
-  if (slices < 1 || slices > 65535 || g.dw_channels() > INT_MAX ||
-      (g.out_channels + kernels::kPwgRows - 1) / kernels::kPwgRows > 65535) {
+  if (slices < 1 || slices > 65535 || g.dw_channels() > INT_MAX || (g.out_channels + kSepTileN - 1) / kSepTileN > 65535) {
     return cudaErrorInvalidValue;
   }
   // 16-bit operands on tensor cores where the forward would use them; FFMA otherwise (float32 exact).

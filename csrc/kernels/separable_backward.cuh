@@ -4,15 +4,16 @@
 // Torch-free: takes a PointwiseGradParams (kernels/separable_params.h); compiles with nvcc or clang for any GPU
 // from sm_37 on (16-bit operands on tensor cores through mma.sync from sm_80, FFMA elsewhere).
 //
-// Block (x, y, z) owns output channels [64 y, 64 y + 64) x depthwise channels [128 x, 128 x + 128) and the
-// pixels of slice z. Per step of 32 pixels:
+// Block (x, y, z) owns depthwise channels [64 x, 64 x + 64) x output channels [128 y, 128 y + 128) and the
+// pixels of slice z: the recomputed operand is the narrow one, so each depthwise value is computed
+// C_out / 128 times in all. Per step of 32 pixels:
 //   1. the step's pixel offsets into shared memory;
-//   2. A = grad_y^T [64 n][32 p] from grad_y (a warp reads consecutive n of one pixel), and B = mid for
-//      [128 k][32 p], each thread computing depthwise outputs with the prologue applied as x is read and the
-//      result rounded to the dtype (as the forward rounds it);
-//   3. one 32-deep step of the forward's GEMM (MmaGemm / FfmaGemm) into float32 accumulators.
-// The block's 64 x 128 sums go to row z of a float32 partial buffer [slices][C_out][K]; the caller sums the rows
-// in a fixed order (bitwise reproducible, no atomics).
+//   2. A = mid^T [64 k][32 p], each thread computing depthwise outputs with the prologue applied as x is read and
+//      the result rounded to the dtype (as the forward rounds it), and B = grad_y^T [128 n][32 p] from grad_y
+//      (a warp reads consecutive n of one pixel);
+//   3. one 32-deep step of the forward's GEMM (MmaGemm / FfmaGemm) into float32 accumulators, grad_pw^T.
+// The block's 64 x 128 sums go, transposed, to row z of a float32 partial buffer [slices][C_out][K]; the caller
+// sums the rows in a fixed order (bitwise reproducible, no atomics).
 #pragma once
 
 #include "separable.cuh"
@@ -56,7 +57,7 @@ __device__ __forceinline__ float depthwise_value(const SeparableParams& p, int64
   return v;
 }
 
-constexpr int kPwgRows = 64;                // output channels per block (the GEMM's rows)
+constexpr int kPwgRows = 64;                // depthwise channels per block (the GEMM's rows)
 constexpr int kPwgPixels = kSepKStep;       // pixels per step (the GEMM's reduction)
 static_assert(kPwgRows == kSepTileP && kSepTileN == 128, "the forward's 64 x 128 GEMM tile");
 
@@ -103,8 +104,8 @@ __global__ void __launch_bounds__(kSepThreads, 2) separable_pointwise_grad_kerne
   const Conv2dGeometry& g = p.g;
   const int64_t n_total = g.out_channels, K = g.dw_channels();
   const int64_t npix = g.batch * g.out_h * g.out_w;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kPwgRows;
-  const int64_t k0 = static_cast<int64_t>(blockIdx.x) * kSepTileN;
+  const int64_t k0 = static_cast<int64_t>(blockIdx.x) * kPwgRows;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kSepTileN;
   const T* __restrict__ gy = static_cast<const T*>(q.grad_y);
 
   Gemm gemm;
@@ -125,25 +126,24 @@ __global__ void __launch_bounds__(kSepThreads, 2) separable_pointwise_grad_kerne
       }
     }
     __syncthreads();  // the pixel offsets are in place; the previous step's GEMM is done with A and B
-    // A[n][p] = grad_y[p0 + p][n0 + n]: consecutive threads read consecutive n of one pixel.
+    // A[k][p] = mid of channel k0 + k at pixel p0 + p: consecutive threads take consecutive channels of a pixel.
     for (int e = threadIdx.x; e < kPwgRows * kPwgPixels; e += kSepThreads) {
-      const int nl = e % kPwgRows, pl = e / kPwgRows;
-      const int64_t n = n0 + nl, pix = p0 + pl;
-      const float v = n < n_total && pix < npix ? Elem<T>::load(gy + pix * n_total + n) : 0.f;
-      TileElem<S>::store(a + nl * lda + pl, v);
-    }
-    // B = mid of channels k0 .. + 128 and the step's pixels: [k][p] for mma.sync (B column-major), [p][k] for
-    // FFMA. Consecutive threads take consecutive channels of one pixel.
-    for (int e = threadIdx.x; e < kSepTileN * kPwgPixels; e += kSepThreads) {
-      const int kl = e % kSepTileN, pl = e / kSepTileN;
+      const int kl = e % kPwgRows, pl = e / kPwgRows;
       const int64_t k = k0 + kl;
       const int64_t base = x_base[pl];
       const float v = k < K && base >= 0 ? depthwise_value<T, KH, KW>(p, base, ih0[pl], iw0[pl], static_cast<int32_t>(k))
                                          : 0.f;
+      TileElem<S>::store(a + kl * lda + pl, v);
+    }
+    // B = grad_y^T: [n][p] for mma.sync (B column-major), [p][n] for FFMA; consecutive threads read consecutive n.
+    for (int e = threadIdx.x; e < kSepTileN * kPwgPixels; e += kSepThreads) {
+      const int nl = e % kSepTileN, pl = e / kSepTileN;
+      const int64_t n = n0 + nl, pix = p0 + pl;
+      const float v = n < n_total && pix < npix ? Elem<T>::load(gy + pix * n_total + n) : 0.f;
       if constexpr (kMma) {
-        TileElem<T>::store(b + kl * kSepBPitch16 + pl, v);
+        TileElem<T>::store(b + nl * kSepBPitch16 + pl, v);
       } else {
-        b[pl * kSepBPitchKN + kl] = v;
+        b[pl * kSepBPitchKN + nl] = v;
       }
     }
     __syncthreads();
@@ -154,8 +154,8 @@ __global__ void __launch_bounds__(kSepThreads, 2) separable_pointwise_grad_kerne
   __syncthreads();
   float* out = q.partial + static_cast<int64_t>(blockIdx.z) * n_total * K;
   for (int e = threadIdx.x; e < kPwgRows * kSepTileN; e += kSepThreads) {
-    const int row = e / kSepTileN, col = e % kSepTileN;  // a warp writes 32 consecutive k of one n
-    const int64_t n = n0 + row, k = k0 + col;
+    const int row = e % kPwgRows, col = e / kPwgRows;  // a warp writes 32 consecutive k of one n
+    const int64_t k = k0 + row, n = n0 + col;
     if (n < n_total && k < K) out[n * K + k] = c[row * kSepCPitch + col];
   }
 }
@@ -168,12 +168,13 @@ template <typename T, bool kPrologue>
 __global__ void __launch_bounds__(256) separable_channel_pass_kernel(const ChannelPassParams q) {
   __shared__ int64_t offset[4][kChannelPassPixels];  // per pixel: its offset in grad, act, y and result
   const int64_t pixels = q.g.batch * q.h * q.w, tile = blockIdx.x;
-  const DepthwiseTensor* tensors[4] = {&q.grad, &q.act, &q.y, &q.result};
   for (int e = threadIdx.x; e < 4 * kChannelPassPixels; e += blockDim.x) {
     const int which = e / kChannelPassPixels, r = e % kChannelPassPixels;
     const int64_t pix = tile * kChannelPassPixels + r;
     const int64_t w = pix % q.w, h = pix / q.w % q.h, n = pix / q.w / q.h;
-    const int64_t* st = tensors[which]->stride;
+    // (a switch, not an array of pointers to the params: that copied them to local memory)
+    const int64_t* st = which == 0 ? q.grad.stride : which == 1 ? q.act.stride : which == 2 ? q.y.stride
+                                                                                              : q.result.stride;
     offset[which][r] = pix < pixels ? n * st[0] + h * st[2] + w * st[3] : -1;
   }
   __syncthreads();

@@ -271,7 +271,7 @@ XO_HOST_DEVICE inline int64_t reduce_rows_workspace(int64_t rows, int64_t cols) 
 // at least 8 steps of 32 pixels. Returns the slice count; steps_per_slice receives its length.
 inline int64_t pointwise_grad_slices(const Conv2dGeometry& g, int sms, int64_t* steps_per_slice) {
   const int64_t steps = (g.batch * g.out_h * g.out_w + 31) / 32;
-  const int64_t tiles = ((g.out_channels + 63) / 64) * ((g.dw_channels() + 127) / 128);
+  const int64_t tiles = ((g.dw_channels() + 63) / 64) * ((g.out_channels + 127) / 128);
   int64_t slices = (2 * static_cast<int64_t>(sms) + tiles - 1) / tiles;
   const int64_t most = (steps + 7) / 8;
   if (slices > most) slices = most;

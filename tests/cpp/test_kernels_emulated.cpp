@@ -364,7 +364,7 @@ void check_pointwise_grad(const Case& k, bool x_cl, int sms, double tol, const c
   const int64_t slices = pointwise_grad_slices(g, sms, &q.steps_per_slice);
   std::vector<float> partial(slices * k.cout * K, std::nanf(""));
   q.partial = partial.data();
-  const dim3 grid(static_cast<unsigned>((K + 127) / 128), static_cast<unsigned>((k.cout + 63) / 64),
+  const dim3 grid(static_cast<unsigned>((K + 63) / 64), static_cast<unsigned>((k.cout + 127) / 128),
                   static_cast<unsigned>(slices));
   if (g.kernel_h == 3 && g.kernel_w == 3) {
     emulate_launch(kernels::separable_pointwise_grad_kernel<T, kMath, 3, 3>, grid, dim3(kSepThreads), q);
@@ -408,10 +408,10 @@ void check_pointwise_grad(const Case& k, bool x_cl, int sms, double tol, const c
 }
 
 TEST_CASE(pointwise_weight_gradient_recomputes_the_depthwise_result) {
-  // Several slices (sms = 1000 asks for many), output channels past one 64-row tile, depthwise channels past one
-  // 128-column tile, a depth multiplier with a generic kernel size, both layouts.
+  // Several slices (sms = 1000 asks for many), depthwise channels past one 64-row tile, output channels past one
+  // 128-column tile (cout 140), a depth multiplier with a generic kernel size, both layouts.
   //                    n   c   h   w  m cout kh kw sh sw pt pb pl pr dh dw  in_aff relu mid out_aff relu res  stats
-  const Case wide{2, 136, 9, 10, 1, 70, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, true, true, 0, false, false, false, false};
+  const Case wide{2, 136, 9, 10, 1, 140, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, true, true, 0, false, false, false, false};
   const Case strided{1, 40, 17, 19, 1, 21, 3, 3, 2, 2, 0, 1, 0, 1, 1, 1, false, true, 1, false, false, false, false};
   const Case generic{3, 4, 7, 10, 2, 9, 5, 3, 1, 2, 2, 1, 0, 1, 1, 2, true, false, 2, false, false, false, false};
   for (const Case* c : {&wide, &strided, &generic}) {
