@@ -124,6 +124,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_con
   q.fwd.in_relu = opt.in_relu;
   q.fwd.mid = static_cast<int32_t>(opt.mid);
   q.grad_y = gy2.data_ptr();
+  q.x_vectors = pointwise_grad_vectors(q.fwd, static_cast<int>(x.element_size()));
   const int64_t slices = pointwise_grad_slices(g, caps.sms, &q.steps_per_slice);
   Tensor partial = at::empty({slices, C, K}, x.options().dtype(at::kFloat));
   q.partial = partial.data_ptr<float>();

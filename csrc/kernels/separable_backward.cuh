@@ -58,6 +58,73 @@ __device__ __forceinline__ float depthwise_value(const SeparableParams& p, int64
 }
 
 constexpr int kPwgRows = 64;                // depthwise channels per block (the GEMM's rows)
+
+// The depthwise values of a step for 3x3 kernels, kSepVec channels at a time: thread t takes channels
+// k0 + 4 (t % 16) .. + 4 (the same for the whole block, so its weights and prologue load once) and pixels
+// t / 16 and t / 16 + 16 of the step; per tap one predicated load of 4 channels. Values as depthwise_value.
+template <typename T, typename S>
+struct MidVectors {
+  static constexpr int V = kSepVec, kTaps = 9;
+  float wv[kTaps][V], scale[V], shift[V];
+  bool k_ok = false;
+  int32_t k = 0;
+
+  __device__ __forceinline__ void init(const SeparableParams& p, int64_t k0, int64_t K) {
+    k = static_cast<int32_t>(k0) + V * static_cast<int32_t>(threadIdx.x % 16);
+    k_ok = k < K;  // K is a multiple of V
+    const T* wdw = static_cast<const T*>(p.dw_weight);
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      const T* wk = wdw + static_cast<int64_t>(k_ok ? k + v : 0) * kTaps;
+#pragma unroll
+      for (int t = 0; t < kTaps; ++t) wv[t][v] = Elem<T>::load(wk + t);
+      scale[v] = p.in_scale != nullptr && k_ok ? p.in_scale[k + v] : 1.f;
+      shift[v] = p.in_shift != nullptr && k_ok ? p.in_shift[k + v] : 0.f;
+    }
+  }
+
+  __device__ __forceinline__ void fill(const SeparableParams& p, S* a, int lda, const int64_t* x_base,
+                                       const int32_t* ih0, const int32_t* iw0, int64_t K) const {
+    const Conv2dGeometry& g = p.g;
+    const bool prologue = p.in_scale != nullptr || p.in_shift != nullptr || p.in_relu;
+    const int kl = V * static_cast<int>(threadIdx.x % 16);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int pl = static_cast<int>(threadIdx.x / 16) + 16 * half;
+      const int64_t base = x_base[pl];
+      float acc[V] = {0.f, 0.f, 0.f, 0.f};
+      if (k_ok && base >= 0) {
+        const T* chan = static_cast<const T*>(p.x.data) + base + k;
+#pragma unroll
+        for (int i = 0; i < 3; ++i) {
+          const int64_t ih = ih0[pl] + static_cast<int64_t>(i) * g.dilation_h;
+          const bool row_ok = in_range<int64_t>(ih, g.in_h);
+#pragma unroll
+          for (int j = 0; j < 3; ++j) {
+            const int64_t iw = iw0[pl] + static_cast<int64_t>(j) * g.dilation_w;
+            const bool ok = row_ok && in_range<int64_t>(iw, g.in_w);
+            float xv[V];
+            VecIO<T, V>::load_if(ok, chan + (ok ? ih * p.x.stride[2] + iw * p.x.stride[3] : 0), xv);
+            const float keep = ok ? 1.f : 0.f;  // padding is 0 after the prologue
+#pragma unroll
+            for (int v = 0; v < V; ++v) {
+              const float x = prologue ? prologue_value<T>(xv[v], scale[v], shift[v], p.in_relu) * keep : xv[v];
+              acc[v] = fmaf(x, wv[i * 3 + j][v], acc[v]);
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        float y = round_to<T>(acc[v]);
+        if (p.mid == 1) y = fmaxf(y, 0.f);
+        if (p.mid == 2 && y <= 0.f) y = round_to<T>(expm1f(y));
+        TileElem<S>::store(a + (kl + v) * lda + pl, k_ok && base >= 0 ? y : 0.f);
+      }
+    }
+  }
+};
+static_assert(kSepThreads == 16 * 16 && kPwgRows == 16 * kSepVec, "16 vectors of channels by 16 pixels a pass");
 constexpr int kPwgPixels = kSepKStep;       // pixels per step (the GEMM's reduction)
 static_assert(kPwgRows == kSepTileP && kSepTileN == 128, "the forward's 64 x 128 GEMM tile");
 
@@ -108,6 +175,22 @@ __global__ void __launch_bounds__(kSepThreads, 2) separable_pointwise_grad_kerne
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kSepTileN;
   const T* __restrict__ gy = static_cast<const T*>(q.grad_y);
 
+  auto fill_scalar = [&]() {
+    for (int e = threadIdx.x; e < kPwgRows * kPwgPixels; e += kSepThreads) {
+      const int kl = e % kPwgRows, pl = e / kPwgRows;
+      const int64_t k = k0 + kl;
+      const int64_t base = x_base[pl];
+      const float v = k < K && base >= 0 ? depthwise_value<T, KH, KW>(p, base, ih0[pl], iw0[pl], static_cast<int32_t>(k))
+                                         : 0.f;
+      TileElem<S>::store(a + kl * lda + pl, v);
+    }
+  };
+  // With x_vectors: a thread keeps the weights and prologue of kSepVec channels for the whole block.
+  MidVectors<T, S> vec;
+  if constexpr (KH == 3 && KW == 3) {
+    if (q.x_vectors) vec.init(p, k0, K);
+  }
+
   Gemm gemm;
   gemm.zero();
   const int64_t first = static_cast<int64_t>(blockIdx.z) * q.steps_per_slice;
@@ -127,13 +210,14 @@ __global__ void __launch_bounds__(kSepThreads, 2) separable_pointwise_grad_kerne
     }
     __syncthreads();  // the pixel offsets are in place; the previous step's GEMM is done with A and B
     // A[k][p] = mid of channel k0 + k at pixel p0 + p: consecutive threads take consecutive channels of a pixel.
-    for (int e = threadIdx.x; e < kPwgRows * kPwgPixels; e += kSepThreads) {
-      const int kl = e % kPwgRows, pl = e / kPwgRows;
-      const int64_t k = k0 + kl;
-      const int64_t base = x_base[pl];
-      const float v = k < K && base >= 0 ? depthwise_value<T, KH, KW>(p, base, ih0[pl], iw0[pl], static_cast<int32_t>(k))
-                                         : 0.f;
-      TileElem<S>::store(a + kl * lda + pl, v);
+    if constexpr (KH == 3 && KW == 3) {
+      if (q.x_vectors) {
+        vec.fill(p, a, lda, x_base, ih0, iw0, K);
+      } else {
+        fill_scalar();
+      }
+    } else {
+      fill_scalar();
     }
     // B = grad_y^T: [n][p] for mma.sync (B column-major), [p][n] for FFMA; consecutive threads read consecutive n.
     for (int e = threadIdx.x; e < kSepTileN * kPwgPixels; e += kSepThreads) {

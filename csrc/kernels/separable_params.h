@@ -235,7 +235,14 @@ struct PointwiseGradParams {
   const void* grad_y = nullptr;
   float* partial = nullptr;
   int64_t steps_per_slice = 0;
+  // The depthwise values kSepVec channels at a time (pointwise_grad_vectors): 3x3 kernels, x with channels
+  // fastest and whole aligned vectors, no depth multiplier.
+  bool x_vectors = false;
 };
+XO_HOST_DEVICE inline bool pointwise_grad_vectors(const SeparableParams& fwd, int dtype_bytes) {
+  return fwd.g.kernel_h == 3 && fwd.g.kernel_w == 3 && fwd.g.depth_multiplier == 1 &&
+         separable_vectorizable(fwd.x, fwd.g.in_channels, dtype_bytes);
+}
 
 // The backward's elementwise passes over an (N, C, H, W) tensor, 64 pixels (flattened over N, H, W) per block
 // and channels across threads, each block writing one row of per-channel float32 partial sums that

@@ -361,6 +361,8 @@ void check_pointwise_grad(const Case& k, bool x_cl, int sms, double tol, const c
   q.fwd.in_relu = k.in_relu;
   q.fwd.mid = k.mid;
   q.grad_y = gy.data();
+  q.x_vectors = pointwise_grad_vectors(q.fwd, static_cast<int>(sizeof(T)));
+  EXPECT(q.x_vectors == (x_cl && k.m == 1 && k.kh == 3 && k.kw == 3 && k.c % kSepVec == 0));
   const int64_t slices = pointwise_grad_slices(g, sms, &q.steps_per_slice);
   std::vector<float> partial(slices * k.cout * K, std::nanf(""));
   q.partial = partial.data();
