@@ -11,13 +11,11 @@
 //              in_shift) in one pass
 //   mid activation (relu, elu)   its backward needs the depthwise result itself: recomputed by the depthwise
 //              kernel for the mask (the one place this path materializes it)
-#include <ATen/Context.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/elu.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/relu.h>
 #include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>

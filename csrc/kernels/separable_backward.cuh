@@ -1,10 +1,14 @@
-// The fused separable conv backward, pointwise weight gradient: grad_pw[n][k] = sum over pixels p of
-// grad_y[p][n] * mid[p][k], where mid = act(dw(prologue(x))) is recomputed from x tile by tile and never stored.
+// Kernels of the separable conv backward (the "cuda" backend's, csrc/cuda/separable_backward_backend.cpp):
+//   separable_pointwise_grad_kernel   grad_pw[n][k] = sum over pixels p of grad_y[p][n] * mid[p][k], where
+//                                     mid = act(dw(prologue(x))) is recomputed from x tile by tile, never stored;
+//   separable_channel_pass_kernel     the element-wise passes with per-channel sums: grad_y from grad_out, and
+//                                     the prologue's backward;
+//   prologue_apply_kernel             relu?(x * scale + shift), what the depthwise weight gradient reads.
 //
 // Torch-free: takes a PointwiseGradParams (kernels/separable_params.h); compiles with nvcc or clang for any GPU
 // from sm_37 on (16-bit operands on tensor cores through mma.sync from sm_80, FFMA elsewhere).
 //
-// Block (x, y, z) owns depthwise channels [64 x, 64 x + 64) x output channels [128 y, 128 y + 128) and the
+// The pointwise gradient: block (x, y, z) owns depthwise channels [64 x, 64 x + 64) x output channels [128 y, 128 y + 128) and the
 // pixels of slice z: the recomputed operand is the narrow one, so each depthwise value is computed
 // C_out / 128 times in all. Per step of 32 pixels:
 //   1. the step's pixel offsets into shared memory;
