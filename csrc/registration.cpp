@@ -234,6 +234,9 @@ TORCH_LIBRARY(xception_ops, m) {
       "bool in_relu, int[2] stride, int[4] padding, int[2] dilation, str mid_activation, Tensor? out_scale, "
       "Tensor? out_shift, bool out_relu, Tensor? residual, bool compute_stats, str backend) "
       "-> (Tensor out, Tensor sum, Tensor sumsq)");
+  // separable_conv2d_backward's `out`: the forward's output, required with out_relu (its mask); given when the
+  // forward had no epilogue at all (no out_scale, out_shift, out_relu or residual), it is y, which a backend may use
+  // instead of recomputing it. Pass it in no other case.
   m.def(
       "separable_conv2d_backward(Tensor grad_out, Tensor? grad_sum, Tensor? grad_sumsq, Tensor? out, Tensor x, "
       "Tensor dw_weight, Tensor pw_weight, Tensor? in_scale, Tensor? in_shift, bool in_relu, int[2] stride, "

@@ -184,8 +184,12 @@ def _register_autograd() -> None:
         (x, dw_weight, pw_weight, in_scale, in_shift, in_relu, stride, padding, dilation, mid_activation,
          out_scale, out_shift, out_relu, residual, compute_stats, backend) = inputs
         out = output[0]
+        # The output goes to the backward for its ReLU mask, and when the forward had no epilogue at all, since it
+        # is then y itself, which a backend can use instead of recomputing it (training: the next layer saves
+        # it anyway).
+        plain = out_scale is None and out_shift is None and residual is None and not out_relu
         ctx.save_for_backward(x, dw_weight, pw_weight, in_scale, in_shift, out_scale, out_shift,
-                              out if out_relu else None)
+                              out if out_relu or plain else None)
         ctx.args = (in_relu, list(stride), list(padding), list(dilation), mid_activation, out_relu, backend)
         ctx.has_residual = residual is not None
         ctx.compute_stats = compute_stats

@@ -1,6 +1,7 @@
 // The "cuda" backend's separable conv backward (the contract of reference::separable_conv2d_backward).
 //
-//   y          recomputed by the fused forward kernel, epilogue off (only where out_scale or grad_sumsq need it)
+//   y          the forward's output when it had no epilogue, else recomputed by the fused forward kernel with the
+//              epilogue off (only where out_scale or grad_sumsq need it)
 //   grad_y     grad_out through the epilogue's ReLU, folded BatchNorm and the statistics' gradients, in one
 //              pass that also sums the gradients of out_scale / out_shift (fixed-order reductions throughout)
 //   grad_mid   grad_y W, one matrix product (cuBLAS) over the pixels, channels fastest
@@ -63,10 +64,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_con
   const c10::cuda::CUDAGuard guard(x.device());
   const at::MemoryFormat fmt = output_memory_format(x);
 
-  // The epilogue's backward: out = relu?(y * out_scale + out_shift (+ residual)).
+  // The epilogue's backward: out = relu?(y * out_scale + out_shift (+ residual)). Without any epilogue, `out` (when
+  // given) is y itself: callers pass it then, or with out_relu (see the schema in registration.cpp).
   const bool need_y = opt.out_scale.has_value() || grad_sumsq.has_value();
+  const bool out_is_y = out.has_value() && !opt.out_relu && !opt.out_scale.has_value() && !opt.out_shift.has_value();
   Tensor y;
-  if (need_y) {
+  if (need_y && out_is_y) {
+    y = *out;
+  } else if (need_y) {
     SeparableOptions plain;  // the prologue and mid activation only
     plain.in_scale = opt.in_scale;
     plain.in_shift = opt.in_shift;
