@@ -47,6 +47,14 @@ inline DepthwiseTensor view_of(const at::Tensor& t) {
   return v;
 }
 
+// A per-channel vector as the kernels take it: contiguous float32 (nullptr when absent). `keep` holds the converted
+// copy for as long as the kernel may read it.
+inline const float* float_vector(const c10::optional<at::Tensor>& v, at::Tensor& keep) {
+  if (!v.has_value()) return nullptr;
+  keep = v->to(at::kFloat).contiguous();
+  return keep.data_ptr<float>();
+}
+
 inline void check_launch(const char* op, cudaError_t err) {
   XO_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorName(err), " (",
               cudaGetErrorString(err), ")");

@@ -32,13 +32,6 @@ bool env_is(const char* name, const char* value) {
 const bool kWmma16 = env_is("XCEPTION_OPS_SEPARABLE_GEMM", "wmma");
 const bool kSquareTiles = env_is("XCEPTION_OPS_SEPARABLE_TILES", "square");
 
-// Per-channel vectors go to the kernels as contiguous float32.
-const float* channel_vector(const OptTensor& v, Tensor& keep) {
-  if (!v.has_value()) return nullptr;
-  keep = v->to(at::kFloat).contiguous();
-  return keep.data_ptr<float>();
-}
-
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor> separable_conv2d(const Tensor& x, const Tensor& dw_weight,
@@ -90,10 +83,10 @@ std::tuple<Tensor, Tensor, Tensor> separable_conv2d(const Tensor& x, const Tenso
   p.dw_weight = dw.data_ptr();
   p.pw_weight = pw.data_ptr();
   Tensor keep[4];
-  p.in_scale = channel_vector(opt.in_scale, keep[0]);
-  p.in_shift = channel_vector(opt.in_shift, keep[1]);
-  p.out_scale = channel_vector(opt.out_scale, keep[2]);
-  p.out_shift = channel_vector(opt.out_shift, keep[3]);
+  p.in_scale = float_vector(opt.in_scale, keep[0]);
+  p.in_shift = float_vector(opt.in_shift, keep[1]);
+  p.out_scale = float_vector(opt.out_scale, keep[2]);
+  p.out_shift = float_vector(opt.out_shift, keep[3]);
   p.in_relu = opt.in_relu;
   p.mid = static_cast<int32_t>(opt.mid);
   p.out_relu = opt.out_relu;

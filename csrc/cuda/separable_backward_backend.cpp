@@ -31,12 +31,6 @@ namespace {
 
 constexpr const char* kBackward = "xception_ops.separable_conv2d_backward";
 
-const float* float_vector(const OptTensor& v, Tensor& keep) {
-  if (!v.has_value()) return nullptr;
-  keep = v->to(at::kFloat).contiguous();
-  return keep.data_ptr<float>();
-}
-
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_conv2d_backward(
@@ -80,7 +74,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_con
     y = std::get<0>(separable_conv2d(x, dw_weight, pw_weight, plain, g));
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  Tensor keep[8];
+  Tensor keep[5];  // the float32 copies of the per-channel vectors
   // grad_y, pixel-major [pixels][C], and the epilogue's sums (of grad_z * y and grad_z) in one pass.
   const Tensor gy2 = at::empty({pixels, C}, x.options().memory_format(at::MemoryFormat::Contiguous));
   ChannelPassParams e;

@@ -15,7 +15,6 @@ namespace xception_ops {
 namespace {
 
 using kernels::separable_forward_kernel;
-using kernels::separable_stats_reduce_kernel;
 
 template <typename T, PointwiseMath kMath, int KH, int KW>
 cudaError_t launch_forward_kernel(const SeparableParams& p, int groups, cudaStream_t stream) {
@@ -61,28 +60,6 @@ cudaError_t forward_typed(const SeparableParams& p, PointwiseMath math, int grou
   return cudaErrorInvalidValue;
 }
 
-// Sums the per-tile partial rows, 64 rows per group and level, until one row is left; the last level writes
-// sum and sumsq. Levels alternate between the partials and the scratch rows after them.
-cudaError_t reduce_stats(const SeparableParams& p, float* sum, float* sumsq, cudaStream_t stream) {
-  const int64_t cols = 2 * p.g.out_channels;
-  int64_t rows = separable_pixel_tiles(p.g, p.square_tiles);
-  float* buffers[2] = {p.stats_partial, p.stats_partial + rows * cols};
-  int level = 0;
-  while (true) {
-    const int64_t groups = (rows + 63) / 64;
-    const dim3 grid(static_cast<unsigned int>(groups), static_cast<unsigned int>((cols + 255) / 256));
-    const bool last = groups == 1;
-    separable_stats_reduce_kernel<<<grid, 256, 0, stream>>>(buffers[level % 2], rows, cols,
-                                                            last ? nullptr : buffers[(level + 1) % 2],
-                                                            last ? sum : nullptr, last ? sumsq : nullptr,
-                                                            p.g.out_channels);
-    const cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess || last) return err;
-    rows = groups;
-    ++level;
-  }
-}
-
 }  // namespace
 
 cudaError_t launch_separable_forward(const SeparableParams& p, DType dtype, PointwiseMath math, int channel_groups,
@@ -108,7 +85,9 @@ cudaError_t launch_separable_forward(const SeparableParams& p, DType dtype, Poin
     case DType::BFloat16: err = forward_typed<__nv_bfloat16>(p, math, channel_groups, stream); break;
   }
   if (err != cudaSuccess || p.stats_partial == nullptr) return err;
-  return reduce_stats(p, sum, sumsq, stream);
+  // The per-tile rows of sums of y, then of y^2, summed in a fixed order (the workspace holds the scratch rows).
+  return launch_reduce_rows(p.stats_partial, separable_pixel_tiles(g, p.square_tiles), 2 * g.out_channels,
+                            g.out_channels, sum, sumsq, stream);
 }
 
 cudaError_t current_device_caps(DeviceCaps* caps) {

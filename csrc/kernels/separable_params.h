@@ -218,11 +218,14 @@ inline PointwiseMath separable_math(DType dtype, int cc_major, bool allow_tf32, 
 }
 
 // Bytes of the statistics workspace: the per-tile partials plus the scratch of the fixed-order reduction.
+// Floats of workspace for launch_reduce_rows: the partial rows and the scratch of the fixed-order reduction.
+XO_HOST_DEVICE inline int64_t reduce_rows_workspace(int64_t rows, int64_t cols) {
+  return (rows + (rows + 63) / 64) * cols;
+}
+
 inline size_t separable_stats_workspace_bytes(const SeparableParams& p) {
-  const Conv2dGeometry& g = p.g;
-  const int64_t tiles = separable_pixel_tiles(g, p.square_tiles);
-  const int64_t cols = 2 * g.out_channels;
-  return static_cast<size_t>(tiles + (tiles + 63) / 64) * static_cast<size_t>(cols) * sizeof(float);
+  const int64_t tiles = separable_pixel_tiles(p.g, p.square_tiles);
+  return static_cast<size_t>(reduce_rows_workspace(tiles, 2 * p.g.out_channels)) * sizeof(float);
 }
 
 // The backward's pointwise weight gradient (kernels/separable_backward.cuh): grad_pw = grad_y^T mid, with mid
@@ -268,10 +271,6 @@ struct ChannelPassParams {
 constexpr int kChannelPassPixels = 64;
 XO_HOST_DEVICE inline int64_t channel_pass_tiles(const ChannelPassParams& p) {
   return (p.g.batch * p.h * p.w + kChannelPassPixels - 1) / kChannelPassPixels;
-}
-// Floats of workspace: the partial rows and the scratch of the fixed-order reduction.
-XO_HOST_DEVICE inline int64_t reduce_rows_workspace(int64_t rows, int64_t cols) {
-  return (rows + (rows + 63) / 64) * cols;
 }
 
 // Pixel slices of the pointwise-gradient kernel: enough blocks for two waves on `sms` multiprocessors, each slice
