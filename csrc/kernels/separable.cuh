@@ -546,6 +546,20 @@ __device__ __forceinline__ float prologue_value(float v, float scale, float shif
   return relu ? fmaxf(v, 0.f) : v;
 }
 
+// V channels of the depthwise stage's input at `src`: zeros where !ok (padding; nothing is read), and with
+// kPrologue relu?(x * scale + shift) rounded to T, padding still 0 after it: multiplied by 0, since a select here
+// compiled to a branch per element.
+template <typename T, int V, bool kPrologue>
+__device__ __forceinline__ void load_input(bool ok, const T* src, const float (&scale)[V], const float (&shift)[V],
+                                           bool relu, float (&xv)[V]) {
+  VecIO<T, V>::load_if(ok, src, xv);
+  if constexpr (kPrologue) {
+    const float keep = ok ? 1.f : 0.f;
+#pragma unroll
+    for (int v = 0; v < V; ++v) xv[v] = prologue_value<T>(xv[v], scale[v], shift[v], relu) * keep;
+  }
+}
+
 // A thread keeps one channel's taps (weights, prologue scale and shift) in registers and walks its pixels. Every
 // tap is loaded unconditionally (a masked tap reads a valid element instead and contributes 0), so the loads
 // of all taps are issued before the first multiply-add: with branches around them (version 1), each tap paid
@@ -715,12 +729,7 @@ __device__ __forceinline__ void depthwise_tile_vectors(const SeparableParams& p,
     const T* chan = x + (k_ok ? k : 0);
     // One input vector: loaded where ok (0 otherwise), the prologue applied, padding 0 after it.
     auto input = [&](bool ok, const T* src, float (&xv)[V]) {
-      VecIO<T, V>::load_if(ok, src, xv);
-      if constexpr (kPrologue) {
-        const float keep = ok ? 1.f : 0.f;  // a select here compiled to a branch per element
-#pragma unroll
-        for (int v = 0; v < V; ++v) xv[v] = prologue_value<T>(xv[v], scale[v], shift[v], in_relu) * keep;
-      }
+      load_input<T, V, kPrologue>(ok, src, scale, shift, in_relu, xv);
     };
     // One pixel: nine taps.
     auto one_pixel = [&](int row) {
@@ -772,35 +781,27 @@ __device__ __forceinline__ void depthwise_tile_vectors(const SeparableParams& p,
       for (int q = 0; q < kQuad; ++q)
 #pragma unroll
         for (int v = 0; v < V; ++v) acc[q][v] = 0.f;
-#pragma unroll
-      for (int i = 0; i < KH; ++i) {
+      // One kernel row of the four pixels at compile-time stride kSW: (kQuad - 1) kSW + KW input columns.
+      auto window_row = [&](auto stride, int i) {
+        constexpr int kSW = decltype(stride)::value, kCols = (kQuad - 1) * kSW + KW;
         const bool row_ok = k_ok && static_cast<uint32_t>(ih0 + i * dh) < H;
         const T* line = origin + i * dh * xs2i;
+        float xv[kCols][V];
+#pragma unroll
+        for (int c = 0; c < kCols; ++c) input(row_ok && static_cast<uint32_t>(iw0 + c) < W, line + c * xs3i, xv[c]);
+#pragma unroll
+        for (int q = 0; q < kQuad; ++q)
+#pragma unroll
+          for (int j = 0; j < KW; ++j)
+#pragma unroll
+            for (int v = 0; v < V; ++v) acc[q][v] = fmaf(xv[kSW * q + j][v], wv[i * KW + j][v], acc[q][v]);
+      };
+#pragma unroll
+      for (int i = 0; i < KH; ++i) {
         if (sw == 1) {
-          float xv[(kQuad - 1) + KW][V];
-#pragma unroll
-          for (int c = 0; c < (kQuad - 1) + KW; ++c) {
-            input(row_ok && static_cast<uint32_t>(iw0 + c) < W, line + c * xs3i, xv[c]);
-          }
-#pragma unroll
-          for (int q = 0; q < kQuad; ++q)
-#pragma unroll
-            for (int j = 0; j < KW; ++j)
-#pragma unroll
-              for (int v = 0; v < V; ++v) acc[q][v] = fmaf(xv[q + j][v], wv[i * KW + j][v], acc[q][v]);
+          window_row(std::integral_constant<int, 1>{}, i);
         } else {
-          constexpr int kMaxCols = 3 * 2 + KW;  // columns of four pixels at stride 2
-          float xv[kMaxCols][V];
-#pragma unroll
-          for (int c = 0; c < kMaxCols; ++c) {
-            input(row_ok && static_cast<uint32_t>(iw0 + c) < W, line + c * xs3i, xv[c]);
-          }
-#pragma unroll
-          for (int q = 0; q < kQuad; ++q)
-#pragma unroll
-            for (int j = 0; j < KW; ++j)
-#pragma unroll
-              for (int v = 0; v < V; ++v) acc[q][v] = fmaf(xv[2 * q + j][v], wv[i * KW + j][v], acc[q][v]);
+          window_row(std::integral_constant<int, 2>{}, i);
         }
       }
 #pragma unroll

@@ -107,14 +107,15 @@ struct MidVectors {
           for (int j = 0; j < 3; ++j) {
             const int64_t iw = iw0[pl] + static_cast<int64_t>(j) * g.dilation_w;
             const bool ok = row_ok && in_range<int64_t>(iw, g.in_w);
+            const T* src = chan + (ok ? ih * p.x.stride[2] + iw * p.x.stride[3] : 0);
             float xv[V];
-            VecIO<T, V>::load_if(ok, chan + (ok ? ih * p.x.stride[2] + iw * p.x.stride[3] : 0), xv);
-            const float keep = ok ? 1.f : 0.f;  // padding is 0 after the prologue
-#pragma unroll
-            for (int v = 0; v < V; ++v) {
-              const float x = prologue ? prologue_value<T>(xv[v], scale[v], shift[v], p.in_relu) * keep : xv[v];
-              acc[v] = fmaf(x, wv[i * 3 + j][v], acc[v]);
+            if (prologue) {
+              load_input<T, V, true>(ok, src, scale, shift, p.in_relu, xv);
+            } else {
+              load_input<T, V, false>(ok, src, scale, shift, p.in_relu, xv);
             }
+#pragma unroll
+            for (int v = 0; v < V; ++v) acc[v] = fmaf(xv[v], wv[i * 3 + j][v], acc[v]);
           }
         }
       }
