@@ -89,6 +89,28 @@ double relative_error(const std::vector<double>& got, const std::vector<double>&
   return norm > 0 ? std::sqrt(diff / norm) : std::sqrt(diff);
 }
 
+// The float64 depthwise result of channel kc at output pixel (n, oh, ow): the prologue, the taps (padding 0), the mid
+// activation. xat(n, c, h, w) reads x.
+template <typename X, typename T>
+double reference_mid(const Case& k, const X& xat, const std::vector<T>& dw, const std::vector<float>& in_scale,
+                     const std::vector<float>& in_shift, int64_t n, int64_t oh, int64_t ow, int64_t kc) {
+  const int64_t ci = kc / k.m;
+  double acc = 0;
+  for (int64_t i = 0; i < k.kh; ++i) {
+    for (int64_t j = 0; j < k.kw; ++j) {
+      const int64_t ih = oh * k.sh - k.pt + i * k.dh, iw = ow * k.sw - k.pl + j * k.dw;
+      if (ih < 0 || ih >= k.h || iw < 0 || iw >= k.w) continue;
+      double v = xat(n, ci, ih, iw);
+      if (k.in_affine) v = v * in_scale[ci] + in_shift[ci];
+      if (k.in_relu) v = std::max(v, 0.0);
+      acc += v * to_double(dw[kc * k.kh * k.kw + i * k.kw + j]);
+    }
+  }
+  if (k.mid == 1) acc = std::max(acc, 0.0);
+  if (k.mid == 2 && acc <= 0) acc = std::expm1(acc);
+  return acc;
+}
+
 // The plan of the last check_case, for tests that check which paths it chose.
 SeparableParams last_plan;
 
@@ -182,21 +204,7 @@ void check_case(const Case& k, bool x_cl, bool out_cl, size_t smem_limit, int sm
     for (int64_t oh = 0; oh < OH; ++oh) {
       for (int64_t ow = 0; ow < OW; ++ow) {
         for (int64_t kc = 0; kc < K; ++kc) {
-          const int64_t ci = kc / k.m;
-          double acc = 0;
-          for (int64_t i = 0; i < k.kh; ++i) {
-            for (int64_t j = 0; j < k.kw; ++j) {
-              const int64_t ih = oh * k.sh - k.pt + i * k.dh, iw = ow * k.sw - k.pl + j * k.dw;
-              if (ih < 0 || ih >= k.h || iw < 0 || iw >= k.w) continue;
-              double v = xat(n, ci, ih, iw);
-              if (k.in_affine) v = v * in_scale[ci] + in_shift[ci];
-              if (k.in_relu) v = std::max(v, 0.0);
-              acc += v * to_double(dw[kc * k.kh * k.kw + i * k.kw + j]);
-            }
-          }
-          if (k.mid == 1) acc = std::max(acc, 0.0);
-          if (k.mid == 2 && acc <= 0) acc = std::expm1(acc);
-          mid[kc] = acc;
+          mid[kc] = reference_mid(k, xat, dw, in_scale, in_shift, n, oh, ow, kc);
         }
         for (int64_t co = 0; co < k.cout; ++co) {
           double y = 0;
@@ -385,20 +393,7 @@ void check_pointwise_grad(const Case& k, bool x_cl, int sms, double tol, const c
       for (int64_t ow = 0; ow < g.out_w; ++ow) {
         const int64_t pix = (n * g.out_h + oh) * g.out_w + ow;
         for (int64_t kc = 0; kc < K; ++kc) {
-          const int64_t ci = kc / k.m;
-          double acc = 0;
-          for (int64_t i = 0; i < k.kh; ++i) {
-            for (int64_t j = 0; j < k.kw; ++j) {
-              const int64_t ih = oh * k.sh - k.pt + i * k.dh, iw = ow * k.sw - k.pl + j * k.dw;
-              if (ih < 0 || ih >= k.h || iw < 0 || iw >= k.w) continue;
-              double v = xat(n, ci, ih, iw);
-              if (k.in_affine) v = v * in_scale[ci] + in_shift[ci];
-              if (k.in_relu) v = std::max(v, 0.0);
-              acc += v * to_double(dw[kc * k.kh * k.kw + i * k.kw + j]);
-            }
-          }
-          if (k.mid == 1) acc = std::max(acc, 0.0);
-          if (k.mid == 2 && acc <= 0) acc = std::expm1(acc);
+          const double acc = reference_mid(k, xat, dw, in_scale, in_shift, n, oh, ow, kc);
           for (int64_t co = 0; co < k.cout; ++co) want[co * K + kc] += to_double(gy[pix * k.cout + co]) * acc;
         }
       }
