@@ -176,13 +176,15 @@ struct PixelInfo {
 };
 
 // ---- the GEMM of one output-channel tile ----
-// Both implementations share one interface:
+// The implementations (FfmaGemm, MmaGemm, WmmaGemm) share one interface:
+//   step(a, lda, kk, bs)     multiplies the depthwise tile's columns [kk, kk + kSepKStep) by a weight buffer
+//   store(c)                 writes the float32 accumulators to the [kSepTileP][kSepCPitch] tile
+// and fill the weight buffers one of two ways. FfmaGemm and WmmaGemm double-buffer through registers:
 //   Regs                     one thread's share of a weight tile (kSepTileN x kSepKStep / kSepThreads values)
 //   fetch(regs, w, n0, k0)   loads the weight tile W[n0 .., k0 ..] from global memory into registers (zeros
 //                            past the ends), so that the next tile is in flight while the current one is used
 //   stash(bs, regs)          stores them into a shared-memory weight buffer
-//   step(a, lda, kk, bs)     multiplies the depthwise tile's columns [kk, kk + kSepKStep) by the buffer
-//   store(c)                 writes the float32 accumulators to the [kSepTileP][kSepCPitch] tile
+// MmaGemm copies them with cp.async into a ring (WeightStream).
 // Element e = threadIdx.x + kSepThreads * r of a weight tile is (n, k) = (e / kSepKStep, e % kSepKStep): a warp
 // reads consecutive k of one row of W, which is contiguous (C_out, K).
 constexpr int kSepBRegs = kSepTileN * kSepKStep / kSepThreads;
@@ -328,9 +330,6 @@ template <typename T>
 struct MmaGemm {
   static_assert(sizeof(T) == 2, "16-bit operands");
   static constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
-  // One thread's share of a weight tile: two 16-byte vectors of 8 consecutive k. Vector v = tid + 256 r holds
-  // row n = v / 4, k = 8 (v % 4) .. +8 of the 128 x 32 tile.
-  using Regs = uint4[2];
   float acc[2][4][4];
 
   __device__ __forceinline__ void zero() {
@@ -344,45 +343,9 @@ struct MmaGemm {
 
   static_assert(kSepTileN * kSepKStep == 2 * 8 * kSepThreads, "two 8-element vectors per thread");
 
-  // 16-byte loads when every row of W starts 16-byte aligned (an aligned W, K a multiple of 8) and the vector
-  // lies inside the row; element by element otherwise (a ragged end of K, a W viewed at an odd offset).
-  __device__ __forceinline__ static void fetch(Regs& regs, const T* w, int64_t n0, int64_t k0, int64_t n_total,
-                                               int64_t k_total) {
-    const bool vectors = k_total % 8 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int v = threadIdx.x + kSepThreads * r;
-      const int64_t n = n0 + v / 4, k = k0 + 8 * (v % 4);
-      uint4 val = make_uint4(0u, 0u, 0u, 0u);
-      if (n < n_total && k < k_total) {
-        const T* src = w + n * k_total + k;
-        if (vectors && k + 8 <= k_total) {
-          val = load_readonly(reinterpret_cast<const uint4*>(src));
-        } else {
-          unsigned short e[8];
-#pragma unroll
-          for (int i = 0; i < 8; ++i) {
-            e[i] = k + i < k_total ? load_readonly(reinterpret_cast<const unsigned short*>(src) + i)
-                                   : static_cast<unsigned short>(0);
-          }
-          val = make_uint4(e[0] | (unsigned(e[1]) << 16), e[2] | (unsigned(e[3]) << 16), e[4] | (unsigned(e[5]) << 16),
-                           e[6] | (unsigned(e[7]) << 16));
-        }
-      }
-      regs[r] = val;
-    }
-  }
-
-  __device__ __forceinline__ static void stash(T* bs, const Regs& regs) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int v = threadIdx.x + kSepThreads * r;
-      *reinterpret_cast<uint4*>(bs + (v / 4) * kSepBPitch16 + 8 * (v % 4)) = regs[r];
-    }
-  }
-
   // This thread's two 16-byte vectors of every weight tile of one output-channel tile, W[n0 .., k0 + 32 s ..]
-  // straight into a shared-memory buffer (the same vectors as fetch + stash): the addresses are set up once per
+  // straight into a shared-memory buffer (vector v = tid + 256 r: row n = v / 4, k = 8 (v % 4) .. +8 of the
+  // 128 x 32 tile, rows kSepBPitch16 apart), instead of the other GEMMs' fetch + stash: the addresses are set up once per
   // output-channel tile and advance by a constant per step (computing them per step cost ~50 of a step's ~110
   // instructions). cp.async where `vectors` (K a multiple of 8, W 16-byte aligned) and the vector exists; zeros
   // or element copies otherwise, stored at once. The caller commits the group.
