@@ -89,19 +89,25 @@ template <>
 __device__ __forceinline__ float from_bits16<__nv_bfloat16>(unsigned int bits) { return __uint_as_float(bits << 16); }
 
 // V consecutive channels (4: 8 bytes of fp16 / bf16, 16 of float32; 2: half that) in one access. Loads take a
-// predicate and give zeros where it is false, without reading (a predicated load, no branch). Stores take
-// values already rounded to the dtype.
+// predicate and give zeros where it is false, without reading (a predicated load, no branch); load_raw_if keeps
+// the bits (Raw) so that a caller can issue several loads before decoding any. Stores take values already
+// rounded to the dtype.
 template <typename T, int V = kSepVec>
 struct VecIO;
 template <typename T>
 struct VecIO<T, 4> {
-  __device__ __forceinline__ static void load(const T* p, float (&v)[4]) { load_if(true, p, v); }
-  __device__ __forceinline__ static void load_if(bool ok, const T* p, float (&v)[4]) {
-    uint2 u = make_uint2(0u, 0u);
+  using Raw = uint2;
+  __device__ __forceinline__ static Raw load_raw_if(bool ok, const T* p) {
+    Raw u = make_uint2(0u, 0u);
     if (ok) u = load_readonly(reinterpret_cast<const uint2*>(p));
+    return u;
+  }
+  __device__ __forceinline__ static void decode(const Raw& u, float (&v)[4]) {
     v[0] = from_bits16<T>(u.x & 0xffffu), v[1] = from_bits16<T>(u.x >> 16);
     v[2] = from_bits16<T>(u.y & 0xffffu), v[3] = from_bits16<T>(u.y >> 16);
   }
+  __device__ __forceinline__ static void load(const T* p, float (&v)[4]) { load_if(true, p, v); }
+  __device__ __forceinline__ static void load_if(bool ok, const T* p, float (&v)[4]) { decode(load_raw_if(ok, p), v); }
   __device__ __forceinline__ static void store(T* p, const float (&v)[4]) {
     *reinterpret_cast<uint2*>(p) = make_uint2(bits16<T>(v[0]) | (bits16<T>(v[1]) << 16),
                                               bits16<T>(v[2]) | (bits16<T>(v[3]) << 16));
@@ -109,22 +115,32 @@ struct VecIO<T, 4> {
 };
 template <typename T>
 struct VecIO<T, 2> {
-  __device__ __forceinline__ static void load_if(bool ok, const T* p, float (&v)[2]) {
-    unsigned int u = 0u;
+  using Raw = unsigned int;
+  __device__ __forceinline__ static Raw load_raw_if(bool ok, const T* p) {
+    Raw u = 0u;
     if (ok) u = load_readonly(reinterpret_cast<const unsigned int*>(p));
+    return u;
+  }
+  __device__ __forceinline__ static void decode(const Raw& u, float (&v)[2]) {
     v[0] = from_bits16<T>(u & 0xffffu), v[1] = from_bits16<T>(u >> 16);
   }
+  __device__ __forceinline__ static void load_if(bool ok, const T* p, float (&v)[2]) { decode(load_raw_if(ok, p), v); }
   __device__ __forceinline__ static void store(T* p, const float (&v)[2]) {
     *reinterpret_cast<unsigned int*>(p) = bits16<T>(v[0]) | (bits16<T>(v[1]) << 16);
   }
 };
 template <>
 struct VecIO<float, 4> {
+  using Raw = float4;
+  __device__ __forceinline__ static Raw load_raw_if(bool ok, const float* p) {
+    Raw u = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (ok) u = load_readonly(reinterpret_cast<const float4*>(p));
+    return u;
+  }
+  __device__ __forceinline__ static void decode(const Raw& u, float (&v)[4]) { v[0] = u.x, v[1] = u.y, v[2] = u.z, v[3] = u.w; }
   __device__ __forceinline__ static void load(const float* p, float (&v)[4]) { load_if(true, p, v); }
   __device__ __forceinline__ static void load_if(bool ok, const float* p, float (&v)[4]) {
-    float4 u = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (ok) u = load_readonly(reinterpret_cast<const float4*>(p));
-    v[0] = u.x, v[1] = u.y, v[2] = u.z, v[3] = u.w;
+    decode(load_raw_if(ok, p), v);
   }
   __device__ __forceinline__ static void store(float* p, const float (&v)[4]) {
     *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
@@ -132,10 +148,15 @@ struct VecIO<float, 4> {
 };
 template <>
 struct VecIO<float, 2> {
-  __device__ __forceinline__ static void load_if(bool ok, const float* p, float (&v)[2]) {
-    float2 u = make_float2(0.f, 0.f);
+  using Raw = float2;
+  __device__ __forceinline__ static Raw load_raw_if(bool ok, const float* p) {
+    Raw u = make_float2(0.f, 0.f);
     if (ok) u = load_readonly(reinterpret_cast<const float2*>(p));
-    v[0] = u.x, v[1] = u.y;
+    return u;
+  }
+  __device__ __forceinline__ static void decode(const Raw& u, float (&v)[2]) { v[0] = u.x, v[1] = u.y; }
+  __device__ __forceinline__ static void load_if(bool ok, const float* p, float (&v)[2]) {
+    decode(load_raw_if(ok, p), v);
   }
   __device__ __forceinline__ static void store(float* p, const float (&v)[2]) {
     *reinterpret_cast<float2*>(p) = make_float2(v[0], v[1]);
@@ -509,18 +530,25 @@ __device__ __forceinline__ float prologue_value(float v, float scale, float shif
   return relu ? fmaxf(v, 0.f) : v;
 }
 
-// V channels of the depthwise stage's input at `src`: zeros where !ok (padding; nothing is read), and with
-// kPrologue relu?(x * scale + shift) rounded to T, padding still 0 after it: multiplied by 0, since a select here
-// compiled to a branch per element.
+// V channels of the depthwise stage's input: `raw` as loaded by VecIO::load_raw_if(ok, ..) (zeros where !ok:
+// padding, nothing read), decoded, and with kPrologue relu?(x * scale + shift) rounded to T, padding still 0
+// after it: multiplied by 0, since a select here compiled to a branch per element.
 template <typename T, int V, bool kPrologue>
-__device__ __forceinline__ void load_input(bool ok, const T* src, const float (&scale)[V], const float (&shift)[V],
-                                           bool relu, float (&xv)[V]) {
-  VecIO<T, V>::load_if(ok, src, xv);
+__device__ __forceinline__ void decode_input(bool ok, const typename VecIO<T, V>::Raw& raw, const float (&scale)[V],
+                                             const float (&shift)[V], bool relu, float (&xv)[V]) {
+  VecIO<T, V>::decode(raw, xv);
   if constexpr (kPrologue) {
     const float keep = ok ? 1.f : 0.f;
 #pragma unroll
     for (int v = 0; v < V; ++v) xv[v] = prologue_value<T>(xv[v], scale[v], shift[v], relu) * keep;
   }
+}
+
+// The same at `src`, loaded here.
+template <typename T, int V, bool kPrologue>
+__device__ __forceinline__ void load_input(bool ok, const T* src, const float (&scale)[V], const float (&shift)[V],
+                                           bool relu, float (&xv)[V]) {
+  decode_input<T, V, kPrologue>(ok, VecIO<T, V>::load_raw_if(ok, src), scale, shift, relu, xv);
 }
 
 // A thread keeps one channel's taps (weights, prologue scale and shift) in registers and walks its pixels. Every
@@ -690,31 +718,48 @@ __device__ __forceinline__ void depthwise_tile_vectors(const SeparableParams& p,
       shift[v] = kPrologue && p.in_shift != nullptr && k_ok ? p.in_shift[k + v] : 0.f;
     }
     const T* chan = x + (k_ok ? k : 0);
-    // One input vector: loaded where ok (0 otherwise), the prologue applied, padding 0 after it.
-    auto input = [&](bool ok, const T* src, float (&xv)[V]) {
-      load_input<T, V, kPrologue>(ok, src, scale, shift, in_relu, xv);
+    using Raw = typename VecIO<T, V>::Raw;
+    // One input vector, loaded (VecIO::load_raw_if) where ok: decoded, the prologue applied, padding 0 after it.
+    auto input = [&](bool ok, const Raw& raw, float (&xv)[V]) {
+      decode_input<T, V, kPrologue>(ok, raw, scale, shift, in_relu, xv);
     };
-    // One pixel: nine taps.
+    // One pixel: nine taps, all loaded before the first is used in the wide build (V = 4); in the capped one
+    // each as it is used (loading them ahead spilled ~100 more bytes there).
+    constexpr bool kTapsAhead = V == 4;
     auto one_pixel = [&](int row) {
       const int64_t base = px.x_base[row];
       const bool pix_ok = k_ok && base >= 0;
       const int32_t ih0 = px.ih0[row], iw0 = px.iw0[row];
       // The origin may lie outside x (padding): only the taps inside the image are read.
       const T* origin = chan + (pix_ok ? base + ih0 * xs2 + iw0 * xs3 : 0);
+      bool row_ok[KH], col_ok[KW];
+#pragma unroll
+      for (int i = 0; i < KH; ++i) row_ok[i] = pix_ok && static_cast<uint32_t>(ih0 + i * dh) < H;
+#pragma unroll
+      for (int j = 0; j < KW; ++j) col_ok[j] = static_cast<uint32_t>(iw0 + j * dwl) < W;
+      auto tap = [&](int i, int j) {
+        return VecIO<T, V>::load_raw_if(row_ok[i] && col_ok[j], origin + (i * dh * xs2i + j * dwl * xs3i));
+      };
+      Raw raw[KH][KW];
+      if constexpr (kTapsAhead) {
+#pragma unroll
+        for (int i = 0; i < KH; ++i)
+#pragma unroll
+          for (int j = 0; j < KW; ++j) raw[i][j] = tap(i, j);
+      }
       float acc[V];
 #pragma unroll
       for (int v = 0; v < V; ++v) acc[v] = 0.f;
 #pragma unroll
-      for (int i = 0; i < KH; ++i) {
-        const bool row_ok = pix_ok && static_cast<uint32_t>(ih0 + i * dh) < H;
+      for (int i = 0; i < KH; ++i)
 #pragma unroll
         for (int j = 0; j < KW; ++j) {
+          if constexpr (!kTapsAhead) raw[i][j] = tap(i, j);
           float xv[V];
-          input(row_ok && static_cast<uint32_t>(iw0 + j * dwl) < W, origin + (i * dh * xs2i + j * dwl * xs3i), xv);
+          input(row_ok[i] && col_ok[j], raw[i][j], xv);
 #pragma unroll
           for (int v = 0; v < V; ++v) acc[v] = fmaf(xv[v], wv[i * KW + j][v], acc[v]);
         }
-      }
       finish(acc, row, col);
     };
 
@@ -744,28 +789,46 @@ __device__ __forceinline__ void depthwise_tile_vectors(const SeparableParams& p,
       for (int q = 0; q < kQuad; ++q)
 #pragma unroll
         for (int v = 0; v < V; ++v) acc[q][v] = 0.f;
-      // One kernel row of the four pixels at compile-time stride kSW: (kQuad - 1) kSW + KW input columns.
-      auto window_row = [&](auto stride, int i) {
+      // The four pixels' window at compile-time stride kSW: KH rows of (kQuad - 1) kSW + KW input columns. The
+      // rows' loads are all issued before the first is used where their bits fit the register budget (else one
+      // row at a time): v7e waited a full memory latency per kernel row, three per group of four (SASS).
+      auto window = [&](auto stride) {
         constexpr int kSW = decltype(stride)::value, kCols = (kQuad - 1) * kSW + KW;
-        const bool row_ok = k_ok && static_cast<uint32_t>(ih0 + i * dh) < H;
-        const T* line = origin + i * dh * xs2i;
-        float xv[kCols][V];
+        constexpr int kRawRegs = KH * kCols * static_cast<int>(sizeof(Raw)) / 4;
+        constexpr int kBatch = kRawRegs <= (V == 4 ? 64 : 18) ? KH : 1;  // rows loaded together
+        bool row_ok[KH], col_ok[kCols];
 #pragma unroll
-        for (int c = 0; c < kCols; ++c) input(row_ok && static_cast<uint32_t>(iw0 + c) < W, line + c * xs3i, xv[c]);
+        for (int i = 0; i < KH; ++i) row_ok[i] = k_ok && static_cast<uint32_t>(ih0 + i * dh) < H;
 #pragma unroll
-        for (int q = 0; q < kQuad; ++q)
+        for (int c = 0; c < kCols; ++c) col_ok[c] = static_cast<uint32_t>(iw0 + c) < W;
 #pragma unroll
-          for (int j = 0; j < KW; ++j)
+        for (int i0 = 0; i0 < KH; i0 += kBatch) {
+          Raw raw[kBatch][kCols];
 #pragma unroll
-            for (int v = 0; v < V; ++v) acc[q][v] = fmaf(xv[kSW * q + j][v], wv[i * KW + j][v], acc[q][v]);
-      };
+          for (int b = 0; b < kBatch; ++b)
 #pragma unroll
-      for (int i = 0; i < KH; ++i) {
-        if (sw == 1) {
-          window_row(std::integral_constant<int, 1>{}, i);
-        } else {
-          window_row(std::integral_constant<int, 2>{}, i);
+            for (int c = 0; c < kCols; ++c) {
+              raw[b][c] = VecIO<T, V>::load_raw_if(row_ok[i0 + b] && col_ok[c], origin + ((i0 + b) * dh * xs2i + c * xs3i));
+            }
+#pragma unroll
+          for (int b = 0; b < kBatch; ++b) {
+            const int i = i0 + b;
+            float xv[kCols][V];
+#pragma unroll
+            for (int c = 0; c < kCols; ++c) input(row_ok[i] && col_ok[c], raw[b][c], xv[c]);
+#pragma unroll
+            for (int q = 0; q < kQuad; ++q)
+#pragma unroll
+              for (int j = 0; j < KW; ++j)
+#pragma unroll
+                for (int v = 0; v < V; ++v) acc[q][v] = fmaf(xv[kSW * q + j][v], wv[i * KW + j][v], acc[q][v]);
+          }
         }
+      };
+      if (sw == 1) {
+        window(std::integral_constant<int, 1>{});
+      } else {
+        window(std::integral_constant<int, 2>{});
       }
 #pragma unroll
       for (int q = 0; q < kQuad; ++q) finish(acc[q], r0 + q, col);
