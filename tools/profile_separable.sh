@@ -3,9 +3,10 @@
 # (benchmarks/RESULTS.md, 2026-11-26 session 2: 3-10x slower than cuDNN, unexplained by a latency model).
 #   tools/profile_separable.sh [OUT_DIR]     (default: $OUT, else ./profile)
 # 1. builds for the visible GPU (tools/gpu_check.sh's build and install steps);
-# 2. times shapes that isolate the phases (PROFILE_VARIANTS: which implementations, default all three) (bf16 NHWC inference, batch 32): 8 output channels (the depthwise
+# 2. times shapes that isolate the phases (bf16 NHWC inference, batch 32): 8 output channels (the depthwise
 #    stage dominates), 8 input channels (the epilogue dominates), and full layers (the GEMM), for the default
-#    kernel and the alternatives kept for comparison (wmma GEMM, square pixel tiles);
+#    kernel and the alternatives kept for comparison (wmma GEMM, square pixel tiles; PROFILE_VARIANTS names
+#    the ones to run, default all three);
 # 3. with Nsight Compute (ncu) installed: speed of light, occupancy, warp stall reasons, instruction mix and the
 #    hottest instructions (SourceCounters; the extension is built with -lineinfo) of the kernel on three layers;
 # 4. with cuobjdump installed: each kernel's instruction count and mix (code size, local memory).
