@@ -1,0 +1,58 @@
+"""Where does a layer's training pass spend its GPU time? One table of kernels per layer, from torch.profiler.
+
+    python tools/profile_training.py [--impl cuda] [--dtype bfloat16] [--layout NHWC] [--shapes 64,128,147 ...]
+
+Runs the benchmark's own "training" pass (xception_ops.bench.layer_runner: training-mode forward with batch
+statistics and ReLU, then backward) a few times, profiles the last ones, and prints the kernels by GPU time
+(totals over the profiled passes divided by their number), so that the slowest stage of the backward is named
+by a measurement instead of a guess.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from xception_ops.bench import layer_runner
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--impl", default="cuda", help="xo backend (cuda, triton, torch) or 'eager' (cuDNN)")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--layout", default="NHWC", choices=("NHWC", "NCHW"))
+    parser.add_argument("--pass", dest="pass_", default="training", choices=("training", "forward", "inference"))
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--shapes", nargs="+", default=["64,128,147", "728,728,19", "1536,2048,10"],
+                        help="cin,cout,hw of each layer")
+    parser.add_argument("--passes", type=int, default=3, help="profiled passes per layer (after 3 warm-ups)")
+    parser.add_argument("--rows", type=int, default=14, help="kernels listed per layer")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_training.py needs a CUDA GPU")
+    device = torch.device("cuda")
+    impl = args.impl if args.impl == "eager" else f"xo:{args.impl}"
+    for shape in args.shapes:
+        cin, cout, hw = (int(v) for v in shape.split(","))
+        run = layer_runner("separable", impl, cin, cout, hw, args.batch, getattr(torch, args.dtype), args.layout,
+                           args.pass_, device)
+        for i in range(3):
+            run(i)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for i in range(args.passes):
+                run(i)
+            torch.cuda.synchronize()
+        events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+        events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+        total = sum(e.self_device_time_total for e in events) / args.passes / 1000
+        print(f"=== {impl} {cin}->{cout} @{hw}^2 {args.dtype} {args.layout} {args.pass_}: "
+              f"{total:.3f} ms of kernels per pass")
+        for e in events[:args.rows]:
+            ms = e.self_device_time_total / args.passes / 1000
+            print(f"  {ms:8.3f} ms  {e.count // args.passes:3d}x  {e.key[:110]}")
+
+
+if __name__ == "__main__":
+    main()
