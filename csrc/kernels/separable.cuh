@@ -544,13 +544,6 @@ __device__ __forceinline__ void decode_input(bool ok, const typename VecIO<T, V>
   }
 }
 
-// The same at `src`, loaded here.
-template <typename T, int V, bool kPrologue>
-__device__ __forceinline__ void load_input(bool ok, const T* src, const float (&scale)[V], const float (&shift)[V],
-                                           bool relu, float (&xv)[V]) {
-  decode_input<T, V, kPrologue>(ok, VecIO<T, V>::load_raw_if(ok, src), scale, shift, relu, xv);
-}
-
 // A thread keeps one channel's taps (weights, prologue scale and shift) in registers and walks its pixels. Every
 // tap is loaded unconditionally (a masked tap reads a valid element instead and contributes 0), so the loads
 // of all taps are issued before the first multiply-add: with branches around them (version 1), each tap paid
@@ -656,12 +649,14 @@ __device__ __forceinline__ void depthwise_tile_mapped(const SeparableParams& p, 
 // prologue of its channels in registers. Per tap: one predicated load of V channels at a 32-bit offset from the
 // pixel's origin (separable_plan checks that the offsets fit).
 //   Four consecutive pixels of one output row (kQuad, at stride 1 or 2 without horizontal dilation) share their
-//   input columns: one kernel row at a time, 3 s + 3 columns are loaded, converted and prologued once and feed
-//   4 x 3 taps, about 19 instructions per output against 64 pixel by pixel (measured form of the latter, v7b:
-//   255 instructions per pixel and 4 channels). A group of four that crosses a row, or the tile's end, goes
-//   pixel by pixel. V is 4 in the kernel build without the 128-register cap (one block per SM) and 2 in the
-//   capped build, where the 4-channel window would not fit (it spilled 320 bytes; with 2 channels the capped
-//   build spills ~10 values per GEMM step instead, a trade measured by nothing yet).
+//   input columns: per kernel row, 3 s + 3 columns are loaded, converted and prologued once and feed 4 x 3 taps,
+//   about 19 instructions per output against 64 pixel by pixel (measured form of the latter, v7b: 255
+//   instructions per pixel and 4 channels). A group of four that crosses a row, or the tile's end, goes pixel by
+//   pixel. V is 4 in the kernel build without the 128-register cap (one block per SM) and 2 in the capped build,
+//   where the 4-channel window would not fit (it spilled 320 bytes).
+// The stage is latency-bound (8 warps per SM on the wide layers): loads are issued in batches before their
+// values are used, and the tap conditions recomputed where used rather than kept in registers (kept, they
+// raised the capped build's spills from 140 to 236 bytes, in its output-tile loop: the 74^2 layers lost 20%).
 template <typename T, typename S, int KH, int KW, bool kPrologue, int V>
 __device__ __forceinline__ void depthwise_tile_vectors(const SeparableParams& p, const PixelInfo& px, S* a, int lda,
                                                        int32_t k0, int cols) {
@@ -732,14 +727,10 @@ __device__ __forceinline__ void depthwise_tile_vectors(const SeparableParams& p,
       const int32_t ih0 = px.ih0[row], iw0 = px.iw0[row];
       // The origin may lie outside x (padding): only the taps inside the image are read.
       const T* origin = chan + (pix_ok ? base + ih0 * xs2 + iw0 * xs3 : 0);
-      bool row_ok[KH], col_ok[KW];
-#pragma unroll
-      for (int i = 0; i < KH; ++i) row_ok[i] = pix_ok && static_cast<uint32_t>(ih0 + i * dh) < H;
-#pragma unroll
-      for (int j = 0; j < KW; ++j) col_ok[j] = static_cast<uint32_t>(iw0 + j * dwl) < W;
-      auto tap = [&](int i, int j) {
-        return VecIO<T, V>::load_raw_if(row_ok[i] && col_ok[j], origin + (i * dh * xs2i + j * dwl * xs3i));
+      auto ok = [&](int i, int j) {  // tap (i, j) inside the image (recomputed where used: cheaper than registers)
+        return pix_ok && static_cast<uint32_t>(ih0 + i * dh) < H && static_cast<uint32_t>(iw0 + j * dwl) < W;
       };
+      auto tap = [&](int i, int j) { return VecIO<T, V>::load_raw_if(ok(i, j), origin + (i * dh * xs2i + j * dwl * xs3i)); };
       Raw raw[KH][KW];
       if constexpr (kTapsAhead) {
 #pragma unroll
@@ -756,7 +747,7 @@ __device__ __forceinline__ void depthwise_tile_vectors(const SeparableParams& p,
         for (int j = 0; j < KW; ++j) {
           if constexpr (!kTapsAhead) raw[i][j] = tap(i, j);
           float xv[V];
-          input(row_ok[i] && col_ok[j], raw[i][j], xv);
+          input(ok(i, j), raw[i][j], xv);
 #pragma unroll
           for (int v = 0; v < V; ++v) acc[v] = fmaf(xv[v], wv[i * KW + j][v], acc[v]);
         }
@@ -796,11 +787,9 @@ __device__ __forceinline__ void depthwise_tile_vectors(const SeparableParams& p,
         constexpr int kSW = decltype(stride)::value, kCols = (kQuad - 1) * kSW + KW;
         constexpr int kRawRegs = KH * kCols * static_cast<int>(sizeof(Raw)) / 4;
         constexpr int kBatch = kRawRegs <= (V == 4 ? 64 : 18) ? KH : 1;  // rows loaded together
-        bool row_ok[KH], col_ok[kCols];
-#pragma unroll
-        for (int i = 0; i < KH; ++i) row_ok[i] = k_ok && static_cast<uint32_t>(ih0 + i * dh) < H;
-#pragma unroll
-        for (int c = 0; c < kCols; ++c) col_ok[c] = static_cast<uint32_t>(iw0 + c) < W;
+        auto ok = [&](int i, int c) {
+          return k_ok && static_cast<uint32_t>(ih0 + i * dh) < H && static_cast<uint32_t>(iw0 + c) < W;
+        };
 #pragma unroll
         for (int i0 = 0; i0 < KH; i0 += kBatch) {
           Raw raw[kBatch][kCols];
@@ -808,14 +797,14 @@ __device__ __forceinline__ void depthwise_tile_vectors(const SeparableParams& p,
           for (int b = 0; b < kBatch; ++b)
 #pragma unroll
             for (int c = 0; c < kCols; ++c) {
-              raw[b][c] = VecIO<T, V>::load_raw_if(row_ok[i0 + b] && col_ok[c], origin + ((i0 + b) * dh * xs2i + c * xs3i));
+              raw[b][c] = VecIO<T, V>::load_raw_if(ok(i0 + b, c), origin + ((i0 + b) * dh * xs2i + c * xs3i));
             }
 #pragma unroll
           for (int b = 0; b < kBatch; ++b) {
             const int i = i0 + b;
             float xv[kCols][V];
 #pragma unroll
-            for (int c = 0; c < kCols; ++c) input(row_ok[i] && col_ok[c], raw[b][c], xv[c]);
+            for (int c = 0; c < kCols; ++c) input(ok(i, c), raw[b][c], xv[c]);
 #pragma unroll
             for (int q = 0; q < kQuad; ++q)
 #pragma unroll
