@@ -228,25 +228,6 @@ inline size_t separable_stats_workspace_bytes(const SeparableParams& p) {
   return static_cast<size_t>(reduce_rows_workspace(tiles, 2 * p.g.out_channels)) * sizeof(float);
 }
 
-// The backward's pointwise weight gradient (kernels/separable_backward.cuh): grad_pw = grad_y^T mid, with mid
-// recomputed from x as in the forward described by `fwd` (its x, weights, prologue and mid activation; its output
-// fields unused). grad_y is [pixels][out_channels] in x's dtype, pixels flattened over (N, OH, OW). Block
-// (x, y, z) writes its sums over the steps of 32 pixels [z steps_per_slice, (z + 1) steps_per_slice) into row z
-// of `partial`, float32 [slices][out_channels][dw_channels].
-struct PointwiseGradParams {
-  SeparableParams fwd;
-  const void* grad_y = nullptr;
-  float* partial = nullptr;
-  int64_t steps_per_slice = 0;
-  // The depthwise values kSepVec channels at a time (pointwise_grad_vectors): 3x3 kernels, x with channels
-  // fastest and whole aligned vectors, no depth multiplier.
-  bool x_vectors = false;
-};
-XO_HOST_DEVICE inline bool pointwise_grad_vectors(const SeparableParams& fwd, int dtype_bytes) {
-  return fwd.g.kernel_h == 3 && fwd.g.kernel_w == 3 && fwd.g.depth_multiplier == 1 &&
-         separable_vectorizable(fwd.x, fwd.g.in_channels, dtype_bytes);
-}
-
 // The backward's elementwise passes over an (N, C, H, W) tensor, 64 pixels (flattened over N, H, W) per block
 // and channels across threads, each block writing one row of per-channel float32 partial sums that
 // launch_reduce_rows adds up in a fixed order. Two kernels (kernels/separable_backward.cuh):
@@ -273,20 +254,6 @@ XO_HOST_DEVICE inline int64_t channel_pass_tiles(const ChannelPassParams& p) {
   return (p.g.batch * p.h * p.w + kChannelPassPixels - 1) / kChannelPassPixels;
 }
 
-// Pixel slices of the pointwise-gradient kernel: enough blocks for two waves on `sms` multiprocessors, each slice
-// at least 8 steps of 32 pixels. Returns the slice count; steps_per_slice receives its length.
-inline int64_t pointwise_grad_slices(const Conv2dGeometry& g, int sms, int64_t* steps_per_slice) {
-  const int64_t steps = (g.batch * g.out_h * g.out_w + 31) / 32;
-  const int64_t tiles = ((g.dw_channels() + 63) / 64) * ((g.out_channels + 127) / 128);
-  int64_t slices = (2 * static_cast<int64_t>(sms) + tiles - 1) / tiles;
-  const int64_t most = (steps + 7) / 8;
-  if (slices > most) slices = most;
-  if (slices > 65535) slices = 65535;
-  if (slices < 1) slices = 1;
-  *steps_per_slice = (steps + slices - 1) / slices;
-  return (steps + *steps_per_slice - 1) / *steps_per_slice;
-}
-
 // ---- launchers (cuda/separable_launch.cu, cuda/separable_backward_launch.cu) ----
 // Fused forward. `p.k_chunk` / `p.a_pitch` must come from separable_plan() with the same math and the device's
 // opt-in shared-memory limit; `channel_groups` from separable_channel_groups(). With p.stats_partial set, `sum`
@@ -295,9 +262,6 @@ inline int64_t pointwise_grad_slices(const Conv2dGeometry& g, int sms, int64_t* 
 cudaError_t launch_separable_forward(const SeparableParams& p, DType dtype, PointwiseMath math, int channel_groups,
                                      float* sum, float* sumsq, cudaStream_t stream);
 
-// The pointwise weight gradient's partial sums (PointwiseGradParams); `slices` blocks along z.
-cudaError_t launch_separable_pointwise_grad(const PointwiseGradParams& q, DType dtype, PointwiseMath math,
-                                            int64_t slices, cudaStream_t stream);
 
 // The backward's elementwise passes (ChannelPassParams); `prologue_pass` picks the prologue formula.
 cudaError_t launch_channel_pass(const ChannelPassParams& p, DType dtype, bool prologue_pass, cudaStream_t stream);
