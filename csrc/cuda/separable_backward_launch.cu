@@ -16,10 +16,18 @@ template <typename T>
 cudaError_t channel_pass(const ChannelPassParams& p, bool prologue_pass, cudaStream_t stream) {
   const int64_t tiles = channel_pass_tiles(p);
   if (tiles > INT_MAX) return cudaErrorInvalidValue;
+  const unsigned grid = static_cast<unsigned>(tiles);
+  const bool vectors = channel_pass_vectors(p, static_cast<int>(sizeof(T)));
   if (prologue_pass) {
-    kernels::separable_channel_pass_kernel<T, true><<<static_cast<unsigned>(tiles), 256, 0, stream>>>(p);
+    if (vectors) {
+      kernels::separable_channel_pass_kernel<T, true, kSepVec><<<grid, 256, 0, stream>>>(p);
+    } else {
+      kernels::separable_channel_pass_kernel<T, true, 1><<<grid, 256, 0, stream>>>(p);
+    }
+  } else if (vectors) {
+    kernels::separable_channel_pass_kernel<T, false, kSepVec><<<grid, 256, 0, stream>>>(p);
   } else {
-    kernels::separable_channel_pass_kernel<T, false><<<static_cast<unsigned>(tiles), 256, 0, stream>>>(p);
+    kernels::separable_channel_pass_kernel<T, false, 1><<<grid, 256, 0, stream>>>(p);
   }
   return cudaGetLastError();
 }

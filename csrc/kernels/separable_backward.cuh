@@ -14,12 +14,39 @@ namespace xception_ops {
 namespace kernels {
 
 // ---- the backward's elementwise passes (ChannelPassParams) ----
-// Block b takes pixels [64 b, 64 b + 64) of the flattened (N, H, W) and every channel, a thread per channel at a
-// time (consecutive channels across a warp: coalesced where channels are fastest); each thread sums its
-// channel's 64 values in order and writes them to row b of the partials.
-template <typename T, bool kPrologue>
+// Block b takes pixels [64 b, 64 b + 64) of the flattened (N, H, W) and every channel. A thread takes V
+// consecutive channels (V = kSepVec where every tensor has channels fastest and whole aligned vectors,
+// channel_pass_vectors; else 1): consecutive channel groups across a warp, coalesced where channels are fastest.
+// With fewer channel groups than threads, the threads left over split the pixels: `lanes` threads (a power of
+// two) cover the channels and 256 / lanes row groups the 64 pixels (a 128-channel pass ran half its threads idle,
+// each walking 64 pixels one 2-byte load at a time: 1 TB/s at 147^2, session 4). Each row group sums its rows in
+// order; the row groups' sums are then added in order through shared memory: the partial row of the block is
+// the same on every run.
+template <typename T, int V>
+struct ChannelVec {  // V channels of one pixel, as float32
+  __device__ __forceinline__ static void load(const T* p, float (&v)[V]) {
+    if constexpr (V == 1) {
+      v[0] = Elem<T>::load(p);
+    } else {
+      VecIO<T, V>::load_if(true, p, v);
+    }
+  }
+  __device__ __forceinline__ static void store(T* p, float (&v)[V]) {  // rounds to T
+    if constexpr (V == 1) {
+      Elem<T>::store(p, v[0]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < V; ++i) v[i] = round_to<T>(v[i]);
+      VecIO<T, V>::store(p, v);
+    }
+  }
+};
+
+template <typename T, bool kPrologue, int V>
 __global__ void __launch_bounds__(256) separable_channel_pass_kernel(const ChannelPassParams q) {
+  constexpr int kThreads = 256;
   __shared__ int64_t offset[4][kChannelPassPixels];  // per pixel: its offset in grad, act, y and result
+  __shared__ float row_sums[2][kThreads * V];        // [first / second][row group * lanes + lane][V]
   const int64_t pixels = q.g.batch * q.h * q.w, tile = blockIdx.x;
   for (int e = threadIdx.x; e < 4 * kChannelPassPixels; e += blockDim.x) {
     const int which = e / kChannelPassPixels, r = e % kChannelPassPixels;
@@ -37,31 +64,80 @@ __global__ void __launch_bounds__(256) separable_channel_pass_kernel(const Chann
   const int rows = static_cast<int>(pixels - tile * kChannelPassPixels < kChannelPassPixels
                                         ? pixels - tile * kChannelPassPixels
                                         : kChannelPassPixels);
-  for (int64_t c = threadIdx.x; c < q.channels; c += blockDim.x) {
-    const float scale = q.scale != nullptr ? q.scale[c] : 1.f;
-    const float a = q.vec_a != nullptr ? q.vec_a[c] : 0.f;
-    const float b = q.vec_b != nullptr ? q.vec_b[c] : 0.f;
-    float first = 0.f, second = 0.f;
-    for (int r = 0; r < rows; ++r) {
-      float g = Elem<T>::load(grad + offset[0][r] + c * q.grad.stride[1]);
+  const int64_t groups = (q.channels + V - 1) / V;  // V divides the channels on the vector path
+  int lanes = kThreads;
+  while (lanes > 1 && lanes / 2 >= groups) lanes /= 2;
+  const int row_groups = kThreads / lanes, rows_per_group = (kChannelPassPixels + row_groups - 1) / row_groups;
+  const int lane = threadIdx.x % lanes, rg = threadIdx.x / lanes;
+  const int r_begin = rg * rows_per_group, r_end = rows < r_begin + rows_per_group ? rows : r_begin + rows_per_group;
+  for (int64_t cg = lane; cg < groups; cg += lanes) {
+    const int64_t c = cg * V;
+    float scale[V], a[V], b[V], first[V], second[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      scale[i] = q.scale != nullptr ? q.scale[c + i] : 1.f;
+      a[i] = q.vec_a != nullptr ? q.vec_a[c + i] : 0.f;
+      b[i] = q.vec_b != nullptr ? q.vec_b[c + i] : 0.f;
+      first[i] = 0.f, second[i] = 0.f;
+    }
+#pragma unroll 4  // several pixels' loads in flight per thread
+    for (int r = r_begin; r < r_end; ++r) {
+      float g[V];
+      ChannelVec<T, V>::load(grad + offset[0][r] + c * q.grad.stride[1], g);
       if constexpr (kPrologue) {  // a = shift here
-        const float xv = Elem<T>::load(act + offset[1][r] + c * q.act.stride[1]);
-        if (q.relu && !(round_to<T>(fmaf(xv, scale, a)) > 0.f)) g = 0.f;
-        first = fmaf(g, xv, first);
-        second += g;
-        T* out = static_cast<T*>(q.result.data) + offset[3][r] + c * q.result.stride[1];
-        Elem<T>::store(out, q.scale != nullptr ? round_to<T>(g * scale) : g);
+        float xv[V];
+        ChannelVec<T, V>::load(act + offset[1][r] + c * q.act.stride[1], xv);
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          if (q.relu && !(round_to<T>(fmaf(xv[i], scale[i], a[i])) > 0.f)) g[i] = 0.f;
+          first[i] = fmaf(g[i], xv[i], first[i]);
+          second[i] += g[i];
+          g[i] = q.scale != nullptr ? g[i] * scale[i] : g[i];
+        }
+        ChannelVec<T, V>::store(static_cast<T*>(q.result.data) + offset[3][r] + c * q.result.stride[1], g);
       } else {
-        if (q.relu && !(Elem<T>::load(act + offset[1][r] + c * q.act.stride[1]) > 0.f)) g = 0.f;
-        const float yv = y != nullptr ? Elem<T>::load(y + offset[2][r] + c * q.y.stride[1]) : 0.f;
-        first = fmaf(g, yv, first);
-        second += g;
-        const float gy = fmaf(2.f * yv, b, fmaf(g, scale, a));
-        Elem<T>::store(static_cast<T*>(q.grad_y) + (tile * kChannelPassPixels + r) * q.channels + c, gy);
+        float mask[V] = {}, yv[V];
+        if (q.relu) ChannelVec<T, V>::load(act + offset[1][r] + c * q.act.stride[1], mask);
+        if (y != nullptr) {
+          ChannelVec<T, V>::load(y + offset[2][r] + c * q.y.stride[1], yv);
+        } else {
+#pragma unroll
+          for (int i = 0; i < V; ++i) yv[i] = 0.f;
+        }
+        float gy[V];
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          if (q.relu && !(mask[i] > 0.f)) g[i] = 0.f;
+          first[i] = fmaf(g[i], yv[i], first[i]);
+          second[i] += g[i];
+          gy[i] = fmaf(2.f * yv[i], b[i], fmaf(g[i], scale[i], a[i]));
+        }
+        ChannelVec<T, V>::store(static_cast<T*>(q.grad_y) + (tile * kChannelPassPixels + r) * q.channels + c, gy);
       }
     }
-    q.partial[tile * 2 * q.channels + c] = first;
-    q.partial[tile * 2 * q.channels + q.channels + c] = second;
+    if (row_groups == 1) {  // this thread's sums are the block's
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        q.partial[tile * 2 * q.channels + c + i] = first[i];
+        q.partial[tile * 2 * q.channels + q.channels + c + i] = second[i];
+      }
+    } else {  // one channel group per thread (groups <= lanes): sums of the row groups, added in order below
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        row_sums[0][threadIdx.x * V + i] = first[i];
+        row_sums[1][threadIdx.x * V + i] = second[i];
+      }
+    }
+  }
+  if (row_groups == 1) return;  // uniform across the block
+  __syncthreads();
+  for (int e = threadIdx.x; e < 2 * lanes * V; e += kThreads) {
+    const int which = e / (lanes * V), j = e % (lanes * V), cg = j / V, i = j % V;
+    const int64_t c = static_cast<int64_t>(cg) * V + i;
+    if (cg >= groups || c >= q.channels) continue;
+    float sum = 0.f;
+    for (int g2 = 0; g2 < row_groups; ++g2) sum += row_sums[which][(g2 * lanes + cg) * V + i];
+    q.partial[tile * 2 * q.channels + which * q.channels + c] = sum;
   }
 }
 

@@ -250,6 +250,15 @@ struct ChannelPassParams {
   float* partial = nullptr;      // [tiles][2 channels]
 };
 constexpr int kChannelPassPixels = 64;
+// Whether the passes can move kSepVec channels per access: every tensor they touch has channels fastest and whole
+// aligned vectors (grad_y, pixel-major with `channels` per row, needs only its alignment).
+XO_HOST_DEVICE inline bool channel_pass_vectors(const ChannelPassParams& p, int dtype_bytes) {
+  auto ok = [&](const DepthwiseTensor& t) {
+    return t.data == nullptr || separable_vectorizable(t, p.channels, dtype_bytes);
+  };
+  return p.channels % kSepVec == 0 && ok(p.grad) && ok(p.act) && ok(p.y) && ok(p.result) &&
+         reinterpret_cast<uintptr_t>(p.grad_y) % (kSepVec * dtype_bytes) == 0;
+}
 XO_HOST_DEVICE inline int64_t channel_pass_tiles(const ChannelPassParams& p) {
   return (p.g.batch * p.h * p.w + kChannelPassPixels - 1) / kChannelPassPixels;
 }

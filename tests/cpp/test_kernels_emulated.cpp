@@ -344,10 +344,11 @@ TEST_CASE(tf32_mode_compiles_to_the_same_ffma_path_on_the_host) {
 // The backward's elementwise passes: grad_y (with out's ReLU mask, out_scale, grad_sum, grad_sumsq) and the
 // prologue's backward (ReLU mask of round(x * scale + shift), grad_x, the sums), against float64 loops.
 template <typename T>
-void check_channel_pass(bool prologue, bool channels_last, bool relu, bool with_vectors, double tol, const char* what) {
-  std::mt19937 rng(prologue * 7 + channels_last * 3 + relu + with_vectors * 11);
+void check_channel_pass(bool prologue, bool channels_last, bool relu, bool with_vectors, double tol, const char* what,
+                        int64_t c = 37, bool y_same_layout = false, bool expect_vector_path = false) {
+  std::mt19937 rng(static_cast<unsigned>(prologue * 7 + channels_last * 3 + relu + with_vectors * 11 + c));
   std::normal_distribution<float> normal(0.f, 1.f);
-  const int64_t n = 2, c = 37, h = 9, w = 11, pixels = n * h * w;  // 198 pixels: 4 blocks, the last partial
+  const int64_t n = 2, h = 9, w = 11, pixels = n * h * w;  // 198 pixels: 4 blocks, the last partial
   std::vector<T> grad(n * c * h * w), act(grad.size()), y(grad.size()), result(grad.size(), from_float<T>(std::nanf("")));
   std::vector<T> grad_y(grad.size(), from_float<T>(std::nanf("")));
   for (auto& v : grad) v = from_float<T>(normal(rng));
@@ -363,7 +364,7 @@ void check_channel_pass(bool prologue, bool channels_last, bool relu, bool with_
   q.channels = c, q.h = h, q.w = w;
   strides(c, h, w, channels_last, q.grad.stride);
   strides(c, h, w, channels_last, q.act.stride);
-  strides(c, h, w, !channels_last, q.y.stride);  // y in the other layout: every tensor has its own strides
+  strides(c, h, w, y_same_layout ? channels_last : !channels_last, q.y.stride);  // or each its own strides
   strides(c, h, w, channels_last, q.result.stride);
   q.grad.data = grad.data();
   q.act.data = (relu || prologue) ? act.data() : nullptr;
@@ -377,10 +378,20 @@ void check_channel_pass(bool prologue, bool channels_last, bool relu, bool with_
   const int64_t tiles = channel_pass_tiles(q);
   std::vector<float> partial(reduce_rows_workspace(tiles, 2 * c), std::nanf(""));
   q.partial = partial.data();
+  // The launcher's choice (cuda/separable_backward_launch.cu), which the case expects.
+  const bool vectors = channel_pass_vectors(q, static_cast<int>(sizeof(T)));
+  EXPECT(vectors == expect_vector_path);
+  const dim3 grid(static_cast<unsigned>(tiles));
   if (prologue) {
-    emulate_launch(kernels::separable_channel_pass_kernel<T, true>, dim3(static_cast<unsigned>(tiles)), dim3(256), q);
+    if (vectors) {
+      emulate_launch(kernels::separable_channel_pass_kernel<T, true, kSepVec>, grid, dim3(256), q);
+    } else {
+      emulate_launch(kernels::separable_channel_pass_kernel<T, true, 1>, grid, dim3(256), q);
+    }
+  } else if (vectors) {
+    emulate_launch(kernels::separable_channel_pass_kernel<T, false, kSepVec>, grid, dim3(256), q);
   } else {
-    emulate_launch(kernels::separable_channel_pass_kernel<T, false>, dim3(static_cast<unsigned>(tiles)), dim3(256), q);
+    emulate_launch(kernels::separable_channel_pass_kernel<T, false, 1>, grid, dim3(256), q);
   }
   std::vector<double> got_first(c, 0), got_second(c, 0), want_first(c, 0), want_second(c, 0);
   for (int64_t t = 0; t < tiles; ++t) {
@@ -427,6 +438,18 @@ TEST_CASE(backward_elementwise_passes) {
         for (bool vectors : {false, true}) {
           check_channel_pass<float>(prologue, cl, relu, vectors, 1e-6, prologue ? "fp32 prologue" : "fp32 grad_y");
           check_channel_pass<__nv_bfloat16>(prologue, cl, relu, vectors, 8e-3, prologue ? "bf16 prologue" : "bf16 grad_y");
+        }
+      }
+    }
+    // Channels a multiple of the vector, every tensor channels-last: 4 channels per access. 8 channels (2 vector
+    // groups: 128 row groups, more than the block's 64 pixels), 132 (33 groups: 4 row groups of 16 pixels), 1040
+    // (260 groups: a thread takes two); and the same counts in NCHW, one channel per access.
+    for (int64_t c : {8, 132, 1040}) {
+      for (bool cl : {false, true}) {
+        for (bool relu : {false, true}) {
+          check_channel_pass<float>(prologue, cl, relu, true, 1e-6, "fp32 vector pass", c, true, cl);
+          check_channel_pass<__nv_bfloat16>(prologue, cl, relu, true, 8e-3, "bf16 vector pass", c, true, cl);
+          check_channel_pass<__half>(prologue, cl, !relu, false, 2e-3, "fp16 vector pass", c, true, cl);
         }
       }
     }
