@@ -35,10 +35,17 @@ cudaError_t channel_pass(const ChannelPassParams& p, bool prologue_pass, cudaStr
 template <typename T>
 cudaError_t prologue_apply(const DepthwiseTensor& x, const DepthwiseTensor& out, const Conv2dGeometry& g,
                            const float* scale, const float* shift, bool relu, cudaStream_t stream) {
-  const int64_t total = g.batch * g.in_channels * g.in_h * g.in_w;
+  const int bytes = static_cast<int>(sizeof(T));
+  const bool vectors = separable_vectorizable(x, g.in_channels, bytes) && separable_vectorizable(out, g.in_channels, bytes);
+  const int64_t total = g.batch * g.in_channels * g.in_h * g.in_w / (vectors ? kSepVec : 1);
   const int64_t blocks = total / 256 + 1 < 8192 ? total / 256 + 1 : 8192;  // grid-stride beyond
-  kernels::prologue_apply_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
-      x, out, g.batch, g.in_channels, g.in_h, g.in_w, scale, shift, relu);
+  if (vectors) {
+    kernels::prologue_apply_kernel<T, kSepVec><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
+        x, out, g.batch, g.in_channels, g.in_h, g.in_w, scale, shift, relu);
+  } else {
+    kernels::prologue_apply_kernel<T, 1><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
+        x, out, g.batch, g.in_channels, g.in_h, g.in_w, scale, shift, relu);
+  }
   return cudaGetLastError();
 }
 

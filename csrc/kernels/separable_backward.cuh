@@ -141,20 +141,30 @@ __global__ void __launch_bounds__(256) separable_channel_pass_kernel(const Chann
   }
 }
 
-// relu?(round(x * scale + shift)), elementwise over (N, C, H, W) in x's strides, written in out's.
-template <typename T>
+// relu?(round(x * scale + shift)), elementwise over (N, C, H, W) in x's strides, written in out's. A thread takes
+// V consecutive channels of one pixel (V = kSepVec where both have channels fastest and whole aligned vectors:
+// one access each way and one index computation per V elements; else 1).
+template <typename T, int V>
 __global__ void __launch_bounds__(256) prologue_apply_kernel(const DepthwiseTensor x, const DepthwiseTensor out,
                                                              int64_t n_, int64_t c_, int64_t h_, int64_t w_,
                                                              const float* scale, const float* shift, bool relu) {
-  const int64_t total = n_ * c_ * h_ * w_;
+  const int64_t groups = c_ / V, total = n_ * groups * h_ * w_;  // V divides c_ on the vector path
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t c = i % c_, w = i / c_ % w_, h = i / c_ / w_ % h_, n = i / c_ / w_ / h_;  // channels fastest
-    const float v = Elem<T>::load(static_cast<const T*>(x.data) + n * x.stride[0] + c * x.stride[1] +
-                                  h * x.stride[2] + w * x.stride[3]);
-    Elem<T>::store(static_cast<T*>(out.data) + n * out.stride[0] + c * out.stride[1] + h * out.stride[2] +
-                       w * out.stride[3],
-                   prologue_value<T>(v, scale != nullptr ? scale[c] : 1.f, shift != nullptr ? shift[c] : 0.f, relu));
+    const int64_t c = i % groups * V, pix = i / groups;  // channels fastest
+    const int64_t w = pix % w_, h = pix / w_ % h_, n = pix / w_ / h_;
+    float v[V];
+    ChannelVec<T, V>::load(static_cast<const T*>(x.data) + n * x.stride[0] + c * x.stride[1] + h * x.stride[2] +
+                               w * x.stride[3],
+                           v);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      v[k] = prologue_value<T>(v[k], scale != nullptr ? scale[c + k] : 1.f, shift != nullptr ? shift[c + k] : 0.f,
+                               relu);
+    }
+    ChannelVec<T, V>::store(static_cast<T*>(out.data) + n * out.stride[0] + c * out.stride[1] + h * out.stride[2] +
+                                w * out.stride[3],
+                            v);
   }
 }
 

@@ -431,6 +431,38 @@ void check_channel_pass(bool prologue, bool channels_last, bool relu, bool with_
   EXPECT(e_out <= tol && e_first <= tol && e_second <= tol);
 }
 
+// prologue_apply_kernel<__half, V> against float64 on a (2, c, 4, 3) tensor; a 4-block grid-stride launch.
+template <int V>
+void check_prologue_apply(int64_t c, bool x_cl, bool out_cl) {
+  std::mt19937 rng(static_cast<unsigned>(5 + c));
+  std::normal_distribution<float> normal(0.f, 1.f);
+  std::vector<__half> x(2 * c * 4 * 3), out(x.size(), from_float<__half>(std::nanf("")));
+  for (auto& v : x) v = from_float<__half>(normal(rng));
+  std::vector<float> sc(c), sh(c);
+  for (auto& v : sc) v = normal(rng);
+  for (auto& v : sh) v = 0.5f * normal(rng);
+  DepthwiseTensor xt, ot;
+  strides(c, 4, 3, x_cl, xt.stride);
+  strides(c, 4, 3, out_cl, ot.stride);
+  xt.data = x.data(), ot.data = out.data();
+  EXPECT((V > 1) == (separable_vectorizable(xt, c, 2) && separable_vectorizable(ot, c, 2)));
+  emulate_launch(kernels::prologue_apply_kernel<__half, V>, dim3(4), dim3(256), static_cast<const DepthwiseTensor>(xt),
+                 static_cast<const DepthwiseTensor>(ot), int64_t{2}, c, int64_t{4}, int64_t{3},
+                 static_cast<const float*>(sc.data()), static_cast<const float*>(sh.data()), true);
+  double worst = 0;
+  for (int64_t n = 0; n < 2; ++n)
+    for (int64_t k = 0; k < c; ++k)
+      for (int64_t h = 0; h < 4; ++h)
+        for (int64_t w = 0; w < 3; ++w) {
+          const double xv = to_double(x[n * xt.stride[0] + k * xt.stride[1] + h * xt.stride[2] + w * xt.stride[3]]);
+          const double want = std::max(to_double(from_float<__half>(static_cast<float>(xv * sc[k] + sh[k]))), 0.0);
+          const double got = to_double(out[n * ot.stride[0] + k * ot.stride[1] + h * ot.stride[2] + w * ot.stride[3]]);
+          worst = std::max(worst, std::abs(got - want));  // a NaN (an element never written) fails below
+          if (std::isnan(got)) worst = 1e9;
+        }
+  EXPECT(worst == 0.0);
+}
+
 TEST_CASE(backward_elementwise_passes) {
   for (bool prologue : {false, true}) {
     for (bool cl : {false, true}) {
@@ -454,32 +486,11 @@ TEST_CASE(backward_elementwise_passes) {
       }
     }
   }
-  // relu?(round(x * scale + shift)) elementwise, strides of its own on each side.
-  std::mt19937 rng(5);
-  std::normal_distribution<float> normal(0.f, 1.f);
-  Conv2dGeometry g;
-  g.batch = 2, g.in_channels = 5, g.in_h = 4, g.in_w = 3;
-  std::vector<__half> x(2 * 5 * 4 * 3), out(x.size(), from_float<__half>(std::nanf("")));
-  for (auto& v : x) v = from_float<__half>(normal(rng));
-  std::vector<float> sc = {0.5f, 1.f, 1.5f, -1.f, 2.f}, sh = {0.1f, -0.2f, 0.f, 0.3f, -1.f};
-  DepthwiseTensor xt, ot;
-  strides(5, 4, 3, false, xt.stride);
-  strides(5, 4, 3, true, ot.stride);
-  xt.data = x.data(), ot.data = out.data();
-  emulate_launch(kernels::prologue_apply_kernel<__half>, dim3(1), dim3(256), static_cast<const DepthwiseTensor>(xt),
-                 static_cast<const DepthwiseTensor>(ot), int64_t{2}, int64_t{5}, int64_t{4}, int64_t{3},
-                 static_cast<const float*>(sc.data()), static_cast<const float*>(sh.data()), true);
-  double worst = 0;
-  for (int64_t n = 0; n < 2; ++n)
-    for (int64_t k = 0; k < 5; ++k)
-      for (int64_t h = 0; h < 4; ++h)
-        for (int64_t w = 0; w < 3; ++w) {
-          const double xv = to_double(x[n * xt.stride[0] + k * xt.stride[1] + h * xt.stride[2] + w * xt.stride[3]]);
-          const double want = std::max(to_double(from_float<__half>(static_cast<float>(xv * sc[k] + sh[k]))), 0.0);
-          const double got = to_double(out[n * ot.stride[0] + k * ot.stride[1] + h * ot.stride[2] + w * ot.stride[3]]);
-          worst = std::max(worst, std::abs(got - want));
-        }
-  EXPECT(worst == 0.0);
+  // relu?(round(x * scale + shift)) elementwise: strides of its own on each side (one channel per access), and
+  // both channels-last (4 per access, as the launcher picks when both are vectorizable).
+  check_prologue_apply<1>(5, false, true);
+  check_prologue_apply<kSepVec>(8, true, true);
+  check_prologue_apply<1>(8, true, false);
 }
 
 // ---- the depthwise kernels: the launchers' plans (cuda/depthwise_launch.cu), emulated ----
