@@ -21,11 +21,14 @@ cudaError_t launch_forward_kernel(const SeparableParams& p, int groups, cudaStre
   const SeparableSmem smem = separable_smem(p, p.a_pitch, kMath, static_cast<int>(sizeof(T)));
   auto* kernel = &separable_forward_kernel<T, kMath, KH, KW>;
   if constexpr (kMath == PointwiseMath::TensorCore && KH == 3 && KW == 3) {
-    // Shared memory for one block per SM only: the build without the 128-register cap (no spills).
+    // Shared memory for one block per SM only: the build without the 128-register cap (no spills), which is
+    // also the one that takes a plan's shallower ring or unpadded accumulator tile.
     DeviceCaps caps;
     const cudaError_t err = current_device_caps(&caps);
     if (err != cudaSuccess) return err;
-    if (2 * smem.total > caps.smem_per_sm) kernel = &separable_forward_kernel<T, kMath, KH, KW, 1>;
+    if (2 * smem.total > caps.smem_per_sm || p.weight_stages != 0 || p.c_pitch != 0) {
+      kernel = &separable_forward_kernel<T, kMath, KH, KW, 1>;
+    }
   }
   if (smem.total > 48 * 1024) {  // above the default limit, a kernel must opt in
     const cudaError_t err =

@@ -199,7 +199,7 @@ struct PixelInfo {
 // ---- the GEMM of one output-channel tile ----
 // The implementations (FfmaGemm, MmaGemm, WmmaGemm) share one interface:
 //   step(a, lda, kk, bs)     multiplies the depthwise tile's columns [kk, kk + kSepKStep) by a weight buffer
-//   store(c)                 writes the float32 accumulators to the [kSepTileP][kSepCPitch] tile
+//   store(c, pitch)          writes the float32 accumulators to the [kSepTileP][pitch] tile
 // and fill the weight buffers one of two ways. FfmaGemm and WmmaGemm double-buffer through registers:
 //   Regs                     one thread's share of a weight tile (kSepTileN x kSepKStep / kSepThreads values)
 //   fetch(regs, w, n0, k0)   loads the weight tile W[n0 .., k0 ..] from global memory into registers (zeros
@@ -277,12 +277,12 @@ struct FfmaGemm {
     }
   }
 
-  __device__ __forceinline__ void store(float* c) const {
+  __device__ __forceinline__ void store(float* c, int pitch) const {
     const int ty = threadIdx.x / 32, tx = threadIdx.x % 32;
 #pragma unroll
     for (int i = 0; i < 8; ++i)
 #pragma unroll
-      for (int j = 0; j < 4; ++j) c[(8 * ty + i) * kSepCPitch + tx + 32 * j] = acc[i][j];
+      for (int j = 0; j < 4; ++j) c[(8 * ty + i) * pitch + tx + 32 * j] = acc[i][j];
   }
 };
 
@@ -431,17 +431,17 @@ struct MmaGemm {
     }
   }
 
-  __device__ __forceinline__ void store(float* c) const {
+  __device__ __forceinline__ void store(float* c, int pitch) const {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wr = warp % 2, wc = warp / 2;
 #pragma unroll
     for (int i = 0; i < 2; ++i)
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int row = 32 * wr + 16 * i + lane / 4, col = 32 * wc + 8 * j + 2 * (lane % 4);
-        c[row * kSepCPitch + col] = acc[i][j][0];
-        c[row * kSepCPitch + col + 1] = acc[i][j][1];
-        c[(row + 8) * kSepCPitch + col] = acc[i][j][2];
-        c[(row + 8) * kSepCPitch + col + 1] = acc[i][j][3];
+        c[row * pitch + col] = acc[i][j][0];
+        c[row * pitch + col + 1] = acc[i][j][1];
+        c[(row + 8) * pitch + col] = acc[i][j][2];
+        c[(row + 8) * pitch + col + 1] = acc[i][j][3];
       }
   }
 };
@@ -508,14 +508,14 @@ struct WmmaGemm {
     }
   }
 
-  __device__ __forceinline__ void store(float* c) const {
+  __device__ __forceinline__ void store(float* c, int pitch) const {
     const int warp = threadIdx.x / 32, wr = warp % 2, wc = warp / 2;
 #pragma unroll
     for (int i = 0; i < 2; ++i)
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
-        nvcuda::wmma::store_matrix_sync(c + (32 * wr + 16 * i) * kSepCPitch + 32 * wc + 16 * j, acc[i][j],
-                                        kSepCPitch, nvcuda::wmma::mem_row_major);
+        nvcuda::wmma::store_matrix_sync(c + (32 * wr + 16 * i) * pitch + 32 * wc + 16 * j, acc[i][j],
+                                        static_cast<unsigned>(pitch), nvcuda::wmma::mem_row_major);
       }
   }
 };
@@ -955,8 +955,8 @@ __device__ __forceinline__ void depthwise_tile(const SeparableParams& p, const P
 
 // ---- stage 3: the epilogue of one output-channel tile, from the float32 accumulators in `c` ----
 template <typename T>
-__device__ __forceinline__ void epilogue_tile(const SeparableParams& p, const PixelInfo& px, float* c, int64_t n0,
-                                              int64_t tile) {
+__device__ __forceinline__ void epilogue_tile(const SeparableParams& p, const PixelInfo& px, float* c, int pitch,
+                                              int64_t n0, int64_t tile) {
   const int64_t n_total = p.g.out_channels;
   T* __restrict__ out = static_cast<T*>(p.out.data);
   const T* __restrict__ res = static_cast<const T*>(p.residual.data);
@@ -981,7 +981,7 @@ __device__ __forceinline__ void epilogue_tile(const SeparableParams& p, const Pi
     return ch;
   };
   auto finish = [&](int row, int col, const Channel& ch) {
-    float* cv = c + row * kSepCPitch + col;
+    float* cv = c + row * pitch + col;
     const int64_t out_base = px.out_base[row];
     if (!ch.ok || out_base < 0) {
       *cv = 0.f;  // no contribution to the statistics
@@ -1010,7 +1010,7 @@ __device__ __forceinline__ void epilogue_tile(const SeparableParams& p, const Pi
     }
 #pragma unroll 1
     for (int row = threadIdx.x / kGroups; row < kSepTileP; row += kSepThreads / kGroups) {
-      float* cv = c + row * kSepCPitch + col;
+      float* cv = c + row * pitch + col;
       const int64_t out_base = px.out_base[row];
       float y[kSepVec], z[kSepVec];
       const bool write = ok && out_base >= 0;
@@ -1044,7 +1044,7 @@ __device__ __forceinline__ void epilogue_tile(const SeparableParams& p, const Pi
   if (threadIdx.x < kSepTileN && n0 + threadIdx.x < n_total) {  // one thread per channel, rows in order
     float s = 0.f, ss = 0.f;
     for (int row = 0; row < kSepTileP; ++row) {
-      const float y = c[row * kSepCPitch + threadIdx.x];
+      const float y = c[row * pitch + threadIdx.x];
       s += y;
       ss = fmaf(y, y, ss);
     }
@@ -1140,11 +1140,21 @@ __global__ void __launch_bounds__(kSepThreads, kMinBlocks) separable_forward_ker
   constexpr bool kAsync = kMath == PointwiseMath::TensorCore;  // cp.async weight ring (MmaGemm::WeightStream)
 #else
   constexpr bool kAsync = false;
+  // The mma.sync path's shared-memory plan has no room for the FFMA tiles this build would use in its place: the
+  // launcher asks for that path on sm_80+ only (separable_math), and anything else stops here, loudly.
+  if constexpr (kMath == PointwiseMath::TensorCore) __trap();
 #endif
-  constexpr int kStages = separable_weight_stages(kMath);
+  // The plan's ring depth (2 for register double-buffering, else 4 or 3) and accumulator pitch. Only the mma.sync
+  // path's plan departs from the defaults, and only for a depthwise tile that fills the shared memory, which the
+  // launcher runs in the one-block-per-SM build: the capped 3x3 build keeps them compile-time constants (read
+  // from the params they cost it 24 more bytes of spills) and stops loudly if asked otherwise.
+  constexpr bool kPlanned = kMath == PointwiseMath::TensorCore && (kMinBlocks == 1 || KH == 0);
+  if (!kPlanned && (p.weight_stages != 0 || p.c_pitch != 0)) __trap();
+  const int stages = kPlanned ? separable_stages(p, kMath) : separable_weight_stages(kMath);
+  const int c_pitch = kPlanned ? separable_c_pitch(p) : kSepCPitch;
   // The weight buffer of step s: chosen by arithmetic, not from an array of pointers, so that the compiler keeps
   // knowing it is shared memory (an indexed pointer array made every access a generic LD / ST).
-  auto buffer = [&](int s) { return reinterpret_cast<BType*>(bc + (s % kStages) * layout.stage); };
+  auto buffer = [&](int s) { return reinterpret_cast<BType*>(bc + (s % stages) * layout.stage); };
 
   // Block (x, y) covers pixel tile x and every gridDim.y-th output-channel tile from y.
   bool first = true;
@@ -1157,19 +1167,24 @@ __global__ void __launch_bounds__(kSepThreads, kMinBlocks) separable_forward_ker
       if (!resident || first) depthwise_tile<T, S, KH, KW, kMinBlocks == 1>(p, px, a, lda, k0, cols, bc);
       const int steps = cols / kSepKStep;
       if constexpr (kAsync) {
-        // A ring of kStages buffers: the tiles of the next kStages - 1 steps are in flight while one is used;
+        // A ring of `stages` buffers: the tiles of the next stages - 1 steps are in flight while one is used;
         // one barrier per step, after which the buffer of the step before is free for the next copy.
         const bool weight_vectors = K % 8 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0;
         const auto weights = make_weight_stream<Gemm>(w, n0, k0, n_total, K);
 #pragma unroll
-        for (int s = 0; s < kStages - 1; ++s) {
+        for (int s = 0; s < 3; ++s) {  // stages - 1 of them (3 or 2); unrolled
+          if (s == stages - 1) break;
           if (s < steps) weights.copy(buffer(s), s, K, weight_vectors);
           cp_async_commit();
         }
         for (int s = 0; s < steps; ++s) {
-          cp_async_wait<kStages - 2>();
+          if (stages == 4) {  // at most stages - 2 groups may still be in flight
+            cp_async_wait<2>();
+          } else {
+            cp_async_wait<1>();
+          }
           __syncthreads();  // step s's tile (and at s = 0 the depthwise tile) is in place for every thread
-          const int next = s + kStages - 1;
+          const int next = s + stages - 1;
           if (next < steps) weights.copy(buffer(next), next, K, weight_vectors);
           cp_async_commit();
           gemm.step(a, lda, s * kSepKStep, buffer(s));
@@ -1192,9 +1207,9 @@ __global__ void __launch_bounds__(kSepThreads, kMinBlocks) separable_forward_ker
       }
     }
     first = false;
-    gemm.store(c);  // over the weight buffers: every step is done (the barrier above)
+    gemm.store(c, c_pitch);  // over the weight buffers: every step is done (the barrier above)
     __syncthreads();
-    epilogue_tile<T>(p, px, c, n0, tile);
+    epilogue_tile<T>(p, px, c, c_pitch, n0, tile);
     __syncthreads();  // c and the weight buffers are reused by the next tile
   }
 }

@@ -56,6 +56,11 @@ struct SeparableParams {
   // depthwise tile is computed once per block; otherwise once per (block, output-channel tile).
   int32_t k_chunk = 0;
   int32_t a_pitch = 0;
+  // Also the plan's: the depth of the mma.sync path's ring of weight buffers (4, or 3 where a resident depthwise
+  // tile needs the room; 0 means the default, separable_weight_stages) and the row pitch of the float32
+  // accumulator tile (kSepCPitch, or kSepTileN where even 3 buffers do not fit; 0 means kSepCPitch).
+  int32_t weight_stages = 0;
+  int32_t c_pitch = 0;
   // Square 8 x 8 pixel tiles with a staged input window (only where separable_spatial_tiles() allows them);
   // otherwise 64 consecutive pixels.
   bool square_tiles = false;
@@ -114,10 +119,17 @@ constexpr int kSepBPitch32 = kSepKStep + 4;  // float32 weight tile [n][k] (TF32
 constexpr int kSepBPitchKN = kSepTileN + 4;  // float32 weight tile [k][n] (FFMA)
 constexpr int kSepCPitch = kSepTileN + 4;    // float32 accumulator tile [p][n]
 
+// The plan's ring depth (mma.sync path) and accumulator pitch, defaults filled in.
+XO_HOST_DEVICE inline int separable_stages(const SeparableParams& p, PointwiseMath math) {
+  return math == PointwiseMath::TensorCore && p.weight_stages > 0 ? p.weight_stages : separable_weight_stages(math);
+}
+XO_HOST_DEVICE inline int separable_c_pitch(const SeparableParams& p) { return p.c_pitch > 0 ? p.c_pitch : kSepCPitch; }
+
 // Shared memory layout of a block, in bytes. Every region starts 128-byte aligned. The accumulator tile
-// shares a region with the weight-tile buffers (separable_weight_stages of them, `stage` bytes apart) and with
-// the staged input window of square tiles: each is live in a different phase. The region also fits two FFMA
-// [k][n] buffers, which is what every kernel uses on GPUs below sm_80.
+// shares a region with the weight-tile buffers (separable_stages of them, `stage` bytes apart) and with the
+// staged input window of square tiles: each is live in a different phase. Except on the mma.sync path, whose
+// kernels run only on sm_80+ (they trap elsewhere), the buffers are also big enough for the FFMA [k][n] tiles
+// that every kernel uses on GPUs below sm_80.
 struct SeparableSmem {
   size_t pixel_info;  // per pixel: offsets of its image in x, out and residual, and its input origin
   size_t a_tile;      // depthwise tile [kSepTileP][a_pitch]
@@ -133,19 +145,21 @@ XO_HOST_DEVICE inline SeparableSmem separable_smem(const SeparableParams& p, int
   SeparableSmem s;
   s.pixel_info = align128(static_cast<size_t>(kSepTileP) * (3 * sizeof(int64_t) + 2 * sizeof(int32_t)));
   s.a_tile = align128(static_cast<size_t>(kSepTileP) * static_cast<size_t>(a_pitch) * eb);
-  size_t buffer = static_cast<size_t>(kSepKStep) * kSepBPitchKN * sizeof(float);  // FFMA [k][n]
+  size_t buffer = math == PointwiseMath::TensorCore
+                      ? 0
+                      : static_cast<size_t>(kSepKStep) * kSepBPitchKN * sizeof(float);  // FFMA [k][n]
   const size_t nk = separable_16bit_tensor_cores(math)
                         ? static_cast<size_t>(kSepTileN) * kSepBPitch16 * dtype_bytes
                         : static_cast<size_t>(kSepTileN) * kSepBPitch32 * sizeof(float);
   if (nk > buffer) buffer = nk;
   s.stage = align128(buffer);
-  size_t c = static_cast<size_t>(kSepTileP) * kSepCPitch * sizeof(float);
+  size_t c = static_cast<size_t>(kSepTileP) * separable_c_pitch(p) * sizeof(float);
   if (p.square_tiles) {  // the staged input window, in the dtype, during the depthwise stage only
     const size_t side = static_cast<size_t>(separable_halo_side(g));
     const size_t halo = side * side * kSepHaloChannels * static_cast<size_t>(dtype_bytes);
     if (halo > c) c = halo;
   }
-  const size_t buffers = separable_weight_stages(math) * s.stage;
+  const size_t buffers = separable_stages(p, math) * s.stage;
   s.bc_region = align128(buffers > c ? buffers : c);
   s.total = s.pixel_info + s.a_tile + s.bc_region;
   return s;
@@ -179,19 +193,30 @@ inline bool separable_plan(SeparableParams& p, PointwiseMath math, int dtype_byt
   const int eb = separable_tile_elem_bytes(math, dtype_bytes);
   const int pad = eb == 2 ? 8 : 4;
   const int64_t all = round_up(p.g.dw_channels(), kSepKStep);
-  for (int64_t pitch : {all + pad, all}) {
-    if (separable_smem(p, pitch, math, dtype_bytes).total <= smem_limit) {
-      p.k_chunk = static_cast<int32_t>(all);
-      p.a_pitch = static_cast<int32_t>(pitch);
-      return true;
+  // In order of preference: every channel resident with the padded pitch (conflict-free ldmatrix rows), then
+  // unpadded, then the largest chunk of channels that fits; each with the full ring first and, on the mma.sync
+  // path, a ring of 3, then an unpadded accumulator tile as well (each costs less than a depthwise tile recomputed
+  // per output tile: 1536->2048 @10^2 took 0.63 ms so on an H100, cuDNN 0.10).
+  const bool ring = math == PointwiseMath::TensorCore;
+  struct Room {
+    int32_t stages, c_pitch;
+  };
+  const Room rooms[] = {{0, 0}, {ring ? 3 : 0, 0}, {ring ? 3 : 0, ring ? kSepTileN : 0}};
+  auto fits = [&](int64_t k_chunk, int64_t pitch) {
+    for (const Room& room : rooms) {
+      p.weight_stages = room.stages, p.c_pitch = room.c_pitch;
+      if (separable_smem(p, pitch, math, dtype_bytes).total <= smem_limit) {
+        p.k_chunk = static_cast<int32_t>(k_chunk);
+        p.a_pitch = static_cast<int32_t>(pitch);
+        return true;
+      }
     }
-  }
+    p.weight_stages = 0, p.c_pitch = 0;
+    return false;
+  };
+  if (fits(all, all + pad) || fits(all, all)) return true;
   for (int64_t k = all - kSepKStep; k >= kSepKStep; k -= kSepKStep) {
-    if (separable_smem(p, k + pad, math, dtype_bytes).total <= smem_limit) {
-      p.k_chunk = static_cast<int32_t>(k);
-      p.a_pitch = static_cast<int32_t>(k + pad);
-      return true;
-    }
+    if (fits(k, k + pad)) return true;
   }
   return false;
 }

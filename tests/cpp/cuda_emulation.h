@@ -20,6 +20,7 @@
 #include <cmath>
 #include <memory>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <thread>
 #include <vector>
@@ -42,6 +43,8 @@ inline thread_local std::barrier<>* xo_emulated_warp_barrier = nullptr;  // the 
 
 inline void __syncthreads() { xo_emulated_block_barrier->arrive_and_wait(); }
 inline void xo_emulated_syncwarp() { xo_emulated_warp_barrier->arrive_and_wait(); }
+// A device-side trap ends the whole test run, as it would end the kernel (and poison the context) on a GPU.
+inline void __trap() { std::abort(); }
 
 inline unsigned int __float_as_uint(float v) {
   unsigned int u;

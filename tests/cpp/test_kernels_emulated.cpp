@@ -170,7 +170,9 @@ void check_case(const Case& k, bool x_cl, bool out_cl, size_t smem_limit, int sm
 
   const int groups = separable_channel_groups(p, sms);
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(groups));
-  if (g.kernel_h == 3 && g.kernel_w == 3 && wide) {
+  // The launcher's rule (cuda/separable_launch.cu): a plan with a shallower ring or an unpadded accumulator tile
+  // runs in the one-block-per-SM build.
+  if (g.kernel_h == 3 && g.kernel_w == 3 && (wide || p.weight_stages != 0 || p.c_pitch != 0)) {
     emulate_launch(kernels::separable_forward_kernel<T, kMath, 3, 3, 1>, grid, dim3(kSepThreads), p);
   } else if (g.kernel_h == 3 && g.kernel_w == 3) {
     emulate_launch(kernels::separable_forward_kernel<T, kMath, 3, 3>, grid, dim3(kSepThreads), p);
@@ -313,14 +315,49 @@ TEST_CASE(vector_paths_every_dtype_and_option) {
   // Square tiles keep their own depthwise stage; the epilogue still writes vectors.
   check_case<__nv_bfloat16, PointwiseMath::TensorCore>(s1, true, true, kBigSmem, 132, 3e-2, "bf16 square", true);
   EXPECT(!last_plan.x_vectors && last_plan.out_vectors);
-  // Channels beyond shared memory: the ring restarts for every chunk of 32 channels.
+  // Channels beyond shared memory (even with the smallest ring and accumulator tile): the ring restarts for
+  // every chunk of 32 channels.
   SeparableParams plan;
   plan.g = geometry(s2);
+  plan.weight_stages = 3, plan.c_pitch = kSepTileN;
   const size_t limit = separable_smem(plan, 32 + 8, PointwiseMath::TensorCore, 2).total;
+  plan.weight_stages = 0, plan.c_pitch = 0;
   EXPECT(separable_plan(plan, PointwiseMath::TensorCore, 2, limit) && plan.k_chunk == 32);
   check_case<__nv_bfloat16, PointwiseMath::TensorCore>(s2, true, true, limit, 132, 3e-2, "bf16 chunked", false);
   EXPECT(last_plan.k_chunk == 32 && last_plan.x_vectors);
   check_case<__nv_bfloat16, PointwiseMath::TensorCore>(s2, true, true, limit, 132, 3e-2, "bf16 chunked", false, true);
+}
+
+TEST_CASE(resident_tiles_take_a_shallower_ring_or_an_unpadded_accumulator_tile_for_room) {
+  // 1536->2048 @10^2 on an H100, scaled down: shared memory that holds every depthwise channel only with a ring of
+  // 3 weight buffers, then only with an unpadded accumulator tile as well. The tile stays resident (computed once
+  // per block) either way, and the results stay right; 300 output channels make three output tiles.
+  //                 n   c  h   w  m cout kh kw sh sw pt pb pl pr dh dw  in_aff relu mid out_aff relu res  stats
+  const Case c{2, 96, 9, 10, 1, 300, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, true, true, 0, true, true, true, true};
+  SeparableParams plan;
+  plan.g = geometry(c);
+  const int64_t pitch = 96 + 8;
+  plan.weight_stages = 3;
+  const size_t three = separable_smem(plan, pitch, PointwiseMath::TensorCore, 2).total;
+  plan.c_pitch = kSepTileN;
+  const size_t unpadded = separable_smem(plan, pitch, PointwiseMath::TensorCore, 2).total;
+  EXPECT(unpadded < three);
+  // The one-block-per-SM build takes these plans (the launcher's rule; the capped one traps on them).
+  check_case<__nv_bfloat16, PointwiseMath::TensorCore>(c, true, true, three, 132, 3e-2, "bf16, ring of 3", false,
+                                                       true);
+  EXPECT(last_plan.k_chunk == 96 && last_plan.a_pitch == pitch && last_plan.weight_stages == 3 &&
+         separable_c_pitch(last_plan) == kSepCPitch);
+  check_case<__half, PointwiseMath::TensorCore>(c, false, false, unpadded, 132, 5e-3, "fp16, unpadded c", false, true);
+  EXPECT(last_plan.k_chunk == 96 && last_plan.a_pitch == pitch && last_plan.weight_stages == 3 &&
+         separable_c_pitch(last_plan) == kSepTileN);
+  // So does the generic-kernel-size build (there is no other for it): a 5x3 kernel, NCHW.
+  const Case c53{2, 96, 9, 10, 1, 300, 5, 3, 1, 1, 2, 2, 1, 1, 1, 1, false, true, 1, true, false, false, true};
+  check_case<__nv_bfloat16, PointwiseMath::TensorCore>(c53, false, true, unpadded, 132, 3e-2, "bf16 5x3, unpadded c",
+                                                       false);
+  EXPECT(last_plan.k_chunk == 96 && last_plan.weight_stages == 3 && separable_c_pitch(last_plan) == kSepTileN);
+  // The other GEMMs keep their two buffers and padded tile, and go to the chunked path when those do not fit.
+  check_case<float, PointwiseMath::Ffma>(c, true, true, three, 132, 1e-5, "fp32 FFMA, same room", false);
+  EXPECT(separable_stages(last_plan, PointwiseMath::Ffma) == 2 && separable_c_pitch(last_plan) == kSepCPitch);
 }
 
 TEST_CASE(one_group_per_pixel_tile_and_many) {
