@@ -9,6 +9,7 @@
 #   GPU_TESTS     the test files or folders of the gpu_tests step (default: tests)
 #   BENCH_ARGS    arguments of the layer benchmark; BENCH_MODEL_ARGS those of the model benchmark
 #   STEP_TIMEOUT  seconds after which a step is stopped (default 600), so one hang does not eat the others' time
+#   GPU_XDIST_WORKERS / XDIST_WORKERS   pytest-xdist processes for the CUDA tests (4) and the Triton tests (nproc)
 # Each step runs even if an earlier one failed; the exit status is non-zero if any failed. Everything printed goes
 # to OUT_DIR/gpu_check.log; results to parity.json, bench.{json,md} (layers) and models/bench.{json,md}.
 set -uo pipefail
@@ -43,18 +44,24 @@ nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total --format=csv
 step build "$PY" setup.py build_ext --inplace
 step install env XCEPTION_OPS_SKIP_EXT=1 "$PY" -m pip install --no-deps --no-build-isolation -e .
 step info "$PY" -m xception_ops.cli info
+# With pytest-xdist installed, tests run in parallel processes: the Triton modules on every core (Triton compiles
+# each new specialization on the CPU, one at a time per process: in session 2 one process managed 64 tests in
+# 170 s), the CUDA tests in GPU_XDIST_WORKERS processes sharing the GPU (806 of them took 111 s in one process in
+# session 4). One seed for every worker (printed in the header), so that a failure replays.
+xdist=""
+gpu_xdist=""
+if "$PY" -c "import xdist" 2>/dev/null; then
+  xdist="-n ${XDIST_WORKERS:-$(nproc)}"
+  gpu_xdist="-n ${GPU_XDIST_WORKERS:-4}"
+fi
 # The tests marked gpu, then the whole Triton modules: their unmarked tests run compiled on the GPU when there is one.
 # ${PYTEST_ARGS} is unquoted on purpose: it is a list of arguments.
 # shellcheck disable=SC2086
-step gpu_tests "$PY" -m pytest -m gpu -q -p no:cacheprovider -rfE ${PYTEST_ARGS:-} \
+seed="${XO_TEST_SEED:-$RANDOM}"
+step gpu_tests env XO_TEST_SEED="$seed" "$PY" -m pytest -m gpu -q -p no:cacheprovider -rfE $gpu_xdist ${PYTEST_ARGS:-} \
   --ignore=tests/test_triton_kernels.py --ignore=tests/test_triton_backend.py ${GPU_TESTS:-tests}
-# Triton compiles each new specialization on the CPU, one at a time per process: with pytest-xdist installed the
-# modules run in parallel processes (the lent machines have 16 cores); in session 2 one process managed 64 tests
-# in 170 s. One seed for every worker (printed in the header), so that a failure replays.
-xdist=""
-"$PY" -c "import xdist" 2>/dev/null && xdist="-n ${XDIST_WORKERS:-$(nproc)}"
 # shellcheck disable=SC2086
-step triton_tests env XCEPTION_OPS_TRITON_AUTOTUNE=0 XO_TEST_SEED="${XO_TEST_SEED:-$RANDOM}" "$PY" -m pytest -q -p no:cacheprovider -rfE $xdist \
+step triton_tests env XCEPTION_OPS_TRITON_AUTOTUNE=0 XO_TEST_SEED="$seed" "$PY" -m pytest -q -p no:cacheprovider -rfE $xdist \
   ${PYTEST_ARGS:-} tests/test_triton_kernels.py tests/test_triton_backend.py
 # shellcheck disable=SC2086
 step bench_layers "$PY" -m xception_ops.cli bench --out "$out" --no-models ${BENCH_ARGS:---warmup 5 --reps 20}

@@ -1,15 +1,19 @@
 """Where does a layer's training pass spend its GPU time? One table of kernels per layer, from torch.profiler.
 
     python tools/profile_training.py [--impl cuda] [--dtype bfloat16] [--layout NHWC] [--shapes 64,128,147 ...]
+                                     [--trace DIR]
 
 Runs the benchmark's own "training" pass (xception_ops.bench.layer_runner: training-mode forward with batch
 statistics and ReLU, then backward) a few times, profiles the last ones, and prints the kernels by GPU time
 (totals over the profiled passes divided by their number), so that the slowest stage of the backward is named
-by a measurement instead of a guess.
+by a measurement instead of a guess. Also the pass's wall time (CUDA events) against its kernels' sum, and its
+kernel launches: a pass whose wall time far exceeds its kernels is launch- or CPU-bound. With --trace, the CPU
+side is recorded too and a Chrome trace per layer written to DIR (open it in Perfetto / chrome://tracing).
 """
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -28,6 +32,7 @@ def main() -> None:
                         help="cin,cout,hw of each layer")
     parser.add_argument("--passes", type=int, default=3, help="profiled passes per layer (after 3 warm-ups)")
     parser.add_argument("--rows", type=int, default=14, help="kernels listed per layer")
+    parser.add_argument("--trace", metavar="DIR", help="also record the CPU side; write a Chrome trace per layer here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_training.py needs a CUDA GPU")
@@ -40,15 +45,27 @@ def main() -> None:
         for i in range(3):
             run(i)
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for i in range(args.passes):
+            run(i)
+        end.record()
+        torch.cuda.synchronize()
+        wall = start.elapsed_time(end) / args.passes
+        activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if args.trace else [])
+        with profile(activities=activities) as prof:
             for i in range(args.passes):
                 run(i)
             torch.cuda.synchronize()
-        events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+        if args.trace:
+            os.makedirs(args.trace, exist_ok=True)
+            prof.export_chrome_trace(os.path.join(args.trace, f"{args.impl}-{cin}-{cout}-{hw}.json"))
+        events = [e for e in prof.key_averages() if e.self_device_time_total > 0 and e.device_type.name != "CPU"]
         events.sort(key=lambda e: e.self_device_time_total, reverse=True)
         total = sum(e.self_device_time_total for e in events) / args.passes / 1000
-        print(f"=== {impl} {cin}->{cout} @{hw}^2 {args.dtype} {args.layout} {args.pass_}: "
-              f"{total:.3f} ms of kernels per pass")
+        launches = sum(e.count for e in events) / args.passes
+        print(f"=== {impl} {cin}->{cout} @{hw}^2 {args.dtype} {args.layout} {args.pass_}: {wall:.3f} ms per pass, "
+              f"{total:.3f} ms of it in {launches:.0f} kernels")
         for e in events[:args.rows]:
             ms = e.self_device_time_total / args.passes / 1000
             print(f"  {ms:8.3f} ms  {e.count // args.passes:3d}x  {e.key[:110]}")
