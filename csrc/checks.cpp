@@ -172,6 +172,31 @@ void check_batch_norm_finalize(const char* op, const Tensor& sum, const Tensor& 
   check_channel_vector(op, "bias", bias, sum.size(0), sum);
 }
 
+void check_batch_norm_update_stats(const char* op, const Tensor& running_mean, const Tensor& running_var,
+                                   const Tensor& mean, const Tensor& var, const OptTensor& pre_bias, int64_t count,
+                                   double momentum) {
+  XO_CHECK_VALUE(mean.dim() == 1, op, ": mean must be 1-D (one value per channel), got shape ", mean.sizes());
+  XO_CHECK_TYPE(mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble, op,
+                ": mean must be float32 or float64 (the finalize step's output), got ", mean.scalar_type());
+  const char* names[] = {"var", "running_mean", "running_var"};
+  const Tensor* vectors[] = {&var, &running_mean, &running_var};
+  for (int i = 0; i < 3; ++i) {
+    XO_CHECK_VALUE(vectors[i]->sizes() == mean.sizes(), op, ": ", names[i], " must have mean's shape ",
+                   mean.sizes(), ", got ", vectors[i]->sizes());
+    XO_CHECK_VALUE(vectors[i]->device() == mean.device(), op, ": ", names[i], " is on ", vectors[i]->device(),
+                   " but mean is on ", mean.device(), "; move both to the same device");
+  }
+  XO_CHECK_TYPE(var.scalar_type() == mean.scalar_type(), op, ": var has dtype ", var.scalar_type(),
+                " but mean has dtype ", mean.scalar_type());
+  XO_CHECK_TYPE(at::isFloatingType(running_mean.scalar_type()) && at::isFloatingType(running_var.scalar_type()),
+                op, ": running_mean and running_var must be floating point, got ", running_mean.scalar_type(), " and ",
+                running_var.scalar_type());
+  XO_CHECK_VALUE(count >= 2, op, ": count must be at least 2 (the unbiased variance divides by count - 1), got ",
+                 count);
+  XO_CHECK_VALUE(momentum >= 0 && momentum <= 1, op, ": momentum must be in [0, 1], got ", momentum);
+  check_channel_vector(op, "pre_bias", pre_bias, mean.size(0), mean);
+}
+
 void check_like(const char* op, const char* name, const Tensor& t, IntArrayRef shape, const Tensor& x) {
   XO_CHECK_VALUE(t.sizes() == shape, op, ": ", name, " must have shape ", dims(shape), ", got ", dims(t.sizes()));
   check_same_device(op, name, t, x);

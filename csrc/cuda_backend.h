@@ -34,6 +34,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_con
 std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize(const Tensor& sum, const Tensor& sumsq,
                                                                int64_t count, const OptTensor& weight,
                                                                const OptTensor& bias, double eps);
+// The running statistics' update, with the contract of reference::batch_norm_update_stats: one kernel where the
+// buffers are contiguous and in the statistics' dtype, the reference's ATen ops otherwise.
+void batch_norm_update_stats(const Tensor& running_mean, const Tensor& running_var, const Tensor& mean,
+                             const Tensor& var, const OptTensor& pre_bias, int64_t count, double momentum);
 
 template <size_t N>
 bool listed(const std::array<const char*, N>& names, c10::string_view op) {

@@ -79,6 +79,11 @@ Conv2dGeometry check_separable(const char* op, const Tensor& x, const Tensor& dw
 // (that length, same device, any float dtype), eps >= 0.
 void check_batch_norm_finalize(const char* op, const Tensor& sum, const Tensor& sumsq, int64_t count,
                                const OptTensor& weight, const OptTensor& bias, double eps);
+// The batch statistics (float32 or float64 vectors of one length), the running buffers (that length, any float
+// dtype, the same device), pre_bias (a channel vector), count >= 2, 0 <= momentum <= 1.
+void check_batch_norm_update_stats(const char* op, const Tensor& running_mean, const Tensor& running_var,
+                                   const Tensor& mean, const Tensor& var, const OptTensor& pre_bias, int64_t count,
+                                   double momentum);
 // Checks a tensor that must have `shape` and x's dtype and device (gradients, saved outputs).
 void check_like(const char* op, const char* name, const Tensor& t, IntArrayRef shape, const Tensor& x);
 // Output layout rule shared by every backend and the fake kernels: channels_last in, channels_last out.
@@ -103,6 +108,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_con
 std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize(const Tensor& sum, const Tensor& sumsq,
                                                                int64_t count, const OptTensor& weight,
                                                                const OptTensor& bias, double eps);
+// Updates running_mean / running_var in place (formulas in kernels/batchnorm_params.h), computed in the
+// statistics' dtype and stored in the buffers' own.
+void batch_norm_update_stats(const Tensor& running_mean, const Tensor& running_var, const Tensor& mean,
+                             const Tensor& var, const OptTensor& pre_bias, int64_t count, double momentum);
 }  // namespace reference
 
 // ---- backends ----

@@ -189,5 +189,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize(const Tensor& sum
   return {scale, shift, mean, var};
 }
 
+void batch_norm_update_stats(const Tensor& running_mean, const Tensor& running_var, const Tensor& mean,
+                             const Tensor& var, const OptTensor& pre_bias, int64_t count, double momentum) {
+  const auto type = mean.scalar_type();
+  const Tensor batch_mean = pre_bias.has_value() ? mean + pre_bias->to(type) : mean;
+  const Tensor unbiased = var * (static_cast<double>(count) / static_cast<double>(count - 1));
+  running_mean.copy_(running_mean.to(type) * (1 - momentum) + batch_mean * momentum);
+  running_var.copy_(running_var.to(type) * (1 - momentum) + unbiased * momentum);
+}
+
 }  // namespace reference
 }  // namespace xception_ops

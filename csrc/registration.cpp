@@ -217,6 +217,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize(const Tensor& sum
   return reference::batch_norm_finalize(sum, sumsq, count, weight, bias, eps);
 }
 
+constexpr const char* kUpdateStats = "xception_ops.batch_norm_update_stats";
+
+void batch_norm_update_stats(const Tensor& running_mean, const Tensor& running_var, const Tensor& mean,
+                             const Tensor& var, const OptTensor& pre_bias, int64_t count, double momentum,
+                             c10::string_view backend) {
+  check_batch_norm_update_stats(kUpdateStats, running_mean, running_var, mean, var, pre_bias, count, momentum);
+  const Backend chosen = resolve_backend(backend, kUpdateStats, mean);
+  if (chosen == Backend::Cuda) {
+    XO_IF_CUDA(return cuda::batch_norm_update_stats(running_mean, running_var, mean, var, pre_bias, count,
+                                                    momentum));
+  }
+  XO_CHECK_NOT_IMPLEMENTED(chosen != Backend::Triton, kUpdateStats,
+                           ": backend 'triton' has no kernel for this op (it works on C-element vectors; the "
+                           "fused modules run it on 'torch' or 'cuda')");
+  reference::batch_norm_update_stats(running_mean, running_var, mean, var, pre_bias, count, momentum);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(xception_ops, m) {
@@ -246,6 +263,10 @@ TORCH_LIBRARY(xception_ops, m) {
   m.def(
       "batch_norm_finalize(Tensor sum, Tensor sumsq, int count, Tensor? weight, Tensor? bias, float eps, "
       "str backend) -> (Tensor scale, Tensor shift, Tensor mean, Tensor var)");
+  // In place, under no_grad: the running statistics after a training step's finalize.
+  m.def(
+      "batch_norm_update_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, "
+      "Tensor? pre_bias, int count, float momentum, str backend) -> ()");
 }
 
 // One router per op serves both devices: it checks, picks the backend and calls it.
@@ -255,7 +276,8 @@ TORCH_LIBRARY(xception_ops, m) {
   m.impl("depthwise_conv2d_backward_weight", &depthwise_conv2d_backward_weight);           \
   m.impl("separable_conv2d", &separable_conv2d);                                           \
   m.impl("separable_conv2d_backward", &separable_conv2d_backward);                         \
-  m.impl("batch_norm_finalize", &batch_norm_finalize)
+  m.impl("batch_norm_finalize", &batch_norm_finalize);                                     \
+  m.impl("batch_norm_update_stats", &batch_norm_update_stats)
 
 TORCH_LIBRARY_IMPL(xception_ops, CPU, m) { XO_REGISTER_ROUTERS(m); }
 TORCH_LIBRARY_IMPL(xception_ops, CUDA, m) { XO_REGISTER_ROUTERS(m); }

@@ -1,7 +1,8 @@
-"""The BatchNorm finalize op (xception_ops.batch_norm_finalize): statistics sums -> scale, shift, mean, variance.
+"""The BatchNorm finalize op (xception_ops.batch_norm_finalize): statistics sums -> scale, shift, mean, variance;
+and the running statistics' update that follows it (xception_ops.batch_norm_update_stats).
 
 Forward against the formulas in float64, its hand-written gradients against finite differences (gradcheck), the
-plain-PyTorch fallback, argument errors, and on a GPU the CUDA kernel against the reference path.
+plain-PyTorch fallback, argument errors, and on a GPU the CUDA kernels against the reference path.
 """
 
 import pytest
@@ -143,3 +144,98 @@ def test_cuda_kernel_matches_the_reference(dtype, channels):
         for g, e in zip(got, want):
             assert g.dtype == dtype and g.is_cuda
             torch.testing.assert_close(g.double(), e, rtol=tol, atol=tol)
+
+
+def expected_running(running_mean, running_var, mean, var, pre_bias, count, momentum):
+    m = mean + (0 if pre_bias is None else pre_bias.to(mean.dtype))
+    rm = running_mean.double() * (1 - momentum) + m.double() * momentum
+    rv = running_var.double() * (1 - momentum) + var.double() * count / (count - 1) * momentum
+    return rm, rv
+
+
+@needs_ext
+@pytest.mark.parametrize("buffers", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("momentum", [0.1, 1.0, 0.0])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_running_statistics_update_in_place(buffers, momentum, with_bias):
+    mean, var = torch.randn(6, dtype=torch.float64), torch.rand(6, dtype=torch.float64) + 0.1
+    pre_bias = torch.randn(6) if with_bias else None
+    running_mean, running_var = torch.randn(6).to(buffers), (torch.rand(6) + 0.5).to(buffers)
+    want = expected_running(running_mean, running_var, mean, var, pre_bias, 17, momentum)
+    ids = (running_mean.data_ptr(), running_var.data_ptr())
+    OPS.batch_norm_update_stats(running_mean, running_var, mean, var, pre_bias, 17, momentum, "torch")
+    assert (running_mean.data_ptr(), running_var.data_ptr()) == ids and running_mean.dtype == buffers
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2}[buffers]
+    torch.testing.assert_close(running_mean.double(), want[0].to(buffers).double(), rtol=tol, atol=tol)
+    torch.testing.assert_close(running_var.double(), want[1].to(buffers).double(), rtol=tol, atol=tol)
+
+
+@needs_ext
+@pytest.mark.parametrize("bad,match", [
+    (dict(mean=torch.zeros(3, 1)), "mean must be 1-D"),
+    (dict(mean=torch.zeros(3, dtype=torch.float16)), "mean must be float32 or float64"),
+    (dict(var=torch.zeros(4)), "var must have mean's shape"),
+    (dict(var=torch.zeros(3, dtype=torch.float64)), "var has dtype"),
+    (dict(running_mean=torch.zeros(2)), "running_mean must have mean's shape"),
+    (dict(running_var=torch.zeros(3, dtype=torch.int64)), "must be floating point"),
+    (dict(running_var=torch.zeros(3, device="meta")), "running_var is on meta"),
+    (dict(pre_bias=torch.zeros(4)), r"pre_bias must have shape \[3\]"),
+    (dict(count=1), "count must be at least 2"),
+    (dict(momentum=1.5), r"momentum must be in \[0, 1\]"),
+    (dict(backend="nope"), "unknown backend"),
+])
+def test_running_statistics_bad_arguments_are_named(bad, match):
+    args = dict(running_mean=torch.zeros(3), running_var=torch.ones(3), mean=torch.zeros(3), var=torch.ones(3),
+                pre_bias=None, count=4, momentum=0.1, backend="torch")
+    args.update(bad)
+    with pytest.raises((ValueError, TypeError), match=match):
+        OPS.batch_norm_update_stats(*args.values())
+
+
+def test_module_running_statistics_follow_pytorch_batch_norm():
+    # The fused module's training step leaves the BatchNorm's running statistics where nn.BatchNorm2d's own would.
+    from xception_ops.nn import SeparableConvBN
+    torch.manual_seed(0)
+    module = SeparableConvBN(4, 6, 3, backend="torch").train()
+    plain = torch.nn.BatchNorm2d(6).train()
+    x = torch.randn(3, 4, 5, 5)
+    for _ in range(3):
+        module(x)
+        with torch.no_grad():
+            y = torch.nn.functional.conv2d(torch.nn.functional.conv2d(x, module.depthwise.weight, padding=1, groups=4),
+                                           module.pointwise.weight)
+            plain(y)
+    torch.testing.assert_close(module.bn.running_mean, plain.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(module.bn.running_var, plain.running_var, rtol=1e-5, atol=1e-6)
+    assert int(module.bn.num_batches_tracked) == 3
+
+
+@pytest.mark.gpu
+@requires_gpu
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("buffers", ["stats", "bfloat16", "strided"])
+@pytest.mark.parametrize("channels", [1, 300, 2048])
+def test_cuda_running_statistics_match_the_reference(dtype, buffers, channels):
+    if "xception_ops.batch_norm_update_stats" not in _library.EXTENSION.CUDA_OPS:
+        pytest.skip("built without the CUDA kernels")
+    mean = torch.randn(channels, device="cuda", dtype=dtype)
+    var = torch.rand(channels, device="cuda", dtype=dtype) + 0.1
+    pre_bias = torch.randn(channels, device="cuda", dtype=torch.bfloat16)
+    bdtype = torch.bfloat16 if buffers == "bfloat16" else dtype
+    start = [torch.randn(2 * channels, device="cuda"), torch.rand(2 * channels, device="cuda") + 0.5]
+
+    def buffer_pair():  # fresh copies; "strided": every other element of a longer buffer (the reference's path)
+        pair = [t.to(bdtype, copy=True) for t in start]
+        return [t[::2] for t in pair] if buffers == "strided" else [t[:channels] for t in pair]
+
+    for bias in (pre_bias, None):
+        got, want = buffer_pair(), buffer_pair()
+        assert got[0].is_contiguous() == (buffers != "strided" or channels == 1)
+        OPS.batch_norm_update_stats(got[0], got[1], mean, var, bias, 50, 0.1, "cuda")
+        OPS.batch_norm_update_stats(want[0], want[1], mean, var, bias, 50, 0.1, "torch")
+        # The kernel (buffers in the statistics' dtype) against ATen's ops: roundings apart; the other cases run
+        # the reference itself.
+        tol = {torch.float32: 1e-6, torch.float64: 1e-12}[dtype] if buffers != "bfloat16" else 1e-2
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g.double(), w.double(), rtol=tol, atol=tol)

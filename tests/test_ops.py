@@ -241,11 +241,15 @@ def _opcheck_cases():
         (ops.batch_norm_finalize.default, (torch.randn(4, dtype=torch.float64, requires_grad=True),
                                            torch.rand(4, dtype=torch.float64, requires_grad=True) + 3, 7, None, None,
                                            1e-3, "torch")),
+        (ops.batch_norm_update_stats.default, (torch.zeros(4), torch.ones(4), torch.randn(4), torch.rand(4), None,
+                                               9, 0.1, "torch")),
+        (ops.batch_norm_update_stats.default, (torch.zeros(4, dtype=torch.bfloat16), torch.ones(4), torch.randn(4),
+                                               torch.rand(4), torch.randn(4), 2, 1.0, "torch")),
     ]
 
 
 @needs_ext
-@pytest.mark.parametrize("index", range(10))
+@pytest.mark.parametrize("index", range(12))
 def test_opcheck(index):
     op, args = _opcheck_cases()[index]
     torch.library.opcheck(op, args)

@@ -28,7 +28,7 @@ else:
                       "with `pip install --no-build-isolation -e .`", RuntimeWarning, stacklevel=2)
 
 OPS = ("depthwise_conv2d", "depthwise_conv2d_backward_input", "depthwise_conv2d_backward_weight",
-       "separable_conv2d", "separable_conv2d_backward", "batch_norm_finalize")
+       "separable_conv2d", "separable_conv2d_backward", "batch_norm_finalize", "batch_norm_update_stats")
 
 
 def _empty_vector(x: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
@@ -112,6 +112,11 @@ def _register_finalize_fake() -> None:
         checks.check_batch_norm_finalize("xception_ops.batch_norm_finalize", total, total_sq, count, weight, bias,
                                          eps)
         return tuple(total.new_empty(total.shape) for _ in range(4))
+
+    @_fake("batch_norm_update_stats")
+    def _(running_mean, running_var, mean, var, pre_bias, count, momentum, backend):
+        checks.check_batch_norm_update_stats("xception_ops.batch_norm_update_stats", running_mean, running_var,
+                                             mean, var, pre_bias, count, momentum)
 
 
 def finalize_backward(total, total_sq, count, weight, eps, grad_scale, grad_shift, grad_mean, grad_var):

@@ -84,9 +84,36 @@ def finalize(total: torch.Tensor, total_sq: torch.Tensor, count: int, weight: to
             scale = weight.to(scale.dtype) * scale
         shift = -mean * scale if bias is None else bias.to(scale.dtype) - mean * scale
         return scale, shift, mean, var
+    return torch.ops.xception_ops.batch_norm_finalize(total, total_sq, count, weight, bias, eps,
+                                                      _vector_backend(backend, op, total))
+
+
+def _vector_backend(backend: str, op: str, like: torch.Tensor) -> str:
+    """The backend of the per-channel BatchNorm ops: "triton" has no kernels for C-element vectors (the reference
+    path runs them there); otherwise as requested."""
     wanted = backends.requested(backend)
-    chosen = "torch" if wanted == "triton" else backends.resolve(wanted, op, total)
-    return torch.ops.xception_ops.batch_norm_finalize(total, total_sq, count, weight, bias, eps, chosen)
+    return "torch" if wanted == "triton" else backends.resolve(wanted, op, like)
+
+
+def update_running_stats(bn: nn.modules.batchnorm._BatchNorm, mean: torch.Tensor, var: torch.Tensor, count: int,
+                         momentum: float, pre_bias: torch.Tensor | None = None, backend: str = "auto") -> None:
+    """bn's running statistics after a training step, in place, from the batch mean and (biased) variance over
+    `count` values: the running variance takes the unbiased estimate, and the mean moves with a bias the fused op
+    left out of y. The op xception_ops.batch_norm_update_stats: one kernel on the "cuda" backend, instead of the
+    six element-wise launches this took in Python."""
+    mean, var = mean.detach(), var.detach()
+    pre_bias = None if pre_bias is None else pre_bias.detach()
+    with torch.no_grad():
+        if _library.EXTENSION is None:
+            if pre_bias is not None:
+                mean = mean + pre_bias.to(mean.dtype)
+            unbiased = var * (count / (count - 1))
+            bn.running_mean.copy_(bn.running_mean.to(mean.dtype) * (1 - momentum) + mean * momentum)
+            bn.running_var.copy_(bn.running_var.to(var.dtype) * (1 - momentum) + unbiased * momentum)
+            return
+        op = "xception_ops.batch_norm_update_stats"
+        torch.ops.xception_ops.batch_norm_update_stats(bn.running_mean, bn.running_var, mean, var, pre_bias, count,
+                                                       float(momentum), _vector_backend(backend, op, mean))
 
 
 def scale_shift_from_stats(bn: nn.modules.batchnorm._BatchNorm, total: torch.Tensor, total_sq: torch.Tensor,
@@ -108,12 +135,7 @@ def scale_shift_from_stats(bn: nn.modules.batchnorm._BatchNorm, total: torch.Ten
     scale, shift, mean, var = finalize(total, total_sq, count, bn.weight, bn.bias, bn.eps, backend)
     factor = _momentum(bn)
     if bn.running_mean is not None and factor > 0:
-        with torch.no_grad():
-            if pre_bias is not None:  # the BatchNorm sees y + pre_bias: its mean moves with the bias
-                mean = mean + pre_bias.to(mean.dtype)
-            unbiased = var * (count / (count - 1))
-            bn.running_mean.mul_(1 - factor).add_(mean.detach().to(bn.running_mean.dtype), alpha=factor)
-            bn.running_var.mul_(1 - factor).add_(unbiased.detach().to(bn.running_var.dtype), alpha=factor)
+        update_running_stats(bn, mean, var, count, factor, pre_bias, backend)
     if pre_bias is not None:
         # The bias cancels in the normalization. It still gets an exactly zero gradient, as in the unfused layers,
         # rather than none (which DistributedDataParallel would take for an unused parameter).

@@ -164,6 +164,32 @@ def check_batch_norm_finalize(op: str, total: torch.Tensor, total_sq: torch.Tens
     check_channel_vector(op, "bias", bias, total.shape[0], total)
 
 
+def check_batch_norm_update_stats(op: str, running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor,
+                                  var: torch.Tensor, pre_bias: torch.Tensor | None, count: int,
+                                  momentum: float) -> None:
+    """The same checks as the C++ op (csrc/checks.cpp), for the fake kernel."""
+    if mean.dim() != 1:
+        raise ValueError(f"{op}: mean must be 1-D (one value per channel), got shape {list(mean.shape)}")
+    if mean.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{op}: mean must be float32 or float64 (the finalize step's output), got {mean.dtype}")
+    for name, t in (("var", var), ("running_mean", running_mean), ("running_var", running_var)):
+        if t.shape != mean.shape:
+            raise ValueError(f"{op}: {name} must have mean's shape {list(mean.shape)}, got {list(t.shape)}")
+        if t.device != mean.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but mean is on {mean.device}; move both to the same "
+                             "device")
+    if var.dtype != mean.dtype:
+        raise TypeError(f"{op}: var has dtype {var.dtype} but mean has dtype {mean.dtype}")
+    if not (running_mean.is_floating_point() and running_var.is_floating_point()):
+        raise TypeError(f"{op}: running_mean and running_var must be floating point, got {running_mean.dtype} and "
+                        f"{running_var.dtype}")
+    if count < 2:
+        raise ValueError(f"{op}: count must be at least 2 (the unbiased variance divides by count - 1), got {count}")
+    if not 0 <= momentum <= 1:
+        raise ValueError(f"{op}: momentum must be in [0, 1], got {momentum}")
+    check_channel_vector(op, "pre_bias", pre_bias, mean.shape[0], mean)
+
+
 def check_like(op: str, name: str, t: torch.Tensor, shape: Sequence[int], x: torch.Tensor) -> None:
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{op}: {name} must have shape {list(shape)}, got {list(t.shape)}")

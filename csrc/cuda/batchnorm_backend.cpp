@@ -1,5 +1,5 @@
-// The "cuda" backend's BatchNorm finalize: checks, allocation, the params struct and the launch
-// (kernels/batchnorm.cuh). The router in registration.cpp has already run check_batch_norm_finalize.
+// The "cuda" backend's BatchNorm finalize and running-statistics update: checks, allocation, the params structs and
+// the launches (kernels/batchnorm.cuh). The routers in registration.cpp have already run the argument checks.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -14,6 +14,7 @@ namespace xception_ops::cuda {
 namespace {
 
 constexpr const char* kOp = "xception_ops.batch_norm_finalize";
+constexpr const char* kUpdate = "xception_ops.batch_norm_update_stats";
 
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor, Tensor> finalize_typed(const Tensor& sum, const Tensor& sumsq, int64_t count,
@@ -41,7 +42,42 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> finalize_typed(const Tensor& sum, con
   return {scale, shift, mean, var};
 }
 
+template <typename T>
+void update_typed(const Tensor& running_mean, const Tensor& running_var, const Tensor& mean, const Tensor& var,
+                  const OptTensor& pre_bias, int64_t count, double momentum) {
+  const Tensor m = mean.contiguous(), v = var.contiguous();
+  const Tensor b = pre_bias.has_value() ? pre_bias->to(mean.scalar_type()).contiguous() : Tensor();
+  BatchNormUpdateParams<T> p;
+  p.running_mean = running_mean.data_ptr<T>();
+  p.running_var = running_var.data_ptr<T>();
+  p.mean = m.data_ptr<T>();
+  p.var = v.data_ptr<T>();
+  p.pre_bias = b.defined() ? b.data_ptr<T>() : nullptr;
+  p.channels = m.numel();
+  p.count = static_cast<double>(count);
+  p.momentum = momentum;
+  check_launch(kUpdate, launch_batch_norm_update_stats<T>(p, c10::cuda::getCurrentCUDAStream()));
+}
+
 }  // namespace
+
+void batch_norm_update_stats(const Tensor& running_mean, const Tensor& running_var, const Tensor& mean,
+                             const Tensor& var, const OptTensor& pre_bias, int64_t count, double momentum) {
+  XO_CHECK_VALUE(mean.is_cuda(), kUpdate, ": backend 'cuda' needs CUDA tensors, but mean is on ", mean.device());
+  const auto type = mean.scalar_type();
+  if (running_mean.scalar_type() != type || running_var.scalar_type() != type || !running_mean.is_contiguous() ||
+      !running_var.is_contiguous()) {
+    // Buffers in another precision (a model cast to bf16) or strided: the reference's few ATen ops.
+    reference::batch_norm_update_stats(running_mean, running_var, mean, var, pre_bias, count, momentum);
+    return;
+  }
+  const c10::cuda::CUDAGuard guard(mean.device());
+  if (type == at::kDouble) {
+    update_typed<double>(running_mean, running_var, mean, var, pre_bias, count, momentum);
+  } else {
+    update_typed<float>(running_mean, running_var, mean, var, pre_bias, count, momentum);
+  }
+}
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize(const Tensor& sum, const Tensor& sumsq,
                                                                int64_t count, const OptTensor& weight,

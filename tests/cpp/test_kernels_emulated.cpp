@@ -620,7 +620,7 @@ TEST_CASE(depthwise_forward_and_gradients) {
   }
 }
 
-TEST_CASE(batch_norm_finalize_kernel) {
+TEST_CASE(batch_norm_finalize_and_running_statistics_kernels) {
   const int64_t C = 300, count = 50;
   std::vector<float> sum(C), sumsq(C), weight(C), bias(C), out[4];
   std::mt19937 rng(5);
@@ -649,6 +649,24 @@ TEST_CASE(batch_norm_finalize_kernel) {
     EXPECT_NEAR(out[1][c], bias[c] - mean * scale, 1e-3);
   }
   EXPECT(out[3][7] == 0.f);
+
+  // Then the running statistics from that mean and variance, in place, with a pre-bias, momentum 0.1.
+  std::vector<float> running_mean(C), running_var(C), pre_bias(C);
+  for (int64_t c = 0; c < C; ++c) {
+    running_mean[c] = normal(rng), running_var[c] = 0.5f + std::abs(normal(rng)), pre_bias[c] = normal(rng);
+  }
+  const std::vector<float> mean0 = running_mean, var0 = running_var;
+  BatchNormUpdateParams<float> u;
+  u.running_mean = running_mean.data(), u.running_var = running_var.data();
+  u.mean = out[2].data(), u.var = out[3].data(), u.pre_bias = pre_bias.data();
+  u.channels = C, u.count = count, u.momentum = 0.1;
+  emulate_launch(kernels::batch_norm_update_stats_kernel<float>, dim3((C + 255) / 256), dim3(256), u);
+  for (int64_t c = 0; c < C; ++c) {
+    const double want_mean = 0.9 * mean0[c] + 0.1 * (double(out[2][c]) + pre_bias[c]);
+    const double want_var = 0.9 * var0[c] + 0.1 * double(out[3][c]) * count / (count - 1);
+    EXPECT_NEAR(running_mean[c], want_mean, 1e-5 * (1 + std::abs(want_mean)));
+    EXPECT_NEAR(running_var[c], want_var, 1e-5 * (1 + want_var));
+  }
 }
 
 }  // namespace
