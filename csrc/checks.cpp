@@ -172,6 +172,17 @@ void check_batch_norm_finalize(const char* op, const Tensor& sum, const Tensor& 
   check_channel_vector(op, "bias", bias, sum.size(0), sum);
 }
 
+void check_batch_norm_finalize_backward(const char* op, const Tensor& sum, const Tensor& sumsq, int64_t count,
+                                        const OptTensor& weight, double eps, const OptTensor& grad_scale,
+                                        const OptTensor& grad_shift, const OptTensor& grad_mean,
+                                        const OptTensor& grad_var) {
+  check_batch_norm_finalize(op, sum, sumsq, count, weight, c10::nullopt, eps);
+  check_channel_vector(op, "grad_scale", grad_scale, sum.size(0), sum);
+  check_channel_vector(op, "grad_shift", grad_shift, sum.size(0), sum);
+  check_channel_vector(op, "grad_mean", grad_mean, sum.size(0), sum);
+  check_channel_vector(op, "grad_var", grad_var, sum.size(0), sum);
+}
+
 void check_batch_norm_update_stats(const char* op, const Tensor& running_mean, const Tensor& running_var,
                                    const Tensor& mean, const Tensor& var, const OptTensor& pre_bias, int64_t count,
                                    double momentum) {

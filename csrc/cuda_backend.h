@@ -34,6 +34,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_con
 std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize(const Tensor& sum, const Tensor& sumsq,
                                                                int64_t count, const OptTensor& weight,
                                                                const OptTensor& bias, double eps);
+// The finalize step's backward, with the contract of reference::batch_norm_finalize_backward: one kernel.
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize_backward(
+    const Tensor& sum, const Tensor& sumsq, int64_t count, const OptTensor& weight, double eps,
+    const OptTensor& grad_scale, const OptTensor& grad_shift, const OptTensor& grad_mean, const OptTensor& grad_var);
 // The running statistics' update, with the contract of reference::batch_norm_update_stats: one kernel where the
 // buffers are contiguous and in the statistics' dtype, the reference's ATen ops otherwise.
 void batch_norm_update_stats(const Tensor& running_mean, const Tensor& running_var, const Tensor& mean,

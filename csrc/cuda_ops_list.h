@@ -5,13 +5,14 @@
 #include <array>
 
 namespace xception_ops::cuda {
-inline constexpr std::array<const char*, 7> kImplementedOps = {
+inline constexpr std::array<const char*, 8> kImplementedOps = {
     "xception_ops.depthwise_conv2d",
     "xception_ops.depthwise_conv2d_backward_input",
     "xception_ops.depthwise_conv2d_backward_weight",
     "xception_ops.separable_conv2d",
     "xception_ops.separable_conv2d_backward",
     "xception_ops.batch_norm_finalize",
+    "xception_ops.batch_norm_finalize_backward",
     "xception_ops.batch_norm_update_stats",
 };
 // The subset that backend "auto" takes on CUDA tensors: kernels that beat the reference path wherever measured

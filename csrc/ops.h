@@ -79,6 +79,11 @@ Conv2dGeometry check_separable(const char* op, const Tensor& x, const Tensor& dw
 // (that length, same device, any float dtype), eps >= 0.
 void check_batch_norm_finalize(const char* op, const Tensor& sum, const Tensor& sumsq, int64_t count,
                                const OptTensor& weight, const OptTensor& bias, double eps);
+// The finalize checks, and gradients of (scale, shift, mean, var) that are channel vectors on sum's device.
+void check_batch_norm_finalize_backward(const char* op, const Tensor& sum, const Tensor& sumsq, int64_t count,
+                                        const OptTensor& weight, double eps, const OptTensor& grad_scale,
+                                        const OptTensor& grad_shift, const OptTensor& grad_mean,
+                                        const OptTensor& grad_var);
 // The batch statistics (float32 or float64 vectors of one length), the running buffers (that length, any float
 // dtype, the same device), pre_bias (a channel vector), count >= 2, 0 <= momentum <= 1.
 void check_batch_norm_update_stats(const char* op, const Tensor& running_mean, const Tensor& running_var,
@@ -108,6 +113,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_con
 std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize(const Tensor& sum, const Tensor& sumsq,
                                                                int64_t count, const OptTensor& weight,
                                                                const OptTensor& bias, double eps);
+// The gradients of (sum, sumsq, weight, bias) from those of (scale, shift, mean, var) (absent: zeros), in the
+// statistics' dtype (formulas in kernels/batchnorm_params.h).
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize_backward(
+    const Tensor& sum, const Tensor& sumsq, int64_t count, const OptTensor& weight, double eps,
+    const OptTensor& grad_scale, const OptTensor& grad_shift, const OptTensor& grad_mean, const OptTensor& grad_var);
 // Updates running_mean / running_var in place (formulas in kernels/batchnorm_params.h), computed in the
 // statistics' dtype and stored in the buffers' own.
 void batch_norm_update_stats(const Tensor& running_mean, const Tensor& running_var, const Tensor& mean,

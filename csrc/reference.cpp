@@ -189,6 +189,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize(const Tensor& sum
   return {scale, shift, mean, var};
 }
 
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize_backward(
+    const Tensor& sum, const Tensor& sumsq, int64_t count, const OptTensor& weight, double eps,
+    const OptTensor& grad_scale, const OptTensor& grad_shift, const OptTensor& grad_mean, const OptTensor& grad_var) {
+  const auto type = sum.scalar_type();
+  const double n = static_cast<double>(count);
+  auto or_zero = [&](const OptTensor& t) { return t.has_value() ? t->to(type) : at::zeros_like(sum); };
+  const Tensor g_scale = or_zero(grad_scale), g_shift = or_zero(grad_shift), g_mean = or_zero(grad_mean),
+               g_var = or_zero(grad_var);
+  const Tensor w = weight.has_value() ? weight->to(type) : at::ones_like(sum);
+  const Tensor m = sum / n;
+  const Tensor raw_var = sumsq / n - m * m;
+  const Tensor r = (raw_var.clamp_min(0) + eps).rsqrt();
+  const Tensor g_affine = g_scale - g_shift * m;
+  const Tensor g_r = g_affine * w;
+  const Tensor g_v = (g_var - 0.5 * g_r * r * r * r) * (raw_var >= 0).to(type);
+  const Tensor g_m = g_mean - g_shift * w * r - 2 * m * g_v;
+  return {g_m / n, g_v / n, g_affine * r, g_shift.clone()};
+}
+
 void batch_norm_update_stats(const Tensor& running_mean, const Tensor& running_var, const Tensor& mean,
                              const Tensor& var, const OptTensor& pre_bias, int64_t count, double momentum) {
   const auto type = mean.scalar_type();

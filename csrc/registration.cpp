@@ -217,6 +217,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize(const Tensor& sum
   return reference::batch_norm_finalize(sum, sumsq, count, weight, bias, eps);
 }
 
+constexpr const char* kFinalizeBwd = "xception_ops.batch_norm_finalize_backward";
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize_backward(
+    const Tensor& sum, const Tensor& sumsq, int64_t count, const OptTensor& weight, double eps,
+    const OptTensor& grad_scale, const OptTensor& grad_shift, const OptTensor& grad_mean, const OptTensor& grad_var,
+    c10::string_view backend) {
+  check_batch_norm_finalize_backward(kFinalizeBwd, sum, sumsq, count, weight, eps, grad_scale, grad_shift, grad_mean,
+                                     grad_var);
+  const Backend chosen = resolve_backend(backend, kFinalizeBwd, sum);
+  if (chosen == Backend::Cuda) {
+    XO_IF_CUDA(return cuda::batch_norm_finalize_backward(sum, sumsq, count, weight, eps, grad_scale, grad_shift,
+                                                         grad_mean, grad_var));
+  }
+  XO_CHECK_NOT_IMPLEMENTED(chosen != Backend::Triton, kFinalizeBwd,
+                           ": backend 'triton' has no kernel for this op (it works on C-element vectors; the "
+                           "fused modules run it on 'torch' or 'cuda')");
+  return reference::batch_norm_finalize_backward(sum, sumsq, count, weight, eps, grad_scale, grad_shift, grad_mean,
+                                                 grad_var);
+}
+
 constexpr const char* kUpdateStats = "xception_ops.batch_norm_update_stats";
 
 void batch_norm_update_stats(const Tensor& running_mean, const Tensor& running_var, const Tensor& mean,
@@ -263,6 +283,12 @@ TORCH_LIBRARY(xception_ops, m) {
   m.def(
       "batch_norm_finalize(Tensor sum, Tensor sumsq, int count, Tensor? weight, Tensor? bias, float eps, "
       "str backend) -> (Tensor scale, Tensor shift, Tensor mean, Tensor var)");
+  // The gradients of (sum, sumsq, weight, bias) from those of (scale, shift, mean, var): batch_norm_finalize's
+  // first-order backward in one kernel (its autograd formula takes it unless a graph of the backward is asked for).
+  m.def(
+      "batch_norm_finalize_backward(Tensor sum, Tensor sumsq, int count, Tensor? weight, float eps, "
+      "Tensor? grad_scale, Tensor? grad_shift, Tensor? grad_mean, Tensor? grad_var, str backend) "
+      "-> (Tensor grad_sum, Tensor grad_sumsq, Tensor grad_weight, Tensor grad_bias)");
   // In place, under no_grad: the running statistics after a training step's finalize.
   m.def(
       "batch_norm_update_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, "
@@ -277,6 +303,7 @@ TORCH_LIBRARY(xception_ops, m) {
   m.impl("separable_conv2d", &separable_conv2d);                                           \
   m.impl("separable_conv2d_backward", &separable_conv2d_backward);                         \
   m.impl("batch_norm_finalize", &batch_norm_finalize);                                     \
+  m.impl("batch_norm_finalize_backward", &batch_norm_finalize_backward);                   \
   m.impl("batch_norm_update_stats", &batch_norm_update_stats)
 
 TORCH_LIBRARY_IMPL(xception_ops, CPU, m) { XO_REGISTER_ROUTERS(m); }

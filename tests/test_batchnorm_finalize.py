@@ -239,3 +239,58 @@ def test_cuda_running_statistics_match_the_reference(dtype, buffers, channels):
         tol = {torch.float32: 1e-6, torch.float64: 1e-12}[dtype] if buffers != "bfloat16" else 1e-2
         for g, w in zip(got, want):
             torch.testing.assert_close(g.double(), w.double(), rtol=tol, atol=tol)
+
+
+@needs_ext
+@pytest.mark.parametrize("present", [(1, 1, 1, 1), (1, 0, 0, 1), (0, 1, 1, 0), (0, 0, 0, 0)])
+@pytest.mark.parametrize("weight", [True, False])
+def test_backward_op_matches_the_differentiable_formulas(present, weight):
+    # The one-kernel backward (first-order autograd takes it) against the composite of PyTorch ops that a
+    # create_graph backward takes; a clamped variance (channel 0) included.
+    total, total_sq = sums(6, 30)
+    total_sq[0] = total[0] * total[0] / 30 - 1e-3
+    w = torch.rand(6, dtype=torch.float64) + 0.5 if weight else None
+    grads = [torch.randn(6, dtype=torch.float64) if p else None for p in present]
+    got = OPS.batch_norm_finalize_backward(total, total_sq, 30, w, 1e-3, *grads, "torch")
+    want = _library.finalize_backward(total, total_sq, 30, w, 1e-3, *grads)
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e.expand_as(g) if e.dim() == 0 else e, rtol=1e-12, atol=1e-12)
+
+
+@needs_ext
+def test_first_order_backward_runs_the_op(monkeypatch):
+    calls = []
+    real = torch.ops.xception_ops.batch_norm_finalize_backward
+
+    class Spy:
+        def __call__(self, *args):
+            calls.append(args[-1])
+            return real(*args)
+
+    monkeypatch.setattr(torch.ops.xception_ops, "batch_norm_finalize_backward", Spy())
+    total, total_sq = sums(4, 12)
+    total.requires_grad_()
+    scale, shift, _, _ = OPS.batch_norm_finalize(total, total_sq, 12, None, None, 1e-5, "torch")
+    (scale.sum() + shift.sum()).backward()
+    assert calls == ["torch"]
+
+
+@pytest.mark.gpu
+@requires_gpu
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("channels", [1, 300, 2048])
+def test_cuda_backward_kernel_matches_the_reference(dtype, channels):
+    if "xception_ops.batch_norm_finalize_backward" not in _library.EXTENSION.CUDA_OPS:
+        pytest.skip("built without the CUDA kernels")
+    total, total_sq = sums(channels, 64, dtype=dtype, device="cuda")
+    weight = torch.rand(channels, device="cuda", dtype=torch.bfloat16) + 0.5
+    grads = [torch.randn(channels, device="cuda", dtype=dtype) for _ in range(4)]
+    for w, g in ((weight, grads), (None, [grads[0], None, grads[2], None])):
+        got = OPS.batch_norm_finalize_backward(total, total_sq, 64, w, 1e-5, *g, "cuda")
+        want = OPS.batch_norm_finalize_backward(total.double(), total_sq.double(), 64, w, 1e-5,
+                                                *[None if t is None else t.double() for t in g], "torch")
+        tol = 2e-5 if dtype == torch.float32 else 1e-12
+        for a, b in zip(got, want):
+            assert a.dtype == dtype and a.is_cuda
+            torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol)

@@ -241,6 +241,12 @@ def _opcheck_cases():
         (ops.batch_norm_finalize.default, (torch.randn(4, dtype=torch.float64, requires_grad=True),
                                            torch.rand(4, dtype=torch.float64, requires_grad=True) + 3, 7, None, None,
                                            1e-3, "torch")),
+        (ops.batch_norm_finalize_backward.default, (torch.randn(4) * 10, torch.rand(4) * 50 + 30, 12, torch.rand(4),
+                                                    1e-5, torch.randn(4), torch.randn(4), None, torch.randn(4),
+                                                    "torch")),
+        (ops.batch_norm_finalize_backward.default, (torch.randn(3, dtype=torch.float64),
+                                                    torch.rand(3, dtype=torch.float64) + 3, 5, None, 1e-3, None,
+                                                    torch.randn(3), torch.randn(3), None, "torch")),
         (ops.batch_norm_update_stats.default, (torch.zeros(4), torch.ones(4), torch.randn(4), torch.rand(4), None,
                                                9, 0.1, "torch")),
         (ops.batch_norm_update_stats.default, (torch.zeros(4, dtype=torch.bfloat16), torch.ones(4), torch.randn(4),
@@ -249,7 +255,7 @@ def _opcheck_cases():
 
 
 @needs_ext
-@pytest.mark.parametrize("index", range(12))
+@pytest.mark.parametrize("index", range(14))
 def test_opcheck(index):
     op, args = _opcheck_cases()[index]
     torch.library.opcheck(op, args)

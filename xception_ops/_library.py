@@ -28,7 +28,8 @@ else:
                       "with `pip install --no-build-isolation -e .`", RuntimeWarning, stacklevel=2)
 
 OPS = ("depthwise_conv2d", "depthwise_conv2d_backward_input", "depthwise_conv2d_backward_weight",
-       "separable_conv2d", "separable_conv2d_backward", "batch_norm_finalize", "batch_norm_update_stats")
+       "separable_conv2d", "separable_conv2d_backward", "batch_norm_finalize", "batch_norm_finalize_backward",
+       "batch_norm_update_stats")
 
 
 def _empty_vector(x: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
@@ -113,6 +114,12 @@ def _register_finalize_fake() -> None:
                                          eps)
         return tuple(total.new_empty(total.shape) for _ in range(4))
 
+    @_fake("batch_norm_finalize_backward")
+    def _(total, total_sq, count, weight, eps, grad_scale, grad_shift, grad_mean, grad_var, backend):
+        checks.check_batch_norm_finalize_backward("xception_ops.batch_norm_finalize_backward", total, total_sq,
+                                                  count, weight, eps, grad_scale, grad_shift, grad_mean, grad_var)
+        return tuple(total.new_empty(total.shape) for _ in range(4))
+
     @_fake("batch_norm_update_stats")
     def _(running_mean, running_var, mean, var, pre_bias, count, momentum, backend):
         checks.check_batch_norm_update_stats("xception_ops.batch_norm_update_stats", running_mean, running_var,
@@ -120,7 +127,9 @@ def _register_finalize_fake() -> None:
 
 
 def finalize_backward(total, total_sq, count, weight, eps, grad_scale, grad_shift, grad_mean, grad_var):
-    """Gradients of batch_norm_finalize's (scale, shift, mean, var) with respect to (sum, sumsq, weight, bias).
+    """Gradients of batch_norm_finalize's (scale, shift, mean, var) with respect to (sum, sumsq, weight, bias), as
+    differentiable PyTorch ops (a graph of the backward, for double backward); the op
+    xception_ops.batch_norm_finalize_backward computes the same in one kernel on "cuda".
 
     With m = sum / n, v = max(sumsq / n - m^2, 0), r = (v + eps)^-1/2, scale = w r, shift = b - m w r:
     dL/dr = (g_scale - g_shift m) w;  dL/dv = (g_var - dL/dr r^3 / 2) [v >= 0 before the clamp];
@@ -147,14 +156,18 @@ def _register_autograd() -> None:
     def finalize_setup(ctx, inputs, output):
         total, total_sq, count, weight, bias, eps, backend = inputs
         ctx.save_for_backward(total, total_sq, weight)
-        ctx.count, ctx.eps = count, eps
+        ctx.count, ctx.eps, ctx.backend = count, eps, backend
         ctx.has_bias = bias is not None
         ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
 
     def finalize_grads(ctx, grad_scale, grad_shift, grad_mean, grad_var):
         total, total_sq, weight = ctx.saved_tensors
-        g_sum, g_sumsq, g_w, g_b = finalize_backward(total, total_sq, ctx.count, weight, ctx.eps, grad_scale,
-                                                     grad_shift, grad_mean, grad_var)
+        if torch.is_grad_enabled():  # create_graph: the backward itself must be differentiable
+            g_sum, g_sumsq, g_w, g_b = finalize_backward(total, total_sq, ctx.count, weight, ctx.eps, grad_scale,
+                                                         grad_shift, grad_mean, grad_var)
+        else:  # one op (one kernel on "cuda"), instead of ~15 element-wise launches
+            g_sum, g_sumsq, g_w, g_b = ops.batch_norm_finalize_backward(
+                total, total_sq, ctx.count, weight, ctx.eps, grad_scale, grad_shift, grad_mean, grad_var, ctx.backend)
         w_dtype, b_dtype = ctx.param_dtypes
         return (g_sum, g_sumsq, None, None if weight is None else g_w.to(w_dtype),
                 g_b.to(b_dtype) if ctx.has_bias else None, None, None)

@@ -164,6 +164,14 @@ def check_batch_norm_finalize(op: str, total: torch.Tensor, total_sq: torch.Tens
     check_channel_vector(op, "bias", bias, total.shape[0], total)
 
 
+def check_batch_norm_finalize_backward(op: str, total: torch.Tensor, total_sq: torch.Tensor, count: int,
+                                       weight: torch.Tensor | None, eps: float, *grads: torch.Tensor | None) -> None:
+    """The same checks as the C++ op (csrc/checks.cpp), for the fake kernel."""
+    check_batch_norm_finalize(op, total, total_sq, count, weight, None, eps)
+    for name, g in zip(("grad_scale", "grad_shift", "grad_mean", "grad_var"), grads):
+        check_channel_vector(op, name, g, total.shape[0], total)
+
+
 def check_batch_norm_update_stats(op: str, running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor,
                                   var: torch.Tensor, pre_bias: torch.Tensor | None, count: int,
                                   momentum: float) -> None:

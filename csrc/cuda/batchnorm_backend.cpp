@@ -15,6 +15,7 @@ namespace {
 
 constexpr const char* kOp = "xception_ops.batch_norm_finalize";
 constexpr const char* kUpdate = "xception_ops.batch_norm_update_stats";
+constexpr const char* kBackward = "xception_ops.batch_norm_finalize_backward";
 
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor, Tensor> finalize_typed(const Tensor& sum, const Tensor& sumsq, int64_t count,
@@ -43,6 +44,35 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> finalize_typed(const Tensor& sum, con
 }
 
 template <typename T>
+std::tuple<Tensor, Tensor, Tensor, Tensor> finalize_backward_typed(const Tensor& sum, const Tensor& sumsq,
+                                                                   int64_t count, const OptTensor& weight,
+                                                                   double eps, const OptTensor (&grads)[4]) {
+  const Tensor s = sum.contiguous(), q = sumsq.contiguous();
+  // The inputs in the statistics' precision, kept alive until the launch is queued.
+  auto vector = [&](const OptTensor& t) { return t.has_value() ? t->to(sum.scalar_type()).contiguous() : Tensor(); };
+  const Tensor w = vector(weight);
+  Tensor g[4];
+  for (int i = 0; i < 4; ++i) g[i] = vector(grads[i]);
+  Tensor grad_sum = at::empty_like(s), grad_sumsq = at::empty_like(s), grad_weight = at::empty_like(s),
+         grad_bias = at::empty_like(s);
+  auto ptr = [](const Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
+  BatchNormFinalizeBackwardParams<T> p;
+  p.sum = s.data_ptr<T>();
+  p.sumsq = q.data_ptr<T>();
+  p.weight = ptr(w);
+  p.grad_scale = ptr(g[0]), p.grad_shift = ptr(g[1]), p.grad_mean = ptr(g[2]), p.grad_var = ptr(g[3]);
+  p.grad_sum = grad_sum.data_ptr<T>();
+  p.grad_sumsq = grad_sumsq.data_ptr<T>();
+  p.grad_weight = grad_weight.data_ptr<T>();
+  p.grad_bias = grad_bias.data_ptr<T>();
+  p.channels = s.numel();
+  p.count = static_cast<double>(count);
+  p.eps = eps;
+  check_launch(kBackward, launch_batch_norm_finalize_backward<T>(p, c10::cuda::getCurrentCUDAStream()));
+  return {grad_sum, grad_sumsq, grad_weight, grad_bias};
+}
+
+template <typename T>
 void update_typed(const Tensor& running_mean, const Tensor& running_var, const Tensor& mean, const Tensor& var,
                   const OptTensor& pre_bias, int64_t count, double momentum) {
   const Tensor m = mean.contiguous(), v = var.contiguous();
@@ -60,6 +90,16 @@ void update_typed(const Tensor& running_mean, const Tensor& running_var, const T
 }
 
 }  // namespace
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize_backward(
+    const Tensor& sum, const Tensor& sumsq, int64_t count, const OptTensor& weight, double eps,
+    const OptTensor& grad_scale, const OptTensor& grad_shift, const OptTensor& grad_mean, const OptTensor& grad_var) {
+  XO_CHECK_VALUE(sum.is_cuda(), kBackward, ": backend 'cuda' needs CUDA tensors, but sum is on ", sum.device());
+  const c10::cuda::CUDAGuard guard(sum.device());
+  const OptTensor grads[4] = {grad_scale, grad_shift, grad_mean, grad_var};
+  if (sum.scalar_type() == at::kDouble) return finalize_backward_typed<double>(sum, sumsq, count, weight, eps, grads);
+  return finalize_backward_typed<float>(sum, sumsq, count, weight, eps, grads);
+}
 
 void batch_norm_update_stats(const Tensor& running_mean, const Tensor& running_var, const Tensor& mean,
                              const Tensor& var, const OptTensor& pre_bias, int64_t count, double momentum) {

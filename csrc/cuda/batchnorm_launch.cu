@@ -1,4 +1,5 @@
-// Launchers of the BatchNorm finalize and running-statistics kernels (kernels/batchnorm.cuh). No torch headers.
+// Launchers of the BatchNorm finalize (forward, backward) and running-statistics kernels (kernels/batchnorm.cuh).
+// No torch headers.
 #include <cuda_runtime.h>
 
 #include "kernels/batchnorm.cuh"
@@ -15,6 +16,15 @@ cudaError_t launch_batch_norm_finalize(const BatchNormFinalizeParams<T>& p, cuda
 }
 
 template <typename T>
+cudaError_t launch_batch_norm_finalize_backward(const BatchNormFinalizeBackwardParams<T>& p, cudaStream_t stream) {
+  if (p.channels == 0) return cudaSuccess;
+  constexpr int kThreads = 256;
+  const dim3 grid(static_cast<unsigned int>((p.channels + kThreads - 1) / kThreads));
+  kernels::batch_norm_finalize_backward_kernel<T><<<grid, kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T>
 cudaError_t launch_batch_norm_update_stats(const BatchNormUpdateParams<T>& p, cudaStream_t stream) {
   if (p.channels == 0) return cudaSuccess;
   constexpr int kThreads = 256;
@@ -25,6 +35,10 @@ cudaError_t launch_batch_norm_update_stats(const BatchNormUpdateParams<T>& p, cu
 
 template cudaError_t launch_batch_norm_finalize<float>(const BatchNormFinalizeParams<float>&, cudaStream_t);
 template cudaError_t launch_batch_norm_finalize<double>(const BatchNormFinalizeParams<double>&, cudaStream_t);
+template cudaError_t launch_batch_norm_finalize_backward<float>(const BatchNormFinalizeBackwardParams<float>&,
+                                                                cudaStream_t);
+template cudaError_t launch_batch_norm_finalize_backward<double>(const BatchNormFinalizeBackwardParams<double>&,
+                                                                 cudaStream_t);
 template cudaError_t launch_batch_norm_update_stats<float>(const BatchNormUpdateParams<float>&, cudaStream_t);
 template cudaError_t launch_batch_norm_update_stats<double>(const BatchNormUpdateParams<double>&, cudaStream_t);
 

@@ -31,6 +31,29 @@ __global__ void batch_norm_finalize_kernel(const BatchNormFinalizeParams<T> p) {
 }
 
 template <typename T>
+__global__ void batch_norm_finalize_backward_kernel(const BatchNormFinalizeBackwardParams<T> p) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= p.channels) return;
+  const T n = static_cast<T>(p.count);
+  const T m = p.sum[c] / n;
+  const T raw_var = p.sumsq[c] / n - m * m;
+  const T r = reciprocal_sqrt((raw_var > T(0) ? raw_var : T(0)) + static_cast<T>(p.eps));
+  const T w = p.weight != nullptr ? p.weight[c] : T(1);
+  const T g_scale = p.grad_scale != nullptr ? p.grad_scale[c] : T(0);
+  const T g_shift = p.grad_shift != nullptr ? p.grad_shift[c] : T(0);
+  const T g_mean = p.grad_mean != nullptr ? p.grad_mean[c] : T(0);
+  const T g_var = p.grad_var != nullptr ? p.grad_var[c] : T(0);
+  const T g_affine = g_scale - g_shift * m;
+  const T g_r = g_affine * w;
+  const T g_v = raw_var >= T(0) ? g_var - T(0.5) * g_r * r * r * r : T(0);
+  const T g_m = g_mean - g_shift * w * r - T(2) * m * g_v;
+  p.grad_sum[c] = g_m / n;
+  p.grad_sumsq[c] = g_v / n;
+  p.grad_weight[c] = g_affine * r;
+  p.grad_bias[c] = g_shift;
+}
+
+template <typename T>
 __global__ void batch_norm_update_stats_kernel(const BatchNormUpdateParams<T> p) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= p.channels) return;

@@ -32,6 +32,32 @@ struct BatchNormFinalizeParams {
 template <typename T>
 cudaError_t launch_batch_norm_finalize(const BatchNormFinalizeParams<T>& p, cudaStream_t stream);
 
+// The finalize step's backward: from the gradients of (scale, shift, mean, var) (nullptr: zeros) to those of
+// (sum, sumsq, weight, bias). With m = sum / n, v = max(sumsq / n - m^2, 0), r = (v + eps)^-1/2:
+//   g_r = (g_scale - g_shift m) w          g_v = (g_var - g_r r^3 / 2) [sumsq / n - m^2 >= 0]
+//   g_m = g_mean - g_shift w r - 2 m g_v   g_sum = g_m / n   g_sumsq = g_v / n
+//   g_weight = (g_scale - g_shift m) r     g_bias = g_shift
+template <typename T>
+struct BatchNormFinalizeBackwardParams {
+  const T* sum = nullptr;
+  const T* sumsq = nullptr;
+  const T* weight = nullptr;  // nullptr: 1
+  const T* grad_scale = nullptr;
+  const T* grad_shift = nullptr;
+  const T* grad_mean = nullptr;
+  const T* grad_var = nullptr;
+  T* grad_sum = nullptr;
+  T* grad_sumsq = nullptr;
+  T* grad_weight = nullptr;
+  T* grad_bias = nullptr;
+  int64_t channels = 0;
+  double count = 1;
+  double eps = 0;
+};
+
+template <typename T>
+cudaError_t launch_batch_norm_finalize_backward(const BatchNormFinalizeBackwardParams<T>& p, cudaStream_t stream);
+
 // The running statistics' update that follows the finalize step, in place, as PyTorch's BatchNorm does it (the
 // running variance takes the unbiased batch variance):
 //   running_mean = (1 - momentum) running_mean + momentum (mean + pre_bias)

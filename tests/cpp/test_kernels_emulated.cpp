@@ -620,7 +620,7 @@ TEST_CASE(depthwise_forward_and_gradients) {
   }
 }
 
-TEST_CASE(batch_norm_finalize_and_running_statistics_kernels) {
+TEST_CASE(batch_norm_finalize_its_backward_and_running_statistics_kernels) {
   const int64_t C = 300, count = 50;
   std::vector<float> sum(C), sumsq(C), weight(C), bias(C), out[4];
   std::mt19937 rng(5);
@@ -649,6 +649,33 @@ TEST_CASE(batch_norm_finalize_and_running_statistics_kernels) {
     EXPECT_NEAR(out[1][c], bias[c] - mean * scale, 1e-3);
   }
   EXPECT(out[3][7] == 0.f);
+
+  // The backward of the finalize step, against the formulas in float64 (kernels/batchnorm_params.h); channel 7's
+  // clamped variance passes no gradient to sumsq.
+  std::vector<float> grads[4], back[4];
+  for (auto& gv : grads) {
+    gv.resize(C);
+    for (auto& v : gv) v = normal(rng);
+  }
+  for (auto& b : back) b.assign(C, std::nanf(""));
+  BatchNormFinalizeBackwardParams<float> bp;
+  bp.sum = sum.data(), bp.sumsq = sumsq.data(), bp.weight = weight.data();
+  bp.grad_scale = grads[0].data(), bp.grad_shift = grads[1].data(), bp.grad_mean = grads[2].data();
+  bp.grad_var = grads[3].data();
+  bp.grad_sum = back[0].data(), bp.grad_sumsq = back[1].data(), bp.grad_weight = back[2].data();
+  bp.grad_bias = back[3].data();
+  bp.channels = C, bp.count = count, bp.eps = 1e-5;
+  emulate_launch(kernels::batch_norm_finalize_backward_kernel<float>, dim3((C + 255) / 256), dim3(256), bp);
+  for (int64_t c = 0; c < C; ++c) {
+    const double n = count, m = double(sum[c]) / n, raw = double(sumsq[c]) / n - m * m;
+    const double r = 1.0 / std::sqrt(std::max(raw, 0.0) + 1e-5), w = weight[c];
+    const double ga = grads[0][c] - grads[1][c] * m, gr = ga * w;
+    const double gv = raw >= 0 ? grads[3][c] - 0.5 * gr * r * r * r : 0.0;
+    const double gm = grads[2][c] - grads[1][c] * w * r - 2 * m * gv;
+    const double want[4] = {gm / n, gv / n, ga * r, double(grads[1][c])};
+    for (int i = 0; i < 4; ++i) EXPECT_NEAR(back[i][c], want[i], 2e-4 * (1 + std::abs(want[i])));
+  }
+  EXPECT(back[1][7] == 0.f);
 
   // Then the running statistics from that mean and variance, in place, with a pre-bias, momentum 0.1.
   std::vector<float> running_mean(C), running_var(C), pre_bias(C);
