@@ -48,8 +48,17 @@ cudaError_t forward_for_layout(const DepthwiseParams& p, cudaStream_t stream) {
 template <typename T, typename idx_t, bool kCL>
 cudaError_t backward_input_for_layout(const DepthwiseParams& p, cudaStream_t stream) {
   const Conv2dGeometry& g = p.g;
-  const dim3 grid(elementwise_blocks(g.batch * g.in_channels * g.in_h * g.in_w));
   const dim3 block(kDepthwiseThreads);
+  if (kCL && depthwise_dgrad_vectors(p, static_cast<int>(sizeof(T)))) {
+    // A vector of channels per thread, kDepthwiseThreads / lanes pixels per block.
+    const int rows = kDepthwiseThreads / depthwise_vector_lanes(g.in_channels / kDepthwiseVec);
+    int64_t blocks = (g.batch * g.in_h * g.in_w + rows - 1) / rows;
+    if (blocks > kDepthwiseMaxBlocks) blocks = kDepthwiseMaxBlocks;
+    kernels::depthwise_backward_input_vector_kernel<T, idx_t, kDepthwiseVec>
+        <<<dim3(static_cast<unsigned int>(blocks)), block, 0, stream>>>(p);
+    return cudaGetLastError();
+  }
+  const dim3 grid(elementwise_blocks(g.batch * g.in_channels * g.in_h * g.in_w));
   if (is_3x3(g) && has_stride(g, 1)) {
     depthwise_backward_input_kernel<T, idx_t, kCL, 3, 3, 1, 1><<<grid, block, 0, stream>>>(p);
   } else if (is_3x3(g) && has_stride(g, 2)) {

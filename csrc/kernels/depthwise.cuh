@@ -105,6 +105,122 @@ __device__ __forceinline__ void unflatten(idx_t i, idx_t s0, idx_t s1, idx_t s2,
   d3 = static_cast<idx_t>(q);
 }
 
+// ---- rounding to the dtype (float32 in registers) ----
+template <typename T>
+__device__ __forceinline__ float round_to(float v);
+template <>
+__device__ __forceinline__ float round_to<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ float round_to<__half>(float v) { return __half2float(__float2half_rn(v)); }
+// One conversion instruction each way on sm_80+; elsewhere integer ops, as in Elem<__nv_bfloat16>::store.
+template <>
+__device__ __forceinline__ float round_to<__nv_bfloat16>(float v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  return __bfloat162float(__float2bfloat16_rn(v));
+#else
+  const unsigned int u = __float_as_uint(v);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return v;  // NaN
+  return __uint_as_float((u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u);
+#endif
+}
+
+// ---- V consecutive channels at a time (the vector paths of these kernels and of separable.cuh) ----
+// The 16-bit pattern of a value already rounded to the dtype (round_to), so the conversion is exact.
+template <typename T>
+__device__ __forceinline__ unsigned int bits16(float rounded);
+template <>
+__device__ __forceinline__ unsigned int bits16<__half>(float rounded) {
+  return __half_as_ushort(__float2half_rn(rounded));
+}
+template <>
+__device__ __forceinline__ unsigned int bits16<__nv_bfloat16>(float rounded) {
+  const unsigned int u = __float_as_uint(rounded);
+  return (u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : u >> 16;  // NaN stays a NaN
+}
+template <typename T>
+__device__ __forceinline__ float from_bits16(unsigned int bits);
+template <>
+__device__ __forceinline__ float from_bits16<__half>(unsigned int bits) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));
+}
+template <>
+__device__ __forceinline__ float from_bits16<__nv_bfloat16>(unsigned int bits) { return __uint_as_float(bits << 16); }
+
+// V consecutive channels (4: 8 bytes of fp16 / bf16, 16 of float32; 2: half that) in one access. Loads take a
+// predicate and give zeros where it is false, without reading (a predicated load, no branch); load_raw_if keeps
+// the bits (Raw) so that a caller can issue several loads before decoding any. Stores take values already
+// rounded to the dtype.
+template <typename T, int V = 4>
+struct VecIO;
+template <typename T>
+struct VecIO<T, 4> {
+  using Raw = uint2;
+  __device__ __forceinline__ static Raw load_raw_if(bool ok, const T* p) {
+    Raw u = make_uint2(0u, 0u);
+    if (ok) u = load_readonly(reinterpret_cast<const uint2*>(p));
+    return u;
+  }
+  __device__ __forceinline__ static void decode(const Raw& u, float (&v)[4]) {
+    v[0] = from_bits16<T>(u.x & 0xffffu), v[1] = from_bits16<T>(u.x >> 16);
+    v[2] = from_bits16<T>(u.y & 0xffffu), v[3] = from_bits16<T>(u.y >> 16);
+  }
+  __device__ __forceinline__ static void load(const T* p, float (&v)[4]) { load_if(true, p, v); }
+  __device__ __forceinline__ static void load_if(bool ok, const T* p, float (&v)[4]) { decode(load_raw_if(ok, p), v); }
+  __device__ __forceinline__ static void store(T* p, const float (&v)[4]) {
+    *reinterpret_cast<uint2*>(p) = make_uint2(bits16<T>(v[0]) | (bits16<T>(v[1]) << 16),
+                                              bits16<T>(v[2]) | (bits16<T>(v[3]) << 16));
+  }
+};
+template <typename T>
+struct VecIO<T, 2> {
+  using Raw = unsigned int;
+  __device__ __forceinline__ static Raw load_raw_if(bool ok, const T* p) {
+    Raw u = 0u;
+    if (ok) u = load_readonly(reinterpret_cast<const unsigned int*>(p));
+    return u;
+  }
+  __device__ __forceinline__ static void decode(const Raw& u, float (&v)[2]) {
+    v[0] = from_bits16<T>(u & 0xffffu), v[1] = from_bits16<T>(u >> 16);
+  }
+  __device__ __forceinline__ static void load_if(bool ok, const T* p, float (&v)[2]) { decode(load_raw_if(ok, p), v); }
+  __device__ __forceinline__ static void store(T* p, const float (&v)[2]) {
+    *reinterpret_cast<unsigned int*>(p) = bits16<T>(v[0]) | (bits16<T>(v[1]) << 16);
+  }
+};
+template <>
+struct VecIO<float, 4> {
+  using Raw = float4;
+  __device__ __forceinline__ static Raw load_raw_if(bool ok, const float* p) {
+    Raw u = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (ok) u = load_readonly(reinterpret_cast<const float4*>(p));
+    return u;
+  }
+  __device__ __forceinline__ static void decode(const Raw& u, float (&v)[4]) { v[0] = u.x, v[1] = u.y, v[2] = u.z, v[3] = u.w; }
+  __device__ __forceinline__ static void load(const float* p, float (&v)[4]) { load_if(true, p, v); }
+  __device__ __forceinline__ static void load_if(bool ok, const float* p, float (&v)[4]) {
+    decode(load_raw_if(ok, p), v);
+  }
+  __device__ __forceinline__ static void store(float* p, const float (&v)[4]) {
+    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+  }
+};
+template <>
+struct VecIO<float, 2> {
+  using Raw = float2;
+  __device__ __forceinline__ static Raw load_raw_if(bool ok, const float* p) {
+    Raw u = make_float2(0.f, 0.f);
+    if (ok) u = load_readonly(reinterpret_cast<const float2*>(p));
+    return u;
+  }
+  __device__ __forceinline__ static void decode(const Raw& u, float (&v)[2]) { v[0] = u.x, v[1] = u.y; }
+  __device__ __forceinline__ static void load_if(bool ok, const float* p, float (&v)[2]) {
+    decode(load_raw_if(ok, p), v);
+  }
+  __device__ __forceinline__ static void store(float* p, const float (&v)[2]) {
+    *reinterpret_cast<float2*>(p) = make_float2(v[0], v[1]);
+  }
+};
+
 // ---- forward: one thread per output element ----
 template <typename T, typename idx_t, bool kCL, int KH, int KW, int SH, int SW>
 __global__ void __launch_bounds__(kDepthwiseThreads) depthwise_forward_kernel(const DepthwiseParams p) {
@@ -225,6 +341,65 @@ __global__ void __launch_bounds__(kDepthwiseThreads) depthwise_backward_input_ke
       }
     }
     Elem<T>::store(gx + n * xs_n + c * xs_c + ih * xs_h + iw * xs_w, acc);
+  }
+}
+
+// ---- input gradient, vector form (depthwise_dgrad_vectors: 3x3 at stride 1, no depth multiplier, grad_x and
+// grad_y with channels fastest in whole aligned vectors) ----
+// A thread takes V consecutive channels, with their 9 x V weights in registers, and walks its pixels: per pixel 9
+// predicated vector loads of grad_y and one vector store, where the gather form above spends a thread, its index
+// arithmetic and 18 scalar loads per element. `lanes` threads (the channel groups rounded up to a power of two,
+// at most the block) cover a pixel's channels; the rest of the block takes other pixels
+// (depthwise_vector_lanes). The taps are summed in the gather form's order: the results are the same bits.
+template <typename T, typename idx_t, int V>
+__global__ void __launch_bounds__(kDepthwiseThreads) depthwise_backward_input_vector_kernel(const DepthwiseParams p) {
+  const Conv2dGeometry& g = p.g;
+  const idx_t H = g.in_h, W = g.in_w, OH = g.out_h, OW = g.out_w;
+  const idx_t dh = g.dilation_h, dw = g.dilation_w, pt = g.pad_top, pl = g.pad_left;
+  T* __restrict__ gx = static_cast<T*>(p.input.data);
+  const T* __restrict__ gy = static_cast<const T*>(p.output.data);
+  const T* __restrict__ w = static_cast<const T*>(p.weight.data);
+  const idx_t xs_n = p.input.stride[0], xs_h = p.input.stride[2], xs_w = p.input.stride[3];
+  const idx_t ys_n = p.output.stride[0], ys_h = p.output.stride[2], ys_w = p.output.stride[3];
+  const idx_t ws_o = p.weight.stride[0], ws_h = p.weight.stride[2], ws_w = p.weight.stride[3];
+  const idx_t groups = static_cast<idx_t>(g.in_channels / V), pixels = static_cast<idx_t>(g.batch) * H * W;
+  const int lanes = depthwise_vector_lanes(g.in_channels / V), rows = kDepthwiseThreads / lanes;
+  const int lane = static_cast<int>(threadIdx.x) % lanes, row = static_cast<int>(threadIdx.x) / lanes;
+  for (idx_t cg = lane; cg < groups; cg += lanes) {
+    const idx_t c = cg * V;
+    float wv[9][V];
+#pragma unroll
+    for (int t = 0; t < 9; ++t)
+#pragma unroll
+      for (int v = 0; v < V; ++v) wv[t][v] = Elem<T>::load(w + (c + v) * ws_o + (t / 3) * ws_h + (t % 3) * ws_w);
+    for (idx_t pix = static_cast<idx_t>(blockIdx.x) * rows + row; pix < pixels;
+         pix += static_cast<idx_t>(gridDim.x) * rows) {
+      idx_t n, ih, iw;
+      {
+        const idx_t r = pix / W;
+        iw = pix - r * W, ih = r % H, n = r / H;
+      }
+      const T* gp = gy + n * ys_n + c;
+      float acc[V];
+#pragma unroll
+      for (int v = 0; v < V; ++v) acc[v] = 0.f;
+#pragma unroll
+      for (int kh = 0; kh < 3; ++kh) {
+        const idx_t oh = ih + pt - kh * dh;  // stride 1: the tap reaches ih from output row oh
+#pragma unroll
+        for (int kw = 0; kw < 3; ++kw) {
+          const idx_t ow = iw + pl - kw * dw;
+          const bool ok = in_range(oh, OH) && in_range(ow, OW);
+          float gv[V];
+          VecIO<T, V>::load_if(ok, gp + oh * ys_h + ow * ys_w, gv);
+#pragma unroll
+          for (int v = 0; v < V; ++v) acc[v] = ok ? fmaf(gv[v], wv[kh * 3 + kw][v], acc[v]) : acc[v];  // (inf weights)
+        }
+      }
+#pragma unroll
+      for (int v = 0; v < V; ++v) acc[v] = round_to<T>(acc[v]);
+      VecIO<T, V>::store(gx + n * xs_n + c + ih * xs_h + iw * xs_w, acc);
+    }
   }
 }
 

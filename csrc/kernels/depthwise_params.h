@@ -91,6 +91,32 @@ inline bool depthwise_fits_int32(const DepthwiseParams& p) {
   return true;
 }
 
+// ---- the vector paths ----
+// Whether a tensor with channels fastest can be read or written `vec` channels at a time: its data aligned to a
+// vector and every stride but the channels' a whole number of vectors.
+XO_HOST_DEVICE inline bool channels_vectorizable(const DepthwiseTensor& t, int64_t channels, int dtype_bytes, int vec) {
+  return t.data != nullptr && reinterpret_cast<uintptr_t>(t.data) % (static_cast<uintptr_t>(vec) * dtype_bytes) == 0 &&
+         t.stride[1] == 1 && channels % vec == 0 && t.stride[0] % vec == 0 && t.stride[2] % vec == 0 &&
+         t.stride[3] % vec == 0;
+}
+// Channels per access of the depthwise vector kernels.
+constexpr int kDepthwiseVec = 4;
+// Threads of a block that share one pixel (one vector of channels each): the channel groups rounded up to a power
+// of two, at most the block; the block's other threads take other pixels.
+XO_HOST_DEVICE inline int depthwise_vector_lanes(int64_t groups) {
+  int lanes = kDepthwiseThreads;
+  while (lanes > 1 && lanes / 2 >= groups) lanes /= 2;
+  return lanes;
+}
+// The input gradient's vector kernel: 3x3 at stride 1, no depth multiplier, grad_x and grad_y channels-last in
+// whole aligned vectors.
+XO_HOST_DEVICE inline bool depthwise_dgrad_vectors(const DepthwiseParams& p, int dtype_bytes) {
+  const Conv2dGeometry& g = p.g;
+  return p.channels_last && g.kernel_h == 3 && g.kernel_w == 3 && g.stride_h == 1 && g.stride_w == 1 &&
+         g.depth_multiplier == 1 && channels_vectorizable(p.input, g.in_channels, dtype_bytes, kDepthwiseVec) &&
+         channels_vectorizable(p.output, g.dw_channels(), dtype_bytes, kDepthwiseVec);
+}
+
 // ---- backward_weight work split (shared by the launcher and the torch layer's workspace size) ----
 //
 // Pass 1 splits the reduction over the N * out_h * out_w output positions into `slices` contiguous ranges;

@@ -172,9 +172,7 @@ constexpr int kSepVec = 4;
 // Whether a tensor with channels fastest can be read or written kSepVec channels at a time: its data aligned
 // to a vector and every stride but the channels' a whole number of vectors.
 XO_HOST_DEVICE inline bool separable_vectorizable(const DepthwiseTensor& t, int64_t channels, int dtype_bytes) {
-  return t.data != nullptr && reinterpret_cast<uintptr_t>(t.data) % (kSepVec * dtype_bytes) == 0 &&
-         t.stride[1] == 1 && channels % kSepVec == 0 && t.stride[0] % kSepVec == 0 && t.stride[2] % kSepVec == 0 &&
-         t.stride[3] % kSepVec == 0;
+  return channels_vectorizable(t, channels, dtype_bytes, kSepVec);
 }
 
 // Fills p.k_chunk and p.a_pitch: every depthwise channel on chip when it fits in `smem_limit` bytes (with the

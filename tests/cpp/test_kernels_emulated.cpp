@@ -620,6 +620,50 @@ TEST_CASE(depthwise_forward_and_gradients) {
   }
 }
 
+// The input gradient's vector kernel (launcher: depthwise_dgrad_vectors) gives the gather form's bits: 3x3 at
+// stride 1, NHWC, channel counts of one vector group (every other thread row a pixel), 33 groups (a partial
+// power of two) and 300 groups (two per thread), padding and dilation both ways.
+template <typename T>
+void check_dgrad_vectors(int64_t c, int64_t pad, int64_t dil) {
+  std::mt19937 rng(static_cast<unsigned>(c + pad * 7 + dil));
+  std::normal_distribution<float> normal(0.f, 1.f);
+  Conv2dGeometry g;
+  g.batch = 2, g.in_channels = c, g.out_channels = c, g.depth_multiplier = 1, g.in_h = 7, g.in_w = 9;
+  g.kernel_h = g.kernel_w = 3, g.stride_h = g.stride_w = 1, g.dilation_h = g.dilation_w = dil;
+  g.pad_top = g.pad_left = pad, g.pad_bottom = g.pad_right = pad;
+  g.out_h = g.in_h + 2 * pad - 2 * dil, g.out_w = g.in_w + 2 * pad - 2 * dil;
+  std::vector<T> w(c * 9), gy(2 * c * g.out_h * g.out_w);
+  for (auto& v : w) v = from_float<T>(normal(rng));
+  for (auto& v : gy) v = from_float<T>(normal(rng));
+  std::vector<T> gather(2 * c * 7 * 9, from_float<T>(std::nanf(""))), vec = gather;
+  DepthwiseParams p;
+  p.g = g;
+  p.channels_last = true;
+  p.use_int32 = true;
+  strides(c, 7, 9, true, p.input.stride);
+  strides(c, g.out_h, g.out_w, true, p.output.stride);
+  p.weight.stride[0] = 9, p.weight.stride[1] = 9, p.weight.stride[2] = 3, p.weight.stride[3] = 1;
+  p.output.data = gy.data(), p.weight.data = w.data();
+  p.input.data = gather.data();
+  emulate_launch(kernels::depthwise_backward_input_kernel<T, int32_t, true, 3, 3, 1, 1>,
+                 dim3(elementwise_blocks(2 * c * 7 * 9)), dim3(kDepthwiseThreads), p);
+  p.input.data = vec.data();
+  EXPECT(depthwise_dgrad_vectors(p, static_cast<int>(sizeof(T))));
+  const int rows = kDepthwiseThreads / depthwise_vector_lanes(c / kDepthwiseVec);
+  emulate_launch(kernels::depthwise_backward_input_vector_kernel<T, int32_t, kDepthwiseVec>,
+                 dim3(static_cast<unsigned>(std::min<int64_t>((2 * 7 * 9 + rows - 1) / rows, 3))),
+                 dim3(kDepthwiseThreads), p);
+  EXPECT(std::memcmp(gather.data(), vec.data(), vec.size() * sizeof(T)) == 0);
+}
+
+TEST_CASE(depthwise_input_gradient_vector_kernel_matches_the_gather_form) {
+  for (int64_t c : {4, 132, 1200}) {
+    check_dgrad_vectors<float>(c, 1, 1);
+    check_dgrad_vectors<__nv_bfloat16>(c, 2, 2);
+    check_dgrad_vectors<__half>(c, 0, 1);
+  }
+}
+
 TEST_CASE(batch_norm_finalize_its_backward_and_running_statistics_kernels) {
   const int64_t C = 300, count = 50;
   std::vector<float> sum(C), sumsq(C), weight(C), bias(C), out[4];
