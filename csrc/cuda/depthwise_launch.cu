@@ -83,7 +83,13 @@ cudaError_t backward_weight_for_layout(const DepthwiseParams& p, float* workspac
   const bool all_taps = depthwise_wgrad_all_taps(g);
   const dim3 grid1(static_cast<unsigned int>(chan_blocks * (all_taps ? 1 : taps)), static_cast<unsigned int>(slices));
   const dim3 block(kDepthwiseThreads);
-  if (is_3x3(g)) {
+  if (kCL && depthwise_wgrad_vectors(p, static_cast<int>(sizeof(T)))) {
+    const int64_t per_block = 32 * kDepthwiseVec;  // the vector kernel's channels per block
+    const dim3 grid_vec(static_cast<unsigned int>((g.dw_channels() + per_block - 1) / per_block),
+                        static_cast<unsigned int>(slices));
+    kernels::depthwise_backward_weight_partial_vector_kernel<T, idx_t, kDepthwiseVec>
+        <<<grid_vec, block, 0, stream>>>(p, workspace, slices);
+  } else if (is_3x3(g)) {
     depthwise_backward_weight_partial_kernel<T, idx_t, kCL, 3, 3><<<grid1, block, 0, stream>>>(p, workspace, slices);
   } else if (g.kernel_h == 1 && g.kernel_w == 1) {
     depthwise_backward_weight_partial_kernel<T, idx_t, kCL, 1, 1><<<grid1, block, 0, stream>>>(p, workspace, slices);

@@ -501,6 +501,85 @@ __global__ void __launch_bounds__(kDepthwiseThreads)
   }
 }
 
+// ---- weight gradient, pass 1, vector form (depthwise_wgrad_vectors: 3x3, no depth multiplier, x and grad_y with
+// channels fastest in whole aligned vectors) ----
+// The channels_last form above with V channels per thread: 32 vectors of channels x 8 position lanes per block,
+// per position one vector load of grad_y and up to 9 of x instead of 1 + 9 scalar loads per channel. Same
+// slices, lanes, per-lane order and tree: the same partials, bit for bit.
+template <typename T, typename idx_t, int V>
+__global__ void __launch_bounds__(kDepthwiseThreads)
+    depthwise_backward_weight_partial_vector_kernel(const DepthwiseParams p, float* __restrict__ workspace,
+                                                    int64_t slices) {
+  constexpr int kGroups = 32, kLanes = kDepthwiseThreads / kGroups, kTaps = 9;
+  __shared__ float red[kTaps * V][kDepthwiseThreads];
+  const Conv2dGeometry& g = p.g;
+  const idx_t H = g.in_h, W = g.in_w, OC = g.dw_channels(), OH = g.out_h, OW = g.out_w;
+  const idx_t sh = g.stride_h, sw = g.stride_w, dh = g.dilation_h, dw = g.dilation_w;
+  const idx_t pt = g.pad_top, pl_ = g.pad_left;
+  const T* __restrict__ x = static_cast<const T*>(p.input.data);
+  const T* __restrict__ gy = static_cast<const T*>(p.output.data);
+  const idx_t xs_n = p.input.stride[0], xs_h = p.input.stride[2], xs_w = p.input.stride[3];
+  const idx_t ys_n = p.output.stride[0], ys_h = p.output.stride[2], ys_w = p.output.stride[3];
+  const int tid = threadIdx.x, group = tid % kGroups, lane = tid / kGroups;
+  const idx_t c = (static_cast<idx_t>(blockIdx.x) * kGroups + group) * V;
+  const bool valid = c < OC;  // V divides OC
+
+  float acc[kTaps][V];
+#pragma unroll
+  for (int t = 0; t < kTaps; ++t)
+#pragma unroll
+    for (int v = 0; v < V; ++v) acc[t][v] = 0.f;
+  if (valid) {
+    const idx_t positions = static_cast<idx_t>(g.batch) * OH * OW;
+    const idx_t chunk = static_cast<idx_t>((static_cast<int64_t>(positions) + slices - 1) / slices);
+    const idx_t begin = static_cast<idx_t>(blockIdx.y) * chunk;
+    const idx_t end = begin + chunk < positions ? begin + chunk : positions;
+    for (idx_t q = begin + lane; q < end; q += kLanes) {
+      const idx_t ow = q % OW, r = q / OW, oh = r % OH, n = r / OH;
+      float go[V];
+      VecIO<T, V>::load_if(true, gy + n * ys_n + oh * ys_h + ow * ys_w + c, go);
+      const T* xp = x + n * xs_n + c;
+      const idx_t ih0 = oh * sh - pt, iw0 = ow * sw - pl_;
+#pragma unroll
+      for (int kh = 0; kh < 3; ++kh) {
+        const idx_t ih = ih0 + kh * dh;
+        if (!in_range(ih, H)) continue;
+#pragma unroll
+        for (int kw = 0; kw < 3; ++kw) {
+          const idx_t iw = iw0 + kw * dw;
+          if (!in_range(iw, W)) continue;
+          float xv[V];
+          VecIO<T, V>::load_if(true, xp + ih * xs_h + iw * xs_w, xv);
+#pragma unroll
+          for (int v = 0; v < V; ++v) acc[kh * 3 + kw][v] = fmaf(go[v], xv[v], acc[kh * 3 + kw][v]);
+        }
+      }
+    }
+  }
+
+  // The fixed-shape tree over the lanes of each channel, as in the scalar form.
+#pragma unroll
+  for (int t = 0; t < kTaps; ++t)
+#pragma unroll
+    for (int v = 0; v < V; ++v) red[t * V + v][tid] = acc[t][v];
+  __syncthreads();
+  for (int s = kLanes / 2; s > 0; s >>= 1) {
+    if (lane < s) {
+#pragma unroll
+      for (int e = 0; e < kTaps * V; ++e) red[e][tid] += red[e][tid + s * kGroups];
+    }
+    __syncthreads();
+  }
+  if (lane == 0 && valid) {
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      float* out = workspace + (static_cast<int64_t>(blockIdx.y) * OC + c + v) * kTaps;
+#pragma unroll
+      for (int t = 0; t < kTaps; ++t) out[t] = red[t * V + v][tid];
+    }
+  }
+}
+
 // ---- weight gradient, pass 2: sum the slices of each (channel, tap) in a fixed order ----
 // 32 outputs per block on threadIdx % 32; 8 lanes each sum the slices s = lane, lane + 8, ... in order, then
 // a fixed tree over the 8 lanes.

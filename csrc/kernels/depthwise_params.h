@@ -117,6 +117,15 @@ XO_HOST_DEVICE inline bool depthwise_dgrad_vectors(const DepthwiseParams& p, int
          channels_vectorizable(p.output, g.dw_channels(), dtype_bytes, kDepthwiseVec);
 }
 
+// The weight gradient's vector kernel (pass 1): 3x3, no depth multiplier, x and grad_y channels-last in whole
+// aligned vectors (any stride). Its blocks take 32 vectors of channels; the slices stay those of the scalar form.
+XO_HOST_DEVICE inline bool depthwise_wgrad_vectors(const DepthwiseParams& p, int dtype_bytes) {
+  const Conv2dGeometry& g = p.g;
+  return p.channels_last && g.kernel_h == 3 && g.kernel_w == 3 && g.depth_multiplier == 1 &&
+         channels_vectorizable(p.input, g.in_channels, dtype_bytes, kDepthwiseVec) &&
+         channels_vectorizable(p.output, g.dw_channels(), dtype_bytes, kDepthwiseVec);
+}
+
 // ---- backward_weight work split (shared by the launcher and the torch layer's workspace size) ----
 //
 // Pass 1 splits the reduction over the N * out_h * out_w output positions into `slices` contiguous ranges;

@@ -620,9 +620,10 @@ TEST_CASE(depthwise_forward_and_gradients) {
   }
 }
 
-// The input gradient's vector kernel (launcher: depthwise_dgrad_vectors) gives the gather form's bits: 3x3 at
-// stride 1, NHWC, channel counts of one vector group (every other thread row a pixel), 33 groups (a partial
-// power of two) and 300 groups (two per thread), padding and dilation both ways.
+// The gradients' vector kernels (launcher: depthwise_dgrad_vectors, depthwise_wgrad_vectors) give the scalar
+// forms' bits: 3x3 at stride 1, NHWC, channel counts of one vector group (every other thread row a pixel), 33
+// groups (a partial power of two) and 300 groups (two per thread), padding and dilation both ways; the weight
+// gradient's partials compared slice by slice.
 template <typename T>
 void check_dgrad_vectors(int64_t c, int64_t pad, int64_t dil) {
   std::mt19937 rng(static_cast<unsigned>(c + pad * 7 + dil));
@@ -654,10 +655,25 @@ void check_dgrad_vectors(int64_t c, int64_t pad, int64_t dil) {
                  dim3(static_cast<unsigned>(std::min<int64_t>((2 * 7 * 9 + rows - 1) / rows, 3))),
                  dim3(kDepthwiseThreads), p);
   EXPECT(std::memcmp(gather.data(), vec.data(), vec.size() * sizeof(T)) == 0);
+
+  // Weight gradient, pass 1: input = x, output = grad_y; the same slices for both forms.
+  std::vector<T> x(2 * c * 7 * 9);
+  for (auto& v : x) v = from_float<T>(normal(rng));
+  p.input.data = x.data();
+  EXPECT(depthwise_wgrad_vectors(p, static_cast<int>(sizeof(T))));
+  const int64_t slices = 3;
+  std::vector<float> scalar_ws(slices * c * 9, std::nanf("")), vector_ws = scalar_ws;
+  emulate_launch(kernels::depthwise_backward_weight_partial_kernel<T, int32_t, true, 3, 3>,
+                 dim3(static_cast<unsigned>((c + 31) / 32), static_cast<unsigned>(slices)), dim3(kDepthwiseThreads),
+                 p, scalar_ws.data(), slices);
+  emulate_launch(kernels::depthwise_backward_weight_partial_vector_kernel<T, int32_t, kDepthwiseVec>,
+                 dim3(static_cast<unsigned>((c + 127) / 128), static_cast<unsigned>(slices)), dim3(kDepthwiseThreads),
+                 p, vector_ws.data(), slices);
+  EXPECT(std::memcmp(scalar_ws.data(), vector_ws.data(), vector_ws.size() * sizeof(float)) == 0);
 }
 
-TEST_CASE(depthwise_input_gradient_vector_kernel_matches_the_gather_form) {
-  for (int64_t c : {4, 132, 1200}) {
+TEST_CASE(depthwise_gradient_vector_kernels_match_the_scalar_forms) {
+  for (int64_t c : {4, 132, 1040}) {
     check_dgrad_vectors<float>(c, 1, 1);
     check_dgrad_vectors<__nv_bfloat16>(c, 2, 2);
     check_dgrad_vectors<__half>(c, 0, 1);
