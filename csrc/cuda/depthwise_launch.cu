@@ -28,11 +28,24 @@ bool has_stride(const Conv2dGeometry& g, int64_t s) { return g.stride_h == s && 
 
 // Specializations, forward and input gradient alike: 3x3 at stride 1, 3x3 at stride 2, 3x3 at any stride,
 // and any kernel size at any stride.
+// Blocks for a vector kernel: kDepthwiseThreads / lanes pixels each, over `pixels`.
+unsigned int vector_blocks(int64_t pixels, int64_t channels) {
+  const int rows = kDepthwiseThreads / depthwise_vector_lanes(channels / kDepthwiseVec);
+  int64_t blocks = (pixels + rows - 1) / rows;
+  if (blocks > kDepthwiseMaxBlocks) blocks = kDepthwiseMaxBlocks;
+  return static_cast<unsigned int>(blocks);
+}
+
 template <typename T, typename idx_t, bool kCL>
 cudaError_t forward_for_layout(const DepthwiseParams& p, cudaStream_t stream) {
   const Conv2dGeometry& g = p.g;
-  const dim3 grid(elementwise_blocks(g.batch * g.dw_channels() * g.out_h * g.out_w));
   const dim3 block(kDepthwiseThreads);
+  if (kCL && depthwise_forward_vectors(p, static_cast<int>(sizeof(T)))) {
+    kernels::depthwise_forward_vector_kernel<T, idx_t, kDepthwiseVec>
+        <<<dim3(vector_blocks(g.batch * g.out_h * g.out_w, g.dw_channels())), block, 0, stream>>>(p);
+    return cudaGetLastError();
+  }
+  const dim3 grid(elementwise_blocks(g.batch * g.dw_channels() * g.out_h * g.out_w));
   if (is_3x3(g) && has_stride(g, 1)) {
     depthwise_forward_kernel<T, idx_t, kCL, 3, 3, 1, 1><<<grid, block, 0, stream>>>(p);
   } else if (is_3x3(g) && has_stride(g, 2)) {
@@ -50,12 +63,8 @@ cudaError_t backward_input_for_layout(const DepthwiseParams& p, cudaStream_t str
   const Conv2dGeometry& g = p.g;
   const dim3 block(kDepthwiseThreads);
   if (kCL && depthwise_dgrad_vectors(p, static_cast<int>(sizeof(T)))) {
-    // A vector of channels per thread, kDepthwiseThreads / lanes pixels per block.
-    const int rows = kDepthwiseThreads / depthwise_vector_lanes(g.in_channels / kDepthwiseVec);
-    int64_t blocks = (g.batch * g.in_h * g.in_w + rows - 1) / rows;
-    if (blocks > kDepthwiseMaxBlocks) blocks = kDepthwiseMaxBlocks;
     kernels::depthwise_backward_input_vector_kernel<T, idx_t, kDepthwiseVec>
-        <<<dim3(static_cast<unsigned int>(blocks)), block, 0, stream>>>(p);
+        <<<dim3(vector_blocks(g.batch * g.in_h * g.in_w, g.in_channels)), block, 0, stream>>>(p);
     return cudaGetLastError();
   }
   const dim3 grid(elementwise_blocks(g.batch * g.in_channels * g.in_h * g.in_w));

@@ -274,6 +274,64 @@ __global__ void __launch_bounds__(kDepthwiseThreads) depthwise_forward_kernel(co
   }
 }
 
+// ---- forward, vector form (depthwise_forward_vectors: 3x3, no depth multiplier, x and y with channels fastest
+// in whole aligned vectors, any stride) ----
+// A thread takes V consecutive channels, with their 9 x V weights (and bias) in registers, and walks its output
+// pixels; `lanes` threads cover a pixel's channels (depthwise_vector_lanes). The taps are summed in the scalar
+// form's order, the bias added last: the same bits.
+template <typename T, typename idx_t, int V>
+__global__ void __launch_bounds__(kDepthwiseThreads) depthwise_forward_vector_kernel(const DepthwiseParams p) {
+  const Conv2dGeometry& g = p.g;
+  const idx_t H = g.in_h, W = g.in_w, OH = g.out_h, OW = g.out_w;
+  const idx_t sh = g.stride_h, sw = g.stride_w, dh = g.dilation_h, dw = g.dilation_w;
+  const idx_t pt = g.pad_top, pl = g.pad_left;
+  const T* __restrict__ x = static_cast<const T*>(p.input.data);
+  const T* __restrict__ w = static_cast<const T*>(p.weight.data);
+  const T* __restrict__ bias = static_cast<const T*>(p.bias);
+  T* __restrict__ y = static_cast<T*>(p.output.data);
+  const idx_t xs_n = p.input.stride[0], xs_h = p.input.stride[2], xs_w = p.input.stride[3];
+  const idx_t ys_n = p.output.stride[0], ys_h = p.output.stride[2], ys_w = p.output.stride[3];
+  const idx_t ws_o = p.weight.stride[0], ws_h = p.weight.stride[2], ws_w = p.weight.stride[3];
+  const idx_t groups = static_cast<idx_t>(g.dw_channels() / V), pixels = static_cast<idx_t>(g.batch) * OH * OW;
+  const int lanes = depthwise_vector_lanes(g.dw_channels() / V), rows = kDepthwiseThreads / lanes;
+  const int lane = static_cast<int>(threadIdx.x) % lanes, row = static_cast<int>(threadIdx.x) / lanes;
+  for (idx_t cg = lane; cg < groups; cg += lanes) {
+    const idx_t c = cg * V;
+    float wv[9][V], bv[V];
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+#pragma unroll
+      for (int t = 0; t < 9; ++t) wv[t][v] = Elem<T>::load(w + (c + v) * ws_o + (t / 3) * ws_h + (t % 3) * ws_w);
+      bv[v] = bias != nullptr ? Elem<T>::load(bias + (c + v) * p.bias_stride) : 0.f;
+    }
+    for (idx_t pix = static_cast<idx_t>(blockIdx.x) * rows + row; pix < pixels;
+         pix += static_cast<idx_t>(gridDim.x) * rows) {
+      const idx_t r = pix / OW, ow = pix - r * OW, oh = r % OH, n = r / OH;
+      const T* xp = x + n * xs_n + c;
+      const idx_t ih0 = oh * sh - pt, iw0 = ow * sw - pl;
+      float acc[V];
+#pragma unroll
+      for (int v = 0; v < V; ++v) acc[v] = 0.f;
+#pragma unroll
+      for (int kh = 0; kh < 3; ++kh) {
+        const idx_t ih = ih0 + kh * dh;
+#pragma unroll
+        for (int kw = 0; kw < 3; ++kw) {
+          const idx_t iw = iw0 + kw * dw;
+          const bool ok = in_range(ih, H) && in_range(iw, W);
+          float xv[V];
+          VecIO<T, V>::load_if(ok, xp + ih * xs_h + iw * xs_w, xv);
+#pragma unroll
+          for (int v = 0; v < V; ++v) acc[v] = ok ? fmaf(xv[v], wv[kh * 3 + kw][v], acc[v]) : acc[v];
+        }
+      }
+#pragma unroll
+      for (int v = 0; v < V; ++v) acc[v] = round_to<T>(bias != nullptr ? acc[v] + bv[v] : acc[v]);
+      VecIO<T, V>::store(y + n * ys_n + c + oh * ys_h + ow * ys_w, acc);
+    }
+  }
+}
+
 // ---- input gradient, gather form: one thread per input element ----
 // grad_x[n, c, ih, iw] = sum over m < M, taps (kh, kw) with ih + pad_top - kh*dh = oh*sh (0 <= oh < OH) and
 // likewise for w, of grad_y[n, c*M + m, oh, ow] * w[c*M + m, kh, kw]; summed in the order m, kh, kw.

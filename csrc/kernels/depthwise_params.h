@@ -108,6 +108,14 @@ XO_HOST_DEVICE inline int depthwise_vector_lanes(int64_t groups) {
   while (lanes > 1 && lanes / 2 >= groups) lanes /= 2;
   return lanes;
 }
+// The forward's vector kernel: 3x3, no depth multiplier, x and y channels-last in whole aligned vectors, any
+// stride.
+XO_HOST_DEVICE inline bool depthwise_forward_vectors(const DepthwiseParams& p, int dtype_bytes) {
+  const Conv2dGeometry& g = p.g;
+  return p.channels_last && g.kernel_h == 3 && g.kernel_w == 3 && g.depth_multiplier == 1 &&
+         channels_vectorizable(p.input, g.in_channels, dtype_bytes, kDepthwiseVec) &&
+         channels_vectorizable(p.output, g.dw_channels(), dtype_bytes, kDepthwiseVec);
+}
 // The input gradient's vector kernel: 3x3 at stride 1, no depth multiplier, grad_x and grad_y channels-last in
 // whole aligned vectors.
 XO_HOST_DEVICE inline bool depthwise_dgrad_vectors(const DepthwiseParams& p, int dtype_bytes) {

@@ -620,8 +620,8 @@ TEST_CASE(depthwise_forward_and_gradients) {
   }
 }
 
-// The gradients' vector kernels (launcher: depthwise_dgrad_vectors, depthwise_wgrad_vectors) give the scalar
-// forms' bits: 3x3 at stride 1, NHWC, channel counts of one vector group (every other thread row a pixel), 33
+// The vector kernels (launcher: depthwise_forward_vectors, depthwise_dgrad_vectors, depthwise_wgrad_vectors) give
+// the scalar forms' bits: 3x3 at stride 1, NHWC, channel counts of one vector group (every other thread row a pixel), 33
 // groups (a partial power of two) and 300 groups (two per thread), padding and dilation both ways; the weight
 // gradient's partials compared slice by slice.
 template <typename T>
@@ -660,6 +660,28 @@ void check_dgrad_vectors(int64_t c, int64_t pad, int64_t dil) {
   std::vector<T> x(2 * c * 7 * 9);
   for (auto& v : x) v = from_float<T>(normal(rng));
   p.input.data = x.data();
+
+  // Forward (input = x, output = y), with a bias and at stride 2 as well (the vector kernel takes any stride).
+  std::vector<T> bias(c);
+  for (auto& v : bias) v = from_float<T>(normal(rng));
+  for (int64_t s : {1, 2}) {
+    DepthwiseParams f = p;
+    f.g.stride_h = f.g.stride_w = s;
+    f.g.out_h = (7 + 2 * pad - 2 * dil - 1) / s + 1, f.g.out_w = (9 + 2 * pad - 2 * dil - 1) / s + 1;
+    strides(c, f.g.out_h, f.g.out_w, true, f.output.stride);
+    f.bias = s == 2 ? bias.data() : nullptr;
+    f.bias_stride = 1;
+    const int64_t outs = 2 * c * f.g.out_h * f.g.out_w;
+    std::vector<T> y_scalar(outs, from_float<T>(std::nanf(""))), y_vector = y_scalar;
+    f.output.data = y_scalar.data();
+    emulate_launch(kernels::depthwise_forward_kernel<T, int32_t, true, 3, 3, 0, 0>, dim3(elementwise_blocks(outs)),
+                   dim3(kDepthwiseThreads), f);
+    f.output.data = y_vector.data();
+    EXPECT(depthwise_forward_vectors(f, static_cast<int>(sizeof(T))));
+    emulate_launch(kernels::depthwise_forward_vector_kernel<T, int32_t, kDepthwiseVec>, dim3(2),
+                   dim3(kDepthwiseThreads), f);
+    EXPECT(std::memcmp(y_scalar.data(), y_vector.data(), y_vector.size() * sizeof(T)) == 0);
+  }
   EXPECT(depthwise_wgrad_vectors(p, static_cast<int>(sizeof(T))));
   const int64_t slices = 3;
   std::vector<float> scalar_ws(slices * c * 9, std::nanf("")), vector_ws = scalar_ws;
@@ -672,7 +694,7 @@ void check_dgrad_vectors(int64_t c, int64_t pad, int64_t dil) {
   EXPECT(std::memcmp(scalar_ws.data(), vector_ws.data(), vector_ws.size() * sizeof(float)) == 0);
 }
 
-TEST_CASE(depthwise_gradient_vector_kernels_match_the_scalar_forms) {
+TEST_CASE(depthwise_vector_kernels_match_the_scalar_forms) {
   for (int64_t c : {4, 132, 1040}) {
     check_dgrad_vectors<float>(c, 1, 1);
     check_dgrad_vectors<__nv_bfloat16>(c, 2, 2);
