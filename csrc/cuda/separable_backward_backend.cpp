@@ -115,7 +115,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_con
     check_launch(kBackward, launch_prologue_apply(view_of(x), view_of(input), g, in_scale, in_shift, opt.in_relu,
                                                   dtype, stream));
   }
-  const Tensor d = depthwise_conv2d(input, dw_weight, c10::nullopt, gd);
+  Tensor d = depthwise_conv2d(input, dw_weight, c10::nullopt, gd);
   Tensor mid = d;
   if (opt.mid == MidActivation::Relu) mid = at::relu(d);
   if (opt.mid == MidActivation::Elu) mid = at::elu(d);
@@ -127,7 +127,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_con
   const Tensor grad_pw = (x.scalar_type() == at::kFloat ? at::mm(gy2.t(), mid2)
                                                         : at::mm(gy2.t(), mid2, at::kFloat).to(x.scalar_type()))
                              .view({C, K, 1, 1});
-  mid = Tensor();  // released before grad_mid is allocated
+  mid = Tensor();  // released before grad_mid is allocated; d too unless the mid activation's mask needs it
+  if (opt.mid == MidActivation::None) d = Tensor();
 
   // grad_mid = grad_y W: [pixels, K], channels fastest, seen as an (N, K, OH, OW) channels_last tensor.
   const Tensor pw2 = pw_weight.contiguous().view({C, K});
