@@ -208,6 +208,23 @@ void check_batch_norm_update_stats(const char* op, const Tensor& running_mean, c
   check_channel_vector(op, "pre_bias", pre_bias, mean.size(0), mean);
 }
 
+void check_scale_shift(const char* op, const Tensor& y, const Tensor& scale, const Tensor& shift, const Tensor* grad) {
+  XO_CHECK_VALUE(y.dim() == 4, op, ": y must be a 4-D tensor (N, C, H, W), got shape ", dims(y.sizes()));
+  check_float_tensor(op, "y", y);
+  const char* names[] = {"scale", "shift"};
+  const Tensor* vectors[] = {&scale, &shift};
+  for (int i = 0; i < 2; ++i) {
+    XO_CHECK_VALUE(vectors[i]->dim() == 1 && vectors[i]->size(0) == y.size(1), op, ": ", names[i],
+                   " must have shape [", y.size(1), "] (y's channels), got ", dims(vectors[i]->sizes()));
+    XO_CHECK_TYPE(vectors[i]->scalar_type() == at::kFloat || vectors[i]->scalar_type() == at::kDouble, op, ": ",
+                  names[i], " must be float32 or float64 (per-channel math), got ", vectors[i]->scalar_type());
+    check_same_device(op, names[i], *vectors[i], y);
+  }
+  XO_CHECK_TYPE(shift.scalar_type() == scale.scalar_type(), op, ": shift has dtype ", shift.scalar_type(),
+                " but scale has dtype ", scale.scalar_type());
+  if (grad != nullptr) check_like(op, "grad", *grad, y.sizes(), y);
+}
+
 void check_like(const char* op, const char* name, const Tensor& t, IntArrayRef shape, const Tensor& x) {
   XO_CHECK_VALUE(t.sizes() == shape, op, ": ", name, " must have shape ", dims(shape), ", got ", dims(t.sizes()));
   check_same_device(op, name, t, x);

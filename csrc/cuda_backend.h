@@ -38,6 +38,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize(const Tensor& sum
 std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize_backward(
     const Tensor& sum, const Tensor& sumsq, int64_t count, const OptTensor& weight, double eps,
     const OptTensor& grad_scale, const OptTensor& grad_shift, const OptTensor& grad_mean, const OptTensor& grad_var);
+// The BatchNorm applied, relu?(round(y * scale + shift)), and its gradients, with the contracts of
+// reference::scale_shift / scale_shift_backward: one element-wise kernel each way (plus the fixed-order reduction
+// of the sums); float64 takes the reference.
+Tensor scale_shift(const Tensor& y, const Tensor& scale, const Tensor& shift, bool relu);
+std::tuple<Tensor, Tensor, Tensor> scale_shift_backward(const Tensor& grad, const Tensor& y, const Tensor& scale,
+                                                        const Tensor& shift, bool relu);
 // The running statistics' update, with the contract of reference::batch_norm_update_stats: one kernel where the
 // buffers are contiguous and in the statistics' dtype, the reference's ATen ops otherwise.
 void batch_norm_update_stats(const Tensor& running_mean, const Tensor& running_var, const Tensor& mean,

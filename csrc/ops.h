@@ -89,6 +89,9 @@ void check_batch_norm_finalize_backward(const char* op, const Tensor& sum, const
 void check_batch_norm_update_stats(const char* op, const Tensor& running_mean, const Tensor& running_var,
                                    const Tensor& mean, const Tensor& var, const OptTensor& pre_bias, int64_t count,
                                    double momentum);
+// y a 4-D float tensor; scale and shift float32 or float64 vectors of y's channels on its device (one dtype);
+// grad, when given, y's shape, dtype and device.
+void check_scale_shift(const char* op, const Tensor& y, const Tensor& scale, const Tensor& shift, const Tensor* grad);
 // Checks a tensor that must have `shape` and x's dtype and device (gradients, saved outputs).
 void check_like(const char* op, const char* name, const Tensor& t, IntArrayRef shape, const Tensor& x);
 // Output layout rule shared by every backend and the fake kernels: channels_last in, channels_last out.
@@ -118,6 +121,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize(const Tensor& sum
 std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize_backward(
     const Tensor& sum, const Tensor& sumsq, int64_t count, const OptTensor& weight, double eps,
     const OptTensor& grad_scale, const OptTensor& grad_shift, const OptTensor& grad_mean, const OptTensor& grad_var);
+// relu?(round(y * scale + shift)) per channel (the BatchNorm applied), computed in scale's dtype, in y's layout.
+Tensor scale_shift(const Tensor& y, const Tensor& scale, const Tensor& shift, bool relu);
+// Its gradients: g = grad [round(y * scale + shift) > 0 with relu]; (round(g * scale), sum g y, sum g), the sums
+// per channel in scale's dtype.
+std::tuple<Tensor, Tensor, Tensor> scale_shift_backward(const Tensor& grad, const Tensor& y, const Tensor& scale,
+                                                        const Tensor& shift, bool relu);
 // Updates running_mean / running_var in place (formulas in kernels/batchnorm_params.h), computed in the
 // statistics' dtype and stored in the buffers' own.
 void batch_norm_update_stats(const Tensor& running_mean, const Tensor& running_var, const Tensor& mean,

@@ -208,6 +208,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize_backward(
   return {g_m / n, g_v / n, g_affine * r, g_shift.clone()};
 }
 
+Tensor scale_shift(const Tensor& y, const Tensor& scale, const Tensor& shift, bool relu) {
+  const auto type = scale.scalar_type();
+  Tensor z = (y.to(type) * per_channel(scale, type) + per_channel(shift, type)).to(y.scalar_type());
+  if (relu) z = z.clamp_min(0);
+  return z.contiguous(output_memory_format(y));
+}
+
+std::tuple<Tensor, Tensor, Tensor> scale_shift_backward(const Tensor& grad, const Tensor& y, const Tensor& scale,
+                                                        const Tensor& shift, bool relu) {
+  const auto type = scale.scalar_type();
+  const Tensor yf = y.to(type);
+  Tensor g = grad.to(type);
+  if (relu) {
+    const Tensor z = (yf * per_channel(scale, type) + per_channel(shift, type)).to(y.scalar_type());
+    g = at::where(z > 0, g, at::zeros({}, g.options()));
+  }
+  const Tensor grad_y = (g * per_channel(scale, type)).to(y.scalar_type()).contiguous(output_memory_format(y));
+  return {grad_y, (g * yf).sum({0, 2, 3}), g.sum({0, 2, 3})};
+}
+
 void batch_norm_update_stats(const Tensor& running_mean, const Tensor& running_var, const Tensor& mean,
                              const Tensor& var, const OptTensor& pre_bias, int64_t count, double momentum) {
   const auto type = mean.scalar_type();

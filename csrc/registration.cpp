@@ -237,6 +237,34 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize_backward(
                                                  grad_var);
 }
 
+constexpr const char* kScaleShiftOp = "xception_ops.scale_shift";
+constexpr const char* kScaleShiftBwdOp = "xception_ops.scale_shift_backward";
+
+Tensor scale_shift(const Tensor& y, const Tensor& scale, const Tensor& shift, bool relu, c10::string_view backend) {
+  check_scale_shift(kScaleShiftOp, y, scale, shift, nullptr);
+  const Backend chosen = resolve_backend(backend, kScaleShiftOp, y);
+  if (chosen == Backend::Cuda) {
+    XO_IF_CUDA(return cuda::scale_shift(y, scale, shift, relu));
+  }
+  XO_CHECK_NOT_IMPLEMENTED(chosen != Backend::Triton, kScaleShiftOp,
+                           ": backend 'triton' has no kernel for this op (the fused modules run it on 'torch' or "
+                           "'cuda')");
+  return reference::scale_shift(y, scale, shift, relu);
+}
+
+std::tuple<Tensor, Tensor, Tensor> scale_shift_backward(const Tensor& grad, const Tensor& y, const Tensor& scale,
+                                                        const Tensor& shift, bool relu, c10::string_view backend) {
+  check_scale_shift(kScaleShiftBwdOp, y, scale, shift, &grad);
+  const Backend chosen = resolve_backend(backend, kScaleShiftBwdOp, y);
+  if (chosen == Backend::Cuda) {
+    XO_IF_CUDA(return cuda::scale_shift_backward(grad, y, scale, shift, relu));
+  }
+  XO_CHECK_NOT_IMPLEMENTED(chosen != Backend::Triton, kScaleShiftBwdOp,
+                           ": backend 'triton' has no kernel for this op (the fused modules run it on 'torch' or "
+                           "'cuda')");
+  return reference::scale_shift_backward(grad, y, scale, shift, relu);
+}
+
 constexpr const char* kUpdateStats = "xception_ops.batch_norm_update_stats";
 
 void batch_norm_update_stats(const Tensor& running_mean, const Tensor& running_var, const Tensor& mean,
@@ -289,6 +317,11 @@ TORCH_LIBRARY(xception_ops, m) {
       "batch_norm_finalize_backward(Tensor sum, Tensor sumsq, int count, Tensor? weight, float eps, "
       "Tensor? grad_scale, Tensor? grad_shift, Tensor? grad_mean, Tensor? grad_var, str backend) "
       "-> (Tensor grad_sum, Tensor grad_sumsq, Tensor grad_weight, Tensor grad_bias)");
+  // The normalization applied: relu?(round(y * scale + shift)) per channel, and its gradients.
+  m.def("scale_shift(Tensor y, Tensor scale, Tensor shift, bool relu, str backend) -> Tensor");
+  m.def(
+      "scale_shift_backward(Tensor grad, Tensor y, Tensor scale, Tensor shift, bool relu, str backend) "
+      "-> (Tensor grad_y, Tensor grad_scale, Tensor grad_shift)");
   // In place, under no_grad: the running statistics after a training step's finalize.
   m.def(
       "batch_norm_update_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, "
@@ -304,7 +337,9 @@ TORCH_LIBRARY(xception_ops, m) {
   m.impl("separable_conv2d_backward", &separable_conv2d_backward);                         \
   m.impl("batch_norm_finalize", &batch_norm_finalize);                                     \
   m.impl("batch_norm_finalize_backward", &batch_norm_finalize_backward);                   \
-  m.impl("batch_norm_update_stats", &batch_norm_update_stats)
+  m.impl("batch_norm_update_stats", &batch_norm_update_stats);                             \
+  m.impl("scale_shift", &scale_shift);                                                     \
+  m.impl("scale_shift_backward", &scale_shift_backward)
 
 TORCH_LIBRARY_IMPL(xception_ops, CPU, m) { XO_REGISTER_ROUTERS(m); }
 TORCH_LIBRARY_IMPL(xception_ops, CUDA, m) { XO_REGISTER_ROUTERS(m); }

@@ -209,15 +209,22 @@ def test_folded_scale_shift_is_inference_batch_norm():
     assert relative_error(batchnorm.apply_scale_shift(y, scale, shift), bn(y)) <= 1e-6
 
 
-def test_apply_scale_shift_is_exact_and_passes_a_positive_eps(monkeypatch):
-    # torch 2.11 rejects eps <= 0 in every mode (2.14 only in training): the unit variance comes from var + eps.
+@pytest.mark.parametrize("compiled", [True, False])
+def test_apply_scale_shift_is_exact_and_passes_a_positive_eps(monkeypatch, compiled):
+    # The op (compiled library), or PyTorch's BatchNorm without it: torch 2.11 rejects eps <= 0 in every mode
+    # (2.14 only in training), so there the unit variance comes from var + eps.
+    from xception_ops import _library
+    if compiled and _library.EXTENSION is None:
+        pytest.skip("the compiled library is not loaded")
+    if not compiled:
+        monkeypatch.setattr(_library, "EXTENSION", None)
     real = F.batch_norm
     seen = []
     monkeypatch.setattr(F, "batch_norm", lambda *a, **k: seen.append(k["eps"]) or real(*a, **k))
     y = torch.randn(2, 5, 3, 4, dtype=torch.float64)
     scale, shift = torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
     z = batchnorm.apply_scale_shift(y, scale, shift, relu=True)
-    assert seen and all(eps > 0 for eps in seen)
+    assert all(eps > 0 for eps in seen) and (compiled or seen)
     # Unit variance exactly: a wrong eps (var 1 + 1e-5) would be ~5e-6 off; fused multiply-adds only ~1e-16.
     assert relative_error(z, torch.relu(y * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))) <= 1e-14
 

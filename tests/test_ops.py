@@ -247,6 +247,13 @@ def _opcheck_cases():
         (ops.batch_norm_finalize_backward.default, (torch.randn(3, dtype=torch.float64),
                                                     torch.rand(3, dtype=torch.float64) + 3, 5, None, 1e-3, None,
                                                     torch.randn(3), torch.randn(3), None, "torch")),
+        (ops.scale_shift.default, (torch.randn(2, 3, 4, 5, requires_grad=True), torch.randn(3, requires_grad=True),
+                                   torch.randn(3, requires_grad=True), True, "torch")),
+        (ops.scale_shift.default, (torch.randn(2, 4, 3, 3, dtype=torch.float64).contiguous(
+            memory_format=torch.channels_last).requires_grad_(), torch.randn(4, dtype=torch.float64),
+            torch.randn(4, dtype=torch.float64, requires_grad=True), False, "torch")),
+        (ops.scale_shift_backward.default, (torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5), torch.randn(3),
+                                            torch.randn(3), True, "torch")),
         (ops.batch_norm_update_stats.default, (torch.zeros(4), torch.ones(4), torch.randn(4), torch.rand(4), None,
                                                9, 0.1, "torch")),
         (ops.batch_norm_update_stats.default, (torch.zeros(4, dtype=torch.bfloat16), torch.ones(4), torch.randn(4),
@@ -255,7 +262,7 @@ def _opcheck_cases():
 
 
 @needs_ext
-@pytest.mark.parametrize("index", range(14))
+@pytest.mark.parametrize("index", range(17))
 def test_opcheck(index):
     op, args = _opcheck_cases()[index]
     torch.library.opcheck(op, args)

@@ -29,7 +29,7 @@ else:
 
 OPS = ("depthwise_conv2d", "depthwise_conv2d_backward_input", "depthwise_conv2d_backward_weight",
        "separable_conv2d", "separable_conv2d_backward", "batch_norm_finalize", "batch_norm_finalize_backward",
-       "batch_norm_update_stats")
+       "batch_norm_update_stats", "scale_shift", "scale_shift_backward")
 
 
 def _empty_vector(x: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
@@ -120,6 +120,16 @@ def _register_finalize_fake() -> None:
                                                   count, weight, eps, grad_scale, grad_shift, grad_mean, grad_var)
         return tuple(total.new_empty(total.shape) for _ in range(4))
 
+    @_fake("scale_shift")
+    def _(y, scale, shift, relu, backend):
+        checks.check_scale_shift("xception_ops.scale_shift", y, scale, shift)
+        return _empty_like_fmt(y, y.shape, y)
+
+    @_fake("scale_shift_backward")
+    def _(grad, y, scale, shift, relu, backend):
+        checks.check_scale_shift("xception_ops.scale_shift_backward", y, scale, shift, grad)
+        return _empty_like_fmt(y, y.shape, y), scale.new_empty(scale.shape), scale.new_empty(scale.shape)
+
     @_fake("batch_norm_update_stats")
     def _(running_mean, running_var, mean, var, pre_bias, count, momentum, backend):
         checks.check_batch_norm_update_stats("xception_ops.batch_norm_update_stats", running_mean, running_var,
@@ -174,6 +184,26 @@ def _register_autograd() -> None:
 
     torch.library.register_autograd("xception_ops::batch_norm_finalize", finalize_grads,
                                     setup_context=finalize_setup)
+
+    def scale_shift_setup(ctx, inputs, output):
+        y, scale, shift, relu, backend = inputs
+        ctx.save_for_backward(y, scale, shift)
+        ctx.relu, ctx.backend = relu, backend
+
+    def scale_shift_grads(ctx, grad):
+        y, scale, shift = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: the same formulas as differentiable PyTorch ops
+            z = y.to(scale.dtype) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+            g = grad.to(scale.dtype)
+            if ctx.relu:
+                g = torch.where(z.to(y.dtype) > 0, g, torch.zeros((), dtype=g.dtype, device=g.device))
+            grad_y = (g * scale.view(1, -1, 1, 1)).to(y.dtype)
+            grad_scale, grad_shift = (g * y.to(scale.dtype)).sum((0, 2, 3)), g.sum((0, 2, 3))
+        else:
+            grad_y, grad_scale, grad_shift = ops.scale_shift_backward(grad, y, scale, shift, ctx.relu, ctx.backend)
+        return grad_y, grad_scale, grad_shift, None, None
+
+    torch.library.register_autograd("xception_ops::scale_shift", scale_shift_grads, setup_context=scale_shift_setup)
 
     def depthwise_setup(ctx, inputs, output):
         x, weight, bias, stride, padding, dilation, backend = inputs

@@ -164,6 +164,24 @@ def check_batch_norm_finalize(op: str, total: torch.Tensor, total_sq: torch.Tens
     check_channel_vector(op, "bias", bias, total.shape[0], total)
 
 
+def check_scale_shift(op: str, y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                      grad: torch.Tensor | None = None) -> None:
+    """The same checks as the C++ op (csrc/checks.cpp), for the fake kernels."""
+    if y.dim() != 4:
+        raise ValueError(f"{op}: y must be a 4-D tensor (N, C, H, W), got shape {list(y.shape)}")
+    _check_dtype(op, "y", y)
+    for name, t in (("scale", scale), ("shift", shift)):
+        if t.dim() != 1 or t.shape[0] != y.shape[1]:
+            raise ValueError(f"{op}: {name} must have shape [{y.shape[1]}] (y's channels), got {list(t.shape)}")
+        if t.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"{op}: {name} must be float32 or float64 (per-channel math), got {t.dtype}")
+        _check_same_device(op, name, t, y)
+    if shift.dtype != scale.dtype:
+        raise TypeError(f"{op}: shift has dtype {shift.dtype} but scale has dtype {scale.dtype}")
+    if grad is not None:
+        check_like(op, "grad", grad, y.shape, y)
+
+
 def check_batch_norm_finalize_backward(op: str, total: torch.Tensor, total_sq: torch.Tensor, count: int,
                                        weight: torch.Tensor | None, eps: float, *grads: torch.Tensor | None) -> None:
     """The same checks as the C++ op (csrc/checks.cpp), for the fake kernel."""

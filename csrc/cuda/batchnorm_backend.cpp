@@ -1,6 +1,8 @@
-// The "cuda" backend's BatchNorm finalize and running-statistics update: checks, allocation, the params structs and
-// the launches (kernels/batchnorm.cuh). The routers in registration.cpp have already run the argument checks.
+// The "cuda" backend's BatchNorm ops: finalize (forward, backward), the running-statistics update, and the
+// normalization applied (scale_shift, on the separable backward's element-wise kernels): checks, allocation, the
+// params structs and the launches. The routers in registration.cpp have already run the argument checks.
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -9,6 +11,7 @@
 #include "cuda/backend_common.h"
 #include "cuda_backend.h"
 #include "kernels/batchnorm_params.h"
+#include "kernels/separable_params.h"
 
 namespace xception_ops::cuda {
 namespace {
@@ -16,6 +19,15 @@ namespace {
 constexpr const char* kOp = "xception_ops.batch_norm_finalize";
 constexpr const char* kUpdate = "xception_ops.batch_norm_update_stats";
 constexpr const char* kBackward = "xception_ops.batch_norm_finalize_backward";
+constexpr const char* kScaleShift = "xception_ops.scale_shift";
+constexpr const char* kScaleShiftBwd = "xception_ops.scale_shift_backward";
+
+// y's (N, C, H, W) as the element-wise kernels take it.
+Conv2dGeometry channels_geometry(const Tensor& y) {
+  Conv2dGeometry g;
+  g.batch = y.size(0), g.in_channels = y.size(1), g.in_h = y.size(2), g.in_w = y.size(3);
+  return g;
+}
 
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor, Tensor> finalize_typed(const Tensor& sum, const Tensor& sumsq, int64_t count,
@@ -90,6 +102,51 @@ void update_typed(const Tensor& running_mean, const Tensor& running_var, const T
 }
 
 }  // namespace
+
+Tensor scale_shift(const Tensor& y, const Tensor& scale, const Tensor& shift, bool relu) {
+  if (y.scalar_type() == at::kDouble || y.numel() == 0) return reference::scale_shift(y, scale, shift, relu);
+  XO_CHECK_VALUE(y.is_cuda(), kScaleShift, ": backend 'cuda' needs CUDA tensors, but y is on ", y.device());
+  const DType dtype = kernel_dtype(kScaleShift, y);
+  const c10::cuda::CUDAGuard guard(y.device());
+  Tensor out = at::empty(y.sizes(), y.options().memory_format(output_memory_format(y)));
+  Tensor keep[2];
+  check_launch(kScaleShift, launch_prologue_apply(view_of(y), view_of(out), channels_geometry(y),
+                                                  float_vector(scale, keep[0]), float_vector(shift, keep[1]), relu,
+                                                  dtype, c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor> scale_shift_backward(const Tensor& grad, const Tensor& y, const Tensor& scale,
+                                                        const Tensor& shift, bool relu) {
+  if (y.scalar_type() == at::kDouble || y.numel() == 0) {
+    return reference::scale_shift_backward(grad, y, scale, shift, relu);
+  }
+  XO_CHECK_VALUE(y.is_cuda(), kScaleShiftBwd, ": backend 'cuda' needs CUDA tensors, but y is on ", y.device());
+  const DType dtype = kernel_dtype(kScaleShiftBwd, y);
+  const c10::cuda::CUDAGuard guard(y.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t C = y.size(1);
+  Tensor grad_y = at::empty(y.sizes(), y.options().memory_format(output_memory_format(y)));
+  Tensor keep[2];
+  // The prologue's backward pass of the separable backward: the ReLU mask, round(g * scale), sums of g y and g.
+  ChannelPassParams r;
+  r.g = channels_geometry(y);
+  r.channels = C, r.h = y.size(2), r.w = y.size(3);
+  r.grad = view_of(grad);
+  r.act = view_of(y);
+  r.result = view_of(grad_y);
+  r.scale = float_vector(scale, keep[0]);
+  r.vec_a = float_vector(shift, keep[1]);
+  r.relu = relu;
+  const int64_t tiles = channel_pass_tiles(r);
+  Tensor workspace = at::empty({reduce_rows_workspace(tiles, 2 * C)}, y.options().dtype(at::kFloat));
+  r.partial = workspace.data_ptr<float>();
+  check_launch(kScaleShiftBwd, launch_channel_pass(r, dtype, true, stream));
+  Tensor sums = at::empty({2 * C}, y.options().dtype(at::kFloat));
+  check_launch(kScaleShiftBwd, launch_reduce_rows(r.partial, tiles, 2 * C, C, sums.data_ptr<float>(),
+                                                  sums.data_ptr<float>() + C, stream));
+  return {grad_y, sums.slice(0, 0, C).to(scale.scalar_type()), sums.slice(0, C, 2 * C).to(scale.scalar_type())};
+}
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize_backward(
     const Tensor& sum, const Tensor& sumsq, int64_t count, const OptTensor& weight, double eps,
