@@ -145,7 +145,9 @@ std::tuple<Tensor, Tensor, Tensor> scale_shift_backward(const Tensor& grad, cons
   Tensor sums = at::empty({2 * C}, y.options().dtype(at::kFloat));
   check_launch(kScaleShiftBwd, launch_reduce_rows(r.partial, tiles, 2 * C, C, sums.data_ptr<float>(),
                                                   sums.data_ptr<float>() + C, stream));
-  return {grad_y, sums.slice(0, 0, C).to(scale.scalar_type()), sums.slice(0, C, 2 * C).to(scale.scalar_type())};
+  // Copies, not two views of one buffer: an op's outputs do not alias each other.
+  return {grad_y, sums.slice(0, 0, C).to(scale.scalar_type(), false, true),
+          sums.slice(0, C, 2 * C).to(scale.scalar_type(), false, true)};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize_backward(
