@@ -61,6 +61,12 @@ CASES = [
     Case(2, 3, 15, 14, 1, (3, 5), (2, 1), (1, 2, 0, 3), (1, 1), True),
     Case(1, 13, 14, 9, 3, (5, 3), (3, 2), (0, 0, 4, 1), (2, 3), True),
     Case(1, 1, 9, 10, 2, (3, 3), (2, 2), (1, 0, 1, 0), (1, 1), True),  # one input channel
+    # Whole vectors of 4 channels, no depth multiplier: in channels_last the vector kernels (forward, input
+    # gradient at stride 1, weight gradient), with 2 pixels per block (8 channels), partial lanes (132) and two
+    # vectors per thread (1040), at stride 2 and with dilation.
+    Case(2, 8, 13, 11, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), True),
+    Case(1, 132, 9, 10, 1, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), False),
+    Case(1, 1040, 6, 7, 1, (3, 3), (1, 1), (2, 2, 2, 2), (2, 2), True),
 ]
 
 
