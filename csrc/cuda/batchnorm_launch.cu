@@ -6,31 +6,33 @@
 
 namespace xception_ops {
 
-template <typename T>
-cudaError_t launch_batch_norm_finalize(const BatchNormFinalizeParams<T>& p, cudaStream_t stream) {
+namespace {
+
+// One thread per channel: every BatchNorm kernel's grid, from the params' channel count.
+template <typename Params>
+cudaError_t launch_per_channel(void (*kernel)(Params), const Params& p, cudaStream_t stream) {
   if (p.channels == 0) return cudaSuccess;
   constexpr int kThreads = 256;
   const dim3 grid(static_cast<unsigned int>((p.channels + kThreads - 1) / kThreads));
-  kernels::batch_norm_finalize_kernel<T><<<grid, kThreads, 0, stream>>>(p);
+  kernel<<<grid, kThreads, 0, stream>>>(p);
   return cudaGetLastError();
+}
+
+}  // namespace
+
+template <typename T>
+cudaError_t launch_batch_norm_finalize(const BatchNormFinalizeParams<T>& p, cudaStream_t stream) {
+  return launch_per_channel(kernels::batch_norm_finalize_kernel<T>, p, stream);
 }
 
 template <typename T>
 cudaError_t launch_batch_norm_finalize_backward(const BatchNormFinalizeBackwardParams<T>& p, cudaStream_t stream) {
-  if (p.channels == 0) return cudaSuccess;
-  constexpr int kThreads = 256;
-  const dim3 grid(static_cast<unsigned int>((p.channels + kThreads - 1) / kThreads));
-  kernels::batch_norm_finalize_backward_kernel<T><<<grid, kThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_per_channel(kernels::batch_norm_finalize_backward_kernel<T>, p, stream);
 }
 
 template <typename T>
 cudaError_t launch_batch_norm_update_stats(const BatchNormUpdateParams<T>& p, cudaStream_t stream) {
-  if (p.channels == 0) return cudaSuccess;
-  constexpr int kThreads = 256;
-  const dim3 grid(static_cast<unsigned int>((p.channels + kThreads - 1) / kThreads));
-  kernels::batch_norm_update_stats_kernel<T><<<grid, kThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_per_channel(kernels::batch_norm_update_stats_kernel<T>, p, stream);
 }
 
 template cudaError_t launch_batch_norm_finalize<float>(const BatchNormFinalizeParams<float>&, cudaStream_t);
