@@ -27,6 +27,20 @@ def require_cuda_kernel(op: str):
     return ext
 
 
+def record_op_calls(monkeypatch, name: str) -> list[tuple]:
+    """Replaces torch.ops.xception_ops.<name> for the test with a wrapper that records each call's arguments and
+    runs the op; returns the list the calls go to."""
+    calls: list[tuple] = []
+    real = getattr(torch.ops.xception_ops, name)
+
+    def record(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(torch.ops.xception_ops, name, record)
+    return calls
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped without one")
     config.addinivalue_line("markers", "slow: takes more than a few seconds on a CPU")

@@ -10,7 +10,7 @@ import torch
 
 from xception_ops import _library, batchnorm
 
-from .conftest import requires_gpu
+from .conftest import record_op_calls, requires_gpu
 
 OPS = torch.ops.xception_ops
 needs_ext = pytest.mark.skipif(_library.EXTENSION is None, reason="the compiled library is not loaded")
@@ -259,20 +259,12 @@ def test_backward_op_matches_the_differentiable_formulas(present, weight):
 
 @needs_ext
 def test_first_order_backward_runs_the_op(monkeypatch):
-    calls = []
-    real = torch.ops.xception_ops.batch_norm_finalize_backward
-
-    class Spy:
-        def __call__(self, *args):
-            calls.append(args[-1])
-            return real(*args)
-
-    monkeypatch.setattr(torch.ops.xception_ops, "batch_norm_finalize_backward", Spy())
+    calls = record_op_calls(monkeypatch, "batch_norm_finalize_backward")
     total, total_sq = sums(4, 12)
     total.requires_grad_()
     scale, shift, _, _ = OPS.batch_norm_finalize(total, total_sq, 12, None, None, 1e-5, "torch")
     (scale.sum() + shift.sum()).backward()
-    assert calls == ["torch"]
+    assert [args[-1] for args in calls] == ["torch"]
 
 
 @pytest.mark.gpu

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from xception_ops import _library, batchnorm
 
-from .conftest import relative_error, requires_gpu
+from .conftest import record_op_calls, relative_error, requires_gpu
 
 OPS = torch.ops.xception_ops
 needs_ext = pytest.mark.skipif(_library.EXTENSION is None, reason="the compiled library is not loaded")
@@ -64,19 +64,12 @@ def test_gradients_match_finite_differences(relu):
 
 @needs_ext
 def test_apply_scale_shift_takes_the_op(monkeypatch):
-    calls = []
-    real = torch.ops.xception_ops.scale_shift
-
-    class Spy:
-        def __call__(self, *args):
-            calls.append(args[-2:])
-            return real(*args)
-
-    monkeypatch.setattr(torch.ops.xception_ops, "scale_shift", Spy())
+    calls = record_op_calls(monkeypatch, "scale_shift")
     y, scale, shift = torch.randn(2, 4, 3, 3), torch.rand(4), torch.randn(4)
     batchnorm.apply_scale_shift(y, scale, shift, relu=True)
     batchnorm.apply_scale_shift(y, scale, shift, residual=torch.randn(2, 4, 3, 3), relu=True)
-    assert calls == [(True, "torch"), (False, "torch")]  # the ReLU folded in only without a residual
+    # The ReLU folded in only without a residual.
+    assert [args[-2:] for args in calls] == [(True, "torch"), (False, "torch")]
 
 
 @needs_ext
