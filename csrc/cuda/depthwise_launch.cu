@@ -28,10 +28,16 @@ bool has_stride(const Conv2dGeometry& g, int64_t s) { return g.stride_h == s && 
 
 // Specializations, forward and input gradient alike: 3x3 at stride 1, 3x3 at stride 2, 3x3 at any stride,
 // and any kernel size at any stride.
-// Blocks for a vector kernel: kDepthwiseThreads / lanes pixels each, over `pixels`.
+// Blocks for a vector kernel, whose blocks take kDepthwiseThreads / lanes pixels at a time over `pixels`: enough
+// for each thread to walk about kVectorPixelsPerThread pixels, since a thread loads its 9 x 4 weights (scalar
+// loads, 4x the sectors of its pixel's 9 vector loads) once for all its pixels; but at least kVectorMinBlocks
+// while there are pixels for them, to fill a large GPU.
+constexpr int64_t kVectorPixelsPerThread = 16, kVectorMinBlocks = 1024;
 unsigned int vector_blocks(int64_t pixels, int64_t channels) {
   const int rows = kDepthwiseThreads / depthwise_vector_lanes(channels / kDepthwiseVec);
-  int64_t blocks = (pixels + rows - 1) / rows;
+  const int64_t one_each = (pixels + rows - 1) / rows;
+  int64_t blocks = (one_each + kVectorPixelsPerThread - 1) / kVectorPixelsPerThread;
+  if (blocks < kVectorMinBlocks) blocks = one_each < kVectorMinBlocks ? one_each : kVectorMinBlocks;
   if (blocks > kDepthwiseMaxBlocks) blocks = kDepthwiseMaxBlocks;
   return static_cast<unsigned int>(blocks);
 }
@@ -93,8 +99,8 @@ cudaError_t backward_weight_for_layout(const DepthwiseParams& p, float* workspac
   const dim3 grid1(static_cast<unsigned int>(chan_blocks * (all_taps ? 1 : taps)), static_cast<unsigned int>(slices));
   const dim3 block(kDepthwiseThreads);
   if (kCL && depthwise_wgrad_vectors(p, static_cast<int>(sizeof(T)))) {
-    const int64_t per_block = 32 * kDepthwiseVec;  // the vector kernel's channels per block
-    const dim3 grid_vec(static_cast<unsigned int>((g.dw_channels() + per_block - 1) / per_block),
+    const int64_t groups = g.dw_channels() / kDepthwiseVec, per_block = depthwise_wgrad_vector_groups(groups);
+    const dim3 grid_vec(static_cast<unsigned int>((groups + per_block - 1) / per_block),
                         static_cast<unsigned int>(slices));
     kernels::depthwise_backward_weight_partial_vector_kernel<T, idx_t, kDepthwiseVec>
         <<<grid_vec, block, 0, stream>>>(p, workspace, slices);

@@ -561,14 +561,16 @@ __global__ void __launch_bounds__(kDepthwiseThreads)
 
 // ---- weight gradient, pass 1, vector form (depthwise_wgrad_vectors: 3x3, no depth multiplier, x and grad_y with
 // channels fastest in whole aligned vectors) ----
-// The channels_last form above with V channels per thread: 32 vectors of channels x 8 position lanes per block,
-// per position one vector load of grad_y and up to 9 of x instead of 1 + 9 scalar loads per channel. Same
-// slices, lanes, per-lane order and tree: the same partials, bit for bit.
+// The channels_last form above with V channels per thread: `groups` vectors of channels (depthwise_wgrad_vector_groups:
+// 32, or fewer for narrow layers, so that their blocks are not mostly idle) x 256 / groups position lanes per block.
+// Per position one vector load of grad_y and 9 predicated ones of x, all issued before any is used (a tap outside
+// the input adds nothing, as in the scalar form). With 32 groups the lanes, per-lane order and tree are the scalar
+// form's: the same partials, bit for bit; with fewer, the same sums in another fixed order.
 template <typename T, typename idx_t, int V>
 __global__ void __launch_bounds__(kDepthwiseThreads)
     depthwise_backward_weight_partial_vector_kernel(const DepthwiseParams p, float* __restrict__ workspace,
                                                     int64_t slices) {
-  constexpr int kGroups = 32, kLanes = kDepthwiseThreads / kGroups, kTaps = 9;
+  constexpr int kTaps = 9;
   __shared__ float red[kTaps * V][kDepthwiseThreads];
   const Conv2dGeometry& g = p.g;
   const idx_t H = g.in_h, W = g.in_w, OC = g.dw_channels(), OH = g.out_h, OW = g.out_w;
@@ -578,8 +580,9 @@ __global__ void __launch_bounds__(kDepthwiseThreads)
   const T* __restrict__ gy = static_cast<const T*>(p.output.data);
   const idx_t xs_n = p.input.stride[0], xs_h = p.input.stride[2], xs_w = p.input.stride[3];
   const idx_t ys_n = p.output.stride[0], ys_h = p.output.stride[2], ys_w = p.output.stride[3];
-  const int tid = threadIdx.x, group = tid % kGroups, lane = tid / kGroups;
-  const idx_t c = (static_cast<idx_t>(blockIdx.x) * kGroups + group) * V;
+  const int groups = depthwise_wgrad_vector_groups(g.dw_channels() / V), lanes = kDepthwiseThreads / groups;
+  const int tid = threadIdx.x, group = tid % groups, lane = tid / groups;
+  const idx_t c = (static_cast<idx_t>(blockIdx.x) * groups + group) * V;
   const bool valid = c < OC;  // V divides OC
 
   float acc[kTaps][V];
@@ -592,39 +595,41 @@ __global__ void __launch_bounds__(kDepthwiseThreads)
     const idx_t chunk = static_cast<idx_t>((static_cast<int64_t>(positions) + slices - 1) / slices);
     const idx_t begin = static_cast<idx_t>(blockIdx.y) * chunk;
     const idx_t end = begin + chunk < positions ? begin + chunk : positions;
-    for (idx_t q = begin + lane; q < end; q += kLanes) {
+    for (idx_t q = begin + lane; q < end; q += lanes) {
       const idx_t ow = q % OW, r = q / OW, oh = r % OH, n = r / OH;
-      float go[V];
-      VecIO<T, V>::load_if(true, gy + n * ys_n + oh * ys_h + ow * ys_w + c, go);
       const T* xp = x + n * xs_n + c;
       const idx_t ih0 = oh * sh - pt, iw0 = ow * sw - pl_;
+      bool ok[kTaps];
+      typename VecIO<T, V>::Raw raw[kTaps];
+      const typename VecIO<T, V>::Raw raw_go = VecIO<T, V>::load_raw_if(true, gy + n * ys_n + oh * ys_h + ow * ys_w + c);
 #pragma unroll
-      for (int kh = 0; kh < 3; ++kh) {
-        const idx_t ih = ih0 + kh * dh;
-        if (!in_range(ih, H)) continue;
+      for (int t = 0; t < kTaps; ++t) {
+        const idx_t ih = ih0 + (t / 3) * dh, iw = iw0 + (t % 3) * dw;
+        ok[t] = in_range(ih, H) && in_range(iw, W);
+        raw[t] = VecIO<T, V>::load_raw_if(ok[t], xp + ih * xs_h + iw * xs_w);
+      }
+      float go[V];
+      VecIO<T, V>::decode(raw_go, go);
 #pragma unroll
-        for (int kw = 0; kw < 3; ++kw) {
-          const idx_t iw = iw0 + kw * dw;
-          if (!in_range(iw, W)) continue;
-          float xv[V];
-          VecIO<T, V>::load_if(true, xp + ih * xs_h + iw * xs_w, xv);
+      for (int t = 0; t < kTaps; ++t) {
+        float xv[V];
+        VecIO<T, V>::decode(raw[t], xv);
 #pragma unroll
-          for (int v = 0; v < V; ++v) acc[kh * 3 + kw][v] = fmaf(go[v], xv[v], acc[kh * 3 + kw][v]);
-        }
+        for (int v = 0; v < V; ++v) acc[t][v] = ok[t] ? fmaf(go[v], xv[v], acc[t][v]) : acc[t][v];
       }
     }
   }
 
-  // The fixed-shape tree over the lanes of each channel, as in the scalar form.
+  // A fixed-shape tree over the lanes of each channel (the scalar form's when groups == 32).
 #pragma unroll
   for (int t = 0; t < kTaps; ++t)
 #pragma unroll
     for (int v = 0; v < V; ++v) red[t * V + v][tid] = acc[t][v];
   __syncthreads();
-  for (int s = kLanes / 2; s > 0; s >>= 1) {
+  for (int s = lanes / 2; s > 0; s >>= 1) {
     if (lane < s) {
 #pragma unroll
-      for (int e = 0; e < kTaps * V; ++e) red[e][tid] += red[e][tid + s * kGroups];
+      for (int e = 0; e < kTaps * V; ++e) red[e][tid] += red[e][tid + s * groups];
     }
     __syncthreads();
   }

@@ -126,7 +126,7 @@ XO_HOST_DEVICE inline bool depthwise_dgrad_vectors(const DepthwiseParams& p, int
 }
 
 // The weight gradient's vector kernel (pass 1): 3x3, no depth multiplier, x and grad_y channels-last in whole
-// aligned vectors (any stride). Its blocks take 32 vectors of channels; the slices stay those of the scalar form.
+// aligned vectors (any stride). Its blocks take depthwise_wgrad_vector_groups vectors of channels.
 XO_HOST_DEVICE inline bool depthwise_wgrad_vectors(const DepthwiseParams& p, int dtype_bytes) {
   const Conv2dGeometry& g = p.g;
   return p.channels_last && g.kernel_h == 3 && g.kernel_w == 3 && g.depth_multiplier == 1 &&
@@ -151,19 +151,36 @@ inline bool depthwise_wgrad_all_taps(const Conv2dGeometry& g) {
   return (g.kernel_h == 3 && g.kernel_w == 3) || (g.kernel_h == 1 && g.kernel_w == 1);
 }
 
+// Vector groups (kDepthwiseVec channels each) per block of the weight gradient's vector kernel: the layer's groups
+// rounded up to a power of two, at most 32, so that few channels do not leave most of a block idle; the block's
+// other threads are position lanes (kDepthwiseThreads / this many).
+XO_HOST_DEVICE inline int depthwise_wgrad_vector_groups(int64_t groups) {
+  int per_block = 32;
+  while (per_block > 1 && per_block / 2 >= groups) per_block /= 2;
+  return per_block;
+}
+
+// Slices of the positions (grid.y of pass 1). Sized for the vector kernel's block shape where a layer can take it
+// (channels-last 3x3 in whole vectors; any slice count is correct for either form).
 inline int64_t depthwise_wgrad_slices(const DepthwiseParams& p) {
   const Conv2dGeometry& g = p.g;
   const int64_t positions = g.batch * g.out_h * g.out_w;
   if (positions <= 0) return 1;
-  const int64_t chan_blocks =
-      (g.dw_channels() + depthwise_wgrad_channels_per_block(p.channels_last) - 1) /
-      depthwise_wgrad_channels_per_block(p.channels_last);
+  int64_t chan_blocks = (g.dw_channels() + depthwise_wgrad_channels_per_block(p.channels_last) - 1) /
+                        depthwise_wgrad_channels_per_block(p.channels_last);
+  int64_t lanes = depthwise_wgrad_lanes_per_block(p.channels_last);
+  if (p.channels_last && g.kernel_h == 3 && g.kernel_w == 3 && g.depth_multiplier == 1 &&
+      g.dw_channels() % kDepthwiseVec == 0) {
+    const int64_t groups = g.dw_channels() / kDepthwiseVec;
+    const int per_block = depthwise_wgrad_vector_groups(groups);
+    chan_blocks = (groups + per_block - 1) / per_block;
+    lanes = kDepthwiseThreads / per_block;
+  }
   const int64_t tap_blocks = depthwise_wgrad_all_taps(g) ? 1 : g.kernel_h * g.kernel_w;
   const int64_t target_blocks = 1024;  // about 8 blocks per SM on a 132-SM GPU
   int64_t slices = (target_blocks + chan_blocks * tap_blocks - 1) / (chan_blocks * tap_blocks);
   // Keep at least 16 positions per thread lane so a slice is worth its partials.
-  const int64_t by_work = (positions + 16 * depthwise_wgrad_lanes_per_block(p.channels_last) - 1) /
-                          (16 * depthwise_wgrad_lanes_per_block(p.channels_last));
+  const int64_t by_work = (positions + 16 * lanes - 1) / (16 * lanes);
   if (slices > by_work) slices = by_work;
   if (slices > 1024) slices = 1024;
   if (slices < 1) slices = 1;
