@@ -107,6 +107,12 @@ def _cuda_has(op: str) -> bool:
     return EXTENSION is not None and bool(EXTENSION.WITH_CUDA) and f"xception_ops.{op}" in EXTENSION.CUDA_OPS
 
 
+def _backward_backend(backend: str, op: str) -> str:
+    """The backend of a backward op, given its forward's: a build whose CUDA backend has the forward kernel but not
+    the backward's computes the gradients on the reference path."""
+    return "torch" if backend == "cuda" and not _cuda_has(op) else backend
+
+
 def _register_finalize_fake() -> None:
     @_fake("batch_norm_finalize")
     def _(total, total_sq, count, weight, bias, eps, backend):
@@ -241,7 +247,8 @@ def _register_autograd() -> None:
                                                          grad_shift, grad_mean, grad_var)
         else:  # one op (one kernel on "cuda"), instead of ~15 element-wise launches
             g_sum, g_sumsq, g_w, g_b = ops.batch_norm_finalize_backward(
-                total, total_sq, ctx.count, weight, ctx.eps, grad_scale, grad_shift, grad_mean, grad_var, ctx.backend)
+                total, total_sq, ctx.count, weight, ctx.eps, grad_scale, grad_shift, grad_mean, grad_var,
+                _backward_backend(ctx.backend, "batch_norm_finalize_backward"))
         w_dtype, b_dtype = ctx.param_dtypes
         return (g_sum, g_sumsq, None, None if weight is None else g_w.to(w_dtype),
                 g_b.to(b_dtype) if ctx.has_bias else None, None, None)
@@ -263,7 +270,8 @@ def _register_autograd() -> None:
             grad_y = (g * scale.view(1, -1, 1, 1)).to(y.dtype)
             grad_scale, grad_shift = (g * y.to(scale.dtype)).sum((0, 2, 3)), g.sum((0, 2, 3))
         else:
-            grad_y, grad_scale, grad_shift = ops.scale_shift_backward(grad, y, scale, shift, ctx.relu, ctx.backend)
+            grad_y, grad_scale, grad_shift = ops.scale_shift_backward(
+                grad, y, scale, shift, ctx.relu, _backward_backend(ctx.backend, "scale_shift_backward"))
         return grad_y, grad_scale, grad_shift, None, None
 
     register_autograd("scale_shift", scale_shift_grads, scale_shift_setup)
@@ -309,8 +317,7 @@ def _register_autograd() -> None:
         in_relu, stride, padding, dilation, mid_activation, out_relu, backend = ctx.args
         if not ctx.compute_stats:  # autograd hands in zero grads for the empty statistics outputs
             grad_sum = grad_sumsq = None
-        if backend == "cuda" and not _cuda_has("separable_conv2d_backward"):
-            backend = "torch"  # a build without the CUDA backward: the reference computes the gradients
+        backend = _backward_backend(backend, "separable_conv2d_backward")
         grads = ops.separable_conv2d_backward(grad_out, grad_sum, grad_sumsq, out, x, dw_weight, pw_weight,
                                               in_scale, in_shift, in_relu, stride, padding, dilation,
                                               mid_activation, out_scale, out_shift, out_relu, backend)
