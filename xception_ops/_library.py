@@ -250,8 +250,11 @@ def _register_autograd() -> None:
                 total, total_sq, ctx.count, weight, ctx.eps, grad_scale, grad_shift, grad_mean, grad_var,
                 _backward_backend(ctx.backend, "batch_norm_finalize_backward"))
         w_dtype, b_dtype = ctx.param_dtypes
-        return (g_sum, g_sumsq, None, None if weight is None else g_w.to(w_dtype),
-                g_b.to(b_dtype) if ctx.has_bias else None, None, None)
+        if weight is not None and g_w.dtype != w_dtype:  # (a same-dtype .to is still a dispatched aten::to)
+            g_w = g_w.to(w_dtype)
+        if ctx.has_bias and g_b.dtype != b_dtype:
+            g_b = g_b.to(b_dtype)
+        return g_sum, g_sumsq, None, None if weight is None else g_w, g_b if ctx.has_bias else None, None, None
 
     register_autograd("batch_norm_finalize", finalize_grads, finalize_setup)
 
