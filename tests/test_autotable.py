@@ -158,3 +158,52 @@ def test_bench_refuses_auto_table_for_a_cpu_run(tmp_path, capsys):
     assert cli.main(["bench", "--device", "cpu", "--no-models", "--auto-table", str(tmp_path / "t.json")]) == 2
     assert "CUDA GPU" in capsys.readouterr().err
     assert not (tmp_path / "t.json").exists()
+
+
+class CudaInput:
+    """What auto_choice reads of a CUDA input, for machines without a GPU: bfloat16, channels_last."""
+    device = torch.device("cuda", 0)
+    dtype = torch.bfloat16
+    shape = (32, 728, 19, 19)
+
+    def dim(self):
+        return 4
+
+    def is_contiguous(self, memory_format=torch.contiguous_format):
+        return memory_format == torch.channels_last
+
+
+def test_cached_auto_choices_follow_the_table_the_backends_and_the_override(table_file, tmp_path, monkeypatch):
+    from xception_ops import _library
+    monkeypatch.setitem(backend._ARCHS, 0, "sm_90")
+    monkeypatch.setattr(backend, "_cuda_problem", lambda op, device: None)
+    monkeypatch.setattr(backend, "_triton_problem",
+                        lambda op, device: None if _library.TRITON is not None else "not loaded")
+    monkeypatch.setattr(_library, "TRITON", object())  # as if triton had loaded
+    monkeypatch.delenv("XCEPTION_OPS_BACKEND", raising=False)
+    op, x = "xception_ops.separable_conv2d", CudaInput()
+
+    def table(path, **speedup):
+        autotable.save([autotable.Entry("sm_90", "separable_conv2d", "bfloat16", "NHWC", "training", 728, 728, 19,
+                                        1.0, speedup, source="Test GPU")], path)
+
+    def choice():
+        return backend.auto_choice(op, x, 728, training=True).backend
+
+    table(table_file, cuda=2.0, triton=1.5)
+    assert choice() == "cuda" and choice() == "cuda"  # the second from the cache
+    assert backend.auto_choice(op, x, 728, training=False).backend == "torch"  # another pass: not measured
+    table(table_file, cuda=2.0, triton=3.0)
+    autotable.clear_cache()  # a table re-read
+    assert choice() == "triton"
+    monkeypatch.setattr(_library, "TRITON", None)  # triton gone: the next fastest that can run
+    assert choice() == "cuda"
+    other = tmp_path / "other.json"
+    table(other, cuda=0.5)
+    monkeypatch.setenv(autotable.TABLE_ENV, str(other))  # another table file
+    assert choice() == "torch"
+    monkeypatch.setenv("XCEPTION_OPS_BACKEND", "cuda")  # the override is read on every call, past the cache
+    assert backend.resolve("auto", op, x, 728) == "cuda"
+    monkeypatch.setenv("XCEPTION_OPS_BACKEND", "auto")
+    with torch.enable_grad():
+        assert backend.resolve("auto", op, x, 728) == "torch"

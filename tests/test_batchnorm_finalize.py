@@ -8,7 +8,7 @@ plain-PyTorch fallback, argument errors, and on a GPU the CUDA kernels against t
 import pytest
 import torch
 
-from xception_ops import _library, batchnorm
+from xception_ops import _library, backend as backends, batchnorm
 
 from .conftest import record_op_calls, requires_gpu
 
@@ -103,6 +103,51 @@ def test_triton_requests_run_the_reference(monkeypatch):
     for g, a, e in zip(got, again, expected(total, total_sq, 9, None, None, 1e-5)):
         torch.testing.assert_close(g, e)
         torch.testing.assert_close(a, e)
+
+
+class CudaVector:
+    """What the per-channel backend choice reads of a CUDA tensor, for machines without a GPU."""
+    is_cuda = True
+    device = torch.device("cuda", 0)
+
+
+VECTOR_OPS = ["batch_norm_finalize", "batch_norm_finalize_backward", "batch_norm_update_stats"]
+
+
+@pytest.mark.parametrize("op", VECTOR_OPS)
+def test_auto_takes_the_cuda_kernel_of_a_per_channel_op_where_built(monkeypatch, op):
+    monkeypatch.delenv("XCEPTION_OPS_BACKEND", raising=False)
+    built = {op}
+    monkeypatch.setattr(_library, "_cuda_has", lambda name: name in built)
+    name = f"xception_ops.{op}"
+    assert batchnorm._vector_backend("auto", name, CudaVector()) == "cuda"
+    assert batchnorm._vector_backend("auto", name, torch.zeros(3)) == "torch"  # CPU tensors
+    monkeypatch.setenv("XCEPTION_OPS_BACKEND", "auto")
+    assert batchnorm._vector_backend("auto", name, CudaVector()) == "cuda"
+    built.clear()  # a build without this kernel: the reference path
+    assert batchnorm._vector_backend("auto", name, CudaVector()) == "torch"
+
+
+@pytest.mark.parametrize("op", VECTOR_OPS)
+def test_explicit_per_channel_backends_and_the_override_are_respected(monkeypatch, op):
+    monkeypatch.setattr(_library, "_cuda_has", lambda name: True)
+    monkeypatch.setattr(backends, "_cuda_problem", lambda op, device: None)  # as if the GPU could run it
+    name, vec = f"xception_ops.{op}", CudaVector()
+    monkeypatch.delenv("XCEPTION_OPS_BACKEND", raising=False)
+    assert batchnorm._vector_backend("torch", name, vec) == "torch"
+    assert batchnorm._vector_backend("triton", name, vec) == "torch"  # no triton kernels for C-element vectors
+    assert batchnorm._vector_backend("cuda", name, vec) == "cuda"
+    for override, want in (("torch", "torch"), ("triton", "torch"), ("cuda", "cuda")):
+        monkeypatch.setenv("XCEPTION_OPS_BACKEND", override)
+        assert batchnorm._vector_backend("auto", name, vec) == want
+        assert batchnorm._vector_backend("torch", name, vec) == "torch"  # an explicit backend beats the variable
+
+
+def test_backward_of_a_cuda_forward_without_a_cuda_backward_runs_the_reference(monkeypatch):
+    monkeypatch.setattr(_library, "_cuda_has", lambda name: name != "batch_norm_finalize_backward")
+    assert _library._backward_backend("cuda", "batch_norm_finalize_backward") == "torch"
+    assert _library._backward_backend("cuda", "scale_shift_backward") == "cuda"
+    assert _library._backward_backend("torch", "scale_shift_backward") == "torch"
 
 
 @needs_ext

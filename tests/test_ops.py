@@ -274,6 +274,49 @@ def test_every_op_has_an_opcheck_case():
     assert checked == set(_library.OPS)
 
 
+@needs_ext
+def test_autograd_kernels_skip_torchs_per_call_argument_filling(monkeypatch):
+    """Our Autograd kernels (_library.register_autograd) run forward, backward and double backward without
+    torch.library's generic wrapper, whose fill_defaults cost ~55 us per separable_conv2d call."""
+    import torch._library.utils as library_utils
+
+    def fail(*args, **kwargs):
+        raise AssertionError("torch.library's generic autograd wrapper ran")
+
+    monkeypatch.setattr(library_utils, "fill_defaults", fail)
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64, requires_grad=True)
+    dw = torch.randn(2, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+    pw = torch.randn(3, 2, 1, 1, dtype=torch.float64)  # needs no gradient: its entry of needs_input_grad is False
+    out, total, _ = ops.separable_conv2d(x, dw, pw, None, None, True, [1, 1], [1, 1, 1, 1], [1, 1], "none", None,
+                                         None, False, None, True, "torch")
+    grad_x, grad_dw = torch.autograd.grad(out.sum() + total.sum(), (x, dw), create_graph=True)
+    want = to64(x, dw)
+    ref, ref_total, _ = reference.separable_conv2d(want[0], want[1], pw, None, None, True, [1, 1], [1, 1, 1, 1],
+                                                   [1, 1], "none", None, None, False, None, True)
+    torch.testing.assert_close((grad_x, grad_dw),
+                               torch.autograd.grad(ref.sum() + ref_total.sum(), want, create_graph=True))
+    y = torch.randn(1, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    scale, shift = torch.rand(2, dtype=torch.float64), torch.randn(2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda y, shift: ops.scale_shift(y, scale, shift, False, "torch"),
+                                        (y, shift))
+
+
+@needs_ext
+def test_register_autograd_refuses_schemas_it_cannot_pass_through():
+    # depthwise_conv2d_backward_input takes a SymInt[] and no defaults, so it qualifies; an op with defaulted or
+    # keyword-only arguments (torch's generic wrapper fills those in) does not: here, a fake schema stand-in.
+    class Arg:
+        def __init__(self, kwarg_only=False, default=False):
+            self.kwarg_only, self._default = kwarg_only, default
+
+        def has_default_value(self):
+            return self._default
+
+    assert not _library._passes_every_argument([Arg(), Arg(default=True)])
+    assert not _library._passes_every_argument([Arg(kwarg_only=True)])
+    assert _library._passes_every_argument(ops.separable_conv2d.default._schema.arguments)
+
+
 # ---------------------------------------------------------------------------------------------- errors
 
 def _api_call(name):

@@ -174,5 +174,10 @@ def summary(entries: Iterable[Entry], arch: str | None = None) -> list[str]:
 
 
 def clear_cache() -> None:
+    global generation
     _LOADED.clear()
     _NEAREST.clear()
+    generation += 1
+
+
+generation = 0  # advanced by clear_cache: caches of choices made from the table (backend.auto_choice) key on it

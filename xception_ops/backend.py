@@ -1,6 +1,6 @@
 """Which backend runs an op: "torch" (the ATen reference), "cuda" (csrc/cuda) or "triton".
 
-`backend="auto"` (the default everywhere) is resolved per call (`auto_choice`): the XCEPTION_OPS_BACKEND
+`backend="auto"` (the default everywhere) is resolved per call (`auto_choice`, cached): the XCEPTION_OPS_BACKEND
 environment variable overrides it when set; otherwise, on a GPU, the measured table of xception_ops/autotable.py
 picks the fastest backend for the arch, dtype, layout, pass and nearest layer shape, among those that can run;
 configurations it has not measured take the CUDA ops compiled into the auto list (`_cuda_preferred`); the
@@ -107,10 +107,20 @@ def choose_from_entry(entry: autotable.Entry, can_run) -> AutoChoice:
     return AutoChoice("torch", f"measured: PyTorch's layers are the fastest ({where}; ours: {ours or 'none'})")
 
 
+# auto_choice's answers on CUDA tensors, by everything they depend on: ~12 us per call to work out (the table
+# lookup, the candidates' checks, the reason's text), ~1 us to find here. Bounded, for dynamic shapes.
+_CHOICES: dict[tuple, AutoChoice] = {}
+_CHOICES_MAX = 4096
+
+
 def auto_choice(op: str, x: torch.Tensor, out_channels: int | None = None,
                 training: bool | None = None) -> AutoChoice:
     """What backend="auto" runs `op` with for input x, and why. `training`: whether autograd may need the
-    backward (default: grad mode); `out_channels`: the op's output channels (default: x's)."""
+    backward (default: grad mode); `out_channels`: the op's output channels (default: x's).
+
+    Cached per configuration; the key holds what the answer depends on besides it (the table file in use and
+    autotable.clear_cache's generation, the compiled library and the triton module), so a different table, a
+    cleared cache or a backend that loads differently gives a fresh answer."""
     if x.device.type != "cuda":
         return AutoChoice("torch", f"{x.device.type} tensors run on PyTorch's layers")
     dtype = _DTYPE_NAMES.get(x.dtype)
@@ -118,11 +128,25 @@ def auto_choice(op: str, x: torch.Tensor, out_channels: int | None = None,
         return AutoChoice("torch", f"{x.dtype}: none of our kernels takes it")
     pass_ = "training" if (torch.is_grad_enabled() if training is None else training) else "inference"
     layout = "NHWC" if output_memory_format(x) == torch.channels_last else "NCHW"
-    arch = _arch(x.device)
-    name = op.removeprefix("xception_ops.")
     cin = x.shape[1] if x.dim() == 4 else 0
     hw = x.shape[-2] if x.dim() == 4 else 0
-    entry = autotable.lookup(arch, name, dtype, layout, pass_, cin, out_channels or cin, hw)
+    if torch.compiler.is_compiling():  # traced once into the graph: nothing to save, and no global dict to mutate
+        return _auto_choice(op, x, dtype, layout, pass_, cin, out_channels or cin, hw)
+    key = (op, x.device, dtype, layout, pass_, cin, out_channels or cin, hw, os.environ.get(autotable.TABLE_ENV),
+           autotable.generation, _library.EXTENSION, _library.TRITON)
+    choice = _CHOICES.get(key)
+    if choice is None:
+        if len(_CHOICES) >= _CHOICES_MAX:
+            _CHOICES.clear()
+        choice = _CHOICES[key] = _auto_choice(op, x, dtype, layout, pass_, cin, out_channels or cin, hw)
+    return choice
+
+
+def _auto_choice(op: str, x: torch.Tensor, dtype: str, layout: str, pass_: str, cin: int, cout: int,
+                 hw: int) -> AutoChoice:
+    arch = _arch(x.device)
+    name = op.removeprefix("xception_ops.")
+    entry = autotable.lookup(arch, name, dtype, layout, pass_, cin, cout, hw)
     if entry is not None:
         return choose_from_entry(entry, lambda b: _problem(b, op, x.device) is None)
     if _cuda_problem(op, x.device) is None and _cuda_preferred(op, x):
@@ -150,7 +174,7 @@ def fused_backend(backend: str, op: str, x: torch.Tensor, out_channels: int | No
     runs the operator.
     """
     if backend == "auto" and _env_override() is None:
-        chosen = resolve("auto", op, x, out_channels)
+        chosen = auto_choice(op, x, out_channels).backend
         return None if chosen == "torch" else chosen
     return resolve(backend, op, x, out_channels)
 
