@@ -6,6 +6,8 @@
 #include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
 #include "cuda/backend_common.h"
@@ -84,14 +86,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> finalize_backward_typed(const Tensor&
   return {grad_sum, grad_sumsq, grad_weight, grad_bias};
 }
 
-template <typename T>
+template <typename T, typename R = T>
 void update_typed(const Tensor& running_mean, const Tensor& running_var, const Tensor& mean, const Tensor& var,
                   const OptTensor& pre_bias, int64_t count, double momentum) {
   const Tensor m = mean.contiguous(), v = var.contiguous();
   const Tensor b = pre_bias.has_value() ? pre_bias->to(mean.scalar_type()).contiguous() : Tensor();
-  BatchNormUpdateParams<T> p;
-  p.running_mean = running_mean.data_ptr<T>();
-  p.running_var = running_var.data_ptr<T>();
+  BatchNormUpdateParams<T, R> p;
+  p.running_mean = static_cast<R*>(running_mean.data_ptr());
+  p.running_var = static_cast<R*>(running_var.data_ptr());
   p.mean = m.data_ptr<T>();
   p.var = v.data_ptr<T>();
   p.pre_bias = b.defined() ? b.data_ptr<T>() : nullptr;
@@ -163,16 +165,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize_backward(
 void batch_norm_update_stats(const Tensor& running_mean, const Tensor& running_var, const Tensor& mean,
                              const Tensor& var, const OptTensor& pre_bias, int64_t count, double momentum) {
   XO_CHECK_VALUE(mean.is_cuda(), kUpdate, ": backend 'cuda' needs CUDA tensors, but mean is on ", mean.device());
-  const auto type = mean.scalar_type();
-  if (running_mean.scalar_type() != type || running_var.scalar_type() != type || !running_mean.is_contiguous() ||
+  const auto type = mean.scalar_type(), buffers = running_mean.scalar_type();
+  // Buffers in the statistics' precision, or 16-bit ones beside float32 statistics (a model cast to bf16 / fp16).
+  const bool kernel_buffers =
+      buffers == type || (type == at::kFloat && (buffers == at::kBFloat16 || buffers == at::kHalf));
+  if (!kernel_buffers || running_var.scalar_type() != buffers || !running_mean.is_contiguous() ||
       !running_var.is_contiguous()) {
-    // Buffers in another precision (a model cast to bf16) or strided: the reference's few ATen ops.
+    // Buffers in another precision, or strided: the reference's few ATen ops.
     reference::batch_norm_update_stats(running_mean, running_var, mean, var, pre_bias, count, momentum);
     return;
   }
   const c10::cuda::CUDAGuard guard(mean.device());
   if (type == at::kDouble) {
     update_typed<double>(running_mean, running_var, mean, var, pre_bias, count, momentum);
+  } else if (buffers == at::kBFloat16) {
+    update_typed<float, __nv_bfloat16>(running_mean, running_var, mean, var, pre_bias, count, momentum);
+  } else if (buffers == at::kHalf) {
+    update_typed<float, __half>(running_mean, running_var, mean, var, pre_bias, count, momentum);
   } else {
     update_typed<float>(running_mean, running_var, mean, var, pre_bias, count, momentum);
   }

@@ -1,5 +1,7 @@
 // Launchers of the BatchNorm finalize (forward, backward) and running-statistics kernels (kernels/batchnorm.cuh).
 // No torch headers.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include "kernels/batchnorm.cuh"
@@ -30,9 +32,9 @@ cudaError_t launch_batch_norm_finalize_backward(const BatchNormFinalizeBackwardP
   return launch_per_channel(kernels::batch_norm_finalize_backward_kernel<T>, p, stream);
 }
 
-template <typename T>
-cudaError_t launch_batch_norm_update_stats(const BatchNormUpdateParams<T>& p, cudaStream_t stream) {
-  return launch_per_channel(kernels::batch_norm_update_stats_kernel<T>, p, stream);
+template <typename T, typename R>
+cudaError_t launch_batch_norm_update_stats(const BatchNormUpdateParams<T, R>& p, cudaStream_t stream) {
+  return launch_per_channel(kernels::batch_norm_update_stats_kernel<T, R>, p, stream);
 }
 
 template cudaError_t launch_batch_norm_finalize<float>(const BatchNormFinalizeParams<float>&, cudaStream_t);
@@ -41,7 +43,12 @@ template cudaError_t launch_batch_norm_finalize_backward<float>(const BatchNormF
                                                                 cudaStream_t);
 template cudaError_t launch_batch_norm_finalize_backward<double>(const BatchNormFinalizeBackwardParams<double>&,
                                                                  cudaStream_t);
-template cudaError_t launch_batch_norm_update_stats<float>(const BatchNormUpdateParams<float>&, cudaStream_t);
-template cudaError_t launch_batch_norm_update_stats<double>(const BatchNormUpdateParams<double>&, cudaStream_t);
+template cudaError_t launch_batch_norm_update_stats<float, float>(const BatchNormUpdateParams<float>&, cudaStream_t);
+template cudaError_t launch_batch_norm_update_stats<double, double>(const BatchNormUpdateParams<double>&,
+                                                                   cudaStream_t);
+template cudaError_t launch_batch_norm_update_stats<float, __half>(const BatchNormUpdateParams<float, __half>&,
+                                                                   cudaStream_t);
+template cudaError_t launch_batch_norm_update_stats<float, __nv_bfloat16>(
+    const BatchNormUpdateParams<float, __nv_bfloat16>&, cudaStream_t);
 
 }  // namespace xception_ops

@@ -4,6 +4,9 @@
 // channel, in the statistics' own precision (float32, or float64 for float64 models).
 #pragma once
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
 #include <cstdint>
 
 #include "batchnorm_params.h"
@@ -53,15 +56,31 @@ __global__ void batch_norm_finalize_backward_kernel(const BatchNormFinalizeBackw
   p.grad_bias[c] = g_shift;
 }
 
-template <typename T>
-__global__ void batch_norm_update_stats_kernel(const BatchNormUpdateParams<T> p) {
+// A running buffer's element in the statistics' precision, and back (rounded to nearest even).
+__device__ __forceinline__ float widen(float v) { return v; }
+__device__ __forceinline__ double widen(double v) { return v; }
+__device__ __forceinline__ float widen(__half v) { return __half2float(v); }
+__device__ __forceinline__ float widen(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename R, typename T>
+__device__ __forceinline__ R narrow(T v);
+template <>
+__device__ __forceinline__ float narrow<float, float>(float v) { return v; }
+template <>
+__device__ __forceinline__ double narrow<double, double>(double v) { return v; }
+template <>
+__device__ __forceinline__ __half narrow<__half, float>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 narrow<__nv_bfloat16, float>(float v) { return __float2bfloat16_rn(v); }
+
+template <typename T, typename R>
+__global__ void batch_norm_update_stats_kernel(const BatchNormUpdateParams<T, R> p) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= p.channels) return;
   const T f = static_cast<T>(p.momentum), keep = T(1) - static_cast<T>(p.momentum);
   const T mean = p.pre_bias != nullptr ? p.mean[c] + p.pre_bias[c] : p.mean[c];
   const T unbiased = p.var[c] * static_cast<T>(p.count / (p.count - 1));
-  p.running_mean[c] = keep * p.running_mean[c] + f * mean;
-  p.running_var[c] = keep * p.running_var[c] + f * unbiased;
+  p.running_mean[c] = narrow<R>(keep * widen(p.running_mean[c]) + f * mean);
+  p.running_var[c] = narrow<R>(keep * widen(p.running_var[c]) + f * unbiased);
 }
 
 }  // namespace kernels

@@ -63,10 +63,12 @@ cudaError_t launch_batch_norm_finalize_backward(const BatchNormFinalizeBackwardP
 //   running_mean = (1 - momentum) running_mean + momentum (mean + pre_bias)
 //   running_var  = (1 - momentum) running_var  + momentum var count / (count - 1)
 // pre_bias: a bias the fused op left out of y (it cancels in the normalization but moves the mean).
-template <typename T>
+// R: the running buffers' element type: T, or (T = float) __half / __nv_bfloat16 for a model cast to 16 bits, whose
+// buffers are read into T and the result rounded once to R, as PyTorch's ops and copy_ would round it.
+template <typename T, typename R = T>
 struct BatchNormUpdateParams {
-  T* running_mean = nullptr;
-  T* running_var = nullptr;
+  R* running_mean = nullptr;
+  R* running_var = nullptr;
   const T* mean = nullptr;
   const T* var = nullptr;
   const T* pre_bias = nullptr;  // nullptr: 0
@@ -75,7 +77,7 @@ struct BatchNormUpdateParams {
   double momentum = 0;
 };
 
-template <typename T>
-cudaError_t launch_batch_norm_update_stats(const BatchNormUpdateParams<T>& p, cudaStream_t stream);
+template <typename T, typename R>
+cudaError_t launch_batch_norm_update_stats(const BatchNormUpdateParams<T, R>& p, cudaStream_t stream);
 
 }  // namespace xception_ops

@@ -777,13 +777,35 @@ TEST_CASE(batch_norm_finalize_its_backward_and_running_statistics_kernels) {
   u.running_mean = running_mean.data(), u.running_var = running_var.data();
   u.mean = out[2].data(), u.var = out[3].data(), u.pre_bias = pre_bias.data();
   u.channels = C, u.count = count, u.momentum = 0.1;
-  emulate_launch(kernels::batch_norm_update_stats_kernel<float>, dim3((C + 255) / 256), dim3(256), u);
+  emulate_launch(kernels::batch_norm_update_stats_kernel<float, float>, dim3((C + 255) / 256), dim3(256), u);
   for (int64_t c = 0; c < C; ++c) {
     const double want_mean = 0.9 * mean0[c] + 0.1 * (double(out[2][c]) + pre_bias[c]);
     const double want_var = 0.9 * var0[c] + 0.1 * double(out[3][c]) * count / (count - 1);
     EXPECT_NEAR(running_mean[c], want_mean, 1e-5 * (1 + std::abs(want_mean)));
     EXPECT_NEAR(running_var[c], want_var, 1e-5 * (1 + want_var));
   }
+
+  // bf16 / fp16 buffers (a model cast to 16 bits) beside float32 statistics: the float result rounded once to the
+  // buffer's type, so within half an ulp of the exact value, plus the float32 arithmetic's error.
+  auto check_16bit_buffers = [&](auto zero, double ulp) {
+    using R = decltype(zero);
+    std::vector<R> rm(C), rv(C);
+    for (int64_t c = 0; c < C; ++c) rm[c] = from_float<R>(mean0[c]), rv[c] = from_float<R>(var0[c]);
+    BatchNormUpdateParams<float, R> h;
+    h.running_mean = rm.data(), h.running_var = rv.data();
+    h.mean = out[2].data(), h.var = out[3].data(), h.pre_bias = pre_bias.data();
+    h.channels = C, h.count = count, h.momentum = 0.1;
+    emulate_launch(kernels::batch_norm_update_stats_kernel<float, R>, dim3((C + 255) / 256), dim3(256), h);
+    for (int64_t c = 0; c < C; ++c) {
+      const double start_mean = to_double(from_float<R>(mean0[c])), start_var = to_double(from_float<R>(var0[c]));
+      const double want_mean = 0.9 * start_mean + 0.1 * (double(out[2][c]) + pre_bias[c]);
+      const double want_var = 0.9 * start_var + 0.1 * double(out[3][c]) * count / (count - 1);
+      EXPECT_NEAR(to_double(rm[c]), want_mean, 0.5 * ulp * std::abs(want_mean) + 1e-5 * (1 + std::abs(want_mean)));
+      EXPECT_NEAR(to_double(rv[c]), want_var, 0.5 * ulp * want_var + 1e-5 * (1 + want_var));
+    }
+  };
+  check_16bit_buffers(__nv_bfloat16{}, 1.0 / 128);
+  check_16bit_buffers(__half{}, 1.0 / 1024);
 }
 
 }  // namespace
