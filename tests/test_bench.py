@@ -98,6 +98,31 @@ def test_progress_bar_reaches_the_total():
     assert lines[-1].startswith("[" + "#" * 24 + "] 4/4")
 
 
+def test_layer_peak_memory_is_that_of_the_calls_after_the_warm_up(monkeypatch):
+    # As for the models below: the first call of a configuration may try cuDNN's algorithms (the "eager" row of each
+    # configuration ran first and carried them). A fake device memory: the first call peaks at 100 GiB, later ones
+    # at 1 GiB.
+    memory = {"peak": 0.0}
+    calls = []
+
+    def runner(*args):
+        def run(i):
+            calls.append(i)
+            memory["peak"] = max(memory["peak"], (100 if len(calls) == 1 else 1) * 2.0**30)
+        return run
+
+    monkeypatch.setattr(bench, "layer_runner", runner)
+    monkeypatch.setattr(bench, "_reset_peak_memory", lambda device: memory.update(peak=0.0))
+    monkeypatch.setattr(bench, "_peak_memory", lambda device: memory["peak"])
+    for warmup in (0, 2):
+        calls.clear()
+        memory["peak"] = 0.0
+        row = bench.bench_layer("separable", 8, 8, 5, 1, 1, torch.float32, "NCHW", "inference", "eager",
+                                torch.device("cpu"), warmup, 3)
+        assert row.error is None
+        assert row.peak_mib == 1024.0, f"warmup={warmup}: the peak includes the first call's"
+
+
 def test_model_peak_memory_is_that_of_the_steps_after_the_warm_up(monkeypatch):
     # cuDNN's benchmark mode tries its algorithms on the first step of each conv shape, with workspaces that dwarf
     # the step itself (H100, float32, batch 32: Xception's first step peaked at 22.3 GiB, its later ones at 7.65),
