@@ -1,5 +1,6 @@
 """The benchmark suite: report schema, CLI options, outputs, and backends that cannot run."""
 
+import dataclasses
 import json
 
 import pytest
@@ -96,6 +97,41 @@ def test_progress_bar_reaches_the_total():
     for _ in range(2):
         bar.step("x", 2)
     assert lines[-1].startswith("[" + "#" * 24 + "] 4/4")
+
+
+@pytest.mark.parametrize("direct,replay,pass_,want_ms,want_graph", [
+    (1.0, 0.5, "training", 0.5, True),     # launch-bound: the replays are reported, the direct time kept
+    (1.0, 0.95, "training", 1.0, False),   # replays barely faster: not launch-bound, direct calls reported
+    (5.0, 1.0, "inference", 5.0, False),   # too long to be launch-bound: no capture tried
+    (1.0, 0.5, "backward", 1.0, False),    # backward alone reuses one graph per buffer: never captured
+    (1.0, None, "forward", 1.0, False),    # capture failed: timed directly
+])
+def test_launch_bound_layers_are_timed_as_graph_replays(monkeypatch, direct, replay, pass_, want_ms, want_graph):
+    # The selection only (no GPU here): time_fn stands in with fixed medians for direct calls and for replays.
+    tried = []
+
+    def fake_time_fn(fn, device, warmup, reps, graph=False):
+        if graph:
+            tried.append(True)
+            if replay is None:
+                raise RuntimeError("operation not permitted when stream is capturing")
+            return bench.Timing(replay, replay, replay, reps, True)
+        return bench.Timing(direct, direct, direct, reps, False)
+
+    monkeypatch.setattr(bench, "time_fn", fake_time_fn)
+    monkeypatch.setattr(bench, "layer_runner", lambda *args: (lambda i: None))
+    monkeypatch.setattr(bench, "_reset_peak_memory", lambda device: None)
+    monkeypatch.setattr(bench, "_peak_memory", lambda device: float("nan"))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    row = bench.bench_layer("separable", 8, 8, 19, 1, 1, torch.float32, "NHWC", pass_, "eager",
+                            torch.device("cuda"), 1, 3)
+    assert row.error is None
+    assert (row.median_ms, row.graph) == (want_ms, want_graph)
+    assert row.median2_ms == want_ms  # the second timing takes the same mode
+    assert (row.direct_ms == direct) if want_graph else (row.direct_ms != row.direct_ms)
+    assert bool(tried) == (pass_ != "backward" and direct < bench.LAUNCH_BOUND_BELOW_MS)
+    line = bench_report._layer_lines([dataclasses.asdict(row)])[1]
+    assert line.endswith(f"{direct:9.3f}") == want_graph  # the table shows the direct calls' time beside
 
 
 def test_layer_peak_memory_is_that_of_the_calls_after_the_warm_up(monkeypatch):

@@ -23,7 +23,7 @@ def weighted_totals(rows: list[dict]) -> list[dict]:
 
 def _layer_lines(rows: list[dict]) -> list[str]:
     lines = [f"{'op':<10}{'layer':<20}{'dtype':<10}{'layout':<7}{'pass':<10}{'impl':<11}{'ms':>9}{'again':>9}"
-             f"{'floor%':>8}{'GB/s':>8}{'TFLOP/s':>9}{'vs eager':>9}{'MiB':>8}"]
+             f"{'floor%':>8}{'GB/s':>8}{'TFLOP/s':>9}{'vs eager':>9}{'MiB':>8}{'direct':>9}"]
     for r in rows:
         name = f"{r['cin']}->{r['cout']} @{r['hw']}^2"
         head = f"{r['op']:<10}{name:<20}{r['dtype']:<10}{r['layout']:<7}{r['pass_']:<10}{r['impl']:<11}"
@@ -33,8 +33,11 @@ def _layer_lines(rows: list[dict]) -> list[str]:
         floor = f"{100 * r['floor_ms'] / r['median_ms']:.0f}" if r["floor_ms"] == r["floor_ms"] else ""
         speed = f"{r['speedup_vs_eager']:.2f}x" if r["speedup_vs_eager"] else ""
         mib = f"{r['peak_mib']:.0f}" if r["peak_mib"] == r["peak_mib"] else ""
+        # Rows timed as graph replays: "graph", and the direct calls' time where it was measured too.
+        direct = r.get("direct_ms", math.nan)
+        direct = f"{direct:9.3f}" if direct == direct else f"{'graph' if r['graph'] else '':>9}"
         lines.append(f"{head}{r['median_ms']:9.3f}{r['median2_ms']:9.3f}{floor:>8}{r['gbps']:8.1f}"
-                     f"{r['tflops']:9.2f}{speed:>9}{mib:>8}{' graph' if r['graph'] else ''}")
+                     f"{r['tflops']:9.2f}{speed:>9}{mib:>8}{direct}")
     return lines
 
 
