@@ -173,6 +173,11 @@ def _passes_every_argument(arguments) -> bool:
 
 
 _AUTOGRAD_LIB: torch.library.Library | None = None  # holds the Autograd kernels registered by register_autograd
+# The torch internals register_autograd builds on (those of torch/_library/autograd.py), checked once: private
+# names, so a torch release without one of them gets torch.library.register_autograd instead of an import error.
+_LIGHT_AUTOGRAD = all(hasattr(torch._C, n) for n in ("_after_autograd_keyset", "_AutoDispatchBelowAutograd",
+                                                      "_any_requires_grad", "is_grad_enabled")) and hasattr(
+    getattr(getattr(torch, "_library", None), "utils", None), "is_functional_schema")
 
 
 def register_autograd(name: str, backward, setup_context) -> None:
@@ -187,6 +192,9 @@ def register_autograd(name: str, backward, setup_context) -> None:
     filling in.
     """
     global _AUTOGRAD_LIB
+    if not _LIGHT_AUTOGRAD:  # a torch without the internals used below: its own (slower) registration
+        torch.library.register_autograd(f"xception_ops::{name}", backward, setup_context=setup_context)
+        return
     op = getattr(torch.ops.xception_ops, name).default
     schema = op._schema
     arguments = schema.arguments
