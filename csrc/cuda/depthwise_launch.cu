@@ -28,15 +28,17 @@ bool has_stride(const Conv2dGeometry& g, int64_t s) { return g.stride_h == s && 
 
 // Specializations, forward and input gradient alike: 3x3 at stride 1, 3x3 at stride 2, 3x3 at any stride,
 // and any kernel size at any stride.
-// Blocks for a vector kernel, whose blocks take kDepthwiseThreads / lanes pixels at a time over `pixels`: enough
-// for each thread to walk about kVectorPixelsPerThread pixels, since a thread loads its 9 x 4 weights (scalar
-// loads, 4x the sectors of its pixel's 9 vector loads) once for all its pixels; but at least kVectorMinBlocks
-// while there are pixels for them, to fill a large GPU.
-constexpr int64_t kVectorPixelsPerThread = 16, kVectorMinBlocks = 1024;
-unsigned int vector_blocks(int64_t pixels, int64_t channels) {
+// Blocks for the forward and input-gradient vector kernels, whose blocks take kDepthwiseThreads / lanes runs of
+// kDepthwiseRun pixels at a time over the (batch, rows, w) pixels: enough for each thread to walk about
+// kVectorRunsPerThread runs, since a thread loads its 9 x 4 weights (scalar loads, 4x the sectors of a pixel's 9
+// vector loads) once for all of them; but at least kVectorMinBlocks while there are runs for them, to fill a
+// large GPU.
+constexpr int64_t kVectorRunsPerThread = 4, kVectorMinBlocks = 1024;
+unsigned int vector_blocks(int64_t batch_rows, int64_t w, int64_t channels) {
   const int rows = kDepthwiseThreads / depthwise_vector_lanes(channels / kDepthwiseVec);
-  const int64_t one_each = (pixels + rows - 1) / rows;
-  int64_t blocks = (one_each + kVectorPixelsPerThread - 1) / kVectorPixelsPerThread;
+  const int64_t runs = batch_rows * ((w + kDepthwiseRun - 1) / kDepthwiseRun);
+  const int64_t one_each = (runs + rows - 1) / rows;
+  int64_t blocks = (one_each + kVectorRunsPerThread - 1) / kVectorRunsPerThread;
   if (blocks < kVectorMinBlocks) blocks = one_each < kVectorMinBlocks ? one_each : kVectorMinBlocks;
   if (blocks > kDepthwiseMaxBlocks) blocks = kDepthwiseMaxBlocks;
   return static_cast<unsigned int>(blocks);
@@ -47,8 +49,15 @@ cudaError_t forward_for_layout(const DepthwiseParams& p, cudaStream_t stream) {
   const Conv2dGeometry& g = p.g;
   const dim3 block(kDepthwiseThreads);
   if (kCL && depthwise_forward_vectors(p, static_cast<int>(sizeof(T)))) {
-    kernels::depthwise_forward_vector_kernel<T, idx_t, kDepthwiseVec>
-        <<<dim3(vector_blocks(g.batch * g.out_h * g.out_w, g.dw_channels())), block, 0, stream>>>(p);
+    // A run's shared input columns at compile-time stride 1 or 2 without horizontal dilation; any other, tap by tap.
+    const dim3 grid(vector_blocks(g.batch * g.out_h, g.out_w, g.dw_channels()));
+    if (g.dilation_w == 1 && g.stride_w == 1) {
+      kernels::depthwise_forward_vector_kernel<T, idx_t, kDepthwiseVec, 1><<<grid, block, 0, stream>>>(p);
+    } else if (g.dilation_w == 1 && g.stride_w == 2) {
+      kernels::depthwise_forward_vector_kernel<T, idx_t, kDepthwiseVec, 2><<<grid, block, 0, stream>>>(p);
+    } else {
+      kernels::depthwise_forward_vector_kernel<T, idx_t, kDepthwiseVec, 0><<<grid, block, 0, stream>>>(p);
+    }
     return cudaGetLastError();
   }
   const dim3 grid(elementwise_blocks(g.batch * g.dw_channels() * g.out_h * g.out_w));
@@ -69,8 +78,12 @@ cudaError_t backward_input_for_layout(const DepthwiseParams& p, cudaStream_t str
   const Conv2dGeometry& g = p.g;
   const dim3 block(kDepthwiseThreads);
   if (kCL && depthwise_dgrad_vectors(p, static_cast<int>(sizeof(T)))) {
-    kernels::depthwise_backward_input_vector_kernel<T, idx_t, kDepthwiseVec>
-        <<<dim3(vector_blocks(g.batch * g.in_h * g.in_w, g.in_channels)), block, 0, stream>>>(p);
+    const dim3 grid(vector_blocks(g.batch * g.in_h, g.in_w, g.in_channels));
+    if (g.dilation_w == 1) {
+      kernels::depthwise_backward_input_vector_kernel<T, idx_t, kDepthwiseVec, true><<<grid, block, 0, stream>>>(p);
+    } else {
+      kernels::depthwise_backward_input_vector_kernel<T, idx_t, kDepthwiseVec, false><<<grid, block, 0, stream>>>(p);
+    }
     return cudaGetLastError();
   }
   const dim3 grid(elementwise_blocks(g.batch * g.in_channels * g.in_h * g.in_w));

@@ -276,11 +276,20 @@ __global__ void __launch_bounds__(kDepthwiseThreads) depthwise_forward_kernel(co
 
 // ---- forward, vector form (depthwise_forward_vectors: 3x3, no depth multiplier, x and y with channels fastest
 // in whole aligned vectors, any stride) ----
-// A thread takes V consecutive channels, with their 9 x V weights (and bias) in registers, and walks its output
-// pixels; `lanes` threads cover a pixel's channels (depthwise_vector_lanes). The taps are summed in the scalar
+// A thread takes V consecutive channels, with their 9 x V weights (and bias) in registers, and walks runs of
+// kDepthwiseRun consecutive output pixels of one row; `lanes` threads cover a pixel's channels
+// (depthwise_vector_lanes). A run's taps share input columns: at compile-time stride kSW (1 or 2, no horizontal
+// dilation) a kernel row is (kDepthwiseRun - 1) kSW + 3 vector loads for kDepthwiseRun outputs, and the rows'
+// loads are issued before any is used where their registers allow (kSW = 0: any stride and dilation, each tap
+// loaded for itself, the run's loads still issued together). One pixel per thread at a time waited one memory
+// latency per pixel (session 5: 0.19 ms at 64 ch @147^2, ~3x the byte floor). The taps are summed in the scalar
 // form's order, the bias added last: the same bits.
-template <typename T, typename idx_t, int V>
+template <typename T, typename idx_t, int V, int kSW>
 __global__ void __launch_bounds__(kDepthwiseThreads) depthwise_forward_vector_kernel(const DepthwiseParams p) {
+  constexpr int R = kDepthwiseRun;
+  constexpr int kCols = kSW > 0 ? (R - 1) * kSW + 3 : 3 * R;  // input columns of one kernel row
+  using Raw = typename VecIO<T, V>::Raw;
+  constexpr int kRowsAhead = 3 * kCols * static_cast<int>(sizeof(Raw)) / 4 <= 40 ? 3 : 1;  // rows loaded together
   const Conv2dGeometry& g = p.g;
   const idx_t H = g.in_h, W = g.in_w, OH = g.out_h, OW = g.out_w;
   const idx_t sh = g.stride_h, sw = g.stride_w, dh = g.dilation_h, dw = g.dilation_w;
@@ -292,9 +301,13 @@ __global__ void __launch_bounds__(kDepthwiseThreads) depthwise_forward_vector_ke
   const idx_t xs_n = p.input.stride[0], xs_h = p.input.stride[2], xs_w = p.input.stride[3];
   const idx_t ys_n = p.output.stride[0], ys_h = p.output.stride[2], ys_w = p.output.stride[3];
   const idx_t ws_o = p.weight.stride[0], ws_h = p.weight.stride[2], ws_w = p.weight.stride[3];
-  const idx_t groups = static_cast<idx_t>(g.dw_channels() / V), pixels = static_cast<idx_t>(g.batch) * OH * OW;
+  const idx_t groups = static_cast<idx_t>(g.dw_channels() / V);
+  const idx_t runs_w = (OW + R - 1) / R, runs = static_cast<idx_t>(g.batch) * OH * runs_w;
   const int lanes = depthwise_vector_lanes(g.dw_channels() / V), rows = kDepthwiseThreads / lanes;
   const int lane = static_cast<int>(threadIdx.x) % lanes, row = static_cast<int>(threadIdx.x) / lanes;
+  // Column c of a run's kernel row: its offset from the run's first input column, and the pixel and tap it
+  // feeds (kSW = 0: one column per tap).
+  auto col_offset = [&](int c) -> idx_t { return kSW > 0 ? static_cast<idx_t>(c) : (c / 3) * sw + (c % 3) * dw; };
   for (idx_t cg = lane; cg < groups; cg += lanes) {
     const idx_t c = cg * V;
     float wv[9][V], bv[V];
@@ -304,30 +317,58 @@ __global__ void __launch_bounds__(kDepthwiseThreads) depthwise_forward_vector_ke
       for (int t = 0; t < 9; ++t) wv[t][v] = Elem<T>::load(w + (c + v) * ws_o + (t / 3) * ws_h + (t % 3) * ws_w);
       bv[v] = bias != nullptr ? Elem<T>::load(bias + (c + v) * p.bias_stride) : 0.f;
     }
-    for (idx_t pix = static_cast<idx_t>(blockIdx.x) * rows + row; pix < pixels;
-         pix += static_cast<idx_t>(gridDim.x) * rows) {
-      const idx_t r = pix / OW, ow = pix - r * OW, oh = r % OH, n = r / OH;
+    for (idx_t run = static_cast<idx_t>(blockIdx.x) * rows + row; run < runs;
+         run += static_cast<idx_t>(gridDim.x) * rows) {
+      const idx_t r = run / runs_w, ow0 = (run - r * runs_w) * R, oh = r % OH, n = r / OH;
       const T* xp = x + n * xs_n + c;
-      const idx_t ih0 = oh * sh - pt, iw0 = ow * sw - pl;
-      float acc[V];
+      const idx_t ih0 = oh * sh - pt, iw0 = ow0 * sw - pl;
+      auto ok = [&](int kh, int col) {
+        return in_range<idx_t>(ih0 + kh * dh, H) && in_range<idx_t>(iw0 + col_offset(col), W);
+      };
+      float acc[R][V];
 #pragma unroll
-      for (int v = 0; v < V; ++v) acc[v] = 0.f;
+      for (int q = 0; q < R; ++q)
 #pragma unroll
-      for (int kh = 0; kh < 3; ++kh) {
-        const idx_t ih = ih0 + kh * dh;
+        for (int v = 0; v < V; ++v) acc[q][v] = 0.f;
 #pragma unroll
-        for (int kw = 0; kw < 3; ++kw) {
-          const idx_t iw = iw0 + kw * dw;
-          const bool ok = in_range(ih, H) && in_range(iw, W);
-          float xv[V];
-          VecIO<T, V>::load_if(ok, xp + ih * xs_h + iw * xs_w, xv);
+      for (int kh0 = 0; kh0 < 3; kh0 += kRowsAhead) {
+        Raw raw[kRowsAhead][kCols];
 #pragma unroll
-          for (int v = 0; v < V; ++v) acc[v] = ok ? fmaf(xv[v], wv[kh * 3 + kw][v], acc[v]) : acc[v];
+        for (int b = 0; b < kRowsAhead; ++b)
+#pragma unroll
+          for (int col = 0; col < kCols; ++col) {
+            raw[b][col] = VecIO<T, V>::load_raw_if(
+                ok(kh0 + b, col), xp + (ih0 + (kh0 + b) * dh) * xs_h + (iw0 + col_offset(col)) * xs_w);
+          }
+#pragma unroll
+        for (int b = 0; b < kRowsAhead; ++b) {
+          const int kh = kh0 + b;
+#pragma unroll
+          for (int col = 0; col < kCols; ++col) {
+            float xv[V];
+            VecIO<T, V>::decode(raw[b][col], xv);
+            const bool tap_ok = ok(kh, col);
+            // The (pixel, tap) pairs this column feeds, in each pixel's tap order (kh, then kw).
+#pragma unroll
+            for (int q = 0; q < R; ++q)
+#pragma unroll
+              for (int kw = 0; kw < 3; ++kw) {
+                if ((kSW > 0 ? q * kSW + kw : q * 3 + kw) != col) continue;  // resolved at compile time
+#pragma unroll
+                for (int v = 0; v < V; ++v) {
+                  acc[q][v] = tap_ok ? fmaf(xv[v], wv[kh * 3 + kw][v], acc[q][v]) : acc[q][v];
+                }
+              }
+          }
         }
       }
 #pragma unroll
-      for (int v = 0; v < V; ++v) acc[v] = round_to<T>(bias != nullptr ? acc[v] + bv[v] : acc[v]);
-      VecIO<T, V>::store(y + n * ys_n + c + oh * ys_h + ow * ys_w, acc);
+      for (int q = 0; q < R; ++q) {
+        if (ow0 + q >= OW) break;
+#pragma unroll
+        for (int v = 0; v < V; ++v) acc[q][v] = round_to<T>(bias != nullptr ? acc[q][v] + bv[v] : acc[q][v]);
+        VecIO<T, V>::store(y + n * ys_n + c + oh * ys_h + (ow0 + q) * ys_w, acc[q]);
+      }
     }
   }
 }
@@ -404,13 +445,18 @@ __global__ void __launch_bounds__(kDepthwiseThreads) depthwise_backward_input_ke
 
 // ---- input gradient, vector form (depthwise_dgrad_vectors: 3x3 at stride 1, no depth multiplier, grad_x and
 // grad_y with channels fastest in whole aligned vectors) ----
-// A thread takes V consecutive channels, with their 9 x V weights in registers, and walks its pixels: per pixel 9
-// predicated vector loads of grad_y and one vector store, where the gather form above spends a thread, its index
-// arithmetic and 18 scalar loads per element. `lanes` threads (the channel groups rounded up to a power of two,
-// at most the block) cover a pixel's channels; the rest of the block takes other pixels
+// A thread takes V consecutive channels, with their 9 x V weights in registers, and walks runs of kDepthwiseRun
+// consecutive input pixels of one row, where the gather form above spends a thread, its index arithmetic and 18
+// scalar loads per element. Without horizontal dilation (kDW1) a run's taps share grad_y's columns: a kernel row is
+// kDepthwiseRun + 2 vector loads for kDepthwiseRun outputs (otherwise one load per tap); the rows' loads are issued
+// before any is used where their registers allow. `lanes` threads cover a pixel's channels
 // (depthwise_vector_lanes). The taps are summed in the gather form's order: the results are the same bits.
-template <typename T, typename idx_t, int V>
+template <typename T, typename idx_t, int V, bool kDW1>
 __global__ void __launch_bounds__(kDepthwiseThreads) depthwise_backward_input_vector_kernel(const DepthwiseParams p) {
+  constexpr int R = kDepthwiseRun;
+  constexpr int kCols = kDW1 ? R + 2 : 3 * R;  // grad_y columns of one kernel row
+  using Raw = typename VecIO<T, V>::Raw;
+  constexpr int kRowsAhead = 3 * kCols * static_cast<int>(sizeof(Raw)) / 4 <= 40 ? 3 : 1;
   const Conv2dGeometry& g = p.g;
   const idx_t H = g.in_h, W = g.in_w, OH = g.out_h, OW = g.out_w;
   const idx_t dh = g.dilation_h, dw = g.dilation_w, pt = g.pad_top, pl = g.pad_left;
@@ -420,9 +466,13 @@ __global__ void __launch_bounds__(kDepthwiseThreads) depthwise_backward_input_ve
   const idx_t xs_n = p.input.stride[0], xs_h = p.input.stride[2], xs_w = p.input.stride[3];
   const idx_t ys_n = p.output.stride[0], ys_h = p.output.stride[2], ys_w = p.output.stride[3];
   const idx_t ws_o = p.weight.stride[0], ws_h = p.weight.stride[2], ws_w = p.weight.stride[3];
-  const idx_t groups = static_cast<idx_t>(g.in_channels / V), pixels = static_cast<idx_t>(g.batch) * H * W;
+  const idx_t groups = static_cast<idx_t>(g.in_channels / V);
+  const idx_t runs_w = (W + R - 1) / R, runs = static_cast<idx_t>(g.batch) * H * runs_w;
   const int lanes = depthwise_vector_lanes(g.in_channels / V), rows = kDepthwiseThreads / lanes;
   const int lane = static_cast<int>(threadIdx.x) % lanes, row = static_cast<int>(threadIdx.x) / lanes;
+  // Column `col` of a kernel row: grad_y's column, relative to iw0 + pad_left. Tap kw of pixel q reads output
+  // column iw0 + q + pad_left - kw * dw (stride 1): with dw = 1, column q - kw + 2 of kCols; else column 3 q + kw.
+  auto col_offset = [&](int col) -> idx_t { return kDW1 ? static_cast<idx_t>(col - 2) : (col / 3) - (col % 3) * dw; };
   for (idx_t cg = lane; cg < groups; cg += lanes) {
     const idx_t c = cg * V;
     float wv[9][V];
@@ -430,33 +480,55 @@ __global__ void __launch_bounds__(kDepthwiseThreads) depthwise_backward_input_ve
     for (int t = 0; t < 9; ++t)
 #pragma unroll
       for (int v = 0; v < V; ++v) wv[t][v] = Elem<T>::load(w + (c + v) * ws_o + (t / 3) * ws_h + (t % 3) * ws_w);
-    for (idx_t pix = static_cast<idx_t>(blockIdx.x) * rows + row; pix < pixels;
-         pix += static_cast<idx_t>(gridDim.x) * rows) {
-      idx_t n, ih, iw;
-      {
-        const idx_t r = pix / W;
-        iw = pix - r * W, ih = r % H, n = r / H;
-      }
+    for (idx_t run = static_cast<idx_t>(blockIdx.x) * rows + row; run < runs;
+         run += static_cast<idx_t>(gridDim.x) * rows) {
+      const idx_t r = run / runs_w, iw0 = (run - r * runs_w) * R, ih = r % H, n = r / H;
       const T* gp = gy + n * ys_n + c;
-      float acc[V];
+      const idx_t ow_base = iw0 + pl;
+      auto ok = [&](int kh, int col) {
+        return in_range<idx_t>(ih + pt - kh * dh, OH) && in_range<idx_t>(ow_base + col_offset(col), OW);
+      };
+      float acc[R][V];
 #pragma unroll
-      for (int v = 0; v < V; ++v) acc[v] = 0.f;
+      for (int q = 0; q < R; ++q)
 #pragma unroll
-      for (int kh = 0; kh < 3; ++kh) {
-        const idx_t oh = ih + pt - kh * dh;  // stride 1: the tap reaches ih from output row oh
+        for (int v = 0; v < V; ++v) acc[q][v] = 0.f;
 #pragma unroll
-        for (int kw = 0; kw < 3; ++kw) {
-          const idx_t ow = iw + pl - kw * dw;
-          const bool ok = in_range(oh, OH) && in_range(ow, OW);
-          float gv[V];
-          VecIO<T, V>::load_if(ok, gp + oh * ys_h + ow * ys_w, gv);
+      for (int kh0 = 0; kh0 < 3; kh0 += kRowsAhead) {
+        Raw raw[kRowsAhead][kCols];
 #pragma unroll
-          for (int v = 0; v < V; ++v) acc[v] = ok ? fmaf(gv[v], wv[kh * 3 + kw][v], acc[v]) : acc[v];  // (inf weights)
+        for (int b = 0; b < kRowsAhead; ++b)
+#pragma unroll
+          for (int col = 0; col < kCols; ++col) {
+            raw[b][col] = VecIO<T, V>::load_raw_if(
+                ok(kh0 + b, col), gp + (ih + pt - (kh0 + b) * dh) * ys_h + (ow_base + col_offset(col)) * ys_w);
+          }
+#pragma unroll
+        for (int b = 0; b < kRowsAhead; ++b) {
+          const int kh = kh0 + b;
+          // Pixel q's taps in the gather form's order (kh, then kw): kw ascending is column descending with kDW1.
+#pragma unroll
+          for (int q = 0; q < R; ++q)
+#pragma unroll
+            for (int kw = 0; kw < 3; ++kw) {
+              const int col = kDW1 ? q - kw + 2 : 3 * q + kw;
+              float gv[V];
+              VecIO<T, V>::decode(raw[b][col], gv);
+              const bool tap_ok = ok(kh, col);
+#pragma unroll
+              for (int v = 0; v < V; ++v) {
+                acc[q][v] = tap_ok ? fmaf(gv[v], wv[kh * 3 + kw][v], acc[q][v]) : acc[q][v];  // (inf weights)
+              }
+            }
         }
       }
 #pragma unroll
-      for (int v = 0; v < V; ++v) acc[v] = round_to<T>(acc[v]);
-      VecIO<T, V>::store(gx + n * xs_n + c + ih * xs_h + iw * xs_w, acc);
+      for (int q = 0; q < R; ++q) {
+        if (iw0 + q >= W) break;
+#pragma unroll
+        for (int v = 0; v < V; ++v) acc[q][v] = round_to<T>(acc[q][v]);
+        VecIO<T, V>::store(gx + n * xs_n + c + ih * xs_h + (iw0 + q) * xs_w, acc[q]);
+      }
     }
   }
 }

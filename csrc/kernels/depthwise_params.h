@@ -99,8 +99,10 @@ XO_HOST_DEVICE inline bool channels_vectorizable(const DepthwiseTensor& t, int64
          t.stride[1] == 1 && channels % vec == 0 && t.stride[0] % vec == 0 && t.stride[2] % vec == 0 &&
          t.stride[3] % vec == 0;
 }
-// Channels per access of the depthwise vector kernels.
+// Channels per access of the depthwise vector kernels, and the consecutive pixels of one row a thread of the
+// forward and input-gradient vector kernels takes at a time (their taps share input columns).
 constexpr int kDepthwiseVec = 4;
+constexpr int kDepthwiseRun = 4;
 // Threads of a block that share one pixel (one vector of channels each): the channel groups rounded up to a power
 // of two, at most the block; the block's other threads take other pixels.
 XO_HOST_DEVICE inline int depthwise_vector_lanes(int64_t groups) {

@@ -622,17 +622,18 @@ TEST_CASE(depthwise_forward_and_gradients) {
 
 // The vector kernels (launcher: depthwise_forward_vectors, depthwise_dgrad_vectors, depthwise_wgrad_vectors) give
 // the scalar forms' bits: 3x3 at stride 1, NHWC, channel counts of one vector group (every other thread row a pixel), 33
-// groups (a partial power of two) and 300 groups (two per thread), padding and dilation both ways; the weight
-// gradient's partials compared slice by slice.
+// groups (a partial power of two) and 300 groups (two per thread), padding and dilation (rows, columns) both ways,
+// rows of 9 and 7 pixels (runs of kDepthwiseRun cut short); the forward and input gradient in each of their
+// column-sharing forms and the tap-by-tap one; the weight gradient's partials compared slice by slice.
 template <typename T>
-void check_dgrad_vectors(int64_t c, int64_t pad, int64_t dil) {
-  std::mt19937 rng(static_cast<unsigned>(c + pad * 7 + dil));
+void check_dgrad_vectors(int64_t c, int64_t pad, int64_t dil, int64_t dil_w) {
+  std::mt19937 rng(static_cast<unsigned>(c + pad * 7 + dil + dil_w * 3));
   std::normal_distribution<float> normal(0.f, 1.f);
   Conv2dGeometry g;
   g.batch = 2, g.in_channels = c, g.out_channels = c, g.depth_multiplier = 1, g.in_h = 7, g.in_w = 9;
-  g.kernel_h = g.kernel_w = 3, g.stride_h = g.stride_w = 1, g.dilation_h = g.dilation_w = dil;
+  g.kernel_h = g.kernel_w = 3, g.stride_h = g.stride_w = 1, g.dilation_h = dil, g.dilation_w = dil_w;
   g.pad_top = g.pad_left = pad, g.pad_bottom = g.pad_right = pad;
-  g.out_h = g.in_h + 2 * pad - 2 * dil, g.out_w = g.in_w + 2 * pad - 2 * dil;
+  g.out_h = g.in_h + 2 * pad - 2 * dil, g.out_w = g.in_w + 2 * pad - 2 * dil_w;
   std::vector<T> w(c * 9), gy(2 * c * g.out_h * g.out_w);
   for (auto& v : w) v = from_float<T>(normal(rng));
   for (auto& v : gy) v = from_float<T>(normal(rng));
@@ -651,8 +652,14 @@ void check_dgrad_vectors(int64_t c, int64_t pad, int64_t dil) {
   p.input.data = vec.data();
   EXPECT(depthwise_dgrad_vectors(p, static_cast<int>(sizeof(T))));
   const int rows = kDepthwiseThreads / depthwise_vector_lanes(c / kDepthwiseVec);
-  emulate_launch(kernels::depthwise_backward_input_vector_kernel<T, int32_t, kDepthwiseVec>,
-                 dim3(static_cast<unsigned>(std::min<int64_t>((2 * 7 * 9 + rows - 1) / rows, 3))),
+  const dim3 dgrad_grid(static_cast<unsigned>(std::min<int64_t>((2 * 7 * 3 + rows - 1) / rows, 3)));
+  if (dil_w == 1) {  // the column-sharing form, which the launcher takes here
+    emulate_launch(kernels::depthwise_backward_input_vector_kernel<T, int32_t, kDepthwiseVec, true>, dgrad_grid,
+                   dim3(kDepthwiseThreads), p);
+    EXPECT(std::memcmp(gather.data(), vec.data(), vec.size() * sizeof(T)) == 0);
+    std::fill(vec.begin(), vec.end(), from_float<T>(std::nanf("")));
+  }
+  emulate_launch(kernels::depthwise_backward_input_vector_kernel<T, int32_t, kDepthwiseVec, false>, dgrad_grid,
                  dim3(kDepthwiseThreads), p);
   EXPECT(std::memcmp(gather.data(), vec.data(), vec.size() * sizeof(T)) == 0);
 
@@ -667,7 +674,7 @@ void check_dgrad_vectors(int64_t c, int64_t pad, int64_t dil) {
   for (int64_t s : {1, 2}) {
     DepthwiseParams f = p;
     f.g.stride_h = f.g.stride_w = s;
-    f.g.out_h = (7 + 2 * pad - 2 * dil - 1) / s + 1, f.g.out_w = (9 + 2 * pad - 2 * dil - 1) / s + 1;
+    f.g.out_h = (7 + 2 * pad - 2 * dil - 1) / s + 1, f.g.out_w = (9 + 2 * pad - 2 * dil_w - 1) / s + 1;
     strides(c, f.g.out_h, f.g.out_w, true, f.output.stride);
     f.bias = s == 2 ? bias.data() : nullptr;
     f.bias_stride = 1;
@@ -678,7 +685,18 @@ void check_dgrad_vectors(int64_t c, int64_t pad, int64_t dil) {
                    dim3(kDepthwiseThreads), f);
     f.output.data = y_vector.data();
     EXPECT(depthwise_forward_vectors(f, static_cast<int>(sizeof(T))));
-    emulate_launch(kernels::depthwise_forward_vector_kernel<T, int32_t, kDepthwiseVec>, dim3(2),
+    if (dil_w == 1) {  // the column-sharing form of this stride, which the launcher takes here
+      if (s == 1) {
+        emulate_launch(kernels::depthwise_forward_vector_kernel<T, int32_t, kDepthwiseVec, 1>, dim3(2),
+                       dim3(kDepthwiseThreads), f);
+      } else {
+        emulate_launch(kernels::depthwise_forward_vector_kernel<T, int32_t, kDepthwiseVec, 2>, dim3(2),
+                       dim3(kDepthwiseThreads), f);
+      }
+      EXPECT(std::memcmp(y_scalar.data(), y_vector.data(), y_vector.size() * sizeof(T)) == 0);
+      std::fill(y_vector.begin(), y_vector.end(), from_float<T>(std::nanf("")));
+    }
+    emulate_launch(kernels::depthwise_forward_vector_kernel<T, int32_t, kDepthwiseVec, 0>, dim3(2),
                    dim3(kDepthwiseThreads), f);
     EXPECT(std::memcmp(y_scalar.data(), y_vector.data(), y_vector.size() * sizeof(T)) == 0);
   }
@@ -704,9 +722,10 @@ void check_dgrad_vectors(int64_t c, int64_t pad, int64_t dil) {
 
 TEST_CASE(depthwise_vector_kernels_match_the_scalar_forms) {
   for (int64_t c : {4, 132, 1040}) {
-    check_dgrad_vectors<float>(c, 1, 1);
-    check_dgrad_vectors<__nv_bfloat16>(c, 2, 2);
-    check_dgrad_vectors<__half>(c, 0, 1);
+    check_dgrad_vectors<float>(c, 1, 1, 1);
+    check_dgrad_vectors<__nv_bfloat16>(c, 2, 2, 2);
+    check_dgrad_vectors<__half>(c, 0, 1, 1);
+    check_dgrad_vectors<__nv_bfloat16>(c, 1, 2, 1);  // rows dilated, columns not: the column-sharing forms
   }
 }
 
