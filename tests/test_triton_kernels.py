@@ -400,6 +400,33 @@ def test_separable_low_precision_larger_shape(dtype):
     check_separable(shape, SEPARABLE_OPTIONS[1] | dict(compute_stats=True, residual=True), dtype, "channels_last")
 
 
+# More output channels than one BLOCK_K tile and more pixel tiles than one slice: the pointwise weight gradient
+# (grad_y^T @ act(dw), act(dw) computed once into a buffer) is read by several output-channel tiles and its
+# per-slice partials are reduced over several rows. 12 dw channels, 18 out, 144 pixels.
+PW_GRAD_SHAPE = (2, 6, 18, 9, 8, 2, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("opts", [
+    dict(in_scale=True, in_shift=True, in_relu=True, mid="elu", out_scale=True, out_relu=True),  # grad_y folded
+    dict(in_shift=True, in_relu=True, mid="relu", compute_stats=True, out_relu=True),  # grad_y materialized
+], ids=["prologue-elu-folded", "relu-sumsq"])
+def test_pw_gradient_over_several_output_tiles_and_slices(opts, layout):
+    if DEVICE == "cpu":  # the interpreter's one configuration: check the shape still spans what it is meant to
+        cfg = autotune.gemm_configs(torch.float32)[0]
+        n, _, k_out, h, w, mult = PW_GRAD_SHAPE[:6]
+        cm, q = PW_GRAD_SHAPE[1] * mult, n * h * w
+        other = -(-k_out // cfg.BLOCK_K) * -(-cm // cfg.BLOCK_C)
+        slices, per_slice = launch._slices(-(-q // cfg.BLOCK_P), other, torch.device(DEVICE))
+        assert k_out > cfg.BLOCK_K and slices > 1 and per_slice > 1
+    check_separable(PW_GRAD_SHAPE, opts, torch.float32, layout)
+    x, t, f, g = separable_inputs(PW_GRAD_SHAPE, opts, torch.float32, layout)
+    _, first = triton_separable(x, t, f, g)
+    _, second = triton_separable(x, t, f, g)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
 # ---------------------------------------------------------------------------------------------- determinism
 
 def test_weight_gradients_and_statistics_are_bitwise_reproducible():

@@ -516,23 +516,42 @@ def sep_bwd_mid_kernel(go_ptr, out_ptr, out_scale_ptr, gsum_ptr,
 
 
 @triton.jit
-def sep_bwd_pw_kernel(go_ptr, out_ptr, out_scale_ptr, gsum_ptr,
-                      x_ptr, dw_ptr, in_scale_ptr, in_shift_ptr, ws_ptr,
-                      Q, OHW, OW, H, W, C_DW, K, M, TILES_PER_SLICE,
-                      stride_h, stride_w, pad_t, pad_l, dil_h, dil_w,
-                      sxn, sxc, sxh, sxw, swo, swh, sww, sgn, sgk, sgh, sgw, son, sok, soh, sow,
-                      KH: tl.constexpr, KW: tl.constexpr, UNROLL: tl.constexpr,
-                      HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, IN_RELU: tl.constexpr, MID: tl.constexpr,
+def sep_bwd_act_kernel(x_ptr, dw_ptr, in_scale_ptr, in_shift_ptr, mid_ptr,
+                       Q, OHW, OW, H, W, C_DW, M, stride_h, stride_w, pad_t, pad_l, dil_h, dil_w,
+                       sxn, sxc, sxh, sxw, swo, swh, sww, smn, smc, smh, smw,
+                       KH: tl.constexpr, KW: tl.constexpr, UNROLL: tl.constexpr,
+                       HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, IN_RELU: tl.constexpr, MID: tl.constexpr,
+                       IDX64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Separable backward, the depthwise stage's activated result act(dw(relu?(x * in_scale + in_shift))) for
+    the pointwise weight gradient, computed once: one program per BLOCK_P pixels x BLOCK_C depthwise channels.
+    The values stored (in x's dtype) are bit for bit the operand the fused forward gives tl.dot (_sep_y_tile):
+    the depthwise sum rounded to x's dtype, the mid activation in float32, rounded again."""
+    pid_p, oc, c_mask, num_p = _program_tile(C_DW, BLOCK_C)
+    n, oh, ow, p_mask = _pixels(pid_p, Q, OHW, OW, IDX64, BLOCK_P)
+    d = _dw_tile(x_ptr, dw_ptr, in_scale_ptr, in_shift_ptr, n, oh, ow, p_mask, oc, c_mask,
+                 H, W, M, stride_h, stride_w, pad_t, pad_l, dil_h, dil_w, sxn, sxc, sxh, sxw, swo, swh, sww,
+                 KH, KW, UNROLL, HAS_SCALE, HAS_SHIFT, IN_RELU, IDX64, BLOCK_P, BLOCK_C)
+    mid = _mid_act(_round(d, x_ptr.dtype.element_ty), MID).to(x_ptr.dtype.element_ty)
+    offs = (n * smn + oh * smh + ow * smw)[:, None] + (_index(oc, IDX64) * smc)[None, :]
+    tl.store(mid_ptr + offs, mid.to(mid_ptr.dtype.element_ty), mask=p_mask[:, None] & c_mask[None, :])
+
+
+@triton.jit
+def sep_bwd_pw_kernel(go_ptr, out_ptr, out_scale_ptr, gsum_ptr, mid_ptr, ws_ptr,
+                      Q, OHW, OW, C_DW, K, TILES_PER_SLICE,
+                      smn, smc, smh, smw, sgn, sgk, sgh, sgw, son, sok, soh, sow,
                       OUT_RELU: tl.constexpr, HAS_OSCALE: tl.constexpr, HAS_GSUM: tl.constexpr,
                       DOT_PREC: tl.constexpr, IDX64: tl.constexpr,
                       BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     """Separable backward, pointwise weight gradient, partial sums: one program per (pixel slice, BLOCK_K output
     channels, BLOCK_C depthwise channels) accumulates grad_y^T @ act(dw) with tl.dot over its slice's pixel
-    tiles (the depthwise result recomputed in registers) and writes row `slice` of the workspace
-    [num_slices, K, C_DW]; reduce_rows_kernel sums the rows in a fixed order."""
+    tiles, act(dw) read from the buffer sep_bwd_act_kernel wrote (in x's dtype, the forward's tl.dot operand),
+    and writes row `slice` of the workspace [num_slices, K, C_DW]; reduce_rows_kernel sums the rows in a fixed
+    order."""
     pid_c, pid_k, s = _unflatten3(tl.program_id(0), _cdiv(C_DW, BLOCK_C), _cdiv(K, BLOCK_K))
     oc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = oc < C_DW
+    m_col = _index(oc, IDX64) * smc
     k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     k_mask = k < K
     acc = tl.full([BLOCK_K, BLOCK_C], 0.0, tl.float32)
@@ -540,10 +559,8 @@ def sep_bwd_pw_kernel(go_ptr, out_ptr, out_scale_ptr, gsum_ptr,
         n, oh, ow, p_mask = _pixels(s * TILES_PER_SLICE + i, Q, OHW, OW, IDX64, BLOCK_P)
         gy = _grad_y_tile(go_ptr, out_ptr, out_scale_ptr, gsum_ptr, n, oh, ow, p_mask, k, k_mask,
                           sgn, sgk, sgh, sgw, son, sok, soh, sow, OUT_RELU, HAS_OSCALE, HAS_GSUM, IDX64)
-        d = _dw_tile(x_ptr, dw_ptr, in_scale_ptr, in_shift_ptr, n, oh, ow, p_mask, oc, c_mask,
-                     H, W, M, stride_h, stride_w, pad_t, pad_l, dil_h, dil_w, sxn, sxc, sxh, sxw, swo, swh, sww,
-                     KH, KW, UNROLL, HAS_SCALE, HAS_SHIFT, IN_RELU, IDX64, BLOCK_P, BLOCK_C)
-        mid = _mid_act(_round(d, x_ptr.dtype.element_ty), MID)
-        acc = _dot(tl.trans(gy.to(x_ptr.dtype.element_ty)), mid.to(x_ptr.dtype.element_ty), acc, DOT_PREC)
+        mid = tl.load(mid_ptr + (n * smn + oh * smh + ow * smw)[:, None] + m_col[None, :],
+                      mask=p_mask[:, None] & c_mask[None, :], other=0.0)
+        acc = _dot(tl.trans(gy.to(mid_ptr.dtype.element_ty)), mid, acc, DOT_PREC)
     offs = s.to(tl.int64) * K * C_DW + (_index(k, IDX64) * C_DW)[:, None] + oc[None, :]
     tl.store(ws_ptr + offs, acc, mask=k_mask[:, None] & c_mask[None, :])

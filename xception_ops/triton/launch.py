@@ -10,15 +10,23 @@ What each op launches:
 * separable_conv2d: sep_fwd_kernel, the fused dw -> pw GEMM (tl.dot on the depthwise tile held in registers),
   with the prologue, mid activation, epilogue and per-tile statistics partials; reduce_rows_kernel for the
   statistics.
-* separable_conv2d_backward, in up to five passes (the depthwise result is recomputed, never stored):
+* separable_conv2d_backward, in up to five passes (the forward saves only x; what the backward needs of the
+  depthwise stage it recomputes from x):
   1. sep_bwd_epilogue_kernel, only when out_scale / out_shift are given or grad_sumsq is: partial sums for
      their gradients (recomputing y with the fused forward when needed); with grad_sumsq it materializes
      grad_y (output-sized, x's dtype), since grad_y then depends on y.
-  2. sep_bwd_mid_kernel: grad of the depthwise output = act'(dw) * (grad_y @ W) as tl.dot, with the
-     epilogue's backward (relu mask from `out`, out_scale, grad_sum) folded into the grad_out loads. This
-     buffer (the size of the depthwise output, x's dtype) is the one intermediate that is materialized.
-  3. sep_bwd_pw_kernel: grad_pw = grad_y^T @ act(dw) as tl.dot per pixel slice, depthwise tile recomputed.
-  4. dw_wgrad_kernel on the buffer of pass 2, the input going through the prologue on load -> grad_dw_weight.
+  2. grad_pw = grad_y^T @ act(dw): sep_bwd_act_kernel computes act(dw) once, prologue on load, rounded to x's
+     dtype as the fused forward rounds its tl.dot operand, into a transient buffer (the size of the depthwise
+     output, x's dtype, freed before pass 3 allocates its own); then sep_bwd_pw_kernel, tl.dot per pixel slice
+     with grad_y's epilogue backward folded into its loads, and reduce_rows_kernel over the slices. (It used to
+     recompute the depthwise tile in each (output-channel tile x depthwise-channel tile) program: the
+     depthwise work repeated cdiv(k_out, BLOCK_K) times, 57% of a layer's backward in the CUDA backend's
+     equivalent kernel on an H100.)
+  3. sep_bwd_mid_kernel: grad of the depthwise output = act'(dw) * (grad_y @ W) as tl.dot, with the
+     epilogue's backward (relu mask from `out`, out_scale, grad_sum) folded into the grad_out loads and the
+     depthwise result recomputed once for act' when there is a mid activation; stored (the size of the
+     depthwise output, x's dtype) for passes 4 and 5.
+  4. dw_wgrad_kernel on the buffer of pass 3, the input going through the prologue on load -> grad_dw_weight.
   5. dw_dgrad_kernel on the same buffer, with the prologue's backward fused into its epilogue (relu mask,
      partial sums for in_scale / in_shift, times in_scale) -> grad_x.
   Every per-channel sum goes through a float32 workspace and reduce_rows_kernel: no atomics.
@@ -432,7 +440,35 @@ def separable_conv2d_backward(grad_out: torch.Tensor, grad_sum: torch.Tensor | N
         gy_flags = dict(OUT_RELU=bool(out_relu), HAS_OSCALE=out_scale is not None, HAS_GSUM=grad_sum is not None)
     src_key = base_key + tuple(gy_flags.values()) + (write_gy,)
 
-    # 2. grad of the depthwise output (materialized, x's dtype).
+    # 2. grad_pw. (a) The depthwise stage's activated result, once, into a transient buffer (x's dtype, laid out
+    # as grad_x will be); (b) per-slice partial GEMMs grad_y^T @ that buffer, then a fixed-order reduction.
+    mid_buf = torch.empty((n, cm, oh, ow), dtype=dtype, device=dev, memory_format=fmt)
+
+    def run_act(cfg: Config) -> None:
+        grid = (triton.cdiv(q, cfg.BLOCK_P) * triton.cdiv(cm, cfg.BLOCK_C),)
+        K.sep_bwd_act_kernel[grid](
+            x, dw_weight, _or(in_scale, dummy), _or(in_shift, dummy), mid_buf,
+            q, oh * ow, ow, h, w, cm, cm // c, *conv, *x.stride(), *_weight_strides(dw_weight), *mid_buf.stride(),
+            KH=kh, KW=kw, UNROLL=unroll, HAS_SCALE=in_scale is not None, HAS_SHIFT=in_shift is not None,
+            IN_RELU=bool(in_relu), MID=mid, IDX64=idx64, **cfg.meta(False))
+
+    act_key = _key(x, dw_weight, conv, in_scale is not None, in_shift is not None, in_relu, mid)
+    run_act(autotune.choose("sep_bwd_act", act_key, autotune.depthwise_configs(_channels_last(x)), run_act))
+
+    def run_pw(cfg: Config) -> None:
+        tiles = triton.cdiv(q, cfg.BLOCK_P)
+        other = triton.cdiv(k_out, cfg.BLOCK_K) * triton.cdiv(cm, cfg.BLOCK_C)
+        slices, per_slice = _slices(tiles, other, dev)
+        ws = torch.empty((slices, k_out * cm), dtype=torch.float32, device=dev)
+        K.sep_bwd_pw_kernel[(slices * other,)](
+            *gy_src[:4], mid_buf, ws, q, oh * ow, ow, cm, k_out, per_slice, *mid_buf.stride(), *gy_src[4:],
+            **gy_flags, DOT_PREC=prec, IDX64=idx64, **cfg.meta(True))
+        _reduce_rows(ws, grad_pw.view(-1))
+
+    run_pw(autotune.choose("sep_bwd_pw", src_key, autotune.gemm_configs(dtype), run_pw))
+    del mid_buf  # freed before the next pass allocates its buffer of the same size
+
+    # 3. grad of the depthwise output (materialized, x's dtype).
     g_dw_out = torch.empty((n, cm, oh, ow), dtype=dtype, device=dev, memory_format=fmt)
 
     def run_mid(cfg: Config) -> None:
@@ -442,20 +478,6 @@ def separable_conv2d_backward(grad_out: torch.Tensor, grad_sum: torch.Tensor | N
             *geo, *x_args, *gy_src[4:], *g_dw_out.stride(), **gy_flags, **flags_in, **cfg.meta(True))
 
     run_mid(autotune.choose("sep_bwd_mid", src_key, autotune.gemm_configs(dtype), run_mid))
-
-    # 3. grad_pw: per-slice partial GEMMs, then a fixed-order reduction.
-    def run_pw(cfg: Config) -> None:
-        tiles = triton.cdiv(q, cfg.BLOCK_P)
-        other = triton.cdiv(k_out, cfg.BLOCK_K) * triton.cdiv(cm, cfg.BLOCK_C)
-        slices, per_slice = _slices(tiles, other, dev)
-        ws = torch.empty((slices, k_out * cm), dtype=torch.float32, device=dev)
-        K.sep_bwd_pw_kernel[(slices * other,)](
-            *gy_src[:4], x, dw_weight, _or(in_scale, dummy), _or(in_shift, dummy), ws,
-            q, oh * ow, ow, h, w, cm, k_out, cm // c, per_slice, *conv,
-            *x.stride(), *_weight_strides(dw_weight), *gy_src[4:], **gy_flags, **flags_in, **cfg.meta(True))
-        _reduce_rows(ws, grad_pw.view(-1))
-
-    run_pw(autotune.choose("sep_bwd_pw", src_key, autotune.gemm_configs(dtype), run_pw))
 
     # 4. grad_dw_weight, the input through the prologue on load.
     _wgrad(g_dw_out, x, grad_dw, conv, in_scale, in_shift, bool(in_relu))
