@@ -403,24 +403,50 @@ def separable_conv2d_backward(grad_out: torch.Tensor, grad_sum: torch.Tensor | N
     base_key = _key(x, dw_weight, pw_weight, grad_out, conv, in_scale is not None, in_shift is not None, in_relu,
                     mid, out_relu, prec)
 
-    # 1. Epilogue: gradients of out_scale / out_shift, and grad_y itself when it depends on y (grad_sumsq).
+    # The depthwise stage's activated result act(dw(prologue(x))), x's dtype, laid out as grad_x will be: the
+    # tl.dot operand of the fused forward, computed once into a transient buffer and read by pass 1 (to form y)
+    # and pass 2 (grad_pw) instead of being recomputed in every output-channel tile of theirs.
+    def act_buffer() -> torch.Tensor:
+        buf = torch.empty((n, cm, oh, ow), dtype=dtype, device=dev, memory_format=fmt)
+
+        def run_act(cfg: Config) -> None:
+            grid = (triton.cdiv(q, cfg.BLOCK_P) * triton.cdiv(cm, cfg.BLOCK_C),)
+            K.sep_bwd_act_kernel[grid](
+                x, dw_weight, _or(in_scale, dummy), _or(in_shift, dummy), buf,
+                q, oh * ow, ow, h, w, cm, cm // c, *conv, *x.stride(), *_weight_strides(dw_weight), *buf.stride(),
+                KH=kh, KW=kw, UNROLL=unroll, HAS_SCALE=in_scale is not None, HAS_SHIFT=in_shift is not None,
+                IN_RELU=bool(in_relu), MID=mid, IDX64=idx64, **cfg.meta(False))
+
+        act_key = _key(x, dw_weight, conv, in_scale is not None, in_shift is not None, in_relu, mid)
+        run_act(autotune.choose("sep_bwd_act", act_key, autotune.depthwise_configs(_channels_last(x)), run_act))
+        return buf
+
+    # 1. Epilogue: gradients of out_scale / out_shift, and grad_y itself when it depends on y (grad_sumsq). y is
+    # formed from the act buffer, so the buffer comes first: it and grad_y are then live together, as they are
+    # in pass 2 anyway.
     write_gy = grad_sumsq is not None
     need_y = out_scale is not None or write_gy
+    mid_buf = act_buffer() if need_y else None
     gy_buf = torch.empty((n, k_out, oh, ow), dtype=dtype, device=dev, memory_format=fmt) if write_gy else None
     if out_scale is not None or out_shift is not None or write_gy:
-        gy_target = gy_buf if write_gy else grad_out
+        partials = out_scale is not None or out_shift is not None
 
         def run_epilogue(cfg: Config) -> None:
+            # (locals here, not in the enclosing function, so that the dels below free the buffers)
+            gy_target = gy_buf if write_gy else grad_out
+            y_src = mid_buf if need_y else dummy
+            y_strides = mid_buf.stride() if need_y else (0, 0, 0, 0)
             tiles = triton.cdiv(q, cfg.BLOCK_P)
             grid = (tiles * triton.cdiv(k_out, cfg.BLOCK_K),)
-            ws = torch.empty((2, tiles, k_out), dtype=torch.float32, device=dev)
+            ws = torch.empty((2, tiles, k_out), dtype=torch.float32, device=dev) if partials else dummy
             K.sep_bwd_epilogue_kernel[grid](
                 grad_out, _or(out, grad_out), _or(out_scale, dummy), _or(grad_sum, dummy), _or(grad_sumsq, dummy),
-                x, dw_weight, pw_weight, _or(in_scale, dummy), _or(in_shift, dummy), ws, gy_target,
-                *geo, *x_args, *grad_out.stride(), *out_strides, *gy_target.stride(),
+                y_src, pw_weight, ws, gy_target,
+                q, oh * ow, ow, cm, k_out, *y_strides, pw_weight.stride(0), pw_weight.stride(1),
+                *grad_out.stride(), *out_strides, *gy_target.stride(),
                 NEED_Y=need_y, OUT_RELU=bool(out_relu), HAS_OSCALE=out_scale is not None,
                 HAS_OSHIFT=out_shift is not None, HAS_GSUM=grad_sum is not None, WRITE_GY=write_gy,
-                **flags_in, **cfg.meta(True))
+                DOT_PREC=prec, IDX64=idx64, **cfg.meta(True))
             if out_scale is not None:
                 _reduce_rows(ws[0], g_out_scale)
             if out_shift is not None:
@@ -440,20 +466,10 @@ def separable_conv2d_backward(grad_out: torch.Tensor, grad_sum: torch.Tensor | N
         gy_flags = dict(OUT_RELU=bool(out_relu), HAS_OSCALE=out_scale is not None, HAS_GSUM=grad_sum is not None)
     src_key = base_key + tuple(gy_flags.values()) + (write_gy,)
 
-    # 2. grad_pw. (a) The depthwise stage's activated result, once, into a transient buffer (x's dtype, laid out
-    # as grad_x will be); (b) per-slice partial GEMMs grad_y^T @ that buffer, then a fixed-order reduction.
-    mid_buf = torch.empty((n, cm, oh, ow), dtype=dtype, device=dev, memory_format=fmt)
-
-    def run_act(cfg: Config) -> None:
-        grid = (triton.cdiv(q, cfg.BLOCK_P) * triton.cdiv(cm, cfg.BLOCK_C),)
-        K.sep_bwd_act_kernel[grid](
-            x, dw_weight, _or(in_scale, dummy), _or(in_shift, dummy), mid_buf,
-            q, oh * ow, ow, h, w, cm, cm // c, *conv, *x.stride(), *_weight_strides(dw_weight), *mid_buf.stride(),
-            KH=kh, KW=kw, UNROLL=unroll, HAS_SCALE=in_scale is not None, HAS_SHIFT=in_shift is not None,
-            IN_RELU=bool(in_relu), MID=mid, IDX64=idx64, **cfg.meta(False))
-
-    act_key = _key(x, dw_weight, conv, in_scale is not None, in_shift is not None, in_relu, mid)
-    run_act(autotune.choose("sep_bwd_act", act_key, autotune.depthwise_configs(_channels_last(x)), run_act))
+    # 2. grad_pw: per-slice partial GEMMs grad_y^T @ the act buffer (computed here unless pass 1 did), then a
+    # fixed-order reduction.
+    if mid_buf is None:
+        mid_buf = act_buffer()
 
     def run_pw(cfg: Config) -> None:
         tiles = triton.cdiv(q, cfg.BLOCK_P)
@@ -478,6 +494,7 @@ def separable_conv2d_backward(grad_out: torch.Tensor, grad_sum: torch.Tensor | N
             *geo, *x_args, *gy_src[4:], *g_dw_out.stride(), **gy_flags, **flags_in, **cfg.meta(True))
 
     run_mid(autotune.choose("sep_bwd_mid", src_key, autotune.gemm_configs(dtype), run_mid))
+    del gy_src, gy_buf  # grad_y is no longer needed: freed before passes 4 and 5 allocate their workspaces
 
     # 4. grad_dw_weight, the input through the prologue on load.
     _wgrad(g_dw_out, x, grad_dw, conv, in_scale, in_shift, bool(in_relu))
