@@ -436,13 +436,13 @@ def separable_conv2d_backward(grad_out: torch.Tensor, grad_sum: torch.Tensor | N
             gy_target = gy_buf if write_gy else grad_out
             y_src = mid_buf if need_y else dummy
             y_strides = mid_buf.stride() if need_y else (0, 0, 0, 0)
-            tiles = triton.cdiv(q, cfg.BLOCK_P)
-            grid = (tiles * triton.cdiv(k_out, cfg.BLOCK_K),)
-            ws = torch.empty((2, tiles, k_out), dtype=torch.float32, device=dev) if partials else dummy
-            K.sep_bwd_epilogue_kernel[grid](
+            k_tiles = triton.cdiv(k_out, cfg.BLOCK_K)
+            slices, per_slice = _slices(triton.cdiv(q, cfg.BLOCK_P), k_tiles, dev)
+            ws = torch.empty((2, slices, k_out), dtype=torch.float32, device=dev) if partials else dummy
+            K.sep_bwd_epilogue_kernel[(slices * k_tiles,)](
                 grad_out, _or(out, grad_out), _or(out_scale, dummy), _or(grad_sum, dummy), _or(grad_sumsq, dummy),
                 y_src, pw_weight, ws, gy_target,
-                q, oh * ow, ow, cm, k_out, *y_strides, pw_weight.stride(0), pw_weight.stride(1),
+                q, oh * ow, ow, cm, k_out, per_slice, *y_strides, pw_weight.stride(0), pw_weight.stride(1),
                 *grad_out.stride(), *out_strides, *gy_target.stride(),
                 NEED_Y=need_y, OUT_RELU=bool(out_relu), HAS_OSCALE=out_scale is not None,
                 HAS_OSHIFT=out_shift is not None, HAS_GSUM=grad_sum is not None, WRITE_GY=write_gy,
