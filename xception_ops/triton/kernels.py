@@ -567,7 +567,8 @@ def sep_bwd_act_kernel(x_ptr, dw_ptr, in_scale_ptr, in_shift_ptr, mid_ptr,
                        HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, IN_RELU: tl.constexpr, MID: tl.constexpr,
                        IDX64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Separable backward, the depthwise stage's activated result act(dw(relu?(x * in_scale + in_shift))) for
-    the pointwise weight gradient, computed once: one program per BLOCK_P pixels x BLOCK_C depthwise channels.
+    y (the epilogue pass) and the pointwise weight gradient, computed once: one program per BLOCK_P pixels x
+    BLOCK_C depthwise channels.
     The values stored (in x's dtype) are bit for bit the operand the fused forward gives tl.dot (_sep_y_tile):
     the depthwise sum rounded to x's dtype, the mid activation in float32, rounded again."""
     pid_p, oc, c_mask, num_p = _program_tile(C_DW, BLOCK_C)

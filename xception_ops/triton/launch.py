@@ -12,24 +12,31 @@ What each op launches:
   statistics.
 * separable_conv2d_backward, in up to five passes (the forward saves only x; what the backward needs of the
   depthwise stage it recomputes from x):
+  0. sep_bwd_act_kernel: act(dw(prologue(x))) once, rounded to x's dtype as the fused forward rounds its
+     tl.dot operand, into a transient buffer (the size of the depthwise output, x's dtype): before pass 1 when
+     that pass needs y, else before pass 2; read by both, freed before pass 3 allocates its own. (Passes 1 and
+     2 used to recompute the depthwise tile in each of their output-channel tiles: the depthwise work repeated
+     cdiv(k_out, BLOCK_K) times in each, 57% of a layer's backward in the CUDA backend's equivalent grad_pw
+     kernel on an H100.)
   1. sep_bwd_epilogue_kernel, only when out_scale / out_shift are given or grad_sumsq is: partial sums for
-     their gradients (recomputing y with the fused forward when needed); with grad_sumsq it materializes
-     grad_y (output-sized, x's dtype), since grad_y then depends on y.
-  2. grad_pw = grad_y^T @ act(dw): sep_bwd_act_kernel computes act(dw) once, prologue on load, rounded to x's
-     dtype as the fused forward rounds its tl.dot operand, into a transient buffer (the size of the depthwise
-     output, x's dtype, freed before pass 3 allocates its own); then sep_bwd_pw_kernel, tl.dot per pixel slice
-     with grad_y's epilogue backward folded into its loads, and reduce_rows_kernel over the slices. (It used to
-     recompute the depthwise tile in each (output-channel tile x depthwise-channel tile) program: the
-     depthwise work repeated cdiv(k_out, BLOCK_K) times, 57% of a layer's backward in the CUDA backend's
-     equivalent kernel on an H100.)
+     their gradients, per pixel slice (the workspace, live with the buffer and grad_y, does not grow with the
+     pixels); y where needed is tl.dot of the buffer and W over the forward's chunks of depthwise channels,
+     the forward's y bit for bit under the forward's launch configuration. With grad_sumsq it materializes
+     grad_y (output-sized, x's dtype, freed after pass 3), since grad_y then depends on y.
+  2. grad_pw = grad_y^T @ act(dw): sep_bwd_pw_kernel, tl.dot of grad_y and the buffer per pixel slice, with
+     grad_y's epilogue backward folded into its loads, and reduce_rows_kernel over the slices.
   3. sep_bwd_mid_kernel: grad of the depthwise output = act'(dw) * (grad_y @ W) as tl.dot, with the
      epilogue's backward (relu mask from `out`, out_scale, grad_sum) folded into the grad_out loads and the
-     depthwise result recomputed once for act' when there is a mid activation; stored (the size of the
-     depthwise output, x's dtype) for passes 4 and 5.
+     depthwise result recomputed once for act' when there is a mid activation (not read from pass 0's buffer:
+     freed by then, and rounded after ELU); stored (the size of the depthwise output, x's dtype) for passes 4
+     and 5.
   4. dw_wgrad_kernel on the buffer of pass 3, the input going through the prologue on load -> grad_dw_weight.
   5. dw_dgrad_kernel on the same buffer, with the prologue's backward fused into its epilogue (relu mask,
      partial sums for in_scale / in_shift, times in_scale) -> grad_x.
-  Every per-channel sum goes through a float32 workspace and reduce_rows_kernel: no atomics.
+  Every per-channel sum goes through a float32 workspace and reduce_rows_kernel: no atomics. The peak of
+  transient memory: grad_y (with grad_sumsq) and one depthwise-output-sized buffer (act(dw) in passes 1-2,
+  its gradient in 3), plus the float32 workspace of pass 1 or 2 (per pixel slice); pass 5's grows with the
+  pixels (per tile) but grad_y is freed by then.
 
 CPU tensors run in Triton's interpreter and need TRITON_INTERPRET=1; the kernels follow the variable as it is
 at each call (kernels.py is re-imported when it changed since the kernels were decorated).
