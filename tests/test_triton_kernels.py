@@ -400,9 +400,10 @@ def test_separable_low_precision_larger_shape(dtype):
     check_separable(shape, SEPARABLE_OPTIONS[1] | dict(compute_stats=True, residual=True), dtype, "channels_last")
 
 
-# More output channels than one BLOCK_K tile and more pixel tiles than one slice: the pointwise weight gradient
-# (grad_y^T @ act(dw), act(dw) computed once into a buffer) is read by several output-channel tiles and its
-# per-slice partials are reduced over several rows. 12 dw channels, 18 out, 144 pixels.
+# More output channels than one BLOCK_K tile and more pixel tiles than one slice: the backward's act(dw) buffer
+# (computed once) is read by several output-channel tiles, in pass 1 to form y (with out_scale or grad_sumsq)
+# and in the pointwise weight gradient (grad_y^T @ act(dw)), whose per-slice partials are reduced over several
+# rows. 12 dw channels, 18 out, 144 pixels.
 PW_GRAD_SHAPE = (2, 6, 18, 9, 8, 2, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
 
 
@@ -410,7 +411,11 @@ PW_GRAD_SHAPE = (2, 6, 18, 9, 8, 2, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
 @pytest.mark.parametrize("opts", [
     dict(in_scale=True, in_shift=True, in_relu=True, mid="elu", out_scale=True, out_relu=True),  # grad_y folded
     dict(in_shift=True, in_relu=True, mid="relu", compute_stats=True, out_relu=True),  # grad_y materialized
-], ids=["prologue-elu-folded", "relu-sumsq"])
+    # training with batch norm: y for out_scale's gradient and for grad_sumsq's term, grad_y materialized
+    dict(in_scale=True, in_shift=True, in_relu=True, mid="elu", out_scale=True, out_shift=True,
+         compute_stats=True, out_relu=True),
+    dict(in_scale=True, in_relu=True, out_scale=True, out_shift=True, compute_stats=True),  # no mid activation
+], ids=["prologue-elu-folded", "relu-sumsq", "prologue-elu-bn-stats", "prologue-bn-stats"])
 def test_pw_gradient_over_several_output_tiles_and_slices(opts, layout):
     if DEVICE == "cpu":  # the interpreter's one configuration: check the shape still spans what it is meant to
         cfg = autotune.gemm_configs(torch.float32)[0]
@@ -425,6 +430,42 @@ def test_pw_gradient_over_several_output_tiles_and_slices(opts, layout):
     _, second = triton_separable(x, t, f, g)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_backward_forms_the_forwards_y_bit_for_bit(monkeypatch, layout):
+    """Pass 1 of the backward forms y from the act(dw) buffer with the fused forward's tl.dot operand and
+    accumulation: with the forward's launch configuration (autotuning off) it is the forward's y bit for bit.
+    Seen through the grad_y it materializes: with grad_out = 0 and grad_sumsq = 1/2, grad_y = 2 * y / 2 = y
+    exactly, and without epilogue options the forward's out is y. Three depthwise-channel chunks (34 dw
+    channels: with two, the order of the chunks would not show in the bits), output-channel tiles (18) and
+    pixel tiles (84 pixels), the last of each partial."""
+    monkeypatch.setenv("XCEPTION_OPS_TRITON_AUTOTUNE", "0")
+    shape = (2, 17, 18, 7, 6, 2, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
+    opts = dict(in_scale=True, in_shift=True, in_relu=True, mid="elu", compute_stats=True, grads=("sumsq",))
+    x, t, f, g = separable_inputs(shape, opts, torch.float32, layout)
+    y, _, _ = call_forward(launch.separable_conv2d, x, t, f)
+    real = launch._kernels()
+    materialized = []
+
+    class Spy:  # records the grad_y buffer the epilogue kernel writes
+        def __getitem__(self, grid):
+            def run(*args, **kw):
+                real.sep_bwd_epilogue_kernel[grid](*args, **kw)
+                materialized.append(dict(zip(real.sep_bwd_epilogue_kernel.arg_names, args))["gy_ptr"])
+            return run
+
+    class Kernels:
+        def __getattr__(self, name):
+            return Spy() if name == "sep_bwd_epilogue_kernel" else getattr(real, name)
+
+    monkeypatch.setattr(launch, "_kernels", lambda: Kernels())
+    launch.separable_conv2d_backward(
+        torch.zeros_like(g["grad_out"]), None, torch.full_like(g["grad_sumsq"], 0.5), None, x, t["dw_weight"],
+        t["pw_weight"], t["in_scale"], t["in_shift"], f["in_relu"], f["stride"], f["padding"], f["dilation"],
+        f["mid_activation"], None, None, False)
+    assert len(materialized) == 1
+    assert torch.equal(materialized[0], y)
 
 
 # ---------------------------------------------------------------------------------------------- determinism

@@ -177,6 +177,15 @@ def _dot(a, b, acc, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
+def _pw_chunk(acc, mid, pw_ptr, oc, c_mask, pw_row, k_mask, spc, DOT_PREC: tl.constexpr, IDX64: tl.constexpr):
+    """acc + mid @ pw[k, oc]^T with tl.dot: one chunk of depthwise channels of the pointwise GEMM. mid is the
+    act(dw) tile in x's dtype (BLOCK_P x BLOCK_C), zero outside the tile."""
+    pw = tl.load(pw_ptr + (_index(oc, IDX64) * spc)[:, None] + pw_row[None, :],
+                 mask=c_mask[:, None] & k_mask[None, :], other=0.0)
+    return _dot(mid, pw, acc, DOT_PREC)
+
+
+@triton.jit
 def _sep_y_tile(x_ptr, dw_ptr, pw_ptr, in_scale_ptr, in_shift_ptr, n, oh, ow, p_mask, k, k_mask,
                 C_DW, H, W, M, stride_h, stride_w, pad_t, pad_l, dil_h, dil_w,
                 sxn, sxc, sxh, sxw, swo, swh, sww, spk, spc,
@@ -196,9 +205,28 @@ def _sep_y_tile(x_ptr, dw_ptr, pw_ptr, in_scale_ptr, in_shift_ptr, n, oh, ow, p_
                      H, W, M, stride_h, stride_w, pad_t, pad_l, dil_h, dil_w, sxn, sxc, sxh, sxw, swo, swh, sww,
                      KH, KW, UNROLL, HAS_SCALE, HAS_SHIFT, IN_RELU, IDX64, BLOCK_P, BLOCK_C)
         mid = _mid_act(_round(d, x_ptr.dtype.element_ty), MID)
-        pw = tl.load(pw_ptr + (_index(oc, IDX64) * spc)[:, None] + pw_row[None, :],
-                     mask=c_mask[:, None] & k_mask[None, :], other=0.0)
-        acc = _dot(mid.to(x_ptr.dtype.element_ty), pw, acc, DOT_PREC)
+        acc = _pw_chunk(acc, mid.to(x_ptr.dtype.element_ty), pw_ptr, oc, c_mask, pw_row, k_mask, spc, DOT_PREC,
+                        IDX64)
+    return acc
+
+
+@triton.jit
+def _sep_y_from_act(mid_ptr, pw_ptr, n, oh, ow, p_mask, k, k_mask, C_DW, smn, smc, smh, smw, spk, spc,
+                    DOT_PREC: tl.constexpr, IDX64: tl.constexpr,
+                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """_sep_y_tile with the act(dw) tiles read from the buffer sep_bwd_act_kernel wrote instead of computed:
+    the same operand bit for bit (zero outside the tile, as the computed one is), the same chunks of BLOCK_C
+    depthwise channels in the same order into the same float32 accumulator, so with the forward's launch
+    configuration y is the forward's y bit for bit."""
+    acc = tl.full([BLOCK_P, BLOCK_K], 0.0, tl.float32)
+    pw_row = _index(k, IDX64) * spk
+    m_row = n * smn + oh * smh + ow * smw
+    for c0 in range(0, C_DW, BLOCK_C):
+        oc = c0 + tl.arange(0, BLOCK_C)
+        c_mask = oc < C_DW
+        mid = tl.load(mid_ptr + m_row[:, None] + (_index(oc, IDX64) * smc)[None, :],
+                      mask=p_mask[:, None] & c_mask[None, :], other=0.0)
+        acc = _pw_chunk(acc, mid, pw_ptr, oc, c_mask, pw_row, k_mask, spc, DOT_PREC, IDX64)
     return acc
 
 
@@ -431,48 +459,64 @@ def sep_fwd_kernel(x_ptr, dw_ptr, pw_ptr, in_scale_ptr, in_shift_ptr, out_scale_
 
 
 @triton.jit
-def sep_bwd_epilogue_kernel(go_ptr, out_ptr, out_scale_ptr, gsum_ptr, gsumsq_ptr,
-                            x_ptr, dw_ptr, pw_ptr, in_scale_ptr, in_shift_ptr, ws_ptr, gy_ptr,
-                            Q, OHW, OW, H, W, C_DW, K, M, stride_h, stride_w, pad_t, pad_l, dil_h, dil_w,
-                            sxn, sxc, sxh, sxw, swo, swh, sww, spk, spc,
+def sep_bwd_epilogue_kernel(go_ptr, out_ptr, out_scale_ptr, gsum_ptr, gsumsq_ptr, mid_ptr, pw_ptr, ws_ptr, gy_ptr,
+                            Q, OHW, OW, C_DW, K, TILES_PER_SLICE, smn, smc, smh, smw, spk, spc,
                             sgn, sgk, sgh, sgw, son, sok, soh, sow, syn, syk, syh, syw,
-                            KH: tl.constexpr, KW: tl.constexpr, UNROLL: tl.constexpr,
-                            HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, IN_RELU: tl.constexpr,
-                            MID: tl.constexpr, NEED_Y: tl.constexpr, OUT_RELU: tl.constexpr,
+                            NEED_Y: tl.constexpr, OUT_RELU: tl.constexpr,
                             HAS_OSCALE: tl.constexpr, HAS_OSHIFT: tl.constexpr, HAS_GSUM: tl.constexpr,
                             WRITE_GY: tl.constexpr, DOT_PREC: tl.constexpr, IDX64: tl.constexpr,
                             BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     """Separable backward, epilogue part (runs only when out_scale / out_shift have gradients or grad_sumsq is
-    given): recomputes y when needed (NEED_Y), writes the per-tile partial sums of grad_z * y (plane 0, for
-    out_scale) and grad_z (plane 1, for out_shift) to the workspace [2, num_pixel_tiles, K], and with WRITE_GY
-    materializes grad_y = grad_z * out_scale + grad_sum + 2 * y * grad_sumsq in x's dtype."""
-    pid_p, k, k_mask, num_p = _program_tile(K, BLOCK_K)
-    n, oh, ow, p_mask = _pixels(pid_p, Q, OHW, OW, IDX64, BLOCK_P)
-    mask = p_mask[:, None] & k_mask[None, :]
-    gz = _grad_y_tile(go_ptr, out_ptr, out_scale_ptr, gsum_ptr, n, oh, ow, p_mask, k, k_mask,
-                      sgn, sgk, sgh, sgw, son, sok, soh, sow, OUT_RELU, False, False, IDX64)
-    if NEED_Y:
-        acc = _sep_y_tile(x_ptr, dw_ptr, pw_ptr, in_scale_ptr, in_shift_ptr, n, oh, ow, p_mask, k, k_mask,
-                          C_DW, H, W, M, stride_h, stride_w, pad_t, pad_l, dil_h, dil_w,
-                          sxn, sxc, sxh, sxw, swo, swh, sww, spk, spc,
-                          KH, KW, UNROLL, HAS_SCALE, HAS_SHIFT, IN_RELU, MID, DOT_PREC, IDX64,
-                          BLOCK_P, BLOCK_C, BLOCK_K)
-        y = tl.where(mask, _round(acc, x_ptr.dtype.element_ty), 0.0)
-    row = pid_p.to(tl.int64) * K
-    plane = num_p.to(tl.int64) * K
-    if HAS_OSCALE:
-        tl.store(ws_ptr + row + k, _sum(gz * y, axis=0), mask=k_mask)
-    if HAS_OSHIFT:
-        tl.store(ws_ptr + plane + row + k, _sum(gz, axis=0), mask=k_mask)
+    given): one program per (pixel slice, BLOCK_K output channels) walks its slice's TILES_PER_SLICE pixel
+    tiles. For each it forms y when needed (NEED_Y) as the GEMM of the act(dw) buffer (sep_bwd_act_kernel, x's
+    dtype) and the pointwise weight (_sep_y_from_act: the forward's operand and accumulation), accumulates the
+    partial sums of grad_z * y (for out_scale) and grad_z (for out_shift), and with WRITE_GY materializes
+    grad_y = grad_z * out_scale + grad_sum + 2 * y * grad_sumsq in x's dtype. The sums go to row `slice` of
+    the workspace planes 0 and 1 ([2, num_slices, K]): per slice rather than per tile, so that the workspace,
+    live together with the act buffer and grad_y, does not grow with the number of pixels."""
+    pid = tl.program_id(0)
+    num_k = _cdiv(K, BLOCK_K)
+    s = pid // num_k
+    k = (pid - s * num_k) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_mask = k < K
     if WRITE_GY:
-        gy = gz
+        gy_scale = tl.full([BLOCK_K], 1.0, tl.float32)
         if HAS_OSCALE:
-            gy = gy * tl.load(out_scale_ptr + k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+            gy_scale = tl.load(out_scale_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
+        gy_shift = tl.full([BLOCK_K], 0.0, tl.float32)
         if HAS_GSUM:
-            gy = gy + tl.load(gsum_ptr + k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
-        gy = gy + 2.0 * y * tl.load(gsumsq_ptr + k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
-        offs = (n * syn + oh * syh + ow * syw)[:, None] + (_index(k, IDX64) * syk)[None, :]
-        tl.store(gy_ptr + offs, gy.to(gy_ptr.dtype.element_ty), mask=mask)
+            gy_shift = tl.load(gsum_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
+        gsumsq = tl.load(gsumsq_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
+    sum_gzy = tl.full([BLOCK_K], 0.0, tl.float32)
+    sum_gz = tl.full([BLOCK_K], 0.0, tl.float32)
+    for i in range(TILES_PER_SLICE):
+        n, oh, ow, p_mask = _pixels(s * TILES_PER_SLICE + i, Q, OHW, OW, IDX64, BLOCK_P)
+        mask = p_mask[:, None] & k_mask[None, :]
+        gz = _grad_y_tile(go_ptr, out_ptr, out_scale_ptr, gsum_ptr, n, oh, ow, p_mask, k, k_mask,
+                          sgn, sgk, sgh, sgw, son, sok, soh, sow, OUT_RELU, False, False, IDX64)
+        if NEED_Y:
+            acc = _sep_y_from_act(mid_ptr, pw_ptr, n, oh, ow, p_mask, k, k_mask, C_DW, smn, smc, smh, smw,
+                                  spk, spc, DOT_PREC, IDX64, BLOCK_P, BLOCK_C, BLOCK_K)
+            y = tl.where(mask, _round(acc, mid_ptr.dtype.element_ty), 0.0)
+        if HAS_OSCALE:
+            sum_gzy += _sum(gz * y, axis=0)
+        if HAS_OSHIFT:
+            sum_gz += _sum(gz, axis=0)
+        if WRITE_GY:
+            gy = gz
+            if HAS_OSCALE:
+                gy = gy * gy_scale[None, :]
+            if HAS_GSUM:
+                gy = gy + gy_shift[None, :]
+            gy = gy + 2.0 * y * gsumsq[None, :]
+            offs = (n * syn + oh * syh + ow * syw)[:, None] + (_index(k, IDX64) * syk)[None, :]
+            tl.store(gy_ptr + offs, gy.to(gy_ptr.dtype.element_ty), mask=mask)
+    row = s.to(tl.int64) * K
+    plane = (tl.num_programs(0) // num_k).to(tl.int64) * K
+    if HAS_OSCALE:
+        tl.store(ws_ptr + row + k, sum_gzy, mask=k_mask)
+    if HAS_OSHIFT:
+        tl.store(ws_ptr + plane + row + k, sum_gz, mask=k_mask)
 
 
 @triton.jit
@@ -523,7 +567,8 @@ def sep_bwd_act_kernel(x_ptr, dw_ptr, in_scale_ptr, in_shift_ptr, mid_ptr,
                        HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, IN_RELU: tl.constexpr, MID: tl.constexpr,
                        IDX64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Separable backward, the depthwise stage's activated result act(dw(relu?(x * in_scale + in_shift))) for
-    the pointwise weight gradient, computed once: one program per BLOCK_P pixels x BLOCK_C depthwise channels.
+    y (the epilogue pass) and the pointwise weight gradient, computed once: one program per BLOCK_P pixels x
+    BLOCK_C depthwise channels.
     The values stored (in x's dtype) are bit for bit the operand the fused forward gives tl.dot (_sep_y_tile):
     the depthwise sum rounded to x's dtype, the mid activation in float32, rounded again."""
     pid_p, oc, c_mask, num_p = _program_tile(C_DW, BLOCK_C)

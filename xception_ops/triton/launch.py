@@ -12,24 +12,31 @@ What each op launches:
   statistics.
 * separable_conv2d_backward, in up to five passes (the forward saves only x; what the backward needs of the
   depthwise stage it recomputes from x):
+  0. sep_bwd_act_kernel: act(dw(prologue(x))) once, rounded to x's dtype as the fused forward rounds its
+     tl.dot operand, into a transient buffer (the size of the depthwise output, x's dtype): before pass 1 when
+     that pass needs y, else before pass 2; read by both, freed before pass 3 allocates its own. (Passes 1 and
+     2 used to recompute the depthwise tile in each of their output-channel tiles: the depthwise work repeated
+     cdiv(k_out, BLOCK_K) times in each, 57% of a layer's backward in the CUDA backend's equivalent grad_pw
+     kernel on an H100.)
   1. sep_bwd_epilogue_kernel, only when out_scale / out_shift are given or grad_sumsq is: partial sums for
-     their gradients (recomputing y with the fused forward when needed); with grad_sumsq it materializes
-     grad_y (output-sized, x's dtype), since grad_y then depends on y.
-  2. grad_pw = grad_y^T @ act(dw): sep_bwd_act_kernel computes act(dw) once, prologue on load, rounded to x's
-     dtype as the fused forward rounds its tl.dot operand, into a transient buffer (the size of the depthwise
-     output, x's dtype, freed before pass 3 allocates its own); then sep_bwd_pw_kernel, tl.dot per pixel slice
-     with grad_y's epilogue backward folded into its loads, and reduce_rows_kernel over the slices. (It used to
-     recompute the depthwise tile in each (output-channel tile x depthwise-channel tile) program: the
-     depthwise work repeated cdiv(k_out, BLOCK_K) times, 57% of a layer's backward in the CUDA backend's
-     equivalent kernel on an H100.)
+     their gradients, per pixel slice (the workspace, live with the buffer and grad_y, does not grow with the
+     pixels); y where needed is tl.dot of the buffer and W over the forward's chunks of depthwise channels,
+     the forward's y bit for bit under the forward's launch configuration. With grad_sumsq it materializes
+     grad_y (output-sized, x's dtype, freed after pass 3), since grad_y then depends on y.
+  2. grad_pw = grad_y^T @ act(dw): sep_bwd_pw_kernel, tl.dot of grad_y and the buffer per pixel slice, with
+     grad_y's epilogue backward folded into its loads, and reduce_rows_kernel over the slices.
   3. sep_bwd_mid_kernel: grad of the depthwise output = act'(dw) * (grad_y @ W) as tl.dot, with the
      epilogue's backward (relu mask from `out`, out_scale, grad_sum) folded into the grad_out loads and the
-     depthwise result recomputed once for act' when there is a mid activation; stored (the size of the
-     depthwise output, x's dtype) for passes 4 and 5.
+     depthwise result recomputed once for act' when there is a mid activation (not read from pass 0's buffer:
+     freed by then, and rounded after ELU); stored (the size of the depthwise output, x's dtype) for passes 4
+     and 5.
   4. dw_wgrad_kernel on the buffer of pass 3, the input going through the prologue on load -> grad_dw_weight.
   5. dw_dgrad_kernel on the same buffer, with the prologue's backward fused into its epilogue (relu mask,
      partial sums for in_scale / in_shift, times in_scale) -> grad_x.
-  Every per-channel sum goes through a float32 workspace and reduce_rows_kernel: no atomics.
+  Every per-channel sum goes through a float32 workspace and reduce_rows_kernel: no atomics. The peak of
+  transient memory: grad_y (with grad_sumsq) and one depthwise-output-sized buffer (act(dw) in passes 1-2,
+  its gradient in 3), plus the float32 workspace of pass 1 or 2 (per pixel slice); pass 5's grows with the
+  pixels (per tile) but grad_y is freed by then.
 
 CPU tensors run in Triton's interpreter and need TRITON_INTERPRET=1; the kernels follow the variable as it is
 at each call (kernels.py is re-imported when it changed since the kernels were decorated).
@@ -403,24 +410,50 @@ def separable_conv2d_backward(grad_out: torch.Tensor, grad_sum: torch.Tensor | N
     base_key = _key(x, dw_weight, pw_weight, grad_out, conv, in_scale is not None, in_shift is not None, in_relu,
                     mid, out_relu, prec)
 
-    # 1. Epilogue: gradients of out_scale / out_shift, and grad_y itself when it depends on y (grad_sumsq).
+    # The depthwise stage's activated result act(dw(prologue(x))), x's dtype, laid out as grad_x will be: the
+    # tl.dot operand of the fused forward, computed once into a transient buffer and read by pass 1 (to form y)
+    # and pass 2 (grad_pw) instead of being recomputed in every output-channel tile of theirs.
+    def act_buffer() -> torch.Tensor:
+        buf = torch.empty((n, cm, oh, ow), dtype=dtype, device=dev, memory_format=fmt)
+
+        def run_act(cfg: Config) -> None:
+            grid = (triton.cdiv(q, cfg.BLOCK_P) * triton.cdiv(cm, cfg.BLOCK_C),)
+            K.sep_bwd_act_kernel[grid](
+                x, dw_weight, _or(in_scale, dummy), _or(in_shift, dummy), buf,
+                q, oh * ow, ow, h, w, cm, cm // c, *conv, *x.stride(), *_weight_strides(dw_weight), *buf.stride(),
+                KH=kh, KW=kw, UNROLL=unroll, HAS_SCALE=in_scale is not None, HAS_SHIFT=in_shift is not None,
+                IN_RELU=bool(in_relu), MID=mid, IDX64=idx64, **cfg.meta(False))
+
+        act_key = _key(x, dw_weight, conv, in_scale is not None, in_shift is not None, in_relu, mid)
+        run_act(autotune.choose("sep_bwd_act", act_key, autotune.depthwise_configs(_channels_last(x)), run_act))
+        return buf
+
+    # 1. Epilogue: gradients of out_scale / out_shift, and grad_y itself when it depends on y (grad_sumsq). y is
+    # formed from the act buffer, so the buffer comes first: it and grad_y are then live together, as they are
+    # in pass 2 anyway.
     write_gy = grad_sumsq is not None
     need_y = out_scale is not None or write_gy
+    mid_buf = act_buffer() if need_y else None
     gy_buf = torch.empty((n, k_out, oh, ow), dtype=dtype, device=dev, memory_format=fmt) if write_gy else None
     if out_scale is not None or out_shift is not None or write_gy:
-        gy_target = gy_buf if write_gy else grad_out
+        partials = out_scale is not None or out_shift is not None
 
         def run_epilogue(cfg: Config) -> None:
-            tiles = triton.cdiv(q, cfg.BLOCK_P)
-            grid = (tiles * triton.cdiv(k_out, cfg.BLOCK_K),)
-            ws = torch.empty((2, tiles, k_out), dtype=torch.float32, device=dev)
-            K.sep_bwd_epilogue_kernel[grid](
+            # (locals here, not in the enclosing function, so that the dels below free the buffers)
+            gy_target = gy_buf if write_gy else grad_out
+            y_src = mid_buf if need_y else dummy
+            y_strides = mid_buf.stride() if need_y else (0, 0, 0, 0)
+            k_tiles = triton.cdiv(k_out, cfg.BLOCK_K)
+            slices, per_slice = _slices(triton.cdiv(q, cfg.BLOCK_P), k_tiles, dev)
+            ws = torch.empty((2, slices, k_out), dtype=torch.float32, device=dev) if partials else dummy
+            K.sep_bwd_epilogue_kernel[(slices * k_tiles,)](
                 grad_out, _or(out, grad_out), _or(out_scale, dummy), _or(grad_sum, dummy), _or(grad_sumsq, dummy),
-                x, dw_weight, pw_weight, _or(in_scale, dummy), _or(in_shift, dummy), ws, gy_target,
-                *geo, *x_args, *grad_out.stride(), *out_strides, *gy_target.stride(),
+                y_src, pw_weight, ws, gy_target,
+                q, oh * ow, ow, cm, k_out, per_slice, *y_strides, pw_weight.stride(0), pw_weight.stride(1),
+                *grad_out.stride(), *out_strides, *gy_target.stride(),
                 NEED_Y=need_y, OUT_RELU=bool(out_relu), HAS_OSCALE=out_scale is not None,
                 HAS_OSHIFT=out_shift is not None, HAS_GSUM=grad_sum is not None, WRITE_GY=write_gy,
-                **flags_in, **cfg.meta(True))
+                DOT_PREC=prec, IDX64=idx64, **cfg.meta(True))
             if out_scale is not None:
                 _reduce_rows(ws[0], g_out_scale)
             if out_shift is not None:
@@ -440,20 +473,10 @@ def separable_conv2d_backward(grad_out: torch.Tensor, grad_sum: torch.Tensor | N
         gy_flags = dict(OUT_RELU=bool(out_relu), HAS_OSCALE=out_scale is not None, HAS_GSUM=grad_sum is not None)
     src_key = base_key + tuple(gy_flags.values()) + (write_gy,)
 
-    # 2. grad_pw. (a) The depthwise stage's activated result, once, into a transient buffer (x's dtype, laid out
-    # as grad_x will be); (b) per-slice partial GEMMs grad_y^T @ that buffer, then a fixed-order reduction.
-    mid_buf = torch.empty((n, cm, oh, ow), dtype=dtype, device=dev, memory_format=fmt)
-
-    def run_act(cfg: Config) -> None:
-        grid = (triton.cdiv(q, cfg.BLOCK_P) * triton.cdiv(cm, cfg.BLOCK_C),)
-        K.sep_bwd_act_kernel[grid](
-            x, dw_weight, _or(in_scale, dummy), _or(in_shift, dummy), mid_buf,
-            q, oh * ow, ow, h, w, cm, cm // c, *conv, *x.stride(), *_weight_strides(dw_weight), *mid_buf.stride(),
-            KH=kh, KW=kw, UNROLL=unroll, HAS_SCALE=in_scale is not None, HAS_SHIFT=in_shift is not None,
-            IN_RELU=bool(in_relu), MID=mid, IDX64=idx64, **cfg.meta(False))
-
-    act_key = _key(x, dw_weight, conv, in_scale is not None, in_shift is not None, in_relu, mid)
-    run_act(autotune.choose("sep_bwd_act", act_key, autotune.depthwise_configs(_channels_last(x)), run_act))
+    # 2. grad_pw: per-slice partial GEMMs grad_y^T @ the act buffer (computed here unless pass 1 did), then a
+    # fixed-order reduction.
+    if mid_buf is None:
+        mid_buf = act_buffer()
 
     def run_pw(cfg: Config) -> None:
         tiles = triton.cdiv(q, cfg.BLOCK_P)
@@ -478,6 +501,7 @@ def separable_conv2d_backward(grad_out: torch.Tensor, grad_sum: torch.Tensor | N
             *geo, *x_args, *gy_src[4:], *g_dw_out.stride(), **gy_flags, **flags_in, **cfg.meta(True))
 
     run_mid(autotune.choose("sep_bwd_mid", src_key, autotune.gemm_configs(dtype), run_mid))
+    del gy_src, gy_buf  # grad_y is no longer needed: freed before passes 4 and 5 allocate their workspaces
 
     # 4. grad_dw_weight, the input through the prologue on load.
     _wgrad(g_dw_out, x, grad_dw, conv, in_scale, in_shift, bool(in_relu))
