@@ -259,7 +259,7 @@ def test_module_running_statistics_follow_pytorch_batch_norm():
 @requires_gpu
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("buffers", ["stats", "bfloat16", "strided"])
+@pytest.mark.parametrize("buffers", ["stats", "bfloat16", "float16", "strided"])
 @pytest.mark.parametrize("channels", [1, 300, 2048])
 def test_cuda_running_statistics_match_the_reference(dtype, buffers, channels):
     if "xception_ops.batch_norm_update_stats" not in _library.EXTENSION.CUDA_OPS:
@@ -267,7 +267,7 @@ def test_cuda_running_statistics_match_the_reference(dtype, buffers, channels):
     mean = torch.randn(channels, device="cuda", dtype=dtype)
     var = torch.rand(channels, device="cuda", dtype=dtype) + 0.1
     pre_bias = torch.randn(channels, device="cuda", dtype=torch.bfloat16)
-    bdtype = torch.bfloat16 if buffers == "bfloat16" else dtype
+    bdtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(buffers, dtype)
     start = [torch.randn(2 * channels, device="cuda"), torch.rand(2 * channels, device="cuda") + 0.5]
 
     def buffer_pair():  # fresh copies; "strided": every other element of a longer buffer (the reference's path)
@@ -279,9 +279,9 @@ def test_cuda_running_statistics_match_the_reference(dtype, buffers, channels):
         assert got[0].is_contiguous() == (buffers != "strided" or channels == 1)
         OPS.batch_norm_update_stats(got[0], got[1], mean, var, bias, 50, 0.1, "cuda")
         OPS.batch_norm_update_stats(want[0], want[1], mean, var, bias, 50, 0.1, "torch")
-        # The kernel (buffers in the statistics' dtype) against ATen's ops: roundings apart; the other cases run
-        # the reference itself.
-        tol = {torch.float32: 1e-6, torch.float64: 1e-12}[dtype] if buffers != "bfloat16" else 1e-2
+        # The kernel (buffers in the statistics' dtype, or 16-bit beside float32 statistics, rounded once) against
+        # ATen's ops: roundings apart (a 16-bit ulp at most); strided buffers run the reference itself.
+        tol = {torch.float32: 1e-6, torch.float64: 1e-12}[dtype] if bdtype == dtype else 1e-2
         for g, w in zip(got, want):
             torch.testing.assert_close(g.double(), w.double(), rtol=tol, atol=tol)
 

@@ -6,9 +6,12 @@ import json
 import pytest
 import torch
 
+from xception_ops import backend as backends
 from xception_ops import bench, bench_report, cli
 from xception_ops.bench import LayerRow, ModelRow
 from xception_ops.progress import Progress
+
+from .conftest import requires_gpu
 
 LAYER_FIELDS = set(LayerRow.__dataclass_fields__)
 MODEL_FIELDS = set(ModelRow.__dataclass_fields__)
@@ -132,6 +135,26 @@ def test_launch_bound_layers_are_timed_as_graph_replays(monkeypatch, direct, rep
     assert bool(tried) == (pass_ != "backward" and direct < bench.LAUNCH_BOUND_BELOW_MS)
     line = bench_report._layer_lines([dataclasses.asdict(row)])[1]
     assert line.endswith(f"{direct:9.3f}") == want_graph  # the table shows the direct calls' time beside
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("impl", ["eager", "xo:torch", "xo:cuda"])
+@pytest.mark.parametrize("pass_", ["inference", "training"])
+def test_a_small_layer_is_captured_and_replayed_on_gpu(impl, pass_):
+    # What the CPU test above stands in for: capturing each implementation's pass (training: forward and backward,
+    # after a warm-up on a side stream, one memory pool for the buffers' graphs) and timing its replays. A capture
+    # failure would only fall back to direct timing in bench_layer, so it is called directly here.
+    usable = {s.name for s in backends.status() if s.usable}
+    if impl.startswith("xo:") and impl[3:] not in usable:
+        pytest.skip(f"backend {impl[3:]} is not usable here")
+    device = torch.device("cuda")
+    run = bench.layer_runner("separable", impl, 16, 24, 9, 2, torch.float32, "NHWC", pass_, device)
+    timing = bench.time_fn(run, device, 1, 3, graph=True)
+    assert timing.graph and timing.runs == 3 and timing.median_ms > 0
+    row = bench.bench_layer("separable", 16, 24, 9, 2, 1, torch.float32, "NHWC", pass_, impl, device, 1, 3)
+    assert row.error is None
+    assert row.graph == (row.direct_ms == row.direct_ms)  # a row timed as replays keeps the direct calls' time
 
 
 def test_layer_peak_memory_is_that_of_the_calls_after_the_warm_up(monkeypatch):
