@@ -11,10 +11,16 @@ namespace xception_ops::cuda {
 // `g` is already validated; the tensors must be CUDA tensors on one device with dtype float32, float16 or
 // bfloat16 (float64 raises a TypeError that points to backend="torch"). Outputs follow output_memory_format
 // (backward_input: `fmt`; backward_weight: contiguous).
-Tensor depthwise_conv2d(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Conv2dGeometry& g);
+// The forward and the weight gradient can read x through a prologue, relu?(x * in_scale + in_shift) rounded to
+// the dtype (float32 CUDA vectors, nullptr for none): the separable backward's recompute, only where
+// depthwise_prologue_ok (kernels/depthwise_params.h) holds, else the launch fails.
+Tensor depthwise_conv2d(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Conv2dGeometry& g,
+                        const float* in_scale = nullptr, const float* in_shift = nullptr, bool in_relu = false);
 Tensor depthwise_conv2d_backward_input(const Tensor& grad_out, const Tensor& weight, const Conv2dGeometry& g,
                                        at::MemoryFormat fmt);
-Tensor depthwise_conv2d_backward_weight(const Tensor& grad_out, const Tensor& x, const Conv2dGeometry& g);
+Tensor depthwise_conv2d_backward_weight(const Tensor& grad_out, const Tensor& x, const Conv2dGeometry& g,
+                                        const float* in_scale = nullptr, const float* in_shift = nullptr,
+                                        bool in_relu = false);
 
 // The fused separable forward (csrc/cuda/separable_backend.cpp), with the contract of
 // reference::separable_conv2d: returns (out, sum, sumsq), the statistics float32 [out_channels] with

@@ -27,7 +27,8 @@ std::vector<int64_t> weight_shape(const Conv2dGeometry& g) { return {g.dw_channe
 
 }  // namespace
 
-Tensor depthwise_conv2d(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Conv2dGeometry& g) {
+Tensor depthwise_conv2d(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Conv2dGeometry& g,
+                        const float* in_scale, const float* in_shift, bool in_relu) {
   XO_CHECK_VALUE(x.is_cuda(), kForward, ": backend 'cuda' needs CUDA tensors, but x is on ", x.device());
   const DType dtype = kernel_dtype(kForward, x);
   check_operand(kForward, "dw_weight", weight, x, "x");
@@ -56,6 +57,7 @@ Tensor depthwise_conv2d(const Tensor& x, const Tensor& weight, const OptTensor& 
   }
   p.channels_last = is_channels_last(fmt);
   p.use_int32 = depthwise_fits_int32(p);
+  p.prologue.scale = in_scale, p.prologue.shift = in_shift, p.prologue.relu = in_relu;
   check_launch(kForward, launch_depthwise_forward(p, dtype, c10::cuda::getCurrentCUDAStream()));
   return y;
 }
@@ -86,7 +88,8 @@ Tensor depthwise_conv2d_backward_input(const Tensor& grad_out, const Tensor& wei
   return grad_x;
 }
 
-Tensor depthwise_conv2d_backward_weight(const Tensor& grad_out, const Tensor& x, const Conv2dGeometry& g) {
+Tensor depthwise_conv2d_backward_weight(const Tensor& grad_out, const Tensor& x, const Conv2dGeometry& g,
+                                        const float* in_scale, const float* in_shift, bool in_relu) {
   XO_CHECK_VALUE(x.is_cuda(), kBackwardWeight, ": backend 'cuda' needs CUDA tensors, but x is on ", x.device());
   const DType dtype = kernel_dtype(kBackwardWeight, x);
   check_operand(kBackwardWeight, "grad_out", grad_out, x, "x");
@@ -106,6 +109,7 @@ Tensor depthwise_conv2d_backward_weight(const Tensor& grad_out, const Tensor& x,
   // The work split follows grad_out, the tensor read at every position.
   p.channels_last = output_memory_format(grad_out) == at::MemoryFormat::ChannelsLast;
   p.use_int32 = depthwise_fits_int32(p);
+  p.prologue.scale = in_scale, p.prologue.shift = in_shift, p.prologue.relu = in_relu;
   const size_t ws_bytes = depthwise_wgrad_workspace_bytes(p);
   // Through torch's caching allocator, on the current stream.
   Tensor workspace = at::empty({static_cast<int64_t>(ws_bytes)}, x.options().dtype(at::kByte));

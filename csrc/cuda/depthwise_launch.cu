@@ -48,7 +48,9 @@ template <typename T, typename idx_t, bool kCL>
 cudaError_t forward_for_layout(const DepthwiseParams& p, cudaStream_t stream) {
   const Conv2dGeometry& g = p.g;
   const dim3 block(kDepthwiseThreads);
-  if (kCL && depthwise_forward_vectors(p, static_cast<int>(sizeof(T)))) {
+  const bool vectors = kCL && depthwise_forward_vectors(p, static_cast<int>(sizeof(T)));
+  if (p.prologue.active() && !vectors) return cudaErrorInvalidValue;  // only the vector kernel applies one
+  if (vectors) {
     // A run's shared input columns at compile-time stride 1 or 2 without horizontal dilation; any other, tap by tap.
     const dim3 grid(vector_blocks(g.batch * g.out_h, g.out_w, g.dw_channels()));
     if (g.dilation_w == 1 && g.stride_w == 1) {
@@ -111,7 +113,9 @@ cudaError_t backward_weight_for_layout(const DepthwiseParams& p, float* workspac
   const bool all_taps = depthwise_wgrad_all_taps(g);
   const dim3 grid1(static_cast<unsigned int>(chan_blocks * (all_taps ? 1 : taps)), static_cast<unsigned int>(slices));
   const dim3 block(kDepthwiseThreads);
-  if (kCL && depthwise_wgrad_vectors(p, static_cast<int>(sizeof(T)))) {
+  const bool vectors = kCL && depthwise_wgrad_vectors(p, static_cast<int>(sizeof(T)));
+  if (p.prologue.active() && !vectors) return cudaErrorInvalidValue;  // only the vector kernel applies one
+  if (vectors) {
     const int64_t groups = g.dw_channels() / kDepthwiseVec, per_block = depthwise_wgrad_vector_groups(groups);
     const dim3 grid_vec(static_cast<unsigned int>((groups + per_block - 1) / per_block),
                         static_cast<unsigned int>(slices));

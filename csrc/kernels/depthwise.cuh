@@ -124,6 +124,14 @@ __device__ __forceinline__ float round_to<__nv_bfloat16>(float v) {
 #endif
 }
 
+// What a depthwise stage with a prologue reads (DepthwisePrologue, and the fused forward's): relu?(x * scale +
+// shift), rounded to the dtype as the reference rounds it.
+template <typename T>
+__device__ __forceinline__ float prologue_value(float v, float scale, float shift, bool relu) {
+  v = round_to<T>(fmaf(v, scale, shift));
+  return relu ? fmaxf(v, 0.f) : v;
+}
+
 // ---- V consecutive channels at a time (the vector paths of these kernels and of separable.cuh) ----
 // The 16-bit pattern of a value already rounded to the dtype (round_to), so the conversion is exact.
 template <typename T>
@@ -285,7 +293,7 @@ __global__ void __launch_bounds__(kDepthwiseThreads) depthwise_forward_kernel(co
 // latency per pixel (session 5: 0.19 ms at 64 ch @147^2, ~3x the byte floor). The taps are summed in the scalar
 // form's order, the bias added last: the same bits.
 template <typename T, typename idx_t, int V, int kSW>
-__global__ void __launch_bounds__(kDepthwiseThreads) depthwise_forward_vector_kernel(const DepthwiseParams p) {
+__global__ void __launch_bounds__(kDepthwiseThreads, 2) depthwise_forward_vector_kernel(const DepthwiseParams p) {
   constexpr int R = kDepthwiseRun;
   constexpr int kCols = kSW > 0 ? (R - 1) * kSW + 3 : 3 * R;  // input columns of one kernel row
   using Raw = typename VecIO<T, V>::Raw;
@@ -308,14 +316,17 @@ __global__ void __launch_bounds__(kDepthwiseThreads) depthwise_forward_vector_ke
   // Column c of a run's kernel row: its offset from the run's first input column, and the pixel and tap it
   // feeds (kSW = 0: one column per tap).
   auto col_offset = [&](int c) -> idx_t { return kSW > 0 ? static_cast<idx_t>(c) : (c / 3) * sw + (c % 3) * dw; };
+  const bool prologue = p.prologue.active();  // x read through relu?(x * scale + shift)
   for (idx_t cg = lane; cg < groups; cg += lanes) {
     const idx_t c = cg * V;
-    float wv[9][V], bv[V];
+    float wv[9][V], bv[V], scale[V], shift[V];
 #pragma unroll
     for (int v = 0; v < V; ++v) {
 #pragma unroll
       for (int t = 0; t < 9; ++t) wv[t][v] = Elem<T>::load(w + (c + v) * ws_o + (t / 3) * ws_h + (t % 3) * ws_w);
       bv[v] = bias != nullptr ? Elem<T>::load(bias + (c + v) * p.bias_stride) : 0.f;
+      scale[v] = p.prologue.scale != nullptr ? p.prologue.scale[c + v] : 1.f;
+      shift[v] = p.prologue.shift != nullptr ? p.prologue.shift[c + v] : 0.f;
     }
     for (idx_t run = static_cast<idx_t>(blockIdx.x) * rows + row; run < runs;
          run += static_cast<idx_t>(gridDim.x) * rows) {
@@ -347,6 +358,10 @@ __global__ void __launch_bounds__(kDepthwiseThreads) depthwise_forward_vector_ke
           for (int col = 0; col < kCols; ++col) {
             float xv[V];
             VecIO<T, V>::decode(raw[b][col], xv);
+            if (prologue) {
+#pragma unroll
+              for (int v = 0; v < V; ++v) xv[v] = prologue_value<T>(xv[v], scale[v], shift[v], p.prologue.relu);
+            }
             const bool tap_ok = ok(kh, col);
             // The (pixel, tap) pairs this column feeds, in each pixel's tap order (kh, then kw).
 #pragma unroll
@@ -656,6 +671,13 @@ __global__ void __launch_bounds__(kDepthwiseThreads)
   const int tid = threadIdx.x, group = tid % groups, lane = tid / groups;
   const idx_t c = (static_cast<idx_t>(blockIdx.x) * groups + group) * V;
   const bool valid = c < OC;  // V divides OC
+  const bool prologue = p.prologue.active();  // x read through relu?(x * scale + shift)
+  float scale[V], shift[V];
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    scale[v] = valid && p.prologue.scale != nullptr ? p.prologue.scale[c + v] : 1.f;
+    shift[v] = valid && p.prologue.shift != nullptr ? p.prologue.shift[c + v] : 0.f;
+  }
 
   float acc[kTaps][V];
 #pragma unroll
@@ -686,6 +708,10 @@ __global__ void __launch_bounds__(kDepthwiseThreads)
       for (int t = 0; t < kTaps; ++t) {
         float xv[V];
         VecIO<T, V>::decode(raw[t], xv);
+        if (prologue) {
+#pragma unroll
+          for (int v = 0; v < V; ++v) xv[v] = prologue_value<T>(xv[v], scale[v], shift[v], p.prologue.relu);
+        }
 #pragma unroll
         for (int v = 0; v < V; ++v) acc[t][v] = ok[t] ? fmaf(go[v], xv[v], acc[t][v]) : acc[t][v];
       }

@@ -26,6 +26,18 @@ struct DepthwiseTensor {
   int64_t stride[4] = {0, 0, 0, 0};
 };
 
+// A prologue applied to the input as it is read: relu?(round(x * scale + shift)) per input channel, float32
+// vectors (nullptr: 1 and 0), padding still 0 after it. The separable backward recomputes its depthwise stage
+// and its weight gradient from x with the fused forward's prologue this way instead of writing the prologued
+// input out first. Only the vector kernels of the forward and the weight gradient take one (depthwise_prologue_ok);
+// their launchers refuse it elsewhere.
+struct DepthwisePrologue {
+  const float* scale = nullptr;
+  const float* shift = nullptr;
+  bool relu = false;
+  XO_HOST_DEVICE bool active() const { return scale != nullptr || shift != nullptr || relu; }
+};
+
 // The three passes share one struct; the roles of the tensors:
 //   forward        : input = x (read),         output = y (written),        weight = w (read), bias optional
 //   backward_input : input = grad_x (written), output = grad_y (read),      weight = w (read)
@@ -45,6 +57,7 @@ struct DepthwiseParams {
   bool channels_last = false;
   // 32-bit index math; set it with depthwise_fits_int32() (the launchers use int64 when it is false).
   bool use_int32 = false;
+  DepthwisePrologue prologue;  // forward and backward_weight: applied to x as it is read
 };
 
 // ---- host-side helpers (pure arithmetic, usable without a GPU) ----
@@ -125,6 +138,15 @@ XO_HOST_DEVICE inline bool depthwise_dgrad_vectors(const DepthwiseParams& p, int
   return p.channels_last && g.kernel_h == 3 && g.kernel_w == 3 && g.stride_h == 1 && g.stride_w == 1 &&
          g.depth_multiplier == 1 && channels_vectorizable(p.input, g.in_channels, dtype_bytes, kDepthwiseVec) &&
          channels_vectorizable(p.output, g.dw_channels(), dtype_bytes, kDepthwiseVec);
+}
+
+// Whether a prologue can be applied on load (DepthwisePrologue) for the forward and weight gradient of this x:
+// both take their vector kernels, given outputs and gradients allocated channels-last by the caller (whole
+// vectors of channels, aligned).
+XO_HOST_DEVICE inline bool depthwise_prologue_ok(const DepthwiseTensor& x, const Conv2dGeometry& g, bool channels_last,
+                                                 int dtype_bytes) {
+  return channels_last && g.kernel_h == 3 && g.kernel_w == 3 && g.depth_multiplier == 1 &&
+         channels_vectorizable(x, g.in_channels, dtype_bytes, kDepthwiseVec);
 }
 
 // The weight gradient's vector kernel (pass 1): 3x3, no depth multiplier, x and grad_y channels-last in whole

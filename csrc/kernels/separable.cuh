@@ -407,13 +407,6 @@ struct WmmaGemm {
 
 // ---- stage 1: the depthwise tile for channels [k0, k0 + cols) into shared memory ----
 
-// What the depthwise stage reads: relu?(x * scale + shift), rounded to the dtype as the reference rounds it.
-template <typename T>
-__device__ __forceinline__ float prologue_value(float v, float scale, float shift, bool relu) {
-  v = round_to<T>(fmaf(v, scale, shift));
-  return relu ? fmaxf(v, 0.f) : v;
-}
-
 // V channels of the depthwise stage's input: `raw` as loaded by VecIO::load_raw_if(ok, ..) (zeros where !ok:
 // padding, nothing read), decoded, and with kPrologue relu?(x * scale + shift) rounded to T, padding still 0
 // after it: multiplied by 0, since a select here compiled to a branch per element.

@@ -718,6 +718,44 @@ void check_dgrad_vectors(int64_t c, int64_t pad, int64_t dil, int64_t dil_w) {
       for (int64_t i = 0; i < c * 9; ++i) scalar_sum[i] += scalar_ws[s * c * 9 + i], vector_sum[i] += vector_ws[s * c * 9 + i];
     EXPECT(relative_error(vector_sum, scalar_sum) <= 1e-6);
   }
+
+  // A prologue applied on load (DepthwisePrologue: the separable backward's recompute) gives the bits of the same
+  // kernels reading the prologued input written out (by the backward's own prologue_apply kernel); with and
+  // without the ReLU, and without a scale.
+  EXPECT(depthwise_prologue_ok(p.input, p.g, true, static_cast<int>(sizeof(T))));
+  std::vector<float> scale(c), shift(c);
+  for (int64_t i = 0; i < c; ++i) scale[i] = 0.5f + std::abs(normal(rng)), shift[i] = 0.5f * normal(rng);
+  for (int variant = 0; variant < 3; ++variant) {
+    DepthwisePrologue pro;
+    pro.scale = variant == 2 ? nullptr : scale.data();
+    pro.shift = shift.data();
+    pro.relu = variant != 1;
+    std::vector<T> prologued(x.size(), from_float<T>(std::nanf("")));
+    DepthwiseTensor out_view = p.input;
+    out_view.data = prologued.data();
+    emulate_launch(kernels::prologue_apply_kernel<T, 1>, dim3(4), dim3(256), p.input, out_view, int64_t{2}, c,
+                   int64_t{7}, int64_t{9}, pro.scale, pro.shift, pro.relu);
+    DepthwiseParams f = p, r = p;  // forward: output = y; r reads the prologued input
+    std::vector<T> y_fused(2 * c * g.out_h * g.out_w, from_float<T>(std::nanf(""))), y_plain = y_fused;
+    f.output.data = y_fused.data(), r.output.data = y_plain.data();
+    f.prologue = pro;
+    r.input.data = prologued.data();
+    emulate_launch(kernels::depthwise_forward_vector_kernel<T, int32_t, kDepthwiseVec, 0>, dim3(2),
+                   dim3(kDepthwiseThreads), f);
+    emulate_launch(kernels::depthwise_forward_vector_kernel<T, int32_t, kDepthwiseVec, 0>, dim3(2),
+                   dim3(kDepthwiseThreads), r);
+    EXPECT(std::memcmp(y_fused.data(), y_plain.data(), y_plain.size() * sizeof(T)) == 0);
+    DepthwiseParams wf = p, wr = p;  // weight gradient: output = grad_y (gy)
+    wf.prologue = pro;
+    wr.input.data = prologued.data();
+    std::vector<float> ws_fused(slices * c * 9, std::nanf("")), ws_plain = ws_fused;
+    const dim3 wgrid(static_cast<unsigned>((groups + per_block - 1) / per_block), static_cast<unsigned>(slices));
+    emulate_launch(kernels::depthwise_backward_weight_partial_vector_kernel<T, int32_t, kDepthwiseVec>, wgrid,
+                   dim3(kDepthwiseThreads), wf, ws_fused.data(), slices);
+    emulate_launch(kernels::depthwise_backward_weight_partial_vector_kernel<T, int32_t, kDepthwiseVec>, wgrid,
+                   dim3(kDepthwiseThreads), wr, ws_plain.data(), slices);
+    EXPECT(std::memcmp(ws_fused.data(), ws_plain.data(), ws_plain.size() * sizeof(float)) == 0);
+  }
 }
 
 TEST_CASE(depthwise_vector_kernels_match_the_scalar_forms) {
