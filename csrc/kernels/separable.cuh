@@ -1041,19 +1041,29 @@ __global__ void __launch_bounds__(kSepThreads, kMinBlocks) separable_forward_ker
     gemm.zero();
     for (int32_t k0 = 0; k0 < K; k0 += p.k_chunk) {
       const int cols = static_cast<int>(round_up(K - k0 < p.k_chunk ? K - k0 : p.k_chunk, kSepKStep));
-      if (!resident || first) depthwise_tile<T, S, KH, KW, kMinBlocks == 1>(p, px, a, lda, k0, cols, bc);
       const int steps = cols / kSepKStep;
-      if constexpr (kAsync) {
-        // A ring of `stages` buffers: the tiles of the next stages - 1 steps are in flight while one is used;
-        // one barrier per step, after which the buffer of the step before is free for the next copy.
-        const bool weight_vectors = K % 8 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0;
-        const auto weights = make_weight_stream<Gemm>(w, n0, k0, n_total, K);
+      [[maybe_unused]] const bool weight_vectors = K % 8 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0;
+      // The ring's first stages - 1 weight tiles (3 or 2), one cp.async group each (empty past the last step).
+      // Requested before the depthwise stage where it leaves their buffers alone (flat tiles: square tiles stage
+      // their input window there), so that their latency overlaps it; they waited after it before.
+      [[maybe_unused]] auto request_first_tiles = [&](const auto& weights) {
 #pragma unroll
-        for (int s = 0; s < 3; ++s) {  // stages - 1 of them (3 or 2); unrolled
+        for (int s = 0; s < 3; ++s) {
           if (s == stages - 1) break;
           if (s < steps) weights.copy(buffer(s), s, K, weight_vectors);
           cp_async_commit();
         }
+      };
+      const bool weights_early = !p.square_tiles;
+      if constexpr (kAsync) {
+        if (weights_early) request_first_tiles(make_weight_stream<Gemm>(w, n0, k0, n_total, K));
+      }
+      if (!resident || first) depthwise_tile<T, S, KH, KW, kMinBlocks == 1>(p, px, a, lda, k0, cols, bc);
+      if constexpr (kAsync) {
+        // A ring of `stages` buffers: the tiles of the next stages - 1 steps are in flight while one is used;
+        // one barrier per step, after which the buffer of the step before is free for the next copy.
+        const auto weights = make_weight_stream<Gemm>(w, n0, k0, n_total, K);
+        if (!weights_early) request_first_tiles(weights);
         for (int s = 0; s < steps; ++s) {
           if (stages == 4) {  // at most stages - 2 groups may still be in flight
             cp_async_wait<2>();
