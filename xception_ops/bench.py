@@ -37,10 +37,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # BatchNorm after), forward alone, backward alone, or both.
 PASSES = ("inference", "forward", "backward", "training")
 MODELS = ("xception", "timm_legacy_xception", "inception_v3")
-GRAPH_BELOW_MS = 0.1  # inference runs faster than this are timed as CUDA-graph replays (launch-bound otherwise)
-# Passes whose direct calls take less than this are timed as CUDA-graph replays as well; where the replays are
-# LAUNCH_BOUND_RATIO times faster or more, the calls are launch- or CPU-bound (at 19x19 and 10x10 a layer's Python
-# and launches outlast its kernels): the row reports the replays and keeps the direct calls' time in direct_ms.
+# Passes (but backward alone) whose direct calls take less than this are also timed as CUDA-graph replays; where
+# the replays are LAUNCH_BOUND_RATIO times faster or more, the calls are launch- or CPU-bound (at 19x19 and 10x10 a
+# layer's Python and launches outlast its kernels): the row reports the replays and keeps the direct calls' time
+# in direct_ms.
 LAUNCH_BOUND_BELOW_MS = 3.0
 LAUNCH_BOUND_RATIO = 1.1
 
@@ -293,11 +293,8 @@ def bench_layer(op: str, cin: int, cout: int, hw: int, batch: int, count: int, d
         run = layer_runner(op, impl, cin, cout, hw, batch, dtype, layout, pass_, device)
         baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         graph = False
-        if device.type == "cuda" and pass_ == "inference":
-            graph = time_fn(run, device, warmup, min(reps, 5)).median_ms < GRAPH_BELOW_MS
-        first = time_fn(run, device, warmup, reps, graph)
-        if (device.type == "cuda" and not graph and pass_ != "backward"
-                and first.median_ms < LAUNCH_BOUND_BELOW_MS):
+        first = time_fn(run, device, warmup, reps)
+        if device.type == "cuda" and pass_ != "backward" and first.median_ms < LAUNCH_BOUND_BELOW_MS:
             try:
                 replays = time_fn(run, device, 0, reps, graph=True)
             except Exception:  # noqa: BLE001  (an implementation that cannot be captured is timed directly)
