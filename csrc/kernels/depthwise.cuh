@@ -282,6 +282,23 @@ __global__ void __launch_bounds__(kDepthwiseThreads) depthwise_forward_kernel(co
   }
 }
 
+// ---- runs of kDepthwiseRun pixels (the forward's and input gradient's vector kernels) ----
+// Kernel rows of a run loaded together: all three where their raw vectors fit ~40 registers, else one at a time.
+template <typename Raw>
+XO_HOST_DEVICE constexpr int run_rows_ahead(int cols) {
+  return 3 * cols * static_cast<int>(sizeof(Raw)) / 4 <= 40 ? 3 : 1;
+}
+// The raw vectors of kRows kernel rows from kh0 by kCols columns of a run: each loaded where ok(kh, col), from
+// at(kh, col), nothing read elsewhere; all issued before any is used.
+template <typename T, int V, int kRows, int kCols, typename Ok, typename At>
+__device__ __forceinline__ void load_run_rows(typename VecIO<T, V>::Raw (&raw)[kRows][kCols], int kh0, const Ok& ok,
+                                              const At& at) {
+#pragma unroll
+  for (int b = 0; b < kRows; ++b)
+#pragma unroll
+    for (int col = 0; col < kCols; ++col) raw[b][col] = VecIO<T, V>::load_raw_if(ok(kh0 + b, col), at(kh0 + b, col));
+}
+
 // ---- forward, vector form (depthwise_forward_vectors: 3x3, no depth multiplier, x and y with channels fastest
 // in whole aligned vectors, any stride) ----
 // A thread takes V consecutive channels, with their 9 x V weights (and bias) in registers, and walks runs of
@@ -297,7 +314,7 @@ __global__ void __launch_bounds__(kDepthwiseThreads, 2) depthwise_forward_vector
   constexpr int R = kDepthwiseRun;
   constexpr int kCols = kSW > 0 ? (R - 1) * kSW + 3 : 3 * R;  // input columns of one kernel row
   using Raw = typename VecIO<T, V>::Raw;
-  constexpr int kRowsAhead = 3 * kCols * static_cast<int>(sizeof(Raw)) / 4 <= 40 ? 3 : 1;  // rows loaded together
+  constexpr int kRowsAhead = run_rows_ahead<Raw>(kCols);
   const Conv2dGeometry& g = p.g;
   const idx_t H = g.in_h, W = g.in_w, OH = g.out_h, OW = g.out_w;
   const idx_t sh = g.stride_h, sw = g.stride_w, dh = g.dilation_h, dw = g.dilation_w;
@@ -336,6 +353,7 @@ __global__ void __launch_bounds__(kDepthwiseThreads, 2) depthwise_forward_vector
       auto ok = [&](int kh, int col) {
         return in_range<idx_t>(ih0 + kh * dh, H) && in_range<idx_t>(iw0 + col_offset(col), W);
       };
+      auto at = [&](int kh, int col) { return xp + (ih0 + kh * dh) * xs_h + (iw0 + col_offset(col)) * xs_w; };
       float acc[R][V];
 #pragma unroll
       for (int q = 0; q < R; ++q)
@@ -344,13 +362,7 @@ __global__ void __launch_bounds__(kDepthwiseThreads, 2) depthwise_forward_vector
 #pragma unroll
       for (int kh0 = 0; kh0 < 3; kh0 += kRowsAhead) {
         Raw raw[kRowsAhead][kCols];
-#pragma unroll
-        for (int b = 0; b < kRowsAhead; ++b)
-#pragma unroll
-          for (int col = 0; col < kCols; ++col) {
-            raw[b][col] = VecIO<T, V>::load_raw_if(
-                ok(kh0 + b, col), xp + (ih0 + (kh0 + b) * dh) * xs_h + (iw0 + col_offset(col)) * xs_w);
-          }
+        load_run_rows<T, V>(raw, kh0, ok, at);
 #pragma unroll
         for (int b = 0; b < kRowsAhead; ++b) {
           const int kh = kh0 + b;
@@ -471,7 +483,7 @@ __global__ void __launch_bounds__(kDepthwiseThreads) depthwise_backward_input_ve
   constexpr int R = kDepthwiseRun;
   constexpr int kCols = kDW1 ? R + 2 : 3 * R;  // grad_y columns of one kernel row
   using Raw = typename VecIO<T, V>::Raw;
-  constexpr int kRowsAhead = 3 * kCols * static_cast<int>(sizeof(Raw)) / 4 <= 40 ? 3 : 1;
+  constexpr int kRowsAhead = run_rows_ahead<Raw>(kCols);
   const Conv2dGeometry& g = p.g;
   const idx_t H = g.in_h, W = g.in_w, OH = g.out_h, OW = g.out_w;
   const idx_t dh = g.dilation_h, dw = g.dilation_w, pt = g.pad_top, pl = g.pad_left;
@@ -503,6 +515,7 @@ __global__ void __launch_bounds__(kDepthwiseThreads) depthwise_backward_input_ve
       auto ok = [&](int kh, int col) {
         return in_range<idx_t>(ih + pt - kh * dh, OH) && in_range<idx_t>(ow_base + col_offset(col), OW);
       };
+      auto at = [&](int kh, int col) { return gp + (ih + pt - kh * dh) * ys_h + (ow_base + col_offset(col)) * ys_w; };
       float acc[R][V];
 #pragma unroll
       for (int q = 0; q < R; ++q)
@@ -511,13 +524,7 @@ __global__ void __launch_bounds__(kDepthwiseThreads) depthwise_backward_input_ve
 #pragma unroll
       for (int kh0 = 0; kh0 < 3; kh0 += kRowsAhead) {
         Raw raw[kRowsAhead][kCols];
-#pragma unroll
-        for (int b = 0; b < kRowsAhead; ++b)
-#pragma unroll
-          for (int col = 0; col < kCols; ++col) {
-            raw[b][col] = VecIO<T, V>::load_raw_if(
-                ok(kh0 + b, col), gp + (ih + pt - (kh0 + b) * dh) * ys_h + (ow_base + col_offset(col)) * ys_w);
-          }
+        load_run_rows<T, V>(raw, kh0, ok, at);
 #pragma unroll
         for (int b = 0; b < kRowsAhead; ++b) {
           const int kh = kh0 + b;
@@ -694,8 +701,9 @@ __global__ void __launch_bounds__(kDepthwiseThreads)
       const T* xp = x + n * xs_n + c;
       const idx_t ih0 = oh * sh - pt, iw0 = ow * sw - pl_;
       bool ok[kTaps];
-      typename VecIO<T, V>::Raw raw[kTaps];
-      const typename VecIO<T, V>::Raw raw_go = VecIO<T, V>::load_raw_if(true, gy + n * ys_n + oh * ys_h + ow * ys_w + c);
+      using Raw = typename VecIO<T, V>::Raw;
+      Raw raw[kTaps];
+      const Raw raw_go = VecIO<T, V>::load_raw_if(true, gy + n * ys_n + oh * ys_h + ow * ys_w + c);
 #pragma unroll
       for (int t = 0; t < kTaps; ++t) {
         const idx_t ih = ih0 + (t / 3) * dh, iw = iw0 + (t % 3) * dw;

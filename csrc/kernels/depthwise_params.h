@@ -116,12 +116,18 @@ XO_HOST_DEVICE inline bool channels_vectorizable(const DepthwiseTensor& t, int64
 // forward and input-gradient vector kernels takes at a time (their taps share input columns).
 constexpr int kDepthwiseVec = 4;
 constexpr int kDepthwiseRun = 4;
-// Threads of a block that share one pixel (one vector of channels each): the channel groups rounded up to a power
-// of two, at most the block; the block's other threads take other pixels.
+// `groups` rounded up to a power of two, at most `cap` (a power of two): how many threads of a block, one per
+// group of channels, cover a row of channels together, the block's other threads taking other rows (the depthwise
+// and separable vector paths, the backward's element-wise passes).
+XO_HOST_DEVICE inline int power_of_two_cover(int64_t groups, int cap) {
+  int n = cap;
+  while (n > 1 && n / 2 >= groups) n /= 2;
+  return n;
+}
+// Threads of a block that share one pixel (one vector of channels each): at most the block; the block's other
+// threads take other pixels.
 XO_HOST_DEVICE inline int depthwise_vector_lanes(int64_t groups) {
-  int lanes = kDepthwiseThreads;
-  while (lanes > 1 && lanes / 2 >= groups) lanes /= 2;
-  return lanes;
+  return power_of_two_cover(groups, kDepthwiseThreads);
 }
 // The forward's vector kernel: 3x3, no depth multiplier, x and y channels-last in whole aligned vectors, any
 // stride.
@@ -178,11 +184,7 @@ inline bool depthwise_wgrad_all_taps(const Conv2dGeometry& g) {
 // Vector groups (kDepthwiseVec channels each) per block of the weight gradient's vector kernel: the layer's groups
 // rounded up to a power of two, at most 32, so that few channels do not leave most of a block idle; the block's
 // other threads are position lanes (kDepthwiseThreads / this many).
-XO_HOST_DEVICE inline int depthwise_wgrad_vector_groups(int64_t groups) {
-  int per_block = 32;
-  while (per_block > 1 && per_block / 2 >= groups) per_block /= 2;
-  return per_block;
-}
+XO_HOST_DEVICE inline int depthwise_wgrad_vector_groups(int64_t groups) { return power_of_two_cover(groups, 32); }
 
 // Slices of the positions (grid.y of pass 1). Sized for the vector kernel's block shape where a layer can take it
 // (channels-last 3x3 in whole vectors; any slice count is correct for either form).

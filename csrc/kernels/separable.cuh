@@ -552,8 +552,7 @@ __device__ __forceinline__ void depthwise_tile_vectors(const SeparableParams& p,
   const int32_t xs2i = static_cast<int32_t>(xs2), xs3i = static_cast<int32_t>(xs3);  // fit: separable_plan
   const bool in_relu = p.in_relu;
   const int groups = cols / V;
-  int lanes = 32;
-  while (lanes > 1 && lanes / 2 >= groups) lanes /= 2;
+  const int lanes = power_of_two_cover(groups, 32);  // at most a warp
   // Groups of four when they keep every thread busy (16 groups per tile) and the window is shared.
   const bool quads = lanes >= kSepThreads / (kSepTileP / kQuad) && dwl == 1 && (sw == 1 || sw == 2);
   const int unit = quads ? kQuad : 1;  // pixels per work item

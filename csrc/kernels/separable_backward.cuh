@@ -65,8 +65,7 @@ __global__ void __launch_bounds__(256) separable_channel_pass_kernel(const Chann
                                         ? pixels - tile * kChannelPassPixels
                                         : kChannelPassPixels);
   const int64_t groups = (q.channels + V - 1) / V;  // V divides the channels on the vector path
-  int lanes = kThreads;
-  while (lanes > 1 && lanes / 2 >= groups) lanes /= 2;
+  const int lanes = power_of_two_cover(groups, kThreads);
   const int row_groups = kThreads / lanes, rows_per_group = (kChannelPassPixels + row_groups - 1) / row_groups;
   const int lane = threadIdx.x % lanes, rg = threadIdx.x / lanes;
   const int r_begin = rg * rows_per_group, r_end = rows < r_begin + rows_per_group ? rows : r_begin + rows_per_group;
