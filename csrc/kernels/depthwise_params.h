@@ -129,21 +129,24 @@ XO_HOST_DEVICE inline int power_of_two_cover(int64_t groups, int cap) {
 XO_HOST_DEVICE inline int depthwise_vector_lanes(int64_t groups) {
   return power_of_two_cover(groups, kDepthwiseThreads);
 }
-// The forward's vector kernel: 3x3, no depth multiplier, x and y channels-last in whole aligned vectors, any
-// stride.
-XO_HOST_DEVICE inline bool depthwise_forward_vectors(const DepthwiseParams& p, int dtype_bytes) {
+// 3x3 without a depth multiplier: the shape every depthwise vector kernel takes.
+XO_HOST_DEVICE inline bool depthwise_vector_shape(const Conv2dGeometry& g) {
+  return g.kernel_h == 3 && g.kernel_w == 3 && g.depth_multiplier == 1;
+}
+// The forward's and the weight gradient's (pass 1) vector kernels: that shape at any stride, both tensors
+// channels-last in whole aligned vectors (forward: x and y; weight gradient: x and grad_y).
+XO_HOST_DEVICE inline bool depthwise_vectors(const DepthwiseParams& p, int dtype_bytes) {
   const Conv2dGeometry& g = p.g;
-  return p.channels_last && g.kernel_h == 3 && g.kernel_w == 3 && g.depth_multiplier == 1 &&
+  return p.channels_last && depthwise_vector_shape(g) &&
          channels_vectorizable(p.input, g.in_channels, dtype_bytes, kDepthwiseVec) &&
          channels_vectorizable(p.output, g.dw_channels(), dtype_bytes, kDepthwiseVec);
 }
-// The input gradient's vector kernel: 3x3 at stride 1, no depth multiplier, grad_x and grad_y channels-last in
-// whole aligned vectors.
+XO_HOST_DEVICE inline bool depthwise_forward_vectors(const DepthwiseParams& p, int dtype_bytes) {
+  return depthwise_vectors(p, dtype_bytes);
+}
+// The input gradient's vector kernel: the same at stride 1 (grad_x and grad_y).
 XO_HOST_DEVICE inline bool depthwise_dgrad_vectors(const DepthwiseParams& p, int dtype_bytes) {
-  const Conv2dGeometry& g = p.g;
-  return p.channels_last && g.kernel_h == 3 && g.kernel_w == 3 && g.stride_h == 1 && g.stride_w == 1 &&
-         g.depth_multiplier == 1 && channels_vectorizable(p.input, g.in_channels, dtype_bytes, kDepthwiseVec) &&
-         channels_vectorizable(p.output, g.dw_channels(), dtype_bytes, kDepthwiseVec);
+  return p.g.stride_h == 1 && p.g.stride_w == 1 && depthwise_vectors(p, dtype_bytes);
 }
 
 // Whether a prologue can be applied on load (DepthwisePrologue) for the forward and weight gradient of this x:
@@ -151,17 +154,14 @@ XO_HOST_DEVICE inline bool depthwise_dgrad_vectors(const DepthwiseParams& p, int
 // vectors of channels, aligned).
 XO_HOST_DEVICE inline bool depthwise_prologue_ok(const DepthwiseTensor& x, const Conv2dGeometry& g, bool channels_last,
                                                  int dtype_bytes) {
-  return channels_last && g.kernel_h == 3 && g.kernel_w == 3 && g.depth_multiplier == 1 &&
+  return channels_last && depthwise_vector_shape(g) &&
          channels_vectorizable(x, g.in_channels, dtype_bytes, kDepthwiseVec);
 }
 
-// The weight gradient's vector kernel (pass 1): 3x3, no depth multiplier, x and grad_y channels-last in whole
-// aligned vectors (any stride). Its blocks take depthwise_wgrad_vector_groups vectors of channels.
+// The weight gradient's vector kernel (pass 1), under depthwise_vectors: its blocks take
+// depthwise_wgrad_vector_groups vectors of channels.
 XO_HOST_DEVICE inline bool depthwise_wgrad_vectors(const DepthwiseParams& p, int dtype_bytes) {
-  const Conv2dGeometry& g = p.g;
-  return p.channels_last && g.kernel_h == 3 && g.kernel_w == 3 && g.depth_multiplier == 1 &&
-         channels_vectorizable(p.input, g.in_channels, dtype_bytes, kDepthwiseVec) &&
-         channels_vectorizable(p.output, g.dw_channels(), dtype_bytes, kDepthwiseVec);
+  return depthwise_vectors(p, dtype_bytes);
 }
 
 // ---- backward_weight work split (shared by the launcher and the torch layer's workspace size) ----
@@ -195,8 +195,7 @@ inline int64_t depthwise_wgrad_slices(const DepthwiseParams& p) {
   int64_t chan_blocks = (g.dw_channels() + depthwise_wgrad_channels_per_block(p.channels_last) - 1) /
                         depthwise_wgrad_channels_per_block(p.channels_last);
   int64_t lanes = depthwise_wgrad_lanes_per_block(p.channels_last);
-  if (p.channels_last && g.kernel_h == 3 && g.kernel_w == 3 && g.depth_multiplier == 1 &&
-      g.dw_channels() % kDepthwiseVec == 0) {
+  if (p.channels_last && depthwise_vector_shape(g) && g.dw_channels() % kDepthwiseVec == 0) {
     const int64_t groups = g.dw_channels() / kDepthwiseVec;
     const int per_block = depthwise_wgrad_vector_groups(groups);
     chan_blocks = (groups + per_block - 1) / per_block;
