@@ -102,6 +102,15 @@ def test_progress_bar_reaches_the_total():
     assert lines[-1].startswith("[" + "#" * 24 + "] 4/4")
 
 
+@pytest.fixture
+def fake_peak_memory(monkeypatch):
+    """A stand-in for CUDA's peak-memory counter: the dict's "peak", which bench's reset zeroes."""
+    memory = {"peak": 0.0}
+    monkeypatch.setattr(bench, "_reset_peak_memory", lambda device: memory.update(peak=0.0))
+    monkeypatch.setattr(bench, "_peak_memory", lambda device: memory["peak"])
+    return memory
+
+
 @pytest.mark.parametrize("direct,replay,pass_,want_ms,want_graph", [
     (1.0, 0.5, "training", 0.5, True),     # launch-bound: the replays are reported, the direct time kept
     (1.0, 0.95, "training", 1.0, False),   # replays barely faster: not launch-bound, direct calls reported
@@ -109,7 +118,8 @@ def test_progress_bar_reaches_the_total():
     (1.0, 0.5, "backward", 1.0, False),    # backward alone reuses one graph per buffer: never captured
     (1.0, None, "forward", 1.0, False),    # capture failed: timed directly
 ])
-def test_launch_bound_layers_are_timed_as_graph_replays(monkeypatch, direct, replay, pass_, want_ms, want_graph):
+def test_launch_bound_layers_are_timed_as_graph_replays(monkeypatch, fake_peak_memory, direct, replay, pass_,
+                                                        want_ms, want_graph):
     # The selection only (no GPU here): time_fn stands in with fixed medians for direct calls and for replays.
     tried = []
 
@@ -123,8 +133,6 @@ def test_launch_bound_layers_are_timed_as_graph_replays(monkeypatch, direct, rep
 
     monkeypatch.setattr(bench, "time_fn", fake_time_fn)
     monkeypatch.setattr(bench, "layer_runner", lambda *args: (lambda i: None))
-    monkeypatch.setattr(bench, "_reset_peak_memory", lambda device: None)
-    monkeypatch.setattr(bench, "_peak_memory", lambda device: float("nan"))
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
     row = bench.bench_layer("separable", 8, 8, 19, 1, 1, torch.float32, "NHWC", pass_, "eager",
                             torch.device("cuda"), 1, 3)
@@ -157,11 +165,11 @@ def test_a_small_layer_is_captured_and_replayed_on_gpu(impl, pass_):
     assert row.graph == (row.direct_ms == row.direct_ms)  # a row timed as replays keeps the direct calls' time
 
 
-def test_layer_peak_memory_is_that_of_the_calls_after_the_warm_up(monkeypatch):
+def test_layer_peak_memory_is_that_of_the_calls_after_the_warm_up(monkeypatch, fake_peak_memory):
     # As for the models below: the first call of a configuration may try cuDNN's algorithms (the "eager" row of each
     # configuration ran first and carried them). A fake device memory: the first call peaks at 100 GiB, later ones
     # at 1 GiB.
-    memory = {"peak": 0.0}
+    memory = fake_peak_memory
     calls = []
 
     def runner(*args):
@@ -171,8 +179,6 @@ def test_layer_peak_memory_is_that_of_the_calls_after_the_warm_up(monkeypatch):
         return run
 
     monkeypatch.setattr(bench, "layer_runner", runner)
-    monkeypatch.setattr(bench, "_reset_peak_memory", lambda device: memory.update(peak=0.0))
-    monkeypatch.setattr(bench, "_peak_memory", lambda device: memory["peak"])
     for warmup in (0, 2):
         calls.clear()
         memory["peak"] = 0.0
@@ -182,12 +188,12 @@ def test_layer_peak_memory_is_that_of_the_calls_after_the_warm_up(monkeypatch):
         assert row.peak_mib == 1024.0, f"warmup={warmup}: the peak includes the first call's"
 
 
-def test_model_peak_memory_is_that_of_the_steps_after_the_warm_up(monkeypatch):
+def test_model_peak_memory_is_that_of_the_steps_after_the_warm_up(monkeypatch, fake_peak_memory):
     # cuDNN's benchmark mode tries its algorithms on the first step of each conv shape, with workspaces that dwarf
     # the step itself (H100, float32, batch 32: Xception's first step peaked at 22.3 GiB, its later ones at 7.65),
     # and only the model that runs first pays it. A fake device memory stands in for CUDA's here: the first
     # training step's peak is 100 GiB, every later one's 1 GiB.
-    memory = {"peak": 0.0}
+    memory = fake_peak_memory
     steps = []
 
     class Probe(torch.nn.Module):
@@ -202,8 +208,6 @@ def test_model_peak_memory_is_that_of_the_steps_after_the_warm_up(monkeypatch):
             return self.fc(x.mean((2, 3)))
 
     monkeypatch.setattr(bench, "make_model", lambda name: Probe())
-    monkeypatch.setattr(bench, "_reset_peak_memory", lambda device: memory.update(peak=0.0))
-    monkeypatch.setattr(bench, "_peak_memory", lambda device: memory["peak"])
     for warmup in (0, 2):
         steps.clear()
         row = bench.bench_model("probe", torch.float32, "NCHW", 2, 5, torch.device("cpu"), warmup, 3)
