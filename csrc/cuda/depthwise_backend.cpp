@@ -110,7 +110,7 @@ Tensor depthwise_conv2d_backward_weight(const Tensor& grad_out, const Tensor& x,
   p.channels_last = output_memory_format(grad_out) == at::MemoryFormat::ChannelsLast;
   p.use_int32 = depthwise_fits_int32(p);
   p.prologue.scale = in_scale, p.prologue.shift = in_shift, p.prologue.relu = in_relu;
-  const size_t ws_bytes = depthwise_wgrad_workspace_bytes(p);
+  const size_t ws_bytes = depthwise_wgrad_workspace_bytes(p, static_cast<int>(x.element_size()));
   // Through torch's caching allocator, on the current stream.
   Tensor workspace = at::empty({static_cast<int64_t>(ws_bytes)}, x.options().dtype(at::kByte));
   check_launch(kBackwardWeight, launch_depthwise_backward_weight(p, dtype, workspace.data_ptr(), ws_bytes,

@@ -5,6 +5,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstdlib>
+
 #include "kernels/depthwise.cuh"
 #include "kernels/depthwise_params.h"
 
@@ -44,12 +46,50 @@ unsigned int vector_blocks(int64_t batch_rows, int64_t w, int64_t channels) {
   return static_cast<unsigned int>(blocks);
 }
 
+// Choices for comparing kernel versions on one build (benchmarks/RESULTS.md, tools/depthwise_sweep.py), read once:
+// XCEPTION_OPS_DEPTHWISE_STRIPS=off takes the run kernels where the strip kernels apply; =N (1..64) fixes the rows
+// per strip instead of depthwise_strip_rows' choice.
+int strip_setting() {
+  static const int setting = [] {
+    const char* v = std::getenv("XCEPTION_OPS_DEPTHWISE_STRIPS");
+    if (v == nullptr) return 0;
+    if (v[0] == 'o' && v[1] == 'f' && v[2] == 'f' && v[3] == 0) return -1;
+    const int n = std::atoi(v);
+    return n >= 1 && n <= 64 ? n : 0;
+  }();
+  return setting;
+}
+bool strips_on(const Conv2dGeometry& g) { return depthwise_strip_shape(g) && strip_setting() >= 0; }
+int64_t strip_rows_for(int64_t items_per_row, int64_t rows) {
+  return strip_setting() > 0 ? strip_setting() : depthwise_strip_rows(items_per_row, rows);
+}
+
+// The strip kernels (forward, input gradient): one thread per run of a strip and vector of channels, the vector
+// fastest; `rows`, `w` the written tensor's.
+template <typename T, typename idx_t, bool kGrad>
+cudaError_t launch_strips(const DepthwiseParams& p, int64_t rows, int64_t w, cudaStream_t stream) {
+  constexpr int R = depthwise_strip_run(static_cast<int>(sizeof(T)));
+  const int64_t groups = p.g.in_channels / kDepthwiseStripVec, runs_w = (w + R - 1) / R;
+  const int64_t strip_rows = strip_rows_for(p.g.batch * runs_w * groups, rows);
+  const int64_t threads = p.g.batch * ((rows + strip_rows - 1) / strip_rows) * runs_w * groups;
+  const dim3 grid(static_cast<unsigned int>((threads + kDepthwiseThreads - 1) / kDepthwiseThreads));
+  if (!kGrad && p.prologue.active()) {
+    kernels::depthwise_strip_kernel<T, idx_t, kDepthwiseStripVec, R, false, true>
+        <<<grid, dim3(kDepthwiseThreads), 0, stream>>>(p, static_cast<int>(strip_rows));
+  } else {
+    kernels::depthwise_strip_kernel<T, idx_t, kDepthwiseStripVec, R, kGrad, false>
+        <<<grid, dim3(kDepthwiseThreads), 0, stream>>>(p, static_cast<int>(strip_rows));
+  }
+  return cudaGetLastError();
+}
+
 template <typename T, typename idx_t, bool kCL>
 cudaError_t forward_for_layout(const DepthwiseParams& p, cudaStream_t stream) {
   const Conv2dGeometry& g = p.g;
   const dim3 block(kDepthwiseThreads);
   const bool vectors = kCL && depthwise_forward_vectors(p, static_cast<int>(sizeof(T)));
-  if (p.prologue.active() && !vectors) return cudaErrorInvalidValue;  // only the vector kernel applies one
+  if (p.prologue.active() && !vectors) return cudaErrorInvalidValue;  // only the vector kernels apply one
+  if (vectors && strips_on(g)) return launch_strips<T, idx_t, false>(p, g.out_h, g.out_w, stream);
   if (vectors) {
     // A run's shared input columns at compile-time stride 1 or 2 without horizontal dilation; any other, tap by tap.
     const dim3 grid(vector_blocks(g.batch * g.out_h, g.out_w, g.dw_channels()));
@@ -79,6 +119,9 @@ template <typename T, typename idx_t, bool kCL>
 cudaError_t backward_input_for_layout(const DepthwiseParams& p, cudaStream_t stream) {
   const Conv2dGeometry& g = p.g;
   const dim3 block(kDepthwiseThreads);
+  if (kCL && depthwise_strips(p, static_cast<int>(sizeof(T))) && strips_on(g)) {
+    return launch_strips<T, idx_t, true>(p, g.in_h, g.in_w, stream);
+  }
   if (kCL && depthwise_dgrad_vectors(p, static_cast<int>(sizeof(T)))) {
     const dim3 grid(vector_blocks(g.batch * g.in_h, g.in_w, g.in_channels));
     if (g.dilation_w == 1) {
@@ -106,7 +149,7 @@ cudaError_t backward_input_for_layout(const DepthwiseParams& p, cudaStream_t str
 template <typename T, typename idx_t, bool kCL>
 cudaError_t backward_weight_for_layout(const DepthwiseParams& p, float* workspace, cudaStream_t stream) {
   const Conv2dGeometry& g = p.g;
-  const int64_t slices = depthwise_wgrad_slices(p);
+  const int64_t slices = depthwise_wgrad_slices(p, static_cast<int>(sizeof(T)));
   const int64_t chan_blocks = (g.dw_channels() + depthwise_wgrad_channels_per_block(kCL) - 1) /
                               depthwise_wgrad_channels_per_block(kCL);
   const int64_t taps = g.kernel_h * g.kernel_w;
@@ -114,8 +157,17 @@ cudaError_t backward_weight_for_layout(const DepthwiseParams& p, float* workspac
   const dim3 grid1(static_cast<unsigned int>(chan_blocks * (all_taps ? 1 : taps)), static_cast<unsigned int>(slices));
   const dim3 block(kDepthwiseThreads);
   const bool vectors = kCL && depthwise_wgrad_vectors(p, static_cast<int>(sizeof(T)));
-  if (p.prologue.active() && !vectors) return cudaErrorInvalidValue;  // only the vector kernel applies one
-  if (vectors) {
+  if (p.prologue.active() && !vectors) return cudaErrorInvalidValue;  // only the vector kernels apply one
+  if (vectors && strips_on(g)) {
+    // Any slice count is right for any strip height: the workspace was sized for the plan's.
+    const DepthwiseStrips plan = depthwise_wgrad_strip_plan(p, static_cast<int>(sizeof(T)));
+    const int64_t strip_rows = strip_setting() > 0 ? strip_setting() : plan.rows_per_strip;
+    const int64_t groups = g.dw_channels() / kDepthwiseStripVec, per_block = depthwise_wgrad_vector_groups(groups);
+    const dim3 grid_strips(static_cast<unsigned int>((groups + per_block - 1) / per_block),
+                           static_cast<unsigned int>(slices));
+    kernels::depthwise_backward_weight_strip_kernel<T, idx_t, kDepthwiseStripVec, depthwise_strip_run(sizeof(T))>
+        <<<grid_strips, block, 0, stream>>>(p, workspace, slices, static_cast<int>(strip_rows));
+  } else if (vectors) {
     const int64_t groups = g.dw_channels() / kDepthwiseVec, per_block = depthwise_wgrad_vector_groups(groups);
     const dim3 grid_vec(static_cast<unsigned int>((groups + per_block - 1) / per_block),
                         static_cast<unsigned int>(slices));
@@ -220,7 +272,8 @@ cudaError_t launch_depthwise_backward_weight(const DepthwiseParams& p, DType dty
   const Conv2dGeometry& g = p.g;
   if (g.dw_channels() * g.kernel_h * g.kernel_w == 0) return cudaSuccess;
   // An empty reduction (no positions) still writes zeros: pass 1 leaves every partial at 0.
-  if (workspace == nullptr || workspace_bytes < depthwise_wgrad_workspace_bytes(p) ||
+  const int dtype_bytes = dtype == DType::Float32 ? 4 : 2;
+  if (workspace == nullptr || workspace_bytes < depthwise_wgrad_workspace_bytes(p, dtype_bytes) ||
       reinterpret_cast<uintptr_t>(workspace) % alignof(float) != 0) {
     return cudaErrorInvalidValue;
   }

@@ -164,6 +164,32 @@ XO_HOST_DEVICE inline bool depthwise_wgrad_vectors(const DepthwiseParams& p, int
   return depthwise_vectors(p, dtype_bytes);
 }
 
+// ---- strips: the vector kernels' form at stride 1 without dilation (session 6) ----
+// A strip thread takes one vector of channels of a run of depthwise_strip_run consecutive pixels of a row and walks
+// depthwise_strip_rows rows down, keeping the three source rows its taps read in registers: a source row is loaded
+// once per strip (run + 2 vectors) where the run kernels load it once per kernel row, 3x, from L2.
+// Channels per thread: 2 (4-byte loads of 16-bit dtypes, 8 of float32), not kDepthwiseVec: with 4, the window, the
+// weights and the accumulators took 150-200 registers (sm_90, nvcc 13), one block of 256 threads per SM.
+constexpr int kDepthwiseStripVec = 2;
+XO_HOST_DEVICE constexpr int depthwise_strip_run(int dtype_bytes) { return dtype_bytes == 4 ? 2 : 4; }
+XO_HOST_DEVICE inline bool depthwise_strip_shape(const Conv2dGeometry& g) {
+  return depthwise_vector_shape(g) && g.stride_h == 1 && g.stride_w == 1 && g.dilation_h == 1 && g.dilation_w == 1;
+}
+// Forward and input gradient: the vector kernels' conditions and that shape.
+XO_HOST_DEVICE inline bool depthwise_strips(const DepthwiseParams& p, int dtype_bytes) {
+  return depthwise_vectors(p, dtype_bytes) && depthwise_strip_shape(p.g);
+}
+// Rows per strip over `rows` rows of `items_per_row` (runs x channel vectors, times the batch) threads each: as many
+// as keep about 2^18 threads in all (an H100 holds 132 x 2048), so a thread's first loads are amortized over
+// several rows, at most 32 and at least 1.
+inline int64_t depthwise_strip_rows(int64_t items_per_row, int64_t rows) {
+  constexpr int64_t kThreads = int64_t{1} << 18;
+  int64_t s = items_per_row > 0 ? items_per_row * rows / kThreads : 1;
+  if (s > 32) s = 32;
+  if (s > rows) s = rows;
+  return s < 1 ? 1 : s;
+}
+
 // ---- backward_weight work split (shared by the launcher and the torch layer's workspace size) ----
 //
 // Pass 1 splits the reduction over the N * out_h * out_w output positions into `slices` contiguous ranges;
@@ -186,12 +212,41 @@ inline bool depthwise_wgrad_all_taps(const Conv2dGeometry& g) {
 // other threads are position lanes (kDepthwiseThreads / this many).
 XO_HOST_DEVICE inline int depthwise_wgrad_vector_groups(int64_t groups) { return power_of_two_cover(groups, 32); }
 
-// Slices of the positions (grid.y of pass 1). Sized for the vector kernel's block shape where a layer can take it
-// (channels-last 3x3 in whole vectors; any slice count is correct for either form).
-inline int64_t depthwise_wgrad_slices(const DepthwiseParams& p) {
+// The weight gradient's strip kernel (pass 1): channels-last 3x3 at stride 1 without dilation, whole aligned
+// vectors of x and grad_y. Its slices divide the strips' items (batch x strips x runs), not the positions.
+XO_HOST_DEVICE inline bool depthwise_wgrad_strips(const DepthwiseParams& p, int dtype_bytes) {
+  return depthwise_wgrad_vectors(p, dtype_bytes) && depthwise_strip_shape(p.g);
+}
+// The strip kernel's geometry over grad_y: rows per strip and items (one per strip and run of each image).
+struct DepthwiseStrips {
+  int64_t rows_per_strip, strips, runs_w, items;
+};
+inline DepthwiseStrips depthwise_wgrad_strip_plan(const DepthwiseParams& p, int dtype_bytes) {
+  const Conv2dGeometry& g = p.g;
+  const int64_t run = depthwise_strip_run(dtype_bytes);
+  DepthwiseStrips s;
+  s.runs_w = (g.out_w + run - 1) / run;
+  s.rows_per_strip = depthwise_strip_rows(g.batch * s.runs_w * (g.dw_channels() / kDepthwiseStripVec), g.out_h);
+  s.strips = (g.out_h + s.rows_per_strip - 1) / s.rows_per_strip;
+  s.items = g.batch * s.strips * s.runs_w;
+  return s;
+}
+
+// Slices of pass 1 (grid.y): of the positions, or of the strips' items where the strip kernel runs. Sized for the
+// vector kernel's block shape where a layer can take it (channels-last 3x3 in whole vectors; any slice count is
+// correct for any form).
+inline int64_t depthwise_wgrad_slices(const DepthwiseParams& p, int dtype_bytes) {
   const Conv2dGeometry& g = p.g;
   const int64_t positions = g.batch * g.out_h * g.out_w;
   if (positions <= 0) return 1;
+  if (depthwise_wgrad_strips(p, dtype_bytes)) {
+    // Two items per position lane: the blocks' first loads and their tree are amortized over 2 strips.
+    const int64_t lanes = kDepthwiseThreads / depthwise_wgrad_vector_groups(g.dw_channels() / kDepthwiseStripVec);
+    const int64_t items = depthwise_wgrad_strip_plan(p, dtype_bytes).items;
+    int64_t slices = (items + 2 * lanes - 1) / (2 * lanes);
+    if (slices > 1024) slices = 1024;
+    return slices < 1 ? 1 : slices;
+  }
   int64_t chan_blocks = (g.dw_channels() + depthwise_wgrad_channels_per_block(p.channels_last) - 1) /
                         depthwise_wgrad_channels_per_block(p.channels_last);
   int64_t lanes = depthwise_wgrad_lanes_per_block(p.channels_last);
@@ -213,9 +268,9 @@ inline int64_t depthwise_wgrad_slices(const DepthwiseParams& p) {
 }
 
 // Bytes of float32 workspace the backward_weight launcher needs: slices * dw_channels * kH * kW * 4.
-inline size_t depthwise_wgrad_workspace_bytes(const DepthwiseParams& p) {
+inline size_t depthwise_wgrad_workspace_bytes(const DepthwiseParams& p, int dtype_bytes) {
   const Conv2dGeometry& g = p.g;
-  return static_cast<size_t>(depthwise_wgrad_slices(p)) * static_cast<size_t>(g.dw_channels()) *
+  return static_cast<size_t>(depthwise_wgrad_slices(p, dtype_bytes)) * static_cast<size_t>(g.dw_channels()) *
          static_cast<size_t>(g.kernel_h * g.kernel_w) * sizeof(float);
 }
 

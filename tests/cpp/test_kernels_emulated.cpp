@@ -574,8 +574,9 @@ void check_depthwise(const Case& k, double tol, const char* what) {
                  dim3(elementwise_blocks(k.n * k.c * k.h * k.w)), dim3(kDepthwiseThreads), p);
   // weight gradient: input = x, output = grad_y, weight = grad_w (written)
   p.input.data = x.data(), p.weight.data = gw.data();
-  const int64_t slices = depthwise_wgrad_slices(p);
-  std::vector<float> workspace(depthwise_wgrad_workspace_bytes(p) / sizeof(float), std::nanf(""));
+  const int64_t slices = depthwise_wgrad_slices(p, static_cast<int>(sizeof(T)));
+  std::vector<float> workspace(depthwise_wgrad_workspace_bytes(p, static_cast<int>(sizeof(T))) / sizeof(float),
+                               std::nanf(""));
   const int64_t chan_blocks = (K + depthwise_wgrad_channels_per_block(kCL) - 1) / depthwise_wgrad_channels_per_block(kCL);
   emulate_launch(kernels::depthwise_backward_weight_partial_kernel<T, int32_t, kCL, 0, 0>,
                  dim3(static_cast<unsigned>(chan_blocks * taps), static_cast<unsigned>(slices)),
@@ -624,7 +625,34 @@ TEST_CASE(depthwise_forward_and_gradients) {
 // the scalar forms' bits: 3x3 at stride 1, NHWC, channel counts of one vector group (every other thread row a pixel), 33
 // groups (a partial power of two) and 300 groups (two per thread), padding and dilation (rows, columns) both ways,
 // rows of 9 and 7 pixels (runs of kDepthwiseRun cut short); the forward and input gradient in each of their
-// column-sharing forms and the tap-by-tap one; the weight gradient's partials compared slice by slice.
+// column-sharing forms and the tap-by-tap one; the weight gradient's partials compared slice by slice. Without
+// dilation the strip kernels as well, at several strip heights: the forward and input gradient bit for bit, the
+// weight gradient's slices summed.
+// The strip kernels at a given strip height (the launcher picks one for the GPU's size): forward or input gradient
+// over the written tensor's rows x w, and the weight gradient's pass 1 into `slices` slices.
+template <typename T, bool kGrad>
+void emulate_strips(const DepthwiseParams& p, int64_t rows, int64_t w, int strip_rows) {
+  constexpr int R = depthwise_strip_run(static_cast<int>(sizeof(T)));
+  const int64_t threads = p.g.batch * ((rows + strip_rows - 1) / strip_rows) * ((w + R - 1) / R) *
+                          (p.g.in_channels / kDepthwiseStripVec);
+  const dim3 grid(static_cast<unsigned>((threads + kDepthwiseThreads - 1) / kDepthwiseThreads));
+  if (!kGrad && p.prologue.active()) {
+    emulate_launch(kernels::depthwise_strip_kernel<T, int32_t, kDepthwiseStripVec, R, false, true>, grid,
+                   dim3(kDepthwiseThreads), p, strip_rows);
+  } else {
+    emulate_launch(kernels::depthwise_strip_kernel<T, int32_t, kDepthwiseStripVec, R, kGrad, false>, grid,
+                   dim3(kDepthwiseThreads), p, strip_rows);
+  }
+}
+template <typename T>
+void emulate_wgrad_strips(const DepthwiseParams& p, float* workspace, int64_t slices, int strip_rows) {
+  const int64_t groups = p.g.dw_channels() / kDepthwiseStripVec, per_block = depthwise_wgrad_vector_groups(groups);
+  emulate_launch(kernels::depthwise_backward_weight_strip_kernel<T, int32_t, kDepthwiseStripVec,
+                                                                 depthwise_strip_run(static_cast<int>(sizeof(T)))>,
+                 dim3(static_cast<unsigned>((groups + per_block - 1) / per_block), static_cast<unsigned>(slices)),
+                 dim3(kDepthwiseThreads), p, workspace, slices, strip_rows);
+}
+
 template <typename T>
 void check_dgrad_vectors(int64_t c, int64_t pad, int64_t dil, int64_t dil_w) {
   std::mt19937 rng(static_cast<unsigned>(c + pad * 7 + dil + dil_w * 3));
@@ -662,6 +690,15 @@ void check_dgrad_vectors(int64_t c, int64_t pad, int64_t dil, int64_t dil_w) {
   emulate_launch(kernels::depthwise_backward_input_vector_kernel<T, int32_t, kDepthwiseVec, false>, dgrad_grid,
                  dim3(kDepthwiseThreads), p);
   EXPECT(std::memcmp(gather.data(), vec.data(), vec.size() * sizeof(T)) == 0);
+  const bool strips = depthwise_strips(p, static_cast<int>(sizeof(T)));
+  EXPECT(strips == (dil == 1 && dil_w == 1));
+  if (strips) {  // strips of 1, 3 (a short last strip) and all 7 rows
+    for (int rows : {1, 3, 7}) {
+      std::fill(vec.begin(), vec.end(), from_float<T>(std::nanf("")));
+      emulate_strips<T, true>(p, 7, 9, rows);
+      EXPECT(std::memcmp(gather.data(), vec.data(), vec.size() * sizeof(T)) == 0);
+    }
+  }
 
   // Weight gradient, pass 1: input = x, output = grad_y; the same slices for both forms.
   std::vector<T> x(2 * c * 7 * 9);
@@ -676,7 +713,7 @@ void check_dgrad_vectors(int64_t c, int64_t pad, int64_t dil, int64_t dil_w) {
     f.g.stride_h = f.g.stride_w = s;
     f.g.out_h = (7 + 2 * pad - 2 * dil - 1) / s + 1, f.g.out_w = (9 + 2 * pad - 2 * dil_w - 1) / s + 1;
     strides(c, f.g.out_h, f.g.out_w, true, f.output.stride);
-    f.bias = s == 2 ? bias.data() : nullptr;
+    f.bias = bias.data();
     f.bias_stride = 1;
     const int64_t outs = 2 * c * f.g.out_h * f.g.out_w;
     std::vector<T> y_scalar(outs, from_float<T>(std::nanf(""))), y_vector = y_scalar;
@@ -699,6 +736,13 @@ void check_dgrad_vectors(int64_t c, int64_t pad, int64_t dil, int64_t dil_w) {
     emulate_launch(kernels::depthwise_forward_vector_kernel<T, int32_t, kDepthwiseVec, 0>, dim3(2),
                    dim3(kDepthwiseThreads), f);
     EXPECT(std::memcmp(y_scalar.data(), y_vector.data(), y_vector.size() * sizeof(T)) == 0);
+    if (depthwise_strips(f, static_cast<int>(sizeof(T)))) {
+      for (int rows : {2, 32}) {
+        std::fill(y_vector.begin(), y_vector.end(), from_float<T>(std::nanf("")));
+        emulate_strips<T, false>(f, f.g.out_h, f.g.out_w, rows);
+        EXPECT(std::memcmp(y_scalar.data(), y_vector.data(), y_vector.size() * sizeof(T)) == 0);
+      }
+    }
   }
   EXPECT(depthwise_wgrad_vectors(p, static_cast<int>(sizeof(T))));
   const int64_t slices = 3;
@@ -717,6 +761,20 @@ void check_dgrad_vectors(int64_t c, int64_t pad, int64_t dil, int64_t dil_w) {
     for (int64_t s = 0; s < slices; ++s)
       for (int64_t i = 0; i < c * 9; ++i) scalar_sum[i] += scalar_ws[s * c * 9 + i], vector_sum[i] += vector_ws[s * c * 9 + i];
     EXPECT(relative_error(vector_sum, scalar_sum) <= 1e-6);
+  }
+  if (strips) {  // the strip form's slices sum to the same totals
+    EXPECT(depthwise_wgrad_strips(p, static_cast<int>(sizeof(T))));
+    std::vector<double> scalar_sum(c * 9, 0.0);
+    for (int64_t s = 0; s < slices; ++s)
+      for (int64_t i = 0; i < c * 9; ++i) scalar_sum[i] += scalar_ws[s * c * 9 + i];
+    for (int rows : {1, 3, 7}) {
+      std::vector<float> strip_ws(slices * c * 9, std::nanf(""));
+      emulate_wgrad_strips<T>(p, strip_ws.data(), slices, rows);
+      std::vector<double> strip_sum(c * 9, 0.0);
+      for (int64_t s = 0; s < slices; ++s)
+        for (int64_t i = 0; i < c * 9; ++i) strip_sum[i] += strip_ws[s * c * 9 + i];
+      EXPECT(relative_error(strip_sum, scalar_sum) <= 1e-6);
+    }
   }
 
   // A prologue applied on load (DepthwisePrologue: the separable backward's recompute) gives the bits of the same
@@ -755,6 +813,18 @@ void check_dgrad_vectors(int64_t c, int64_t pad, int64_t dil, int64_t dil_w) {
     emulate_launch(kernels::depthwise_backward_weight_partial_vector_kernel<T, int32_t, kDepthwiseVec>, wgrid,
                    dim3(kDepthwiseThreads), wr, ws_plain.data(), slices);
     EXPECT(std::memcmp(ws_fused.data(), ws_plain.data(), ws_plain.size() * sizeof(float)) == 0);
+    if (strips) {  // the strip forms, likewise
+      std::fill(y_fused.begin(), y_fused.end(), from_float<T>(std::nanf("")));
+      std::fill(y_plain.begin(), y_plain.end(), from_float<T>(std::nanf("")));
+      emulate_strips<T, false>(f, g.out_h, g.out_w, 3);
+      emulate_strips<T, false>(r, g.out_h, g.out_w, 3);
+      EXPECT(std::memcmp(y_fused.data(), y_plain.data(), y_plain.size() * sizeof(T)) == 0);
+      std::fill(ws_fused.begin(), ws_fused.end(), std::nanf(""));
+      std::fill(ws_plain.begin(), ws_plain.end(), std::nanf(""));
+      emulate_wgrad_strips<T>(wf, ws_fused.data(), slices, 2);
+      emulate_wgrad_strips<T>(wr, ws_plain.data(), slices, 2);
+      EXPECT(std::memcmp(ws_fused.data(), ws_plain.data(), ws_plain.size() * sizeof(float)) == 0);
+    }
   }
 }
 
@@ -764,6 +834,7 @@ TEST_CASE(depthwise_vector_kernels_match_the_scalar_forms) {
     check_dgrad_vectors<__nv_bfloat16>(c, 2, 2, 2);
     check_dgrad_vectors<__half>(c, 0, 1, 1);
     check_dgrad_vectors<__nv_bfloat16>(c, 1, 2, 1);  // rows dilated, columns not: the column-sharing forms
+    check_dgrad_vectors<__nv_bfloat16>(c, 3, 1, 1);  // strips with padding beyond the kernel's reach
   }
 }
 
