@@ -1,10 +1,11 @@
 """Time the depthwise kernels alone (forward, input gradient, weight gradient) at each strip setting, against cuDNN.
 
-    python tools/depthwise_sweep.py [--settings auto off 2 4 8 16] [--dtype bfloat16] [--batch 32] [--json FILE]
+    python tools/depthwise_sweep.py [--settings auto off 2 4 8 16] [--dtype bfloat16] [--layout NHWC] [--batch 32]
+                                    [--json FILE]
 
 Each setting of XCEPTION_OPS_DEPTHWISE_STRIPS (read once per process by csrc/cuda/depthwise_launch.cu: "auto" leaves
 it unset, "off" takes the run kernels, N fixes the rows per strip) runs in its own process over Xception's six
-depthwise shapes (3x3, stride 1, padding 1, channels_last); the first process also times PyTorch's own depthwise
+depthwise shapes (3x3, stride 1, padding 1, channels_last or NCHW); the first process also times PyTorch's own depthwise
 convolution and its two gradients (cuDNN). Times are CUDA-event means over --reps calls after --warmup, in ms, and
 each kernel's bytes over its time as GB/s (the byte floor: read x or grad_y once, write the result once).
 """
@@ -45,7 +46,8 @@ def child(args) -> None:
     for c, hw in SHAPES:
         gen = torch.Generator(device="cuda").manual_seed(c + hw)
         x = torch.randn(args.batch, c, hw, hw, device="cuda", dtype=dtype, generator=gen)
-        x = x.contiguous(memory_format=torch.channels_last)
+        if args.layout == "NHWC":
+            x = x.contiguous(memory_format=torch.channels_last)
         w = torch.randn(c, 1, 3, 3, device="cuda", dtype=dtype, generator=gen)
         gy = torch.randn_like(x)
         stride, pad, dil = [1, 1], [1, 1, 1, 1], [1, 1]
@@ -74,6 +76,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--settings", nargs="+", default=["auto", "off", "2", "4", "8", "16"])
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--layout", default="NHWC", choices=("NHWC", "NCHW"))
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=20)
@@ -90,8 +93,9 @@ def main() -> None:
         env.pop("XCEPTION_OPS_DEPTHWISE_STRIPS", None)
         if setting != "auto":
             env["XCEPTION_OPS_DEPTHWISE_STRIPS"] = setting
-        cmd = [sys.executable, __file__, "--child", "--dtype", args.dtype, "--batch", str(args.batch),
-               "--warmup", str(args.warmup), "--reps", str(args.reps)] + (["--eager"] if i == 0 else [])
+        cmd = [sys.executable, __file__, "--child", "--dtype", args.dtype, "--layout", args.layout,
+               "--batch", str(args.batch), "--warmup", str(args.warmup), "--reps", str(args.reps)]
+        cmd += ["--eager"] if i == 0 else []
         out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
         for row in json.loads(out):
             row["setting"] = "cudnn" if row["kernel"].startswith("cudnn_") else setting
@@ -99,13 +103,14 @@ def main() -> None:
             results.append(row)
     kernels = ("forward", "input_grad", "weight_grad")
     settings = (["cudnn"] if any(r["setting"] == "cudnn" for r in results) else []) + list(args.settings)
-    print(f"depthwise 3x3 stride 1, {args.dtype} channels_last, batch {args.batch}: ms (GB/s at the byte floor)")
+    print(f"depthwise 3x3 stride 1, {args.dtype} {args.layout}, batch {args.batch}: ms (GB/s at the byte floor)")
     print(f"{'layer':<12} {'kernel':<12} " + " ".join(f"{s:>15}" for s in settings))
+    by_key = {(r["channels"], r["hw"], r["kernel"], r["setting"]): r for r in results}
     for c, hw in SHAPES:
         for k in kernels:
             cells = []
             for s in settings:
-                r = next((r for r in results if (r["channels"], r["hw"], r["kernel"], r["setting"]) == (c, hw, k, s)), None)
+                r = by_key.get((c, hw, k, s))
                 cells.append(f"{r['ms']:7.3f} ({r['GBps']:4.0f})" if r else " " * 15)
             print(f"{c:>4}@{hw:<3}^2    {k:<12} " + " ".join(f"{cell:>15}" for cell in cells))
     if args.json:

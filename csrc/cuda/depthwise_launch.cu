@@ -64,22 +64,25 @@ int64_t strip_rows_for(int64_t items_per_row, int64_t rows) {
   return strip_setting() > 0 ? strip_setting() : depthwise_strip_rows(items_per_row, rows);
 }
 
-// The strip kernels (forward, input gradient): one thread per run of a strip and vector of channels, the vector
-// fastest; `rows`, `w` the written tensor's.
-template <typename T, typename idx_t, bool kGrad>
+// The strip kernels (forward, input gradient): one thread per run of a strip and vector of channels (kCL: the
+// vector fastest; NCHW: one channel, the run fastest); `rows`, `w` the written tensor's.
+template <typename T, typename idx_t, bool kGrad, bool kCL>
 cudaError_t launch_strips(const DepthwiseParams& p, int64_t rows, int64_t w, cudaStream_t stream) {
-  constexpr int R = depthwise_strip_run(static_cast<int>(sizeof(T)));
-  const int64_t groups = p.g.in_channels / kDepthwiseStripVec, runs_w = (w + R - 1) / R;
+  constexpr int R = depthwise_strip_run(static_cast<int>(sizeof(T)), kCL);
+  constexpr int V = kCL ? kDepthwiseStripVec : 1;
+  const int64_t groups = p.g.in_channels / V, runs_w = (w + R - 1) / R;
   const int64_t strip_rows = strip_rows_for(p.g.batch * runs_w * groups, rows);
   const int64_t threads = p.g.batch * ((rows + strip_rows - 1) / strip_rows) * runs_w * groups;
   const dim3 grid(static_cast<unsigned int>((threads + kDepthwiseThreads - 1) / kDepthwiseThreads));
-  if (!kGrad && p.prologue.active()) {
-    kernels::depthwise_strip_kernel<T, idx_t, kDepthwiseStripVec, R, false, true>
-        <<<grid, dim3(kDepthwiseThreads), 0, stream>>>(p, static_cast<int>(strip_rows));
-  } else {
-    kernels::depthwise_strip_kernel<T, idx_t, kDepthwiseStripVec, R, kGrad, false>
-        <<<grid, dim3(kDepthwiseThreads), 0, stream>>>(p, static_cast<int>(strip_rows));
+  if constexpr (kCL && !kGrad) {  // the NCHW form takes no prologue (depthwise_nchw_strips)
+    if (p.prologue.active()) {
+      kernels::depthwise_strip_kernel<T, idx_t, V, R, false, true, kCL>
+          <<<grid, dim3(kDepthwiseThreads), 0, stream>>>(p, static_cast<int>(strip_rows));
+      return cudaGetLastError();
+    }
   }
+  kernels::depthwise_strip_kernel<T, idx_t, V, R, kGrad, false, kCL>
+      <<<grid, dim3(kDepthwiseThreads), 0, stream>>>(p, static_cast<int>(strip_rows));
   return cudaGetLastError();
 }
 
@@ -89,7 +92,10 @@ cudaError_t forward_for_layout(const DepthwiseParams& p, cudaStream_t stream) {
   const dim3 block(kDepthwiseThreads);
   const bool vectors = kCL && depthwise_forward_vectors(p, static_cast<int>(sizeof(T)));
   if (p.prologue.active() && !vectors) return cudaErrorInvalidValue;  // only the vector kernels apply one
-  if (vectors && strips_on(g)) return launch_strips<T, idx_t, false>(p, g.out_h, g.out_w, stream);
+  if (vectors && strips_on(g)) return launch_strips<T, idx_t, false, true>(p, g.out_h, g.out_w, stream);
+  if (!kCL && depthwise_nchw_strips(p) && strips_on(g)) {
+    return launch_strips<T, idx_t, false, false>(p, g.out_h, g.out_w, stream);
+  }
   if (vectors) {
     // A run's shared input columns at compile-time stride 1 or 2 without horizontal dilation; any other, tap by tap.
     const dim3 grid(vector_blocks(g.batch * g.out_h, g.out_w, g.dw_channels()));
@@ -120,8 +126,9 @@ cudaError_t backward_input_for_layout(const DepthwiseParams& p, cudaStream_t str
   const Conv2dGeometry& g = p.g;
   const dim3 block(kDepthwiseThreads);
   if (kCL && depthwise_strips(p, static_cast<int>(sizeof(T))) && strips_on(g)) {
-    return launch_strips<T, idx_t, true>(p, g.in_h, g.in_w, stream);
+    return launch_strips<T, idx_t, true, true>(p, g.in_h, g.in_w, stream);
   }
+  if (!kCL && depthwise_nchw_strips(p) && strips_on(g)) return launch_strips<T, idx_t, true, false>(p, g.in_h, g.in_w, stream);
   if (kCL && depthwise_dgrad_vectors(p, static_cast<int>(sizeof(T)))) {
     const dim3 grid(vector_blocks(g.batch * g.in_h, g.in_w, g.in_channels));
     if (g.dilation_w == 1) {
@@ -158,14 +165,16 @@ cudaError_t backward_weight_for_layout(const DepthwiseParams& p, float* workspac
   const dim3 block(kDepthwiseThreads);
   const bool vectors = kCL && depthwise_wgrad_vectors(p, static_cast<int>(sizeof(T)));
   if (p.prologue.active() && !vectors) return cudaErrorInvalidValue;  // only the vector kernels apply one
-  if (vectors && strips_on(g)) {
-    // Any slice count is right for any strip height: the workspace was sized for the plan's.
+  if ((vectors || (!kCL && depthwise_nchw_strips(p))) && strips_on(g)) {
+    // Any slice count is right for any strip height: the workspace was sized for the plan's. Channels-last: blocks
+    // of depthwise_wgrad_vector_groups vectors; NCHW: one channel per block.
+    constexpr int V = kCL ? kDepthwiseStripVec : 1;
     const DepthwiseStrips plan = depthwise_wgrad_strip_plan(p, static_cast<int>(sizeof(T)));
     const int64_t strip_rows = strip_setting() > 0 ? strip_setting() : plan.rows_per_strip;
-    const int64_t groups = g.dw_channels() / kDepthwiseStripVec, per_block = depthwise_wgrad_vector_groups(groups);
+    const int64_t groups = g.dw_channels() / V, per_block = kCL ? depthwise_wgrad_vector_groups(groups) : 1;
     const dim3 grid_strips(static_cast<unsigned int>((groups + per_block - 1) / per_block),
                            static_cast<unsigned int>(slices));
-    kernels::depthwise_backward_weight_strip_kernel<T, idx_t, kDepthwiseStripVec, depthwise_strip_run(sizeof(T))>
+    kernels::depthwise_backward_weight_strip_kernel<T, idx_t, V, depthwise_strip_run(sizeof(T), kCL), kCL>
         <<<grid_strips, block, 0, stream>>>(p, workspace, slices, static_cast<int>(strip_rows));
   } else if (vectors) {
     const int64_t groups = g.dw_channels() / kDepthwiseVec, per_block = depthwise_wgrad_vector_groups(groups);

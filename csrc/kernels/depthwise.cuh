@@ -194,6 +194,27 @@ struct VecIO<T, 2> {
   __device__ __forceinline__ static void load_if(bool ok, const T* p, float (&v)[2]) { decode(load_raw_if(ok, p), v); }
   __device__ __forceinline__ static void store(T* p, const float (&v)[2]) { *reinterpret_cast<unsigned int*>(p) = encode(v); }
 };
+// One element (the strip kernels' NCHW form: one channel per thread).
+template <typename T>
+struct VecIO<T, 1> {
+  using Raw = unsigned short;
+  __device__ __forceinline__ static Raw load_raw_if(bool ok, const T* p) {
+    Raw u = 0;
+    if (ok) u = load_readonly(reinterpret_cast<const unsigned short*>(p));
+    return u;
+  }
+  __device__ __forceinline__ static void decode(const Raw& u, float (&v)[1]) { v[0] = from_bits16<T>(u); }
+  __device__ __forceinline__ static Raw encode(const float (&v)[1]) { return static_cast<Raw>(bits16<T>(v[0])); }
+  __device__ __forceinline__ static void store(T* p, const float (&v)[1]) { *reinterpret_cast<Raw*>(p) = encode(v); }
+};
+template <>
+struct VecIO<float, 1> {
+  using Raw = float;
+  __device__ __forceinline__ static Raw load_raw_if(bool ok, const float* p) { return ok ? load_readonly(p) : 0.f; }
+  __device__ __forceinline__ static void decode(const Raw& u, float (&v)[1]) { v[0] = u; }
+  __device__ __forceinline__ static Raw encode(const float (&v)[1]) { return v[0]; }
+  __device__ __forceinline__ static void store(float* p, const float (&v)[1]) { *p = v[0]; }
+};
 template <>
 struct VecIO<float, 4> {
   using Raw = float4;
@@ -593,12 +614,15 @@ __device__ __forceinline__ void strip_prologue_row(typename VecIO<T, V>::Raw (&r
   }
 }
 
-// Forward (kGrad = false; kPrologue: x read through p.prologue) and input gradient (kGrad = true). Threads are
-// (item, channel vector) pairs with the vector fastest, an item one run of R pixels of one strip of one image.
-// Three blocks per SM at least (85 registers): the loads in flight per SM are what this kernel's speed depends on.
-template <typename T, typename idx_t, int V, int R, bool kGrad, bool kPrologue>
+// Forward (kGrad = false; kPrologue: x read through p.prologue) and input gradient (kGrad = true). An item is one
+// run of R pixels of one strip of one image. kCL: threads are (item, channel vector) pairs with the vector
+// fastest (channels-last tensors); else (NCHW, V = 1) (run, strip, channel, image) with the run fastest, so that a
+// warp reads consecutive columns of one row. Three blocks per SM at least (85 registers): the loads in flight per
+// SM are what this kernel's speed depends on.
+template <typename T, typename idx_t, int V, int R, bool kGrad, bool kPrologue, bool kCL>
 __global__ void __launch_bounds__(kDepthwiseThreads, 3) depthwise_strip_kernel(const DepthwiseParams p, int strip_rows) {
   static_assert(!(kGrad && kPrologue), "the input gradient takes no prologue");
+  static_assert(kCL || V == 1, "NCHW strips take one channel per thread");
   constexpr int kCols = R + 2;
   using Raw = typename VecIO<T, V>::Raw;
   const Conv2dGeometry& g = p.g;
@@ -611,16 +635,20 @@ __global__ void __launch_bounds__(kDepthwiseThreads, 3) depthwise_strip_kernel(c
   T* __restrict__ dst = static_cast<T*>(dst_t.data);
   const T* __restrict__ w = static_cast<const T*>(p.weight.data);
   const T* __restrict__ bias = kGrad ? nullptr : static_cast<const T*>(p.bias);
-  const idx_t ss_n = src_t.stride[0], ss_h = src_t.stride[2], ss_w = src_t.stride[3];
-  const idx_t ds_n = dst_t.stride[0], ds_h = dst_t.stride[2], ds_w = dst_t.stride[3];
+  const idx_t ss_n = src_t.stride[0], ss_c = src_t.stride[1], ss_h = src_t.stride[2], ss_w = src_t.stride[3];
+  const idx_t ds_n = dst_t.stride[0], ds_c = dst_t.stride[1], ds_h = dst_t.stride[2], ds_w = dst_t.stride[3];
   const idx_t ws_o = p.weight.stride[0], ws_h = p.weight.stride[2], ws_w = p.weight.stride[3];
   const idx_t groups = static_cast<idx_t>(g.in_channels / V);
   const idx_t runs_w = (dst_w + R - 1) / R, strips = (dst_h + strip_rows - 1) / strip_rows;
   const idx_t t = static_cast<idx_t>(blockIdx.x) * kDepthwiseThreads + static_cast<idx_t>(threadIdx.x);
-  const idx_t item = t / groups, cg = t - item * groups;
-  if (item >= static_cast<idx_t>(g.batch) * strips * runs_w) return;
-  const idx_t rest = item / runs_w, ow0 = (item - rest * runs_w) * R, strip = rest % strips, n = rest / strips;
-  const idx_t c = cg * V, o0 = strip * strip_rows;
+  // kCL: t = ((n * strips + strip) * runs_w + run) * groups + group; else ((n * C + c) * strips + strip) * runs_w + run.
+  const idx_t run = kCL ? (t / groups) % runs_w : t % runs_w;
+  const idx_t rest = kCL ? t / groups / runs_w : t / runs_w;
+  const idx_t strip = rest % strips;
+  const idx_t c = kCL ? (t % groups) * V : (rest / strips) % groups;
+  const idx_t n = kCL ? rest / strips : rest / strips / groups;
+  if (n >= static_cast<idx_t>(g.batch)) return;
+  const idx_t ow0 = run * R, o0 = strip * strip_rows;
   const idx_t o_end = o0 + strip_rows < dst_h ? o0 + strip_rows : dst_h;
 
   float wv[9][V], bv[V], scale[V], shift[V];
@@ -636,7 +664,7 @@ __global__ void __launch_bounds__(kDepthwiseThreads, 3) depthwise_strip_kernel(c
   bool col_ok[kCols];
 #pragma unroll
   for (int col = 0; col < kCols; ++col) col_ok[col] = in_range<idx_t>(ow0 + col_off + col, src_w);
-  const T* src_run = src + n * ss_n + c + (ow0 + col_off) * ss_w;  // the window's column 0 in row 0
+  const T* src_run = src + n * ss_n + c * ss_c + (ow0 + col_off) * ss_w;  // the window's column 0 in row 0
   Raw win[3][kCols];
   bool row_ok[3];
 #pragma unroll
@@ -649,7 +677,7 @@ __global__ void __launch_bounds__(kDepthwiseThreads, 3) depthwise_strip_kernel(c
 #pragma unroll
     for (int r = 0; r < 3; ++r) strip_prologue_row<T, V>(win[r], row_ok[r], col_ok, scale, shift, p.prologue.relu);
   }
-  T* dst_run = dst + n * ds_n + c + ow0 * ds_w;
+  T* dst_run = dst + n * ds_n + c * ds_c + ow0 * ds_w;
   for (idx_t o = o0; o < o_end; ++o) {
     // The next output row's new source row, requested before this row's taps.
     const idx_t next_row = o + 1 + row_off + 2;
@@ -795,15 +823,16 @@ __global__ void __launch_bounds__(kDepthwiseThreads)
 
 // A thread of the weight gradient's vector and strip forms (pass 1): blocks of `groups` vectors of V channels
 // (depthwise_wgrad_vector_groups) x `lanes` lanes (thread = lane * groups + group), this thread's first channel c
-// (valid: within the layer; V divides it), and the prologue's scale and shift for its channels.
-template <typename idx_t, int V>
+// (valid: within the layer; V divides it), and the prologue's scale and shift for its channels. NCHW (!kCL, V = 1):
+// one channel per block, every thread a lane.
+template <typename idx_t, int V, bool kCL>
 struct WgradVectorThread {
   int groups, lanes, lane;
   idx_t c;
   bool valid;
   float scale[V], shift[V];
   __device__ __forceinline__ explicit WgradVectorThread(const DepthwiseParams& p) {
-    groups = depthwise_wgrad_vector_groups(p.g.dw_channels() / V), lanes = kDepthwiseThreads / groups;
+    groups = kCL ? depthwise_wgrad_vector_groups(p.g.dw_channels() / V) : 1, lanes = kDepthwiseThreads / groups;
     const int tid = threadIdx.x;
     lane = tid / groups;
     c = (static_cast<idx_t>(blockIdx.x) * groups + tid % groups) * V;
@@ -863,7 +892,7 @@ __global__ void __launch_bounds__(kDepthwiseThreads)
   const T* __restrict__ gy = static_cast<const T*>(p.output.data);
   const idx_t xs_n = p.input.stride[0], xs_h = p.input.stride[2], xs_w = p.input.stride[3];
   const idx_t ys_n = p.output.stride[0], ys_h = p.output.stride[2], ys_w = p.output.stride[3];
-  const WgradVectorThread<idx_t, V> th(p);
+  const WgradVectorThread<idx_t, V, true> th(p);
   const int groups = th.groups, lanes = th.lanes, lane = th.lane;
   const idx_t c = th.c;
   const bool valid = th.valid;
@@ -922,7 +951,7 @@ __global__ void __launch_bounds__(kDepthwiseThreads)
 // vector of grad_y per pixel and one new row of x (R + 2 vectors, read through the prologue once each) where the
 // vector form loads 9 x vectors per position and applies the prologue to each. The slices divide the items
 // (depthwise_wgrad_strip_plan); each tap's products are summed in a fixed order.
-template <typename T, typename idx_t, int V, int R>
+template <typename T, typename idx_t, int V, int R, bool kCL>
 __global__ void __launch_bounds__(kDepthwiseThreads, 2)
     depthwise_backward_weight_strip_kernel(const DepthwiseParams p, float* __restrict__ workspace, int64_t slices,
                                            int strip_rows) {
@@ -934,9 +963,9 @@ __global__ void __launch_bounds__(kDepthwiseThreads, 2)
   const idx_t pt = g.pad_top, pl_ = g.pad_left;
   const T* __restrict__ x = static_cast<const T*>(p.input.data);
   const T* __restrict__ gy = static_cast<const T*>(p.output.data);
-  const idx_t xs_n = p.input.stride[0], xs_h = p.input.stride[2], xs_w = p.input.stride[3];
-  const idx_t ys_n = p.output.stride[0], ys_h = p.output.stride[2], ys_w = p.output.stride[3];
-  const WgradVectorThread<idx_t, V> th(p);
+  const idx_t xs_n = p.input.stride[0], xs_c = p.input.stride[1], xs_h = p.input.stride[2], xs_w = p.input.stride[3];
+  const idx_t ys_n = p.output.stride[0], ys_c = p.output.stride[1], ys_h = p.output.stride[2], ys_w = p.output.stride[3];
+  const WgradVectorThread<idx_t, V, kCL> th(p);
   const int groups = th.groups, lanes = th.lanes, lane = th.lane;
   const idx_t c = th.c;
   const bool valid = th.valid;
@@ -962,8 +991,8 @@ __global__ void __launch_bounds__(kDepthwiseThreads, 2)
       for (int col = 0; col < kCols; ++col) col_ok[col] = in_range<idx_t>(ow0 - pl_ + col, W);
 #pragma unroll
       for (int q = 0; q < R; ++q) q_ok[q] = ow0 + q < OW;
-      const T* x_run = x + n * xs_n + c + (ow0 - pl_) * xs_w;
-      const T* gy_run = gy + n * ys_n + c + ow0 * ys_w;
+      const T* x_run = x + n * xs_n + c * xs_c + (ow0 - pl_) * xs_w;
+      const T* gy_run = gy + n * ys_n + c * ys_c + ow0 * ys_w;
       Raw win[3][kCols], go_raw[R];
       bool row_ok[3];
 #pragma unroll

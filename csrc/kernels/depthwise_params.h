@@ -171,13 +171,26 @@ XO_HOST_DEVICE inline bool depthwise_wgrad_vectors(const DepthwiseParams& p, int
 // Channels per thread: 2 (4-byte loads of 16-bit dtypes, 8 of float32), not kDepthwiseVec: with 4, the window, the
 // weights and the accumulators took 150-200 registers (sm_90, nvcc 13), one block of 256 threads per SM.
 constexpr int kDepthwiseStripVec = 2;
-XO_HOST_DEVICE constexpr int depthwise_strip_run(int dtype_bytes) { return dtype_bytes == 4 ? 2 : 4; }
+// Pixels per run: 4, but 2 for float32 channels-last (its 8-byte vectors would double the window's registers).
+XO_HOST_DEVICE constexpr int depthwise_strip_run(int dtype_bytes, bool channels_last) {
+  return channels_last && dtype_bytes == 4 ? 2 : 4;
+}
 XO_HOST_DEVICE inline bool depthwise_strip_shape(const Conv2dGeometry& g) {
   return depthwise_vector_shape(g) && g.stride_h == 1 && g.stride_w == 1 && g.dilation_h == 1 && g.dilation_w == 1;
 }
 // Forward and input gradient: the vector kernels' conditions and that shape.
 XO_HOST_DEVICE inline bool depthwise_strips(const DepthwiseParams& p, int dtype_bytes) {
   return depthwise_vectors(p, dtype_bytes) && depthwise_strip_shape(p.g);
+}
+// The NCHW form (one channel per thread, a warp along a row): that shape, the NCHW thread order, and both tensors
+// with their columns contiguous (so that a warp's loads of a row coalesce), no prologue.
+XO_HOST_DEVICE inline bool depthwise_nchw_strips(const DepthwiseParams& p) {
+  return !p.channels_last && depthwise_strip_shape(p.g) && p.input.stride[3] == 1 && p.output.stride[3] == 1 &&
+         !p.prologue.active();
+}
+// Channels per strip thread: a vector of them channels-last, one in NCHW.
+XO_HOST_DEVICE inline int depthwise_strip_vec(const DepthwiseParams& p) {
+  return p.channels_last ? kDepthwiseStripVec : 1;
 }
 // Rows per strip over `rows` rows of `items_per_row` (runs x channel vectors, times the batch) threads each: as many
 // as keep about 2^18 threads in all (an H100 holds 132 x 2048), so a thread's first loads are amortized over
@@ -212,10 +225,11 @@ inline bool depthwise_wgrad_all_taps(const Conv2dGeometry& g) {
 // other threads are position lanes (kDepthwiseThreads / this many).
 XO_HOST_DEVICE inline int depthwise_wgrad_vector_groups(int64_t groups) { return power_of_two_cover(groups, 32); }
 
-// The weight gradient's strip kernel (pass 1): channels-last 3x3 at stride 1 without dilation, whole aligned
-// vectors of x and grad_y. Its slices divide the strips' items (batch x strips x runs), not the positions.
+// The weight gradient's strip kernel (pass 1): 3x3 at stride 1 without dilation, channels-last in whole aligned
+// vectors of x and grad_y, or NCHW (depthwise_nchw_strips). Its slices divide the strips' items (batch x strips x
+// runs), not the positions.
 XO_HOST_DEVICE inline bool depthwise_wgrad_strips(const DepthwiseParams& p, int dtype_bytes) {
-  return depthwise_wgrad_vectors(p, dtype_bytes) && depthwise_strip_shape(p.g);
+  return (depthwise_wgrad_vectors(p, dtype_bytes) && depthwise_strip_shape(p.g)) || depthwise_nchw_strips(p);
 }
 // The strip kernel's geometry over grad_y: rows per strip and items (one per strip and run of each image).
 struct DepthwiseStrips {
@@ -223,10 +237,10 @@ struct DepthwiseStrips {
 };
 inline DepthwiseStrips depthwise_wgrad_strip_plan(const DepthwiseParams& p, int dtype_bytes) {
   const Conv2dGeometry& g = p.g;
-  const int64_t run = depthwise_strip_run(dtype_bytes);
+  const int64_t run = depthwise_strip_run(dtype_bytes, p.channels_last);
   DepthwiseStrips s;
   s.runs_w = (g.out_w + run - 1) / run;
-  s.rows_per_strip = depthwise_strip_rows(g.batch * s.runs_w * (g.dw_channels() / kDepthwiseStripVec), g.out_h);
+  s.rows_per_strip = depthwise_strip_rows(g.batch * s.runs_w * (g.dw_channels() / depthwise_strip_vec(p)), g.out_h);
   s.strips = (g.out_h + s.rows_per_strip - 1) / s.rows_per_strip;
   s.items = g.batch * s.strips * s.runs_w;
   return s;
@@ -241,7 +255,9 @@ inline int64_t depthwise_wgrad_slices(const DepthwiseParams& p, int dtype_bytes)
   if (positions <= 0) return 1;
   if (depthwise_wgrad_strips(p, dtype_bytes)) {
     // Two items per position lane: the blocks' first loads and their tree are amortized over 2 strips.
-    const int64_t lanes = kDepthwiseThreads / depthwise_wgrad_vector_groups(g.dw_channels() / kDepthwiseStripVec);
+    const int64_t lanes =
+        p.channels_last ? kDepthwiseThreads / depthwise_wgrad_vector_groups(g.dw_channels() / kDepthwiseStripVec)
+                        : kDepthwiseThreads;
     const int64_t items = depthwise_wgrad_strip_plan(p, dtype_bytes).items;
     int64_t slices = (items + 2 * lanes - 1) / (2 * lanes);
     if (slices > 1024) slices = 1024;

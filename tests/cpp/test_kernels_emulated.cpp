@@ -629,28 +629,99 @@ TEST_CASE(depthwise_forward_and_gradients) {
 // dilation the strip kernels as well, at several strip heights: the forward and input gradient bit for bit, the
 // weight gradient's slices summed.
 // The strip kernels at a given strip height (the launcher picks one for the GPU's size): forward or input gradient
-// over the written tensor's rows x w, and the weight gradient's pass 1 into `slices` slices.
-template <typename T, bool kGrad>
+// over the written tensor's rows x w, and the weight gradient's pass 1 into `slices` slices; channels-last (kCL)
+// or NCHW.
+template <typename T, bool kGrad, bool kCL = true>
 void emulate_strips(const DepthwiseParams& p, int64_t rows, int64_t w, int strip_rows) {
-  constexpr int R = depthwise_strip_run(static_cast<int>(sizeof(T)));
-  const int64_t threads = p.g.batch * ((rows + strip_rows - 1) / strip_rows) * ((w + R - 1) / R) *
-                          (p.g.in_channels / kDepthwiseStripVec);
+  constexpr int R = depthwise_strip_run(static_cast<int>(sizeof(T)), kCL), V = kCL ? kDepthwiseStripVec : 1;
+  const int64_t threads = p.g.batch * ((rows + strip_rows - 1) / strip_rows) * ((w + R - 1) / R) * (p.g.in_channels / V);
   const dim3 grid(static_cast<unsigned>((threads + kDepthwiseThreads - 1) / kDepthwiseThreads));
-  if (!kGrad && p.prologue.active()) {
-    emulate_launch(kernels::depthwise_strip_kernel<T, int32_t, kDepthwiseStripVec, R, false, true>, grid,
-                   dim3(kDepthwiseThreads), p, strip_rows);
+  if (!kGrad && kCL && p.prologue.active()) {
+    emulate_launch(kernels::depthwise_strip_kernel<T, int32_t, V, R, false, true, kCL>, grid, dim3(kDepthwiseThreads),
+                   p, strip_rows);
   } else {
-    emulate_launch(kernels::depthwise_strip_kernel<T, int32_t, kDepthwiseStripVec, R, kGrad, false>, grid,
-                   dim3(kDepthwiseThreads), p, strip_rows);
+    emulate_launch(kernels::depthwise_strip_kernel<T, int32_t, V, R, kGrad, false, kCL>, grid, dim3(kDepthwiseThreads),
+                   p, strip_rows);
   }
 }
-template <typename T>
+template <typename T, bool kCL = true>
 void emulate_wgrad_strips(const DepthwiseParams& p, float* workspace, int64_t slices, int strip_rows) {
-  const int64_t groups = p.g.dw_channels() / kDepthwiseStripVec, per_block = depthwise_wgrad_vector_groups(groups);
-  emulate_launch(kernels::depthwise_backward_weight_strip_kernel<T, int32_t, kDepthwiseStripVec,
-                                                                 depthwise_strip_run(static_cast<int>(sizeof(T)))>,
+  constexpr int V = kCL ? kDepthwiseStripVec : 1;
+  const int64_t groups = p.g.dw_channels() / V, per_block = kCL ? depthwise_wgrad_vector_groups(groups) : 1;
+  emulate_launch(kernels::depthwise_backward_weight_strip_kernel<T, int32_t, V,
+                                                                 depthwise_strip_run(static_cast<int>(sizeof(T)), kCL), kCL>,
                  dim3(static_cast<unsigned>((groups + per_block - 1) / per_block), static_cast<unsigned>(slices)),
                  dim3(kDepthwiseThreads), p, workspace, slices, strip_rows);
+}
+
+// The NCHW strips give the scalar NCHW kernels' bits (forward with a bias, input gradient) and their weight
+// gradient's sums: rows of 9 and 13 pixels (runs of 4 cut short), padding 0 to 2, strips of 1, 3 and all rows.
+template <typename T>
+void check_nchw_strips(int64_t c, int64_t w_in, int64_t pad) {
+  std::mt19937 rng(static_cast<unsigned>(c * 31 + w_in + pad));
+  std::normal_distribution<float> normal(0.f, 1.f);
+  Conv2dGeometry g;
+  g.batch = 2, g.in_channels = c, g.out_channels = c, g.depth_multiplier = 1, g.in_h = 7, g.in_w = w_in;
+  g.kernel_h = g.kernel_w = 3, g.stride_h = g.stride_w = 1, g.dilation_h = g.dilation_w = 1;
+  g.pad_top = g.pad_left = g.pad_bottom = g.pad_right = pad;
+  g.compute_output_size();
+  const int64_t in_n = 2 * c * 7 * w_in, out_n = 2 * c * g.out_h * g.out_w;
+  std::vector<T> x(in_n), w(c * 9), bias(c), gy(out_n);
+  for (auto* v : {&x, &w, &bias, &gy})
+    for (auto& e : *v) e = from_float<T>(normal(rng));
+  DepthwiseParams p;
+  p.g = g;
+  p.channels_last = false;
+  p.use_int32 = true;
+  strides(c, 7, w_in, false, p.input.stride);
+  strides(c, g.out_h, g.out_w, false, p.output.stride);
+  p.weight.stride[0] = 9, p.weight.stride[1] = 9, p.weight.stride[2] = 3, p.weight.stride[3] = 1;
+  p.weight.data = w.data();
+  EXPECT(depthwise_nchw_strips(p) && depthwise_wgrad_strips(p, static_cast<int>(sizeof(T))));
+  const T nan = from_float<T>(std::nanf(""));
+  for (int rows : {1, 3, 7}) {
+    // Forward (input = x, output = y), with a bias.
+    DepthwiseParams f = p;
+    f.input.data = x.data(), f.bias = bias.data(), f.bias_stride = 1;
+    std::vector<T> y_scalar(out_n, nan), y_strip(out_n, nan);
+    f.output.data = y_scalar.data();
+    emulate_launch(kernels::depthwise_forward_kernel<T, int32_t, false, 3, 3, 1, 1>, dim3(elementwise_blocks(out_n)),
+                   dim3(kDepthwiseThreads), f);
+    f.output.data = y_strip.data();
+    emulate_strips<T, false, false>(f, g.out_h, g.out_w, rows);
+    EXPECT(std::memcmp(y_scalar.data(), y_strip.data(), out_n * sizeof(T)) == 0);
+    // Input gradient (input = grad_x, written; output = grad_y).
+    DepthwiseParams d = p;
+    d.output.data = gy.data();
+    std::vector<T> gx_scalar(in_n, nan), gx_strip(in_n, nan);
+    d.input.data = gx_scalar.data();
+    emulate_launch(kernels::depthwise_backward_input_kernel<T, int32_t, false, 3, 3, 1, 1>,
+                   dim3(elementwise_blocks(in_n)), dim3(kDepthwiseThreads), d);
+    d.input.data = gx_strip.data();
+    emulate_strips<T, true, false>(d, 7, w_in, rows);
+    EXPECT(std::memcmp(gx_scalar.data(), gx_strip.data(), in_n * sizeof(T)) == 0);
+    // Weight gradient, pass 1 (input = x, output = grad_y): the slices' sums.
+    DepthwiseParams b = p;
+    b.input.data = x.data(), b.output.data = gy.data();
+    const int64_t slices = 3;
+    std::vector<float> scalar_ws(slices * c * 9, std::nanf("")), strip_ws = scalar_ws;
+    emulate_launch(kernels::depthwise_backward_weight_partial_kernel<T, int32_t, false, 3, 3>,
+                   dim3(static_cast<unsigned>((c + 3) / 4), static_cast<unsigned>(slices)), dim3(kDepthwiseThreads), b,
+                   scalar_ws.data(), slices);
+    emulate_wgrad_strips<T, false>(b, strip_ws.data(), slices, rows);
+    std::vector<double> scalar_sum(c * 9, 0.0), strip_sum(c * 9, 0.0);
+    for (int64_t sl = 0; sl < slices; ++sl)
+      for (int64_t i = 0; i < c * 9; ++i) scalar_sum[i] += scalar_ws[sl * c * 9 + i], strip_sum[i] += strip_ws[sl * c * 9 + i];
+    EXPECT(relative_error(strip_sum, scalar_sum) <= 1e-6);
+  }
+}
+
+TEST_CASE(nchw_strip_kernels_match_the_scalar_forms) {
+  for (int64_t pad : {0, 1, 2}) {
+    check_nchw_strips<float>(3, 9, pad);
+    check_nchw_strips<__nv_bfloat16>(5, 13, pad);
+    check_nchw_strips<__half>(2, 9, pad);
+  }
 }
 
 template <typename T>
