@@ -74,7 +74,7 @@ cudaError_t launch_strips(const DepthwiseParams& p, int64_t rows, int64_t w, cud
   const int64_t strip_rows = strip_rows_for(p.g.batch * runs_w * groups, rows);
   const int64_t threads = p.g.batch * ((rows + strip_rows - 1) / strip_rows) * runs_w * groups;
   const dim3 grid(static_cast<unsigned int>((threads + kDepthwiseThreads - 1) / kDepthwiseThreads));
-  if constexpr (kCL && !kGrad) {  // the NCHW form takes no prologue (depthwise_nchw_strips)
+  if constexpr (!kGrad) {
     if (p.prologue.active()) {
       kernels::depthwise_strip_kernel<T, idx_t, V, R, false, true, kCL>
           <<<grid, dim3(kDepthwiseThreads), 0, stream>>>(p, static_cast<int>(strip_rows));
@@ -91,9 +91,11 @@ cudaError_t forward_for_layout(const DepthwiseParams& p, cudaStream_t stream) {
   const Conv2dGeometry& g = p.g;
   const dim3 block(kDepthwiseThreads);
   const bool vectors = kCL && depthwise_forward_vectors(p, static_cast<int>(sizeof(T)));
-  if (p.prologue.active() && !vectors) return cudaErrorInvalidValue;  // only the vector kernels apply one
+  const bool nchw_strips = !kCL && depthwise_nchw_strips(p);
+  // Only the vector and strip kernels apply a prologue: in NCHW the strips take it even where switched off.
+  if (p.prologue.active() && !vectors && !nchw_strips) return cudaErrorInvalidValue;
   if (vectors && strips_on(g)) return launch_strips<T, idx_t, false, true>(p, g.out_h, g.out_w, stream);
-  if (!kCL && depthwise_nchw_strips(p) && strips_on(g)) {
+  if (nchw_strips && (strips_on(g) || p.prologue.active())) {
     return launch_strips<T, idx_t, false, false>(p, g.out_h, g.out_w, stream);
   }
   if (vectors) {
@@ -164,8 +166,10 @@ cudaError_t backward_weight_for_layout(const DepthwiseParams& p, float* workspac
   const dim3 grid1(static_cast<unsigned int>(chan_blocks * (all_taps ? 1 : taps)), static_cast<unsigned int>(slices));
   const dim3 block(kDepthwiseThreads);
   const bool vectors = kCL && depthwise_wgrad_vectors(p, static_cast<int>(sizeof(T)));
-  if (p.prologue.active() && !vectors) return cudaErrorInvalidValue;  // only the vector kernels apply one
-  if ((vectors || (!kCL && depthwise_nchw_strips(p))) && strips_on(g)) {
+  const bool nchw_strips = !kCL && depthwise_nchw_strips(p);
+  // Only the vector and strip kernels apply a prologue: in NCHW the strips take it even where switched off.
+  if (p.prologue.active() && !vectors && !nchw_strips) return cudaErrorInvalidValue;
+  if ((vectors && strips_on(g)) || (nchw_strips && (strips_on(g) || p.prologue.active()))) {
     // Any slice count is right for any strip height: the workspace was sized for the plan's. Channels-last: blocks
     // of depthwise_wgrad_vector_groups vectors; NCHW: one channel per block.
     constexpr int V = kCL ? kDepthwiseStripVec : 1;

@@ -29,8 +29,8 @@ struct DepthwiseTensor {
 // A prologue applied to the input as it is read: relu?(round(x * scale + shift)) per input channel, float32
 // vectors (nullptr: 1 and 0), padding still 0 after it. The separable backward recomputes its depthwise stage
 // and its weight gradient from x with the fused forward's prologue this way instead of writing the prologued
-// input out first. Only the vector kernels of the forward and the weight gradient take one (depthwise_prologue_ok);
-// their launchers refuse it elsewhere.
+// input out first. Only the vector and strip kernels of the forward and the weight gradient take one
+// (depthwise_prologue_ok); their launchers refuse it elsewhere.
 struct DepthwisePrologue {
   const float* scale = nullptr;
   const float* shift = nullptr;
@@ -149,15 +149,6 @@ XO_HOST_DEVICE inline bool depthwise_dgrad_vectors(const DepthwiseParams& p, int
   return p.g.stride_h == 1 && p.g.stride_w == 1 && depthwise_vectors(p, dtype_bytes);
 }
 
-// Whether a prologue can be applied on load (DepthwisePrologue) for the forward and weight gradient of this x:
-// both take their vector kernels, given outputs and gradients allocated channels-last by the caller (whole
-// vectors of channels, aligned).
-XO_HOST_DEVICE inline bool depthwise_prologue_ok(const DepthwiseTensor& x, const Conv2dGeometry& g, bool channels_last,
-                                                 int dtype_bytes) {
-  return channels_last && depthwise_vector_shape(g) &&
-         channels_vectorizable(x, g.in_channels, dtype_bytes, kDepthwiseVec);
-}
-
 // The weight gradient's vector kernel (pass 1), under depthwise_vectors: its blocks take
 // depthwise_wgrad_vector_groups vectors of channels.
 XO_HOST_DEVICE inline bool depthwise_wgrad_vectors(const DepthwiseParams& p, int dtype_bytes) {
@@ -183,15 +174,24 @@ XO_HOST_DEVICE inline bool depthwise_strips(const DepthwiseParams& p, int dtype_
   return depthwise_vectors(p, dtype_bytes) && depthwise_strip_shape(p.g);
 }
 // The NCHW form (one channel per thread, a warp along a row): that shape, the NCHW thread order, and both tensors
-// with their columns contiguous (so that a warp's loads of a row coalesce), no prologue.
+// with their columns contiguous (so that a warp's loads of a row coalesce).
 XO_HOST_DEVICE inline bool depthwise_nchw_strips(const DepthwiseParams& p) {
-  return !p.channels_last && depthwise_strip_shape(p.g) && p.input.stride[3] == 1 && p.output.stride[3] == 1 &&
-         !p.prologue.active();
+  return !p.channels_last && depthwise_strip_shape(p.g) && p.input.stride[3] == 1 && p.output.stride[3] == 1;
 }
 // Channels per strip thread: a vector of them channels-last, one in NCHW.
 XO_HOST_DEVICE inline int depthwise_strip_vec(const DepthwiseParams& p) {
   return p.channels_last ? kDepthwiseStripVec : 1;
 }
+
+// Whether a prologue can be applied on load (DepthwisePrologue) for the forward and weight gradient of this x:
+// both take their vector or strip kernels, given outputs and gradients allocated by the caller in x's layout
+// (channels-last: whole vectors of channels, aligned; NCHW: contiguous, for the NCHW strips at 3x3 stride 1).
+XO_HOST_DEVICE inline bool depthwise_prologue_ok(const DepthwiseTensor& x, const Conv2dGeometry& g, bool channels_last,
+                                                 int dtype_bytes) {
+  if (!channels_last) return depthwise_strip_shape(g) && x.stride[3] == 1;
+  return depthwise_vector_shape(g) && channels_vectorizable(x, g.in_channels, dtype_bytes, kDepthwiseVec);
+}
+
 // Rows per strip over `rows` rows of `items_per_row` (runs x channel vectors, times the batch) threads each: as many
 // as keep about 2^18 threads in all (an H100 holds 132 x 2048), so a thread's first loads are amortized over
 // several rows, at most 32 and at least 1.

@@ -636,7 +636,7 @@ void emulate_strips(const DepthwiseParams& p, int64_t rows, int64_t w, int strip
   constexpr int R = depthwise_strip_run(static_cast<int>(sizeof(T)), kCL), V = kCL ? kDepthwiseStripVec : 1;
   const int64_t threads = p.g.batch * ((rows + strip_rows - 1) / strip_rows) * ((w + R - 1) / R) * (p.g.in_channels / V);
   const dim3 grid(static_cast<unsigned>((threads + kDepthwiseThreads - 1) / kDepthwiseThreads));
-  if (!kGrad && kCL && p.prologue.active()) {
+  if (!kGrad && p.prologue.active()) {
     emulate_launch(kernels::depthwise_strip_kernel<T, int32_t, V, R, false, true, kCL>, grid, dim3(kDepthwiseThreads),
                    p, strip_rows);
   } else {
@@ -655,7 +655,8 @@ void emulate_wgrad_strips(const DepthwiseParams& p, float* workspace, int64_t sl
 }
 
 // The NCHW strips give the scalar NCHW kernels' bits (forward with a bias, input gradient) and their weight
-// gradient's sums: rows of 9 and 13 pixels (runs of 4 cut short), padding 0 to 2, strips of 1, 3 and all rows.
+// gradient's sums: rows of 9 and 13 pixels (runs of 4 cut short), padding 0 to 2, strips of 1, 3 and all rows;
+// with a prologue, the bits of the same kernels on the prologued input.
 template <typename T>
 void check_nchw_strips(int64_t c, int64_t w_in, int64_t pad) {
   std::mt19937 rng(static_cast<unsigned>(c * 31 + w_in + pad));
@@ -713,6 +714,33 @@ void check_nchw_strips(int64_t c, int64_t w_in, int64_t pad) {
     for (int64_t sl = 0; sl < slices; ++sl)
       for (int64_t i = 0; i < c * 9; ++i) scalar_sum[i] += scalar_ws[sl * c * 9 + i], strip_sum[i] += strip_ws[sl * c * 9 + i];
     EXPECT(relative_error(strip_sum, scalar_sum) <= 1e-6);
+
+    // A prologue applied on load (the separable backward's recompute and weight gradient in NCHW) gives the bits
+    // of the same kernels reading the prologued input written out.
+    EXPECT(depthwise_prologue_ok(p.input, g, false, static_cast<int>(sizeof(T))));
+    std::vector<float> scale(c), shift(c);
+    for (int64_t i = 0; i < c; ++i) scale[i] = 0.5f + std::abs(normal(rng)), shift[i] = 0.5f * normal(rng);
+    std::vector<T> prologued(in_n, nan);
+    DepthwiseTensor x_view = p.input, out_view = p.input;
+    x_view.data = x.data(), out_view.data = prologued.data();
+    emulate_launch(kernels::prologue_apply_kernel<T, 1>, dim3(4), dim3(256), x_view, out_view, int64_t{2}, c,
+                   int64_t{7}, w_in, static_cast<const float*>(scale.data()), static_cast<const float*>(shift.data()),
+                   true);
+    DepthwiseParams fp = f, fr = f;
+    fp.prologue.scale = scale.data(), fp.prologue.shift = shift.data(), fp.prologue.relu = true;
+    fr.input.data = prologued.data();
+    std::vector<T> y_fused(out_n, nan), y_plain(out_n, nan);
+    fp.output.data = y_fused.data(), fr.output.data = y_plain.data();
+    emulate_strips<T, false, false>(fp, g.out_h, g.out_w, rows);
+    emulate_strips<T, false, false>(fr, g.out_h, g.out_w, rows);
+    EXPECT(std::memcmp(y_fused.data(), y_plain.data(), out_n * sizeof(T)) == 0);
+    DepthwiseParams bp = b, br = b;
+    bp.prologue = fp.prologue;
+    br.input.data = prologued.data();
+    std::vector<float> ws_fused(slices * c * 9, std::nanf("")), ws_plain = ws_fused;
+    emulate_wgrad_strips<T, false>(bp, ws_fused.data(), slices, rows);
+    emulate_wgrad_strips<T, false>(br, ws_plain.data(), slices, rows);
+    EXPECT(std::memcmp(ws_fused.data(), ws_plain.data(), ws_plain.size() * sizeof(float)) == 0);
   }
 }
 
