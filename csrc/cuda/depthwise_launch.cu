@@ -130,7 +130,9 @@ cudaError_t backward_input_for_layout(const DepthwiseParams& p, cudaStream_t str
   if (kCL && depthwise_strips(p, static_cast<int>(sizeof(T))) && strips_on(g)) {
     return launch_strips<T, idx_t, true, true>(p, g.in_h, g.in_w, stream);
   }
-  if (!kCL && depthwise_nchw_strips(p) && strips_on(g)) return launch_strips<T, idx_t, true, false>(p, g.in_h, g.in_w, stream);
+  if (!kCL && depthwise_nchw_strips(p) && strips_on(g)) {
+    return launch_strips<T, idx_t, true, false>(p, g.in_h, g.in_w, stream);
+  }
   if (kCL && depthwise_dgrad_vectors(p, static_cast<int>(sizeof(T)))) {
     const dim3 grid(vector_blocks(g.batch * g.in_h, g.in_w, g.in_channels));
     if (g.dilation_w == 1) {

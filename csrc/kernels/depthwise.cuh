@@ -190,9 +190,13 @@ struct VecIO<T, 2> {
   __device__ __forceinline__ static void decode(const Raw& u, float (&v)[2]) {
     v[0] = from_bits16<T>(u & 0xffffu), v[1] = from_bits16<T>(u >> 16);
   }
-  __device__ __forceinline__ static Raw encode(const float (&v)[2]) { return bits16<T>(v[0]) | (bits16<T>(v[1]) << 16); }
+  __device__ __forceinline__ static Raw encode(const float (&v)[2]) {
+    return bits16<T>(v[0]) | (bits16<T>(v[1]) << 16);
+  }
   __device__ __forceinline__ static void load_if(bool ok, const T* p, float (&v)[2]) { decode(load_raw_if(ok, p), v); }
-  __device__ __forceinline__ static void store(T* p, const float (&v)[2]) { *reinterpret_cast<unsigned int*>(p) = encode(v); }
+  __device__ __forceinline__ static void store(T* p, const float (&v)[2]) {
+    *reinterpret_cast<unsigned int*>(p) = encode(v);
+  }
 };
 // One element (the strip kernels' NCHW form: one channel per thread).
 template <typename T>
@@ -596,7 +600,9 @@ template <typename T, int V, int kCols, typename idx_t>
 __device__ __forceinline__ void strip_load_row(typename VecIO<T, V>::Raw (&raw)[kCols], bool row_ok,
                                                const bool (&col_ok)[kCols], const T* row, idx_t col_stride) {
 #pragma unroll
-  for (int col = 0; col < kCols; ++col) raw[col] = VecIO<T, V>::load_raw_if(row_ok && col_ok[col], row + col * col_stride);
+  for (int col = 0; col < kCols; ++col) {
+    raw[col] = VecIO<T, V>::load_raw_if(row_ok && col_ok[col], row + col * col_stride);
+  }
 }
 // A loaded row read through the prologue, re-encoded in place (exact: prologue_value rounds to the dtype), and
 // zero outside the source: padding is 0 after the prologue, as in the reference.
@@ -620,7 +626,8 @@ __device__ __forceinline__ void strip_prologue_row(typename VecIO<T, V>::Raw (&r
 // warp reads consecutive columns of one row. Three blocks per SM at least (85 registers): the loads in flight per
 // SM are what this kernel's speed depends on.
 template <typename T, typename idx_t, int V, int R, bool kGrad, bool kPrologue, bool kCL>
-__global__ void __launch_bounds__(kDepthwiseThreads, 3) depthwise_strip_kernel(const DepthwiseParams p, int strip_rows) {
+__global__ void __launch_bounds__(kDepthwiseThreads, 3)
+    depthwise_strip_kernel(const DepthwiseParams p, int strip_rows) {
   static_assert(!(kGrad && kPrologue), "the input gradient takes no prologue");
   static_assert(kCL || V == 1, "NCHW strips take one channel per thread");
   constexpr int kCols = R + 2;
@@ -641,7 +648,8 @@ __global__ void __launch_bounds__(kDepthwiseThreads, 3) depthwise_strip_kernel(c
   const idx_t groups = static_cast<idx_t>(g.in_channels / V);
   const idx_t runs_w = (dst_w + R - 1) / R, strips = (dst_h + strip_rows - 1) / strip_rows;
   const idx_t t = static_cast<idx_t>(blockIdx.x) * kDepthwiseThreads + static_cast<idx_t>(threadIdx.x);
-  // kCL: t = ((n * strips + strip) * runs_w + run) * groups + group; else ((n * C + c) * strips + strip) * runs_w + run.
+  // kCL: t = ((n * strips + strip) * runs_w + run) * groups + group;
+  // NCHW: t = ((n * C + c) * strips + strip) * runs_w + run.
   const idx_t run = kCL ? (t / groups) % runs_w : t % runs_w;
   const idx_t rest = kCL ? t / groups / runs_w : t / runs_w;
   const idx_t strip = rest % strips;
@@ -717,7 +725,9 @@ __global__ void __launch_bounds__(kDepthwiseThreads, 3) depthwise_strip_kernel(c
       VecIO<T, V>::store(dst_run + o * ds_h + q * ds_w, acc[q]);
     }
 #pragma unroll
-    for (int col = 0; col < kCols; ++col) win[0][col] = win[1][col], win[1][col] = win[2][col], win[2][col] = next[col];
+    for (int col = 0; col < kCols; ++col) {
+      win[0][col] = win[1][col], win[1][col] = win[2][col], win[2][col] = next[col];
+    }
     row_ok[0] = row_ok[1], row_ok[1] = row_ok[2], row_ok[2] = next_ok;
     if (prologue) strip_prologue_row<T, V>(win[2], row_ok[2], col_ok, scale, shift, p.prologue.relu);
   }
@@ -941,7 +951,8 @@ __global__ void __launch_bounds__(kDepthwiseThreads)
   }
 
   // A fixed-shape tree over the lanes of each channel (the scalar form's when groups == 32).
-  wgrad_vector_partials<V>(acc, red, groups, lanes, valid, workspace + (static_cast<int64_t>(blockIdx.y) * OC + c) * kTaps);
+  wgrad_vector_partials<V>(acc, red, groups, lanes, valid,
+                           workspace + (static_cast<int64_t>(blockIdx.y) * OC + c) * kTaps);
 }
 
 // ---- weight gradient, pass 1, strip form (depthwise_wgrad_strips: the vector form's conditions at stride 1
@@ -963,8 +974,9 @@ __global__ void __launch_bounds__(kDepthwiseThreads, 2)
   const idx_t pt = g.pad_top, pl_ = g.pad_left;
   const T* __restrict__ x = static_cast<const T*>(p.input.data);
   const T* __restrict__ gy = static_cast<const T*>(p.output.data);
-  const idx_t xs_n = p.input.stride[0], xs_c = p.input.stride[1], xs_h = p.input.stride[2], xs_w = p.input.stride[3];
-  const idx_t ys_n = p.output.stride[0], ys_c = p.output.stride[1], ys_h = p.output.stride[2], ys_w = p.output.stride[3];
+  const idx_t xs_n = p.input.stride[0], xs_c = p.input.stride[1], xs_h = p.input.stride[2];
+  const idx_t ys_n = p.output.stride[0], ys_c = p.output.stride[1], ys_h = p.output.stride[2];
+  const idx_t xs_w = p.input.stride[3], ys_w = p.output.stride[3];
   const WgradVectorThread<idx_t, V, kCL> th(p);
   const int groups = th.groups, lanes = th.lanes, lane = th.lane;
   const idx_t c = th.c;
@@ -1036,7 +1048,9 @@ __global__ void __launch_bounds__(kDepthwiseThreads, 2)
               }
           }
 #pragma unroll
-        for (int col = 0; col < kCols; ++col) win[0][col] = win[1][col], win[1][col] = win[2][col], win[2][col] = next[col];
+        for (int col = 0; col < kCols; ++col) {
+          win[0][col] = win[1][col], win[1][col] = win[2][col], win[2][col] = next[col];
+        }
 #pragma unroll
         for (int q = 0; q < R; ++q) go_raw[q] = next_go[q];
         row_ok[0] = row_ok[1], row_ok[1] = row_ok[2], row_ok[2] = next_ok;
@@ -1045,7 +1059,8 @@ __global__ void __launch_bounds__(kDepthwiseThreads, 2)
     }
   }
 
-  wgrad_vector_partials<V>(acc, red, groups, lanes, valid, workspace + (static_cast<int64_t>(blockIdx.y) * OC + c) * kTaps);
+  wgrad_vector_partials<V>(acc, red, groups, lanes, valid,
+                           workspace + (static_cast<int64_t>(blockIdx.y) * OC + c) * kTaps);
 }
 
 // ---- weight gradient, pass 2: sum the slices of each (channel, tap) in a fixed order ----

@@ -634,7 +634,8 @@ TEST_CASE(depthwise_forward_and_gradients) {
 template <typename T, bool kGrad, bool kCL = true>
 void emulate_strips(const DepthwiseParams& p, int64_t rows, int64_t w, int strip_rows) {
   constexpr int R = depthwise_strip_run(static_cast<int>(sizeof(T)), kCL), V = kCL ? kDepthwiseStripVec : 1;
-  const int64_t threads = p.g.batch * ((rows + strip_rows - 1) / strip_rows) * ((w + R - 1) / R) * (p.g.in_channels / V);
+  const int64_t threads =
+      p.g.batch * ((rows + strip_rows - 1) / strip_rows) * ((w + R - 1) / R) * (p.g.in_channels / V);
   const dim3 grid(static_cast<unsigned>((threads + kDepthwiseThreads - 1) / kDepthwiseThreads));
   if (!kGrad && p.prologue.active()) {
     emulate_launch(kernels::depthwise_strip_kernel<T, int32_t, V, R, false, true, kCL>, grid, dim3(kDepthwiseThreads),
@@ -648,8 +649,8 @@ template <typename T, bool kCL = true>
 void emulate_wgrad_strips(const DepthwiseParams& p, float* workspace, int64_t slices, int strip_rows) {
   constexpr int V = kCL ? kDepthwiseStripVec : 1;
   const int64_t groups = p.g.dw_channels() / V, per_block = kCL ? depthwise_wgrad_vector_groups(groups) : 1;
-  emulate_launch(kernels::depthwise_backward_weight_strip_kernel<T, int32_t, V,
-                                                                 depthwise_strip_run(static_cast<int>(sizeof(T)), kCL), kCL>,
+  constexpr int R = depthwise_strip_run(static_cast<int>(sizeof(T)), kCL);
+  emulate_launch(kernels::depthwise_backward_weight_strip_kernel<T, int32_t, V, R, kCL>,
                  dim3(static_cast<unsigned>((groups + per_block - 1) / per_block), static_cast<unsigned>(slices)),
                  dim3(kDepthwiseThreads), p, workspace, slices, strip_rows);
 }
@@ -712,7 +713,9 @@ void check_nchw_strips(int64_t c, int64_t w_in, int64_t pad) {
     emulate_wgrad_strips<T, false>(b, strip_ws.data(), slices, rows);
     std::vector<double> scalar_sum(c * 9, 0.0), strip_sum(c * 9, 0.0);
     for (int64_t sl = 0; sl < slices; ++sl)
-      for (int64_t i = 0; i < c * 9; ++i) scalar_sum[i] += scalar_ws[sl * c * 9 + i], strip_sum[i] += strip_ws[sl * c * 9 + i];
+      for (int64_t i = 0; i < c * 9; ++i) {
+        scalar_sum[i] += scalar_ws[sl * c * 9 + i], strip_sum[i] += strip_ws[sl * c * 9 + i];
+      }
     EXPECT(relative_error(strip_sum, scalar_sum) <= 1e-6);
 
     // A prologue applied on load (the separable backward's recompute and weight gradient in NCHW) gives the bits
