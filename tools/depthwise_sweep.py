@@ -87,6 +87,10 @@ def main() -> None:
     if args.child:
         child(args)
         return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("depthwise_sweep.py needs a CUDA GPU")
     results = []
     for i, setting in enumerate(args.settings):
         env = dict(os.environ)

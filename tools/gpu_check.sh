@@ -11,14 +11,15 @@
 #   STEP_TIMEOUT  seconds after which a step is stopped (default 600), so one hang does not eat the others' time
 #   GPU_XDIST_WORKERS / XDIST_WORKERS   pytest-xdist processes for the CUDA tests (4) and the Triton tests (nproc)
 # Each step runs even if an earlier one failed; the exit status is non-zero if any failed. Everything printed goes
-# to OUT_DIR/gpu_check.log; results to parity.json, bench.{json,md} (layers) and models/bench.{json,md}.
+# to OUT_DIR/gpu_check.log; results to parity.json, bench.{json,md} (layers), sweep-*.json (the depthwise kernels
+# alone) and models/bench.{json,md}.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-gpu-check}}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
-STEPS="${STEPS:-build install info gpu_tests triton_tests bench_layers parity bench_models}"
+STEPS="${STEPS:-build install info gpu_tests triton_tests bench_layers sweep parity bench_models}"
 status=0
 log="$out/gpu_check.log"
 summary=""
@@ -65,6 +66,11 @@ step triton_tests env XCEPTION_OPS_TRITON_AUTOTUNE=0 XO_TEST_SEED="$seed" "$PY" 
   ${PYTEST_ARGS:-} tests/test_triton_kernels.py tests/test_triton_backend.py
 # shellcheck disable=SC2086
 step bench_layers "$PY" -m xception_ops.cli bench --out "$out" --no-models ${BENCH_ARGS:---warmup 5 --reps 20}
+# The depthwise kernels alone against cuDNN, with the strip kernels and without (tools/depthwise_sweep.py): bf16
+# channels-last and float32 NCHW.
+step sweep "$PY" tools/depthwise_sweep.py --settings auto off --json "$out/sweep-nhwc-bf16.json"
+step sweep "$PY" tools/depthwise_sweep.py --settings auto off --layout NCHW --dtype float32 \
+  --json "$out/sweep-nchw-fp32.json"
 step parity "$PY" -m xception_ops.cli parity --device cuda --json "$out/parity.json"
 # shellcheck disable=SC2086
 step bench_models "$PY" -m xception_ops.cli bench --out "$out/models" --no-layers \
