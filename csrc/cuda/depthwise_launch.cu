@@ -59,10 +59,15 @@ int strip_setting() {
   }();
   return setting;
 }
-bool strips_on(const Conv2dGeometry& g) { return depthwise_strip_shape(g) && strip_setting() >= 0; }
-int64_t strip_rows_for(int64_t items_per_row, int64_t rows) {
-  return strip_setting() > 0 ? strip_setting() : depthwise_strip_rows(items_per_row, rows);
+// Whether a pass takes the strip kernels: their conditions (channels-last: depthwise_strips; NCHW:
+// depthwise_nchw_strips), unless switched off, except that in NCHW a prologue has no other kernel.
+template <bool kCL>
+bool take_strips(const DepthwiseParams& p, int dtype_bytes) {
+  const bool fits = kCL ? depthwise_strips(p, dtype_bytes) : depthwise_nchw_strips(p);
+  return fits && (strip_setting() >= 0 || (!kCL && p.prologue.active()));
 }
+// Rows per strip: the fixed setting, else `chosen` (depthwise_strip_rows).
+int64_t strip_rows_or(int64_t chosen) { return strip_setting() > 0 ? strip_setting() : chosen; }
 
 // The strip kernels (forward, input gradient): one thread per run of a strip and vector of channels (kCL: the
 // vector fastest; NCHW: one channel, the run fastest); `rows`, `w` the written tensor's.
@@ -71,7 +76,7 @@ cudaError_t launch_strips(const DepthwiseParams& p, int64_t rows, int64_t w, cud
   constexpr int R = depthwise_strip_run(static_cast<int>(sizeof(T)), kCL);
   constexpr int V = kCL ? kDepthwiseStripVec : 1;
   const int64_t groups = p.g.in_channels / V, runs_w = (w + R - 1) / R;
-  const int64_t strip_rows = strip_rows_for(p.g.batch * runs_w * groups, rows);
+  const int64_t strip_rows = strip_rows_or(depthwise_strip_rows(p.g.batch * runs_w * groups, rows));
   const int64_t threads = p.g.batch * ((rows + strip_rows - 1) / strip_rows) * runs_w * groups;
   const dim3 grid(static_cast<unsigned int>((threads + kDepthwiseThreads - 1) / kDepthwiseThreads));
   if constexpr (!kGrad) {
@@ -91,13 +96,10 @@ cudaError_t forward_for_layout(const DepthwiseParams& p, cudaStream_t stream) {
   const Conv2dGeometry& g = p.g;
   const dim3 block(kDepthwiseThreads);
   const bool vectors = kCL && depthwise_forward_vectors(p, static_cast<int>(sizeof(T)));
-  const bool nchw_strips = !kCL && depthwise_nchw_strips(p);
-  // Only the vector and strip kernels apply a prologue: in NCHW the strips take it even where switched off.
-  if (p.prologue.active() && !vectors && !nchw_strips) return cudaErrorInvalidValue;
-  if (vectors && strips_on(g)) return launch_strips<T, idx_t, false, true>(p, g.out_h, g.out_w, stream);
-  if (nchw_strips && (strips_on(g) || p.prologue.active())) {
-    return launch_strips<T, idx_t, false, false>(p, g.out_h, g.out_w, stream);
+  if (take_strips<kCL>(p, static_cast<int>(sizeof(T)))) {
+    return launch_strips<T, idx_t, false, kCL>(p, g.out_h, g.out_w, stream);
   }
+  if (p.prologue.active() && !vectors) return cudaErrorInvalidValue;  // only the vector and strip kernels apply one
   if (vectors) {
     // A run's shared input columns at compile-time stride 1 or 2 without horizontal dilation; any other, tap by tap.
     const dim3 grid(vector_blocks(g.batch * g.out_h, g.out_w, g.dw_channels()));
@@ -127,11 +129,8 @@ template <typename T, typename idx_t, bool kCL>
 cudaError_t backward_input_for_layout(const DepthwiseParams& p, cudaStream_t stream) {
   const Conv2dGeometry& g = p.g;
   const dim3 block(kDepthwiseThreads);
-  if (kCL && depthwise_strips(p, static_cast<int>(sizeof(T))) && strips_on(g)) {
-    return launch_strips<T, idx_t, true, true>(p, g.in_h, g.in_w, stream);
-  }
-  if (!kCL && depthwise_nchw_strips(p) && strips_on(g)) {
-    return launch_strips<T, idx_t, true, false>(p, g.in_h, g.in_w, stream);
+  if (take_strips<kCL>(p, static_cast<int>(sizeof(T)))) {
+    return launch_strips<T, idx_t, true, kCL>(p, g.in_h, g.in_w, stream);
   }
   if (kCL && depthwise_dgrad_vectors(p, static_cast<int>(sizeof(T)))) {
     const dim3 grid(vector_blocks(g.batch * g.in_h, g.in_w, g.in_channels));
@@ -168,15 +167,14 @@ cudaError_t backward_weight_for_layout(const DepthwiseParams& p, float* workspac
   const dim3 grid1(static_cast<unsigned int>(chan_blocks * (all_taps ? 1 : taps)), static_cast<unsigned int>(slices));
   const dim3 block(kDepthwiseThreads);
   const bool vectors = kCL && depthwise_wgrad_vectors(p, static_cast<int>(sizeof(T)));
-  const bool nchw_strips = !kCL && depthwise_nchw_strips(p);
-  // Only the vector and strip kernels apply a prologue: in NCHW the strips take it even where switched off.
-  if (p.prologue.active() && !vectors && !nchw_strips) return cudaErrorInvalidValue;
-  if ((vectors && strips_on(g)) || (nchw_strips && (strips_on(g) || p.prologue.active()))) {
+  const bool strips = take_strips<kCL>(p, static_cast<int>(sizeof(T)));
+  if (p.prologue.active() && !vectors && !strips) return cudaErrorInvalidValue;  // only these kernels apply one
+  if (strips) {
     // Any slice count is right for any strip height: the workspace was sized for the plan's. Channels-last: blocks
     // of depthwise_wgrad_vector_groups vectors; NCHW: one channel per block.
     constexpr int V = kCL ? kDepthwiseStripVec : 1;
-    const DepthwiseStrips plan = depthwise_wgrad_strip_plan(p, static_cast<int>(sizeof(T)));
-    const int64_t strip_rows = strip_setting() > 0 ? strip_setting() : plan.rows_per_strip;
+    const int64_t strip_rows =
+        strip_rows_or(depthwise_wgrad_strip_plan(p, static_cast<int>(sizeof(T))).rows_per_strip);
     const int64_t groups = g.dw_channels() / V, per_block = kCL ? depthwise_wgrad_vector_groups(groups) : 1;
     const dim3 grid_strips(static_cast<unsigned int>((groups + per_block - 1) / per_block),
                            static_cast<unsigned int>(slices));

@@ -109,9 +109,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_con
   Tensor keep_in[2];
   const float* in_scale = float_vector(opt.in_scale, keep_in[0]);
   const float* in_shift = float_vector(opt.in_shift, keep_in[1]);
-  // Where the depthwise kernels take their vector forms (channels-last 3x3, whole vectors of channels), they apply
-  // the prologue as they read x; otherwise it is written out once for both (an x-sized buffer and a pass: 0.13
-  // ms at 64 ch @147^2 on the H100, session 5).
+  // Where the depthwise kernels take their vector or strip forms (depthwise_prologue_ok: channels-last 3x3 in whole
+  // vectors of channels, or NCHW 3x3 at stride 1), they apply the prologue as they read x; otherwise it is written
+  // out once for both (an x-sized buffer and a pass: 0.13 ms at 64 ch @147^2 on the H100, session 5).
   const bool on_load = prologue && depthwise_prologue_ok(view_of(x), gd, fmt == at::MemoryFormat::ChannelsLast,
                                                          static_cast<int>(x.element_size()));
   Tensor input = x;

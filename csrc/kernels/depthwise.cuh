@@ -620,6 +620,41 @@ __device__ __forceinline__ void strip_prologue_row(typename VecIO<T, V>::Raw (&r
   }
 }
 
+// The window of a strip thread: three consecutive source rows of its run as raw vectors (zero outside the
+// source, through the prologue where there is one) and whether each row lies inside the source; row_ok moves with
+// its row as the window slides down.
+template <typename T, int V, int kCols>
+struct StripWindow {
+  using Raw = typename VecIO<T, V>::Raw;
+  Raw row[3][kCols];
+  bool row_ok[3];
+  // Source rows first .. first + 2 of `src_h`; `run` points at the run's window column 0 in source row 0.
+  template <typename idx_t>
+  __device__ __forceinline__ void fill(const T* run, idx_t first, idx_t src_h, idx_t row_stride, idx_t col_stride,
+                                       const bool (&col_ok)[kCols], bool prologue, const float (&scale)[V],
+                                       const float (&shift)[V], bool relu) {
+#pragma unroll
+    for (int r = 0; r < 3; ++r) {
+      row_ok[r] = in_range<idx_t>(first + r, src_h);
+      strip_load_row<T, V>(row[r], row_ok[r], col_ok, run + (first + r) * row_stride, col_stride);
+    }
+    if (prologue) {
+#pragma unroll
+      for (int r = 0; r < 3; ++r) strip_prologue_row<T, V>(row[r], row_ok[r], col_ok, scale, shift, relu);
+    }
+  }
+  // One row down: `next` (loaded where next_ok, by strip_load_row) becomes the last row.
+  __device__ __forceinline__ void slide(const Raw (&next)[kCols], bool next_ok, const bool (&col_ok)[kCols],
+                                        bool prologue, const float (&scale)[V], const float (&shift)[V], bool relu) {
+#pragma unroll
+    for (int col = 0; col < kCols; ++col) {
+      row[0][col] = row[1][col], row[1][col] = row[2][col], row[2][col] = next[col];
+    }
+    row_ok[0] = row_ok[1], row_ok[1] = row_ok[2], row_ok[2] = next_ok;
+    if (prologue) strip_prologue_row<T, V>(row[2], row_ok[2], col_ok, scale, shift, relu);
+  }
+};
+
 // Forward (kGrad = false; kPrologue: x read through p.prologue) and input gradient (kGrad = true). An item is one
 // run of R pixels of one strip of one image. kCL: threads are (item, channel vector) pairs with the vector
 // fastest (channels-last tensors); else (NCHW, V = 1) (run, strip, channel, image) with the run fastest, so that a
@@ -668,23 +703,12 @@ __global__ void __launch_bounds__(kDepthwiseThreads, 3)
     scale[v] = kPrologue && p.prologue.scale != nullptr ? p.prologue.scale[c + v] : 1.f;
     shift[v] = kPrologue && p.prologue.shift != nullptr ? p.prologue.shift[c + v] : 0.f;
   }
-  constexpr bool prologue = kPrologue;
   bool col_ok[kCols];
 #pragma unroll
   for (int col = 0; col < kCols; ++col) col_ok[col] = in_range<idx_t>(ow0 + col_off + col, src_w);
   const T* src_run = src + n * ss_n + c * ss_c + (ow0 + col_off) * ss_w;  // the window's column 0 in row 0
-  Raw win[3][kCols];
-  bool row_ok[3];
-#pragma unroll
-  for (int r = 0; r < 3; ++r) {
-    const idx_t sr = o0 + row_off + r;
-    row_ok[r] = in_range<idx_t>(sr, src_h);
-    strip_load_row<T, V>(win[r], row_ok[r], col_ok, src_run + sr * ss_h, ss_w);
-  }
-  if (prologue) {
-#pragma unroll
-    for (int r = 0; r < 3; ++r) strip_prologue_row<T, V>(win[r], row_ok[r], col_ok, scale, shift, p.prologue.relu);
-  }
+  StripWindow<T, V, kCols> win;
+  win.fill(src_run, o0 + row_off, src_h, ss_h, ss_w, col_ok, kPrologue, scale, shift, p.prologue.relu);
   T* dst_run = dst + n * ds_n + c * ds_c + ow0 * ds_w;
   for (idx_t o = o0; o < o_end; ++o) {
     // The next output row's new source row, requested before this row's taps.
@@ -705,8 +729,8 @@ __global__ void __launch_bounds__(kDepthwiseThreads, 3)
       for (int j = 0; j < kCols; ++j) {
         const int col = kGrad ? kCols - 1 - j : j;
         float xv[V];
-        VecIO<T, V>::decode(win[r][col], xv);
-        const bool tap_ok = row_ok[r] && col_ok[col];  // a tap outside the source adds nothing (inf weights)
+        VecIO<T, V>::decode(win.row[r][col], xv);
+        const bool tap_ok = win.row_ok[r] && col_ok[col];  // a tap outside the source adds nothing (inf weights)
 #pragma unroll
         for (int q = 0; q < R; ++q)
 #pragma unroll
@@ -724,12 +748,7 @@ __global__ void __launch_bounds__(kDepthwiseThreads, 3)
       for (int v = 0; v < V; ++v) acc[q][v] = round_to<T>(bias != nullptr ? acc[q][v] + bv[v] : acc[q][v]);
       VecIO<T, V>::store(dst_run + o * ds_h + q * ds_w, acc[q]);
     }
-#pragma unroll
-    for (int col = 0; col < kCols; ++col) {
-      win[0][col] = win[1][col], win[1][col] = win[2][col], win[2][col] = next[col];
-    }
-    row_ok[0] = row_ok[1], row_ok[1] = row_ok[2], row_ok[2] = next_ok;
-    if (prologue) strip_prologue_row<T, V>(win[2], row_ok[2], col_ok, scale, shift, p.prologue.relu);
+    win.slide(next, next_ok, col_ok, kPrologue, scale, shift, p.prologue.relu);
   }
 }
 
@@ -903,31 +922,26 @@ __global__ void __launch_bounds__(kDepthwiseThreads)
   const idx_t xs_n = p.input.stride[0], xs_h = p.input.stride[2], xs_w = p.input.stride[3];
   const idx_t ys_n = p.output.stride[0], ys_h = p.output.stride[2], ys_w = p.output.stride[3];
   const WgradVectorThread<idx_t, V, true> th(p);
-  const int groups = th.groups, lanes = th.lanes, lane = th.lane;
-  const idx_t c = th.c;
-  const bool valid = th.valid;
   const bool prologue = p.prologue.active();  // x read through relu?(x * scale + shift)
-  const float(&scale)[V] = th.scale;
-  const float(&shift)[V] = th.shift;
 
   float acc[kTaps][V];
 #pragma unroll
   for (int t = 0; t < kTaps; ++t)
 #pragma unroll
     for (int v = 0; v < V; ++v) acc[t][v] = 0.f;
-  if (valid) {
+  if (th.valid) {
     const idx_t positions = static_cast<idx_t>(g.batch) * OH * OW;
     const idx_t chunk = static_cast<idx_t>((static_cast<int64_t>(positions) + slices - 1) / slices);
     const idx_t begin = static_cast<idx_t>(blockIdx.y) * chunk;
     const idx_t end = begin + chunk < positions ? begin + chunk : positions;
-    for (idx_t q = begin + lane; q < end; q += lanes) {
+    for (idx_t q = begin + th.lane; q < end; q += th.lanes) {
       const idx_t ow = q % OW, r = q / OW, oh = r % OH, n = r / OH;
-      const T* xp = x + n * xs_n + c;
+      const T* xp = x + n * xs_n + th.c;
       const idx_t ih0 = oh * sh - pt, iw0 = ow * sw - pl_;
       bool ok[kTaps];
       using Raw = typename VecIO<T, V>::Raw;
       Raw raw[kTaps];
-      const Raw raw_go = VecIO<T, V>::load_raw_if(true, gy + n * ys_n + oh * ys_h + ow * ys_w + c);
+      const Raw raw_go = VecIO<T, V>::load_raw_if(true, gy + n * ys_n + oh * ys_h + ow * ys_w + th.c);
 #pragma unroll
       for (int t = 0; t < kTaps; ++t) {
         const idx_t ih = ih0 + (t / 3) * dh, iw = iw0 + (t % 3) * dw;
@@ -942,7 +956,7 @@ __global__ void __launch_bounds__(kDepthwiseThreads)
         VecIO<T, V>::decode(raw[t], xv);
         if (prologue) {
 #pragma unroll
-          for (int v = 0; v < V; ++v) xv[v] = prologue_value<T>(xv[v], scale[v], shift[v], p.prologue.relu);
+          for (int v = 0; v < V; ++v) xv[v] = prologue_value<T>(xv[v], th.scale[v], th.shift[v], p.prologue.relu);
         }
 #pragma unroll
         for (int v = 0; v < V; ++v) acc[t][v] = ok[t] ? fmaf(go[v], xv[v], acc[t][v]) : acc[t][v];
@@ -951,8 +965,8 @@ __global__ void __launch_bounds__(kDepthwiseThreads)
   }
 
   // A fixed-shape tree over the lanes of each channel (the scalar form's when groups == 32).
-  wgrad_vector_partials<V>(acc, red, groups, lanes, valid,
-                           workspace + (static_cast<int64_t>(blockIdx.y) * OC + c) * kTaps);
+  wgrad_vector_partials<V>(acc, red, th.groups, th.lanes, th.valid,
+                           workspace + (static_cast<int64_t>(blockIdx.y) * OC + th.c) * kTaps);
 }
 
 // ---- weight gradient, pass 1, strip form (depthwise_wgrad_strips: the vector form's conditions at stride 1
@@ -978,24 +992,19 @@ __global__ void __launch_bounds__(kDepthwiseThreads, 2)
   const idx_t ys_n = p.output.stride[0], ys_c = p.output.stride[1], ys_h = p.output.stride[2];
   const idx_t xs_w = p.input.stride[3], ys_w = p.output.stride[3];
   const WgradVectorThread<idx_t, V, kCL> th(p);
-  const int groups = th.groups, lanes = th.lanes, lane = th.lane;
-  const idx_t c = th.c;
-  const bool valid = th.valid;
   const bool prologue = p.prologue.active();  // x read through relu?(x * scale + shift)
-  const float(&scale)[V] = th.scale;
-  const float(&shift)[V] = th.shift;
   float acc[kTaps][V];
 #pragma unroll
   for (int t = 0; t < kTaps; ++t)
 #pragma unroll
     for (int v = 0; v < V; ++v) acc[t][v] = 0.f;
-  if (valid) {
+  if (th.valid) {
     const idx_t runs_w = (OW + R - 1) / R, strips = (OH + strip_rows - 1) / strip_rows;
     const idx_t items = static_cast<idx_t>(g.batch) * strips * runs_w;
     const idx_t chunk = static_cast<idx_t>((static_cast<int64_t>(items) + slices - 1) / slices);
     const idx_t begin = static_cast<idx_t>(blockIdx.y) * chunk;
     const idx_t end = begin + chunk < items ? begin + chunk : items;
-    for (idx_t item = begin + lane; item < end; item += lanes) {
+    for (idx_t item = begin + th.lane; item < end; item += th.lanes) {
       const idx_t rest = item / runs_w, ow0 = (item - rest * runs_w) * R, strip = rest % strips, n = rest / strips;
       const idx_t o0 = strip * strip_rows, o_end = o0 + strip_rows < OH ? o0 + strip_rows : OH;
       bool col_ok[kCols], q_ok[R];
@@ -1003,21 +1012,12 @@ __global__ void __launch_bounds__(kDepthwiseThreads, 2)
       for (int col = 0; col < kCols; ++col) col_ok[col] = in_range<idx_t>(ow0 - pl_ + col, W);
 #pragma unroll
       for (int q = 0; q < R; ++q) q_ok[q] = ow0 + q < OW;
-      const T* x_run = x + n * xs_n + c * xs_c + (ow0 - pl_) * xs_w;
-      const T* gy_run = gy + n * ys_n + c * ys_c + ow0 * ys_w;
-      Raw win[3][kCols], go_raw[R];
-      bool row_ok[3];
-#pragma unroll
-      for (int r = 0; r < 3; ++r) {
-        const idx_t ih = o0 - pt + r;
-        row_ok[r] = in_range<idx_t>(ih, H);
-        strip_load_row<T, V>(win[r], row_ok[r], col_ok, x_run + ih * xs_h, xs_w);
-      }
+      const T* x_run = x + n * xs_n + th.c * xs_c + (ow0 - pl_) * xs_w;
+      const T* gy_run = gy + n * ys_n + th.c * ys_c + ow0 * ys_w;
+      StripWindow<T, V, kCols> win;
+      Raw go_raw[R];
       strip_load_row<T, V>(go_raw, true, q_ok, gy_run + o0 * ys_h, ys_w);
-      if (prologue) {
-#pragma unroll
-        for (int r = 0; r < 3; ++r) strip_prologue_row<T, V>(win[r], row_ok[r], col_ok, scale, shift, p.prologue.relu);
-      }
+      win.fill(x_run, o0 - pt, H, xs_h, xs_w, col_ok, prologue, th.scale, th.shift, p.prologue.relu);
       for (idx_t o = o0; o < o_end; ++o) {
         // The next row's x row and grad_y run, requested before this row's products.
         const bool more = o + 1 < o_end;
@@ -1034,13 +1034,13 @@ __global__ void __launch_bounds__(kDepthwiseThreads, 2)
 #pragma unroll
           for (int col = 0; col < kCols; ++col) {
             float xv[V];
-            VecIO<T, V>::decode(win[kh][col], xv);
+            VecIO<T, V>::decode(win.row[kh][col], xv);
 #pragma unroll
             for (int q = 0; q < R; ++q)
 #pragma unroll
               for (int kw = 0; kw < 3; ++kw) {
                 if (q + kw != col) continue;  // resolved at compile time
-                const bool ok = row_ok[kh] && col_ok[col] && q_ok[q];
+                const bool ok = win.row_ok[kh] && col_ok[col] && q_ok[q];
 #pragma unroll
                 for (int v = 0; v < V; ++v) {
                   acc[kh * 3 + kw][v] = ok ? fmaf(go[q][v], xv[v], acc[kh * 3 + kw][v]) : acc[kh * 3 + kw][v];
@@ -1048,19 +1048,14 @@ __global__ void __launch_bounds__(kDepthwiseThreads, 2)
               }
           }
 #pragma unroll
-        for (int col = 0; col < kCols; ++col) {
-          win[0][col] = win[1][col], win[1][col] = win[2][col], win[2][col] = next[col];
-        }
-#pragma unroll
         for (int q = 0; q < R; ++q) go_raw[q] = next_go[q];
-        row_ok[0] = row_ok[1], row_ok[1] = row_ok[2], row_ok[2] = next_ok;
-        if (prologue) strip_prologue_row<T, V>(win[2], row_ok[2], col_ok, scale, shift, p.prologue.relu);
+        win.slide(next, next_ok, col_ok, prologue, th.scale, th.shift, p.prologue.relu);
       }
     }
   }
 
-  wgrad_vector_partials<V>(acc, red, groups, lanes, valid,
-                           workspace + (static_cast<int64_t>(blockIdx.y) * OC + c) * kTaps);
+  wgrad_vector_partials<V>(acc, red, th.groups, th.lanes, th.valid,
+                           workspace + (static_cast<int64_t>(blockIdx.y) * OC + th.c) * kTaps);
 }
 
 // ---- weight gradient, pass 2: sum the slices of each (channel, tap) in a fixed order ----

@@ -229,7 +229,7 @@ XO_HOST_DEVICE inline int depthwise_wgrad_vector_groups(int64_t groups) { return
 // vectors of x and grad_y, or NCHW (depthwise_nchw_strips). Its slices divide the strips' items (batch x strips x
 // runs), not the positions.
 XO_HOST_DEVICE inline bool depthwise_wgrad_strips(const DepthwiseParams& p, int dtype_bytes) {
-  return (depthwise_wgrad_vectors(p, dtype_bytes) && depthwise_strip_shape(p.g)) || depthwise_nchw_strips(p);
+  return depthwise_strips(p, dtype_bytes) || depthwise_nchw_strips(p);
 }
 // The strip kernel's geometry over grad_y: rows per strip and items (one per strip and run of each image).
 struct DepthwiseStrips {
