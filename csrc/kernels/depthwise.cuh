@@ -308,6 +308,30 @@ __global__ void __launch_bounds__(kDepthwiseThreads) depthwise_forward_kernel(co
   }
 }
 
+// ---- per-channel values of the vector, run and strip kernels (3x3, V consecutive channels from c) ----
+// The 9 x V weights, float32 by [tap][channel], through the weight's strides.
+template <typename T, int V, typename idx_t>
+__device__ __forceinline__ void load_weights_3x3(const DepthwiseParams& p, idx_t c, float (&wv)[9][V]) {
+  const T* w = static_cast<const T*>(p.weight.data);
+  const idx_t ws_o = p.weight.stride[0], ws_h = p.weight.stride[2], ws_w = p.weight.stride[3];
+#pragma unroll
+  for (int v = 0; v < V; ++v)
+#pragma unroll
+    for (int t = 0; t < 9; ++t) wv[t][v] = Elem<T>::load(w + (c + v) * ws_o + (t / 3) * ws_h + (t % 3) * ws_w);
+}
+// The forward's other per-channel values: the bias (0 where `bias` is null) and, where `prologue`, the prologue's
+// scale and shift (1 and 0 otherwise).
+template <typename T, int V, typename idx_t>
+__device__ __forceinline__ void load_forward_terms(const DepthwiseParams& p, const T* bias, idx_t c, bool prologue,
+                                                   float (&bv)[V], float (&scale)[V], float (&shift)[V]) {
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    bv[v] = bias != nullptr ? Elem<T>::load(bias + (c + v) * p.bias_stride) : 0.f;
+    scale[v] = prologue && p.prologue.scale != nullptr ? p.prologue.scale[c + v] : 1.f;
+    shift[v] = prologue && p.prologue.shift != nullptr ? p.prologue.shift[c + v] : 0.f;
+  }
+}
+
 // ---- runs of kDepthwiseRun pixels (the forward's and input gradient's vector kernels) ----
 // Kernel rows of a run loaded together: all three where their raw vectors fit ~40 registers, else one at a time.
 template <typename Raw>
@@ -346,12 +370,10 @@ __global__ void __launch_bounds__(kDepthwiseThreads, 2) depthwise_forward_vector
   const idx_t sh = g.stride_h, sw = g.stride_w, dh = g.dilation_h, dw = g.dilation_w;
   const idx_t pt = g.pad_top, pl = g.pad_left;
   const T* __restrict__ x = static_cast<const T*>(p.input.data);
-  const T* __restrict__ w = static_cast<const T*>(p.weight.data);
   const T* __restrict__ bias = static_cast<const T*>(p.bias);
   T* __restrict__ y = static_cast<T*>(p.output.data);
   const idx_t xs_n = p.input.stride[0], xs_h = p.input.stride[2], xs_w = p.input.stride[3];
   const idx_t ys_n = p.output.stride[0], ys_h = p.output.stride[2], ys_w = p.output.stride[3];
-  const idx_t ws_o = p.weight.stride[0], ws_h = p.weight.stride[2], ws_w = p.weight.stride[3];
   const idx_t groups = static_cast<idx_t>(g.dw_channels() / V);
   const idx_t runs_w = (OW + R - 1) / R, runs = static_cast<idx_t>(g.batch) * OH * runs_w;
   const int lanes = depthwise_vector_lanes(g.dw_channels() / V), rows = kDepthwiseThreads / lanes;
@@ -363,14 +385,8 @@ __global__ void __launch_bounds__(kDepthwiseThreads, 2) depthwise_forward_vector
   for (idx_t cg = lane; cg < groups; cg += lanes) {
     const idx_t c = cg * V;
     float wv[9][V], bv[V], scale[V], shift[V];
-#pragma unroll
-    for (int v = 0; v < V; ++v) {
-#pragma unroll
-      for (int t = 0; t < 9; ++t) wv[t][v] = Elem<T>::load(w + (c + v) * ws_o + (t / 3) * ws_h + (t % 3) * ws_w);
-      bv[v] = bias != nullptr ? Elem<T>::load(bias + (c + v) * p.bias_stride) : 0.f;
-      scale[v] = p.prologue.scale != nullptr ? p.prologue.scale[c + v] : 1.f;
-      shift[v] = p.prologue.shift != nullptr ? p.prologue.shift[c + v] : 0.f;
-    }
+    load_weights_3x3<T>(p, c, wv);
+    load_forward_terms<T>(p, bias, c, prologue, bv, scale, shift);
     for (idx_t run = static_cast<idx_t>(blockIdx.x) * rows + row; run < runs;
          run += static_cast<idx_t>(gridDim.x) * rows) {
       const idx_t r = run / runs_w, ow0 = (run - r * runs_w) * R, oh = r % OH, n = r / OH;
@@ -515,10 +531,8 @@ __global__ void __launch_bounds__(kDepthwiseThreads) depthwise_backward_input_ve
   const idx_t dh = g.dilation_h, dw = g.dilation_w, pt = g.pad_top, pl = g.pad_left;
   T* __restrict__ gx = static_cast<T*>(p.input.data);
   const T* __restrict__ gy = static_cast<const T*>(p.output.data);
-  const T* __restrict__ w = static_cast<const T*>(p.weight.data);
   const idx_t xs_n = p.input.stride[0], xs_h = p.input.stride[2], xs_w = p.input.stride[3];
   const idx_t ys_n = p.output.stride[0], ys_h = p.output.stride[2], ys_w = p.output.stride[3];
-  const idx_t ws_o = p.weight.stride[0], ws_h = p.weight.stride[2], ws_w = p.weight.stride[3];
   const idx_t groups = static_cast<idx_t>(g.in_channels / V);
   const idx_t runs_w = (W + R - 1) / R, runs = static_cast<idx_t>(g.batch) * H * runs_w;
   const int lanes = depthwise_vector_lanes(g.in_channels / V), rows = kDepthwiseThreads / lanes;
@@ -529,10 +543,7 @@ __global__ void __launch_bounds__(kDepthwiseThreads) depthwise_backward_input_ve
   for (idx_t cg = lane; cg < groups; cg += lanes) {
     const idx_t c = cg * V;
     float wv[9][V];
-#pragma unroll
-    for (int t = 0; t < 9; ++t)
-#pragma unroll
-      for (int v = 0; v < V; ++v) wv[t][v] = Elem<T>::load(w + (c + v) * ws_o + (t / 3) * ws_h + (t % 3) * ws_w);
+    load_weights_3x3<T>(p, c, wv);
     for (idx_t run = static_cast<idx_t>(blockIdx.x) * rows + row; run < runs;
          run += static_cast<idx_t>(gridDim.x) * rows) {
       const idx_t r = run / runs_w, iw0 = (run - r * runs_w) * R, ih = r % H, n = r / H;
@@ -675,11 +686,9 @@ __global__ void __launch_bounds__(kDepthwiseThreads, 3)
   const idx_t row_off = kGrad ? g.pad_top - 2 : -g.pad_top, col_off = kGrad ? g.pad_left - 2 : -g.pad_left;
   const T* __restrict__ src = static_cast<const T*>(src_t.data);
   T* __restrict__ dst = static_cast<T*>(dst_t.data);
-  const T* __restrict__ w = static_cast<const T*>(p.weight.data);
   const T* __restrict__ bias = kGrad ? nullptr : static_cast<const T*>(p.bias);
   const idx_t ss_n = src_t.stride[0], ss_c = src_t.stride[1], ss_h = src_t.stride[2], ss_w = src_t.stride[3];
   const idx_t ds_n = dst_t.stride[0], ds_c = dst_t.stride[1], ds_h = dst_t.stride[2], ds_w = dst_t.stride[3];
-  const idx_t ws_o = p.weight.stride[0], ws_h = p.weight.stride[2], ws_w = p.weight.stride[3];
   const idx_t groups = static_cast<idx_t>(g.in_channels / V);
   const idx_t runs_w = (dst_w + R - 1) / R, strips = (dst_h + strip_rows - 1) / strip_rows;
   const idx_t t = static_cast<idx_t>(blockIdx.x) * kDepthwiseThreads + static_cast<idx_t>(threadIdx.x);
@@ -695,14 +704,8 @@ __global__ void __launch_bounds__(kDepthwiseThreads, 3)
   const idx_t o_end = o0 + strip_rows < dst_h ? o0 + strip_rows : dst_h;
 
   float wv[9][V], bv[V], scale[V], shift[V];
-#pragma unroll
-  for (int v = 0; v < V; ++v) {
-#pragma unroll
-    for (int t9 = 0; t9 < 9; ++t9) wv[t9][v] = Elem<T>::load(w + (c + v) * ws_o + (t9 / 3) * ws_h + (t9 % 3) * ws_w);
-    bv[v] = bias != nullptr ? Elem<T>::load(bias + (c + v) * p.bias_stride) : 0.f;
-    scale[v] = kPrologue && p.prologue.scale != nullptr ? p.prologue.scale[c + v] : 1.f;
-    shift[v] = kPrologue && p.prologue.shift != nullptr ? p.prologue.shift[c + v] : 0.f;
-  }
+  load_weights_3x3<T>(p, c, wv);
+  load_forward_terms<T>(p, bias, c, kPrologue, bv, scale, shift);
   bool col_ok[kCols];
 #pragma unroll
   for (int col = 0; col < kCols; ++col) col_ok[col] = in_range<idx_t>(ow0 + col_off + col, src_w);
