@@ -334,3 +334,29 @@ def test_xception_blocks_apply_batch_norm_once_per_block(monkeypatch):
     block = XceptionBlock(8, 8, reps=3, backend="torch").train()
     out = block(torch.randn(2, 8, 7, 7))
     assert out.shape == (2, 8, 7, 7) and len(calls) == 1
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_meta_tensors_give_shapes_without_computing(backend):
+    """Shape inference and deferred initialization on the meta device: the modules, the functional ops and the whole
+    Xception run forward and backward there (asking autocast about meta tensors raised before)."""
+    from xception_ops import depthwise_conv2d, separable_conv2d
+    from xception_ops.models import xception
+
+    x = torch.randn(2, 8, 9, 11, device="meta", requires_grad=True)
+    layer = SeparableConvBN(8, 16, 3, pre_relu=True, backend=backend).to("meta")
+    for training in (True, False):
+        out = layer.train(training)(x)
+        assert out.shape == (2, 16, 9, 11) and out.device.type == "meta"
+    keras = SeparableConv2d(8, 4, 3, stride=2, padding="same", backend=backend).to("meta")
+    assert keras(x).shape == (2, 4, 5, 6)
+    y = separable_conv2d(x, layer.depthwise.weight, layer.pointwise.weight, padding="same", backend=backend)
+    assert y.shape == (2, 16, 9, 11)
+    assert depthwise_conv2d(x, layer.depthwise.weight, padding=1, backend=backend).shape == (2, 8, 9, 11)
+    with torch.device("meta"):
+        net = xception(backend=backend)
+    logits = net(torch.randn(2, 3, 299, 299, device="meta"))
+    assert logits.shape == (2, 1000) and logits.device.type == "meta"
+    logits.sum().backward()
+    assert net.conv1.weight.grad.shape == net.conv1.weight.shape
+    assert net.block4.convs[0].pointwise.weight.grad.shape == (728, 728, 1, 1)

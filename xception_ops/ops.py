@@ -18,7 +18,9 @@ def autocast_inputs(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None,
     """Under autocast, the convolution's tensors run in the autocast dtype, as torch's own convolutions do."""
     first = tensors[0]
     device_type = first.device.type
-    if not torch.is_autocast_enabled(device_type):
+    # Devices without autocast (meta, for shape inference and deferred initialization) have nothing to cast; asking
+    # torch.is_autocast_enabled about them raises.
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
