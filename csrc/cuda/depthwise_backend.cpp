@@ -11,6 +11,7 @@
 #include "cuda/backend_common.h"
 #include "cuda_backend.h"
 #include "kernels/depthwise_params.h"
+#include "kernels/separable_params.h"
 
 namespace xception_ops::cuda {
 namespace {
@@ -24,6 +25,20 @@ bool is_channels_last(at::MemoryFormat fmt) { return fmt == at::MemoryFormat::Ch
 std::vector<int64_t> input_shape(const Conv2dGeometry& g) { return {g.batch, g.in_channels, g.in_h, g.in_w}; }
 std::vector<int64_t> output_shape(const Conv2dGeometry& g) { return {g.batch, g.dw_channels(), g.out_h, g.out_w}; }
 std::vector<int64_t> weight_shape(const Conv2dGeometry& g) { return {g.dw_channels(), 1, g.kernel_h, g.kernel_w}; }
+
+// The input gradient's params (use_int32 left to the caller, after any prologue).
+DepthwiseParams backward_input_params(const Tensor& grad_x, const Tensor& grad_out, const Tensor& weight,
+                                      const Conv2dGeometry& g, at::MemoryFormat fmt) {
+  DepthwiseParams p;
+  p.g = g;
+  p.input = view_of(grad_x);
+  p.output = view_of(grad_out);
+  p.weight = view_of(weight);
+  // The thread order follows the tensor written; a channels_last request on a tensor that is also plainly
+  // contiguous (C == 1 or H == W == 1) is the same memory either way.
+  p.channels_last = is_channels_last(fmt) && !grad_x.is_contiguous();
+  return p;
+}
 
 }  // namespace
 
@@ -74,17 +89,44 @@ Tensor depthwise_conv2d_backward_input(const Tensor& grad_out, const Tensor& wei
   const c10::cuda::CUDAGuard guard(grad_out.device());
   Tensor grad_x = at::empty(input_shape(g), grad_out.options().memory_format(fmt));
   if (grad_x.numel() == 0) return grad_x;
-
-  DepthwiseParams p;
-  p.g = g;
-  p.input = view_of(grad_x);
-  p.output = view_of(grad_out);
-  p.weight = view_of(weight);
-  // The thread order follows the tensor written; a channels_last request on a tensor that is also plainly
-  // contiguous (C == 1 or H == W == 1) is the same memory either way.
-  p.channels_last = is_channels_last(fmt) && !grad_x.is_contiguous();
+  DepthwiseParams p = backward_input_params(grad_x, grad_out, weight, g, fmt);
   p.use_int32 = depthwise_fits_int32(p);
   check_launch(kBackwardInput, launch_depthwise_backward_input(p, dtype, c10::cuda::getCurrentCUDAStream()));
+  return grad_x;
+}
+
+Tensor depthwise_conv2d_backward_input_through_prologue(const Tensor& grad_out, const Tensor& weight,
+                                                        const Conv2dGeometry& g, at::MemoryFormat fmt,
+                                                        const Tensor& x, const float* in_scale,
+                                                        const float* in_shift, bool in_relu, float* sums) {
+  const DType dtype = kernel_dtype(kBackwardInput, grad_out);
+  check_operand(kBackwardInput, "dw_weight", weight, grad_out, "grad_out");
+  check_operand(kBackwardInput, "x", x, grad_out, "grad_out");
+  check_shape(kBackwardInput, "grad_out", grad_out, output_shape(g));
+  check_shape(kBackwardInput, "dw_weight", weight, weight_shape(g));
+  check_shape(kBackwardInput, "x", x, input_shape(g));
+  const c10::cuda::CUDAGuard guard(grad_out.device());
+  Tensor grad_x = at::empty(input_shape(g), grad_out.options().memory_format(fmt));
+  if (grad_x.numel() == 0) return Tensor();
+  DepthwiseParams p = backward_input_params(grad_x, grad_out, weight, g, fmt);
+  p.prologue.scale = in_scale;
+  p.prologue.shift = in_shift;
+  p.prologue.relu = in_relu;
+  p.prologue.x = view_of(x);
+  p.use_int32 = depthwise_fits_int32(p);
+  const int64_t rows = depthwise_dgrad_prologue_rows(p, dtype);
+  if (rows == 0) return Tensor();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  Tensor partial;
+  if (sums != nullptr) {
+    partial = at::empty({reduce_rows_workspace(rows, 2 * g.in_channels)}, x.options().dtype(at::kFloat));
+    p.prologue.partial = partial.data_ptr<float>();
+  }
+  check_launch(kBackwardInput, launch_depthwise_backward_input(p, dtype, stream));
+  if (sums != nullptr) {
+    check_launch(kBackwardInput, launch_reduce_rows(p.prologue.partial, rows, 2 * g.in_channels, g.in_channels, sums,
+                                                    sums + g.in_channels, stream));
+  }
   return grad_x;
 }
 

@@ -71,20 +71,32 @@ int64_t strip_rows_or(int64_t chosen) { return strip_setting() > 0 ? strip_setti
 
 // The strip kernels (forward, input gradient): one thread per run of a strip and vector of channels (kCL: the
 // vector fastest; NCHW: one channel, the run fastest); `rows`, `w` the written tensor's.
+// Their plan over a written tensor of rows x w: rows per strip, and items (image, strip, run), each taken by
+// `groups` threads (vectors of channels, or channels in NCHW).
+struct StripPlan {
+  int64_t strip_rows, items, groups;
+};
+StripPlan strip_plan(const DepthwiseParams& p, int64_t rows, int64_t w, int dtype_bytes, bool channels_last) {
+  const int64_t run = depthwise_strip_run(dtype_bytes, channels_last), runs_w = (w + run - 1) / run;
+  StripPlan plan;
+  plan.groups = p.g.in_channels / (channels_last ? kDepthwiseStripVec : 1);
+  plan.strip_rows = strip_rows_or(depthwise_strip_rows(p.g.batch * runs_w * plan.groups, rows));
+  plan.items = p.g.batch * ((rows + plan.strip_rows - 1) / plan.strip_rows) * runs_w;
+  return plan;
+}
+
 template <typename T, typename idx_t, bool kGrad, bool kCL>
 cudaError_t launch_strips(const DepthwiseParams& p, int64_t rows, int64_t w, cudaStream_t stream) {
   constexpr int R = depthwise_strip_run(static_cast<int>(sizeof(T)), kCL);
   constexpr int V = kCL ? kDepthwiseStripVec : 1;
-  const int64_t groups = p.g.in_channels / V, runs_w = (w + R - 1) / R;
-  const int64_t strip_rows = strip_rows_or(depthwise_strip_rows(p.g.batch * runs_w * groups, rows));
-  const int64_t threads = p.g.batch * ((rows + strip_rows - 1) / strip_rows) * runs_w * groups;
+  const StripPlan plan = strip_plan(p, rows, w, static_cast<int>(sizeof(T)), kCL);
+  const int64_t strip_rows = plan.strip_rows, threads = plan.items * plan.groups;
   const dim3 grid(static_cast<unsigned int>((threads + kDepthwiseThreads - 1) / kDepthwiseThreads));
-  if constexpr (!kGrad) {
-    if (p.prologue.active()) {
-      kernels::depthwise_strip_kernel<T, idx_t, V, R, false, true, kCL>
-          <<<grid, dim3(kDepthwiseThreads), 0, stream>>>(p, static_cast<int>(strip_rows));
-      return cudaGetLastError();
-    }
+  // The forward with a prologue on x's loads; the input gradient with the prologue's backward on its stores.
+  if (kGrad ? p.prologue.backward() : p.prologue.active()) {
+    kernels::depthwise_strip_kernel<T, idx_t, V, R, kGrad, true, kCL>
+        <<<grid, dim3(kDepthwiseThreads), 0, stream>>>(p, static_cast<int>(strip_rows));
+    return cudaGetLastError();
   }
   kernels::depthwise_strip_kernel<T, idx_t, V, R, kGrad, false, kCL>
       <<<grid, dim3(kDepthwiseThreads), 0, stream>>>(p, static_cast<int>(strip_rows));
@@ -125,10 +137,23 @@ cudaError_t forward_for_layout(const DepthwiseParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+// Whether the input gradient's strip kernel takes this pass with the prologue's backward (x read as vectors too).
+template <bool kCL>
+bool dgrad_prologue_strips(const DepthwiseParams& p, int dtype_bytes) {
+  return take_strips<kCL>(p, dtype_bytes) &&
+         (!kCL || channels_vectorizable(p.prologue.x, p.g.in_channels, dtype_bytes, kDepthwiseVec));
+}
+
 template <typename T, typename idx_t, bool kCL>
 cudaError_t backward_input_for_layout(const DepthwiseParams& p, cudaStream_t stream) {
   const Conv2dGeometry& g = p.g;
   const dim3 block(kDepthwiseThreads);
+  if (p.prologue.backward() || p.prologue.active()) {  // only the strip kernel applies the prologue's backward
+    if (!p.prologue.backward() || !dgrad_prologue_strips<kCL>(p, static_cast<int>(sizeof(T)))) {
+      return cudaErrorInvalidValue;
+    }
+    return launch_strips<T, idx_t, true, kCL>(p, g.in_h, g.in_w, stream);
+  }
   if (take_strips<kCL>(p, static_cast<int>(sizeof(T)))) {
     return launch_strips<T, idx_t, true, kCL>(p, g.in_h, g.in_w, stream);
   }
@@ -278,6 +303,12 @@ cudaError_t launch_depthwise_backward_input(const DepthwiseParams& p, DType dtyp
     case DType::BFloat16: return depthwise_backward_input_dtype<__nv_bfloat16>(p, stream);
   }
   return cudaErrorInvalidValue;
+}
+
+int64_t depthwise_dgrad_prologue_rows(const DepthwiseParams& p, DType dtype) {
+  const int bytes = dtype == DType::Float32 ? 4 : 2;
+  const bool strips = p.channels_last ? dgrad_prologue_strips<true>(p, bytes) : dgrad_prologue_strips<false>(p, bytes);
+  return strips ? strip_plan(p, p.g.in_h, p.g.in_w, bytes, p.channels_last).items : 0;
 }
 
 cudaError_t launch_depthwise_backward_weight(const DepthwiseParams& p, DType dtype, void* workspace,

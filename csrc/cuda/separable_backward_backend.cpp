@@ -9,7 +9,8 @@
 //   grad_pw    grad_y^T mid, grad_mid = grad_y W: matrix products over the pixels (cuBLAS)
 //   grad_dw, grad of the depthwise input   the depthwise backward kernels (csrc/kernels/depthwise.cuh), through
 //              the mid activation's mask
-//   prologue   its backward (ReLU mask, scale, the sums for in_scale / in_shift) in one pass
+//   prologue   its backward (ReLU mask, scale, the sums for in_scale / in_shift): applied by the depthwise input
+//              gradient's strip kernel as it writes, or else in one pass of its own
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/elu.h>
@@ -150,34 +151,43 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_con
     grad_dw_out = grad_dw_out.contiguous(fmt);
   }
   const Tensor grad_dw = depthwise_conv2d_backward_weight(grad_dw_out, input, gd, load_scale, load_shift, load_relu);
-  const Tensor grad_input = depthwise_conv2d_backward_input(grad_dw_out, dw_weight, gd, fmt);
-
-  // The prologue's backward: the ReLU mask, in_scale, and the sums for in_scale / in_shift, in one pass.
-  Tensor grad_x = grad_input, grad_in_scale = empty, grad_in_shift = empty;
+  // The depthwise input gradient and the prologue's backward (the ReLU mask, in_scale, and the sums for in_scale /
+  // in_shift): in one pass where the input gradient's strip kernels take it, else in a pass of their own over it.
+  const int64_t ci = g.in_channels;
+  const bool in_sums = opt.in_scale.has_value() || opt.in_shift.has_value();
+  Tensor prologue_sums = in_sums ? at::empty({2 * ci}, x.options().dtype(at::kFloat)) : Tensor();
+  float* sums_ptr = in_sums ? prologue_sums.data_ptr<float>() : nullptr;
+  Tensor grad_x;
   if (prologue) {
-    grad_x = at::empty(x.sizes(), x.options().memory_format(fmt));
-    ChannelPassParams r;
-    r.g = g;
-    r.channels = g.in_channels, r.h = g.in_h, r.w = g.in_w;
-    r.grad = view_of(grad_input);
-    r.act = view_of(x);
-    r.result = view_of(grad_x);
-    r.scale = in_scale;
-    r.vec_a = in_shift;
-    r.relu = opt.in_relu;
-    const int64_t in_tiles = channel_pass_tiles(r);
-    Tensor ws = at::empty({reduce_rows_workspace(in_tiles, 2 * g.in_channels)}, x.options().dtype(at::kFloat));
-    r.partial = ws.data_ptr<float>();
-    check_launch(kBackward, launch_channel_pass(r, dtype, true, stream));
-    if (opt.in_scale.has_value() || opt.in_shift.has_value()) {
-      const int64_t ci = g.in_channels;
-      Tensor sums = at::empty({2 * ci}, x.options().dtype(at::kFloat));
-      check_launch(kBackward, launch_reduce_rows(r.partial, in_tiles, 2 * ci, ci, sums.data_ptr<float>(),
-                                                 sums.data_ptr<float>() + ci, stream));
-      if (opt.in_scale.has_value()) grad_in_scale = sums.slice(0, 0, ci).to(opt.in_scale->scalar_type());
-      if (opt.in_shift.has_value()) grad_in_shift = sums.slice(0, ci, 2 * ci).to(opt.in_shift->scalar_type());
+    grad_x = depthwise_conv2d_backward_input_through_prologue(grad_dw_out, dw_weight, gd, fmt, x, in_scale, in_shift,
+                                                              opt.in_relu, sums_ptr);
+  }
+  if (!grad_x.defined()) {
+    const Tensor grad_input = depthwise_conv2d_backward_input(grad_dw_out, dw_weight, gd, fmt);
+    grad_x = grad_input;
+    if (prologue) {
+      grad_x = at::empty(x.sizes(), x.options().memory_format(fmt));
+      ChannelPassParams r;
+      r.g = g;
+      r.channels = ci, r.h = g.in_h, r.w = g.in_w;
+      r.grad = view_of(grad_input);
+      r.act = view_of(x);
+      r.result = view_of(grad_x);
+      r.scale = in_scale;
+      r.vec_a = in_shift;
+      r.relu = opt.in_relu;
+      const int64_t in_tiles = channel_pass_tiles(r);
+      Tensor ws = at::empty({reduce_rows_workspace(in_tiles, 2 * ci)}, x.options().dtype(at::kFloat));
+      r.partial = ws.data_ptr<float>();
+      check_launch(kBackward, launch_channel_pass(r, dtype, true, stream));
+      if (in_sums) {
+        check_launch(kBackward, launch_reduce_rows(r.partial, in_tiles, 2 * ci, ci, sums_ptr, sums_ptr + ci, stream));
+      }
     }
   }
+  Tensor grad_in_scale = empty, grad_in_shift = empty;
+  if (opt.in_scale.has_value()) grad_in_scale = prologue_sums.slice(0, 0, ci).to(opt.in_scale->scalar_type());
+  if (opt.in_shift.has_value()) grad_in_shift = prologue_sums.slice(0, ci, 2 * ci).to(opt.in_shift->scalar_type());
   return {grad_x.contiguous(fmt), grad_dw.contiguous(), grad_pw.contiguous(), grad_in_scale, grad_in_shift,
           grad_out_scale, grad_out_shift};
 }

@@ -666,17 +666,20 @@ struct StripWindow {
   }
 };
 
-// Forward (kGrad = false; kPrologue: x read through p.prologue) and input gradient (kGrad = true). An item is one
-// run of R pixels of one strip of one image. kCL: threads are (item, channel vector) pairs with the vector
-// fastest (channels-last tensors); else (NCHW, V = 1) (run, strip, channel, image) with the run fastest, so that a
-// warp reads consecutive columns of one row. Three blocks per SM at least (85 registers): the loads in flight per
-// SM are what this kernel's speed depends on.
+// Forward (kGrad = false; kPrologue: x read through p.prologue) and input gradient (kGrad = true; kPrologue: the
+// result leaves through the prologue's backward, DepthwisePrologue::x). An item is one run of R pixels of one strip
+// of one image. kCL: threads are (item, channel vector) pairs with the vector fastest (channels-last tensors); else
+// (NCHW, V = 1) (run, strip, channel, image) with the run fastest, so that a warp reads consecutive columns of one
+// row. Three blocks per SM at least (85 registers): the loads in flight per SM are what this kernel's speed depends
+// on. Two for the input gradient through the prologue's backward, whose x run and sums spilled 28-32 bytes under
+// the cap of three (sm_90): it has the x run's loads in flight too.
 template <typename T, typename idx_t, int V, int R, bool kGrad, bool kPrologue, bool kCL>
-__global__ void __launch_bounds__(kDepthwiseThreads, 3)
+__global__ void __launch_bounds__(kDepthwiseThreads, kGrad && kPrologue ? 2 : 3)
     depthwise_strip_kernel(const DepthwiseParams p, int strip_rows) {
-  static_assert(!(kGrad && kPrologue), "the input gradient takes no prologue");
   static_assert(kCL || V == 1, "NCHW strips take one channel per thread");
   constexpr int kCols = R + 2;
+  constexpr bool kReadPrologue = kPrologue && !kGrad;  // the forward's taps read x through it
+  constexpr bool kPrologueGrad = kPrologue && kGrad;   // the input gradient is written through its backward
   using Raw = typename VecIO<T, V>::Raw;
   const Conv2dGeometry& g = p.g;
   const DepthwiseTensor& src_t = kGrad ? p.output : p.input;  // what the taps read
@@ -706,19 +709,33 @@ __global__ void __launch_bounds__(kDepthwiseThreads, 3)
   float wv[9][V], bv[V], scale[V], shift[V];
   load_weights_3x3<T>(p, c, wv);
   load_forward_terms<T>(p, bias, c, kPrologue, bv, scale, shift);
-  bool col_ok[kCols];
+  bool col_ok[kCols], q_ok[R];
 #pragma unroll
   for (int col = 0; col < kCols; ++col) col_ok[col] = in_range<idx_t>(ow0 + col_off + col, src_w);
+#pragma unroll
+  for (int q = 0; q < R; ++q) q_ok[q] = ow0 + q < dst_w;
   const T* src_run = src + n * ss_n + c * ss_c + (ow0 + col_off) * ss_w;  // the window's column 0 in row 0
   StripWindow<T, V, kCols> win;
-  win.fill(src_run, o0 + row_off, src_h, ss_h, ss_w, col_ok, kPrologue, scale, shift, p.prologue.relu);
+  win.fill(src_run, o0 + row_off, src_h, ss_h, ss_w, col_ok, kReadPrologue, scale, shift, p.prologue.relu);
   T* dst_run = dst + n * ds_n + c * ds_c + ow0 * ds_w;
+  // kPrologueGrad: x at the written run, and this thread's sums of g * x and g over its pixels.
+  const DepthwiseTensor& xt = p.prologue.x;
+  const T* x_run = kPrologueGrad ? static_cast<const T*>(xt.data) + n * xt.stride[0] + c * xt.stride[1] +
+                                       ow0 * xt.stride[3]
+                                 : nullptr;
+  float sum_gx[V], sum_g[V];
+#pragma unroll
+  for (int v = 0; v < V; ++v) sum_gx[v] = 0.f, sum_g[v] = 0.f;
   for (idx_t o = o0; o < o_end; ++o) {
-    // The next output row's new source row, requested before this row's taps.
+    // The next output row's new source row (and x at this row's run), requested before this row's taps.
     const idx_t next_row = o + 1 + row_off + 2;
     const bool next_ok = o + 1 < o_end && in_range<idx_t>(next_row, src_h);
-    Raw next[kCols];
+    Raw next[kCols], x_raw[R];
     strip_load_row<T, V>(next, next_ok, col_ok, src_run + next_row * ss_h, ss_w);
+    if constexpr (kPrologueGrad) {
+      strip_load_row<T, V>(x_raw, true, q_ok, x_run + o * static_cast<idx_t>(xt.stride[2]),
+                           static_cast<idx_t>(xt.stride[3]));
+    }
     float acc[R][V];
 #pragma unroll
     for (int q = 0; q < R; ++q)
@@ -746,12 +763,32 @@ __global__ void __launch_bounds__(kDepthwiseThreads, 3)
     }
 #pragma unroll
     for (int q = 0; q < R; ++q) {
-      if (ow0 + q >= dst_w) break;
+      if (!q_ok[q]) break;
 #pragma unroll
       for (int v = 0; v < V; ++v) acc[q][v] = round_to<T>(bias != nullptr ? acc[q][v] + bv[v] : acc[q][v]);
+      if constexpr (kPrologueGrad) {  // as separable_channel_pass_kernel's prologue pass, from the rounded gradient
+        float xv[V];
+        VecIO<T, V>::decode(x_raw[q], xv);
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          float gv = acc[q][v];
+          if (p.prologue.relu && !(round_to<T>(fmaf(xv[v], scale[v], shift[v])) > 0.f)) gv = 0.f;
+          sum_gx[v] = fmaf(gv, xv[v], sum_gx[v]);
+          sum_g[v] += gv;
+          acc[q][v] = p.prologue.scale != nullptr ? round_to<T>(gv * scale[v]) : gv;
+        }
+      }
       VecIO<T, V>::store(dst_run + o * ds_h + q * ds_w, acc[q]);
     }
-    win.slide(next, next_ok, col_ok, kPrologue, scale, shift, p.prologue.relu);
+    win.slide(next, next_ok, col_ok, kReadPrologue, scale, shift, p.prologue.relu);
+  }
+  if constexpr (kPrologueGrad) {
+    if (p.prologue.partial != nullptr) {  // row (image, strip, run); every (row, channel) has one writer
+      const idx_t channels = static_cast<idx_t>(g.in_channels);
+      float* row = p.prologue.partial + ((n * strips + strip) * runs_w + run) * 2 * channels + c;
+#pragma unroll
+      for (int v = 0; v < V; ++v) row[v] = sum_gx[v], row[channels + v] = sum_g[v];
+    }
   }
 }
 

@@ -31,11 +31,22 @@ struct DepthwiseTensor {
 // and its weight gradient from x with the fused forward's prologue this way instead of writing the prologued
 // input out first. Only the vector and strip kernels of the forward and the weight gradient take one
 // (depthwise_prologue_ok); their launchers refuse it elsewhere.
+//
+// The input gradient takes the prologue's backward instead, as it writes (only its strip kernels, where
+// depthwise_dgrad_prologue_rows > 0): with `x` set, the gradient g of the prologue's output at each written
+// position is masked where relu and round(x * scale + shift) <= 0, the result is round(g * scale) (g without a
+// scale): the gradient of x itself; and with `partial` set each thread adds up g * x and g over its pixels, for
+// the gradients of scale and shift, into its row of `partial` ([rows][2 * in_channels]: the g * x sums in the
+// first half, the g sums in the second). The separable backward read the depthwise input gradient back in a pass
+// of its own for this (separable_channel_pass_kernel, twice the tensor's bytes).
 struct DepthwisePrologue {
   const float* scale = nullptr;
   const float* shift = nullptr;
   bool relu = false;
+  DepthwiseTensor x;         // the input gradient only: the prologue's input, (N, C, H, W) strides
+  float* partial = nullptr;  // the input gradient only, optional: per-thread sums
   XO_HOST_DEVICE bool active() const { return scale != nullptr || shift != nullptr || relu; }
+  XO_HOST_DEVICE bool backward() const { return x.data != nullptr; }
 };
 
 // The three passes share one struct; the roles of the tensors:
@@ -91,6 +102,7 @@ inline bool depthwise_fits_int32(const DepthwiseParams& p) {
       depthwise_extent(in_sizes, p.input.stride),
       depthwise_extent(out_sizes, p.output.stride),
       depthwise_extent(w_sizes, p.weight.stride),
+      p.prologue.x.data != nullptr ? depthwise_extent(in_sizes, p.prologue.x.stride) : 0,
       oc * (p.bias_stride < 0 ? -p.bias_stride : p.bias_stride) + 1,
       g.batch * g.in_channels * g.in_h * g.in_w,  // backward_input threads
       g.batch * oc * g.out_h * g.out_w,           // forward threads
@@ -194,13 +206,17 @@ XO_HOST_DEVICE inline bool depthwise_prologue_ok(const DepthwiseTensor& x, const
 
 // Rows per strip over `rows` rows of `items_per_row` (runs x channel vectors, times the batch) threads each: as many
 // as keep about 2^18 threads in all (an H100 holds 132 x 2048), so a thread's first loads are amortized over
-// several rows, at most 32 and at least 1.
+// several rows, at most 32 and at least 1; then evened out over the strips that takes, so that the last strip is
+// not a short remainder (37 rows: 13 + 13 + 11, not 16 + 16 + 5). The weight gradient's lanes each walk several
+// strips and its blocks wait for their slowest lane: with 16 + 16 + 5 they idled ~23% of the time.
 inline int64_t depthwise_strip_rows(int64_t items_per_row, int64_t rows) {
   constexpr int64_t kThreads = int64_t{1} << 18;
   int64_t s = items_per_row > 0 ? items_per_row * rows / kThreads : 1;
   if (s > 32) s = 32;
   if (s > rows) s = rows;
-  return s < 1 ? 1 : s;
+  if (s < 1) return 1;
+  const int64_t strips = (rows + s - 1) / s;
+  return (rows + strips - 1) / strips;
 }
 
 // ---- backward_weight work split (shared by the launcher and the torch layer's workspace size) ----
@@ -296,6 +312,11 @@ inline size_t depthwise_wgrad_workspace_bytes(const DepthwiseParams& p, int dtyp
 // bytes, 4-byte aligned; backward_weight returns cudaErrorInvalidValue when it is smaller.
 cudaError_t launch_depthwise_forward(const DepthwiseParams& p, DType dtype, cudaStream_t stream);
 cudaError_t launch_depthwise_backward_input(const DepthwiseParams& p, DType dtype, cudaStream_t stream);
+// Rows of the partial sums the input gradient's strip kernel writes when it applies the prologue's backward
+// (DepthwisePrologue::x, ::partial): one per image, strip of rows and run of pixels. 0 when this pass does not take
+// the strip kernels (its layout or alignment, or XCEPTION_OPS_DEPTHWISE_STRIPS=off): the caller then applies the
+// prologue's backward itself, and must not set x.
+int64_t depthwise_dgrad_prologue_rows(const DepthwiseParams& p, DType dtype);
 cudaError_t launch_depthwise_backward_weight(const DepthwiseParams& p, DType dtype, void* workspace,
                                              size_t workspace_bytes, cudaStream_t stream);
 

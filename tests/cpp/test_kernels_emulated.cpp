@@ -637,8 +637,8 @@ void emulate_strips(const DepthwiseParams& p, int64_t rows, int64_t w, int strip
   const int64_t threads =
       p.g.batch * ((rows + strip_rows - 1) / strip_rows) * ((w + R - 1) / R) * (p.g.in_channels / V);
   const dim3 grid(static_cast<unsigned>((threads + kDepthwiseThreads - 1) / kDepthwiseThreads));
-  if (!kGrad && p.prologue.active()) {
-    emulate_launch(kernels::depthwise_strip_kernel<T, int32_t, V, R, false, true, kCL>, grid, dim3(kDepthwiseThreads),
+  if (kGrad ? p.prologue.backward() : p.prologue.active()) {  // as the launcher picks the prologue's forms
+    emulate_launch(kernels::depthwise_strip_kernel<T, int32_t, V, R, kGrad, true, kCL>, grid, dim3(kDepthwiseThreads),
                    p, strip_rows);
   } else {
     emulate_launch(kernels::depthwise_strip_kernel<T, int32_t, V, R, kGrad, false, kCL>, grid, dim3(kDepthwiseThreads),
@@ -937,6 +937,108 @@ TEST_CASE(depthwise_vector_kernels_match_the_scalar_forms) {
     check_dgrad_vectors<__half>(c, 0, 1, 1);
     check_dgrad_vectors<__nv_bfloat16>(c, 1, 2, 1);  // rows dilated, columns not: the column-sharing forms
     check_dgrad_vectors<__nv_bfloat16>(c, 3, 1, 1);  // strips with padding beyond the kernel's reach
+  }
+}
+
+// The input gradient's strip kernel through the prologue's backward (DepthwisePrologue::x, the separable backward)
+// writes the bits that the plain strip kernel followed by the backward's own prologue pass
+// (separable_channel_pass_kernel) write, and its per-thread partial rows sum to that pass's per-channel sums:
+// channels-last and NCHW, rows of 9 and 13 (runs cut short), padding 0 to 2, strips of 1, 3 and all 7 rows; with
+// and without the ReLU and the scale; without the sums.
+template <typename T, bool kCL>
+void check_dgrad_through_prologue(int64_t c, int64_t w_in, int64_t pad) {
+  std::mt19937 rng(static_cast<unsigned>(c * 17 + w_in * 3 + pad + (kCL ? 1000 : 0)));
+  std::normal_distribution<float> normal(0.f, 1.f);
+  Conv2dGeometry g;
+  g.batch = 2, g.in_channels = c, g.out_channels = c, g.depth_multiplier = 1, g.in_h = 7, g.in_w = w_in;
+  g.kernel_h = g.kernel_w = 3, g.stride_h = g.stride_w = 1, g.dilation_h = g.dilation_w = 1;
+  g.pad_top = g.pad_left = g.pad_bottom = g.pad_right = pad;
+  g.compute_output_size();
+  const int64_t in_n = 2 * c * 7 * w_in, out_n = 2 * c * g.out_h * g.out_w;
+  std::vector<T> x(in_n), w(c * 9), gy(out_n);
+  for (auto* v : {&x, &w, &gy})
+    for (auto& e : *v) e = from_float<T>(normal(rng));
+  std::vector<float> scale(c), shift(c);
+  for (int64_t i = 0; i < c; ++i) scale[i] = normal(rng), shift[i] = 0.5f * normal(rng);  // some scales negative
+  DepthwiseParams p;
+  p.g = g;
+  p.channels_last = kCL;
+  p.use_int32 = true;
+  strides(c, 7, w_in, kCL, p.input.stride);
+  strides(c, g.out_h, g.out_w, kCL, p.output.stride);
+  p.weight.stride[0] = 9, p.weight.stride[1] = 9, p.weight.stride[2] = 3, p.weight.stride[3] = 1;
+  p.weight.data = w.data(), p.output.data = gy.data();
+  constexpr int R = depthwise_strip_run(static_cast<int>(sizeof(T)), kCL);
+  const T nan = from_float<T>(std::nanf(""));
+  for (int variant = 0; variant < 3; ++variant) {
+    DepthwisePrologue pro;
+    pro.scale = variant == 2 ? nullptr : scale.data();
+    pro.shift = shift.data();
+    pro.relu = variant != 1;
+    for (int rows : {1, 3, 7}) {
+      // The two passes: the plain input gradient, then the prologue's backward over it.
+      std::vector<T> grad_in(in_n, nan), gx_two(in_n, nan), gx_one(in_n, nan);
+      DepthwiseParams d = p;
+      d.input.data = grad_in.data();
+      EXPECT(kCL ? depthwise_strips(d, static_cast<int>(sizeof(T))) : depthwise_nchw_strips(d));
+      emulate_strips<T, true, kCL>(d, 7, w_in, rows);
+      ChannelPassParams r;
+      r.g = g;
+      r.channels = c, r.h = 7, r.w = w_in;
+      r.grad = p.input, r.act = p.input, r.result = p.input;
+      r.grad.data = grad_in.data(), r.act.data = x.data(), r.result.data = gx_two.data();
+      r.scale = pro.scale, r.vec_a = pro.shift, r.relu = pro.relu;
+      const int64_t tiles = channel_pass_tiles(r);
+      std::vector<float> tile_sums(tiles * 2 * c, std::nanf(""));
+      r.partial = tile_sums.data();
+      emulate_launch(kernels::separable_channel_pass_kernel<T, true, 1>, dim3(static_cast<unsigned>(tiles)),
+                     dim3(256), r);
+      // One pass.
+      DepthwiseParams f = p;
+      f.input.data = gx_one.data();
+      f.prologue = pro;
+      f.prologue.x = p.input;
+      f.prologue.x.data = x.data();
+      const int64_t items = 2 * ((7 + rows - 1) / rows) * ((w_in + R - 1) / R);
+      std::vector<float> item_sums(items * 2 * c, std::nanf(""));
+      f.prologue.partial = variant == 2 && rows == 3 ? nullptr : item_sums.data();
+      emulate_strips<T, true, kCL>(f, 7, w_in, rows);
+      EXPECT(std::memcmp(gx_two.data(), gx_one.data(), in_n * sizeof(T)) == 0);
+      if (f.prologue.partial == nullptr) continue;
+      std::vector<double> two(2 * c, 0.0), one(2 * c, 0.0);
+      for (int64_t t = 0; t < tiles; ++t)
+        for (int64_t i = 0; i < 2 * c; ++i) two[i] += tile_sums[t * 2 * c + i];
+      for (int64_t t = 0; t < items; ++t)
+        for (int64_t i = 0; i < 2 * c; ++i) one[i] += item_sums[t * 2 * c + i];
+      EXPECT(relative_error(one, two) <= 1e-6);
+    }
+  }
+}
+
+TEST_CASE(input_gradient_strips_apply_the_prologues_backward) {
+  for (int64_t pad : {0, 1, 2}) {
+    check_dgrad_through_prologue<__nv_bfloat16, true>(8, 9, pad);
+    check_dgrad_through_prologue<float, true>(4, 13, pad);
+    check_dgrad_through_prologue<__half, true>(132, 9, pad);
+    check_dgrad_through_prologue<__nv_bfloat16, false>(3, 13, pad);
+    check_dgrad_through_prologue<float, false>(2, 9, pad);
+  }
+}
+
+TEST_CASE(strip_heights_are_even_across_a_layers_strips) {
+  // Xception's 728-channel layer at 37^2, bf16 channels-last, batch 32: ~2^18 threads' worth is 16 rows, three
+  // strips, evened out to 13 + 13 + 11.
+  EXPECT(depthwise_strip_rows(32 * 10 * 364, 37) == 13);
+  for (int64_t rows = 1; rows <= 300; ++rows) {
+    for (int64_t items : {int64_t{1}, int64_t{5000}, int64_t{37888}, int64_t{116480}, int64_t{1} << 22}) {
+      const int64_t s = depthwise_strip_rows(items, rows);
+      const int64_t strips = (rows + s - 1) / s;
+      int64_t wanted = items * rows / (int64_t{1} << 18);  // the uneven choice: at most 32 rows, at least 1
+      wanted = wanted > 32 ? 32 : (wanted > rows ? rows : (wanted < 1 ? 1 : wanted));
+      EXPECT(s >= 1 && s <= wanted);
+      EXPECT(strips == (rows + wanted - 1) / wanted);  // as many strips (threads) as before
+      EXPECT(rows - (strips - 1) * s >= s - strips + 1 && rows - (strips - 1) * s <= s);  // last strip: nearly full
+    }
   }
 }
 
