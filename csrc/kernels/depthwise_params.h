@@ -68,7 +68,7 @@ struct DepthwiseParams {
   bool channels_last = false;
   // 32-bit index math; set it with depthwise_fits_int32() (the launchers use int64 when it is false).
   bool use_int32 = false;
-  DepthwisePrologue prologue;  // forward and backward_weight: applied to x as it is read
+  DepthwisePrologue prologue;  // forward and backward_weight: applied to x as it is read; backward_input: its backward
 };
 
 // ---- host-side helpers (pure arithmetic, usable without a GPU) ----
