@@ -268,8 +268,9 @@ def test_autograd_through_the_cuda_forward():
         assert rel_err(v, u) <= 1e-5
 
 
-@pytest.mark.parametrize("env", [{"XCEPTION_OPS_SEPARABLE_GEMM": "wmma"}, {"XCEPTION_OPS_SEPARABLE_TILES": "square"}],
-                         ids=["wmma-gemm", "square-tiles"])
+@pytest.mark.parametrize("env", [{"XCEPTION_OPS_SEPARABLE_GEMM": "wmma"}, {"XCEPTION_OPS_SEPARABLE_TILES": "square"},
+                                 {"XCEPTION_OPS_SEPARABLE_TILES": "runs"}],
+                         ids=["wmma-gemm", "square-tiles", "run-tiles"])
 def test_implementations_kept_for_comparison(env):
     """The alternatives selected by environment variables (read when the library loads, hence a fresh process)
     pass the low-precision checks of one shape and the Xception shapes."""

@@ -5,8 +5,8 @@
 # 1. builds for the visible GPU (tools/gpu_check.sh's build and install steps);
 # 2. times shapes that isolate the phases (bf16 NHWC inference, batch 32): 8 output channels (the depthwise
 #    stage dominates), 8 input channels (the epilogue dominates), and full layers (the GEMM), for the default
-#    kernel and the alternatives kept for comparison (wmma GEMM, square pixel tiles; PROFILE_VARIANTS names
-#    the ones to run, default all three);
+#    kernel and the alternatives kept for comparison (run tiles, wmma GEMM, square pixel tiles; PROFILE_VARIANTS
+#    names the ones to run, default all four);
 # 3. with Nsight Compute (ncu) installed: speed of light, occupancy, warp stall reasons, instruction mix and the
 #    hottest instructions (SourceCounters; the extension is built with -lineinfo) of the kernel on three layers;
 # 4. with cuobjdump installed: each kernel's instruction count and mix (code size, local memory).
@@ -21,7 +21,7 @@ STEPS="build install" bash tools/gpu_check.sh "$out" > /dev/null 2>&1
 mv "$out/gpu_check.log" "$out/build.log"
 
 # The same shapes for each implementation kept for comparison (csrc/cuda/separable_backend.cpp).
-for variant in ${PROFILE_VARIANTS:-default XCEPTION_OPS_SEPARABLE_GEMM=wmma XCEPTION_OPS_SEPARABLE_TILES=square}; do
+for variant in ${PROFILE_VARIANTS:-default XCEPTION_OPS_SEPARABLE_TILES=runs XCEPTION_OPS_SEPARABLE_GEMM=wmma XCEPTION_OPS_SEPARABLE_TILES=square}; do
   echo "=== phase-isolating shapes, $variant" >> "$log"
   env $([ "$variant" = default ] || echo "$variant") "$PY" -m xception_ops.cli bench --backends cuda --ops separable \
     --dtypes bfloat16 --layouts NHWC --passes inference --no-models --warmup 3 --reps 10 \

@@ -24,13 +24,16 @@ constexpr const char* kForward = "xception_ops.separable_conv2d";
 // Implementation choices for comparing kernel versions on one build (benchmarks/RESULTS.md), read once:
 // XCEPTION_OPS_SEPARABLE_GEMM=wmma runs the fp16 / bf16 GEMM through wmma instead of ldmatrix + mma.sync;
 // XCEPTION_OPS_SEPARABLE_TILES=square takes 8 x 8 pixel tiles with a staged input window where they apply,
-// instead of 64 consecutive pixels (slower on the H100 in session 3: 24.7 against 20.0 ms over Xception's layers).
+// instead of 64 consecutive pixels (slower on the H100 in session 3: 24.7 against 20.0 ms over Xception's layers);
+// =runs takes run tiles where they apply (separable_run_tiles_ok: a window of input rows slid down runs of 4
+// pixels; written in session 7 without a GPU, not yet measured, hence not the default).
 bool env_is(const char* name, const char* value) {
   const char* v = std::getenv(name);
   return v != nullptr && std::strcmp(v, value) == 0;
 }
 const bool kWmma16 = env_is("XCEPTION_OPS_SEPARABLE_GEMM", "wmma");
 const bool kSquareTiles = env_is("XCEPTION_OPS_SEPARABLE_TILES", "square");
+const bool kRunTiles = env_is("XCEPTION_OPS_SEPARABLE_TILES", "runs");
 
 }  // namespace
 
@@ -96,6 +99,7 @@ std::tuple<Tensor, Tensor, Tensor> separable_conv2d(const Tensor& x, const Tenso
   p.square_tiles = separable_spatial_tiles(g) && kSquareTiles;
   XO_CHECK(separable_plan(p, math, dtype_bytes, caps.smem_optin), kForward, ": this GPU's shared memory (",
               caps.smem_optin, " bytes per block) is too small for the fused kernel");
+  p.run_tiles = kRunTiles && separable_run_tiles_ok(p, math);
   XO_CHECK_VALUE(g.dw_channels() < (int64_t{1} << 31), kForward, ": more than 2^31 - 1 depthwise channels");
 
   Tensor workspace;

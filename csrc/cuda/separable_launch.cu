@@ -22,20 +22,26 @@ cudaError_t launch_forward_kernel(const SeparableParams& p, int groups, cudaStre
   auto* kernel = &separable_forward_kernel<T, kMath, KH, KW>;
   if constexpr (kMath == PointwiseMath::TensorCore && KH == 3 && KW == 3) {
     // Shared memory for one block per SM only: the build without the 128-register cap (no spills), which is
-    // also the one that takes a plan's shallower ring or unpadded accumulator tile.
+    // also the one that takes a plan's shallower ring or unpadded accumulator tile. Run tiles: their builds.
     DeviceCaps caps;
     const cudaError_t err = current_device_caps(&caps);
     if (err != cudaSuccess) return err;
-    if (2 * smem.total > caps.smem_per_sm || p.weight_stages != 0 || p.c_pitch != 0) {
+    const bool one_block = 2 * smem.total > caps.smem_per_sm || p.weight_stages != 0 || p.c_pitch != 0;
+    if (p.run_tiles) {
+      kernel = one_block ? &separable_forward_kernel<T, kMath, KH, KW, 1, true>
+                         : &separable_forward_kernel<T, kMath, KH, KW, 2, true>;
+    } else if (one_block) {
       kernel = &separable_forward_kernel<T, kMath, KH, KW, 1>;
     }
+  } else {
+    if (p.run_tiles) return cudaErrorInvalidValue;  // only the mma.sync path is built for run tiles
   }
   if (smem.total > 48 * 1024) {  // above the default limit, a kernel must opt in
     const cudaError_t err =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem.total));
     if (err != cudaSuccess) return err;
   }
-  const dim3 grid(static_cast<unsigned int>(separable_pixel_tiles(p.g, p.square_tiles)),
+  const dim3 grid(static_cast<unsigned int>(separable_pixel_tiles(p)),
                   static_cast<unsigned int>(groups));
   kernel<<<grid, kSepThreads, smem.total, stream>>>(p);
   return cudaGetLastError();
@@ -68,7 +74,7 @@ cudaError_t forward_typed(const SeparableParams& p, PointwiseMath math, int grou
 cudaError_t launch_separable_forward(const SeparableParams& p, DType dtype, PointwiseMath math, int channel_groups,
                                      float* sum, float* sumsq, cudaStream_t stream) {
   const Conv2dGeometry& g = p.g;
-  const int64_t tiles = separable_pixel_tiles(g, p.square_tiles);
+  const int64_t tiles = separable_pixel_tiles(p);
   if (tiles == 0 || g.out_channels == 0) {  // nothing to write but empty sums
     if (sum != nullptr && sumsq != nullptr && g.out_channels > 0) {
       cudaError_t err = cudaMemsetAsync(sum, 0, g.out_channels * sizeof(float), stream);
@@ -89,7 +95,7 @@ cudaError_t launch_separable_forward(const SeparableParams& p, DType dtype, Poin
   }
   if (err != cudaSuccess || p.stats_partial == nullptr) return err;
   // The per-tile rows of sums of y, then of y^2, summed in a fixed order (the workspace holds the scratch rows).
-  return launch_reduce_rows(p.stats_partial, separable_pixel_tiles(g, p.square_tiles), 2 * g.out_channels,
+  return launch_reduce_rows(p.stats_partial, separable_pixel_tiles(p), 2 * g.out_channels,
                             g.out_channels, sum, sumsq, stream);
 }
 

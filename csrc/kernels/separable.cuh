@@ -4,8 +4,9 @@
 // Torch-free: takes a SeparableParams (kernels/separable_params.h); compiles with nvcc or clang for any GPU from
 // sm_37 on. Tensor-core code sits behind __CUDA_ARCH__ >= 800; below that every kernel takes its FFMA path.
 //
-// One block owns kSepTileP consecutive output pixels (flattened over N, OH, OW, so odd image sizes cost
-// nothing) and every output channel:
+// One block owns kSepTileP output pixels (by default consecutive in the flattened (N, OH, OW), so odd image sizes
+// cost nothing; optionally 8 x 8 squares, or runs of 4 pixels down a column band: p.square_tiles, p.run_tiles)
+// and every output channel:
 //   1. the depthwise result for its pixels and a chunk of depthwise channels is computed into shared memory,
 //      with the prologue applied as x is read and the mid activation on the result. It never reaches global
 //      memory. When every channel fits (k_chunk covers them) this runs once per block.
@@ -421,6 +422,25 @@ __device__ __forceinline__ void decode_input(bool ok, const typename VecIO<T, V>
   }
 }
 
+// V channels of one pixel of the depthwise result into the tile: rounded to the dtype, the mid activation applied
+// (relu, or elu rounded again), stored in the tile's precision.
+template <typename T, typename S, int V>
+__device__ __forceinline__ void store_depthwise_result(const SeparableParams& p, float (&acc)[V], S* dst) {
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    float y = round_to<T>(acc[v]);
+    if (p.mid == 1) y = fmaxf(y, 0.f);
+    if (p.mid == 2 && y <= 0.f) y = round_to<T>(expm1f(y));
+    acc[v] = y;
+  }
+  if constexpr (std::is_same<S, T>::value) {
+    VecIO<T, V>::store(dst, acc);  // the 16-bit tile: one store
+  } else {
+#pragma unroll
+    for (int v = 0; v < V; ++v) TileElem<S>::store(dst + v, acc[v]);
+  }
+}
+
 // A thread keeps one channel's taps (weights, prologue scale and shift) in registers and walks its pixels. Every
 // tap is loaded unconditionally (a masked tap reads a valid element instead and contributes 0), so the loads
 // of all taps are issued before the first multiply-add: with branches around them (version 1), each tap paid
@@ -558,20 +578,8 @@ __device__ __forceinline__ void depthwise_tile_vectors(const SeparableParams& p,
   const int unit = quads ? kQuad : 1;  // pixels per work item
   const int item0 = threadIdx.x / lanes, item_step = kSepThreads / lanes;
 
-  auto finish = [&](float (&acc)[V], int row, int col) {  // round, mid activation, store into the tile
-#pragma unroll
-    for (int v = 0; v < V; ++v) {
-      float y = round_to<T>(acc[v]);
-      if (p.mid == 1) y = fmaxf(y, 0.f);
-      if (p.mid == 2 && y <= 0.f) y = round_to<T>(expm1f(y));
-      acc[v] = y;
-    }
-    if constexpr (std::is_same<S, T>::value) {
-      VecIO<T, V>::store(a + row * lda + col, acc);  // the 16-bit tile: one store
-    } else {
-#pragma unroll
-      for (int v = 0; v < V; ++v) TileElem<S>::store(a + row * lda + col + v, acc[v]);
-    }
+  auto finish = [&](float (&acc)[V], int row, int col) {
+    store_depthwise_result<T, S, V>(p, acc, a + row * lda + col);
   };
 
 #pragma unroll 1
@@ -701,6 +709,112 @@ __device__ __forceinline__ void depthwise_tile_vectors(const SeparableParams& p,
   }
 }
 
+// Run tiles (p.run_tiles, separable_run_tiles_ok: the vector path's layers at 3x3, stride 1, no dilation): a tile's
+// 64 pixels are kSepRunSlots slots of kSepRun consecutive pixels of one row, the slots ordered (image, run of
+// columns, row), so that a slot is mostly the one before it one row down. A thread takes one vector of V channels
+// and a part of the tile's slots, and keeps the three input rows its taps read in registers (StripWindow, as the
+// depthwise strip kernels do): per slot it loads one new row of kSepRun + 2 vectors, requested before the slot's
+// taps, and decodes and prologues each input vector once. The quads of flat tiles load and prologue all three rows
+// per four pixels. A slot that does not continue the one before (the next run, image, or the tile's end) fills the
+// window again. The parts: as many as give the fewest rounds x (slots per part + 2 rows to fill), so that narrow
+// layers keep every thread busy. Taps are summed in the order of the other paths (kernel row, then column).
+template <typename T, typename S, bool kPrologue, int V>
+__device__ __forceinline__ void depthwise_tile_runs(const SeparableParams& p, const PixelInfo& px, S* a, int lda,
+                                                    int32_t k0, int cols) {
+  constexpr int kRun = kSepRun, kCols = kRun + 2;
+  using Raw = typename VecIO<T, V>::Raw;
+  static_assert(kSepVec % V == 0, "whole vectors of separable_plan's vector width");
+  const Conv2dGeometry& g = p.g;
+  const int32_t K = static_cast<int32_t>(g.dw_channels());
+  const int64_t H = g.in_h, W = g.in_w, xs2 = p.x.stride[2], xs3 = p.x.stride[3];
+  const T* __restrict__ x = static_cast<const T*>(p.x.data);
+  const T* __restrict__ wdw = static_cast<const T*>(p.dw_weight);
+  const int groups = cols / V;
+  int parts = 1, best = 1 << 30;
+  for (int q = 1; q <= kSepRunSlots; q *= 2) {
+    const int cost = (groups * q + kSepThreads - 1) / kSepThreads * (kSepRunSlots / q + 2);
+    if (cost < best) best = cost, parts = q;
+  }
+  const int slots = kSepRunSlots / parts;
+
+#pragma unroll 1
+  for (int item = threadIdx.x; item < groups * parts; item += kSepThreads) {
+    const int col = item % groups * V, part = item / groups;
+    const int32_t k = k0 + col;
+    const bool k_ok = k < K;  // K is a multiple of V: a vector is all channels or all padding
+    float wv[9][V], scale[V], shift[V];
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      const T* wk = wdw + static_cast<int64_t>(k_ok ? k + v : 0) * 9;
+#pragma unroll
+      for (int t = 0; t < 9; ++t) wv[t][v] = Elem<T>::load(wk + t);
+      scale[v] = kPrologue && p.in_scale != nullptr && k_ok ? p.in_scale[k + v] : 1.f;
+      shift[v] = kPrologue && p.in_shift != nullptr && k_ok ? p.in_shift[k + v] : 0.f;
+    }
+    const T* chan = x + (k_ok ? k : 0);
+    StripWindow<T, V, kCols> win;
+    bool col_ok[kCols];
+    const T* run = chan;  // the window's column 0 in input row 0 of the slot's image
+    bool filled = false;  // the window holds the current slot's three input rows
+    const int s_end = (part + 1) * slots;
+#pragma unroll 1
+    for (int s = part * slots; s < s_end; ++s) {
+      const int r0 = s * kRun;
+      const int64_t base = px.x_base[r0];
+      const int32_t ih0 = px.ih0[r0], iw0 = px.iw0[r0];
+      const bool valid = k_ok && base >= 0;
+      if (valid && !filled) {
+#pragma unroll
+        for (int c = 0; c < kCols; ++c) col_ok[c] = in_range<int64_t>(iw0 + c, W);
+        run = chan + base + iw0 * xs3;
+        win.fill(run, static_cast<int64_t>(ih0), H, xs2, xs3, col_ok, kPrologue, scale, shift, p.in_relu);
+      }
+      // The next slot continues this one one row down: its new input row, requested before this slot's taps.
+      bool more = false;
+      if (valid && s + 1 < s_end) {
+        const int r1 = r0 + kRun;
+        more = px.x_base[r1] == base && px.iw0[r1] == iw0 && px.ih0[r1] == ih0 + 1;
+      }
+      const bool next_ok = more && in_range<int64_t>(ih0 + 3, H);
+      Raw next[kCols];
+      strip_load_row<T, V>(next, next_ok, col_ok, run + (ih0 + 3) * xs2, xs3);
+      float acc[kRun][V];
+#pragma unroll
+      for (int q = 0; q < kRun; ++q)
+#pragma unroll
+        for (int v = 0; v < V; ++v) acc[q][v] = 0.f;
+      if (valid) {
+#pragma unroll
+        for (int kh = 0; kh < 3; ++kh)
+#pragma unroll
+          for (int c = 0; c < kCols; ++c) {
+            float xv[V];
+            VecIO<T, V>::decode(win.row[kh][c], xv);
+            const bool tap_ok = win.row_ok[kh] && col_ok[c];
+#pragma unroll
+            for (int q = 0; q < kRun; ++q)
+#pragma unroll
+              for (int kw = 0; kw < 3; ++kw) {
+                if (q + kw != c) continue;  // resolved at compile time
+#pragma unroll
+                for (int v = 0; v < V; ++v) acc[q][v] = tap_ok ? fmaf(xv[v], wv[kh * 3 + kw][v], acc[q][v]) : acc[q][v];
+              }
+          }
+      }
+#pragma unroll
+      for (int q = 0; q < kRun; ++q) {
+        if (px.x_base[r0 + q] < 0) {  // past the row's end (the last run of a row) or the tile's: 0
+#pragma unroll
+          for (int v = 0; v < V; ++v) acc[q][v] = 0.f;
+        }
+        store_depthwise_result<T, S, V>(p, acc[q], a + (r0 + q) * lda + col);
+      }
+      if (more) win.slide(next, next_ok, col_ok, kPrologue, scale, shift, p.in_relu);
+      filled = more;
+    }
+  }
+}
+
 // Square tiles (p.square_tiles, allowed by separable_spatial_tiles: 3x3, stride 1 or 2, no dilation). For each 32 channels: the tile's
 // input window goes to shared memory (prologue applied, zeros outside the image), then thread (channel
 // tid % 32, tile row tid / 32) computes its 8 pixels from one window row at a time held in registers: per output
@@ -791,7 +905,8 @@ __device__ __forceinline__ void depthwise_tile_square_dispatch(const SeparablePa
 
 // kWide: the build without the 128-register cap; its vector path moves 4 channels per access, the capped build's
 // 2 (the four-pixel window of 4 channels needs more than 128 registers).
-template <typename T, typename S, int KH, int KW, bool kWide>
+// kRuns: the run tiles' build (p.run_tiles), a kernel of its own so that the other builds' registers are unchanged.
+template <typename T, typename S, int KH, int KW, bool kWide, bool kRuns>
 __device__ __forceinline__ void depthwise_tile(const SeparableParams& p, const PixelInfo& px, S* a, int lda,
                                                int32_t k0, int cols, unsigned char* window) {
   const bool prologue = p.in_scale != nullptr || p.in_shift != nullptr || p.in_relu;
@@ -805,6 +920,15 @@ __device__ __forceinline__ void depthwise_tile(const SeparableParams& p, const P
       }
       return;
     }
+  }
+  if constexpr (kRuns) {
+    static_assert(KH == 3 && KW == 3, "run tiles are 3x3");
+    if (prologue) {
+      depthwise_tile_runs<T, S, true, kWide ? 4 : 2>(p, px, a, lda, k0, cols);
+    } else {
+      depthwise_tile_runs<T, S, false, kWide ? 4 : 2>(p, px, a, lda, k0, cols);
+    }
+    return;
   }
   if constexpr (KH > 0 && KW > 0) {
     if (p.x_vectors) {
@@ -942,8 +1066,9 @@ __device__ __forceinline__ typename Gemm::WeightStream make_weight_stream(const 
 // (the launcher never asks them for tensor cores). KH, KW: kernel size known at compile time, 0 = run time.
 // kMinBlocks: blocks per SM the registers must allow. 2 caps a thread at 128 registers, which spilled
 // accumulators inside the 16-bit GEMM loop; where shared memory allows one block per SM anyway (the 728-channel
-// layers), the launcher takes the kMinBlocks = 1 build, which does not spill.
-template <typename T, PointwiseMath kMath, int KH, int KW, int kMinBlocks = 2>
+// layers), the launcher takes the kMinBlocks = 1 build, which does not spill. kRuns: the build for run tiles
+// (p.run_tiles; 3x3, the mma.sync path), whose depthwise stage is depthwise_tile_runs.
+template <typename T, PointwiseMath kMath, int KH, int KW, int kMinBlocks = 2, bool kRuns = false>
 __global__ void __launch_bounds__(kSepThreads, kMinBlocks) separable_forward_kernel(const SeparableParams p) {
   constexpr bool k16 = separable_16bit_tensor_cores(kMath);
   using S = typename std::conditional<k16, T, float>::type;  // tile element
@@ -973,6 +1098,13 @@ __global__ void __launch_bounds__(kSepThreads, kMinBlocks) separable_forward_ker
       ow = tile % tiles_w * kSepSquare + threadIdx.x % kSepSquare;
       n = tile / tiles_w / tiles_h;
       inside = oh < g.out_h && ow < g.out_w;
+    } else if (p.run_tiles) {  // kSepRunSlots runs of kSepRun pixels, the runs ordered (image, run of columns, row)
+      const int64_t runs_w = (g.out_w + kSepRun - 1) / kSepRun;
+      const int64_t slot = tile * kSepRunSlots + threadIdx.x / kSepRun;
+      oh = slot % g.out_h;
+      n = slot / g.out_h / runs_w;
+      ow = slot / g.out_h % runs_w * kSepRun + threadIdx.x % kSepRun;
+      inside = n < g.batch && ow < g.out_w;
     } else {  // 64 consecutive pixels of the flattened index
       const int64_t q = tile * kSepTileP + threadIdx.x;
       ow = q % g.out_w, oh = q / g.out_w % g.out_h, n = q / g.out_w / g.out_h;
@@ -1000,6 +1132,7 @@ __global__ void __launch_bounds__(kSepThreads, kMinBlocks) separable_forward_ker
   const int64_t n_total = g.out_channels;
   const T* w = static_cast<const T*>(p.pw_weight);
   const bool resident = p.k_chunk >= K;
+  if (p.run_tiles != kRuns) __trap();  // the pixel mapping and the depthwise stage must agree (the launcher's pick)
 
 #if defined(XO_SEPARABLE_WMMA)  // a device of sm_80+: 16-bit operands through mma.sync (or wmma), TF32 through wmma
   using TensorGemm = typename std::conditional<kMath == PointwiseMath::TensorCore, MmaGemm<T>, WmmaGemm<T>>::type;
@@ -1037,7 +1170,10 @@ __global__ void __launch_bounds__(kSepThreads, kMinBlocks) separable_forward_ker
   for (int64_t n0 = static_cast<int64_t>(blockIdx.y) * kSepTileN; n0 < n_total;
        n0 += static_cast<int64_t>(gridDim.y) * kSepTileN) {
     Gemm gemm;
-    gemm.zero();
+    // The capped run tiles' build zeroes the accumulators after the depthwise stage instead: not live across it,
+    // they leave the window more registers (spills 280 -> 188 bytes, sm_90, bf16; the uncapped build has none).
+    constexpr bool kZeroLate = kRuns && kMinBlocks > 1;
+    if constexpr (!kZeroLate) gemm.zero();
     for (int32_t k0 = 0; k0 < K; k0 += p.k_chunk) {
       const int cols = static_cast<int>(round_up(K - k0 < p.k_chunk ? K - k0 : p.k_chunk, kSepKStep));
       const int steps = cols / kSepKStep;
@@ -1059,7 +1195,10 @@ __global__ void __launch_bounds__(kSepThreads, kMinBlocks) separable_forward_ker
         // raised the capped build's spills from 144 to 160 bytes.)
         if (weights_early) request_first_tiles(make_weight_stream<Gemm>(w, n0, k0, n_total, K));
       }
-      if (!resident || first) depthwise_tile<T, S, KH, KW, kMinBlocks == 1>(p, px, a, lda, k0, cols, bc);
+      if (!resident || first) depthwise_tile<T, S, KH, KW, kMinBlocks == 1, kRuns>(p, px, a, lda, k0, cols, bc);
+      if constexpr (kZeroLate) {
+        if (k0 == 0) gemm.zero();
+      }
       if constexpr (kAsync) {
         // A ring of `stages` buffers: the tiles of the next stages - 1 steps are in flight while one is used;
         // one barrier per step, after which the buffer of the step before is free for the next copy.

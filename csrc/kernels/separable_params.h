@@ -64,6 +64,10 @@ struct SeparableParams {
   // Square 8 x 8 pixel tiles with a staged input window (only where separable_spatial_tiles() allows them);
   // otherwise 64 consecutive pixels.
   bool square_tiles = false;
+  // Run tiles (only where separable_run_tiles_ok() allows them, after separable_plan): 16 runs of kSepRun pixels of
+  // one row, ordered (image, run of columns, row), so that a tile's runs are mostly one column band walked down,
+  // and the depthwise stage slides a window of input rows down them (depthwise_tile_runs).
+  bool run_tiles = false;
   // Vector paths (separable_plan sets them): the depthwise stage reads x kSepVec channels of a pixel at a time,
   // and the epilogue writes `out` (and reads the residual) likewise. Only where the tensors have channels
   // fastest, aligned rows and whole vectors of channels.
@@ -94,6 +98,17 @@ XO_HOST_DEVICE inline int64_t separable_pixel_tiles(const Conv2dGeometry& g, boo
     return g.batch * ((g.out_h + kSepSquare - 1) / kSepSquare) * ((g.out_w + kSepSquare - 1) / kSepSquare);
   }
   return (g.batch * g.out_h * g.out_w + kSepTileP - 1) / kSepTileP;
+}
+// Run tiles: kSepRun pixels of a row per run, kSepTileP / kSepRun runs (slots) per tile.
+constexpr int kSepRun = 4;
+constexpr int kSepRunSlots = kSepTileP / kSepRun;
+XO_HOST_DEVICE inline int64_t separable_run_slots(const Conv2dGeometry& g) {
+  return g.batch * ((g.out_w + kSepRun - 1) / kSepRun) * g.out_h;
+}
+// A block's pixel tiles under p's tiling (square, runs or flat).
+XO_HOST_DEVICE inline int64_t separable_pixel_tiles(const SeparableParams& p) {
+  if (p.run_tiles) return (separable_run_slots(p.g) + kSepRunSlots - 1) / kSepRunSlots;
+  return separable_pixel_tiles(p.g, p.square_tiles);
 }
 // Side of the staged input window of a square tile: 7 strides and a 3-wide kernel.
 XO_HOST_DEVICE inline int separable_halo_side(const Conv2dGeometry& g) {
@@ -219,12 +234,24 @@ inline bool separable_plan(SeparableParams& p, PointwiseMath math, int dtype_byt
   return false;
 }
 
+// Whether run tiles apply (set p.run_tiles after separable_plan): the mma.sync GEMM (fp16 / bf16 on sm_80+, the
+// only one built for them) and the vector depthwise path's layers (x channels fastest in whole vectors, 3x3) at
+// stride 1 without dilation, on flat tiling, where rounding the width up to whole runs wastes at most 10% of the
+// pixels (19 columns: 20, 5%; 10 columns: 12, 20%, refused).
+XO_HOST_DEVICE inline bool separable_run_tiles_ok(const SeparableParams& p, PointwiseMath math) {
+  const Conv2dGeometry& g = p.g;
+  return math == PointwiseMath::TensorCore && p.x_vectors && !p.square_tiles && g.kernel_h == 3 && g.kernel_w == 3 &&
+         g.stride_h == 1 &&
+         g.stride_w == 1 && g.dilation_h == 1 && g.dilation_w == 1 && g.out_w > 0 &&
+         round_up(g.out_w, kSepRun) * 10 <= g.out_w * 11;
+}
+
 // How many blocks share one pixel tile, each taking every n_groups-th output-channel tile: enough blocks for
 // two waves on `sms` multiprocessors when there are few pixel tiles (the 10x10 layers have 50 at batch 32).
 // Each extra group recomputes the depthwise tile once more.
 inline int separable_channel_groups(const SeparableParams& p, int sms) {
   const Conv2dGeometry& g = p.g;
-  const int64_t tiles = separable_pixel_tiles(g, p.square_tiles), n_tiles = separable_channel_tiles(g);
+  const int64_t tiles = separable_pixel_tiles(p), n_tiles = separable_channel_tiles(g);
   if (tiles <= 0) return 1;
   int64_t groups = (2 * static_cast<int64_t>(sms) + tiles - 1) / tiles;
   if (groups > n_tiles) groups = n_tiles;
@@ -247,7 +274,7 @@ XO_HOST_DEVICE inline int64_t reduce_rows_workspace(int64_t rows, int64_t cols) 
 }
 
 inline size_t separable_stats_workspace_bytes(const SeparableParams& p) {
-  const int64_t tiles = separable_pixel_tiles(p.g, p.square_tiles);
+  const int64_t tiles = separable_pixel_tiles(p);
   return static_cast<size_t>(reduce_rows_workspace(tiles, 2 * p.g.out_channels)) * sizeof(float);
 }
 

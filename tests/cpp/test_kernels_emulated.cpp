@@ -119,7 +119,7 @@ SeparableParams last_plan;
 // whose shared memory allows one block per SM; its vector depthwise path moves 4 channels, the capped one's 2.
 template <typename T, PointwiseMath kMath>
 void check_case(const Case& k, bool x_cl, bool out_cl, size_t smem_limit, int sms, double tol, const char* what,
-                bool allow_square = true, bool wide = false) {
+                bool allow_square = true, bool wide = false, bool runs = false) {
   std::mt19937 rng(static_cast<unsigned>(k.c * 131 + k.cout * 7 + k.h));
   std::normal_distribution<float> normal(0.f, 1.f);
   std::uniform_real_distribution<float> uniform(0.5f, 1.5f);
@@ -161,9 +161,11 @@ void check_case(const Case& k, bool x_cl, bool out_cl, size_t smem_limit, int sm
   p.out_channels_last = out_cl;
   p.square_tiles = allow_square && separable_spatial_tiles(g);
   EXPECT(separable_plan(p, kMath, static_cast<int>(sizeof(T)), smem_limit));
+  // As the torch layer sets it under XCEPTION_OPS_SEPARABLE_TILES=runs.
+  p.run_tiles = runs && separable_run_tiles_ok(p, kMath);
   last_plan = p;
   EXPECT(separable_smem(p, p.a_pitch, kMath, static_cast<int>(sizeof(T))).total <= sizeof(kernels::smem));
-  const int64_t tiles = separable_pixel_tiles(g, p.square_tiles);
+  const int64_t tiles = separable_pixel_tiles(p);
   std::vector<float> workspace(separable_stats_workspace_bytes(p) / sizeof(float), std::nanf(""));
   std::vector<float> sum(k.cout, std::nanf("")), sumsq(k.cout, std::nanf(""));
   if (k.stats) p.stats_partial = workspace.data();
@@ -172,7 +174,17 @@ void check_case(const Case& k, bool x_cl, bool out_cl, size_t smem_limit, int sm
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(groups));
   // The launcher's rule (cuda/separable_launch.cu): a plan with a shallower ring or an unpadded accumulator tile
   // runs in the one-block-per-SM build.
-  if (g.kernel_h == 3 && g.kernel_w == 3 && (wide || p.weight_stages != 0 || p.c_pitch != 0)) {
+  const bool one_block = wide || p.weight_stages != 0 || p.c_pitch != 0;
+  if constexpr (kMath == PointwiseMath::TensorCore) {  // run tiles: their own builds
+    if (p.run_tiles && one_block) {
+      emulate_launch(kernels::separable_forward_kernel<T, kMath, 3, 3, 1, true>, grid, dim3(kSepThreads), p);
+    } else if (p.run_tiles) {
+      emulate_launch(kernels::separable_forward_kernel<T, kMath, 3, 3, 2, true>, grid, dim3(kSepThreads), p);
+    }
+  }
+  if (p.run_tiles) {
+    // launched above
+  } else if (g.kernel_h == 3 && g.kernel_w == 3 && one_block) {
     emulate_launch(kernels::separable_forward_kernel<T, kMath, 3, 3, 1>, grid, dim3(kSepThreads), p);
   } else if (g.kernel_h == 3 && g.kernel_w == 3) {
     emulate_launch(kernels::separable_forward_kernel<T, kMath, 3, 3>, grid, dim3(kSepThreads), p);
@@ -326,6 +338,50 @@ TEST_CASE(vector_paths_every_dtype_and_option) {
   check_case<__nv_bfloat16, PointwiseMath::TensorCore>(s2, true, true, limit, 132, 3e-2, "bf16 chunked", false);
   EXPECT(last_plan.k_chunk == 32 && last_plan.x_vectors);
   check_case<__nv_bfloat16, PointwiseMath::TensorCore>(s2, true, true, limit, 132, 3e-2, "bf16 chunked", false, true);
+}
+
+TEST_CASE(run_tiles_every_dtype_and_option) {
+  // XCEPTION_OPS_SEPARABLE_TILES=runs: runs of 4 pixels walked down a column band. Rows of 41 and 11 (a last run of
+  // 1 and 3 pixels), images of 5 to 14 rows (runs wrap to the next band and image inside a tile), 24 to 728
+  // channels (1 to 16 slots per thread), the 16-bit tile and the float32 one, both kernel builds; with a chunked
+  // depthwise tile too.
+  //                      n   c   h   w  m cout kh kw sh sw pt pb pl pr dh dw  in_aff relu mid out_aff relu res  stats
+  const Case narrow{2, 24, 5, 41, 1, 44, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, true, true, 1, true, true, true, true};
+  const Case band{2, 64, 10, 11, 1, 36, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, true, true, 2, true, true, true, true};
+  const Case valid{1, 128, 14, 13, 1, 20, 3, 3, 1, 1, 0, 0, 0, 0, 1, 1, false, true, 0, false, false, false, true};
+  const Case wide_c{1, 728, 6, 11, 1, 16, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, true, false, 0, true, false, false, true};
+  for (const Case* c : {&narrow, &band, &valid, &wide_c}) {
+    for (bool wide : {false, true}) {
+      check_case<__nv_bfloat16, PointwiseMath::TensorCore>(*c, true, true, kBigSmem, 132, 3e-2, "bf16 runs", false,
+                                                           wide, true);
+      EXPECT(last_plan.run_tiles);
+      check_case<__half, PointwiseMath::TensorCore>(*c, true, false, kBigSmem, 132, 5e-3, "fp16 runs, NCHW out", false,
+                                                    wide, true);
+      EXPECT(last_plan.run_tiles);
+    }
+  }
+  // Not where the width wastes more than 10% in runs (10 columns), nor at stride 2, nor on NCHW input, nor on the
+  // GEMMs not built for them (float32).
+  const Case ten{1, 16, 10, 10, 1, 8, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, false, false, 0, false, false, false, false};
+  check_case<__half, PointwiseMath::TensorCore>(ten, true, true, kBigSmem, 132, 5e-3, "fp16 not runs", false, false,
+                                                true);
+  EXPECT(!last_plan.run_tiles);
+  check_case<__half, PointwiseMath::TensorCore>(kInfer, true, true, kBigSmem, 132, 5e-3, "fp16 not runs", false, false,
+                                                true);
+  EXPECT(!last_plan.run_tiles);
+  check_case<__half, PointwiseMath::TensorCore>(band, false, true, kBigSmem, 132, 5e-3, "fp16 not runs", false, false,
+                                                true);
+  EXPECT(!last_plan.run_tiles);
+  check_case<float, PointwiseMath::Ffma>(band, true, true, kBigSmem, 132, 1e-5, "fp32 not runs", false, false, true);
+  EXPECT(!last_plan.run_tiles && last_plan.x_vectors);
+  // Channels beyond shared memory: the run tiles' depthwise stage per chunk of 32 channels.
+  SeparableParams plan;
+  plan.g = geometry(band);
+  plan.weight_stages = 3, plan.c_pitch = kSepTileN;
+  const size_t limit = separable_smem(plan, 32 + 8, PointwiseMath::TensorCore, 2).total;
+  check_case<__nv_bfloat16, PointwiseMath::TensorCore>(band, true, true, limit, 132, 3e-2, "bf16 runs chunked", false,
+                                                       false, true);
+  EXPECT(last_plan.run_tiles && last_plan.k_chunk == 32);
 }
 
 TEST_CASE(resident_tiles_take_a_shallower_ring_or_an_unpadded_accumulator_tile_for_room) {
