@@ -84,6 +84,53 @@ def test_cli_options(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+def test_a_stopped_run_resumes_where_it_stopped(tmp_path, monkeypatch, capsys):
+    """bench.json is saved after each configuration; --resume keeps its rows and times only the configurations it
+    lacks or measured with an error (a long GPU run in several calls, each under a time limit)."""
+    out = tmp_path / "run"
+    args = ["bench", "--device", "cpu", "--shapes", "3,5,6", "--batch", "1", "--dtypes", "float32", "--passes",
+            "inference", "--ops", "depthwise", "--backends", "torch", "--no-models", "--warmup", "0", "--reps", "1",
+            "--out", str(out), "--layouts", "NCHW", "NHWC"]
+    real, timed = bench.bench_layer, []
+
+    def stopped_at_the_third(*a, **k):  # a time limit that strikes during the second configuration
+        timed.append((a[7], a[9]))
+        if len(timed) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(bench, "bench_layer", stopped_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(args)
+    first = json.loads((out / "bench.json").read_text())
+    assert [(r["layout"], r["impl"]) for r in first["layers"]] == [("NCHW", "eager"), ("NCHW", "xo:torch")]
+    first["layers"][1]["error"] = "RuntimeError: out of memory"  # a row that failed is timed again
+    (out / "bench.json").write_text(json.dumps(first))
+
+    timed.clear()
+    monkeypatch.setattr(bench, "bench_layer", lambda *a, **k: timed.append((a[7], a[9])) or real(*a, **k))
+    assert cli.main([*args, "--resume"]) == 0
+    assert timed == [("NCHW", "xo:torch"), ("NHWC", "eager"), ("NHWC", "xo:torch")]
+    final = json.loads((out / "bench.json").read_text())
+    assert [(r["layout"], r["impl"]) for r in final["layers"]] == [("NCHW", "eager"), ("NCHW", "xo:torch"),
+                                                                   ("NHWC", "eager"), ("NHWC", "xo:torch")]
+    assert all(r["error"] is None and r["median_ms"] > 0 for r in final["layers"])
+    assert final["layers"][0] == first["layers"][0]
+    assert final["settings"]["resumed_from"] == [first["env"]["date"]]
+    assert (out / "bench.md").exists()
+
+    # Timing settings that change what a row measures must match; so must the device.
+    capsys.readouterr()
+    assert cli.main([*args, "--reps", "2", "--resume"]) == 2
+    assert "reps=1" in capsys.readouterr().err
+    final["env"]["gpu"] = "NVIDIA H100 80GB HBM3"
+    (out / "bench.json").write_text(json.dumps(final))
+    assert cli.main([*args, "--resume"]) == 2
+    assert "gpu" in capsys.readouterr().err
+    assert cli.main(["bench", "--device", "cpu", "--resume"]) == 2
+    assert "--resume needs --out" in capsys.readouterr().err
+
+
 def test_cli_rejects_a_bad_shape(capsys):
     assert cli.main(["bench", "--device", "cpu", "--shapes", "3,5"]) == 2
     assert "CIN,COUT,HW" in capsys.readouterr().err

@@ -417,12 +417,50 @@ def run(*args, **kwargs) -> dict:
         torch.backends.cudnn.benchmark = saved
 
 
+# What identifies a row of a report: the configuration it measures (resume reuses rows by these).
+LAYER_KEY = ("op", "cin", "cout", "hw", "batch", "dtype", "layout", "pass_", "impl")
+MODEL_KEY = ("model", "dtype", "layout", "compiled", "batch", "image")
+# Settings that change what a row measures: a run resumes only a report made with the same ones.
+RESUME_SETTINGS = ("batch", "scale", "warmup", "reps", "image", "model_batch")
+RESUME_ENV = ("device", "gpu", "torch", "cuda")
+
+
+def _row_key(row: dict, fields: Sequence[str]) -> tuple:
+    return tuple(row[f] for f in fields)
+
+
+def check_resumable(previous: dict, env: dict, settings: dict) -> None:
+    """Raises ValueError unless `previous` (a report) was measured on this machine's device and software with these
+    timing settings, naming the first field that differs."""
+    for name in RESUME_ENV:
+        if previous["env"].get(name) != env.get(name):
+            raise ValueError(f"cannot resume: the earlier report's {name} is {previous['env'].get(name)!r}, this run's "
+                             f"is {env.get(name)!r}; start a new --out directory")
+    for name in RESUME_SETTINGS:
+        if previous["settings"].get(name) != settings.get(name):
+            raise ValueError(f"cannot resume: the earlier report was run with {name}={previous['settings'].get(name)!r}"
+                             f", this one with {name}={settings.get(name)!r}; use the same value or a new --out")
+
+
+def _union(first: Sequence, second: Sequence) -> list:
+    seen = []
+    for item in [*first, *second]:
+        if item not in seen:
+            seen.append(item)
+    return seen
+
+
 def _run_suite(device: str | None = None, backends_: Sequence[str] | None = None, dtypes: Sequence[str] | None = None,
         layouts: Sequence[str] | None = None, passes: Sequence[str] = ("inference", "training"),
         batch: int | None = None, scale: float | None = None, shapes: Sequence[tuple] | None = None,
         ops: Sequence[str] = ("separable", "depthwise"), compile_: bool = False, layers: bool = True,
         models: Sequence[str] | bool = True, image: int | None = None, model_batch: int | None = None,
-        warmup: int | None = None, reps: int | None = None, progress: Callable[[str], None] | None = None) -> dict:
+        warmup: int | None = None, reps: int | None = None, progress: Callable[[str], None] | None = None,
+        previous: dict | None = None, checkpoint: Callable[[dict], None] | None = None) -> dict:
+    """previous: an earlier report of this suite (check_resumable): its rows are kept, and the configurations it
+    measured without an error are not timed again, so that a long run stopped part way (a time limit) goes on
+    where it stopped. checkpoint(report): called with the report so far after each configuration, for a caller
+    that saves it as it goes."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     settings = default_settings(dev)
     settings.update({k: v for k, v in (("warmup", warmup), ("reps", reps), ("image", image),
@@ -447,11 +485,29 @@ def _run_suite(device: str | None = None, backends_: Sequence[str] | None = None
         status = statuses.get(name)
         if status is not None and not status.usable:
             bar.note(f"backend {name}: cannot run here: {status.detail}")
+    env = environment()
+    run_settings = dict(settings, batch=batch, scale=scale, dtypes=dtypes, layouts=layouts, passes=list(passes),
+                        ops=list(ops), impls=impls, shapes=[list(s) for s in layer_shapes])
+    layer_rows: dict[tuple, dict] = {}  # by LAYER_KEY, in the order first measured
+    model_rows: dict[tuple, dict] = {}
+    if previous is not None:
+        check_resumable(previous, env, run_settings)
+        before = previous["settings"]
+        for name in ("dtypes", "layouts", "passes", "ops", "impls", "shapes"):
+            run_settings[name] = _union(before.get(name, []), run_settings[name])
+        run_settings["resumed_from"] = [*before.get("resumed_from", []), previous["env"]["date"]]
+        layer_rows = {_row_key(r, LAYER_KEY): r for r in previous["layers"]}
+        model_rows = {_row_key(r, MODEL_KEY): r for r in previous["models"]}
+        bar.note(f"resuming a report of {previous['env']['date']}: {len(layer_rows)} layer and {len(model_rows)} "
+                 "model rows; the configurations it measured without an error are not timed again")
     ceilings = measure_ceilings(dev)
-    report = {"env": environment(), "ceilings": asdict(ceilings),
-              "settings": dict(settings, batch=batch, scale=scale, dtypes=dtypes, layouts=layouts, passes=list(passes),
-                               ops=list(ops), impls=impls, shapes=[list(s) for s in layer_shapes]),
-              "layers": [], "models": []}
+    report = {"env": env, "ceilings": asdict(ceilings), "settings": run_settings, "layers": [], "models": []}
+
+    def save() -> None:
+        report["layers"], report["models"] = list(layer_rows.values()), list(model_rows.values())
+        if checkpoint is not None:
+            checkpoint(report)
+
     for dtype_name in dtypes if layers else []:
         for layout in layouts:
             for pass_ in passes:
@@ -459,25 +515,34 @@ def _run_suite(device: str | None = None, backends_: Sequence[str] | None = None
                     for op in ops:
                         eager_ms, timings = None, []
                         for impl in impls:
-                            r = bench_layer(op, cin, cout, hw, batch, count, DTYPES[dtype_name], layout, pass_, impl,
-                                            dev, settings["warmup"], settings["reps"], ceilings)
+                            key = (op, cin, cout, hw, batch, dtype_name, layout, pass_, impl)
+                            row = layer_rows.get(key)
+                            if row is None or row["error"] is not None:
+                                r = bench_layer(op, cin, cout, hw, batch, count, DTYPES[dtype_name], layout, pass_,
+                                                impl, dev, settings["warmup"], settings["reps"], ceilings)
+                                row = layer_rows[key] = asdict(r)
                             if impl == "eager":
-                                eager_ms = r.median_ms
-                            elif eager_ms and r.error is None:
-                                r.speedup_vs_eager = eager_ms / r.median_ms
-                            report["layers"].append(asdict(r))
-                            timings.append(f"{impl} " + ("error" if r.error else f"{r.median_ms:.3f} ms"))
+                                eager_ms = row["median_ms"]
+                            elif eager_ms and row["error"] is None:
+                                row["speedup_vs_eager"] = eager_ms / row["median_ms"]
+                            timings.append(f"{impl} " + ("error" if row["error"] else f"{row['median_ms']:.3f} ms"))
                         # The timings are in the progress line too, so a run stopped early still shows them.
                         bar.step(f"{op} {cin}->{cout} @{hw}^2 {dtype_name} {layout} {pass_}: " + ", ".join(timings),
                                  len(impls))
+                        save()
     for dtype_name in dtypes:
         for compiled in (False, True) if compile_ else (False,):
             for name in model_names:
-                r = bench_model(name, DTYPES[dtype_name], layouts[0], settings["model_batch"], settings["image"],
-                                dev, settings["warmup"], settings["reps"], compiled)
-                report["models"].append(asdict(r))
+                key = (name, dtype_name, layouts[0], compiled, settings["model_batch"], settings["image"])
+                row = model_rows.get(key)
+                if row is None or row["error"] is not None:
+                    r = bench_model(name, DTYPES[dtype_name], layouts[0], settings["model_batch"], settings["image"],
+                                    dev, settings["warmup"], settings["reps"], compiled)
+                    row = model_rows[key] = asdict(r)
                 bar.step(f"model {name} {dtype_name}{' compiled' if compiled else ''}: "
-                         + (r.error or f"{r.train_steps_per_s:.2f} train steps/s"))
+                         + (row["error"] or f"{row['train_steps_per_s']:.2f} train steps/s"))
+                save()
+    save()
     return report
 
 

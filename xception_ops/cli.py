@@ -82,10 +82,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ValueError("--auto-table needs a run on a CUDA GPU: the table records GPU measurements")
     shapes = [bench.parse_shape(s) for s in args.shapes] if args.shapes else None
     models = False if args.no_models else (args.models or True)
+    if args.resume and not args.out:
+        raise ValueError("--resume needs --out: the directory whose bench.json the run goes on from")
+    saved = Path(args.out) / "bench.json" if args.out else None
+    previous = json.loads(saved.read_text()) if args.resume and saved.exists() else None
+
+    def checkpoint(report: dict) -> None:  # bench.json as the run goes, so that a run stopped part way keeps its rows
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps(report, indent=1))
+
     report = bench.run(device=args.device, backends_=args.backends, dtypes=args.dtypes, layouts=args.layouts,
                        passes=args.passes, batch=args.batch, scale=args.scale, shapes=shapes, ops=args.ops,
                        compile_=args.compile, layers=not args.no_layers, models=models, image=args.image,
-                       model_batch=args.model_batch, warmup=args.warmup, reps=args.reps)
+                       model_batch=args.model_batch, warmup=args.warmup, reps=args.reps, previous=previous,
+                       checkpoint=checkpoint if saved is not None else None)
     print(bench_report.format_tables(report))
     if args.out:
         written = bench_report.write_outputs(report, args.out)
@@ -173,7 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-batch", type=int, default=None, help="model batch size (default: 32 on GPU, 2 on CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs before timing")
     p.add_argument("--reps", type=int, default=None, help="timed runs per configuration (the median is reported)")
-    p.add_argument("--out", default=None, help="directory for bench.json, bench.md and the PNG charts")
+    p.add_argument("--out", default=None, help="directory for bench.json (saved after each configuration), "
+                   "bench.md and the PNG charts")
+    p.add_argument("--resume", action="store_true",
+                   help="go on from --out's bench.json: keep its rows and time only what it lacks (or measured with "
+                        "an error); for runs longer than a session's time limit, in several calls")
     p.add_argument("--auto-table", default=None, metavar="FILE",
                    help="merge this GPU run's layer results into an auto table (JSON; the package's own is "
                         "xception_ops/auto_table.json)")
