@@ -60,8 +60,9 @@ test: build cmake-test old-archs
 	$(PY) -m pytest
 	$(PY) -m pytest benchmarks -q --benchmark-disable
 
+# BENCH_FLAGS: more options of `xception-ops bench`, e.g. BENCH_FLAGS=--resume to go on from $(BENCH_OUT)/bench.json.
 bench: build
-	$(VENV)/bin/xception-ops bench --out $(BENCH_OUT)
+	$(VENV)/bin/xception-ops bench --out $(BENCH_OUT) $(BENCH_FLAGS)
 
 # The pytest-benchmark suites (timed); add BENCH_ARGS="--benchmark-json=FILE" to keep the numbers.
 bench-pytest: build
