@@ -273,7 +273,8 @@ def test_autograd_through_the_cuda_forward():
                          ids=["wmma-gemm", "square-tiles", "run-tiles"])
 def test_implementations_kept_for_comparison(env):
     """The alternatives selected by environment variables (read when the library loads, hence a fresh process)
-    pass the low-precision checks of one shape and the Xception shapes."""
+    pass the low-precision checks of one shape, the Xception shapes and the bitwise repeatability check (the run
+    tiles take the last two: 3x3 at stride 1, channels_last, rows of 19, 37 and 74)."""
     import os
     import subprocess
     import sys
@@ -281,7 +282,7 @@ def test_implementations_kept_for_comparison(env):
 
     root = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).relative_to(root)),
-           "-k", "(low_precision and 40x70) or xception_shapes"]
+           "-k", "(low_precision and 40x70) or xception_shapes or repeatable_bitwise"]
     done = subprocess.run(cmd, cwd=root, env={**os.environ, **env}, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert " passed" in done.stdout
