@@ -716,8 +716,11 @@ __device__ __forceinline__ void depthwise_tile_vectors(const SeparableParams& p,
 // depthwise strip kernels do): per slot it loads one new row of kSepRun + 2 vectors, requested before the slot's
 // taps, and decodes and prologues each input vector once. The quads of flat tiles load and prologue all three rows
 // per four pixels. A slot that does not continue the one before (the next run, image, or the tile's end) fills the
-// window again. The parts: as many as give the fewest rounds x (slots per part + 2 rows to fill), so that narrow
-// layers keep every thread busy. Taps are summed in the order of the other paths (kernel row, then column).
+// window again. The parts: as many as give the shortest chain of waits per thread, rounds x (slots per part + 1
+// for the fill, whose three rows are in flight together), since the stage waits on memory (session 4): narrow
+// layers then keep every thread busy (64 channels: 8 parts of 2 slots), and 728 channels take 4 parts (3 rounds of
+// 5 waits) rather than 1 (17 waits on 184 of the 256 threads). Taps are summed in the order of the other paths
+// (kernel row, then column).
 template <typename T, typename S, bool kPrologue, int V>
 __device__ __forceinline__ void depthwise_tile_runs(const SeparableParams& p, const PixelInfo& px, S* a, int lda,
                                                     int32_t k0, int cols) {
@@ -732,7 +735,7 @@ __device__ __forceinline__ void depthwise_tile_runs(const SeparableParams& p, co
   const int groups = cols / V;
   int parts = 1, best = 1 << 30;
   for (int q = 1; q <= kSepRunSlots; q *= 2) {
-    const int cost = (groups * q + kSepThreads - 1) / kSepThreads * (kSepRunSlots / q + 2);
+    const int cost = (groups * q + kSepThreads - 1) / kSepThreads * (kSepRunSlots / q + 1);
     if (cost < best) best = cost, parts = q;
   }
   const int slots = kSepRunSlots / parts;
