@@ -664,6 +664,33 @@ struct StripWindow {
     row_ok[0] = row_ok[1], row_ok[1] = row_ok[2], row_ok[2] = next_ok;
     if (prologue) strip_prologue_row<T, V>(row[2], row_ok[2], col_ok, scale, shift, relu);
   }
+  // The taps of the run's R = kCols - 2 outputs, added to acc: acc[q] += row(kh, q + kw) * w[kh][kw], or with kFlip
+  // (the input gradient's flipped kernel) the rows and columns taken in reverse. Each output's taps come in the order
+  // kernel row, then column; a tap outside the source adds nothing (inf weights).
+  template <bool kFlip, int R>
+  __device__ __forceinline__ void accumulate(const bool (&col_ok)[kCols], const float (&wv)[9][V],
+                                             float (&acc)[R][V]) const {
+    static_assert(R + 2 == kCols, "a run and its two halo columns");
+#pragma unroll
+    for (int kh = 0; kh < 3; ++kh) {
+      const int r = kFlip ? 2 - kh : kh;
+#pragma unroll
+      for (int j = 0; j < kCols; ++j) {
+        const int col = kFlip ? kCols - 1 - j : j;
+        float xv[V];
+        VecIO<T, V>::decode(row[r][col], xv);
+        const bool tap_ok = row_ok[r] && col_ok[col];
+#pragma unroll
+        for (int q = 0; q < R; ++q)
+#pragma unroll
+          for (int kw = 0; kw < 3; ++kw) {
+            if ((kFlip ? q + 2 - kw : q + kw) != col) continue;  // resolved at compile time
+#pragma unroll
+            for (int v = 0; v < V; ++v) acc[q][v] = tap_ok ? fmaf(xv[v], wv[kh * 3 + kw][v], acc[q][v]) : acc[q][v];
+          }
+      }
+    }
+  }
 };
 
 // Forward (kGrad = false; kPrologue: x read through p.prologue) and input gradient (kGrad = true; kPrologue: the
@@ -741,26 +768,7 @@ __global__ void __launch_bounds__(kDepthwiseThreads, kGrad && kPrologue ? 2 : 3)
     for (int q = 0; q < R; ++q)
 #pragma unroll
       for (int v = 0; v < V; ++v) acc[q][v] = 0.f;
-#pragma unroll
-    for (int kh = 0; kh < 3; ++kh) {
-      const int r = kGrad ? 2 - kh : kh;
-      // Columns in the order a pixel's taps come (kw ascending): ascending, or descending for the flipped kernel.
-#pragma unroll
-      for (int j = 0; j < kCols; ++j) {
-        const int col = kGrad ? kCols - 1 - j : j;
-        float xv[V];
-        VecIO<T, V>::decode(win.row[r][col], xv);
-        const bool tap_ok = win.row_ok[r] && col_ok[col];  // a tap outside the source adds nothing (inf weights)
-#pragma unroll
-        for (int q = 0; q < R; ++q)
-#pragma unroll
-          for (int kw = 0; kw < 3; ++kw) {
-            if ((kGrad ? q + 2 - kw : q + kw) != col) continue;  // resolved at compile time
-#pragma unroll
-            for (int v = 0; v < V; ++v) acc[q][v] = tap_ok ? fmaf(xv[v], wv[kh * 3 + kw][v], acc[q][v]) : acc[q][v];
-          }
-      }
-    }
+    win.template accumulate<kGrad>(col_ok, wv, acc);
 #pragma unroll
     for (int q = 0; q < R; ++q) {
       if (!q_ok[q]) break;

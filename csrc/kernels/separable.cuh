@@ -540,6 +540,23 @@ __device__ __forceinline__ void depthwise_tile_mapped(const SeparableParams& p, 
   }
 }
 
+// The depthwise stage's per-channel values for V channels from k (of the vector and run-tile paths, no depth
+// multiplier): the taps' weights and, with kPrologue, the prologue's scale and shift (1 and 0 otherwise, and for
+// padding channels, !k_ok, which read channel 0's weights).
+template <typename T, bool kPrologue, int kTaps, int V>
+__device__ __forceinline__ void load_channel_terms(const SeparableParams& p, int32_t k, bool k_ok,
+                                                   float (&wv)[kTaps][V], float (&scale)[V], float (&shift)[V]) {
+  const T* __restrict__ wdw = static_cast<const T*>(p.dw_weight);
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    const T* wk = wdw + static_cast<int64_t>(k_ok ? k + v : 0) * kTaps;
+#pragma unroll
+    for (int t = 0; t < kTaps; ++t) wv[t][v] = Elem<T>::load(wk + t);
+    scale[v] = kPrologue && p.in_scale != nullptr && k_ok ? p.in_scale[k + v] : 1.f;
+    shift[v] = kPrologue && p.in_shift != nullptr && k_ok ? p.in_shift[k + v] : 0.f;
+  }
+}
+
 // The vector path (p.x_vectors: channels fastest in x, aligned, no depth multiplier, flat tiles, 3x3): a thread
 // takes V consecutive channels; `lanes` threads (the channel groups rounded up to a power of two, at most a
 // warp) cover a pixel's channels, and each thread walks its share of the tile's pixels with the weights and
@@ -567,7 +584,6 @@ __device__ __forceinline__ void depthwise_tile_vectors(const SeparableParams& p,
   const int32_t dh = static_cast<int32_t>(g.dilation_h), dwl = static_cast<int32_t>(g.dilation_w);
   const int32_t sw = static_cast<int32_t>(g.stride_w);
   const T* __restrict__ x = static_cast<const T*>(p.x.data);
-  const T* __restrict__ wdw = static_cast<const T*>(p.dw_weight);
   const int64_t xs2 = p.x.stride[2], xs3 = p.x.stride[3];
   const int32_t xs2i = static_cast<int32_t>(xs2), xs3i = static_cast<int32_t>(xs3);  // fit: separable_plan
   const bool in_relu = p.in_relu;
@@ -588,14 +604,7 @@ __device__ __forceinline__ void depthwise_tile_vectors(const SeparableParams& p,
     const int32_t k = k0 + col;
     const bool k_ok = k < K;  // K is a multiple of V: a vector is all channels or all padding
     float wv[kTaps][V], scale[V], shift[V];
-#pragma unroll
-    for (int v = 0; v < V; ++v) {
-      const T* wk = wdw + static_cast<int64_t>(k_ok ? k + v : 0) * kTaps;
-#pragma unroll
-      for (int t = 0; t < kTaps; ++t) wv[t][v] = Elem<T>::load(wk + t);
-      scale[v] = kPrologue && p.in_scale != nullptr && k_ok ? p.in_scale[k + v] : 1.f;
-      shift[v] = kPrologue && p.in_shift != nullptr && k_ok ? p.in_shift[k + v] : 0.f;
-    }
+    load_channel_terms<T, kPrologue>(p, k, k_ok, wv, scale, shift);
     const T* chan = x + (k_ok ? k : 0);
     using Raw = typename VecIO<T, V>::Raw;
     // One input vector, loaded (VecIO::load_raw_if) where ok: decoded, the prologue applied, padding 0 after it.
@@ -731,7 +740,6 @@ __device__ __forceinline__ void depthwise_tile_runs(const SeparableParams& p, co
   const int32_t K = static_cast<int32_t>(g.dw_channels());
   const int64_t H = g.in_h, W = g.in_w, xs2 = p.x.stride[2], xs3 = p.x.stride[3];
   const T* __restrict__ x = static_cast<const T*>(p.x.data);
-  const T* __restrict__ wdw = static_cast<const T*>(p.dw_weight);
   const int groups = cols / V;
   int parts = 1, best = 1 << 30;
   for (int q = 1; q <= kSepRunSlots; q *= 2) {
@@ -746,14 +754,7 @@ __device__ __forceinline__ void depthwise_tile_runs(const SeparableParams& p, co
     const int32_t k = k0 + col;
     const bool k_ok = k < K;  // K is a multiple of V: a vector is all channels or all padding
     float wv[9][V], scale[V], shift[V];
-#pragma unroll
-    for (int v = 0; v < V; ++v) {
-      const T* wk = wdw + static_cast<int64_t>(k_ok ? k + v : 0) * 9;
-#pragma unroll
-      for (int t = 0; t < 9; ++t) wv[t][v] = Elem<T>::load(wk + t);
-      scale[v] = kPrologue && p.in_scale != nullptr && k_ok ? p.in_scale[k + v] : 1.f;
-      shift[v] = kPrologue && p.in_shift != nullptr && k_ok ? p.in_shift[k + v] : 0.f;
-    }
+    load_channel_terms<T, kPrologue>(p, k, k_ok, wv, scale, shift);
     const T* chan = x + (k_ok ? k : 0);
     StripWindow<T, V, kCols> win;
     bool col_ok[kCols];
@@ -786,24 +787,7 @@ __device__ __forceinline__ void depthwise_tile_runs(const SeparableParams& p, co
       for (int q = 0; q < kRun; ++q)
 #pragma unroll
         for (int v = 0; v < V; ++v) acc[q][v] = 0.f;
-      if (valid) {
-#pragma unroll
-        for (int kh = 0; kh < 3; ++kh)
-#pragma unroll
-          for (int c = 0; c < kCols; ++c) {
-            float xv[V];
-            VecIO<T, V>::decode(win.row[kh][c], xv);
-            const bool tap_ok = win.row_ok[kh] && col_ok[c];
-#pragma unroll
-            for (int q = 0; q < kRun; ++q)
-#pragma unroll
-              for (int kw = 0; kw < 3; ++kw) {
-                if (q + kw != c) continue;  // resolved at compile time
-#pragma unroll
-                for (int v = 0; v < V; ++v) acc[q][v] = tap_ok ? fmaf(xv[v], wv[kh * 3 + kw][v], acc[q][v]) : acc[q][v];
-              }
-          }
-      }
+      if (valid) win.template accumulate<false>(col_ok, wv, acc);
 #pragma unroll
       for (int q = 0; q < kRun; ++q) {
         if (px.x_base[r0 + q] < 0) {  // past the row's end (the last run of a row) or the tile's: 0
