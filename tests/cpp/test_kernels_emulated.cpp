@@ -711,6 +711,25 @@ void emulate_wgrad_strips(const DepthwiseParams& p, float* workspace, int64_t sl
                  dim3(kDepthwiseThreads), p, workspace, slices, strip_rows);
 }
 
+// The strip kernels' test layer: a 3x3 kernel at stride 1 over 2 images of c channels, 7 x w_in, `pad` on every side,
+// and its params in either layout (32-bit indices, a contiguous weight at `w`; no tensor data yet).
+DepthwiseParams strip_layer(int64_t c, int64_t w_in, int64_t pad, bool channels_last, const void* w) {
+  Conv2dGeometry g;
+  g.batch = 2, g.in_channels = c, g.out_channels = c, g.depth_multiplier = 1, g.in_h = 7, g.in_w = w_in;
+  g.kernel_h = g.kernel_w = 3, g.stride_h = g.stride_w = 1, g.dilation_h = g.dilation_w = 1;
+  g.pad_top = g.pad_left = g.pad_bottom = g.pad_right = pad;
+  g.compute_output_size();
+  DepthwiseParams p;
+  p.g = g;
+  p.channels_last = channels_last;
+  p.use_int32 = true;
+  strides(c, 7, w_in, channels_last, p.input.stride);
+  strides(c, g.out_h, g.out_w, channels_last, p.output.stride);
+  p.weight.stride[0] = 9, p.weight.stride[1] = 9, p.weight.stride[2] = 3, p.weight.stride[3] = 1;
+  p.weight.data = const_cast<void*>(w);
+  return p;
+}
+
 // The NCHW strips give the scalar NCHW kernels' bits (forward with a bias, input gradient) and their weight
 // gradient's sums: rows of 9 and 13 pixels (runs of 4 cut short), padding 0 to 2, strips of 1, 3 and all rows;
 // with a prologue, the bits of the same kernels on the prologued input.
@@ -718,23 +737,13 @@ template <typename T>
 void check_nchw_strips(int64_t c, int64_t w_in, int64_t pad) {
   std::mt19937 rng(static_cast<unsigned>(c * 31 + w_in + pad));
   std::normal_distribution<float> normal(0.f, 1.f);
-  Conv2dGeometry g;
-  g.batch = 2, g.in_channels = c, g.out_channels = c, g.depth_multiplier = 1, g.in_h = 7, g.in_w = w_in;
-  g.kernel_h = g.kernel_w = 3, g.stride_h = g.stride_w = 1, g.dilation_h = g.dilation_w = 1;
-  g.pad_top = g.pad_left = g.pad_bottom = g.pad_right = pad;
-  g.compute_output_size();
+  std::vector<T> w(c * 9);
+  DepthwiseParams p = strip_layer(c, w_in, pad, false, w.data());
+  const Conv2dGeometry& g = p.g;
   const int64_t in_n = 2 * c * 7 * w_in, out_n = 2 * c * g.out_h * g.out_w;
-  std::vector<T> x(in_n), w(c * 9), bias(c), gy(out_n);
+  std::vector<T> x(in_n), bias(c), gy(out_n);
   for (auto* v : {&x, &w, &bias, &gy})
     for (auto& e : *v) e = from_float<T>(normal(rng));
-  DepthwiseParams p;
-  p.g = g;
-  p.channels_last = false;
-  p.use_int32 = true;
-  strides(c, 7, w_in, false, p.input.stride);
-  strides(c, g.out_h, g.out_w, false, p.output.stride);
-  p.weight.stride[0] = 9, p.weight.stride[1] = 9, p.weight.stride[2] = 3, p.weight.stride[3] = 1;
-  p.weight.data = w.data();
   EXPECT(depthwise_nchw_strips(p) && depthwise_wgrad_strips(p, static_cast<int>(sizeof(T))));
   const T nan = from_float<T>(std::nanf(""));
   for (int rows : {1, 3, 7}) {
@@ -1005,25 +1014,16 @@ template <typename T, bool kCL>
 void check_dgrad_through_prologue(int64_t c, int64_t w_in, int64_t pad) {
   std::mt19937 rng(static_cast<unsigned>(c * 17 + w_in * 3 + pad + (kCL ? 1000 : 0)));
   std::normal_distribution<float> normal(0.f, 1.f);
-  Conv2dGeometry g;
-  g.batch = 2, g.in_channels = c, g.out_channels = c, g.depth_multiplier = 1, g.in_h = 7, g.in_w = w_in;
-  g.kernel_h = g.kernel_w = 3, g.stride_h = g.stride_w = 1, g.dilation_h = g.dilation_w = 1;
-  g.pad_top = g.pad_left = g.pad_bottom = g.pad_right = pad;
-  g.compute_output_size();
+  std::vector<T> w(c * 9);
+  DepthwiseParams p = strip_layer(c, w_in, pad, kCL, w.data());
+  const Conv2dGeometry& g = p.g;
   const int64_t in_n = 2 * c * 7 * w_in, out_n = 2 * c * g.out_h * g.out_w;
-  std::vector<T> x(in_n), w(c * 9), gy(out_n);
+  std::vector<T> x(in_n), gy(out_n);
   for (auto* v : {&x, &w, &gy})
     for (auto& e : *v) e = from_float<T>(normal(rng));
   std::vector<float> scale(c), shift(c);
   for (int64_t i = 0; i < c; ++i) scale[i] = normal(rng), shift[i] = 0.5f * normal(rng);  // some scales negative
-  DepthwiseParams p;
-  p.g = g;
-  p.channels_last = kCL;
-  p.use_int32 = true;
-  strides(c, 7, w_in, kCL, p.input.stride);
-  strides(c, g.out_h, g.out_w, kCL, p.output.stride);
-  p.weight.stride[0] = 9, p.weight.stride[1] = 9, p.weight.stride[2] = 3, p.weight.stride[3] = 1;
-  p.weight.data = w.data(), p.output.data = gy.data();
+  p.output.data = gy.data();
   constexpr int R = depthwise_strip_run(static_cast<int>(sizeof(T)), kCL);
   const T nan = from_float<T>(std::nanf(""));
   for (int variant = 0; variant < 3; ++variant) {
