@@ -32,12 +32,37 @@ Tensor depthwise_conv2d_backward_weight(const Tensor& grad_out, const Tensor& x,
                                         const float* in_scale = nullptr, const float* in_shift = nullptr,
                                         bool in_relu = false);
 
-// The fused separable forward (csrc/cuda/separable_backend.cpp), with the contract of
-// reference::separable_conv2d: returns (out, sum, sumsq), the statistics float32 [out_channels] with
+// The separable forward (csrc/cuda/separable_backend.cpp), with the contract of reference::separable_conv2d: returns (out, sum, sumsq), the statistics float32 [out_channels] with
 // opt.compute_stats and empty otherwise.
 std::tuple<Tensor, Tensor, Tensor> separable_conv2d(const Tensor& x, const Tensor& dw_weight,
                                                     const Tensor& pw_weight, const SeparableOptions& opt,
                                                     const Conv2dGeometry& g);
+
+// The forward's two algorithms (XCEPTION_OPS_SEPARABLE_FORWARD picks one; the default is "staged"):
+//   fused   one kernel (kernels/separable.cuh): the depthwise result for a tile of pixels lives in shared memory
+//           only, the pointwise GEMM runs from there, the epilogue on its accumulators;
+//   staged  the depthwise kernels (prologue on load), a cuBLAS matrix product, then one pass for the epilogue and
+//           the statistics (separable_channel_pass_kernel). The depthwise result is a transient buffer of the
+//           forward, freed at its end: nothing is stored for the backward, which recomputes it either way.
+enum class SeparableForward { Fused, Staged };
+SeparableForward separable_forward_algorithm();
+
+// The depthwise stage of a separable conv, mid(dw(prologue(x))), in the dtype and x's memory format `fmt`, as the
+// staged forward and the backward compute it: the depthwise kernels apply the prologue as they read x where they
+// can (depthwise_prologue_ok), else it is written out once for them first.
+struct DepthwiseStage {
+  Tensor input;                       // what the depthwise kernels read: x, or the prologue written out
+  const float* load_scale = nullptr;  // the prologue they apply on load (none: nullptr, nullptr, false)
+  const float* load_shift = nullptr;
+  bool load_relu = false;
+  const float* in_scale = nullptr;    // the prologue's float32 vectors (nullptr where absent), kept alive by `keep`
+  const float* in_shift = nullptr;
+  Tensor keep[2];
+  Tensor d;    // the depthwise result, rounded to the dtype
+  Tensor mid;  // the mid activation of d, rounded (d itself without one)
+};
+DepthwiseStage depthwise_stage(const Tensor& x, const Tensor& dw_weight, const SeparableOptions& opt,
+                               const Conv2dGeometry& g, at::MemoryFormat fmt);
 
 // Its backward (csrc/cuda/separable_backward_backend.cpp), with the contract of
 // reference::separable_conv2d_backward.

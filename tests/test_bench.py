@@ -123,6 +123,10 @@ def test_a_stopped_run_resumes_where_it_stopped(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert cli.main([*args, "--reps", "2", "--resume"]) == 2
     assert "reps=1" in capsys.readouterr().err
+    monkeypatch.setenv("XCEPTION_OPS_SEPARABLE_FORWARD", "fused")  # another implementation: other measurements
+    assert cli.main([*args, "--resume"]) == 2
+    assert "kernel_settings" in capsys.readouterr().err
+    monkeypatch.delenv("XCEPTION_OPS_SEPARABLE_FORWARD")
     final["env"]["gpu"] = "NVIDIA H100 80GB HBM3"
     (out / "bench.json").write_text(json.dumps(final))
     assert cli.main([*args, "--resume"]) == 2

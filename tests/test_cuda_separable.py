@@ -1,4 +1,6 @@
-"""GPU tests of the "cuda" backend's fused separable forward (csrc/kernels/separable.cuh).
+"""GPU tests of the "cuda" backend's separable forward (csrc/cuda/separable_backend.cpp): the staged form by
+default, the fused kernel (csrc/kernels/separable.cuh) and its variants in fresh processes
+(test_implementations_kept_for_comparison), and the backward.
 
 The op is called through torch.ops with backend="cuda" and compared with the float64 reference
 (xception_ops.reference on float64 copies) on fresh random inputs: odd sizes (H, W not multiples of the tile,
@@ -268,13 +270,24 @@ def test_autograd_through_the_cuda_forward():
         assert rel_err(v, u) <= 1e-5
 
 
-@pytest.mark.parametrize("env", [{"XCEPTION_OPS_SEPARABLE_GEMM": "wmma"}, {"XCEPTION_OPS_SEPARABLE_TILES": "square"},
-                                 {"XCEPTION_OPS_SEPARABLE_TILES": "runs"}],
-                         ids=["wmma-gemm", "square-tiles", "run-tiles"])
-def test_implementations_kept_for_comparison(env):
-    """The alternatives selected by environment variables (read when the library loads, hence a fresh process)
-    pass the low-precision checks of one shape, the Xception shapes and the bitwise repeatability check (the run
-    tiles take the last two: 3x3 at stride 1, channels_last, rows of 19, 37 and 74)."""
+FUSED = {"XCEPTION_OPS_SEPARABLE_FORWARD": "fused"}
+# The fused kernel's own cases: every forward check of this file (its channel chunks, empty batch, graphs, ...).
+FUSED_CASES = "not backward and not implementations_kept and not 2_31"
+# Its variants: the low-precision checks of one shape, the Xception shapes and the bitwise repeatability check
+# (the run tiles take the last two: 3x3 at stride 1, channels_last, rows of 19, 37 and 74).
+VARIANT_CASES = "(low_precision and 40x70) or xception_shapes or repeatable_bitwise"
+
+
+@pytest.mark.parametrize("env,cases", [
+    (FUSED, FUSED_CASES),
+    ({**FUSED, "XCEPTION_OPS_SEPARABLE_GEMM": "wmma"}, VARIANT_CASES),
+    ({**FUSED, "XCEPTION_OPS_SEPARABLE_TILES": "square"}, VARIANT_CASES),
+    ({**FUSED, "XCEPTION_OPS_SEPARABLE_TILES": "runs"}, VARIANT_CASES),
+], ids=["fused", "fused-wmma-gemm", "fused-square-tiles", "fused-run-tiles"])
+def test_implementations_kept_for_comparison(env, cases):
+    """The forward's other implementations, selected by environment variables (read when the library loads, hence
+    a fresh process; the default is the staged forward): the fused kernel passes this file's forward checks, and its
+    variants a subset of them."""
     import os
     import subprocess
     import sys
@@ -282,7 +295,7 @@ def test_implementations_kept_for_comparison(env):
 
     root = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).relative_to(root)),
-           "-k", "(low_precision and 40x70) or xception_shapes or repeatable_bitwise"]
+           "-k", cases]
     done = subprocess.run(cmd, cwd=root, env={**os.environ, **env}, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert " passed" in done.stdout

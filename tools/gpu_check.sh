@@ -12,14 +12,15 @@
 #   GPU_XDIST_WORKERS / XDIST_WORKERS   pytest-xdist processes for the CUDA tests (4) and the Triton tests (nproc)
 # Each step runs even if an earlier one failed; the exit status is non-zero if any failed. Everything printed goes
 # to OUT_DIR/gpu_check.log; results to parity.json, bench.{json,md} (layers), sweep-*.json (the depthwise kernels
-# alone), tiles-{runs,flat}/bench.{json,md} (the fused forward's tilings) and models/bench.{json,md}.
+# alone), forward-{staged,fused,runs}/bench.{json,md} (the separable forward's implementations) and
+# models/bench.{json,md}.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-gpu-check}}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
-STEPS="${STEPS:-build install info gpu_tests triton_tests bench_layers sweep tiles parity bench_models}"
+STEPS="${STEPS:-build install info gpu_tests triton_tests bench_layers sweep forward parity bench_models}"
 status=0
 log="$out/gpu_check.log"
 summary=""
@@ -71,12 +72,15 @@ step bench_layers "$PY" -m xception_ops.cli bench --out "$out" --no-models ${BEN
 step sweep "$PY" tools/depthwise_sweep.py --settings auto off --json "$out/sweep-nhwc-bf16.json"
 step sweep "$PY" tools/depthwise_sweep.py --settings auto off --layout NCHW --dtype float32 \
   --json "$out/sweep-nchw-fp32.json"
-# The fused forward's run tiles (XCEPTION_OPS_SEPARABLE_TILES=runs, not yet the default) against its flat tiles:
-# the cuda backend's separable layers in bf16 channels-last, each tiling in its own process (read when it loads).
-step tiles env XCEPTION_OPS_SEPARABLE_TILES=runs "$PY" -m xception_ops.cli bench --out "$out/tiles-runs" --no-models \
-  --backends cuda --ops separable --dtypes bfloat16 --layouts NHWC --warmup 3 --reps 10
-step tiles "$PY" -m xception_ops.cli bench --out "$out/tiles-flat" --no-models \
-  --backends cuda --ops separable --dtypes bfloat16 --layouts NHWC --warmup 3 --reps 10
+# The separable forward's implementations, each in its own process (read when the library loads), on the cuda
+# backend's layers in bf16 channels-last: the staged form (the default), the fused kernel on flat tiles, and the
+# fused kernel on run tiles (XCEPTION_OPS_SEPARABLE_TILES=runs).
+for variant in staged:XCEPTION_OPS_SEPARABLE_FORWARD=staged fused:XCEPTION_OPS_SEPARABLE_FORWARD=fused \
+  runs:XCEPTION_OPS_SEPARABLE_FORWARD=fused,XCEPTION_OPS_SEPARABLE_TILES=runs; do
+  # shellcheck disable=SC2046
+  step forward env $(echo "${variant#*:}" | tr , ' ') "$PY" -m xception_ops.cli bench --out "$out/forward-${variant%%:*}" \
+    --no-models --backends cuda --ops separable --dtypes bfloat16 --layouts NHWC --warmup 3 --reps 10
+done
 step parity "$PY" -m xception_ops.cli parity --device cuda --json "$out/parity.json"
 # shellcheck disable=SC2086
 step bench_models "$PY" -m xception_ops.cli bench --out "$out/models" --no-layers \

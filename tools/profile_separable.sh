@@ -5,8 +5,9 @@
 # 1. builds for the visible GPU (tools/gpu_check.sh's build and install steps);
 # 2. times shapes that isolate the phases (bf16 NHWC inference, batch 32): 8 output channels (the depthwise
 #    stage dominates), 8 input channels (the epilogue dominates), and full layers (the GEMM), for the default
-#    kernel and the alternatives kept for comparison (run tiles, wmma GEMM, square pixel tiles; PROFILE_VARIANTS
-#    names the ones to run, default all four);
+#    staged forward (the default), the fused kernel, and its alternatives kept for comparison (run tiles, wmma
+#    GEMM, square pixel tiles; PROFILE_VARIANTS names the ones to run, each a comma-separated list of settings,
+#    default all five);
 # 3. with Nsight Compute (ncu) installed: speed of light, occupancy, warp stall reasons, instruction mix and the
 #    hottest instructions (SourceCounters; the extension is built with -lineinfo) of the kernel on three layers;
 # 4. with cuobjdump installed: each kernel's instruction count and mix (code size, local memory).
@@ -21,9 +22,12 @@ STEPS="build install" bash tools/gpu_check.sh "$out" > /dev/null 2>&1
 mv "$out/gpu_check.log" "$out/build.log"
 
 # The same shapes for each implementation kept for comparison (csrc/cuda/separable_backend.cpp).
-for variant in ${PROFILE_VARIANTS:-default XCEPTION_OPS_SEPARABLE_TILES=runs XCEPTION_OPS_SEPARABLE_GEMM=wmma XCEPTION_OPS_SEPARABLE_TILES=square}; do
+fused=XCEPTION_OPS_SEPARABLE_FORWARD=fused
+for variant in ${PROFILE_VARIANTS:-default $fused $fused,XCEPTION_OPS_SEPARABLE_TILES=runs \
+    $fused,XCEPTION_OPS_SEPARABLE_GEMM=wmma $fused,XCEPTION_OPS_SEPARABLE_TILES=square}; do
   echo "=== phase-isolating shapes, $variant" >> "$log"
-  env $([ "$variant" = default ] || echo "$variant") "$PY" -m xception_ops.cli bench --backends cuda --ops separable \
+  # shellcheck disable=SC2046
+  env $([ "$variant" = default ] || echo "$variant" | tr , ' ') "$PY" -m xception_ops.cli bench --backends cuda --ops separable \
     --dtypes bfloat16 --layouts NHWC --passes inference --no-models --warmup 3 --reps 10 \
     --shapes 64,8,147 64,128,147 64,512,147 8,128,147 728,8,19 728,728,19 8,728,19 1536,2048,10 2>&1 \
     | grep -E "xo:cuda|eager" >> "$log"
@@ -49,7 +53,7 @@ PY
 NCU="$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n1)"
 if [ -n "$NCU" ]; then
   echo "=== ncu ($NCU)" >> "$log"
-  "$NCU" --kernel-name regex:separable_forward_kernel --launch-skip 1 --launch-count 3 \
+  XCEPTION_OPS_SEPARABLE_FORWARD=fused "$NCU" --kernel-name regex:separable_forward_kernel --launch-skip 1 --launch-count 3 \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
     --section InstructionStats --section MemoryWorkloadAnalysis --section SchedulerStats --section SourceCounters \
     "$PY" "$out/one_layer.py" >> "$log" 2>&1

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import inspect
+import os
 import platform
 import statistics
 import subprocess
@@ -117,6 +118,9 @@ def environment() -> dict:
         env["triton"] = triton.__version__
     except ImportError:
         env["triton"] = None
+    # The variables that pick kernels and implementations (README's table): rows measured under other ones measure
+    # other code.
+    env["kernel_settings"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("XCEPTION_OPS_")}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         env.update(device="cuda", gpu=props.name, sm=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
@@ -422,7 +426,7 @@ LAYER_KEY = ("op", "cin", "cout", "hw", "batch", "dtype", "layout", "pass_", "im
 MODEL_KEY = ("model", "dtype", "layout", "compiled", "batch", "image")
 # Settings that change what a row measures: a run resumes only a report made with the same ones.
 RESUME_SETTINGS = ("batch", "scale", "warmup", "reps", "image", "model_batch")
-RESUME_ENV = ("device", "gpu", "torch", "cuda")
+RESUME_ENV = ("device", "gpu", "torch", "cuda", "kernel_settings")
 
 
 def _row_key(row: dict, fields: Sequence[str]) -> tuple:
@@ -433,7 +437,8 @@ def check_resumable(previous: dict, env: dict, settings: dict) -> None:
     """Raises ValueError unless `previous` (a report) was measured on this machine's device and software with these
     timing settings, naming the first field that differs."""
     for name in RESUME_ENV:
-        if previous["env"].get(name) != env.get(name):
+        empty = {} if name == "kernel_settings" else None  # (reports from before it was recorded: none set)
+        if previous["env"].get(name, empty) != env.get(name, empty):
             raise ValueError(f"cannot resume: the earlier report's {name} is {previous['env'].get(name)!r}, this run's "
                              f"is {env.get(name)!r}; start a new --out directory")
     for name in RESUME_SETTINGS:

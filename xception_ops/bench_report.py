@@ -123,6 +123,6 @@ def write_outputs(report: dict, out_dir: str | Path) -> list[str]:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench.json").write_text(json.dumps(report, indent=1))
     env = report["env"]
-    header = ", ".join(f"{k} {v}" for k, v in env.items() if v is not None)
+    header = ", ".join(f"{k} {v}" for k, v in env.items() if v is not None and v != {})
     (out_dir / "bench.md").write_text(f"# xception-ops benchmark\n\n{header}\n\n```\n{format_tables(report)}\n```\n")
     return ["bench.json", "bench.md", *_charts(report, out_dir)]

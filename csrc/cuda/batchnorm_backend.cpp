@@ -143,7 +143,7 @@ std::tuple<Tensor, Tensor, Tensor> scale_shift_backward(const Tensor& grad, cons
   const int64_t tiles = channel_pass_tiles(r);
   Tensor workspace = at::empty({reduce_rows_workspace(tiles, 2 * C)}, y.options().dtype(at::kFloat));
   r.partial = workspace.data_ptr<float>();
-  check_launch(kScaleShiftBwd, launch_channel_pass(r, dtype, true, stream));
+  check_launch(kScaleShiftBwd, launch_channel_pass(r, dtype, ChannelPass::Prologue, stream));
   Tensor sums = at::empty({2 * C}, y.options().dtype(at::kFloat));
   check_launch(kScaleShiftBwd, launch_reduce_rows(r.partial, tiles, 2 * C, C, sums.data_ptr<float>(),
                                                   sums.data_ptr<float>() + C, stream));

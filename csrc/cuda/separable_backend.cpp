@@ -1,11 +1,17 @@
-// The "cuda" backend's fused separable forward: checks, device guard, allocation, the GEMM mode and the launch
-// plan; the kernels and their launcher are torch-free (kernels/separable.cuh, cuda/separable_launch.cu).
+// The "cuda" backend's separable forward: checks, device guard, allocation, and one of two algorithms
+// (cuda_backend.h): the fused kernel (its GEMM mode and launch plan; the kernel and its launcher are torch-free:
+// kernels/separable.cuh, cuda/separable_launch.cu), or the staged form (the depthwise kernels, cuBLAS, and the
+// epilogue pass of kernels/separable_backward.cuh). Also the depthwise stage the backward shares.
 //
 // The router in registration.cpp has already checked shapes, dtypes and devices (check_separable); the checks
 // here repeat the ones a launch depends on, so this function is safe on its own.
 #include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/elu.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/relu.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -34,8 +40,98 @@ bool env_is(const char* name, const char* value) {
 const bool kWmma16 = env_is("XCEPTION_OPS_SEPARABLE_GEMM", "wmma");
 const bool kSquareTiles = env_is("XCEPTION_OPS_SEPARABLE_TILES", "square");
 const bool kRunTiles = env_is("XCEPTION_OPS_SEPARABLE_TILES", "runs");
+// XCEPTION_OPS_SEPARABLE_FORWARD=fused takes the fused kernel instead of the staged form (cuda_backend.h). The
+// staged form is the default since session 8: on the H100 (session 6) the fused kernel took 0.21-0.24 ms at
+// 728 -> 728 @19^2 where its parts, timed on their own, take ~0.02 (depthwise), ~0.03 (cuBLAS) and ~0.02 (one
+// pass): its depthwise stage waits on memory with 8 warps per SM.
+const SeparableForward kForwardAlgorithm =
+    env_is("XCEPTION_OPS_SEPARABLE_FORWARD", "fused") ? SeparableForward::Fused : SeparableForward::Staged;
+
+// The staged forward: y = pw(mid(dw(prologue(x)))) as the depthwise kernels and one cuBLAS product (float32
+// accumulation, rounded to the dtype once, as the fused kernel rounds y), then the epilogue and the statistics
+// in one pass over y, written over y itself. Checks done by the caller.
+std::tuple<Tensor, Tensor, Tensor> staged_forward(const Tensor& x, const Tensor& dw_weight, const Tensor& pw_weight,
+                                                  const SeparableOptions& opt, const Conv2dGeometry& g,
+                                                  at::MemoryFormat fmt, DType dtype, Tensor sum, Tensor sumsq) {
+  const int64_t pixels = g.batch * g.out_h * g.out_w, K = g.dw_channels(), C = g.out_channels;
+  Tensor y;
+  {
+    const DepthwiseStage stage = depthwise_stage(x, dw_weight, opt, g, fmt);
+    const Tensor pw2 = pw_weight.contiguous().view({C, K});
+    if (fmt == at::MemoryFormat::ChannelsLast) {  // [pixels, K] x [K, C]: y comes out channels-last
+      const Tensor mid2 = stage.mid.permute({0, 2, 3, 1}).reshape({pixels, K});  // a view
+      y = at::mm(mid2, pw2.t()).view({g.batch, g.out_h, g.out_w, C}).permute({0, 3, 1, 2});
+    } else {  // per image [C, K] x [K, OH * OW]: y comes out NCHW
+      const Tensor mid3 = stage.mid.reshape({g.batch, K, g.out_h * g.out_w});
+      y = at::bmm(pw2.unsqueeze(0).expand({g.batch, C, K}), mid3).view({g.batch, C, g.out_h, g.out_w});
+    }
+  }  // the depthwise result is released here
+  const bool epilogue = opt.out_scale.has_value() || opt.out_shift.has_value() || opt.residual.has_value() ||
+                        opt.out_relu;
+  if (!epilogue && !opt.compute_stats) return {y, sum, sumsq};
+  ChannelPassParams e;
+  e.g = g;
+  e.channels = C, e.h = g.out_h, e.w = g.out_w;
+  e.y = view_of(y);
+  if (epilogue) e.result = view_of(y);  // in place: each element read, then written, by one thread
+  if (opt.residual.has_value()) e.act = view_of(*opt.residual);
+  Tensor keep[2];
+  e.scale = float_vector(opt.out_scale, keep[0]);
+  e.vec_a = float_vector(opt.out_shift, keep[1]);
+  e.relu = opt.out_relu;
+  const int64_t tiles = channel_pass_tiles(e);
+  Tensor workspace;
+  if (opt.compute_stats && tiles > 0) {
+    workspace = at::empty({reduce_rows_workspace(tiles, 2 * C)}, x.options().dtype(at::kFloat));
+    e.partial = workspace.data_ptr<float>();
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  check_launch(kForward, launch_channel_pass(e, dtype, ChannelPass::Epilogue, stream));
+  if (opt.compute_stats && tiles > 0) {
+    check_launch(kForward, launch_reduce_rows(e.partial, tiles, 2 * C, C, sum.data_ptr<float>(),
+                                              sumsq.data_ptr<float>(), stream));
+  } else if (opt.compute_stats) {  // no pixels: the sums are zeros
+    sum.zero_();
+    sumsq.zero_();
+  }
+  return {y, sum, sumsq};
+}
 
 }  // namespace
+
+SeparableForward separable_forward_algorithm() { return kForwardAlgorithm; }
+
+DepthwiseStage depthwise_stage(const Tensor& x, const Tensor& dw_weight, const SeparableOptions& opt,
+                               const Conv2dGeometry& g, at::MemoryFormat fmt) {
+  DepthwiseStage s;
+  Conv2dGeometry gd = g;
+  gd.out_channels = g.dw_channels();
+  const bool prologue = opt.in_scale.has_value() || opt.in_shift.has_value() || opt.in_relu;
+  s.in_scale = float_vector(opt.in_scale, s.keep[0]);
+  s.in_shift = float_vector(opt.in_shift, s.keep[1]);
+  // Where the depthwise kernels take their vector or strip forms (depthwise_prologue_ok: channels-last 3x3 in
+  // whole vectors of channels, or NCHW 3x3 at stride 1), they apply the prologue as they read x; otherwise it is
+  // written out once for them (an x-sized buffer and a pass: 0.13 ms at 64 ch @147^2 on the H100, session 5).
+  const bool on_load = prologue && depthwise_prologue_ok(view_of(x), gd, fmt == at::MemoryFormat::ChannelsLast,
+                                                         static_cast<int>(x.element_size()));
+  s.input = x;
+  if (prologue && !on_load) {
+    s.input = at::empty(x.sizes(), x.options().memory_format(fmt));
+    check_launch(kForward, launch_prologue_apply(view_of(x), view_of(s.input), g, s.in_scale, s.in_shift,
+                                                 opt.in_relu, kernel_dtype(kForward, x),
+                                                 c10::cuda::getCurrentCUDAStream()));
+  }
+  if (on_load) {
+    s.load_scale = s.in_scale;
+    s.load_shift = s.in_shift;
+    s.load_relu = opt.in_relu;
+  }
+  s.d = depthwise_conv2d(s.input, dw_weight, c10::nullopt, gd, s.load_scale, s.load_shift, s.load_relu);
+  s.mid = s.d;
+  if (opt.mid == MidActivation::Relu) s.mid = at::relu(s.d);
+  if (opt.mid == MidActivation::Elu) s.mid = at::elu(s.d);
+  return s;
+}
 
 std::tuple<Tensor, Tensor, Tensor> separable_conv2d(const Tensor& x, const Tensor& dw_weight,
                                                     const Tensor& pw_weight, const SeparableOptions& opt,
@@ -64,12 +160,17 @@ std::tuple<Tensor, Tensor, Tensor> separable_conv2d(const Tensor& x, const Tenso
     check_shape(kForward, "residual", *opt.residual, out_shape);
   }
 
+  XO_CHECK_VALUE(g.dw_channels() < (int64_t{1} << 31), kForward, ": more than 2^31 - 1 depthwise channels");
+
   const c10::cuda::CUDAGuard guard(x.device());
   const at::MemoryFormat fmt = output_memory_format(x);
-  Tensor out = at::empty(out_shape, x.options().memory_format(fmt));
   const auto stats_options = x.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous);
   Tensor sum = at::empty({opt.compute_stats ? g.out_channels : 0}, stats_options);
   Tensor sumsq = at::empty({opt.compute_stats ? g.out_channels : 0}, stats_options);
+  if (kForwardAlgorithm == SeparableForward::Staged) {
+    return staged_forward(x, dw_weight, pw_weight, opt, g, fmt, dtype, sum, sumsq);
+  }
+  Tensor out = at::empty(out_shape, x.options().memory_format(fmt));
 
   DeviceCaps caps;
   check_launch(kForward, current_device_caps(&caps));
@@ -100,7 +201,6 @@ std::tuple<Tensor, Tensor, Tensor> separable_conv2d(const Tensor& x, const Tenso
   XO_CHECK(separable_plan(p, math, dtype_bytes, caps.smem_optin), kForward, ": this GPU's shared memory (",
               caps.smem_optin, " bytes per block) is too small for the fused kernel");
   p.run_tiles = kRunTiles && separable_run_tiles_ok(p, math);
-  XO_CHECK_VALUE(g.dw_channels() < (int64_t{1} << 31), kForward, ": more than 2^31 - 1 depthwise channels");
 
   Tensor workspace;
   if (opt.compute_stats) {

@@ -1,11 +1,11 @@
 // The "cuda" backend's separable conv backward (the contract of reference::separable_conv2d_backward).
 //
-//   y          the forward's output when it had no epilogue, else recomputed by the fused forward kernel with the
-//              epilogue off (only where out_scale or grad_sumsq need it)
+//   y          the forward's output when it had no epilogue, else recomputed by the forward (separable_conv2d)
+//              with the epilogue off (only where out_scale or grad_sumsq need it)
 //   grad_y     grad_out through the epilogue's ReLU, folded BatchNorm and the statistics' gradients, in one
 //              pass that also sums the gradients of out_scale / out_shift (fixed-order reductions throughout)
-//   mid        the depthwise result, recomputed from x (prologue applied in one pass, then the depthwise kernel):
-//              the forward saves only x, and this copy lives only until grad_pw is formed
+//   mid        the depthwise result, recomputed from x (depthwise_stage, shared with the staged forward): the
+//              forward saves only x, and this copy lives only until grad_pw is formed
 //   grad_pw    grad_y^T mid, grad_mid = grad_y W: matrix products over the pixels (cuBLAS)
 //   grad_dw, grad of the depthwise input   the depthwise backward kernels (csrc/kernels/depthwise.cuh), through
 //              the mid activation's mask
@@ -16,7 +16,6 @@
 #include <ATen/ops/elu.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/relu.h>
 #include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -91,7 +90,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_con
   const int64_t out_tiles = channel_pass_tiles(e);
   Tensor workspace = at::empty({reduce_rows_workspace(out_tiles, 2 * C)}, x.options().dtype(at::kFloat));
   e.partial = workspace.data_ptr<float>();
-  check_launch(kBackward, launch_channel_pass(e, dtype, false, stream));
+  check_launch(kBackward, launch_channel_pass(e, dtype, ChannelPass::GradY, stream));
   const Tensor empty = at::empty({0}, x.options().dtype(at::kFloat));
   Tensor grad_out_scale = empty, grad_out_shift = empty;
   if (opt.out_scale.has_value() || opt.out_shift.has_value()) {
@@ -102,32 +101,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_con
     if (opt.out_shift.has_value()) grad_out_shift = sums.slice(0, C, 2 * C).to(opt.out_shift->scalar_type());
   }
 
-  // The depthwise stage's input, relu?(x * in_scale + in_shift) rounded to the dtype, and its result recomputed
-  // (the forward kept only x): the depthwise kernel, then the mid activation rounded as the fused forward rounds it.
+  // The depthwise stage's result recomputed (the forward kept only x), the mid activation rounded as the forward
+  // rounds it; its input (x, or the prologue written out where the depthwise kernels cannot apply it on load) is
+  // what the weight gradient reads.
   Conv2dGeometry gd = g;
   gd.out_channels = K;
   const bool prologue = opt.in_scale.has_value() || opt.in_shift.has_value() || opt.in_relu;
-  Tensor keep_in[2];
-  const float* in_scale = float_vector(opt.in_scale, keep_in[0]);
-  const float* in_shift = float_vector(opt.in_shift, keep_in[1]);
-  // Where the depthwise kernels take their vector or strip forms (depthwise_prologue_ok: channels-last 3x3 in whole
-  // vectors of channels, or NCHW 3x3 at stride 1), they apply the prologue as they read x; otherwise it is written
-  // out once for both (an x-sized buffer and a pass: 0.13 ms at 64 ch @147^2 on the H100, session 5).
-  const bool on_load = prologue && depthwise_prologue_ok(view_of(x), gd, fmt == at::MemoryFormat::ChannelsLast,
-                                                         static_cast<int>(x.element_size()));
-  Tensor input = x;
-  if (prologue && !on_load) {
-    input = at::empty(x.sizes(), x.options().memory_format(fmt));
-    check_launch(kBackward, launch_prologue_apply(view_of(x), view_of(input), g, in_scale, in_shift, opt.in_relu,
-                                                  dtype, stream));
-  }
-  const float* load_scale = on_load ? in_scale : nullptr;
-  const float* load_shift = on_load ? in_shift : nullptr;
-  const bool load_relu = on_load && opt.in_relu;
-  Tensor d = depthwise_conv2d(input, dw_weight, c10::nullopt, gd, load_scale, load_shift, load_relu);
-  Tensor mid = d;
-  if (opt.mid == MidActivation::Relu) mid = at::relu(d);
-  if (opt.mid == MidActivation::Elu) mid = at::elu(d);
+  DepthwiseStage stage = depthwise_stage(x, dw_weight, opt, g, fmt);
+  const Tensor input = stage.input;
+  const float* in_scale = stage.in_scale;
+  const float* in_shift = stage.in_shift;
+  const float* load_scale = stage.load_scale;
+  const float* load_shift = stage.load_shift;
+  const bool load_relu = stage.load_relu;
+  Tensor d = std::move(stage.d), mid = std::move(stage.mid);
 
   // grad_pw = grad_y^T mid over the pixels: one matrix product on cuBLAS, float32 accumulation and (16-bit
   // dtypes) a float32 result, rounded once. It replaced a kernel that recomputed the depthwise result per tile of
@@ -179,7 +166,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_con
       const int64_t in_tiles = channel_pass_tiles(r);
       Tensor ws = at::empty({reduce_rows_workspace(in_tiles, 2 * ci)}, x.options().dtype(at::kFloat));
       r.partial = ws.data_ptr<float>();
-      check_launch(kBackward, launch_channel_pass(r, dtype, true, stream));
+      check_launch(kBackward, launch_channel_pass(r, dtype, ChannelPass::Prologue, stream));
       if (in_sums) {
         check_launch(kBackward, launch_reduce_rows(r.partial, in_tiles, 2 * ci, ci, sums_ptr, sums_ptr + ci, stream));
       }

@@ -1,4 +1,4 @@
-// Launchers of the separable backward's element-wise passes and of the fixed-order row reduction
+// Launchers of the element-wise passes (the separable backward's, the staged forward's epilogue) and of the fixed-order row reduction
 // (kernels/separable_backward.cuh, kernels/separable.cuh). No torch headers.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -12,24 +12,27 @@
 namespace xception_ops {
 namespace {
 
+template <typename T, ChannelPass kKind>
+cudaError_t channel_pass(const ChannelPassParams& p, unsigned grid, cudaStream_t stream) {
+  if (channel_pass_vectors(p, static_cast<int>(sizeof(T)))) {
+    kernels::separable_channel_pass_kernel<T, kKind, kSepVec><<<grid, 256, 0, stream>>>(p);
+  } else {
+    kernels::separable_channel_pass_kernel<T, kKind, 1><<<grid, 256, 0, stream>>>(p);
+  }
+  return cudaGetLastError();
+}
+
 template <typename T>
-cudaError_t channel_pass(const ChannelPassParams& p, bool prologue_pass, cudaStream_t stream) {
+cudaError_t channel_pass(const ChannelPassParams& p, ChannelPass kind, cudaStream_t stream) {
   const int64_t tiles = channel_pass_tiles(p);
   if (tiles > INT_MAX) return cudaErrorInvalidValue;
   const unsigned grid = static_cast<unsigned>(tiles);
-  const bool vectors = channel_pass_vectors(p, static_cast<int>(sizeof(T)));
-  if (prologue_pass) {
-    if (vectors) {
-      kernels::separable_channel_pass_kernel<T, true, kSepVec><<<grid, 256, 0, stream>>>(p);
-    } else {
-      kernels::separable_channel_pass_kernel<T, true, 1><<<grid, 256, 0, stream>>>(p);
-    }
-  } else if (vectors) {
-    kernels::separable_channel_pass_kernel<T, false, kSepVec><<<grid, 256, 0, stream>>>(p);
-  } else {
-    kernels::separable_channel_pass_kernel<T, false, 1><<<grid, 256, 0, stream>>>(p);
+  switch (kind) {
+    case ChannelPass::GradY: return channel_pass<T, ChannelPass::GradY>(p, grid, stream);
+    case ChannelPass::Prologue: return channel_pass<T, ChannelPass::Prologue>(p, grid, stream);
+    case ChannelPass::Epilogue: return channel_pass<T, ChannelPass::Epilogue>(p, grid, stream);
   }
-  return cudaGetLastError();
+  return cudaErrorInvalidValue;
 }
 
 template <typename T>
@@ -51,12 +54,12 @@ cudaError_t prologue_apply(const DepthwiseTensor& x, const DepthwiseTensor& out,
 
 }  // namespace
 
-cudaError_t launch_channel_pass(const ChannelPassParams& p, DType dtype, bool prologue_pass, cudaStream_t stream) {
+cudaError_t launch_channel_pass(const ChannelPassParams& p, DType dtype, ChannelPass kind, cudaStream_t stream) {
   if (channel_pass_tiles(p) == 0) return cudaSuccess;
   switch (dtype) {
-    case DType::Float32: return channel_pass<float>(p, prologue_pass, stream);
-    case DType::Float16: return channel_pass<__half>(p, prologue_pass, stream);
-    case DType::BFloat16: return channel_pass<__nv_bfloat16>(p, prologue_pass, stream);
+    case DType::Float32: return channel_pass<float>(p, kind, stream);
+    case DType::Float16: return channel_pass<__half>(p, kind, stream);
+    case DType::BFloat16: return channel_pass<__nv_bfloat16>(p, kind, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -1,6 +1,7 @@
 // Kernels of the separable conv backward (the "cuda" backend's, csrc/cuda/separable_backward_backend.cpp):
 //   separable_channel_pass_kernel     the element-wise passes with per-channel sums: grad_y from grad_out, and
-//                                     the prologue's backward;
+//                                     the prologue's backward (also the staged forward's epilogue, with the
+//                                     BatchNorm statistics: csrc/cuda/separable_backend.cpp);
 //   prologue_apply_kernel             relu?(x * scale + shift), what the depthwise stage reads, for its gradients.
 // The matrix products (grad_pw, grad_mid) run on cuBLAS; the depthwise ones in kernels/depthwise.cuh.
 //
@@ -13,7 +14,7 @@
 namespace xception_ops {
 namespace kernels {
 
-// ---- the backward's elementwise passes (ChannelPassParams) ----
+// ---- the element-wise passes (ChannelPassParams, ChannelPass) ----
 // Block b takes pixels [64 b, 64 b + 64) of the flattened (N, H, W) and every channel. A thread takes V
 // consecutive channels (V = kSepVec where every tensor has channels fastest and whole aligned vectors,
 // channel_pass_vectors; else 1): consecutive channel groups across a warp, coalesced where channels are fastest.
@@ -42,8 +43,9 @@ struct ChannelVec {  // V channels of one pixel, as float32
   }
 };
 
-template <typename T, bool kPrologue, int V>
+template <typename T, ChannelPass kKind, int V>
 __global__ void __launch_bounds__(256) separable_channel_pass_kernel(const ChannelPassParams q) {
+  constexpr bool kPrologue = kKind == ChannelPass::Prologue;
   constexpr int kThreads = 256;
   __shared__ int64_t offset[4][kChannelPassPixels];  // per pixel: its offset in grad, act, y and result
   __shared__ float row_sums[2][kThreads * V];        // [first / second][row group * lanes + lane][V]
@@ -81,8 +83,8 @@ __global__ void __launch_bounds__(256) separable_channel_pass_kernel(const Chann
     }
 #pragma unroll 4  // several pixels' loads in flight per thread
     for (int r = r_begin; r < r_end; ++r) {
-      float g[V];
-      ChannelVec<T, V>::load(grad + offset[0][r] + c * q.grad.stride[1], g);
+      float g[V];  // the gradient read; the epilogue's result
+      if constexpr (kKind != ChannelPass::Epilogue) ChannelVec<T, V>::load(grad + offset[0][r] + c * q.grad.stride[1], g);
       if constexpr (kPrologue) {  // a = shift here
         float xv[V];
         ChannelVec<T, V>::load(act + offset[1][r] + c * q.act.stride[1], xv);
@@ -94,6 +96,21 @@ __global__ void __launch_bounds__(256) separable_channel_pass_kernel(const Chann
           g[i] = q.scale != nullptr ? g[i] * scale[i] : g[i];
         }
         ChannelVec<T, V>::store(static_cast<T*>(q.result.data) + offset[3][r] + c * q.result.stride[1], g);
+      } else if constexpr (kKind == ChannelPass::Epilogue) {  // a = out_shift; the sums of y and y^2
+        float yv[V], res[V];
+        ChannelVec<T, V>::load(y + offset[2][r] + c * q.y.stride[1], yv);
+        if (act != nullptr) ChannelVec<T, V>::load(act + offset[1][r] + c * q.act.stride[1], res);
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          first[i] += yv[i];
+          second[i] = fmaf(yv[i], yv[i], second[i]);
+          float z = round_to<T>(fmaf(yv[i], scale[i], a[i]));  // y itself where there is no scale or shift
+          if (act != nullptr) z = round_to<T>(z + res[i]);
+          g[i] = q.relu ? fmaxf(z, 0.f) : z;
+        }
+        if (q.result.data != nullptr) {
+          ChannelVec<T, V>::store(static_cast<T*>(q.result.data) + offset[3][r] + c * q.result.stride[1], g);
+        }
       } else {
         float mask[V] = {}, yv[V];
         if (q.relu) ChannelVec<T, V>::load(act + offset[1][r] + c * q.act.stride[1], mask);
@@ -114,6 +131,7 @@ __global__ void __launch_bounds__(256) separable_channel_pass_kernel(const Chann
         ChannelVec<T, V>::store(static_cast<T*>(q.grad_y) + (tile * kChannelPassPixels + r) * q.channels + c, gy);
       }
     }
+    if (q.partial == nullptr) continue;  // no sums asked for (the epilogue without statistics)
     if (row_groups == 1) {  // this thread's sums are the block's
 #pragma unroll
       for (int i = 0; i < V; ++i) {
@@ -128,7 +146,7 @@ __global__ void __launch_bounds__(256) separable_channel_pass_kernel(const Chann
       }
     }
   }
-  if (row_groups == 1) return;  // uniform across the block
+  if (row_groups == 1 || q.partial == nullptr) return;  // uniform across the block
   __syncthreads();
   for (int e = threadIdx.x; e < 2 * lanes * V; e += kThreads) {
     const int which = e / (lanes * V), j = e % (lanes * V), cg = j / V, i = j % V;

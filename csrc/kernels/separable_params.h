@@ -278,23 +278,28 @@ inline size_t separable_stats_workspace_bytes(const SeparableParams& p) {
   return static_cast<size_t>(reduce_rows_workspace(tiles, 2 * p.g.out_channels)) * sizeof(float);
 }
 
-// The backward's elementwise passes over an (N, C, H, W) tensor, 64 pixels (flattened over N, H, W) per block
-// and channels across threads, each block writing one row of per-channel float32 partial sums that
-// launch_reduce_rows adds up in a fixed order. Two kernels (kernels/separable_backward.cuh):
-//   grad_y:   gz = relu'(out) grad_out; grad_y = gz * scale + vec_a + 2 y vec_b (absent terms dropped), stored
+// The element-wise passes over an (N, C, H, W) tensor, 64 pixels (flattened over N, H, W) per block and channels
+// across threads, each block writing one row of per-channel float32 partial sums that launch_reduce_rows adds up
+// in a fixed order. Three kinds, one kernel (kernels/separable_backward.cuh):
+//   GradY:    gz = relu'(out) grad_out; grad_y = gz * scale + vec_a + 2 y vec_b (absent terms dropped), stored
 //             pixel-major [pixels][C] in the dtype; sums of gz * y and of gz.
-//   prologue: g = relu'(round(x * scale + shift)) grad; grad_x = round(g * scale) (g without a scale); sums of
+//   Prologue: g = relu'(round(x * scale + shift)) grad; grad_x = round(g * scale) (g without a scale); sums of
 //             g * x and of g.
+//   Epilogue: the staged forward's epilogue (cuda/separable_backend.cpp) on the pointwise product y, rounded as the
+//             fused kernel's epilogue rounds: out = relu?(round(round(y * scale + shift) + residual)); sums of y
+//             and of y^2 (the BatchNorm statistics). `result` may be y itself (each element is read, then
+//             written, by one thread); no `result` skips the store, no `partial` the sums.
+enum class ChannelPass : int32_t { GradY = 0, Prologue = 1, Epilogue = 2 };
 struct ChannelPassParams {
-  Conv2dGeometry g;        // batch, channels (in_channels for the prologue, out_channels for grad_y), h, w
+  Conv2dGeometry g;        // batch, channels (in_channels for the prologue, out_channels otherwise), h, w
   int64_t channels = 0, h = 0, w = 0;
-  DepthwiseTensor grad;    // grad_out, or the gradient of the depthwise stage's input
-  DepthwiseTensor act;     // out (its ReLU mask; data null without one), or x
-  DepthwiseTensor y;       // the pre-epilogue output (data null when no term needs it)
-  DepthwiseTensor result;  // the prologue pass's grad_x (unused by grad_y)
+  DepthwiseTensor grad;    // grad_out, or the gradient of the depthwise stage's input (unused by the epilogue)
+  DepthwiseTensor act;     // out (its ReLU mask; data null without one), x, or the epilogue's residual (or null)
+  DepthwiseTensor y;       // the pre-epilogue output (data null when no term of grad_y needs it)
+  DepthwiseTensor result;  // the prologue pass's grad_x, the epilogue's out (unused by grad_y)
   void* grad_y = nullptr;  // the grad_y pass's [pixels][channels] output
   const float* scale = nullptr;  // out_scale / in_scale
-  const float* vec_a = nullptr;  // grad_sum / in_shift
+  const float* vec_a = nullptr;  // grad_sum / in_shift / out_shift
   const float* vec_b = nullptr;  // grad_sumsq
   bool relu = false;
   float* partial = nullptr;      // [tiles][2 channels]
@@ -322,8 +327,8 @@ cudaError_t launch_separable_forward(const SeparableParams& p, DType dtype, Poin
                                      float* sum, float* sumsq, cudaStream_t stream);
 
 
-// The backward's elementwise passes (ChannelPassParams); `prologue_pass` picks the prologue formula.
-cudaError_t launch_channel_pass(const ChannelPassParams& p, DType dtype, bool prologue_pass, cudaStream_t stream);
+// The element-wise passes (ChannelPassParams) of the given kind.
+cudaError_t launch_channel_pass(const ChannelPassParams& p, DType dtype, ChannelPass kind, cudaStream_t stream);
 // relu?(round(x * scale + shift)) into `out` (any strides), elementwise.
 cudaError_t launch_prologue_apply(const DepthwiseTensor& x, const DepthwiseTensor& out, const Conv2dGeometry& g,
                                   const float* scale, const float* shift, bool relu, DType dtype,

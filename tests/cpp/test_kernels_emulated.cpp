@@ -434,6 +434,18 @@ TEST_CASE(tf32_mode_compiles_to_the_same_ffma_path_on_the_host) {
   check_case<float, PointwiseMath::Tf32>(kTrain, true, true, kBigSmem, 132, 1e-5, "tf32 mode");
 }
 
+// One launch of separable_channel_pass_kernel as cuda/separable_backward_launch.cu makes it: a block per 64
+// pixels, kSepVec channels per access where `vectors` (the launcher's channel_pass_vectors).
+template <typename T, ChannelPass kKind>
+void emulate_channel_pass(const ChannelPassParams& q, bool vectors) {
+  const dim3 grid(static_cast<unsigned>(channel_pass_tiles(q)));
+  if (vectors) {
+    emulate_launch(kernels::separable_channel_pass_kernel<T, kKind, kSepVec>, grid, dim3(256), q);
+  } else {
+    emulate_launch(kernels::separable_channel_pass_kernel<T, kKind, 1>, grid, dim3(256), q);
+  }
+}
+
 // The backward's elementwise passes: grad_y (with out's ReLU mask, out_scale, grad_sum, grad_sumsq) and the
 // prologue's backward (ReLU mask of round(x * scale + shift), grad_x, the sums), against float64 loops.
 template <typename T>
@@ -474,17 +486,10 @@ void check_channel_pass(bool prologue, bool channels_last, bool relu, bool with_
   // The launcher's choice (cuda/separable_backward_launch.cu), which the case expects.
   const bool vectors = channel_pass_vectors(q, static_cast<int>(sizeof(T)));
   EXPECT(vectors == expect_vector_path);
-  const dim3 grid(static_cast<unsigned>(tiles));
   if (prologue) {
-    if (vectors) {
-      emulate_launch(kernels::separable_channel_pass_kernel<T, true, kSepVec>, grid, dim3(256), q);
-    } else {
-      emulate_launch(kernels::separable_channel_pass_kernel<T, true, 1>, grid, dim3(256), q);
-    }
-  } else if (vectors) {
-    emulate_launch(kernels::separable_channel_pass_kernel<T, false, kSepVec>, grid, dim3(256), q);
+    emulate_channel_pass<T, ChannelPass::Prologue>(q, vectors);
   } else {
-    emulate_launch(kernels::separable_channel_pass_kernel<T, false, 1>, grid, dim3(256), q);
+    emulate_channel_pass<T, ChannelPass::GradY>(q, vectors);
   }
   std::vector<double> got_first(c, 0), got_second(c, 0), want_first(c, 0), want_second(c, 0);
   for (int64_t t = 0; t < tiles; ++t) {
@@ -584,6 +589,110 @@ TEST_CASE(backward_elementwise_passes) {
   check_prologue_apply<1>(5, false, true);
   check_prologue_apply<kSepVec>(8, true, true);
   check_prologue_apply<1>(8, true, false);
+}
+
+// The staged forward's epilogue pass (ChannelPass::Epilogue) against float64: out = relu?(round(round(y * scale +
+// shift) + residual)) with the roundings where the fused kernel's epilogue has them, and the per-channel sums of y
+// and y^2. y and out in the layout `cl`, the residual in its own (`res_cl`); out written over y where `in_place`.
+struct EpilogueCase {
+  int64_t c;
+  bool cl, res_cl, affine, residual, relu, in_place, stats, store;
+  bool expect_vectors;
+};
+
+template <typename T>
+void check_epilogue_pass(const EpilogueCase& k, double tol, const char* what) {
+  std::mt19937 rng(static_cast<unsigned>(k.c * 5 + k.cl + 2 * k.affine + 4 * k.residual + 8 * k.relu + 16 * k.in_place));
+  std::normal_distribution<float> normal(0.f, 1.f);
+  const int64_t n = 2, h = 9, w = 11, c = k.c, pixels = n * h * w;  // 198 pixels: 4 blocks, the last partial
+  std::vector<T> y(n * c * h * w), res(y.size()), out(y.size(), from_float<T>(std::nanf("")));
+  for (auto& v : y) v = from_float<T>(normal(rng));
+  for (auto& v : res) v = from_float<T>(normal(rng));
+  const std::vector<T> y_before = y;
+  std::vector<float> scale(c), shift(c);
+  for (auto& v : scale) v = 0.5f + std::abs(normal(rng));
+  for (auto& v : shift) v = 0.3f * normal(rng);
+  ChannelPassParams q;
+  q.g.batch = n;
+  q.channels = c, q.h = h, q.w = w;
+  strides(c, h, w, k.cl, q.y.stride);
+  strides(c, h, w, k.cl, q.result.stride);
+  strides(c, h, w, k.res_cl, q.act.stride);
+  q.y.data = y.data();
+  q.act.data = k.residual ? res.data() : nullptr;
+  q.result.data = !k.store ? nullptr : k.in_place ? static_cast<void*>(y.data()) : out.data();
+  q.scale = k.affine ? scale.data() : nullptr;
+  q.vec_a = k.affine ? shift.data() : nullptr;
+  q.relu = k.relu;
+  const int64_t tiles = channel_pass_tiles(q);
+  std::vector<float> partial(reduce_rows_workspace(tiles, 2 * c), std::nanf(""));
+  q.partial = k.stats ? partial.data() : nullptr;
+  const bool vectors = channel_pass_vectors(q, static_cast<int>(sizeof(T)));
+  EXPECT(vectors == k.expect_vectors);
+  emulate_channel_pass<T, ChannelPass::Epilogue>(q, vectors);
+
+  auto round_t = [](double v) { return to_double(from_float<T>(static_cast<float>(v))); };
+  std::vector<double> got_out, want_out, got_first(c, 0), got_second(c, 0), want_first(c, 0), want_second(c, 0);
+  const std::vector<T>& written = k.in_place ? y : out;
+  for (int64_t pix = 0; pix < pixels; ++pix) {
+    const int64_t iw = pix % w, ih = pix / w % h, in = pix / w / h;
+    for (int64_t kc = 0; kc < c; ++kc) {
+      auto at = [&](const std::vector<T>& v, const int64_t (&st)[4]) {
+        return to_double(v[in * st[0] + kc * st[1] + ih * st[2] + iw * st[3]]);
+      };
+      const double yv = at(y_before, q.y.stride);
+      want_first[kc] += yv, want_second[kc] += yv * yv;
+      double z = k.affine ? round_t(yv * scale[kc] + shift[kc]) : yv;
+      if (k.residual) z = round_t(z + at(res, q.act.stride));
+      if (k.relu) z = std::max(z, 0.0);
+      want_out.push_back(k.store ? z : yv);  // no store: y (and out) untouched
+      got_out.push_back(at(k.store ? written : y, q.result.stride));
+    }
+  }
+  double e_first = 0, e_second = 0;
+  if (k.stats) {
+    for (int64_t t = 0; t < tiles; ++t) {
+      for (int64_t kc = 0; kc < c; ++kc) {
+        got_first[kc] += partial[t * 2 * c + kc], got_second[kc] += partial[t * 2 * c + c + kc];
+      }
+    }
+    e_first = relative_error(got_first, want_first), e_second = relative_error(got_second, want_second);
+  } else {
+    EXPECT(std::all_of(partial.begin(), partial.end(), [](float v) { return std::isnan(v); }));
+  }
+  const double e_out = relative_error(got_out, want_out);
+  if (!(e_out <= tol && e_first <= 1e-6 && e_second <= 1e-6)) {
+    std::printf("  %s (c %lld): out %.3g, sums %.3g, %.3g\n", what, static_cast<long long>(c), e_out, e_first,
+                e_second);
+  }
+  EXPECT(e_out <= tol && e_first <= 1e-6 && e_second <= 1e-6);
+}
+
+TEST_CASE(staged_forward_epilogue_pass) {
+  // Every option, both layouts, one channel per access (37 channels) and four (132 channels-last); the residual in
+  // the other layout takes the scalar path.
+  for (bool cl : {false, true}) {
+    for (int64_t c : {37, 132}) {
+      for (int opts = 0; opts < 16; ++opts) {
+        const bool affine = opts & 1, residual = opts & 2, relu = opts & 4, in_place = opts & 8;
+        const bool vectors = cl && c % kSepVec == 0;
+        EpilogueCase k{c, cl, cl, affine, residual, relu, in_place, true, true, vectors};
+        check_epilogue_pass<float>(k, 1e-7, "fp32 epilogue");
+        check_epilogue_pass<__nv_bfloat16>(k, 1e-7, "bf16 epilogue");
+        check_epilogue_pass<__half>(k, 1e-7, "fp16 epilogue");
+      }
+    }
+  }
+  // 8 channels (128 row groups) and 1040 (a thread takes two vector groups); a residual in the other layout; no
+  // statistics (inference); statistics only, out being y (training without an epilogue).
+  check_epilogue_pass<__nv_bfloat16>({8, true, true, true, true, true, false, true, true, true}, 1e-7, "8 ch");
+  check_epilogue_pass<__nv_bfloat16>({1040, true, true, true, true, false, true, true, true, true}, 1e-7, "1040 ch");
+  check_epilogue_pass<__nv_bfloat16>({1040, false, false, true, false, true, false, true, true, false}, 1e-7, "1040 nchw");
+  check_epilogue_pass<float>({132, true, false, true, true, true, false, true, true, false}, 1e-7, "residual nchw");
+  check_epilogue_pass<__half>({132, true, true, true, true, true, true, false, true, true}, 1e-7, "no statistics");
+  check_epilogue_pass<float>({37, false, false, false, false, false, false, true, false, false}, 1e-7, "sums only");
+  check_epilogue_pass<__nv_bfloat16>({132, true, true, false, false, false, false, true, false, true}, 1e-7,
+                                     "sums only, vectors");
 }
 
 // ---- the depthwise kernels: the launchers' plans (cuda/depthwise_launch.cu), emulated ----
@@ -1047,8 +1156,7 @@ void check_dgrad_through_prologue(int64_t c, int64_t w_in, int64_t pad) {
       const int64_t tiles = channel_pass_tiles(r);
       std::vector<float> tile_sums(tiles * 2 * c, std::nanf(""));
       r.partial = tile_sums.data();
-      emulate_launch(kernels::separable_channel_pass_kernel<T, true, 1>, dim3(static_cast<unsigned>(tiles)),
-                     dim3(256), r);
+      emulate_channel_pass<T, ChannelPass::Prologue>(r, false);
       // One pass.
       DepthwiseParams f = p;
       f.input.data = gx_one.data();
@@ -1198,4 +1306,4 @@ TEST_CASE(batch_norm_finalize_its_backward_and_running_statistics_kernels) {
 
 }  // namespace
 
-int main() { return xo_test::run_all(); }
+int main(int argc, char** argv) { return xo_test::run_all(argc > 1 ? argv[1] : nullptr); }
