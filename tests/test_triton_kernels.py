@@ -136,6 +136,9 @@ launch.depthwise_conv2d_backward_input(g_dw, dw, list(x.shape), *geo)
 launch.depthwise_conv2d_backward_weight(g_dw, x, list(dw.shape), *geo)
 opts = (vec[0], vec[1], True, *geo, "elu", vec[2], vec[3], True)
 launch.separable_conv2d(x, dw, pw, *opts, res, True)
+os.environ["XCEPTION_OPS_TRITON_FORWARD"] = "staged"  # the other form of the forward (and its act kernel)
+launch.separable_conv2d(x, dw, pw, *opts, res, True)
+del os.environ["XCEPTION_OPS_TRITON_FORWARD"]
 launch.separable_conv2d_backward(res, vec[3], vec[3], res, x, dw, pw, *opts)
 launch.separable_conv2d_backward(res, vec[3], None, res, x, dw, pw, *opts)
 
@@ -482,6 +485,44 @@ def test_backward_forms_the_forwards_y_bit_for_bit(monkeypatch, layout):
         f["mid_activation"], None, None, False)
     assert len(materialized) == 1
     assert torch.equal(materialized[0], y)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("opts", [SEPARABLE_OPTIONS[0], SEPARABLE_OPTIONS[1], SEPARABLE_OPTIONS[3],
+                                  SEPARABLE_OPTIONS[5]], ids=["plain", "inference", "training", "elu-residual"])
+@pytest.mark.parametrize("shape", SEPARABLE_SHAPES)
+def test_staged_forward_is_the_fused_forward_bit_for_bit(monkeypatch, shape, opts, layout):
+    """The staged form (act(dw) written once, then read by every output-channel tile) gives the fused form's
+    output and statistics bit for bit: the same tl.dot operand in the same chunks into the same accumulator.
+    The fused form is the one checked against float64 above (one output-channel tile at these sizes, except the
+    last shape's 18 output channels, which the default runs staged)."""
+    x, t, f, _ = separable_inputs(shape, opts, torch.float32, layout)
+    results = {}
+    for form in ("fused", "staged"):
+        monkeypatch.setenv(launch.FORWARD_ENV, form)
+        results[form] = call_forward(launch.separable_conv2d, x, t, f)
+    for fused, staged in zip(results["fused"], results["staged"]):
+        assert torch.equal(fused, staged)
+    assert results["staged"][0].is_contiguous(memory_format=expected_format(layout))
+
+
+def test_forward_form_default_and_override(monkeypatch):
+    monkeypatch.delenv(launch.FORWARD_ENV, raising=False)
+    cfg = launch.Config(32, 16, 16)
+    # Several output-channel tiles: staged first (the fused form would compute the depthwise tile per tile).
+    assert [c.staged for c in launch._forward_forms(40, cfg)] == [True, False]
+    assert [c.staged for c in launch._forward_forms(16, cfg)] == [False, True]
+    monkeypatch.setenv(launch.FORWARD_ENV, "fused")
+    assert [c.staged for c in launch._forward_forms(40, cfg)] == [False]
+    monkeypatch.setenv(launch.FORWARD_ENV, "sideways")
+    with pytest.raises(ValueError, match="XCEPTION_OPS_TRITON_FORWARD"):
+        launch._forward_forms(40, cfg)
+
+
+def test_staged_forward_in_fp16_matches_float64(monkeypatch):
+    """The staged form on its own against float64 (fp16, several output-channel and depthwise-channel tiles)."""
+    monkeypatch.setenv(launch.FORWARD_ENV, "staged")
+    check_separable(SEPARABLE_SHAPES[3], SEPARABLE_OPTIONS[1], torch.float16, "channels_last")
 
 
 # ---------------------------------------------------------------------------------------------- determinism

@@ -24,6 +24,7 @@ class Config(NamedTuple):
     BLOCK_K: int = 16  # pointwise output channels per tile (GEMM kernels only)
     num_warps: int = 4
     num_stages: int = 2
+    staged: bool = False  # the separable forward's form (launch.separable_conv2d); not a kernel parameter
 
     def meta(self, gemm: bool) -> dict:
         m = dict(BLOCK_P=self.BLOCK_P, BLOCK_C=self.BLOCK_C, num_warps=self.num_warps, num_stages=self.num_stages)

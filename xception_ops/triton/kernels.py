@@ -416,26 +416,34 @@ def dw_wgrad_kernel(g_ptr, x_ptr, in_scale_ptr, in_shift_ptr, ws_ptr,
 
 @triton.jit
 def sep_fwd_kernel(x_ptr, dw_ptr, pw_ptr, in_scale_ptr, in_shift_ptr, out_scale_ptr, out_shift_ptr, res_ptr,
-                   out_ptr, ws_ptr,
+                   out_ptr, ws_ptr, mid_ptr,
                    Q, OHW, OW, H, W, C_DW, K, M, stride_h, stride_w, pad_t, pad_l, dil_h, dil_w,
                    sxn, sxc, sxh, sxw, swo, swh, sww, spk, spc, srn, srk, srh, srw, son, sok, soh, sow,
+                   smn, smc, smh, smw,
                    KH: tl.constexpr, KW: tl.constexpr, UNROLL: tl.constexpr,
                    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, IN_RELU: tl.constexpr, MID: tl.constexpr,
                    HAS_OSCALE: tl.constexpr, HAS_OSHIFT: tl.constexpr, HAS_RES: tl.constexpr,
-                   OUT_RELU: tl.constexpr, STATS: tl.constexpr, DOT_PREC: tl.constexpr, IDX64: tl.constexpr,
-                   BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Fused separable forward: one program per BLOCK_P output pixels x BLOCK_K output channels.
+                   OUT_RELU: tl.constexpr, STATS: tl.constexpr, FROM_ACT: tl.constexpr, DOT_PREC: tl.constexpr,
+                   IDX64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Separable forward: one program per BLOCK_P output pixels x BLOCK_K output channels.
 
-    y = pw(act(dw(relu?(x * in_scale + in_shift)))) with the depthwise tile on chip (_sep_y_tile), then the
-    epilogue out = relu?(y * out_scale + out_shift + residual). With STATS, the tile's per-channel partial sums
-    of y and y^2 go to row pid_p of the workspace planes 0 and 1 ([2, num_pixel_tiles, K])."""
+    y = pw(act(dw(relu?(x * in_scale + in_shift)))), then the epilogue out = relu?(y * out_scale + out_shift +
+    residual). Fused (FROM_ACT off): the depthwise tile is computed on chip (_sep_y_tile), once per output-channel
+    tile. Staged (FROM_ACT): the act(dw) tiles are read from the buffer sep_bwd_act_kernel wrote
+    (_sep_y_from_act: the same operand and accumulation, so y is the fused form's bit for bit). With STATS, the
+    tile's per-channel partial sums of y and y^2 go to row pid_p of the workspace planes 0 and 1
+    ([2, num_pixel_tiles, K])."""
     pid_p, k, k_mask, num_p = _program_tile(K, BLOCK_K)
     n, oh, ow, p_mask = _pixels(pid_p, Q, OHW, OW, IDX64, BLOCK_P)
-    acc = _sep_y_tile(x_ptr, dw_ptr, pw_ptr, in_scale_ptr, in_shift_ptr, n, oh, ow, p_mask, k, k_mask,
-                      C_DW, H, W, M, stride_h, stride_w, pad_t, pad_l, dil_h, dil_w,
-                      sxn, sxc, sxh, sxw, swo, swh, sww, spk, spc,
-                      KH, KW, UNROLL, HAS_SCALE, HAS_SHIFT, IN_RELU, MID, DOT_PREC, IDX64,
-                      BLOCK_P, BLOCK_C, BLOCK_K)
+    if FROM_ACT:
+        acc = _sep_y_from_act(mid_ptr, pw_ptr, n, oh, ow, p_mask, k, k_mask, C_DW, smn, smc, smh, smw, spk, spc,
+                              DOT_PREC, IDX64, BLOCK_P, BLOCK_C, BLOCK_K)
+    else:
+        acc = _sep_y_tile(x_ptr, dw_ptr, pw_ptr, in_scale_ptr, in_shift_ptr, n, oh, ow, p_mask, k, k_mask,
+                          C_DW, H, W, M, stride_h, stride_w, pad_t, pad_l, dil_h, dil_w,
+                          sxn, sxc, sxh, sxw, swo, swh, sww, spk, spc,
+                          KH, KW, UNROLL, HAS_SCALE, HAS_SHIFT, IN_RELU, MID, DOT_PREC, IDX64,
+                          BLOCK_P, BLOCK_C, BLOCK_K)
     mask = p_mask[:, None] & k_mask[None, :]
     y = tl.where(mask, _round(acc, x_ptr.dtype.element_ty), 0.0)
     if STATS:
@@ -566,9 +574,9 @@ def sep_bwd_act_kernel(x_ptr, dw_ptr, in_scale_ptr, in_shift_ptr, mid_ptr,
                        KH: tl.constexpr, KW: tl.constexpr, UNROLL: tl.constexpr,
                        HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, IN_RELU: tl.constexpr, MID: tl.constexpr,
                        IDX64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Separable backward, the depthwise stage's activated result act(dw(relu?(x * in_scale + in_shift))) for
-    y (the epilogue pass) and the pointwise weight gradient, computed once: one program per BLOCK_P pixels x
-    BLOCK_C depthwise channels.
+    """The depthwise stage's activated result act(dw(relu?(x * in_scale + in_shift))), computed once: for the
+    staged forward (sep_fwd_kernel with FROM_ACT) and, in the backward, for y (the epilogue pass) and the
+    pointwise weight gradient: one program per BLOCK_P pixels x BLOCK_C depthwise channels.
     The values stored (in x's dtype) are bit for bit the operand the fused forward gives tl.dot (_sep_y_tile):
     the depthwise sum rounded to x's dtype, the mid activation in float32, rounded again."""
     pid_p, oc, c_mask, num_p = _program_tile(C_DW, BLOCK_C)

@@ -7,9 +7,13 @@ What each op launches:
 * depthwise_conv2d: dw_fwd_kernel (tile of pixels x channels, taps unrolled up to 7x7).
 * depthwise_conv2d_backward_input: dw_dgrad_kernel (gather form; deterministic).
 * depthwise_conv2d_backward_weight: dw_wgrad_kernel (per-slice partials) + reduce_rows_kernel (fixed order).
-* separable_conv2d: sep_fwd_kernel, the fused dw -> pw GEMM (tl.dot on the depthwise tile held in registers),
-  with the prologue, mid activation, epilogue and per-tile statistics partials; reduce_rows_kernel for the
-  statistics.
+* separable_conv2d: sep_fwd_kernel, the dw -> pw GEMM (tl.dot), with the prologue, mid activation, epilogue and
+  per-tile statistics partials; reduce_rows_kernel for the statistics. In one of two forms, both timed by the
+  autotuner (the default without timing: staged where there are several output-channel tiles):
+  fused, the depthwise tile computed in registers by every output-channel tile (the intermediate never leaves
+  the chip, but at 728 output channels and BLOCK_K = 64 the depthwise work is done 12 times over); staged,
+  sep_bwd_act_kernel writes act(dw) once into a transient buffer and every output-channel tile reads its tiles
+  (_sep_y_from_act: the same tl.dot operand and accumulation, so the output is the fused form's bit for bit).
 * separable_conv2d_backward, in up to five passes (the forward saves only x; what the backward needs of the
   depthwise stage it recomputes from x):
   0. sep_bwd_act_kernel: act(dw(prologue(x))) once, rounded to x's dtype as the fused forward rounds its
@@ -46,6 +50,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 from collections.abc import Sequence
 
 import torch
@@ -307,6 +312,48 @@ def depthwise_conv2d_backward_weight(grad_out: torch.Tensor, x: torch.Tensor, we
 
 # ------------------------------------------------------------------------------------------------ separable
 
+FORWARD_ENV = "XCEPTION_OPS_TRITON_FORWARD"
+
+
+def _forward_forms(k_out: int, cfg: Config) -> list[Config]:
+    """The forms of the separable forward to try with launch configuration cfg, the default first: staged where
+    the fused form would compute the depthwise tile more than once (several output-channel tiles), fused
+    otherwise. XCEPTION_OPS_TRITON_FORWARD=fused or =staged allows only that one (read at each call)."""
+    forced = os.environ.get(FORWARD_ENV, "").strip().lower()
+    if forced in ("fused", "staged"):
+        return [cfg._replace(staged=forced == "staged")]
+    if forced:
+        raise ValueError(f"{FORWARD_ENV} must be 'fused' or 'staged', got {forced!r}")
+    staged_first = triton.cdiv(k_out, cfg.BLOCK_K) > 1
+    return [cfg._replace(staged=staged_first), cfg._replace(staged=not staged_first)]
+
+
+def _act_buffer(x: torch.Tensor, dw_weight: torch.Tensor, in_scale: torch.Tensor | None,
+                in_shift: torch.Tensor | None, in_relu: bool, mid: int, conv: tuple, kh: int, kw: int, oh: int,
+                ow: int, idx64: bool) -> torch.Tensor:
+    """act(dw(prologue(x))) in x's dtype and memory format (sep_bwd_act_kernel): the tl.dot operand of the fused
+    forward bit for bit, whatever the launch configuration (each element is its own taps' sum, in tap order)."""
+    K = _kernels()
+    n, c = int(x.shape[0]), int(x.shape[1])
+    cm = int(dw_weight.shape[0])
+    h, w = int(x.shape[2]), int(x.shape[3])
+    buf = torch.empty((n, cm, oh, ow), dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+    q = n * oh * ow
+    dummy = dw_weight
+
+    def run_act(cfg: Config) -> None:
+        grid = (triton.cdiv(q, cfg.BLOCK_P) * triton.cdiv(cm, cfg.BLOCK_C),)
+        K.sep_bwd_act_kernel[grid](
+            x, dw_weight, _or(in_scale, dummy), _or(in_shift, dummy), buf,
+            q, oh * ow, ow, h, w, cm, cm // c, *conv, *x.stride(), *_weight_strides(dw_weight), *buf.stride(),
+            KH=kh, KW=kw, UNROLL=_unroll(kh, kw), HAS_SCALE=in_scale is not None, HAS_SHIFT=in_shift is not None,
+            IN_RELU=bool(in_relu), MID=mid, IDX64=idx64, **cfg.meta(False))
+
+    key = _key(x, dw_weight, conv, in_scale is not None, in_shift is not None, in_relu, mid)
+    run_act(autotune.choose("sep_act", key, autotune.depthwise_configs(_channels_last(x)), run_act))
+    return buf
+
+
 @_on_device
 def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Tensor,
                      in_scale: torch.Tensor | None, in_shift: torch.Tensor | None, in_relu: bool,
@@ -330,7 +377,7 @@ def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.
             total_sq.zero_()
         return out, total, total_sq
     K = _kernels()
-    idx64 = _idx64(x, dw_weight, pw_weight, out, residual, extra=[2 * q * k_out])
+    idx64 = _idx64(x, dw_weight, pw_weight, out, residual, extra=[2 * q * k_out, q * cm])  # (q * cm: the act buffer)
     mid = _MID[mid_activation]
     dummy = dw_weight
     res_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
@@ -339,23 +386,30 @@ def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.
         tiles = triton.cdiv(q, cfg.BLOCK_P)
         grid = (tiles * triton.cdiv(k_out, cfg.BLOCK_K),)
         ws = torch.empty((2, tiles, k_out), dtype=torch.float32, device=x.device) if compute_stats else dummy
+        # Staged: the depthwise stage once, into a transient buffer freed when this returns.
+        act = _act_buffer(x, dw_weight, in_scale, in_shift, in_relu, mid, conv, kh, kw, oh, ow, idx64) if cfg.staged \
+            else None
         K.sep_fwd_kernel[grid](
             x, dw_weight, pw_weight, _or(in_scale, dummy), _or(in_shift, dummy), _or(out_scale, dummy),
-            _or(out_shift, dummy), _or(residual, dummy), out, ws,
+            _or(out_shift, dummy), _or(residual, dummy), out, ws, _or(act, dummy),
             q, oh * ow, ow, h, w, cm, k_out, cm // c, *conv,
             *x.stride(), *_weight_strides(dw_weight), pw_weight.stride(0), pw_weight.stride(1), *res_strides,
-            *out.stride(),
+            *out.stride(), *(act.stride() if act is not None else (0, 0, 0, 0)),
             KH=kh, KW=kw, UNROLL=_unroll(kh, kw), HAS_SCALE=in_scale is not None, HAS_SHIFT=in_shift is not None,
             IN_RELU=bool(in_relu), MID=mid, HAS_OSCALE=out_scale is not None, HAS_OSHIFT=out_shift is not None,
             HAS_RES=residual is not None, OUT_RELU=bool(out_relu), STATS=bool(compute_stats),
-            DOT_PREC=_dot_precision(x.dtype), IDX64=idx64, **cfg.meta(True))
+            FROM_ACT=cfg.staged, DOT_PREC=_dot_precision(x.dtype), IDX64=idx64, **cfg.meta(True))
         if compute_stats:
             _reduce_rows(ws[0], total)
             _reduce_rows(ws[1], total_sq)
 
     key = _key(x, dw_weight, pw_weight, residual, conv, in_scale is not None, in_shift is not None, in_relu, mid,
-               out_scale is not None, out_shift is not None, out_relu, compute_stats, _dot_precision(x.dtype))
-    run(autotune.choose("separable_conv2d", key, autotune.gemm_configs(x.dtype), run))
+               out_scale is not None, out_shift is not None, out_relu, compute_stats, _dot_precision(x.dtype),
+               os.environ.get(FORWARD_ENV, ""))
+    # Each launch configuration in both forms: the autotuner times them all, and without timing (interpreter,
+    # XCEPTION_OPS_TRITON_AUTOTUNE=0) the first configuration runs in its default form.
+    candidates = [form for cfg in autotune.gemm_configs(x.dtype) for form in _forward_forms(k_out, cfg)]
+    run(autotune.choose("separable_conv2d", key, candidates, run))
     return out, total, total_sq
 
 
@@ -414,19 +468,7 @@ def separable_conv2d_backward(grad_out: torch.Tensor, grad_sum: torch.Tensor | N
     # tl.dot operand of the fused forward, computed once into a transient buffer and read by pass 1 (to form y)
     # and pass 2 (grad_pw) instead of being recomputed in every output-channel tile of theirs.
     def act_buffer() -> torch.Tensor:
-        buf = torch.empty((n, cm, oh, ow), dtype=dtype, device=dev, memory_format=fmt)
-
-        def run_act(cfg: Config) -> None:
-            grid = (triton.cdiv(q, cfg.BLOCK_P) * triton.cdiv(cm, cfg.BLOCK_C),)
-            K.sep_bwd_act_kernel[grid](
-                x, dw_weight, _or(in_scale, dummy), _or(in_shift, dummy), buf,
-                q, oh * ow, ow, h, w, cm, cm // c, *conv, *x.stride(), *_weight_strides(dw_weight), *buf.stride(),
-                KH=kh, KW=kw, UNROLL=unroll, HAS_SCALE=in_scale is not None, HAS_SHIFT=in_shift is not None,
-                IN_RELU=bool(in_relu), MID=mid, IDX64=idx64, **cfg.meta(False))
-
-        act_key = _key(x, dw_weight, conv, in_scale is not None, in_shift is not None, in_relu, mid)
-        run_act(autotune.choose("sep_bwd_act", act_key, autotune.depthwise_configs(_channels_last(x)), run_act))
-        return buf
+        return _act_buffer(x, dw_weight, in_scale, in_shift, in_relu, mid, conv, kh, kw, oh, ow, idx64)
 
     # 1. Epilogue: gradients of out_scale / out_shift, and grad_y itself when it depends on y (grad_sumsq). y is
     # formed from the act buffer, so the buffer comes first: it and grad_y are then live together, as they are
