@@ -280,14 +280,18 @@ VARIANT_CASES = "(low_precision and 40x70) or xception_shapes or repeatable_bitw
 
 @pytest.mark.parametrize("env,cases", [
     (FUSED, FUSED_CASES),
+    ({"XCEPTION_OPS_SEPARABLE_STAGED_GEMM": "cublas"}, FUSED_CASES),
+    ({"XCEPTION_OPS_SEPARABLE_STAGED_GEMM": "fused"}, FUSED_CASES),
     ({**FUSED, "XCEPTION_OPS_SEPARABLE_GEMM": "wmma"}, VARIANT_CASES),
     ({**FUSED, "XCEPTION_OPS_SEPARABLE_TILES": "square"}, VARIANT_CASES),
     ({**FUSED, "XCEPTION_OPS_SEPARABLE_TILES": "runs"}, VARIANT_CASES),
-], ids=["fused", "fused-wmma-gemm", "fused-square-tiles", "fused-run-tiles"])
+], ids=["fused", "staged-cublas", "staged-fused-gemm", "fused-wmma-gemm", "fused-square-tiles",
+        "fused-run-tiles"])
 def test_implementations_kept_for_comparison(env, cases):
     """The forward's other implementations, selected by environment variables (read when the library loads, hence
-    a fresh process; the default is the staged forward): the fused kernel passes this file's forward checks, and its
-    variants a subset of them."""
+    a fresh process; the default is the staged form, its product on the fused kernel's GEMM up to 256 channels):
+    the fused kernel and the staged form with its product on cuBLAS everywhere, or on the fused kernel's GEMM
+    everywhere it applies, pass this file's forward checks; the fused kernel's variants a subset of them."""
     import os
     import subprocess
     import sys

@@ -12,8 +12,7 @@
 #   GPU_XDIST_WORKERS / XDIST_WORKERS   pytest-xdist processes for the CUDA tests (4) and the Triton tests (nproc)
 # Each step runs even if an earlier one failed; the exit status is non-zero if any failed. Everything printed goes
 # to OUT_DIR/gpu_check.log; results to parity.json, bench.{json,md} (layers), sweep-*.json (the depthwise kernels
-# alone), forward-{staged,fused,runs}/bench.{json,md} (the separable forward's implementations) and
-# models/bench.{json,md}.
+# alone), forward-*/bench.{json,md} (the separable forward's implementations) and models/bench.{json,md}.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-gpu-check}}"
@@ -73,13 +72,17 @@ step sweep "$PY" tools/depthwise_sweep.py --settings auto off --json "$out/sweep
 step sweep "$PY" tools/depthwise_sweep.py --settings auto off --layout NCHW --dtype float32 \
   --json "$out/sweep-nchw-fp32.json"
 # The separable forward's implementations, each in its own process (read when the library loads), on the cuda
-# backend's layers in bf16 channels-last: the staged form (the default), the fused kernel on flat tiles, and the
-# fused kernel on run tiles (XCEPTION_OPS_SEPARABLE_TILES=runs).
-for variant in staged:XCEPTION_OPS_SEPARABLE_FORWARD=staged fused:XCEPTION_OPS_SEPARABLE_FORWARD=fused \
-  runs:XCEPTION_OPS_SEPARABLE_FORWARD=fused,XCEPTION_OPS_SEPARABLE_TILES=runs; do
+# backend's layers in bf16 channels-last: the staged form (the default), its product on cuBLAS and an epilogue
+# pass everywhere, its product on the fused kernel's GEMM everywhere, the fused kernel on flat tiles and on run
+# tiles.
+fused=XCEPTION_OPS_SEPARABLE_FORWARD=fused
+gemm=XCEPTION_OPS_SEPARABLE_STAGED_GEMM
+for variant in staged:XCEPTION_OPS_SEPARABLE_FORWARD=staged staged-cublas:$gemm=cublas staged-fused:$gemm=fused \
+  fused:$fused runs:$fused,XCEPTION_OPS_SEPARABLE_TILES=runs; do
   # shellcheck disable=SC2046
-  step forward env $(echo "${variant#*:}" | tr , ' ') "$PY" -m xception_ops.cli bench --out "$out/forward-${variant%%:*}" \
-    --no-models --backends cuda --ops separable --dtypes bfloat16 --layouts NHWC --warmup 3 --reps 10
+  step forward env $(echo "${variant#*:}" | tr , ' ') "$PY" -m xception_ops.cli bench \
+    --out "$out/forward-${variant%%:*}" --no-models --backends cuda --ops separable --dtypes bfloat16 \
+    --layouts NHWC --warmup 3 --reps 10
 done
 step parity "$PY" -m xception_ops.cli parity --device cuda --json "$out/parity.json"
 # shellcheck disable=SC2086

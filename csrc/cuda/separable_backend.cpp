@@ -46,17 +46,85 @@ const bool kRunTiles = env_is("XCEPTION_OPS_SEPARABLE_TILES", "runs");
 // pass): its depthwise stage waits on memory with 8 warps per SM.
 const SeparableForward kForwardAlgorithm =
     env_is("XCEPTION_OPS_SEPARABLE_FORWARD", "fused") ? SeparableForward::Fused : SeparableForward::Staged;
+// The staged form's product: by default by separable_staged_fused_gemm (kernels/separable_params.h); with
+// XCEPTION_OPS_SEPARABLE_STAGED_GEMM=cublas on cuBLAS followed by the epilogue pass everywhere, with =fused on
+// the fused kernel's GEMM and epilogue reading the depthwise result wherever that applies.
+const bool kStagedCublas = env_is("XCEPTION_OPS_SEPARABLE_STAGED_GEMM", "cublas");
+const bool kStagedFused = env_is("XCEPTION_OPS_SEPARABLE_STAGED_GEMM", "fused");
 
-// The staged forward: y = pw(mid(dw(prologue(x)))) as the depthwise kernels and one cuBLAS product (float32
-// accumulation, rounded to the dtype once, as the fused kernel rounds y), then the epilogue and the statistics
-// in one pass over y, written over y itself. Checks done by the caller.
+// The fused kernel's launch into `out` (allocated in `fmt`), the statistics into sum / sumsq. With `a_source` (the
+// staged form's depthwise result, act(dw(prologue(x))), channels-last) the kernel reads its depthwise tiles from
+// there instead of computing them: the prologue and the mid activation are in it already. Returns false, having
+// launched nothing, where the plan does not fit this GPU's shared memory.
+bool fused_launch(const Tensor& x, const Tensor& dw_weight, const Tensor& pw_weight, const SeparableOptions& opt,
+                  const Conv2dGeometry& g, at::MemoryFormat fmt, DType dtype, PointwiseMath math,
+                  const DeviceCaps& caps, const Tensor& out, const Tensor* a_source, Tensor& sum, Tensor& sumsq) {
+  SeparableParams p;
+  p.g = g;
+  p.x = view_of(x);
+  p.out = view_of(out);
+  if (opt.residual.has_value()) p.residual = view_of(*opt.residual);
+  const Tensor dw = dw_weight.contiguous(), pw = pw_weight.contiguous();
+  p.dw_weight = dw.data_ptr();
+  p.pw_weight = pw.data_ptr();
+  Tensor keep[4];
+  if (a_source != nullptr) {
+    p.a_source = a_source->data_ptr();
+  } else {
+    p.in_scale = float_vector(opt.in_scale, keep[0]);
+    p.in_shift = float_vector(opt.in_shift, keep[1]);
+    p.in_relu = opt.in_relu;
+    p.mid = static_cast<int32_t>(opt.mid);
+  }
+  p.out_scale = float_vector(opt.out_scale, keep[2]);
+  p.out_shift = float_vector(opt.out_shift, keep[3]);
+  p.out_relu = opt.out_relu;
+  // A tensor whose channels are fastest in memory is read / written channel-fastest across threads.
+  p.x_channels_last = x.size(1) > 1 && x.stride(1) == 1;
+  p.out_channels_last = fmt == at::MemoryFormat::ChannelsLast;
+  p.square_tiles = a_source == nullptr && separable_spatial_tiles(g) && kSquareTiles;
+  if (!separable_plan(p, math, static_cast<int>(x.element_size()), caps.smem_optin)) return false;
+  p.run_tiles = a_source == nullptr && kRunTiles && separable_run_tiles_ok(p, math);
+
+  Tensor workspace;
+  if (opt.compute_stats) {
+    workspace = at::empty({static_cast<int64_t>(separable_stats_workspace_bytes(p) / sizeof(float))},
+                          x.options().dtype(at::kFloat));
+    p.stats_partial = workspace.data_ptr<float>();
+  }
+  const int groups = separable_channel_groups(p, caps.sms);
+  check_launch(kForward, launch_separable_forward(p, dtype, math, groups,
+                                                  opt.compute_stats ? sum.data_ptr<float>() : nullptr,
+                                                  opt.compute_stats ? sumsq.data_ptr<float>() : nullptr,
+                                                  c10::cuda::getCurrentCUDAStream()));
+  return true;
+}
+
+// The staged forward: the depthwise kernels write mid(dw(prologue(x))), then either
+//   - the fused kernel reads its depthwise tiles from there (a_source) and runs its GEMM (mma.sync) and epilogue,
+//     statistics included: fp16 / bf16 on sm_80+, channels-last, up to 256 depthwise channels
+//     (separable_staged_fused_gemm); or
+//   - one cuBLAS product (float32 accumulation, rounded to the dtype once, as the fused kernel rounds y), then the
+//     epilogue and the statistics in one pass over y, written over y itself.
+// Checks done by the caller.
 std::tuple<Tensor, Tensor, Tensor> staged_forward(const Tensor& x, const Tensor& dw_weight, const Tensor& pw_weight,
                                                   const SeparableOptions& opt, const Conv2dGeometry& g,
                                                   at::MemoryFormat fmt, DType dtype, Tensor sum, Tensor sumsq) {
   const int64_t pixels = g.batch * g.out_h * g.out_w, K = g.dw_channels(), C = g.out_channels;
+  DeviceCaps caps;
+  check_launch(kForward, current_device_caps(&caps));
+  const PointwiseMath math = separable_math(dtype, caps.major, at::globalContext().allowTF32CuDNN());
   Tensor y;
   {
     const DepthwiseStage stage = depthwise_stage(x, dw_weight, opt, g, fmt);
+    const bool fused_gemm = kStagedFused || (!kStagedCublas && separable_staged_fused_gemm(g));
+    if (fused_gemm && math == PointwiseMath::TensorCore && fmt == at::MemoryFormat::ChannelsLast &&
+        stage.mid.is_contiguous(at::MemoryFormat::ChannelsLast) && pixels > 0) {
+      Tensor out = at::empty({g.batch, C, g.out_h, g.out_w}, x.options().memory_format(fmt));
+      if (fused_launch(x, dw_weight, pw_weight, opt, g, fmt, dtype, math, caps, out, &stage.mid, sum, sumsq)) {
+        return {out, sum, sumsq};
+      }
+    }
     const Tensor pw2 = pw_weight.contiguous().view({C, K});
     if (fmt == at::MemoryFormat::ChannelsLast) {  // [pixels, K] x [K, C]: y comes out channels-last
       const Tensor mid2 = stage.mid.permute({0, 2, 3, 1}).reshape({pixels, K});  // a view
@@ -171,47 +239,13 @@ std::tuple<Tensor, Tensor, Tensor> separable_conv2d(const Tensor& x, const Tenso
     return staged_forward(x, dw_weight, pw_weight, opt, g, fmt, dtype, sum, sumsq);
   }
   Tensor out = at::empty(out_shape, x.options().memory_format(fmt));
-
   DeviceCaps caps;
   check_launch(kForward, current_device_caps(&caps));
   // PyTorch's own convolutions follow the cuDNN TF32 flag (torch.backends.cudnn.allow_tf32): so do we.
   const PointwiseMath math = separable_math(dtype, caps.major, at::globalContext().allowTF32CuDNN(), kWmma16);
-  const int dtype_bytes = static_cast<int>(x.element_size());
-
-  SeparableParams p;
-  p.g = g;
-  p.x = view_of(x);
-  p.out = view_of(out);
-  if (opt.residual.has_value()) p.residual = view_of(*opt.residual);
-  const Tensor dw = dw_weight.contiguous(), pw = pw_weight.contiguous();
-  p.dw_weight = dw.data_ptr();
-  p.pw_weight = pw.data_ptr();
-  Tensor keep[4];
-  p.in_scale = float_vector(opt.in_scale, keep[0]);
-  p.in_shift = float_vector(opt.in_shift, keep[1]);
-  p.out_scale = float_vector(opt.out_scale, keep[2]);
-  p.out_shift = float_vector(opt.out_shift, keep[3]);
-  p.in_relu = opt.in_relu;
-  p.mid = static_cast<int32_t>(opt.mid);
-  p.out_relu = opt.out_relu;
-  // A tensor whose channels are fastest in memory is read / written channel-fastest across threads.
-  p.x_channels_last = x.size(1) > 1 && x.stride(1) == 1;
-  p.out_channels_last = fmt == at::MemoryFormat::ChannelsLast;
-  p.square_tiles = separable_spatial_tiles(g) && kSquareTiles;
-  XO_CHECK(separable_plan(p, math, dtype_bytes, caps.smem_optin), kForward, ": this GPU's shared memory (",
-              caps.smem_optin, " bytes per block) is too small for the fused kernel");
-  p.run_tiles = kRunTiles && separable_run_tiles_ok(p, math);
-
-  Tensor workspace;
-  if (opt.compute_stats) {
-    workspace = at::empty({static_cast<int64_t>(separable_stats_workspace_bytes(p) / sizeof(float))}, stats_options);
-    p.stats_partial = workspace.data_ptr<float>();
-  }
-  const int groups = separable_channel_groups(p, caps.sms);
-  check_launch(kForward, launch_separable_forward(p, dtype, math, groups,
-                                                  opt.compute_stats ? sum.data_ptr<float>() : nullptr,
-                                                  opt.compute_stats ? sumsq.data_ptr<float>() : nullptr,
-                                                  c10::cuda::getCurrentCUDAStream()));
+  XO_CHECK(fused_launch(x, dw_weight, pw_weight, opt, g, fmt, dtype, math, caps, out, nullptr, sum, sumsq),
+           kForward, ": this GPU's shared memory (", caps.smem_optin, " bytes per block) is too small for the fused "
+           "kernel");
   return {out, sum, sumsq};
 }
 

@@ -1,5 +1,5 @@
-// Launchers of the element-wise passes (the separable backward's, the staged forward's epilogue) and of the fixed-order row reduction
-// (kernels/separable_backward.cuh, kernels/separable.cuh). No torch headers.
+// Launchers of the element-wise passes (the separable backward's, the staged forward's epilogue) and of the
+// fixed-order row reduction (kernels/separable_backward.cuh, kernels/separable.cuh). No torch headers.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>

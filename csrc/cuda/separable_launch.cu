@@ -20,19 +20,22 @@ template <typename T, PointwiseMath kMath, int KH, int KW>
 cudaError_t launch_forward_kernel(const SeparableParams& p, int groups, cudaStream_t stream) {
   const SeparableSmem smem = separable_smem(p, p.a_pitch, kMath, static_cast<int>(sizeof(T)));
   auto* kernel = &separable_forward_kernel<T, kMath, KH, KW>;
-  if constexpr (kMath == PointwiseMath::TensorCore && KH == 3 && KW == 3) {
+  if constexpr (kMath == PointwiseMath::TensorCore && KH == KW && (KH == 3 || KH == 1)) {
     // Shared memory for one block per SM only: the build without the 128-register cap (no spills), which is
     // also the one that takes a plan's shallower ring or unpadded accumulator tile. Run tiles: their builds.
     DeviceCaps caps;
     const cudaError_t err = current_device_caps(&caps);
     if (err != cudaSuccess) return err;
     const bool one_block = 2 * smem.total > caps.smem_per_sm || p.weight_stages != 0 || p.c_pitch != 0;
-    if (p.run_tiles) {
-      kernel = one_block ? &separable_forward_kernel<T, kMath, KH, KW, 1, true>
-                         : &separable_forward_kernel<T, kMath, KH, KW, 2, true>;
-    } else if (one_block) {
-      kernel = &separable_forward_kernel<T, kMath, KH, KW, 1>;
+    if constexpr (KH == 3) {
+      if (p.run_tiles) {
+        kernel = one_block ? &separable_forward_kernel<T, kMath, KH, KW, 1, true>
+                           : &separable_forward_kernel<T, kMath, KH, KW, 2, true>;
+      }
+    } else if (p.run_tiles) {
+      return cudaErrorInvalidValue;
     }
+    if (one_block && !p.run_tiles) kernel = &separable_forward_kernel<T, kMath, KH, KW, 1>;
   } else {
     if (p.run_tiles) return cudaErrorInvalidValue;  // only the mma.sync path is built for run tiles
   }
@@ -49,6 +52,12 @@ cudaError_t launch_forward_kernel(const SeparableParams& p, int groups, cudaStre
 
 template <typename T, PointwiseMath kMath>
 cudaError_t forward_for_math(const SeparableParams& p, int groups, cudaStream_t stream) {
+  if (p.a_source != nullptr) {
+    // The staged form (the depthwise tile read from memory; the mma.sync GEMM only): builds whose depthwise
+    // stage, never run here, is 1x1, so that it does not raise their registers.
+    if constexpr (kMath == PointwiseMath::TensorCore) return launch_forward_kernel<T, kMath, 1, 1>(p, groups, stream);
+    return cudaErrorInvalidValue;
+  }
   if (p.g.kernel_h == 3 && p.g.kernel_w == 3) return launch_forward_kernel<T, kMath, 3, 3>(p, groups, stream);
   return launch_forward_kernel<T, kMath, 0, 0>(p, groups, stream);
 }

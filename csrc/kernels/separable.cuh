@@ -4,6 +4,9 @@
 // Torch-free: takes a SeparableParams (kernels/separable_params.h); compiles with nvcc or clang for any GPU from
 // sm_37 on. Tensor-core code sits behind __CUDA_ARCH__ >= 800; below that every kernel takes its FFMA path.
 //
+// The staged form (cuda/separable_backend.cpp) runs this kernel with p.a_source set: step 1 then reads the
+// depthwise result its depthwise kernels wrote instead of computing it (load_a_tile); steps 2 and 3 are the same.
+//
 // One block owns kSepTileP output pixels (by default consecutive in the flattened (N, OH, OW), so odd image sizes
 // cost nothing; optionally 8 x 8 squares, or runs of 4 pixels down a column band: p.square_tiles, p.run_tiles)
 // and every output channel:
@@ -25,6 +28,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "depthwise.cuh"
 #include "separable_params.h"
@@ -940,6 +944,48 @@ __device__ __forceinline__ void depthwise_tile(const SeparableParams& p, const P
   }
 }
 
+// ---- stage 1 of the staged form: the depthwise tile read from memory ----
+// p.a_source holds act(dw(prologue(x))) already, written by the staged forward's depthwise kernels (rounded to the
+// dtype, as the depthwise stages round it), pixel-major [pixels][K]: a flat tile's 64 pixels are 64 consecutive
+// rows. Zeros past the last pixel and channel, as the depthwise stages write them. 16-byte vectors where the rows
+// allow them and the tile holds the dtype; each thread issues kBatch loads before it stores any, so that several
+// are in flight.
+template <typename T, typename S>
+__device__ __forceinline__ void load_a_tile(const SeparableParams& p, const PixelInfo& px, S* a, int lda, int32_t k0,
+                                            int cols) {
+  const int64_t K = p.g.dw_channels();
+  const T* src = static_cast<const T*>(p.a_source) + static_cast<int64_t>(blockIdx.x) * kSepTileP * K;
+  constexpr int V = 16 / sizeof(T);  // elements per 16-byte vector: cols (a multiple of 32) is whole vectors
+  constexpr int kBatch = 4;
+  const int row_vectors = cols / V, total = kSepTileP * row_vectors;
+  if constexpr (std::is_same<S, T>::value) {
+    if (K % V == 0 && reinterpret_cast<uintptr_t>(p.a_source) % 16 == 0 && lda % V == 0) {
+      for (int e0 = threadIdx.x; e0 < total; e0 += kBatch * kSepThreads) {
+        uint4 v[kBatch];
+#pragma unroll
+        for (int b = 0; b < kBatch; ++b) {
+          const int e = e0 + b * kSepThreads, r = e / row_vectors;
+          const int64_t k = k0 + static_cast<int64_t>(e % row_vectors) * V;
+          v[b] = make_uint4(0u, 0u, 0u, 0u);
+          if (e < total && px.out_base[r] >= 0 && k < K) v[b] = *reinterpret_cast<const uint4*>(src + r * K + k);
+        }
+#pragma unroll
+        for (int b = 0; b < kBatch; ++b) {
+          const int e = e0 + b * kSepThreads;
+          if (e < total) *reinterpret_cast<uint4*>(a + (e / row_vectors) * lda + (e % row_vectors) * V) = v[b];
+        }
+      }
+      return;
+    }
+  }
+  for (int e = threadIdx.x; e < kSepTileP * cols; e += kSepThreads) {  // one element at a time, a warp along a row
+    const int r = e / cols, kk = e % cols;
+    const int64_t k = k0 + kk;
+    const float v = px.out_base[r] >= 0 && k < K ? Elem<T>::load(src + r * K + k) : 0.f;
+    TileElem<S>::store(a + r * lda + kk, v);
+  }
+}
+
 // ---- stage 3: the epilogue of one output-channel tile, from the float32 accumulators in `c` ----
 template <typename T>
 __device__ __forceinline__ void epilogue_tile(const SeparableParams& p, const PixelInfo& px, float* c, int pitch,
@@ -1120,6 +1166,10 @@ __global__ void __launch_bounds__(kSepThreads, kMinBlocks) separable_forward_ker
   const T* w = static_cast<const T*>(p.pw_weight);
   const bool resident = p.k_chunk >= K;
   if (p.run_tiles != kRuns) __trap();  // the pixel mapping and the depthwise stage must agree (the launcher's pick)
+  // The staged form's builds: the mma.sync GEMM on flat tiles (the torch layer's only use); compiled out of the
+  // others, whose registers it would change (the one-block run-tile build spilled 36 bytes with it).
+  constexpr bool kFromMemory = kMath == PointwiseMath::TensorCore && !kRuns;
+  if (p.a_source != nullptr && (!kFromMemory || p.square_tiles)) __trap();
 
 #if defined(XO_SEPARABLE_WMMA)  // a device of sm_80+: 16-bit operands through mma.sync (or wmma), TF32 through wmma
   using TensorGemm = typename std::conditional<kMath == PointwiseMath::TensorCore, MmaGemm<T>, WmmaGemm<T>>::type;
@@ -1182,7 +1232,13 @@ __global__ void __launch_bounds__(kSepThreads, kMinBlocks) separable_forward_ker
         // raised the capped build's spills from 144 to 160 bytes.)
         if (weights_early) request_first_tiles(make_weight_stream<Gemm>(w, n0, k0, n_total, K));
       }
-      if (!resident || first) depthwise_tile<T, S, KH, KW, kMinBlocks == 1, kRuns>(p, px, a, lda, k0, cols, bc);
+      if (!resident || first) {
+        if (kFromMemory && p.a_source != nullptr) {  // the staged form: computed already
+          load_a_tile<T, S>(p, px, a, lda, k0, cols);
+        } else {
+          depthwise_tile<T, S, KH, KW, kMinBlocks == 1, kRuns>(p, px, a, lda, k0, cols, bc);
+        }
+      }
       if constexpr (kZeroLate) {
         if (k0 == 0) gemm.zero();
       }

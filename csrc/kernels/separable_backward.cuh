@@ -84,7 +84,9 @@ __global__ void __launch_bounds__(256) separable_channel_pass_kernel(const Chann
 #pragma unroll 4  // several pixels' loads in flight per thread
     for (int r = r_begin; r < r_end; ++r) {
       float g[V];  // the gradient read; the epilogue's result
-      if constexpr (kKind != ChannelPass::Epilogue) ChannelVec<T, V>::load(grad + offset[0][r] + c * q.grad.stride[1], g);
+      if constexpr (kKind != ChannelPass::Epilogue) {
+        ChannelVec<T, V>::load(grad + offset[0][r] + c * q.grad.stride[1], g);
+      }
       if constexpr (kPrologue) {  // a = shift here
         float xv[V];
         ChannelVec<T, V>::load(act + offset[1][r] + c * q.act.stride[1], xv);

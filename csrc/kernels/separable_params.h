@@ -68,6 +68,11 @@ struct SeparableParams {
   // one row, ordered (image, run of columns, row), so that a tile's runs are mostly one column band walked down,
   // and the depthwise stage slides a window of input rows down them (depthwise_tile_runs).
   bool run_tiles = false;
+  // The staged form: act(dw(prologue(x))) computed already, pixel-major [pixels][dw_channels] in the dtype
+  // (a channels-last (N, K, OH, OW) tensor). The kernel reads its tiles from here instead of computing them, and
+  // ignores x, the depthwise weight, the prologue and the mid activation (the caller leaves those unset). Flat
+  // tiles only.
+  const void* a_source = nullptr;
   // Vector paths (separable_plan sets them): the depthwise stage reads x kSepVec channels of a pixel at a time,
   // and the epilogue writes `out` (and reads the residual) likewise. Only where the tensors have channels
   // fastest, aligned rows and whole vectors of channels.
@@ -244,6 +249,17 @@ XO_HOST_DEVICE inline bool separable_run_tiles_ok(const SeparableParams& p, Poin
          g.stride_h == 1 &&
          g.stride_w == 1 && g.dilation_h == 1 && g.dilation_w == 1 && g.out_w > 0 &&
          round_up(g.out_w, kSepRun) * 10 <= g.out_w * 11;
+}
+
+// The staged forward's product (cuda/separable_backend.cpp): the fused kernel's GEMM and epilogue reading the
+// depthwise result (p.a_source) saves the epilogue pass over y that follows a cuBLAS product, but its mma.sync
+// GEMM ran at ~250 TFLOP/s on the H100 (session 4) where cuBLAS reaches ~450. A model of both (session 8, bf16,
+// batch 32) puts the break-even near 256 depthwise channels: below it the layer is memory-bound and the saved pass
+// wins (64 -> 128 @147^2: ~0.21 against ~0.41 ms), above it the GEMM's speed does (728 -> 728 @19^2: ~0.084
+// against ~0.076). Not yet measured: XCEPTION_OPS_SEPARABLE_STAGED_GEMM=fused / =cublas takes one everywhere.
+constexpr int64_t kSepStagedFusedMaxChannels = 256;
+XO_HOST_DEVICE inline bool separable_staged_fused_gemm(const Conv2dGeometry& g) {
+  return g.dw_channels() <= kSepStagedFusedMaxChannels;
 }
 
 // How many blocks share one pixel tile, each taking every n_groups-th output-channel tile: enough blocks for

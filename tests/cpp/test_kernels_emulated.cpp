@@ -118,8 +118,10 @@ SeparableParams last_plan;
 // wide: the kernel build without the 128-register cap (kMinBlocks = 1), which the launcher takes for layers
 // whose shared memory allows one block per SM; its vector depthwise path moves 4 channels, the capped one's 2.
 template <typename T, PointwiseMath kMath>
+// from_memory: the staged form's launch, the depthwise result (float64, rounded to T) given in p.a_source, pixel-major,
+// and the prologue and mid activation left unset, as cuda/separable_backend.cpp launches it.
 void check_case(const Case& k, bool x_cl, bool out_cl, size_t smem_limit, int sms, double tol, const char* what,
-                bool allow_square = true, bool wide = false, bool runs = false) {
+                bool allow_square = true, bool wide = false, bool runs = false, bool from_memory = false) {
   std::mt19937 rng(static_cast<unsigned>(k.c * 131 + k.cout * 7 + k.h));
   std::normal_distribution<float> normal(0.f, 1.f);
   std::uniform_real_distribution<float> uniform(0.5f, 1.5f);
@@ -170,20 +172,42 @@ void check_case(const Case& k, bool x_cl, bool out_cl, size_t smem_limit, int sm
   std::vector<float> sum(k.cout, std::nanf("")), sumsq(k.cout, std::nanf(""));
   if (k.stats) p.stats_partial = workspace.data();
 
+  auto xat = [&](int64_t n, int64_t c, int64_t h, int64_t w) {
+    return to_double(x[n * p.x.stride[0] + c * p.x.stride[1] + h * p.x.stride[2] + w * p.x.stride[3]]);
+  };
+  std::vector<T> a_rows;
+  if (from_memory) {
+    EXPECT(!p.square_tiles && !p.run_tiles);
+    a_rows.resize(k.n * OH * OW * K);
+    for (int64_t q = 0; q < k.n * OH * OW; ++q) {
+      for (int64_t kc = 0; kc < K; ++kc) {
+        const double v = reference_mid(k, xat, dw, in_scale, in_shift, q / OW / OH, q / OW % OH, q % OW, kc);
+        a_rows[q * K + kc] = from_float<T>(static_cast<float>(v));
+      }
+    }
+    p.a_source = a_rows.data();
+    p.in_scale = p.in_shift = nullptr;
+    p.in_relu = false;
+    p.mid = 0;
+  }
   const int groups = separable_channel_groups(p, sms);
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(groups));
   // The launcher's rule (cuda/separable_launch.cu): a plan with a shallower ring or an unpadded accumulator tile
   // runs in the one-block-per-SM build.
   const bool one_block = wide || p.weight_stages != 0 || p.c_pitch != 0;
-  if constexpr (kMath == PointwiseMath::TensorCore) {  // run tiles: their own builds
-    if (p.run_tiles && one_block) {
+  if constexpr (kMath == PointwiseMath::TensorCore) {  // run tiles and the staged form: their own builds
+    if (from_memory && one_block) {
+      emulate_launch(kernels::separable_forward_kernel<T, kMath, 1, 1, 1>, grid, dim3(kSepThreads), p);
+    } else if (from_memory) {
+      emulate_launch(kernels::separable_forward_kernel<T, kMath, 1, 1>, grid, dim3(kSepThreads), p);
+    } else if (p.run_tiles && one_block) {
       emulate_launch(kernels::separable_forward_kernel<T, kMath, 3, 3, 1, true>, grid, dim3(kSepThreads), p);
     } else if (p.run_tiles) {
       emulate_launch(kernels::separable_forward_kernel<T, kMath, 3, 3, 2, true>, grid, dim3(kSepThreads), p);
     }
   }
-  if (p.run_tiles) {
-    // launched above
+  if (p.run_tiles || from_memory) {
+    EXPECT(kMath == PointwiseMath::TensorCore);  // launched above
   } else if (g.kernel_h == 3 && g.kernel_w == 3 && one_block) {
     emulate_launch(kernels::separable_forward_kernel<T, kMath, 3, 3, 1>, grid, dim3(kSepThreads), p);
   } else if (g.kernel_h == 3 && g.kernel_w == 3) {
@@ -209,9 +233,6 @@ void check_case(const Case& k, bool x_cl, bool out_cl, size_t smem_limit, int sm
   }
 
   // float64 reference, same element order as the strides.
-  auto xat = [&](int64_t n, int64_t c, int64_t h, int64_t w) {
-    return to_double(x[n * p.x.stride[0] + c * p.x.stride[1] + h * p.x.stride[2] + w * p.x.stride[3]]);
-  };
   std::vector<double> want(out.size()), got(out.size()), want_sum(k.cout, 0), want_sq(k.cout, 0);
   std::vector<double> mid(K);
   for (int64_t n = 0; n < k.n; ++n) {
@@ -382,6 +403,32 @@ TEST_CASE(run_tiles_every_dtype_and_option) {
   check_case<__nv_bfloat16, PointwiseMath::TensorCore>(band, true, true, limit, 132, 3e-2, "bf16 runs chunked", false,
                                                        false, true);
   EXPECT(last_plan.run_tiles && last_plan.k_chunk == 32);
+}
+
+TEST_CASE(staged_form_reads_the_depthwise_tile_from_memory) {
+  // p.a_source set: the GEMM (mma.sync, the only one built for it) and epilogue of the fused kernel on a depthwise
+  // result given pixel-major, with every epilogue option and the statistics, both builds. 16-byte rows (24, 40, 96
+  // channels) and element by element (13 and 12 channels).
+  for (const Case* c : {&kPlain, &kTrain, &kInfer, &kOdd, &kWide, &kGeneric}) {
+    for (bool out_cl : {false, true}) {
+      check_case<__nv_bfloat16, PointwiseMath::TensorCore>(*c, true, out_cl, kBigSmem, 132, 3e-2,
+                                                           "bf16 from memory", false, false, false, true);
+      check_case<__half, PointwiseMath::TensorCore>(*c, true, out_cl, kBigSmem, 132, 5e-3, "fp16 from memory",
+                                                    false, true, false, true);
+    }
+  }
+  //                       n   c   h   w  m cout kh kw sh sw pt pb pl pr dh dw  in_aff relu mid out_aff relu res  stats
+  const Case vectors{2, 24, 9, 11, 1, 44, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, true, true, 1, true, true, true, true};
+  check_case<__nv_bfloat16, PointwiseMath::TensorCore>(vectors, true, true, kBigSmem, 132, 3e-2,
+                                                       "bf16 from memory, 24 channels", false, false, false, true);
+  // Channels beyond shared memory: the tile read per chunk of 32 channels, again for each output-channel tile.
+  SeparableParams plan;
+  plan.g = geometry(kWide);
+  plan.weight_stages = 3, plan.c_pitch = kSepTileN;
+  const size_t limit = separable_smem(plan, 32 + 8, PointwiseMath::TensorCore, 2).total;
+  check_case<__nv_bfloat16, PointwiseMath::TensorCore>(kWide, true, true, limit, 132, 3e-2,
+                                                       "bf16 from memory, chunked", false, false, false, true);
+  EXPECT(last_plan.k_chunk == 32);
 }
 
 TEST_CASE(resident_tiles_take_a_shallower_ring_or_an_unpadded_accumulator_tile_for_room) {
