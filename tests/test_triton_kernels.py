@@ -106,10 +106,11 @@ def test_kernels_imported_before_the_variable_is_set_still_run_interpreted():
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-# Records every launch the launchers make (default configuration, bf16, channels_last, all options on), then
-# compiles each kernel for sm_90 with the ptxas that ships in the triton wheel: no GPU needed.
-_COMPILE_ALL = r'''
-import os, torch, triton
+# Records the launches the launchers make, with the GPU compile path standing in for launching: compile(name,
+# args, kw) builds a recorded launch for sm_90 with the ptxas that ships in the triton wheel, specialized as a
+# launch on a GPU would be (ints equal to 1 constant, pointers and ints divisible by 16 marked so). No GPU needed.
+_RECORDED_LAUNCHES = r'''
+import collections, os, re, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from xception_ops.triton import autotune, kernels, launch
@@ -124,6 +125,30 @@ launch._kernels = lambda: Kernels()
 launch._check_device = lambda x: None
 autotune.interpreting = lambda: False
 
+types = {torch.float32: "*fp32", torch.bfloat16: "*bf16"}
+def compile(name, args, kw):
+    fn = getattr(kernels, name)
+    values = dict(zip(fn.arg_names, args), **{k: v for k, v in kw.items() if k in fn.arg_names})
+    signature, constexprs, attrs = {}, {}, {}
+    for i, p in enumerate(fn.params):
+        v = values[p.name]
+        if p.is_constexpr or (isinstance(v, int) and not isinstance(v, bool) and v == 1):
+            signature[p.name], constexprs[p.name] = "constexpr", v
+        elif isinstance(v, torch.Tensor):
+            signature[p.name] = types[v.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[p.name] = "i32"
+            if v % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    options = dict(num_warps=kw["num_warps"], num_stages=kw.get("num_stages", 2))
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    key = (name, tuple(signature.items()), tuple(map(str, constexprs.items())))
+    return key, triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+'''
+
+# Every kernel variant the launchers use (default configuration, bf16, channels_last, all options on).
+_COMPILE_ALL = _RECORDED_LAUNCHES + r'''
 bf = dict(dtype=torch.bfloat16)
 x = torch.randn(2, 6, 9, 8, **bf).contiguous(memory_format=torch.channels_last)
 dw, pw = torch.randn(12, 1, 3, 3, **bf), torch.randn(10, 12, 1, 1, **bf)
@@ -142,29 +167,44 @@ del os.environ["XCEPTION_OPS_TRITON_FORWARD"]
 launch.separable_conv2d_backward(res, vec[3], vec[3], res, x, dw, pw, *opts)
 launch.separable_conv2d_backward(res, vec[3], None, res, x, dw, pw, *opts)
 
-types = {torch.float32: "*fp32", torch.bfloat16: "*bf16"}
 done = set()
 for name, args, kw in calls:
-    fn = getattr(kernels, name)
-    values = dict(zip(fn.arg_names, args), **{k: v for k, v in kw.items() if k in fn.arg_names})
-    signature, constexprs = {}, {}
-    for p in fn.params:
-        v = values[p.name]
-        if p.is_constexpr or (isinstance(v, int) and v == 1):  # ints equal to 1 are specialized, as at launch
-            signature[p.name], constexprs[p.name] = "constexpr", v
-        elif isinstance(v, torch.Tensor):
-            signature[p.name] = types[v.dtype]
-        else:
-            signature[p.name] = "i32"
-    key = (name, tuple(signature.items()), tuple(map(str, constexprs.items())))
-    if key in done:
-        continue
+    key, _ = compile(name, args, kw)
     done.add(key)
-    options = dict(num_warps=kw["num_warps"], num_stages=kw.get("num_stages", 2))
-    triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
-                   options=options)
 assert len(done) >= 9, len(done)
 print(len(done), "kernels compiled")
+'''
+
+# Xception's 728-channel layers (bf16, channels_last), whose strides Triton does not specialize: the kernels'
+# hints (kernels._rows, kernels._channel_mask) must still give 16-byte accesses along channels, forward and
+# backward. Before them, every access of x, y, the gradients and the buffers was 2 bytes wide in the PTX. (The
+# 2-byte loads left are the depthwise weights', 9 apart per channel.)
+_VECTOR_ACCESSES = _RECORDED_LAUNCHES + r'''
+bf = dict(dtype=torch.bfloat16)
+cl = torch.channels_last
+x = torch.randn(2, 728, 19, 19, **bf).contiguous(memory_format=cl)
+g = torch.randn(2, 728, 19, 19, **bf).contiguous(memory_format=cl)
+dw, pw = torch.randn(728, 1, 3, 3, **bf), torch.randn(728, 728, 1, 1, **bf)
+geo = ([1, 1], [1, 1, 1, 1], [1, 1])
+vec = [torch.rand(728), torch.randn(728)]
+launch.depthwise_conv2d(x, dw, None, *geo)
+os.environ["XCEPTION_OPS_TRITON_FORWARD"] = "staged"
+launch.separable_conv2d(x, dw, pw, *vec, True, *geo, "none", None, None, False, None, True)
+launch.separable_conv2d_backward(g, vec[1], vec[1], g, x, dw, pw, *vec, True, *geo, "none", *vec, True)
+accesses = {}
+for name, args, kw in calls:
+    if name != "reduce_rows_kernel":
+        ptx = compile(name, args, kw)[1].asm["ptx"]
+        found = collections.Counter(re.findall(r"(?:ld\.global|st\.global|cp\.async\.cg)[.a-z0-9]*", ptx))
+        accesses[name] = accesses.get(name, collections.Counter()) + found
+print(accesses)
+assert len(accesses) == 8, sorted(accesses)
+for name, found in accesses.items():
+    assert found["st.global.b16"] == 0, name  # every 16-bit store in vectors
+    assert found["ld.global.v4.b32"] + found["cp.async.cg.shared.global"] >= 2, name
+    if name not in ("dw_fwd_kernel", "sep_bwd_act_kernel", "dw_dgrad_kernel"):  # no depthwise weights read
+        assert found["ld.global.b16"] == 0, name
+print("vectorized")
 '''
 
 
@@ -181,6 +221,22 @@ def test_every_kernel_compiles_for_sm90_without_a_gpu():
                           timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     assert "kernels compiled" in done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(DEVICE != "cpu", reason="compiles for sm_90 where no GPU is visible")
+def test_wide_layers_compile_to_16_byte_accesses():
+    """At 728 channels (bf16, channels_last) every kernel of the depthwise forward, the staged separable forward and
+    the separable backward accesses its activations, gradients and buffers 16 bytes at a time in the sm_90 PTX,
+    not 2."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["XCEPTION_OPS_TRITON_AUTOTUNE"] = "0"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
+    done = subprocess.run([sys.executable, "-c", _VECTOR_ACCESSES], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "vectorized" in done.stdout
 
 
 def test_implemented_names_every_op():
@@ -504,6 +560,21 @@ def test_staged_forward_is_the_fused_forward_bit_for_bit(monkeypatch, shape, opt
     for fused, staged in zip(results["fused"], results["staged"]):
         assert torch.equal(fused, staged)
     assert results["staged"][0].is_contiguous(memory_format=expected_format(layout))
+
+
+def test_row_vector_divides_every_pixel_stride_and_channel_count():
+    """The VEC the kernels' hints promise: the pixels' offsets and the channel counts are its multiples."""
+    cl = torch.channels_last
+    bf = torch.empty(2, 728, 5, 5, dtype=torch.bfloat16).contiguous(memory_format=cl)
+    assert launch._row_vector([bf], [728]) == 8  # 16 bytes
+    assert launch._row_vector([bf.float()], [728]) == 4
+    assert launch._row_vector([bf], [728, 18]) == 2  # 18 output channels
+    assert launch._row_vector([bf, torch.empty(2, 728, 5, 5, dtype=torch.bfloat16)], [728]) == 1  # NCHW: stride 1
+    assert launch._row_vector([bf, None], [728]) == 8
+    odd = torch.empty(2, 1460, 5, 5, dtype=torch.bfloat16).contiguous(memory_format=cl)[:, ::2]  # stride 2, 730
+    assert launch._row_vector([odd], [730]) == 2
+    one_pixel = torch.empty(1, 24, 1, 1, dtype=torch.bfloat16)  # no pixel strides that matter
+    assert launch._row_vector([one_pixel], [24]) == 8
 
 
 def test_forward_form_default_and_override(monkeypatch):

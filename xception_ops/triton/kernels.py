@@ -61,14 +61,37 @@ def _pixels(pid_p, total, HW, W, IDX64: tl.constexpr, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
-def _program_tile(C, BLOCK: tl.constexpr):
+def _channel_mask(c, C, VEC: tl.constexpr):
+    """c < C, written so that the compiler sees it constant over groups of VEC channels (the launcher's VEC divides
+    C): a masked load or store along channels is then vectorized (`c < C` alone is not, unless C is a multiple of
+    16 that Triton specialized)."""
+    if VEC > 1:
+        return (c // VEC) < (C // VEC)
+    else:
+        return c < C
+
+
+@triton.jit
+def _rows(base, h, w, sh, sw, VEC: tl.constexpr):
+    """Pixels' offsets base + h * sh + w * sw in a tensor, which the launcher found to be multiples of VEC elements
+    (_row_vector), told to the compiler: Triton specializes strides divisible by 16 only, and 728 channels are not,
+    so it could not vectorize along channels otherwise. (The sum is formed here, not passed in: a hint on a
+    function's argument is lost.)"""
+    v = base + h * sh + w * sw
+    if VEC > 1:
+        v = tl.multiple_of(v, VEC)
+    return v
+
+
+@triton.jit
+def _program_tile(C, BLOCK: tl.constexpr, VEC: tl.constexpr):
     """The 1-D grid's program as (pixel tile, BLOCK of the C channels), channels fastest in the program id:
     (pixel-tile index, channel indices, channel mask, number of pixel tiles)."""
     pid = tl.program_id(0)
     num_c = _cdiv(C, BLOCK)
     pid_p = pid // num_c
     c = (pid - pid_p * num_c) * BLOCK + tl.arange(0, BLOCK)
-    return pid_p, c, c < C, tl.num_programs(0) // num_c
+    return pid_p, c, _channel_mask(c, C, VEC), tl.num_programs(0) // num_c
 
 
 @triton.jit
@@ -122,12 +145,12 @@ def _load_input(x_ptr, offs, mask, scale, shift, HAS_SCALE: tl.constexpr, HAS_SH
 @triton.jit
 def _dw_tap(acc, x_ptr, dw_ptr, x_row, x_col, w_col, ih0, iw0, p_mask, c_mask, scale, shift, kh, kw,
             H, W, sxh, sxw, swh, sww, dil_h, dil_w,
-            HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, IN_RELU: tl.constexpr):
+            HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, IN_RELU: tl.constexpr, VEC: tl.constexpr):
     ih = ih0 + kh * dil_h
     iw = iw0 + kw * dil_w
     ok = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
     mask = ok[:, None] & c_mask[None, :]
-    offs = (x_row + ih * sxh + iw * sxw)[:, None] + x_col[None, :]
+    offs = _rows(x_row, ih, iw, sxh, sxw, VEC)[:, None] + x_col[None, :]
     v = _load_input(x_ptr, offs, mask, scale, shift, HAS_SCALE, HAS_SHIFT, IN_RELU)
     wv = tl.load(dw_ptr + w_col + kh * swh + kw * sww, mask=c_mask, other=0.0).to(tl.float32)
     return acc + v * wv[None, :]
@@ -139,7 +162,7 @@ def _dw_tile(x_ptr, dw_ptr, in_scale_ptr, in_shift_ptr, n, oh, ow, p_mask, oc, c
              sxn, sxc, sxh, sxw, swo, swh, sww,
              KH: tl.constexpr, KW: tl.constexpr, UNROLL: tl.constexpr,
              HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, IN_RELU: tl.constexpr, IDX64: tl.constexpr,
-             BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+             BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr):
     """The depthwise result for BLOCK_P output pixels x BLOCK_C depthwise channels, float32, in registers."""
     ic = oc // M
     scale, shift = _prologue_params(in_scale_ptr, in_shift_ptr, ic, c_mask, HAS_SCALE, HAS_SHIFT, BLOCK_C)
@@ -153,12 +176,12 @@ def _dw_tile(x_ptr, dw_ptr, in_scale_ptr, in_shift_ptr, n, oh, ow, p_mask, oc, c
         for kh in tl.static_range(KH):
             for kw in tl.static_range(KW):
                 acc = _dw_tap(acc, x_ptr, dw_ptr, x_row, x_col, w_col, ih0, iw0, p_mask, c_mask, scale, shift,
-                              kh, kw, H, W, sxh, sxw, swh, sww, dil_h, dil_w, HAS_SCALE, HAS_SHIFT, IN_RELU)
+                              kh, kw, H, W, sxh, sxw, swh, sww, dil_h, dil_w, HAS_SCALE, HAS_SHIFT, IN_RELU, VEC)
     else:
         for kh in range(KH):
             for kw in range(KW):
                 acc = _dw_tap(acc, x_ptr, dw_ptr, x_row, x_col, w_col, ih0, iw0, p_mask, c_mask, scale, shift,
-                              kh, kw, H, W, sxh, sxw, swh, sww, dil_h, dil_w, HAS_SCALE, HAS_SHIFT, IN_RELU)
+                              kh, kw, H, W, sxh, sxw, swh, sww, dil_h, dil_w, HAS_SCALE, HAS_SHIFT, IN_RELU, VEC)
     return acc
 
 
@@ -192,18 +215,20 @@ def _sep_y_tile(x_ptr, dw_ptr, pw_ptr, in_scale_ptr, in_shift_ptr, n, oh, ow, p_
                 KH: tl.constexpr, KW: tl.constexpr, UNROLL: tl.constexpr,
                 HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, IN_RELU: tl.constexpr, MID: tl.constexpr,
                 DOT_PREC: tl.constexpr, IDX64: tl.constexpr,
-                BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+                BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr):
     """The pointwise result y for BLOCK_P pixels x BLOCK_K output channels: for each chunk of BLOCK_C depthwise
     channels, the depthwise tile is computed in registers and multiplied into the accumulator with tl.dot.
     The depthwise intermediate never leaves the chip."""
     acc = tl.full([BLOCK_P, BLOCK_K], 0.0, tl.float32)
     pw_row = _index(k, IDX64) * spk
+    if VEC > 1:  # the weight's rows are whole vectors too (the launcher's VEC divides spk)
+        pw_row = tl.multiple_of(pw_row, VEC)
     for c0 in range(0, C_DW, BLOCK_C):
         oc = c0 + tl.arange(0, BLOCK_C)
-        c_mask = oc < C_DW
+        c_mask = _channel_mask(oc, C_DW, VEC)
         d = _dw_tile(x_ptr, dw_ptr, in_scale_ptr, in_shift_ptr, n, oh, ow, p_mask, oc, c_mask,
                      H, W, M, stride_h, stride_w, pad_t, pad_l, dil_h, dil_w, sxn, sxc, sxh, sxw, swo, swh, sww,
-                     KH, KW, UNROLL, HAS_SCALE, HAS_SHIFT, IN_RELU, IDX64, BLOCK_P, BLOCK_C)
+                     KH, KW, UNROLL, HAS_SCALE, HAS_SHIFT, IN_RELU, IDX64, BLOCK_P, BLOCK_C, VEC)
         mid = _mid_act(_round(d, x_ptr.dtype.element_ty), MID)
         acc = _pw_chunk(acc, mid.to(x_ptr.dtype.element_ty), pw_ptr, oc, c_mask, pw_row, k_mask, spc, DOT_PREC,
                         IDX64)
@@ -213,17 +238,19 @@ def _sep_y_tile(x_ptr, dw_ptr, pw_ptr, in_scale_ptr, in_shift_ptr, n, oh, ow, p_
 @triton.jit
 def _sep_y_from_act(mid_ptr, pw_ptr, n, oh, ow, p_mask, k, k_mask, C_DW, smn, smc, smh, smw, spk, spc,
                     DOT_PREC: tl.constexpr, IDX64: tl.constexpr,
-                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr):
     """_sep_y_tile with the act(dw) tiles read from the buffer sep_bwd_act_kernel wrote instead of computed:
     the same operand bit for bit (zero outside the tile, as the computed one is), the same chunks of BLOCK_C
     depthwise channels in the same order into the same float32 accumulator, so with the forward's launch
     configuration y is the forward's y bit for bit."""
     acc = tl.full([BLOCK_P, BLOCK_K], 0.0, tl.float32)
     pw_row = _index(k, IDX64) * spk
-    m_row = n * smn + oh * smh + ow * smw
+    if VEC > 1:  # the weight's rows are whole vectors too (the launcher's VEC divides spk)
+        pw_row = tl.multiple_of(pw_row, VEC)
+    m_row = _rows(n * smn, oh, ow, smh, smw, VEC)
     for c0 in range(0, C_DW, BLOCK_C):
         oc = c0 + tl.arange(0, BLOCK_C)
-        c_mask = oc < C_DW
+        c_mask = _channel_mask(oc, C_DW, VEC)
         mid = tl.load(mid_ptr + m_row[:, None] + (_index(oc, IDX64) * smc)[None, :],
                       mask=p_mask[:, None] & c_mask[None, :], other=0.0)
         acc = _pw_chunk(acc, mid, pw_ptr, oc, c_mask, pw_row, k_mask, spc, DOT_PREC, IDX64)
@@ -233,16 +260,17 @@ def _sep_y_from_act(mid_ptr, pw_ptr, n, oh, ow, p_mask, k, k_mask, C_DW, smn, sm
 @triton.jit
 def _grad_y_tile(go_ptr, out_ptr, out_scale_ptr, gsum_ptr, n, oh, ow, p_mask, k, k_mask,
                  sgn, sgk, sgh, sgw, son, sok, soh, sow,
-                 OUT_RELU: tl.constexpr, HAS_OSCALE: tl.constexpr, HAS_GSUM: tl.constexpr, IDX64: tl.constexpr):
+                 OUT_RELU: tl.constexpr, HAS_OSCALE: tl.constexpr, HAS_GSUM: tl.constexpr, IDX64: tl.constexpr,
+                 VEC: tl.constexpr):
     """The gradient of the pointwise result y, float32, zero outside the tile: the epilogue's backward folded
     into the load of grad_out (relu mask from the saved output, out_scale, the gradient of the sum statistic).
     With every flag off it is a plain load (of grad_out, or of a materialized grad_y)."""
     mask = p_mask[:, None] & k_mask[None, :]
     kk = _index(k, IDX64)
-    g = tl.load(go_ptr + (n * sgn + oh * sgh + ow * sgw)[:, None] + (kk * sgk)[None, :], mask=mask,
+    g = tl.load(go_ptr + _rows(n * sgn, oh, ow, sgh, sgw, VEC)[:, None] + (kk * sgk)[None, :], mask=mask,
                 other=0.0).to(tl.float32)
     if OUT_RELU:
-        o = tl.load(out_ptr + (n * son + oh * soh + ow * sow)[:, None] + (kk * sok)[None, :], mask=mask,
+        o = tl.load(out_ptr + _rows(n * son, oh, ow, soh, sow, VEC)[:, None] + (kk * sok)[None, :], mask=mask,
                     other=0.0)
         g = tl.where(o > 0, g, 0.0)
     if HAS_OSCALE:
@@ -280,16 +308,17 @@ def dw_fwd_kernel(x_ptr, dw_ptr, bias_ptr, y_ptr,
                   Q, OHW, OW, H, W, C_DW, M, stride_h, stride_w, pad_t, pad_l, dil_h, dil_w,
                   sxn, sxc, sxh, sxw, swo, swh, sww, syn, syc, syh, syw,
                   KH: tl.constexpr, KW: tl.constexpr, UNROLL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  IDX64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Depthwise forward: one program per BLOCK_P output pixels x BLOCK_C output channels."""
-    pid_p, oc, c_mask, num_p = _program_tile(C_DW, BLOCK_C)
+                  IDX64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr):
+    """Depthwise forward: one program per BLOCK_P output pixels x BLOCK_C output channels. VEC (the launcher's
+    _row_vector of x and y, and of the channels): the pixels' offsets and the channel count are its multiples."""
+    pid_p, oc, c_mask, num_p = _program_tile(C_DW, BLOCK_C, VEC)
     n, oh, ow, p_mask = _pixels(pid_p, Q, OHW, OW, IDX64, BLOCK_P)
     acc = _dw_tile(x_ptr, dw_ptr, x_ptr, x_ptr, n, oh, ow, p_mask, oc, c_mask,
                    H, W, M, stride_h, stride_w, pad_t, pad_l, dil_h, dil_w, sxn, sxc, sxh, sxw, swo, swh, sww,
-                   KH, KW, UNROLL, False, False, False, IDX64, BLOCK_P, BLOCK_C)
+                   KH, KW, UNROLL, False, False, False, IDX64, BLOCK_P, BLOCK_C, VEC)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + oc, mask=c_mask, other=0.0).to(tl.float32)[None, :]
-    offs = (n * syn + oh * syh + ow * syw)[:, None] + (_index(oc, IDX64) * syc)[None, :]
+    offs = _rows(n * syn, oh, ow, syh, syw, VEC)[:, None] + (_index(oc, IDX64) * syc)[None, :]
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=p_mask[:, None] & c_mask[None, :])
 
 
@@ -299,15 +328,15 @@ def dw_dgrad_kernel(g_ptr, dw_ptr, gx_ptr, x_ptr, in_scale_ptr, in_shift_ptr, ws
                     sgn, sgc, sgh, sgw, swo, swh, sww, sxn, sxc, sxh, sxw, son, soc, soh, sow,
                     KH: tl.constexpr, KW: tl.constexpr, UNROLL: tl.constexpr,
                     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, IN_RELU: tl.constexpr, IDX64: tl.constexpr,
-                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr):
     """Depthwise input gradient, gather form: one program per BLOCK_P input pixels x BLOCK_C input channels,
     summing over m < M and the taps that reach each pixel (deterministic, no atomics).
 
     With the separable prologue (x * in_scale + in_shift, relu) its backward is fused into the epilogue: the
     relu mask is recomputed from x, the per-channel partial sums of grad * x (for in_scale) and grad (for
     in_shift) go to rows pid_p of the workspace planes 0 and 1 ([2, num_pixel_tiles, C]), and grad_x = grad *
-    in_scale is stored."""
-    pid_p, c, c_mask, num_p = _program_tile(C, BLOCK_C)
+    in_scale is stored. VEC: as in dw_fwd_kernel, over the gradients, x and the channels."""
+    pid_p, c, c_mask, num_p = _program_tile(C, BLOCK_C, VEC)
     n, ih, iw, p_mask = _pixels(pid_p, Q_IN, HW, W, IDX64, BLOCK_P)
     g_row = n * sgn
     th0 = ih + pad_t
@@ -321,16 +350,16 @@ def dw_dgrad_kernel(g_ptr, dw_ptr, gx_ptr, x_ptr, in_scale_ptr, in_shift_ptr, ws
             for kh in tl.static_range(KH):
                 for kw in tl.static_range(KW):
                     acc = _dgrad_tap(acc, g_ptr, dw_ptr, g_row, g_col, w_col, th0, tw0, p_mask, c_mask, kh, kw,
-                                     OH, OW, stride_h, stride_w, dil_h, dil_w, sgh, sgw, swh, sww)
+                                     OH, OW, stride_h, stride_w, dil_h, dil_w, sgh, sgw, swh, sww, VEC)
         else:
             for kh in range(KH):
                 for kw in range(KW):
                     acc = _dgrad_tap(acc, g_ptr, dw_ptr, g_row, g_col, w_col, th0, tw0, p_mask, c_mask, kh, kw,
-                                     OH, OW, stride_h, stride_w, dil_h, dil_w, sgh, sgw, swh, sww)
+                                     OH, OW, stride_h, stride_w, dil_h, dil_w, sgh, sgw, swh, sww, VEC)
     mask = p_mask[:, None] & c_mask[None, :]
     cc = _index(c, IDX64)
     if HAS_SCALE or HAS_SHIFT or IN_RELU:
-        xv = tl.load(x_ptr + (n * sxn + ih * sxh + iw * sxw)[:, None] + (cc * sxc)[None, :], mask=mask,
+        xv = tl.load(x_ptr + _rows(n * sxn, ih, iw, sxh, sxw, VEC)[:, None] + (cc * sxc)[None, :], mask=mask,
                      other=0.0).to(tl.float32)
         scale, shift = _prologue_params(in_scale_ptr, in_shift_ptr, c, c_mask, HAS_SCALE, HAS_SHIFT, BLOCK_C)
         if IN_RELU:
@@ -347,13 +376,13 @@ def dw_dgrad_kernel(g_ptr, dw_ptr, gx_ptr, x_ptr, in_scale_ptr, in_shift_ptr, ws
             acc = acc * scale[None, :]
         elif HAS_SHIFT:
             tl.store(ws_ptr + plane + row + c, _sum(tl.where(mask, acc, 0.0), axis=0), mask=c_mask)
-    offs = (n * son + ih * soh + iw * sow)[:, None] + (cc * soc)[None, :]
+    offs = _rows(n * son, ih, iw, soh, sow, VEC)[:, None] + (cc * soc)[None, :]
     tl.store(gx_ptr + offs, acc.to(gx_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _dgrad_tap(acc, g_ptr, dw_ptr, g_row, g_col, w_col, th0, tw0, p_mask, c_mask, kh, kw,
-               OH, OW, stride_h, stride_w, dil_h, dil_w, sgh, sgw, swh, sww):
+               OH, OW, stride_h, stride_w, dil_h, dil_w, sgh, sgw, swh, sww, VEC: tl.constexpr):
     # Tap (kh, kw) reaches input pixel (ih, iw) from output pixel (oh, ow) when ih + pad_t - kh * dil_h
     # = oh * stride_h, likewise for w.
     th = th0 - kh * dil_h
@@ -361,7 +390,7 @@ def _dgrad_tap(acc, g_ptr, dw_ptr, g_row, g_col, w_col, th0, tw0, p_mask, c_mask
     oh = tl.maximum(th, 0) // stride_h
     ow = tl.maximum(tw, 0) // stride_w
     ok = p_mask & (th >= 0) & (tw >= 0) & (oh * stride_h == th) & (ow * stride_w == tw) & (oh < OH) & (ow < OW)
-    gv = tl.load(g_ptr + (g_row + oh * sgh + ow * sgw)[:, None] + g_col[None, :],
+    gv = tl.load(g_ptr + _rows(g_row, oh, ow, sgh, sgw, VEC)[:, None] + g_col[None, :],
                  mask=ok[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
     wv = tl.load(dw_ptr + w_col + kh * swh + kw * sww, mask=c_mask, other=0.0).to(tl.float32)
     return acc + gv * wv[None, :]
@@ -374,14 +403,15 @@ def dw_wgrad_kernel(g_ptr, x_ptr, in_scale_ptr, in_shift_ptr, ws_ptr,
                     sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw,
                     KW: tl.constexpr, TAPS: tl.constexpr, BLOCK_T: tl.constexpr,
                     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, IN_RELU: tl.constexpr, IDX64: tl.constexpr,
-                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr):
     """Depthwise weight gradient, partial sums: one program per (pixel slice, BLOCK_C channels, group of TAPS
     taps). It walks its slice of TILES_PER_SLICE pixel tiles, reads each grad tile once, and keeps one float32
     partial per (tap, channel); the partials go to row `slice` of the workspace [num_slices, C_DW, T], which
-    reduce_rows_kernel then sums in a fixed order. The input goes through the separable prologue on load."""
+    reduce_rows_kernel then sums in a fixed order. The input goes through the separable prologue on load. VEC: as
+    in dw_fwd_kernel, over the gradient, x and the channels."""
     pid_g, pid_c, s = _unflatten3(tl.program_id(0), _cdiv(T, TAPS), _cdiv(C_DW, BLOCK_C))
     oc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = oc < C_DW
+    c_mask = _channel_mask(oc, C_DW, VEC)
     ic = oc // M
     scale, shift = _prologue_params(in_scale_ptr, in_shift_ptr, ic, c_mask, HAS_SCALE, HAS_SHIFT, BLOCK_C)
     g_col = _index(oc, IDX64) * sgc
@@ -390,7 +420,7 @@ def dw_wgrad_kernel(g_ptr, x_ptr, in_scale_ptr, in_shift_ptr, ws_ptr,
     acc = tl.full([BLOCK_T, BLOCK_C], 0.0, tl.float32)
     for i in range(TILES_PER_SLICE):
         n, oh, ow, p_mask = _pixels(s * TILES_PER_SLICE + i, Q, OHW, OW, IDX64, BLOCK_P)
-        gv = tl.load(g_ptr + (n * sgn + oh * sgh + ow * sgw)[:, None] + g_col[None, :],
+        gv = tl.load(g_ptr + _rows(n * sgn, oh, ow, sgh, sgw, VEC)[:, None] + g_col[None, :],
                      mask=p_mask[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
         x_row = n * sxn
         ih0 = oh * stride_h - pad_t
@@ -403,8 +433,8 @@ def dw_wgrad_kernel(g_ptr, x_ptr, in_scale_ptr, in_shift_ptr, ws_ptr,
             iw = iw0 + kw * dil_w
             ok = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W) & (t < T)
             mask = ok[:, None] & c_mask[None, :]
-            v = _load_input(x_ptr, (x_row + ih * sxh + iw * sxw)[:, None] + x_col[None, :], mask, scale, shift,
-                            HAS_SCALE, HAS_SHIFT, IN_RELU)
+            v = _load_input(x_ptr, _rows(x_row, ih, iw, sxh, sxw, VEC)[:, None] + x_col[None, :], mask, scale,
+                            shift, HAS_SCALE, HAS_SHIFT, IN_RELU)
             part = _sum(gv * v, axis=0)
             acc = tl.where(t_ids[:, None] == j, acc + part[None, :], acc)
     t_glob = pid_g * TAPS + t_ids
@@ -424,7 +454,8 @@ def sep_fwd_kernel(x_ptr, dw_ptr, pw_ptr, in_scale_ptr, in_shift_ptr, out_scale_
                    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, IN_RELU: tl.constexpr, MID: tl.constexpr,
                    HAS_OSCALE: tl.constexpr, HAS_OSHIFT: tl.constexpr, HAS_RES: tl.constexpr,
                    OUT_RELU: tl.constexpr, STATS: tl.constexpr, FROM_ACT: tl.constexpr, DOT_PREC: tl.constexpr,
-                   IDX64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+                   IDX64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+                   VEC: tl.constexpr):
     """Separable forward: one program per BLOCK_P output pixels x BLOCK_K output channels.
 
     y = pw(act(dw(relu?(x * in_scale + in_shift)))), then the epilogue out = relu?(y * out_scale + out_shift +
@@ -432,18 +463,19 @@ def sep_fwd_kernel(x_ptr, dw_ptr, pw_ptr, in_scale_ptr, in_shift_ptr, out_scale_
     tile. Staged (FROM_ACT): the act(dw) tiles are read from the buffer sep_bwd_act_kernel wrote
     (_sep_y_from_act: the same operand and accumulation, so y is the fused form's bit for bit). With STATS, the
     tile's per-channel partial sums of y and y^2 go to row pid_p of the workspace planes 0 and 1
-    ([2, num_pixel_tiles, K])."""
-    pid_p, k, k_mask, num_p = _program_tile(K, BLOCK_K)
+    ([2, num_pixel_tiles, K]). VEC: as in dw_fwd_kernel, over x, the act buffer, the residual and out, and both
+    channel counts."""
+    pid_p, k, k_mask, num_p = _program_tile(K, BLOCK_K, VEC)
     n, oh, ow, p_mask = _pixels(pid_p, Q, OHW, OW, IDX64, BLOCK_P)
     if FROM_ACT:
         acc = _sep_y_from_act(mid_ptr, pw_ptr, n, oh, ow, p_mask, k, k_mask, C_DW, smn, smc, smh, smw, spk, spc,
-                              DOT_PREC, IDX64, BLOCK_P, BLOCK_C, BLOCK_K)
+                              DOT_PREC, IDX64, BLOCK_P, BLOCK_C, BLOCK_K, VEC)
     else:
         acc = _sep_y_tile(x_ptr, dw_ptr, pw_ptr, in_scale_ptr, in_shift_ptr, n, oh, ow, p_mask, k, k_mask,
                           C_DW, H, W, M, stride_h, stride_w, pad_t, pad_l, dil_h, dil_w,
                           sxn, sxc, sxh, sxw, swo, swh, sww, spk, spc,
                           KH, KW, UNROLL, HAS_SCALE, HAS_SHIFT, IN_RELU, MID, DOT_PREC, IDX64,
-                          BLOCK_P, BLOCK_C, BLOCK_K)
+                          BLOCK_P, BLOCK_C, BLOCK_K, VEC)
     mask = p_mask[:, None] & k_mask[None, :]
     y = tl.where(mask, _round(acc, x_ptr.dtype.element_ty), 0.0)
     if STATS:
@@ -458,11 +490,11 @@ def sep_fwd_kernel(x_ptr, dw_ptr, pw_ptr, in_scale_ptr, in_shift_ptr, out_scale_
         z = z + tl.load(out_shift_ptr + k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
     kk = _index(k, IDX64)
     if HAS_RES:
-        z = z + tl.load(res_ptr + (n * srn + oh * srh + ow * srw)[:, None] + (kk * srk)[None, :], mask=mask,
-                        other=0.0).to(tl.float32)
+        z = z + tl.load(res_ptr + _rows(n * srn, oh, ow, srh, srw, VEC)[:, None] + (kk * srk)[None, :],
+                        mask=mask, other=0.0).to(tl.float32)
     if OUT_RELU:
         z = tl.maximum(z, 0.0)
-    offs = (n * son + oh * soh + ow * sow)[:, None] + (kk * sok)[None, :]
+    offs = _rows(n * son, oh, ow, soh, sow, VEC)[:, None] + (kk * sok)[None, :]
     tl.store(out_ptr + offs, z.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -473,7 +505,7 @@ def sep_bwd_epilogue_kernel(go_ptr, out_ptr, out_scale_ptr, gsum_ptr, gsumsq_ptr
                             NEED_Y: tl.constexpr, OUT_RELU: tl.constexpr,
                             HAS_OSCALE: tl.constexpr, HAS_OSHIFT: tl.constexpr, HAS_GSUM: tl.constexpr,
                             WRITE_GY: tl.constexpr, DOT_PREC: tl.constexpr, IDX64: tl.constexpr,
-                            BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+                            BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr):
     """Separable backward, epilogue part (runs only when out_scale / out_shift have gradients or grad_sumsq is
     given): one program per (pixel slice, BLOCK_K output channels) walks its slice's TILES_PER_SLICE pixel
     tiles. For each it forms y when needed (NEED_Y) as the GEMM of the act(dw) buffer (sep_bwd_act_kernel, x's
@@ -486,7 +518,7 @@ def sep_bwd_epilogue_kernel(go_ptr, out_ptr, out_scale_ptr, gsum_ptr, gsumsq_ptr
     num_k = _cdiv(K, BLOCK_K)
     s = pid // num_k
     k = (pid - s * num_k) * BLOCK_K + tl.arange(0, BLOCK_K)
-    k_mask = k < K
+    k_mask = _channel_mask(k, K, VEC)
     if WRITE_GY:
         gy_scale = tl.full([BLOCK_K], 1.0, tl.float32)
         if HAS_OSCALE:
@@ -501,10 +533,10 @@ def sep_bwd_epilogue_kernel(go_ptr, out_ptr, out_scale_ptr, gsum_ptr, gsumsq_ptr
         n, oh, ow, p_mask = _pixels(s * TILES_PER_SLICE + i, Q, OHW, OW, IDX64, BLOCK_P)
         mask = p_mask[:, None] & k_mask[None, :]
         gz = _grad_y_tile(go_ptr, out_ptr, out_scale_ptr, gsum_ptr, n, oh, ow, p_mask, k, k_mask,
-                          sgn, sgk, sgh, sgw, son, sok, soh, sow, OUT_RELU, False, False, IDX64)
+                          sgn, sgk, sgh, sgw, son, sok, soh, sow, OUT_RELU, False, False, IDX64, VEC)
         if NEED_Y:
             acc = _sep_y_from_act(mid_ptr, pw_ptr, n, oh, ow, p_mask, k, k_mask, C_DW, smn, smc, smh, smw,
-                                  spk, spc, DOT_PREC, IDX64, BLOCK_P, BLOCK_C, BLOCK_K)
+                                  spk, spc, DOT_PREC, IDX64, BLOCK_P, BLOCK_C, BLOCK_K, VEC)
             y = tl.where(mask, _round(acc, mid_ptr.dtype.element_ty), 0.0)
         if HAS_OSCALE:
             sum_gzy += _sum(gz * y, axis=0)
@@ -517,7 +549,7 @@ def sep_bwd_epilogue_kernel(go_ptr, out_ptr, out_scale_ptr, gsum_ptr, gsumsq_ptr
             if HAS_GSUM:
                 gy = gy + gy_shift[None, :]
             gy = gy + 2.0 * y * gsumsq[None, :]
-            offs = (n * syn + oh * syh + ow * syw)[:, None] + (_index(k, IDX64) * syk)[None, :]
+            offs = _rows(n * syn, oh, ow, syh, syw, VEC)[:, None] + (_index(k, IDX64) * syk)[None, :]
             tl.store(gy_ptr + offs, gy.to(gy_ptr.dtype.element_ty), mask=mask)
     row = s.to(tl.int64) * K
     plane = (tl.num_programs(0) // num_k).to(tl.int64) * K
@@ -537,33 +569,36 @@ def sep_bwd_mid_kernel(go_ptr, out_ptr, out_scale_ptr, gsum_ptr,
                        HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, IN_RELU: tl.constexpr, MID: tl.constexpr,
                        OUT_RELU: tl.constexpr, HAS_OSCALE: tl.constexpr, HAS_GSUM: tl.constexpr,
                        DOT_PREC: tl.constexpr, IDX64: tl.constexpr,
-                       BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+                       BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr):
     """Separable backward, gradient of the depthwise output: one program per BLOCK_P pixels x BLOCK_C depthwise
     channels. grad_mid = grad_y @ W as tl.dot over chunks of BLOCK_K output channels (grad_y folded from
     grad_out, or read from its materialized buffer); the mid activation's backward uses the depthwise result,
-    recomputed in registers. The result (grad of the depthwise output) is stored in x's dtype."""
-    pid_p, oc, c_mask, num_p = _program_tile(C_DW, BLOCK_C)
+    recomputed in registers. The result (grad of the depthwise output) is stored in x's dtype. VEC: as in
+    dw_fwd_kernel, over x, the result, grad_y's source, out, the weight and both channel counts."""
+    pid_p, oc, c_mask, num_p = _program_tile(C_DW, BLOCK_C, VEC)
     n, oh, ow, p_mask = _pixels(pid_p, Q, OHW, OW, IDX64, BLOCK_P)
     pw_col = _index(oc, IDX64) * spc
     gmid = tl.full([BLOCK_P, BLOCK_C], 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = k < K
+        k_mask = _channel_mask(k, K, VEC)
         gy = _grad_y_tile(go_ptr, out_ptr, out_scale_ptr, gsum_ptr, n, oh, ow, p_mask, k, k_mask,
-                          sgn, sgk, sgh, sgw, son, sok, soh, sow, OUT_RELU, HAS_OSCALE, HAS_GSUM, IDX64)
-        w = tl.load(pw_ptr + (_index(k, IDX64) * spk)[:, None] + pw_col[None, :],
-                    mask=k_mask[:, None] & c_mask[None, :], other=0.0)
+                          sgn, sgk, sgh, sgw, son, sok, soh, sow, OUT_RELU, HAS_OSCALE, HAS_GSUM, IDX64, VEC)
+        w_row = _index(k, IDX64) * spk
+        if VEC > 1:  # the weight's rows are whole vectors (the launcher's VEC divides spk)
+            w_row = tl.multiple_of(w_row, VEC)
+        w = tl.load(pw_ptr + w_row[:, None] + pw_col[None, :], mask=k_mask[:, None] & c_mask[None, :], other=0.0)
         gmid = _dot(gy.to(x_ptr.dtype.element_ty), w, gmid, DOT_PREC)
     if MID != 0:
         d = _dw_tile(x_ptr, dw_ptr, in_scale_ptr, in_shift_ptr, n, oh, ow, p_mask, oc, c_mask,
                      H, W, M, stride_h, stride_w, pad_t, pad_l, dil_h, dil_w, sxn, sxc, sxh, sxw, swo, swh, sww,
-                     KH, KW, UNROLL, HAS_SCALE, HAS_SHIFT, IN_RELU, IDX64, BLOCK_P, BLOCK_C)
+                     KH, KW, UNROLL, HAS_SCALE, HAS_SHIFT, IN_RELU, IDX64, BLOCK_P, BLOCK_C, VEC)
         d = _round(d, x_ptr.dtype.element_ty)
         if MID == 1:
             gmid = tl.where(d > 0, gmid, 0.0)
         else:
             gmid = tl.where(d > 0, gmid, gmid * tl.exp(tl.minimum(d, 0.0)))
-    offs = (n * sdn + oh * sdh + ow * sdw)[:, None] + (_index(oc, IDX64) * sdc)[None, :]
+    offs = _rows(n * sdn, oh, ow, sdh, sdw, VEC)[:, None] + (_index(oc, IDX64) * sdc)[None, :]
     tl.store(g_ptr + offs, gmid.to(g_ptr.dtype.element_ty), mask=p_mask[:, None] & c_mask[None, :])
 
 
@@ -573,19 +608,20 @@ def sep_bwd_act_kernel(x_ptr, dw_ptr, in_scale_ptr, in_shift_ptr, mid_ptr,
                        sxn, sxc, sxh, sxw, swo, swh, sww, smn, smc, smh, smw,
                        KH: tl.constexpr, KW: tl.constexpr, UNROLL: tl.constexpr,
                        HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, IN_RELU: tl.constexpr, MID: tl.constexpr,
-                       IDX64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                       IDX64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr):
     """The depthwise stage's activated result act(dw(relu?(x * in_scale + in_shift))), computed once: for the
     staged forward (sep_fwd_kernel with FROM_ACT) and, in the backward, for y (the epilogue pass) and the
     pointwise weight gradient: one program per BLOCK_P pixels x BLOCK_C depthwise channels.
     The values stored (in x's dtype) are bit for bit the operand the fused forward gives tl.dot (_sep_y_tile):
-    the depthwise sum rounded to x's dtype, the mid activation in float32, rounded again."""
-    pid_p, oc, c_mask, num_p = _program_tile(C_DW, BLOCK_C)
+    the depthwise sum rounded to x's dtype, the mid activation in float32, rounded again. VEC: as in
+    dw_fwd_kernel, over x, the buffer and the depthwise channels."""
+    pid_p, oc, c_mask, num_p = _program_tile(C_DW, BLOCK_C, VEC)
     n, oh, ow, p_mask = _pixels(pid_p, Q, OHW, OW, IDX64, BLOCK_P)
     d = _dw_tile(x_ptr, dw_ptr, in_scale_ptr, in_shift_ptr, n, oh, ow, p_mask, oc, c_mask,
                  H, W, M, stride_h, stride_w, pad_t, pad_l, dil_h, dil_w, sxn, sxc, sxh, sxw, swo, swh, sww,
-                 KH, KW, UNROLL, HAS_SCALE, HAS_SHIFT, IN_RELU, IDX64, BLOCK_P, BLOCK_C)
+                 KH, KW, UNROLL, HAS_SCALE, HAS_SHIFT, IN_RELU, IDX64, BLOCK_P, BLOCK_C, VEC)
     mid = _mid_act(_round(d, x_ptr.dtype.element_ty), MID).to(x_ptr.dtype.element_ty)
-    offs = (n * smn + oh * smh + ow * smw)[:, None] + (_index(oc, IDX64) * smc)[None, :]
+    offs = _rows(n * smn, oh, ow, smh, smw, VEC)[:, None] + (_index(oc, IDX64) * smc)[None, :]
     tl.store(mid_ptr + offs, mid.to(mid_ptr.dtype.element_ty), mask=p_mask[:, None] & c_mask[None, :])
 
 
@@ -595,24 +631,24 @@ def sep_bwd_pw_kernel(go_ptr, out_ptr, out_scale_ptr, gsum_ptr, mid_ptr, ws_ptr,
                       smn, smc, smh, smw, sgn, sgk, sgh, sgw, son, sok, soh, sow,
                       OUT_RELU: tl.constexpr, HAS_OSCALE: tl.constexpr, HAS_GSUM: tl.constexpr,
                       DOT_PREC: tl.constexpr, IDX64: tl.constexpr,
-                      BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+                      BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr):
     """Separable backward, pointwise weight gradient, partial sums: one program per (pixel slice, BLOCK_K output
     channels, BLOCK_C depthwise channels) accumulates grad_y^T @ act(dw) with tl.dot over its slice's pixel
     tiles, act(dw) read from the buffer sep_bwd_act_kernel wrote (in x's dtype, the forward's tl.dot operand),
     and writes row `slice` of the workspace [num_slices, K, C_DW]; reduce_rows_kernel sums the rows in a fixed
-    order."""
+    order. VEC: as in dw_fwd_kernel, over the act buffer, grad_y's source, out and both channel counts."""
     pid_c, pid_k, s = _unflatten3(tl.program_id(0), _cdiv(C_DW, BLOCK_C), _cdiv(K, BLOCK_K))
     oc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = oc < C_DW
+    c_mask = _channel_mask(oc, C_DW, VEC)
     m_col = _index(oc, IDX64) * smc
     k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    k_mask = k < K
+    k_mask = _channel_mask(k, K, VEC)
     acc = tl.full([BLOCK_K, BLOCK_C], 0.0, tl.float32)
     for i in range(TILES_PER_SLICE):
         n, oh, ow, p_mask = _pixels(s * TILES_PER_SLICE + i, Q, OHW, OW, IDX64, BLOCK_P)
         gy = _grad_y_tile(go_ptr, out_ptr, out_scale_ptr, gsum_ptr, n, oh, ow, p_mask, k, k_mask,
-                          sgn, sgk, sgh, sgw, son, sok, soh, sow, OUT_RELU, HAS_OSCALE, HAS_GSUM, IDX64)
-        mid = tl.load(mid_ptr + (n * smn + oh * smh + ow * smw)[:, None] + m_col[None, :],
+                          sgn, sgk, sgh, sgw, son, sok, soh, sow, OUT_RELU, HAS_OSCALE, HAS_GSUM, IDX64, VEC)
+        mid = tl.load(mid_ptr + _rows(n * smn, oh, ow, smh, smw, VEC)[:, None] + m_col[None, :],
                       mask=p_mask[:, None] & c_mask[None, :], other=0.0)
         acc = _dot(tl.trans(gy.to(mid_ptr.dtype.element_ty)), mid, acc, DOT_PREC)
     offs = s.to(tl.int64) * K * C_DW + (_index(k, IDX64) * C_DW)[:, None] + oc[None, :]

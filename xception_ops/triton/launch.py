@@ -119,6 +119,25 @@ def _idx64(*tensors: torch.Tensor | None, extra: Sequence[int] = ()) -> bool:
     return max([_span(t) for t in tensors] + list(extra)) >= _INDEX_LIMIT
 
 
+def _row_vector(tensors: Sequence[torch.Tensor | None], channels: Sequence[int]) -> int:
+    """The kernels' VEC: the largest power of two, at most 16 bytes of elements, that divides every pixel stride
+    (dimensions 0, 2 and 3, those of size 1 aside) of the tensors and every channel count. The kernels tell the
+    compiler that pixels' offsets and channel counts are its multiples (kernels._rows, kernels._channel_mask), so
+    that it vectorizes along channels where they are fastest: Triton itself only specializes values divisible by
+    16, and 728 channels are not (the depthwise forward's loads were 2 bytes each at 728 channels, in PTX for
+    sm_90; 16 at 64). NCHW tensors have a pixel stride of 1, hence VEC 1."""
+    present = [t for t in tensors if t is not None]
+    vec = 16 // present[0].element_size()
+    for t in present:
+        for d in (0, 2, 3):
+            while vec > 1 and t.shape[d] > 1 and t.stride(d) % vec:
+                vec //= 2
+    for c in channels:
+        while vec > 1 and c % vec:
+            vec //= 2
+    return vec
+
+
 def _channels_last(t: torch.Tensor) -> bool:
     return t.stride(1) == 1 and t.shape[1] > 1
 
@@ -208,7 +227,8 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         K.dw_fwd_kernel[grid](
             x, weight, bias if bias is not None else weight, y,
             q, oh * ow, ow, h, w, cm, cm // c, *conv, *x.stride(), *_weight_strides(weight), *y.stride(),
-            KH=kh, KW=kw, UNROLL=_unroll(kh, kw), HAS_BIAS=bias is not None, IDX64=idx64, **cfg.meta(False))
+            KH=kh, KW=kw, UNROLL=_unroll(kh, kw), HAS_BIAS=bias is not None, IDX64=idx64,
+            VEC=_row_vector([x, y], [cm]), **cfg.meta(False))
 
     key = _key(x, weight, bias is not None, conv)
     run(autotune.choose("depthwise_conv2d", key, autotune.depthwise_configs(_channels_last(x)), run))
@@ -244,7 +264,7 @@ def _dgrad(g: torch.Tensor, weight: torch.Tensor, grad_x: torch.Tensor, conv, x:
             q_in, h * w, w, c, oh, ow, cm // c, *conv, *g.stride(), *_weight_strides(weight), *xs.stride(),
             *grad_x.stride(),
             KH=kh, KW=kw, UNROLL=_unroll(kh, kw), HAS_SCALE=has_scale, HAS_SHIFT=has_shift,
-            IN_RELU=prologue and in_relu, IDX64=idx64, **cfg.meta(False))
+            IN_RELU=prologue and in_relu, IDX64=idx64, VEC=_row_vector([g, grad_x, xs], [c, cm]), **cfg.meta(False))
         if has_scale:
             _reduce_rows(ws[0], grad_in_scale)
         if has_shift:
@@ -280,7 +300,7 @@ def _wgrad(g: torch.Tensor, x: torch.Tensor, grad_w: torch.Tensor, conv, in_scal
             g, x, in_scale if in_scale is not None else x, in_shift if in_shift is not None else x, ws,
             q, oh * ow, ow, h, w, cm, cm // c, taps, per_slice, *conv, *g.stride(), *x.stride(),
             KW=kw, TAPS=group, BLOCK_T=block_t, HAS_SCALE=in_scale is not None, HAS_SHIFT=in_shift is not None,
-            IN_RELU=in_relu, IDX64=idx64, **cfg.meta(False))
+            IN_RELU=in_relu, IDX64=idx64, VEC=_row_vector([g, x], [cm]), **cfg.meta(False))
         _reduce_rows(ws, grad_w.view(-1))
 
     key = _key(g, x, grad_w.shape, conv, in_scale is not None, in_shift is not None, in_relu)
@@ -347,7 +367,7 @@ def _act_buffer(x: torch.Tensor, dw_weight: torch.Tensor, in_scale: torch.Tensor
             x, dw_weight, _or(in_scale, dummy), _or(in_shift, dummy), buf,
             q, oh * ow, ow, h, w, cm, cm // c, *conv, *x.stride(), *_weight_strides(dw_weight), *buf.stride(),
             KH=kh, KW=kw, UNROLL=_unroll(kh, kw), HAS_SCALE=in_scale is not None, HAS_SHIFT=in_shift is not None,
-            IN_RELU=bool(in_relu), MID=mid, IDX64=idx64, **cfg.meta(False))
+            IN_RELU=bool(in_relu), MID=mid, IDX64=idx64, VEC=_row_vector([x, buf], [cm]), **cfg.meta(False))
 
     key = _key(x, dw_weight, conv, in_scale is not None, in_shift is not None, in_relu, mid)
     run_act(autotune.choose("sep_act", key, autotune.depthwise_configs(_channels_last(x)), run_act))
@@ -398,7 +418,8 @@ def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.
             KH=kh, KW=kw, UNROLL=_unroll(kh, kw), HAS_SCALE=in_scale is not None, HAS_SHIFT=in_shift is not None,
             IN_RELU=bool(in_relu), MID=mid, HAS_OSCALE=out_scale is not None, HAS_OSHIFT=out_shift is not None,
             HAS_RES=residual is not None, OUT_RELU=bool(out_relu), STATS=bool(compute_stats),
-            FROM_ACT=cfg.staged, DOT_PREC=_dot_precision(x.dtype), IDX64=idx64, **cfg.meta(True))
+            FROM_ACT=cfg.staged, DOT_PREC=_dot_precision(x.dtype), IDX64=idx64,
+            VEC=_row_vector([x, out, residual, act, pw_weight], [cm, k_out]), **cfg.meta(True))
         if compute_stats:
             _reduce_rows(ws[0], total)
             _reduce_rows(ws[1], total_sq)
@@ -495,7 +516,9 @@ def separable_conv2d_backward(grad_out: torch.Tensor, grad_sum: torch.Tensor | N
                 *grad_out.stride(), *out_strides, *gy_target.stride(),
                 NEED_Y=need_y, OUT_RELU=bool(out_relu), HAS_OSCALE=out_scale is not None,
                 HAS_OSHIFT=out_shift is not None, HAS_GSUM=grad_sum is not None, WRITE_GY=write_gy,
-                DOT_PREC=prec, IDX64=idx64, **cfg.meta(True))
+                DOT_PREC=prec, IDX64=idx64,
+                VEC=_row_vector([grad_out, out, gy_buf, mid_buf, pw_weight if need_y else None], [cm, k_out]),
+                **cfg.meta(True))
             if out_scale is not None:
                 _reduce_rows(ws[0], g_out_scale)
             if out_shift is not None:
@@ -527,7 +550,8 @@ def separable_conv2d_backward(grad_out: torch.Tensor, grad_sum: torch.Tensor | N
         ws = torch.empty((slices, k_out * cm), dtype=torch.float32, device=dev)
         K.sep_bwd_pw_kernel[(slices * other,)](
             *gy_src[:4], mid_buf, ws, q, oh * ow, ow, cm, k_out, per_slice, *mid_buf.stride(), *gy_src[4:],
-            **gy_flags, DOT_PREC=prec, IDX64=idx64, **cfg.meta(True))
+            **gy_flags, DOT_PREC=prec, IDX64=idx64, VEC=_row_vector([*gy_src[:2], mid_buf], [cm, k_out]),
+            **cfg.meta(True))
         _reduce_rows(ws, grad_pw.view(-1))
 
     run_pw(autotune.choose("sep_bwd_pw", src_key, autotune.gemm_configs(dtype), run_pw))
@@ -540,7 +564,8 @@ def separable_conv2d_backward(grad_out: torch.Tensor, grad_sum: torch.Tensor | N
         grid = (triton.cdiv(q, cfg.BLOCK_P) * triton.cdiv(cm, cfg.BLOCK_C),)
         K.sep_bwd_mid_kernel[grid](
             *gy_src[:4], x, dw_weight, pw_weight, _or(in_scale, dummy), _or(in_shift, dummy), g_dw_out,
-            *geo, *x_args, *gy_src[4:], *g_dw_out.stride(), **gy_flags, **flags_in, **cfg.meta(True))
+            *geo, *x_args, *gy_src[4:], *g_dw_out.stride(), **gy_flags, **flags_in,
+            VEC=_row_vector([x, g_dw_out, *gy_src[:2], pw_weight], [cm, k_out]), **cfg.meta(True))
 
     run_mid(autotune.choose("sep_bwd_mid", src_key, autotune.gemm_configs(dtype), run_mid))
     del gy_src, gy_buf  # grad_y is no longer needed: freed before passes 4 and 5 allocate their workspaces
