@@ -45,7 +45,6 @@ std::tuple<Tensor, Tensor, Tensor> separable_conv2d(const Tensor& x, const Tenso
 //           the statistics (separable_channel_pass_kernel). The depthwise result is a transient buffer of the
 //           forward, freed at its end: nothing is stored for the backward, which recomputes it either way.
 enum class SeparableForward { Fused, Staged };
-SeparableForward separable_forward_algorithm();
 
 // The depthwise stage of a separable conv, mid(dw(prologue(x))), in the dtype and x's memory format `fmt`, as the
 // staged forward and the backward compute it: the depthwise kernels apply the prologue as they read x where they

@@ -167,8 +167,6 @@ std::tuple<Tensor, Tensor, Tensor> staged_forward(const Tensor& x, const Tensor&
 
 }  // namespace
 
-SeparableForward separable_forward_algorithm() { return kForwardAlgorithm; }
-
 DepthwiseStage depthwise_stage(const Tensor& x, const Tensor& dw_weight, const SeparableOptions& opt,
                                const Conv2dGeometry& g, at::MemoryFormat fmt) {
   DepthwiseStage s;
