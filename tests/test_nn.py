@@ -321,8 +321,28 @@ def test_a_layer_with_residual_or_post_relu_does_not_defer():
     module = SeparableConvBN(4, 4, 3, backend="torch").train()
     x = torch.randn(2, 4, 5, 5)
     assert isinstance(module(x, residual=x, defer_bn=True), torch.Tensor)
-    module.eval()  # folded BatchNorm: nothing to defer
-    assert isinstance(module(x, defer_bn=True), torch.Tensor)
+    module.eval()  # folded BatchNorm: deferred too
+    assert isinstance(module(x, defer_bn=True), PendingBatchNorm)
+    assert isinstance(module(x, residual=x, defer_bn=True), torch.Tensor)
+    assert isinstance(SeparableConvBN(4, 4, 3, batch_norm=False, backend="torch")(x, defer_bn=True), torch.Tensor)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_deferred_folded_batch_norm_gives_the_same_bits_in_inference(dtype):
+    """In inference the folded BatchNorm deferred to the next layer's prologue rounds as the epilogue did: the
+    output is the same bit for bit (on "torch", the reference operator)."""
+    x = torch.randn(2, 5, 9, 8, dtype=dtype)
+    first, second = _two_layers("torch")
+    for bn in (first.bn, second.bn):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    first, second = first.eval().to(dtype), second.eval().to(dtype)
+    with torch.no_grad():
+        mid = first(x, defer_bn=True)
+        assert isinstance(mid, PendingBatchNorm)
+        deferred = second(mid)
+        applied = second(first(x))
+    assert torch.equal(deferred, applied)
 
 
 def test_xception_blocks_apply_batch_norm_once_per_block(monkeypatch):

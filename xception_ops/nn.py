@@ -138,9 +138,12 @@ class SeparableConvBN(nn.Module):
 
     def forward(self, x: torch.Tensor | PendingBatchNorm, residual: torch.Tensor | None = None,
                 defer_bn: bool = False) -> torch.Tensor | PendingBatchNorm:
-        """x may be a PendingBatchNorm from the layer before, applied here as x is read. With defer_bn, a layer that
-        computes batch statistics on the fused op (and has no residual or ReLU after its BatchNorm) returns its
-        output as a PendingBatchNorm for the next SeparableConvBN; otherwise the output itself."""
+        """x may be a PendingBatchNorm from the layer before, applied here as x is read. With defer_bn, a layer on
+        the fused op with a BatchNorm and no residual or ReLU after it returns its output as a PendingBatchNorm for
+        the next SeparableConvBN; otherwise the output itself. In training that is the batch statistics' scale and
+        shift; in inference the folded BatchNorm's, which the next layer's prologue applies with the same rounding
+        as this layer's epilogue would (bit for bit), so the normalized tensor is never written: with the cuda
+        backend's staged forward on cuBLAS that saves a pass over the output."""
         dw, pw, bn = self.depthwise, self.pointwise, self.bn
         pending = x if isinstance(x, PendingBatchNorm) else None
         if pending is not None:
@@ -157,6 +160,8 @@ class SeparableConvBN(nn.Module):
             conv.update(in_scale=pending.scale, in_shift=pending.shift)
         if not batch_stats:
             scale, shift = self._folded_epilogue()
+            if defer_bn and bn is not None and residual is None and not self.post_relu:
+                return PendingBatchNorm(ops.separable_conv2d(x, dw.weight, pw.weight, **conv), scale, shift)
             return ops.separable_conv2d(x, dw.weight, pw.weight, out_scale=scale, out_shift=shift,
                                         out_relu=self.post_relu, residual=residual, **conv)
         pre_bias = self._dw_bias_as_pre_bias()

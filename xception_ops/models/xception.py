@@ -1,9 +1,9 @@
 """Xception (Chollet, CVPR 2017), Figure 5, built on the fused separable convolutions.
 
 Every separable conv is a SeparableConvBN: the ReLU before it is its prologue, the BatchNorm after it its
-epilogue, and in the middle flow the residual add joins the last one's epilogue too. In training, a BatchNorm
-between two separable convs of a module is applied by the second one's prologue (PendingBatchNorm). Module names follow timm's
-`legacy_xception` (conv1, bn1, ..., block1..block12, conv3, conv4, fc) so that its weights map one to one
+epilogue, and in the middle flow the residual add joins the last one's epilogue too. A BatchNorm between two
+separable convs of a module (batch statistics in training, folded in inference) is applied by the second one's
+prologue (PendingBatchNorm). Module names follow timm's `legacy_xception` (conv1, bn1, ..., block1..block12, conv3, conv4, fc) so that its weights map one to one
 (`from_timm`).
 """
 
@@ -78,7 +78,8 @@ class XceptionBlock(nn.Module):
         fuse_shortcut = self.residual and self.skip is None and self.pool is None
         last = len(self.convs) - 1
         for i, conv in enumerate(self.convs):
-            # Training BatchNorm between two separable convs: the next one applies it as it reads (defer_bn).
+            # A BatchNorm between two separable convs (batch statistics, or folded in inference): the next one applies
+            # it as it reads (defer_bn).
             x = conv(x, residual=inp if fuse_shortcut and i == last else None, defer_bn=i < last)
         if self.pool is not None:
             x = self.pool(x)
