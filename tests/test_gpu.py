@@ -58,6 +58,26 @@ def test_parity_on_gpu(backend):
     assert report.passed, report.format()
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_deferred_inference_batch_norm_gives_the_same_bits_on_cuda(dtype, layout):
+    """The folded BatchNorm applied by the next layer's prologue (the CUDA depthwise kernels' round(fma(y, scale,
+    shift))) instead of the first layer's epilogue (the epilogue pass, or the fused kernel's): the same bits."""
+    first = SeparableConvBN(32, 48, 3, pre_relu=True, backend="cuda")
+    second = SeparableConvBN(48, 40, 3, pre_relu=True, backend="cuda")
+    for bn in (first.bn, second.bn):
+        torch.nn.init.uniform_(bn.weight, 0.5, 1.5)
+        torch.nn.init.uniform_(bn.bias, -0.5, 0.5)
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    first, second = (m.eval().cuda().to(dtype) for m in (first, second))
+    x = torch.randn(4, 32, 19, 19, device="cuda", dtype=dtype).contiguous(memory_format=layout)
+    with torch.no_grad():
+        deferred = second(first(x, defer_bn=True))
+        applied = second(first(x))
+    assert torch.equal(deferred, applied)
+
+
 @pytest.mark.parametrize("backend,training", [("auto", False), ("cuda", False), ("cuda", True)])
 def test_cuda_graph_capture_of_a_fused_module(backend, training):
     module = SeparableConvBN(32, 48, 3, pre_relu=True, post_relu=True, backend=backend).cuda().train(training)
