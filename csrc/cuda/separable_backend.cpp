@@ -15,6 +15,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 
@@ -233,7 +234,8 @@ std::tuple<Tensor, Tensor, Tensor> separable_conv2d(const Tensor& x, const Tenso
   const auto stats_options = x.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous);
   Tensor sum = at::empty({opt.compute_stats ? g.out_channels : 0}, stats_options);
   Tensor sumsq = at::empty({opt.compute_stats ? g.out_channels : 0}, stats_options);
-  if (kForwardAlgorithm == SeparableForward::Staged) {
+  // (cuBLAS takes 32-bit dimensions: more pixels than that go to the fused kernel, which indexes in 64 bits.)
+  if (kForwardAlgorithm == SeparableForward::Staged && g.batch * g.out_h * g.out_w <= INT32_MAX) {
     return staged_forward(x, dw_weight, pw_weight, opt, g, fmt, dtype, sum, sumsq);
   }
   Tensor out = at::empty(out_shape, x.options().memory_format(fmt));
