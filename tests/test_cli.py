@@ -12,16 +12,19 @@ from xception_ops import cli
 from xception_ops.parity import run_parity
 
 
-def test_info_lists_every_backend(capsys):
+def test_info_lists_every_backend(capsys, monkeypatch):
+    monkeypatch.setenv("XCEPTION_OPS_SEPARABLE_FORWARD", "fused")
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
     assert "torch" in out and "backends:" in out
+    assert "settings:" in out and "XCEPTION_OPS_SEPARABLE_FORWARD=fused" in out  # the implementation choices
     for name in ("torch", "cuda", "triton"):
         assert f"  {name}" in out
     assert cli.main(["info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert {b["name"] for b in info["backends"]} == {"torch", "cuda", "triton"}
     assert info["torch"] == torch.__version__
+    assert info["settings"]["XCEPTION_OPS_SEPARABLE_FORWARD"] == "fused"
 
 
 def test_parity_report_on_cpu():

@@ -35,8 +35,12 @@ def cmd_info(args: argparse.Namespace) -> int:
         info["gpu"] = "none visible"
     ext = _library.EXTENSION
     info["compiled library"] = ext.__file__ if ext is not None else f"not loaded: {_library.LOAD_ERROR}"
+    # The variables that pick kernels and implementations (README's table), as bench reports record them.
+    settings = {k: v for k, v in sorted(os.environ.items()) if k.startswith("XCEPTION_OPS_")}
+    info["settings"] = " ".join(f"{k}={v}" for k, v in settings.items()) or "none (the defaults)"
     statuses = backend.status()
     if args.json:
+        info["settings"] = settings
         info["backends"] = [s.__dict__ for s in statuses]
         print(json.dumps(info, indent=1))
         return 0
