@@ -53,7 +53,9 @@ def test_relu_shared_between_chains_is_applied_once():
     model = nn.Sequential(*list(model)[:4], *list(model)[4:])  # [dw pw bn relu dw pw bn relu]
     fused = xception_ops.fuse(model)
     seps = [m for m in fused.modules() if isinstance(m, SeparableConvBN)]
-    assert [(s.pre_relu, s.post_relu) for s in seps] == [(False, True), (False, True)]
+    # The ReLU between them is the second one's prologue; the first hands its BatchNorm on to it.
+    assert [(s.pre_relu, s.post_relu, s.defer_bn) for s in seps] == [(False, False, True), (True, True, False)]
+    compare_train_and_eval(model, fused, torch.randn(2, 4, 7, 7))
 
 
 def test_mid_activation_is_fused():
@@ -93,6 +95,33 @@ def test_dataflow_decides_what_fuses(inplace):
     compare_train_and_eval(model, fused, torch.randn(2, 4, 6, 6))
 
 
+class TappedBetween(nn.Module):
+    """Two chains with a ReLU between them whose output is also returned: the BatchNorm must be applied (the ReLU
+    stays the first chain's epilogue), not handed on."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(*sep_block(4, 4, pre_relu=False))
+        self.b = nn.Sequential(*sep_block(4, 4, pre_relu=False))
+
+    def forward(self, x):
+        mid = self.a(x)
+        return self.b(mid), mid
+
+
+def test_a_batch_norm_is_handed_on_only_to_a_sole_consumer():
+    model = TappedBetween()
+    randomize_batch_norm(model, torch.Generator().manual_seed(2))
+    fused = xception_ops.fuse(model, backend="torch")
+    seps = [m for m in fused.modules() if isinstance(m, SeparableConvBN)]
+    assert [(s.post_relu, s.defer_bn) for s in seps] == [(True, False), (True, False)]
+    x = torch.randn(2, 4, 6, 6)
+    for mode in (True, False):
+        model.train(mode), fused.train(mode)
+        for u, v in zip(model(x), fused(x)):
+            assert isinstance(v, torch.Tensor) and relative_error(v, u) <= 1e-5
+
+
 class Untraceable(nn.Module):
     def __init__(self):
         super().__init__()
@@ -119,10 +148,13 @@ def test_timm_legacy_xception(backend):
     fused = xception_ops.fuse(model, backend=backend)
     seps = [m for m in fused.modules() if isinstance(m, SeparableConvBN)]
     assert len(seps) == 34  # 36 conv layers, less the two stem convs
-    # Each block's opening ReLU (blocks 2-12) becomes a prologue; the ReLUs inside the blocks and the exit flow's
-    # act3 / act4 become epilogues of the conv before them.
-    assert sum(s.pre_relu for s in seps) == 11
-    assert sum(s.post_relu for s in seps) == 3 * 1 + 8 * 2 + 1 + 2
+    # Each block's opening ReLU (blocks 2-12) becomes a prologue, and so do the ReLUs between two separable convs
+    # (inside the blocks, and the exit flow's act3), whose conv before hands its BatchNorm on (defer_bn); the exit
+    # flow's act4, before the pooling, stays an epilogue.
+    between = 3 * 1 + 8 * 2 + 1 + 1
+    assert sum(s.pre_relu for s in seps) == 11 + between
+    assert sum(s.defer_bn for s in seps) == between
+    assert sum(s.post_relu for s in seps) == 1
     assert type(fused) is type(model)
     x = torch.randn(2, 3, 71, 71)
     fused.eval()

@@ -6,6 +6,12 @@ prologue; a ReLU or ELU module between the depthwise and pointwise convs as the 
 takes the place of the depthwise conv and keeps the original layers (and so the same parameters) as children;
 the other layers of the chain become nn.Identity. The model keeps its class and its forward code.
 
+A ReLU between a chain's BatchNorm and the next chain's depthwise conv, feeding it alone, becomes that next chain's
+prologue rather than this chain's epilogue, and this chain hands its BatchNorm on (SeparableConvBN.defer_bn): the
+next chain applies it as it reads, so the normalized tensor is never written (what the package's Xception does
+between the separable convs of a module). The value between them passes the nn.Identity layers as a
+PendingBatchNorm; a forward hook on one of those sees that instead of a tensor.
+
 Models that torch.fx cannot trace fall back to chains of consecutive children of nn.Sequential containers.
 """
 
@@ -165,8 +171,18 @@ def fuse(model: nn.Module, *, inplace: bool = False, backend: str = "auto") -> n
     if not inplace:
         model = copy.deepcopy(model)
     modules = dict(model.named_modules())
+    chains = find_chains(model)
+    # A ReLU that is both a chain's epilogue and the next chain's prologue (the finders give it to both: the dataflow
+    # or the Sequential order says it feeds that depthwise conv alone) goes to the next chain, and the chain before
+    # defers its BatchNorm to it.
+    prologues = {c.pre_relu for c in chains if c.pre_relu is not None}
+    deferring = set()
+    for chain in chains:
+        if chain.batch_norm is not None and chain.post_relu is not None and chain.post_relu in prologues:
+            chain.post_relu = None
+            deferring.add(chain.depthwise)
     claimed: set[str] = set()
-    for chain in find_chains(model):
+    for chain in chains:
         if chain.pre_relu in claimed:  # already the previous chain's post_relu
             chain.pre_relu = None
         claimed.update(chain.names())
@@ -176,6 +192,7 @@ def fuse(model: nn.Module, *, inplace: bool = False, backend: str = "auto") -> n
             modules[chain.batch_norm] if chain.batch_norm else None,
             pre_relu=chain.pre_relu is not None, mid_activation=_mid_activation_name(mid) if mid else None,
             post_relu=chain.post_relu is not None, backend=backend)
+        fused.defer_bn = chain.depthwise in deferring
         for name in chain.names():
             if name != chain.depthwise:
                 _set_module(model, name, nn.Identity())

@@ -81,6 +81,9 @@ class SeparableConvBN(nn.Module):
         self.post_relu = post_relu
         self.backend = backend
         self.sync_stats, self.process_group = False, None  # see batchnorm.convert_sync_batchnorm
+        # forward's defer_bn when the caller does not say: fuse() sets it where this layer's output feeds the next
+        # fused layer alone (through layers it turned into nn.Identity).
+        self.defer_bn = False
 
     @classmethod
     def from_modules(cls, depthwise: nn.Conv2d, pointwise: nn.Conv2d, bn: nn.BatchNorm2d | None = None, *,
@@ -137,14 +140,17 @@ class SeparableConvBN(nn.Module):
         return bias
 
     def forward(self, x: torch.Tensor | PendingBatchNorm, residual: torch.Tensor | None = None,
-                defer_bn: bool = False) -> torch.Tensor | PendingBatchNorm:
+                defer_bn: bool | None = None) -> torch.Tensor | PendingBatchNorm:
         """x may be a PendingBatchNorm from the layer before, applied here as x is read. With defer_bn, a layer on
         the fused op with a BatchNorm and no residual or ReLU after it returns its output as a PendingBatchNorm for
-        the next SeparableConvBN; otherwise the output itself. In training that is the batch statistics' scale and
+        the next SeparableConvBN; otherwise the output itself. Without defer_bn, the module's own `defer_bn` attribute
+        decides (False unless fuse() set it). In training that is the batch statistics' scale and
         shift; in inference the folded BatchNorm's, which the next layer's prologue applies with the same rounding
         as this layer's epilogue would (bit for bit), so the normalized tensor is never written: with the cuda
         backend's staged forward on cuBLAS that saves a pass over the output."""
         dw, pw, bn = self.depthwise, self.pointwise, self.bn
+        if defer_bn is None:
+            defer_bn = getattr(self, "defer_bn", False)  # (modules pickled before the attribute existed)
         pending = x if isinstance(x, PendingBatchNorm) else None
         if pending is not None:
             x = pending.y
