@@ -265,3 +265,18 @@ def test_model_peak_memory_is_that_of_the_steps_after_the_warm_up(monkeypatch, f
         assert row.error is None
         assert row.peak_gib == 1.0, f"warmup={warmup}: the peak includes the first step's"
         assert len(steps) == max(1, warmup) + 3  # the warm-up steps (at least one), then the timed ones
+
+
+def test_models_by_name_include_timms_model_through_fuse():
+    """"timm_legacy_xception:fused:BACKEND" is timm's model after xception_ops.fuse: the same parameters, 34 fused
+    separable convs on that backend; an unknown name is refused, naming the choices."""
+    pytest.importorskip("timm")
+    from xception_ops.nn import SeparableConvBN
+    plain, fused = bench.make_model("timm_legacy_xception"), bench.make_model("timm_legacy_xception:fused:torch")
+    seps = [m for m in fused.modules() if isinstance(m, SeparableConvBN)]
+    assert len(seps) == 34 and {m.backend for m in seps} == {"torch"}
+    assert sum(p.numel() for p in fused.parameters()) == sum(p.numel() for p in plain.parameters())
+    assert {m.backend for m in bench.make_model("timm_legacy_xception:fused").modules()
+            if isinstance(m, SeparableConvBN)} == {"auto"}
+    with pytest.raises(ValueError, match="timm_legacy_xception:fused"):
+        bench.make_model("resnet50")

@@ -87,7 +87,8 @@ done
 step parity "$PY" -m xception_ops.cli parity --device cuda --json "$out/parity.json"
 # shellcheck disable=SC2086
 step bench_models "$PY" -m xception_ops.cli bench --out "$out/models" --no-layers \
-  ${BENCH_MODEL_ARGS:---dtypes bfloat16 --layouts NHWC --warmup 3 --reps 10}
+  ${BENCH_MODEL_ARGS:---dtypes bfloat16 --layouts NHWC --warmup 3 --reps 10 --models xception xception:cuda \
+  timm_legacy_xception timm_legacy_xception:fused:cuda inception_v3}
 # The end of the log and the summary, for a caller that sees only the tail of the output.
 grep -E "passed|failed|error|PASS|FAIL" "$log" | tail -n 15
 tail -n 60 "$out/bench.md" 2>/dev/null

@@ -321,16 +321,24 @@ def bench_layer(op: str, cin: int, cout: int, hw: int, batch: int, count: int, d
 # ---------------------------------------------------------------------------------------------- models
 
 def make_model(name: str) -> nn.Module:
+    """A contender by name: "xception[:BACKEND]" (ours), "timm_legacy_xception", "timm_legacy_xception:fused[:BACKEND]"
+    (timm's model through xception_ops.fuse: what fuse() does for an existing model) or "inception_v3"."""
     if name.startswith("xception"):
         from .models import xception
         return xception(backend=name.split(":", 1)[1] if ":" in name else "auto")
-    if name == "timm_legacy_xception":
+    if name == "timm_legacy_xception" or name.startswith("timm_legacy_xception:fused"):
         import timm
-        return timm.create_model("legacy_xception", pretrained=False)
+        model = timm.create_model("legacy_xception", pretrained=False)
+        if name == "timm_legacy_xception":
+            return model
+        from .fuse import fuse
+        backend = name.split(":", 2)[2] if name.count(":") == 2 else "auto"
+        return fuse(model, inplace=True, backend=backend)
     if name == "inception_v3":
         from torchvision.models import inception_v3
         return inception_v3(weights=None, aux_logits=False, init_weights=False)
-    raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)} (or xception:<backend>)")
+    raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)} (or xception:<backend>, "
+                     "timm_legacy_xception:fused[:<backend>])")
 
 
 def _reset_peak_memory(device: torch.device) -> None:

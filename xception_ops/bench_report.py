@@ -52,14 +52,15 @@ def format_tables(report: dict) -> str:
             lines.append(f"  {t['op']:<10}{t['dtype']:<10}{t['layout']:<7}{t['pass_']:<10}{t['impl']:<11}"
                          f"{t['total_ms']:10.3f} ms")
     if report["models"]:
-        lines += ["", f"{'model (Table 3)':<24}{'params':>12}{'dtype':>10}{'compiled':>9}{'train steps/s':>15}"
+        w = max(24, *(len(m["model"]) + 2 for m in report["models"]))  # the name column fits the longest name
+        lines += ["", f"{'model (Table 3)':<{w}}{'params':>12}{'dtype':>10}{'compiled':>9}{'train steps/s':>15}"
                       f"{'infer img/s':>13}{'peak GiB':>10}"]
         for m in report["models"]:
             if m["error"]:
-                lines.append(f"{m['model']:<24}  {m['error']}")
+                lines.append(f"{m['model']:<{w}}  {m['error']}")
                 continue
             peak = f"{m['peak_gib']:.2f}" if m["peak_gib"] == m["peak_gib"] else ""
-            lines.append(f"{m['model']:<24}{m['params']:>12,}{m['dtype']:>10}{str(m['compiled']):>9}"
+            lines.append(f"{m['model']:<{w}}{m['params']:>12,}{m['dtype']:>10}{str(m['compiled']):>9}"
                          f"{m['train_steps_per_s']:15.2f}{m['infer_images_per_s']:13.1f}{peak:>10}")
     return "\n".join(lines)
 
