@@ -32,19 +32,17 @@ Tensor depthwise_conv2d_backward_weight(const Tensor& grad_out, const Tensor& x,
                                         const float* in_scale = nullptr, const float* in_shift = nullptr,
                                         bool in_relu = false);
 
-// The separable forward (csrc/cuda/separable_backend.cpp), with the contract of reference::separable_conv2d: returns (out, sum, sumsq), the statistics float32 [out_channels] with
-// opt.compute_stats and empty otherwise.
+// The separable forward (csrc/cuda/separable_backend.cpp), with the contract of reference::separable_conv2d:
+// returns (out, sum, sumsq), the statistics float32 [out_channels] with opt.compute_stats and empty otherwise. Two
+// algorithms (XCEPTION_OPS_SEPARABLE_FORWARD=fused picks the first; the default is the second):
+//   fused   one kernel (kernels/separable.cuh): the depthwise result for a tile of pixels lives in shared memory
+//           only, the pointwise GEMM runs from there, the epilogue on its accumulators;
+//   staged  the depthwise kernels (prologue on load) into a transient buffer, then the fused kernel's GEMM and
+//           epilogue reading it, or a cuBLAS product and one pass for the epilogue and the statistics
+//           (separable_channel_pass_kernel). Nothing is stored for the backward, which recomputes it either way.
 std::tuple<Tensor, Tensor, Tensor> separable_conv2d(const Tensor& x, const Tensor& dw_weight,
                                                     const Tensor& pw_weight, const SeparableOptions& opt,
                                                     const Conv2dGeometry& g);
-
-// The forward's two algorithms (XCEPTION_OPS_SEPARABLE_FORWARD picks one; the default is "staged"):
-//   fused   one kernel (kernels/separable.cuh): the depthwise result for a tile of pixels lives in shared memory
-//           only, the pointwise GEMM runs from there, the epilogue on its accumulators;
-//   staged  the depthwise kernels (prologue on load), a cuBLAS matrix product, then one pass for the epilogue and
-//           the statistics (separable_channel_pass_kernel). The depthwise result is a transient buffer of the
-//           forward, freed at its end: nothing is stored for the backward, which recomputes it either way.
-enum class SeparableForward { Fused, Staged };
 
 // The depthwise stage of a separable conv, mid(dw(prologue(x))), in the dtype and x's memory format `fmt`, as the
 // staged forward and the backward compute it: the depthwise kernels apply the prologue as they read x where they

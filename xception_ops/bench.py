@@ -109,6 +109,11 @@ class Ceilings:
     matmul_tflops: dict[str, float] = field(default_factory=dict)  # by dtype (float32 without TF32)
 
 
+def kernel_settings() -> dict[str, str]:
+    """The XCEPTION_OPS_* variables in effect: those that pick kernels and implementations (README's table)."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("XCEPTION_OPS_")}
+
+
 def environment() -> dict:
     env = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "xception_ops": __version__,
            "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
@@ -118,9 +123,8 @@ def environment() -> dict:
         env["triton"] = triton.__version__
     except ImportError:
         env["triton"] = None
-    # The variables that pick kernels and implementations (README's table): rows measured under other ones measure
-    # other code.
-    env["kernel_settings"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("XCEPTION_OPS_")}
+    # Rows measured under other implementation choices measure other code.
+    env["kernel_settings"] = kernel_settings()
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         env.update(device="cuda", gpu=props.name, sm=f"{props.major}.{props.minor}", sms=props.multi_processor_count,

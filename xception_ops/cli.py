@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .bench import MODELS, PASSES
+from .bench import MODELS, PASSES, kernel_settings
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -35,8 +35,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         info["gpu"] = "none visible"
     ext = _library.EXTENSION
     info["compiled library"] = ext.__file__ if ext is not None else f"not loaded: {_library.LOAD_ERROR}"
-    # The variables that pick kernels and implementations (README's table), as bench reports record them.
-    settings = {k: v for k, v in sorted(os.environ.items()) if k.startswith("XCEPTION_OPS_")}
+    settings = kernel_settings()  # as bench reports record them
     info["settings"] = " ".join(f"{k}={v}" for k, v in settings.items()) or "none (the defaults)"
     statuses = backend.status()
     if args.json:

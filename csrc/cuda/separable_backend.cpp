@@ -45,8 +45,7 @@ const bool kRunTiles = env_is("XCEPTION_OPS_SEPARABLE_TILES", "runs");
 // staged form is the default since session 8: on the H100 (session 6) the fused kernel took 0.21-0.24 ms at
 // 728 -> 728 @19^2 where its parts, timed on their own, take ~0.02 (depthwise), ~0.03 (cuBLAS) and ~0.02 (one
 // pass): its depthwise stage waits on memory with 8 warps per SM.
-const SeparableForward kForwardAlgorithm =
-    env_is("XCEPTION_OPS_SEPARABLE_FORWARD", "fused") ? SeparableForward::Fused : SeparableForward::Staged;
+const bool kFusedForward = env_is("XCEPTION_OPS_SEPARABLE_FORWARD", "fused");
 // The staged form's product: by default by separable_staged_fused_gemm (kernels/separable_params.h); with
 // XCEPTION_OPS_SEPARABLE_STAGED_GEMM=cublas on cuBLAS followed by the epilogue pass everywhere, with =fused on
 // the fused kernel's GEMM and epilogue reading the depthwise result wherever that applies.
@@ -235,7 +234,7 @@ std::tuple<Tensor, Tensor, Tensor> separable_conv2d(const Tensor& x, const Tenso
   Tensor sum = at::empty({opt.compute_stats ? g.out_channels : 0}, stats_options);
   Tensor sumsq = at::empty({opt.compute_stats ? g.out_channels : 0}, stats_options);
   // (cuBLAS takes 32-bit dimensions: more pixels than that go to the fused kernel, which indexes in 64 bits.)
-  if (kForwardAlgorithm == SeparableForward::Staged && g.batch * g.out_h * g.out_w <= INT32_MAX) {
+  if (!kFusedForward && g.batch * g.out_h * g.out_w <= INT32_MAX) {
     return staged_forward(x, dw_weight, pw_weight, opt, g, fmt, dtype, sum, sumsq);
   }
   Tensor out = at::empty(out_shape, x.options().memory_format(fmt));

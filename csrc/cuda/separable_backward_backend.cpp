@@ -108,12 +108,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_con
   gd.out_channels = K;
   const bool prologue = opt.in_scale.has_value() || opt.in_shift.has_value() || opt.in_relu;
   DepthwiseStage stage = depthwise_stage(x, dw_weight, opt, g, fmt);
-  const Tensor input = stage.input;
-  const float* in_scale = stage.in_scale;
-  const float* in_shift = stage.in_shift;
-  const float* load_scale = stage.load_scale;
-  const float* load_shift = stage.load_shift;
-  const bool load_relu = stage.load_relu;
   Tensor d = std::move(stage.d), mid = std::move(stage.mid);
 
   // grad_pw = grad_y^T mid over the pixels: one matrix product on cuBLAS, float32 accumulation and (16-bit
@@ -137,7 +131,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_con
                                                  : at::where(d > 0, grad_mid, grad_mid * (at::elu(d) + 1));
     grad_dw_out = grad_dw_out.contiguous(fmt);
   }
-  const Tensor grad_dw = depthwise_conv2d_backward_weight(grad_dw_out, input, gd, load_scale, load_shift, load_relu);
+  const Tensor grad_dw = depthwise_conv2d_backward_weight(grad_dw_out, stage.input, gd, stage.load_scale,
+                                                             stage.load_shift, stage.load_relu);
   // The depthwise input gradient and the prologue's backward (the ReLU mask, in_scale, and the sums for in_scale /
   // in_shift): in one pass where the input gradient's strip kernels take it, else in a pass of their own over it.
   const int64_t ci = g.in_channels;
@@ -146,8 +141,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_con
   float* sums_ptr = in_sums ? prologue_sums.data_ptr<float>() : nullptr;
   Tensor grad_x;
   if (prologue) {
-    grad_x = depthwise_conv2d_backward_input_through_prologue(grad_dw_out, dw_weight, gd, fmt, x, in_scale, in_shift,
-                                                              opt.in_relu, sums_ptr);
+    grad_x = depthwise_conv2d_backward_input_through_prologue(grad_dw_out, dw_weight, gd, fmt, x, stage.in_scale,
+                                                              stage.in_shift, opt.in_relu, sums_ptr);
   }
   if (!grad_x.defined()) {
     const Tensor grad_input = depthwise_conv2d_backward_input(grad_dw_out, dw_weight, gd, fmt);
@@ -160,8 +155,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_con
       r.grad = view_of(grad_input);
       r.act = view_of(x);
       r.result = view_of(grad_x);
-      r.scale = in_scale;
-      r.vec_a = in_shift;
+      r.scale = stage.in_scale;
+      r.vec_a = stage.in_shift;
       r.relu = opt.in_relu;
       const int64_t in_tiles = channel_pass_tiles(r);
       Tensor ws = at::empty({reduce_rows_workspace(in_tiles, 2 * ci)}, x.options().dtype(at::kFloat));

@@ -45,7 +45,6 @@ struct ChannelVec {  // V channels of one pixel, as float32
 
 template <typename T, ChannelPass kKind, int V>
 __global__ void __launch_bounds__(256) separable_channel_pass_kernel(const ChannelPassParams q) {
-  constexpr bool kPrologue = kKind == ChannelPass::Prologue;
   constexpr int kThreads = 256;
   __shared__ int64_t offset[4][kChannelPassPixels];  // per pixel: its offset in grad, act, y and result
   __shared__ float row_sums[2][kThreads * V];        // [first / second][row group * lanes + lane][V]
@@ -87,7 +86,7 @@ __global__ void __launch_bounds__(256) separable_channel_pass_kernel(const Chann
       if constexpr (kKind != ChannelPass::Epilogue) {
         ChannelVec<T, V>::load(grad + offset[0][r] + c * q.grad.stride[1], g);
       }
-      if constexpr (kPrologue) {  // a = shift here
+      if constexpr (kKind == ChannelPass::Prologue) {  // a = shift here
         float xv[V];
         ChannelVec<T, V>::load(act + offset[1][r] + c * q.act.stride[1], xv);
 #pragma unroll
