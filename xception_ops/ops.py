@@ -14,13 +14,20 @@ from . import _library, backend as backends, checks, reference
 from .geometry import PaddingSpec, pair, resolve_padding
 
 
+@torch.compiler.assume_constant_result
+def _has_autocast(device_type: str) -> bool:
+    # A constant for torch.compile, which traces neither this builtin (torch 2.11: a graph break, so
+    # fullgraph=True fails) nor needs to: a device type has autocast or not for the whole process.
+    return torch.amp.is_autocast_available(device_type)
+
+
 def autocast_inputs(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
     """Under autocast, the convolution's tensors run in the autocast dtype, as torch's own convolutions do."""
     first = tensors[0]
     device_type = first.device.type
     # Devices without autocast (meta, for shape inference and deferred initialization) have nothing to cast; asking
     # torch.is_autocast_enabled about them raises.
-    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+    if not _has_autocast(device_type) or not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
