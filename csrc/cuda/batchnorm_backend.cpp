@@ -140,6 +140,7 @@ std::tuple<Tensor, Tensor, Tensor> scale_shift_backward(const Tensor& grad, cons
   r.scale = float_vector(scale, keep[0]);
   r.vec_a = float_vector(shift, keep[1]);
   r.relu = relu;
+  check_launch(kScaleShiftBwd, plan_channel_pass(r));
   const int64_t tiles = channel_pass_tiles(r);
   Tensor workspace = at::empty({reduce_rows_workspace(tiles, 2 * C)}, y.options().dtype(at::kFloat));
   r.partial = workspace.data_ptr<float>();

@@ -147,6 +147,7 @@ std::tuple<Tensor, Tensor, Tensor> staged_forward(const Tensor& x, const Tensor&
   e.scale = float_vector(opt.out_scale, keep[0]);
   e.vec_a = float_vector(opt.out_shift, keep[1]);
   e.relu = opt.out_relu;
+  check_launch(kForward, plan_channel_pass(e));
   const int64_t tiles = channel_pass_tiles(e);
   Tensor workspace;
   if (opt.compute_stats && tiles > 0) {

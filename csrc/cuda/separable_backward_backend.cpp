@@ -87,6 +87,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_con
   e.vec_a = float_vector(grad_sum, keep[1]);
   e.vec_b = float_vector(grad_sumsq, keep[2]);
   e.relu = opt.out_relu;
+  check_launch(kBackward, plan_channel_pass(e));
   const int64_t out_tiles = channel_pass_tiles(e);
   Tensor workspace = at::empty({reduce_rows_workspace(out_tiles, 2 * C)}, x.options().dtype(at::kFloat));
   e.partial = workspace.data_ptr<float>();
@@ -158,6 +159,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_con
       r.scale = stage.in_scale;
       r.vec_a = stage.in_shift;
       r.relu = opt.in_relu;
+      check_launch(kBackward, plan_channel_pass(r));
       const int64_t in_tiles = channel_pass_tiles(r);
       Tensor ws = at::empty({reduce_rows_workspace(in_tiles, 2 * ci)}, x.options().dtype(at::kFloat));
       r.partial = ws.data_ptr<float>();

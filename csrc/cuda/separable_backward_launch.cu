@@ -14,6 +14,12 @@ namespace {
 
 template <typename T, ChannelPass kKind>
 cudaError_t channel_pass(const ChannelPassParams& p, unsigned grid, cudaStream_t stream) {
+  if constexpr (kKind != ChannelPass::GradY) {
+    if (channel_pass_planes(p, kKind)) {
+      kernels::separable_plane_pass_kernel<T, kKind><<<grid, 256, 0, stream>>>(p);
+      return cudaGetLastError();
+    }
+  }
   if (channel_pass_vectors(p, static_cast<int>(sizeof(T)))) {
     kernels::separable_channel_pass_kernel<T, kKind, kSepVec><<<grid, 256, 0, stream>>>(p);
   } else {
@@ -54,7 +60,16 @@ cudaError_t prologue_apply(const DepthwiseTensor& x, const DepthwiseTensor& out,
 
 }  // namespace
 
+cudaError_t plan_channel_pass(ChannelPassParams& p) {
+  DeviceCaps caps;
+  const cudaError_t err = current_device_caps(&caps);
+  if (err != cudaSuccess) return err;
+  p.tile_pixels = channel_pass_tile_pixels(p.g.batch * p.h * p.w, caps.sms);
+  return cudaSuccess;
+}
+
 cudaError_t launch_channel_pass(const ChannelPassParams& p, DType dtype, ChannelPass kind, cudaStream_t stream) {
+  if (p.tile_pixels < 1 || p.tile_pixels > kChannelPassPixels) return cudaErrorInvalidValue;  // the shared arrays
   if (channel_pass_tiles(p) == 0) return cudaSuccess;
   switch (dtype) {
     case DType::Float32: return channel_pass<float>(p, kind, stream);

@@ -2,6 +2,7 @@
 //   separable_channel_pass_kernel     the element-wise passes with per-channel sums: grad_y from grad_out, and
 //                                     the prologue's backward (also the staged forward's epilogue, with the
 //                                     BatchNorm statistics: csrc/cuda/separable_backend.cpp);
+//   separable_plane_pass_kernel       the prologue and epilogue passes again, over NCHW tensors: coalesced there;
 //   prologue_apply_kernel             relu?(x * scale + shift), what the depthwise stage reads, for its gradients.
 // The matrix products (grad_pw, grad_mid) run on cuBLAS; the depthwise ones in kernels/depthwise.cuh.
 //
@@ -15,7 +16,7 @@ namespace xception_ops {
 namespace kernels {
 
 // ---- the element-wise passes (ChannelPassParams, ChannelPass) ----
-// Block b takes pixels [64 b, 64 b + 64) of the flattened (N, H, W) and every channel. A thread takes V
+// Block b takes pixels [t b, t b + t) of the flattened (N, H, W) and every channel (t = q.tile_pixels <= 64). A thread takes V
 // consecutive channels (V = kSepVec where every tensor has channels fastest and whole aligned vectors,
 // channel_pass_vectors; else 1): consecutive channel groups across a warp, coalesced where channels are fastest.
 // With fewer channel groups than threads, the threads left over split the pixels: `lanes` threads (a power of
@@ -43,15 +44,38 @@ struct ChannelVec {  // V channels of one pixel, as float32
   }
 };
 
+// One element of the prologue's backward: the gradient g of round(x * scale + shift) through its ReLU mask; adds
+// g x and g to the sums and returns g * scale (g without a scale vector).
+template <typename T>
+__device__ __forceinline__ float prologue_grad(float g, float xv, float scale, float shift, bool relu,
+                                               bool has_scale, float& first, float& second) {
+  if (relu && !(round_to<T>(fmaf(xv, scale, shift)) > 0.f)) g = 0.f;
+  first = fmaf(g, xv, first);
+  second += g;
+  return has_scale ? g * scale : g;
+}
+// One element of the epilogue: relu?(round(round(y * scale + shift) + residual)), rounded where the fused kernel
+// rounds (y itself where there is no scale or shift); adds y and y^2 to the sums.
+template <typename T>
+__device__ __forceinline__ float epilogue_value(float yv, float scale, float shift, bool residual, float res,
+                                                bool relu, float& first, float& second) {
+  first += yv;
+  second = fmaf(yv, yv, second);
+  float z = round_to<T>(fmaf(yv, scale, shift));
+  if (residual) z = round_to<T>(z + res);
+  return relu ? fmaxf(z, 0.f) : z;
+}
+
 template <typename T, ChannelPass kKind, int V>
 __global__ void __launch_bounds__(256) separable_channel_pass_kernel(const ChannelPassParams q) {
   constexpr int kThreads = 256;
   __shared__ int64_t offset[4][kChannelPassPixels];  // per pixel: its offset in grad, act, y and result
   __shared__ float row_sums[2][kThreads * V];        // [first / second][row group * lanes + lane][V]
   const int64_t pixels = q.g.batch * q.h * q.w, tile = blockIdx.x;
-  for (int e = threadIdx.x; e < 4 * kChannelPassPixels; e += blockDim.x) {
-    const int which = e / kChannelPassPixels, r = e % kChannelPassPixels;
-    const int64_t pix = tile * kChannelPassPixels + r;
+  const int tp = q.tile_pixels;
+  for (int e = threadIdx.x; e < 4 * tp; e += blockDim.x) {
+    const int which = e / tp, r = e % tp;
+    const int64_t pix = tile * tp + r;
     const int64_t w = pix % q.w, h = pix / q.w % q.h, n = pix / q.w / q.h;
     // (a switch, not an array of pointers to the params: that copied them to local memory)
     const int64_t* st = which == 0 ? q.grad.stride : which == 1 ? q.act.stride : which == 2 ? q.y.stride
@@ -62,12 +86,10 @@ __global__ void __launch_bounds__(256) separable_channel_pass_kernel(const Chann
   const T* grad = static_cast<const T*>(q.grad.data);
   const T* act = static_cast<const T*>(q.act.data);
   const T* y = static_cast<const T*>(q.y.data);
-  const int rows = static_cast<int>(pixels - tile * kChannelPassPixels < kChannelPassPixels
-                                        ? pixels - tile * kChannelPassPixels
-                                        : kChannelPassPixels);
+  const int rows = static_cast<int>(pixels - tile * tp < tp ? pixels - tile * tp : tp);
   const int64_t groups = (q.channels + V - 1) / V;  // V divides the channels on the vector path
   const int lanes = power_of_two_cover(groups, kThreads);
-  const int row_groups = kThreads / lanes, rows_per_group = (kChannelPassPixels + row_groups - 1) / row_groups;
+  const int row_groups = kThreads / lanes, rows_per_group = (tp + row_groups - 1) / row_groups;
   const int lane = threadIdx.x % lanes, rg = threadIdx.x / lanes;
   const int r_begin = rg * rows_per_group, r_end = rows < r_begin + rows_per_group ? rows : r_begin + rows_per_group;
   for (int64_t cg = lane; cg < groups; cg += lanes) {
@@ -91,10 +113,7 @@ __global__ void __launch_bounds__(256) separable_channel_pass_kernel(const Chann
         ChannelVec<T, V>::load(act + offset[1][r] + c * q.act.stride[1], xv);
 #pragma unroll
         for (int i = 0; i < V; ++i) {
-          if (q.relu && !(round_to<T>(fmaf(xv[i], scale[i], a[i])) > 0.f)) g[i] = 0.f;
-          first[i] = fmaf(g[i], xv[i], first[i]);
-          second[i] += g[i];
-          g[i] = q.scale != nullptr ? g[i] * scale[i] : g[i];
+          g[i] = prologue_grad<T>(g[i], xv[i], scale[i], a[i], q.relu, q.scale != nullptr, first[i], second[i]);
         }
         ChannelVec<T, V>::store(static_cast<T*>(q.result.data) + offset[3][r] + c * q.result.stride[1], g);
       } else if constexpr (kKind == ChannelPass::Epilogue) {  // a = out_shift; the sums of y and y^2
@@ -103,11 +122,7 @@ __global__ void __launch_bounds__(256) separable_channel_pass_kernel(const Chann
         if (act != nullptr) ChannelVec<T, V>::load(act + offset[1][r] + c * q.act.stride[1], res);
 #pragma unroll
         for (int i = 0; i < V; ++i) {
-          first[i] += yv[i];
-          second[i] = fmaf(yv[i], yv[i], second[i]);
-          float z = round_to<T>(fmaf(yv[i], scale[i], a[i]));  // y itself where there is no scale or shift
-          if (act != nullptr) z = round_to<T>(z + res[i]);
-          g[i] = q.relu ? fmaxf(z, 0.f) : z;
+          g[i] = epilogue_value<T>(yv[i], scale[i], a[i], act != nullptr, res[i], q.relu, first[i], second[i]);
         }
         if (q.result.data != nullptr) {
           ChannelVec<T, V>::store(static_cast<T*>(q.result.data) + offset[3][r] + c * q.result.stride[1], g);
@@ -129,7 +144,7 @@ __global__ void __launch_bounds__(256) separable_channel_pass_kernel(const Chann
           second[i] += g[i];
           gy[i] = fmaf(2.f * yv[i], b[i], fmaf(g[i], scale[i], a[i]));
         }
-        ChannelVec<T, V>::store(static_cast<T*>(q.grad_y) + (tile * kChannelPassPixels + r) * q.channels + c, gy);
+        ChannelVec<T, V>::store(static_cast<T*>(q.grad_y) + (tile * tp + r) * q.channels + c, gy);
       }
     }
     if (q.partial == nullptr) continue;  // no sums asked for (the epilogue without statistics)
@@ -156,6 +171,86 @@ __global__ void __launch_bounds__(256) separable_channel_pass_kernel(const Chann
     float sum = 0.f;
     for (int g2 = 0; g2 < row_groups; ++g2) sum += row_sums[which][(g2 * lanes + cg) * V + i];
     q.partial[tile * 2 * q.channels + which * q.channels + c] = sum;
+  }
+}
+
+// The prologue and epilogue passes over tensors whose pixels are fastest (NCHW; channel_pass_planes), the same
+// elements and results as separable_channel_pass_kernel, mapped the other way: a warp's lanes take consecutive
+// pixels of one channel, so that its accesses are coalesced (the channel-fastest mapping has a warp read 32
+// channels a plane apart). Block b takes the same pixels [t b, t b + t); thread i pixel i % 64 and, of each step
+// of kPlaneChunk channels, every 4th from i / 64. The per-channel sums go through shared memory transposed: each
+// of 8 row groups adds its 8 pixels in order, then the row groups are added in order, so the partial row of the
+// block is the same on every run (not the other kernel's bits: another order).
+constexpr int kPlaneChunk = 32;
+template <typename T, ChannelPass kKind>
+__global__ void __launch_bounds__(256) separable_plane_pass_kernel(const ChannelPassParams q) {
+  static_assert(kKind != ChannelPass::GradY, "grad_y is written channel-fastest: separable_channel_pass_kernel");
+  constexpr int kThreads = 256, kSlots = kThreads / kChannelPassPixels, kRowGroups = kThreads / kPlaneChunk;
+  constexpr int kGroupRows = kChannelPassPixels / kRowGroups;
+  __shared__ int64_t offset[4][kChannelPassPixels];
+  __shared__ float stat[2][kPlaneChunk][kChannelPassPixels + 1];  // [sum][channel][pixel], padded: no conflicts
+  __shared__ float row_sums[2][kRowGroups][kPlaneChunk];
+  const int64_t pixels = q.g.batch * q.h * q.w, tile = blockIdx.x;
+  const int tp = q.tile_pixels;
+  for (int e = threadIdx.x; e < 4 * tp; e += blockDim.x) {
+    const int which = e / tp, r = e % tp;
+    const int64_t pix = tile * tp + r;
+    const int64_t w = pix % q.w, h = pix / q.w % q.h, n = pix / q.w / q.h;
+    const int64_t* st = which == 0 ? q.grad.stride : which == 1 ? q.act.stride : which == 2 ? q.y.stride
+                                                                                              : q.result.stride;
+    offset[which][r] = pix < pixels ? n * st[0] + h * st[2] + w * st[3] : -1;
+  }
+  __syncthreads();
+  const T* grad = static_cast<const T*>(q.grad.data);
+  const T* act = static_cast<const T*>(q.act.data);
+  const T* y = static_cast<const T*>(q.y.data);
+  T* result = static_cast<T*>(q.result.data);
+  const int rows = static_cast<int>(pixels - tile * tp < tp ? pixels - tile * tp : tp);
+  const int r = threadIdx.x % kChannelPassPixels, slot = threadIdx.x / kChannelPassPixels;
+  for (int64_t c0 = 0; c0 < q.channels; c0 += kPlaneChunk) {
+#pragma unroll 4  // several channels' loads in flight per thread
+    for (int cl = slot; cl < kPlaneChunk; cl += kSlots) {
+      const int64_t c = c0 + cl;
+      float first = 0.f, second = 0.f;
+      if (r < rows && c < q.channels) {
+        const float scale = q.scale != nullptr ? q.scale[c] : 1.f, a = q.vec_a != nullptr ? q.vec_a[c] : 0.f;
+        if constexpr (kKind == ChannelPass::Prologue) {  // a = in_shift
+          const float g = Elem<T>::load(grad + offset[0][r] + c * q.grad.stride[1]);
+          const float xv = Elem<T>::load(act + offset[1][r] + c * q.act.stride[1]);
+          Elem<T>::store(result + offset[3][r] + c * q.result.stride[1],
+                         prologue_grad<T>(g, xv, scale, a, q.relu, q.scale != nullptr, first, second));
+        } else {  // a = out_shift; the sums of y and y^2
+          const float yv = Elem<T>::load(y + offset[2][r] + c * q.y.stride[1]);
+          const float res = act != nullptr ? Elem<T>::load(act + offset[1][r] + c * q.act.stride[1]) : 0.f;
+          const float z = epilogue_value<T>(yv, scale, a, act != nullptr, res, q.relu, first, second);
+          if (result != nullptr) Elem<T>::store(result + offset[3][r] + c * q.result.stride[1], z);
+        }
+      }
+      if (q.partial != nullptr) {
+        stat[0][cl][r] = first;  // zeros past the last pixel or channel
+        stat[1][cl][r] = second;
+      }
+    }
+    if (q.partial == nullptr) continue;  // uniform across the block
+    __syncthreads();
+    {
+      const int cl = threadIdx.x % kPlaneChunk, rg = threadIdx.x / kPlaneChunk;
+      float s0 = 0.f, s1 = 0.f;
+      for (int i = rg * kGroupRows; i < rg * kGroupRows + kGroupRows; ++i) {
+        s0 += stat[0][cl][i];
+        s1 += stat[1][cl][i];
+      }
+      row_sums[0][rg][cl] = s0;
+      row_sums[1][rg][cl] = s1;
+    }
+    __syncthreads();
+    if (threadIdx.x < 2 * kPlaneChunk) {
+      const int which = threadIdx.x / kPlaneChunk, cl = threadIdx.x % kPlaneChunk;
+      float sum = 0.f;
+      for (int rg = 0; rg < kRowGroups; ++rg) sum += row_sums[which][rg][cl];
+      if (c0 + cl < q.channels) q.partial[tile * 2 * q.channels + which * q.channels + c0 + cl] = sum;
+    }
+    __syncthreads();  // stat and row_sums are rewritten by the next step
   }
 }
 

@@ -319,8 +319,17 @@ struct ChannelPassParams {
   const float* vec_b = nullptr;  // grad_sumsq
   bool relu = false;
   float* partial = nullptr;      // [tiles][2 channels]
+  int tile_pixels = 64;          // pixels per block, at most kChannelPassPixels (channel_pass_tile_pixels)
 };
 constexpr int kChannelPassPixels = 64;
+// Pixels per block of the passes: 64, halved (down to 8) while that leaves fewer than 4 blocks per multiprocessor.
+// At 19^2 and 10^2 (batch 32) 64-pixel tiles gave 180 and 50 blocks for 132 SMs, each thread walking 32-64
+// pixels one load after another: the pass waited on memory latency with most of the GPU idle.
+XO_HOST_DEVICE inline int channel_pass_tile_pixels(int64_t pixels, int sms) {
+  int t = kChannelPassPixels;
+  while (t > 8 && (pixels + t - 1) / t < 4 * static_cast<int64_t>(sms)) t /= 2;
+  return t;
+}
 // Whether the passes can move kSepVec channels per access: every tensor they touch has channels fastest and whole
 // aligned vectors (grad_y, pixel-major with `channels` per row, needs only its alignment).
 XO_HOST_DEVICE inline bool channel_pass_vectors(const ChannelPassParams& p, int dtype_bytes) {
@@ -330,8 +339,16 @@ XO_HOST_DEVICE inline bool channel_pass_vectors(const ChannelPassParams& p, int 
   return p.channels % kSepVec == 0 && ok(p.grad) && ok(p.act) && ok(p.y) && ok(p.result) &&
          reinterpret_cast<uintptr_t>(p.grad_y) % (kSepVec * dtype_bytes) == 0;
 }
+// Whether a prologue or epilogue pass runs pixel-fastest (separable_plane_pass_kernel): every tensor it touches has
+// its pixels fastest and its channels not (NCHW). grad_y's pass writes channel-fastest rows: never.
+XO_HOST_DEVICE inline bool channel_pass_planes(const ChannelPassParams& p, ChannelPass kind) {
+  auto planar = [&](const DepthwiseTensor& t) {
+    return t.data == nullptr || (t.stride[3] == 1 && (p.channels == 1 || t.stride[1] != 1));
+  };
+  return kind != ChannelPass::GradY && planar(p.grad) && planar(p.act) && planar(p.y) && planar(p.result);
+}
 XO_HOST_DEVICE inline int64_t channel_pass_tiles(const ChannelPassParams& p) {
-  return (p.g.batch * p.h * p.w + kChannelPassPixels - 1) / kChannelPassPixels;
+  return (p.g.batch * p.h * p.w + p.tile_pixels - 1) / p.tile_pixels;
 }
 
 // ---- launchers (cuda/separable_launch.cu, cuda/separable_backward_launch.cu) ----
@@ -343,6 +360,9 @@ cudaError_t launch_separable_forward(const SeparableParams& p, DType dtype, Poin
                                      float* sum, float* sumsq, cudaStream_t stream);
 
 
+// Sets p.tile_pixels for the current device (channel_pass_tile_pixels); p.g, p.h and p.w must be set. Callers
+// size the statistics' workspace by channel_pass_tiles(p) after it.
+cudaError_t plan_channel_pass(ChannelPassParams& p);
 // The element-wise passes (ChannelPassParams) of the given kind.
 cudaError_t launch_channel_pass(const ChannelPassParams& p, DType dtype, ChannelPass kind, cudaStream_t stream);
 // relu?(round(x * scale + shift)) into `out` (any strides), elementwise.

@@ -481,11 +481,18 @@ TEST_CASE(tf32_mode_compiles_to_the_same_ffma_path_on_the_host) {
   check_case<float, PointwiseMath::Tf32>(kTrain, true, true, kBigSmem, 132, 1e-5, "tf32 mode");
 }
 
-// One launch of separable_channel_pass_kernel as cuda/separable_backward_launch.cu makes it: a block per 64
-// pixels, kSepVec channels per access where `vectors` (the launcher's channel_pass_vectors).
+// One launch of the pass as cuda/separable_backward_launch.cu makes it: a block per q.tile_pixels pixels;
+// separable_plane_pass_kernel where every tensor is NCHW (channel_pass_planes), else separable_channel_pass_kernel
+// with kSepVec channels per access where `vectors` (the launcher's channel_pass_vectors).
 template <typename T, ChannelPass kKind>
 void emulate_channel_pass(const ChannelPassParams& q, bool vectors) {
   const dim3 grid(static_cast<unsigned>(channel_pass_tiles(q)));
+  if constexpr (kKind != ChannelPass::GradY) {
+    if (channel_pass_planes(q, kKind)) {
+      emulate_launch(kernels::separable_plane_pass_kernel<T, kKind>, grid, dim3(256), q);
+      return;
+    }
+  }
   if (vectors) {
     emulate_launch(kernels::separable_channel_pass_kernel<T, kKind, kSepVec>, grid, dim3(256), q);
   } else {
@@ -497,7 +504,8 @@ void emulate_channel_pass(const ChannelPassParams& q, bool vectors) {
 // prologue's backward (ReLU mask of round(x * scale + shift), grad_x, the sums), against float64 loops.
 template <typename T>
 void check_channel_pass(bool prologue, bool channels_last, bool relu, bool with_vectors, double tol, const char* what,
-                        int64_t c = 37, bool y_same_layout = false, bool expect_vector_path = false) {
+                        int64_t c = 37, bool y_same_layout = false, bool expect_vector_path = false,
+                        int tile_pixels = kChannelPassPixels) {
   std::mt19937 rng(static_cast<unsigned>(prologue * 7 + channels_last * 3 + relu + with_vectors * 11 + c));
   std::normal_distribution<float> normal(0.f, 1.f);
   const int64_t n = 2, h = 9, w = 11, pixels = n * h * w;  // 198 pixels: 4 blocks, the last partial
@@ -527,6 +535,7 @@ void check_channel_pass(bool prologue, bool channels_last, bool relu, bool with_
   q.vec_a = with_vectors ? va.data() : nullptr;
   q.vec_b = with_vectors && !prologue ? vb.data() : nullptr;
   q.relu = relu;
+  q.tile_pixels = tile_pixels;
   const int64_t tiles = channel_pass_tiles(q);
   std::vector<float> partial(reduce_rows_workspace(tiles, 2 * c), std::nanf(""));
   q.partial = partial.data();
@@ -630,6 +639,16 @@ TEST_CASE(backward_elementwise_passes) {
         }
       }
     }
+    // Smaller tiles (channel_pass_tile_pixels, for layers of few pixels): 8 pixels (25 blocks, the last of 6
+    // pixels; at 8 channels 128 row groups of which 8 have a pixel) and 16, in both layouts.
+    for (int tile : {8, 16}) {
+      for (bool cl : {false, true}) {
+        check_channel_pass<__nv_bfloat16>(prologue, cl, true, true, 8e-3, "bf16 small tiles", 8, true, cl, tile);
+        check_channel_pass<float>(prologue, cl, false, true, 1e-6, "fp32 small tiles", 1040, true, cl, tile);
+        check_channel_pass<__half>(prologue, cl, true, true, 2e-3, "fp16 small tiles, scalar", 37, false, false,
+                                   tile);
+      }
+    }
   }
   // relu?(round(x * scale + shift)) elementwise: strides of its own on each side (one channel per access), and
   // both channels-last (4 per access, as the launcher picks when both are vectorizable).
@@ -645,6 +664,8 @@ struct EpilogueCase {
   int64_t c;
   bool cl, res_cl, affine, residual, relu, in_place, stats, store;
   bool expect_vectors;
+  int tile_pixels = kChannelPassPixels;
+  bool res_padded = false;  // the residual NCHW with rows 3 elements longer than its width (a slice's strides)
 };
 
 template <typename T>
@@ -652,7 +673,7 @@ void check_epilogue_pass(const EpilogueCase& k, double tol, const char* what) {
   std::mt19937 rng(static_cast<unsigned>(k.c * 5 + k.cl + 2 * k.affine + 4 * k.residual + 8 * k.relu + 16 * k.in_place));
   std::normal_distribution<float> normal(0.f, 1.f);
   const int64_t n = 2, h = 9, w = 11, c = k.c, pixels = n * h * w;  // 198 pixels: 4 blocks, the last partial
-  std::vector<T> y(n * c * h * w), res(y.size()), out(y.size(), from_float<T>(std::nanf("")));
+  std::vector<T> y(n * c * h * w), res(n * c * h * (w + 3)), out(y.size(), from_float<T>(std::nanf("")));
   for (auto& v : y) v = from_float<T>(normal(rng));
   for (auto& v : res) v = from_float<T>(normal(rng));
   const std::vector<T> y_before = y;
@@ -665,12 +686,17 @@ void check_epilogue_pass(const EpilogueCase& k, double tol, const char* what) {
   strides(c, h, w, k.cl, q.y.stride);
   strides(c, h, w, k.cl, q.result.stride);
   strides(c, h, w, k.res_cl, q.act.stride);
+  if (k.res_padded) {
+    const int64_t padded[4] = {c * h * (w + 3), h * (w + 3), w + 3, 1};
+    std::copy(padded, padded + 4, q.act.stride);
+  }
   q.y.data = y.data();
   q.act.data = k.residual ? res.data() : nullptr;
   q.result.data = !k.store ? nullptr : k.in_place ? static_cast<void*>(y.data()) : out.data();
   q.scale = k.affine ? scale.data() : nullptr;
   q.vec_a = k.affine ? shift.data() : nullptr;
   q.relu = k.relu;
+  q.tile_pixels = k.tile_pixels;
   const int64_t tiles = channel_pass_tiles(q);
   std::vector<float> partial(reduce_rows_workspace(tiles, 2 * c), std::nanf(""));
   q.partial = k.stats ? partial.data() : nullptr;
@@ -740,6 +766,44 @@ TEST_CASE(staged_forward_epilogue_pass) {
   check_epilogue_pass<float>({37, false, false, false, false, false, false, true, false, false}, 1e-7, "sums only");
   check_epilogue_pass<__nv_bfloat16>({132, true, true, false, false, false, false, true, false, true}, 1e-7,
                                      "sums only, vectors");
+  // Tiles of 8 and 16 pixels (channel_pass_tile_pixels): in place with statistics, vectors and not.
+  for (int tile : {8, 16}) {
+    check_epilogue_pass<__nv_bfloat16>({132, true, true, true, true, false, true, true, true, true, tile}, 1e-7,
+                                       "small tiles, vectors");
+    check_epilogue_pass<float>({37, false, false, true, false, true, true, true, true, false, tile}, 1e-7,
+                               "small tiles, nchw");
+  }
+  // A residual with strides of its own, NCHW like y (the pixel-fastest pass): 40 channels, two steps of 32.
+  check_epilogue_pass<__nv_bfloat16>({40, false, false, true, true, true, false, true, true, false, 16, true}, 1e-7,
+                                     "padded residual");
+}
+
+TEST_CASE(plane_pass_choice) {
+  // The prologue and epilogue passes run pixel-fastest where every tensor they touch is NCHW; grad_y never.
+  ChannelPassParams q;
+  q.g.batch = 2;
+  q.channels = 16, q.h = 3, q.w = 5;
+  float buffer[1];
+  for (DepthwiseTensor* t : {&q.y, &q.result, &q.act}) {
+    t->data = buffer;
+    strides(16, 3, 5, false, t->stride);
+  }
+  EXPECT(channel_pass_planes(q, ChannelPass::Epilogue));
+  EXPECT(!channel_pass_planes(q, ChannelPass::GradY));
+  strides(16, 3, 5, true, q.act.stride);  // a channels-last residual
+  EXPECT(!channel_pass_planes(q, ChannelPass::Epilogue));
+  q.act.data = nullptr;  // no residual
+  EXPECT(channel_pass_planes(q, ChannelPass::Epilogue));
+}
+
+TEST_CASE(channel_pass_tile_choice) {
+  // 64 pixels while that gives 4 blocks per multiprocessor, then halved, never under 8.
+  EXPECT(channel_pass_tile_pixels(32 * 147 * 147, 132) == 64);
+  EXPECT(channel_pass_tile_pixels(32 * 19 * 19, 132) == 16);  // 180 blocks of 64; 722 of 16
+  EXPECT(channel_pass_tile_pixels(32 * 10 * 10, 132) == 8);   // 400 blocks of 8
+  EXPECT(channel_pass_tile_pixels(1, 132) == 8);
+  EXPECT(channel_pass_tile_pixels(64 * 4 * 132, 132) == 64);
+  EXPECT(channel_pass_tile_pixels(64 * 4 * 132 - 64, 132) == 32);
 }
 
 // ---- the depthwise kernels: the launchers' plans (cuda/depthwise_launch.cu), emulated ----
