@@ -7,19 +7,24 @@
 #   PYTEST_ARGS   extra pytest arguments for the test steps, split on spaces without quote handling (e.g.
 #                 "--maxfail=20 --deselect tests/test_x.py::test_y"; a -k expression cannot contain spaces)
 #   GPU_TESTS     the test files or folders of the gpu_tests step (default: tests)
-#   BENCH_ARGS    arguments of the layer benchmark; BENCH_MODEL_ARGS those of the model benchmark
+#   BENCH_ARGS    arguments of the layer benchmark (default: the quick one, bf16 channels-last on every backend and
+#                 float32 NCHW inference on cuda and cuDNN, ~4 min on an H200; `make bench` runs them all: ~10 min
+#                 for the layers alone); BENCH_MODEL_ARGS those of the model benchmark
+#   PROFILE_SHAPES  the layers of the profile step (cin,cout,hw each); PROFILE_IMPLS its implementations (cuda eager)
+#   FORWARD_VARIANTS  the forward step's variants, NAME:SETTING[,SETTING...] each (default: all five, below)
 #   STEP_TIMEOUT  seconds after which a step is stopped (default 600), so one hang does not eat the others' time
 #   GPU_XDIST_WORKERS / XDIST_WORKERS   pytest-xdist processes for the CUDA tests (4) and the Triton tests (nproc)
 # Each step runs even if an earlier one failed; the exit status is non-zero if any failed. Everything printed goes
-# to OUT_DIR/gpu_check.log; results to parity.json, bench.{json,md} (layers), sweep-*.json (the depthwise kernels
-# alone), forward-*/bench.{json,md} (the separable forward's implementations) and models/bench.{json,md}.
+# to OUT_DIR/gpu_check.log; results to parity.json, bench.{json,md} and nchw-fp32/bench.{json,md} (layers),
+# sweep-*.json (the depthwise kernels alone), forward-*/bench.{json,md} (the separable forward's implementations),
+# profile-*.txt (the kernels of a layer's passes) and models/bench.{json,md}.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-gpu-check}}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
-STEPS="${STEPS:-build install info gpu_tests triton_tests bench_layers sweep forward parity bench_models}"
+STEPS="${STEPS:-build install info gpu_tests triton_tests forward profile bench_layers sweep parity bench_models}"
 status=0
 log="$out/gpu_check.log"
 summary=""
@@ -64,26 +69,44 @@ step gpu_tests env XO_TEST_SEED="$seed" "$PY" -m pytest -m gpu -q -p no:cachepro
 # shellcheck disable=SC2086
 step triton_tests env XCEPTION_OPS_TRITON_AUTOTUNE=0 XO_TEST_SEED="$seed" "$PY" -m pytest -q -p no:cacheprovider -rfE $xdist \
   ${PYTEST_ARGS:-} tests/test_triton_kernels.py tests/test_triton_backend.py
-# shellcheck disable=SC2086
-step bench_layers "$PY" -m xception_ops.cli bench --out "$out" --no-models ${BENCH_ARGS:---warmup 5 --reps 20}
-# The depthwise kernels alone against cuDNN, with the strip kernels and without (tools/depthwise_sweep.py): bf16
-# channels-last and float32 NCHW.
-step sweep "$PY" tools/depthwise_sweep.py --settings auto off --json "$out/sweep-nhwc-bf16.json"
-step sweep "$PY" tools/depthwise_sweep.py --settings auto off --layout NCHW --dtype float32 \
-  --json "$out/sweep-nchw-fp32.json"
 # The separable forward's implementations, each in its own process (read when the library loads), on the cuda
 # backend's layers in bf16 channels-last: the staged form (the default), its product on cuBLAS and an epilogue
 # pass everywhere, its product on the fused kernel's GEMM everywhere, the fused kernel on flat tiles and on run
 # tiles.
 fused=XCEPTION_OPS_SEPARABLE_FORWARD=fused
 gemm=XCEPTION_OPS_SEPARABLE_STAGED_GEMM
-for variant in staged:XCEPTION_OPS_SEPARABLE_FORWARD=staged staged-cublas:$gemm=cublas staged-fused:$gemm=fused \
-  fused:$fused runs:$fused,XCEPTION_OPS_SEPARABLE_TILES=runs; do
+for variant in ${FORWARD_VARIANTS:-staged:XCEPTION_OPS_SEPARABLE_FORWARD=staged staged-cublas:$gemm=cublas \
+  staged-fused:$gemm=fused fused:$fused runs:$fused,XCEPTION_OPS_SEPARABLE_TILES=runs}; do
   # shellcheck disable=SC2046
   step forward env $(echo "${variant#*:}" | tr , ' ') "$PY" -m xception_ops.cli bench \
     --out "$out/forward-${variant%%:*}" --no-models --backends cuda --ops separable --dtypes bfloat16 \
     --layouts NHWC --warmup 3 --reps 10
 done
+# Where each implementation spends a layer's passes: its kernels by GPU time (torch.profiler), cuda and cuDNN,
+# inference and training, bf16 channels-last.
+for impl in ${PROFILE_IMPLS:-cuda eager}; do
+  for pass_ in inference training; do
+    # shellcheck disable=SC2086
+    step profile "$PY" tools/profile_training.py --impl $impl --pass $pass_ \
+      --shapes ${PROFILE_SHAPES:-64,128,147 128,128,147 256,728,37 728,728,37 728,728,19 1024,1536,10} \
+      --out "$out/profile-$impl-$pass_.txt"
+  done
+done
+# The quick layer benchmark (BENCH_ARGS replaces both runs).
+if [ -n "${BENCH_ARGS:-}" ]; then
+  # shellcheck disable=SC2086
+  step bench_layers "$PY" -m xception_ops.cli bench --out "$out" --no-models ${BENCH_ARGS}
+else
+  step bench_layers "$PY" -m xception_ops.cli bench --out "$out" --no-models --dtypes bfloat16 --layouts NHWC \
+    --warmup 5 --reps 20
+  step bench_layers "$PY" -m xception_ops.cli bench --out "$out/nchw-fp32" --no-models --dtypes float32 \
+    --layouts NCHW --passes inference --backends cuda --warmup 5 --reps 20
+fi
+# The depthwise kernels alone against cuDNN, with the strip kernels and without (tools/depthwise_sweep.py): bf16
+# channels-last and float32 NCHW.
+step sweep "$PY" tools/depthwise_sweep.py --settings auto off --json "$out/sweep-nhwc-bf16.json"
+step sweep "$PY" tools/depthwise_sweep.py --settings auto off --layout NCHW --dtype float32 \
+  --json "$out/sweep-nchw-fp32.json"
 step parity "$PY" -m xception_ops.cli parity --device cuda --json "$out/parity.json"
 # shellcheck disable=SC2086
 step bench_models "$PY" -m xception_ops.cli bench --out "$out/models" --no-layers \

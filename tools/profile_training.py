@@ -33,11 +33,18 @@ def main() -> None:
     parser.add_argument("--passes", type=int, default=3, help="profiled passes per layer (after 3 warm-ups)")
     parser.add_argument("--rows", type=int, default=14, help="kernels listed per layer")
     parser.add_argument("--trace", metavar="DIR", help="also record the CPU side; write a Chrome trace per layer here")
+    parser.add_argument("--out", metavar="FILE", help="also write the tables to this file")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_training.py needs a CUDA GPU")
     device = torch.device("cuda")
     impl = args.impl if args.impl == "eager" else f"xo:{args.impl}"
+    lines: list[str] = []
+
+    def emit(line: str) -> None:
+        print(line, flush=True)
+        lines.append(line)
+
     for shape in args.shapes:
         cin, cout, hw = (int(v) for v in shape.split(","))
         run = layer_runner("separable", impl, cin, cout, hw, args.batch, getattr(torch, args.dtype), args.layout,
@@ -64,11 +71,22 @@ def main() -> None:
         events.sort(key=lambda e: e.self_device_time_total, reverse=True)
         total = sum(e.self_device_time_total for e in events) / args.passes / 1000
         launches = sum(e.count for e in events) / args.passes
-        print(f"=== {impl} {cin}->{cout} @{hw}^2 {args.dtype} {args.layout} {args.pass_}: {wall:.3f} ms per pass, "
-              f"{total:.3f} ms of it in {launches:.0f} kernels")
+        emit(f"=== {impl} {cin}->{cout} @{hw}^2 {args.dtype} {args.layout} {args.pass_}: {wall:.3f} ms per pass, "
+             f"{total:.3f} ms of it in {launches:.0f} kernels")
         for e in events[:args.rows]:
             ms = e.self_device_time_total / args.passes / 1000
-            print(f"  {ms:8.3f} ms  {e.count // args.passes:3d}x  {e.key[:110]}")
+            emit(f"  {ms:8.3f} ms  {e.count // args.passes:3d}x  {e.key[:110]}")
+        if args.trace:  # the CPU side: operators by their own CPU time (what a launch-bound pass waits on)
+            cpu = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+            cpu.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+            host = sum(e.self_cpu_time_total for e in cpu) / args.passes / 1000
+            emit(f"  CPU: {host:.3f} ms of operators' own time per pass; the most:")
+            for e in cpu[:args.rows]:
+                ms = e.self_cpu_time_total / args.passes / 1000
+                emit(f"  {ms:8.3f} ms  {e.count // args.passes:3d}x  {e.key[:110]}")
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
