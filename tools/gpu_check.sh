@@ -10,7 +10,8 @@
 #   BENCH_ARGS    arguments of the layer benchmark (default: the quick one, bf16 channels-last on every backend and
 #                 float32 NCHW inference on cuda and cuDNN, ~4 min on an H200; `make bench` runs them all: ~10 min
 #                 for the layers alone); BENCH_MODEL_ARGS those of the model benchmark
-#   PROFILE_SHAPES  the layers of the profile step (cin,cout,hw each); PROFILE_IMPLS its implementations (cuda eager)
+#   PROFILE_SHAPES  the layers of the profile step (cin,cout,hw each); PROFILE_IMPLS its implementations (cuda eager),
+#                 PROFILE_PASSES its passes (inference training)
 #   FORWARD_VARIANTS  the forward step's variants, NAME:SETTING[,SETTING...] each (default: all five, below)
 #   STEP_TIMEOUT  seconds after which a step is stopped (default 600), so one hang does not eat the others' time
 #   GPU_XDIST_WORKERS / XDIST_WORKERS   pytest-xdist processes for the CUDA tests (4) and the Triton tests (nproc)
@@ -85,7 +86,7 @@ done
 # Where each implementation spends a layer's passes: its kernels by GPU time (torch.profiler), cuda and cuDNN,
 # inference and training, bf16 channels-last.
 for impl in ${PROFILE_IMPLS:-cuda eager}; do
-  for pass_ in inference training; do
+  for pass_ in ${PROFILE_PASSES:-inference training}; do
     # shellcheck disable=SC2086
     step profile "$PY" tools/profile_training.py --impl $impl --pass $pass_ \
       --shapes ${PROFILE_SHAPES:-64,128,147 128,128,147 256,728,37 728,728,37 728,728,19 1024,1536,10} \
