@@ -19,15 +19,16 @@ Tensor depthwise_conv2d(const Tensor& x, const Tensor& weight, const OptTensor& 
 Tensor depthwise_conv2d_backward_input(const Tensor& grad_out, const Tensor& weight, const Conv2dGeometry& g,
                                        at::MemoryFormat fmt);
 // The input gradient of a depthwise stage that read relu?(x * in_scale + in_shift) (rounded to the dtype), taken
-// through that prologue's backward in the same pass: the gradient of x; and where `sums` is not null (float32,
-// 2 * in_channels on the device) the per-channel sums of g * x and g (g: the gradient of the prologue's output
-// through its ReLU mask), the gradients of in_scale and in_shift, in a fixed order. Undefined where the input
-// gradient's strip kernels do not take this shape and layout (depthwise_dgrad_prologue_rows): the caller then
-// applies the prologue's backward to depthwise_conv2d_backward_input's result itself.
+// through that prologue's backward in the same pass: the gradient of x; and where `sum_gx` is not null (it and
+// `sum_g`: float32, in_channels each, on the device) the per-channel sums of g * x and g (g: the gradient of the
+// prologue's output through its ReLU mask), the gradients of in_scale and in_shift, in a fixed order. Undefined
+// where the input gradient's strip kernels do not take this shape and layout (depthwise_dgrad_prologue_rows): the
+// caller then applies the prologue's backward to depthwise_conv2d_backward_input's result itself.
 Tensor depthwise_conv2d_backward_input_through_prologue(const Tensor& grad_out, const Tensor& weight,
                                                         const Conv2dGeometry& g, at::MemoryFormat fmt,
                                                         const Tensor& x, const float* in_scale,
-                                                        const float* in_shift, bool in_relu, float* sums);
+                                                        const float* in_shift, bool in_relu, float* sum_gx,
+                                                        float* sum_g);
 Tensor depthwise_conv2d_backward_weight(const Tensor& grad_out, const Tensor& x, const Conv2dGeometry& g,
                                         const float* in_scale = nullptr, const float* in_shift = nullptr,
                                         bool in_relu = false);

@@ -360,6 +360,9 @@ def check_backward(shape, opts, dtype, layout):
             assert err <= bound, f"{name}: relative error {err:.3g} > {bound:.3g} (twice PyTorch's, plus a floor)"
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     assert got[0].is_contiguous(memory_format=fmt)
+    # No two outputs share memory (the per-channel pairs were once two halves of one buffer).
+    storages = [g.untyped_storage().data_ptr() for g in got if g.numel() > 0]
+    assert len(storages) == len(set(storages)), "outputs alias each other"
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -127,3 +127,6 @@ def test_cuda_kernels_match_the_reference(dtype, channels, channels_last):
         want_b = OPS.scale_shift_backward(grad, y, scale, shift, relu, "torch")
         for g, w in zip(got_b, want_b):
             assert g.dtype == w.dtype and relative_error(g, w) <= 1e-5
+        # Each output in memory of its own (an op's outputs must not alias: the sums of scale and shift came from
+        # one buffer once).
+        assert got_b[1].untyped_storage().data_ptr() != got_b[2].untyped_storage().data_ptr()

@@ -31,21 +31,38 @@ Conv2dGeometry channels_geometry(const Tensor& y) {
   return g;
 }
 
-template <typename T>
+// The element type the finalize kernels read the affine parameters in: their own where every one given is 16-bit
+// beside float32 statistics (a model cast to bf16 / fp16), else the statistics' (they are converted first).
+at::ScalarType affine_type(const Tensor& sum, const OptTensor& weight, const OptTensor& bias) {
+  const at::ScalarType stats = sum.scalar_type();
+  const OptTensor* given = weight.has_value() ? &weight : bias.has_value() ? &bias : nullptr;
+  if (stats != at::kFloat || given == nullptr) return stats;
+  const at::ScalarType own = (*given)->scalar_type();
+  const bool same = (!weight.has_value() || weight->scalar_type() == own) &&
+                    (!bias.has_value() || bias->scalar_type() == own);
+  return same && (own == at::kBFloat16 || own == at::kHalf) ? own : stats;
+}
+
+template <typename P>
+const P* param_ptr(const Tensor& t) {
+  return t.defined() ? static_cast<const P*>(t.data_ptr()) : nullptr;
+}
+
+template <typename T, typename P = T>
 std::tuple<Tensor, Tensor, Tensor, Tensor> finalize_typed(const Tensor& sum, const Tensor& sumsq, int64_t count,
                                                           const OptTensor& weight, const OptTensor& bias,
-                                                          double eps) {
+                                                          double eps, at::ScalarType param_type) {
   const Tensor s = sum.contiguous(), q = sumsq.contiguous();
-  // The affine parameters in the statistics' precision; kept alive until the launch is queued (the caching
-  // allocator orders their reuse after it on this stream).
-  const Tensor w = weight.has_value() ? weight->to(sum.scalar_type()).contiguous() : Tensor();
-  const Tensor b = bias.has_value() ? bias->to(sum.scalar_type()).contiguous() : Tensor();
+  // The affine parameters in param_type (P); kept alive until the launch is queued (the caching allocator orders
+  // their reuse after it on this stream).
+  const Tensor w = weight.has_value() ? weight->to(param_type).contiguous() : Tensor();
+  const Tensor b = bias.has_value() ? bias->to(param_type).contiguous() : Tensor();
   Tensor scale = at::empty_like(s), shift = at::empty_like(s), mean = at::empty_like(s), var = at::empty_like(s);
-  BatchNormFinalizeParams<T> p;
+  BatchNormFinalizeParams<T, P> p;
   p.sum = s.data_ptr<T>();
   p.sumsq = q.data_ptr<T>();
-  p.weight = w.defined() ? w.data_ptr<T>() : nullptr;
-  p.bias = b.defined() ? b.data_ptr<T>() : nullptr;
+  p.weight = param_ptr<P>(w);
+  p.bias = param_ptr<P>(b);
   p.scale = scale.data_ptr<T>();
   p.shift = shift.data_ptr<T>();
   p.mean = mean.data_ptr<T>();
@@ -57,23 +74,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> finalize_typed(const Tensor& sum, con
   return {scale, shift, mean, var};
 }
 
-template <typename T>
+template <typename T, typename P = T>
 std::tuple<Tensor, Tensor, Tensor, Tensor> finalize_backward_typed(const Tensor& sum, const Tensor& sumsq,
                                                                    int64_t count, const OptTensor& weight,
-                                                                   double eps, const OptTensor (&grads)[4]) {
+                                                                   double eps, const OptTensor (&grads)[4],
+                                                                   at::ScalarType param_type) {
   const Tensor s = sum.contiguous(), q = sumsq.contiguous();
-  // The inputs in the statistics' precision, kept alive until the launch is queued.
+  // The gradients in the statistics' precision and the weight in param_type (P), kept alive until the launch is
+  // queued.
   auto vector = [&](const OptTensor& t) { return t.has_value() ? t->to(sum.scalar_type()).contiguous() : Tensor(); };
-  const Tensor w = vector(weight);
+  const Tensor w = weight.has_value() ? weight->to(param_type).contiguous() : Tensor();
   Tensor g[4];
   for (int i = 0; i < 4; ++i) g[i] = vector(grads[i]);
   Tensor grad_sum = at::empty_like(s), grad_sumsq = at::empty_like(s), grad_weight = at::empty_like(s),
          grad_bias = at::empty_like(s);
   auto ptr = [](const Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
-  BatchNormFinalizeBackwardParams<T> p;
+  BatchNormFinalizeBackwardParams<T, P> p;
   p.sum = s.data_ptr<T>();
   p.sumsq = q.data_ptr<T>();
-  p.weight = ptr(w);
+  p.weight = param_ptr<P>(w);
   p.grad_scale = ptr(g[0]), p.grad_shift = ptr(g[1]), p.grad_mean = ptr(g[2]), p.grad_var = ptr(g[3]);
   p.grad_sum = grad_sum.data_ptr<T>();
   p.grad_sumsq = grad_sumsq.data_ptr<T>();
@@ -145,12 +164,12 @@ std::tuple<Tensor, Tensor, Tensor> scale_shift_backward(const Tensor& grad, cons
   Tensor workspace = at::empty({reduce_rows_workspace(tiles, 2 * C)}, y.options().dtype(at::kFloat));
   r.partial = workspace.data_ptr<float>();
   check_launch(kScaleShiftBwd, launch_channel_pass(r, dtype, ChannelPass::Prologue, stream));
-  Tensor sums = at::empty({2 * C}, y.options().dtype(at::kFloat));
-  check_launch(kScaleShiftBwd, launch_reduce_rows(r.partial, tiles, 2 * C, C, sums.data_ptr<float>(),
-                                                  sums.data_ptr<float>() + C, stream));
-  // Copies, not two views of one buffer: an op's outputs do not alias each other.
-  return {grad_y, sums.slice(0, 0, C).to(scale.scalar_type(), false, true),
-          sums.slice(0, C, 2 * C).to(scale.scalar_type(), false, true)};
+  // Buffers of their own (an op's outputs must not alias one another), reduced into directly: no copies.
+  const auto sums_options = y.options().dtype(at::kFloat);
+  Tensor sum_gy = at::empty({C}, sums_options), sum_g = at::empty({C}, sums_options);
+  check_launch(kScaleShiftBwd, launch_reduce_rows(r.partial, tiles, 2 * C, C, sum_gy.data_ptr<float>(),
+                                                  sum_g.data_ptr<float>(), stream));
+  return {grad_y, sum_gy.to(scale.scalar_type()), sum_g.to(shift.scalar_type())};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize_backward(
@@ -159,8 +178,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize_backward(
   XO_CHECK_VALUE(sum.is_cuda(), kBackward, ": backend 'cuda' needs CUDA tensors, but sum is on ", sum.device());
   const c10::cuda::CUDAGuard guard(sum.device());
   const OptTensor grads[4] = {grad_scale, grad_shift, grad_mean, grad_var};
-  if (sum.scalar_type() == at::kDouble) return finalize_backward_typed<double>(sum, sumsq, count, weight, eps, grads);
-  return finalize_backward_typed<float>(sum, sumsq, count, weight, eps, grads);
+  const at::ScalarType params = affine_type(sum, weight, c10::nullopt);
+  switch (params) {
+    case at::kDouble: return finalize_backward_typed<double>(sum, sumsq, count, weight, eps, grads, params);
+    case at::kBFloat16:
+      return finalize_backward_typed<float, __nv_bfloat16>(sum, sumsq, count, weight, eps, grads, params);
+    case at::kHalf: return finalize_backward_typed<float, __half>(sum, sumsq, count, weight, eps, grads, params);
+    default: return finalize_backward_typed<float>(sum, sumsq, count, weight, eps, grads, params);
+  }
 }
 
 void batch_norm_update_stats(const Tensor& running_mean, const Tensor& running_var, const Tensor& mean,
@@ -193,8 +218,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize(const Tensor& sum
                                                                const OptTensor& bias, double eps) {
   XO_CHECK_VALUE(sum.is_cuda(), kOp, ": backend 'cuda' needs CUDA tensors, but sum is on ", sum.device());
   const c10::cuda::CUDAGuard guard(sum.device());
-  if (sum.scalar_type() == at::kDouble) return finalize_typed<double>(sum, sumsq, count, weight, bias, eps);
-  return finalize_typed<float>(sum, sumsq, count, weight, bias, eps);
+  const at::ScalarType params = affine_type(sum, weight, bias);
+  switch (params) {
+    case at::kDouble: return finalize_typed<double>(sum, sumsq, count, weight, bias, eps, params);
+    case at::kBFloat16: return finalize_typed<float, __nv_bfloat16>(sum, sumsq, count, weight, bias, eps, params);
+    case at::kHalf: return finalize_typed<float, __half>(sum, sumsq, count, weight, bias, eps, params);
+    default: return finalize_typed<float>(sum, sumsq, count, weight, bias, eps, params);
+  }
 }
 
 }  // namespace xception_ops::cuda

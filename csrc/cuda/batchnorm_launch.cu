@@ -22,14 +22,15 @@ cudaError_t launch_per_channel(void (*kernel)(Params), const Params& p, cudaStre
 
 }  // namespace
 
-template <typename T>
-cudaError_t launch_batch_norm_finalize(const BatchNormFinalizeParams<T>& p, cudaStream_t stream) {
-  return launch_per_channel(kernels::batch_norm_finalize_kernel<T>, p, stream);
+template <typename T, typename P>
+cudaError_t launch_batch_norm_finalize(const BatchNormFinalizeParams<T, P>& p, cudaStream_t stream) {
+  return launch_per_channel(kernels::batch_norm_finalize_kernel<T, P>, p, stream);
 }
 
-template <typename T>
-cudaError_t launch_batch_norm_finalize_backward(const BatchNormFinalizeBackwardParams<T>& p, cudaStream_t stream) {
-  return launch_per_channel(kernels::batch_norm_finalize_backward_kernel<T>, p, stream);
+template <typename T, typename P>
+cudaError_t launch_batch_norm_finalize_backward(const BatchNormFinalizeBackwardParams<T, P>& p,
+                                                cudaStream_t stream) {
+  return launch_per_channel(kernels::batch_norm_finalize_backward_kernel<T, P>, p, stream);
 }
 
 template <typename T, typename R>
@@ -37,12 +38,16 @@ cudaError_t launch_batch_norm_update_stats(const BatchNormUpdateParams<T, R>& p,
   return launch_per_channel(kernels::batch_norm_update_stats_kernel<T, R>, p, stream);
 }
 
-template cudaError_t launch_batch_norm_finalize<float>(const BatchNormFinalizeParams<float>&, cudaStream_t);
-template cudaError_t launch_batch_norm_finalize<double>(const BatchNormFinalizeParams<double>&, cudaStream_t);
-template cudaError_t launch_batch_norm_finalize_backward<float>(const BatchNormFinalizeBackwardParams<float>&,
-                                                                cudaStream_t);
-template cudaError_t launch_batch_norm_finalize_backward<double>(const BatchNormFinalizeBackwardParams<double>&,
-                                                                 cudaStream_t);
+template cudaError_t launch_batch_norm_finalize(const BatchNormFinalizeParams<float>&, cudaStream_t);
+template cudaError_t launch_batch_norm_finalize(const BatchNormFinalizeParams<double>&, cudaStream_t);
+template cudaError_t launch_batch_norm_finalize(const BatchNormFinalizeParams<float, __half>&, cudaStream_t);
+template cudaError_t launch_batch_norm_finalize(const BatchNormFinalizeParams<float, __nv_bfloat16>&, cudaStream_t);
+template cudaError_t launch_batch_norm_finalize_backward(const BatchNormFinalizeBackwardParams<float>&, cudaStream_t);
+template cudaError_t launch_batch_norm_finalize_backward(const BatchNormFinalizeBackwardParams<double>&, cudaStream_t);
+template cudaError_t launch_batch_norm_finalize_backward(const BatchNormFinalizeBackwardParams<float, __half>&,
+                                                         cudaStream_t);
+template cudaError_t launch_batch_norm_finalize_backward(
+    const BatchNormFinalizeBackwardParams<float, __nv_bfloat16>&, cudaStream_t);
 template cudaError_t launch_batch_norm_update_stats<float, float>(const BatchNormUpdateParams<float>&, cudaStream_t);
 template cudaError_t launch_batch_norm_update_stats<double, double>(const BatchNormUpdateParams<double>&,
                                                                    cudaStream_t);

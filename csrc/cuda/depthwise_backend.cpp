@@ -98,7 +98,8 @@ Tensor depthwise_conv2d_backward_input(const Tensor& grad_out, const Tensor& wei
 Tensor depthwise_conv2d_backward_input_through_prologue(const Tensor& grad_out, const Tensor& weight,
                                                         const Conv2dGeometry& g, at::MemoryFormat fmt,
                                                         const Tensor& x, const float* in_scale,
-                                                        const float* in_shift, bool in_relu, float* sums) {
+                                                        const float* in_shift, bool in_relu, float* sum_gx,
+                                                        float* sum_g) {
   const DType dtype = kernel_dtype(kBackwardInput, grad_out);
   check_operand(kBackwardInput, "dw_weight", weight, grad_out, "grad_out");
   check_operand(kBackwardInput, "x", x, grad_out, "grad_out");
@@ -118,14 +119,15 @@ Tensor depthwise_conv2d_backward_input_through_prologue(const Tensor& grad_out, 
   if (rows == 0) return Tensor();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   Tensor partial;
-  if (sums != nullptr) {
+  const bool sums = sum_gx != nullptr;
+  if (sums) {
     partial = at::empty({reduce_rows_workspace(rows, 2 * g.in_channels)}, x.options().dtype(at::kFloat));
     p.prologue.partial = partial.data_ptr<float>();
   }
   check_launch(kBackwardInput, launch_depthwise_backward_input(p, dtype, stream));
-  if (sums != nullptr) {
-    check_launch(kBackwardInput, launch_reduce_rows(p.prologue.partial, rows, 2 * g.in_channels, g.in_channels, sums,
-                                                    sums + g.in_channels, stream));
+  if (sums) {
+    check_launch(kBackwardInput, launch_reduce_rows(p.prologue.partial, rows, 2 * g.in_channels, g.in_channels,
+                                                    sum_gx, sum_g, stream));
   }
   return grad_x;
 }

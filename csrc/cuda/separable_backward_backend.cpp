@@ -93,13 +93,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_con
   e.partial = workspace.data_ptr<float>();
   check_launch(kBackward, launch_channel_pass(e, dtype, ChannelPass::GradY, stream));
   const Tensor empty = at::empty({0}, x.options().dtype(at::kFloat));
+  // The per-channel gradients in buffers of their own: an op's outputs must not alias one another.
   Tensor grad_out_scale = empty, grad_out_shift = empty;
   if (opt.out_scale.has_value() || opt.out_shift.has_value()) {
-    Tensor sums = at::empty({2 * C}, x.options().dtype(at::kFloat));
-    check_launch(kBackward, launch_reduce_rows(e.partial, out_tiles, 2 * C, C, sums.data_ptr<float>(),
-                                               sums.data_ptr<float>() + C, stream));
-    if (opt.out_scale.has_value()) grad_out_scale = sums.slice(0, 0, C).to(opt.out_scale->scalar_type());
-    if (opt.out_shift.has_value()) grad_out_shift = sums.slice(0, C, 2 * C).to(opt.out_shift->scalar_type());
+    const auto sums_options = x.options().dtype(at::kFloat);
+    Tensor sum_gy = at::empty({C}, sums_options), sum_g = at::empty({C}, sums_options);
+    check_launch(kBackward, launch_reduce_rows(e.partial, out_tiles, 2 * C, C, sum_gy.data_ptr<float>(),
+                                               sum_g.data_ptr<float>(), stream));
+    if (opt.out_scale.has_value()) grad_out_scale = sum_gy.to(opt.out_scale->scalar_type());
+    if (opt.out_shift.has_value()) grad_out_shift = sum_g.to(opt.out_shift->scalar_type());
   }
 
   // The depthwise stage's result recomputed (the forward kept only x), the mid activation rounded as the forward
@@ -138,12 +140,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_con
   // in_shift): in one pass where the input gradient's strip kernels take it, else in a pass of their own over it.
   const int64_t ci = g.in_channels;
   const bool in_sums = opt.in_scale.has_value() || opt.in_shift.has_value();
-  Tensor prologue_sums = in_sums ? at::empty({2 * ci}, x.options().dtype(at::kFloat)) : Tensor();
-  float* sums_ptr = in_sums ? prologue_sums.data_ptr<float>() : nullptr;
+  Tensor sum_gx, sum_g;  // the gradients of in_scale and in_shift, in float32
+  if (in_sums) {
+    sum_gx = at::empty({ci}, x.options().dtype(at::kFloat));
+    sum_g = at::empty({ci}, x.options().dtype(at::kFloat));
+  }
+  float* gx_ptr = in_sums ? sum_gx.data_ptr<float>() : nullptr;
+  float* g_ptr = in_sums ? sum_g.data_ptr<float>() : nullptr;
   Tensor grad_x;
   if (prologue) {
     grad_x = depthwise_conv2d_backward_input_through_prologue(grad_dw_out, dw_weight, gd, fmt, x, stage.in_scale,
-                                                              stage.in_shift, opt.in_relu, sums_ptr);
+                                                              stage.in_shift, opt.in_relu, gx_ptr, g_ptr);
   }
   if (!grad_x.defined()) {
     const Tensor grad_input = depthwise_conv2d_backward_input(grad_dw_out, dw_weight, gd, fmt);
@@ -165,13 +172,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_con
       r.partial = ws.data_ptr<float>();
       check_launch(kBackward, launch_channel_pass(r, dtype, ChannelPass::Prologue, stream));
       if (in_sums) {
-        check_launch(kBackward, launch_reduce_rows(r.partial, in_tiles, 2 * ci, ci, sums_ptr, sums_ptr + ci, stream));
+        check_launch(kBackward, launch_reduce_rows(r.partial, in_tiles, 2 * ci, ci, gx_ptr, g_ptr, stream));
       }
     }
   }
   Tensor grad_in_scale = empty, grad_in_shift = empty;
-  if (opt.in_scale.has_value()) grad_in_scale = prologue_sums.slice(0, 0, ci).to(opt.in_scale->scalar_type());
-  if (opt.in_shift.has_value()) grad_in_shift = prologue_sums.slice(0, ci, 2 * ci).to(opt.in_shift->scalar_type());
+  if (opt.in_scale.has_value()) grad_in_scale = sum_gx.to(opt.in_scale->scalar_type());
+  if (opt.in_shift.has_value()) grad_in_shift = sum_g.to(opt.in_shift->scalar_type());
   return {grad_x.contiguous(fmt), grad_dw.contiguous(), grad_pw.contiguous(), grad_in_scale, grad_in_shift,
           grad_out_scale, grad_out_shift};
 }

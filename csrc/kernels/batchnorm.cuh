@@ -17,8 +17,14 @@ namespace kernels {
 __device__ __forceinline__ float reciprocal_sqrt(float v) { return rsqrtf(v); }
 __device__ __forceinline__ double reciprocal_sqrt(double v) { return rsqrt(v); }
 
-template <typename T>
-__global__ void batch_norm_finalize_kernel(const BatchNormFinalizeParams<T> p) {
+// A 16-bit element (a parameter or a running buffer) in float32; float32 and float64 ones as they are.
+__device__ __forceinline__ float widen(float v) { return v; }
+__device__ __forceinline__ double widen(double v) { return v; }
+__device__ __forceinline__ float widen(__half v) { return __half2float(v); }
+__device__ __forceinline__ float widen(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T, typename P>
+__global__ void batch_norm_finalize_kernel(const BatchNormFinalizeParams<T, P> p) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= p.channels) return;
   const T n = static_cast<T>(p.count);
@@ -26,22 +32,22 @@ __global__ void batch_norm_finalize_kernel(const BatchNormFinalizeParams<T> p) {
   T var = p.sumsq[c] / n - mean * mean;
   var = var > T(0) ? var : T(0);
   const T invstd = reciprocal_sqrt(var + static_cast<T>(p.eps));
-  const T scale = p.weight != nullptr ? p.weight[c] * invstd : invstd;
+  const T scale = p.weight != nullptr ? static_cast<T>(widen(p.weight[c])) * invstd : invstd;
   p.scale[c] = scale;
-  p.shift[c] = (p.bias != nullptr ? p.bias[c] : T(0)) - mean * scale;
+  p.shift[c] = (p.bias != nullptr ? static_cast<T>(widen(p.bias[c])) : T(0)) - mean * scale;
   p.mean[c] = mean;
   p.var[c] = var;
 }
 
-template <typename T>
-__global__ void batch_norm_finalize_backward_kernel(const BatchNormFinalizeBackwardParams<T> p) {
+template <typename T, typename P>
+__global__ void batch_norm_finalize_backward_kernel(const BatchNormFinalizeBackwardParams<T, P> p) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= p.channels) return;
   const T n = static_cast<T>(p.count);
   const T m = p.sum[c] / n;
   const T raw_var = p.sumsq[c] / n - m * m;
   const T r = reciprocal_sqrt((raw_var > T(0) ? raw_var : T(0)) + static_cast<T>(p.eps));
-  const T w = p.weight != nullptr ? p.weight[c] : T(1);
+  const T w = p.weight != nullptr ? static_cast<T>(widen(p.weight[c])) : T(1);
   const T g_scale = p.grad_scale != nullptr ? p.grad_scale[c] : T(0);
   const T g_shift = p.grad_shift != nullptr ? p.grad_shift[c] : T(0);
   const T g_mean = p.grad_mean != nullptr ? p.grad_mean[c] : T(0);
@@ -56,11 +62,7 @@ __global__ void batch_norm_finalize_backward_kernel(const BatchNormFinalizeBackw
   p.grad_bias[c] = g_shift;
 }
 
-// A running buffer's element in the statistics' precision, and back (rounded to nearest even).
-__device__ __forceinline__ float widen(float v) { return v; }
-__device__ __forceinline__ double widen(double v) { return v; }
-__device__ __forceinline__ float widen(__half v) { return __half2float(v); }
-__device__ __forceinline__ float widen(__nv_bfloat16 v) { return __bfloat162float(v); }
+// A running buffer's element back in its own precision (rounded to nearest even).
 template <typename R, typename T>
 __device__ __forceinline__ R narrow(T v);
 template <>

@@ -13,12 +13,14 @@
 
 namespace xception_ops {
 
-template <typename T>
+// P: the affine parameters' element type: T, or (T = float) __half / __nv_bfloat16 for a model cast to 16 bits,
+// read as they are (converting them first took two more launches per BatchNorm and step).
+template <typename T, typename P = T>
 struct BatchNormFinalizeParams {
   const T* sum = nullptr;
   const T* sumsq = nullptr;
-  const T* weight = nullptr;  // nullptr: 1
-  const T* bias = nullptr;    // nullptr: 0
+  const P* weight = nullptr;  // nullptr: 1
+  const P* bias = nullptr;    // nullptr: 0
   T* scale = nullptr;
   T* shift = nullptr;
   T* mean = nullptr;
@@ -29,19 +31,19 @@ struct BatchNormFinalizeParams {
 };
 
 // T is float or double. Returns cudaGetLastError() after the launch (cudaSuccess with no channels).
-template <typename T>
-cudaError_t launch_batch_norm_finalize(const BatchNormFinalizeParams<T>& p, cudaStream_t stream);
+template <typename T, typename P>
+cudaError_t launch_batch_norm_finalize(const BatchNormFinalizeParams<T, P>& p, cudaStream_t stream);
 
 // The finalize step's backward: from the gradients of (scale, shift, mean, var) (nullptr: zeros) to those of
 // (sum, sumsq, weight, bias). With m = sum / n, v = max(sumsq / n - m^2, 0), r = (v + eps)^-1/2:
 //   g_r = (g_scale - g_shift m) w          g_v = (g_var - g_r r^3 / 2) [sumsq / n - m^2 >= 0]
 //   g_m = g_mean - g_shift w r - 2 m g_v   g_sum = g_m / n   g_sumsq = g_v / n
 //   g_weight = (g_scale - g_shift m) r     g_bias = g_shift
-template <typename T>
+template <typename T, typename P = T>  // P as in BatchNormFinalizeParams
 struct BatchNormFinalizeBackwardParams {
   const T* sum = nullptr;
   const T* sumsq = nullptr;
-  const T* weight = nullptr;  // nullptr: 1
+  const P* weight = nullptr;  // nullptr: 1
   const T* grad_scale = nullptr;
   const T* grad_shift = nullptr;
   const T* grad_mean = nullptr;
@@ -55,8 +57,8 @@ struct BatchNormFinalizeBackwardParams {
   double eps = 0;
 };
 
-template <typename T>
-cudaError_t launch_batch_norm_finalize_backward(const BatchNormFinalizeBackwardParams<T>& p, cudaStream_t stream);
+template <typename T, typename P>
+cudaError_t launch_batch_norm_finalize_backward(const BatchNormFinalizeBackwardParams<T, P>& p, cudaStream_t stream);
 
 // The running statistics' update that follows the finalize step, in place, as PyTorch's BatchNorm does it (the
 // running variance takes the unbiased batch variance):

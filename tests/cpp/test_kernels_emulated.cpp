@@ -1335,7 +1335,7 @@ TEST_CASE(batch_norm_finalize_its_backward_and_running_statistics_kernels) {
   p.sum = sum.data(), p.sumsq = sumsq.data(), p.weight = weight.data(), p.bias = bias.data();
   p.scale = out[0].data(), p.shift = out[1].data(), p.mean = out[2].data(), p.var = out[3].data();
   p.channels = C, p.count = count, p.eps = 1e-5;
-  emulate_launch(kernels::batch_norm_finalize_kernel<float>, dim3((C + 255) / 256), dim3(256), p);
+  emulate_launch(kernels::batch_norm_finalize_kernel<float, float>, dim3((C + 255) / 256), dim3(256), p);
   for (int64_t c = 0; c < C; ++c) {
     const double mean = double(sum[c]) / count;
     const double var = std::max(double(sumsq[c]) / count - mean * mean, 0.0);
@@ -1362,7 +1362,7 @@ TEST_CASE(batch_norm_finalize_its_backward_and_running_statistics_kernels) {
   bp.grad_sum = back[0].data(), bp.grad_sumsq = back[1].data(), bp.grad_weight = back[2].data();
   bp.grad_bias = back[3].data();
   bp.channels = C, bp.count = count, bp.eps = 1e-5;
-  emulate_launch(kernels::batch_norm_finalize_backward_kernel<float>, dim3((C + 255) / 256), dim3(256), bp);
+  emulate_launch(kernels::batch_norm_finalize_backward_kernel<float, float>, dim3((C + 255) / 256), dim3(256), bp);
   for (int64_t c = 0; c < C; ++c) {
     const double n = count, m = double(sum[c]) / n, raw = double(sumsq[c]) / n - m * m;
     const double r = 1.0 / std::sqrt(std::max(raw, 0.0) + 1e-5), w = weight[c];
@@ -1373,6 +1373,51 @@ TEST_CASE(batch_norm_finalize_its_backward_and_running_statistics_kernels) {
     for (int i = 0; i < 4; ++i) EXPECT_NEAR(back[i][c], want[i], 2e-4 * (1 + std::abs(want[i])));
   }
   EXPECT(back[1][7] == 0.f);
+
+  // 16-bit weight and bias (a model cast to bf16 / fp16), read as they are: the same bits as float32 parameters
+  // holding the same values, forward and backward.
+  auto check_16bit_params = [&](auto zero) {
+    using P = decltype(zero);
+    std::vector<P> w16(C), b16(C);
+    std::vector<float> w32(C), b32(C), want[4], got[4], want_back[4], got_back[4];
+    for (int64_t c = 0; c < C; ++c) {
+      w16[c] = from_float<P>(weight[c]), b16[c] = from_float<P>(bias[c]);
+      w32[c] = static_cast<float>(to_double(w16[c])), b32[c] = static_cast<float>(to_double(b16[c]));
+    }
+    for (auto* v : {want, got, want_back, got_back}) {
+      for (int i = 0; i < 4; ++i) v[i].assign(C, std::nanf(""));
+    }
+    BatchNormFinalizeParams<float> f32 = p;
+    f32.weight = w32.data(), f32.bias = b32.data();
+    f32.scale = want[0].data(), f32.shift = want[1].data(), f32.mean = want[2].data(), f32.var = want[3].data();
+    emulate_launch(kernels::batch_norm_finalize_kernel<float, float>, dim3((C + 255) / 256), dim3(256), f32);
+    BatchNormFinalizeParams<float, P> f16;
+    f16.sum = sum.data(), f16.sumsq = sumsq.data(), f16.weight = w16.data(), f16.bias = b16.data();
+    f16.scale = got[0].data(), f16.shift = got[1].data(), f16.mean = got[2].data(), f16.var = got[3].data();
+    f16.channels = C, f16.count = count, f16.eps = 1e-5;
+    emulate_launch(kernels::batch_norm_finalize_kernel<float, P>, dim3((C + 255) / 256), dim3(256), f16);
+    BatchNormFinalizeBackwardParams<float> b32p = bp;
+    b32p.weight = w32.data();
+    b32p.grad_sum = want_back[0].data(), b32p.grad_sumsq = want_back[1].data();
+    b32p.grad_weight = want_back[2].data(), b32p.grad_bias = want_back[3].data();
+    emulate_launch(kernels::batch_norm_finalize_backward_kernel<float, float>, dim3((C + 255) / 256), dim3(256),
+                   b32p);
+    BatchNormFinalizeBackwardParams<float, P> b16p;
+    b16p.sum = sum.data(), b16p.sumsq = sumsq.data(), b16p.weight = w16.data();
+    b16p.grad_scale = grads[0].data(), b16p.grad_shift = grads[1].data(), b16p.grad_mean = grads[2].data();
+    b16p.grad_var = grads[3].data();
+    b16p.grad_sum = got_back[0].data(), b16p.grad_sumsq = got_back[1].data();
+    b16p.grad_weight = got_back[2].data(), b16p.grad_bias = got_back[3].data();
+    b16p.channels = C, b16p.count = count, b16p.eps = 1e-5;
+    emulate_launch(kernels::batch_norm_finalize_backward_kernel<float, P>, dim3((C + 255) / 256), dim3(256), b16p);
+    for (int i = 0; i < 4; ++i) {
+      EXPECT(std::memcmp(want[i].data(), got[i].data(), C * sizeof(float)) == 0);
+      EXPECT(std::memcmp(want_back[i].data(), got_back[i].data(), C * sizeof(float)) == 0);
+    }
+    EXPECT(w32[3] != weight[3] || b32[3] != bias[3]);  // the 16-bit values differ from the float32 ones
+  };
+  check_16bit_params(__nv_bfloat16{});
+  check_16bit_params(__half{});
 
   // Then the running statistics from that mean and variance, in place, with a pre-bias, momentum 0.1.
   std::vector<float> running_mean(C), running_var(C), pre_bias(C);
