@@ -138,6 +138,22 @@ def tf32_off():
     torch.backends.cudnn.allow_tf32 = saved
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_per_operator_tf32_flags(layout):
+    """PyTorch >= 2.9's per-operator TF32 flags set differently for cuDNN's convolutions and RNNs (its new API): the
+    op runs, without TF32 (asking the cuDNN flag without an operator's name raises then), exact to 1e-5."""
+    cudnn = torch.backends.cudnn
+    if not hasattr(getattr(cudnn, "conv", None), "fp32_precision"):
+        pytest.skip("this PyTorch has no per-operator TF32 flags")
+    saved = cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision
+    cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision = "ieee", "tf32"
+    try:
+        for opts in (OPTIONS[1], OPTIONS[5]):
+            check(SHAPES[0], opts, torch.float32, layout)
+    finally:
+        cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision = saved
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(sorted(o)) or "plain")
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:5])))

@@ -28,6 +28,18 @@ namespace {
 
 constexpr const char* kForward = "xception_ops.separable_conv2d";
 
+// PyTorch's cuDNN TF32 flag, which its convolutions follow (torch.backends.cudnn.allow_tf32). Asked without an
+// operator's name, PyTorch (>= 2.9) raises where the per-operator flags (torch.backends.cudnn.conv / .rnn
+// .fp32_precision) differ, and the name is spelled differently across its versions (a string, then an enum): then
+// no TF32, the exact product, rather than an error from a convolution.
+bool cudnn_allows_tf32() {
+  try {
+    return at::globalContext().allowTF32CuDNN();
+  } catch (const c10::Error&) {
+    return false;
+  }
+}
+
 // Implementation choices for comparing kernel versions on one build (benchmarks/RESULTS.md), read once:
 // XCEPTION_OPS_SEPARABLE_GEMM=wmma runs the fp16 / bf16 GEMM through wmma instead of ldmatrix + mma.sync;
 // XCEPTION_OPS_SEPARABLE_TILES=square takes 8 x 8 pixel tiles with a staged input window where they apply,
@@ -113,7 +125,7 @@ std::tuple<Tensor, Tensor, Tensor> staged_forward(const Tensor& x, const Tensor&
   const int64_t pixels = g.batch * g.out_h * g.out_w, K = g.dw_channels(), C = g.out_channels;
   DeviceCaps caps;
   check_launch(kForward, current_device_caps(&caps));
-  const PointwiseMath math = separable_math(dtype, caps.major, at::globalContext().allowTF32CuDNN());
+  const PointwiseMath math = separable_math(dtype, caps.major, cudnn_allows_tf32());
   Tensor y;
   {
     const DepthwiseStage stage = depthwise_stage(x, dw_weight, opt, g, fmt);
@@ -242,7 +254,7 @@ std::tuple<Tensor, Tensor, Tensor> separable_conv2d(const Tensor& x, const Tenso
   DeviceCaps caps;
   check_launch(kForward, current_device_caps(&caps));
   // PyTorch's own convolutions follow the cuDNN TF32 flag (torch.backends.cudnn.allow_tf32): so do we.
-  const PointwiseMath math = separable_math(dtype, caps.major, at::globalContext().allowTF32CuDNN(), kWmma16);
+  const PointwiseMath math = separable_math(dtype, caps.major, cudnn_allows_tf32(), kWmma16);
   XO_CHECK(fused_launch(x, dw_weight, pw_weight, opt, g, fmt, dtype, math, caps, out, nullptr, sum, sumsq),
            kForward, ": this GPU's shared memory (", caps.smem_optin, " bytes per block) is too small for the fused "
            "kernel");
