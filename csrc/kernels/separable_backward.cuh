@@ -16,9 +16,10 @@ namespace xception_ops {
 namespace kernels {
 
 // ---- the element-wise passes (ChannelPassParams, ChannelPass) ----
-// Block b takes pixels [t b, t b + t) of the flattened (N, H, W) and every channel (t = q.tile_pixels <= 64). A thread takes V
-// consecutive channels (V = kSepVec where every tensor has channels fastest and whole aligned vectors,
-// channel_pass_vectors; else 1): consecutive channel groups across a warp, coalesced where channels are fastest.
+// Block b takes pixels [t b, t b + t) of the flattened (N, H, W) and every channel (t = q.tile_pixels <= 64). A
+// thread takes V consecutive channels (V = kSepVec where every tensor has channels fastest and whole aligned
+// vectors, channel_pass_vectors; else 1): consecutive channel groups across a warp, coalesced where channels are
+// fastest.
 // With fewer channel groups than threads, the threads left over split the pixels: `lanes` threads (a power of
 // two) cover the channels and 256 / lanes row groups the 64 pixels (a 128-channel pass ran half its threads idle,
 // each walking 64 pixels one 2-byte load at a time: 1 TB/s at 147^2, session 4). Each row group sums its rows in
@@ -66,11 +67,10 @@ __device__ __forceinline__ float epilogue_value(float yv, float scale, float shi
   return relu ? fmaxf(z, 0.f) : z;
 }
 
-template <typename T, ChannelPass kKind, int V>
-__global__ void __launch_bounds__(256) separable_channel_pass_kernel(const ChannelPassParams q) {
-  constexpr int kThreads = 256;
-  __shared__ int64_t offset[4][kChannelPassPixels];  // per pixel: its offset in grad, act, y and result
-  __shared__ float row_sums[2][kThreads * V];        // [first / second][row group * lanes + lane][V]
+// Both pass kernels' start: the offsets of block blockIdx.x's pixels in grad, act, y and result (-1 past the last
+// pixel) into `offset`, then a barrier. Returns how many of the tile's q.tile_pixels pixels exist.
+__device__ __forceinline__ int channel_pass_tile_offsets(const ChannelPassParams& q,
+                                                         int64_t (&offset)[4][kChannelPassPixels]) {
   const int64_t pixels = q.g.batch * q.h * q.w, tile = blockIdx.x;
   const int tp = q.tile_pixels;
   for (int e = threadIdx.x; e < 4 * tp; e += blockDim.x) {
@@ -83,10 +83,20 @@ __global__ void __launch_bounds__(256) separable_channel_pass_kernel(const Chann
     offset[which][r] = pix < pixels ? n * st[0] + h * st[2] + w * st[3] : -1;
   }
   __syncthreads();
+  return static_cast<int>(pixels - tile * tp < tp ? pixels - tile * tp : tp);
+}
+
+template <typename T, ChannelPass kKind, int V>
+__global__ void __launch_bounds__(256) separable_channel_pass_kernel(const ChannelPassParams q) {
+  constexpr int kThreads = 256;
+  __shared__ int64_t offset[4][kChannelPassPixels];  // per pixel: its offset in grad, act, y and result
+  __shared__ float row_sums[2][kThreads * V];        // [first / second][row group * lanes + lane][V]
+  const int64_t tile = blockIdx.x;
+  const int tp = q.tile_pixels;
+  const int rows = channel_pass_tile_offsets(q, offset);
   const T* grad = static_cast<const T*>(q.grad.data);
   const T* act = static_cast<const T*>(q.act.data);
   const T* y = static_cast<const T*>(q.y.data);
-  const int rows = static_cast<int>(pixels - tile * tp < tp ? pixels - tile * tp : tp);
   const int64_t groups = (q.channels + V - 1) / V;  // V divides the channels on the vector path
   const int lanes = power_of_two_cover(groups, kThreads);
   const int row_groups = kThreads / lanes, rows_per_group = (tp + row_groups - 1) / row_groups;
@@ -190,22 +200,12 @@ __global__ void __launch_bounds__(256) separable_plane_pass_kernel(const Channel
   __shared__ int64_t offset[4][kChannelPassPixels];
   __shared__ float stat[2][kPlaneChunk][kChannelPassPixels + 1];  // [sum][channel][pixel], padded: no conflicts
   __shared__ float row_sums[2][kRowGroups][kPlaneChunk];
-  const int64_t pixels = q.g.batch * q.h * q.w, tile = blockIdx.x;
-  const int tp = q.tile_pixels;
-  for (int e = threadIdx.x; e < 4 * tp; e += blockDim.x) {
-    const int which = e / tp, r = e % tp;
-    const int64_t pix = tile * tp + r;
-    const int64_t w = pix % q.w, h = pix / q.w % q.h, n = pix / q.w / q.h;
-    const int64_t* st = which == 0 ? q.grad.stride : which == 1 ? q.act.stride : which == 2 ? q.y.stride
-                                                                                              : q.result.stride;
-    offset[which][r] = pix < pixels ? n * st[0] + h * st[2] + w * st[3] : -1;
-  }
-  __syncthreads();
+  const int64_t tile = blockIdx.x;
+  const int rows = channel_pass_tile_offsets(q, offset);
   const T* grad = static_cast<const T*>(q.grad.data);
   const T* act = static_cast<const T*>(q.act.data);
   const T* y = static_cast<const T*>(q.y.data);
   T* result = static_cast<T*>(q.result.data);
-  const int rows = static_cast<int>(pixels - tile * tp < tp ? pixels - tile * tp : tp);
   const int r = threadIdx.x % kChannelPassPixels, slot = threadIdx.x / kChannelPassPixels;
   for (int64_t c0 = 0; c0 < q.channels; c0 += kPlaneChunk) {
 #pragma unroll 4  // several channels' loads in flight per thread
