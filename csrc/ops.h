@@ -117,7 +117,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize(const Tensor& sum
                                                                int64_t count, const OptTensor& weight,
                                                                const OptTensor& bias, double eps);
 // The gradients of (sum, sumsq, weight, bias) from those of (scale, shift, mean, var) (absent: zeros), in the
-// statistics' dtype (formulas in kernels/batchnorm_params.h).
+// statistics' dtype (formulas in kernels/batchnorm_params.h); those of weight and bias in weight's dtype where it is
+// 16-bit beside float32 statistics (a model cast to bf16 / fp16: the dtype the parameters' gradients take).
 std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize_backward(
     const Tensor& sum, const Tensor& sumsq, int64_t count, const OptTensor& weight, double eps,
     const OptTensor& grad_scale, const OptTensor& grad_shift, const OptTensor& grad_mean, const OptTensor& grad_var);

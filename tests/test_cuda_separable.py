@@ -307,7 +307,7 @@ STAGED_CASES = "(low_precision and channels_last) or xception_shapes or repeatab
         "fused-run-tiles"])
 def test_implementations_kept_for_comparison(env, cases):
     """The forward's other implementations, selected by environment variables (read when the library loads, hence
-    a fresh process; the default is the staged form, its product on the fused kernel's GEMM up to 256 channels):
+    a fresh process; the default is the staged form, its product on the fused kernel's GEMM up to 128 channels):
     the fused kernel passes this file's forward checks; the staged form with its product on cuBLAS everywhere, or
     on the fused kernel's GEMM everywhere it applies, those in fp16 / bf16 channels_last; the fused kernel's
     variants a subset."""

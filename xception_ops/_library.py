@@ -124,7 +124,11 @@ def _register_finalize_fake() -> None:
     def _(total, total_sq, count, weight, eps, grad_scale, grad_shift, grad_mean, grad_var, backend):
         checks.check_batch_norm_finalize_backward("xception_ops.batch_norm_finalize_backward", total, total_sq,
                                                   count, weight, eps, grad_scale, grad_shift, grad_mean, grad_var)
-        return tuple(total.new_empty(total.shape) for _ in range(4))
+        # The parameters' gradients in weight's dtype where it is 16-bit beside float32 sums (csrc/ops.h).
+        sixteen = weight is not None and weight.dtype in (torch.bfloat16, torch.float16)
+        params = weight.dtype if sixteen and total.dtype == torch.float32 else total.dtype
+        return (total.new_empty(total.shape), total.new_empty(total.shape), total.new_empty(total.shape, dtype=params),
+                total.new_empty(total.shape, dtype=params))
 
     @_fake("scale_shift")
     def _(y, scale, shift, relu, backend):
@@ -180,10 +184,14 @@ _LIGHT_AUTOGRAD = all(hasattr(torch._C, n) for n in ("_after_autograd_keyset", "
     getattr(getattr(torch, "_library", None), "utils", None), "is_functional_schema")
 
 
-def register_autograd(name: str, backward, setup_context) -> None:
+def register_autograd(name: str, backward, setup_context, materialize_grads: bool = True) -> None:
     """torch.library.register_autograd(f"xception_ops::{name}", backward, setup_context=setup_context), less its
     per-call cost: the same mechanism (an autograd.Function run by a kernel at the Autograd dispatch key, which
     redispatches below autograd), so torch.compile, opcheck and double backward see no difference.
+
+    materialize_grads=False hands `backward` None for the outputs nothing used, instead of tensors of zeros that
+    autograd would allocate and fill (two launches per BatchNorm and step for batch_norm_finalize's mean and var).
+    `backward` must take either: torch's own registration (the fallback below) materializes them.
 
     torch's generic kernel (torch/_library/autograd.py) calls `utils.fill_defaults` on every forward, which reads
     `schema.arguments` (a fresh list of every argument, built in C++) once per argument: ~55 us per call for the
@@ -206,6 +214,8 @@ def register_autograd(name: str, backward, setup_context) -> None:
     def forward(ctx, *args):
         keyset = args[-1]
         args = args[:-1]
+        if not materialize_grads:
+            ctx.set_materialize_grads(False)
         with torch._C._AutoDispatchBelowAutograd():
             result = op.redispatch(keyset & below_autograd, *args)
         setup_context(ctx, args, result)
@@ -264,7 +274,8 @@ def _register_autograd() -> None:
             g_b = g_b.to(b_dtype)
         return g_sum, g_sumsq, None, None if weight is None else g_w, g_b if ctx.has_bias else None, None, None
 
-    register_autograd("batch_norm_finalize", finalize_grads, finalize_setup)
+    # The mean and variance go to the running statistics alone: their gradients are None, not zeros.
+    register_autograd("batch_norm_finalize", finalize_grads, finalize_setup, materialize_grads=False)
 
     def scale_shift_setup(ctx, inputs, output):
         y, scale, shift, relu, backend = inputs

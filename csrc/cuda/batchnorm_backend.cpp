@@ -86,8 +86,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> finalize_backward_typed(const Tensor&
   const Tensor w = weight.has_value() ? weight->to(param_type).contiguous() : Tensor();
   Tensor g[4];
   for (int i = 0; i < 4; ++i) g[i] = vector(grads[i]);
-  Tensor grad_sum = at::empty_like(s), grad_sumsq = at::empty_like(s), grad_weight = at::empty_like(s),
-         grad_bias = at::empty_like(s);
+  // The parameters' gradients in param_type (P): the dtype the parameters are read in (affine_type).
+  Tensor grad_sum = at::empty_like(s), grad_sumsq = at::empty_like(s),
+         grad_weight = at::empty_like(s, s.options().dtype(param_type)),
+         grad_bias = at::empty_like(s, s.options().dtype(param_type));
   auto ptr = [](const Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
   BatchNormFinalizeBackwardParams<T, P> p;
   p.sum = s.data_ptr<T>();
@@ -96,8 +98,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> finalize_backward_typed(const Tensor&
   p.grad_scale = ptr(g[0]), p.grad_shift = ptr(g[1]), p.grad_mean = ptr(g[2]), p.grad_var = ptr(g[3]);
   p.grad_sum = grad_sum.data_ptr<T>();
   p.grad_sumsq = grad_sumsq.data_ptr<T>();
-  p.grad_weight = grad_weight.data_ptr<T>();
-  p.grad_bias = grad_bias.data_ptr<T>();
+  p.grad_weight = static_cast<P*>(grad_weight.data_ptr());
+  p.grad_bias = static_cast<P*>(grad_bias.data_ptr());
   p.channels = s.numel();
   p.count = static_cast<double>(count);
   p.eps = eps;

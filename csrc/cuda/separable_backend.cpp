@@ -114,7 +114,7 @@ bool fused_launch(const Tensor& x, const Tensor& dw_weight, const Tensor& pw_wei
 
 // The staged forward: the depthwise kernels write mid(dw(prologue(x))), then either
 //   - the fused kernel reads its depthwise tiles from there (a_source) and runs its GEMM (mma.sync) and epilogue,
-//     statistics included: fp16 / bf16 on sm_80+, channels-last, up to 256 depthwise channels
+//     statistics included: fp16 / bf16 on sm_80+, channels-last, up to 128 depthwise channels
 //     (separable_staged_fused_gemm); or
 //   - one cuBLAS product (float32 accumulation, rounded to the dtype once, as the fused kernel rounds y), then the
 //     epilogue and the statistics in one pass over y, written over y itself.

@@ -23,6 +23,18 @@ __device__ __forceinline__ double widen(double v) { return v; }
 __device__ __forceinline__ float widen(__half v) { return __half2float(v); }
 __device__ __forceinline__ float widen(__nv_bfloat16 v) { return __bfloat162float(v); }
 
+// A running buffer's element or a parameter's gradient back in its own precision (rounded to nearest even).
+template <typename R, typename T>
+__device__ __forceinline__ R narrow(T v);
+template <>
+__device__ __forceinline__ float narrow<float, float>(float v) { return v; }
+template <>
+__device__ __forceinline__ double narrow<double, double>(double v) { return v; }
+template <>
+__device__ __forceinline__ __half narrow<__half, float>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 narrow<__nv_bfloat16, float>(float v) { return __float2bfloat16_rn(v); }
+
 template <typename T, typename P>
 __global__ void batch_norm_finalize_kernel(const BatchNormFinalizeParams<T, P> p) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -58,21 +70,9 @@ __global__ void batch_norm_finalize_backward_kernel(const BatchNormFinalizeBackw
   const T g_m = g_mean - g_shift * w * r - T(2) * m * g_v;
   p.grad_sum[c] = g_m / n;
   p.grad_sumsq[c] = g_v / n;
-  p.grad_weight[c] = g_affine * r;
-  p.grad_bias[c] = g_shift;
+  p.grad_weight[c] = narrow<P, T>(g_affine * r);
+  p.grad_bias[c] = narrow<P, T>(g_shift);
 }
-
-// A running buffer's element back in its own precision (rounded to nearest even).
-template <typename R, typename T>
-__device__ __forceinline__ R narrow(T v);
-template <>
-__device__ __forceinline__ float narrow<float, float>(float v) { return v; }
-template <>
-__device__ __forceinline__ double narrow<double, double>(double v) { return v; }
-template <>
-__device__ __forceinline__ __half narrow<__half, float>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 narrow<__nv_bfloat16, float>(float v) { return __float2bfloat16_rn(v); }
 
 template <typename T, typename R>
 __global__ void batch_norm_update_stats_kernel(const BatchNormUpdateParams<T, R> p) {

@@ -39,6 +39,8 @@ cudaError_t launch_batch_norm_finalize(const BatchNormFinalizeParams<T, P>& p, c
 //   g_r = (g_scale - g_shift m) w          g_v = (g_var - g_r r^3 / 2) [sumsq / n - m^2 >= 0]
 //   g_m = g_mean - g_shift w r - 2 m g_v   g_sum = g_m / n   g_sumsq = g_v / n
 //   g_weight = (g_scale - g_shift m) r     g_bias = g_shift
+// g_weight and g_bias are written in P, rounded once (as the parameters' gradients must be; converting them after
+// took two more launches per BatchNorm and step in a model cast to 16 bits).
 template <typename T, typename P = T>  // P as in BatchNormFinalizeParams
 struct BatchNormFinalizeBackwardParams {
   const T* sum = nullptr;
@@ -50,8 +52,8 @@ struct BatchNormFinalizeBackwardParams {
   const T* grad_var = nullptr;
   T* grad_sum = nullptr;
   T* grad_sumsq = nullptr;
-  T* grad_weight = nullptr;
-  T* grad_bias = nullptr;
+  P* grad_weight = nullptr;
+  P* grad_bias = nullptr;
   int64_t channels = 0;
   double count = 1;
   double eps = 0;

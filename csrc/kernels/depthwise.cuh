@@ -654,15 +654,21 @@ struct StripWindow {
       for (int r = 0; r < 3; ++r) strip_prologue_row<T, V>(row[r], row_ok[r], col_ok, scale, shift, relu);
     }
   }
-  // One row down: `next` (loaded where next_ok, by strip_load_row) becomes the last row.
-  __device__ __forceinline__ void slide(const Raw (&next)[kCols], bool next_ok, const bool (&col_ok)[kCols],
-                                        bool prologue, const float (&scale)[V], const float (&shift)[V], bool relu) {
+  // One row down: `next` (loaded where next_ok, by strip_load_row) becomes the last row, as loaded: the caller
+  // applies the prologue to it with prologue_last() after issuing its next loads. Applying it here, at the end of a
+  // row, waited for `next` before the next row's loads were issued: one load in flight per thread instead of two,
+  // and the strip kernels with a prologue took twice as long as those without (H100 and H200, session 10).
+  __device__ __forceinline__ void slide(const Raw (&next)[kCols], bool next_ok) {
 #pragma unroll
     for (int col = 0; col < kCols; ++col) {
       row[0][col] = row[1][col], row[1][col] = row[2][col], row[2][col] = next[col];
     }
     row_ok[0] = row_ok[1], row_ok[1] = row_ok[2], row_ok[2] = next_ok;
-    if (prologue) strip_prologue_row<T, V>(row[2], row_ok[2], col_ok, scale, shift, relu);
+  }
+  // The prologue on the last row (the one slide() brought in).
+  __device__ __forceinline__ void prologue_last(const bool (&col_ok)[kCols], const float (&scale)[V],
+                                                const float (&shift)[V], bool relu) {
+    strip_prologue_row<T, V>(row[2], row_ok[2], col_ok, scale, shift, relu);
   }
   // The taps of the run's R = kCols - 2 outputs, added to acc: acc[q] += row(kh, q + kw) * w[kh][kw], or with kFlip
   // (the input gradient's flipped kernel) the rows and columns taken in reverse. Each output's taps come in the order
@@ -753,16 +759,24 @@ __global__ void __launch_bounds__(kDepthwiseThreads, kGrad && kPrologue ? 2 : 3)
   float sum_gx[V], sum_g[V];
 #pragma unroll
   for (int v = 0; v < V; ++v) sum_gx[v] = 0.f, sum_g[v] = 0.f;
+  // kPrologueGrad: x at a row's run is requested one row ahead, like the source rows, so that no row waits for it.
+  Raw x_raw[R];
+  if constexpr (kPrologueGrad) {
+    strip_load_row<T, V>(x_raw, true, q_ok, x_run + o0 * static_cast<idx_t>(xt.stride[2]),
+                         static_cast<idx_t>(xt.stride[3]));
+  }
   for (idx_t o = o0; o < o_end; ++o) {
-    // The next output row's new source row (and x at this row's run), requested before this row's taps.
+    // The next output row's new source row (and x at the next row's run), requested before this row's taps.
     const idx_t next_row = o + 1 + row_off + 2;
-    const bool next_ok = o + 1 < o_end && in_range<idx_t>(next_row, src_h);
-    Raw next[kCols], x_raw[R];
+    const bool more = o + 1 < o_end;
+    const bool next_ok = more && in_range<idx_t>(next_row, src_h);
+    Raw next[kCols], x_next[R];
     strip_load_row<T, V>(next, next_ok, col_ok, src_run + next_row * ss_h, ss_w);
     if constexpr (kPrologueGrad) {
-      strip_load_row<T, V>(x_raw, true, q_ok, x_run + o * static_cast<idx_t>(xt.stride[2]),
+      strip_load_row<T, V>(x_next, more, q_ok, x_run + (o + 1) * static_cast<idx_t>(xt.stride[2]),
                            static_cast<idx_t>(xt.stride[3]));
     }
+    if (kReadPrologue && o > o0) win.prologue_last(col_ok, scale, shift, p.prologue.relu);
     float acc[R][V];
 #pragma unroll
     for (int q = 0; q < R; ++q)
@@ -788,7 +802,11 @@ __global__ void __launch_bounds__(kDepthwiseThreads, kGrad && kPrologue ? 2 : 3)
       }
       VecIO<T, V>::store(dst_run + o * ds_h + q * ds_w, acc[q]);
     }
-    win.slide(next, next_ok, col_ok, kReadPrologue, scale, shift, p.prologue.relu);
+    win.slide(next, next_ok);
+    if constexpr (kPrologueGrad) {
+#pragma unroll
+      for (int q = 0; q < R; ++q) x_raw[q] = x_next[q];
+    }
   }
   if constexpr (kPrologueGrad) {
     if (p.prologue.partial != nullptr) {  // row (image, strip, run); every (row, channel) has one writer
@@ -1074,6 +1092,7 @@ __global__ void __launch_bounds__(kDepthwiseThreads, 2)
         Raw next[kCols], next_go[R];
         strip_load_row<T, V>(next, next_ok, col_ok, x_run + next_ih * xs_h, xs_w);
         strip_load_row<T, V>(next_go, more, q_ok, gy_run + (o + 1) * ys_h, ys_w);
+        if (prologue && o > o0) win.prologue_last(col_ok, th.scale, th.shift, p.prologue.relu);
         float go[R][V];
 #pragma unroll
         for (int q = 0; q < R; ++q) VecIO<T, V>::decode(go_raw[q], go[q]);
@@ -1097,7 +1116,7 @@ __global__ void __launch_bounds__(kDepthwiseThreads, 2)
           }
 #pragma unroll
         for (int q = 0; q < R; ++q) go_raw[q] = next_go[q];
-        win.slide(next, next_ok, col_ok, prologue, th.scale, th.shift, p.prologue.relu);
+        win.slide(next, next_ok);
       }
     }
   }

@@ -800,7 +800,10 @@ __device__ __forceinline__ void depthwise_tile_runs(const SeparableParams& p, co
         }
         store_depthwise_result<T, S, V>(p, acc[q], a + (r0 + q) * lda + col);
       }
-      if (more) win.slide(next, next_ok, col_ok, kPrologue, scale, shift, p.in_relu);
+      if (more) {
+        win.slide(next, next_ok);
+        if (kPrologue) win.prologue_last(col_ok, scale, shift, p.in_relu);
+      }
       filled = more;
     }
   }

@@ -252,12 +252,13 @@ XO_HOST_DEVICE inline bool separable_run_tiles_ok(const SeparableParams& p, Poin
 }
 
 // The staged forward's product (cuda/separable_backend.cpp): the fused kernel's GEMM and epilogue reading the
-// depthwise result (p.a_source) saves the epilogue pass over y that follows a cuBLAS product, but its mma.sync
-// GEMM ran at ~250 TFLOP/s on the H100 (session 4) where cuBLAS reaches ~450. A model of both (session 8, bf16,
-// batch 32) puts the break-even near 256 depthwise channels: below it the layer is memory-bound and the saved pass
-// wins (64 -> 128 @147^2: ~0.21 against ~0.41 ms), above it the GEMM's speed does (728 -> 728 @19^2: ~0.084
-// against ~0.076). Not yet measured: XCEPTION_OPS_SEPARABLE_STAGED_GEMM=fused / =cublas takes one everywhere.
-constexpr int64_t kSepStagedFusedMaxChannels = 256;
+// depthwise result (p.a_source) saves the epilogue pass over y that follows a cuBLAS product (and y's buffer), but
+// its mma.sync GEMM is slower than cuBLAS's. Measured on the H100 (session 10, bf16 channels-last inference, batch
+// 32, fused against cuBLAS): 64 -> 128 @147^2 0.358 / 0.364 ms, 128 -> 128 @147^2 0.486 / 0.476, 128 -> 256 @74^2
+// 0.201 / 0.197 (even, within the runs' ~3% noise; the fused form peaks ~25% lower), 256 -> 256 @74^2 0.301 / 0.257
+// (cuBLAS). So the fused product up to 128 channels. XCEPTION_OPS_SEPARABLE_STAGED_GEMM=fused / =cublas takes one
+// everywhere.
+constexpr int64_t kSepStagedFusedMaxChannels = 128;
 XO_HOST_DEVICE inline bool separable_staged_fused_gemm(const Conv2dGeometry& g) {
   return g.dw_channels() <= kSepStagedFusedMaxChannels;
 }

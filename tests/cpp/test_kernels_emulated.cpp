@@ -1406,13 +1406,19 @@ TEST_CASE(batch_norm_finalize_its_backward_and_running_statistics_kernels) {
     b16p.sum = sum.data(), b16p.sumsq = sumsq.data(), b16p.weight = w16.data();
     b16p.grad_scale = grads[0].data(), b16p.grad_shift = grads[1].data(), b16p.grad_mean = grads[2].data();
     b16p.grad_var = grads[3].data();
+    // The parameters' gradients come in P: the float32 ones rounded once.
+    std::vector<P> grad_w16(C, from_float<P>(std::nanf(""))), grad_b16(C, from_float<P>(std::nanf("")));
     b16p.grad_sum = got_back[0].data(), b16p.grad_sumsq = got_back[1].data();
-    b16p.grad_weight = got_back[2].data(), b16p.grad_bias = got_back[3].data();
+    b16p.grad_weight = grad_w16.data(), b16p.grad_bias = grad_b16.data();
     b16p.channels = C, b16p.count = count, b16p.eps = 1e-5;
     emulate_launch(kernels::batch_norm_finalize_backward_kernel<float, P>, dim3((C + 255) / 256), dim3(256), b16p);
-    for (int i = 0; i < 4; ++i) {
-      EXPECT(std::memcmp(want[i].data(), got[i].data(), C * sizeof(float)) == 0);
+    for (int i = 0; i < 4; ++i) EXPECT(std::memcmp(want[i].data(), got[i].data(), C * sizeof(float)) == 0);
+    for (int i = 0; i < 2; ++i) {
       EXPECT(std::memcmp(want_back[i].data(), got_back[i].data(), C * sizeof(float)) == 0);
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      EXPECT(to_double(grad_w16[c]) == to_double(from_float<P>(want_back[2][c])));
+      EXPECT(to_double(grad_b16[c]) == to_double(from_float<P>(want_back[3][c])));
     }
     EXPECT(w32[3] != weight[3] || b32[3] != bias[3]);  // the 16-bit values differ from the float32 ones
   };
