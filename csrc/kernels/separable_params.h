@@ -323,6 +323,8 @@ struct ChannelPassParams {
   int tile_pixels = 64;          // pixels per block, at most kChannelPassPixels (channel_pass_tile_pixels)
 };
 constexpr int kChannelPassPixels = 64;
+// Rows (pixels) whose loads separable_channel_pass_kernel issues together, before it uses any of them.
+constexpr int kChannelPassRowsInFlight = 4;
 // Pixels per block of the passes: 64, halved (down to 8) while that leaves fewer than 4 blocks per multiprocessor.
 // At 19^2 and 10^2 (batch 32) 64-pixel tiles gave 180 and 50 blocks for 132 SMs, each thread walking 32-64
 // pixels one load after another: the pass waited on memory latency with most of the GPU idle.
