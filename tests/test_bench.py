@@ -127,12 +127,50 @@ def test_a_stopped_run_resumes_where_it_stopped(tmp_path, monkeypatch, capsys):
     assert cli.main([*args, "--resume"]) == 2
     assert "kernel_settings" in capsys.readouterr().err
     monkeypatch.delenv("XCEPTION_OPS_SEPARABLE_FORWARD")
+    assert cli.main([*args, "--tf32", "on", "--resume"]) == 2  # other TF32 flags: other float32 measurements
+    assert "tf32" in capsys.readouterr().err
     final["env"]["gpu"] = "NVIDIA H100 80GB HBM3"
     (out / "bench.json").write_text(json.dumps(final))
     assert cli.main([*args, "--resume"]) == 2
     assert "gpu" in capsys.readouterr().err
     assert cli.main(["bench", "--device", "cpu", "--resume"]) == 2
     assert "--resume needs --out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setting", ["on", "off"])
+def test_tf32_setting_holds_during_the_run_is_recorded_and_restored(tmp_path, setting):
+    """--tf32 on / off sets cuDNN's and cuBLAS's flags alike while the run times (float32 rows at the same setting
+    for cuDNN and this package's products), records them in the report, and restores the caller's after."""
+    before = bench.tf32_flags()
+    during = []
+    out = tmp_path / "run"
+    args = ["bench", "--device", "cpu", "--shapes", "3,5,6", "--batch", "1", "--dtypes", "float32", "--passes",
+            "inference", "--ops", "depthwise", "--backends", "torch", "--no-models", "--warmup", "0", "--reps", "1",
+            "--layouts", "NCHW", "--tf32", setting, "--out", str(out)]
+    real = bench.bench_layer
+
+    def spy(*a, **k):
+        during.append(bench.tf32_flags())
+        return real(*a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bench, "bench_layer", spy)
+        assert cli.main(args) == 0
+    want = {"cudnn": setting == "on", "matmul": setting == "on"}
+    assert during and all(flags == want for flags in during)
+    report = json.loads((out / "bench.json").read_text())
+    assert report["env"]["tf32"] == want
+    assert f"tf32 {want}" in (out / "bench.md").read_text()
+    assert bench.tf32_flags() == before
+
+
+def test_tf32_default_leaves_the_flags_and_records_them():
+    report = bench.run(device="cpu", backends_=["torch"], dtypes=["float32"], layouts=["NCHW"], passes=["inference"],
+                       shapes=[(3, 4, 5, 1)], ops=["depthwise"], models=False, warmup=0, reps=1,
+                       progress=lambda line: None)
+    assert report["env"]["tf32"] == bench.tf32_flags()
+    with pytest.raises(ValueError, match="tf32 must be one of"):
+        bench.run(device="cpu", tf32="maybe")
 
 
 def test_cli_rejects_a_bad_shape(capsys):

@@ -8,8 +8,8 @@
 #                 "--maxfail=20 --deselect tests/test_x.py::test_y"; a -k expression cannot contain spaces)
 #   GPU_TESTS     the test files or folders of the gpu_tests step (default: tests)
 #   BENCH_ARGS    arguments of the layer benchmark (default: the quick one, bf16 channels-last on every backend and
-#                 float32 NCHW inference on cuda and cuDNN, ~4 min on an H200; `make bench` runs them all: ~10 min
-#                 for the layers alone); BENCH_MODEL_ARGS those of the model benchmark
+#                 float32 NCHW inference on cuda and cuDNN with TF32 on for both, ~4 min on an H200; `make bench`
+#                 runs them all: ~10 min for the layers alone); BENCH_MODEL_ARGS those of the model benchmark
 #   PROFILE_SHAPES  the layers of the profile step (cin,cout,hw each); PROFILE_IMPLS its implementations (cuda eager),
 #                 PROFILE_PASSES its passes (inference training)
 #   FORWARD_VARIANTS  the forward step's variants, NAME:SETTING[,SETTING...] each (default: all five, below)
@@ -100,8 +100,9 @@ if [ -n "${BENCH_ARGS:-}" ]; then
 else
   step bench_layers "$PY" -m xception_ops.cli bench --out "$out" --no-models --dtypes bfloat16 --layouts NHWC \
     --warmup 5 --reps 20
+  # float32 at the same TF32 setting for cuDNN and the staged product (cuDNN's default: on), as #3's target reads.
   step bench_layers "$PY" -m xception_ops.cli bench --out "$out/nchw-fp32" --no-models --dtypes float32 \
-    --layouts NCHW --passes inference --backends cuda --warmup 5 --reps 20
+    --layouts NCHW --passes inference --backends cuda --warmup 5 --reps 20 --tf32 on
 fi
 # The depthwise kernels alone against cuDNN, with the strip kernels and without (tools/depthwise_sweep.py): bf16
 # channels-last and float32 NCHW.

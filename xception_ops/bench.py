@@ -123,8 +123,9 @@ def environment() -> dict:
         env["triton"] = triton.__version__
     except ImportError:
         env["triton"] = None
-    # Rows measured under other implementation choices measure other code.
+    # Rows measured under other implementation choices measure other code; float32 ones under other TF32 flags too.
     env["kernel_settings"] = kernel_settings()
+    env["tf32"] = tf32_flags()
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         env.update(device="cuda", gpu=props.name, sm=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
@@ -422,15 +423,46 @@ def parse_shape(text: str) -> tuple[int, int, int, int]:
     return (*parts, 1)[:4] if len(parts) == 3 else tuple(parts)  # type: ignore[return-value]
 
 
-def run(*args, **kwargs) -> dict:
+TF32_CHOICES = ("default", "on", "off")
+
+
+def tf32_flags() -> dict[str, bool | None]:
+    """PyTorch's TF32 flags for float32 work: cuDNN's (convolutions; this package's fused kernel follows it) and
+    cuBLAS's (matrix products; the staged separable forward's product follows it). None where PyTorch cannot answer
+    with one value (per-operator `fp32_precision` settings that differ raise on the legacy read)."""
+    flags: dict[str, bool | None] = {}
+    for name, module in (("cudnn", torch.backends.cudnn), ("matmul", torch.backends.cuda.matmul)):
+        try:
+            flags[name] = bool(module.allow_tf32)
+        except RuntimeError:
+            flags[name] = None
+    return flags
+
+
+def run(*args, tf32: str = "default", **kwargs) -> dict:
     """Runs the suite and returns the report (see bench_report for its outputs); arguments as `_run_suite`'s.
-    cuDNN's autotuning is on while it runs on a GPU (as a tuned training script runs cuDNN), and restored after."""
-    saved = torch.backends.cudnn.benchmark
+    cuDNN's autotuning is on while it runs on a GPU (as a tuned training script runs cuDNN), and restored after.
+
+    tf32: "on" or "off" sets cuDNN's and cuBLAS's TF32 flags alike for the run (restored after), so that float32
+    rows compare cuDNN and this package at the same setting; "default" leaves PyTorch's (cuDNN's on, cuBLAS's off:
+    eager convolutions then use TF32 where the staged product does not). The report's env records them."""
+    if tf32 not in TF32_CHOICES:
+        raise ValueError(f"tf32 must be one of {', '.join(TF32_CHOICES)}, got {tf32!r}")
+    saved_benchmark = torch.backends.cudnn.benchmark
+    saved_tf32 = tf32_flags()
+    if tf32 != "default" and None in saved_tf32.values():
+        raise ValueError(f"tf32={tf32!r} sets PyTorch's legacy TF32 flags, which cannot be read back under the "
+                         "per-operator fp32_precision settings in effect; run with tf32='default'")
     torch.backends.cudnn.benchmark = True
     try:
+        if tf32 != "default":
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32 == "on"
         return _run_suite(*args, **kwargs)
     finally:
-        torch.backends.cudnn.benchmark = saved
+        torch.backends.cudnn.benchmark = saved_benchmark
+        if tf32 != "default":
+            torch.backends.cudnn.allow_tf32 = saved_tf32["cudnn"]
+            torch.backends.cuda.matmul.allow_tf32 = saved_tf32["matmul"]
 
 
 # What identifies a row of a report: the configuration it measures (resume reuses rows by these).
@@ -438,7 +470,7 @@ LAYER_KEY = ("op", "cin", "cout", "hw", "batch", "dtype", "layout", "pass_", "im
 MODEL_KEY = ("model", "dtype", "layout", "compiled", "batch", "image")
 # Settings that change what a row measures: a run resumes only a report made with the same ones.
 RESUME_SETTINGS = ("batch", "scale", "warmup", "reps", "image", "model_batch")
-RESUME_ENV = ("device", "gpu", "torch", "cuda", "kernel_settings")
+RESUME_ENV = ("device", "gpu", "torch", "cuda", "kernel_settings", "tf32")
 
 
 def _row_key(row: dict, fields: Sequence[str]) -> tuple:
@@ -449,6 +481,8 @@ def check_resumable(previous: dict, env: dict, settings: dict) -> None:
     """Raises ValueError unless `previous` (a report) was measured on this machine's device and software with these
     timing settings, naming the first field that differs."""
     for name in RESUME_ENV:
+        if name == "tf32" and name not in previous["env"]:  # reports from before it was recorded
+            continue
         empty = {} if name == "kernel_settings" else None  # (reports from before it was recorded: none set)
         if previous["env"].get(name, empty) != env.get(name, empty):
             raise ValueError(f"cannot resume: the earlier report's {name} is {previous['env'].get(name)!r}, this run's "
@@ -563,4 +597,7 @@ def _run_suite(device: str | None = None, backends_: Sequence[str] | None = None
     return report
 
 
-run.__signature__ = inspect.signature(_run_suite)  # the CLI's and the docs' view of run()
+_SUITE_SIGNATURE = inspect.signature(_run_suite)
+run.__signature__ = _SUITE_SIGNATURE.replace(parameters=[  # the CLI's and the docs' view of run()
+    *_SUITE_SIGNATURE.parameters.values(),
+    inspect.Parameter("tf32", inspect.Parameter.KEYWORD_ONLY, default="default", annotation=str)])

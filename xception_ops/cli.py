@@ -98,7 +98,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                        passes=args.passes, batch=args.batch, scale=args.scale, shapes=shapes, ops=args.ops,
                        compile_=args.compile, layers=not args.no_layers, models=models, image=args.image,
                        model_batch=args.model_batch, warmup=args.warmup, reps=args.reps, previous=previous,
-                       checkpoint=checkpoint if saved is not None else None)
+                       checkpoint=checkpoint if saved is not None else None, tf32=args.tf32)
     print(bench_report.format_tables(report))
     if args.out:
         written = bench_report.write_outputs(report, args.out)
@@ -193,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="go on from --out's bench.json: keep its rows and time only what it lacks (or measured with "
                         "an error); for runs longer than a session's time limit, in several calls")
+    p.add_argument("--tf32", default="default", choices=["default", "on", "off"],
+                   help="TF32 for float32 convolutions and products during the run: 'on' / 'off' sets cuDNN's and "
+                        "cuBLAS's flags alike (float32 rows then compare cuDNN and this package at the same "
+                        "setting); 'default' leaves PyTorch's (cuDNN's on, cuBLAS's off). Recorded in the report")
     p.add_argument("--auto-table", default=None, metavar="FILE",
                    help="merge this GPU run's layer results into an auto table (JSON; the package's own is "
                         "xception_ops/auto_table.json)")
