@@ -169,3 +169,30 @@ def test_channels_last_and_zero_batch(backend):
 @pytest.mark.parametrize("backend", ["torch", "auto"])
 def test_torch_compile_fullgraph_has_no_graph_breaks(backend):
     check_compiled_matches_eager(xception(num_classes=10, backend=backend), torch.randn(2, 3, 71, 71), 1e-5)
+
+
+def test_parity_turns_tf32_off_and_restores_the_callers_settings():
+    """The parity check runs float32 without TF32 and puts the caller's settings back: the legacy flags, or, where
+    per-operator settings differ (PyTorch >= 2.9, which then cannot read the legacy cuDNN flag), those."""
+    from xception_ops.parity import _tf32_disabled
+
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = (cudnn.allow_tf32, matmul.allow_tf32)
+    with _tf32_disabled():
+        assert (cudnn.allow_tf32, matmul.allow_tf32) == (False, False)
+    assert (cudnn.allow_tf32, matmul.allow_tf32) == before
+    if not hasattr(cudnn, "conv"):
+        pytest.skip("this PyTorch has no per-operator TF32 settings")
+    saved = [(obj, obj.fp32_precision) for obj in (cudnn.conv, cudnn.rnn, matmul)]
+    try:
+        cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision = "ieee", "tf32"
+        with pytest.raises(RuntimeError):
+            cudnn.allow_tf32  # noqa: B018  (mixed: the legacy read raises)
+        matmul_before = matmul.fp32_precision
+        with _tf32_disabled():  # through the per-operator settings (the legacy read still refuses: PyTorch's rule)
+            assert [o.fp32_precision for o in (cudnn.conv, cudnn.rnn, matmul)] == ["ieee"] * 3
+        assert [o.fp32_precision for o in (cudnn.conv, cudnn.rnn, matmul)] == ["ieee", "tf32", matmul_before]
+    finally:
+        for obj, precision in saved:
+            obj.fp32_precision = precision
+    assert (cudnn.allow_tf32, matmul.allow_tf32) == before

@@ -157,13 +157,30 @@ def _tf32_disabled():
     """float32 means float32 here: with TF32 (PyTorch's default for cuDNN convolutions) both paths round their
     products to 10-bit mantissas, and on this ill-conditioned network (BatchNorm over two images) their errors
     become noise of ~0.15 relative, which the twice-the-reference rule cannot judge (GPU run, session 3). The
-    TF32 kernels have their own tests at a TF32 tolerance (tests/test_cuda_separable.py)."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    TF32 kernels have their own tests at a TF32 tolerance (tests/test_cuda_separable.py).
+
+    Per-operator settings that differ (PyTorch >= 2.9: `torch.backends.cudnn.conv.fp32_precision = "ieee"` with
+    the rnn one left "tf32") make the legacy flag unreadable: then the operators' settings are set to "ieee" and put
+    back instead (cuDNN and cuBLAS follow them; this package's ops take no TF32 when the legacy flag cannot be read)."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    try:
+        saved_flags = (cudnn.allow_tf32, matmul.allow_tf32)
+    except RuntimeError:  # mixed per-operator settings: set and restore those alone, through the same API (a legacy
+        saved_flags = None  # setter under them leaves a mix that the legacy read refuses even once they are restored)
+    if saved_flags is not None:
+        cudnn.allow_tf32 = matmul.allow_tf32 = False
+        saved_precisions = []
+    else:
+        saved_precisions = [(obj, obj.fp32_precision) for obj in (cudnn.conv, cudnn.rnn, matmul)]
+        for obj, _ in saved_precisions:
+            obj.fp32_precision = "ieee"
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+        if saved_flags is not None:
+            cudnn.allow_tf32, matmul.allow_tf32 = saved_flags
+        for obj, precision in saved_precisions:
+            obj.fp32_precision = precision
 
 
 def run_parity(backend: str = "auto", device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
