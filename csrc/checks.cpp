@@ -68,6 +68,16 @@ at::MemoryFormat output_memory_format(const Tensor& x) {
   return at::MemoryFormat::Contiguous;
 }
 
+at::ScalarType batch_norm_param_type(const Tensor& sum, const OptTensor& weight, const OptTensor& bias) {
+  const at::ScalarType stats = sum.scalar_type();
+  const OptTensor* given = weight.has_value() ? &weight : bias.has_value() ? &bias : nullptr;
+  if (stats != at::kFloat || given == nullptr) return stats;
+  const at::ScalarType own = (*given)->scalar_type();
+  const bool same = (!weight.has_value() || weight->scalar_type() == own) &&
+                    (!bias.has_value() || bias->scalar_type() == own);
+  return same && (own == at::kBFloat16 || own == at::kHalf) ? own : stats;
+}
+
 Conv2dGeometry make_geometry(const char* op, IntArrayRef x_sizes, IntArrayRef weight_sizes, IntArrayRef stride,
                              IntArrayRef padding, IntArrayRef dilation) {
   XO_CHECK_VALUE(x_sizes.size() == 4, op, ": x must be a 4-D tensor (N, C, H, W), got ", x_sizes.size(),

@@ -96,6 +96,10 @@ void check_scale_shift(const char* op, const Tensor& y, const Tensor& scale, con
 void check_like(const char* op, const char* name, const Tensor& t, IntArrayRef shape, const Tensor& x);
 // Output layout rule shared by every backend and the fake kernels: channels_last in, channels_last out.
 at::MemoryFormat output_memory_format(const Tensor& x);
+// The dtype the finalize ops take BatchNorm's affine parameters in: their own where every one given is 16-bit beside
+// float32 statistics (a model cast to bf16 / fp16), else the statistics'. The finalize backward returns the
+// parameters' gradients in it on every backend (the fake kernel in _library.py follows the same rule).
+at::ScalarType batch_norm_param_type(const Tensor& sum, const OptTensor& weight, const OptTensor& bias);
 
 // ---- reference implementations through ATen ops (reference.cpp); these are the "torch" backend ----
 namespace reference {

@@ -205,11 +205,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize_backward(
   const Tensor g_r = g_affine * w;
   const Tensor g_v = (g_var - 0.5 * g_r * r * r * r) * (raw_var >= 0).to(type);
   const Tensor g_m = g_mean - g_shift * w * r - 2 * m * g_v;
-  // The parameters' gradients in weight's dtype where it is 16-bit beside float32 statistics (as the cuda
-  // kernel writes them), else in the statistics'.
-  const bool sixteen = weight.has_value() &&
-                       (weight->scalar_type() == at::kBFloat16 || weight->scalar_type() == at::kHalf);
-  const auto param_type = type == at::kFloat && sixteen ? weight->scalar_type() : type;
+  const auto param_type = batch_norm_param_type(sum, weight, c10::nullopt);  // as the cuda kernel writes them
   return {g_m / n, g_v / n, (g_affine * r).to(param_type), g_shift.to(param_type, false, /*copy=*/true)};
 }
 

@@ -174,11 +174,11 @@ def test_torch_compile_fullgraph_has_no_graph_breaks(backend):
 def test_parity_turns_tf32_off_and_restores_the_callers_settings():
     """The parity check runs float32 without TF32 and puts the caller's settings back: the legacy flags, or, where
     per-operator settings differ (PyTorch >= 2.9, which then cannot read the legacy cuDNN flag), those."""
-    from xception_ops.parity import _tf32_disabled
+    from xception_ops.precision import tf32_override
 
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
     before = (cudnn.allow_tf32, matmul.allow_tf32)
-    with _tf32_disabled():
+    with tf32_override(False):
         assert (cudnn.allow_tf32, matmul.allow_tf32) == (False, False)
     assert (cudnn.allow_tf32, matmul.allow_tf32) == before
     if not hasattr(cudnn, "conv"):
@@ -189,7 +189,7 @@ def test_parity_turns_tf32_off_and_restores_the_callers_settings():
         with pytest.raises(RuntimeError):
             cudnn.allow_tf32  # noqa: B018  (mixed: the legacy read raises)
         matmul_before = matmul.fp32_precision
-        with _tf32_disabled():  # through the per-operator settings (the legacy read still refuses: PyTorch's rule)
+        with tf32_override(False):  # through the per-operator settings (the legacy read still refuses: PyTorch's rule)
             assert [o.fp32_precision for o in (cudnn.conv, cudnn.rnn, matmul)] == ["ieee"] * 3
         assert [o.fp32_precision for o in (cudnn.conv, cudnn.rnn, matmul)] == ["ieee", "tf32", matmul_before]
     finally:

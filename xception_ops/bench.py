@@ -10,6 +10,7 @@ same suite runs on the CPU at small sizes (host clock; indicative only). Reports
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import inspect
 import os
@@ -26,6 +27,7 @@ import torch.nn as nn
 from . import backend as backends
 from .nn import SeparableConvBN
 from .ops import depthwise_conv2d
+from .precision import tf32_flags, tf32_override
 from .progress import Progress
 from .version import __version__
 
@@ -426,19 +428,6 @@ def parse_shape(text: str) -> tuple[int, int, int, int]:
 TF32_CHOICES = ("default", "on", "off")
 
 
-def tf32_flags() -> dict[str, bool | None]:
-    """PyTorch's TF32 flags for float32 work: cuDNN's (convolutions; this package's fused kernel follows it) and
-    cuBLAS's (matrix products; the staged separable forward's product follows it). None where PyTorch cannot answer
-    with one value (per-operator `fp32_precision` settings that differ raise on the legacy read)."""
-    flags: dict[str, bool | None] = {}
-    for name, module in (("cudnn", torch.backends.cudnn), ("matmul", torch.backends.cuda.matmul)):
-        try:
-            flags[name] = bool(module.allow_tf32)
-        except RuntimeError:
-            flags[name] = None
-    return flags
-
-
 def run(*args, tf32: str = "default", **kwargs) -> dict:
     """Runs the suite and returns the report (see bench_report for its outputs); arguments as `_run_suite`'s.
     cuDNN's autotuning is on while it runs on a GPU (as a tuned training script runs cuDNN), and restored after.
@@ -448,21 +437,16 @@ def run(*args, tf32: str = "default", **kwargs) -> dict:
     eager convolutions then use TF32 where the staged product does not). The report's env records them."""
     if tf32 not in TF32_CHOICES:
         raise ValueError(f"tf32 must be one of {', '.join(TF32_CHOICES)}, got {tf32!r}")
-    saved_benchmark = torch.backends.cudnn.benchmark
-    saved_tf32 = tf32_flags()
-    if tf32 != "default" and None in saved_tf32.values():
+    if tf32 != "default" and None in tf32_flags().values():
         raise ValueError(f"tf32={tf32!r} sets PyTorch's legacy TF32 flags, which cannot be read back under the "
                          "per-operator fp32_precision settings in effect; run with tf32='default'")
+    saved_benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = True
     try:
-        if tf32 != "default":
-            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32 == "on"
-        return _run_suite(*args, **kwargs)
+        with tf32_override(tf32 == "on") if tf32 != "default" else contextlib.nullcontext():
+            return _run_suite(*args, **kwargs)
     finally:
         torch.backends.cudnn.benchmark = saved_benchmark
-        if tf32 != "default":
-            torch.backends.cudnn.allow_tf32 = saved_tf32["cudnn"]
-            torch.backends.cuda.matmul.allow_tf32 = saved_tf32["matmul"]
 
 
 # What identifies a row of a report: the configuration it measures (resume reuses rows by these).

@@ -12,7 +12,6 @@ much the network itself amplifies rounding.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from dataclasses import asdict, dataclass, field
 
@@ -21,6 +20,7 @@ import torch.nn as nn
 
 from .models import Xception, xception
 from .nn import SeparableConvBN
+from .precision import tf32_override
 
 # Relative size of the perturbation of the inputs and weights whose effect, next to the reference path's own
 # error, sets the bar. The reference path runs the same algorithm as the float64 copy, so its own error can be
@@ -152,37 +152,6 @@ def _step(model: Xception, x: torch.Tensor, target: torch.Tensor) -> dict[str, t
     return out
 
 
-@contextlib.contextmanager
-def _tf32_disabled():
-    """float32 means float32 here: with TF32 (PyTorch's default for cuDNN convolutions) both paths round their
-    products to 10-bit mantissas, and on this ill-conditioned network (BatchNorm over two images) their errors
-    become noise of ~0.15 relative, which the twice-the-reference rule cannot judge (GPU run, session 3). The
-    TF32 kernels have their own tests at a TF32 tolerance (tests/test_cuda_separable.py).
-
-    Per-operator settings that differ (PyTorch >= 2.9: `torch.backends.cudnn.conv.fp32_precision = "ieee"` with
-    the rnn one left "tf32") make the legacy flag unreadable: then the operators' settings are set to "ieee" and put
-    back instead (cuDNN and cuBLAS follow them; this package's ops take no TF32 when the legacy flag cannot be read)."""
-    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    try:
-        saved_flags = (cudnn.allow_tf32, matmul.allow_tf32)
-    except RuntimeError:  # mixed per-operator settings: set and restore those alone, through the same API (a legacy
-        saved_flags = None  # setter under them leaves a mix that the legacy read refuses even once they are restored)
-    if saved_flags is not None:
-        cudnn.allow_tf32 = matmul.allow_tf32 = False
-        saved_precisions = []
-    else:
-        saved_precisions = [(obj, obj.fp32_precision) for obj in (cudnn.conv, cudnn.rnn, matmul)]
-        for obj, _ in saved_precisions:
-            obj.fp32_precision = "ieee"
-    try:
-        yield
-    finally:
-        if saved_flags is not None:
-            cudnn.allow_tf32, matmul.allow_tf32 = saved_flags
-        for obj, precision in saved_precisions:
-            obj.fp32_precision = precision
-
-
 def run_parity(backend: str = "auto", device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                batch: int = 2, image_size: int = 71, mode: str = "train", seed: int = 0,
                num_classes: int = 1000, **model_kwargs) -> ParityReport:
@@ -200,7 +169,11 @@ def run_parity(backend: str = "auto", device: str | torch.device = "cpu", dtype:
     target = torch.randint(0, num_classes, (batch,), generator=gen)
 
     results = {}
-    with _tf32_disabled():
+    # float32 means float32 here: with TF32 (PyTorch's default for cuDNN convolutions) both paths round their
+    # products to 10-bit mantissas, and on this ill-conditioned network (BatchNorm over two images) their errors
+    # become noise of ~0.15 relative, which the twice-the-reference rule cannot judge (GPU run, session 3). The TF32
+    # kernels have their own tests at a TF32 tolerance (tests/test_cuda_separable.py).
+    with tf32_override(False):
         for key, run_backend, run_dtype in (("backend", backend, dtype), ("torch", "torch", dtype),
                                             ("perturbed", "torch", dtype), ("float64", "torch", torch.float64)):
             model = copy.deepcopy(base)

@@ -31,18 +31,6 @@ Conv2dGeometry channels_geometry(const Tensor& y) {
   return g;
 }
 
-// The element type the finalize kernels read the affine parameters in: their own where every one given is 16-bit
-// beside float32 statistics (a model cast to bf16 / fp16), else the statistics' (they are converted first).
-at::ScalarType affine_type(const Tensor& sum, const OptTensor& weight, const OptTensor& bias) {
-  const at::ScalarType stats = sum.scalar_type();
-  const OptTensor* given = weight.has_value() ? &weight : bias.has_value() ? &bias : nullptr;
-  if (stats != at::kFloat || given == nullptr) return stats;
-  const at::ScalarType own = (*given)->scalar_type();
-  const bool same = (!weight.has_value() || weight->scalar_type() == own) &&
-                    (!bias.has_value() || bias->scalar_type() == own);
-  return same && (own == at::kBFloat16 || own == at::kHalf) ? own : stats;
-}
-
 template <typename P>
 const P* param_ptr(const Tensor& t) {
   return t.defined() ? static_cast<const P*>(t.data_ptr()) : nullptr;
@@ -86,7 +74,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> finalize_backward_typed(const Tensor&
   const Tensor w = weight.has_value() ? weight->to(param_type).contiguous() : Tensor();
   Tensor g[4];
   for (int i = 0; i < 4; ++i) g[i] = vector(grads[i]);
-  // The parameters' gradients in param_type (P): the dtype the parameters are read in (affine_type).
+  // The parameters' gradients in param_type (P): the dtype the parameters are read in (batch_norm_param_type).
   Tensor grad_sum = at::empty_like(s), grad_sumsq = at::empty_like(s),
          grad_weight = at::empty_like(s, s.options().dtype(param_type)),
          grad_bias = at::empty_like(s, s.options().dtype(param_type));
@@ -124,6 +112,20 @@ void update_typed(const Tensor& running_mean, const Tensor& running_var, const T
   check_launch(kUpdate, launch_batch_norm_update_stats<T>(p, c10::cuda::getCurrentCUDAStream()));
 }
 
+// The channel pass over y of scale_shift and its backward: y's geometry, scale, shift (kept alive in keep) and the
+// ReLU, its tile planned; the caller adds the tensors its pass reads and writes.
+ChannelPassParams scale_shift_pass(const char* op, const Tensor& y, const Tensor& scale, const Tensor& shift,
+                                   bool relu, Tensor (&keep)[2]) {
+  ChannelPassParams p;
+  p.g = channels_geometry(y);
+  p.channels = y.size(1), p.h = y.size(2), p.w = y.size(3);
+  p.scale = float_vector(scale, keep[0]);
+  p.vec_a = float_vector(shift, keep[1]);
+  p.relu = relu;
+  check_launch(op, plan_channel_pass(p));
+  return p;
+}
+
 }  // namespace
 
 Tensor scale_shift(const Tensor& y, const Tensor& scale, const Tensor& shift, bool relu) {
@@ -136,15 +138,9 @@ Tensor scale_shift(const Tensor& y, const Tensor& scale, const Tensor& shift, bo
   // The separable forward's epilogue pass without a residual or sums: the same relu?(round(y * scale + shift)),
   // by tiles of pixels with each thread's channels fixed (prologue_apply_kernel, a flat grid-stride loop, spent four
   // 64-bit divisions per vector on its index: 68 us at 256 -> 728 @37^2 against a ~43 us floor, H100 session 10).
-  ChannelPassParams e;
-  e.g = channels_geometry(y);
-  e.channels = y.size(1), e.h = y.size(2), e.w = y.size(3);
+  ChannelPassParams e = scale_shift_pass(kScaleShift, y, scale, shift, relu, keep);
   e.y = view_of(y);
   e.result = view_of(out);
-  e.scale = float_vector(scale, keep[0]);
-  e.vec_a = float_vector(shift, keep[1]);
-  e.relu = relu;
-  check_launch(kScaleShift, plan_channel_pass(e));
   check_launch(kScaleShift, launch_channel_pass(e, dtype, ChannelPass::Epilogue, c10::cuda::getCurrentCUDAStream()));
   return out;
 }
@@ -162,16 +158,10 @@ std::tuple<Tensor, Tensor, Tensor> scale_shift_backward(const Tensor& grad, cons
   Tensor grad_y = at::empty(y.sizes(), y.options().memory_format(output_memory_format(y)));
   Tensor keep[2];
   // The prologue's backward pass of the separable backward: the ReLU mask, round(g * scale), sums of g y and g.
-  ChannelPassParams r;
-  r.g = channels_geometry(y);
-  r.channels = C, r.h = y.size(2), r.w = y.size(3);
+  ChannelPassParams r = scale_shift_pass(kScaleShiftBwd, y, scale, shift, relu, keep);
   r.grad = view_of(grad);
   r.act = view_of(y);
   r.result = view_of(grad_y);
-  r.scale = float_vector(scale, keep[0]);
-  r.vec_a = float_vector(shift, keep[1]);
-  r.relu = relu;
-  check_launch(kScaleShiftBwd, plan_channel_pass(r));
   const int64_t tiles = channel_pass_tiles(r);
   Tensor workspace = at::empty({reduce_rows_workspace(tiles, 2 * C)}, y.options().dtype(at::kFloat));
   r.partial = workspace.data_ptr<float>();
@@ -190,7 +180,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize_backward(
   XO_CHECK_VALUE(sum.is_cuda(), kBackward, ": backend 'cuda' needs CUDA tensors, but sum is on ", sum.device());
   const c10::cuda::CUDAGuard guard(sum.device());
   const OptTensor grads[4] = {grad_scale, grad_shift, grad_mean, grad_var};
-  const at::ScalarType params = affine_type(sum, weight, c10::nullopt);
+  const at::ScalarType params = batch_norm_param_type(sum, weight, c10::nullopt);
   switch (params) {
     case at::kDouble: return finalize_backward_typed<double>(sum, sumsq, count, weight, eps, grads, params);
     case at::kBFloat16:
@@ -230,7 +220,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize(const Tensor& sum
                                                                const OptTensor& bias, double eps) {
   XO_CHECK_VALUE(sum.is_cuda(), kOp, ": backend 'cuda' needs CUDA tensors, but sum is on ", sum.device());
   const c10::cuda::CUDAGuard guard(sum.device());
-  const at::ScalarType params = affine_type(sum, weight, bias);
+  const at::ScalarType params = batch_norm_param_type(sum, weight, bias);
   switch (params) {
     case at::kDouble: return finalize_typed<double>(sum, sumsq, count, weight, bias, eps, params);
     case at::kBFloat16: return finalize_typed<float, __nv_bfloat16>(sum, sumsq, count, weight, bias, eps, params);
