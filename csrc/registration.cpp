@@ -1,8 +1,8 @@
 // The operators, defined once. Schemas, the backend router, and the CPU / CUDA registrations.
 //
 // Every op takes `backend` last: "auto", "torch" (the ATen reference), "cuda" (csrc/cuda) or "triton"
-// (Python: xception_ops/triton, reached through the dispatcher). Fake (meta) kernels and autograd are registered
-// from Python in xception_ops/_library.py.
+// (Python: xception_ops/triton, reached through the dispatcher). The Autograd kernels are in autograd.cpp; the
+// fake (meta) kernels are registered from Python in xception_ops/_library.py.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 

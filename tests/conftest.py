@@ -1,5 +1,6 @@
 """Shared test helpers. GPU tests carry the `gpu` marker and are skipped (only) where no CUDA GPU is visible."""
 
+import contextlib
 import os
 import random
 import zlib
@@ -27,18 +28,24 @@ def require_cuda_kernel(op: str):
     return ext
 
 
-def record_op_calls(monkeypatch, name: str) -> list[tuple]:
-    """Replaces torch.ops.xception_ops.<name> for the test with a wrapper that records each call's arguments and
-    runs the op; returns the list the calls go to."""
+@contextlib.contextmanager
+def record_op_calls(name: str):
+    """Records the arguments of every call of torch.ops.xception_ops.<name> made inside the block, from Python or
+    from C++ (the autograd kernels' backward calls): a dispatch mode sees each call below autograd. Yields the list
+    the calls go to."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
     calls: list[tuple] = []
-    real = getattr(torch.ops.xception_ops, name)
+    wanted = f"xception_ops::{name}"
 
-    def record(*args):
-        calls.append(args)
-        return real(*args)
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func._schema.name == wanted:
+                calls.append(tuple(args) + tuple((kwargs or {}).values()))
+            return func(*args, **(kwargs or {}))
 
-    monkeypatch.setattr(torch.ops.xception_ops, name, record)
-    return calls
+    with Recorder():
+        yield calls
 
 
 def pytest_configure(config):

@@ -77,3 +77,27 @@ def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.
     else:
         total = total_sq = x.new_empty((0,), dtype=stats_dtype(x))
     return z.contiguous(memory_format=output_memory_format(x)), total, total_sq
+
+
+def finalize_backward(total, total_sq, count, weight, eps, grad_scale, grad_shift, grad_mean, grad_var):
+    """Gradients of batch_norm_finalize's (scale, shift, mean, var) with respect to (sum, sumsq, weight, bias), as
+    differentiable PyTorch ops: the oracle of the op xception_ops.batch_norm_finalize_backward (one kernel on
+    "cuda") and of the op's double backward (csrc/autograd.cpp writes the same formulas in ATen).
+
+    With m = sum / n, v = max(sumsq / n - m^2, 0), r = (v + eps)^-1/2, scale = w r, shift = b - m w r:
+    dL/dr = (g_scale - g_shift m) w;  dL/dv = (g_var - dL/dr r^3 / 2) [v >= 0 before the clamp];
+    dL/dm = g_mean - g_shift w r - 2 m dL/dv;  dL/dsum = dL/dm / n;  dL/dsumsq = dL/dv / n;
+    dL/dw = (g_scale - g_shift m) r;  dL/db = g_shift. Missing output gradients count as zeros.
+    """
+    n = float(count)
+    zero = torch.zeros_like(total)
+    g_scale, g_shift, g_mean, g_var = (zero if g is None else g for g in (grad_scale, grad_shift, grad_mean, grad_var))
+    w = torch.ones_like(total) if weight is None else weight.to(total.dtype)
+    m = total / n
+    raw_var = total_sq / n - m * m
+    r = torch.rsqrt(raw_var.clamp_min(0) + eps)
+    g_r = (g_scale - g_shift * m) * w
+    g_v = (g_var - 0.5 * g_r * r * r * r) * (raw_var >= 0).to(total.dtype)
+    g_m = g_mean - g_shift * w * r - 2 * m * g_v
+    g_w = (g_scale - g_shift * m) * r
+    return g_m / n, g_v / n, g_w, g_shift

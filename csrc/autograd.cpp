@@ -1,0 +1,393 @@
+// The differentiable ops' Autograd kernels, in C++: separable_conv2d, depthwise_conv2d, scale_shift and
+// batch_norm_finalize. Each forward calls the op below autograd (whichever backend its `backend` names) and
+// records a node whose backward calls the matching *_backward op.
+//
+// Why C++: registered from Python (torch.library.register_autograd, or our lighter form of it), every call of a
+// 16-argument op crossed into Python at the Autograd key and back out of it to redispatch: ~35 us of CPU per
+// separable_conv2d call on this project's CI machine even when nothing needed a gradient (inference), and an
+// autograd.Function in Python for the backward. Here a call that needs no gradient costs one guard and the call.
+//
+// A graph of the backward (create_graph=True, double backward) is built where it has a formula: the first-order
+// backward of scale_shift and batch_norm_finalize is then written in differentiable ATen ops instead of its
+// one-kernel op (their formulas: the reference ops' in reference.cpp, kernels/batchnorm_params.h). The
+// separable and depthwise backward ops have no autograd of their own.
+#include <ATen/TensorOperators.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/ones_like.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros_like.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+namespace xception_ops {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// The op `name` as a typed handle, looked up once (after TORCH_LIBRARY has defined it).
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+// Whether a call builds a graph node: grad mode on and some tensor argument requires grad. Otherwise the Autograd
+// kernel goes straight to the op below autograd.
+bool needs_node(std::initializer_list<const Tensor*> tensors, std::initializer_list<const OptTensor*> optional) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const Tensor* t : tensors)
+    if (t->requires_grad()) return true;
+  for (const OptTensor* t : optional)
+    if (t->has_value() && (*t)->defined() && (*t)->requires_grad()) return true;
+  return false;
+}
+
+std::vector<int64_t> to_vector(IntArrayRef v) { return v.vec(); }
+Tensor defined_or_empty(const OptTensor& t) { return t.has_value() ? *t : Tensor(); }
+OptTensor optional_of(const Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); }
+Tensor per_channel(const Tensor& v) { return v.view({1, -1, 1, 1}); }
+
+// ---- separable_conv2d ----
+using SeparableSig = std::tuple<Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, bool, IntArrayRef, IntArrayRef,
+    IntArrayRef, c10::string_view, const OptTensor&, const OptTensor&, bool, const OptTensor&, bool, c10::string_view);
+using SeparableBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const Tensor&, const Tensor&, const Tensor&,
+    const OptTensor&, const OptTensor&, bool, IntArrayRef, IntArrayRef, IntArrayRef, c10::string_view,
+    const OptTensor&, const OptTensor&, bool, c10::string_view);
+
+const c10::TypedOperatorHandle<SeparableSig>& separable_op() {
+  static const auto op = op_handle<SeparableSig>("xception_ops::separable_conv2d");
+  return op;
+}
+
+struct SeparableFunction : public torch::autograd::Function<SeparableFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& dw_weight,
+                               const Tensor& pw_weight, const OptTensor& in_scale, const OptTensor& in_shift,
+                               bool in_relu, IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
+                               c10::string_view mid_activation, const OptTensor& out_scale,
+                               const OptTensor& out_shift, bool out_relu, const OptTensor& residual,
+                               bool compute_stats, c10::string_view backend) {
+    Tensor out, sum, sumsq;
+    {
+      const at::AutoDispatchBelowADInplaceOrView below;
+      std::tie(out, sum, sumsq) =
+          separable_op().call(x, dw_weight, pw_weight, in_scale, in_shift, in_relu, stride, padding, dilation,
+                              mid_activation, out_scale, out_shift, out_relu, residual, compute_stats, backend);
+    }
+    // The output goes to the backward for its ReLU mask, and when the forward had no epilogue at all, since it is
+    // then y itself, which a backend can use instead of recomputing it (training: the next layer saves it anyway).
+    const bool plain = !out_scale.has_value() && !out_shift.has_value() && !residual.has_value() && !out_relu;
+    ctx->save_for_backward({x, dw_weight, pw_weight, defined_or_empty(in_scale), defined_or_empty(in_shift),
+                            defined_or_empty(out_scale), defined_or_empty(out_shift),
+                            out_relu || plain ? out : Tensor()});
+    auto& data = ctx->saved_data;
+    data["in_relu"] = in_relu;
+    data["stride"] = to_vector(stride);
+    data["padding"] = to_vector(padding);
+    data["dilation"] = to_vector(dilation);
+    data["mid"] = std::string(mid_activation);
+    data["out_relu"] = out_relu;
+    data["compute_stats"] = compute_stats;
+    data["backend"] = std::string(backend);
+    // residual's position among the tensor inputs (those present), for needs_input_grad
+    int64_t residual_input = -1;
+    if (residual.has_value()) {
+      residual_input = 3;
+      for (const OptTensor* t : {&in_scale, &in_shift, &out_scale, &out_shift}) residual_input += t->has_value();
+    }
+    data["residual_input"] = residual_input;
+    if (!compute_stats) ctx->mark_non_differentiable({sum, sumsq});  // empty: no statistics asked for
+    return {out, sum, sumsq};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto backward_op = op_handle<SeparableBackwardSig>("xception_ops::separable_conv2d_backward");
+    const variable_list saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &dw_weight = saved[1], &pw_weight = saved[2], &out = saved[7];
+    const OptTensor in_scale = optional_of(saved[3]), in_shift = optional_of(saved[4]);
+    const OptTensor out_scale = optional_of(saved[5]), out_shift = optional_of(saved[6]);
+    const auto& data = ctx->saved_data;
+    const bool out_relu = data.at("out_relu").toBool();
+    const bool compute_stats = data.at("compute_stats").toBool();
+    const std::string& backend = data.at("backend").toStringRef();  // (cuda_ops_list.h: every backward has a kernel)
+    const Tensor& grad_out = grads[0];
+    // Without statistics, autograd hands in zero gradients for the two empty outputs: not passed on.
+    const OptTensor grad_sum = compute_stats ? optional_of(grads[1]) : OptTensor();
+    const OptTensor grad_sumsq = compute_stats ? optional_of(grads[2]) : OptTensor();
+    const auto stride = data.at("stride").toIntVector(), padding = data.at("padding").toIntVector(),
+               dilation = data.at("dilation").toIntVector();
+    auto [grad_x, grad_dw, grad_pw, grad_in_scale, grad_in_shift, grad_out_scale, grad_out_shift] =
+        backward_op.call(grad_out, grad_sum, grad_sumsq, optional_of(out), x, dw_weight, pw_weight, in_scale,
+                         in_shift, data.at("in_relu").toBool(), stride, padding, dilation,
+                         data.at("mid").toStringRef(), out_scale, out_shift, out_relu, backend);
+    Tensor grad_residual;
+    const int64_t residual_input = data.at("residual_input").toInt();
+    if (residual_input >= 0 && ctx->needs_input_grad(static_cast<size_t>(residual_input))) {
+      grad_residual = out_relu ? grad_out.masked_fill(out <= 0, 0) : grad_out;
+    }
+    const auto if_given = [](const OptTensor& input, const Tensor& grad) { return input ? grad : Tensor(); };
+    return {grad_x,
+            grad_dw,
+            grad_pw,
+            if_given(in_scale, grad_in_scale),
+            if_given(in_shift, grad_in_shift),
+            Tensor(),
+            Tensor(),
+            Tensor(),
+            Tensor(),
+            Tensor(),
+            if_given(out_scale, grad_out_scale),
+            if_given(out_shift, grad_out_shift),
+            Tensor(),
+            grad_residual,
+            Tensor(),
+            Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor> separable_conv2d_autograd(
+    const Tensor& x, const Tensor& dw_weight, const Tensor& pw_weight, const OptTensor& in_scale,
+    const OptTensor& in_shift, bool in_relu, IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
+    c10::string_view mid_activation, const OptTensor& out_scale, const OptTensor& out_shift, bool out_relu,
+    const OptTensor& residual, bool compute_stats, c10::string_view backend) {
+  if (!needs_node({&x, &dw_weight, &pw_weight}, {&in_scale, &in_shift, &out_scale, &out_shift, &residual})) {
+    const at::AutoDispatchBelowADInplaceOrView below;
+    return separable_op().call(x, dw_weight, pw_weight, in_scale, in_shift, in_relu, stride, padding, dilation,
+                               mid_activation, out_scale, out_shift, out_relu, residual, compute_stats, backend);
+  }
+  const variable_list r =
+      SeparableFunction::apply(x, dw_weight, pw_weight, in_scale, in_shift, in_relu, stride, padding, dilation,
+                               mid_activation, out_scale, out_shift, out_relu, residual, compute_stats, backend);
+  return {r[0], r[1], r[2]};
+}
+
+// ---- depthwise_conv2d ----
+using DepthwiseSig = Tensor(const Tensor&, const Tensor&, const OptTensor&, IntArrayRef, IntArrayRef, IntArrayRef,
+                            c10::string_view);
+using DepthwiseBackwardSig = Tensor(const Tensor&, const Tensor&, c10::SymIntArrayRef, IntArrayRef, IntArrayRef,
+                                    IntArrayRef, c10::string_view);
+
+const c10::TypedOperatorHandle<DepthwiseSig>& depthwise_op() {
+  static const auto op = op_handle<DepthwiseSig>("xception_ops::depthwise_conv2d");
+  return op;
+}
+
+struct DepthwiseFunction : public torch::autograd::Function<DepthwiseFunction> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const OptTensor& bias,
+                        IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation, c10::string_view backend) {
+    Tensor out;
+    {
+      const at::AutoDispatchBelowADInplaceOrView below;
+      out = depthwise_op().call(x, weight, bias, stride, padding, dilation, backend);
+    }
+    ctx->save_for_backward({x, weight});
+    auto& data = ctx->saved_data;
+    data["has_bias"] = bias.has_value();
+    data["stride"] = to_vector(stride);
+    data["padding"] = to_vector(padding);
+    data["dilation"] = to_vector(dilation);
+    data["backend"] = std::string(backend);
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto input_op = op_handle<DepthwiseBackwardSig>("xception_ops::depthwise_conv2d_backward_input");
+    static const auto weight_op = op_handle<DepthwiseBackwardSig>("xception_ops::depthwise_conv2d_backward_weight");
+    const variable_list saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &weight = saved[1], &grad_out = grads[0];
+    const auto& data = ctx->saved_data;
+    const auto stride = data.at("stride").toIntVector(), padding = data.at("padding").toIntVector(),
+               dilation = data.at("dilation").toIntVector();
+    const std::string& backend = data.at("backend").toStringRef();
+    Tensor grad_x, grad_w, grad_b;
+    if (ctx->needs_input_grad(0))
+      grad_x = input_op.call(grad_out, weight, x.sym_sizes(), stride, padding, dilation, backend);
+    if (ctx->needs_input_grad(1))
+      grad_w = weight_op.call(grad_out, x, weight.sym_sizes(), stride, padding, dilation, backend);
+    if (data.at("has_bias").toBool() && ctx->needs_input_grad(2)) grad_b = grad_out.sum({0, 2, 3});
+    return {grad_x, grad_w, grad_b, Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+Tensor depthwise_conv2d_autograd(const Tensor& x, const Tensor& weight, const OptTensor& bias, IntArrayRef stride,
+                                 IntArrayRef padding, IntArrayRef dilation, c10::string_view backend) {
+  if (!needs_node({&x, &weight}, {&bias})) {
+    const at::AutoDispatchBelowADInplaceOrView below;
+    return depthwise_op().call(x, weight, bias, stride, padding, dilation, backend);
+  }
+  return DepthwiseFunction::apply(x, weight, bias, stride, padding, dilation, backend);
+}
+
+// ---- scale_shift ----
+using ScaleShiftSig = Tensor(const Tensor&, const Tensor&, const Tensor&, bool, c10::string_view);
+using ScaleShiftBackwardSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                                 const Tensor&, bool, c10::string_view);
+
+const c10::TypedOperatorHandle<ScaleShiftSig>& scale_shift_op() {
+  static const auto op = op_handle<ScaleShiftSig>("xception_ops::scale_shift");
+  return op;
+}
+
+struct ScaleShiftFunction : public torch::autograd::Function<ScaleShiftFunction> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& y, const Tensor& scale, const Tensor& shift, bool relu,
+                        c10::string_view backend) {
+    Tensor out;
+    {
+      const at::AutoDispatchBelowADInplaceOrView below;
+      out = scale_shift_op().call(y, scale, shift, relu, backend);
+    }
+    ctx->save_for_backward({y, scale, shift});
+    ctx->saved_data["relu"] = relu;
+    ctx->saved_data["backend"] = std::string(backend);
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto backward_op = op_handle<ScaleShiftBackwardSig>("xception_ops::scale_shift_backward");
+    const variable_list saved = ctx->get_saved_variables();
+    const Tensor &y = saved[0], &scale = saved[1], &shift = saved[2], &grad = grads[0];
+    const bool relu = ctx->saved_data.at("relu").toBool();
+    Tensor grad_y, grad_scale, grad_shift;
+    if (at::GradMode::is_enabled()) {  // create_graph: the same formulas in differentiable ATen ops
+      Tensor g = grad.to(scale.scalar_type());
+      if (relu) {
+        const Tensor z = y.to(scale.scalar_type()) * per_channel(scale) + per_channel(shift);
+        g = at::where(z.to(y.scalar_type()) > 0, g, at::zeros_like(g));
+      }
+      grad_y = (g * per_channel(scale)).to(y.scalar_type());
+      grad_scale = (g * y.to(scale.scalar_type())).sum({0, 2, 3});
+      grad_shift = g.sum({0, 2, 3});
+    } else {
+      const std::string& backend = ctx->saved_data.at("backend").toStringRef();
+      std::tie(grad_y, grad_scale, grad_shift) = backward_op.call(grad, y, scale, shift, relu, backend);
+    }
+    return {grad_y, grad_scale, grad_shift, Tensor(), Tensor()};
+  }
+};
+
+Tensor scale_shift_autograd(const Tensor& y, const Tensor& scale, const Tensor& shift, bool relu,
+                            c10::string_view backend) {
+  if (!needs_node({&y, &scale, &shift}, {})) {
+    const at::AutoDispatchBelowADInplaceOrView below;
+    return scale_shift_op().call(y, scale, shift, relu, backend);
+  }
+  return ScaleShiftFunction::apply(y, scale, shift, relu, backend);
+}
+
+// ---- batch_norm_finalize ----
+using FinalizeSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, int64_t,
+                                                               const OptTensor&, const OptTensor&, double,
+                                                               c10::string_view);
+using FinalizeBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, int64_t, const OptTensor&, double, const OptTensor&, const OptTensor&,
+    const OptTensor&, const OptTensor&, c10::string_view);
+
+const c10::TypedOperatorHandle<FinalizeSig>& finalize_op() {
+  static const auto op = op_handle<FinalizeSig>("xception_ops::batch_norm_finalize");
+  return op;
+}
+
+// The finalize's first-order backward as differentiable ATen ops (for create_graph); the same formulas as the
+// batch_norm_finalize_backward op and xception_ops._library.finalize_backward. With m = sum / n,
+// v = max(sumsq / n - m^2, 0), r = (v + eps)^-1/2, scale = w r, shift = b - m w r:
+//   dL/dr = (g_scale - g_shift m) w;  dL/dv = (g_var - dL/dr r^3 / 2) [v >= 0 before the clamp];
+//   dL/dm = g_mean - g_shift w r - 2 m dL/dv;  dL/dsum = dL/dm / n;  dL/dsumsq = dL/dv / n;
+//   dL/dw = (g_scale - g_shift m) r;  dL/db = g_shift.  Missing output gradients count as zeros.
+std::array<Tensor, 4> finalize_backward_graph(const Tensor& sum, const Tensor& sumsq, int64_t count,
+                                              const Tensor& weight, double eps, const variable_list& grads) {
+  const double n = static_cast<double>(count);
+  const Tensor zero = at::zeros_like(sum);
+  const Tensor &g_scale = grads[0].defined() ? grads[0] : zero, &g_shift = grads[1].defined() ? grads[1] : zero;
+  const Tensor &g_mean = grads[2].defined() ? grads[2] : zero, &g_var = grads[3].defined() ? grads[3] : zero;
+  const Tensor w = weight.defined() ? weight.to(sum.scalar_type()) : at::ones_like(sum);
+  const Tensor m = sum / n;
+  const Tensor raw_var = sumsq / n - m * m;
+  const Tensor r = (raw_var.clamp_min(0) + eps).rsqrt();
+  const Tensor g_r = (g_scale - g_shift * m) * w;
+  const Tensor g_v = (g_var - 0.5 * g_r * r * r * r) * (raw_var >= 0).to(sum.scalar_type());
+  const Tensor g_m = g_mean - g_shift * w * r - 2 * m * g_v;
+  return {g_m / n, g_v / n, (g_scale - g_shift * m) * r, g_shift};
+}
+
+struct FinalizeFunction : public torch::autograd::Function<FinalizeFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& sum, const Tensor& sumsq, int64_t count,
+                               const OptTensor& weight, const OptTensor& bias, double eps,
+                               c10::string_view backend) {
+    // The mean and variance go to the running statistics alone: their gradients reach the backward as undefined
+    // tensors, not as zeros autograd would allocate and fill (two launches per BatchNorm and step).
+    ctx->set_materialize_grads(false);
+    Tensor scale, shift, mean, var;
+    {
+      const at::AutoDispatchBelowADInplaceOrView below;
+      std::tie(scale, shift, mean, var) = finalize_op().call(sum, sumsq, count, weight, bias, eps, backend);
+    }
+    ctx->save_for_backward({sum, sumsq, defined_or_empty(weight)});
+    auto& data = ctx->saved_data;
+    data["count"] = count;
+    data["eps"] = eps;
+    data["backend"] = std::string(backend);
+    // The parameters' gradients go back in the parameters' dtypes.
+    data["weight_type"] = static_cast<int64_t>(weight ? weight->scalar_type() : at::ScalarType::Undefined);
+    data["bias_type"] = static_cast<int64_t>(bias ? bias->scalar_type() : at::ScalarType::Undefined);
+    return {scale, shift, mean, var};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto backward_op = op_handle<FinalizeBackwardSig>("xception_ops::batch_norm_finalize_backward");
+    const variable_list saved = ctx->get_saved_variables();
+    const Tensor &sum = saved[0], &sumsq = saved[1], &weight = saved[2];
+    const auto& data = ctx->saved_data;
+    const int64_t count = data.at("count").toInt();
+    const double eps = data.at("eps").toDouble();
+    Tensor g_sum, g_sumsq, g_w, g_b;
+    if (at::GradMode::is_enabled()) {  // create_graph: the backward itself must be differentiable
+      const std::array<Tensor, 4> g = finalize_backward_graph(sum, sumsq, count, weight, eps, grads);
+      g_sum = g[0], g_sumsq = g[1], g_w = g[2], g_b = g[3];
+    } else {  // one op (one kernel on "cuda"), instead of ~15 element-wise launches
+      const std::string& backend = data.at("backend").toStringRef();
+      std::tie(g_sum, g_sumsq, g_w, g_b) =
+          backward_op.call(sum, sumsq, count, optional_of(weight), eps, optional_of(grads[0]),
+                           optional_of(grads[1]), optional_of(grads[2]), optional_of(grads[3]), backend);
+    }
+    const auto weight_type = static_cast<at::ScalarType>(data.at("weight_type").toInt());
+    const auto bias_type = static_cast<at::ScalarType>(data.at("bias_type").toInt());
+    // (.to only where the dtype differs: a same-dtype .to is still a dispatched aten::to)
+    if (weight_type == at::ScalarType::Undefined) {
+      g_w = Tensor();
+    } else if (g_w.scalar_type() != weight_type) {
+      g_w = g_w.to(weight_type);
+    }
+    if (bias_type == at::ScalarType::Undefined) {
+      g_b = Tensor();
+    } else if (g_b.scalar_type() != bias_type) {
+      g_b = g_b.to(bias_type);
+    }
+    return {g_sum, g_sumsq, Tensor(), g_w, g_b, Tensor(), Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize_autograd(const Tensor& sum, const Tensor& sumsq,
+                                                                        int64_t count, const OptTensor& weight,
+                                                                        const OptTensor& bias, double eps,
+                                                                        c10::string_view backend) {
+  if (!needs_node({&sum, &sumsq}, {&weight, &bias})) {
+    const at::AutoDispatchBelowADInplaceOrView below;
+    return finalize_op().call(sum, sumsq, count, weight, bias, eps, backend);
+  }
+  const variable_list r = FinalizeFunction::apply(sum, sumsq, count, weight, bias, eps, backend);
+  return {r[0], r[1], r[2], r[3]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(xception_ops, Autograd, m) {
+  m.impl("separable_conv2d", &separable_conv2d_autograd);
+  m.impl("depthwise_conv2d", &depthwise_conv2d_autograd);
+  m.impl("scale_shift", &scale_shift_autograd);
+  m.impl("batch_norm_finalize", &batch_norm_finalize_autograd);
+}
+
+}  // namespace xception_ops
