@@ -1,6 +1,6 @@
-// The differentiable ops' Autograd kernels, in C++: separable_conv2d, depthwise_conv2d, scale_shift and
-// batch_norm_finalize. Each forward calls the op below autograd (whichever backend its `backend` names) and
-// records a node whose backward calls the matching *_backward op.
+// The ops' Autograd kernels, in C++: separable_conv2d, depthwise_conv2d, scale_shift and batch_norm_finalize
+// (each forward calls the op below autograd, whichever backend its `backend` names, and records a node whose
+// backward calls the matching *_backward op), and batch_norm_update_stats (in place, no gradient).
 //
 // Why C++: registered from Python (torch.library.register_autograd, or our lighter form of it), every call of a
 // 16-argument op crossed into Python at the Autograd key and back out of it to redispatch: ~35 us of CPU per
@@ -381,9 +381,30 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize_autograd(const Te
   return {r[0], r[1], r[2], r[3]};
 }
 
+// ---- batch_norm_update_stats: no gradient (a side effect on the running statistics) ----
+using UpdateStatsSig = void(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&, int64_t,
+                            double, c10::string_view);
+
+// Never records a node, whatever requires grad (callers need neither detach nor no_grad). The buffers' version
+// counters move as aten's in-place ops move them: the CUDA kernel writes through raw pointers, which the dispatcher
+// does not count for a custom op, and a cache keyed on the versions (SeparableConvBN's folded BatchNorm in
+// inference) would otherwise keep the statistics from before a training-mode pass (swa_utils.update_bn's).
+void batch_norm_update_stats_autograd(const Tensor& running_mean, const Tensor& running_var, const Tensor& mean,
+                                      const Tensor& var, const OptTensor& pre_bias, int64_t count, double momentum,
+                                      c10::string_view backend) {
+  static const auto op = op_handle<UpdateStatsSig>("xception_ops::batch_norm_update_stats");
+  {
+    const at::AutoDispatchBelowADInplaceOrView below;
+    op.call(running_mean, running_var, mean, var, pre_bias, count, momentum, backend);
+  }
+  torch::autograd::impl::bump_version(running_mean);
+  torch::autograd::impl::bump_version(running_var);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(xception_ops, Autograd, m) {
+  m.impl("batch_norm_update_stats", &batch_norm_update_stats_autograd);
   m.impl("separable_conv2d", &separable_conv2d_autograd);
   m.impl("depthwise_conv2d", &depthwise_conv2d_autograd);
   m.impl("scale_shift", &scale_shift_autograd);

@@ -224,6 +224,48 @@ def test_running_statistics_update_in_place(buffers, momentum, with_bias):
 
 
 @needs_ext
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, requires_gpu])])
+def test_running_statistics_update_moves_the_version_counters(device):
+    """The update is in place as aten's in-place ops are: the buffers' version counters move (the CUDA kernel writes
+    through raw pointers, which the dispatcher does not count), and batch statistics that require grad record no
+    graph (callers pass them without detach or no_grad)."""
+    backend = "torch" if device == "cpu" else "cuda"
+    mean = torch.randn(5, device=device, requires_grad=True)
+    var = (torch.rand(5, device=device) + 0.1).requires_grad_()
+    running_mean, running_var = torch.zeros(5, device=device), torch.ones(5, device=device)
+    versions = running_mean._version, running_var._version
+    OPS.batch_norm_update_stats(running_mean, running_var, mean * 1, var * 1, None, 8, 0.5, backend)
+    assert running_mean._version > versions[0] and running_var._version > versions[1]
+    assert running_mean.grad_fn is None and not running_mean.requires_grad
+    want = expected_running(torch.zeros(5), torch.ones(5), mean.detach().cpu(), var.detach().cpu(), None, 8, 0.5)
+    torch.testing.assert_close(running_mean.cpu().double(), want[0], rtol=1e-6, atol=1e-6)
+
+
+@needs_ext
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cuda", marks=[pytest.mark.gpu, requires_gpu])])
+def test_inference_sees_statistics_re_estimated_without_an_optimizer_step(backend):
+    """swa_utils.update_bn's pattern: inference, then training-mode passes under no_grad that only move the running
+    statistics, then inference again. The fused module's folded BatchNorm (cached while its sources' versions
+    hold) must be folded again from the new statistics."""
+    from xception_ops.nn import SeparableConvBN
+    device = "cpu" if backend == "torch" else "cuda"
+    torch.manual_seed(0)
+    module = SeparableConvBN(4, 6, 3, backend=backend).to(device).eval()
+    x = torch.randn(3, 4, 6, 6, device=device)
+    with torch.no_grad():
+        before = module(x)
+        module.train()
+        for _ in range(3):
+            module(x * 2 + 1)
+        module.eval()
+        after = module(x)
+        module.__dict__["_epilogue_cache"] = None  # folded afresh
+        want = module(x)
+    assert not after.equal(before)
+    torch.testing.assert_close(after, want, rtol=0, atol=0)
+
+
+@needs_ext
 @pytest.mark.parametrize("bad,match", [
     (dict(mean=torch.zeros(3, 1)), "mean must be 1-D"),
     (dict(mean=torch.zeros(3, dtype=torch.float16)), "mean must be float32 or float64"),

@@ -106,19 +106,17 @@ def update_running_stats(bn: nn.modules.batchnorm._BatchNorm, mean: torch.Tensor
     `count` values: the running variance takes the unbiased estimate, and the mean moves with a bias the fused op
     left out of y. The op xception_ops.batch_norm_update_stats: one kernel on the "cuda" backend, instead of the
     six element-wise launches this took in Python."""
-    mean, var = mean.detach(), var.detach()
-    pre_bias = None if pre_bias is None else pre_bias.detach()
-    with torch.no_grad():
-        if _library.EXTENSION is None:
-            if pre_bias is not None:
-                mean = mean + pre_bias.to(mean.dtype)
-            unbiased = var * (count / (count - 1))
-            bn.running_mean.copy_(bn.running_mean.to(mean.dtype) * (1 - momentum) + mean * momentum)
-            bn.running_var.copy_(bn.running_var.to(var.dtype) * (1 - momentum) + unbiased * momentum)
-            return
+    if _library.EXTENSION is not None:  # (its Autograd kernel records nothing: no detach or no_grad needed)
         op = "xception_ops.batch_norm_update_stats"
         torch.ops.xception_ops.batch_norm_update_stats(bn.running_mean, bn.running_var, mean, var, pre_bias, count,
                                                        float(momentum), _vector_backend(backend, op, mean))
+        return
+    with torch.no_grad():
+        if pre_bias is not None:
+            mean = mean + pre_bias.to(mean.dtype)
+        unbiased = var * (count / (count - 1))
+        bn.running_mean.copy_(bn.running_mean.to(mean.dtype) * (1 - momentum) + mean * momentum)
+        bn.running_var.copy_(bn.running_var.to(var.dtype) * (1 - momentum) + unbiased * momentum)
 
 
 def scale_shift_from_stats(bn: nn.modules.batchnorm._BatchNorm, total: torch.Tensor, total_sq: torch.Tensor,
