@@ -318,3 +318,24 @@ def test_models_by_name_include_timms_model_through_fuse():
             if isinstance(m, SeparableConvBN)} == {"auto"}
     with pytest.raises(ValueError, match="timm_legacy_xception:fused"):
         bench.make_model("resnet50")
+
+
+def test_profile_model_tool_reports_each_model_and_mode(tmp_path):
+    """tools/profile_model.py (host- or GPU-bound whole-model steps) runs on the CPU too: one table per model and
+    mode, its first line with the step's wall, issue and operator times, written to --out as printed."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "profile_model.py"
+    spec = importlib.util.spec_from_file_location("profile_model", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "profile.txt"
+    lines = tool.main(["--models", "xception:torch", "--device", "cpu", "--dtype", "float32", "--batch", "1",
+                       "--image", "71", "--warmup", "1", "--steps", "1", "--rows", "3", "--out", str(out)])
+    headers = [line for line in lines if line.startswith("===")]
+    assert [h.split()[1:3] for h in headers] == [["xception:torch", "train"], ["xception:torch", "infer"]]
+    for header in headers:
+        assert "ms per step; issue" in header and "in " in header
+    assert len(lines) == 2 * (1 + 3)
+    assert out.read_text().splitlines() == lines

@@ -18,14 +18,16 @@
 # Each step runs even if an earlier one failed; the exit status is non-zero if any failed. Everything printed goes
 # to OUT_DIR/gpu_check.log; results to parity.json, bench.{json,md} and nchw-fp32/bench.{json,md} (layers),
 # sweep-*.json (the depthwise kernels alone), forward-*/bench.{json,md} (the separable forward's implementations),
-# profile-*.txt (the kernels of a layer's passes) and models/bench.{json,md}.
+# profile-*.txt (the kernels of a layer's passes), models/bench.{json,md} and profile-models.txt (host- or GPU-bound
+# model steps; PROFILE_MODEL_ARGS replaces its arguments).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-gpu-check}}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
-STEPS="${STEPS:-build install info gpu_tests triton_tests forward profile bench_layers sweep parity bench_models}"
+STEPS="${STEPS:-build install info gpu_tests triton_tests forward profile bench_layers sweep parity bench_models \
+  profile_models}"
 status=0
 log="$out/gpu_check.log"
 summary=""
@@ -114,6 +116,11 @@ step parity "$PY" -m xception_ops.cli parity --device cuda --json "$out/parity.j
 step bench_models "$PY" -m xception_ops.cli bench --out "$out/models" --no-layers \
   ${BENCH_MODEL_ARGS:---dtypes bfloat16 --layouts NHWC --warmup 3 --reps 10 --models xception xception:cuda \
   timm_legacy_xception timm_legacy_xception:fused:cuda inception_v3}
+# Whether the whole models run at their kernels' speed: a step's wall time against its kernels' GPU time and the
+# host's time to issue it (tools/profile_model.py), ours on cuda against timm's, training and inference.
+# shellcheck disable=SC2086
+step profile_models "$PY" tools/profile_model.py --out "$out/profile-models.txt" \
+  ${PROFILE_MODEL_ARGS:---models xception:cuda timm_legacy_xception --dtype bfloat16 --layout NHWC}
 # The end of the log and the summary, for a caller that sees only the tail of the output.
 grep -E "passed|failed|error|PASS|FAIL" "$log" | tail -n 15
 tail -n 60 "$out/bench.md" 2>/dev/null

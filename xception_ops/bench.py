@@ -363,29 +363,37 @@ def _peak_memory(device: torch.device) -> float:
     return float(torch.cuda.max_memory_allocated(device))
 
 
+def model_steps(name: str, dtype: torch.dtype, layout: str, batch: int, image: int, device: torch.device,
+                compiled: bool = False) -> tuple[nn.Module, Callable[[int], None], Callable[[int], None]]:
+    """A contender on `device` in `dtype` and `layout`, with its two timed callables: a training step (forward,
+    cross-entropy, backward and the paper's SGD step) and an inference call, on one random batch."""
+    model = make_model(name)
+    fmt = torch.channels_last if layout == "NHWC" else torch.contiguous_format
+    model = model.to(device=device, dtype=dtype, memory_format=fmt)
+    run_model = torch.compile(model) if compiled else model
+    opt = torch.optim.SGD(model.parameters(), lr=0.045, momentum=0.9, weight_decay=1e-5)
+    x = torch.randn(batch, 3, image, image, device=device, dtype=dtype).contiguous(memory_format=fmt)
+    y = torch.randint(0, 1000, (batch,), device=device)
+
+    def train_step(_):
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(run_model(x), y).backward()
+        opt.step()
+
+    def infer(_):
+        with torch.no_grad():
+            run_model(x)
+
+    return model, train_step, infer
+
+
 def bench_model(name: str, dtype: torch.dtype, layout: str, batch: int, image: int, device: torch.device,
                 warmup: int, reps: int, compiled: bool = False) -> ModelRow:
     """Training steps/s (forward, loss, backward and the paper's SGD step) and inference images/s."""
     row = ModelRow(name, 0, str(dtype).replace("torch.", ""), layout, compiled, batch, image)
     try:
-        model = make_model(name)
+        model, train_step, infer = model_steps(name, dtype, layout, batch, image, device, compiled)
         row.params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        fmt = torch.channels_last if layout == "NHWC" else torch.contiguous_format
-        model = model.to(device=device, dtype=dtype, memory_format=fmt)
-        run_model = torch.compile(model) if compiled else model
-        opt = torch.optim.SGD(model.parameters(), lr=0.045, momentum=0.9, weight_decay=1e-5)
-        x = torch.randn(batch, 3, image, image, device=device, dtype=dtype).contiguous(memory_format=fmt)
-        y = torch.randint(0, 1000, (batch,), device=device)
-
-        def train_step(_):
-            opt.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(run_model(x), y).backward()
-            opt.step()
-
-        def infer(_):
-            with torch.no_grad():
-                run_model(x)
-
         model.train()
         # The peak is that of the timed steps, after the warm-up (at least one step): in cuDNN's benchmark mode
         # (`run` sets it) the first step of each new conv shape tries cuDNN's algorithms with their workspaces,

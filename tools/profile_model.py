@@ -1,0 +1,115 @@
+"""Is a whole model's step bound by its GPU kernels or by the host that issues them? One table per model and mode.
+
+    python tools/profile_model.py [--models xception:cuda timm_legacy_xception] [--modes train infer]
+                                  [--dtype bfloat16] [--layout NHWC] [--batch 32] [--image 299] [--steps 5]
+                                  [--rows 12] [--out FILE] [--device cuda|cpu]
+
+Runs the model benchmark's own steps (xception_ops.bench.model_steps: a training step is forward, cross-entropy,
+backward and the paper's SGD step; inference is one forward under no_grad) after a warm-up, and reports per step:
+- wall: the time per step of `steps` steps back to back (CUDA events on a GPU);
+- issue: the host's time to run the same loop without waiting for the GPU (where it is close to wall, the GPU
+  waits on the host: the step is host-bound);
+- kernels: the GPU time of the step's kernels (torch.profiler), and how many there are;
+then the kernels (or, on the CPU, the operators) that take the most time. The layer benchmark times one layer's
+kernels; this says whether a whole model gets to run at their speed.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from xception_ops.bench import model_steps
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def profile_steps(step, device: torch.device, steps: int) -> dict:
+    """wall and issue ms per step, and the profiled per-step totals and top events of `step`."""
+    _synchronize(device)
+    start = time.perf_counter()
+    if device.type == "cuda":
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+    for i in range(steps):
+        step(i)
+    issue = (time.perf_counter() - start) * 1e3 / steps
+    if device.type == "cuda":
+        end.record()
+        end.synchronize()
+        wall = begin.elapsed_time(end) / steps
+    else:
+        wall = (time.perf_counter() - start) * 1e3 / steps
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for i in range(steps):
+            step(i)
+        _synchronize(device)
+    averages = prof.key_averages()
+    if device.type == "cuda":
+        events = [e for e in averages if e.self_device_time_total > 0 and e.device_type.name != "CPU"]
+        time_of = lambda e: e.self_device_time_total  # noqa: E731
+    else:
+        events = [e for e in averages if e.self_cpu_time_total > 0]
+        time_of = lambda e: e.self_cpu_time_total  # noqa: E731
+    events.sort(key=time_of, reverse=True)
+    return dict(wall=wall, issue=issue, busy=sum(time_of(e) for e in events) / steps / 1e3,
+                count=sum(e.count for e in events) / steps,
+                top=[(time_of(e) / steps / 1e3, e.count / steps, e.key) for e in events])
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["xception:cuda", "timm_legacy_xception"],
+                        help="names as `xception-ops bench --models` takes them")
+    parser.add_argument("--modes", nargs="+", default=["train", "infer"], choices=["train", "infer"])
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--layout", default="NHWC", choices=("NHWC", "NCHW"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=None, help="default: 32 on a GPU, 1 on the CPU")
+    parser.add_argument("--image", type=int, default=None, help="default: 299 on a GPU, 75 on the CPU")
+    parser.add_argument("--warmup", type=int, default=3, help="steps before the timed ones")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps, and again profiled steps")
+    parser.add_argument("--rows", type=int, default=12, help="kernels (operators on the CPU) listed per table")
+    parser.add_argument("--out", metavar="FILE", help="also write the tables to this file")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    batch = args.batch or (32 if gpu else 1)
+    image = args.image or (299 if gpu else 75)
+    if gpu:
+        torch.backends.cudnn.benchmark = True  # as the model benchmark runs
+    lines: list[str] = []
+
+    def emit(line: str) -> None:
+        print(line, flush=True)
+        lines.append(line)
+
+    what = "kernels" if gpu else "CPU operators' own time"
+    for name in args.models:
+        model, train_step, infer = model_steps(name, getattr(torch, args.dtype), args.layout, batch, image, device)
+        for mode in args.modes:
+            model.train(mode == "train")
+            step = train_step if mode == "train" else infer
+            for i in range(max(1, args.warmup)):
+                step(i)
+            r = profile_steps(step, device, args.steps)
+            bound = "" if not gpu else (" (GPU-bound)" if r["busy"] >= 0.9 * r["wall"] else " (host-bound)")
+            emit(f"=== {name} {mode} {args.dtype} {args.layout} batch {batch} @{image}^2 on {device.type}: "
+                 f"{r['wall']:.3f} ms per step{bound}; issue {r['issue']:.3f} ms; {what} {r['busy']:.3f} ms in "
+                 f"{r['count']:.0f} calls")
+            for ms, count, key in r["top"][:args.rows]:
+                emit(f"  {ms:8.3f} ms  {count:5.0f}x  {key[:110]}")
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+    return lines
+
+
+if __name__ == "__main__":
+    main()
