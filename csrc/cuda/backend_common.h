@@ -48,12 +48,16 @@ inline DepthwiseTensor view_of(const at::Tensor& t) {
 }
 
 // A per-channel vector as the kernels take it: contiguous float32 (nullptr when absent). `keep` holds the converted
-// copy for as long as the kernel may read it.
+// copy for as long as the kernel may read it. One that is already that is taken as it is, without the dispatched
+// aten::to (a few of these per op and call, on the host).
 inline const float* float_vector(const c10::optional<at::Tensor>& v, at::Tensor& keep) {
   if (!v.has_value()) return nullptr;
-  keep = v->to(at::kFloat).contiguous();
+  keep = v->scalar_type() == at::kFloat ? v->contiguous() : v->to(at::kFloat).contiguous();
   return keep.data_ptr<float>();
 }
+
+// t in `type`: itself when it is already (a same-dtype .to is still a dispatched aten::to).
+inline at::Tensor in_type(const at::Tensor& t, at::ScalarType type) { return t.scalar_type() == type ? t : t.to(type); }
 
 inline void check_launch(const char* op, cudaError_t err) {
   XO_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorName(err), " (",

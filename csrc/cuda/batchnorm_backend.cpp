@@ -171,7 +171,7 @@ std::tuple<Tensor, Tensor, Tensor> scale_shift_backward(const Tensor& grad, cons
   Tensor sum_gy = at::empty({C}, sums_options), sum_g = at::empty({C}, sums_options);
   check_launch(kScaleShiftBwd, launch_reduce_rows(r.partial, tiles, 2 * C, C, sum_gy.data_ptr<float>(),
                                                   sum_g.data_ptr<float>(), stream));
-  return {grad_y, sum_gy.to(scale.scalar_type()), sum_g.to(shift.scalar_type())};
+  return {grad_y, in_type(sum_gy, scale.scalar_type()), in_type(sum_g, shift.scalar_type())};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize_backward(

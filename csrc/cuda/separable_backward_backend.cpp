@@ -100,8 +100,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_con
     Tensor sum_gy = at::empty({C}, sums_options), sum_g = at::empty({C}, sums_options);
     check_launch(kBackward, launch_reduce_rows(e.partial, out_tiles, 2 * C, C, sum_gy.data_ptr<float>(),
                                                sum_g.data_ptr<float>(), stream));
-    if (opt.out_scale.has_value()) grad_out_scale = sum_gy.to(opt.out_scale->scalar_type());
-    if (opt.out_shift.has_value()) grad_out_shift = sum_g.to(opt.out_shift->scalar_type());
+    if (opt.out_scale.has_value()) grad_out_scale = in_type(sum_gy, opt.out_scale->scalar_type());
+    if (opt.out_shift.has_value()) grad_out_shift = in_type(sum_g, opt.out_shift->scalar_type());
   }
 
   // The depthwise stage's result recomputed (the forward kept only x), the mid activation rounded as the forward
@@ -177,8 +177,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_con
     }
   }
   Tensor grad_in_scale = empty, grad_in_shift = empty;
-  if (opt.in_scale.has_value()) grad_in_scale = sum_gx.to(opt.in_scale->scalar_type());
-  if (opt.in_shift.has_value()) grad_in_shift = sum_g.to(opt.in_shift->scalar_type());
+  if (opt.in_scale.has_value()) grad_in_scale = in_type(sum_gx, opt.in_scale->scalar_type());
+  if (opt.in_shift.has_value()) grad_in_shift = in_type(sum_g, opt.in_shift->scalar_type());
   return {grad_x.contiguous(fmt), grad_dw.contiguous(), grad_pw.contiguous(), grad_in_scale, grad_in_shift,
           grad_out_scale, grad_out_shift};
 }
