@@ -201,6 +201,29 @@ TEST_CASE(separable_backward_matches_finite_differences) {
   EXPECT(std::get<5>(grads).numel() == 0 && std::get<6>(grads).numel() == 0);  // no out_scale / out_shift given
 }
 
+TEST_CASE(separable_op_is_differentiable_from_cpp) {
+  // Autograd from libtorch (csrc/autograd.cpp): the gradients that backward() accumulates are the backward op's.
+  const std::vector<int64_t> one{1, 1}, pad{1, 1, 1, 1};
+  Tensor x = at::randn({2, 3, 6, 5}, f64()).requires_grad_();
+  Tensor dw = at::randn({3, 1, 3, 3}, f64()).requires_grad_();
+  Tensor pw = at::randn({4, 3, 1, 1}, f64()).requires_grad_();
+  Tensor in_scale = (at::rand({3}, f64()) + 0.5).requires_grad_();
+  Tensor residual = at::randn({2, 4, 6, 5}, f64()).requires_grad_();
+  auto [out, sum, sumsq] = separable_op().call(x, dw, pw, in_scale, c10::nullopt, true, one, pad, one, "none",
+                                               c10::nullopt, c10::nullopt, true, residual, true, "torch");
+  EXPECT(out.requires_grad() && sum.requires_grad());
+  Tensor g = at::randn(out.sizes(), f64()), gs = at::randn({4}, f64());
+  ((out * g).sum() + (sum * gs).sum()).backward();
+  auto want = separable_bwd_op().call(g, gs, at::zeros({4}, f64()), out.detach(), x.detach(), dw.detach(),
+                                      pw.detach(), in_scale.detach(), c10::nullopt, true, one, pad, one, "none",
+                                      c10::nullopt, c10::nullopt, true, "torch");
+  EXPECT_NEAR(max_abs_diff(x.grad(), std::get<0>(want)), 0.0, 1e-12);
+  EXPECT_NEAR(max_abs_diff(dw.grad(), std::get<1>(want)), 0.0, 1e-12);
+  EXPECT_NEAR(max_abs_diff(pw.grad(), std::get<2>(want)), 0.0, 1e-12);
+  EXPECT_NEAR(max_abs_diff(in_scale.grad(), std::get<3>(want)), 0.0, 1e-12);
+  EXPECT_NEAR(max_abs_diff(residual.grad(), g.masked_fill(out.detach() <= 0, 0)), 0.0, 1e-12);
+}
+
 TEST_CASE(bad_arguments_raise_value_errors_naming_them) {
   Tensor x = at::randn({2, 4, 6, 6});
   Tensor dw = at::randn({4, 1, 3, 3});
