@@ -339,3 +339,12 @@ def test_profile_model_tool_reports_each_model_and_mode(tmp_path):
         assert "ms per step; issue" in header and "in " in header
     assert len(lines) == 2 * (1 + 3)
     assert out.read_text().splitlines() == lines
+
+
+def test_default_backends_leave_the_reference_op_out_on_a_gpu():
+    """Unnamed, the timed backends are every usable one; on a GPU not the reference op, which is the tests' oracle
+    and the fallback path, not a contender (a quarter of a full run's configurations)."""
+    statuses = [backends.BackendStatus("torch", True, True, ""), backends.BackendStatus("cuda", True, True, ""),
+                backends.BackendStatus("triton", True, False, "no triton")]
+    assert bench.default_backends(torch.device("cuda"), statuses) == ["cuda"]
+    assert bench.default_backends(torch.device("cpu"), statuses) == ["torch", "cuda"]

@@ -169,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="layer and model benchmarks (without a GPU: a quick CPU run at small sizes)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--backends", nargs="+", choices=["torch", "cuda", "triton"], default=None,
-                   help="our backends to time (default: every usable one); eager PyTorch is always timed")
+                   help="our backends to time (default: every usable one, but on a GPU not the reference op "
+                        "'torch'); eager PyTorch is always timed")
     p.add_argument("--compile", action="store_true", help="also time torch.compile of the eager layers and models")
     p.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--layouts", nargs="+", choices=["NCHW", "NHWC"], default=None)
