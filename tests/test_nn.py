@@ -269,6 +269,9 @@ def test_inference_epilogue_is_reused_until_a_parameter_changes():
         m.bn.weight.mul_(2)  # in place: the version counter moves
         second = m(x)
         assert m._epilogue_cache[2] is not cached and not second.equal(first)
+        cached = m._epilogue_cache[2]
+        m.bn.weight.data = m.bn.weight.data * 3  # new data, the same object and version
+        assert not m(x).equal(second) and m._epilogue_cache[2] is not cached
         m.pointwise.bias = torch.nn.Parameter(torch.randn(6))  # a new tensor object
         third = m(x)
     reference = torch.nn.functional.conv2d(

@@ -110,7 +110,7 @@ class SeparableConvBN(nn.Module):
         """The inference epilogue (scale, shift): the BatchNorm folded, the biases carried into the shift.
 
         Eager inference reuses the last result while none of the tensors it comes from has changed (their version
-        counters and identities), which saves its half-dozen small kernels per layer and call; it is computed
+        counters, storage and identities), which saves its half-dozen small kernels per layer and call; it is computed
         afresh when autograd may need its graph and under torch.compile."""
         bn = self.bn
         sources = [t for t in (self.pointwise.bias, self.depthwise.bias) if t is not None]
@@ -120,7 +120,10 @@ class SeparableConvBN(nn.Module):
             sources += [t for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var) if t is not None]
         cacheable = not torch.compiler.is_compiling() and not (
             torch.is_grad_enabled() and any(t.requires_grad for t in sources))
-        versions = (tuple(t._version for t in sources), bn.eps if bn is not None else None) if cacheable else None
+        # (A tensor's data replaced through .data, as some weight-loading code does, keeps its version: its storage
+        # pointer tells.)
+        versions = ((tuple((t._version, t.data_ptr()) for t in sources), bn.eps if bn is not None else None)
+                    if cacheable else None)
         cached = self.__dict__.get("_epilogue_cache")
         if (cacheable and cached is not None and cached[1] == versions and len(cached[0]) == len(sources)
                 and all(ref() is t for ref, t in zip(cached[0], sources))):  # the same tensor objects, unchanged
