@@ -9,7 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 from xception_ops import cli
-from xception_ops.train import PRESETS, TrainConfig, lr_factor, train
+from xception_ops.train import PRESETS, TrainConfig, TrainResult, lr_factor, train
 
 SMALL = dict(synthetic_size=12, image_size=71, batch_size=4, num_classes=4, log=False)
 
@@ -48,6 +48,31 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
         for key, value in a[part].items():
             assert torch.equal(value, b[part][key]), f"{part}.{key}"
     assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
+
+
+@pytest.mark.slow
+def test_compiled_training_follows_eager(monkeypatch):
+    """--compile: the training step runs through torch.compile in the mode asked for (here with the aot_eager
+    backend, graph capture and autograd without code generation: inductor takes minutes on this CPU), one graph
+    for the model, and the same losses as eager."""
+    real_compile, modes = torch.compile, []
+
+    def compile_(model, mode=None, **kwargs):
+        modes.append(mode)
+        return real_compile(model, backend="aot_eager", fullgraph=True)
+
+    common = dict(**SMALL, max_steps=3, dropout=0.0, ema_decay=None)
+    eager = train(TrainConfig(**common))
+    monkeypatch.setattr(torch, "compile", compile_)
+    compiled = train(TrainConfig(**common, compile="reduce-overhead"))
+    assert modes == ["reduce-overhead"]
+    assert len(compiled.losses) == 3
+    torch.testing.assert_close(compiled.losses, eager.losses, rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_compile_mode_is_refused():
+    with pytest.raises(ValueError, match="unknown compile mode 'fast'"):
+        train(TrainConfig(**SMALL, max_steps=1, compile="fast"))
 
 
 def _free_port() -> int:
@@ -125,10 +150,15 @@ def test_cli_rejects_bad_input(tmp_path, capsys):
     assert "is not writable" in capsys.readouterr().err
 
 
-def test_cli_trains(capsys):
+def test_cli_trains(capsys, monkeypatch):
     assert cli.main(["train", "--synthetic-size", "8", "--image-size", "71", "--batch-size", "4", "--num-classes",
                      "3", "--max-steps", "1", "--no-ema"]) == 0
     assert '"steps": 1' in capsys.readouterr().out
+    configs = []
+    monkeypatch.setattr("xception_ops.train.train", lambda cfg: configs.append(cfg) or TrainResult(0))
+    for flags, mode in (([], None), (["--compile"], "default"), (["--compile", "reduce-overhead"], "reduce-overhead")):
+        assert cli.main(["train", "--max-steps", "1", *flags]) == 0
+        assert configs[-1].compile == mode
 
 
 def test_torchrun_launches_data_parallel_training(tmp_path):

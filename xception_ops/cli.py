@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .bench import MODELS, PASSES, kernel_settings
+from .train import COMPILE_MODES
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -134,7 +135,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                       batch_size=args.batch_size, epochs=args.epochs, max_steps=args.max_steps, lr=args.lr,
                       weight_decay=args.weight_decay, dropout=args.dropout, backend=args.backend,
                       residual=not args.no_residual, mid_activation=args.mid_activation, bf16=args.bf16,
-                      dtype=args.dtype, channels_last=args.channels_last, sync_bn=args.sync_bn,
+                      dtype=args.dtype, channels_last=args.channels_last, compile=args.compile,
+                      sync_bn=args.sync_bn,
                       ema_decay=None if args.no_ema else args.ema_decay, checkpoint=args.checkpoint,
                       checkpoint_every=args.checkpoint_every, resume=args.resume, seed=args.seed,
                       workers=args.workers, eval_batches=args.eval_batches)
@@ -231,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", nargs="?", const="default", default=None, choices=list(COMPILE_MODES),
+                   help="torch.compile the training step's model, in this mode (default: 'default'); "
+                        "'reduce-overhead' replays CUDA graphs, for steps bound by the host")
     p.add_argument("--sync-bn", action="store_true", help="all-reduce BatchNorm statistics across processes")
     p.add_argument("--ema-decay", type=float, default=0.9999, help="Polyak averaging of the weights")
     p.add_argument("--no-ema", action="store_true")

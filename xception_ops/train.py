@@ -45,6 +45,9 @@ PRESETS = {
     "jft": Preset("rmsprop", lr=0.001, momentum=0.9, decay_rate=0.9, decay_samples=3_000_000, dropout=0.0),
 }
 WEIGHT_DECAY = {"xception": 1e-5, "inception_v3": 4e-5}  # section 4.3
+# torch.compile's modes. "reduce-overhead" replays CUDA graphs: the remedy where eager steps are bound by the host
+# (the Python and launches of ~40 fused layers per step; benchmarks/RESULTS.md).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -69,6 +72,7 @@ class TrainConfig:
     bf16: bool = False                      # autocast to bfloat16
     dtype: str = "float32"                  # parameter dtype; float64 for exact comparisons
     channels_last: bool = False
+    compile: str | None = None              # torch.compile's mode for the training forward and backward, or None
     sync_bn: bool = False
     ema_decay: float | None = 0.9999        # Polyak averaging of the weights (None: off)
     checkpoint: str | None = None           # where to save; resumed from when it exists and resume is set
@@ -275,6 +279,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise ValueError("multi_label needs the synthetic dataset (ImageFolder data is single-label)")
     if cfg.checkpoint is not None:
         check_writable(cfg.checkpoint)
+    if cfg.compile is not None and cfg.compile not in COMPILE_MODES:
+        raise ValueError(f"unknown compile mode {cfg.compile!r}; expected one of {', '.join(COMPILE_MODES)}")
     preset = PRESETS[cfg.preset]
     rank, world, local_rank = _distributed()
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
@@ -307,6 +313,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     if world > 1:
         ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                         else None)
+    if cfg.compile is not None:  # (the module itself stays uncompiled for checkpoints, EMA and evaluation)
+        ddp_model = torch.compile(ddp_model, mode=cfg.compile)
 
     train_set, val_set = datasets_for(cfg)
     sampler = ResumableSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,
@@ -326,6 +334,15 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     result = TrainResult(steps=step)
     bar = Progress(total_steps - step, None if cfg.log and rank == 0 else (lambda line: None))
+    # A step's loss is read (a wait for the GPU) after the next step has been issued, so that the host queues step
+    # k + 1 while the GPU still runs step k instead of idling between them.
+    unread: torch.Tensor | None = None
+
+    def read_loss() -> float:
+        value = unread.item()
+        result.losses.append(value)
+        return value
+
     start = time.perf_counter()
     while step < total_steps:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
@@ -349,13 +366,16 @@ def train(cfg: TrainConfig) -> TrainResult:
             if ema is not None:
                 ema.update_parameters(model)
             step += 1
-            result.losses.append(loss.item())
+            shown = read_loss() if unread is not None else float("nan")
+            unread = loss.detach()
             elapsed = time.perf_counter() - start
             done = step - result.steps
-            bar.step(f"loss {loss.item():.4f}, {done / elapsed:.2f} steps/s, {done * global_batch / elapsed:.1f} "
+            bar.step(f"loss {shown:.4f}, {done / elapsed:.2f} steps/s, {done * global_batch / elapsed:.1f} "
                      f"images/s, lr {optimizer.param_groups[0]['lr']:.3g}")
             if cfg.checkpoint and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and rank == 0:
                 save_checkpoint(cfg.checkpoint, model, optimizer, ema, step, cfg)
+    if unread is not None:
+        read_loss()
     elapsed = time.perf_counter() - start
     done = step - result.steps
     result.steps_per_s = done / elapsed if elapsed > 0 else 0.0
