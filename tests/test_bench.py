@@ -348,3 +348,28 @@ def test_default_backends_leave_the_reference_op_out_on_a_gpu():
                 backends.BackendStatus("triton", True, False, "no triton")]
     assert bench.default_backends(torch.device("cuda"), statuses) == ["cuda"]
     assert bench.default_backends(torch.device("cpu"), statuses) == ["torch", "cuda"]
+
+
+@pytest.mark.parametrize("asked,impl,compiled", [(True, "compile", True), ("default", "compile", True),
+                                                 ("reduce-overhead", "compile:reduce-overhead", "reduce-overhead")])
+def test_compile_modes_reach_torch_compile(monkeypatch, asked, impl, compiled):
+    """--compile [MODE]: the eager layers and the models go through torch.compile in that mode (recorded here, the
+    callable returned as it is: inductor takes minutes on this CPU); the rows say which."""
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None, **kw: modes.append(mode) or fn)
+    report = bench.run(device="cpu", backends_=[], dtypes=["float32"], layouts=["NCHW"], passes=["inference"],
+                       shapes=[(4, 6, 5, 1)], ops=["separable"], compile_=asked, models=["xception"], image=71,
+                       warmup=0, reps=1, progress=lambda line: None)
+    assert [r["impl"] for r in report["layers"]] == ["eager", impl]
+    assert [r["compiled"] for r in report["models"]] == [False, compiled]
+    want = None if compiled is True else compiled
+    assert modes == [want, want]  # one layer, one model
+    assert all(r["error"] is None for r in report["layers"] + report["models"])
+
+
+def test_unknown_compile_mode_is_refused_before_anything_runs():
+    with pytest.raises(ValueError, match="unknown compile mode 'fastest'"):
+        bench.run(device="cpu", backends_=[], compile_="fastest", models=[], progress=lambda line: None)
+    args = cli.build_parser().parse_args(["bench", "--compile"])
+    assert args.compile == "default"
+    assert cli.build_parser().parse_args(["bench", "--compile", "max-autotune"]).compile == "max-autotune"

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from . import backend as backends
+from .compiling import compile_mode
 from .nn import SeparableConvBN
 from .ops import depthwise_conv2d
 from .precision import tf32_flags, tf32_override
@@ -68,7 +69,8 @@ class LayerRow:
     dtype: str
     layout: str       # "NCHW" or "NHWC"
     pass_: str        # one of PASSES
-    impl: str         # "eager" (PyTorch layers: cuDNN on GPU), "compile" (torch.compile of those) or "xo:<backend>"
+    impl: str         # "eager" (PyTorch layers: cuDNN on GPU), "compile" or "compile:<mode>" (torch.compile of
+                      # those, in its default mode or that one) or "xo:<backend>"
     median_ms: float = float("nan")
     q10_ms: float = float("nan")
     q90_ms: float = float("nan")
@@ -95,7 +97,7 @@ class ModelRow:
     params: int
     dtype: str
     layout: str
-    compiled: bool
+    compiled: bool | str  # False, or the torch.compile mode ("default", "reduce-overhead", ...)
     batch: int
     image: int
     train_step_ms: float = float("nan")
@@ -258,7 +260,9 @@ def _layer_fn(op: str, impl: str, cin: int, cout: int, training: bool, device, d
             fn = lambda x: depthwise_conv2d(x, weight, padding=1, backend=backend)  # noqa: E731
         else:
             fn = lambda x: nn.functional.conv2d(x, weight, padding=1, groups=cin)  # noqa: E731
-    return torch.compile(fn) if impl == "compile" else fn
+    if impl == "compile" or impl.startswith("compile:"):
+        return torch.compile(fn, mode=compile_mode(impl.partition(":")[2] or "default"))
+    return fn
 
 
 def layer_runner(op: str, impl: str, cin: int, cout: int, hw: int, batch: int, dtype: torch.dtype, layout: str,
@@ -364,13 +368,15 @@ def _peak_memory(device: torch.device) -> float:
 
 
 def model_steps(name: str, dtype: torch.dtype, layout: str, batch: int, image: int, device: torch.device,
-                compiled: bool = False) -> tuple[nn.Module, Callable[[int], None], Callable[[int], None]]:
+                compiled: bool | str = False) -> tuple[nn.Module, Callable[[int], None], Callable[[int], None]]:
     """A contender on `device` in `dtype` and `layout`, with its two timed callables: a training step (forward,
-    cross-entropy, backward and the paper's SGD step) and an inference call, on one random batch."""
+    cross-entropy, backward and the paper's SGD step) and an inference call, on one random batch. compiled: a
+    torch.compile mode (True: "default") for the model, or False."""
     model = make_model(name)
     fmt = torch.channels_last if layout == "NHWC" else torch.contiguous_format
     model = model.to(device=device, dtype=dtype, memory_format=fmt)
-    run_model = torch.compile(model) if compiled else model
+    run_model = torch.compile(model, mode=compile_mode("default" if compiled is True else compiled)) if compiled \
+        else model
     opt = torch.optim.SGD(model.parameters(), lr=0.045, momentum=0.9, weight_decay=1e-5)
     x = torch.randn(batch, 3, image, image, device=device, dtype=dtype).contiguous(memory_format=fmt)
     y = torch.randint(0, 1000, (batch,), device=device)
@@ -388,7 +394,7 @@ def model_steps(name: str, dtype: torch.dtype, layout: str, batch: int, image: i
 
 
 def bench_model(name: str, dtype: torch.dtype, layout: str, batch: int, image: int, device: torch.device,
-                warmup: int, reps: int, compiled: bool = False) -> ModelRow:
+                warmup: int, reps: int, compiled: bool | str = False) -> ModelRow:
     """Training steps/s (forward, loss, backward and the paper's SGD step) and inference images/s."""
     row = ModelRow(name, 0, str(dtype).replace("torch.", ""), layout, compiled, batch, image)
     try:
@@ -465,6 +471,10 @@ RESUME_SETTINGS = ("batch", "scale", "warmup", "reps", "image", "model_batch")
 RESUME_ENV = ("device", "gpu", "torch", "cuda", "kernel_settings", "tf32")
 
 
+def _compiled_label(compiled: bool | str) -> str:
+    return "" if compiled is False else " compiled" if compiled is True else f" compiled ({compiled})"
+
+
 def _row_key(row: dict, fields: Sequence[str]) -> tuple:
     return tuple(row[f] for f in fields)
 
@@ -503,15 +513,19 @@ def default_backends(device: torch.device, statuses) -> list[str]:
 def _run_suite(device: str | None = None, backends_: Sequence[str] | None = None, dtypes: Sequence[str] | None = None,
         layouts: Sequence[str] | None = None, passes: Sequence[str] = ("inference", "training"),
         batch: int | None = None, scale: float | None = None, shapes: Sequence[tuple] | None = None,
-        ops: Sequence[str] = ("separable", "depthwise"), compile_: bool = False, layers: bool = True,
+        ops: Sequence[str] = ("separable", "depthwise"), compile_: bool | str | None = False, layers: bool = True,
         models: Sequence[str] | bool = True, image: int | None = None, model_batch: int | None = None,
         warmup: int | None = None, reps: int | None = None, progress: Callable[[str], None] | None = None,
         previous: dict | None = None, checkpoint: Callable[[dict], None] | None = None) -> dict:
     """previous: an earlier report of this suite (check_resumable): its rows are kept, and the configurations it
     measured without an error are not timed again, so that a long run stopped part way (a time limit) goes on
     where it stopped. checkpoint(report): called with the report so far after each configuration, for a caller
-    that saves it as it goes."""
+    that saves it as it goes. compile_: also time torch.compile of the eager layers and of the models, in that mode
+    (True: "default"; the impl "compile", or "compile:<mode>" in another mode)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    mode = "default" if compile_ is True else (compile_ or None)
+    if mode is not None:
+        compile_mode(mode)  # an unknown mode is refused before anything runs
     settings = default_settings(dev)
     settings.update({k: v for k, v in (("warmup", warmup), ("reps", reps), ("image", image),
                                        ("model_batch", model_batch)) if v is not None})
@@ -520,14 +534,15 @@ def _run_suite(device: str | None = None, backends_: Sequence[str] | None = None
     statuses = {s.name: s for s in backends.status()}
     if backends_ is None:
         backends_ = default_backends(dev, statuses.values())
-    impls = ["eager"] + (["compile"] if compile_ else []) + [f"xo:{b}" for b in backends_]
+    impls = (["eager"] + ([] if mode is None else ["compile" if mode == "default" else f"compile:{mode}"])
+             + [f"xo:{b}" for b in backends_])
     model_names = list(MODELS if models is True else (models or []))
     if shapes:
         layer_shapes = [tuple(s) for s in shapes]
     else:
         layer_shapes = [(cin, cout, max(3, round(hw * scale)), count) for cin, cout, hw, count in XCEPTION_LAYERS]
     n_layers = len(layer_shapes) * len(dtypes) * len(layouts) * len(passes) * len(impls) * len(ops) if layers else 0
-    n_models = len(model_names) * len(dtypes) * (2 if compile_ else 1)
+    n_models = len(model_names) * len(dtypes) * (1 if mode is None else 2)
     bar = Progress(n_layers + n_models, progress)
     if dev.type == "cpu":
         bar.note("no GPU: running the CPU suite at small sizes (host-clock timings, indicative only)")
@@ -581,7 +596,7 @@ def _run_suite(device: str | None = None, backends_: Sequence[str] | None = None
                                  len(impls))
                         save()
     for dtype_name in dtypes:
-        for compiled in (False, True) if compile_ else (False,):
+        for compiled in (False,) if mode is None else (False, True if mode == "default" else mode):
             for name in model_names:
                 key = (name, dtype_name, layouts[0], compiled, settings["model_batch"], settings["image"])
                 row = model_rows.get(key)
@@ -589,7 +604,7 @@ def _run_suite(device: str | None = None, backends_: Sequence[str] | None = None
                     r = bench_model(name, DTYPES[dtype_name], layouts[0], settings["model_batch"], settings["image"],
                                     dev, settings["warmup"], settings["reps"], compiled)
                     row = model_rows[key] = asdict(r)
-                bar.step(f"model {name} {dtype_name}{' compiled' if compiled else ''}: "
+                bar.step(f"model {name} {dtype_name}{_compiled_label(compiled)}: "
                          + (row["error"] or f"{row['train_steps_per_s']:.2f} train steps/s"))
                 save()
     save()

@@ -53,14 +53,14 @@ def format_tables(report: dict) -> str:
                          f"{t['total_ms']:10.3f} ms")
     if report["models"]:
         w = max(24, *(len(m["model"]) + 2 for m in report["models"]))  # the name column fits the longest name
-        lines += ["", f"{'model (Table 3)':<{w}}{'params':>12}{'dtype':>10}{'compiled':>9}{'train steps/s':>15}"
+        lines += ["", f"{'model (Table 3)':<{w}}{'params':>12}{'dtype':>10}{'compiled':>17}{'train steps/s':>15}"
                       f"{'infer img/s':>13}{'peak GiB':>10}"]
         for m in report["models"]:
             if m["error"]:
                 lines.append(f"{m['model']:<{w}}  {m['error']}")
                 continue
             peak = f"{m['peak_gib']:.2f}" if m["peak_gib"] == m["peak_gib"] else ""
-            lines.append(f"{m['model']:<{w}}{m['params']:>12,}{m['dtype']:>10}{str(m['compiled']):>9}"
+            lines.append(f"{m['model']:<{w}}{m['params']:>12,}{m['dtype']:>10}{str(m['compiled']):>17}"
                          f"{m['train_steps_per_s']:15.2f}{m['infer_images_per_s']:13.1f}{peak:>10}")
     return "\n".join(lines)
 
@@ -107,7 +107,8 @@ def _charts(report: dict, out_dir: Path) -> list[str]:
     models = [m for m in report["models"] if not m["error"]]
     if models:
         fig, ax = plt.subplots(figsize=(8, 0.4 * len(models) + 1.5))
-        labels = [f"{m['model']} {m['dtype']}{' compiled' if m['compiled'] else ''}" for m in models]
+        labels = [f"{m['model']} {m['dtype']}" + ("" if m["compiled"] is False else " compiled" if m["compiled"] is True
+                                                 else f" compiled ({m['compiled']})") for m in models]
         ax.barh(labels, [m["train_steps_per_s"] for m in models], color="C0")
         ax.set_xlabel(f"training steps/s (batch {models[0]['batch']}, {models[0]['image']}x{models[0]['image']})")
         ax.invert_yaxis()

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .bench import MODELS, PASSES, kernel_settings
-from .train import COMPILE_MODES
+from .compiling import COMPILE_MODES
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -173,7 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backends", nargs="+", choices=["torch", "cuda", "triton"], default=None,
                    help="our backends to time (default: every usable one, but on a GPU not the reference op "
                         "'torch'); eager PyTorch is always timed")
-    p.add_argument("--compile", action="store_true", help="also time torch.compile of the eager layers and models")
+    p.add_argument("--compile", nargs="?", const="default", default=None, choices=list(COMPILE_MODES),
+                   help="also time torch.compile of the eager layers and of the models, in this mode (default: "
+                        "'default'; 'reduce-overhead' replays CUDA graphs)")
     p.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--layouts", nargs="+", choices=["NCHW", "NHWC"], default=None)
     p.add_argument("--passes", nargs="+", choices=list(PASSES), default=["inference", "training"])

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from .batchnorm import convert_sync_batchnorm
+from .compiling import compile_mode
 from .progress import Progress
 
 
@@ -45,9 +46,7 @@ PRESETS = {
     "jft": Preset("rmsprop", lr=0.001, momentum=0.9, decay_rate=0.9, decay_samples=3_000_000, dropout=0.0),
 }
 WEIGHT_DECAY = {"xception": 1e-5, "inception_v3": 4e-5}  # section 4.3
-# torch.compile's modes. "reduce-overhead" replays CUDA graphs: the remedy where eager steps are bound by the host
-# (the Python and launches of ~40 fused layers per step; benchmarks/RESULTS.md).
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -279,8 +278,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise ValueError("multi_label needs the synthetic dataset (ImageFolder data is single-label)")
     if cfg.checkpoint is not None:
         check_writable(cfg.checkpoint)
-    if cfg.compile is not None and cfg.compile not in COMPILE_MODES:
-        raise ValueError(f"unknown compile mode {cfg.compile!r}; expected one of {', '.join(COMPILE_MODES)}")
+    if cfg.compile is not None:
+        compile_mode(cfg.compile)  # an unknown mode is refused before anything runs
     preset = PRESETS[cfg.preset]
     rank, world, local_rank = _distributed()
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
@@ -314,7 +313,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                         else None)
     if cfg.compile is not None:  # (the module itself stays uncompiled for checkpoints, EMA and evaluation)
-        ddp_model = torch.compile(ddp_model, mode=cfg.compile)
+        ddp_model = torch.compile(ddp_model, mode=compile_mode(cfg.compile))
 
     train_set, val_set = datasets_for(cfg)
     sampler = ResumableSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,

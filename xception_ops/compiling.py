@@ -1,0 +1,14 @@
+"""torch.compile's modes, as `xception-ops bench --compile` and `xception-ops train --compile` take them by name."""
+
+from __future__ import annotations
+
+# "reduce-overhead" replays CUDA graphs: the remedy where eager steps are bound by the host (the Python and launches
+# of ~40 fused layers per Xception step; benchmarks/RESULTS.md).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_mode(mode: str) -> str | None:
+    """torch.compile's `mode` argument for a mode name (None for "default"); an unknown name is a ValueError."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"unknown compile mode {mode!r}; expected one of {', '.join(COMPILE_MODES)}")
+    return None if mode == "default" else mode
