@@ -43,8 +43,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> finalize_typed(const Tensor& sum, con
   const Tensor s = sum.contiguous(), q = sumsq.contiguous();
   // The affine parameters in param_type (P); kept alive until the launch is queued (the caching allocator orders
   // their reuse after it on this stream).
-  const Tensor w = weight.has_value() ? weight->to(param_type).contiguous() : Tensor();
-  const Tensor b = bias.has_value() ? bias->to(param_type).contiguous() : Tensor();
+  const Tensor w = weight.has_value() ? in_type(*weight, param_type).contiguous() : Tensor();
+  const Tensor b = bias.has_value() ? in_type(*bias, param_type).contiguous() : Tensor();
   Tensor scale = at::empty_like(s), shift = at::empty_like(s), mean = at::empty_like(s), var = at::empty_like(s);
   BatchNormFinalizeParams<T, P> p;
   p.sum = s.data_ptr<T>();
@@ -70,8 +70,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> finalize_backward_typed(const Tensor&
   const Tensor s = sum.contiguous(), q = sumsq.contiguous();
   // The gradients in the statistics' precision and the weight in param_type (P), kept alive until the launch is
   // queued.
-  auto vector = [&](const OptTensor& t) { return t.has_value() ? t->to(sum.scalar_type()).contiguous() : Tensor(); };
-  const Tensor w = weight.has_value() ? weight->to(param_type).contiguous() : Tensor();
+  auto vector = [&](const OptTensor& t) {
+    return t.has_value() ? in_type(*t, sum.scalar_type()).contiguous() : Tensor();
+  };
+  const Tensor w = weight.has_value() ? in_type(*weight, param_type).contiguous() : Tensor();
   Tensor g[4];
   for (int i = 0; i < 4; ++i) g[i] = vector(grads[i]);
   // The parameters' gradients in param_type (P): the dtype the parameters are read in (batch_norm_param_type).
@@ -99,7 +101,7 @@ template <typename T, typename R = T>
 void update_typed(const Tensor& running_mean, const Tensor& running_var, const Tensor& mean, const Tensor& var,
                   const OptTensor& pre_bias, int64_t count, double momentum) {
   const Tensor m = mean.contiguous(), v = var.contiguous();
-  const Tensor b = pre_bias.has_value() ? pre_bias->to(mean.scalar_type()).contiguous() : Tensor();
+  const Tensor b = pre_bias.has_value() ? in_type(*pre_bias, mean.scalar_type()).contiguous() : Tensor();
   BatchNormUpdateParams<T, R> p;
   p.running_mean = static_cast<R*>(running_mean.data_ptr());
   p.running_var = static_cast<R*>(running_var.data_ptr());
