@@ -383,3 +383,23 @@ def test_meta_tensors_give_shapes_without_computing(backend):
     logits.sum().backward()
     assert net.conv1.weight.grad.shape == net.conv1.weight.shape
     assert net.block4.convs[0].pointwise.weight.grad.shape == (728, 728, 1, 1)
+
+
+def test_conv_arguments_follow_the_input_size_and_the_modules_settings():
+    """The stride / padding / dilation the op takes are kept per input size in eager mode; another size, or a
+    changed padding, stride or dilation, works them out again."""
+    m = SeparableConvBN(4, 6, 3, padding="same", backend="torch").eval()
+    with torch.no_grad():
+        assert m(torch.randn(1, 4, 7, 7)).shape[2:] == (7, 7)
+        assert m(torch.randn(1, 4, 9, 8)).shape[2:] == (9, 8)
+        m.padding = "valid"
+        assert m(torch.randn(1, 4, 9, 8)).shape[2:] == (7, 6)
+        m.depthwise.stride = (2, 2)
+        assert m(torch.randn(1, 4, 9, 8)).shape[2:] == (4, 3)
+        m.padding, m.depthwise.dilation = "same", (2, 2)
+        x = torch.randn(1, 4, 9, 8)
+        # TensorFlow's "same" at stride 2, dilation 2 (5 x 5 effective): 4 rows of padding (2 + 2), 3 columns (1 + 2)
+        padded = torch.nn.functional.pad(x, (1, 2, 2, 2))
+        want = torch.nn.functional.conv2d(torch.nn.functional.conv2d(padded, m.depthwise.weight, stride=2, dilation=2,
+                                                                     groups=4), m.pointwise.weight)
+        torch.testing.assert_close(m(x), m.bn(want), rtol=1e-5, atol=1e-5)

@@ -78,14 +78,28 @@ def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.
     With compute_stats=True returns (out, sum, sumsq): the per-channel sum and sum of squares of y in float32,
     which training-mode BatchNorm turns into batch statistics (see xception_ops.batchnorm). Otherwise returns out.
     """
+    stride_, padding_, dilation_ = conv_args(x, dw_weight, stride, padding, dilation)
+    return separable_conv2d_normalized(x, dw_weight, pw_weight, stride_, padding_, dilation_, backend, in_scale,
+                                       in_shift, in_relu, mid_activation, out_scale, out_shift, out_relu, residual,
+                                       compute_stats)
+
+
+def separable_conv2d_normalized(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Tensor,
+                                stride: list[int], padding: list[int], dilation: list[int], backend: str,
+                                in_scale: torch.Tensor | None, in_shift: torch.Tensor | None, in_relu: bool,
+                                mid_activation: str | None, out_scale: torch.Tensor | None,
+                                out_shift: torch.Tensor | None, out_relu: bool, residual: torch.Tensor | None,
+                                compute_stats: bool):
+    """separable_conv2d with stride, padding and dilation already as conv_args returns them, every argument
+    positional: the fused modules' path, which keeps them per input size (a few microseconds of Python per call
+    on the host that issues a model's ~40 layers)."""
     op = "xception_ops.separable_conv2d"
     mid = "none" if mid_activation is None else mid_activation
     x, dw_weight, pw_weight, residual = autocast_inputs(x, dw_weight, pw_weight, residual)
-    stride_, padding_, dilation_ = conv_args(x, dw_weight, stride, padding, dilation)
-    args = (x, dw_weight, pw_weight, in_scale, in_shift, in_relu, stride_, padding_, dilation_, mid, out_scale,
+    args = (x, dw_weight, pw_weight, in_scale, in_shift, in_relu, stride, padding, dilation, mid, out_scale,
             out_shift, out_relu, residual, compute_stats)
     if _library.EXTENSION is None:
-        checks.check_separable(op, x, dw_weight, pw_weight, stride_, padding_, dilation_, in_scale=in_scale,
+        checks.check_separable(op, x, dw_weight, pw_weight, stride, padding, dilation, in_scale=in_scale,
                                in_shift=in_shift, mid_activation=mid, out_scale=out_scale, out_shift=out_shift,
                                residual=residual)
         backends.resolve(backend, op, x, pw_weight.shape[0])
