@@ -1,5 +1,6 @@
-"""CPU time per call of the ops' Python side (autograd wrappers, checks, backend choice), on tensors so small
-that the kernels cost next to nothing: what a training step pays per op on top of its kernels.
+"""CPU time per call of the ops and modules (dispatch, the C++ autograd nodes, the modules' Python: argument
+normalization, backend choice, BatchNorm bookkeeping), on tensors so small that the kernels cost next to nothing:
+what a training step pays per op on top of its kernels.
 
     OMP_NUM_THREADS=1 python tools/op_overhead.py [--calls 2000] [--only NAME]
 
