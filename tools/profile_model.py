@@ -10,8 +10,8 @@ backward and the paper's SGD step; inference is one forward under no_grad) after
 - issue: the host's time to run the same loop without waiting for the GPU (where it is close to wall, the GPU
   waits on the host: the step is host-bound);
 - kernels: the GPU time of the step's kernels (torch.profiler), and how many there are;
-then the kernels (or, on the CPU, the operators) that take the most time. The layer benchmark times one layer's
-kernels; this says whether a whole model gets to run at their speed.
+then the kernels (or, on the CPU, the operators) that take the most time, and on a GPU the operators that take the
+host's. The layer benchmark times one layer's kernels; this says whether a whole model gets to run at their speed.
 """
 from __future__ import annotations
 
@@ -51,16 +51,17 @@ def profile_steps(step, device: torch.device, steps: int) -> dict:
             step(i)
         _synchronize(device)
     averages = prof.key_averages()
+    cpu = sorted((e for e in averages if e.self_cpu_time_total > 0), key=lambda e: e.self_cpu_time_total,
+                 reverse=True)
+    cpu_top = [(e.self_cpu_time_total / steps / 1e3, e.count / steps, e.key) for e in cpu]
     if device.type == "cuda":
         events = [e for e in averages if e.self_device_time_total > 0 and e.device_type.name != "CPU"]
-        time_of = lambda e: e.self_device_time_total  # noqa: E731
+        events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+        top = [(e.self_device_time_total / steps / 1e3, e.count / steps, e.key) for e in events]
     else:
-        events = [e for e in averages if e.self_cpu_time_total > 0]
-        time_of = lambda e: e.self_cpu_time_total  # noqa: E731
-    events.sort(key=time_of, reverse=True)
-    return dict(wall=wall, issue=issue, busy=sum(time_of(e) for e in events) / steps / 1e3,
-                count=sum(e.count for e in events) / steps,
-                top=[(time_of(e) / steps / 1e3, e.count / steps, e.key) for e in events])
+        top = cpu_top
+    return dict(wall=wall, issue=issue, busy=sum(t[0] for t in top), count=sum(t[1] for t in top), top=top,
+                cpu_top=cpu_top, cpu_ms=sum(t[0] for t in cpu_top))
 
 
 def main(argv: list[str] | None = None) -> list[str]:
@@ -105,6 +106,10 @@ def main(argv: list[str] | None = None) -> list[str]:
                  f"{r['count']:.0f} calls")
             for ms, count, key in r["top"][:args.rows]:
                 emit(f"  {ms:8.3f} ms  {count:5.0f}x  {key[:110]}")
+            if gpu:  # where the host's time goes: operators by their own CPU time (inflated by the profiler)
+                emit(f"  host: operators' own CPU time {r['cpu_ms']:.3f} ms per step (profiled); the most:")
+                for ms, count, key in r["cpu_top"][:args.rows]:
+                    emit(f"  {ms:8.3f} ms  {count:5.0f}x  {key[:110]}")
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")
