@@ -166,6 +166,12 @@ launch.separable_conv2d(x, dw, pw, *opts, res, True)
 del os.environ["XCEPTION_OPS_TRITON_FORWARD"]
 launch.separable_conv2d_backward(res, vec[3], vec[3], res, x, dw, pw, *opts)
 launch.separable_conv2d_backward(res, vec[3], None, res, x, dw, pw, *opts)
+# The depthwise stage by rows (3x3 at stride 1): the depthwise forward, and the staged forward's act buffer.
+os.environ["XCEPTION_OPS_TRITON_DEPTHWISE"] = "rows"
+unit = ([1, 1], [1, 1, 1, 1], [1, 1])
+launch.depthwise_conv2d(x, dw, torch.randn(12, **bf), *unit)
+os.environ["XCEPTION_OPS_TRITON_FORWARD"] = "staged"
+launch.separable_conv2d(x, dw, pw, vec[0], vec[1], True, *unit, "elu", vec[2], vec[3], True, None, True)
 
 done = set()
 for name, args, kw in calls:
@@ -191,6 +197,9 @@ launch.depthwise_conv2d(x, dw, None, *geo)
 os.environ["XCEPTION_OPS_TRITON_FORWARD"] = "staged"
 launch.separable_conv2d(x, dw, pw, *vec, True, *geo, "none", None, None, False, None, True)
 launch.separable_conv2d_backward(g, vec[1], vec[1], g, x, dw, pw, *vec, True, *geo, "none", *vec, True)
+os.environ["XCEPTION_OPS_TRITON_DEPTHWISE"] = "rows"
+launch.depthwise_conv2d(x, dw, None, *geo)
+launch.separable_conv2d(x, dw, pw, *vec, True, *geo, "none", None, None, False, None, True)
 accesses = {}
 for name, args, kw in calls:
     if name != "reduce_rows_kernel":
@@ -198,11 +207,11 @@ for name, args, kw in calls:
         found = collections.Counter(re.findall(r"(?:ld\.global|st\.global|cp\.async\.cg)[.a-z0-9]*", ptx))
         accesses[name] = accesses.get(name, collections.Counter()) + found
 print(accesses)
-assert len(accesses) == 8, sorted(accesses)
+assert len(accesses) == 9, sorted(accesses)
 for name, found in accesses.items():
     assert found["st.global.b16"] == 0, name  # every 16-bit store in vectors
     assert found["ld.global.v4.b32"] + found["cp.async.cg.shared.global"] >= 2, name
-    if name not in ("dw_fwd_kernel", "sep_bwd_act_kernel", "dw_dgrad_kernel"):  # no depthwise weights read
+    if name not in ("dw_fwd_kernel", "sep_bwd_act_kernel", "dw_dgrad_kernel", "dw_rows_kernel"):  # no dw weights
         assert found["ld.global.b16"] == 0, name
 print("vectorized")
 '''
@@ -560,6 +569,79 @@ def test_staged_forward_is_the_fused_forward_bit_for_bit(monkeypatch, shape, opt
     for fused, staged in zip(results["fused"], results["staged"]):
         assert torch.equal(fused, staged)
     assert results["staged"][0].is_contiguous(memory_format=expected_format(layout))
+
+
+# The depthwise stage by rows (dw_rows_kernel: 3x3 at stride 1 without dilation), which the autotuner times against
+# the tap-gather kernels: each output element is the same sum in the same order, so the two agree bit for bit.
+ROWS_CASES = [
+    # (N, C, H, W, multiplier, padding (t, b, l, r), bias)
+    (2, 5, 9, 7, 1, (1, 1, 1, 1), False),
+    (1, 3, 6, 11, 2, (1, 1, 1, 1), True),     # a depth multiplier; several column tiles
+    (2, 9, 5, 13, 1, (0, 2, 2, 0), True),     # asymmetric padding, channels past one tile
+    (1, 4, 3, 3, 1, (0, 0, 0, 0), False),     # one output pixel
+]
+
+
+@pytest.mark.parametrize("case", ROWS_CASES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, BF16_GPU_ONLY])
+def test_depthwise_by_rows_is_the_gather_forward_bit_for_bit(monkeypatch, case, layout, dtype):
+    n, c, h, w, mult, padding, with_bias = case
+    x = make_input((n, c, h, w), dtype, layout)
+    weight = torch.randn(c * mult, 1, 3, 3, dtype=dtype, device=DEVICE)
+    bias = torch.randn(c * mult, dtype=dtype, device=DEVICE) if with_bias else None
+    results = {}
+    for form in ("gather", "rows"):
+        monkeypatch.setenv(launch.DEPTHWISE_ENV, form)
+        results[form] = launch.depthwise_conv2d(x, weight, bias, (1, 1), padding, (1, 1))
+    assert torch.equal(results["rows"], results["gather"])
+    want = reference.depthwise_conv2d(*(None if t is None else t.double().cpu() for t in (x, weight, bias)),
+                                      (1, 1), padding, (1, 1))
+    plain = None if dtype == torch.float32 else reference.depthwise_conv2d(x, weight, bias, (1, 1), padding, (1, 1))
+    assert_close_to_reference(results["rows"], want, plain, dtype, "output")
+    assert results["rows"].is_contiguous(memory_format=expected_format(layout))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("opts", [SEPARABLE_OPTIONS[1], SEPARABLE_OPTIONS[3], SEPARABLE_OPTIONS[5]],
+                         ids=["inference", "training-relu", "elu-residual"])
+def test_separable_with_the_depthwise_stage_by_rows_is_bit_for_bit(monkeypatch, opts, layout):
+    """The staged forward's act buffer, and the backward's (y and the pointwise weight gradient read it), by rows:
+    the prologue on load and the mid activation's rounding as the gather kernel has them."""
+    x, t, f, g = separable_inputs(SEPARABLE_SHAPES[0], opts, torch.float32, layout)
+    monkeypatch.setenv(launch.FORWARD_ENV, "staged")
+    results = {}
+    for form in ("gather", "rows"):
+        monkeypatch.setenv(launch.DEPTHWISE_ENV, form)
+        forward, grads = triton_separable(x, t, f, g)
+        results[form] = [v for v in (*forward, *grads) if v is not None]
+    assert all(torch.equal(a, b) for a, b in zip(results["rows"], results["gather"]))
+
+
+def test_depthwise_forms_default_and_override(monkeypatch):
+    x = torch.empty(1, 4, 6, 6)
+    unit, strided = (1, 1, 1, 1, 1, 1), (2, 2, 1, 1, 1, 1)
+    monkeypatch.delenv(launch.DEPTHWISE_ENV, raising=False)
+    forms = [c.rows for c in launch._depthwise_forms(x, 3, 3, unit)]
+    assert forms[0] is False and True in forms  # the gather form first (what runs untimed), rows timed beside it
+    assert not any(c.rows for c in launch._depthwise_forms(x, 3, 3, strided))  # rows: stride 1 only
+    assert not any(c.rows for c in launch._depthwise_forms(x, 5, 5, unit))  # and 3x3
+    monkeypatch.setenv(launch.DEPTHWISE_ENV, "rows")
+    assert all(c.rows for c in launch._depthwise_forms(x, 3, 3, unit))
+    assert not any(c.rows for c in launch._depthwise_forms(x, 3, 3, strided))  # where it does not apply: gather
+    monkeypatch.setenv(launch.DEPTHWISE_ENV, "sideways")
+    with pytest.raises(ValueError, match="XCEPTION_OPS_TRITON_DEPTHWISE"):
+        launch._depthwise_forms(x, 3, 3, unit)
+
+
+def test_strip_rows_fill_the_gpu_and_even_out():
+    """The longest strips (fewest halo rows loaded twice) that still give the target number of programs, at most
+    16 rows, evened out over the strips."""
+    cpu = torch.device("cpu")  # a target of 4 programs
+    assert launch._strip_rows(1, 9, cpu) == 2  # 9 rows, 1 program per row: strips of 2, 5 programs
+    assert launch._strip_rows(100, 19, cpu) == 10  # plenty of programs per row: the longest strips (10 + 9)
+    assert launch._strip_rows(1, 40, cpu) == 10  # 4 strips of 10: the 4 programs
+    assert launch._strip_rows(1, 100, cpu) == 15  # at most 16 rows per strip, evened out (6 x 15 + 10)
 
 
 def test_row_vector_divides_every_pixel_stride_and_channel_count():

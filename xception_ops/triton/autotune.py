@@ -25,6 +25,7 @@ class Config(NamedTuple):
     num_warps: int = 4
     num_stages: int = 2
     staged: bool = False  # the separable forward's form (launch.separable_conv2d); not a kernel parameter
+    rows: bool = False  # the depthwise stage by rows (kernels.dw_rows_kernel; BLOCK_P is then its BLOCK_W)
 
     def meta(self, gemm: bool) -> dict:
         m = dict(BLOCK_P=self.BLOCK_P, BLOCK_C=self.BLOCK_C, num_warps=self.num_warps, num_stages=self.num_stages)
@@ -65,8 +66,20 @@ _GEMM = (
     Config(128, 16, 64, num_warps=8, num_stages=2), Config(64, 16, 128, num_warps=8, num_stages=2),
     Config(64, 32, 128, num_warps=8, num_stages=2), Config(32, 32, 256, num_warps=8, num_stages=2),
 )
+# The depthwise stage by rows (3x3, stride 1, no dilation: kernels.dw_rows_kernel): BLOCK_P output columns x
+# BLOCK_C channels per row, nine float32 tiles of them live (three input rows at three column shifts), so the tiles
+# are a quarter of the gather form's.
+_DW_ROWS_CHANNELS_LAST = (
+    Config(8, 64, num_warps=4, rows=True), Config(16, 32, num_warps=4, rows=True),
+    Config(4, 128, num_warps=4, rows=True),
+)
+_DW_ROWS_PLANAR = (
+    Config(64, 8, num_warps=4, rows=True), Config(32, 16, num_warps=4, rows=True),
+    Config(128, 4, num_warps=4, rows=True),
+)
 # Interpreter: small tiles, so the CPU tests cover several tiles and channel chunks.
 _DW_INTERPRET = (Config(32, 8),)
+_DW_ROWS_INTERPRET = (Config(4, 8, rows=True),)
 _GEMM_INTERPRET = (Config(32, 16, 16),)
 
 
@@ -74,6 +87,12 @@ def depthwise_configs(channels_last: bool) -> Sequence[Config]:
     if interpreting():
         return _DW_INTERPRET
     return _DW_CHANNELS_LAST if channels_last else _DW_PLANAR
+
+
+def depthwise_rows_configs(channels_last: bool) -> Sequence[Config]:
+    if interpreting():
+        return _DW_ROWS_INTERPRET
+    return _DW_ROWS_CHANNELS_LAST if channels_last else _DW_ROWS_PLANAR
 
 
 def gemm_configs(dtype: torch.dtype) -> Sequence[Config]:

@@ -210,6 +210,52 @@ def _key(*parts) -> tuple:
 
 # ------------------------------------------------------------------------------------------------ depthwise
 
+DEPTHWISE_ENV = "XCEPTION_OPS_TRITON_DEPTHWISE"
+
+
+def _depthwise_forms(x: torch.Tensor, kh: int, kw: int, conv: tuple) -> list[Config]:
+    """The depthwise stage's launch configurations, the default first: the tap-gather form's (dw_fwd_kernel,
+    sep_bwd_act_kernel), then, for 3x3 at stride 1 without dilation, the by-rows form's (dw_rows_kernel), which
+    the autotuner times against them. XCEPTION_OPS_TRITON_DEPTHWISE=gather or =rows allows only that form (read
+    at each call; rows where it applies)."""
+    forced = os.environ.get(DEPTHWISE_ENV, "").strip().lower()
+    if forced not in ("", "gather", "rows"):
+        raise ValueError(f"{DEPTHWISE_ENV} must be 'gather' or 'rows', got {forced!r}")
+    stride_h, stride_w, _, _, dil_h, dil_w = conv
+    rows_apply = (kh, kw, stride_h, stride_w, dil_h, dil_w) == (3, 3, 1, 1, 1, 1)
+    gather = list(autotune.depthwise_configs(_channels_last(x)))
+    rows = list(autotune.depthwise_rows_configs(_channels_last(x))) if rows_apply else []
+    if forced == "rows" and rows:
+        return rows
+    return gather if forced == "gather" else gather + rows
+
+
+def _strip_rows(programs_per_row: int, rows: int, device: torch.device) -> int:
+    """Output rows per program of the by-rows form: the longest strips (each reloads two halo rows) that still give
+    enough programs to fill the GPU (8 per SM), at most 16 rows, evened out over the strips."""
+    target = 8 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    strip = max(1, min(16, rows, rows * programs_per_row // target))
+    strips = triton.cdiv(rows, strip)
+    return triton.cdiv(rows, strips)
+
+
+def _launch_rows(cfg: Config, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 in_scale: torch.Tensor | None, in_shift: torch.Tensor | None, in_relu: bool, mid: int,
+                 y: torch.Tensor, conv: tuple, idx64: bool) -> None:
+    """dw_rows_kernel into y (the depthwise forward, or the separable's act buffer) with configuration cfg."""
+    n, c, h, w = (int(v) for v in x.shape)
+    cm, oh, ow = int(y.shape[1]), int(y.shape[2]), int(y.shape[3])
+    num_w, num_c = triton.cdiv(ow, cfg.BLOCK_P), triton.cdiv(cm, cfg.BLOCK_C)
+    strip = _strip_rows(n * num_w * num_c, oh, x.device)
+    grid = (n * triton.cdiv(oh, strip) * num_w * num_c,)
+    _kernels().dw_rows_kernel[grid](
+        x, weight, _or(bias, weight), _or(in_scale, weight), _or(in_shift, weight), y,
+        oh, ow, h, w, cm, cm // c, conv[2], conv[3], strip, *x.stride(), *_weight_strides(weight), *y.stride(),
+        HAS_BIAS=bias is not None, HAS_SCALE=in_scale is not None, HAS_SHIFT=in_shift is not None,
+        IN_RELU=bool(in_relu), MID=mid, IDX64=idx64, BLOCK_W=cfg.BLOCK_P, BLOCK_C=cfg.BLOCK_C,
+        VEC=_row_vector([x, y], [cm]), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
 @_on_device
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: Sequence[int],
                      padding: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:
@@ -223,6 +269,9 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     idx64 = _idx64(x, weight, y)
 
     def run(cfg: Config) -> None:
+        if cfg.rows:
+            _launch_rows(cfg, x, weight, bias, None, None, False, kernels.MID_NONE, y, conv, idx64)
+            return
         grid = (triton.cdiv(q, cfg.BLOCK_P) * triton.cdiv(cm, cfg.BLOCK_C),)
         K.dw_fwd_kernel[grid](
             x, weight, bias if bias is not None else weight, y,
@@ -230,8 +279,8 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
             KH=kh, KW=kw, UNROLL=_unroll(kh, kw), HAS_BIAS=bias is not None, IDX64=idx64,
             VEC=_row_vector([x, y], [cm]), **cfg.meta(False))
 
-    key = _key(x, weight, bias is not None, conv)
-    run(autotune.choose("depthwise_conv2d", key, autotune.depthwise_configs(_channels_last(x)), run))
+    key = _key(x, weight, bias is not None, conv, os.environ.get(DEPTHWISE_ENV, ""))
+    run(autotune.choose("depthwise_conv2d", key, _depthwise_forms(x, kh, kw, conv), run))
     return y
 
 
@@ -362,6 +411,9 @@ def _act_buffer(x: torch.Tensor, dw_weight: torch.Tensor, in_scale: torch.Tensor
     dummy = dw_weight
 
     def run_act(cfg: Config) -> None:
+        if cfg.rows:
+            _launch_rows(cfg, x, dw_weight, None, in_scale, in_shift, in_relu, mid, buf, conv, idx64)
+            return
         grid = (triton.cdiv(q, cfg.BLOCK_P) * triton.cdiv(cm, cfg.BLOCK_C),)
         K.sep_bwd_act_kernel[grid](
             x, dw_weight, _or(in_scale, dummy), _or(in_shift, dummy), buf,
@@ -369,8 +421,9 @@ def _act_buffer(x: torch.Tensor, dw_weight: torch.Tensor, in_scale: torch.Tensor
             KH=kh, KW=kw, UNROLL=_unroll(kh, kw), HAS_SCALE=in_scale is not None, HAS_SHIFT=in_shift is not None,
             IN_RELU=bool(in_relu), MID=mid, IDX64=idx64, VEC=_row_vector([x, buf], [cm]), **cfg.meta(False))
 
-    key = _key(x, dw_weight, conv, in_scale is not None, in_shift is not None, in_relu, mid)
-    run_act(autotune.choose("sep_act", key, autotune.depthwise_configs(_channels_last(x)), run_act))
+    key = _key(x, dw_weight, conv, in_scale is not None, in_shift is not None, in_relu, mid,
+               os.environ.get(DEPTHWISE_ENV, ""))
+    run_act(autotune.choose("sep_act", key, _depthwise_forms(x, kh, kw, conv), run_act))
     return buf
 
 
