@@ -8,14 +8,11 @@
 // autograd.Function in Python for the backward. Here a call that needs no gradient costs one guard and the call.
 //
 // A graph of the backward (create_graph=True, double backward) is built where it has a formula: the first-order
-// backward of scale_shift and batch_norm_finalize is then written in differentiable ATen ops instead of its
-// one-kernel op (their formulas: the reference ops' in reference.cpp, kernels/batchnorm_params.h). The
-// separable and depthwise backward ops have no autograd of their own.
+// backward of scale_shift and batch_norm_finalize then runs as the reference ops' ATen code (reference.cpp,
+// differentiable) instead of the backend's one-kernel op. The separable and depthwise backward ops have no
+// autograd of their own.
 #include <ATen/TensorOperators.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/ops/ones_like.h>
-#include <ATen/ops/where.h>
-#include <ATen/ops/zeros_like.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -47,7 +44,6 @@ bool needs_node(std::initializer_list<const Tensor*> tensors, std::initializer_l
 std::vector<int64_t> to_vector(IntArrayRef v) { return v.vec(); }
 Tensor defined_or_empty(const OptTensor& t) { return t.has_value() ? *t : Tensor(); }
 OptTensor optional_of(const Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); }
-Tensor per_channel(const Tensor& v) { return v.view({1, -1, 1, 1}); }
 
 // ---- separable_conv2d ----
 using SeparableSig = std::tuple<Tensor, Tensor, Tensor>(
@@ -251,15 +247,8 @@ struct ScaleShiftFunction : public torch::autograd::Function<ScaleShiftFunction>
     const Tensor &y = saved[0], &scale = saved[1], &shift = saved[2], &grad = grads[0];
     const bool relu = ctx->saved_data.at("relu").toBool();
     Tensor grad_y, grad_scale, grad_shift;
-    if (at::GradMode::is_enabled()) {  // create_graph: the same formulas in differentiable ATen ops
-      Tensor g = grad.to(scale.scalar_type());
-      if (relu) {
-        const Tensor z = y.to(scale.scalar_type()) * per_channel(scale) + per_channel(shift);
-        g = at::where(z.to(y.scalar_type()) > 0, g, at::zeros_like(g));
-      }
-      grad_y = (g * per_channel(scale)).to(y.scalar_type());
-      grad_scale = (g * y.to(scale.scalar_type())).sum({0, 2, 3});
-      grad_shift = g.sum({0, 2, 3});
+    if (at::GradMode::is_enabled()) {  // create_graph: the reference op's formulas, differentiable ATen ops
+      std::tie(grad_y, grad_scale, grad_shift) = reference::scale_shift_backward(grad, y, scale, shift, relu);
     } else {
       const std::string& backend = ctx->saved_data.at("backend").toStringRef();
       std::tie(grad_y, grad_scale, grad_shift) = backward_op.call(grad, y, scale, shift, relu, backend);
@@ -288,28 +277,6 @@ using FinalizeBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(
 const c10::TypedOperatorHandle<FinalizeSig>& finalize_op() {
   static const auto op = op_handle<FinalizeSig>("xception_ops::batch_norm_finalize");
   return op;
-}
-
-// The finalize's first-order backward as differentiable ATen ops (for create_graph); the same formulas as the
-// batch_norm_finalize_backward op and xception_ops._library.finalize_backward. With m = sum / n,
-// v = max(sumsq / n - m^2, 0), r = (v + eps)^-1/2, scale = w r, shift = b - m w r:
-//   dL/dr = (g_scale - g_shift m) w;  dL/dv = (g_var - dL/dr r^3 / 2) [v >= 0 before the clamp];
-//   dL/dm = g_mean - g_shift w r - 2 m dL/dv;  dL/dsum = dL/dm / n;  dL/dsumsq = dL/dv / n;
-//   dL/dw = (g_scale - g_shift m) r;  dL/db = g_shift.  Missing output gradients count as zeros.
-std::array<Tensor, 4> finalize_backward_graph(const Tensor& sum, const Tensor& sumsq, int64_t count,
-                                              const Tensor& weight, double eps, const variable_list& grads) {
-  const double n = static_cast<double>(count);
-  const Tensor zero = at::zeros_like(sum);
-  const Tensor &g_scale = grads[0].defined() ? grads[0] : zero, &g_shift = grads[1].defined() ? grads[1] : zero;
-  const Tensor &g_mean = grads[2].defined() ? grads[2] : zero, &g_var = grads[3].defined() ? grads[3] : zero;
-  const Tensor w = weight.defined() ? weight.to(sum.scalar_type()) : at::ones_like(sum);
-  const Tensor m = sum / n;
-  const Tensor raw_var = sumsq / n - m * m;
-  const Tensor r = (raw_var.clamp_min(0) + eps).rsqrt();
-  const Tensor g_r = (g_scale - g_shift * m) * w;
-  const Tensor g_v = (g_var - 0.5 * g_r * r * r * r) * (raw_var >= 0).to(sum.scalar_type());
-  const Tensor g_m = g_mean - g_shift * w * r - 2 * m * g_v;
-  return {g_m / n, g_v / n, (g_scale - g_shift * m) * r, g_shift};
 }
 
 struct FinalizeFunction : public torch::autograd::Function<FinalizeFunction> {
@@ -343,9 +310,13 @@ struct FinalizeFunction : public torch::autograd::Function<FinalizeFunction> {
     const int64_t count = data.at("count").toInt();
     const double eps = data.at("eps").toDouble();
     Tensor g_sum, g_sumsq, g_w, g_b;
-    if (at::GradMode::is_enabled()) {  // create_graph: the backward itself must be differentiable
-      const std::array<Tensor, 4> g = finalize_backward_graph(sum, sumsq, count, weight, eps, grads);
-      g_sum = g[0], g_sumsq = g[1], g_w = g[2], g_b = g[3];
+    if (at::GradMode::is_enabled()) {
+      // create_graph: the reference op's formulas, differentiable ATen ops; the weight taken in the statistics'
+      // dtype, so that both parameters' gradients come out in it and are rounded once, below, to their own.
+      const Tensor w = weight.defined() ? weight.to(sum.scalar_type()) : weight;
+      std::tie(g_sum, g_sumsq, g_w, g_b) =
+          reference::batch_norm_finalize_backward(sum, sumsq, count, optional_of(w), eps, optional_of(grads[0]),
+                                                  optional_of(grads[1]), optional_of(grads[2]), optional_of(grads[3]));
     } else {  // one op (one kernel on "cuda"), instead of ~15 element-wise launches
       const std::string& backend = data.at("backend").toStringRef();
       std::tie(g_sum, g_sumsq, g_w, g_b) =
