@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from . import backend as backends
-from .compiling import compile_mode
+from .compiling import compile_mode, compiled_label
 from .nn import SeparableConvBN
 from .ops import depthwise_conv2d
 from .precision import tf32_flags, tf32_override
@@ -471,10 +471,6 @@ RESUME_SETTINGS = ("batch", "scale", "warmup", "reps", "image", "model_batch")
 RESUME_ENV = ("device", "gpu", "torch", "cuda", "kernel_settings", "tf32")
 
 
-def _compiled_label(compiled: bool | str) -> str:
-    return "" if compiled is False else " compiled" if compiled is True else f" compiled ({compiled})"
-
-
 def _row_key(row: dict, fields: Sequence[str]) -> tuple:
     return tuple(row[f] for f in fields)
 
@@ -604,7 +600,7 @@ def _run_suite(device: str | None = None, backends_: Sequence[str] | None = None
                     r = bench_model(name, DTYPES[dtype_name], layouts[0], settings["model_batch"], settings["image"],
                                     dev, settings["warmup"], settings["reps"], compiled)
                     row = model_rows[key] = asdict(r)
-                bar.step(f"model {name} {dtype_name}{_compiled_label(compiled)}: "
+                bar.step(f"model {name} {dtype_name}{compiled_label(compiled)}: "
                          + (row["error"] or f"{row['train_steps_per_s']:.2f} train steps/s"))
                 save()
     save()

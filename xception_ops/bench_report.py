@@ -7,6 +7,8 @@ import json
 import math
 from pathlib import Path
 
+from .compiling import compiled_label
+
 REPORT_KEYS = ("env", "ceilings", "settings", "layers", "models")
 
 
@@ -107,8 +109,7 @@ def _charts(report: dict, out_dir: Path) -> list[str]:
     models = [m for m in report["models"] if not m["error"]]
     if models:
         fig, ax = plt.subplots(figsize=(8, 0.4 * len(models) + 1.5))
-        labels = [f"{m['model']} {m['dtype']}" + ("" if m["compiled"] is False else " compiled" if m["compiled"] is True
-                                                 else f" compiled ({m['compiled']})") for m in models]
+        labels = [f"{m['model']} {m['dtype']}{compiled_label(m['compiled'])}" for m in models]
         ax.barh(labels, [m["train_steps_per_s"] for m in models], color="C0")
         ax.set_xlabel(f"training steps/s (batch {models[0]['batch']}, {models[0]['image']}x{models[0]['image']})")
         ax.invert_yaxis()

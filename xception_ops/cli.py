@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .bench import MODELS, PASSES, kernel_settings
+from .bench import MODELS, PASSES, TF32_CHOICES, kernel_settings
 from .compiling import COMPILE_MODES
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="go on from --out's bench.json: keep its rows and time only what it lacks (or measured with "
                         "an error); for runs longer than a session's time limit, in several calls")
-    p.add_argument("--tf32", default="default", choices=["default", "on", "off"],
+    p.add_argument("--tf32", default="default", choices=list(TF32_CHOICES),
                    help="TF32 for float32 convolutions and products during the run: 'on' / 'off' sets cuDNN's and "
                         "cuBLAS's flags alike (float32 rows then compare cuDNN and this package at the same "
                         "setting); 'default' leaves PyTorch's (cuDNN's on, cuBLAS's off). Recorded in the report")

@@ -12,3 +12,8 @@ def compile_mode(mode: str) -> str | None:
     if mode not in COMPILE_MODES:
         raise ValueError(f"unknown compile mode {mode!r}; expected one of {', '.join(COMPILE_MODES)}")
     return None if mode == "default" else mode
+
+
+def compiled_label(compiled: bool | str) -> str:
+    """A model row's `compiled` as report text: "", " compiled" (the default mode) or " compiled (<mode>)"."""
+    return "" if compiled is False else " compiled" if compiled is True else f" compiled ({compiled})"
