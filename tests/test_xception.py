@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from xception_ops.geometry import same_pool_padding
 from xception_ops.models import MaxPool2dSame, from_timm, timm_key_map, xception
 from xception_ops.nn import SeparableConvBN
 from xception_ops.parity import randomize_batch_norm
@@ -93,6 +94,42 @@ def test_pool_padding_is_tensorflow_same_by_default():
     assert torch.equal(symmetric(x)[..., 0, 0], x[..., :2, :2].amax((-1, -2)))  # starts at row -1 (PyTorch)
     odd = torch.randn(1, 2, 9, 9)
     assert torch.equal(same(odd), symmetric(odd))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_same_pool_without_a_padded_copy_is_the_padded_definition(layout):
+    """MaxPool2dSame pools with PyTorch's implicit padding (ceil mode for the extra row) instead of padding x with
+    -inf: the same outputs and, with ties (small integers), the same gradient routing, on every size and geometry
+    it takes; the geometries PyTorch cannot express (stride 1 with an odd extra row) take the padded form."""
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    generator = torch.Generator().manual_seed(5)
+    fast = 0
+    for kernel, stride in [(3, 2), (3, 1), (2, 2), (4, 1), (5, 2), (5, 3), (4, 3)]:
+        pool = MaxPool2dSame(kernel, stride, "same")
+        for h, w in [(1, 1), (2, 5), (7, 8), (9, 9), (12, 13), (16, 3)]:
+            x = torch.randint(-3, 3, (2, 3, h, w), generator=generator).float().contiguous(memory_format=fmt)
+            x.requires_grad_(True)
+            x_ref = x.detach().clone().requires_grad_(True)
+            out, want = pool(x), pool.padded(x_ref)
+            assert out.shape == want.shape and torch.equal(out, want), (kernel, stride, h, w)
+            grad = torch.randn(out.shape, generator=generator)
+            out.backward(grad)
+            want.backward(grad)
+            assert torch.equal(x.grad, x_ref.grad), (kernel, stride, h, w)
+            fast += all(same_pool_padding(n, kernel, stride) is not None for n in (h, w))
+    assert fast > 20  # most of them take the copy-free form
+    assert same_pool_padding(147, 3, 2) == (1, False) and same_pool_padding(74, 3, 2) == (0, True)
+    assert same_pool_padding(8, 4, 1) is None  # 1 before, 2 after: not PyTorch's
+
+
+def test_same_pool_makes_no_padded_copy():
+    """Xception's pools (3x3, stride 2, "same") at its sizes: no pad operator, only the pooling."""
+    pool = MaxPool2dSame(3, 2, "same")
+    for size in (147, 74, 37, 19):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            pool(torch.randn(1, 2, size, size))
+        names = {e.key for e in prof.key_averages()}
+        assert not any("pad" in n or "fill" in n for n in names), names
 
 
 def _timm_pair(num_classes=1000, seed=0, backend="auto"):

@@ -31,6 +31,25 @@ def same_padding(size: int, kernel: int, stride: int, dilation: int) -> tuple[in
     return total // 2, total - total // 2
 
 
+def same_pool_padding(size: int, kernel: int, stride: int) -> tuple[int, bool] | None:
+    """Max pooling with "same" padding on one dimension as PyTorch's own implicit padding: (padding, ceil_mode)
+    such that `max_pool2d(x, kernel, stride, padding, ceil_mode=ceil_mode)` makes the same windows as padding x
+    with -inf explicitly (a copy of the whole tensor and a fill). Symmetric padding is plain padding; one more row
+    at the end is ceil mode's partial last window. None where PyTorch's pooling cannot express it."""
+    top, bottom = same_padding(size, kernel, stride, 1)
+    if top > kernel // 2:
+        return None
+    if top == bottom:
+        return top, False  # ceil mode would not change this dimension's size either (exact division)
+    # One more row at the end: ceil mode's output size (PyTorch's rule, the last window starting inside the
+    # input or its padding) must be "same"'s.
+    out = -(-size // stride)
+    ceil_out = -(-(size + 2 * top - kernel) // stride) + 1
+    if (ceil_out - 1) * stride >= size + top:
+        ceil_out -= 1
+    return (top, True) if ceil_out == out else None
+
+
 def resolve_padding(padding: PaddingSpec, input_hw: Sequence[int], kernel_hw: Sequence[int],
                     stride: Sequence[int], dilation: Sequence[int]) -> tuple[int, int, int, int]:
     """Any padding spec as (top, bottom, left, right).

