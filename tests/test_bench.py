@@ -341,6 +341,25 @@ def test_profile_model_tool_reports_each_model_and_mode(tmp_path):
     assert out.read_text().splitlines() == lines
 
 
+def test_op_overhead_tool_times_every_case_on_the_device(tmp_path):
+    """tools/op_overhead.py: every case runs on the named device and backend (here the CPU's reference ops),
+    and the timer gives the microseconds per call of a callable."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "op_overhead.py"
+    spec = importlib.util.spec_from_file_location("op_overhead", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    cases = tool.cases(torch.device("cpu"), "torch")
+    assert len(cases) >= 15
+    for name, fn in cases.items():
+        fn()  # each runs once (forward, backward, module steps)
+    calls = []
+    wall, cpu = tool.timed(lambda: calls.append(1), 40, rounds=4)
+    assert len(calls) == 20 + 40 and wall >= 0 and cpu >= 0
+
+
 def test_default_backends_leave_the_reference_op_out_on_a_gpu():
     """Unnamed, the timed backends are every usable one; on a GPU not the reference op, which is the tests' oracle
     and the fallback path, not a contender (a quarter of a full run's configurations)."""

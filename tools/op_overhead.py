@@ -2,10 +2,12 @@
 normalization, backend choice, BatchNorm bookkeeping), on tensors so small that the kernels cost next to nothing:
 what a training step pays per op on top of its kernels.
 
-    OMP_NUM_THREADS=1 python tools/op_overhead.py [--calls 2000] [--only NAME]
+    OMP_NUM_THREADS=1 python tools/op_overhead.py [--calls 2000] [--only NAME] [--device cuda [--backend cuda]]
 
 Prints microseconds per call, wall (perf_counter) and thread CPU time, each the best of 10 rounds. "fwd" runs with grad enabled (so it includes building
-the autograd node), "fwd+bwd" adds `.backward()`; their difference is the backward's share.
+the autograd node), "fwd+bwd" adds `.backward()`; their difference is the backward's share. On a GPU
+(--device cuda) the calls' kernels are tiny and queued behind the host: the times are the host's cost of issuing
+them (each round ends with a synchronize), the part of a training step that CUDA graphs remove.
 """
 
 from __future__ import annotations
@@ -23,7 +25,12 @@ from xception_ops.nn import SeparableConvBN
 OPS = torch.ops.xception_ops
 
 
-def timed(fn, calls: int, rounds: int = 10) -> tuple[float, float]:
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, calls: int, rounds: int = 10, device: torch.device = torch.device("cpu")) -> tuple[float, float]:
     """(wall, thread CPU) microseconds per call: the best of `rounds` rounds of calls / rounds calls each (the
     best, not the median: on a shared machine other processes only ever add time)."""
     for _ in range(max(calls // 10, 20)):
@@ -31,26 +38,29 @@ def timed(fn, calls: int, rounds: int = 10) -> tuple[float, float]:
     per_round = max(calls // rounds, 1)
     wall, cpu = [], []
     for _ in range(rounds):
+        _synchronize(device)
         start, start_cpu = time.perf_counter(), time.thread_time()
         for _ in range(per_round):
             fn()
+        _synchronize(device)
         cpu.append((time.thread_time() - start_cpu) / per_round * 1e6)
         wall.append((time.perf_counter() - start) / per_round * 1e6)
     return min(wall), min(cpu)
 
 
-def cases():
+def cases(device: torch.device = torch.device("cpu"), backend: str = "torch"):
+    on = dict(device=device)
     n, c, hw = 1, 8, 5
-    x = torch.randn(n, c, hw, hw, requires_grad=True)
-    dw = torch.randn(c, 1, 3, 3, requires_grad=True)
-    pw = torch.randn(c, c, 1, 1, requires_grad=True)
-    in_scale = torch.rand(c, requires_grad=True)
-    in_shift = torch.randn(c, requires_grad=True)
+    x = torch.randn(n, c, hw, hw, requires_grad=True, **on)
+    dw = torch.randn(c, 1, 3, 3, requires_grad=True, **on)
+    pw = torch.randn(c, c, 1, 1, requires_grad=True, **on)
+    in_scale = torch.rand(c, requires_grad=True, **on)
+    in_shift = torch.randn(c, requires_grad=True, **on)
     conv = ([1, 1], [1, 1, 1, 1], [1, 1])
 
     def sep_op():
         return OPS.separable_conv2d(x, dw, pw, in_scale, in_shift, True, *conv, "none", None, None, False, None,
-                                    True, "torch")
+                                    True, backend)
 
     def sep_fwd():
         sep_op()
@@ -69,7 +79,7 @@ def cases():
         @staticmethod
         def forward(ctx, x, dw, pw, in_scale, in_shift):
             out, total, total_sq = OPS.separable_conv2d(x, dw, pw, in_scale, in_shift, True, *conv, "none", None,
-                                                        None, False, None, True, "torch")
+                                                        None, False, None, True, backend)
             ctx.save_for_backward(x, dw, pw, in_scale, in_shift)
             return out, total, total_sq
 
@@ -77,7 +87,7 @@ def cases():
         def backward(ctx, grad_out, grad_sum, grad_sumsq):
             x, dw, pw, in_scale, in_shift = ctx.saved_tensors
             grads = OPS.separable_conv2d_backward(grad_out, grad_sum, grad_sumsq, None, x, dw, pw, in_scale,
-                                                  in_shift, True, *conv, "none", None, None, False, "torch")
+                                                  in_shift, True, *conv, "none", None, None, False, backend)
             return grads[:5]
 
     def plain_fwd():
@@ -87,51 +97,51 @@ def cases():
         out, _, _ = Plain.apply(x, dw, pw, in_scale, in_shift)
         out.sum().backward()
 
-    y = torch.randn(n, c, hw, hw, requires_grad=True)
-    scale, shift = torch.rand(c, requires_grad=True), torch.randn(c, requires_grad=True)
+    y = torch.randn(n, c, hw, hw, requires_grad=True, **on)
+    scale, shift = torch.rand(c, requires_grad=True, **on), torch.randn(c, requires_grad=True, **on)
 
     def ss_fwd():
-        OPS.scale_shift(y, scale, shift, True, "torch")
+        OPS.scale_shift(y, scale, shift, True, backend)
 
     def ss_fwd_bwd():
-        OPS.scale_shift(y, scale, shift, True, "torch").sum().backward()
+        OPS.scale_shift(y, scale, shift, True, backend).sum().backward()
 
     def ss_nograd():
         with torch.no_grad():
-            OPS.scale_shift(y, scale, shift, True, "torch")
+            OPS.scale_shift(y, scale, shift, True, backend)
 
-    total = (torch.rand(c) * 25).requires_grad_()
+    total = (torch.rand(c, **on) * 25).requires_grad_()
     total_sq = (total.detach() ** 2 / 25 + 25).requires_grad_()
-    weight, bias = torch.rand(c, requires_grad=True), torch.randn(c, requires_grad=True)
+    weight, bias = torch.rand(c, requires_grad=True, **on), torch.randn(c, requires_grad=True, **on)
 
     def fin_fwd():
-        OPS.batch_norm_finalize(total, total_sq, 25, weight, bias, 1e-5, "torch")
+        OPS.batch_norm_finalize(total, total_sq, 25, weight, bias, 1e-5, backend)
 
     def fin_fwd_bwd():
-        s, t, _, _ = OPS.batch_norm_finalize(total, total_sq, 25, weight, bias, 1e-5, "torch")
+        s, t, _, _ = OPS.batch_norm_finalize(total, total_sq, 25, weight, bias, 1e-5, backend)
         (s.sum() + t.sum()).backward()
 
     def fin_nograd():
         with torch.no_grad():
-            OPS.batch_norm_finalize(total, total_sq, 25, weight, bias, 1e-5, "torch")
+            OPS.batch_norm_finalize(total, total_sq, 25, weight, bias, 1e-5, backend)
 
-    rm, rv = torch.zeros(c), torch.ones(c)
-    mean, var = torch.randn(c), torch.rand(c)
+    rm, rv = torch.zeros(c, **on), torch.ones(c, **on)
+    mean, var = torch.randn(c, **on), torch.rand(c, **on)
 
     def upd_op():
-        OPS.batch_norm_update_stats(rm, rv, mean, var, None, 25, 0.1, "torch")
+        OPS.batch_norm_update_stats(rm, rv, mean, var, None, 25, 0.1, backend)
 
-    bn = torch.nn.BatchNorm2d(c)
+    bn = torch.nn.BatchNorm2d(c).to(device)
 
     def upd_py():
-        batchnorm.update_running_stats(bn, mean, var, 25, 0.1)
+        batchnorm.update_running_stats(bn, mean, var, 25, 0.1, backend=backend)
 
     def fin_py():
-        batchnorm.finalize(total, total_sq, 25, weight, bias, 1e-5)
+        batchnorm.finalize(total, total_sq, 25, weight, bias, 1e-5, backend)
 
-    layer = SeparableConvBN(c, c, 3, pre_relu=True, backend="torch").train()
-    prev = SeparableConvBN(c, c, 3, backend="torch").train()
-    xin = torch.randn(n, c, hw, hw)
+    layer = SeparableConvBN(c, c, 3, pre_relu=True, backend=backend).to(device).train()
+    prev = SeparableConvBN(c, c, 3, backend=backend).to(device).train()
+    xin = torch.randn(n, c, hw, hw, **on)
 
     def module_step():
         layer(xin).sum().backward()
@@ -146,9 +156,9 @@ def cases():
         with torch.no_grad():
             layer(xin)
 
-    plain_bn = torch.nn.BatchNorm2d(c).train()
-    plain_dw = torch.nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False)
-    plain_pw = torch.nn.Conv2d(c, c, 1, bias=False)
+    plain_bn = torch.nn.BatchNorm2d(c).to(device).train()
+    plain_dw = torch.nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False).to(device)
+    plain_pw = torch.nn.Conv2d(c, c, 1, bias=False).to(device)
 
     def torch_layers_step():
         plain_bn(plain_pw(plain_dw(torch.relu(xin)))).sum().backward()
@@ -180,13 +190,17 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--only", default=None, help="substring of the case names to run")
+    parser.add_argument("--device", default="cpu", help="where the tensors live (cuda: the host's cost of issuing)")
+    parser.add_argument("--backend", default=None, help="the ops' backend (default: torch on the CPU, else cuda)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print(f"torch {torch.__version__}, xception_ops from {xception_ops.__file__}")
-    for name, fn in cases().items():
+    device = torch.device(args.device)
+    backend = args.backend or ("torch" if device.type == "cpu" else "cuda")
+    print(f"torch {torch.__version__}, xception_ops from {xception_ops.__file__}, {device}, backend {backend}")
+    for name, fn in cases(device, backend).items():
         if args.only and args.only not in name:
             continue
-        wall, cpu = timed(fn, args.calls)
+        wall, cpu = timed(fn, args.calls, device=device)
         print(f"{name:45s} {wall:8.1f} us wall {cpu:8.1f} us cpu", flush=True)
 
 

@@ -29,8 +29,8 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def profile_steps(step, device: torch.device, steps: int) -> dict:
-    """wall and issue ms per step, and the profiled per-step totals and top events of `step`."""
+def time_steps(step, device: torch.device, steps: int) -> dict:
+    """wall and issue ms per step of `step`, run `steps` times back to back."""
     _synchronize(device)
     start = time.perf_counter()
     if device.type == "cuda":
@@ -45,6 +45,11 @@ def profile_steps(step, device: torch.device, steps: int) -> dict:
         wall = begin.elapsed_time(end) / steps
     else:
         wall = (time.perf_counter() - start) * 1e3 / steps
+    return dict(wall=wall, issue=issue)
+
+
+def profile_steps(step, device: torch.device, steps: int) -> dict:
+    """The profiled per-step totals and top events of `step`."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for i in range(steps):
@@ -60,8 +65,8 @@ def profile_steps(step, device: torch.device, steps: int) -> dict:
         top = [(e.self_device_time_total / steps / 1e3, e.count / steps, e.key) for e in events]
     else:
         top = cpu_top
-    return dict(wall=wall, issue=issue, busy=sum(t[0] for t in top), count=sum(t[1] for t in top), top=top,
-                cpu_top=cpu_top, cpu_ms=sum(t[0] for t in cpu_top))
+    return dict(busy=sum(t[0] for t in top), count=sum(t[1] for t in top), top=top, cpu_top=cpu_top,
+                cpu_ms=sum(t[0] for t in cpu_top))
 
 
 def main(argv: list[str] | None = None) -> list[str]:
@@ -92,6 +97,10 @@ def main(argv: list[str] | None = None) -> list[str]:
         lines.append(line)
 
     what = "kernels" if gpu else "CPU operators' own time"
+    # Every model's steps are timed before any is profiled: after a profile, the process's later steps ran slower
+    # (session 12, H100: timm's training step timed after xception's profiles took 43.9 ms, issue 43.3, against
+    # 22.9 ms in the model benchmark; CUDA's activity tracing is likely left attached).
+    runs = []
     for name in args.models:
         model, train_step, infer = model_steps(name, getattr(torch, args.dtype), args.layout, batch, image, device)
         for mode in args.modes:
@@ -99,17 +108,20 @@ def main(argv: list[str] | None = None) -> list[str]:
             step = train_step if mode == "train" else infer
             for i in range(max(1, args.warmup)):
                 step(i)
-            r = profile_steps(step, device, args.steps)
-            bound = "" if not gpu else (" (GPU-bound)" if r["busy"] >= 0.9 * r["wall"] else " (host-bound)")
-            emit(f"=== {name} {mode} {args.dtype} {args.layout} batch {batch} @{image}^2 on {device.type}: "
-                 f"{r['wall']:.3f} ms per step{bound}; issue {r['issue']:.3f} ms; {what} {r['busy']:.3f} ms in "
-                 f"{r['count']:.0f} calls")
-            for ms, count, key in r["top"][:args.rows]:
+            runs.append((name, mode, model, step, time_steps(step, device, args.steps)))
+    for name, mode, model, step, r in runs:
+        model.train(mode == "train")
+        r.update(profile_steps(step, device, args.steps))
+        bound = "" if not gpu else (" (GPU-bound)" if r["busy"] >= 0.9 * r["wall"] else " (host-bound)")
+        emit(f"=== {name} {mode} {args.dtype} {args.layout} batch {batch} @{image}^2 on {device.type}: "
+             f"{r['wall']:.3f} ms per step{bound}; issue {r['issue']:.3f} ms; {what} {r['busy']:.3f} ms in "
+             f"{r['count']:.0f} calls")
+        for ms, count, key in r["top"][:args.rows]:
+            emit(f"  {ms:8.3f} ms  {count:5.0f}x  {key[:110]}")
+        if gpu:  # where the host's time goes: operators by their own CPU time (inflated by the profiler)
+            emit(f"  host: operators' own CPU time {r['cpu_ms']:.3f} ms per step (profiled); the most:")
+            for ms, count, key in r["cpu_top"][:args.rows]:
                 emit(f"  {ms:8.3f} ms  {count:5.0f}x  {key[:110]}")
-            if gpu:  # where the host's time goes: operators by their own CPU time (inflated by the profiler)
-                emit(f"  host: operators' own CPU time {r['cpu_ms']:.3f} ms per step (profiled); the most:")
-                for ms, count, key in r["cpu_top"][:args.rows]:
-                    emit(f"  {ms:8.3f} ms  {count:5.0f}x  {key[:110]}")
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")
