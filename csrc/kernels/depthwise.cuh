@@ -154,10 +154,29 @@ __device__ __forceinline__ float from_bits16<__half>(unsigned int bits) {
 template <>
 __device__ __forceinline__ float from_bits16<__nv_bfloat16>(unsigned int bits) { return __uint_as_float(bits << 16); }
 
+// Two values rounded to a 16-bit dtype (nearest even) and packed, the first in the low half: one conversion
+// instruction for both on sm_80+ (cvt.rn.bf16x2.f32 / .f16x2), where rounding each (round_to) and packing its bits
+// (bits16, with its NaN test) took ~13 instructions per pair in the strip kernels' stores (sm_90, nvcc 13). A NaN
+// stays a NaN (its bits may differ from bits16's).
+template <typename T>
+__device__ __forceinline__ unsigned int pack2_rn(float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<const unsigned int*>(&h);
+  } else {
+    const __half2 h = __floats2half2_rn(a, b);
+    return *reinterpret_cast<const unsigned int*>(&h);
+  }
+#else
+  return bits16<T>(round_to<T>(a)) | (bits16<T>(round_to<T>(b)) << 16);
+#endif
+}
+
 // V consecutive channels (4: 8 bytes of fp16 / bf16, 16 of float32; 2: half that) in one access. Loads take a
 // predicate and give zeros where it is false, without reading (a predicated load, no branch); load_raw_if keeps
-// the bits (Raw) so that a caller can issue several loads before decoding any. Stores take values already
-// rounded to the dtype.
+// the bits (Raw) so that a caller can issue several loads before decoding any. encode / store take values already
+// rounded to the dtype; encode_rn / store_rn round them (nearest even), the same bits for rounded values.
 template <typename T, int V = 4>
 struct VecIO;
 template <typename T>
@@ -178,6 +197,12 @@ struct VecIO<T, 4> {
   __device__ __forceinline__ static void load(const T* p, float (&v)[4]) { load_if(true, p, v); }
   __device__ __forceinline__ static void load_if(bool ok, const T* p, float (&v)[4]) { decode(load_raw_if(ok, p), v); }
   __device__ __forceinline__ static void store(T* p, const float (&v)[4]) { *reinterpret_cast<uint2*>(p) = encode(v); }
+  __device__ __forceinline__ static Raw encode_rn(const float (&v)[4]) {
+    return make_uint2(pack2_rn<T>(v[0], v[1]), pack2_rn<T>(v[2], v[3]));
+  }
+  __device__ __forceinline__ static void store_rn(T* p, const float (&v)[4]) {
+    *reinterpret_cast<uint2*>(p) = encode_rn(v);
+  }
 };
 template <typename T>
 struct VecIO<T, 2> {
@@ -197,6 +222,10 @@ struct VecIO<T, 2> {
   __device__ __forceinline__ static void store(T* p, const float (&v)[2]) {
     *reinterpret_cast<unsigned int*>(p) = encode(v);
   }
+  __device__ __forceinline__ static Raw encode_rn(const float (&v)[2]) { return pack2_rn<T>(v[0], v[1]); }
+  __device__ __forceinline__ static void store_rn(T* p, const float (&v)[2]) {
+    *reinterpret_cast<unsigned int*>(p) = encode_rn(v);
+  }
 };
 // One element (the strip kernels' NCHW form: one channel per thread).
 template <typename T>
@@ -210,6 +239,12 @@ struct VecIO<T, 1> {
   __device__ __forceinline__ static void decode(const Raw& u, float (&v)[1]) { v[0] = from_bits16<T>(u); }
   __device__ __forceinline__ static Raw encode(const float (&v)[1]) { return static_cast<Raw>(bits16<T>(v[0])); }
   __device__ __forceinline__ static void store(T* p, const float (&v)[1]) { *reinterpret_cast<Raw*>(p) = encode(v); }
+  __device__ __forceinline__ static Raw encode_rn(const float (&v)[1]) {
+    return static_cast<Raw>(bits16<T>(round_to<T>(v[0])));
+  }
+  __device__ __forceinline__ static void store_rn(T* p, const float (&v)[1]) {
+    *reinterpret_cast<Raw*>(p) = encode_rn(v);
+  }
 };
 template <>
 struct VecIO<float, 1> {
@@ -218,6 +253,8 @@ struct VecIO<float, 1> {
   __device__ __forceinline__ static void decode(const Raw& u, float (&v)[1]) { v[0] = u; }
   __device__ __forceinline__ static Raw encode(const float (&v)[1]) { return v[0]; }
   __device__ __forceinline__ static void store(float* p, const float (&v)[1]) { *p = v[0]; }
+  __device__ __forceinline__ static Raw encode_rn(const float (&v)[1]) { return v[0]; }
+  __device__ __forceinline__ static void store_rn(float* p, const float (&v)[1]) { *p = v[0]; }
 };
 template <>
 struct VecIO<float, 4> {
@@ -236,6 +273,8 @@ struct VecIO<float, 4> {
   __device__ __forceinline__ static void store(float* p, const float (&v)[4]) {
     *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
   }
+  __device__ __forceinline__ static Raw encode_rn(const float (&v)[4]) { return encode(v); }
+  __device__ __forceinline__ static void store_rn(float* p, const float (&v)[4]) { store(p, v); }
 };
 template <>
 struct VecIO<float, 2> {
@@ -253,6 +292,8 @@ struct VecIO<float, 2> {
   __device__ __forceinline__ static void store(float* p, const float (&v)[2]) {
     *reinterpret_cast<float2*>(p) = make_float2(v[0], v[1]);
   }
+  __device__ __forceinline__ static Raw encode_rn(const float (&v)[2]) { return encode(v); }
+  __device__ __forceinline__ static void store_rn(float* p, const float (&v)[2]) { store(p, v); }
 };
 
 // ---- forward: one thread per output element ----
@@ -616,8 +657,9 @@ __device__ __forceinline__ void strip_load_row(typename VecIO<T, V>::Raw (&raw)[
   }
 }
 // A loaded row read through the prologue, re-encoded in place (exact: prologue_value rounds to the dtype), and
-// zero outside the source: padding is 0 after the prologue, as in the reference.
-template <typename T, int V, int kCols>
+// zero outside the source: padding is 0 after the prologue, as in the reference. kInside: the caller knows the
+// whole row lies inside the source (no selects).
+template <typename T, int V, int kCols, bool kInside = false>
 __device__ __forceinline__ void strip_prologue_row(typename VecIO<T, V>::Raw (&raw)[kCols], bool row_ok,
                                                    const bool (&col_ok)[kCols], const float (&scale)[V],
                                                    const float (&shift)[V], bool relu) {
@@ -625,15 +667,18 @@ __device__ __forceinline__ void strip_prologue_row(typename VecIO<T, V>::Raw (&r
   for (int col = 0; col < kCols; ++col) {
     // Computed everywhere, then selected: `ok ? prologue_value(..) : 0` compiled to a branch and a convergence
     // barrier per element (sm_90, nvcc 13), twice the instructions of the kernel without a prologue.
-    const bool ok = row_ok && col_ok[col];
+    const bool ok = kInside || (row_ok && col_ok[col]);
     float v[V];
     VecIO<T, V>::decode(raw[col], v);
 #pragma unroll
     for (int i = 0; i < V; ++i) {
-      const float y = prologue_value<T>(v[i], scale[i], shift[i], relu);
+      // prologue_value's relu(round(x * scale + shift)), with the rounding left to encode_rn: rounding is monotonic
+      // and keeps 0, so it commutes with the ReLU (NaN included: fmaxf gives 0 either way).
+      float y = fmaf(v[i], scale[i], shift[i]);
+      y = relu ? fmaxf(y, 0.f) : y;
       v[i] = ok ? y : 0.f;
     }
-    raw[col] = VecIO<T, V>::encode(v);
+    raw[col] = VecIO<T, V>::encode_rn(v);
   }
 }
 
@@ -671,15 +716,25 @@ struct StripWindow {
     }
     row_ok[0] = row_ok[1], row_ok[1] = row_ok[2], row_ok[2] = next_ok;
   }
-  // The prologue on the last row (the one slide() brought in).
-  __device__ __forceinline__ void prologue_last(const bool (&col_ok)[kCols], const float (&scale)[V],
+  // The prologue on the last row (the one slide() brought in); cols_in: every column of the run is inside the
+  // source, so that a row inside it takes the form without selects.
+  __device__ __forceinline__ void prologue_last(const bool (&col_ok)[kCols], bool cols_in, const float (&scale)[V],
                                                 const float (&shift)[V], bool relu) {
-    strip_prologue_row<T, V>(row[2], row_ok[2], col_ok, scale, shift, relu);
+    if (cols_in && row_ok[2]) {
+      strip_prologue_row<T, V, kCols, true>(row[2], true, col_ok, scale, shift, relu);
+    } else {
+      strip_prologue_row<T, V, kCols>(row[2], row_ok[2], col_ok, scale, shift, relu);
+    }
   }
+  // Whether all three rows and (cols_in) all columns lie inside the source: then accumulate<.., true> applies.
+  __device__ __forceinline__ bool inside(bool cols_in) const { return cols_in && row_ok[0] && row_ok[1] && row_ok[2]; }
   // The taps of the run's R = kCols - 2 outputs, added to acc: acc[q] += row(kh, q + kw) * w[kh][kw], or with kFlip
   // (the input gradient's flipped kernel) the rows and columns taken in reverse. Each output's taps come in the order
-  // kernel row, then column; a tap outside the source adds nothing (inf weights).
-  template <bool kFlip, int R>
+  // kernel row, then column; a tap outside the source adds nothing (inf weights). kInside (the window inside the
+  // source, inside()): the same sums without a predicate per tap. The kernels are bound by instruction issue (H100,
+  // session 12: 0.80 warps issued per scheduler and cycle at 728 @19^2), and the predicated form also decoded
+  // each element once per predicate region it fell in: 339 instructions per row for 72 multiply-adds.
+  template <bool kFlip, bool kInside = false, int R>
   __device__ __forceinline__ void accumulate(const bool (&col_ok)[kCols], const float (&wv)[9][V],
                                              float (&acc)[R][V]) const {
     static_assert(R + 2 == kCols, "a run and its two halo columns");
@@ -691,7 +746,7 @@ struct StripWindow {
         const int col = kFlip ? kCols - 1 - j : j;
         float xv[V];
         VecIO<T, V>::decode(row[r][col], xv);
-        const bool tap_ok = row_ok[r] && col_ok[col];
+        const bool tap_ok = kInside || (row_ok[r] && col_ok[col]);
 #pragma unroll
         for (int q = 0; q < R; ++q)
 #pragma unroll
@@ -749,8 +804,12 @@ __global__ void __launch_bounds__(kDepthwiseThreads, kGrad && kPrologue ? 2 : 3)
   load_weights_3x3<T>(p, c, wv);
   load_forward_terms<T>(p, bias, c, kPrologue, bv, scale, shift);
   bool col_ok[kCols], q_ok[R];
+  bool cols_in = true;  // the run's window inside the source's columns (most runs): the predicate-free taps
 #pragma unroll
-  for (int col = 0; col < kCols; ++col) col_ok[col] = in_range<idx_t>(ow0 + col_off + col, src_w);
+  for (int col = 0; col < kCols; ++col) {
+    col_ok[col] = in_range<idx_t>(ow0 + col_off + col, src_w);
+    cols_in = cols_in && col_ok[col];
+  }
 #pragma unroll
   for (int q = 0; q < R; ++q) q_ok[q] = ow0 + q < dst_w;
   const T* src_run = src + n * ss_n + c * ss_c + (ow0 + col_off) * ss_w;  // the window's column 0 in row 0
@@ -782,19 +841,27 @@ __global__ void __launch_bounds__(kDepthwiseThreads, kGrad && kPrologue ? 2 : 3)
       strip_load_row<T, V>(x_next, more, q_ok, x_run + (o + 1) * static_cast<idx_t>(xt.stride[2]),
                            static_cast<idx_t>(xt.stride[3]));
     }
-    if (kReadPrologue && o > o0) win.prologue_last(col_ok, scale, shift, p.prologue.relu);
+    if (kReadPrologue && o > o0) win.prologue_last(col_ok, cols_in, scale, shift, p.prologue.relu);
     float acc[R][V];
 #pragma unroll
     for (int q = 0; q < R; ++q)
 #pragma unroll
       for (int v = 0; v < V; ++v) acc[q][v] = 0.f;
-    win.template accumulate<kGrad>(col_ok, wv, acc);
+    if (win.inside(cols_in)) {
+      win.template accumulate<kGrad, true>(col_ok, wv, acc);
+    } else {
+      win.template accumulate<kGrad>(col_ok, wv, acc);
+    }
 #pragma unroll
     for (int q = 0; q < R; ++q) {
       if (!q_ok[q]) break;
 #pragma unroll
-      for (int v = 0; v < V; ++v) acc[q][v] = round_to<T>(bias != nullptr ? acc[q][v] + bv[v] : acc[q][v]);
-      if constexpr (kPrologueGrad) {  // as separable_channel_pass_kernel's prologue pass, from the rounded gradient
+      for (int v = 0; v < V; ++v) acc[q][v] = bias != nullptr ? acc[q][v] + bv[v] : acc[q][v];
+      if constexpr (!kPrologueGrad) {
+        VecIO<T, V>::store_rn(dst_run + o * ds_h + q * ds_w, acc[q]);  // rounded as it is packed
+      } else {  // as separable_channel_pass_kernel's prologue pass, from the rounded gradient
+#pragma unroll
+        for (int v = 0; v < V; ++v) acc[q][v] = round_to<T>(acc[q][v]);
         float xv[V];
         VecIO<T, V>::decode(x_raw[q], xv);
 #pragma unroll
@@ -803,10 +870,10 @@ __global__ void __launch_bounds__(kDepthwiseThreads, kGrad && kPrologue ? 2 : 3)
           if (p.prologue.relu && !(round_to<T>(fmaf(xv[v], scale[v], shift[v])) > 0.f)) gv = 0.f;
           sum_gx[v] = fmaf(gv, xv[v], sum_gx[v]);
           sum_g[v] += gv;
-          acc[q][v] = p.prologue.scale != nullptr ? round_to<T>(gv * scale[v]) : gv;
+          acc[q][v] = p.prologue.scale != nullptr ? gv * scale[v] : gv;
         }
+        VecIO<T, V>::store_rn(dst_run + o * ds_h + q * ds_w, acc[q]);  // gv * scale rounded as it is packed
       }
-      VecIO<T, V>::store(dst_run + o * ds_h + q * ds_w, acc[q]);
     }
     win.slide(next, next_ok);
     if constexpr (kPrologueGrad) {
@@ -1041,6 +1108,33 @@ __global__ void __launch_bounds__(kDepthwiseThreads)
                            workspace + (static_cast<int64_t>(blockIdx.y) * OC + th.c) * kTaps);
 }
 
+// One output row's products of the weight gradient's strip kernel: acc[kh * 3 + kw] += go[q] * x(kh, q + kw), in
+// the order kernel row, window column; a product with a tap outside x or an output outside grad_y adds nothing.
+// kInside: the window and the run inside both (StripWindow::inside), no predicates.
+template <typename T, int V, int kCols, int R, bool kInside>
+__device__ __forceinline__ void wgrad_strip_products(const StripWindow<T, V, kCols>& win, const bool (&col_ok)[kCols],
+                                                     const bool (&q_ok)[R], const float (&go)[R][V],
+                                                     float (&acc)[9][V]) {
+#pragma unroll
+  for (int kh = 0; kh < 3; ++kh)
+#pragma unroll
+    for (int col = 0; col < kCols; ++col) {
+      float xv[V];
+      VecIO<T, V>::decode(win.row[kh][col], xv);
+#pragma unroll
+      for (int q = 0; q < R; ++q)
+#pragma unroll
+        for (int kw = 0; kw < 3; ++kw) {
+          if (q + kw != col) continue;  // resolved at compile time
+          const bool ok = kInside || (win.row_ok[kh] && col_ok[col] && q_ok[q]);
+#pragma unroll
+          for (int v = 0; v < V; ++v) {
+            acc[kh * 3 + kw][v] = ok ? fmaf(go[q][v], xv[v], acc[kh * 3 + kw][v]) : acc[kh * 3 + kw][v];
+          }
+        }
+    }
+}
+
 // ---- weight gradient, pass 1, strip form (depthwise_wgrad_strips: the vector form's conditions at stride 1
 // without dilation) ----
 // The vector form's block shape (groups vectors of channels x lanes) and tree, but a lane takes items (a run of R
@@ -1080,10 +1174,17 @@ __global__ void __launch_bounds__(kDepthwiseThreads, 2)
       const idx_t rest = item / runs_w, ow0 = (item - rest * runs_w) * R, strip = rest % strips, n = rest / strips;
       const idx_t o0 = strip * strip_rows, o_end = o0 + strip_rows < OH ? o0 + strip_rows : OH;
       bool col_ok[kCols], q_ok[R];
+      bool cols_in = true;  // every window column inside x and every output column inside grad_y
 #pragma unroll
-      for (int col = 0; col < kCols; ++col) col_ok[col] = in_range<idx_t>(ow0 - pl_ + col, W);
+      for (int col = 0; col < kCols; ++col) {
+        col_ok[col] = in_range<idx_t>(ow0 - pl_ + col, W);
+        cols_in = cols_in && col_ok[col];
+      }
 #pragma unroll
-      for (int q = 0; q < R; ++q) q_ok[q] = ow0 + q < OW;
+      for (int q = 0; q < R; ++q) {
+        q_ok[q] = ow0 + q < OW;
+        cols_in = cols_in && q_ok[q];
+      }
       const T* x_run = x + n * xs_n + th.c * xs_c + (ow0 - pl_) * xs_w;
       const T* gy_run = gy + n * ys_n + th.c * ys_c + ow0 * ys_w;
       StripWindow<T, V, kCols> win;
@@ -1109,28 +1210,15 @@ __global__ void __launch_bounds__(kDepthwiseThreads, 2)
         Raw next2[kCols], next2_go[R];
         strip_load_row<T, V>(next2, ok2, col_ok, x_run + ih2 * xs_h, xs_w);
         strip_load_row<T, V>(next2_go, more2, q_ok, gy_run + (o + 2) * ys_h, ys_w);
-        if (prologue && o > o0) win.prologue_last(col_ok, th.scale, th.shift, p.prologue.relu);
+        if (prologue && o > o0) win.prologue_last(col_ok, cols_in, th.scale, th.shift, p.prologue.relu);
         float go[R][V];
 #pragma unroll
         for (int q = 0; q < R; ++q) VecIO<T, V>::decode(go_raw[q], go[q]);
-#pragma unroll
-        for (int kh = 0; kh < 3; ++kh)
-#pragma unroll
-          for (int col = 0; col < kCols; ++col) {
-            float xv[V];
-            VecIO<T, V>::decode(win.row[kh][col], xv);
-#pragma unroll
-            for (int q = 0; q < R; ++q)
-#pragma unroll
-              for (int kw = 0; kw < 3; ++kw) {
-                if (q + kw != col) continue;  // resolved at compile time
-                const bool ok = win.row_ok[kh] && col_ok[col] && q_ok[q];
-#pragma unroll
-                for (int v = 0; v < V; ++v) {
-                  acc[kh * 3 + kw][v] = ok ? fmaf(go[q][v], xv[v], acc[kh * 3 + kw][v]) : acc[kh * 3 + kw][v];
-                }
-              }
-          }
+        if (win.inside(cols_in)) {  // the same products without a predicate each (StripWindow::accumulate)
+          wgrad_strip_products<T, V, kCols, R, true>(win, col_ok, q_ok, go, acc);
+        } else {
+          wgrad_strip_products<T, V, kCols, R, false>(win, col_ok, q_ok, go, acc);
+        }
 #pragma unroll
         for (int q = 0; q < R; ++q) go_raw[q] = next_go[q], next_go[q] = next2_go[q];
         win.slide(next, next_ok);

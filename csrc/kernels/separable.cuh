@@ -802,7 +802,7 @@ __device__ __forceinline__ void depthwise_tile_runs(const SeparableParams& p, co
       }
       if (more) {
         win.slide(next, next_ok);
-        if (kPrologue) win.prologue_last(col_ok, scale, shift, p.in_relu);
+        if (kPrologue) win.prologue_last(col_ok, false, scale, shift, p.in_relu);
       }
       filled = more;
     }

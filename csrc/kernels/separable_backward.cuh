@@ -36,13 +36,11 @@ struct ChannelVec {  // V channels of one pixel, as float32
       VecIO<T, V>::load_if(ok, p, v);
     }
   }
-  __device__ __forceinline__ static void store(T* p, float (&v)[V]) {  // rounds to T
+  __device__ __forceinline__ static void store(T* p, const float (&v)[V]) {  // rounds to T
     if constexpr (V == 1) {
       Elem<T>::store(p, v[0]);
     } else {
-#pragma unroll
-      for (int i = 0; i < V; ++i) v[i] = round_to<T>(v[i]);
-      VecIO<T, V>::store(p, v);
+      VecIO<T, V>::store_rn(p, v);  // one conversion per pair on sm_80+ (pack2_rn)
     }
   }
 };
