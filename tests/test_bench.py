@@ -360,6 +360,26 @@ def test_op_overhead_tool_times_every_case_on_the_device(tmp_path):
     assert len(calls) == 20 + 40 and wall >= 0 and cpu >= 0
 
 
+def test_host_profile_tool_profiles_a_model_step_and_a_layer_pass():
+    """tools/host_profile.py: the uninstrumented issue and wall times, then cProfile's tables, for a model's
+    training step and for one layer's pass (here on the CPU's reference ops)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "host_profile.py"
+    spec = importlib.util.spec_from_file_location("host_profile", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    text = tool.main(["--model", "xception:torch", "--device", "cpu", "--dtype", "float32", "--image", "71",
+                      "--steps", "1", "--rows", "40"])
+    assert text.startswith("xception:torch on cpu: issue ") and "ms per call" in text
+    assert "Ordered by: internal time" in text and "Ordered by: cumulative time" in text
+    assert "separable_conv2d" in text  # the fused layers' op shows up among the entry points
+    text = tool.main(["--layer", "8,16,9", "--impl", "xo:torch", "--device", "cpu", "--dtype", "float32",
+                      "--batch", "2", "--steps", "2", "--rows", "5"])
+    assert text.startswith("8,16,9 on cpu: issue ")
+
+
 def test_default_backends_leave_the_reference_op_out_on_a_gpu():
     """Unnamed, the timed backends are every usable one; on a GPU not the reference op, which is the tests' oracle
     and the fallback path, not a contender (a quarter of a full run's configurations)."""
@@ -384,6 +404,24 @@ def test_compile_modes_reach_torch_compile(monkeypatch, asked, impl, compiled):
     want = None if compiled is True else compiled
     assert modes == [want, want]  # one layer, one model
     assert all(r["error"] is None for r in report["layers"] + report["models"])
+
+
+def test_cuda_graph_modes_leave_peak_memory_unmeasured(monkeypatch):
+    """A model row compiled in a mode that replays CUDA graphs reports no peak memory (NaN, an empty cell): the
+    graphs' pool is allocated while recording, before the timed steps, which would show a fraction of it. Other rows
+    report the timed steps' peak."""
+    from xception_ops import compiling
+
+    assert compiling.uses_cuda_graphs("reduce-overhead") and compiling.uses_cuda_graphs("max-autotune")
+    assert not any(compiling.uses_cuda_graphs(m) for m in (False, True, "default", "max-autotune-no-cudagraphs"))
+    monkeypatch.setattr(bench, "_peak_memory", lambda device: 3 * 2**30)
+    monkeypatch.setattr(bench, "_reset_peak_memory", lambda device: None)
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: model)  # the eager model under each label
+    rows = {c: bench.bench_model("xception:torch", torch.float32, "NCHW", 1, 71, torch.device("cpu"), 0, 1, c)
+            for c in (False, "reduce-overhead")}
+    assert all(r.error is None for r in rows.values())
+    assert rows[False].peak_gib == 3.0
+    assert rows["reduce-overhead"].peak_gib != rows["reduce-overhead"].peak_gib  # NaN
 
 
 def test_unknown_compile_mode_is_refused_before_anything_runs():

@@ -17,3 +17,9 @@ def compile_mode(mode: str) -> str | None:
 def compiled_label(compiled: bool | str) -> str:
     """A model row's `compiled` as report text: "", " compiled" (the default mode) or " compiled (<mode>)"."""
     return "" if compiled is False else " compiled" if compiled is True else f" compiled ({compiled})"
+
+
+def uses_cuda_graphs(compiled: bool | str) -> bool:
+    """Whether a model row's compile mode replays CUDA graphs ("reduce-overhead", and "max-autotune", which turns
+    them on too). Their memory pool is allocated while the graphs are recorded, before the timed steps."""
+    return compiled in ("reduce-overhead", "max-autotune")
