@@ -14,9 +14,13 @@
 #                 PROFILE_PASSES its passes (inference training)
 #   FORWARD_VARIANTS  the forward step's variants, NAME:SETTING[,SETTING...] each (default: all five, below)
 #   STEP_TIMEOUT  seconds after which a step is stopped (default 600), so one hang does not eat the others' time
-#   GPU_XDIST_WORKERS / XDIST_WORKERS   pytest-xdist processes for the CUDA tests (4) and the Triton tests (nproc)
+#   GPU_XDIST_WORKERS / XDIST_WORKERS   pytest-xdist processes for the CUDA tests (4) and the Triton tests (nproc);
+#                 TRITON_TEST_WORKERS those of the Triton tests in the "tests" step, beside the CUDA tests (6)
+# Steps: build install info tests (or gpu_tests and triton_tests one after the other) forward profile ncu (when
+# Nsight Compute is installed) bench_layers sweep parity bench_models profile_models.
 # Each step runs even if an earlier one failed; the exit status is non-zero if any failed. Everything printed goes
-# to OUT_DIR/gpu_check.log; results to parity.json, bench.{json,md} and nchw-fp32/bench.{json,md} (layers),
+# to OUT_DIR/gpu_check.log (the "tests" step's full logs to gpu_tests.log and triton_tests.log, ncu's report into
+# the log too); results to parity.json, bench.{json,md} and nchw-fp32/bench.{json,md} (layers),
 # sweep-*.json (the depthwise kernels alone), forward-*/bench.{json,md} (the separable forward's implementations),
 # profile-*.txt (the kernels of a layer's passes), models/bench.{json,md} and profile-models.txt (host- or GPU-bound
 # model steps; PROFILE_MODEL_ARGS replaces its arguments).
@@ -26,8 +30,7 @@ out="${1:-${OUT:-gpu-check}}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
-STEPS="${STEPS:-build install info gpu_tests triton_tests forward profile bench_layers sweep parity bench_models \
-  profile_models}"
+STEPS="${STEPS:-build install info tests forward profile ncu bench_layers sweep parity bench_models profile_models}"
 status=0
 log="$out/gpu_check.log"
 summary=""
@@ -72,6 +75,32 @@ step gpu_tests env XO_TEST_SEED="$seed" "$PY" -m pytest -m gpu -q -p no:cachepro
 # shellcheck disable=SC2086
 step triton_tests env XCEPTION_OPS_TRITON_AUTOTUNE=0 XO_TEST_SEED="$seed" "$PY" -m pytest -q -p no:cacheprovider -rfE $xdist \
   ${PYTEST_ARGS:-} tests/test_triton_kernels.py tests/test_triton_backend.py
+# Step "tests" (the default): the two above side by side, the CUDA tests on GPU_XDIST_WORKERS processes and the
+# Triton tests on TRITON_TEST_WORKERS (6), each into its own log: the CUDA tests wait on the GPU, the Triton ones
+# mostly on the CPU compiling (session 12, H100: 143 s for both, where they took 125 and >165 s one after the
+# other). The step's limit (STEP_TIMEOUT) covers both.
+both_tests() {
+  # shellcheck disable=SC2086
+  env XO_TEST_SEED="$seed" "$PY" -m pytest -m gpu -q -p no:cacheprovider -rfE $gpu_xdist ${PYTEST_ARGS:-} \
+    --ignore=tests/test_triton_kernels.py --ignore=tests/test_triton_backend.py ${GPU_TESTS:-tests} \
+    > "$out/gpu_tests.log" 2>&1 &
+  local cuda_pid=$!
+  local triton_workers=""
+  [ -n "$xdist" ] && triton_workers="-n ${TRITON_TEST_WORKERS:-6}"
+  # shellcheck disable=SC2086
+  env XCEPTION_OPS_TRITON_AUTOTUNE=0 XO_TEST_SEED="$seed" "$PY" -m pytest -q -p no:cacheprovider -rfE \
+    $triton_workers ${PYTEST_ARGS:-} tests/test_triton_kernels.py tests/test_triton_backend.py \
+    > "$out/triton_tests.log" 2>&1 &
+  local triton_pid=$!
+  wait "$cuda_pid"; local cuda_rc=$?
+  wait "$triton_pid"; local triton_rc=$?
+  for f in gpu_tests triton_tests; do echo "--- $f (exit $([ $f = gpu_tests ] && echo $cuda_rc || echo $triton_rc))"
+    grep -v "PytestBenchmarkWarning\|warner(" "$out/$f.log" | tail -n 25; done
+  [ "$cuda_rc" -eq 0 ] && [ "$triton_rc" -eq 0 ]
+}
+export -f both_tests
+export PY out seed gpu_xdist xdist PYTEST_ARGS GPU_TESTS TRITON_TEST_WORKERS
+step tests bash -c both_tests
 # The separable forward's implementations, each in its own process (read when the library loads), on the cuda
 # backend's layers in bf16 channels-last: the staged form (the default), its product on cuBLAS and an epilogue
 # pass everywhere, its product on the fused kernel's GEMM everywhere, the fused kernel on flat tiles and on run
@@ -95,6 +124,14 @@ for impl in ${PROFILE_IMPLS:-cuda eager}; do
       --out "$out/profile-$impl-$pass_.txt"
   done
 done
+# Nsight Compute, where the image has it: the depthwise strip kernels of a 728 -> 728 @19^2 training pass (the
+# forward with the prologue and its recompute, the input and weight gradients): throughput, issue rate, warp
+# states, occupancy. In session 12 it showed the forward strip kernel bound by instruction issue.
+if command -v ncu > /dev/null; then
+  step ncu ncu -k regex:depthwise_.*strip_kernel -c 4 --section SpeedOfLight --section SchedulerStats \
+    --section WarpStateStats --section Occupancy --section LaunchStats "$PY" tools/profile_training.py --impl cuda \
+    --pass training --shapes 728,728,19 --passes 1 --out "$out/ncu-profile.txt"
+fi
 # The quick layer benchmark (BENCH_ARGS replaces both runs).
 if [ -n "${BENCH_ARGS:-}" ]; then
   # shellcheck disable=SC2086
