@@ -726,8 +726,9 @@ struct StripWindow {
       strip_prologue_row<T, V, kCols>(row[2], row_ok[2], col_ok, scale, shift, relu);
     }
   }
-  // Whether all three rows and (cols_in) all columns lie inside the source: then accumulate<.., true> applies.
-  __device__ __forceinline__ bool inside(bool cols_in) const { return cols_in && row_ok[0] && row_ok[1] && row_ok[2]; }
+  // Whether all three rows and (cols_in) all columns lie inside the source: then accumulate<.., true> applies. (The
+  // rows are consecutive: the first and the last inside, the middle one is.)
+  __device__ __forceinline__ bool inside(bool cols_in) const { return cols_in && row_ok[0] && row_ok[2]; }
   // The taps of the run's R = kCols - 2 outputs, added to acc: acc[q] += row(kh, q + kw) * w[kh][kw], or with kFlip
   // (the input gradient's flipped kernel) the rows and columns taken in reverse. Each output's taps come in the order
   // kernel row, then column; a tap outside the source adds nothing (inf weights). kInside (the window inside the
@@ -804,12 +805,11 @@ __global__ void __launch_bounds__(kDepthwiseThreads, kGrad && kPrologue ? 2 : 3)
   load_weights_3x3<T>(p, c, wv);
   load_forward_terms<T>(p, bias, c, kPrologue, bv, scale, shift);
   bool col_ok[kCols], q_ok[R];
-  bool cols_in = true;  // the run's window inside the source's columns (most runs): the predicate-free taps
 #pragma unroll
-  for (int col = 0; col < kCols; ++col) {
-    col_ok[col] = in_range<idx_t>(ow0 + col_off + col, src_w);
-    cols_in = cols_in && col_ok[col];
-  }
+  for (int col = 0; col < kCols; ++col) col_ok[col] = in_range<idx_t>(ow0 + col_off + col, src_w);
+  // The run's window inside the source's columns (most runs): the predicate-free taps. Two comparisons, not one per
+  // column: the compiler recomputes it in the loop, short of predicate registers.
+  const bool cols_in = ow0 + col_off >= 0 && ow0 + col_off + kCols <= src_w;
 #pragma unroll
   for (int q = 0; q < R; ++q) q_ok[q] = ow0 + q < dst_w;
   const T* src_run = src + n * ss_n + c * ss_c + (ow0 + col_off) * ss_w;  // the window's column 0 in row 0
@@ -1174,17 +1174,12 @@ __global__ void __launch_bounds__(kDepthwiseThreads, 2)
       const idx_t rest = item / runs_w, ow0 = (item - rest * runs_w) * R, strip = rest % strips, n = rest / strips;
       const idx_t o0 = strip * strip_rows, o_end = o0 + strip_rows < OH ? o0 + strip_rows : OH;
       bool col_ok[kCols], q_ok[R];
-      bool cols_in = true;  // every window column inside x and every output column inside grad_y
 #pragma unroll
-      for (int col = 0; col < kCols; ++col) {
-        col_ok[col] = in_range<idx_t>(ow0 - pl_ + col, W);
-        cols_in = cols_in && col_ok[col];
-      }
+      for (int col = 0; col < kCols; ++col) col_ok[col] = in_range<idx_t>(ow0 - pl_ + col, W);
 #pragma unroll
-      for (int q = 0; q < R; ++q) {
-        q_ok[q] = ow0 + q < OW;
-        cols_in = cols_in && q_ok[q];
-      }
+      for (int q = 0; q < R; ++q) q_ok[q] = ow0 + q < OW;
+      // Every window column inside x and every output column inside grad_y.
+      const bool cols_in = ow0 - pl_ >= 0 && ow0 - pl_ + kCols <= W && ow0 + R <= OW;
       const T* x_run = x + n * xs_n + th.c * xs_c + (ow0 - pl_) * xs_w;
       const T* gy_run = gy + n * ys_n + th.c * ys_c + ow0 * ys_w;
       StripWindow<T, V, kCols> win;
