@@ -367,7 +367,9 @@ __device__ __forceinline__ void load_forward_terms(const DepthwiseParams& p, con
                                                    float (&bv)[V], float (&scale)[V], float (&shift)[V]) {
 #pragma unroll
   for (int v = 0; v < V; ++v) {
-    bv[v] = bias != nullptr ? Elem<T>::load(bias + (c + v) * p.bias_stride) : 0.f;
+    // Without a bias, -0: adding it is the identity for every value, -0 included (x + 0 would turn -0 into +0), so
+    // a kernel may add bv unconditionally.
+    bv[v] = bias != nullptr ? Elem<T>::load(bias + (c + v) * p.bias_stride) : -0.f;
     scale[v] = prologue && p.prologue.scale != nullptr ? p.prologue.scale[c + v] : 1.f;
     shift[v] = prologue && p.prologue.shift != nullptr ? p.prologue.shift[c + v] : 0.f;
   }
@@ -476,7 +478,7 @@ __global__ void __launch_bounds__(kDepthwiseThreads, 2) depthwise_forward_vector
       for (int q = 0; q < R; ++q) {
         if (ow0 + q >= OW) break;
 #pragma unroll
-        for (int v = 0; v < V; ++v) acc[q][v] = round_to<T>(bias != nullptr ? acc[q][v] + bv[v] : acc[q][v]);
+        for (int v = 0; v < V; ++v) acc[q][v] = round_to<T>(acc[q][v] + bv[v]);  // -0 without a bias
         VecIO<T, V>::store(y + n * ys_n + c + oh * ys_h + (ow0 + q) * ys_w, acc[q]);
       }
     }
@@ -856,7 +858,7 @@ __global__ void __launch_bounds__(kDepthwiseThreads, kGrad && kPrologue ? 2 : 3)
     for (int q = 0; q < R; ++q) {
       if (!q_ok[q]) break;
 #pragma unroll
-      for (int v = 0; v < V; ++v) acc[q][v] = bias != nullptr ? acc[q][v] + bv[v] : acc[q][v];
+      for (int v = 0; v < V; ++v) acc[q][v] += bv[v];  // -0 without a bias (load_forward_terms)
       if constexpr (!kPrologueGrad) {
         VecIO<T, V>::store_rn(dst_run + o * ds_h + q * ds_w, acc[q]);  // rounded as it is packed
       } else {  // as separable_channel_pass_kernel's prologue pass, from the rounded gradient
