@@ -658,8 +658,8 @@ __device__ __forceinline__ void strip_load_row(typename VecIO<T, V>::Raw (&raw)[
     raw[col] = VecIO<T, V>::load_raw_if(row_ok && col_ok[col], row + col * col_stride);
   }
 }
-// A loaded row read through the prologue, re-encoded in place (exact: prologue_value rounds to the dtype), and
-// zero outside the source: padding is 0 after the prologue, as in the reference. kInside: the caller knows the
+// A loaded row read through the prologue, re-encoded in place (encode_rn rounds to the dtype, as prologue_value
+// does), and zero outside the source: padding is 0 after the prologue, as in the reference. kInside: the caller knows the
 // whole row lies inside the source (no selects).
 template <typename T, int V, int kCols, bool kInside = false>
 __device__ __forceinline__ void strip_prologue_row(typename VecIO<T, V>::Raw (&raw)[kCols], bool row_ok,
