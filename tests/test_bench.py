@@ -341,6 +341,17 @@ def test_profile_model_tool_reports_each_model_and_mode(tmp_path):
     assert out.read_text().splitlines() == lines
 
 
+def test_issue_and_wall_time_each_call_of_the_loop():
+    """bench.issue_and_wall_ms runs step(0..steps-1) once each and gives per-call milliseconds, the wall (to the
+    device's last work) no less than the host's issue time; on the CPU both are the host clock's."""
+    import time
+
+    calls = []
+    issue, wall = bench.issue_and_wall_ms(lambda i: (calls.append(i), time.sleep(0.002)), torch.device("cpu"), 5)
+    assert calls == [0, 1, 2, 3, 4]
+    assert 2.0 <= issue <= wall
+
+
 def test_op_overhead_tool_times_every_case_on_the_device(tmp_path):
     """tools/op_overhead.py: every case runs on the named device and backend (here the CPU's reference ops),
     and the timer gives the microseconds per call of a callable."""

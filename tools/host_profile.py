@@ -15,16 +15,10 @@ import argparse
 import cProfile
 import io
 import pstats
-import time
 
 import torch
 
-from xception_ops.bench import layer_runner, model_steps
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from xception_ops.bench import issue_and_wall_ms, layer_runner, model_steps, synchronize
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -58,18 +52,12 @@ def main(argv: list[str] | None = None) -> str:
         steps = args.steps or 20
     for i in range(3):
         step(i)
-    _synchronize(device)
-    start = time.perf_counter()
-    for i in range(steps):
-        step(i)
-    issue = (time.perf_counter() - start) / steps * 1e3
-    _synchronize(device)
-    wall = (time.perf_counter() - start) / steps * 1e3
+    issue, wall = issue_and_wall_ms(step, device, steps)
     profiler = cProfile.Profile()
     profiler.enable()
     for i in range(steps):
         step(i)
-    _synchronize(device)
+    synchronize(device)
     profiler.disable()
     out = io.StringIO()
     out.write(f"{args.model or args.layer} on {device}: issue {issue:.3f} ms, wall {wall:.3f} ms per call "

@@ -20,14 +20,10 @@ import torch
 
 import xception_ops
 from xception_ops import batchnorm
+from xception_ops.bench import synchronize
 from xception_ops.nn import SeparableConvBN
 
 OPS = torch.ops.xception_ops
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(fn, calls: int, rounds: int = 10, device: torch.device = torch.device("cpu")) -> tuple[float, float]:
@@ -38,11 +34,11 @@ def timed(fn, calls: int, rounds: int = 10, device: torch.device = torch.device(
     per_round = max(calls // rounds, 1)
     wall, cpu = [], []
     for _ in range(rounds):
-        _synchronize(device)
+        synchronize(device)
         start, start_cpu = time.perf_counter(), time.thread_time()
         for _ in range(per_round):
             fn()
-        _synchronize(device)
+        synchronize(device)
         cpu.append((time.thread_time() - start_cpu) / per_round * 1e6)
         wall.append((time.perf_counter() - start) / per_round * 1e6)
     return min(wall), min(cpu)

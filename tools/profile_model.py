@@ -16,36 +16,11 @@ host's. The layer benchmark times one layer's kernels; this says whether a whole
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from xception_ops.bench import model_steps
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_steps(step, device: torch.device, steps: int) -> dict:
-    """wall and issue ms per step of `step`, run `steps` times back to back."""
-    _synchronize(device)
-    start = time.perf_counter()
-    if device.type == "cuda":
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-    for i in range(steps):
-        step(i)
-    issue = (time.perf_counter() - start) * 1e3 / steps
-    if device.type == "cuda":
-        end.record()
-        end.synchronize()
-        wall = begin.elapsed_time(end) / steps
-    else:
-        wall = (time.perf_counter() - start) * 1e3 / steps
-    return dict(wall=wall, issue=issue)
+from xception_ops.bench import issue_and_wall_ms, model_steps, synchronize
 
 
 def profile_steps(step, device: torch.device, steps: int) -> dict:
@@ -54,7 +29,7 @@ def profile_steps(step, device: torch.device, steps: int) -> dict:
     with profile(activities=activities) as prof:
         for i in range(steps):
             step(i)
-        _synchronize(device)
+        synchronize(device)
     averages = prof.key_averages()
     cpu = sorted((e for e in averages if e.self_cpu_time_total > 0), key=lambda e: e.self_cpu_time_total,
                  reverse=True)
@@ -108,7 +83,8 @@ def main(argv: list[str] | None = None) -> list[str]:
             step = train_step if mode == "train" else infer
             for i in range(max(1, args.warmup)):
                 step(i)
-            runs.append((name, mode, model, step, time_steps(step, device, args.steps)))
+            issue, wall = issue_and_wall_ms(step, device, args.steps)
+            runs.append((name, mode, model, step, dict(issue=issue, wall=wall)))
     for name, mode, model, step, r in runs:
         model.train(mode == "train")
         r.update(profile_steps(step, device, args.steps))

@@ -145,6 +145,33 @@ def environment() -> dict:
 
 # ---------------------------------------------------------------------------------------------- timing
 
+def synchronize(device: torch.device) -> None:
+    """Waits for `device`'s queued work (CUDA); nothing elsewhere."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def issue_and_wall_ms(step: Callable[[int], object], device: torch.device, steps: int) -> tuple[float, float]:
+    """(issue, wall) milliseconds per call of step(i), i = 0..steps-1, run back to back: issue is the host's time
+    to run the loop without waiting for the device, wall the loop's time to the device's last work (CUDA events on
+    a GPU). Where issue is close to wall, the device waits on the host: the calls are host-bound."""
+    synchronize(device)
+    start = time.perf_counter()
+    if device.type == "cuda":
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+    for i in range(steps):
+        step(i)
+    issue = (time.perf_counter() - start) * 1e3 / steps
+    if device.type == "cuda":
+        end.record()
+        end.synchronize()
+        wall = begin.elapsed_time(end) / steps
+    else:
+        wall = (time.perf_counter() - start) * 1e3 / steps
+    return issue, wall
+
+
 def time_fn(fn: Callable[[int], object], device: torch.device, warmup: int, reps: int,
             graph: bool = False) -> Timing:
     """Times fn(i) for i = 0..reps-1 (i picks the input buffer): CUDA events on a GPU, the host clock on CPU.
@@ -356,7 +383,7 @@ def make_model(name: str) -> nn.Module:
 def _reset_peak_memory(device: torch.device) -> None:
     """Starts a new peak for `_peak_memory` (CUDA only)."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
 
 
@@ -364,7 +391,7 @@ def _peak_memory(device: torch.device) -> float:
     """Bytes: the most allocated on `device` at once since `_reset_peak_memory`; NaN off CUDA."""
     if device.type != "cuda":
         return float("nan")
-    torch.cuda.synchronize(device)
+    synchronize(device)
     return float(torch.cuda.max_memory_allocated(device))
 
 
