@@ -67,30 +67,28 @@ if "$PY" -c "import xdist" 2>/dev/null; then
   gpu_xdist="-n ${GPU_XDIST_WORKERS:-4}"
 fi
 # The tests marked gpu, then the whole Triton modules: their unmarked tests run compiled on the GPU when there is one.
-# ${PYTEST_ARGS} is unquoted on purpose: it is a list of arguments.
-# shellcheck disable=SC2086
+# ${PYTEST_ARGS} is unquoted on purpose: it is a list of arguments; so is each function's $1 (its xdist workers).
 seed="${XO_TEST_SEED:-$RANDOM}"
-step gpu_tests env XO_TEST_SEED="$seed" "$PY" -m pytest -m gpu -q -p no:cacheprovider -rfE $gpu_xdist ${PYTEST_ARGS:-} \
-  --ignore=tests/test_triton_kernels.py --ignore=tests/test_triton_backend.py ${GPU_TESTS:-tests}
-# shellcheck disable=SC2086
-step triton_tests env XCEPTION_OPS_TRITON_AUTOTUNE=0 XO_TEST_SEED="$seed" "$PY" -m pytest -q -p no:cacheprovider -rfE $xdist \
-  ${PYTEST_ARGS:-} tests/test_triton_kernels.py tests/test_triton_backend.py
-# Step "tests" (the default): the two above side by side, the CUDA tests on GPU_XDIST_WORKERS processes and the
-# Triton tests on TRITON_TEST_WORKERS (6), each into its own log: the CUDA tests wait on the GPU, the Triton ones
-# mostly on the CPU compiling (session 12, H100: 143 s for both, where they took 125 and >165 s one after the
-# other). The step's limit (STEP_TIMEOUT) covers both.
-both_tests() {
+cuda_tests() {
   # shellcheck disable=SC2086
-  env XO_TEST_SEED="$seed" "$PY" -m pytest -m gpu -q -p no:cacheprovider -rfE $gpu_xdist ${PYTEST_ARGS:-} \
-    --ignore=tests/test_triton_kernels.py --ignore=tests/test_triton_backend.py ${GPU_TESTS:-tests} \
-    > "$out/gpu_tests.log" 2>&1 &
+  env XO_TEST_SEED="$seed" "$PY" -m pytest -m gpu -q -p no:cacheprovider -rfE $1 ${PYTEST_ARGS:-} \
+    --ignore=tests/test_triton_kernels.py --ignore=tests/test_triton_backend.py ${GPU_TESTS:-tests}
+}
+triton_tests() {
+  # shellcheck disable=SC2086
+  env XCEPTION_OPS_TRITON_AUTOTUNE=0 XO_TEST_SEED="$seed" "$PY" -m pytest -q -p no:cacheprovider -rfE $1 \
+    ${PYTEST_ARGS:-} tests/test_triton_kernels.py tests/test_triton_backend.py
+}
+# Step "tests" (the default): the two side by side, the CUDA tests on GPU_XDIST_WORKERS processes and the Triton
+# tests on TRITON_TEST_WORKERS (6), each into its own log: the CUDA tests wait on the GPU, the Triton ones mostly
+# on the CPU compiling (session 12, H100: 143 s for both, where they took 125 and >165 s one after the other). The
+# step's limit (STEP_TIMEOUT) covers both.
+both_tests() {
+  cuda_tests "$gpu_xdist" > "$out/gpu_tests.log" 2>&1 &
   local cuda_pid=$!
   local triton_workers=""
   [ -n "$xdist" ] && triton_workers="-n ${TRITON_TEST_WORKERS:-6}"
-  # shellcheck disable=SC2086
-  env XCEPTION_OPS_TRITON_AUTOTUNE=0 XO_TEST_SEED="$seed" "$PY" -m pytest -q -p no:cacheprovider -rfE \
-    $triton_workers ${PYTEST_ARGS:-} tests/test_triton_kernels.py tests/test_triton_backend.py \
-    > "$out/triton_tests.log" 2>&1 &
+  triton_tests "$triton_workers" > "$out/triton_tests.log" 2>&1 &
   local triton_pid=$!
   wait "$cuda_pid"; local cuda_rc=$?
   wait "$triton_pid"; local triton_rc=$?
@@ -98,8 +96,11 @@ both_tests() {
     grep -v "PytestBenchmarkWarning\|warner(" "$out/$f.log" | tail -n 25; done
   [ "$cuda_rc" -eq 0 ] && [ "$triton_rc" -eq 0 ]
 }
-export -f both_tests
+export -f cuda_tests triton_tests both_tests
 export PY out seed gpu_xdist xdist PYTEST_ARGS GPU_TESTS TRITON_TEST_WORKERS
+# The steps run these through `bash -c` (timeout needs a program); "$1" there is the workers argument.
+step gpu_tests bash -c 'cuda_tests "$1"' cuda_tests "$gpu_xdist"
+step triton_tests bash -c 'triton_tests "$1"' triton_tests "$xdist"
 step tests bash -c both_tests
 # The separable forward's implementations, each in its own process (read when the library loads), on the cuda
 # backend's layers in bf16 channels-last: the staged form (the default), its product on cuBLAS and an epilogue
