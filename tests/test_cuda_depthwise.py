@@ -215,6 +215,61 @@ def test_repeat_bitwise_identical(case, dtype, layout):
             assert torch.equal(as_bits(a), as_bits(b_)), f"{name} differs between identical calls"
 
 
+def conv_skipping_outside(x, w):
+    """Depthwise 3x3 conv at stride 1 with padding 1, in float64, where a tap outside x adds nothing (rather than
+    0 * w, which is NaN for an inf or NaN weight): the kernels' answer for non-finite weights."""
+    n, c, h, wd = x.shape
+    xp = F.pad(x, (1, 1, 1, 1))
+    inside = F.pad(torch.ones_like(x, dtype=torch.bool), (1, 1, 1, 1))
+    out = torch.zeros(n, c, h, wd, dtype=torch.float64, device=x.device)
+    for kh in range(3):
+        for kw in range(3):
+            taps = xp[:, :, kh:kh + h, kw:kw + wd] * w[:, 0, kh, kw].view(1, c, 1, 1)
+            out += torch.where(inside[:, :, kh:kh + h, kw:kw + wd], taps, 0.0)
+    return out
+
+
+def assert_same_non_finite_and_close(out, ref, dtype, what):
+    """NaN where the reference has NaN, the same infinities, and the finite values close."""
+    out = out.double()
+    assert torch.equal(torch.isnan(out), torch.isnan(ref)), f"{what}: NaN in other places than the reference's"
+    assert torch.equal(torch.isposinf(out), torch.isposinf(ref)), f"{what}: +inf in other places"
+    assert torch.equal(torch.isneginf(out), torch.isneginf(ref)), f"{what}: -inf in other places"
+    finite = torch.isfinite(ref)
+    assert finite.any() and not finite.all(), f"{what}: the case has no finite or no non-finite values"
+    err = rel_err(out[finite], ref[finite])
+    bound = 1e-5 if dtype == torch.float32 else 1e-2
+    assert err <= bound, f"{what}: relative error {err:.3g} > {bound} on the finite values"
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_non_finite_values_outside_the_image_add_nothing(dtype, layout):
+    """An inf weight, or an inf in x: a tap outside the image adds nothing, as in the scalar kernels. The strip
+    kernels (3x3 at stride 1; rows of 13, runs cut short at the right edge) sum without predicates only where that
+    gives the same bits, and take their predicated walks here."""
+    n, c, h, wd = 2, 8, 9, 13
+    args = ([1, 1], [1, 1, 1, 1], [1, 1], "cuda")
+    x = randn((n, c, h, wd), dtype, layout)
+    gy = randn((n, c, h, wd), dtype, layout)
+    w = torch.randn(c, 1, 3, 3, device=DEV, dtype=dtype)
+    w[0, 0, 0, 0] = float("inf")  # channel 0: outside along the top and left edges (forward), bottom and right (grad_x)
+    w[1, 0, 2, 1] = float("-inf")
+    y = OPS.depthwise_conv2d(x, w, None, *args)
+    assert_same_non_finite_and_close(y, conv_skipping_outside(x.double(), w.double()), dtype, "forward")
+    gx = OPS.depthwise_conv2d_backward_input(gy, w, list(x.shape), *args)
+    assert_same_non_finite_and_close(gx, conv_skipping_outside(gy.double(), w.double().flip(2, 3)), dtype, "grad_x")
+    # The weight gradient with an inf in x at image 0's bottom-right pixel of channel 0: the taps that read it for an
+    # output inside grad_y are inf, the others finite. Products of grad_y (finite) and x's zero padding are zeros,
+    # so the sums over the padded x are the reference.
+    x = x.clone()
+    x[0, 0, h - 1, wd - 1] = float("inf")
+    xp, gy64 = F.pad(x.double(), (1, 1, 1, 1)), gy.double()
+    ref = torch.stack([(gy64 * xp[:, :, kh:kh + h, kw:kw + wd]).sum((0, 2, 3)) for kh in range(3) for kw in range(3)])
+    gw = OPS.depthwise_conv2d_backward_weight(gy, x, list(w.shape), *args)
+    assert_same_non_finite_and_close(gw, ref.t().reshape(c, 1, 3, 3), dtype, "grad_w")
+
+
 def ref_rows(x, w, b, c_out, oh, stride, padding, dilation, dtype):
     """Output row (0, c_out, oh, :) of a depth-multiplier-1 conv computed in `dtype` from just the input rows
     that row reads (zeros for rows in the padding); only those rows are converted, never all of x."""

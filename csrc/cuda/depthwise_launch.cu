@@ -91,15 +91,15 @@ cudaError_t launch_strips(const DepthwiseParams& p, int64_t rows, int64_t w, cud
   constexpr int V = kCL ? kDepthwiseStripVec : 1;
   const StripPlan plan = strip_plan(p, rows, w, static_cast<int>(sizeof(T)), kCL);
   const int64_t strip_rows = plan.strip_rows, threads = plan.items * plan.groups;
-  const dim3 grid(static_cast<unsigned int>((threads + kDepthwiseThreads - 1) / kDepthwiseThreads));
+  const dim3 grid(static_cast<unsigned int>((threads + kDepthwiseStripThreads - 1) / kDepthwiseStripThreads));
   // The forward with a prologue on x's loads; the input gradient with the prologue's backward on its stores.
   if (kGrad ? p.prologue.backward() : p.prologue.active()) {
     kernels::depthwise_strip_kernel<T, idx_t, V, R, kGrad, true, kCL>
-        <<<grid, dim3(kDepthwiseThreads), 0, stream>>>(p, static_cast<int>(strip_rows));
+        <<<grid, dim3(kDepthwiseStripThreads), 0, stream>>>(p, static_cast<int>(strip_rows));
     return cudaGetLastError();
   }
   kernels::depthwise_strip_kernel<T, idx_t, V, R, kGrad, false, kCL>
-      <<<grid, dim3(kDepthwiseThreads), 0, stream>>>(p, static_cast<int>(strip_rows));
+      <<<grid, dim3(kDepthwiseStripThreads), 0, stream>>>(p, static_cast<int>(strip_rows));
   return cudaGetLastError();
 }
 

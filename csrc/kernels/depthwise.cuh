@@ -21,6 +21,7 @@
 
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #include "depthwise_params.h"
 
@@ -685,14 +686,23 @@ __device__ __forceinline__ void strip_prologue_row(typename VecIO<T, V>::Raw (&r
 }
 
 // The window of a strip thread: three consecutive source rows of its run as raw vectors (zero outside the
-// source, through the prologue where there is one) and whether each row lies inside the source; row_ok moves with
-// its row as the window slides down.
-template <typename T, int V, int kCols>
+// source, through the prologue where there is one) and whether each row lies inside the source. The rows sit in a
+// ring of kSlots: with 3 they move down one slot per output row (slide, the fused separable forward's run tiles);
+// with more, the slots past the window take the loads of the rows ahead and the window's top row is slot
+// kTop = (output row - first) % kSlots, so a caller that unrolls its row loop by kSlots addresses every slot at
+// compile time and moves no register (the forward and input gradient, 4 slots: the 3 slides per row were 18 of its
+// 226 instructions, sm_90; the weight gradient, 6: two rows in flight).
+template <typename T, int V, int kCols, int kSlots = 3>
 struct StripWindow {
+  static_assert(kSlots >= 3, "the window's rows");
   using Raw = typename VecIO<T, V>::Raw;
-  Raw row[3][kCols];
-  bool row_ok[3];
-  // Source rows first .. first + 2 of `src_h`; `run` points at the run's window column 0 in source row 0.
+  Raw row[kSlots][kCols];
+  bool row_ok[kSlots];
+  // The slot of window row r (0..2; 3 and on: the rows ahead) when the window's top row is in slot kTop.
+  template <int kTop>
+  XO_HOST_DEVICE static constexpr int slot(int r) { return (kTop + r) % kSlots; }
+  // Source rows first .. first + 2 of `src_h` into slots 0..2; `run` points at the run's window column 0 in source
+  // row 0.
   template <typename idx_t>
   __device__ __forceinline__ void fill(const T* run, idx_t first, idx_t src_h, idx_t row_stride, idx_t col_stride,
                                        const bool (&col_ok)[kCols], bool prologue, const float (&scale)[V],
@@ -707,43 +717,60 @@ struct StripWindow {
       for (int r = 0; r < 3; ++r) strip_prologue_row<T, V>(row[r], row_ok[r], col_ok, scale, shift, relu);
     }
   }
-  // One row down: `next` (loaded where next_ok, by strip_load_row) becomes the last row, as loaded: the caller
-  // applies the prologue to it with prologue_last() after issuing its next loads. Applying it here, at the end of a
-  // row, waited for `next` before the next row's loads were issued: one load in flight per thread instead of two,
-  // and the strip kernels with a prologue took twice as long as those without (H100 and H200, session 10).
+  // The source row kAhead rows past the window's last (`src` at its window column 0, loaded where ok) into its
+  // slot, as loaded: the caller applies the prologue with prologue_last<kTop + kAhead>() after issuing the loads of
+  // the rows after it.
+  template <int kTop, int kAhead = 1, typename idx_t>
+  __device__ __forceinline__ void load_next(const T* src, bool ok, const bool (&col_ok)[kCols], idx_t col_stride) {
+    static_assert(kSlots >= 3 + kAhead, "a free slot");
+    constexpr int s = slot<kTop>(2 + kAhead);
+    row_ok[s] = ok;
+    strip_load_row<T, V>(row[s], ok, col_ok, src, col_stride);
+  }
+  // kSlots = 3: one row down: `next` (loaded where next_ok, by strip_load_row) becomes the last row, as loaded: the
+  // caller applies the prologue to it with prologue_last() after issuing its next loads. Applying it here, at the end
+  // of a row, waited for `next` before the next row's loads were issued: one load in flight per thread instead of
+  // two, and the strip kernels with a prologue took twice as long as those without (H100 and H200, session 10).
   __device__ __forceinline__ void slide(const Raw (&next)[kCols], bool next_ok) {
+    static_assert(kSlots == 3, "a longer ring does not move its rows");
 #pragma unroll
     for (int col = 0; col < kCols; ++col) {
       row[0][col] = row[1][col], row[1][col] = row[2][col], row[2][col] = next[col];
     }
     row_ok[0] = row_ok[1], row_ok[1] = row_ok[2], row_ok[2] = next_ok;
   }
-  // The prologue on the last row (the one slide() brought in); cols_in: every column of the run is inside the
-  // source, so that a row inside it takes the form without selects.
+  // The prologue on the window's last row (the one slide() or load_next() brought in); cols_in: every column of the
+  // run is inside the source, so that a row inside it takes the form without selects.
+  template <int kTop = 0>
   __device__ __forceinline__ void prologue_last(const bool (&col_ok)[kCols], bool cols_in, const float (&scale)[V],
                                                 const float (&shift)[V], bool relu) {
-    if (cols_in && row_ok[2]) {
-      strip_prologue_row<T, V, kCols, true>(row[2], true, col_ok, scale, shift, relu);
+    constexpr int s = slot<kTop>(2);
+    if (cols_in && row_ok[s]) {
+      strip_prologue_row<T, V, kCols, true>(row[s], true, col_ok, scale, shift, relu);
     } else {
-      strip_prologue_row<T, V, kCols>(row[2], row_ok[2], col_ok, scale, shift, relu);
+      strip_prologue_row<T, V, kCols>(row[s], row_ok[s], col_ok, scale, shift, relu);
     }
   }
   // Whether all three rows and (cols_in) all columns lie inside the source: then accumulate<.., true> applies. (The
   // rows are consecutive: the first and the last inside, the middle one is.)
-  __device__ __forceinline__ bool inside(bool cols_in) const { return cols_in && row_ok[0] && row_ok[2]; }
+  template <int kTop = 0>
+  __device__ __forceinline__ bool inside(bool cols_in) const {
+    return cols_in && row_ok[slot<kTop>(0)] && row_ok[slot<kTop>(2)];
+  }
   // The taps of the run's R = kCols - 2 outputs, added to acc: acc[q] += row(kh, q + kw) * w[kh][kw], or with kFlip
   // (the input gradient's flipped kernel) the rows and columns taken in reverse. Each output's taps come in the order
-  // kernel row, then column; a tap outside the source adds nothing (inf weights). kInside (the window inside the
-  // source, inside()): the same sums without a predicate per tap. The kernels are bound by instruction issue (H100,
-  // session 12: 0.80 warps issued per scheduler and cycle at 728 @19^2), and the predicated form also decoded
-  // each element once per predicate region it fell in: 339 instructions per row for 72 multiply-adds.
-  template <bool kFlip, bool kInside = false, int R>
+  // kernel row, then column; a tap outside the source adds nothing (inf weights). kInside: the same sums without a
+  // predicate per tap, where every tap lies inside the source (inside()) or where a tap outside adds exactly
+  // nothing anyway (exact_padding()). The kernels are bound by instruction issue (H100, session 12: 0.80 warps issued
+  // per scheduler and cycle at 728 @19^2), and the predicated form also decoded each element once per predicate
+  // region it fell in: 339 instructions per row for 72 multiply-adds.
+  template <bool kFlip, bool kInside = false, int kTop = 0, int R>
   __device__ __forceinline__ void accumulate(const bool (&col_ok)[kCols], const float (&wv)[9][V],
                                              float (&acc)[R][V]) const {
     static_assert(R + 2 == kCols, "a run and its two halo columns");
 #pragma unroll
     for (int kh = 0; kh < 3; ++kh) {
-      const int r = kFlip ? 2 - kh : kh;
+      const int r = slot<kTop>(kFlip ? 2 - kh : kh);
 #pragma unroll
       for (int j = 0; j < kCols; ++j) {
         const int col = kFlip ? kCols - 1 - j : j;
@@ -763,15 +790,50 @@ struct StripWindow {
   }
 };
 
+// Whether a tap outside the source adds exactly nothing to a strip kernel's sums, so that accumulate<.., true>
+// gives the predicated form's bits everywhere: every weight finite. Outside the source the window holds +0
+// (loads of zeros; the prologue's selects), and 0 * w is a zero for a finite w; the sums start at +0 and a sum of
+// two values is -0 only when both are, so they never hold -0, and adding a zero leaves them as they are. With an
+// inf or NaN weight 0 * w is NaN, where PyTorch's own kernels disagree (float64 gives NaN at the border on the
+// CPU, float32 does not): the predicated form keeps the scalar kernels' answer, a tap outside adds nothing.
+// At 728 @19^2 half the rows of a strip kernel touch the border (runs of 4 over 19 columns).
+template <int V>
+__device__ __forceinline__ bool exact_padding(const float (&wv)[9][V]) {
+  bool finite = true;
+#pragma unroll
+  for (int t = 0; t < 9; ++t)
+#pragma unroll
+    for (int v = 0; v < V; ++v) finite = finite && fabsf(wv[t][v]) <= 3.402823466e38f;  // FLT_MAX; false for NaN
+  return finite;
+}
+
+// Calls row(std::integral_constant<int, k>{}, o) for o = o0 .. o_end - 1 (o0 < o_end), k = (o - o0) % kSlots known
+// at compile time: the row loop of a strip kernel whose window is a StripWindow ring of kSlots rows, unrolled by the
+// ring so that every slot is a register.
+template <int... kPhase, typename idx_t, typename Row>
+__device__ __forceinline__ void walk_ring_rows(std::integer_sequence<int, kPhase...>, idx_t o0, idx_t o_end,
+                                               const Row& row) {
+  for (idx_t o = o0;;) {
+    // One row per phase, in order, leaving the loop after the strip's last one.
+    if (((row(std::integral_constant<int, kPhase>{}, o), ++o >= o_end) || ...)) break;
+  }
+}
+template <int kSlots, typename idx_t, typename Row>
+__device__ __forceinline__ void walk_ring_rows(idx_t o0, idx_t o_end, const Row& row) {
+  walk_ring_rows(std::make_integer_sequence<int, kSlots>{}, o0, o_end, row);
+}
+
 // Forward (kGrad = false; kPrologue: x read through p.prologue) and input gradient (kGrad = true; kPrologue: the
 // result leaves through the prologue's backward, DepthwisePrologue::x). An item is one run of R pixels of one strip
 // of one image. kCL: threads are (item, channel vector) pairs with the vector fastest (channels-last tensors); else
 // (NCHW, V = 1) (run, strip, channel, image) with the run fastest, so that a warp reads consecutive columns of one
-// row. Three blocks per SM at least (85 registers): the loads in flight per SM are what this kernel's speed depends
-// on. Two for the input gradient through the prologue's backward, whose x run and sums spilled 28-32 bytes under
-// the cap of three (sm_90): it has the x run's loads in flight too.
+// row. Blocks of kDepthwiseStripThreads, five per SM at least (96 registers; 20 warps): the loads in flight per SM
+// are what this kernel's speed depends on, and the 4-slot ring's walks (below) keep each new row decoded in
+// registers (sm_90: 136-148 instructions per row inside the image, against 226 for the one walk with a 3-row window
+// that slid). Four for the input gradient through the prologue's backward (128 registers): it has the x run's
+// loads in flight too.
 template <typename T, typename idx_t, int V, int R, bool kGrad, bool kPrologue, bool kCL>
-__global__ void __launch_bounds__(kDepthwiseThreads, kGrad && kPrologue ? 2 : 3)
+__global__ void __launch_bounds__(kDepthwiseStripThreads, kGrad && kPrologue ? 4 : 5)
     depthwise_strip_kernel(const DepthwiseParams p, int strip_rows) {
   static_assert(kCL || V == 1, "NCHW strips take one channel per thread");
   constexpr int kCols = R + 2;
@@ -791,7 +853,7 @@ __global__ void __launch_bounds__(kDepthwiseThreads, kGrad && kPrologue ? 2 : 3)
   const idx_t ds_n = dst_t.stride[0], ds_c = dst_t.stride[1], ds_h = dst_t.stride[2], ds_w = dst_t.stride[3];
   const idx_t groups = static_cast<idx_t>(g.in_channels / V);
   const idx_t runs_w = (dst_w + R - 1) / R, strips = (dst_h + strip_rows - 1) / strip_rows;
-  const idx_t t = static_cast<idx_t>(blockIdx.x) * kDepthwiseThreads + static_cast<idx_t>(threadIdx.x);
+  const idx_t t = static_cast<idx_t>(blockIdx.x) * kDepthwiseStripThreads + static_cast<idx_t>(threadIdx.x);
   // kCL: t = ((n * strips + strip) * runs_w + run) * groups + group;
   // NCHW: t = ((n * C + c) * strips + strip) * runs_w + run.
   const idx_t run = kCL ? (t / groups) % runs_w : t % runs_w;
@@ -815,7 +877,7 @@ __global__ void __launch_bounds__(kDepthwiseThreads, kGrad && kPrologue ? 2 : 3)
 #pragma unroll
   for (int q = 0; q < R; ++q) q_ok[q] = ow0 + q < dst_w;
   const T* src_run = src + n * ss_n + c * ss_c + (ow0 + col_off) * ss_w;  // the window's column 0 in row 0
-  StripWindow<T, V, kCols> win;
+  StripWindow<T, V, kCols, 4> win;
   win.fill(src_run, o0 + row_off, src_h, ss_h, ss_w, col_ok, kReadPrologue, scale, shift, p.prologue.relu);
   T* dst_run = dst + n * ds_n + c * ds_c + ow0 * ds_w;
   // kPrologueGrad: x at the written run, and this thread's sums of g * x and g over its pixels.
@@ -826,37 +888,56 @@ __global__ void __launch_bounds__(kDepthwiseThreads, kGrad && kPrologue ? 2 : 3)
   float sum_gx[V], sum_g[V];
 #pragma unroll
   for (int v = 0; v < V; ++v) sum_gx[v] = 0.f, sum_g[v] = 0.f;
-  // kPrologueGrad: x at a row's run is requested one row ahead, like the source rows, so that no row waits for it.
-  Raw x_raw[R];
+  // kPrologueGrad: x at a row's run is requested one row ahead, like the source rows, so that no row waits for it;
+  // two buffers, row parity picks one.
+  Raw x_raw[2][R];
   if constexpr (kPrologueGrad) {
-    strip_load_row<T, V>(x_raw, true, q_ok, x_run + o0 * static_cast<idx_t>(xt.stride[2]),
+    strip_load_row<T, V>(x_raw[0], true, q_ok, x_run + o0 * static_cast<idx_t>(xt.stride[2]),
                          static_cast<idx_t>(xt.stride[3]));
   }
-  for (idx_t o = o0; o < o_end; ++o) {
+  // Every window column inside the source and every written pixel inside the destination (most runs).
+  const bool run_in = cols_in && ow0 + R <= dst_w;
+  bool all_cols[kCols], all_q[R];  // what col_ok and q_ok are then
+#pragma unroll
+  for (int col = 0; col < kCols; ++col) all_cols[col] = true;
+#pragma unroll
+  for (int q = 0; q < R; ++q) all_q[q] = true;
+  // Output row o, the window's top row in slot kTop (= (o - o0) % 4), in one of three walks:
+  //   kExact: taps outside the source add exactly nothing (exact_padding), so every row sums its taps without
+  //           predicates, the border's rows too; else the rows whose window crosses the border take predicated taps.
+  //   kIn:    (with kExact) the run lies inside (run_in): loads and stores without a predicate per column.
+  // A walk keeps no predicate per loaded element past its load. The one walk with every form (sm_90, nvcc 13) kept
+  // them in a register of flags, and its 6 loads per row took 70 instructions.
+  auto output_row = [&](auto top, auto exact, auto inside_run, idx_t o) {
+    constexpr int kTop = decltype(top)::value;
+    constexpr bool kExact = decltype(exact)::value, kIn = decltype(inside_run)::value;
+    static_assert(kExact || !kIn, "the run's walk inside takes the exact taps");
+    const bool(&cols)[kCols] = kIn ? all_cols : col_ok;
+    const bool(&qs)[R] = kIn ? all_q : q_ok;
     // The next output row's new source row (and x at the next row's run), requested before this row's taps.
     const idx_t next_row = o + 1 + row_off + 2;
     const bool more = o + 1 < o_end;
-    const bool next_ok = more && in_range<idx_t>(next_row, src_h);
-    Raw next[kCols], x_next[R];
-    strip_load_row<T, V>(next, next_ok, col_ok, src_run + next_row * ss_h, ss_w);
+    win.template load_next<kTop>(src_run + next_row * ss_h, more && in_range<idx_t>(next_row, src_h), cols, ss_w);
     if constexpr (kPrologueGrad) {
-      strip_load_row<T, V>(x_next, more, q_ok, x_run + (o + 1) * static_cast<idx_t>(xt.stride[2]),
+      strip_load_row<T, V>(x_raw[(kTop + 1) % 2], more, qs, x_run + (o + 1) * static_cast<idx_t>(xt.stride[2]),
                            static_cast<idx_t>(xt.stride[3]));
     }
-    if (kReadPrologue && o > o0) win.prologue_last(col_ok, cols_in, scale, shift, p.prologue.relu);
+    if (kReadPrologue && (kTop > 0 || o > o0)) {
+      win.template prologue_last<kTop>(cols, kIn || cols_in, scale, shift, p.prologue.relu);
+    }
     float acc[R][V];
 #pragma unroll
     for (int q = 0; q < R; ++q)
 #pragma unroll
       for (int v = 0; v < V; ++v) acc[q][v] = 0.f;
-    if (win.inside(cols_in)) {
-      win.template accumulate<kGrad, true>(col_ok, wv, acc);
+    if (kExact || win.template inside<kTop>(cols_in)) {
+      win.template accumulate<kGrad, true, kTop>(cols, wv, acc);
     } else {
-      win.template accumulate<kGrad>(col_ok, wv, acc);
+      win.template accumulate<kGrad, false, kTop>(cols, wv, acc);
     }
 #pragma unroll
     for (int q = 0; q < R; ++q) {
-      if (!q_ok[q]) break;
+      if (!qs[q]) break;
 #pragma unroll
       for (int v = 0; v < V; ++v) acc[q][v] += bv[v];  // -0 without a bias (load_forward_terms)
       if constexpr (!kPrologueGrad) {
@@ -865,7 +946,7 @@ __global__ void __launch_bounds__(kDepthwiseThreads, kGrad && kPrologue ? 2 : 3)
 #pragma unroll
         for (int v = 0; v < V; ++v) acc[q][v] = round_to<T>(acc[q][v]);
         float xv[V];
-        VecIO<T, V>::decode(x_raw[q], xv);
+        VecIO<T, V>::decode(x_raw[kTop % 2][q], xv);
 #pragma unroll
         for (int v = 0; v < V; ++v) {
           float gv = acc[q][v];
@@ -877,11 +958,17 @@ __global__ void __launch_bounds__(kDepthwiseThreads, kGrad && kPrologue ? 2 : 3)
         VecIO<T, V>::store_rn(dst_run + o * ds_h + q * ds_w, acc[q]);  // gv * scale rounded as it is packed
       }
     }
-    win.slide(next, next_ok);
-    if constexpr (kPrologueGrad) {
-#pragma unroll
-      for (int q = 0; q < R; ++q) x_raw[q] = x_next[q];
-    }
+  };
+  // The strip's rows (o0 < o_end: a strip has a row).
+  auto walk = [&](auto exact, auto inside_run) {
+    walk_ring_rows<4>(o0, o_end, [&](auto top, idx_t o) { output_row(top, exact, inside_run, o); });
+  };
+  if (!exact_padding<V>(wv)) {
+    walk(std::false_type{}, std::false_type{});
+  } else if (run_in) {
+    walk(std::true_type{}, std::true_type{});
+  } else {
+    walk(std::true_type{}, std::false_type{});
   }
   if constexpr (kPrologueGrad) {
     if (p.prologue.partial != nullptr) {  // row (image, strip, run); every (row, channel) has one writer
@@ -1112,23 +1199,25 @@ __global__ void __launch_bounds__(kDepthwiseThreads)
 
 // One output row's products of the weight gradient's strip kernel: acc[kh * 3 + kw] += go[q] * x(kh, q + kw), in
 // the order kernel row, window column; a product with a tap outside x or an output outside grad_y adds nothing.
-// kInside: the window and the run inside both (StripWindow::inside), no predicates.
-template <typename T, int V, int kCols, int R, bool kInside>
-__device__ __forceinline__ void wgrad_strip_products(const StripWindow<T, V, kCols>& win, const bool (&col_ok)[kCols],
-                                                     const bool (&q_ok)[R], const float (&go)[R][V],
-                                                     float (&acc)[9][V]) {
+// kInside: the window and the run inside both (StripWindow::inside), or the kernel's exact walk (every product
+// outside is a zero), no predicates. The window's top row is in slot kTop.
+template <typename T, int V, int kCols, int kSlots, int R, bool kInside, int kTop>
+__device__ __forceinline__ void wgrad_strip_products(const StripWindow<T, V, kCols, kSlots>& win,
+                                                     const bool (&col_ok)[kCols], const bool (&q_ok)[R],
+                                                     const float (&go)[R][V], float (&acc)[9][V]) {
 #pragma unroll
   for (int kh = 0; kh < 3; ++kh)
 #pragma unroll
     for (int col = 0; col < kCols; ++col) {
+      const int r = win.template slot<kTop>(kh);
       float xv[V];
-      VecIO<T, V>::decode(win.row[kh][col], xv);
+      VecIO<T, V>::decode(win.row[r][col], xv);
 #pragma unroll
       for (int q = 0; q < R; ++q)
 #pragma unroll
         for (int kw = 0; kw < 3; ++kw) {
           if (q + kw != col) continue;  // resolved at compile time
-          const bool ok = kInside || (win.row_ok[kh] && col_ok[col] && q_ok[q]);
+          const bool ok = kInside || (win.row_ok[r] && col_ok[col] && q_ok[q]);
 #pragma unroll
           for (int v = 0; v < V; ++v) {
             acc[kh * 3 + kw][v] = ok ? fmaf(go[q][v], xv[v], acc[kh * 3 + kw][v]) : acc[kh * 3 + kw][v];
@@ -1143,7 +1232,9 @@ __device__ __forceinline__ void wgrad_strip_products(const StripWindow<T, V, kCo
 // pixels of one strip of grad_y's rows, as depthwise_strip_kernel's) instead of positions: per output row one
 // vector of grad_y per pixel and one new row of x (R + 2 vectors, read through the prologue once each) where the
 // vector form loads 9 x vectors per position and applies the prologue to each. The slices divide the items
-// (depthwise_wgrad_strip_plan); each tap's products are summed in a fixed order.
+// (depthwise_wgrad_strip_plan); each tap's products are summed in a fixed order. sm_90, bf16 with the prologue: ~200
+// instructions per row of a run inside the image (the exact walk inside), against 334 for the one predicated walk
+// with a sliding window it replaced; 128 registers, spills only between items.
 template <typename T, typename idx_t, int V, int R, bool kCL>
 __global__ void __launch_bounds__(kDepthwiseThreads, 2)
     depthwise_backward_weight_strip_kernel(const DepthwiseParams p, float* __restrict__ workspace, int64_t slices,
@@ -1162,66 +1253,94 @@ __global__ void __launch_bounds__(kDepthwiseThreads, 2)
   const WgradVectorThread<idx_t, V, kCL> th(p);
   const bool prologue = p.prologue.active();  // x read through relu?(x * scale + shift)
   float acc[kTaps][V];
+  const idx_t runs_w = (OW + R - 1) / R, strips = (OH + strip_rows - 1) / strip_rows;
+  const idx_t items = static_cast<idx_t>(g.batch) * strips * runs_w;
+  const idx_t chunk = static_cast<idx_t>((static_cast<int64_t>(items) + slices - 1) / slices);
+  const idx_t begin = static_cast<idx_t>(blockIdx.y) * chunk;
+  const idx_t end = begin + chunk < items ? begin + chunk : items;
+  // One item's products added to acc, in one of three walks down its rows (as depthwise_strip_kernel's):
+  //   kExact: without a predicate per product, a product outside x or grad_y being a zero (the loads there are
+  //           zeros); exact when every value it multiplies by such a zero is finite, which the caller checks after;
+  //   kIn:    (with kExact) the run inside both: loads without a predicate per column;
+  //   neither: predicated products outside the image's interior.
+  // x's rows sit in a 6-slot ring (the window, and two rows in flight), grad_y's runs in a 3-slot one: the walk is
+  // unrolled by 6 and moves no register. Output row o's products wait on the loads of row o + 1's x row and grad_y
+  // run, requested one row earlier, and row o + 2's are requested before them: two rows in flight per thread. A
+  // lane walks only a few rows (~4 per strip at 19^2), so with one in flight each row waited a full memory latency
+  // (53 us against cuDNN's 23 at 728 @19^2 on the H100, session 10).
+  auto walk_item = [&](idx_t item, auto exact, auto inside_run) {
+    constexpr bool kExact = decltype(exact)::value, kIn = decltype(inside_run)::value;
+    static_assert(kExact || !kIn, "the run's walk inside takes the exact products");
+    const idx_t rest = item / runs_w, ow0 = (item - rest * runs_w) * R, strip = rest % strips, n = rest / strips;
+    const idx_t o0 = strip * strip_rows, o_end = o0 + strip_rows < OH ? o0 + strip_rows : OH;
+    bool col_ok[kCols], q_ok[R];
 #pragma unroll
-  for (int t = 0; t < kTaps; ++t)
+    for (int col = 0; col < kCols; ++col) col_ok[col] = kIn || in_range<idx_t>(ow0 - pl_ + col, W);
 #pragma unroll
-    for (int v = 0; v < V; ++v) acc[t][v] = 0.f;
-  if (th.valid) {
-    const idx_t runs_w = (OW + R - 1) / R, strips = (OH + strip_rows - 1) / strip_rows;
-    const idx_t items = static_cast<idx_t>(g.batch) * strips * runs_w;
-    const idx_t chunk = static_cast<idx_t>((static_cast<int64_t>(items) + slices - 1) / slices);
-    const idx_t begin = static_cast<idx_t>(blockIdx.y) * chunk;
-    const idx_t end = begin + chunk < items ? begin + chunk : items;
-    for (idx_t item = begin + th.lane; item < end; item += th.lanes) {
-      const idx_t rest = item / runs_w, ow0 = (item - rest * runs_w) * R, strip = rest % strips, n = rest / strips;
-      const idx_t o0 = strip * strip_rows, o_end = o0 + strip_rows < OH ? o0 + strip_rows : OH;
-      bool col_ok[kCols], q_ok[R];
-#pragma unroll
-      for (int col = 0; col < kCols; ++col) col_ok[col] = in_range<idx_t>(ow0 - pl_ + col, W);
-#pragma unroll
-      for (int q = 0; q < R; ++q) q_ok[q] = ow0 + q < OW;
-      // Every window column inside x and every output column inside grad_y.
-      const bool cols_in = ow0 - pl_ >= 0 && ow0 - pl_ + kCols <= W && ow0 + R <= OW;
-      const T* x_run = x + n * xs_n + th.c * xs_c + (ow0 - pl_) * xs_w;
-      const T* gy_run = gy + n * ys_n + th.c * ys_c + ow0 * ys_w;
-      StripWindow<T, V, kCols> win;
-      Raw go_raw[R];
-      strip_load_row<T, V>(go_raw, true, q_ok, gy_run + o0 * ys_h, ys_w);
-      // Output row o's products wait on the loads of row o + 1's x row and grad_y run, requested one row earlier,
-      // and row o + 2's are requested before them: two rows in flight per thread. A lane walks only a few rows
-      // (~4 per strip at 19^2), so with one in flight each row waited a full memory latency (53 us against cuDNN's
-      // 23 at 728 @19^2 on the H100, session 10).
-      Raw next[kCols], next_go[R];
-      bool next_ok;
-      {
-        const idx_t ih = o0 + 1 - pt + 2;
-        next_ok = o0 + 1 < o_end && in_range<idx_t>(ih, H);
-        strip_load_row<T, V>(next, next_ok, col_ok, x_run + ih * xs_h, xs_w);
-        strip_load_row<T, V>(next_go, o0 + 1 < o_end, q_ok, gy_run + (o0 + 1) * ys_h, ys_w);
+    for (int q = 0; q < R; ++q) q_ok[q] = kIn || ow0 + q < OW;
+    // Every window column inside x and every output column inside grad_y.
+    const bool cols_in = kIn || (ow0 - pl_ >= 0 && ow0 - pl_ + kCols <= W && ow0 + R <= OW);
+    const T* x_run = x + n * xs_n + th.c * xs_c + (ow0 - pl_) * xs_w;
+    const T* gy_run = gy + n * ys_n + th.c * ys_c + ow0 * ys_w;
+    StripWindow<T, V, kCols, 6> win;
+    Raw go_raw[3][R];
+    strip_load_row<T, V>(go_raw[0], true, q_ok, gy_run + o0 * ys_h, ys_w);
+    {
+      const idx_t ih = o0 + 1 - pt + 2;
+      win.template load_next<0>(x_run + ih * xs_h, o0 + 1 < o_end && in_range<idx_t>(ih, H), col_ok, xs_w);
+      strip_load_row<T, V>(go_raw[1], o0 + 1 < o_end, q_ok, gy_run + (o0 + 1) * ys_h, ys_w);
+    }
+    win.fill(x_run, o0 - pt, H, xs_h, xs_w, col_ok, prologue, th.scale, th.shift, p.prologue.relu);
+    // Output row o with the window's top row in slot kTop = (o - o0) % 6 and its grad_y run in slot kTop % 3.
+    auto output_row = [&](auto top, idx_t o) {
+      constexpr int kTop = decltype(top)::value;
+      const bool more2 = o + 2 < o_end;
+      const idx_t ih2 = o + 2 - pt + 2;
+      win.template load_next<kTop, 2>(x_run + ih2 * xs_h, more2 && in_range<idx_t>(ih2, H), col_ok, xs_w);
+      strip_load_row<T, V>(go_raw[(kTop + 2) % 3], more2, q_ok, gy_run + (o + 2) * ys_h, ys_w);
+      if (prologue && (kTop > 0 || o > o0)) {
+        win.template prologue_last<kTop>(col_ok, cols_in, th.scale, th.shift, p.prologue.relu);
       }
-      win.fill(x_run, o0 - pt, H, xs_h, xs_w, col_ok, prologue, th.scale, th.shift, p.prologue.relu);
-      for (idx_t o = o0; o < o_end; ++o) {
-        const bool more2 = o + 2 < o_end;
-        const idx_t ih2 = o + 2 - pt + 2;
-        const bool ok2 = more2 && in_range<idx_t>(ih2, H);
-        Raw next2[kCols], next2_go[R];
-        strip_load_row<T, V>(next2, ok2, col_ok, x_run + ih2 * xs_h, xs_w);
-        strip_load_row<T, V>(next2_go, more2, q_ok, gy_run + (o + 2) * ys_h, ys_w);
-        if (prologue && o > o0) win.prologue_last(col_ok, cols_in, th.scale, th.shift, p.prologue.relu);
-        float go[R][V];
+      float go[R][V];
 #pragma unroll
-        for (int q = 0; q < R; ++q) VecIO<T, V>::decode(go_raw[q], go[q]);
-        if (win.inside(cols_in)) {  // the same products without a predicate each (StripWindow::accumulate)
-          wgrad_strip_products<T, V, kCols, R, true>(win, col_ok, q_ok, go, acc);
-        } else {
-          wgrad_strip_products<T, V, kCols, R, false>(win, col_ok, q_ok, go, acc);
-        }
+      for (int q = 0; q < R; ++q) VecIO<T, V>::decode(go_raw[kTop % 3][q], go[q]);
+      if (kExact || win.template inside<kTop>(cols_in)) {
+        wgrad_strip_products<T, V, kCols, 6, R, true, kTop>(win, col_ok, q_ok, go, acc);
+      } else {
+        wgrad_strip_products<T, V, kCols, 6, R, false, kTop>(win, col_ok, q_ok, go, acc);
+      }
+    };
+    walk_ring_rows<6>(o0, o_end, output_row);  // o0 < o_end: a strip has a row
+  };
+  auto zero_acc = [&]() {
 #pragma unroll
-        for (int q = 0; q < R; ++q) go_raw[q] = next_go[q], next_go[q] = next2_go[q];
-        win.slide(next, next_ok);
+    for (int t = 0; t < kTaps; ++t)
 #pragma unroll
-        for (int col = 0; col < kCols; ++col) next[col] = next2[col];
-        next_ok = ok2;
+      for (int v = 0; v < V; ++v) acc[t][v] = 0.f;
+  };
+  zero_acc();
+  if (th.valid) {
+    for (idx_t item = begin + th.lane; item < end; item += th.lanes) {
+      const idx_t ow0 = (item % runs_w) * R;
+      if (ow0 - pl_ >= 0 && ow0 - pl_ + kCols <= W && ow0 + R <= OW) {
+        walk_item(item, std::true_type{}, std::true_type{});
+      } else {
+        walk_item(item, std::true_type{}, std::false_type{});
+      }
+    }
+    // The exact walks' sums are the predicated ones' bits when every value multiplied by a zero outside was finite
+    // (0 * v is then a zero, and adding a zero leaves a sum, which is never -0, as it is). A non-finite one, an inf
+    // or NaN in x or grad_y, makes a non-finite sum (0 * inf is NaN), and the predicated walks redo the thread's
+    // items: the scalar form's answer, where a product outside adds nothing.
+    bool finite = true;
+#pragma unroll
+    for (int t = 0; t < kTaps; ++t)
+#pragma unroll
+      for (int v = 0; v < V; ++v) finite = finite && fabsf(acc[t][v]) <= 3.402823466e38f;  // FLT_MAX; false for NaN
+    if (!finite) {
+      zero_acc();
+      for (idx_t item = begin + th.lane; item < end; item += th.lanes) {
+        walk_item(item, std::false_type{}, std::false_type{});
       }
     }
   }

@@ -912,13 +912,12 @@ void emulate_strips(const DepthwiseParams& p, int64_t rows, int64_t w, int strip
   constexpr int R = depthwise_strip_run(static_cast<int>(sizeof(T)), kCL), V = kCL ? kDepthwiseStripVec : 1;
   const int64_t threads =
       p.g.batch * ((rows + strip_rows - 1) / strip_rows) * ((w + R - 1) / R) * (p.g.in_channels / V);
-  const dim3 grid(static_cast<unsigned>((threads + kDepthwiseThreads - 1) / kDepthwiseThreads));
+  const dim3 grid(static_cast<unsigned>((threads + kDepthwiseStripThreads - 1) / kDepthwiseStripThreads));
+  const dim3 block(kDepthwiseStripThreads);
   if (kGrad ? p.prologue.backward() : p.prologue.active()) {  // as the launcher picks the prologue's forms
-    emulate_launch(kernels::depthwise_strip_kernel<T, int32_t, V, R, kGrad, true, kCL>, grid, dim3(kDepthwiseThreads),
-                   p, strip_rows);
+    emulate_launch(kernels::depthwise_strip_kernel<T, int32_t, V, R, kGrad, true, kCL>, grid, block, p, strip_rows);
   } else {
-    emulate_launch(kernels::depthwise_strip_kernel<T, int32_t, V, R, kGrad, false, kCL>, grid, dim3(kDepthwiseThreads),
-                   p, strip_rows);
+    emulate_launch(kernels::depthwise_strip_kernel<T, int32_t, V, R, kGrad, false, kCL>, grid, block, p, strip_rows);
   }
 }
 template <typename T, bool kCL = true>
@@ -950,6 +949,28 @@ DepthwiseParams strip_layer(int64_t c, int64_t w_in, int64_t pad, bool channels_
   return p;
 }
 
+// The forward (f: x and any bias set) and the input gradient (d: grad_y set) of a strip_layer by the scalar kernels
+// ([0]) and by the strip kernels at `rows` rows per strip ([1]), each output poisoned with NaN first.
+template <typename T, bool kCL>
+void scalar_and_strip_passes(DepthwiseParams f, DepthwiseParams d, int rows, std::vector<T> (&y)[2],
+                             std::vector<T> (&gx)[2]) {
+  const Conv2dGeometry& g = f.g;
+  const int64_t out_n = g.batch * g.in_channels * g.out_h * g.out_w, in_n = g.batch * g.in_channels * g.in_h * g.in_w;
+  const T nan = from_float<T>(std::nanf(""));
+  for (auto& v : y) v.assign(out_n, nan);
+  for (auto& v : gx) v.assign(in_n, nan);
+  f.output.data = y[0].data();
+  emulate_launch(kernels::depthwise_forward_kernel<T, int32_t, kCL, 3, 3, 1, 1>, dim3(elementwise_blocks(out_n)),
+                 dim3(kDepthwiseThreads), f);
+  f.output.data = y[1].data();
+  emulate_strips<T, false, kCL>(f, g.out_h, g.out_w, rows);
+  d.input.data = gx[0].data();
+  emulate_launch(kernels::depthwise_backward_input_kernel<T, int32_t, kCL, 3, 3, 1, 1>,
+                 dim3(elementwise_blocks(in_n)), dim3(kDepthwiseThreads), d);
+  d.input.data = gx[1].data();
+  emulate_strips<T, true, kCL>(d, g.in_h, g.in_w, rows);
+}
+
 // The NCHW strips give the scalar NCHW kernels' bits (forward with a bias, input gradient) and their weight
 // gradient's sums: rows of 9 and 13 pixels (runs of 4 cut short), padding 0 to 2, strips of 1, 3 and all rows;
 // with a prologue, the bits of the same kernels on the prologued input.
@@ -967,26 +988,14 @@ void check_nchw_strips(int64_t c, int64_t w_in, int64_t pad) {
   EXPECT(depthwise_nchw_strips(p) && depthwise_wgrad_strips(p, static_cast<int>(sizeof(T))));
   const T nan = from_float<T>(std::nanf(""));
   for (int rows : {1, 3, 7}) {
-    // Forward (input = x, output = y), with a bias.
-    DepthwiseParams f = p;
+    // Forward (input = x, output = y), with a bias; input gradient (input = grad_x, written; output = grad_y).
+    DepthwiseParams f = p, d = p;
     f.input.data = x.data(), f.bias = bias.data(), f.bias_stride = 1;
-    std::vector<T> y_scalar(out_n, nan), y_strip(out_n, nan);
-    f.output.data = y_scalar.data();
-    emulate_launch(kernels::depthwise_forward_kernel<T, int32_t, false, 3, 3, 1, 1>, dim3(elementwise_blocks(out_n)),
-                   dim3(kDepthwiseThreads), f);
-    f.output.data = y_strip.data();
-    emulate_strips<T, false, false>(f, g.out_h, g.out_w, rows);
-    EXPECT(std::memcmp(y_scalar.data(), y_strip.data(), out_n * sizeof(T)) == 0);
-    // Input gradient (input = grad_x, written; output = grad_y).
-    DepthwiseParams d = p;
     d.output.data = gy.data();
-    std::vector<T> gx_scalar(in_n, nan), gx_strip(in_n, nan);
-    d.input.data = gx_scalar.data();
-    emulate_launch(kernels::depthwise_backward_input_kernel<T, int32_t, false, 3, 3, 1, 1>,
-                   dim3(elementwise_blocks(in_n)), dim3(kDepthwiseThreads), d);
-    d.input.data = gx_strip.data();
-    emulate_strips<T, true, false>(d, 7, w_in, rows);
-    EXPECT(std::memcmp(gx_scalar.data(), gx_strip.data(), in_n * sizeof(T)) == 0);
+    std::vector<T> y[2], gx[2];
+    scalar_and_strip_passes<T, false>(f, d, rows, y, gx);
+    EXPECT(std::memcmp(y[0].data(), y[1].data(), out_n * sizeof(T)) == 0);
+    EXPECT(std::memcmp(gx[0].data(), gx[1].data(), in_n * sizeof(T)) == 0);
     // Weight gradient, pass 1 (input = x, output = grad_y): the slices' sums.
     DepthwiseParams b = p;
     b.input.data = x.data(), b.output.data = gy.data();
@@ -1030,6 +1039,112 @@ void check_nchw_strips(int64_t c, int64_t w_in, int64_t pad) {
     emulate_wgrad_strips<T, false>(br, ws_plain.data(), slices, rows);
     EXPECT(std::memcmp(ws_fused.data(), ws_plain.data(), ws_plain.size() * sizeof(float)) == 0);
   }
+}
+
+// With an inf or NaN weight the strip kernels keep the scalar forms' answer at the border, a tap outside the source
+// adding nothing (0 * inf would be NaN): their walk with predicated taps (exact_padding), both layouts, strips of 1,
+// 3, 4 and 7 rows (every slot of the 4-slot ring first). One channel has an inf, one a NaN, the others finite weights.
+// Bit for bit, except that any NaN matches any NaN (its sign and payload depend on the order of the operands).
+template <typename T>
+bool same_bits_or_nan(const std::vector<T>& a, const std::vector<T>& b) {
+  for (size_t i = 0; i < a.size(); ++i) {
+    const bool both_nan = std::isnan(to_double(a[i])) && std::isnan(to_double(b[i]));
+    if (!both_nan && std::memcmp(&a[i], &b[i], sizeof(T)) != 0) return false;
+  }
+  return a.size() == b.size();
+}
+
+// A strip_layer with padding 1 and random normal x, weights and grad_y (p.weight.data points at w).
+template <typename T>
+struct RandomStripLayer {
+  std::vector<T> x, w, gy;
+  DepthwiseParams p;
+  RandomStripLayer(int64_t c, int64_t w_in, bool channels_last, unsigned seed) : w(c * 9) {
+    std::mt19937 rng(seed);
+    std::normal_distribution<float> normal(0.f, 1.f);
+    p = strip_layer(c, w_in, 1, channels_last, w.data());
+    x.resize(2 * c * 7 * w_in), gy.resize(2 * c * p.g.out_h * p.g.out_w);
+    for (auto* v : {&x, &w, &gy})
+      for (auto& e : *v) e = from_float<T>(normal(rng));
+  }
+};
+
+template <typename T, bool kCL>
+void check_strips_with_non_finite_weights(int64_t c, int64_t w_in) {
+  RandomStripLayer<T> layer(c, w_in, kCL, static_cast<unsigned>(c * 7 + w_in + (kCL ? 100 : 0)));
+  const Conv2dGeometry& g = layer.p.g;
+  layer.w[0] = from_float<T>(INFINITY);        // channel 0, tap (0, 0): outside along the top and left edges
+  layer.w[9 + 8] = from_float<T>(std::nanf(""));  // channel 1, tap (2, 2)
+  for (int rows : {1, 3, 4, 7}) {
+    DepthwiseParams f = layer.p, d = layer.p;
+    f.input.data = layer.x.data();
+    d.output.data = layer.gy.data();
+    std::vector<T> y[2], gx[2];
+    scalar_and_strip_passes<T, kCL>(f, d, rows, y, gx);
+    EXPECT(same_bits_or_nan(y[0], y[1]));
+    EXPECT(same_bits_or_nan(gx[0], gx[1]));
+    // Channel 0's top-left pixel, whose inf tap lies outside, is finite.
+    for (int64_t n = 0; n < 2; ++n) {
+      const int64_t corner = kCL ? n * g.out_h * g.out_w * c : n * c * g.out_h * g.out_w;
+      EXPECT(std::isfinite(to_double(y[1][corner])));
+    }
+  }
+}
+
+// With an inf in x or grad_y the weight gradient's strip kernel keeps the scalar form's answer: an inf where it gives
+// one, NaN where it does, finite elsewhere (its exact walks would multiply the inf by a zero outside the image,
+// NaN, and the thread redoes its items with predicated products). Slices summed per (channel, tap).
+template <typename T, bool kCL>
+void check_wgrad_strips_with_non_finite_inputs(int64_t c, int64_t w_in) {
+  RandomStripLayer<T> layer(c, w_in, kCL, static_cast<unsigned>(c * 5 + w_in + (kCL ? 10 : 0)));
+  DepthwiseParams& p = layer.p;
+  const Conv2dGeometry& g = p.g;
+  std::vector<T>& x = layer.x;
+  std::vector<T>& gy = layer.gy;
+  const int64_t corner = 6 * w_in + w_in - 1;  // image 0, bottom-right pixel: outputs past the right edge read it
+  x[kCL ? corner * c : corner] = from_float<T>(INFINITY);                    // channel 0
+  gy[kCL ? (g.out_w - 1) * c + 1 : c > 1 ? g.out_h * g.out_w + g.out_w - 1 : 0] = from_float<T>(-INFINITY);  // channel 1, top row
+  p.input.data = x.data(), p.output.data = gy.data();
+  const int64_t slices = 3;
+  std::vector<float> scalar_ws(slices * c * 9, std::nanf(""));
+  emulate_launch(kernels::depthwise_backward_weight_partial_kernel<T, int32_t, kCL, 3, 3>,
+                 dim3(static_cast<unsigned>((c + (kCL ? 31 : 3)) / (kCL ? 32 : 4)), static_cast<unsigned>(slices)),
+                 dim3(kDepthwiseThreads), p, scalar_ws.data(), slices);
+  auto totals = [&](const std::vector<float>& ws) {
+    std::vector<double> sum(c * 9, 0.0);
+    for (int64_t sl = 0; sl < slices; ++sl)
+      for (int64_t i = 0; i < c * 9; ++i) sum[i] += ws[sl * c * 9 + i];
+    return sum;
+  };
+  const std::vector<double> want = totals(scalar_ws);
+  int non_finite = 0;
+  for (double v : want) non_finite += !std::isfinite(v);
+  EXPECT(non_finite > 0 && non_finite < c * 9);  // the case tests something
+  for (int rows : {1, 3, 7}) {
+    std::vector<float> strip_ws(slices * c * 9, std::nanf(""));
+    emulate_wgrad_strips<T, kCL>(p, strip_ws.data(), slices, rows);
+    const std::vector<double> got = totals(strip_ws);
+    bool same = true;
+    for (int64_t i = 0; i < c * 9; ++i) {
+      if (std::isfinite(want[i])) {
+        same &= std::abs(got[i] - want[i]) <= 1e-5 * (1.0 + std::abs(want[i]));
+      } else {
+        same &= std::isnan(want[i]) ? std::isnan(got[i]) : got[i] == want[i];
+      }
+    }
+    EXPECT(same);
+  }
+}
+
+TEST_CASE(strips_with_non_finite_values_skip_the_taps_outside) {
+  check_strips_with_non_finite_weights<__nv_bfloat16, true>(8, 9);
+  check_strips_with_non_finite_weights<float, true>(4, 13);
+  check_strips_with_non_finite_weights<__half, false>(3, 13);
+  check_strips_with_non_finite_weights<float, false>(2, 9);
+  check_wgrad_strips_with_non_finite_inputs<__nv_bfloat16, true>(8, 9);
+  check_wgrad_strips_with_non_finite_inputs<float, true>(4, 13);
+  check_wgrad_strips_with_non_finite_inputs<__half, false>(3, 13);
+  check_wgrad_strips_with_non_finite_inputs<float, false>(2, 9);
 }
 
 TEST_CASE(nchw_strip_kernels_match_the_scalar_forms) {
