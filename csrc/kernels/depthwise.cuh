@@ -790,6 +790,17 @@ struct StripWindow {
   }
 };
 
+// Whether every value of a 3x3 kernel's taps (weights, or the weight gradient's sums) is finite.
+template <int V>
+__device__ __forceinline__ bool all_finite(const float (&taps)[9][V]) {
+  bool finite = true;
+#pragma unroll
+  for (int t = 0; t < 9; ++t)
+#pragma unroll
+    for (int v = 0; v < V; ++v) finite = finite && fabsf(taps[t][v]) <= 3.402823466e38f;  // FLT_MAX; false for NaN
+  return finite;
+}
+
 // Whether a tap outside the source adds exactly nothing to a strip kernel's sums, so that accumulate<.., true>
 // gives the predicated form's bits everywhere: every weight finite. Outside the source the window holds +0
 // (loads of zeros; the prologue's selects), and 0 * w is a zero for a finite w; the sums start at +0 and a sum of
@@ -799,12 +810,7 @@ struct StripWindow {
 // At 728 @19^2 half the rows of a strip kernel touch the border (runs of 4 over 19 columns).
 template <int V>
 __device__ __forceinline__ bool exact_padding(const float (&wv)[9][V]) {
-  bool finite = true;
-#pragma unroll
-  for (int t = 0; t < 9; ++t)
-#pragma unroll
-    for (int v = 0; v < V; ++v) finite = finite && fabsf(wv[t][v]) <= 3.402823466e38f;  // FLT_MAX; false for NaN
-  return finite;
+  return all_finite<V>(wv);
 }
 
 // Calls row(std::integral_constant<int, k>{}, o) for o = o0 .. o_end - 1 (o0 < o_end), k = (o - o0) % kSlots known
@@ -1321,6 +1327,7 @@ __global__ void __launch_bounds__(kDepthwiseThreads, 2)
   zero_acc();
   if (th.valid) {
     for (idx_t item = begin + th.lane; item < end; item += th.lanes) {
+      // walk_item's cols_in. (Through one shared lambda, ptxas laid out the border walk ~25% longer per row.)
       const idx_t ow0 = (item % runs_w) * R;
       if (ow0 - pl_ >= 0 && ow0 - pl_ + kCols <= W && ow0 + R <= OW) {
         walk_item(item, std::true_type{}, std::true_type{});
@@ -1332,12 +1339,7 @@ __global__ void __launch_bounds__(kDepthwiseThreads, 2)
     // (0 * v is then a zero, and adding a zero leaves a sum, which is never -0, as it is). A non-finite one, an inf
     // or NaN in x or grad_y, makes a non-finite sum (0 * inf is NaN), and the predicated walks redo the thread's
     // items: the scalar form's answer, where a product outside adds nothing.
-    bool finite = true;
-#pragma unroll
-    for (int t = 0; t < kTaps; ++t)
-#pragma unroll
-      for (int v = 0; v < V; ++v) finite = finite && fabsf(acc[t][v]) <= 3.402823466e38f;  // FLT_MAX; false for NaN
-    if (!finite) {
+    if (!all_finite<V>(acc)) {
       zero_acc();
       for (idx_t item = begin + th.lane; item < end; item += th.lanes) {
         walk_item(item, std::false_type{}, std::false_type{});

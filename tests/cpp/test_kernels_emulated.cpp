@@ -1041,9 +1041,6 @@ void check_nchw_strips(int64_t c, int64_t w_in, int64_t pad) {
   }
 }
 
-// With an inf or NaN weight the strip kernels keep the scalar forms' answer at the border, a tap outside the source
-// adding nothing (0 * inf would be NaN): their walk with predicated taps (exact_padding), both layouts, strips of 1,
-// 3, 4 and 7 rows (every slot of the 4-slot ring first). One channel has an inf, one a NaN, the others finite weights.
 // Bit for bit, except that any NaN matches any NaN (its sign and payload depend on the order of the operands).
 template <typename T>
 bool same_bits_or_nan(const std::vector<T>& a, const std::vector<T>& b) {
@@ -1069,6 +1066,9 @@ struct RandomStripLayer {
   }
 };
 
+// With an inf or NaN weight the strip kernels keep the scalar forms' answer at the border, a tap outside the source
+// adding nothing (0 * inf would be NaN): their walk with predicated taps (exact_padding), both layouts, strips of 1,
+// 3, 4 and 7 rows (every slot of the 4-slot ring first). One channel has an inf, one a NaN, the others finite weights.
 template <typename T, bool kCL>
 void check_strips_with_non_finite_weights(int64_t c, int64_t w_in) {
   RandomStripLayer<T> layer(c, w_in, kCL, static_cast<unsigned>(c * 7 + w_in + (kCL ? 100 : 0)));
@@ -1102,13 +1102,14 @@ void check_wgrad_strips_with_non_finite_inputs(int64_t c, int64_t w_in) {
   std::vector<T>& x = layer.x;
   std::vector<T>& gy = layer.gy;
   const int64_t corner = 6 * w_in + w_in - 1;  // image 0, bottom-right pixel: outputs past the right edge read it
-  x[kCL ? corner * c : corner] = from_float<T>(INFINITY);                    // channel 0
-  gy[kCL ? (g.out_w - 1) * c + 1 : c > 1 ? g.out_h * g.out_w + g.out_w - 1 : 0] = from_float<T>(-INFINITY);  // channel 1, top row
+  x[kCL ? corner * c : corner] = from_float<T>(INFINITY);  // channel 0
+  const int64_t top_right = g.out_w - 1;                  // channel 1 (c >= 2), image 0, top row's last pixel
+  gy[kCL ? top_right * c + 1 : g.out_h * g.out_w + top_right] = from_float<T>(-INFINITY);
   p.input.data = x.data(), p.output.data = gy.data();
-  const int64_t slices = 3;
+  const int64_t slices = 3, per_block = depthwise_wgrad_channels_per_block(kCL);
   std::vector<float> scalar_ws(slices * c * 9, std::nanf(""));
   emulate_launch(kernels::depthwise_backward_weight_partial_kernel<T, int32_t, kCL, 3, 3>,
-                 dim3(static_cast<unsigned>((c + (kCL ? 31 : 3)) / (kCL ? 32 : 4)), static_cast<unsigned>(slices)),
+                 dim3(static_cast<unsigned>((c + per_block - 1) / per_block), static_cast<unsigned>(slices)),
                  dim3(kDepthwiseThreads), p, scalar_ws.data(), slices);
   auto totals = [&](const std::vector<float>& ws) {
     std::vector<double> sum(c * 9, 0.0);
