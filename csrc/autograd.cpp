@@ -1,5 +1,5 @@
-// The ops' Autograd kernels, in C++: separable_conv2d, depthwise_conv2d, scale_shift and batch_norm_finalize
-// (each forward calls the op below autograd, whichever backend its `backend` names, and records a node whose
+// The ops' Autograd kernels, in C++: separable_conv2d, depthwise_conv2d, scale_shift, batch_norm_finalize and
+// max_pool2d (each forward calls the op below autograd, whichever backend its `backend` names, and records a node whose
 // backward calls the matching *_backward op), and batch_norm_update_stats (in place, no gradient).
 //
 // Why C++: registered from Python (torch.library.register_autograd, or our lighter form of it), every call of a
@@ -352,6 +352,62 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize_autograd(const Te
   return {r[0], r[1], r[2], r[3]};
 }
 
+// ---- max_pool2d ----
+using MaxPoolSig = std::tuple<Tensor, Tensor>(const Tensor&, IntArrayRef, IntArrayRef, IntArrayRef, bool, bool,
+                                              c10::string_view);
+using MaxPoolBackwardSig = Tensor(const Tensor&, const Tensor&, c10::SymIntArrayRef, IntArrayRef, IntArrayRef,
+                                  IntArrayRef, bool, c10::string_view);
+
+const c10::TypedOperatorHandle<MaxPoolSig>& max_pool_op() {
+  static const auto op = op_handle<MaxPoolSig>("xception_ops::max_pool2d");
+  return op;
+}
+
+// Saves the argmax codes (one byte per output) and x's sizes, not x.
+struct MaxPoolFunction : public torch::autograd::Function<MaxPoolFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, IntArrayRef kernel_size, IntArrayRef stride,
+                               IntArrayRef padding, bool ceil_mode, c10::string_view backend) {
+    Tensor out, argmax;
+    {
+      const at::AutoDispatchBelowADInplaceOrView below;
+      std::tie(out, argmax) = max_pool_op().call(x, kernel_size, stride, padding, ceil_mode, true, backend);
+    }
+    ctx->mark_non_differentiable({argmax});
+    ctx->save_for_backward({argmax});
+    auto& data = ctx->saved_data;
+    data["input_size"] = x.sym_sizes().vec();
+    data["kernel_size"] = to_vector(kernel_size);
+    data["stride"] = to_vector(stride);
+    data["padding"] = to_vector(padding);
+    data["ceil_mode"] = ceil_mode;
+    data["backend"] = std::string(backend);
+    return {out, argmax};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto backward_op = op_handle<MaxPoolBackwardSig>("xception_ops::max_pool2d_backward");
+    const auto& data = ctx->saved_data;
+    const Tensor argmax = ctx->get_saved_variables()[0];
+    const auto input_size = data.at("input_size").toSymIntList().vec();
+    const Tensor grad_x = backward_op.call(
+        grads[0], argmax, input_size, data.at("kernel_size").toIntVector(), data.at("stride").toIntVector(),
+        data.at("padding").toIntVector(), data.at("ceil_mode").toBool(), data.at("backend").toStringRef());
+    return {grad_x, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+// A call that records a node saves the argmax whatever save_argmax says (its backward needs it) and returns it.
+std::tuple<Tensor, Tensor> max_pool2d_autograd(const Tensor& x, IntArrayRef kernel_size, IntArrayRef stride,
+                                               IntArrayRef padding, bool ceil_mode, bool save_argmax,
+                                               c10::string_view backend) {
+  if (!needs_node({&x}, {})) {
+    const at::AutoDispatchBelowADInplaceOrView below;
+    return max_pool_op().call(x, kernel_size, stride, padding, ceil_mode, save_argmax, backend);
+  }
+  const variable_list r = MaxPoolFunction::apply(x, kernel_size, stride, padding, ceil_mode, backend);
+  return {r[0], r[1]};
+}
+
 // ---- batch_norm_update_stats: no gradient (a side effect on the running statistics) ----
 using UpdateStatsSig = void(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&, int64_t,
                             double, c10::string_view);
@@ -380,6 +436,7 @@ TORCH_LIBRARY_IMPL(xception_ops, Autograd, m) {
   m.impl("depthwise_conv2d", &depthwise_conv2d_autograd);
   m.impl("scale_shift", &scale_shift_autograd);
   m.impl("batch_norm_finalize", &batch_norm_finalize_autograd);
+  m.impl("max_pool2d", &max_pool2d_autograd);
 }
 
 }  // namespace xception_ops

@@ -235,6 +235,32 @@ void check_scale_shift(const char* op, const Tensor& y, const Tensor& scale, con
   if (grad != nullptr) check_like(op, "grad", *grad, y.sizes(), y);
 }
 
+Pool2dGeometry check_max_pool2d(const char* op, const Tensor& values, const char* values_name, IntArrayRef x_sizes,
+                                IntArrayRef kernel_size, IntArrayRef stride, IntArrayRef padding, bool ceil_mode) {
+  XO_CHECK_VALUE(x_sizes.size() == 4, op, ": x must be a 4-D tensor (N, C, H, W), got shape ", dims(x_sizes));
+  check_float_tensor(op, values_name, values);
+  check_int_list(op, "kernel_size", kernel_size, 2, 1);
+  check_int_list(op, "stride", stride, 2, 1);
+  check_int_list(op, "padding", padding, 2, 0);
+  XO_CHECK_VALUE(kernel_size[0] * kernel_size[1] <= kMaxPoolMaxTaps, op, ": kernel_size ", dims(kernel_size),
+                 " has more than ", kMaxPoolMaxTaps, " taps (the argmax is kept as one byte per output)");
+  for (int d = 0; d < 2; ++d) {
+    XO_CHECK_VALUE(2 * padding[d] <= kernel_size[d], op, ": padding must be at most half of kernel_size, got padding ",
+                   dims(padding), " and kernel_size ", dims(kernel_size));
+  }
+  Pool2dGeometry g;
+  g.batch = x_sizes[0], g.channels = x_sizes[1], g.in_h = x_sizes[2], g.in_w = x_sizes[3];
+  g.kernel_h = kernel_size[0], g.kernel_w = kernel_size[1];
+  g.stride_h = stride[0], g.stride_w = stride[1];
+  g.pad_h = padding[0], g.pad_w = padding[1];
+  g.ceil_mode = ceil_mode;
+  g.out_h = pool_out_size(g.in_h, g.kernel_h, g.stride_h, g.pad_h, ceil_mode);
+  g.out_w = pool_out_size(g.in_w, g.kernel_w, g.stride_w, g.pad_w, ceil_mode);
+  XO_CHECK_VALUE(g.out_h >= 1 && g.out_w >= 1, op, ": the output would be empty: x's size ", dims(x_sizes.slice(2)),
+                 " is smaller than kernel_size ", dims(kernel_size), " with padding ", dims(padding));
+  return g;
+}
+
 void check_like(const char* op, const char* name, const Tensor& t, IntArrayRef shape, const Tensor& x) {
   XO_CHECK_VALUE(t.sizes() == shape, op, ": ", name, " must have shape ", dims(shape), ", got ", dims(t.sizes()));
   check_same_device(op, name, t, x);

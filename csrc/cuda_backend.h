@@ -88,6 +88,12 @@ std::tuple<Tensor, Tensor, Tensor> scale_shift_backward(const Tensor& grad, cons
 void batch_norm_update_stats(const Tensor& running_mean, const Tensor& running_var, const Tensor& mean,
                              const Tensor& var, const OptTensor& pre_bias, int64_t count, double momentum);
 
+// Max pooling (csrc/cuda/pool_backend.cpp), with the contracts of reference::max_pool2d / max_pool2d_backward: one
+// kernel each way (kernels/pool.cuh); float64 takes the reference.
+std::tuple<Tensor, Tensor> max_pool2d(const Tensor& x, const Pool2dGeometry& g, bool save_argmax);
+Tensor max_pool2d_backward(const Tensor& grad_out, const Tensor& argmax, const Pool2dGeometry& g,
+                           at::MemoryFormat fmt);
+
 template <size_t N>
 bool listed(const std::array<const char*, N>& names, c10::string_view op) {
   for (const char* name : names) {

@@ -5,7 +5,7 @@
 #include <array>
 
 namespace xception_ops::cuda {
-inline constexpr std::array<const char*, 10> kImplementedOps = {
+inline constexpr std::array<const char*, 12> kImplementedOps = {
     "xception_ops.depthwise_conv2d",
     "xception_ops.depthwise_conv2d_backward_input",
     "xception_ops.depthwise_conv2d_backward_weight",
@@ -16,6 +16,8 @@ inline constexpr std::array<const char*, 10> kImplementedOps = {
     "xception_ops.batch_norm_update_stats",
     "xception_ops.scale_shift",
     "xception_ops.scale_shift_backward",
+    "xception_ops.max_pool2d",
+    "xception_ops.max_pool2d_backward",
 };
 // The subset that backend "auto" takes on CUDA tensors: kernels that beat the reference path wherever measured
 // (benchmarks/RESULTS.md). The depthwise kernels do not yet: PyTorch's forward is faster on the H200.

@@ -11,6 +11,7 @@
 #include <type_traits>
 
 #include "kernels/conv_geometry.h"
+#include "kernels/pool_geometry.h"
 
 namespace xception_ops {
 
@@ -92,6 +93,11 @@ void check_batch_norm_update_stats(const char* op, const Tensor& running_mean, c
 // y a 4-D float tensor; scale and shift float32 or float64 vectors of y's channels on its device (one dtype);
 // grad, when given, y's shape, dtype and device.
 void check_scale_shift(const char* op, const Tensor& y, const Tensor& scale, const Tensor& shift, const Tensor* grad);
+// Max pooling: x's sizes 4-D; kernel_size, stride >= 1 and 0 <= padding <= kernel / 2 (PyTorch's rules), two values
+// each; at most kMaxPoolMaxTaps taps per window; at least one output row and column. `values` (x, or grad_out for
+// the backward, named `values_name`) a float tensor.
+Pool2dGeometry check_max_pool2d(const char* op, const Tensor& values, const char* values_name, IntArrayRef x_sizes,
+                                IntArrayRef kernel_size, IntArrayRef stride, IntArrayRef padding, bool ceil_mode);
 // Checks a tensor that must have `shape` and x's dtype and device (gradients, saved outputs).
 void check_like(const char* op, const char* name, const Tensor& t, IntArrayRef shape, const Tensor& x);
 // Output layout rule shared by every backend and the fake kernels: channels_last in, channels_last out.
@@ -132,6 +138,12 @@ Tensor scale_shift(const Tensor& y, const Tensor& scale, const Tensor& shift, bo
 // per channel in scale's dtype.
 std::tuple<Tensor, Tensor, Tensor> scale_shift_backward(const Tensor& grad, const Tensor& y, const Tensor& scale,
                                                         const Tensor& shift, bool relu);
+// Max pooling with PyTorch's rules (kernels/pool_params.h): the maximum of each window and, with save_argmax, the
+// window's argmax as a uint8 tap index ky * kernel_w + kx (otherwise an empty uint8 tensor); both in x's layout.
+std::tuple<Tensor, Tensor> max_pool2d(const Tensor& x, const Pool2dGeometry& g, bool save_argmax);
+// Its gradient: each window's gradient added to its argmax, in grad_out's layout `fmt`.
+Tensor max_pool2d_backward(const Tensor& grad_out, const Tensor& argmax, const Pool2dGeometry& g,
+                           at::MemoryFormat fmt);
 // Updates running_mean / running_var in place (formulas in kernels/batchnorm_params.h), computed in the
 // statistics' dtype and stored in the buffers' own.
 void batch_norm_update_stats(const Tensor& running_mean, const Tensor& running_var, const Tensor& mean,

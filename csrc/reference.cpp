@@ -238,5 +238,40 @@ void batch_norm_update_stats(const Tensor& running_mean, const Tensor& running_v
   running_var.copy_(running_var.to(type) * (1 - momentum) + unbiased * momentum);
 }
 
+namespace {
+
+// The origins of the output windows, oh * stride - pad and ow * stride - pad, as int64 [out_h, 1] and [1, out_w].
+std::pair<Tensor, Tensor> window_origins(const Pool2dGeometry& g, const at::TensorOptions& options) {
+  const auto opts = options.dtype(at::kLong);
+  return {(at::arange(g.out_h, opts) * g.stride_h - g.pad_h).view({g.out_h, 1}),
+          (at::arange(g.out_w, opts) * g.stride_w - g.pad_w).view({1, g.out_w})};
+}
+
+}  // namespace
+
+// PyTorch's pooling, its flat argmax ih * W + iw turned into the window's tap index and back.
+std::tuple<Tensor, Tensor> max_pool2d(const Tensor& x, const Pool2dGeometry& g, bool save_argmax) {
+  const auto fmt = output_memory_format(x);
+  auto [out, index] = at::max_pool2d_with_indices(x, {g.kernel_h, g.kernel_w}, {g.stride_h, g.stride_w},
+                                                  {g.pad_h, g.pad_w}, {1, 1}, g.ceil_mode);
+  out = out.contiguous(fmt);
+  if (!save_argmax) return {out, at::empty({0}, x.options().dtype(at::kByte))};
+  const auto [rows, cols] = window_origins(g, index.options());
+  const Tensor code = (index.div(g.in_w, "floor") - rows) * g.kernel_w + (index.remainder(g.in_w) - cols);
+  return {out, code.to(at::kByte).contiguous(fmt)};
+}
+
+Tensor max_pool2d_backward(const Tensor& grad_out, const Tensor& argmax, const Pool2dGeometry& g,
+                           at::MemoryFormat fmt) {
+  const auto [rows, cols] = window_origins(g, argmax.options());
+  const Tensor code = argmax.to(at::kLong);
+  const Tensor index = (rows + code.div(g.kernel_w, "floor")) * g.in_w + cols + code.remainder(g.kernel_w);
+  // ATen's backward takes the input for its shape and layout only.
+  const Tensor input_like = at::empty({g.batch, g.channels, g.in_h, g.in_w}, grad_out.options().memory_format(fmt));
+  return at::max_pool2d_with_indices_backward(grad_out, input_like, {g.kernel_h, g.kernel_w}, {g.stride_h, g.stride_w},
+                                              {g.pad_h, g.pad_w}, {1, 1}, g.ceil_mode, index)
+      .contiguous(fmt);
+}
+
 }  // namespace reference
 }  // namespace xception_ops

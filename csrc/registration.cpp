@@ -282,6 +282,51 @@ void batch_norm_update_stats(const Tensor& running_mean, const Tensor& running_v
   reference::batch_norm_update_stats(running_mean, running_var, mean, var, pre_bias, count, momentum);
 }
 
+constexpr const char* kMaxPool = "xception_ops.max_pool2d";
+constexpr const char* kMaxPoolBwd = "xception_ops.max_pool2d_backward";
+
+std::tuple<Tensor, Tensor> max_pool2d(const Tensor& x, IntArrayRef kernel_size, IntArrayRef stride,
+                                      IntArrayRef padding, bool ceil_mode, bool save_argmax,
+                                      c10::string_view backend) {
+  const Pool2dGeometry g = check_max_pool2d(kMaxPool, x, "x", x.sizes(), kernel_size, stride, padding, ceil_mode);
+  const Backend chosen = resolve_backend(backend, kMaxPool, x);
+  if (chosen == Backend::Cuda) {
+    XO_IF_CUDA(return cuda::max_pool2d(x, g, save_argmax));
+  }
+  XO_CHECK_NOT_IMPLEMENTED(chosen != Backend::Triton, kMaxPool,
+                           ": backend 'triton' has no kernel for this op (Xception's pools run on 'torch' or "
+                           "'cuda')");
+  return reference::max_pool2d(x, g, save_argmax);
+}
+
+// grad_x comes in the layout of argmax, which is the forward's (x's).
+Tensor max_pool2d_backward(const Tensor& grad_out, const Tensor& argmax, c10::SymIntArrayRef input_size,
+                           IntArrayRef kernel_size, IntArrayRef stride, IntArrayRef padding, bool ceil_mode,
+                           c10::string_view backend) {
+  const auto x_sizes = C10_AS_INTARRAYREF_SLOW(input_size);
+  const Pool2dGeometry g =
+      check_max_pool2d(kMaxPoolBwd, grad_out, "grad_out", x_sizes, kernel_size, stride, padding, ceil_mode);
+  const std::vector<int64_t> out_shape = {g.batch, g.channels, g.out_h, g.out_w};
+  XO_CHECK_VALUE(grad_out.sizes() == IntArrayRef(out_shape), kMaxPoolBwd, ": grad_out must have shape ",
+                 dims(out_shape), " (the pooled shape of input_size ", dims(x_sizes), "), got ",
+                 dims(grad_out.sizes()));
+  XO_CHECK_VALUE(argmax.sizes() == IntArrayRef(out_shape), kMaxPoolBwd, ": argmax must have shape ",
+                 dims(out_shape), " (the forward's, saved with save_argmax=True), got ", dims(argmax.sizes()));
+  XO_CHECK_TYPE(argmax.scalar_type() == at::kByte, kMaxPoolBwd, ": argmax must be uint8 (the forward's), got ",
+                argmax.scalar_type());
+  XO_CHECK_VALUE(argmax.device() == grad_out.device(), kMaxPoolBwd, ": argmax is on ", argmax.device(),
+                 " but grad_out is on ", grad_out.device(), "; move both to the same device");
+  const auto fmt = output_memory_format(argmax);
+  const Backend chosen = resolve_backend(backend, kMaxPoolBwd, grad_out);
+  if (chosen == Backend::Cuda) {
+    XO_IF_CUDA(return cuda::max_pool2d_backward(grad_out, argmax, g, fmt));
+  }
+  XO_CHECK_NOT_IMPLEMENTED(chosen != Backend::Triton, kMaxPoolBwd,
+                           ": backend 'triton' has no kernel for this op (Xception's pools run on 'torch' or "
+                           "'cuda')");
+  return reference::max_pool2d_backward(grad_out, argmax, g, fmt);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(xception_ops, m) {
@@ -322,6 +367,14 @@ TORCH_LIBRARY(xception_ops, m) {
   m.def(
       "scale_shift_backward(Tensor grad, Tensor y, Tensor scale, Tensor shift, bool relu, str backend) "
       "-> (Tensor grad_y, Tensor grad_scale, Tensor grad_shift)");
+  // Max pooling with PyTorch's rules (implicit padding, floor or ceil mode, no dilation), its argmax kept as one
+  // byte per output (the tap's index ky * kernel_w + kx) when save_argmax; an empty uint8 tensor otherwise.
+  m.def(
+      "max_pool2d(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, bool ceil_mode, bool save_argmax, "
+      "str backend) -> (Tensor out, Tensor argmax)");
+  m.def(
+      "max_pool2d_backward(Tensor grad_out, Tensor argmax, SymInt[4] input_size, int[2] kernel_size, "
+      "int[2] stride, int[2] padding, bool ceil_mode, str backend) -> Tensor");
   // In place, under no_grad: the running statistics after a training step's finalize.
   m.def(
       "batch_norm_update_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, "
@@ -339,7 +392,9 @@ TORCH_LIBRARY(xception_ops, m) {
   m.impl("batch_norm_finalize_backward", &batch_norm_finalize_backward);                   \
   m.impl("batch_norm_update_stats", &batch_norm_update_stats);                             \
   m.impl("scale_shift", &scale_shift);                                                     \
-  m.impl("scale_shift_backward", &scale_shift_backward)
+  m.impl("scale_shift_backward", &scale_shift_backward);                                   \
+  m.impl("max_pool2d", &max_pool2d);                                                       \
+  m.impl("max_pool2d_backward", &max_pool2d_backward)
 
 TORCH_LIBRARY_IMPL(xception_ops, CPU, m) { XO_REGISTER_ROUTERS(m); }
 TORCH_LIBRARY_IMPL(xception_ops, CUDA, m) { XO_REGISTER_ROUTERS(m); }

@@ -441,3 +441,26 @@ def test_unknown_compile_mode_is_refused_before_anything_runs():
     args = cli.build_parser().parse_args(["bench", "--compile"])
     assert args.compile == "default"
     assert cli.build_parser().parse_args(["bench", "--compile", "max-autotune"]).compile == "max-autotune"
+
+
+def test_pool_rows_time_xceptions_pools_on_each_backend():
+    """--ops pool: Xception's four max pools (or the given shapes' C_in), eager against the package's backends, with
+    their bytes: x and the pooled values, the one-byte argmax codes when training, and the backward's traffic."""
+    report = bench.run(device="cpu", backends_=["torch"], dtypes=["float32"], layouts=["NHWC"],
+                       passes=["inference", "training"], scale=0.05, ops=["pool"], models=False, warmup=0, reps=1,
+                       progress=lambda line: None)
+    rows = report["layers"]
+    assert {(r["cin"], r["hw"]) for r in rows} == {(c, max(3, round(hw * 0.05))) for c, hw in bench.XCEPTION_POOLS}
+    assert {r["impl"] for r in rows} == {"eager", "xo:torch"} and all(r["error"] is None for r in rows)
+    assert all(r["op"] == "pool" and r["cout"] == r["cin"] for r in rows)
+    row = next(r for r in rows if r["cin"] == 128 and r["pass_"] == "inference")
+    hw, pooled_hw = row["hw"], (row["hw"] + 1) // 2
+    assert row["min_bytes"] == row["batch"] * 128 * (hw * hw + pooled_hw * pooled_hw) * 4
+    training = next(r for r in rows if r["cin"] == 128 and r["pass_"] == "training")
+    pooled = row["batch"] * 128 * pooled_hw * pooled_hw
+    assert training["min_bytes"] == 2 * row["min_bytes"] + 2 * pooled
+    given = bench.run(device="cpu", backends_=["torch"], dtypes=["float32"], layouts=["NCHW"], passes=["forward"],
+                      shapes=[(3, 4, 9, 1)], ops=["pool", "depthwise"], models=False, warmup=0, reps=1,
+                      progress=lambda line: None)
+    assert [(r["op"], r["cin"], r["cout"]) for r in given["layers"] if r["impl"] == "eager"] == [
+        ("depthwise", 3, 4), ("pool", 3, 3)]

@@ -260,11 +260,18 @@ def _opcheck_cases():
                                                9, 0.1, "torch")),
         (ops.batch_norm_update_stats.default, (torch.zeros(4, dtype=torch.bfloat16), torch.ones(4), torch.randn(4),
                                                torch.rand(4), torch.randn(4), 2, 1.0, "torch")),
+        (ops.max_pool2d.default, (torch.randn(2, 3, 7, 8, requires_grad=True), [3, 3], [2, 2], [1, 1], False, True,
+                                  "torch")),
+        (ops.max_pool2d.default, (xl, [3, 3], [2, 2], [0, 0], True, False, "torch")),
+        (ops.max_pool2d.default, (torch.randn(2, 3, 7, 8), [2, 3], [2, 1], [1, 1], False, False, "torch")),
+        (ops.max_pool2d_backward.default, (torch.randn(2, 3, 4, 3), torch.randint(0, 9, (2, 3, 4, 3),
+                                           dtype=torch.uint8), [2, 3, 7, 6], [3, 3], [2, 2], [1, 1], False,
+                                           "torch")),
     ]
 
 
 @needs_ext
-@pytest.mark.parametrize("index", range(17))
+@pytest.mark.parametrize("index", range(21))
 def test_opcheck(index):
     op, args = _opcheck_cases()[index]
     torch.library.opcheck(op, args)

@@ -17,11 +17,11 @@
 #   GPU_XDIST_WORKERS / XDIST_WORKERS   pytest-xdist processes for the CUDA tests (4) and the Triton tests (nproc);
 #                 TRITON_TEST_WORKERS those of the Triton tests in the "tests" step, beside the CUDA tests (6)
 # Steps: build install info tests (or gpu_tests and triton_tests one after the other) forward profile ncu (when
-# Nsight Compute is installed) bench_layers sweep parity bench_models profile_models.
+# Nsight Compute is installed) bench_layers pools sweep parity bench_models profile_models.
 # Each step runs even if an earlier one failed; the exit status is non-zero if any failed. Everything printed goes
 # to OUT_DIR/gpu_check.log (the "tests" step's full logs to gpu_tests.log and triton_tests.log, ncu's report into
 # the log too); results to parity.json, bench.{json,md} and nchw-fp32/bench.{json,md} (layers),
-# sweep-*.json (the depthwise kernels alone), forward-*/bench.{json,md} (the separable forward's implementations),
+# pools/bench.{json,md} (Xception's max pools), sweep-*.json (the depthwise kernels alone), forward-*/bench.{json,md} (the separable forward's implementations),
 # profile-*.txt (the kernels of a layer's passes), models/bench.{json,md} and profile-models.txt (host- or GPU-bound
 # model steps; PROFILE_MODEL_ARGS replaces its arguments).
 set -uo pipefail
@@ -144,6 +144,9 @@ else
   step bench_layers "$PY" -m xception_ops.cli bench --out "$out/nchw-fp32" --no-models --dtypes float32 \
     --layouts NCHW --passes inference --backends cuda --warmup 5 --reps 20 --tf32 on
 fi
+# Xception's four max pools: the cuda backend's kernels (one-byte argmax, gathered backward) against PyTorch's.
+step pools "$PY" -m xception_ops.cli bench --out "$out/pools" --no-models --ops pool --backends cuda \
+  --dtypes bfloat16 float32 --layouts NHWC NCHW --warmup 5 --reps 20
 # The depthwise kernels alone against cuDNN, with the strip kernels and without (tools/depthwise_sweep.py): bf16
 # channels-last and float32 NCHW.
 step sweep "$PY" tools/depthwise_sweep.py --settings auto off --json "$out/sweep-nhwc-bf16.json"

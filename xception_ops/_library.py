@@ -29,7 +29,7 @@ else:
 
 OPS = ("depthwise_conv2d", "depthwise_conv2d_backward_input", "depthwise_conv2d_backward_weight",
        "separable_conv2d", "separable_conv2d_backward", "batch_norm_finalize", "batch_norm_finalize_backward",
-       "batch_norm_update_stats", "scale_shift", "scale_shift_backward")
+       "batch_norm_update_stats", "scale_shift", "scale_shift_backward", "max_pool2d", "max_pool2d_backward")
 
 
 def _empty_vector(x: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
@@ -140,12 +140,35 @@ def _register_finalize_fake() -> None:
                                              mean, var, pre_bias, count, momentum)
 
 
+def _register_pool_fakes() -> None:
+    @_fake("max_pool2d")
+    def _(x, kernel_size, stride, padding, ceil_mode, save_argmax, backend):
+        shape = checks.check_max_pool2d("xception_ops.max_pool2d", x, "x", x.shape, kernel_size, stride, padding,
+                                        ceil_mode)
+        out = _empty_like_fmt(x, shape, x)
+        argmax = (x.new_empty(shape, dtype=torch.uint8).contiguous(memory_format=checks.output_memory_format(x))
+                  if save_argmax else x.new_empty((0,), dtype=torch.uint8))
+        return out, argmax
+
+    @_fake("max_pool2d_backward")
+    def _(grad_out, argmax, input_size, kernel_size, stride, padding, ceil_mode, backend):
+        op = "xception_ops.max_pool2d_backward"
+        shape = checks.check_max_pool2d(op, grad_out, "grad_out", input_size, kernel_size, stride, padding, ceil_mode)
+        for name, t in (("grad_out", grad_out), ("argmax", argmax)):
+            if tuple(t.shape) != tuple(shape):
+                raise ValueError(f"{op}: {name} must have shape {list(shape)}, got {list(t.shape)}")
+        if argmax.dtype != torch.uint8:
+            raise TypeError(f"{op}: argmax must be uint8 (the forward's), got {argmax.dtype}")
+        return _empty_like_fmt(grad_out, input_size, argmax)
+
+
 TRITON = None  # xception_ops.triton once it loads; TRITON_ERROR says why it did not
 TRITON_ERROR: str | None = "the compiled library is not loaded" if EXTENSION is None else None
 
 if EXTENSION is not None:
     _register_fakes()
     _register_finalize_fake()
+    _register_pool_fakes()
     try:
         import triton  # noqa: F401  (optional: the triton backend)
     except ImportError as e:

@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from . import backend as backends
 from .compiling import compile_mode, compiled_label, uses_cuda_graphs
+from .models.xception import MaxPool2dSame
 from .nn import SeparableConvBN
 from .ops import depthwise_conv2d
 from .precision import tf32_flags, tf32_override
@@ -36,6 +37,10 @@ from .version import __version__
 XCEPTION_LAYERS = [(64, 128, 147, 1), (128, 128, 147, 1), (128, 256, 74, 1), (256, 256, 74, 1),
                    (256, 728, 37, 1), (728, 728, 37, 1), (728, 728, 19, 25), (728, 1024, 19, 1),
                    (1024, 1536, 10, 1), (1536, 2048, 10, 1)]
+# Xception's max pools (3x3, stride 2, "same"): (channels, H=W of their input), one of each per forward pass.
+XCEPTION_POOLS = [(128, 147), (256, 74), (728, 37), (1024, 19)]
+# The layer ops: a separable layer, its depthwise stage alone, or a max pool (opt-in: --ops pool).
+LAYER_OPS = ("separable", "depthwise", "pool")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # inference: eval mode, no autograd, BatchNorm folded. The others: training mode (ReLU before, batch-statistics
 # BatchNorm after), forward alone, backward alone, or both.
@@ -60,7 +65,7 @@ class Timing:
 
 @dataclass
 class LayerRow:
-    op: str           # "separable" (dw + pw + BN) or "depthwise" (the depthwise stage alone)
+    op: str           # "separable" (dw + pw + BN), "depthwise" (the depthwise stage alone) or "pool" (cin = cout)
     cin: int
     cout: int
     hw: int
@@ -264,6 +269,12 @@ class EagerSeparable(nn.Sequential):
 def layer_cost(op: str, cin: int, cout: int, hw: int, batch: int, elem: int, pass_: str) -> tuple[int, int]:
     """(minimal bytes, FLOPs) of one layer; the backward counts about twice the forward's work and traffic."""
     pixels = batch * hw * hw
+    if op == "pool":  # x read, the pooled values (and the one-byte argmax codes when training) written; and back
+        pooled = batch * cin * ((hw + 1) // 2) ** 2
+        forward = pixels * cin * elem + pooled * elem + (0 if pass_ == "inference" else pooled)
+        backward = pooled * (elem + 1) + pixels * cin * elem
+        nbytes = {"inference": forward, "forward": forward, "backward": backward, "training": forward + backward}[pass_]
+        return nbytes, 9 * pooled  # comparisons
     if op == "separable":
         nbytes = pixels * (cin + cout) * elem + (cin * 9 + cin * cout) * elem
         flops = 2 * pixels * (cin * 9 + cin * cout)
@@ -274,7 +285,9 @@ def layer_cost(op: str, cin: int, cout: int, hw: int, batch: int, elem: int, pas
 
 
 def _layer_fn(op: str, impl: str, cin: int, cout: int, training: bool, device, dtype, fmt) -> Callable:
-    if op == "separable":
+    if op == "pool":
+        fn = MaxPool2dSame(3, 2, "same", impl.split(":", 1)[1] if impl.startswith("xo:") else "torch")
+    elif op == "separable":
         if impl.startswith("xo:"):
             module = SeparableConvBN(cin, cout, 3, pre_relu=training, backend=impl.split(":", 1)[1])
         else:
@@ -303,7 +316,8 @@ def layer_runner(op: str, impl: str, cin: int, cout: int, hw: int, batch: int, d
     nbuf = _buffers_needed(batch * cin * hw * hw * elem, device)
     inputs = [torch.randn(batch, cin, hw, hw, device=device, dtype=dtype).contiguous(memory_format=fmt)
               .requires_grad_(training) for _ in range(nbuf)]
-    grad = torch.randn(batch, cout if op == "separable" else cin, hw, hw, device=device,
+    out_hw = (hw + 1) // 2 if op == "pool" else hw
+    grad = torch.randn(batch, cout if op == "separable" else cin, out_hw, out_hw, device=device,
                        dtype=dtype).contiguous(memory_format=fmt)
     if pass_ == "inference":
         def run(i):
@@ -567,7 +581,14 @@ def _run_suite(device: str | None = None, backends_: Sequence[str] | None = None
         layer_shapes = [tuple(s) for s in shapes]
     else:
         layer_shapes = [(cin, cout, max(3, round(hw * scale)), count) for cin, cout, hw, count in XCEPTION_LAYERS]
-    n_layers = len(layer_shapes) * len(dtypes) * len(layouts) * len(passes) * len(impls) * len(ops) if layers else 0
+    # (op, shape) in the order timed: each shape's ops side by side, then the pools (theirs, or the given shapes' C_in).
+    if shapes:
+        pool_shapes = [(cin, cin, hw, count) for cin, _, hw, count in layer_shapes]
+    else:
+        pool_shapes = [(c, c, max(3, round(hw * scale)), 1) for c, hw in XCEPTION_POOLS]
+    layer_ops = ([(op, shape) for shape in layer_shapes for op in ops if op != "pool"]
+                 + [("pool", shape) for shape in pool_shapes if "pool" in ops])
+    n_layers = len(layer_ops) * len(dtypes) * len(layouts) * len(passes) * len(impls) if layers else 0
     n_models = len(model_names) * len(dtypes) * (1 if mode is None else 2)
     bar = Progress(n_layers + n_models, progress)
     if dev.type == "cpu":
@@ -602,25 +623,24 @@ def _run_suite(device: str | None = None, backends_: Sequence[str] | None = None
     for dtype_name in dtypes if layers else []:
         for layout in layouts:
             for pass_ in passes:
-                for cin, cout, hw, count in layer_shapes:
-                    for op in ops:
-                        eager_ms, timings = None, []
-                        for impl in impls:
-                            key = (op, cin, cout, hw, batch, dtype_name, layout, pass_, impl)
-                            row = layer_rows.get(key)
-                            if row is None or row["error"] is not None:
-                                r = bench_layer(op, cin, cout, hw, batch, count, DTYPES[dtype_name], layout, pass_,
-                                                impl, dev, settings["warmup"], settings["reps"], ceilings)
-                                row = layer_rows[key] = asdict(r)
-                            if impl == "eager":
-                                eager_ms = row["median_ms"]
-                            elif eager_ms and row["error"] is None:
-                                row["speedup_vs_eager"] = eager_ms / row["median_ms"]
-                            timings.append(f"{impl} " + ("error" if row["error"] else f"{row['median_ms']:.3f} ms"))
-                        # The timings are in the progress line too, so a run stopped early still shows them.
-                        bar.step(f"{op} {cin}->{cout} @{hw}^2 {dtype_name} {layout} {pass_}: " + ", ".join(timings),
-                                 len(impls))
-                        save()
+                for op, (cin, cout, hw, count) in layer_ops:
+                    eager_ms, timings = None, []
+                    for impl in impls:
+                        key = (op, cin, cout, hw, batch, dtype_name, layout, pass_, impl)
+                        row = layer_rows.get(key)
+                        if row is None or row["error"] is not None:
+                            r = bench_layer(op, cin, cout, hw, batch, count, DTYPES[dtype_name], layout, pass_,
+                                            impl, dev, settings["warmup"], settings["reps"], ceilings)
+                            row = layer_rows[key] = asdict(r)
+                        if impl == "eager":
+                            eager_ms = row["median_ms"]
+                        elif eager_ms and row["error"] is None:
+                            row["speedup_vs_eager"] = eager_ms / row["median_ms"]
+                        timings.append(f"{impl} " + ("error" if row["error"] else f"{row['median_ms']:.3f} ms"))
+                    # The timings are in the progress line too, so a run stopped early still shows them.
+                    bar.step(f"{op} {cin}->{cout} @{hw}^2 {dtype_name} {layout} {pass_}: " + ", ".join(timings),
+                             len(impls))
+                    save()
     for dtype_name in dtypes:
         for compiled in (False,) if mode is None else (False, True if mode == "default" else mode):
             for name in model_names:

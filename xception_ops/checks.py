@@ -216,6 +216,43 @@ def check_batch_norm_update_stats(op: str, running_mean: torch.Tensor, running_v
     check_channel_vector(op, "pre_bias", pre_bias, mean.shape[0], mean)
 
 
+MAX_POOL_MAX_TAPS = 256  # csrc/kernels/pool_geometry.h: the argmax is one byte per output
+
+
+def pool_out_size(size: int, kernel: int, stride: int, pad: int, ceil_mode: bool) -> int:
+    """torch.nn.functional.max_pool2d's output length along one axis (csrc/kernels/pool_geometry.h)."""
+    span = size + 2 * pad - kernel
+    if span < 0:
+        return 0
+    out = (span + (stride - 1 if ceil_mode else 0)) // stride + 1
+    if ceil_mode and (out - 1) * stride >= size + pad:
+        out -= 1
+    return out
+
+
+def check_max_pool2d(op: str, values: torch.Tensor, values_name: str, x_shape: Sequence[int],
+                     kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+                     ceil_mode: bool) -> tuple[int, int, int, int]:
+    """The same checks as the C++ op (csrc/checks.cpp); returns the pooled shape."""
+    if len(x_shape) != 4:
+        raise ValueError(f"{op}: x must be a 4-D tensor (N, C, H, W), got shape {list(x_shape)}")
+    _check_dtype(op, values_name, values)
+    _check_ints(op, "kernel_size", kernel_size, 2, 1)
+    _check_ints(op, "stride", stride, 2, 1)
+    _check_ints(op, "padding", padding, 2, 0)
+    if kernel_size[0] * kernel_size[1] > MAX_POOL_MAX_TAPS:
+        raise ValueError(f"{op}: kernel_size {list(kernel_size)} has more than {MAX_POOL_MAX_TAPS} taps (the argmax "
+                         "is kept as one byte per output)")
+    if any(2 * p > k for p, k in zip(padding, kernel_size)):
+        raise ValueError(f"{op}: padding must be at most half of kernel_size, got padding {list(padding)} and "
+                         f"kernel_size {list(kernel_size)}")
+    out_h, out_w = (pool_out_size(x_shape[2 + d], kernel_size[d], stride[d], padding[d], ceil_mode) for d in range(2))
+    if out_h < 1 or out_w < 1:
+        raise ValueError(f"{op}: the output would be empty: x's size {list(x_shape[2:])} is smaller than kernel_size "
+                         f"{list(kernel_size)} with padding {list(padding)}")
+    return (x_shape[0], x_shape[1], out_h, out_w)
+
+
 def check_like(op: str, name: str, t: torch.Tensor, shape: Sequence[int], x: torch.Tensor) -> None:
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{op}: {name} must have shape {list(shape)}, got {list(t.shape)}")

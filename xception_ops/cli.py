@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .bench import MODELS, PASSES, TF32_CHOICES, kernel_settings
+from .bench import LAYER_OPS, MODELS, PASSES, TF32_CHOICES, kernel_settings
 from .compiling import COMPILE_MODES
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--layouts", nargs="+", choices=["NCHW", "NHWC"], default=None)
     p.add_argument("--passes", nargs="+", choices=list(PASSES), default=["inference", "training"])
-    p.add_argument("--ops", nargs="+", choices=["separable", "depthwise"], default=["separable", "depthwise"])
+    p.add_argument("--ops", nargs="+", choices=list(LAYER_OPS), default=["separable", "depthwise"],
+                   help="layer ops to time (pool: Xception's max pools; not in the default set)")
     p.add_argument("--shapes", nargs="+", metavar="CIN,COUT,HW[,COUNT]",
                    help="layer shapes to time instead of Xception's ten")
     p.add_argument("--batch", type=int, default=None, help="layer batch size (default: 32 on GPU, 2 on CPU)")

@@ -15,8 +15,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import backend as backends
 from ..geometry import same_padding, same_pool_padding
 from ..nn import SeparableConvBN
+from ..pooling import max_pool2d
 
 # BatchNorm conventions: PyTorch's defaults (timm's port) and Keras' (eps 1e-3, momentum 0.99, which is 0.01 in
 # PyTorch's convention of the weight given to the new batch).
@@ -25,23 +27,30 @@ BN_CONVENTIONS = {"torch": {"eps": 1e-5, "momentum": 0.1}, "keras": {"eps": 1e-3
 
 class MaxPool2dSame(nn.Module):
     """3×3 max pooling with TensorFlow's "same" padding (the extra row, if any, at the bottom), or PyTorch's
-    symmetric padding of 1 as timm's port uses. The two agree on odd input sizes."""
+    symmetric padding of 1 as timm's port uses. The two agree on odd input sizes.
 
-    def __init__(self, kernel_size: int = 3, stride: int = 2, padding: str = "same"):
+    `backend` picks the pooling kernel (xception_ops.pooling.max_pool2d): "cuda" takes the package's; a model on
+    "triton", which has none, pools with PyTorch's."""
+
+    def __init__(self, kernel_size: int = 3, stride: int = 2, padding: str = "same", backend: str = "auto"):
         super().__init__()
         if padding not in ("same", "symmetric"):
             raise ValueError(f"pool padding must be 'same' or 'symmetric', got {padding!r}")
-        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        if backend not in backends.BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(backends.BACKENDS)}, got {backend!r}")
+        self.kernel_size, self.stride, self.padding, self.backend = kernel_size, stride, padding, backend
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding!r}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        backend = "torch" if backends.requested(self.backend) == "triton" else self.backend
         if self.padding == "symmetric":
-            return F.max_pool2d(x, self.kernel_size, self.stride, self.kernel_size // 2)
+            return max_pool2d(x, self.kernel_size, self.stride, self.kernel_size // 2, backend=backend)
         rows, cols = (same_pool_padding(size, self.kernel_size, self.stride) for size in x.shape[2:])
         if rows is not None and cols is not None:  # no padded copy of x (at 147², 0.12 ms each way on an H100)
-            return F.max_pool2d(x, self.kernel_size, self.stride, (rows[0], cols[0]), ceil_mode=rows[1] or cols[1])
+            return max_pool2d(x, self.kernel_size, self.stride, (rows[0], cols[0]), ceil_mode=rows[1] or cols[1],
+                              backend=backend)
         return self.padded(x)
 
     def padded(self, x: torch.Tensor) -> torch.Tensor:
@@ -71,7 +80,7 @@ class XceptionBlock(nn.Module):
             convs.append(SeparableConvBN(cin, cout, 3, padding="same", pre_relu=i > 0 or start_with_relu,
                                          mid_activation=mid_activation, backend=backend, **bn))
         self.convs = nn.ModuleList(convs)
-        self.pool = MaxPool2dSame(3, stride, pool_padding) if stride != 1 else None
+        self.pool = MaxPool2dSame(3, stride, pool_padding, backend) if stride != 1 else None
         self.residual = residual
         if residual and (in_channels != out_channels or stride != 1):
             self.skip = nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)

@@ -1,0 +1,152 @@
+"""GPU tests of the "cuda" backend's max pooling (csrc/kernels/pool.cuh).
+
+The kernels pick the same tap as PyTorch's (the first maximum, the last NaN, the first tap inside the image when all
+are -inf) and add the gradients in PyTorch's order and precision, so everything is compared bit for bit with
+PyTorch's own CUDA pooling (F.max_pool2d, its argmax turned into tap indices, and its backward), and the values with
+float64. Inputs take few distinct values (ties in most windows) with NaN and -inf; outputs are poisoned with NaN
+through the caching allocator before every call."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from xception_ops import pooling
+from xception_ops.models import MaxPool2dSame
+
+from .conftest import GPU_MARKS, record_op_calls, require_cuda_kernel
+from .test_pooling import codes_from_indices, same_bits, tie_heavy
+
+pytestmark = GPU_MARKS
+require_cuda_kernel("max_pool2d")
+
+OPS = torch.ops.xception_ops
+DEV = "cuda"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# (shape, kernel, stride, padding, ceil_mode): Xception's four pools at batch 2 (147 -> 74 symmetric, 74 -> 37 and
+# 38 -> 19 in ceil mode, 19 -> 10), odd channel counts (the scalar path), batch 1, other geometries.
+GEOMETRIES = [
+    ((2, 128, 147, 147), (3, 3), (2, 2), (1, 1), False),
+    ((2, 256, 74, 74), (3, 3), (2, 2), (0, 0), True),
+    ((2, 728, 37, 37), (3, 3), (2, 2), (1, 1), False),
+    ((1, 1024, 19, 19), (3, 3), (2, 2), (1, 1), False),
+    ((3, 13, 17, 22), (3, 3), (2, 2), (0, 0), True),
+    ((1, 24, 9, 8), (5, 3), (3, 2), (2, 1), True),
+    ((2, 12, 11, 7), (2, 2), (2, 2), (1, 0), False),
+    ((1, 6, 5, 5), (3, 3), (1, 1), (1, 1), False),
+]
+
+
+def poison(shape, dtype):
+    """Leaves a freed NaN block of this size in the caching allocator: the next allocation of it gets NaNs."""
+    t = torch.full(shape, float("nan"), device=DEV, dtype=dtype)
+    del t
+
+
+def layout_of(name):
+    return torch.channels_last if name == "channels_last" else torch.contiguous_format
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
+def test_forward_and_backward_are_pytorchs_bits(geometry, dtype, layout):
+    shape, kernel, stride, padding, ceil_mode = geometry
+    fmt = layout_of(layout)
+    x = tie_heavy(shape, dtype, fmt).to(DEV)
+    want, index = F.max_pool2d(x, kernel, stride, padding, ceil_mode=ceil_mode, return_indices=True)
+    poison(want.shape, dtype)
+    out, argmax = OPS.max_pool2d(x, kernel, stride, padding, ceil_mode, True, "cuda")
+    assert out.is_contiguous(memory_format=fmt) and argmax.is_contiguous(memory_format=fmt)
+    assert same_bits(out, want), "pooled values differ from PyTorch's"
+    assert torch.equal(argmax.long(), codes_from_indices(index, shape, kernel, stride, padding))
+    # float64: the maximum of each window (NaN where PyTorch's is).
+    want64 = F.max_pool2d(x.double(), kernel, stride, padding, ceil_mode=ceil_mode)
+    assert same_bits(out.double(), want64)
+
+    poison(want.shape, dtype)
+    plain, none = OPS.max_pool2d(x, kernel, stride, padding, ceil_mode, False, "cuda")
+    assert none.numel() == 0 and same_bits(plain, want)
+
+    grad = torch.randn(want.shape, device=DEV).to(dtype).contiguous(memory_format=fmt)
+    want_grad = torch.ops.aten.max_pool2d_with_indices_backward(grad, x, kernel, stride, padding, [1, 1], ceil_mode,
+                                                                index)
+    poison(x.shape, dtype)
+    got_grad = OPS.max_pool2d_backward(grad, argmax, list(shape), kernel, stride, padding, ceil_mode, "cuda")
+    assert got_grad.is_contiguous(memory_format=fmt)
+    assert torch.equal(got_grad, want_grad), "gradient differs from PyTorch's"
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_autograd_with_an_expanded_and_a_transposed_gradient(layout):
+    """The backward reads grad_out through its strides (the scalar path): the expanded ones of out.sum() and a
+    gradient in the other layout."""
+    fmt = layout_of(layout)
+    x = tie_heavy((2, 16, 15, 15), torch.bfloat16, fmt).to(DEV).nan_to_num(0.0, 0.0, -3.0).requires_grad_()
+    out = pooling.max_pool2d(x, 3, 2, 1, backend="cuda")
+    (got,) = torch.autograd.grad(out.sum(), x)
+    (want,) = torch.autograd.grad(F.max_pool2d(x, 3, 2, 1).sum(), x)
+    assert torch.equal(got, want) and got.is_contiguous(memory_format=fmt)
+    other = torch.contiguous_format if layout == "channels_last" else torch.channels_last
+    grad = torch.randn(out.shape, device=DEV).to(torch.bfloat16).contiguous(memory_format=other)
+    (got,) = torch.autograd.grad(pooling.max_pool2d(x, 3, 2, 1, backend="cuda"), x, grad)
+    (want,) = torch.autograd.grad(F.max_pool2d(x, 3, 2, 1), x, grad)
+    assert torch.equal(got, want)
+
+
+def test_repeat_bitwise_identical():
+    x = tie_heavy((4, 64, 37, 37), torch.bfloat16, torch.channels_last).to(DEV)
+    grad = torch.randn(4, 64, 19, 19, device=DEV).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+
+    def run():
+        out, argmax = OPS.max_pool2d(x, [3, 3], [2, 2], [1, 1], False, True, "cuda")
+        return out, argmax, OPS.max_pool2d_backward(grad, argmax, list(x.shape), [3, 3], [2, 2], [1, 1], False, "cuda")
+
+    first = run()
+    for _ in range(5):
+        for a, b in zip(first, run()):
+            assert same_bits(a.float(), b.float())
+
+
+def test_xception_pools_on_the_cuda_backend():
+    """MaxPool2dSame on backend "cuda" runs the op, with the same values and gradients as PyTorch's pooling, and
+    writes no argmax under no_grad."""
+    for size in (147, 74, 37, 19):
+        x = torch.randn(2, 32, size, size, device=DEV, dtype=torch.bfloat16).contiguous(
+            memory_format=torch.channels_last).requires_grad_()
+        cuda_pool, torch_pool = MaxPool2dSame(3, 2, "same", "cuda"), MaxPool2dSame(3, 2, "same", "torch")
+        with record_op_calls("max_pool2d") as calls:
+            got = cuda_pool(x)
+        assert len(calls) == 1 and calls[0][5] is True  # the codes, for the backward
+        want = torch_pool(x)
+        assert torch.equal(got, want)
+        grad = torch.randn_like(got)
+        assert torch.equal(torch.autograd.grad(got, x, grad)[0], torch.autograd.grad(want, x, grad)[0])
+        with torch.no_grad(), record_op_calls("max_pool2d") as calls:
+            cuda_pool(x)
+        assert calls[0][5] is False
+
+
+def test_more_than_2_31_elements():
+    """A float16 input of 2.15e9 elements takes the int64 index path; a few planes, the last one included (offsets
+    past 2^31), are checked against PyTorch's pooling, with the gradient."""
+    n, c, h, w = 1, 32, 8200, 8200
+    assert n * c * h * w > 2**31
+    free, _ = torch.cuda.mem_get_info()
+    if free < 3 * n * c * h * w * 2:
+        pytest.skip("needs about 13 GiB of free GPU memory")
+    x = torch.randn(n, c, h, w, device=DEV, dtype=torch.float16)
+    out, argmax = OPS.max_pool2d(x, [3, 3], [2, 2], [1, 1], False, True, "cuda")
+    grad = torch.ones_like(out)
+    grad_x = OPS.max_pool2d_backward(grad, argmax, list(x.shape), [3, 3], [2, 2], [1, 1], False, "cuda")
+    del grad
+    for ch in (0, 17, c - 1):
+        plane = x[:, ch:ch + 1]
+        want, index = F.max_pool2d(plane, 3, 2, 1, return_indices=True)
+        assert torch.equal(out[:, ch:ch + 1], want)
+        assert torch.equal(argmax[:, ch:ch + 1].long(), codes_from_indices(index, plane.shape, (3, 3), (2, 2), (1, 1)))
+        want_grad = torch.ops.aten.max_pool2d_with_indices_backward(torch.ones_like(want), plane, [3, 3], [2, 2],
+                                                                    [1, 1], [1, 1], False, index)
+        assert torch.equal(grad_x[:, ch:ch + 1], want_grad)
+    del x, out, argmax, grad_x
+    torch.cuda.empty_cache()

@@ -1,0 +1,174 @@
+"""Max pooling (xception_ops.max_pool2d, its backward, xception_ops.pooling, MaxPool2dSame's backend) on the CPU:
+the reference op against PyTorch's pooling (values, the argmax as tap indices, gradients, bit for bit), autograd
+and the codes it saves, the argument errors of both the compiled op and its fake kernel, and backend routing.
+The CUDA kernels are tested in test_cuda_pooling.py (GPU) and tests/cpp/test_pool_emulated.cpp (CPU)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from xception_ops import _library, backend as backends, checks, pooling
+from xception_ops.models import MaxPool2dSame
+
+from .conftest import record_op_calls
+
+OPS = torch.ops.xception_ops
+needs_ext = pytest.mark.skipif(_library.EXTENSION is None, reason="the compiled library is not loaded")
+
+# (shape, kernel, stride, padding, ceil_mode): Xception's "same" pools at odd and even sizes, and others.
+GEOMETRIES = [
+    ((2, 5, 9, 7), (3, 3), (2, 2), (1, 1), False),
+    ((1, 4, 8, 10), (3, 3), (2, 2), (0, 0), True),
+    ((2, 3, 6, 6), (2, 2), (2, 2), (0, 0), False),
+    ((1, 3, 9, 8), (5, 3), (3, 2), (2, 1), True),
+    ((2, 2, 3, 11), (3, 2), (2, 1), (1, 1), True),
+]
+
+
+def tie_heavy(shape, dtype, fmt):
+    """Few distinct values (ties in most windows), with NaN and -inf sprinkled in."""
+    x = torch.randint(-2, 3, shape).to(dtype)
+    r = torch.rand(shape)
+    x = torch.where(r < 0.03, torch.full_like(x, float("nan")), x)
+    x = torch.where((r >= 0.03) & (r < 0.08), torch.full_like(x, float("-inf")), x)
+    return x.contiguous(memory_format=fmt)
+
+
+def codes_from_indices(index, shape, kernel, stride, padding):
+    """PyTorch's flat argmax ih * W + iw as the window's tap index ky * kernel_w + kx."""
+    oh = torch.arange(index.shape[2]).view(-1, 1) * stride[0] - padding[0]
+    ow = torch.arange(index.shape[3]).view(1, -1) * stride[1] - padding[1]
+    return (index // shape[3] - oh) * kernel[1] + (index % shape[3] - ow)
+
+
+def same_bits(a, b):
+    return torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0))
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
+def test_reference_op_is_pytorchs_pooling(geometry, dtype, channels_last):
+    shape, kernel, stride, padding, ceil_mode = geometry
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = tie_heavy(shape, dtype, fmt)
+    want, index = F.max_pool2d(x, kernel, stride, padding, ceil_mode=ceil_mode, return_indices=True)
+    out, argmax = OPS.max_pool2d(x, kernel, stride, padding, ceil_mode, True, "torch")
+    assert same_bits(out, want) and out.is_contiguous(memory_format=checks.output_memory_format(x))
+    assert argmax.dtype == torch.uint8 and argmax.is_contiguous(memory_format=checks.output_memory_format(x))
+    assert torch.equal(argmax.long(), codes_from_indices(index, shape, kernel, stride, padding))
+
+    grad = torch.randn(want.shape).to(dtype)
+    want_grad = torch.ops.aten.max_pool2d_with_indices_backward(grad, x, kernel, stride, padding, [1, 1], ceil_mode,
+                                                                 index)
+    got_grad = OPS.max_pool2d_backward(grad, argmax, list(shape), kernel, stride, padding, ceil_mode, "torch")
+    assert torch.equal(got_grad, want_grad) and got_grad.is_contiguous(memory_format=checks.output_memory_format(x))
+
+
+@needs_ext
+def test_without_save_argmax_the_codes_are_empty_unless_autograd_needs_them():
+    x = torch.randn(2, 3, 7, 7)
+    out, argmax = OPS.max_pool2d(x, [3, 3], [2, 2], [1, 1], False, False, "torch")
+    assert argmax.shape == (0,) and argmax.dtype == torch.uint8
+    _, argmax = OPS.max_pool2d(x.requires_grad_(), [3, 3], [2, 2], [1, 1], False, False, "torch")
+    assert argmax.shape == out.shape  # the node's backward needs them
+    with torch.no_grad():
+        _, argmax = OPS.max_pool2d(x, [3, 3], [2, 2], [1, 1], False, False, "torch")
+    assert argmax.shape == (0,)
+
+
+@needs_ext
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_autograd_calls_the_backward_op_with_the_saved_codes(channels_last):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = tie_heavy((2, 4, 9, 9), torch.float32, fmt).nan_to_num(0.0, 0.0, -5.0).requires_grad_()
+    out, argmax = OPS.max_pool2d(x, [3, 3], [2, 2], [0, 0], True, False, "torch")
+    assert not argmax.requires_grad
+    grad = torch.randn(out.shape)
+    with record_op_calls("max_pool2d_backward") as calls:
+        (got,) = torch.autograd.grad(out, x, grad)
+    assert len(calls) == 1 and torch.equal(calls[0][1], argmax)
+    want = F.max_pool2d(x, 3, 2, 0, ceil_mode=True)
+    (want_grad,) = torch.autograd.grad(want, x, grad)
+    assert torch.equal(got, want_grad) and got.is_contiguous(memory_format=fmt)
+
+
+@needs_ext
+def test_gradients_match_finite_differences():
+    x = torch.randn(2, 3, 7, 8, dtype=torch.float64)
+    x = (x + torch.arange(x.numel(), dtype=torch.float64).view(x.shape) * 1e-3).requires_grad_()  # no ties
+
+    def fn(t):
+        return OPS.max_pool2d(t, [3, 3], [2, 2], [1, 1], True, True, "torch")[0]
+
+    assert torch.autograd.gradcheck(fn, (x,))
+
+
+@needs_ext
+@pytest.mark.parametrize("args, error, match", [
+    (((2, 3, 7), [3, 3], [2, 2], [1, 1]), ValueError, "x must be a 4-D tensor"),
+    (((2, 3, 7, 7), [3], [2, 2], [1, 1]), ValueError, "kernel_size must have 2 values"),
+    (((2, 3, 7, 7), [3, 3], [0, 2], [1, 1]), ValueError, "every value of stride must be >= 1"),
+    (((2, 3, 7, 7), [3, 3], [2, 2], [2, 1]), ValueError, "padding must be at most half of kernel_size"),
+    (((2, 3, 40, 40), [17, 17], [1, 1], [0, 0]), ValueError, "more than 256 taps"),
+    (((2, 3, 2, 7), [3, 3], [2, 2], [0, 0]), ValueError, "the output would be empty"),
+])
+def test_argument_errors_name_the_argument(args, error, match):
+    shape, kernel, stride, padding = args
+    x = torch.randn(shape)
+    with pytest.raises(error, match=match):
+        OPS.max_pool2d(x, kernel, stride, padding, False, False, "torch")
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode, pytest.raises(error, match=match):
+        OPS.max_pool2d(mode.from_tensor(x), kernel, stride, padding, False, False, "torch")
+
+
+@needs_ext
+def test_integer_input_and_bad_codes_raise():
+    with pytest.raises(TypeError, match="x has dtype"):
+        OPS.max_pool2d(torch.zeros(1, 1, 4, 4, dtype=torch.int32), [2, 2], [2, 2], [0, 0], False, False, "torch")
+    grad = torch.randn(1, 2, 2, 2)
+    with pytest.raises(TypeError, match="argmax must be uint8"):
+        OPS.max_pool2d_backward(grad, torch.zeros(1, 2, 2, 2, dtype=torch.int64), [1, 2, 4, 4], [2, 2], [2, 2],
+                                [0, 0], False, "torch")
+    with pytest.raises(ValueError, match="argmax must have shape"):
+        OPS.max_pool2d_backward(grad, torch.zeros(1, 2, 3, 2, dtype=torch.uint8), [1, 2, 4, 4], [2, 2], [2, 2],
+                                [0, 0], False, "torch")
+    with pytest.raises(ValueError, match="grad_out must have shape"):
+        OPS.max_pool2d_backward(grad, torch.zeros(1, 2, 2, 2, dtype=torch.uint8), [1, 2, 6, 4], [2, 2], [2, 2],
+                                [0, 0], False, "torch")
+
+
+@needs_ext
+def test_triton_has_no_pooling_kernel_and_says_so():
+    with pytest.raises(NotImplementedError, match="backend 'triton' has no kernel for this op"):
+        OPS.max_pool2d(torch.randn(1, 1, 4, 4), [2, 2], [2, 2], [0, 0], False, False, "triton")
+
+
+def test_functional_api_on_torch_is_pytorchs_pooling():
+    x = tie_heavy((2, 3, 9, 8), torch.float32, torch.channels_last).requires_grad_()
+    got = pooling.max_pool2d(x, 3, 2, 1, backend="torch")
+    want = F.max_pool2d(x, 3, 2, 1)
+    assert same_bits(got, want)
+    assert pooling.max_pool2d(x, (3, 3), None, (0, 0), True, backend="auto").shape == (2, 3, 3, 3)  # stride 3
+    with pytest.raises(backends.BackendUnavailableError, match="backend 'cuda' cannot run"):
+        pooling.max_pool2d(x, 3, 2, 1, backend="cuda")
+
+
+def test_pool_output_size_follows_pytorch():
+    for size in range(1, 30):
+        for kernel, stride, pad in [(3, 2, 1), (3, 2, 0), (2, 2, 0), (5, 3, 2), (3, 1, 1)]:
+            for ceil_mode in (False, True):
+                if size + 2 * pad < kernel:
+                    assert checks.pool_out_size(size, kernel, stride, pad, ceil_mode) == 0
+                    continue
+                want = F.max_pool2d(torch.zeros(1, 1, size, 1), (kernel, 1), (stride, 1), (pad, 0),
+                                    ceil_mode=ceil_mode).shape[2]
+                assert checks.pool_out_size(size, kernel, stride, pad, ceil_mode) == want
+
+
+def test_xception_pool_on_a_triton_model_takes_pytorchs_pooling():
+    pool = MaxPool2dSame(3, 2, "same", backend="triton")
+    x = torch.randn(1, 2, 8, 8)
+    assert torch.equal(pool(x), MaxPool2dSame(3, 2, "same", backend="torch")(x))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        MaxPool2dSame(3, 2, "same", backend="cudnn")
