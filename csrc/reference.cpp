@@ -265,10 +265,15 @@ Tensor max_pool2d_backward(const Tensor& grad_out, const Tensor& argmax, const P
                            at::MemoryFormat fmt) {
   const auto [rows, cols] = window_origins(g, argmax.options());
   const Tensor code = argmax.to(at::kLong);
-  const Tensor index = (rows + code.div(g.kernel_w, "floor")) * g.in_w + cols + code.remainder(g.kernel_w);
+  const Tensor ih = rows + code.div(g.kernel_w, "floor"), iw = cols + code.remainder(g.kernel_w);
+  // A code that names no tap inside the image (not from a forward) adds nothing, as the kernels' gather finds no
+  // input it names; ATen's backward scatters, so it gets a zero at index 0 instead of an index out of bounds.
+  const Tensor valid = (code < g.kernel_h * g.kernel_w) & (ih >= 0) & (ih < g.in_h) & (iw >= 0) & (iw < g.in_w);
+  const Tensor index = at::where(valid, ih * g.in_w + iw, 0);
+  const Tensor grad = at::where(valid, grad_out, 0);
   // ATen's backward takes the input for its shape and layout only.
   const Tensor input_like = at::empty({g.batch, g.channels, g.in_h, g.in_w}, grad_out.options().memory_format(fmt));
-  return at::max_pool2d_with_indices_backward(grad_out, input_like, {g.kernel_h, g.kernel_w}, {g.stride_h, g.stride_w},
+  return at::max_pool2d_with_indices_backward(grad, input_like, {g.kernel_h, g.kernel_w}, {g.stride_h, g.stride_w},
                                               {g.pad_h, g.pad_w}, {1, 1}, g.ceil_mode, index)
       .contiguous(fmt);
 }

@@ -293,9 +293,10 @@ std::tuple<Tensor, Tensor> max_pool2d(const Tensor& x, IntArrayRef kernel_size, 
   if (chosen == Backend::Cuda) {
     XO_IF_CUDA(return cuda::max_pool2d(x, g, save_argmax));
   }
-  XO_CHECK_NOT_IMPLEMENTED(chosen != Backend::Triton, kMaxPool,
-                           ": backend 'triton' has no kernel for this op (Xception's pools run on 'torch' or "
-                           "'cuda')");
+  if (chosen == Backend::Triton) {
+    return call_triton<std::tuple<Tensor, Tensor>(const Tensor&, IntArrayRef, IntArrayRef, IntArrayRef, bool, bool)>(
+        kMaxPool, "xception_ops::triton_max_pool2d", x, kernel_size, stride, padding, ceil_mode, save_argmax);
+  }
   return reference::max_pool2d(x, g, save_argmax);
 }
 
@@ -321,9 +322,11 @@ Tensor max_pool2d_backward(const Tensor& grad_out, const Tensor& argmax, c10::Sy
   if (chosen == Backend::Cuda) {
     XO_IF_CUDA(return cuda::max_pool2d_backward(grad_out, argmax, g, fmt));
   }
-  XO_CHECK_NOT_IMPLEMENTED(chosen != Backend::Triton, kMaxPoolBwd,
-                           ": backend 'triton' has no kernel for this op (Xception's pools run on 'torch' or "
-                           "'cuda')");
+  if (chosen == Backend::Triton) {
+    return call_triton<Tensor(const Tensor&, const Tensor&, c10::SymIntArrayRef, IntArrayRef, IntArrayRef,
+                              IntArrayRef, bool)>(kMaxPoolBwd, "xception_ops::triton_max_pool2d_backward", grad_out,
+                                                  argmax, input_size, kernel_size, stride, padding, ceil_mode);
+  }
   return reference::max_pool2d_backward(grad_out, argmax, g, fmt);
 }
 

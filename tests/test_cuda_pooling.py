@@ -77,6 +77,17 @@ def test_forward_and_backward_are_pytorchs_bits(geometry, dtype, layout):
     assert torch.equal(got_grad, want_grad), "gradient differs from PyTorch's"
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_windows_of_only_minus_infinity_keep_their_first_tap_inside_the_image(layout, dtype):
+    for shape, kernel, stride, padding, ceil_mode in GEOMETRIES[4:]:
+        x = torch.full(shape, float("-inf"), device=DEV, dtype=dtype).contiguous(memory_format=layout_of(layout))
+        want, index = F.max_pool2d(x, kernel, stride, padding, ceil_mode=ceil_mode, return_indices=True)
+        out, argmax = OPS.max_pool2d(x, kernel, stride, padding, ceil_mode, True, "cuda")
+        assert torch.equal(out, want)
+        assert torch.equal(argmax.long(), codes_from_indices(index, shape, kernel, stride, padding))
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_autograd_with_an_expanded_and_a_transposed_gradient(layout):
     """The backward reads grad_out through its strides (the scalar path): the expanded ones of out.sum() and a
@@ -92,6 +103,19 @@ def test_autograd_with_an_expanded_and_a_transposed_gradient(layout):
     (got,) = torch.autograd.grad(pooling.max_pool2d(x, 3, 2, 1, backend="cuda"), x, grad)
     (want,) = torch.autograd.grad(F.max_pool2d(x, 3, 2, 1), x, grad)
     assert torch.equal(got, want)
+
+
+def test_codes_that_name_no_tap_inside_the_image_add_nothing():
+    """Codes not from a forward write nothing out of bounds and add nothing, as on the reference path."""
+    x = torch.randn(1, 16, 9, 9, device=DEV)
+    out, codes = OPS.max_pool2d(x, [3, 3], [2, 2], [1, 1], False, True, "cuda")
+    bad = codes.clone()
+    bad[0, :, 0, 0] = 0      # taps in the padding
+    bad[0, :8, 2, 3] = 250   # past the window
+    grad = torch.randn(out.shape, device=DEV)
+    args = ([1, 16, 9, 9], [3, 3], [2, 2], [1, 1], False)
+    assert torch.equal(OPS.max_pool2d_backward(grad, bad, *args, "cuda"),
+                       OPS.max_pool2d_backward(grad, bad, *args, "torch"))
 
 
 def test_repeat_bitwise_identical():

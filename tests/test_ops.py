@@ -264,9 +264,9 @@ def _opcheck_cases():
                                   "torch")),
         (ops.max_pool2d.default, (xl, [3, 3], [2, 2], [0, 0], True, False, "torch")),
         (ops.max_pool2d.default, (torch.randn(2, 3, 7, 8), [2, 3], [2, 1], [1, 1], False, False, "torch")),
-        (ops.max_pool2d_backward.default, (torch.randn(2, 3, 4, 3), torch.randint(0, 9, (2, 3, 4, 3),
-                                           dtype=torch.uint8), [2, 3, 7, 6], [3, 3], [2, 2], [1, 1], False,
-                                           "torch")),
+        (ops.max_pool2d_backward.default, (torch.randn(2, 3, 4, 3), ops.max_pool2d(
+            torch.randn(2, 3, 7, 6), [3, 3], [2, 2], [1, 1], False, True, "torch")[1], [2, 3, 7, 6], [3, 3], [2, 2],
+            [1, 1], False, "torch")),
     ]
 
 

@@ -66,6 +66,21 @@ def test_reference_op_is_pytorchs_pooling(geometry, dtype, channels_last):
 
 
 @needs_ext
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
+def test_windows_of_only_minus_infinity_point_at_their_first_tap_inside_the_image(geometry):
+    shape, kernel, stride, padding, ceil_mode = geometry
+    x = torch.full(shape, float("-inf"))
+    want, index = F.max_pool2d(x, kernel, stride, padding, ceil_mode=ceil_mode, return_indices=True)
+    out, argmax = OPS.max_pool2d(x, kernel, stride, padding, ceil_mode, True, "torch")
+    codes = codes_from_indices(index, shape, kernel, stride, padding)
+    assert torch.equal(out, want) and torch.equal(argmax.long(), codes)
+    # The first tap inside the image: (ky0, kx0) with ky0 = max(0, pad - oh * stride) (and for kx0).
+    ky0 = (padding[0] - torch.arange(want.shape[2]) * stride[0]).clamp_min(0).view(-1, 1)
+    kx0 = (padding[1] - torch.arange(want.shape[3]) * stride[1]).clamp_min(0).view(1, -1)
+    assert torch.equal(argmax.long()[0, 0], ky0 * kernel[1] + kx0)
+
+
+@needs_ext
 def test_without_save_argmax_the_codes_are_empty_unless_autograd_needs_them():
     x = torch.randn(2, 3, 7, 7)
     out, argmax = OPS.max_pool2d(x, [3, 3], [2, 2], [1, 1], False, False, "torch")
@@ -139,9 +154,20 @@ def test_integer_input_and_bad_codes_raise():
 
 
 @needs_ext
-def test_triton_has_no_pooling_kernel_and_says_so():
-    with pytest.raises(NotImplementedError, match="backend 'triton' has no kernel for this op"):
-        OPS.max_pool2d(torch.randn(1, 1, 4, 4), [2, 2], [2, 2], [0, 0], False, False, "triton")
+def test_codes_that_name_no_tap_inside_the_image_add_nothing():
+    """Codes not from a forward (past the window, or a tap in the padding) must not write out of bounds: on every
+    backend they add nothing, as the kernels' gather finds no input they name."""
+    x = torch.randn(1, 2, 5, 5)
+    out, codes = OPS.max_pool2d(x, [3, 3], [2, 2], [1, 1], False, True, "torch")
+    bad = codes.clone()
+    bad[0, 0, 0, 0] = 0    # the window's corner (-1, -1): in the padding
+    bad[0, 1, 1, 1] = 200  # past the window's 9 taps
+    grad = torch.randn(out.shape)
+    got = OPS.max_pool2d_backward(grad, bad, [1, 2, 5, 5], [3, 3], [2, 2], [1, 1], False, "torch")
+    masked = grad.clone()
+    masked[0, 0, 0, 0] = masked[0, 1, 1, 1] = 0
+    want = OPS.max_pool2d_backward(masked, codes, [1, 2, 5, 5], [3, 3], [2, 2], [1, 1], False, "torch")
+    assert torch.equal(got, want)
 
 
 def test_functional_api_on_torch_is_pytorchs_pooling():
@@ -166,9 +192,6 @@ def test_pool_output_size_follows_pytorch():
                 assert checks.pool_out_size(size, kernel, stride, pad, ceil_mode) == want
 
 
-def test_xception_pool_on_a_triton_model_takes_pytorchs_pooling():
-    pool = MaxPool2dSame(3, 2, "same", backend="triton")
-    x = torch.randn(1, 2, 8, 8)
-    assert torch.equal(pool(x), MaxPool2dSame(3, 2, "same", backend="torch")(x))
+def test_xception_pool_checks_its_backend():
     with pytest.raises(ValueError, match="backend must be one of"):
         MaxPool2dSame(3, 2, "same", backend="cudnn")

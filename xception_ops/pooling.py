@@ -1,11 +1,11 @@
 """Max pooling on the package's kernels: `max_pool2d`, with torch.nn.functional.max_pool2d's arguments (no dilation,
 no return_indices).
 
-On backend "cuda" (csrc/kernels/pool.cuh) the forward keeps each window's argmax as one byte, the index of its tap,
-where PyTorch keeps an int64 flat index (4x the bytes of a bf16 output), and reads the window in one pass without
-writing indices at all when no gradient is recorded; the backward gathers each input's gradient from the windows
+On backends "cuda" (csrc/kernels/pool.cuh) and "triton" (xception_ops/triton/kernels.py) the forward keeps each
+window's argmax as one byte, the index of its tap, where PyTorch keeps an int64 flat index (4x the bytes of a bf16
+output), and writes none when no gradient is recorded; the backward gathers each input's gradient from the windows
 that picked it, with no zero fill and no atomics. Values, argmax (ties, NaN, -inf) and gradients are PyTorch's, bit
-for bit. Backend "torch" is F.max_pool2d itself; "triton" has no pooling kernel and raises.
+for bit. Backend "torch" is F.max_pool2d itself.
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ def max_pool2d(x: torch.Tensor, kernel_size: int | tuple[int, int], stride: int 
     kernel = pair(kernel_size, "kernel_size")
     step = kernel if stride is None else pair(stride, "stride")
     pad = pair(padding, "padding")
-    if backends.resolve(backend, OP, x) != "cuda":
+    chosen = backends.resolve(backend, OP, x)
+    if chosen == "torch":
         return F.max_pool2d(x, kernel, step, pad, ceil_mode=ceil_mode)
     # The codes are written only where autograd will need them (the op's Autograd kernel saves them either way).
     save_argmax = torch.is_grad_enabled() and x.requires_grad
-    out, _ = torch.ops.xception_ops.max_pool2d(x, list(kernel), list(step), list(pad), ceil_mode, save_argmax, "cuda")
+    out, _ = torch.ops.xception_ops.max_pool2d(x, list(kernel), list(step), list(pad), ceil_mode, save_argmax, chosen)
     return out

@@ -94,7 +94,7 @@ void launch_backward(const MaxPoolParams& p, unsigned blocks) {
 // One geometry, dtype, layout, width and index type: forward (with and without codes) and backward against the
 // scalar loops, bit for bit. Returns the number of mismatches (and prints the first).
 template <typename T, typename I, int V>
-int check(const Geometry& k, bool channels_last, std::mt19937& rng) {
+int check(const Geometry& k, bool channels_last, std::mt19937& rng, bool all_minus_inf = false) {
   const Pool2dGeometry g = make(k);
   const int64_t in_numel = g.batch * g.channels * g.in_h * g.in_w;
   const int64_t out_numel = g.batch * g.channels * g.out_h * g.out_w;
@@ -107,6 +107,7 @@ int check(const Geometry& k, bool channels_last, std::mt19937& rng) {
   for (auto& v : x) {
     const int r = pick(rng);
     v = bits_of<T>(r < 2 ? std::numeric_limits<float>::quiet_NaN() : r < 6 ? -inf : static_cast<float>(small(rng)));
+    if (all_minus_inf) v = bits_of<T>(-inf);  // every window keeps its first tap inside the image
   }
   for (auto& v : grad_out) v = bits_of<T>(normal(rng));
 
@@ -209,12 +210,15 @@ void every_geometry(int vec_width) {
                                   channels_last, rng);  // odd channels: scalar either way
       if (!channels_last) {
         bad += check<T, int64_t, 1>(k, false, rng);
+        bad += check<T, int32_t, 1>(k, false, rng, true);
         continue;
       }
       if (vec_width == 8) {
+        bad += check<T, int32_t, 8>(k, true, rng, true);
         bad += check<T, int32_t, 8>(k, true, rng);
         bad += check<T, int64_t, 8>(k, true, rng);
       } else {
+        bad += check<T, int32_t, 4>(k, true, rng, true);
         bad += check<T, int32_t, 4>(k, true, rng);
         bad += check<T, int64_t, 4>(k, true, rng);
       }

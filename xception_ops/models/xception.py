@@ -29,8 +29,8 @@ class MaxPool2dSame(nn.Module):
     """3×3 max pooling with TensorFlow's "same" padding (the extra row, if any, at the bottom), or PyTorch's
     symmetric padding of 1 as timm's port uses. The two agree on odd input sizes.
 
-    `backend` picks the pooling kernel (xception_ops.pooling.max_pool2d): "cuda" takes the package's; a model on
-    "triton", which has none, pools with PyTorch's."""
+    `backend` picks the pooling kernel (xception_ops.pooling.max_pool2d): "cuda" and "triton" take the package's,
+    "torch" PyTorch's; "auto" follows the measurements (PyTorch's until a GPU run has timed ours)."""
 
     def __init__(self, kernel_size: int = 3, stride: int = 2, padding: str = "same", backend: str = "auto"):
         super().__init__()
@@ -44,7 +44,7 @@ class MaxPool2dSame(nn.Module):
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding!r}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        backend = "torch" if backends.requested(self.backend) == "triton" else self.backend
+        backend = self.backend
         if self.padding == "symmetric":
             return max_pool2d(x, self.kernel_size, self.stride, self.kernel_size // 2, backend=backend)
         rows, cols = (same_pool_padding(size, self.kernel_size, self.stride) for size in x.shape[2:])

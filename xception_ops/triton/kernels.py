@@ -755,3 +755,81 @@ def sep_bwd_pw_kernel(go_ptr, out_ptr, out_scale_ptr, gsum_ptr, mid_ptr, ws_ptr,
         acc = _dot(tl.trans(gy.to(mid_ptr.dtype.element_ty)), mid, acc, DOT_PREC)
     offs = s.to(tl.int64) * K * C_DW + (_index(k, IDX64) * C_DW)[:, None] + oc[None, :]
     tl.store(ws_ptr + offs, acc, mask=k_mask[:, None] & c_mask[None, :])
+
+
+# ------------------------------------------------------------------------------------------------ max pooling
+
+@triton.jit
+def max_pool_fwd_kernel(x_ptr, out_ptr, code_ptr, Q, OHW, OW, H, W, C,
+                        sxn, sxc, sxh, sxw, son, soc, soh, sow, scn, scc, sch, scw,
+                        KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr,
+                        PW: tl.constexpr, SAVE: tl.constexpr, ACC: tl.constexpr, IDX64: tl.constexpr,
+                        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr):
+    """Max pooling (csrc/kernels/pool_params.h's rules): one program per (BLOCK_P output pixels, BLOCK_C channels)
+    compares the window's taps inside the image in (ky, kx) order in ACC (float32; float64 for float64), keeping
+    the first maximum or the last NaN, and stores it (exact: an input value) with, when SAVE, the tap's index
+    ky * KW + kx as one byte. A window whose values are all -inf keeps its first tap inside the image."""
+    pid_p, c, c_mask, _ = _program_tile(C, BLOCK_C, VEC)
+    n, oh, ow, p_mask = _pixels(pid_p, Q, OHW, OW, IDX64, BLOCK_P)
+    h0 = oh * SH - PH
+    w0 = ow * SW - PW
+    first = tl.maximum(-h0, 0) * KW + tl.maximum(-w0, 0)
+    code = tl.full([BLOCK_P, BLOCK_C], 0, tl.int32) + first[:, None]
+    best = tl.full([BLOCK_P, BLOCK_C], float("-inf"), ACC)
+    x_row = n * sxn
+    x_col = _index(c, IDX64) * sxc
+    for ky in tl.static_range(KH):
+        for kx in tl.static_range(KW):
+            ih = h0 + ky
+            iw = w0 + kx
+            ok = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            mask = ok[:, None] & c_mask[None, :]
+            offs = _rows(x_row, ih, iw, sxh, sxw, VEC)[:, None] + x_col[None, :]
+            v = tl.load(x_ptr + offs, mask=mask, other=float("-inf")).to(ACC)
+            take = mask & ((v > best) | (v != v))
+            best = tl.where(take, v, best)
+            code = tl.where(take, ky * KW + kx, code)
+    keep = p_mask[:, None] & c_mask[None, :]
+    out_offs = _rows(n * son, oh, ow, soh, sow, VEC)[:, None] + (_index(c, IDX64) * soc)[None, :]
+    tl.store(out_ptr + out_offs, best.to(out_ptr.dtype.element_ty), mask=keep)
+    if SAVE:
+        code_offs = _rows(n * scn, oh, ow, sch, scw, VEC)[:, None] + (_index(c, IDX64) * scc)[None, :]
+        tl.store(code_ptr + code_offs, code.to(tl.uint8), mask=keep)
+
+
+@triton.jit
+def max_pool_bwd_kernel(go_ptr, code_ptr, gx_ptr, Q, HW, W, OH, OW, C,
+                        sgn, sgc, sgh, sgw, scn, scc, sch, scw, sxn, sxc, sxh, sxw,
+                        KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr,
+                        PW: tl.constexpr, WIN_H: tl.constexpr, WIN_W: tl.constexpr, ACC: tl.constexpr,
+                        IDX64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr):
+    """Max pooling's gradient, gathered: one program per (BLOCK_P input pixels, BLOCK_C channels). An input position
+    lies in at most WIN_H x WIN_W windows (oh from ceil((ih + PH - KH + 1) / SH) to (ih + PH) / SH); their codes are
+    read in (oh, ow) order and the gradient of each window whose code names this position is added in ACC, then
+    rounded once: PyTorch's order and precision. Every element is written (no zero fill), with no atomics."""
+    pid_p, c, c_mask, _ = _program_tile(C, BLOCK_C, VEC)
+    n, ih, iw, p_mask = _pixels(pid_p, Q, HW, W, IDX64, BLOCK_P)
+    lo_h = ih + (PH - KH + 1)
+    lo_w = iw + (PW - KW + 1)
+    oh0 = (tl.where(lo_h > 0, lo_h, 0) + (SH - 1)) // SH
+    ow0 = (tl.where(lo_w > 0, lo_w, 0) + (SW - 1)) // SW
+    oh_end = tl.minimum((ih + PH) // SH + 1, OH)
+    ow_end = tl.minimum((iw + PW) // SW + 1, OW)
+    c_off = _index(c, IDX64)
+    acc = tl.full([BLOCK_P, BLOCK_C], 0.0, ACC)
+    for dy in tl.static_range(WIN_H):
+        oh = oh0 + dy
+        ky = ih - (oh * SH - PH)
+        for dx in tl.static_range(WIN_W):
+            ow = ow0 + dx
+            tap = ky * KW + iw - (ow * SW - PW)
+            ok = p_mask & (oh < oh_end) & (ow < ow_end)
+            mask = ok[:, None] & c_mask[None, :]
+            code = tl.load(code_ptr + _rows(n * scn, oh, ow, sch, scw, VEC)[:, None] + (c_off * scc)[None, :],
+                           mask=mask, other=0).to(tl.int32)
+            hit = mask & (code == tap[:, None])
+            g = tl.load(go_ptr + _rows(n * sgn, oh, ow, sgh, sgw, VEC)[:, None] + (c_off * sgc)[None, :],
+                        mask=hit, other=0.0).to(ACC)
+            acc = acc + g  # + 0 where not hit: the sum is never -0, so that adds nothing
+    offs = _rows(n * sxn, ih, iw, sxh, sxw, VEC)[:, None] + (c_off * sxc)[None, :]
+    tl.store(gx_ptr + offs, acc.to(gx_ptr.dtype.element_ty), mask=p_mask[:, None] & c_mask[None, :])

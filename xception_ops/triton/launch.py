@@ -42,6 +42,9 @@ What each op launches:
   its gradient in 3), plus the float32 workspace of pass 1 or 2 (per pixel slice); pass 5's grows with the
   pixels (per tile) but grad_y is freed by then.
 
+* max_pool2d / max_pool2d_backward: max_pool_fwd_kernel (the argmax as one byte per output, as the cuda backend
+  keeps it) and max_pool_bwd_kernel (gathered from the codes; no zero fill, no atomics).
+
 CPU tensors run in Triton's interpreter and need TRITON_INTERPRET=1; the kernels follow the variable as it is
 at each call (kernels.py is re-imported when it changed since the kernels were decorated).
 """
@@ -56,7 +59,7 @@ from collections.abc import Sequence
 import torch
 import triton
 
-from ..checks import output_memory_format
+from ..checks import output_memory_format, pool_out_size
 from ..geometry import output_hw
 from . import autotune, kernels
 from .autotune import Config
@@ -67,6 +70,8 @@ IMPLEMENTED = frozenset({
     "depthwise_conv2d_backward_weight",
     "separable_conv2d",
     "separable_conv2d_backward",
+    "max_pool2d",
+    "max_pool2d_backward",
 })
 
 _MID = {None: kernels.MID_NONE, "none": kernels.MID_NONE, "relu": kernels.MID_RELU, "elu": kernels.MID_ELU}
@@ -629,3 +634,64 @@ def separable_conv2d_backward(grad_out: torch.Tensor, grad_sum: torch.Tensor | N
     # 5. grad_x, with the prologue's backward fused.
     _dgrad(g_dw_out, dw_weight, grad_x, conv, x, in_scale, in_shift, bool(in_relu), g_in_scale, g_in_shift)
     return result
+
+
+# ------------------------------------------------------------------------------------------------ max pooling
+
+def _pool_tile(t: torch.Tensor) -> tuple[int, int]:
+    """(BLOCK_P, BLOCK_C): along channels where they are the fastest dimension, along pixels otherwise."""
+    return (16, 128) if _channels_last(t) else (128, 8)
+
+
+def _pool_acc(dtype: torch.dtype):
+    return triton.language.float64 if dtype == torch.float64 else triton.language.float32
+
+
+@_on_device
+def max_pool2d(x: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+               ceil_mode: bool, save_argmax: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """max_pool_fwd_kernel: the pooled values in x's layout and, with save_argmax, the argmax codes (uint8)."""
+    _check_device(x)
+    n, c, h, w = (int(v) for v in x.shape)
+    (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
+    oh, ow = pool_out_size(h, kh, sh, ph, ceil_mode), pool_out_size(w, kw, sw, pw, ceil_mode)
+    fmt = output_memory_format(x)
+    out = torch.empty((n, c, oh, ow), dtype=x.dtype, device=x.device, memory_format=fmt)
+    codes = (torch.empty((n, c, oh, ow), dtype=torch.uint8, device=x.device, memory_format=fmt) if save_argmax
+             else x.new_empty((0,), dtype=torch.uint8))
+    q = n * oh * ow
+    if q == 0 or c == 0:
+        return out, codes
+    block_p, block_c = _pool_tile(x)
+    code_arg = codes if save_argmax else out
+    grid = (triton.cdiv(q, block_p) * triton.cdiv(c, block_c),)
+    _kernels().max_pool_fwd_kernel[grid](
+        x, out, code_arg, q, oh * ow, ow, h, w, c, *x.stride(), *out.stride(), *code_arg.stride(),
+        KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, SAVE=save_argmax, ACC=_pool_acc(x.dtype),
+        IDX64=_idx64(x, out), BLOCK_P=block_p, BLOCK_C=block_c, VEC=_row_vector([x, out, code_arg], [c]),
+        num_warps=4)
+    return out, codes
+
+
+@_on_device
+def max_pool2d_backward(grad_out: torch.Tensor, argmax: torch.Tensor, input_size: Sequence[int],
+                        kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+                        ceil_mode: bool) -> torch.Tensor:
+    """max_pool_bwd_kernel: the gradient of x in argmax's layout (the forward's)."""
+    _check_device(grad_out)
+    n, c, h, w = (int(v) for v in input_size)
+    (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
+    oh, ow = int(grad_out.shape[2]), int(grad_out.shape[3])
+    grad_x = torch.empty((n, c, h, w), dtype=grad_out.dtype, device=grad_out.device,
+                         memory_format=output_memory_format(argmax))
+    q = n * h * w
+    if q == 0 or c == 0:
+        return grad_x
+    block_p, block_c = _pool_tile(grad_x)
+    grid = (triton.cdiv(q, block_p) * triton.cdiv(c, block_c),)
+    _kernels().max_pool_bwd_kernel[grid](
+        grad_out, argmax, grad_x, q, h * w, w, oh, ow, c, *grad_out.stride(), *argmax.stride(), *grad_x.stride(),
+        KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, WIN_H=triton.cdiv(kh, sh), WIN_W=triton.cdiv(kw, sw),
+        ACC=_pool_acc(grad_out.dtype), IDX64=_idx64(grad_out, argmax, grad_x), BLOCK_P=block_p, BLOCK_C=block_c,
+        VEC=_row_vector([grad_x, grad_out, argmax], [c]), num_warps=4)
+    return grad_x

@@ -1,0 +1,118 @@
+"""The Triton backend's max pooling (xception_ops/triton/kernels.py: max_pool_fwd_kernel, max_pool_bwd_kernel),
+through the ops with backend="triton", against the reference op bit for bit: values, argmax codes and gradients.
+
+Without a GPU the kernels run in Triton's interpreter on CPU tensors (small shapes: it is slow). bf16 gradients
+are a sum rounded to bf16, which the interpreter truncates instead of rounding to nearest even: GPU only. The
+pooled values themselves are input values, exact in every dtype.
+"""
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    if os.environ["TRITON_INTERPRET"] != "1":
+        pytest.skip("no CUDA GPU, and TRITON_INTERPRET is set to something other than 1", allow_module_level=True)
+
+from xception_ops import _library, pooling  # noqa: E402
+from xception_ops.models import MaxPool2dSame  # noqa: E402
+
+from .conftest import record_op_calls, requires_gpu  # noqa: E402
+from .test_pooling import same_bits, tie_heavy  # noqa: E402
+
+if _library.TRITON is None:
+    pytest.skip(f"the triton backend is not loaded: {_library.TRITON_ERROR}", allow_module_level=True)
+
+OPS = torch.ops.xception_ops
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+GEOMETRIES = [
+    ((2, 5, 9, 7), (3, 3), (2, 2), (1, 1), False),
+    ((1, 16, 8, 10), (3, 3), (2, 2), (0, 0), True),
+    ((1, 3, 9, 8), (5, 3), (3, 2), (2, 1), True),
+    ((2, 8, 6, 6), (3, 3), (1, 1), (1, 1), False),
+]
+BF16_GRAD_GPU_ONLY = pytest.param(torch.bfloat16, marks=[pytest.mark.gpu, requires_gpu], id="bfloat16")
+
+
+def make(shape, dtype, layout):
+    if layout == "strided":  # a non-contiguous slice: read through its strides
+        n, c, h, w = shape
+        return tie_heavy((n, c, h, 2 * w), dtype, torch.contiguous_format).to(DEVICE)[..., ::2]
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    return tie_heavy(shape, dtype, fmt).to(DEVICE)
+
+
+def check(geometry, dtype, layout, backward):
+    shape, kernel, stride, padding, ceil_mode = geometry
+    x = make(shape, dtype, layout)
+    want, want_codes = OPS.max_pool2d(x, kernel, stride, padding, ceil_mode, True, "torch")
+    got, codes = OPS.max_pool2d(x, kernel, stride, padding, ceil_mode, True, "triton")
+    assert same_bits(got, want) and torch.equal(codes, want_codes)
+    assert got.stride() == want.stride() and codes.stride() == want_codes.stride()
+    plain, none = OPS.max_pool2d(x, kernel, stride, padding, ceil_mode, False, "triton")
+    assert none.numel() == 0 and same_bits(plain, want)
+    if backward:
+        grad = torch.randn(want.shape, device=DEVICE).to(dtype)
+        # Summed in float32 (float64 for float64) and rounded once, as PyTorch's CUDA kernels do (its CPU kernel
+        # rounds fp16 / bf16 sums at every add).
+        wide = torch.float64 if dtype == torch.float64 else torch.float32
+        want_grad = OPS.max_pool2d_backward(grad.to(wide), codes, list(shape), kernel, stride, padding, ceil_mode,
+                                            "torch").to(dtype)
+        got_grad = OPS.max_pool2d_backward(grad, codes, list(shape), kernel, stride, padding, ceil_mode, "triton")
+        assert torch.equal(got_grad, want_grad) and got_grad.stride() == want_grad.stride()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64, BF16_GRAD_GPU_ONLY], ids=str)
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
+def test_forward_and_backward_match_the_reference_bit_for_bit(geometry, dtype, layout):
+    check(geometry, dtype, layout, backward=True)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_bfloat16_forward_matches_the_reference(layout):
+    check(GEOMETRIES[0], torch.bfloat16, layout, backward=False)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_windows_of_only_minus_infinity_keep_their_first_tap_inside_the_image(layout):
+    """PyTorch's rule: no value beats the initial -inf, so the argmax stays at the window's first tap inside the
+    image (ky0, kx0): not (0, 0) where the window starts in the padding."""
+    for geometry in GEOMETRIES:
+        shape, kernel, stride, padding, ceil_mode = geometry
+        x = torch.full(shape, float("-inf"), device=DEVICE).contiguous(
+            memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+        want, want_codes = OPS.max_pool2d(x, kernel, stride, padding, ceil_mode, True, "torch")
+        got, codes = OPS.max_pool2d(x, kernel, stride, padding, ceil_mode, True, "triton")
+        assert torch.equal(got, want) and torch.equal(codes, want_codes)
+
+
+def test_codes_that_name_no_tap_inside_the_image_add_nothing():
+    x = torch.randn(1, 2, 5, 5, device=DEVICE)
+    out, codes = OPS.max_pool2d(x, [3, 3], [2, 2], [1, 1], False, True, "torch")
+    bad = codes.clone()
+    bad[0, 0, 0, 0] = 0    # a tap in the padding
+    bad[0, 1, 1, 1] = 200  # past the window
+    grad = torch.randn(out.shape, device=DEVICE)
+    args = ([1, 2, 5, 5], [3, 3], [2, 2], [1, 1], False)
+    assert torch.equal(OPS.max_pool2d_backward(grad, bad, *args, "triton"),
+                       OPS.max_pool2d_backward(grad, bad, *args, "torch"))
+
+
+def test_xception_pool_on_the_triton_backend_runs_the_op_with_autograd():
+    x = tie_heavy((2, 8, 9, 9), torch.float32, torch.channels_last).to(DEVICE).nan_to_num(0.0, 0.0, -4.0)
+    x.requires_grad_()
+    with record_op_calls("max_pool2d") as calls:
+        got = MaxPool2dSame(3, 2, "same", "triton")(x)
+    assert len(calls) == 1 and calls[0][-1] == "triton"
+    want = pooling.max_pool2d(x, 3, 2, 1, backend="torch")
+    assert torch.equal(got, want)
+    grad = torch.randn_like(got)
+    with record_op_calls("max_pool2d_backward") as calls:
+        (got_grad,) = torch.autograd.grad(got, x, grad)
+    assert len(calls) == 1 and calls[0][-1] == "triton"
+    assert torch.equal(got_grad, torch.autograd.grad(want, x, grad)[0])
