@@ -269,7 +269,8 @@ Tensor scale_shift_autograd(const Tensor& y, const Tensor& scale, const Tensor& 
 // ---- batch_norm_finalize ----
 using FinalizeSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, int64_t,
                                                                const OptTensor&, const OptTensor&, double,
-                                                               c10::string_view);
+                                                               c10::string_view, const OptTensor&, const OptTensor&,
+                                                               const OptTensor&, const OptTensor&, double);
 using FinalizeBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, int64_t, const OptTensor&, double, const OptTensor&, const OptTensor&,
     const OptTensor&, const OptTensor&, c10::string_view);
@@ -279,18 +280,48 @@ const c10::TypedOperatorHandle<FinalizeSig>& finalize_op() {
   return op;
 }
 
+// The running-statistics update's tensors of a finalize call: written in place, no gradient.
+struct FinalizeUpdate {
+  const OptTensor& running_mean;
+  const OptTensor& running_var;
+  const OptTensor& num_batches_tracked;
+  const OptTensor& pre_bias;
+  double momentum;
+};
+
+// Calls the op below autograd, then moves the version counters of the tensors it wrote in place as aten's in-place
+// ops move them (the CUDA kernel writes through raw pointers, which the dispatcher does not count for a custom op;
+// see batch_norm_update_stats_autograd).
+std::tuple<Tensor, Tensor, Tensor, Tensor> finalize_below_autograd(const Tensor& sum, const Tensor& sumsq,
+                                                                   int64_t count, const OptTensor& weight,
+                                                                   const OptTensor& bias, double eps,
+                                                                   c10::string_view backend,
+                                                                   const FinalizeUpdate& u) {
+  std::tuple<Tensor, Tensor, Tensor, Tensor> out;
+  {
+    const at::AutoDispatchBelowADInplaceOrView below;
+    out = finalize_op().call(sum, sumsq, count, weight, bias, eps, backend, u.running_mean, u.running_var,
+                             u.num_batches_tracked, u.pre_bias, u.momentum);
+  }
+  for (const OptTensor* t : {&u.running_mean, &u.running_var, &u.num_batches_tracked}) {
+    if (t->has_value()) torch::autograd::impl::bump_version(**t);
+  }
+  return out;
+}
+
 struct FinalizeFunction : public torch::autograd::Function<FinalizeFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& sum, const Tensor& sumsq, int64_t count,
                                const OptTensor& weight, const OptTensor& bias, double eps,
-                               c10::string_view backend) {
+                               c10::string_view backend, const OptTensor& running_mean,
+                               const OptTensor& running_var, const OptTensor& num_batches_tracked,
+                               const OptTensor& pre_bias, double momentum) {
     // The mean and variance go to the running statistics alone: their gradients reach the backward as undefined
     // tensors, not as zeros autograd would allocate and fill (two launches per BatchNorm and step).
     ctx->set_materialize_grads(false);
     Tensor scale, shift, mean, var;
-    {
-      const at::AutoDispatchBelowADInplaceOrView below;
-      std::tie(scale, shift, mean, var) = finalize_op().call(sum, sumsq, count, weight, bias, eps, backend);
-    }
+    std::tie(scale, shift, mean, var) =
+        finalize_below_autograd(sum, sumsq, count, weight, bias, eps, backend,
+                                {running_mean, running_var, num_batches_tracked, pre_bias, momentum});
     ctx->save_for_backward({sum, sumsq, defined_or_empty(weight)});
     auto& data = ctx->saved_data;
     data["count"] = count;
@@ -336,19 +367,23 @@ struct FinalizeFunction : public torch::autograd::Function<FinalizeFunction> {
     } else if (g_b.scalar_type() != bias_type) {
       g_b = g_b.to(bias_type);
     }
-    return {g_sum, g_sumsq, Tensor(), g_w, g_b, Tensor(), Tensor()};
+    // (The update's tensors get none: a side effect, as batch_norm_update_stats records no node.)
+    return {g_sum, g_sumsq, Tensor(), g_w, g_b, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize_autograd(const Tensor& sum, const Tensor& sumsq,
-                                                                        int64_t count, const OptTensor& weight,
-                                                                        const OptTensor& bias, double eps,
-                                                                        c10::string_view backend) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize_autograd(
+    const Tensor& sum, const Tensor& sumsq, int64_t count, const OptTensor& weight, const OptTensor& bias, double eps,
+    c10::string_view backend, const OptTensor& running_mean, const OptTensor& running_var,
+    const OptTensor& num_batches_tracked, const OptTensor& pre_bias, double momentum) {
   if (!needs_node({&sum, &sumsq}, {&weight, &bias})) {
-    const at::AutoDispatchBelowADInplaceOrView below;
-    return finalize_op().call(sum, sumsq, count, weight, bias, eps, backend);
+    return finalize_below_autograd(sum, sumsq, count, weight, bias, eps, backend,
+                                   {running_mean, running_var, num_batches_tracked, pre_bias, momentum});
   }
-  const variable_list r = FinalizeFunction::apply(sum, sumsq, count, weight, bias, eps, backend);
+  // pre_bias feeds only the running mean: detached, so that the node has no edge to it.
+  const OptTensor plain_pre_bias = pre_bias.has_value() ? OptTensor(pre_bias->detach()) : OptTensor();
+  const variable_list r = FinalizeFunction::apply(sum, sumsq, count, weight, bias, eps, backend, running_mean,
+                                                  running_var, num_batches_tracked, plain_pre_bias, momentum);
   return {r[0], r[1], r[2], r[3]};
 }
 

@@ -161,7 +161,8 @@ Conv2dGeometry check_separable(const char* op, const Tensor& x, const Tensor& dw
 }
 
 void check_batch_norm_finalize(const char* op, const Tensor& sum, const Tensor& sumsq, int64_t count,
-                               const OptTensor& weight, const OptTensor& bias, double eps) {
+                               const OptTensor& weight, const OptTensor& bias, double eps,
+                               const RunningStatsUpdate* update) {
   XO_CHECK_VALUE(sum.dim() == 1, op, ": sum must be 1-D (one value per channel), got shape ", sum.sizes());
   XO_CHECK_TYPE(sum.scalar_type() == at::kFloat || sum.scalar_type() == at::kDouble, op,
                 ": sum must be float32 or float64 (the fused ops' statistics), got ", sum.scalar_type());
@@ -180,6 +181,21 @@ void check_batch_norm_finalize(const char* op, const Tensor& sum, const Tensor& 
   }
   check_channel_vector(op, "weight", weight, sum.size(0), sum);
   check_channel_vector(op, "bias", bias, sum.size(0), sum);
+  if (update == nullptr) return;
+  XO_CHECK_VALUE(update->running_mean.has_value() == update->running_var.has_value(), op,
+                 ": running_mean and running_var go together: give both or neither");
+  if (update->running_mean.has_value()) {  // the batch mean and variance will have sum's shape, dtype and device
+    check_batch_norm_update_stats(op, *update->running_mean, *update->running_var, sum, sumsq, update->pre_bias,
+                                  count, update->momentum);
+  }
+  const OptTensor& tracked = update->num_batches_tracked;
+  if (tracked.has_value()) {
+    XO_CHECK_TYPE(tracked->scalar_type() == at::kLong && tracked->numel() == 1, op,
+                  ": num_batches_tracked must be one int64 (nn.BatchNorm2d's), got ", tracked->scalar_type(),
+                  " of shape ", dims(tracked->sizes()));
+    XO_CHECK_VALUE(tracked->device() == sum.device(), op, ": num_batches_tracked is on ", tracked->device(),
+                   " but sum is on ", sum.device(), "; move both to the same device");
+  }
 }
 
 void check_batch_norm_finalize_backward(const char* op, const Tensor& sum, const Tensor& sumsq, int64_t count,

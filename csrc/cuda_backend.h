@@ -69,10 +69,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_con
     const Tensor& x, const Tensor& dw_weight, const Tensor& pw_weight, const SeparableOptions& opt,
     const Conv2dGeometry& g);
 
-// BatchNorm finalize (csrc/cuda/batchnorm_backend.cpp), with the contract of reference::batch_norm_finalize.
+// BatchNorm finalize (csrc/cuda/batchnorm_backend.cpp), with the contract of reference::batch_norm_finalize: one
+// kernel, the update's included where its buffers are contiguous in the parameters' dtype and the counter a
+// contiguous int64 (else the parts that are not run after it, as batch_norm_update_stats and add_(1)).
 std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize(const Tensor& sum, const Tensor& sumsq,
                                                                int64_t count, const OptTensor& weight,
-                                                               const OptTensor& bias, double eps);
+                                                               const OptTensor& bias, double eps,
+                                                               const RunningStatsUpdate& update);
 // The finalize step's backward, with the contract of reference::batch_norm_finalize_backward: one kernel.
 std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize_backward(
     const Tensor& sum, const Tensor& sumsq, int64_t count, const OptTensor& weight, double eps,

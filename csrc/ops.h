@@ -34,6 +34,14 @@ struct SeparableOptions {
   bool compute_stats = false;  // epilogue: per-channel fp32 sum and sum of squares of the pre-BN output
 };
 
+// The running statistics' update that batch_norm_finalize can do in the same step (its keyword-only arguments):
+// running_mean and running_var updated in place from the batch mean and variance (batch_norm_update_stats'
+// formulas), and num_batches_tracked advanced by one. Absent tensors: that part is not done.
+struct RunningStatsUpdate {
+  OptTensor running_mean, running_var, num_batches_tracked, pre_bias;
+  double momentum = 0;
+};
+
 // ---- error messages ----
 // Messages are assembled here with std::to_string and string appends, then handed to TORCH_CHECK_* as one
 // string: no number goes through an iostream in this library. On the lent GPU machines (extension built with a
@@ -77,9 +85,11 @@ Conv2dGeometry check_separable(const char* op, const Tensor& x, const Tensor& dw
                                const SeparableOptions& opt, IntArrayRef stride, IntArrayRef padding,
                                IntArrayRef dilation);
 // The statistics (float32 or float64 vectors of one length on one device), count >= 1, the affine parameters
-// (that length, same device, any float dtype), eps >= 0.
+// (that length, same device, any float dtype), eps >= 0; with an update, its tensors as batch_norm_update_stats
+// checks them (running_mean and running_var both or neither) and num_batches_tracked one int64 on sum's device.
 void check_batch_norm_finalize(const char* op, const Tensor& sum, const Tensor& sumsq, int64_t count,
-                               const OptTensor& weight, const OptTensor& bias, double eps);
+                               const OptTensor& weight, const OptTensor& bias, double eps,
+                               const RunningStatsUpdate* update = nullptr);
 // The finalize checks, and gradients of (scale, shift, mean, var) that are channel vectors on sum's device.
 void check_batch_norm_finalize_backward(const char* op, const Tensor& sum, const Tensor& sumsq, int64_t count,
                                         const OptTensor& weight, double eps, const OptTensor& grad_scale,
@@ -122,10 +132,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_con
     const Tensor& grad_out, const OptTensor& grad_sum, const OptTensor& grad_sumsq, const OptTensor& out,
     const Tensor& x, const Tensor& dw_weight, const Tensor& pw_weight, const SeparableOptions& opt,
     const Conv2dGeometry& g);
-// Returns (scale, shift, mean, var) in the statistics' dtype (kernels/batchnorm.cuh gives the formulas).
+// Returns (scale, shift, mean, var) in the statistics' dtype (kernels/batchnorm.cuh gives the formulas), then does
+// `update`.
 std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize(const Tensor& sum, const Tensor& sumsq,
                                                                int64_t count, const OptTensor& weight,
-                                                               const OptTensor& bias, double eps);
+                                                               const OptTensor& bias, double eps,
+                                                               const RunningStatsUpdate& update = {});
 // The gradients of (sum, sumsq, weight, bias) from those of (scale, shift, mean, var) (absent: zeros), in the
 // statistics' dtype (formulas in kernels/batchnorm_params.h); those of weight and bias in weight's dtype where it is
 // 16-bit beside float32 statistics (a model cast to bf16 / fp16: the dtype the parameters' gradients take).

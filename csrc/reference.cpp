@@ -177,7 +177,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_con
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize(const Tensor& sum, const Tensor& sumsq,
                                                                int64_t count, const OptTensor& weight,
-                                                               const OptTensor& bias, double eps) {
+                                                               const OptTensor& bias, double eps,
+                                                               const RunningStatsUpdate& update) {
   const auto type = sum.scalar_type();
   const double n = static_cast<double>(count);
   Tensor mean = sum / n;
@@ -186,6 +187,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize(const Tensor& sum
   Tensor scale = weight.has_value() ? weight->to(type) * invstd : invstd;
   Tensor shift = -mean * scale;
   if (bias.has_value()) shift = shift + bias->to(type);
+  if (update.running_mean.has_value()) {
+    batch_norm_update_stats(*update.running_mean, *update.running_var, mean, var, update.pre_bias, count,
+                            update.momentum);
+  }
+  if (update.num_batches_tracked.has_value()) update.num_batches_tracked->add_(1);
   return {scale, shift, mean, var};
 }
 

@@ -202,19 +202,20 @@ SeparableGrads separable_conv2d_backward(
 
 constexpr const char* kFinalize = "xception_ops.batch_norm_finalize";
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize(const Tensor& sum, const Tensor& sumsq,
-                                                               int64_t count, const OptTensor& weight,
-                                                               const OptTensor& bias, double eps,
-                                                               c10::string_view backend) {
-  check_batch_norm_finalize(kFinalize, sum, sumsq, count, weight, bias, eps);
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize(
+    const Tensor& sum, const Tensor& sumsq, int64_t count, const OptTensor& weight, const OptTensor& bias, double eps,
+    c10::string_view backend, const OptTensor& running_mean, const OptTensor& running_var,
+    const OptTensor& num_batches_tracked, const OptTensor& pre_bias, double momentum) {
+  const RunningStatsUpdate update{running_mean, running_var, num_batches_tracked, pre_bias, momentum};
+  check_batch_norm_finalize(kFinalize, sum, sumsq, count, weight, bias, eps, &update);
   const Backend chosen = resolve_backend(backend, kFinalize, sum);
   if (chosen == Backend::Cuda) {
-    XO_IF_CUDA(return cuda::batch_norm_finalize(sum, sumsq, count, weight, bias, eps));
+    XO_IF_CUDA(return cuda::batch_norm_finalize(sum, sumsq, count, weight, bias, eps, update));
   }
   XO_CHECK_NOT_IMPLEMENTED(chosen != Backend::Triton, kFinalize,
                            ": backend 'triton' has no kernel for this op (it works on C-element vectors; the "
                            "fused modules run it on 'torch' or 'cuda')");
-  return reference::batch_norm_finalize(sum, sumsq, count, weight, bias, eps);
+  return reference::batch_norm_finalize(sum, sumsq, count, weight, bias, eps, update);
 }
 
 constexpr const char* kFinalizeBwd = "xception_ops.batch_norm_finalize_backward";
@@ -356,9 +357,14 @@ TORCH_LIBRARY(xception_ops, m) {
       "int[4] padding, int[2] dilation, str mid_activation, Tensor? out_scale, Tensor? out_shift, bool out_relu, "
       "str backend) -> (Tensor grad_x, Tensor grad_dw_weight, Tensor grad_pw_weight, Tensor grad_in_scale, "
       "Tensor grad_in_shift, Tensor grad_out_scale, Tensor grad_out_shift)");
+  // With the keyword-only arguments it also does a training step's running-statistics update in the same kernel
+  // (batch_norm_update_stats' formulas: running_mean and running_var both or neither) and advances
+  // num_batches_tracked by one: one launch per BatchNorm and step where three ran.
   m.def(
       "batch_norm_finalize(Tensor sum, Tensor sumsq, int count, Tensor? weight, Tensor? bias, float eps, "
-      "str backend) -> (Tensor scale, Tensor shift, Tensor mean, Tensor var)");
+      "str backend, *, Tensor(a!)? running_mean=None, Tensor(b!)? running_var=None, "
+      "Tensor(c!)? num_batches_tracked=None, Tensor? pre_bias=None, float momentum=0.) "
+      "-> (Tensor scale, Tensor shift, Tensor mean, Tensor var)");
   // The gradients of (sum, sumsq, weight, bias) from those of (scale, shift, mean, var): batch_norm_finalize's
   // first-order backward in one kernel (its autograd formula takes it unless a graph of the backward is asked for).
   m.def(

@@ -401,3 +401,122 @@ def test_cuda_backward_kernel_matches_the_reference(dtype, channels):
             assert a.dtype == (torch.bfloat16 if in_params else dtype) and a.is_cuda
             rtol = 2.0**-8 if in_params else tol
             torch.testing.assert_close(a.double(), b, rtol=rtol, atol=tol)
+
+
+# ---------------------------------------------------------------------------------------------- the update in finalize
+
+def _separately(total, total_sq, count, weight, bias, backend, running, tracked, pre_bias, momentum):
+    """batch_norm_finalize, then batch_norm_update_stats and num_batches_tracked += 1: what the keyword-only
+    arguments do in one op."""
+    out = OPS.batch_norm_finalize(total, total_sq, count, weight, bias, 1e-5, backend)
+    OPS.batch_norm_update_stats(running[0], running[1], out[2], out[3], pre_bias, count, momentum, backend)
+    tracked.add_(1)
+    return out
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, requires_gpu])])
+@pytest.mark.parametrize("params", [torch.float32, torch.bfloat16, None], ids=str)
+@pytest.mark.parametrize("buffers", ["params", "float32", "strided"])
+@needs_ext
+def test_finalize_with_the_update_is_the_three_steps_bit_for_bit(device, params, buffers):
+    """The finalize op's keyword-only update gives what finalize, batch_norm_update_stats and `+= 1` give, in the
+    same bits: in the finalize kernel where the buffers are contiguous in the parameters' dtype (float32 or 16-bit),
+    through the separate steps otherwise (float32 buffers beside bf16 parameters, strided buffers)."""
+    backend = "cuda" if device == "cuda" else "torch"
+    channels, count = 300, 50
+    total, total_sq = sums(channels, count, torch.float32, device)
+    weight = bias = None
+    if params is not None:
+        weight = (torch.rand(channels, device=device) + 0.5).to(params)
+        bias = torch.randn(channels, device=device).to(params)
+    pre_bias = torch.randn(channels, device=device)
+    buffer_dtype = (params or torch.float32) if buffers == "params" else torch.float32
+    start = [torch.randn(2 * channels, device=device), torch.rand(2 * channels, device=device) + 0.5]
+
+    def state():
+        pair = [t.to(buffer_dtype, copy=True) for t in start]
+        pair = [t[::2] for t in pair] if buffers == "strided" else [t[:channels] for t in pair]
+        return pair, torch.tensor(7, device=device)
+
+    (got_running, got_tracked), (want_running, want_tracked) = state(), state()
+    versions = [t._version for t in (*got_running, got_tracked)]
+    got = OPS.batch_norm_finalize(total, total_sq, count, weight, bias, 1e-5, backend,
+                                  running_mean=got_running[0], running_var=got_running[1],
+                                  num_batches_tracked=got_tracked, pre_bias=pre_bias, momentum=0.1)
+    want = _separately(total, total_sq, count, weight, bias, backend, want_running, want_tracked, pre_bias, 0.1)
+    for g, w in zip((*got, *got_running), (*want, *want_running)):
+        assert torch.equal(g, w)
+    assert int(got_tracked) == 8
+    assert all(t._version > v for t, v in zip((*got_running, got_tracked), versions))
+    # The count alone, and none of it.
+    OPS.batch_norm_finalize(total, total_sq, count, weight, bias, 1e-5, backend, num_batches_tracked=got_tracked)
+    assert int(got_tracked) == 9
+    plain = OPS.batch_norm_finalize(total, total_sq, count, weight, bias, 1e-5, backend)
+    for g, w in zip(plain, want):
+        assert torch.equal(g, w)
+
+
+@needs_ext
+def test_finalize_with_the_update_keeps_its_gradients():
+    total, total_sq = sums(5, 20)
+    total, total_sq = total.requires_grad_(), total_sq.requires_grad_()
+    weight = torch.rand(5, dtype=torch.float64, requires_grad=True)
+    pre_bias = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    running = [torch.zeros(5, dtype=torch.float64), torch.ones(5, dtype=torch.float64)]
+    tracked = torch.tensor(0)
+
+    def fn(t, q, w):
+        return OPS.batch_norm_finalize(t, q, 20, w, None, 1e-5, "torch", running_mean=running[0],
+                                       running_var=running[1], num_batches_tracked=tracked, pre_bias=pre_bias,
+                                       momentum=0.1)[:2]
+
+    assert torch.autograd.gradcheck(fn, (total, total_sq, weight))
+    scale, shift = fn(total, total_sq, weight)
+    (scale.sum() + shift.sum()).backward()
+    assert pre_bias.grad is None  # it moves the running mean only
+
+
+@needs_ext
+@pytest.mark.parametrize("bad,match", [
+    (dict(running_mean=torch.zeros(4)), "running_mean and running_var go together"),
+    (dict(num_batches_tracked=torch.zeros(())), "num_batches_tracked must be one int64"),
+    (dict(running_mean=torch.zeros(3), running_var=torch.ones(3)), "running_mean must have mean's shape"),
+    (dict(running_mean=torch.zeros(4), running_var=torch.ones(4), momentum=2.0), "momentum must be in"),
+])
+def test_finalize_update_arguments_are_checked(bad, match):
+    total, total_sq = sums(4, 10, torch.float32)
+    with pytest.raises((ValueError, TypeError), match=match):
+        OPS.batch_norm_finalize(total, total_sq, 10, None, None, 1e-5, "torch", **bad)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode, pytest.raises((ValueError, TypeError), match=match):
+        OPS.batch_norm_finalize(mode.from_tensor(total), mode.from_tensor(total_sq), 10, None, None, 1e-5, "torch",
+                                **{k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v
+                                   for k, v in bad.items()})
+
+
+@needs_ext
+def test_a_training_step_runs_one_op_per_batch_norm():
+    """SeparableConvBN in training: the finalize op updates the running statistics and the batch count itself; no
+    batch_norm_update_stats op and no separate `num_batches_tracked += 1` runs."""
+    from xception_ops.nn import SeparableConvBN
+
+    module = SeparableConvBN(4, 6, 3, padding=1, backend="torch").train()
+    x = torch.randn(2, 4, 5, 5)
+    with record_op_calls("batch_norm_update_stats") as updates, record_op_calls("batch_norm_finalize") as finals:
+        module(x)
+    assert updates == [] and len(finals) == 1
+    assert int(module.bn.num_batches_tracked) == 1
+    module.bn.momentum = None  # a cumulative average needs the count first: the separate steps
+    with record_op_calls("batch_norm_update_stats") as updates:
+        module(x)
+    assert len(updates) == 1 and int(module.bn.num_batches_tracked) == 2
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, requires_gpu])])
+@needs_ext
+def test_finalize_with_no_channels_still_counts_the_batch(device):
+    backend = "cuda" if device == "cuda" else "torch"
+    empty = torch.zeros(0, device=device)
+    tracked = torch.tensor(5, device=device)
+    out = OPS.batch_norm_finalize(empty, empty, 4, None, None, 1e-5, backend, running_mean=empty.clone(),
+                                  running_var=empty.clone(), num_batches_tracked=tracked, momentum=0.1)
+    assert all(t.shape == (0,) for t in out) and int(tracked) == 6

@@ -464,3 +464,26 @@ def test_pool_rows_time_xceptions_pools_on_each_backend():
                       progress=lambda line: None)
     assert [(r["op"], r["cin"], r["cout"]) for r in given["layers"] if r["impl"] == "eager"] == [
         ("depthwise", 3, 4), ("pool", 3, 3)]
+
+
+def test_op_census_counts_a_cuda_training_step_without_a_gpu():
+    """tools/op_census.py on fake CUDA tensors: the model on backend "cuda" dispatches one separable conv and one
+    finalize op (with the running-statistics update and the batch count in it) per fused layer, its four pools on
+    the package's op, and its backward graph holds a node per parameter."""
+    import importlib.util
+    from pathlib import Path
+
+    from xception_ops import _library
+
+    if _library.EXTENSION is None or not _library.EXTENSION.WITH_CUDA:
+        pytest.skip("needs the library built with its CUDA kernels (backend 'cuda' must resolve)")
+    path = Path(__file__).resolve().parents[1] / "tools" / "op_census.py"
+    spec = importlib.util.spec_from_file_location("op_census", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    ops, nodes = tool.census("xception:cuda", torch.bfloat16, "NHWC", 2, 71)
+    assert ops["xception_ops::separable_conv2d"] == 34 and ops["xception_ops::batch_norm_finalize"] == 34
+    assert ops["xception_ops::max_pool2d"] == 4
+    assert ops["xception_ops::batch_norm_update_stats"] == 0
+    assert ops["aten::add_"] == 6  # the six nn.BatchNorm2d's own counters (stem and shortcuts)
+    assert nodes["torch::autograd::AccumulateGrad"] == 156

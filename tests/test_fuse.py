@@ -8,8 +8,9 @@ import xception_ops
 from xception_ops.fuse import find_chains
 from xception_ops.nn import SeparableConvBN
 from xception_ops.parity import randomize_batch_norm
+from xception_ops.pooling import MaxPool2d
 
-from .conftest import relative_error
+from .conftest import record_op_calls, relative_error
 
 timm = pytest.importorskip("timm")
 
@@ -155,6 +156,8 @@ def test_timm_legacy_xception(backend):
     assert sum(s.pre_relu for s in seps) == 11 + between
     assert sum(s.defer_bn for s in seps) == between
     assert sum(s.post_relu for s in seps) == 1
+    pools = [m for m in fused.modules() if isinstance(m, nn.MaxPool2d)]
+    assert len(pools) == 4 and all(type(m) is MaxPool2d and m.backend == backend for m in pools)
     assert type(fused) is type(model)
     x = torch.randn(2, 3, 71, 71)
     fused.eval()
@@ -186,3 +189,42 @@ def test_shared_module_is_not_fused():
     model = Shared()
     x = torch.randn(1, 3, 4, 4)
     assert torch.equal(xception_ops.fuse(model)(x), model(x))
+
+
+def test_max_pools_take_the_packages_pooling_with_the_same_values_and_gradients():
+    """Every nn.MaxPool2d becomes pooling.MaxPool2d on the fuse backend (a shared one at each of its names); the
+    ones the kernels do not take (dilation, return_indices) keep PyTorch's pooling; pools=False keeps them all."""
+    shared = nn.MaxPool2d(3, 2, 1)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), shared, nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True),
+                          nn.Sequential(shared), nn.MaxPool2d(2, dilation=2, padding=1))
+    fused = xception_ops.fuse(model, backend="torch")
+    assert [type(m).__name__ for m in fused] == ["Conv2d", "MaxPool2d", "ReLU", "MaxPool2d", "Sequential",
+                                                  "MaxPool2d"]
+    assert all(type(m) is MaxPool2d for m in (fused[1], fused[3], fused[4][0], fused[5]))
+    assert fused[1].kernel_size == 3 and fused[1].stride == 2 and fused[3].ceil_mode and fused[5].dilation == 2
+    assert "backend='torch'" in repr(fused[1])
+    assert all(type(m) is nn.MaxPool2d for m in xception_ops.fuse(model, pools=False)[1:4:2])
+    x = torch.randn(2, 3, 40, 37, requires_grad=True)
+    want = model(x)
+    got = fused(x)
+    assert torch.equal(got, want)
+    grad = torch.randn_like(want)
+    assert torch.equal(torch.autograd.grad(got, x, grad)[0], torch.autograd.grad(want, x, grad)[0])
+    with pytest.raises(ValueError, match="backend must be one of"):
+        MaxPool2d(3, backend="cudnn")
+
+
+def test_pools_on_a_kernel_backend_run_the_op():
+    """On the triton backend (its interpreter here; "cuda" on a GPU takes the same path) the swapped pools call
+    xception_ops.max_pool2d, and the dilated one PyTorch's pooling."""
+    pytest.importorskip("triton")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if xception_ops._library.TRITON is None or xception_ops._library.TRITON.device_problem(device) is not None:
+        pytest.skip("the triton backend cannot run here")
+    model = nn.Sequential(nn.MaxPool2d(3, 2, 1), nn.MaxPool2d(2, dilation=2)).to(device)
+    fused = xception_ops.fuse(model, backend="triton")
+    x = torch.randn(1, 4, 17, 17, device=device)
+    with record_op_calls("max_pool2d") as calls:
+        got = fused(x)
+    assert len(calls) == 1 and calls[0][-1] == "triton"
+    assert torch.equal(got, model(x))

@@ -260,6 +260,11 @@ def _opcheck_cases():
                                                9, 0.1, "torch")),
         (ops.batch_norm_update_stats.default, (torch.zeros(4, dtype=torch.bfloat16), torch.ones(4), torch.randn(4),
                                                torch.rand(4), torch.randn(4), 2, 1.0, "torch")),
+        (ops.batch_norm_finalize.default, (torch.rand(4, requires_grad=True) * 10,
+                                           torch.rand(4, requires_grad=True) * 50 + 30, 12, oscale, oshift, 1e-5,
+                                           "torch"),
+         dict(running_mean=torch.zeros(4), running_var=torch.ones(4), num_batches_tracked=torch.tensor(3),
+              pre_bias=torch.randn(4), momentum=0.1)),
         (ops.max_pool2d.default, (torch.randn(2, 3, 7, 8, requires_grad=True), [3, 3], [2, 2], [1, 1], False, True,
                                   "torch")),
         (ops.max_pool2d.default, (xl, [3, 3], [2, 2], [0, 0], True, False, "torch")),
@@ -271,15 +276,15 @@ def _opcheck_cases():
 
 
 @needs_ext
-@pytest.mark.parametrize("index", range(21))
+@pytest.mark.parametrize("index", range(22))
 def test_opcheck(index):
-    op, args = _opcheck_cases()[index]
-    torch.library.opcheck(op, args)
+    op, args, *kwargs = _opcheck_cases()[index]
+    torch.library.opcheck(op, args, *kwargs)
 
 
 @needs_ext
 def test_every_op_has_an_opcheck_case():
-    checked = {op._schema.name.split("::")[1] for op, _ in _opcheck_cases()}
+    checked = {case[0]._schema.name.split("::")[1] for case in _opcheck_cases()}
     assert checked == set(_library.OPS)
 
 

@@ -109,9 +109,12 @@ def _cuda_has(op: str) -> bool:
 
 def _register_finalize_fake() -> None:
     @_fake("batch_norm_finalize")
-    def _(total, total_sq, count, weight, bias, eps, backend):
+    def _(total, total_sq, count, weight, bias, eps, backend, *, running_mean=None, running_var=None,
+          num_batches_tracked=None, pre_bias=None, momentum=0.0):
         checks.check_batch_norm_finalize("xception_ops.batch_norm_finalize", total, total_sq, count, weight, bias,
-                                         eps)
+                                         eps, running_mean=running_mean, running_var=running_var,
+                                         num_batches_tracked=num_batches_tracked, pre_bias=pre_bias,
+                                         momentum=momentum)
         return tuple(total.new_empty(total.shape) for _ in range(4))
 
     @_fake("batch_norm_finalize_backward")

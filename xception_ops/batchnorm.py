@@ -49,6 +49,16 @@ def _momentum(bn) -> float:
     return bn.momentum if bn.momentum is not None else 0.0
 
 
+def _updates_in_finalize(bn: nn.modules.batchnorm._BatchNorm) -> bool:
+    """Whether the finalize op does the training step's bookkeeping itself (its keyword-only arguments): the
+    compiled library, eager mode (under torch.compile the update stays an op of its own, as it was traced before),
+    and nn.BatchNorm2d's usual state: running statistics, a batch counter, a fixed momentum (a cumulative average,
+    momentum None, needs the count on the host first)."""
+    return (_library.EXTENSION is not None and bn.training and bn.track_running_stats
+            and bn.running_mean is not None and bn.num_batches_tracked is not None and bn.momentum is not None
+            and not torch.compiler.is_compiling())
+
+
 def synchronizes(module: nn.Module) -> bool:
     """Whether `module` all-reduces its batch statistics now: asked to, and more than one process in its group."""
     if not getattr(module, "sync_stats", False):
@@ -135,10 +145,19 @@ def scale_shift_from_stats(bn: nn.modules.batchnorm._BatchNorm, total: torch.Ten
         total, total_sq, count = all_reduce_stats(total, total_sq, count, sync_group)
     if count <= 1 and bn.training:
         raise ValueError(f"Expected more than 1 value per channel when training, got {count}")
-    scale, shift, mean, var = finalize(total, total_sq, count, bn.weight, bn.bias, bn.eps, backend)
-    factor = _momentum(bn)
-    if bn.running_mean is not None and factor > 0:
-        update_running_stats(bn, mean, var, count, factor, pre_bias, backend)
+    if _updates_in_finalize(bn):
+        # One op (one kernel on "cuda") for the statistics, the running statistics' update and the batch count.
+        op = "xception_ops.batch_norm_finalize"
+        update = dict(running_mean=bn.running_mean, running_var=bn.running_var,
+                      pre_bias=pre_bias, momentum=float(bn.momentum)) if bn.momentum > 0 else {}
+        scale, shift, _, _ = torch.ops.xception_ops.batch_norm_finalize(
+            total, total_sq, count, bn.weight, bn.bias, bn.eps, _vector_backend(backend, op, total),
+            num_batches_tracked=bn.num_batches_tracked, **update)
+    else:
+        scale, shift, mean, var = finalize(total, total_sq, count, bn.weight, bn.bias, bn.eps, backend)
+        factor = _momentum(bn)
+        if bn.running_mean is not None and factor > 0:
+            update_running_stats(bn, mean, var, count, factor, pre_bias, backend)
     if pre_bias is not None:
         # The bias cancels in the normalization. It still gets an exactly zero gradient, as in the unfused layers,
         # rather than none (which DistributedDataParallel would take for an unused parameter).

@@ -142,8 +142,12 @@ def check_separable(op: str, x: torch.Tensor, dw_weight: torch.Tensor, pw_weight
 
 
 def check_batch_norm_finalize(op: str, total: torch.Tensor, total_sq: torch.Tensor, count: int,
-                              weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> None:
-    """The same checks as the C++ op (csrc/checks.cpp), for the fake kernel and the Python fallback."""
+                              weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, *,
+                              running_mean: torch.Tensor | None = None, running_var: torch.Tensor | None = None,
+                              num_batches_tracked: torch.Tensor | None = None, pre_bias: torch.Tensor | None = None,
+                              momentum: float = 0.0) -> None:
+    """The same checks as the C++ op (csrc/checks.cpp), for the fake kernel and the Python fallback; with the
+    running-statistics update's tensors, theirs too."""
     if total.dim() != 1:
         raise ValueError(f"{op}: sum must be 1-D (one value per channel), got shape {list(total.shape)}")
     if total.dtype not in (torch.float32, torch.float64):
@@ -162,6 +166,17 @@ def check_batch_norm_finalize(op: str, total: torch.Tensor, total_sq: torch.Tens
         raise ValueError(f"{op}: eps must be >= 0")
     check_channel_vector(op, "weight", weight, total.shape[0], total)
     check_channel_vector(op, "bias", bias, total.shape[0], total)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{op}: running_mean and running_var go together: give both or neither")
+    if running_mean is not None:  # the batch mean and variance will have sum's shape, dtype and device
+        check_batch_norm_update_stats(op, running_mean, running_var, total, total_sq, pre_bias, count, momentum)
+    if num_batches_tracked is not None:
+        if num_batches_tracked.dtype != torch.int64 or num_batches_tracked.numel() != 1:
+            raise TypeError(f"{op}: num_batches_tracked must be one int64 (nn.BatchNorm2d's), got "
+                            f"{num_batches_tracked.dtype} of shape {list(num_batches_tracked.shape)}")
+        if num_batches_tracked.device != total.device:
+            raise ValueError(f"{op}: num_batches_tracked is on {num_batches_tracked.device} but sum is on "
+                             f"{total.device}; move both to the same device")
 
 
 def check_scale_shift(op: str, y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,

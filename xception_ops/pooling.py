@@ -5,15 +5,17 @@ On backends "cuda" (csrc/kernels/pool.cuh) and "triton" (xception_ops/triton/ker
 window's argmax as one byte, the index of its tap, where PyTorch keeps an int64 flat index (4x the bytes of a bf16
 output), and writes none when no gradient is recorded; the backward gathers each input's gradient from the windows
 that picked it, with no zero fill and no atomics. Values, argmax (ties, NaN, -inf) and gradients are PyTorch's, bit
-for bit. Backend "torch" is F.max_pool2d itself.
+for bit. Backend "torch" is F.max_pool2d itself. `MaxPool2d` is nn.MaxPool2d on them (fuse() swaps it in).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from . import backend as backends
+from .checks import MAX_POOL_MAX_TAPS as MAX_TAPS
 from .geometry import pair
 
 OP = "xception_ops.max_pool2d"
@@ -33,3 +35,34 @@ def max_pool2d(x: torch.Tensor, kernel_size: int | tuple[int, int], stride: int 
     save_argmax = torch.is_grad_enabled() and x.requires_grad
     out, _ = torch.ops.xception_ops.max_pool2d(x, list(kernel), list(step), list(pad), ceil_mode, save_argmax, chosen)
     return out
+
+
+class MaxPool2d(nn.MaxPool2d):
+    """nn.MaxPool2d on the package's pooling kernels (`max_pool2d`), for `backend`; what the kernels do not take
+    (dilation, return_indices, windows of more than 256 taps) runs PyTorch's. Same arguments and state as
+    nn.MaxPool2d, which fuse() swaps for it."""
+
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        if backend not in backends.BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(backends.BACKENDS)}, got {backend!r}")
+        self.backend = backend
+
+    @classmethod
+    def from_module(cls, pool: nn.MaxPool2d, backend: str = "auto") -> MaxPool2d:
+        new = cls(pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.return_indices, pool.ceil_mode,
+                  backend=backend)
+        return new.train(pool.training)
+
+    def _ours(self) -> bool:
+        kernel = pair(self.kernel_size, "kernel_size")
+        return (pair(self.dilation, "dilation") == (1, 1) and not self.return_indices
+                and kernel[0] * kernel[1] <= MAX_TAPS)
+
+    def forward(self, x: torch.Tensor):
+        if not self._ours() or x.dim() != 4:
+            return super().forward(x)
+        return max_pool2d(x, self.kernel_size, self.stride, self.padding, self.ceil_mode, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, backend={self.backend!r}"

@@ -36,10 +36,19 @@ const P* param_ptr(const Tensor& t) {
   return t.defined() ? static_cast<const P*>(t.data_ptr()) : nullptr;
 }
 
+// Whether the finalize kernel can do the update's part on these tensors: running buffers contiguous in the
+// parameters' dtype, the counter a contiguous int64.
+bool kernel_buffers(const OptTensor& running_mean, const OptTensor& running_var, at::ScalarType param_type) {
+  return running_mean.has_value() && running_mean->scalar_type() == param_type && running_mean->is_contiguous() &&
+         running_var->scalar_type() == param_type && running_var->is_contiguous();
+}
+bool kernel_counter(const OptTensor& tracked) { return tracked.has_value() && tracked->is_contiguous(); }
+
 template <typename T, typename P = T>
 std::tuple<Tensor, Tensor, Tensor, Tensor> finalize_typed(const Tensor& sum, const Tensor& sumsq, int64_t count,
                                                           const OptTensor& weight, const OptTensor& bias,
-                                                          double eps, at::ScalarType param_type) {
+                                                          double eps, at::ScalarType param_type,
+                                                          const RunningStatsUpdate& update) {
   const Tensor s = sum.contiguous(), q = sumsq.contiguous();
   // The affine parameters in param_type (P); kept alive until the launch is queued (the caching allocator orders
   // their reuse after it on this stream).
@@ -58,7 +67,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> finalize_typed(const Tensor& sum, con
   p.channels = s.numel();
   p.count = static_cast<double>(count);
   p.eps = eps;
+  // The update in the same kernel where it can; the rest after it, as batch_norm_update_stats and add_(1) do it.
+  Tensor pre_bias;
+  const bool buffers = kernel_buffers(update.running_mean, update.running_var, param_type);
+  if (buffers) {
+    p.running_mean = static_cast<P*>(update.running_mean->data_ptr());
+    p.running_var = static_cast<P*>(update.running_var->data_ptr());
+    pre_bias = update.pre_bias.has_value() ? in_type(*update.pre_bias, s.scalar_type()).contiguous() : Tensor();
+    p.pre_bias = pre_bias.defined() ? pre_bias.data_ptr<T>() : nullptr;
+    p.momentum = update.momentum;
+  }
+  const bool counter = kernel_counter(update.num_batches_tracked);
+  if (counter) p.num_batches_tracked = update.num_batches_tracked->data_ptr<int64_t>();
   check_launch(kOp, launch_batch_norm_finalize<T>(p, c10::cuda::getCurrentCUDAStream()));
+  if (update.running_mean.has_value() && !buffers) {
+    batch_norm_update_stats(*update.running_mean, *update.running_var, mean, var, update.pre_bias, count,
+                            update.momentum);
+  }
+  if (update.num_batches_tracked.has_value() && !counter) update.num_batches_tracked->add_(1);
   return {scale, shift, mean, var};
 }
 
@@ -219,15 +245,17 @@ void batch_norm_update_stats(const Tensor& running_mean, const Tensor& running_v
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize(const Tensor& sum, const Tensor& sumsq,
                                                                int64_t count, const OptTensor& weight,
-                                                               const OptTensor& bias, double eps) {
+                                                               const OptTensor& bias, double eps,
+                                                               const RunningStatsUpdate& update) {
   XO_CHECK_VALUE(sum.is_cuda(), kOp, ": backend 'cuda' needs CUDA tensors, but sum is on ", sum.device());
   const c10::cuda::CUDAGuard guard(sum.device());
   const at::ScalarType params = batch_norm_param_type(sum, weight, bias);
   switch (params) {
-    case at::kDouble: return finalize_typed<double>(sum, sumsq, count, weight, bias, eps, params);
-    case at::kBFloat16: return finalize_typed<float, __nv_bfloat16>(sum, sumsq, count, weight, bias, eps, params);
-    case at::kHalf: return finalize_typed<float, __half>(sum, sumsq, count, weight, bias, eps, params);
-    default: return finalize_typed<float>(sum, sumsq, count, weight, bias, eps, params);
+    case at::kDouble: return finalize_typed<double>(sum, sumsq, count, weight, bias, eps, params, update);
+    case at::kBFloat16:
+      return finalize_typed<float, __nv_bfloat16>(sum, sumsq, count, weight, bias, eps, params, update);
+    case at::kHalf: return finalize_typed<float, __half>(sum, sumsq, count, weight, bias, eps, params, update);
+    default: return finalize_typed<float>(sum, sumsq, count, weight, bias, eps, params, update);
   }
 }
 

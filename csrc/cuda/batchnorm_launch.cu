@@ -24,6 +24,10 @@ cudaError_t launch_per_channel(void (*kernel)(Params), const Params& p, cudaStre
 
 template <typename T, typename P>
 cudaError_t launch_batch_norm_finalize(const BatchNormFinalizeParams<T, P>& p, cudaStream_t stream) {
+  if (p.channels == 0 && p.num_batches_tracked != nullptr) {  // no channels, still a batch to count
+    kernels::batch_norm_finalize_kernel<T, P><<<1, 1, 0, stream>>>(p);
+    return cudaGetLastError();
+  }
   return launch_per_channel(kernels::batch_norm_finalize_kernel<T, P>, p, stream);
 }
 

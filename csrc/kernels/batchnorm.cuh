@@ -1,6 +1,6 @@
 // BatchNorm finalize: per-channel sums of y and y^2 (the fused forward's statistics) -> the scale and shift
-// that apply the batch normalization, the batch mean and the (biased) batch variance; then the running
-// statistics' update from that mean and variance (formulas in batchnorm_params.h). Torch-free; one thread per
+// that apply the batch normalization, the batch mean and the (biased) batch variance, and optionally in the same
+// kernel the running statistics' update; the update alone as a kernel of its own (formulas in batchnorm_params.h). Torch-free; one thread per
 // channel, in the statistics' own precision (float32, or float64 for float64 models).
 #pragma once
 
@@ -35,9 +35,21 @@ __device__ __forceinline__ __half narrow<__half, float>(float v) { return __floa
 template <>
 __device__ __forceinline__ __nv_bfloat16 narrow<__nv_bfloat16, float>(float v) { return __float2bfloat16_rn(v); }
 
+// The running statistics' update of one channel (BatchNormUpdateParams' formulas), the buffers in R.
+template <typename T, typename R>
+__device__ __forceinline__ void update_running(R* running_mean, R* running_var, T mean, T var, const T* pre_bias,
+                                               int64_t c, double count, double momentum) {
+  const T f = static_cast<T>(momentum), keep = T(1) - static_cast<T>(momentum);
+  const T moved = pre_bias != nullptr ? mean + pre_bias[c] : mean;
+  const T unbiased = var * static_cast<T>(count / (count - 1));
+  running_mean[c] = narrow<R>(keep * widen(running_mean[c]) + f * moved);
+  running_var[c] = narrow<R>(keep * widen(running_var[c]) + f * unbiased);
+}
+
 template <typename T, typename P>
 __global__ void batch_norm_finalize_kernel(const BatchNormFinalizeParams<T, P> p) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c == 0 && p.num_batches_tracked != nullptr) *p.num_batches_tracked += 1;
   if (c >= p.channels) return;
   const T n = static_cast<T>(p.count);
   const T mean = p.sum[c] / n;
@@ -49,6 +61,9 @@ __global__ void batch_norm_finalize_kernel(const BatchNormFinalizeParams<T, P> p
   p.shift[c] = (p.bias != nullptr ? static_cast<T>(widen(p.bias[c])) : T(0)) - mean * scale;
   p.mean[c] = mean;
   p.var[c] = var;
+  if (p.running_mean != nullptr) {
+    update_running(p.running_mean, p.running_var, mean, var, p.pre_bias, c, p.count, p.momentum);
+  }
 }
 
 template <typename T, typename P>
@@ -78,11 +93,7 @@ template <typename T, typename R>
 __global__ void batch_norm_update_stats_kernel(const BatchNormUpdateParams<T, R> p) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= p.channels) return;
-  const T f = static_cast<T>(p.momentum), keep = T(1) - static_cast<T>(p.momentum);
-  const T mean = p.pre_bias != nullptr ? p.mean[c] + p.pre_bias[c] : p.mean[c];
-  const T unbiased = p.var[c] * static_cast<T>(p.count / (p.count - 1));
-  p.running_mean[c] = narrow<R>(keep * widen(p.running_mean[c]) + f * mean);
-  p.running_var[c] = narrow<R>(keep * widen(p.running_var[c]) + f * unbiased);
+  update_running(p.running_mean, p.running_var, p.mean[c], p.var[c], p.pre_bias, c, p.count, p.momentum);
 }
 
 }  // namespace kernels

@@ -15,6 +15,10 @@ namespace xception_ops {
 
 // P: the affine parameters' element type: T, or (T = float) __half / __nv_bfloat16 for a model cast to 16 bits,
 // read as they are (converting them first took two more launches per BatchNorm and step).
+//
+// Optionally the same kernel then updates the running statistics in place (BatchNormUpdateParams' formulas, below,
+// with buffers of the parameters' type P) and advances num_batches_tracked by one: one launch per BatchNorm and
+// training step where three ran (the finalize, the update, and nn.BatchNorm2d's `num_batches_tracked += 1`).
 template <typename T, typename P = T>
 struct BatchNormFinalizeParams {
   const T* sum = nullptr;
@@ -28,9 +32,16 @@ struct BatchNormFinalizeParams {
   int64_t channels = 0;
   double count = 1;
   double eps = 0;
+  // The update (running_mean nullptr: none).
+  P* running_mean = nullptr;
+  P* running_var = nullptr;
+  const T* pre_bias = nullptr;  // nullptr: 0
+  double momentum = 0;
+  int64_t* num_batches_tracked = nullptr;  // nullptr: none; advanced by the kernel's first thread
 };
 
-// T is float or double. Returns cudaGetLastError() after the launch (cudaSuccess with no channels).
+// T is float or double. Returns cudaGetLastError() after the launch (cudaSuccess with no channels and nothing to
+// count).
 template <typename T, typename P>
 cudaError_t launch_batch_norm_finalize(const BatchNormFinalizeParams<T, P>& p, cudaStream_t stream);
 

@@ -1559,6 +1559,27 @@ TEST_CASE(batch_norm_finalize_its_backward_and_running_statistics_kernels) {
     EXPECT_NEAR(running_var[c], want_var, 1e-5 * (1 + want_var));
   }
 
+  // The finalize kernel with the update folded in: the same outputs and the same buffers, bit for bit, and
+  // num_batches_tracked advanced once, whatever the grid; with no channels, the count alone.
+  {
+    std::vector<float> fused_out[4], rm = mean0, rv = var0;
+    for (auto& o : fused_out) o.assign(C, std::nanf(""));
+    int64_t tracked = 41;
+    BatchNormFinalizeParams<float> q = p;
+    q.scale = fused_out[0].data(), q.shift = fused_out[1].data(), q.mean = fused_out[2].data();
+    q.var = fused_out[3].data();
+    q.running_mean = rm.data(), q.running_var = rv.data(), q.pre_bias = pre_bias.data(), q.momentum = 0.1;
+    q.num_batches_tracked = &tracked;
+    emulate_launch(kernels::batch_norm_finalize_kernel<float, float>, dim3((C + 127) / 128), dim3(128), q);
+    for (int i = 0; i < 4; ++i) EXPECT(std::memcmp(fused_out[i].data(), out[i].data(), C * sizeof(float)) == 0);
+    EXPECT(std::memcmp(rm.data(), running_mean.data(), C * sizeof(float)) == 0);
+    EXPECT(std::memcmp(rv.data(), running_var.data(), C * sizeof(float)) == 0);
+    EXPECT(tracked == 42);
+    q.channels = 0;
+    emulate_launch(kernels::batch_norm_finalize_kernel<float, float>, dim3(1), dim3(1), q);
+    EXPECT(tracked == 43);
+  }
+
   // bf16 / fp16 buffers (a model cast to 16 bits) beside float32 statistics: the float result rounded once to the
   // buffer's type, so within half an ulp of the exact value, plus the float32 arithmetic's error.
   auto check_16bit_buffers = [&](auto zero, double ulp) {
