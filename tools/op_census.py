@@ -3,6 +3,7 @@ the nodes of its backward graph, for a model on a backend, on fake CUDA tensors 
 and dtypes only, nothing runs, so a CPU-only machine can count the CUDA backend's step).
 
     python tools/op_census.py [--model xception:cuda] [--dtype bfloat16] [--layout NHWC] [--batch 32] [--image 299]
+                              [--pass training|inference]
 
 Each dispatched operator and each backward node costs the host microseconds whatever its size (session 12's
 profile on an H100 host: ~8 us per launch, 10-40 us per operator), which is what bounds an eager training step
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import collections
 import sys
+import warnings
 
 import torch
 import torch.nn as nn
@@ -52,14 +54,17 @@ def backward_nodes(root) -> collections.Counter[str]:
     return nodes
 
 
-def census(model_name: str, dtype: torch.dtype, layout: str, batch: int, image: int
+def census(model_name: str, dtype: torch.dtype, layout: str, batch: int, image: int, training: bool = True
            ) -> tuple[collections.Counter[str], collections.Counter[str]]:
-    """(forward operators, backward nodes) of one training step (forward and cross-entropy) of the model."""
+    """(forward operators, backward nodes) of one training step (forward and cross-entropy) of the model; with
+    training=False, of one inference batch (eval mode, no_grad: no backward nodes)."""
     fmt = torch.channels_last if layout == "NHWC" else torch.contiguous_format
     with unset_fake_temporarily():
-        model = make_model(model_name).to(dtype=dtype, memory_format=fmt).train()
+        model = make_model(model_name).to(dtype=dtype, memory_format=fmt).train(training)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with mode:
+    with mode, warnings.catch_warnings():
+        # (The folded BatchNorm's cache reads data_ptr, which fake tensors warn about: the counts do not depend on it.)
+        warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
         # The parameters and buffers as fake CUDA tensors (nn.Module.to cannot swap real ones for fakes).
         for module in model.modules():
             for name, p in list(module._parameters.items()):
@@ -70,10 +75,12 @@ def census(model_name: str, dtype: torch.dtype, layout: str, batch: int, image: 
                     module._buffers[name] = mode.from_tensor(b).to("cuda")
         x = torch.empty(batch, 3, image, image, device="cuda", dtype=dtype).contiguous(memory_format=fmt)
         target = torch.zeros(batch, dtype=torch.long, device="cuda")
+        with torch.set_grad_enabled(training):
+            model(x)  # a first call: what eager calls compute once and reuse (inference's folded BatchNorms)
         counter = _Count()
-        with counter:
+        with counter, torch.set_grad_enabled(training):
             loss = nn.functional.cross_entropy(model(x), target)
-        return counter.counts, backward_nodes(loss.grad_fn)
+        return counter.counts, backward_nodes(loss.grad_fn) if training else collections.Counter()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,15 +91,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layout", choices=["NCHW", "NHWC"], default="NHWC")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--image", type=int, default=299)
+    parser.add_argument("--pass", dest="pass_", choices=["training", "inference"], default="training")
     args = parser.parse_args(argv)
-    ops, nodes = census(args.model, DTYPES[args.dtype], args.layout, args.batch, args.image)
-    print(f"{args.model} {args.dtype} {args.layout}, batch {args.batch} @{args.image}^2: one training step's forward")
+    training = args.pass_ == "training"
+    ops, nodes = census(args.model, DTYPES[args.dtype], args.layout, args.batch, args.image, training)
+    what = "one training step's forward" if training else "one inference batch"
+    print(f"{args.model} {args.dtype} {args.layout}, batch {args.batch} @{args.image}^2: {what}")
     print(f"  {sum(ops.values())} operators dispatched")
     for name, n in ops.most_common():
         print(f"  {n:6d}  {name}")
-    print(f"  {sum(nodes.values())} backward nodes")
-    for name, n in nodes.most_common():
-        print(f"  {n:6d}  {name}")
+    if training:
+        print(f"  {sum(nodes.values())} backward nodes")
+        for name, n in nodes.most_common():
+            print(f"  {n:6d}  {name}")
     return 0
 
 

@@ -1579,6 +1579,35 @@ TEST_CASE(batch_norm_finalize_its_backward_and_running_statistics_kernels) {
     emulate_launch(kernels::batch_norm_finalize_kernel<float, float>, dim3(1), dim3(1), q);
     EXPECT(tracked == 43);
   }
+  // A model cast to 16 bits: its parameters and buffers in P; the fused update's buffers are the update kernel's,
+  // bit for bit.
+  auto check_16bit_update = [&](auto zero) {
+    using P = decltype(zero);
+    std::vector<P> w16(C), b16(C), rm_fused(C), rv_fused(C), rm_alone(C), rv_alone(C);
+    for (int64_t c = 0; c < C; ++c) {
+      w16[c] = from_float<P>(weight[c]), b16[c] = from_float<P>(bias[c]);
+      rm_fused[c] = rm_alone[c] = from_float<P>(mean0[c]);
+      rv_fused[c] = rv_alone[c] = from_float<P>(var0[c]);
+    }
+    std::vector<float> outs[4];
+    for (auto& o : outs) o.assign(C, std::nanf(""));
+    BatchNormFinalizeParams<float, P> f;
+    f.sum = sum.data(), f.sumsq = sumsq.data(), f.weight = w16.data(), f.bias = b16.data();
+    f.scale = outs[0].data(), f.shift = outs[1].data(), f.mean = outs[2].data(), f.var = outs[3].data();
+    f.channels = C, f.count = count, f.eps = 1e-5;
+    f.running_mean = rm_fused.data(), f.running_var = rv_fused.data(), f.pre_bias = pre_bias.data(), f.momentum = 0.1;
+    emulate_launch(kernels::batch_norm_finalize_kernel<float, P>, dim3((C + 255) / 256), dim3(256), f);
+    BatchNormUpdateParams<float, P> alone;
+    alone.running_mean = rm_alone.data(), alone.running_var = rv_alone.data();
+    alone.mean = outs[2].data(), alone.var = outs[3].data(), alone.pre_bias = pre_bias.data();
+    alone.channels = C, alone.count = count, alone.momentum = 0.1;
+    emulate_launch(kernels::batch_norm_update_stats_kernel<float, P>, dim3((C + 255) / 256), dim3(256), alone);
+    EXPECT(std::memcmp(rm_fused.data(), rm_alone.data(), C * sizeof(P)) == 0);
+    EXPECT(std::memcmp(rv_fused.data(), rv_alone.data(), C * sizeof(P)) == 0);
+    EXPECT(std::memcmp(rm_fused.data(), std::vector<P>(C, from_float<P>(0.f)).data(), C * sizeof(P)) != 0);
+  };
+  check_16bit_update(__nv_bfloat16{});
+  check_16bit_update(__half{});
 
   // bf16 / fp16 buffers (a model cast to 16 bits) beside float32 statistics: the float result rounded once to the
   // buffer's type, so within half an ulp of the exact value, plus the float32 arithmetic's error.
