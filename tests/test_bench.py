@@ -443,7 +443,7 @@ def test_unknown_compile_mode_is_refused_before_anything_runs():
     assert cli.build_parser().parse_args(["bench", "--compile", "max-autotune"]).compile == "max-autotune"
 
 
-def test_pool_rows_time_xceptions_pools_on_each_backend():
+def test_pool_rows_time_xceptions_pools_on_each_backend(tmp_path):
     """--ops pool: Xception's four max pools (or the given shapes' C_in), eager against the package's backends, with
     their bytes: x and the pooled values, the one-byte argmax codes when training, and the backward's traffic."""
     report = bench.run(device="cpu", backends_=["torch"], dtypes=["float32"], layouts=["NHWC"],
@@ -459,6 +459,10 @@ def test_pool_rows_time_xceptions_pools_on_each_backend():
     training = next(r for r in rows if r["cin"] == 128 and r["pass_"] == "training")
     pooled = row["batch"] * 128 * pooled_hw * pooled_hw
     assert training["min_bytes"] == 2 * row["min_bytes"] + 2 * pooled
+    assert all(r["flops"] == 0 and r["floor_ms"] > 0 for r in rows)  # bytes only: off the roofline
+    # The tables show them; a roofline of pools alone has nothing to plot.
+    assert bench_report.write_outputs(report, tmp_path) == ["bench.json", "bench.md"]
+    assert "pool" in (tmp_path / "bench.md").read_text()
     given = bench.run(device="cpu", backends_=["torch"], dtypes=["float32"], layouts=["NCHW"], passes=["forward"],
                       shapes=[(3, 4, 9, 1)], ops=["pool", "depthwise"], models=False, warmup=0, reps=1,
                       progress=lambda line: None)

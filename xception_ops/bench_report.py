@@ -76,7 +76,8 @@ def _charts(report: dict, out_dir: Path) -> list[str]:
     except ImportError:
         return []
     written = []
-    rows = [r for r in report["layers"] if not r["error"] and r["median_ms"] > 0]
+    # (Rows without FLOPs, the pools, have no place on a roofline: their GB/s are in the tables.)
+    rows = [r for r in report["layers"] if not r["error"] and r["median_ms"] > 0 and r["flops"] > 0]
     if rows:
         fig, ax = plt.subplots(figsize=(8, 5.5))
         c = report["ceilings"]
