@@ -27,6 +27,21 @@ def test_presets_are_the_papers():
     assert lr_factor(jft, samples=6_000_000, epoch_size=10) == pytest.approx(0.81)
 
 
+def test_sgd_takes_the_fused_kernel_on_cuda_parameters():
+    """CUDA parameters (fake ones here: nothing runs) get PyTorch's fused SGD, CPU ones the default; RMSprop, which
+    has no fused kernel, stays as it was."""
+    from xception_ops.train import make_optimizer
+
+    cfg = TrainConfig(**SMALL)
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        cuda_params = [torch.nn.Parameter(torch.empty(3, 4, device="cuda")), torch.nn.Parameter(torch.empty(4,
+                                                                                                         device="cuda"))]
+        assert make_optimizer(cfg, PRESETS["imagenet"], iter(cuda_params)).defaults["fused"] is True
+    cpu = make_optimizer(cfg, PRESETS["imagenet"], [torch.nn.Parameter(torch.zeros(2))])
+    assert not cpu.defaults["fused"]
+    assert isinstance(make_optimizer(cfg, PRESETS["jft"], [torch.nn.Parameter(torch.zeros(2))]), torch.optim.RMSprop)
+
+
 def test_synthetic_training_decreases_the_loss():
     result = train(TrainConfig(**{**SMALL, "synthetic_size": 32}, max_steps=12, epochs=10, dropout=0.0, lr=0.01))
     assert result.steps == 12 and len(result.losses) == 12

@@ -173,10 +173,15 @@ def build_model(cfg: TrainConfig, dropout: float) -> nn.Module:
 
 
 def make_optimizer(cfg: TrainConfig, preset: Preset, params) -> torch.optim.Optimizer:
+    """The preset's optimizer. SGD on CUDA parameters takes PyTorch's fused kernel: the same update in one launch,
+    where the default (foreach) version cost the host 1.4 ms per Xception step in Python and launches (H100 host,
+    session 12), in a step the host bounds."""
     lr = cfg.lr if cfg.lr is not None else preset.lr
     wd = cfg.weight_decay if cfg.weight_decay is not None else WEIGHT_DECAY[cfg.model]
     if preset.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=preset.momentum, weight_decay=wd)
+        params = list(params)
+        fused = bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
+        return torch.optim.SGD(params, lr=lr, momentum=preset.momentum, weight_decay=wd, fused=fused or None)
     # TensorFlow's RMSprop as the Inception recipes use it: decay (alpha) 0.9, epsilon 1.0.
     return torch.optim.RMSprop(params, lr=lr, alpha=0.9, momentum=preset.momentum, eps=1.0, weight_decay=wd)
 
