@@ -218,7 +218,7 @@ Tensor depthwise_conv2d_autograd(const Tensor& x, const Tensor& weight, const Op
 }
 
 // ---- scale_shift ----
-using ScaleShiftSig = Tensor(const Tensor&, const Tensor&, const Tensor&, bool, c10::string_view);
+using ScaleShiftSig = Tensor(const Tensor&, const Tensor&, const Tensor&, bool, c10::string_view, const OptTensor&);
 using ScaleShiftBackwardSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                                  const Tensor&, bool, c10::string_view);
 
@@ -227,16 +227,20 @@ const c10::TypedOperatorHandle<ScaleShiftSig>& scale_shift_op() {
   return op;
 }
 
+// With a residual the ReLU (if any) comes after the add: its mask is the output's, saved for the backward, and the
+// normalization's backward runs without one; the residual's gradient is the masked gradient itself.
 struct ScaleShiftFunction : public torch::autograd::Function<ScaleShiftFunction> {
   static Tensor forward(AutogradContext* ctx, const Tensor& y, const Tensor& scale, const Tensor& shift, bool relu,
-                        c10::string_view backend) {
+                        c10::string_view backend, const OptTensor& residual) {
     Tensor out;
     {
       const at::AutoDispatchBelowADInplaceOrView below;
-      out = scale_shift_op().call(y, scale, shift, relu, backend);
+      out = scale_shift_op().call(y, scale, shift, relu, backend, residual);
     }
-    ctx->save_for_backward({y, scale, shift});
+    const bool mask_from_out = relu && residual.has_value();
+    ctx->save_for_backward({y, scale, shift, mask_from_out ? out : Tensor()});
     ctx->saved_data["relu"] = relu;
+    ctx->saved_data["residual"] = residual.has_value();
     ctx->saved_data["backend"] = std::string(backend);
     return out;
   }
@@ -244,8 +248,15 @@ struct ScaleShiftFunction : public torch::autograd::Function<ScaleShiftFunction>
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto backward_op = op_handle<ScaleShiftBackwardSig>("xception_ops::scale_shift_backward");
     const variable_list saved = ctx->get_saved_variables();
-    const Tensor &y = saved[0], &scale = saved[1], &shift = saved[2], &grad = grads[0];
-    const bool relu = ctx->saved_data.at("relu").toBool();
+    const Tensor &y = saved[0], &scale = saved[1], &shift = saved[2], &out = saved[3];
+    const bool residual = ctx->saved_data.at("residual").toBool();
+    // The gradient of round(y * scale + shift): through the ReLU's mask here when a residual came before it.
+    Tensor grad = grads[0];
+    bool relu = ctx->saved_data.at("relu").toBool();
+    if (residual && relu) {
+      grad = at::where(out > 0, grad, at::zeros({}, grad.options()));
+      relu = false;
+    }
     Tensor grad_y, grad_scale, grad_shift;
     if (at::GradMode::is_enabled()) {  // create_graph: the reference op's formulas, differentiable ATen ops
       std::tie(grad_y, grad_scale, grad_shift) = reference::scale_shift_backward(grad, y, scale, shift, relu);
@@ -253,17 +264,17 @@ struct ScaleShiftFunction : public torch::autograd::Function<ScaleShiftFunction>
       const std::string& backend = ctx->saved_data.at("backend").toStringRef();
       std::tie(grad_y, grad_scale, grad_shift) = backward_op.call(grad, y, scale, shift, relu, backend);
     }
-    return {grad_y, grad_scale, grad_shift, Tensor(), Tensor()};
+    return {grad_y, grad_scale, grad_shift, Tensor(), Tensor(), residual ? grad : Tensor()};
   }
 };
 
 Tensor scale_shift_autograd(const Tensor& y, const Tensor& scale, const Tensor& shift, bool relu,
-                            c10::string_view backend) {
-  if (!needs_node({&y, &scale, &shift}, {})) {
+                            c10::string_view backend, const OptTensor& residual) {
+  if (!needs_node({&y, &scale, &shift}, {&residual})) {
     const at::AutoDispatchBelowADInplaceOrView below;
-    return scale_shift_op().call(y, scale, shift, relu, backend);
+    return scale_shift_op().call(y, scale, shift, relu, backend, residual);
   }
-  return ScaleShiftFunction::apply(y, scale, shift, relu, backend);
+  return ScaleShiftFunction::apply(y, scale, shift, relu, backend, residual);
 }
 
 // ---- batch_norm_finalize ----

@@ -234,7 +234,8 @@ void check_batch_norm_update_stats(const char* op, const Tensor& running_mean, c
   check_channel_vector(op, "pre_bias", pre_bias, mean.size(0), mean);
 }
 
-void check_scale_shift(const char* op, const Tensor& y, const Tensor& scale, const Tensor& shift, const Tensor* grad) {
+void check_scale_shift(const char* op, const Tensor& y, const Tensor& scale, const Tensor& shift, const Tensor* grad,
+                       const OptTensor& residual) {
   XO_CHECK_VALUE(y.dim() == 4, op, ": y must be a 4-D tensor (N, C, H, W), got shape ", dims(y.sizes()));
   check_float_tensor(op, "y", y);
   const char* names[] = {"scale", "shift"};
@@ -249,6 +250,7 @@ void check_scale_shift(const char* op, const Tensor& y, const Tensor& scale, con
   XO_CHECK_TYPE(shift.scalar_type() == scale.scalar_type(), op, ": shift has dtype ", shift.scalar_type(),
                 " but scale has dtype ", scale.scalar_type());
   if (grad != nullptr) check_like(op, "grad", *grad, y.sizes(), y);
+  if (residual.has_value()) check_like(op, "residual", *residual, y.sizes(), y);
 }
 
 Pool2dGeometry check_max_pool2d(const char* op, const Tensor& values, const char* values_name, IntArrayRef x_sizes,

@@ -83,7 +83,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize_backward(
 // The BatchNorm applied, relu?(round(y * scale + shift)), and its gradients, with the contracts of
 // reference::scale_shift / scale_shift_backward: one element-wise kernel each way (plus the fixed-order reduction
 // of the sums); float64 takes the reference.
-Tensor scale_shift(const Tensor& y, const Tensor& scale, const Tensor& shift, bool relu);
+Tensor scale_shift(const Tensor& y, const Tensor& scale, const Tensor& shift, bool relu, const OptTensor& residual);
 std::tuple<Tensor, Tensor, Tensor> scale_shift_backward(const Tensor& grad, const Tensor& y, const Tensor& scale,
                                                         const Tensor& shift, bool relu);
 // The running statistics' update, with the contract of reference::batch_norm_update_stats: one kernel where the

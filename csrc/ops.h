@@ -101,8 +101,9 @@ void check_batch_norm_update_stats(const char* op, const Tensor& running_mean, c
                                    const Tensor& mean, const Tensor& var, const OptTensor& pre_bias, int64_t count,
                                    double momentum);
 // y a 4-D float tensor; scale and shift float32 or float64 vectors of y's channels on its device (one dtype);
-// grad, when given, y's shape, dtype and device.
-void check_scale_shift(const char* op, const Tensor& y, const Tensor& scale, const Tensor& shift, const Tensor* grad);
+// grad and residual, when given, y's shape, dtype and device.
+void check_scale_shift(const char* op, const Tensor& y, const Tensor& scale, const Tensor& shift, const Tensor* grad,
+                       const OptTensor& residual = c10::nullopt);
 // Max pooling: x's sizes 4-D; kernel_size, stride >= 1 and 0 <= padding <= kernel / 2 (PyTorch's rules), two values
 // each; at most kMaxPoolMaxTaps taps per window; at least one output row and column. `values` (x, or grad_out for
 // the backward, named `values_name`) a float tensor.
@@ -144,8 +145,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize(const Tensor& sum
 std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize_backward(
     const Tensor& sum, const Tensor& sumsq, int64_t count, const OptTensor& weight, double eps,
     const OptTensor& grad_scale, const OptTensor& grad_shift, const OptTensor& grad_mean, const OptTensor& grad_var);
-// relu?(round(y * scale + shift)) per channel (the BatchNorm applied), computed in scale's dtype, in y's layout.
-Tensor scale_shift(const Tensor& y, const Tensor& scale, const Tensor& shift, bool relu);
+// relu?(round(y * scale + shift) (+ residual, rounded)) per channel (the BatchNorm applied, and the shortcut added
+// as PyTorch's add would in y's dtype), computed in scale's dtype, in y's layout.
+Tensor scale_shift(const Tensor& y, const Tensor& scale, const Tensor& shift, bool relu,
+                   const OptTensor& residual = c10::nullopt);
 // Its gradients: g = grad [round(y * scale + shift) > 0 with relu]; (round(g * scale), sum g y, sum g), the sums
 // per channel in scale's dtype.
 std::tuple<Tensor, Tensor, Tensor> scale_shift_backward(const Tensor& grad, const Tensor& y, const Tensor& scale,

@@ -215,9 +215,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize_backward(
   return {g_m / n, g_v / n, (g_affine * r).to(param_type), g_shift.to(param_type, false, /*copy=*/true)};
 }
 
-Tensor scale_shift(const Tensor& y, const Tensor& scale, const Tensor& shift, bool relu) {
+Tensor scale_shift(const Tensor& y, const Tensor& scale, const Tensor& shift, bool relu, const OptTensor& residual) {
   const auto type = scale.scalar_type();
   Tensor z = (y.to(type) * per_channel(scale, type) + per_channel(shift, type)).to(y.scalar_type());
+  if (residual.has_value()) z = z + *residual;
   if (relu) z = z.clamp_min(0);
   return z.contiguous(output_memory_format(y));
 }

@@ -241,16 +241,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize_backward(
 constexpr const char* kScaleShiftOp = "xception_ops.scale_shift";
 constexpr const char* kScaleShiftBwdOp = "xception_ops.scale_shift_backward";
 
-Tensor scale_shift(const Tensor& y, const Tensor& scale, const Tensor& shift, bool relu, c10::string_view backend) {
-  check_scale_shift(kScaleShiftOp, y, scale, shift, nullptr);
+Tensor scale_shift(const Tensor& y, const Tensor& scale, const Tensor& shift, bool relu, c10::string_view backend,
+                   const OptTensor& residual) {
+  check_scale_shift(kScaleShiftOp, y, scale, shift, nullptr, residual);
   const Backend chosen = resolve_backend(backend, kScaleShiftOp, y);
   if (chosen == Backend::Cuda) {
-    XO_IF_CUDA(return cuda::scale_shift(y, scale, shift, relu));
+    XO_IF_CUDA(return cuda::scale_shift(y, scale, shift, relu, residual));
   }
   XO_CHECK_NOT_IMPLEMENTED(chosen != Backend::Triton, kScaleShiftOp,
                            ": backend 'triton' has no kernel for this op (the fused modules run it on 'torch' or "
                            "'cuda')");
-  return reference::scale_shift(y, scale, shift, relu);
+  return reference::scale_shift(y, scale, shift, relu, residual);
 }
 
 std::tuple<Tensor, Tensor, Tensor> scale_shift_backward(const Tensor& grad, const Tensor& y, const Tensor& scale,
@@ -371,8 +372,11 @@ TORCH_LIBRARY(xception_ops, m) {
       "batch_norm_finalize_backward(Tensor sum, Tensor sumsq, int count, Tensor? weight, float eps, "
       "Tensor? grad_scale, Tensor? grad_shift, Tensor? grad_mean, Tensor? grad_var, str backend) "
       "-> (Tensor grad_sum, Tensor grad_sumsq, Tensor grad_weight, Tensor grad_bias)");
-  // The normalization applied: relu?(round(y * scale + shift)) per channel, and its gradients.
-  m.def("scale_shift(Tensor y, Tensor scale, Tensor shift, bool relu, str backend) -> Tensor");
+  // The normalization applied: relu?(round(y * scale + shift)) per channel, and its gradients; with residual,
+  // relu?(round(y * scale + shift) + residual) in one pass (the add rounded in y's dtype, as PyTorch's).
+  m.def(
+      "scale_shift(Tensor y, Tensor scale, Tensor shift, bool relu, str backend, *, Tensor? residual=None) "
+      "-> Tensor");
   m.def(
       "scale_shift_backward(Tensor grad, Tensor y, Tensor scale, Tensor shift, bool relu, str backend) "
       "-> (Tensor grad_y, Tensor grad_scale, Tensor grad_shift)");

@@ -254,6 +254,9 @@ def _opcheck_cases():
         (ops.scale_shift.default, (torch.randn(2, 4, 3, 3, dtype=torch.float64).contiguous(
             memory_format=torch.channels_last).requires_grad_(), torch.randn(4, dtype=torch.float64),
             torch.randn(4, dtype=torch.float64, requires_grad=True), False, "torch")),
+        (ops.scale_shift.default, (torch.randn(2, 3, 4, 5, requires_grad=True), torch.randn(3, requires_grad=True),
+                                   torch.randn(3), True, "torch"),
+         dict(residual=torch.randn(2, 3, 4, 5, requires_grad=True))),
         (ops.scale_shift_backward.default, (torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5), torch.randn(3),
                                             torch.randn(3), True, "torch")),
         (ops.batch_norm_update_stats.default, (torch.zeros(4), torch.ones(4), torch.randn(4), torch.rand(4), None,
@@ -276,7 +279,7 @@ def _opcheck_cases():
 
 
 @needs_ext
-@pytest.mark.parametrize("index", range(22))
+@pytest.mark.parametrize("index", range(23))
 def test_opcheck(index):
     op, args, *kwargs = _opcheck_cases()[index]
     torch.library.opcheck(op, args, *kwargs)

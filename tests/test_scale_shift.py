@@ -65,11 +65,13 @@ def test_gradients_match_finite_differences(relu):
 @needs_ext
 def test_apply_scale_shift_takes_the_op():
     y, scale, shift = torch.randn(2, 4, 3, 3), torch.rand(4), torch.randn(4)
-    with record_op_calls("scale_shift") as calls:
+    residual = torch.randn(2, 4, 3, 3)
+    with record_op_calls("scale_shift") as calls, record_op_calls("add") as adds:
         batchnorm.apply_scale_shift(y, scale, shift, relu=True)
-        batchnorm.apply_scale_shift(y, scale, shift, residual=torch.randn(2, 4, 3, 3), relu=True)
-    # The ReLU folded in only without a residual.
-    assert [args[-2:] for args in calls] == [(True, "torch"), (False, "torch")]
+        batchnorm.apply_scale_shift(y, scale, shift, residual=residual, relu=True)
+    # The ReLU and the residual folded in: one op each, no separate add.
+    assert [args[3:5] for args in calls] == [(True, "torch"), (True, "torch")]
+    assert calls[0][5:] in ((), (None,)) and calls[1][5] is residual and adds == []
 
 
 @needs_ext
@@ -130,3 +132,56 @@ def test_cuda_kernels_match_the_reference(dtype, channels, channels_last):
         # Each output in memory of its own (an op's outputs must not alias: the sums of scale and shift came from
         # one buffer once).
         assert got_b[1].untyped_storage().data_ptr() != got_b[2].untyped_storage().data_ptr()
+
+
+@needs_ext
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, requires_gpu])])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("relu", [False, True])
+def test_residual_joins_the_pass_bit_for_bit(device, dtype, relu):
+    """scale_shift(..., residual=r) is round(y * scale + shift) + r (rounded in y's dtype), then the ReLU: what the
+    op followed by PyTorch's add and relu gives, in one pass; and the same gradients, the residual's through the
+    ReLU's mask of the sum."""
+    backend = "cuda" if device == "cuda" else "torch"
+    fmt = torch.channels_last
+    y = torch.randn(2, 16, 5, 7, device=device).to(dtype).contiguous(memory_format=fmt).requires_grad_()
+    r = torch.randn(2, 16, 5, 7, device=device).to(dtype).contiguous(memory_format=fmt).requires_grad_()
+    scale = (torch.rand(16, device=device) + 0.5).requires_grad_()
+    shift = torch.randn(16, device=device).requires_grad_()
+    with record_op_calls("scale_shift") as calls:
+        got = OPS.scale_shift(y, scale, shift, relu, backend, residual=r)
+    assert calls[0][-1] is r and got.is_contiguous(memory_format=fmt)
+    want = OPS.scale_shift(y, scale, shift, False, backend) + r
+    want = torch.relu(want) if relu else want
+    assert torch.equal(got, want)
+    grad = torch.randn_like(got)
+    gots = torch.autograd.grad(got, (y, scale, shift, r), grad)
+    wants = torch.autograd.grad(want, (y, scale, shift, r), grad)
+    for g, w in zip(gots, wants):
+        assert torch.equal(g, w)
+
+
+@needs_ext
+def test_residual_gradients_match_finite_differences():
+    y = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    r = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    scale, shift = torch.rand(3, dtype=torch.float64) + 0.5, torch.randn(3, dtype=torch.float64)
+    z = y * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1) + r
+    r = torch.where(z.abs() < 0.05, r + 0.2, r)  # away from the ReLU's kink
+    inputs = tuple(t.requires_grad_() for t in (y, scale, shift, r))
+
+    def fn(a, b, c, d):
+        return OPS.scale_shift(a, b, c, True, "torch", residual=d)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+@needs_ext
+@pytest.mark.parametrize("residual,error,match", [
+    (torch.zeros(2, 3, 4, 4), ValueError, "residual must have shape"),
+    (torch.zeros(2, 3, 4, 5, dtype=torch.float64), TypeError, "residual has dtype"),
+])
+def test_bad_residual_is_named(residual, error, match):
+    y = torch.randn(2, 3, 4, 5)
+    with pytest.raises(error, match=match):
+        OPS.scale_shift(y, torch.ones(3), torch.zeros(3), False, "torch", residual=residual)

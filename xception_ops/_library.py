@@ -128,8 +128,8 @@ def _register_finalize_fake() -> None:
                 total.new_empty(total.shape, dtype=params))
 
     @_fake("scale_shift")
-    def _(y, scale, shift, relu, backend):
-        checks.check_scale_shift("xception_ops.scale_shift", y, scale, shift)
+    def _(y, scale, shift, relu, backend, *, residual=None):
+        checks.check_scale_shift("xception_ops.scale_shift", y, scale, shift, residual=residual)
         return _empty_like_fmt(y, y.shape, y)
 
     @_fake("scale_shift_backward")

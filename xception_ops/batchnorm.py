@@ -174,7 +174,7 @@ def apply_scale_shift(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
     dtype, then the residual added in that dtype, as PyTorch's unfused BatchNorm and add do (and the fused
     epilogue of the "cuda" backend).
 
-    One pass over y each way: the op xception_ops.scale_shift (the ReLU folded in when there is no residual; on
+    One pass over y each way: the op xception_ops.scale_shift (the residual and the ReLU folded in; on
     "cuda" the separable backward's element-wise kernels: 4 channels per access, the gradient sums in a fixed
     order). PyTorch's eval BatchNorm backward, which it replaces, ran a broadcast element-wise kernel at ~0.5 TB/s
     (0.70 ms at 64->128 @147^2 on the H100, session 4). Without the compiled library: PyTorch's inference BatchNorm
@@ -187,11 +187,7 @@ def apply_scale_shift(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
         # (.to only where the dtype differs: a same-dtype .to is still a dispatched aten::to, ~1 us of CPU each)
         scale = scale if scale.dtype == dtype else scale.to(dtype)
         shift = shift if shift.dtype == dtype else shift.to(dtype)
-        z = torch.ops.xception_ops.scale_shift(y, scale, shift, relu and residual is None, backend)
-        if residual is None:
-            return z
-        z = z + residual
-        return torch.relu(z) if relu else z
+        return torch.ops.xception_ops.scale_shift(y, scale, shift, relu, backend, residual=residual)
     channels = y.shape[1]
     mean = torch.zeros(channels, dtype=dtype, device=y.device)
     var = torch.full((channels,), 1.0 - _UNIT_VAR_EPS, dtype=dtype, device=y.device)

@@ -180,7 +180,7 @@ def check_batch_norm_finalize(op: str, total: torch.Tensor, total_sq: torch.Tens
 
 
 def check_scale_shift(op: str, y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-                      grad: torch.Tensor | None = None) -> None:
+                      grad: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> None:
     """The same checks as the C++ op (csrc/checks.cpp), for the fake kernels."""
     if y.dim() != 4:
         raise ValueError(f"{op}: y must be a 4-D tensor (N, C, H, W), got shape {list(y.shape)}")
@@ -195,6 +195,8 @@ def check_scale_shift(op: str, y: torch.Tensor, scale: torch.Tensor, shift: torc
         raise TypeError(f"{op}: shift has dtype {shift.dtype} but scale has dtype {scale.dtype}")
     if grad is not None:
         check_like(op, "grad", grad, y.shape, y)
+    if residual is not None:
+        check_like(op, "residual", residual, y.shape, y)
 
 
 def check_batch_norm_finalize_backward(op: str, total: torch.Tensor, total_sq: torch.Tensor, count: int,

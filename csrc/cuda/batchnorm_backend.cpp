@@ -156,8 +156,10 @@ ChannelPassParams scale_shift_pass(const char* op, const Tensor& y, const Tensor
 
 }  // namespace
 
-Tensor scale_shift(const Tensor& y, const Tensor& scale, const Tensor& shift, bool relu) {
-  if (y.scalar_type() == at::kDouble || y.numel() == 0) return reference::scale_shift(y, scale, shift, relu);
+Tensor scale_shift(const Tensor& y, const Tensor& scale, const Tensor& shift, bool relu, const OptTensor& residual) {
+  if (y.scalar_type() == at::kDouble || y.numel() == 0) {
+    return reference::scale_shift(y, scale, shift, relu, residual);
+  }
   XO_CHECK_VALUE(y.is_cuda(), kScaleShift, ": backend 'cuda' needs CUDA tensors, but y is on ", y.device());
   const DType dtype = kernel_dtype(kScaleShift, y);
   const c10::cuda::CUDAGuard guard(y.device());
@@ -168,6 +170,7 @@ Tensor scale_shift(const Tensor& y, const Tensor& scale, const Tensor& shift, bo
   // 64-bit divisions per vector on its index: 68 us at 256 -> 728 @37^2 against a ~43 us floor, H100 session 10).
   ChannelPassParams e = scale_shift_pass(kScaleShift, y, scale, shift, relu, keep);
   e.y = view_of(y);
+  if (residual.has_value()) e.act = view_of(*residual);  // added after the rounding, rounded again, then the ReLU
   e.result = view_of(out);
   check_launch(kScaleShift, launch_channel_pass(e, dtype, ChannelPass::Epilogue, c10::cuda::getCurrentCUDAStream()));
   return out;
