@@ -92,6 +92,16 @@ def test_read_rejects_an_unknown_version(tmp_path):
         autotable.read(path)
 
 
+def test_pool_rows_make_max_pool_entries(table_file):
+    """`bench --ops pool` on a GPU feeds the table too: backend="auto" then takes the pooling kernels where they
+    beat PyTorch's pools (xception_ops.pooling resolves "auto" through it, channels C and the input's size)."""
+    (entry,) = autotable.entries_from_report(report([row("pool", "eager", 0.30, cin=128, cout=128, hw=147),
+                                                     row("pool", "xo:cuda", 0.06, cin=128, cout=128, hw=147)]))
+    assert (entry.op, entry.cin, entry.cout, entry.hw, entry.winner) == ("max_pool2d", 128, 128, 147, "cuda")
+    autotable.save([entry], table_file)
+    assert autotable.lookup("sm_90", "max_pool2d", "bfloat16", "NHWC", "inference", 256, 256, 74).hw == 147
+
+
 def test_lookup_takes_the_nearest_shape_of_the_same_configuration(table_file):
     base = ("sm_90", "separable_conv2d", "bfloat16", "NHWC", "inference")
     autotable.save([autotable.Entry(*base, 64, 128, 147, 1.0, {"cuda": 2.0}),

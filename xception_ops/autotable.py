@@ -24,7 +24,7 @@ from pathlib import Path
 
 TABLE_PATH = Path(__file__).with_name("auto_table.json")
 TABLE_ENV = "XCEPTION_OPS_AUTO_TABLE"  # another table file, for experiments
-BENCH_OPS = {"separable": "separable_conv2d", "depthwise": "depthwise_conv2d"}
+BENCH_OPS = {"separable": "separable_conv2d", "depthwise": "depthwise_conv2d", "pool": "max_pool2d"}
 BENCH_IMPLS = {"eager": "torch", "xo:cuda": "cuda", "xo:triton": "triton"}  # "xo:torch" is the reference op
 PASSES = ("inference", "training")
 # A backend must beat PyTorch's layers by this factor to be taken: the two timings of one configuration in a
@@ -35,7 +35,7 @@ MIN_SPEEDUP = 1.05
 @dataclass(frozen=True)
 class Entry:
     arch: str     # "sm_90"
-    op: str       # "separable_conv2d" or "depthwise_conv2d"
+    op: str       # "separable_conv2d", "depthwise_conv2d" or "max_pool2d"
     dtype: str    # "float32", "float16" or "bfloat16"
     layout: str   # "NCHW" or "NHWC"
     pass_: str    # "inference" or "training"
