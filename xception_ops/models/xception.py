@@ -41,10 +41,11 @@ class MaxPool2dSame(nn.Module):
         self.kernel_size, self.stride, self.padding, self.backend = kernel_size, stride, padding, backend
 
     def extra_repr(self) -> str:
-        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding!r}"
+        return (f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding!r}, "
+                f"backend={getattr(self, 'backend', 'auto')!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        backend = self.backend
+        backend = getattr(self, "backend", "auto")  # (modules pickled before the attribute existed)
         if self.padding == "symmetric":
             return max_pool2d(x, self.kernel_size, self.stride, self.kernel_size // 2, backend=backend)
         rows, cols = (same_pool_padding(size, self.kernel_size, self.stride) for size in x.shape[2:])
