@@ -10,7 +10,7 @@ from xception_ops.nn import SeparableConvBN
 from xception_ops.parity import randomize_batch_norm
 from xception_ops.pooling import MaxPool2d
 
-from .conftest import record_op_calls, relative_error
+from .conftest import record_op_calls, relative_error, requires_gpu
 
 timm = pytest.importorskip("timm")
 
@@ -214,17 +214,21 @@ def test_max_pools_take_the_packages_pooling_with_the_same_values_and_gradients(
         MaxPool2d(3, backend="cudnn")
 
 
-def test_pools_on_a_kernel_backend_run_the_op():
-    """On the triton backend (its interpreter here; "cuda" on a GPU takes the same path) the swapped pools call
-    xception_ops.max_pool2d, and the dilated one PyTorch's pooling."""
-    pytest.importorskip("triton")
+@pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=[pytest.mark.gpu, requires_gpu])])
+def test_pools_on_a_kernel_backend_run_the_op(backend):
+    """On a kernel backend (triton: its interpreter without a GPU) the swapped pools call xception_ops.max_pool2d,
+    and the dilated one PyTorch's pooling."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if xception_ops._library.TRITON is None or xception_ops._library.TRITON.device_problem(device) is not None:
-        pytest.skip("the triton backend cannot run here")
+    if backend == "triton":
+        pytest.importorskip("triton")
+        if xception_ops._library.TRITON is None or xception_ops._library.TRITON.device_problem(device) is not None:
+            pytest.skip("the triton backend cannot run here")
+    elif "xception_ops.max_pool2d" not in xception_ops.backend.cuda_ops():
+        pytest.skip("built without the CUDA kernels")
     model = nn.Sequential(nn.MaxPool2d(3, 2, 1), nn.MaxPool2d(2, dilation=2)).to(device)
-    fused = xception_ops.fuse(model, backend="triton")
+    fused = xception_ops.fuse(model, backend=backend)
     x = torch.randn(1, 4, 17, 17, device=device)
     with record_op_calls("max_pool2d") as calls:
         got = fused(x)
-    assert len(calls) == 1 and calls[0][-1] == "triton"
+    assert len(calls) == 1 and calls[0][-1] == backend
     assert torch.equal(got, model(x))
