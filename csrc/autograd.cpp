@@ -291,15 +291,6 @@ const c10::TypedOperatorHandle<FinalizeSig>& finalize_op() {
   return op;
 }
 
-// The running-statistics update's tensors of a finalize call: written in place, no gradient.
-struct FinalizeUpdate {
-  const OptTensor& running_mean;
-  const OptTensor& running_var;
-  const OptTensor& num_batches_tracked;
-  const OptTensor& pre_bias;
-  double momentum;
-};
-
 // Calls the op below autograd, then moves the version counters of the tensors it wrote in place as aten's in-place
 // ops move them (the CUDA kernel writes through raw pointers, which the dispatcher does not count for a custom op;
 // see batch_norm_update_stats_autograd).
@@ -307,7 +298,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> finalize_below_autograd(const Tensor&
                                                                    int64_t count, const OptTensor& weight,
                                                                    const OptTensor& bias, double eps,
                                                                    c10::string_view backend,
-                                                                   const FinalizeUpdate& u) {
+                                                                   const RunningStatsUpdate& u) {
   std::tuple<Tensor, Tensor, Tensor, Tensor> out;
   {
     const at::AutoDispatchBelowADInplaceOrView below;
