@@ -154,6 +154,14 @@ def _auto_choice(op: str, x: torch.Tensor, dtype: str, layout: str, pass_: str, 
     return AutoChoice("torch", f"not measured for {arch} {dtype} {layout} {pass_}")
 
 
+def checked_name(backend: str) -> str:
+    """`backend` itself if it names one of BACKENDS, else a ValueError: for the modules that take a backend when
+    they are built, so that a misspelt one fails there rather than at the first call."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    return backend
+
+
 def _env_override() -> str | None:
     override = os.environ.get(ENV_VAR, "").strip().lower()
     if override and override not in BACKENDS:

@@ -44,9 +44,7 @@ class MaxPool2d(nn.MaxPool2d):
 
     def __init__(self, *args, backend: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
-        if backend not in backends.BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(backends.BACKENDS)}, got {backend!r}")
-        self.backend = backend
+        self.backend = backends.checked_name(backend)
 
     @classmethod
     def from_module(cls, pool: nn.MaxPool2d, backend: str = "auto") -> MaxPool2d:

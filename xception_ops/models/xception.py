@@ -36,9 +36,8 @@ class MaxPool2dSame(nn.Module):
         super().__init__()
         if padding not in ("same", "symmetric"):
             raise ValueError(f"pool padding must be 'same' or 'symmetric', got {padding!r}")
-        if backend not in backends.BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(backends.BACKENDS)}, got {backend!r}")
-        self.kernel_size, self.stride, self.padding, self.backend = kernel_size, stride, padding, backend
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        self.backend = backends.checked_name(backend)
 
     def extra_repr(self) -> str:
         return (f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding!r}, "
