@@ -28,6 +28,13 @@ def require_cuda_kernel(op: str):
     return ext
 
 
+def poison(shape, dtype, device="cuda"):
+    """Leaves a freed NaN block of this size in the caching allocator: the next allocation of it gets NaNs, so an
+    element a kernel forgets to write shows up."""
+    t = torch.full(shape, float("nan"), device=device, dtype=dtype)
+    del t
+
+
 @contextlib.contextmanager
 def record_op_calls(name: str):
     """Records the arguments of every call of torch.ops.xception_ops.<name> made inside the block, from Python or

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from .conftest import GPU_MARKS, require_cuda_kernel
+from .conftest import GPU_MARKS, poison, require_cuda_kernel
 
 pytestmark = GPU_MARKS
 require_cuda_kernel("depthwise_conv2d")
@@ -111,12 +111,6 @@ def conv_ref(x, w, b, case):
     """Depthwise conv through PyTorch, in whatever dtype x has."""
     pt, pb, pl, pr = case.padding
     return F.conv2d(F.pad(x, (pl, pr, pt, pb)), w, b, case.stride, 0, case.dilation, groups=x.shape[1])
-
-
-def poison(shape, dtype):
-    """Leaves a freed NaN block of this size in the caching allocator: the next allocation of it gets NaNs."""
-    t = torch.full(shape, float("nan"), device=DEV, dtype=dtype)
-    del t
 
 
 def rel_err(out, ref):

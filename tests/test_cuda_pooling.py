@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from xception_ops import pooling
 from xception_ops.models import MaxPool2dSame
 
-from .conftest import GPU_MARKS, record_op_calls, require_cuda_kernel
+from .conftest import GPU_MARKS, poison, record_op_calls, require_cuda_kernel
 from .test_pooling import codes_from_indices, same_bits, tie_heavy
 
 pytestmark = GPU_MARKS
@@ -35,12 +35,6 @@ GEOMETRIES = [
     ((2, 12, 11, 7), (2, 2), (2, 2), (1, 0), False),
     ((1, 6, 5, 5), (3, 3), (1, 1), (1, 1), False),
 ]
-
-
-def poison(shape, dtype):
-    """Leaves a freed NaN block of this size in the caching allocator: the next allocation of it gets NaNs."""
-    t = torch.full(shape, float("nan"), device=DEV, dtype=dtype)
-    del t
 
 
 def layout_of(name):

@@ -15,7 +15,7 @@ allocator before every call.
 import pytest
 import torch
 
-from .conftest import GPU_MARKS, require_cuda_kernel
+from .conftest import GPU_MARKS, poison, require_cuda_kernel
 
 pytestmark = GPU_MARKS
 require_cuda_kernel("separable_conv2d")
@@ -93,12 +93,6 @@ def to64(v):
 
 def rel_err(out, ref):
     return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-300)).item()
-
-
-def poison(shape, dtype):
-    """Leaves a freed NaN block of this size in the caching allocator: the next allocation of it gets NaNs."""
-    t = torch.full(shape, float("nan"), device=DEV, dtype=dtype)
-    del t
 
 
 def check(shape, opts, dtype, layout, tf32=False):
