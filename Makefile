@@ -12,10 +12,11 @@ CUDA_HOME ?= $(shell command -v nvcc >/dev/null && nvcc --dryrun -c -x cu /dev/n
                      | sed -n 's/^#\$$ TOP=//p' | head -n1 | xargs -r realpath)
 export CUDA_HOME
 # No GPU here: build for Hopper unless told otherwise (setup.py picks the visible GPU's arch when there is one).
+# Hopper is built as sm_90a, the target its wgmma kernels need.
 TORCH_CUDA_ARCH_LIST ?= $(shell command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=compute_cap \
-                                --format=csv,noheader 2>/dev/null | head -n1)
+                                --format=csv,noheader 2>/dev/null | head -n1 | sed 's/^9\.0$$/9.0a/')
 ifeq ($(strip $(TORCH_CUDA_ARCH_LIST)),)
-TORCH_CUDA_ARCH_LIST := 9.0
+TORCH_CUDA_ARCH_LIST := 9.0a
 endif
 export TORCH_CUDA_ARCH_LIST
 

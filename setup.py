@@ -4,7 +4,7 @@ Torch must already be installed: build with `pip install --no-build-isolation -e
 compiled against the torch you run (an isolated build could pick a different one).
 
 Environment knobs:
-  TORCH_CUDA_ARCH_LIST    GPU archs to build for (default: the visible GPU's, or 9.0 when none is visible)
+  TORCH_CUDA_ARCH_LIST    GPU archs to build for (default: the visible GPU's, Hopper as 9.0a; 9.0a when none is visible)
   MAX_JOBS                parallel compile jobs (default: from the cores and free memory)
   CUDA_HOME               the CUDA toolkit's root (default: found from nvcc, following wrapper scripts)
   XCEPTION_OPS_SKIP_EXT=1 install the Python package only; every op then runs on the reference path
@@ -75,9 +75,10 @@ def extensions():
     if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         if torch.cuda.is_available():
             major, minor = torch.cuda.get_device_capability()
-            os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
+            # Hopper as sm_90a: its wgmma kernels exist only for the arch-specific target.
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0a" if (major, minor) == (9, 0) else f"{major}.{minor}"
         else:
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0a"
 
     csrc = Path("csrc")
     sources = [str(p) for p in sorted(csrc.glob("*.cpp"))]
@@ -88,6 +89,8 @@ def extensions():
         sources += [str(p) for p in sorted((csrc / "cuda").glob("*.cu"))]
         macros.append(("XCEPTION_OPS_WITH_CUDA", None))
         macros.append(("XCEPTION_OPS_CUDA_ARCHS", f'"{os.environ["TORCH_CUDA_ARCH_LIST"]}"'))
+        if "9.0a" in re.split(r"[;\s]+", os.environ["TORCH_CUDA_ARCH_LIST"].replace("+PTX", "")):
+            macros.append(("XCEPTION_OPS_SM90A", None))  # Hopper's wgmma kernels are built (pointwise_gemm.cuh)
         nvcc_flags = ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr",
                       f"--threads={os.environ.get('NVCC_THREADS', '2')}"]
         ext = cpp_extension.CUDAExtension(

@@ -294,11 +294,12 @@ STAGED_CASES = "(low_precision and channels_last) or xception_shapes or repeatab
     (FUSED, FUSED_CASES),
     ({"XCEPTION_OPS_SEPARABLE_STAGED_GEMM": "cublas"}, STAGED_CASES),
     ({"XCEPTION_OPS_SEPARABLE_STAGED_GEMM": "fused"}, STAGED_CASES),
+    ({"XCEPTION_OPS_SEPARABLE_STAGED_GEMM": "wgmma"}, STAGED_CASES),
     ({**FUSED, "XCEPTION_OPS_SEPARABLE_GEMM": "wmma"}, VARIANT_CASES),
     ({**FUSED, "XCEPTION_OPS_SEPARABLE_TILES": "square"}, VARIANT_CASES),
     ({**FUSED, "XCEPTION_OPS_SEPARABLE_TILES": "runs"}, VARIANT_CASES),
-], ids=["fused", "staged-cublas", "staged-fused-gemm", "fused-wmma-gemm", "fused-square-tiles",
-        "fused-run-tiles"])
+], ids=["fused", "staged-cublas", "staged-fused-gemm", "staged-wgmma-gemm", "fused-wmma-gemm",
+        "fused-square-tiles", "fused-run-tiles"])
 def test_implementations_kept_for_comparison(env, cases):
     """The forward's other implementations, selected by environment variables (read when the library loads, hence
     a fresh process; the default is the staged form, its product on the fused kernel's GEMM up to 128 channels):
@@ -316,6 +317,81 @@ def test_implementations_kept_for_comparison(env, cases):
     done = subprocess.run(cmd, cwd=root, env={**os.environ, **env}, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert " passed" in done.stdout
+
+
+# ---- Hopper's wgmma GEMM for the staged form (kernels/pointwise_gemm.cuh), XCEPTION_OPS_SEPARABLE_STAGED_GEMM=wgmma ----
+
+def _wgmma_built_and_hopper():
+    import xception_ops._C as ext
+    archs = ext.CUDA_ARCHS.replace(" ", ";").split(";")
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0) and "9.0a" in archs
+
+
+WGMMA_SKIP = pytest.mark.skipif(not _wgmma_built_and_hopper(),
+                                reason="Hopper's wgmma GEMM needs a compute capability 9.0 GPU and a 9.0a build")
+WGMMA_SHAPES = [
+    (2, 24, 136, 11, 13, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),  # 286 pixels, 136 channels: partial tiles of both
+    (1, 200, 72, 9, 9, 1, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1)),    # K = 200: four stages through a ring of three
+    (3, 8, 8, 5, 4, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),       # one stage of 8 channels, 60 pixels
+]
+
+
+@WGMMA_SKIP
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(sorted(o)) or "plain")
+@pytest.mark.parametrize("shape", WGMMA_SHAPES, ids=lambda s: "x".join(map(str, s[:5])))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_staged_wgmma_gemm(dtype, shape, opts, monkeypatch):
+    """Every epilogue option against float64, with the output poisoned (the variable is read at each call)."""
+    monkeypatch.setenv("XCEPTION_OPS_SEPARABLE_STAGED_GEMM", "wgmma")
+    check(shape, opts, dtype, "channels_last")
+
+
+@WGMMA_SKIP
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_staged_wgmma_gemm_permutes_exactly(dtype, monkeypatch):
+    """With a 1x1 depthwise kernel of ones, mid = x, and a permutation matrix for the pointwise weight the output is
+    x with its channels permuted, exactly: one product per output. Where the fragment layouts or the descriptor are
+    read wrong this says which (pixel, channel) went where, the quickest way to the mistake on a first run."""
+    monkeypatch.setenv("XCEPTION_OPS_SEPARABLE_STAGED_GEMM", "wgmma")
+    n, c, h, w = 1, 136, 13, 11  # 143 pixels, 136 channels: partial tiles of both, three stages
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randint(-64, 64, (n, c, h, w), generator=gen).float() / 8).to(DEV, dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
+    dw = torch.ones(c, 1, 1, 1, device=DEV, dtype=dtype)
+    perm = torch.randperm(c, generator=gen)
+    pw = torch.zeros(c, c, 1, 1, dtype=dtype)
+    pw[torch.arange(c), perm, 0, 0] = 1
+    pw = pw.to(DEV)
+    out = OPS.separable_conv2d(x, dw, pw, None, None, False, [1, 1], [0, 0, 0, 0], [1, 1], "none", None, None, False,
+                               None, False, "cuda")[0]
+    want = x[:, perm.to(DEV)]
+    wrong = (out != want).nonzero()
+    if len(wrong):
+        lines = []
+        for _, ch, i, j in wrong[:8].tolist():
+            match = (x[0, :, i, j] == out[0, ch, i, j]).nonzero().flatten().tolist()
+            lines.append(f"out[pixel ({i}, {j}), channel {ch}] = {out[0, ch, i, j].item()}: want input channel "
+                         f"{perm[ch].item()}, equal to input channels {match[:4]}")
+        raise AssertionError(f"{len(wrong)} of {out.numel()} wrong:\n" + "\n".join(lines))
+
+
+@WGMMA_SKIP
+def test_staged_wgmma_gemm_runs_and_repeats(monkeypatch):
+    """At the middle flow's shape the wgmma kernel is the one that runs (not a silent fallback), its results are
+    within the tolerance, and ten runs give the same bits."""
+    monkeypatch.setenv("XCEPTION_OPS_SEPARABLE_STAGED_GEMM", "wgmma")
+    shape = (2, 728, 728, 19, 19, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
+    check(shape, OPTIONS[5], torch.bfloat16, "channels_last")
+    x, dw, pw, t, a = make_inputs(shape, OPTIONS[5], torch.bfloat16, "channels_last")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        first = call(OPS.separable_conv2d, x, dw, pw, t, a, "cuda")
+        torch.cuda.synchronize()
+    names = [e.key for e in prof.key_averages()]
+    assert any("pointwise_wgmma_kernel" in n for n in names), names
+    for _ in range(10):
+        again = call(OPS.separable_conv2d, x, dw, pw, t, a, "cuda")
+        for u, v in zip(first, again):
+            assert torch.equal(u, v)
 
 
 # ---- the backward (csrc/cuda/separable_backward_backend.cpp, kernels/separable_backward.cuh) ----

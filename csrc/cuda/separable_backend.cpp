@@ -21,6 +21,7 @@
 
 #include "cuda/backend_common.h"
 #include "cuda_backend.h"
+#include "kernels/pointwise_gemm_params.h"
 #include "kernels/separable_params.h"
 
 namespace xception_ops::cuda {
@@ -63,6 +64,10 @@ const bool kFusedForward = env_is("XCEPTION_OPS_SEPARABLE_FORWARD", "fused");
 // the fused kernel's GEMM and epilogue reading the depthwise result wherever that applies.
 const bool kStagedCublas = env_is("XCEPTION_OPS_SEPARABLE_STAGED_GEMM", "cublas");
 const bool kStagedFused = env_is("XCEPTION_OPS_SEPARABLE_STAGED_GEMM", "fused");
+// =wgmma takes Hopper's wgmma GEMM with the epilogue and the statistics in its kernel (kernels/pointwise_gemm.cuh)
+// where it applies (pointwise_wgmma_available, 16-bit channels-last, channels in multiples of 8). Read at every
+// call, so that a test can switch it; opt-in until a GPU has timed it against cuBLAS and the channel pass.
+bool staged_wgmma_requested() { return env_is("XCEPTION_OPS_SEPARABLE_STAGED_GEMM", "wgmma"); }
 
 // The fused kernel's launch into `out` (allocated in `fmt`), the statistics into sum / sumsq. With `a_source` (the
 // staged form's depthwise result, act(dw(prologue(x))), channels-last) the kernel reads its depthwise tiles from
@@ -112,7 +117,46 @@ bool fused_launch(const Tensor& x, const Tensor& dw_weight, const Tensor& pw_wei
   return true;
 }
 
+// Hopper's GEMM for the staged form: out (allocated channels-last) = epilogue(mid W^T), the statistics into sum /
+// sumsq. Returns false, having launched nothing, where its conditions do not hold (pointwise_gemm_ok).
+bool wgmma_launch(const Tensor& mid, const Tensor& pw_weight, const SeparableOptions& opt, const Conv2dGeometry& g,
+                  DType dtype, const Tensor& out, Tensor& sum, Tensor& sumsq) {
+  const int64_t C = g.out_channels, K = g.dw_channels();
+  if (C > INT32_MAX || K > INT32_MAX) return false;
+  if (opt.residual.has_value() && !opt.residual->is_contiguous(at::MemoryFormat::ChannelsLast)) return false;
+  const Tensor pw = pw_weight.contiguous();
+  PointwiseGemmParams p;
+  p.a = mid.data_ptr();
+  p.lda = K;
+  p.w = pw.data_ptr();
+  p.out = out.data_ptr();
+  if (opt.residual.has_value()) p.residual = opt.residual->data_ptr();
+  Tensor keep[2];
+  p.scale = float_vector(opt.out_scale, keep[0]);
+  p.shift = float_vector(opt.out_shift, keep[1]);
+  p.relu = opt.out_relu;
+  p.m = g.batch * g.out_h * g.out_w;
+  p.n = static_cast<int32_t>(C);
+  p.k = static_cast<int32_t>(K);
+  if (!pointwise_gemm_ok(p)) return false;
+  const int64_t tiles = pointwise_m_tiles(p);
+  Tensor workspace;
+  if (opt.compute_stats) {
+    workspace = at::empty({reduce_rows_workspace(tiles, 2 * C)}, mid.options().dtype(at::kFloat));
+    p.stats_partial = workspace.data_ptr<float>();
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  check_launch(kForward, launch_pointwise_wgmma(p, dtype, stream));
+  if (opt.compute_stats) {
+    check_launch(kForward, launch_reduce_rows(p.stats_partial, tiles, 2 * C, C, sum.data_ptr<float>(),
+                                              sumsq.data_ptr<float>(), stream));
+  }
+  return true;
+}
+
 // The staged forward: the depthwise kernels write mid(dw(prologue(x))), then either
+//   - with XCEPTION_OPS_SEPARABLE_STAGED_GEMM=wgmma on Hopper, one wgmma GEMM with the epilogue and the statistics
+//     (wgmma_launch); or
 //   - the fused kernel reads its depthwise tiles from there (a_source) and runs its GEMM (mma.sync) and epilogue,
 //     statistics included: fp16 / bf16 on sm_80+, channels-last, up to 128 depthwise channels
 //     (separable_staged_fused_gemm); or
@@ -129,6 +173,12 @@ std::tuple<Tensor, Tensor, Tensor> staged_forward(const Tensor& x, const Tensor&
   Tensor y;
   {
     const DepthwiseStage stage = depthwise_stage(x, dw_weight, opt, g, fmt);
+    if (staged_wgmma_requested() && pointwise_wgmma_available(caps.major, caps.minor) &&
+        math == PointwiseMath::TensorCore && fmt == at::MemoryFormat::ChannelsLast &&
+        stage.mid.is_contiguous(at::MemoryFormat::ChannelsLast) && pixels > 0) {
+      Tensor out = at::empty({g.batch, C, g.out_h, g.out_w}, x.options().memory_format(fmt));
+      if (wgmma_launch(stage.mid, pw_weight, opt, g, dtype, out, sum, sumsq)) return {out, sum, sumsq};
+    }
     const bool fused_gemm = kStagedFused || (!kStagedCublas && separable_staged_fused_gemm(g));
     if (fused_gemm && math == PointwiseMath::TensorCore && fmt == at::MemoryFormat::ChannelsLast &&
         stage.mid.is_contiguous(at::MemoryFormat::ChannelsLast) && pixels > 0) {

@@ -6,7 +6,8 @@
 // it (blocks run one at a time, so one array serves them all); static __shared__ arrays become function
 // statics. What this cannot check: warp-level behaviour
 // (shuffles; wmma), timing, and the memory model beyond
-// the barrier's ordering. Warp collectives (ldmatrix, mma.sync) are emulated from their documented layouts.
+// the barrier's ordering. Warp collectives (ldmatrix, mma.sync, __shfl_xor_sync) and Hopper's warpgroup MMA
+// (wgmma, with its shared-memory descriptors) are emulated from their documented layouts.
 //
 // Include this before any kernel header.
 #pragma once
@@ -40,6 +41,7 @@ inline dim3 blockDim;
 inline dim3 gridDim;
 inline std::barrier<>* xo_emulated_block_barrier = nullptr;
 inline thread_local std::barrier<>* xo_emulated_warp_barrier = nullptr;  // the 32 threads of this thread's warp
+inline thread_local std::barrier<>* xo_emulated_warpgroup_barrier = nullptr;  // the 128 of its warpgroup
 
 inline void __syncthreads() { xo_emulated_block_barrier->arrive_and_wait(); }
 inline void xo_emulated_syncwarp() { xo_emulated_warp_barrier->arrive_and_wait(); }
@@ -55,6 +57,17 @@ inline float __uint_as_float(unsigned int u) {
   float v;
   std::memcpy(&v, &u, sizeof v);
   return v;
+}
+
+// __shfl_xor_sync over a whole warp (the mask is not checked): each lane reads lane ^ lane_mask's value.
+inline float xo_emulated_shuffle[32][32];  // [warp][lane]
+inline float __shfl_xor_sync(unsigned /*mask*/, float v, int lane_mask) {
+  const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  xo_emulated_shuffle[warp][lane] = v;
+  xo_emulated_syncwarp();
+  const float r = xo_emulated_shuffle[warp][lane ^ static_cast<unsigned>(lane_mask)];
+  xo_emulated_syncwarp();
+  return r;
 }
 
 // Device math the kernels use that the host headers do not declare.
@@ -136,6 +149,92 @@ void cp_async_wait() {
   }
 }
 
+
+// ---- Hopper's warpgroup MMA (kernels/wgmma.cuh) ----
+// Shared-memory addresses are offsets from xo_emulated_smem_base, which a test sets to its dynamic shared-memory
+// array, so that descriptors carry them in their 14-bit fields as on the GPU. wgmma_rs deposits the warpgroup's A
+// fragments (at a warpgroup barrier) and queues the product; it is applied, reading B through the descriptor as
+// the PTX ISA defines it (no swizzling), only when wgmma_wait lets the group finish: a kernel that reads its
+// accumulators, or rewrites the B buffer, before waiting computes wrong results here, as it may on the GPU.
+#define XO_EMULATED_WGMMA 1
+inline unsigned char* xo_emulated_smem_base = nullptr;
+
+inline uint32_t smem_address(const void* p) {
+  const auto offset = static_cast<const unsigned char*>(p) - xo_emulated_smem_base;
+  if (xo_emulated_smem_base == nullptr || offset < 0 || offset >= (1 << 18)) std::abort();
+  return static_cast<uint32_t>(offset);
+}
+inline void wgmma_fence() {}
+inline void fence_proxy_async() {}
+template <int kN>
+void wgmma_fence_operands(float (&)[kN]) {}
+
+struct EmulatedWgmma {
+  float* d;
+  int n;
+  bool bf16;
+  uint64_t desc;
+  float a[64][16];
+};
+inline unsigned emulated_wgmma_a[8][128][4];  // [warpgroup][thread of the group][register]
+inline thread_local std::vector<EmulatedWgmma> emulated_wgmma_open;
+inline thread_local std::vector<std::vector<EmulatedWgmma>> emulated_wgmma_committed;
+
+template <int kN, bool kBf16>
+void wgmma_rs(float (&d)[kN / 2], const unsigned (&a)[4], uint64_t b_desc) {
+  const unsigned group = threadIdx.x / 128, member = threadIdx.x % 128;
+  for (int i = 0; i < 4; ++i) emulated_wgmma_a[group][member][i] = a[i];
+  xo_emulated_warpgroup_barrier->arrive_and_wait();
+  EmulatedWgmma op;
+  op.d = d, op.n = kN, op.bf16 = kBf16, op.desc = b_desc;
+  auto value = [](unsigned reg, int high) {
+    const unsigned short bits = static_cast<unsigned short>(high ? reg >> 16 : reg & 0xffffu);
+    return kBf16 ? __uint_as_float(static_cast<unsigned>(bits) << 16) : __half2float(__ushort_as_half(bits));
+  };
+  // A(row, k): warp row / 16, lane 4 (row % 8) + (k % 8) / 2, register (row % 16 >= 8) + 2 (k >= 8), half k % 2.
+  for (int row = 0; row < 64; ++row) {
+    for (int k = 0; k < 16; ++k) {
+      const unsigned m = 32 * (row / 16) + 4 * (row % 8) + (k % 8) / 2;
+      op.a[row][k] = value(emulated_wgmma_a[group][m][(row % 16 >= 8) + 2 * (k >= 8)], k % 2);
+    }
+  }
+  xo_emulated_warpgroup_barrier->arrive_and_wait();
+  emulated_wgmma_open.push_back(op);
+}
+inline void wgmma_commit() {
+  emulated_wgmma_committed.push_back(std::move(emulated_wgmma_open));
+  emulated_wgmma_open.clear();
+}
+template <int kGroups>
+void wgmma_wait() {
+  const unsigned member = threadIdx.x % 128, warp = member / 32, g = (member % 32) / 4, t = member % 4;
+  while (emulated_wgmma_committed.size() > static_cast<size_t>(kGroups)) {
+    for (const EmulatedWgmma& op : emulated_wgmma_committed.front()) {
+      // Bits 0-13 start, 16-29 leading (K) byte offset, 32-45 stride (N) byte offset, in 16-byte units; this
+      // emulation knows only the unswizzled layout with base offset 0.
+      if ((op.desc >> 49) != 0) std::abort();
+      const uint64_t start = (op.desc & 0x3FFFu) << 4, lead = ((op.desc >> 16) & 0x3FFFu) << 4,
+                     stride = ((op.desc >> 32) & 0x3FFFu) << 4;
+      auto B = [&](int k, int n) {
+        const unsigned char* e = xo_emulated_smem_base + start + (n / 8) * stride + (k / 8) * lead + (n % 8) * 16 +
+                                 (k % 8) * 2;
+        unsigned short bits;
+        std::memcpy(&bits, e, 2);
+        return op.bf16 ? __uint_as_float(static_cast<unsigned>(bits) << 16) : __half2float(__ushort_as_half(bits));
+      };
+      for (int j = 0; j < op.n / 8; ++j) {
+        for (int e = 0; e < 4; ++e) {
+          const int row = static_cast<int>(16 * warp + g + 8 * (e / 2)), col = 8 * j + 2 * static_cast<int>(t) + e % 2;
+          float acc = op.d[4 * j + e];
+          for (int k = 0; k < 16; ++k) acc += op.a[row][k] * B(k, col);
+          op.d[4 * j + e] = acc;
+        }
+      }
+    }
+    emulated_wgmma_committed.erase(emulated_wgmma_committed.begin());
+  }
+}
+
 }  // namespace xception_ops::kernels
 
 // kernel<<<grid, block>>>(args...), emulated.
@@ -153,6 +252,10 @@ void emulate_launch(Kernel kernel, dim3 grid, dim3 block, const Args&... args) {
         for (unsigned int w = 0; w * 32 < threads; ++w) {
           warps.push_back(std::make_unique<std::barrier<>>(std::min(32u, threads - 32 * w)));
         }
+        std::vector<std::unique_ptr<std::barrier<>>> warpgroups;
+        for (unsigned int w = 0; w * 128 < threads; ++w) {
+          warpgroups.push_back(std::make_unique<std::barrier<>>(std::min(128u, threads - 128 * w)));
+        }
         std::vector<std::thread> pool;
         pool.reserve(threads);
         for (unsigned int t = 0; t < threads; ++t) {
@@ -160,6 +263,7 @@ void emulate_launch(Kernel kernel, dim3 grid, dim3 block, const Args&... args) {
             threadIdx = uint3{t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
             blockIdx = uint3{bx, by, bz};
             xo_emulated_warp_barrier = warps[t / 32].get();
+            xo_emulated_warpgroup_barrier = warpgroups[t / 128].get();
             kernel(args...);
           });
         }

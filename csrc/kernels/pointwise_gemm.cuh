@@ -1,0 +1,236 @@
+// Hopper's pointwise GEMM with the separable epilogue (PointwiseGemmParams, kernels/pointwise_gemm_params.h): the
+// staged forward's product of its depthwise result and the pointwise weight on wgmma, with the folded BatchNorm,
+// residual, ReLU and the BatchNorm statistics in the same kernel, where cuBLAS's product needed a pass over y
+// after it for them. Torch-free; the kernel body exists for sm_90a (and in the CPU emulation of the tests).
+//
+// A block owns 128 pixels x 128 output channels: two warpgroups of 64 pixels each, one wgmma.m64n128k16 chain
+// per warpgroup (64 float32 accumulators per thread).
+//   Pipeline: a ring of kPwStages stages of 64 input channels, filled by cp.async from every thread (zeros stored
+//   past the ends). Per stage, each warp takes its four 16 x 16 A fragments with ldmatrix (A's rows padded to
+//   kPwAPitch, as in the mma.sync GEMM), and its warpgroup issues four wgmma reading B through descriptors.
+//   B's stage holds W [128][64] as core matrices, 8 output channels x 8 input channels each (128 contiguous bytes),
+//   the 8 K-neighbours of a core matrix 128 bytes apart and N-neighbours 1024: 16-byte chunk c of the stage is
+//   output channel 8 (c / 64) + c % 8, input channels 8 ((c / 8) % 8) .. + 8, so the copies are linear in c.
+//   Epilogue: from the accumulators (d[4 j + e] = row g + 8 (e / 2), column 8 j + 2 t + e % 2): y rounded, the
+//   statistics summed across the 8 rows of a warp's lanes by shuffles and across the 8 warps in order through
+//   shared memory (one partial row per pixel tile, reduced by launch_reduce_rows: bitwise reproducible); the
+//   affine result rounded into a shared tile; then 16-byte rows of 8 channels, + residual, ReLU, to memory.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "pointwise_gemm_params.h"
+#include "separable.cuh"  // ldmatrix_x4, cp_async_*, round_to, from_bits16, bits16, pack2_rn
+#include "wgmma.cuh"
+
+namespace xception_ops {
+namespace kernels {
+
+#if defined(XO_WGMMA) || defined(XO_EMULATED_WGMMA)
+#define XO_POINTWISE_WGMMA 1
+#endif
+
+#if defined(__CUDA_ARCH__) || defined(XO_EMULATED_WARP_MMA)
+// The sum over the 8 lanes of a warp that share lane % 4 (the 8 rows g of one column pair), in a fixed order.
+__device__ __forceinline__ float sum_over_rows(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 4);
+  v += __shfl_xor_sync(0xffffffffu, v, 8);
+  v += __shfl_xor_sync(0xffffffffu, v, 16);
+  return v;
+}
+#endif
+
+template <typename T>
+__global__ void __launch_bounds__(kPwThreads, 2) pointwise_wgmma_kernel(const PointwiseGemmParams p) {
+#if defined(XO_POINTWISE_WGMMA)
+  static_assert(sizeof(T) == 2, "16-bit operands");
+  constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
+  constexpr int kN = kPwTileN;
+  XO_EXTERN_SHARED __align__(128) unsigned char smem[];
+
+  const int64_t n_tiles = (p.n + kN - 1) / kN;
+  const int64_t m_tile = blockIdx.x / n_tiles;
+  const int64_t m0 = m_tile * kPwTileM;
+  const int32_t n0 = static_cast<int32_t>(blockIdx.x % n_tiles) * kN;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, group = warp / 4;
+  const T* __restrict__ a = static_cast<const T*>(p.a);
+  const T* __restrict__ w = static_cast<const T*>(p.w);
+  const int32_t k_tiles = (p.k + kPwTileK - 1) / kPwTileK;
+
+  auto stage_a = [&](int s) { return reinterpret_cast<T*>(smem + s * kPwStageBytes); };
+  auto stage_b = [&](int s) { return reinterpret_cast<T*>(smem + s * kPwStageBytes + kPwABytes); };
+
+  // This thread's 16-byte chunks of every stage, c = tid + 256 r: 4 of A (row c / 8, input channels 8 (c % 8) ..)
+  // and 4 of B (output channel 8 (c / 64) + c % 8, input channels 8 ((c / 8) % 8) .., at byte 16 c of the stage).
+  // Their sources advance by kPwTileK elements per stage; which rows and channels exist is fixed.
+  constexpr int kChunks = kPwTileM * kPwTileK / 8 / kPwThreads;
+  static_assert(kChunks == kPwTileN * kPwTileK / 8 / kPwThreads, "as many chunks of A as of B");
+  const T* a_src[kChunks];
+  const T* b_src[kChunks];
+  bool a_row_ok[kChunks], b_row_ok[kChunks];
+#pragma unroll
+  for (int r = 0; r < kChunks; ++r) {
+    const int c = tid + kPwThreads * r;
+    const int64_t row = m0 + c / 8;
+    const int32_t ch = n0 + 8 * (c / 64) + c % 8;
+    a_row_ok[r] = row < p.m;
+    b_row_ok[r] = ch < p.n;
+    a_src[r] = a + (a_row_ok[r] ? row : 0) * p.lda + 8 * (c % 8);
+    b_src[r] = w + static_cast<int64_t>(b_row_ok[r] ? ch : 0) * p.k + 8 * ((c / 8) % 8);
+  }
+  auto load_stage = [&](int32_t kt, int s) {
+    T* as = stage_a(s);
+    T* bs = stage_b(s);
+    const int32_t k0 = kt * kPwTileK;
+#pragma unroll
+    for (int r = 0; r < kChunks; ++r) {
+      const int c = tid + kPwThreads * r;
+      T* a_dst = as + (c / 8) * kPwAPitch + 8 * (c % 8);
+      if (a_row_ok[r] && k0 + 8 * (c % 8) < p.k) {
+        cp_async_16(a_dst, a_src[r] + k0);
+      } else {
+        *reinterpret_cast<uint4*>(a_dst) = make_uint4(0u, 0u, 0u, 0u);
+      }
+      if (b_row_ok[r] && k0 + 8 * ((c / 8) % 8) < p.k) {
+        cp_async_16(bs + 8 * c, b_src[r] + k0);
+      } else {
+        *reinterpret_cast<uint4*>(bs + 8 * c) = make_uint4(0u, 0u, 0u, 0u);
+      }
+    }
+  };
+
+  // The ring's first stages - 1 stages, one cp.async group each (empty past the last).
+#pragma unroll
+  for (int s = 0; s < kPwStages - 1; ++s) {
+    if (s < k_tiles) load_stage(s, s);
+    cp_async_commit();
+  }
+
+  float acc[kN / 2];
+#pragma unroll
+  for (int i = 0; i < kN / 2; ++i) acc[i] = 0.f;
+  wgmma_fence_operands(acc);
+
+  // ldmatrix.x4's row addresses: lane l gives row l % 16, input channels 8 (l / 16) .. of its warp's 16 rows.
+  const int a_row = 64 * group + 16 * (warp % 4) + lane % 16, a_col = 8 * (lane / 16);
+  for (int32_t kt = 0; kt < k_tiles; ++kt) {
+    const int s = kt % kPwStages;
+    cp_async_wait<kPwStages - 2>();  // this thread's chunks of stage kt have landed
+    fence_proxy_async();             // ... and are visible to wgmma's reads
+    __syncthreads();  // everyone's chunks of stage kt are in place; every warpgroup's wgmma of stage kt - 1 is done
+    {
+      const int32_t next = kt + kPwStages - 1;  // into the stage kt - 1 used
+      if (next < k_tiles) load_stage(next, next % kPwStages);
+      cp_async_commit();
+    }
+    const T* as = stage_a(s);
+    const uint32_t b_base = smem_address(stage_b(s));
+    unsigned af[kPwTileK / 16][4];
+#pragma unroll
+    for (int ks = 0; ks < kPwTileK / 16; ++ks) ldmatrix_x4(af[ks], as + a_row * kPwAPitch + 16 * ks + a_col);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < kPwTileK / 16; ++ks) {
+      // K step ks: core matrices 2 ks and 2 ks + 1 along K (128 bytes apart), N groups 1024 bytes apart.
+      wgmma_rs<kN, kBf16>(acc, af[ks], wgmma_desc(b_base + 256 * ks, 128, kPwTileK / 8 * 128));
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_fence_operands(acc);
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // every warp is done with the ring: the epilogue's tiles overlay it
+
+  // ---- epilogue ----
+  T* tile = reinterpret_cast<T*>(smem);                                            // [kPwTileM][kPwOutPitch]
+  float* warp_sums = reinterpret_cast<float*>(smem + kPwTileM * kPwOutPitch * 2);  // [2][8 warps][kN]
+  const int g = lane / 4, t = lane % 4;
+  const int row0 = 64 * group + 16 * (warp % 4) + g;  // and row0 + 8
+  const bool ok0 = m0 + row0 < p.m, ok1 = m0 + row0 + 8 < p.m;
+  const bool stats = p.stats_partial != nullptr;
+  const bool affine = p.scale != nullptr || p.shift != nullptr;
+#pragma unroll
+  for (int j = 0; j < kN / 8; ++j) {
+    const int col = 8 * j + 2 * t;
+    const bool col_ok = n0 + col < p.n;  // n is a multiple of 8: both columns of the pair or neither
+    float y[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) y[e] = col_ok && (e < 2 ? ok0 : ok1) ? round_to<T>(acc[4 * j + e]) : 0.f;
+    if (stats) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float s = sum_over_rows(y[e] + y[e + 2]);
+        const float ss = sum_over_rows(fmaf(y[e + 2], y[e + 2], y[e] * y[e]));
+        if (g == 0) {
+          warp_sums[warp * kN + col + e] = s;
+          warp_sums[(8 + warp) * kN + col + e] = ss;
+        }
+      }
+    }
+    if (affine && col_ok) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float scale = p.scale != nullptr ? p.scale[n0 + col + e] : 1.f;
+        const float shift = p.shift != nullptr ? p.shift[n0 + col + e] : 0.f;
+        y[e] = round_to<T>(fmaf(y[e], scale, shift));
+        y[e + 2] = round_to<T>(fmaf(y[e + 2], scale, shift));
+      }
+    }
+    *reinterpret_cast<unsigned*>(tile + row0 * kPwOutPitch + col) = bits16<T>(y[0]) | (bits16<T>(y[1]) << 16);
+    *reinterpret_cast<unsigned*>(tile + (row0 + 8) * kPwOutPitch + col) = bits16<T>(y[2]) | (bits16<T>(y[3]) << 16);
+  }
+  __syncthreads();
+
+  if (stats && tid < kN && n0 + tid < p.n) {  // the 8 warps' sums in order: rows 0-15, 16-31, ...
+    float s = 0.f, ss = 0.f;
+#pragma unroll
+    for (int v = 0; v < 8; ++v) {
+      s += warp_sums[v * kN + tid];
+      ss += warp_sums[(8 + v) * kN + tid];
+    }
+    float* partial = p.stats_partial + m_tile * 2 * static_cast<int64_t>(p.n);
+    partial[n0 + tid] = s;
+    partial[p.n + n0 + tid] = ss;
+  }
+
+  // 16-byte rows of 8 channels: chunk q = tid + 256 i is row q / 16, channels 8 (q % 16) ..
+  T* __restrict__ out = static_cast<T*>(p.out);
+  const T* __restrict__ res = static_cast<const T*>(p.residual);
+#pragma unroll 2
+  for (int q = tid; q < kPwTileM * kN / 8; q += kPwThreads) {
+    const int row = q / (kN / 8), col = 8 * (q % (kN / 8));
+    if (m0 + row >= p.m || n0 + col >= p.n) continue;
+    const int64_t offset = (m0 + row) * p.n + n0 + col;
+    const uint4 packed = *reinterpret_cast<const uint4*>(tile + row * kPwOutPitch + col);
+    const unsigned words[4] = {packed.x, packed.y, packed.z, packed.w};
+    float z[8];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) z[2 * i] = from_bits16<T>(words[i] & 0xffffu), z[2 * i + 1] = from_bits16<T>(words[i] >> 16);
+    if (res != nullptr) {
+      const uint4 r = load_readonly(reinterpret_cast<const uint4*>(res + offset));
+      const unsigned rw[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        z[2 * i] = round_to<T>(z[2 * i] + from_bits16<T>(rw[i] & 0xffffu));
+        z[2 * i + 1] = round_to<T>(z[2 * i + 1] + from_bits16<T>(rw[i] >> 16));
+      }
+    }
+    if (p.relu) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) z[i] = fmaxf(z[i], 0.f);
+    }
+    *reinterpret_cast<uint4*>(out + offset) =
+        make_uint4(bits16<T>(z[0]) | (bits16<T>(z[1]) << 16), bits16<T>(z[2]) | (bits16<T>(z[3]) << 16),
+                   bits16<T>(z[4]) | (bits16<T>(z[5]) << 16), bits16<T>(z[6]) | (bits16<T>(z[7]) << 16));
+  }
+#elif defined(__CUDA_ARCH__)
+  __trap();  // not built for sm_90a: the launcher never runs it (pointwise_wgmma_available)
+#endif
+}
+
+}  // namespace kernels
+}  // namespace xception_ops

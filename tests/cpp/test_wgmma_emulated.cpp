@@ -1,0 +1,208 @@
+// Hopper's pointwise GEMM (csrc/kernels/pointwise_gemm.cuh) on the CPU through cuda_emulation.h, whose wgmma
+// follows the PTX ISA's fragment layouts and descriptor fields; against a float64 product rounded as the kernel's
+// epilogue rounds (y to the dtype, then the affine, the residual, the ReLU).
+//
+// Shapes with partial tiles in every dimension (pixels past a 128-row tile, output channels past a 128-channel
+// tile, input channels past a 64-channel stage) and more stages than the ring holds; every epilogue option; both
+// 16-bit dtypes; the output poisoned before each launch; the statistics against float64 sums of y, and bitwise
+// equal across two launches. Also the descriptor's bit fields, and what the launcher checks.
+#include "cuda_emulation.h"  // first: defines what the kernel headers expect from CUDA
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "kernels/pointwise_gemm.cuh"
+#include "kernels/pointwise_gemm_params.h"
+#include "test_harness.h"
+
+namespace xception_ops::kernels {
+alignas(128) unsigned char smem[256 * 1024];  // the kernel's `extern __shared__` array
+}
+
+namespace {
+
+using namespace xception_ops;
+
+template <typename T>
+unsigned short bits_of(float v) {
+  unsigned short b;
+  if constexpr (std::is_same_v<T, __half>) {
+    const __half h = __float2half_rn(v);
+    std::memcpy(&b, &h, 2);
+  } else {
+    const __nv_bfloat16 h = __float2bfloat16_rn(v);
+    std::memcpy(&b, &h, 2);
+  }
+  return b;
+}
+template <typename T>
+float value_of(unsigned short b) {
+  if constexpr (std::is_same_v<T, __half>) {
+    return __half2float(__ushort_as_half(b));
+  } else {
+    return __uint_as_float(static_cast<unsigned>(b) << 16);
+  }
+}
+template <typename T>
+float round_as(float v) {
+  return value_of<T>(bits_of<T>(v));
+}
+
+struct Case {
+  int64_t m;
+  int32_t n, k;
+  int64_t lda;  // >= k
+  bool scale, shift, residual, relu, stats;
+};
+
+// 16-byte aligned storage of 16-bit values.
+struct Buffer {
+  std::vector<uint4> storage;
+  explicit Buffer(size_t elements) : storage((elements + 7) / 8 + 1) {}
+  unsigned short* data() { return reinterpret_cast<unsigned short*>(storage.data()); }
+};
+
+template <typename T>
+void run_case(const Case& c, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> uni(-1.f, 1.f);
+  Buffer a(c.m * c.lda), w(static_cast<size_t>(c.n) * c.k), res(c.m * c.n), out(c.m * c.n);
+  for (int64_t i = 0; i < c.m * c.lda; ++i) a.data()[i] = bits_of<T>(uni(rng));
+  for (int64_t i = 0; i < int64_t{c.n} * c.k; ++i) w.data()[i] = bits_of<T>(uni(rng) * 0.5f);
+  for (int64_t i = 0; i < c.m * c.n; ++i) res.data()[i] = bits_of<T>(uni(rng));
+  std::vector<float> scale(c.n), shift(c.n);
+  for (int32_t i = 0; i < c.n; ++i) scale[i] = 0.5f + uni(rng), shift[i] = uni(rng);
+
+  PointwiseGemmParams p;
+  p.a = a.data(), p.w = w.data(), p.out = out.data();
+  p.residual = c.residual ? res.data() : nullptr;
+  p.scale = c.scale ? scale.data() : nullptr;
+  p.shift = c.shift ? shift.data() : nullptr;
+  p.relu = c.relu;
+  p.m = c.m, p.lda = c.lda, p.n = c.n, p.k = c.k;
+  const int64_t m_tiles = pointwise_m_tiles(p), n_tiles = pointwise_n_tiles(p);
+  std::vector<float> partial(c.stats ? m_tiles * 2 * c.n : 0);
+  p.stats_partial = c.stats ? partial.data() : nullptr;
+  EXPECT(pointwise_gemm_ok(p));
+
+  auto launch = [&] {
+    std::fill(out.data(), out.data() + c.m * c.n, static_cast<unsigned short>(0x7fc1));  // NaN poison
+    std::fill(partial.begin(), partial.end(), std::nanf(""));
+    kernels::xo_emulated_smem_base = kernels::smem;
+    emulate_launch(kernels::pointwise_wgmma_kernel<T>, dim3(static_cast<unsigned>(m_tiles * n_tiles)),
+                   dim3(kPwThreads), p);
+  };
+  launch();
+
+  // The reference: y = the float64 product rounded to T; then the epilogue's steps, each rounded to T.
+  int bad = 0;
+  std::vector<double> sum(c.n, 0.0), sumsq(c.n, 0.0);
+  std::vector<float> y_ref(c.m * c.n);
+  for (int64_t i = 0; i < c.m; ++i) {
+    for (int32_t j = 0; j < c.n; ++j) {
+      double acc = 0.0;
+      for (int32_t q = 0; q < c.k; ++q) {
+        acc += double(value_of<T>(a.data()[i * c.lda + q])) * value_of<T>(w.data()[int64_t{j} * c.k + q]);
+      }
+      const float y = round_as<T>(static_cast<float>(acc));
+      y_ref[i * c.n + j] = y;
+      sum[j] += y;
+      sumsq[j] += double(y) * y;
+      float z = y;
+      if (c.scale || c.shift) z = round_as<T>(std::fma(z, c.scale ? scale[j] : 1.f, c.shift ? shift[j] : 0.f));
+      if (c.residual) z = round_as<T>(z + value_of<T>(res.data()[i * c.n + j]));
+      if (c.relu) z = std::fmax(z, 0.f);
+      const float got = value_of<T>(out.data()[i * c.n + j]);
+      // The kernel's float32 sum may round y to the neighbouring value: one unit in the last place of y, carried
+      // through the epilogue's steps (each of which may add half of one of its own).
+      const float ulp = std::is_same_v<T, __half> ? 1.f / 1024 : 1.f / 128;
+      const float tol = ulp * (std::fabs(y) * (c.scale ? 1.5f : 1.f) + std::fabs(z) + 1e-3f) + 1e-6f;
+      if (!(std::fabs(got - z) <= tol)) {
+        if (bad++ < 5) std::printf("  out[%lld][%d] = %g, want %g (y %g)\n", (long long)i, j, got, z, y);
+      }
+    }
+  }
+  EXPECT(bad == 0);
+
+  if (c.stats) {
+    // Partial row r holds the sums over pixel tile r: their total against float64 sums of the reference's y.
+    int bad_stats = 0;
+    for (int32_t j = 0; j < c.n; ++j) {
+      double s = 0.0, ss = 0.0;
+      for (int64_t r = 0; r < m_tiles; ++r) s += partial[r * 2 * c.n + j], ss += partial[r * 2 * c.n + c.n + j];
+      double abs_sum = 0.0;
+      for (int64_t i = 0; i < c.m; ++i) abs_sum += std::fabs(y_ref[i * c.n + j]);
+      const double ulp = std::is_same_v<T, __half> ? 1.0 / 1024 : 1.0 / 128;
+      if (!(std::fabs(s - sum[j]) <= ulp * abs_sum + 1e-4) || !(std::fabs(ss - sumsq[j]) <= 2 * ulp * sumsq[j] + 1e-4)) {
+        if (bad_stats++ < 5) std::printf("  channel %d: sums %g %g, want %g %g\n", j, s, ss, sum[j], sumsq[j]);
+      }
+    }
+    EXPECT(bad_stats == 0);
+    // Bitwise reproducible: a second launch gives the same partials and output.
+    const std::vector<float> first = partial;
+    std::vector<unsigned short> first_out(out.data(), out.data() + c.m * c.n);
+    launch();
+    EXPECT(std::memcmp(first.data(), partial.data(), first.size() * sizeof(float)) == 0);
+    EXPECT(std::memcmp(first_out.data(), out.data(), first_out.size() * 2) == 0);
+  }
+}
+
+// Pixels past one tile (300 = 2 x 128 + 44); output channels past one tile (136 = 128 + 8); input channels
+// past one stage (72 = 64 + 8) and past the ring (200: four stages in a ring of three).
+const Case kCases[] = {
+    {300, 136, 72, 72, false, false, false, false, false},
+    {300, 136, 72, 80, true, true, true, true, true},
+    {130, 8, 200, 200, false, true, false, true, true},
+    {64, 256, 16, 16, true, false, true, false, true},
+    {1, 128, 8, 8, true, true, false, false, true},
+};
+
+TEST_CASE(pointwise_wgmma_bf16) {
+  uint32_t seed = 1;
+  for (const Case& c : kCases) run_case<__nv_bfloat16>(c, seed++);
+}
+
+TEST_CASE(pointwise_wgmma_fp16) {
+  uint32_t seed = 100;
+  for (const Case& c : kCases) run_case<__half>(c, seed++);
+}
+
+TEST_CASE(wgmma_descriptor_fields) {
+  // Start address, leading and stride byte offsets in 16-byte units at bits 0, 16 and 32; swizzle 0.
+  const uint64_t d = kernels::wgmma_desc(0x12340, 128, 1024);
+  EXPECT((d & 0x3FFF) == 0x1234);
+  EXPECT(((d >> 16) & 0x3FFF) == 8);
+  EXPECT(((d >> 32) & 0x3FFF) == 64);
+  EXPECT((d >> 46) == 0);
+  EXPECT(kernels::wgmma_desc(0x3FFF0, 16, 16) == (0x3FFFull | (1ull << 16) | (1ull << 32)));
+}
+
+TEST_CASE(pointwise_gemm_checks) {
+  alignas(16) static unsigned short buf[64];
+  PointwiseGemmParams p;
+  p.a = buf, p.w = buf, p.out = buf;
+  p.m = 4, p.n = 8, p.k = 8, p.lda = 8;
+  EXPECT(pointwise_gemm_ok(p));
+  PointwiseGemmParams q = p;
+  q.n = 12;  // not whole vectors of 8 channels
+  EXPECT(!pointwise_gemm_ok(q));
+  q = p, q.k = 4;
+  EXPECT(!pointwise_gemm_ok(q));
+  q = p, q.lda = 12;
+  EXPECT(!pointwise_gemm_ok(q));
+  q = p, q.lda = 0;
+  EXPECT(!pointwise_gemm_ok(q));
+  q = p, q.out = buf + 1;  // not 16-byte aligned
+  EXPECT(!pointwise_gemm_ok(q));
+  q = p, q.residual = buf + 4;
+  EXPECT(!pointwise_gemm_ok(q));
+  q = p, q.m = 0;
+  EXPECT(!pointwise_gemm_ok(q));
+}
+
+}  // namespace
+
+int main(int argc, char** argv) { return xo_test::run_all(argc > 1 ? argv[1] : nullptr); }
