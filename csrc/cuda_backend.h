@@ -3,6 +3,7 @@
 #pragma once
 
 #include "cuda_ops_list.h"
+#include "kernels/pointwise_gemm_params.h"
 #include "ops.h"
 
 namespace xception_ops::cuda {
@@ -61,6 +62,12 @@ struct DepthwiseStage {
 };
 DepthwiseStage depthwise_stage(const Tensor& x, const Tensor& dw_weight, const SeparableOptions& opt,
                                const Conv2dGeometry& g, at::MemoryFormat fmt);
+
+// Whether XCEPTION_OPS_SEPARABLE_STAGED_GEMM=wgmma asks for Hopper's wgmma GEMM (kernels/pointwise_gemm.cuh) in the
+// staged forward's product and the backward's grad_mid, and the build XCEPTION_OPS_WGMMA_CONFIG names (an error
+// naming `op` where it names none); both read at each call (csrc/cuda/separable_backend.cpp).
+bool wgmma_gemm_requested();
+PointwiseGemmConfig wgmma_gemm_config(const char* op);
 
 // Its backward (csrc/cuda/separable_backward_backend.cpp), with the contract of
 // reference::separable_conv2d_backward.

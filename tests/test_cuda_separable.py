@@ -294,7 +294,7 @@ STAGED_CASES = "(low_precision and channels_last) or xception_shapes or repeatab
     (FUSED, FUSED_CASES),
     ({"XCEPTION_OPS_SEPARABLE_STAGED_GEMM": "cublas"}, STAGED_CASES),
     ({"XCEPTION_OPS_SEPARABLE_STAGED_GEMM": "fused"}, STAGED_CASES),
-    ({"XCEPTION_OPS_SEPARABLE_STAGED_GEMM": "wgmma"}, STAGED_CASES),
+    ({"XCEPTION_OPS_SEPARABLE_STAGED_GEMM": "wgmma"}, STAGED_CASES + " or (backward and channels_last)"),
     ({**FUSED, "XCEPTION_OPS_SEPARABLE_GEMM": "wmma"}, VARIANT_CASES),
     ({**FUSED, "XCEPTION_OPS_SEPARABLE_TILES": "square"}, VARIANT_CASES),
     ({**FUSED, "XCEPTION_OPS_SEPARABLE_TILES": "runs"}, VARIANT_CASES),
@@ -336,23 +336,41 @@ WGMMA_SHAPES = [
 ]
 
 
+# The builds of kernels/pointwise_gemm_params.h's kPointwiseConfigs (N x stages x groups in flight).
+WGMMA_CONFIGS = ["128x3x0", "128x4x1", "256x4x0", "256x4x1", "64x4x1"]
+
+
 @WGMMA_SKIP
+@pytest.mark.parametrize("config", WGMMA_CONFIGS)
 @pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(sorted(o)) or "plain")
 @pytest.mark.parametrize("shape", WGMMA_SHAPES, ids=lambda s: "x".join(map(str, s[:5])))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_staged_wgmma_gemm(dtype, shape, opts, monkeypatch):
-    """Every epilogue option against float64, with the output poisoned (the variable is read at each call)."""
+def test_staged_wgmma_gemm(dtype, shape, opts, config, monkeypatch):
+    """Every epilogue option against float64, with the output poisoned, in every build (the variables are read at
+    each call)."""
     monkeypatch.setenv("XCEPTION_OPS_SEPARABLE_STAGED_GEMM", "wgmma")
+    monkeypatch.setenv("XCEPTION_OPS_WGMMA_CONFIG", config)
     check(shape, opts, dtype, "channels_last")
 
 
 @WGMMA_SKIP
+def test_staged_wgmma_gemm_names_a_bad_config(monkeypatch):
+    monkeypatch.setenv("XCEPTION_OPS_SEPARABLE_STAGED_GEMM", "wgmma")
+    monkeypatch.setenv("XCEPTION_OPS_WGMMA_CONFIG", "96x3x0")
+    x, dw, pw, t, a = make_inputs(WGMMA_SHAPES[0], {}, torch.bfloat16, "channels_last")
+    with pytest.raises(ValueError, match="XCEPTION_OPS_WGMMA_CONFIG=96x3x0 names none of the builds"):
+        call(OPS.separable_conv2d, x, dw, pw, t, a, "cuda")
+
+
+@WGMMA_SKIP
+@pytest.mark.parametrize("config", WGMMA_CONFIGS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_staged_wgmma_gemm_permutes_exactly(dtype, monkeypatch):
+def test_staged_wgmma_gemm_permutes_exactly(dtype, config, monkeypatch):
     """With a 1x1 depthwise kernel of ones, mid = x, and a permutation matrix for the pointwise weight the output is
     x with its channels permuted, exactly: one product per output. Where the fragment layouts or the descriptor are
     read wrong this says which (pixel, channel) went where, the quickest way to the mistake on a first run."""
     monkeypatch.setenv("XCEPTION_OPS_SEPARABLE_STAGED_GEMM", "wgmma")
+    monkeypatch.setenv("XCEPTION_OPS_WGMMA_CONFIG", config)
     n, c, h, w = 1, 136, 13, 11  # 143 pixels, 136 channels: partial tiles of both, three stages
     gen = torch.Generator().manual_seed(0)
     x = (torch.randint(-64, 64, (n, c, h, w), generator=gen).float() / 8).to(DEV, dtype)
@@ -483,3 +501,18 @@ def test_backward_repeatable_bitwise():
     for _ in range(10):
         for u, v in zip(first, once()):
             assert torch.equal(u, v)
+
+
+@WGMMA_SKIP
+@pytest.mark.parametrize("config", WGMMA_CONFIGS)
+@pytest.mark.parametrize("opts", BACKWARD_OPTIONS[:3], ids=["plain", "training", "folded-bn-relu"])
+def test_backward_grad_mid_on_wgmma(opts, config, monkeypatch):
+    """The backward's grad_mid = grad_y W on Hopper's GEMM (the weight transposed): every gradient against float64,
+    and the profiler sees the kernel run in the backward."""
+    monkeypatch.setenv("XCEPTION_OPS_SEPARABLE_STAGED_GEMM", "wgmma")
+    monkeypatch.setenv("XCEPTION_OPS_WGMMA_CONFIG", config)
+    shape = WGMMA_SHAPES[0]  # 24 -> 136 channels: grad_mid's product has K = 136, N = 24
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        check_backward(shape, opts, torch.bfloat16, "channels_last")
+    names = [e.key for e in prof.key_averages()]
+    assert any("pointwise_wgmma_kernel" in n for n in names), names

@@ -16,12 +16,13 @@
 #   STEP_TIMEOUT  seconds after which a step is stopped (default 600), so one hang does not eat the others' time
 #   GPU_XDIST_WORKERS / XDIST_WORKERS   pytest-xdist processes for the CUDA tests (4) and the Triton tests (nproc);
 #                 TRITON_TEST_WORKERS those of the Triton tests in the "tests" step, beside the CUDA tests (6)
-# Steps: build install info tests (or gpu_tests and triton_tests one after the other) forward profile ncu (when
-# Nsight Compute is installed) bench_layers pools sweep parity bench_models profile_models.
+# Steps: build install info tests (or gpu_tests and triton_tests one after the other) forward wgmma profile ncu
+# (when Nsight Compute is installed) bench_layers pools sweep parity bench_models profile_models.
 # Each step runs even if an earlier one failed; the exit status is non-zero if any failed. Everything printed goes
 # to OUT_DIR/gpu_check.log (the "tests" step's full logs to gpu_tests.log and triton_tests.log, ncu's report into
 # the log too); results to parity.json, bench.{json,md} and nchw-fp32/bench.{json,md} (layers),
-# pools/bench.{json,md} (Xception's max pools), sweep-*.json (the depthwise kernels alone), forward-*/bench.{json,md} (the separable forward's implementations),
+# pools/bench.{json,md} (Xception's max pools), sweep-*.json (the depthwise kernels alone), forward-*/bench.{json,md}
+# (the separable forward's implementations), wgmma-sweep.json (Hopper's GEMM builds),
 # profile-*.txt (the kernels of a layer's passes), models/bench.{json,md} and profile-models.txt (host- or GPU-bound
 # model steps; PROFILE_MODEL_ARGS replaces its arguments).
 set -uo pipefail
@@ -30,7 +31,7 @@ out="${1:-${OUT:-gpu-check}}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
-STEPS="${STEPS:-build install info tests forward profile ncu bench_layers sweep parity bench_models profile_models}"
+STEPS="${STEPS:-build install info tests forward wgmma profile ncu bench_layers pools sweep parity bench_models profile_models}"
 status=0
 log="$out/gpu_check.log"
 summary=""
@@ -115,6 +116,10 @@ for variant in ${FORWARD_VARIANTS:-staged:XCEPTION_OPS_SEPARABLE_FORWARD=staged 
     --out "$out/forward-${variant%%:*}" --no-models --backends cuda --ops separable --dtypes bfloat16 \
     --layouts NHWC --warmup 3 --reps 10
 done
+# Hopper's wgmma GEMM for the staged forward, each build of kPointwiseConfigs against the default staged form over
+# Xception's layers (inference and the training forward), in one process: which build, and whether it becomes the
+# default (tools/wgmma_sweep.py; skipped off Hopper).
+step wgmma "$PY" tools/wgmma_sweep.py --json "$out/wgmma-sweep.json"
 # Where each implementation spends a layer's passes: its kernels by GPU time (torch.profiler), cuda and cuDNN,
 # inference and training, bf16 channels-last.
 for impl in ${PROFILE_IMPLS:-cuda eager}; do

@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include "cuda/backend_common.h"
 #include "cuda_backend.h"
@@ -64,10 +65,6 @@ const bool kFusedForward = env_is("XCEPTION_OPS_SEPARABLE_FORWARD", "fused");
 // the fused kernel's GEMM and epilogue reading the depthwise result wherever that applies.
 const bool kStagedCublas = env_is("XCEPTION_OPS_SEPARABLE_STAGED_GEMM", "cublas");
 const bool kStagedFused = env_is("XCEPTION_OPS_SEPARABLE_STAGED_GEMM", "fused");
-// =wgmma takes Hopper's wgmma GEMM with the epilogue and the statistics in its kernel (kernels/pointwise_gemm.cuh)
-// where it applies (pointwise_wgmma_available, 16-bit channels-last, channels in multiples of 8). Read at every
-// call, so that a test can switch it; opt-in until a GPU has timed it against cuBLAS and the channel pass.
-bool staged_wgmma_requested() { return env_is("XCEPTION_OPS_SEPARABLE_STAGED_GEMM", "wgmma"); }
 
 // The fused kernel's launch into `out` (allocated in `fmt`), the statistics into sum / sumsq. With `a_source` (the
 // staged form's depthwise result, act(dw(prologue(x))), channels-last) the kernel reads its depthwise tiles from
@@ -146,7 +143,7 @@ bool wgmma_launch(const Tensor& mid, const Tensor& pw_weight, const SeparableOpt
     p.stats_partial = workspace.data_ptr<float>();
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  check_launch(kForward, launch_pointwise_wgmma(p, dtype, stream));
+  check_launch(kForward, launch_pointwise_wgmma(p, dtype, wgmma_gemm_config(kForward), stream));
   if (opt.compute_stats) {
     check_launch(kForward, launch_reduce_rows(p.stats_partial, tiles, 2 * C, C, sum.data_ptr<float>(),
                                               sumsq.data_ptr<float>(), stream));
@@ -173,7 +170,7 @@ std::tuple<Tensor, Tensor, Tensor> staged_forward(const Tensor& x, const Tensor&
   Tensor y;
   {
     const DepthwiseStage stage = depthwise_stage(x, dw_weight, opt, g, fmt);
-    if (staged_wgmma_requested() && pointwise_wgmma_available(caps.major, caps.minor) &&
+    if (wgmma_gemm_requested() && pointwise_wgmma_available(caps.major, caps.minor) &&
         math == PointwiseMath::TensorCore && fmt == at::MemoryFormat::ChannelsLast &&
         stage.mid.is_contiguous(at::MemoryFormat::ChannelsLast) && pixels > 0) {
       Tensor out = at::empty({g.batch, C, g.out_h, g.out_w}, x.options().memory_format(fmt));
@@ -229,6 +226,29 @@ std::tuple<Tensor, Tensor, Tensor> staged_forward(const Tensor& x, const Tensor&
 }
 
 }  // namespace
+
+// XCEPTION_OPS_SEPARABLE_STAGED_GEMM=wgmma: the staged forward's product (and the backward's grad_mid) on Hopper's
+// wgmma GEMM, the epilogue and the statistics in its kernel (kernels/pointwise_gemm.cuh), where it applies
+// (pointwise_wgmma_available, 16-bit channels-last, channels in multiples of 8). Read at every call, so that a test
+// can switch it; opt-in until a GPU has timed it against cuBLAS and the channel pass.
+bool wgmma_gemm_requested() { return env_is("XCEPTION_OPS_SEPARABLE_STAGED_GEMM", "wgmma"); }
+
+// XCEPTION_OPS_WGMMA_CONFIG=NxSTAGESxIN_FLIGHT picks one of its builds (kPointwiseConfigs; tools/wgmma_sweep.py
+// times them), also read at each call.
+PointwiseGemmConfig wgmma_gemm_config(const char* op) {
+  PointwiseGemmConfig config = kPointwiseConfigs[0];
+  const char* name = std::getenv("XCEPTION_OPS_WGMMA_CONFIG");
+  if (name != nullptr && *name != '\0' && !parse_pointwise_config(name, &config)) {
+    std::string builds;
+    for (const PointwiseGemmConfig& c : kPointwiseConfigs) {
+      builds += (builds.empty() ? "" : ", ") + std::to_string(c.n) + "x" + std::to_string(c.stages) + "x" +
+                std::to_string(c.in_flight);
+    }
+    XO_CHECK_VALUE(false, op, ": XCEPTION_OPS_WGMMA_CONFIG=", name, " names none of the builds of Hopper's ",
+                   "GEMM (NxSTAGESxIN_FLIGHT: ", builds, ")");
+  }
+  return config;
+}
 
 DepthwiseStage depthwise_stage(const Tensor& x, const Tensor& dw_weight, const SeparableOptions& opt,
                                const Conv2dGeometry& g, at::MemoryFormat fmt) {

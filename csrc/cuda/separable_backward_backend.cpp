@@ -6,7 +6,8 @@
 //              pass that also sums the gradients of out_scale / out_shift (fixed-order reductions throughout)
 //   mid        the depthwise result, recomputed from x (depthwise_stage, shared with the staged forward): the
 //              forward saves only x, and this copy lives only until grad_pw is formed
-//   grad_pw    grad_y^T mid, grad_mid = grad_y W: matrix products over the pixels (cuBLAS)
+//   grad_pw    grad_y^T mid, grad_mid = grad_y W: matrix products over the pixels (cuBLAS; grad_mid on Hopper's
+//              wgmma GEMM with XCEPTION_OPS_SEPARABLE_STAGED_GEMM=wgmma)
 //   grad_dw, grad of the depthwise input   the depthwise backward kernels (csrc/kernels/depthwise.cuh), through
 //              the mid activation's mask
 //   prologue   its backward (ReLU mask, scale, the sums for in_scale / in_shift): applied by the depthwise input
@@ -23,6 +24,7 @@
 
 #include "cuda/backend_common.h"
 #include "cuda_backend.h"
+#include "kernels/pointwise_gemm_params.h"
 #include "kernels/separable_params.h"
 
 namespace xception_ops::cuda {
@@ -123,10 +125,35 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_con
   mid = Tensor();  // released before grad_mid is allocated; d too unless the mid activation's mask needs it
   if (opt.mid == MidActivation::None) d = Tensor();
 
-  // grad_mid = grad_y W: [pixels, K], channels fastest, seen as an (N, K, OH, OW) channels_last tensor.
+  // grad_mid = grad_y W: [pixels, K], channels fastest, seen as an (N, K, OH, OW) channels_last tensor. On cuBLAS,
+  // or with XCEPTION_OPS_SEPARABLE_STAGED_GEMM=wgmma on Hopper's GEMM (the weight transposed to [K][C], K-major for
+  // it: 2 bytes per weight, once per backward).
   const Tensor pw2 = pw_weight.contiguous().view({C, K});
-  const Tensor grad_mid =
-      at::mm(gy2, pw2).view({g.batch, g.out_h, g.out_w, K}).permute({0, 3, 1, 2}).contiguous(fmt);
+  Tensor grad_mid;
+  if (wgmma_gemm_requested() && dtype != DType::Float32 && fmt == at::MemoryFormat::ChannelsLast &&
+      C <= INT32_MAX && K <= INT32_MAX) {
+    DeviceCaps caps;
+    check_launch(kBackward, current_device_caps(&caps));
+    if (pointwise_wgmma_available(caps.major, caps.minor)) {
+      const Tensor wt = pw2.t().contiguous();
+      Tensor result = at::empty({g.batch, K, g.out_h, g.out_w}, x.options().memory_format(fmt));
+      PointwiseGemmParams p;
+      p.a = gy2.data_ptr();
+      p.lda = C;
+      p.w = wt.data_ptr();
+      p.out = result.data_ptr();
+      p.m = pixels;
+      p.n = static_cast<int32_t>(K);
+      p.k = static_cast<int32_t>(C);
+      if (pointwise_gemm_ok(p)) {
+        check_launch(kBackward, launch_pointwise_wgmma(p, dtype, wgmma_gemm_config(kBackward), stream));
+        grad_mid = result;
+      }
+    }
+  }
+  if (!grad_mid.defined()) {
+    grad_mid = at::mm(gy2, pw2).view({g.batch, g.out_h, g.out_w, K}).permute({0, 3, 1, 2}).contiguous(fmt);
+  }
   Tensor grad_dw_out = grad_mid;
   if (opt.mid != MidActivation::None) {
     const Tensor zero = at::zeros({}, grad_mid.options());

@@ -3,14 +3,19 @@
 // residual, ReLU and the BatchNorm statistics in the same kernel, where cuBLAS's product needed a pass over y
 // after it for them. Torch-free; the kernel body exists for sm_90a (and in the CPU emulation of the tests).
 //
-// A block owns 128 pixels x 128 output channels: two warpgroups of 64 pixels each, one wgmma.m64n128k16 chain
-// per warpgroup (64 float32 accumulators per thread).
-//   Pipeline: a ring of kPwStages stages of 64 input channels, filled by cp.async from every thread (zeros stored
-//   past the ends). Per stage, each warp takes its four 16 x 16 A fragments with ldmatrix (A's rows padded to
-//   kPwAPitch, as in the mma.sync GEMM), and its warpgroup issues four wgmma reading B through descriptors.
-//   B's stage holds W [128][64] as core matrices, 8 output channels x 8 input channels each (128 contiguous bytes),
+// A block owns 128 pixels x kN output channels: two warpgroups of 64 pixels each, one wgmma.m64nNk16 chain per
+// warpgroup (kN / 2 float32 accumulators per thread). kN, the ring's depth and the groups left in flight are the
+// build's PointwiseGemmConfig (kernels/pointwise_gemm_params.h).
+//   Pipeline: a ring of kStages stages of 64 input channels, filled by cp.async from every thread (zeros stored
+//   past the ends), stages - 1 - in_flight ahead. Per stage, each warpgroup issues four wgmma reading B through
+//   descriptors, and A either from registers (in_flight = 0: each warp takes its four 16 x 16 fragments with
+//   ldmatrix, A's rows padded to kPwAPitch as in the mma.sync GEMM) or, with in_flight = 1, from shared memory
+//   through descriptors too (A stored in core matrices like B): ptxas serializes register-A products when the next
+//   fragments are loaded while a group runs, so only the shared-memory form keeps one group in flight.
+//   B's stage holds W [kN][64] as core matrices, 8 output channels x 8 input channels each (128 contiguous bytes),
 //   the 8 K-neighbours of a core matrix 128 bytes apart and N-neighbours 1024: 16-byte chunk c of the stage is
-//   output channel 8 (c / 64) + c % 8, input channels 8 ((c / 8) % 8) .. + 8, so the copies are linear in c.
+//   output channel 8 (c / 64) + c % 8, input channels 8 ((c / 8) % 8) .. + 8, so the copies are linear in c. A in
+//   core matrices is the same with pixels for output channels.
 //   Epilogue: from the accumulators (d[4 j + e] = row g + 8 (e / 2), column 8 j + 2 t + e % 2): y rounded, the
 //   statistics summed across the 8 rows of a warp's lanes by shuffles and across the 8 warps in order through
 //   shared memory (one partial row per pixel tile, reduced by launch_reduce_rows: bitwise reproducible); the
@@ -44,12 +49,15 @@ __device__ __forceinline__ float sum_over_rows(float v) {
 }
 #endif
 
-template <typename T>
-__global__ void __launch_bounds__(kPwThreads, 2) pointwise_wgmma_kernel(const PointwiseGemmParams p) {
+// kMinBlocks: the blocks per SM the registers must allow (2 where the ring leaves room for two: 128 registers).
+template <typename T, int kN, int kStages, int kInFlight, int kMinBlocks>
+__global__ void __launch_bounds__(kPwThreads, kMinBlocks) pointwise_wgmma_kernel(const PointwiseGemmParams p) {
 #if defined(XO_POINTWISE_WGMMA)
   static_assert(sizeof(T) == 2, "16-bit operands");
+  static_assert(pointwise_config_ok(PointwiseGemmConfig{kN, kStages, kInFlight}), "a configuration the plan allows");
   constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
-  constexpr int kN = kPwTileN;
+  constexpr int kStageBytes = kPwABytes + pointwise_b_bytes(kN);
+  constexpr int kAhead = kStages - 1 - kInFlight;  // stages requested ahead of the one in use
   XO_EXTERN_SHARED __align__(128) unsigned char smem[];
 
   const int64_t n_tiles = (p.n + kN - 1) / kN;
@@ -61,25 +69,31 @@ __global__ void __launch_bounds__(kPwThreads, 2) pointwise_wgmma_kernel(const Po
   const T* __restrict__ w = static_cast<const T*>(p.w);
   const int32_t k_tiles = (p.k + kPwTileK - 1) / kPwTileK;
 
-  auto stage_a = [&](int s) { return reinterpret_cast<T*>(smem + s * kPwStageBytes); };
-  auto stage_b = [&](int s) { return reinterpret_cast<T*>(smem + s * kPwStageBytes + kPwABytes); };
+  auto stage_a = [&](int s) { return reinterpret_cast<T*>(smem + s * kStageBytes); };
+  auto stage_b = [&](int s) { return reinterpret_cast<T*>(smem + s * kStageBytes + kPwABytes); };
 
-  // This thread's 16-byte chunks of every stage, c = tid + 256 r: 4 of A (row c / 8, input channels 8 (c % 8) ..)
-  // and 4 of B (output channel 8 (c / 64) + c % 8, input channels 8 ((c / 8) % 8) .., at byte 16 c of the stage).
-  // Their sources advance by kPwTileK elements per stage; which rows and channels exist is fixed.
-  constexpr int kChunks = kPwTileM * kPwTileK / 8 / kPwThreads;
-  static_assert(kChunks == kPwTileN * kPwTileK / 8 / kPwThreads, "as many chunks of A as of B");
-  const T* a_src[kChunks];
-  const T* b_src[kChunks];
-  bool a_row_ok[kChunks], b_row_ok[kChunks];
+  // This thread's 16-byte chunks of every stage, c = tid + 256 r: of B, output channel 8 (c / 64) + c % 8, input
+  // channels 8 ((c / 8) % 8) .., at byte 16 c of the stage; of A in core matrices (kSmemA) likewise with pixels,
+  // else row c / 8, input channels 8 (c % 8) .. of the padded rows. Their sources advance by kPwTileK elements per
+  // stage; which rows and channels exist is fixed.
+  constexpr bool kSmemA = kInFlight > 0;
+  constexpr int kAChunks = kPwTileM * kPwTileK / 8 / kPwThreads;
+  constexpr int kBChunks = kN * kPwTileK / 8 / kPwThreads;
+  const T* a_src[kAChunks];
+  const T* b_src[kBChunks];
+  bool a_row_ok[kAChunks], b_row_ok[kBChunks];
 #pragma unroll
-  for (int r = 0; r < kChunks; ++r) {
+  for (int r = 0; r < kAChunks; ++r) {
     const int c = tid + kPwThreads * r;
-    const int64_t row = m0 + c / 8;
-    const int32_t ch = n0 + 8 * (c / 64) + c % 8;
+    const int64_t row = m0 + (kSmemA ? 8 * (c / 64) + c % 8 : c / 8);
     a_row_ok[r] = row < p.m;
+    a_src[r] = a + (a_row_ok[r] ? row : 0) * p.lda + 8 * (kSmemA ? (c / 8) % 8 : c % 8);
+  }
+#pragma unroll
+  for (int r = 0; r < kBChunks; ++r) {
+    const int c = tid + kPwThreads * r;
+    const int32_t ch = n0 + 8 * (c / 64) + c % 8;
     b_row_ok[r] = ch < p.n;
-    a_src[r] = a + (a_row_ok[r] ? row : 0) * p.lda + 8 * (c % 8);
     b_src[r] = w + static_cast<int64_t>(b_row_ok[r] ? ch : 0) * p.k + 8 * ((c / 8) % 8);
   }
   auto load_stage = [&](int32_t kt, int s) {
@@ -87,14 +101,18 @@ __global__ void __launch_bounds__(kPwThreads, 2) pointwise_wgmma_kernel(const Po
     T* bs = stage_b(s);
     const int32_t k0 = kt * kPwTileK;
 #pragma unroll
-    for (int r = 0; r < kChunks; ++r) {
+    for (int r = 0; r < kAChunks; ++r) {
       const int c = tid + kPwThreads * r;
-      T* a_dst = as + (c / 8) * kPwAPitch + 8 * (c % 8);
-      if (a_row_ok[r] && k0 + 8 * (c % 8) < p.k) {
-        cp_async_16(a_dst, a_src[r] + k0);
+      T* dst = kSmemA ? as + 8 * c : as + (c / 8) * kPwAPitch + 8 * (c % 8);
+      if (a_row_ok[r] && k0 + 8 * (kSmemA ? (c / 8) % 8 : c % 8) < p.k) {
+        cp_async_16(dst, a_src[r] + k0);
       } else {
-        *reinterpret_cast<uint4*>(a_dst) = make_uint4(0u, 0u, 0u, 0u);
+        *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
       }
+    }
+#pragma unroll
+    for (int r = 0; r < kBChunks; ++r) {
+      const int c = tid + kPwThreads * r;
       if (b_row_ok[r] && k0 + 8 * ((c / 8) % 8) < p.k) {
         cp_async_16(bs + 8 * c, b_src[r] + k0);
       } else {
@@ -103,9 +121,9 @@ __global__ void __launch_bounds__(kPwThreads, 2) pointwise_wgmma_kernel(const Po
     }
   };
 
-  // The ring's first stages - 1 stages, one cp.async group each (empty past the last).
+  // The first kAhead stages, one cp.async group each (empty past the last).
 #pragma unroll
-  for (int s = 0; s < kPwStages - 1; ++s) {
+  for (int s = 0; s < kAhead; ++s) {
     if (s < k_tiles) load_stage(s, s);
     cp_async_commit();
   }
@@ -117,37 +135,54 @@ __global__ void __launch_bounds__(kPwThreads, 2) pointwise_wgmma_kernel(const Po
 
   // ldmatrix.x4's row addresses: lane l gives row l % 16, input channels 8 (l / 16) .. of its warp's 16 rows.
   const int a_row = 64 * group + 16 * (warp % 4) + lane % 16, a_col = 8 * (lane / 16);
-  for (int32_t kt = 0; kt < k_tiles; ++kt) {
-    const int s = kt % kPwStages;
-    cp_async_wait<kPwStages - 2>();  // this thread's chunks of stage kt have landed
-    fence_proxy_async();             // ... and are visible to wgmma's reads
-    __syncthreads();  // everyone's chunks of stage kt are in place; every warpgroup's wgmma of stage kt - 1 is done
+  // Stage kt: wait for it, publish it, request stage kt + kAhead into the buffer of a stage whose products every
+  // warpgroup has finished (kt - 1 - kInFlight), issue the products (A from registers taken into `af`, or from
+  // shared memory), and leave kInFlight groups running.
+  auto step = [&](int32_t kt, unsigned (&af)[kPwTileK / 16][4]) {
+    cp_async_wait<kAhead - 1>();  // this thread's chunks of stage kt have landed
+    fence_proxy_async();          // ... and are visible to wgmma's reads
+    __syncthreads();              // everyone's have; every warpgroup is done with stage kt - 1 - kInFlight
     {
-      const int32_t next = kt + kPwStages - 1;  // into the stage kt - 1 used
-      if (next < k_tiles) load_stage(next, next % kPwStages);
+      const int32_t next = kt + kAhead;
+      if (next < k_tiles) load_stage(next, next % kStages);
       cp_async_commit();
     }
-    const T* as = stage_a(s);
+    const int s = kt % kStages;
     const uint32_t b_base = smem_address(stage_b(s));
-    unsigned af[kPwTileK / 16][4];
+    // K step ks: core matrices 2 ks and 2 ks + 1 along K (128 bytes apart), N (M) groups 1024 bytes apart.
+    constexpr uint32_t kLead = 128, kStride = kPwTileK / 8 * 128;
+    if constexpr (kSmemA) {
+      const uint32_t a_base = smem_address(stage_a(s)) + 64 / 8 * kStride * group;  // the warpgroup's 64 rows
+      wgmma_fence();
 #pragma unroll
-    for (int ks = 0; ks < kPwTileK / 16; ++ks) ldmatrix_x4(af[ks], as + a_row * kPwAPitch + 16 * ks + a_col);
-    wgmma_fence();
+      for (int ks = 0; ks < kPwTileK / 16; ++ks) {
+        wgmma_ss<kN, kBf16>(acc, wgmma_desc(a_base + 256 * ks, kLead, kStride),
+                            wgmma_desc(b_base + 256 * ks, kLead, kStride));
+      }
+    } else {
+      const T* as = stage_a(s);
 #pragma unroll
-    for (int ks = 0; ks < kPwTileK / 16; ++ks) {
-      // K step ks: core matrices 2 ks and 2 ks + 1 along K (128 bytes apart), N groups 1024 bytes apart.
-      wgmma_rs<kN, kBf16>(acc, af[ks], wgmma_desc(b_base + 256 * ks, 128, kPwTileK / 8 * 128));
+      for (int ks = 0; ks < kPwTileK / 16; ++ks) ldmatrix_x4(af[ks], as + a_row * kPwAPitch + 16 * ks + a_col);
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < kPwTileK / 16; ++ks) {
+        wgmma_rs<kN, kBf16>(acc, af[ks], wgmma_desc(b_base + 256 * ks, kLead, kStride));
+      }
     }
     wgmma_commit();
-    wgmma_wait<0>();
-    wgmma_fence_operands(acc);
-  }
+    wgmma_wait<kInFlight>();
+  };
+  unsigned af[kPwTileK / 16][4];  // unused with A in shared memory
+  for (int32_t kt = 0; kt < k_tiles; ++kt) step(kt, af);
+  wgmma_wait<0>();
+  wgmma_fence_operands(acc);
   cp_async_wait<0>();
   __syncthreads();  // every warp is done with the ring: the epilogue's tiles overlay it
 
   // ---- epilogue ----
-  T* tile = reinterpret_cast<T*>(smem);                                            // [kPwTileM][kPwOutPitch]
-  float* warp_sums = reinterpret_cast<float*>(smem + kPwTileM * kPwOutPitch * 2);  // [2][8 warps][kN]
+  constexpr int kOutPitch = pointwise_out_pitch(kN);
+  T* tile = reinterpret_cast<T*>(smem);                                          // [kPwTileM][kOutPitch]
+  float* warp_sums = reinterpret_cast<float*>(smem + kPwTileM * kOutPitch * 2);  // [2][8 warps][kN]
   const int g = lane / 4, t = lane % 4;
   const int row0 = 64 * group + 16 * (warp % 4) + g;  // and row0 + 8
   const bool ok0 = m0 + row0 < p.m, ok1 = m0 + row0 + 8 < p.m;
@@ -180,8 +215,8 @@ __global__ void __launch_bounds__(kPwThreads, 2) pointwise_wgmma_kernel(const Po
         y[e + 2] = round_to<T>(fmaf(y[e + 2], scale, shift));
       }
     }
-    *reinterpret_cast<unsigned*>(tile + row0 * kPwOutPitch + col) = bits16<T>(y[0]) | (bits16<T>(y[1]) << 16);
-    *reinterpret_cast<unsigned*>(tile + (row0 + 8) * kPwOutPitch + col) = bits16<T>(y[2]) | (bits16<T>(y[3]) << 16);
+    *reinterpret_cast<unsigned*>(tile + row0 * kOutPitch + col) = bits16<T>(y[0]) | (bits16<T>(y[1]) << 16);
+    *reinterpret_cast<unsigned*>(tile + (row0 + 8) * kOutPitch + col) = bits16<T>(y[2]) | (bits16<T>(y[3]) << 16);
   }
   __syncthreads();
 
@@ -205,7 +240,7 @@ __global__ void __launch_bounds__(kPwThreads, 2) pointwise_wgmma_kernel(const Po
     const int row = q / (kN / 8), col = 8 * (q % (kN / 8));
     if (m0 + row >= p.m || n0 + col >= p.n) continue;
     const int64_t offset = (m0 + row) * p.n + n0 + col;
-    const uint4 packed = *reinterpret_cast<const uint4*>(tile + row * kPwOutPitch + col);
+    const uint4 packed = *reinterpret_cast<const uint4*>(tile + row * kOutPitch + col);
     const unsigned words[4] = {packed.x, packed.y, packed.z, packed.w};
     float z[8];
 #pragma unroll

@@ -29,26 +29,79 @@ struct PointwiseGemmParams {
   int32_t k = 0;
 };
 
-// The tile: 128 pixels (two warpgroups of 64) x 128 output channels, 64 input channels per pipeline stage.
+// The tile: 128 pixels (two warpgroups of 64) x kN output channels, 64 input channels per pipeline stage; the
+// launch configuration (PointwiseGemmConfig) picks kN, the ring's depth and the wgmma groups left in flight.
 constexpr int kPwThreads = 256;
 constexpr int kPwTileM = 128;
-constexpr int kPwTileN = 128;
 constexpr int kPwTileK = 64;
-constexpr int kPwStages = 3;
 constexpr int kPwAPitch = kPwTileK + 8;  // elements per A row in shared memory: ldmatrix's 8 rows hit 8 bank groups
 constexpr int kPwABytes = kPwTileM * kPwAPitch * 2;
-constexpr int kPwBBytes = kPwTileN * kPwTileK * 2;  // core matrices, see pointwise_gemm.cuh
-constexpr int kPwStageBytes = kPwABytes + kPwBBytes;
-constexpr int kPwOutPitch = kPwTileN + 8;  // elements per row of the epilogue's output tile
-constexpr int kPwSmemBytes = kPwStages * kPwStageBytes;
-static_assert(kPwTileM * kPwOutPitch * 2 + 2 * 8 * kPwTileN * 4 <= kPwSmemBytes,
-              "the epilogue's tiles fit in the pipeline's buffers");
+
+// One build of the kernel: kN output channels per block (64, 128 or 256), a ring of `stages` stages, and
+// `in_flight` (0 or 1) groups of wgmma left running while the next stage's are issued. The prefetch distance is
+// stages - 1 - in_flight: a stage is refilled only once every warpgroup's products that read it are done.
+struct PointwiseGemmConfig {
+  int n = 128;
+  int stages = 3;
+  int in_flight = 0;
+};
+XO_HOST_DEVICE constexpr int pointwise_b_bytes(int n) { return n * kPwTileK * 2; }  // core matrices
+XO_HOST_DEVICE constexpr int pointwise_out_pitch(int n) { return n + 8; }  // elements per row of the output tile
+XO_HOST_DEVICE constexpr int pointwise_smem_bytes(PointwiseGemmConfig c) {
+  return c.stages * (kPwABytes + pointwise_b_bytes(c.n));
+}
+// The epilogue's output tile and its statistics scratch, over the ring.
+XO_HOST_DEVICE constexpr int pointwise_epilogue_bytes(int n) {
+  return kPwTileM * pointwise_out_pitch(n) * 2 + 2 * 8 * n * 4;
+}
+XO_HOST_DEVICE constexpr bool pointwise_config_ok(PointwiseGemmConfig c) {
+  return (c.n == 64 || c.n == 128 || c.n == 256) && (c.in_flight == 0 || c.in_flight == 1) &&
+         c.stages - 1 - c.in_flight >= 1 && c.stages <= 6 && pointwise_epilogue_bytes(c.n) <= pointwise_smem_bytes(c);
+}
+// Blocks per SM the shared memory allows (228 KB per SM on Hopper, 1 KB of it reserved per block), capped at 2:
+// the registers of 256 threads allow no more at 128 each.
+XO_HOST_DEVICE constexpr int pointwise_min_blocks(PointwiseGemmConfig c) {
+  return 2 * (pointwise_smem_bytes(c) + 1024) <= 228 * 1024 ? 2 : 1;
+}
+// The builds the launcher holds (pointwise_launch.cu); the first is the default. Named "NxSTAGESxIN_FLIGHT"
+// (XCEPTION_OPS_WGMMA_CONFIG=128x4x1), so that one GPU run can time them all.
+constexpr PointwiseGemmConfig kPointwiseConfigs[] = {{128, 3, 0}, {128, 4, 1}, {256, 4, 0}, {256, 4, 1}, {64, 4, 1}};
+constexpr int kPointwiseConfigCount = sizeof(kPointwiseConfigs) / sizeof(kPointwiseConfigs[0]);
+
+// The configuration named `name` ("128x3x0"), if it is one of kPointwiseConfigs.
+inline bool parse_pointwise_config(const char* name, PointwiseGemmConfig* out) {
+  int values[3] = {0, 0, 0};
+  int field = 0;
+  bool digits = false;
+  for (const char* q = name; q != nullptr; ++q) {
+    if (*q >= '0' && *q <= '9' && values[field] < 100000) {
+      values[field] = 10 * values[field] + (*q - '0');
+      digits = true;
+    } else if ((*q == 'x' || *q == '\0') && digits) {
+      if (*q == '\0') {
+        if (field != 2) return false;
+        for (const PointwiseGemmConfig& c : kPointwiseConfigs) {
+          if (c.n == values[0] && c.stages == values[1] && c.in_flight == values[2]) {
+            *out = c;
+            return true;
+          }
+        }
+        return false;
+      }
+      if (++field > 2) return false;
+      digits = false;
+    } else {
+      return false;
+    }
+  }
+  return false;
+}
 
 XO_HOST_DEVICE inline int64_t pointwise_m_tiles(const PointwiseGemmParams& p) {
   return (p.m + kPwTileM - 1) / kPwTileM;
 }
-XO_HOST_DEVICE inline int64_t pointwise_n_tiles(const PointwiseGemmParams& p) {
-  return (p.n + kPwTileN - 1) / kPwTileN;
+XO_HOST_DEVICE inline int64_t pointwise_n_tiles(const PointwiseGemmParams& p, int n = 128) {
+  return (p.n + n - 1) / n;
 }
 
 // What the kernel relies on: whole 16-byte vectors of 8 channels everywhere (k, n and lda multiples of 8, every
@@ -57,7 +110,7 @@ inline bool pointwise_gemm_ok(const PointwiseGemmParams& p) {
   auto aligned = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
   return p.m > 0 && p.n > 0 && p.k > 0 && p.n % 8 == 0 && p.k % 8 == 0 && p.lda % 8 == 0 && p.lda >= p.k &&
          aligned(p.a) && aligned(p.w) && aligned(p.out) && aligned(p.residual) &&
-         pointwise_m_tiles(p) * pointwise_n_tiles(p) <= INT32_MAX;
+         pointwise_m_tiles(p) * pointwise_n_tiles(p, 64) <= INT32_MAX;
 }
 
 // Whether this build holds the kernel for this GPU: compiled for sm_90a (setup.py / CMake define
@@ -71,7 +124,9 @@ inline bool pointwise_wgmma_available(int cc_major, int cc_minor) {
 #endif
 }
 
-// Launches the kernel for 16-bit dtypes (cudaErrorInvalidValue for others, or where !pointwise_gemm_ok).
-cudaError_t launch_pointwise_wgmma(const PointwiseGemmParams& p, DType dtype, cudaStream_t stream);
+// Launches the kernel for 16-bit dtypes in configuration `config` (one of kPointwiseConfigs), on the stream;
+// cudaErrorInvalidValue for float32, another configuration, or where !pointwise_gemm_ok.
+cudaError_t launch_pointwise_wgmma(const PointwiseGemmParams& p, DType dtype, PointwiseGemmConfig config,
+                                   cudaStream_t stream);
 
 }  // namespace xception_ops

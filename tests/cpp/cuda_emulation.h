@@ -153,9 +153,10 @@ void cp_async_wait() {
 // ---- Hopper's warpgroup MMA (kernels/wgmma.cuh) ----
 // Shared-memory addresses are offsets from xo_emulated_smem_base, which a test sets to its dynamic shared-memory
 // array, so that descriptors carry them in their 14-bit fields as on the GPU. wgmma_rs deposits the warpgroup's A
-// fragments (at a warpgroup barrier) and queues the product; it is applied, reading B through the descriptor as
-// the PTX ISA defines it (no swizzling), only when wgmma_wait lets the group finish: a kernel that reads its
-// accumulators, or rewrites the B buffer, before waiting computes wrong results here, as it may on the GPU.
+// fragments (at a warpgroup barrier) and queues the product, wgmma_ss queues it with A's descriptor; it is
+// applied, reading shared memory through the descriptors as the PTX ISA defines them (no swizzling), only when
+// wgmma_wait lets the group finish: a kernel that reads its accumulators, or rewrites an operand's buffer, before
+// waiting computes wrong results here, as it may on the GPU.
 #define XO_EMULATED_WGMMA 1
 inline unsigned char* xo_emulated_smem_base = nullptr;
 
@@ -173,8 +174,10 @@ struct EmulatedWgmma {
   float* d;
   int n;
   bool bf16;
-  uint64_t desc;
-  float a[64][16];
+  uint64_t desc;    // B's
+  uint64_t a_desc;  // A's, where a_smem
+  bool a_smem;
+  float a[64][16];  // A, where !a_smem
 };
 inline unsigned emulated_wgmma_a[8][128][4];  // [warpgroup][thread of the group][register]
 inline thread_local std::vector<EmulatedWgmma> emulated_wgmma_open;
@@ -186,7 +189,7 @@ void wgmma_rs(float (&d)[kN / 2], const unsigned (&a)[4], uint64_t b_desc) {
   for (int i = 0; i < 4; ++i) emulated_wgmma_a[group][member][i] = a[i];
   xo_emulated_warpgroup_barrier->arrive_and_wait();
   EmulatedWgmma op;
-  op.d = d, op.n = kN, op.bf16 = kBf16, op.desc = b_desc;
+  op.d = d, op.n = kN, op.bf16 = kBf16, op.desc = b_desc, op.a_desc = 0, op.a_smem = false;
   auto value = [](unsigned reg, int high) {
     const unsigned short bits = static_cast<unsigned short>(high ? reg >> 16 : reg & 0xffffu);
     return kBf16 ? __uint_as_float(static_cast<unsigned>(bits) << 16) : __half2float(__ushort_as_half(bits));
@@ -201,6 +204,12 @@ void wgmma_rs(float (&d)[kN / 2], const unsigned (&a)[4], uint64_t b_desc) {
   xo_emulated_warpgroup_barrier->arrive_and_wait();
   emulated_wgmma_open.push_back(op);
 }
+template <int kN, bool kBf16>
+void wgmma_ss(float (&d)[kN / 2], uint64_t a_desc, uint64_t b_desc) {
+  EmulatedWgmma op;
+  op.d = d, op.n = kN, op.bf16 = kBf16, op.desc = b_desc, op.a_desc = a_desc, op.a_smem = true;
+  emulated_wgmma_open.push_back(op);
+}
 inline void wgmma_commit() {
   emulated_wgmma_committed.push_back(std::move(emulated_wgmma_open));
   emulated_wgmma_open.clear();
@@ -210,23 +219,25 @@ void wgmma_wait() {
   const unsigned member = threadIdx.x % 128, warp = member / 32, g = (member % 32) / 4, t = member % 4;
   while (emulated_wgmma_committed.size() > static_cast<size_t>(kGroups)) {
     for (const EmulatedWgmma& op : emulated_wgmma_committed.front()) {
-      // Bits 0-13 start, 16-29 leading (K) byte offset, 32-45 stride (N) byte offset, in 16-byte units; this
-      // emulation knows only the unswizzled layout with base offset 0.
-      if ((op.desc >> 49) != 0) std::abort();
-      const uint64_t start = (op.desc & 0x3FFFu) << 4, lead = ((op.desc >> 16) & 0x3FFFu) << 4,
-                     stride = ((op.desc >> 32) & 0x3FFFu) << 4;
-      auto B = [&](int k, int n) {
-        const unsigned char* e = xo_emulated_smem_base + start + (n / 8) * stride + (k / 8) * lead + (n % 8) * 16 +
+      // Bits 0-13 start, 16-29 leading (K) byte offset, 32-45 stride (M or N) byte offset, in 16-byte units; this
+      // emulation knows only the unswizzled K-major layout with base offset 0. Element (k, row) of an operand.
+      auto element = [&](uint64_t desc, int k, int row) {
+        if ((desc >> 49) != 0) std::abort();
+        const uint64_t start = (desc & 0x3FFFu) << 4, lead = ((desc >> 16) & 0x3FFFu) << 4,
+                       stride = ((desc >> 32) & 0x3FFFu) << 4;
+        const unsigned char* e = xo_emulated_smem_base + start + (row / 8) * stride + (k / 8) * lead + (row % 8) * 16 +
                                  (k % 8) * 2;
         unsigned short bits;
         std::memcpy(&bits, e, 2);
         return op.bf16 ? __uint_as_float(static_cast<unsigned>(bits) << 16) : __half2float(__ushort_as_half(bits));
       };
+      auto B = [&](int k, int n) { return element(op.desc, k, n); };
+      auto A = [&](int row, int k) { return op.a_smem ? element(op.a_desc, k, row) : op.a[row][k]; };
       for (int j = 0; j < op.n / 8; ++j) {
         for (int e = 0; e < 4; ++e) {
           const int row = static_cast<int>(16 * warp + g + 8 * (e / 2)), col = 8 * j + 2 * static_cast<int>(t) + e % 2;
           float acc = op.d[4 * j + e];
-          for (int k = 0; k < 16; ++k) acc += op.a[row][k] * B(k, col);
+          for (int k = 0; k < 16; ++k) acc += A(row, k) * B(k, col);
           op.d[4 * j + e] = acc;
         }
       }

@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <cstring>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "kernels/pointwise_gemm.cuh"
@@ -65,8 +66,9 @@ struct Buffer {
   unsigned short* data() { return reinterpret_cast<unsigned short*>(storage.data()); }
 };
 
-template <typename T>
+template <typename T, int kConfig>
 void run_case(const Case& c, uint32_t seed) {
+  constexpr PointwiseGemmConfig config = kPointwiseConfigs[kConfig];
   std::mt19937 rng(seed);
   std::uniform_real_distribution<float> uni(-1.f, 1.f);
   Buffer a(c.m * c.lda), w(static_cast<size_t>(c.n) * c.k), res(c.m * c.n), out(c.m * c.n);
@@ -83,7 +85,7 @@ void run_case(const Case& c, uint32_t seed) {
   p.shift = c.shift ? shift.data() : nullptr;
   p.relu = c.relu;
   p.m = c.m, p.lda = c.lda, p.n = c.n, p.k = c.k;
-  const int64_t m_tiles = pointwise_m_tiles(p), n_tiles = pointwise_n_tiles(p);
+  const int64_t m_tiles = pointwise_m_tiles(p), n_tiles = pointwise_n_tiles(p, config.n);
   std::vector<float> partial(c.stats ? m_tiles * 2 * c.n : 0);
   p.stats_partial = c.stats ? partial.data() : nullptr;
   EXPECT(pointwise_gemm_ok(p));
@@ -92,8 +94,9 @@ void run_case(const Case& c, uint32_t seed) {
     std::fill(out.data(), out.data() + c.m * c.n, static_cast<unsigned short>(0x7fc1));  // NaN poison
     std::fill(partial.begin(), partial.end(), std::nanf(""));
     kernels::xo_emulated_smem_base = kernels::smem;
-    emulate_launch(kernels::pointwise_wgmma_kernel<T>, dim3(static_cast<unsigned>(m_tiles * n_tiles)),
-                   dim3(kPwThreads), p);
+    emulate_launch(kernels::pointwise_wgmma_kernel<T, config.n, config.stages, config.in_flight,
+                                                   pointwise_min_blocks(config)>,
+                   dim3(static_cast<unsigned>(m_tiles * n_tiles)), dim3(kPwThreads), p);
   };
   launch();
 
@@ -112,16 +115,22 @@ void run_case(const Case& c, uint32_t seed) {
       sum[j] += y;
       sumsq[j] += double(y) * y;
       float z = y;
-      if (c.scale || c.shift) z = round_as<T>(std::fma(z, c.scale ? scale[j] : 1.f, c.shift ? shift[j] : 0.f));
+      const float scale_j = c.scale ? scale[j] : 1.f;
+      if (c.scale || c.shift) z = round_as<T>(std::fma(z, scale_j, c.shift ? shift[j] : 0.f));
+      const float affine = z;
       if (c.residual) z = round_as<T>(z + value_of<T>(res.data()[i * c.n + j]));
       if (c.relu) z = std::fmax(z, 0.f);
       const float got = value_of<T>(out.data()[i * c.n + j]);
-      // The kernel's float32 sum may round y to the neighbouring value: one unit in the last place of y, carried
-      // through the epilogue's steps (each of which may add half of one of its own).
+      // The kernel's float32 sum may round y to the neighbouring value: one unit in y's last place, scaled, which
+      // may move each later rounding by one unit in the last place of its own result (the affine result can be far
+      // larger than z, which the residual then cancels).
       const float ulp = std::is_same_v<T, __half> ? 1.f / 1024 : 1.f / 128;
-      const float tol = ulp * (std::fabs(y) * (c.scale ? 1.5f : 1.f) + std::fabs(z) + 1e-3f) + 1e-6f;
+      const float tol = ulp * (std::fabs(y * scale_j) + std::fabs(affine) + std::fabs(z) + 1e-3f) + 1e-6f;
       if (!(std::fabs(got - z) <= tol)) {
-        if (bad++ < 5) std::printf("  out[%lld][%d] = %g, want %g (y %g)\n", (long long)i, j, got, z, y);
+        if (bad++ < 5) {
+          std::printf("  config %dx%dx%d: out[%lld][%d] = %g, want %g (y %g)\n", config.n, config.stages,
+                      config.in_flight, (long long)i, j, got, z, y);
+        }
       }
     }
   }
@@ -150,24 +159,47 @@ void run_case(const Case& c, uint32_t seed) {
   }
 }
 
-// Pixels past one tile (300 = 2 x 128 + 44); output channels past one tile (136 = 128 + 8); input channels
-// past one stage (72 = 64 + 8) and past the ring (200: four stages in a ring of three).
+// Pixels past one tile (300 = 2 x 128 + 44); output channels past one tile (136 = 128 + 8 for the 128-channel
+// builds; 264 past 256); input channels past one stage (72 = 64 + 8) and past the ring (200 and 328: four and six
+// stages in rings of three and four).
 const Case kCases[] = {
     {300, 136, 72, 72, false, false, false, false, false},
     {300, 136, 72, 80, true, true, true, true, true},
     {130, 8, 200, 200, false, true, false, true, true},
+    {140, 264, 328, 328, true, true, true, true, true},
     {64, 256, 16, 16, true, false, true, false, true},
     {1, 128, 8, 8, true, true, false, false, true},
 };
 
+// Every case through every build of kPointwiseConfigs.
+template <typename T, int... kConfigs>
+void run_all_configs(uint32_t seed, std::integer_sequence<int, kConfigs...>) {
+  for (const Case& c : kCases) {
+    (run_case<T, kConfigs>(c, seed), ...);
+    ++seed;
+  }
+}
+
 TEST_CASE(pointwise_wgmma_bf16) {
-  uint32_t seed = 1;
-  for (const Case& c : kCases) run_case<__nv_bfloat16>(c, seed++);
+  run_all_configs<__nv_bfloat16>(1, std::make_integer_sequence<int, kPointwiseConfigCount>{});
 }
 
 TEST_CASE(pointwise_wgmma_fp16) {
-  uint32_t seed = 100;
-  for (const Case& c : kCases) run_case<__half>(c, seed++);
+  run_all_configs<__half>(100, std::make_integer_sequence<int, kPointwiseConfigCount>{});
+}
+
+TEST_CASE(pointwise_configs_parse_and_fit) {
+  PointwiseGemmConfig c;
+  EXPECT(parse_pointwise_config("128x3x0", &c) && c.n == 128 && c.stages == 3 && c.in_flight == 0);
+  EXPECT(parse_pointwise_config("256x4x1", &c) && c.n == 256 && c.stages == 4 && c.in_flight == 1);
+  for (const char* bad : {"", "128", "128x3", "128x3x0x1", "128x3x2", "x3x0", "128xx0", "96x3x0", "128x3x0 ", "-1x3x0"}) {
+    EXPECT(!parse_pointwise_config(bad, &c));
+  }
+  for (const PointwiseGemmConfig& k : kPointwiseConfigs) {
+    EXPECT(pointwise_config_ok(k));
+    EXPECT(pointwise_smem_bytes(k) + 1024 <= 228 * 1024);  // Hopper's shared memory per block
+  }
+  EXPECT(pointwise_min_blocks(kPointwiseConfigs[0]) == 2);  // the default: two blocks per SM
 }
 
 TEST_CASE(wgmma_descriptor_fields) {
