@@ -42,6 +42,9 @@ Tensor depthwise_conv2d_backward_weight(const Tensor& grad_out, const Tensor& x,
 //   staged  the depthwise kernels (prologue on load) into a transient buffer, then the fused kernel's GEMM and
 //           epilogue reading it, or a cuBLAS product and one pass for the epilogue and the statistics
 //           (separable_channel_pass_kernel). Nothing is stored for the backward, which recomputes it either way.
+// On Hopper, opt-in (read at each call): XCEPTION_OPS_SEPARABLE_STAGED_GEMM=wgmma takes the staged form's product
+// on the wgmma GEMM with the epilogue in it (kernels/pointwise_gemm.cuh); XCEPTION_OPS_SEPARABLE_FORWARD=wgmma the
+// fused wgmma forward for up to 128 depthwise channels (kernels/separable_wgmma.cuh).
 std::tuple<Tensor, Tensor, Tensor> separable_conv2d(const Tensor& x, const Tensor& dw_weight,
                                                     const Tensor& pw_weight, const SeparableOptions& opt,
                                                     const Conv2dGeometry& g);

@@ -295,10 +295,11 @@ STAGED_CASES = "(low_precision and channels_last) or xception_shapes or repeatab
     ({"XCEPTION_OPS_SEPARABLE_STAGED_GEMM": "cublas"}, STAGED_CASES),
     ({"XCEPTION_OPS_SEPARABLE_STAGED_GEMM": "fused"}, STAGED_CASES),
     ({"XCEPTION_OPS_SEPARABLE_STAGED_GEMM": "wgmma"}, STAGED_CASES + " or (backward and channels_last)"),
+    ({"XCEPTION_OPS_SEPARABLE_FORWARD": "wgmma"}, STAGED_CASES + " or (backward and channels_last)"),
     ({**FUSED, "XCEPTION_OPS_SEPARABLE_GEMM": "wmma"}, VARIANT_CASES),
     ({**FUSED, "XCEPTION_OPS_SEPARABLE_TILES": "square"}, VARIANT_CASES),
     ({**FUSED, "XCEPTION_OPS_SEPARABLE_TILES": "runs"}, VARIANT_CASES),
-], ids=["fused", "staged-cublas", "staged-fused-gemm", "staged-wgmma-gemm", "fused-wmma-gemm",
+], ids=["fused", "staged-cublas", "staged-fused-gemm", "staged-wgmma-gemm", "fused-wgmma", "fused-wmma-gemm",
         "fused-square-tiles", "fused-run-tiles"])
 def test_implementations_kept_for_comparison(env, cases):
     """The forward's other implementations, selected by environment variables (read when the library loads, hence
@@ -391,6 +392,45 @@ def test_staged_wgmma_gemm_permutes_exactly(dtype, config, monkeypatch):
             lines.append(f"out[pixel ({i}, {j}), channel {ch}] = {out[0, ch, i, j].item()}: want input channel "
                          f"{perm[ch].item()}, equal to input channels {match[:4]}")
         raise AssertionError(f"{len(wrong)} of {out.numel()} wrong:\n" + "\n".join(lines))
+
+
+# The fused forward on wgmma (kernels/separable_wgmma.cuh), XCEPTION_OPS_SEPARABLE_FORWARD=wgmma: 3x3 at stride 1,
+# at most 128 depthwise and 256 output channels.
+FUSED_WGMMA_SHAPES = [
+    (2, 24, 40, 11, 13, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),    # 286 pixels: a partial tile; K < 64
+    (1, 64, 128, 19, 17, 1, (3, 3), (1, 1), (0, 1, 1, 0), (1, 1)),   # padding on one side of each dimension
+    (1, 72, 136, 9, 9, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),     # K past 64, N past 128
+    (2, 128, 256, 15, 15, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),  # the largest build
+]
+
+
+@WGMMA_SKIP
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(sorted(o)) or "plain")
+@pytest.mark.parametrize("shape", FUSED_WGMMA_SHAPES, ids=lambda s: "x".join(map(str, s[:5])))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_fused_wgmma_forward(dtype, shape, opts, monkeypatch):
+    """Every prologue / mid / epilogue option against float64, with the output poisoned."""
+    monkeypatch.setenv("XCEPTION_OPS_SEPARABLE_FORWARD", "wgmma")
+    check(shape, opts, dtype, "channels_last")
+
+
+@WGMMA_SKIP
+def test_fused_wgmma_forward_runs_and_repeats(monkeypatch):
+    """At an entry-flow shape (batch 2, 128 -> 256 channels at 74^2) the fused wgmma kernel is the one that runs, its
+    results are within the tolerance, and ten runs give the same bits (a persistent grid of one block per SM)."""
+    monkeypatch.setenv("XCEPTION_OPS_SEPARABLE_FORWARD", "wgmma")
+    shape = (2, 128, 256, 74, 74, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
+    check(shape, OPTIONS[2], torch.bfloat16, "channels_last")
+    x, dw, pw, t, a = make_inputs(shape, OPTIONS[2], torch.bfloat16, "channels_last")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        first = call(OPS.separable_conv2d, x, dw, pw, t, a, "cuda")
+        torch.cuda.synchronize()
+    names = [e.key for e in prof.key_averages()]
+    assert any("separable_wgmma_kernel" in n for n in names), names
+    for _ in range(10):
+        again = call(OPS.separable_conv2d, x, dw, pw, t, a, "cuda")
+        for u, v in zip(first, again):
+            assert torch.equal(u, v)
 
 
 @WGMMA_SKIP

@@ -12,7 +12,7 @@
 #                 runs them all: ~10 min for the layers alone); BENCH_MODEL_ARGS those of the model benchmark
 #   PROFILE_SHAPES  the layers of the profile step (cin,cout,hw each); PROFILE_IMPLS its implementations (cuda eager),
 #                 PROFILE_PASSES its passes (inference training)
-#   FORWARD_VARIANTS  the forward step's variants, NAME:SETTING[,SETTING...] each (default: all six, below)
+#   FORWARD_VARIANTS  the forward step's variants, NAME:SETTING[,SETTING...] each (default: all seven, below)
 #   STEP_TIMEOUT  seconds after which a step is stopped (default 600), so one hang does not eat the others' time
 #   GPU_XDIST_WORKERS / XDIST_WORKERS   pytest-xdist processes for the CUDA tests (4) and the Triton tests (nproc);
 #                 TRITON_TEST_WORKERS those of the Triton tests in the "tests" step, beside the CUDA tests (6)
@@ -106,11 +106,12 @@ step tests bash -c both_tests
 # The separable forward's implementations, each in its own process (read when the library loads), on the cuda
 # backend's layers in bf16 channels-last: the staged form (the default), its product on cuBLAS and an epilogue
 # pass everywhere, its product on the fused kernel's GEMM everywhere, on Hopper's wgmma GEMM with the epilogue in
-# it, the fused kernel on flat tiles and on run tiles.
+# it, the fused wgmma forward (up to 128 depthwise channels), the fused kernel on flat tiles and on run tiles.
 fused=XCEPTION_OPS_SEPARABLE_FORWARD=fused
 gemm=XCEPTION_OPS_SEPARABLE_STAGED_GEMM
 for variant in ${FORWARD_VARIANTS:-staged:XCEPTION_OPS_SEPARABLE_FORWARD=staged staged-cublas:$gemm=cublas \
-  staged-fused:$gemm=fused staged-wgmma:$gemm=wgmma fused:$fused runs:$fused,XCEPTION_OPS_SEPARABLE_TILES=runs}; do
+  staged-fused:$gemm=fused staged-wgmma:$gemm=wgmma fused-wgmma:XCEPTION_OPS_SEPARABLE_FORWARD=wgmma fused:$fused \
+  runs:$fused,XCEPTION_OPS_SEPARABLE_TILES=runs}; do
   # shellcheck disable=SC2046
   step forward env $(echo "${variant#*:}" | tr , ' ') "$PY" -m xception_ops.cli bench \
     --out "$out/forward-${variant%%:*}" --no-models --backends cuda --ops separable --dtypes bfloat16 \

@@ -1,10 +1,12 @@
-"""Time the cuda backend's separable forward with its product on each build of Hopper's wgmma GEMM, against the
-default staged form, over Xception's ten layer shapes: the sweep that picks kernels/pointwise_gemm_params.h's
-default configuration (kPointwiseConfigs) and decides whether the wgmma form becomes the staged default.
+"""Time the cuda backend's separable forward with its product on each build of Hopper's wgmma GEMM, and the fused
+wgmma forward, against the default staged form, over Xception's ten layer shapes: the sweep that picks
+kernels/pointwise_gemm_params.h's default configuration (kPointwiseConfigs) and decides whether the wgmma forms
+become the defaults (the fused one applies up to 128 depthwise channels; elsewhere its column is the staged form's).
 
     python tools/wgmma_sweep.py [--configs 128x3x0 128x4x1 ...] [--dtype bfloat16] [--batch 32] [--json FILE]
 
-One process: XCEPTION_OPS_SEPARABLE_STAGED_GEMM and XCEPTION_OPS_WGMMA_CONFIG are read at each call. Two passes per
+One process: XCEPTION_OPS_SEPARABLE_FORWARD, XCEPTION_OPS_SEPARABLE_STAGED_GEMM and XCEPTION_OPS_WGMMA_CONFIG are
+read at each call. Two passes per
 layer: inference (folded BatchNorm and ReLU in the epilogue) and the training forward (the batch statistics).
 Times are CUDA-event means over --reps calls after --warmup, in ms; the weighted total counts each layer as often as
 the model has it. Before timing, each configuration's output is compared with the default's (relative error).
@@ -59,15 +61,16 @@ def main() -> None:
     ops = torch.ops.xception_ops
     dtype = getattr(torch, args.dtype)
     dev = "cuda"
-    variants = [("staged", None)] + [(f"wgmma-{c}", c) for c in args.configs]
+    variables = ("XCEPTION_OPS_SEPARABLE_FORWARD", "XCEPTION_OPS_SEPARABLE_STAGED_GEMM", "XCEPTION_OPS_WGMMA_CONFIG")
+    variants = ([("staged", None)] +
+                [(f"wgmma-{c}", {"XCEPTION_OPS_SEPARABLE_STAGED_GEMM": "wgmma", "XCEPTION_OPS_WGMMA_CONFIG": c})
+                 for c in args.configs] +
+                [("fused-wgmma", {"XCEPTION_OPS_SEPARABLE_FORWARD": "wgmma"})])
 
-    def set_variant(config):
-        if config is None:
-            os.environ.pop("XCEPTION_OPS_SEPARABLE_STAGED_GEMM", None)
-            os.environ.pop("XCEPTION_OPS_WGMMA_CONFIG", None)
-        else:
-            os.environ["XCEPTION_OPS_SEPARABLE_STAGED_GEMM"] = "wgmma"
-            os.environ["XCEPTION_OPS_WGMMA_CONFIG"] = config
+    def set_variant(env):
+        for name in variables:
+            os.environ.pop(name, None)
+        os.environ.update(env or {})
 
     rows = []
     totals = {(name, p): 0.0 for name, _ in variants for p in ("inference", "training")}
@@ -90,8 +93,8 @@ def main() -> None:
             set_variant(None)
             want = run()
             times, errors = [], []
-            for name, config in variants:
-                set_variant(config)
+            for name, env in variants:
+                set_variant(env)
                 got = run()
                 err = max(((g.double() - w.double()).norm() / w.double().norm().clamp_min(1e-30)).item()
                           for g, w in zip(got, want) if w.numel())

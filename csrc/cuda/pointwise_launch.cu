@@ -1,11 +1,13 @@
-// Launcher of Hopper's pointwise GEMM (kernels/pointwise_gemm.cuh): the 16-bit dtypes and the builds of
-// kPointwiseConfigs, their shared memory, one block per (pixel tile, output-channel tile). No torch headers.
+// Launchers of Hopper's wgmma kernels: the pointwise GEMM (kernels/pointwise_gemm.cuh; the builds of
+// kPointwiseConfigs, one block per (pixel tile, output-channel tile)) and the fused separable forward
+// (kernels/separable_wgmma.cuh; four builds by K and N, a persistent block per SM). 16-bit dtypes. No torch headers.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include "kernels/pointwise_gemm.cuh"
 #include "kernels/pointwise_gemm_params.h"
+#include "kernels/separable_wgmma.cuh"
 
 namespace xception_ops {
 namespace {
@@ -40,7 +42,37 @@ cudaError_t launch_typed(const PointwiseGemmParams& p, PointwiseGemmConfig confi
   return cudaErrorInvalidValue;
 }
 
+template <typename T, int kN, int kK>
+cudaError_t launch_fused(const SeparableWgmmaParams& p, int sms, cudaStream_t stream) {
+  constexpr int kBytes = separable_wgmma_smem_bytes(kN, kK);
+  auto kernel = kernels::separable_wgmma_kernel<T, kN, kK>;
+  static const cudaError_t opt_in =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
+  if (opt_in != cudaSuccess) return opt_in;
+  const int64_t tiles = pointwise_m_tiles(p.pw);
+  const int64_t blocks = tiles < sms ? tiles : sms;  // persistent: one per SM, walking the tiles
+  kernel<<<static_cast<unsigned int>(blocks), kPwThreads, kBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_fused_typed(const SeparableWgmmaParams& p, int sms, cudaStream_t stream) {
+  const bool narrow = p.pw.n <= 128, shallow = p.pw.k <= 64;
+  if (narrow) return shallow ? launch_fused<T, 128, 64>(p, sms, stream) : launch_fused<T, 128, 128>(p, sms, stream);
+  return shallow ? launch_fused<T, 256, 64>(p, sms, stream) : launch_fused<T, 256, 128>(p, sms, stream);
+}
+
 }  // namespace
+
+cudaError_t launch_separable_wgmma(const SeparableWgmmaParams& p, DType dtype, int sms, cudaStream_t stream) {
+  if (!separable_wgmma_ok(p) || sms <= 0) return cudaErrorInvalidValue;
+  switch (dtype) {
+    case DType::Float16: return launch_fused_typed<__half>(p, sms, stream);
+    case DType::BFloat16: return launch_fused_typed<__nv_bfloat16>(p, sms, stream);
+    case DType::Float32: break;
+  }
+  return cudaErrorInvalidValue;
+}
 
 cudaError_t launch_pointwise_wgmma(const PointwiseGemmParams& p, DType dtype, PointwiseGemmConfig config,
                                    cudaStream_t stream) {

@@ -1,7 +1,8 @@
 // The "cuda" backend's separable forward: checks, device guard, allocation, and one of two algorithms
 // (cuda_backend.h): the fused kernel (its GEMM mode and launch plan; the kernel and its launcher are torch-free:
 // kernels/separable.cuh, cuda/separable_launch.cu), or the staged form (the depthwise kernels, cuBLAS, and the
-// epilogue pass of kernels/separable_backward.cuh). Also the depthwise stage the backward shares.
+// epilogue pass of kernels/separable_backward.cuh); on Hopper, opt-in, the wgmma kernels (kernels/pointwise_gemm.cuh,
+// kernels/separable_wgmma.cuh). Also the depthwise stage the backward shares.
 //
 // The router in registration.cpp has already checked shapes, dtypes and devices (check_separable); the checks
 // here repeat the ones a launch depends on, so this function is safe on its own.
@@ -149,6 +150,61 @@ bool wgmma_launch(const Tensor& mid, const Tensor& pw_weight, const SeparableOpt
                                               sumsq.data_ptr<float>(), stream));
   }
   return true;
+}
+
+// XCEPTION_OPS_SEPARABLE_FORWARD=wgmma (read at each call): the fused forward on Hopper's wgmma
+// (kernels/separable_wgmma.cuh) where it applies: 16-bit channels-last x (contiguous), 3x3 at stride 1, dilation
+// 1, depth multiplier 1, at most 128 depthwise and 256 output channels, multiples of 8. Opt-in until timed on a GPU.
+bool fused_wgmma_requested() { return env_is("XCEPTION_OPS_SEPARABLE_FORWARD", "wgmma"); }
+
+// Launches it into a new channels-last output, the statistics into sum / sumsq; an undefined tensor, having
+// launched nothing, where it does not apply.
+Tensor fused_wgmma_forward(const Tensor& x, const Tensor& dw_weight, const Tensor& pw_weight,
+                           const SeparableOptions& opt, const Conv2dGeometry& g, DType dtype, const DeviceCaps& caps,
+                           Tensor& sum, Tensor& sumsq) {
+  const bool shape_ok = g.kernel_h == 3 && g.kernel_w == 3 && g.stride_h == 1 && g.stride_w == 1 &&
+                        g.dilation_h == 1 && g.dilation_w == 1 && g.depth_multiplier == 1;
+  if (!shape_ok || dtype == DType::Float32 || !x.is_contiguous(at::MemoryFormat::ChannelsLast) ||
+      !pointwise_wgmma_available(caps.major, caps.minor) || g.out_channels > 256 || g.in_channels > 128) {
+    return Tensor();
+  }
+  if (opt.residual.has_value() && !opt.residual->is_contiguous(at::MemoryFormat::ChannelsLast)) return Tensor();
+  const Tensor dw = dw_weight.contiguous(), pw = pw_weight.contiguous();
+  Tensor out = at::empty({g.batch, g.out_channels, g.out_h, g.out_w},
+                         x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  SeparableWgmmaParams p;
+  p.x = x.data_ptr();
+  p.dw_weight = dw.data_ptr();
+  Tensor keep[4];
+  p.in_scale = float_vector(opt.in_scale, keep[0]);
+  p.in_shift = float_vector(opt.in_shift, keep[1]);
+  p.in_relu = opt.in_relu;
+  p.mid = static_cast<int32_t>(opt.mid);
+  p.in_h = g.in_h, p.in_w = g.in_w, p.out_h = g.out_h, p.out_w = g.out_w;
+  p.pad_top = static_cast<int32_t>(g.pad_top), p.pad_left = static_cast<int32_t>(g.pad_left);
+  p.pw.w = pw.data_ptr();
+  p.pw.out = out.data_ptr();
+  if (opt.residual.has_value()) p.pw.residual = opt.residual->data_ptr();
+  p.pw.scale = float_vector(opt.out_scale, keep[2]);
+  p.pw.shift = float_vector(opt.out_shift, keep[3]);
+  p.pw.relu = opt.out_relu;
+  p.pw.m = g.batch * g.out_h * g.out_w;
+  p.pw.n = static_cast<int32_t>(g.out_channels);
+  p.pw.k = static_cast<int32_t>(g.in_channels);
+  if (!separable_wgmma_ok(p)) return Tensor();
+  const int64_t tiles = pointwise_m_tiles(p.pw), C = g.out_channels;
+  Tensor workspace;
+  if (opt.compute_stats) {
+    workspace = at::empty({reduce_rows_workspace(tiles, 2 * C)}, x.options().dtype(at::kFloat));
+    p.pw.stats_partial = workspace.data_ptr<float>();
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  check_launch(kForward, launch_separable_wgmma(p, dtype, caps.sms, stream));
+  if (opt.compute_stats) {
+    check_launch(kForward, launch_reduce_rows(p.pw.stats_partial, tiles, 2 * C, C, sum.data_ptr<float>(),
+                                              sumsq.data_ptr<float>(), stream));
+  }
+  return out;
 }
 
 // The staged forward: the depthwise kernels write mid(dw(prologue(x))), then either
@@ -316,6 +372,12 @@ std::tuple<Tensor, Tensor, Tensor> separable_conv2d(const Tensor& x, const Tenso
   const auto stats_options = x.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous);
   Tensor sum = at::empty({opt.compute_stats ? g.out_channels : 0}, stats_options);
   Tensor sumsq = at::empty({opt.compute_stats ? g.out_channels : 0}, stats_options);
+  if (fused_wgmma_requested() && fmt == at::MemoryFormat::ChannelsLast && g.batch * g.out_h * g.out_w > 0) {
+    DeviceCaps caps;
+    check_launch(kForward, current_device_caps(&caps));
+    Tensor out = fused_wgmma_forward(x, dw_weight, pw_weight, opt, g, dtype, caps, sum, sumsq);
+    if (out.defined()) return {out, sum, sumsq};
+  }
   // (cuBLAS takes 32-bit dimensions: more pixels than that go to the fused kernel, which indexes in 64 bits.)
   if (!kFusedForward && g.batch * g.out_h * g.out_w <= INT32_MAX) {
     return staged_forward(x, dw_weight, pw_weight, opt, g, fmt, dtype, sum, sumsq);

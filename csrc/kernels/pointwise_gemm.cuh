@@ -49,6 +49,103 @@ __device__ __forceinline__ float sum_over_rows(float v) {
 }
 #endif
 
+#if defined(XO_POINTWISE_WGMMA)
+// The epilogue of a 128 x kN tile from a warpgroup pair's accumulators (d[4 j + e] = row g + 8 (e / 2), column
+// 8 j + 2 t + e % 2 of the warp's 16 rows): y rounded, the statistics of y (shuffles within a warp, warp order
+// across the block: one partial row per pixel tile), the affine result rounded into the shared tile, then 16-byte
+// rows of 8 channels + residual, ReLU, to memory. `scratch`: pointwise_epilogue_bytes(kN) of shared memory, free
+// for it; it is free again when this returns. Every thread of the block calls it.
+template <typename T, int kN>
+__device__ __forceinline__ void wgmma_tile_epilogue(const PointwiseGemmParams& p, const float (&acc)[kN / 2],
+                                                    unsigned char* scratch, int64_t m_tile, int32_t n0) {
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, group = warp / 4;
+  const int64_t m0 = m_tile * kPwTileM;
+  constexpr int kOutPitch = pointwise_out_pitch(kN);
+  T* tile = reinterpret_cast<T*>(scratch);                                          // [kPwTileM][kOutPitch]
+  float* warp_sums = reinterpret_cast<float*>(scratch + kPwTileM * kOutPitch * 2);  // [2][8 warps][kN]
+  const int g = lane / 4, t = lane % 4;
+  const int row0 = 64 * group + 16 * (warp % 4) + g;  // and row0 + 8
+  const bool ok0 = m0 + row0 < p.m, ok1 = m0 + row0 + 8 < p.m;
+  const bool stats = p.stats_partial != nullptr;
+  const bool affine = p.scale != nullptr || p.shift != nullptr;
+#pragma unroll
+  for (int j = 0; j < kN / 8; ++j) {
+    const int col = 8 * j + 2 * t;
+    const bool col_ok = n0 + col < p.n;  // n is a multiple of 8: both columns of the pair or neither
+    float y[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) y[e] = col_ok && (e < 2 ? ok0 : ok1) ? round_to<T>(acc[4 * j + e]) : 0.f;
+    if (stats) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float s = sum_over_rows(y[e] + y[e + 2]);
+        const float ss = sum_over_rows(fmaf(y[e + 2], y[e + 2], y[e] * y[e]));
+        if (g == 0) {
+          warp_sums[warp * kN + col + e] = s;
+          warp_sums[(8 + warp) * kN + col + e] = ss;
+        }
+      }
+    }
+    if (affine && col_ok) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float scale = p.scale != nullptr ? p.scale[n0 + col + e] : 1.f;
+        const float shift = p.shift != nullptr ? p.shift[n0 + col + e] : 0.f;
+        y[e] = round_to<T>(fmaf(y[e], scale, shift));
+        y[e + 2] = round_to<T>(fmaf(y[e + 2], scale, shift));
+      }
+    }
+    *reinterpret_cast<unsigned*>(tile + row0 * kOutPitch + col) = bits16<T>(y[0]) | (bits16<T>(y[1]) << 16);
+    *reinterpret_cast<unsigned*>(tile + (row0 + 8) * kOutPitch + col) = bits16<T>(y[2]) | (bits16<T>(y[3]) << 16);
+  }
+  __syncthreads();
+
+  if (stats && tid < kN && n0 + tid < p.n) {  // the 8 warps' sums in order: rows 0-15, 16-31, ...
+    float s = 0.f, ss = 0.f;
+#pragma unroll
+    for (int v = 0; v < 8; ++v) {
+      s += warp_sums[v * kN + tid];
+      ss += warp_sums[(8 + v) * kN + tid];
+    }
+    float* partial = p.stats_partial + m_tile * 2 * static_cast<int64_t>(p.n);
+    partial[n0 + tid] = s;
+    partial[p.n + n0 + tid] = ss;
+  }
+
+  // 16-byte rows of 8 channels: chunk q = tid + 256 i is row q / (kN / 8), channels 8 (q % (kN / 8)) ..
+  T* __restrict__ out = static_cast<T*>(p.out);
+  const T* __restrict__ res = static_cast<const T*>(p.residual);
+#pragma unroll 2
+  for (int q = tid; q < kPwTileM * kN / 8; q += kPwThreads) {
+    const int row = q / (kN / 8), col = 8 * (q % (kN / 8));
+    if (m0 + row >= p.m || n0 + col >= p.n) continue;
+    const int64_t offset = (m0 + row) * p.n + n0 + col;
+    const uint4 packed = *reinterpret_cast<const uint4*>(tile + row * kOutPitch + col);
+    const unsigned words[4] = {packed.x, packed.y, packed.z, packed.w};
+    float z[8];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) z[2 * i] = from_bits16<T>(words[i] & 0xffffu), z[2 * i + 1] = from_bits16<T>(words[i] >> 16);
+    if (res != nullptr) {
+      const uint4 r = load_readonly(reinterpret_cast<const uint4*>(res + offset));
+      const unsigned rw[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        z[2 * i] = round_to<T>(z[2 * i] + from_bits16<T>(rw[i] & 0xffffu));
+        z[2 * i + 1] = round_to<T>(z[2 * i + 1] + from_bits16<T>(rw[i] >> 16));
+      }
+    }
+    if (p.relu) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) z[i] = fmaxf(z[i], 0.f);
+    }
+    *reinterpret_cast<uint4*>(out + offset) =
+        make_uint4(bits16<T>(z[0]) | (bits16<T>(z[1]) << 16), bits16<T>(z[2]) | (bits16<T>(z[3]) << 16),
+                   bits16<T>(z[4]) | (bits16<T>(z[5]) << 16), bits16<T>(z[6]) | (bits16<T>(z[7]) << 16));
+  }
+  __syncthreads();  // the tile is read: scratch is free
+}
+#endif
+
 // kMinBlocks: the blocks per SM the registers must allow (2 where the ring leaves room for two: 128 registers).
 template <typename T, int kN, int kStages, int kInFlight, int kMinBlocks>
 __global__ void __launch_bounds__(kPwThreads, kMinBlocks) pointwise_wgmma_kernel(const PointwiseGemmParams p) {
@@ -179,89 +276,7 @@ __global__ void __launch_bounds__(kPwThreads, kMinBlocks) pointwise_wgmma_kernel
   cp_async_wait<0>();
   __syncthreads();  // every warp is done with the ring: the epilogue's tiles overlay it
 
-  // ---- epilogue ----
-  constexpr int kOutPitch = pointwise_out_pitch(kN);
-  T* tile = reinterpret_cast<T*>(smem);                                          // [kPwTileM][kOutPitch]
-  float* warp_sums = reinterpret_cast<float*>(smem + kPwTileM * kOutPitch * 2);  // [2][8 warps][kN]
-  const int g = lane / 4, t = lane % 4;
-  const int row0 = 64 * group + 16 * (warp % 4) + g;  // and row0 + 8
-  const bool ok0 = m0 + row0 < p.m, ok1 = m0 + row0 + 8 < p.m;
-  const bool stats = p.stats_partial != nullptr;
-  const bool affine = p.scale != nullptr || p.shift != nullptr;
-#pragma unroll
-  for (int j = 0; j < kN / 8; ++j) {
-    const int col = 8 * j + 2 * t;
-    const bool col_ok = n0 + col < p.n;  // n is a multiple of 8: both columns of the pair or neither
-    float y[4];
-#pragma unroll
-    for (int e = 0; e < 4; ++e) y[e] = col_ok && (e < 2 ? ok0 : ok1) ? round_to<T>(acc[4 * j + e]) : 0.f;
-    if (stats) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const float s = sum_over_rows(y[e] + y[e + 2]);
-        const float ss = sum_over_rows(fmaf(y[e + 2], y[e + 2], y[e] * y[e]));
-        if (g == 0) {
-          warp_sums[warp * kN + col + e] = s;
-          warp_sums[(8 + warp) * kN + col + e] = ss;
-        }
-      }
-    }
-    if (affine && col_ok) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const float scale = p.scale != nullptr ? p.scale[n0 + col + e] : 1.f;
-        const float shift = p.shift != nullptr ? p.shift[n0 + col + e] : 0.f;
-        y[e] = round_to<T>(fmaf(y[e], scale, shift));
-        y[e + 2] = round_to<T>(fmaf(y[e + 2], scale, shift));
-      }
-    }
-    *reinterpret_cast<unsigned*>(tile + row0 * kOutPitch + col) = bits16<T>(y[0]) | (bits16<T>(y[1]) << 16);
-    *reinterpret_cast<unsigned*>(tile + (row0 + 8) * kOutPitch + col) = bits16<T>(y[2]) | (bits16<T>(y[3]) << 16);
-  }
-  __syncthreads();
-
-  if (stats && tid < kN && n0 + tid < p.n) {  // the 8 warps' sums in order: rows 0-15, 16-31, ...
-    float s = 0.f, ss = 0.f;
-#pragma unroll
-    for (int v = 0; v < 8; ++v) {
-      s += warp_sums[v * kN + tid];
-      ss += warp_sums[(8 + v) * kN + tid];
-    }
-    float* partial = p.stats_partial + m_tile * 2 * static_cast<int64_t>(p.n);
-    partial[n0 + tid] = s;
-    partial[p.n + n0 + tid] = ss;
-  }
-
-  // 16-byte rows of 8 channels: chunk q = tid + 256 i is row q / 16, channels 8 (q % 16) ..
-  T* __restrict__ out = static_cast<T*>(p.out);
-  const T* __restrict__ res = static_cast<const T*>(p.residual);
-#pragma unroll 2
-  for (int q = tid; q < kPwTileM * kN / 8; q += kPwThreads) {
-    const int row = q / (kN / 8), col = 8 * (q % (kN / 8));
-    if (m0 + row >= p.m || n0 + col >= p.n) continue;
-    const int64_t offset = (m0 + row) * p.n + n0 + col;
-    const uint4 packed = *reinterpret_cast<const uint4*>(tile + row * kOutPitch + col);
-    const unsigned words[4] = {packed.x, packed.y, packed.z, packed.w};
-    float z[8];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) z[2 * i] = from_bits16<T>(words[i] & 0xffffu), z[2 * i + 1] = from_bits16<T>(words[i] >> 16);
-    if (res != nullptr) {
-      const uint4 r = load_readonly(reinterpret_cast<const uint4*>(res + offset));
-      const unsigned rw[4] = {r.x, r.y, r.z, r.w};
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        z[2 * i] = round_to<T>(z[2 * i] + from_bits16<T>(rw[i] & 0xffffu));
-        z[2 * i + 1] = round_to<T>(z[2 * i + 1] + from_bits16<T>(rw[i] >> 16));
-      }
-    }
-    if (p.relu) {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) z[i] = fmaxf(z[i], 0.f);
-    }
-    *reinterpret_cast<uint4*>(out + offset) =
-        make_uint4(bits16<T>(z[0]) | (bits16<T>(z[1]) << 16), bits16<T>(z[2]) | (bits16<T>(z[3]) << 16),
-                   bits16<T>(z[4]) | (bits16<T>(z[5]) << 16), bits16<T>(z[6]) | (bits16<T>(z[7]) << 16));
-  }
+  wgmma_tile_epilogue<T, kN>(p, acc, smem, m_tile, n0);
 #elif defined(__CUDA_ARCH__)
   __trap();  // not built for sm_90a: the launcher never runs it (pointwise_wgmma_available)
 #endif

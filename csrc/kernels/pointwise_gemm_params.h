@@ -124,6 +124,38 @@ inline bool pointwise_wgmma_available(int cc_major, int cc_minor) {
 #endif
 }
 
+// ---- the fused separable forward on wgmma (kernels/separable_wgmma.cuh) ----
+// For few depthwise channels (K <= 128: Xception's 147^2 and 74^2 entry layers), where the staged form's depthwise
+// result costs as many bytes as x and y together: out = epilogue(mid(dw3x3(prologue(x))) W^T), the depthwise
+// result computed straight into the A tile in shared memory and never written out. x channels-last contiguous,
+// 3x3 at stride 1, dilation 1, depth multiplier 1; `pw` holds the product's side (m = pixels, n = out channels,
+// k = K, w = the pointwise weight, out and the epilogue), its `a` unused.
+struct SeparableWgmmaParams {
+  PointwiseGemmParams pw;
+  const void* x = nullptr;          // (batch, in_h, in_w, K) contiguous, 16-byte aligned
+  const void* dw_weight = nullptr;  // (K, 1, 3, 3) contiguous
+  const float* in_scale = nullptr;  // the prologue relu?(x * in_scale + in_shift), rounded; nullptr: 1, 0
+  const float* in_shift = nullptr;
+  bool in_relu = false;
+  int32_t mid = 0;  // 0 none, 1 relu, 2 elu (MidActivation)
+  int64_t in_h = 0, in_w = 0, out_h = 0, out_w = 0;
+  int32_t pad_top = 0, pad_left = 0;
+};
+// The builds: K up to 64 or 128 (zeros past K), N up to 128 or 256 output channels, one block per SM.
+XO_HOST_DEVICE constexpr int separable_wgmma_smem_bytes(int n, int k) {
+  return n * k * 2 + 2 * kPwTileM * k * 2 + k * 9 * 4 + 2 * k * 4 + pointwise_epilogue_bytes(n);
+}
+inline bool separable_wgmma_ok(const SeparableWgmmaParams& p) {
+  auto aligned = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
+  const PointwiseGemmParams& w = p.pw;
+  return w.m > 0 && w.n > 0 && w.n <= 256 && w.n % 8 == 0 && w.k > 0 && w.k <= 128 && w.k % 8 == 0 &&
+         aligned(p.x) && aligned(w.w) && aligned(w.out) && aligned(w.residual) && p.in_h > 0 && p.in_w > 0 &&
+         w.m == w.m / (p.out_h * p.out_w) * p.out_h * p.out_w && pointwise_m_tiles(w) <= INT32_MAX;
+}
+// Launches it (cudaErrorInvalidValue where !separable_wgmma_ok or for float32); `sms`: the GPU's multiprocessors,
+// the blocks of its persistent grid.
+cudaError_t launch_separable_wgmma(const SeparableWgmmaParams& p, DType dtype, int sms, cudaStream_t stream);
+
 // Launches the kernel for 16-bit dtypes in configuration `config` (one of kPointwiseConfigs), on the stream;
 // cudaErrorInvalidValue for float32, another configuration, or where !pointwise_gemm_ok.
 cudaError_t launch_pointwise_wgmma(const PointwiseGemmParams& p, DType dtype, PointwiseGemmConfig config,

@@ -1,6 +1,7 @@
-// Hopper's pointwise GEMM (csrc/kernels/pointwise_gemm.cuh) on the CPU through cuda_emulation.h, whose wgmma
-// follows the PTX ISA's fragment layouts and descriptor fields; against a float64 product rounded as the kernel's
-// epilogue rounds (y to the dtype, then the affine, the residual, the ReLU).
+// Hopper's wgmma kernels on the CPU through cuda_emulation.h, whose wgmma follows the PTX ISA's fragment layouts
+// and descriptor fields: the pointwise GEMM (csrc/kernels/pointwise_gemm.cuh) and the fused separable forward
+// (csrc/kernels/separable_wgmma.cuh), against a float64 product rounded as their epilogue rounds (y to the dtype,
+// then the affine, the residual, the ReLU); the fused one's depthwise result computed as the staged form computes it.
 //
 // Shapes with partial tiles in every dimension (pixels past a 128-row tile, output channels past a 128-channel
 // tile, input channels past a 64-channel stage) and more stages than the ring holds; every epilogue option; both
@@ -17,6 +18,7 @@
 
 #include "kernels/pointwise_gemm.cuh"
 #include "kernels/pointwise_gemm_params.h"
+#include "kernels/separable_wgmma.cuh"
 #include "test_harness.h"
 
 namespace xception_ops::kernels {
@@ -201,6 +203,139 @@ TEST_CASE(pointwise_configs_parse_and_fit) {
   }
   EXPECT(pointwise_min_blocks(kPointwiseConfigs[0]) == 2);  // the default: two blocks per SM
 }
+
+// ---- the fused forward (kernels/separable_wgmma.cuh) ----
+
+struct FusedCase {
+  int64_t n, h, w;
+  int32_t k, c_out, pad_top, pad_bottom, pad_left, pad_right;
+  int32_t mid;  // 0 none, 1 relu, 2 elu
+  bool prologue, scale, residual, relu, stats;
+  int blocks;  // the persistent grid (fewer than the tiles: each block walks several)
+};
+
+template <typename T, int kN, int kK>
+void run_fused_case(const FusedCase& c, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> uni(-1.f, 1.f);
+  const int64_t oh = c.h + c.pad_top + c.pad_bottom - 2, ow = c.w + c.pad_left + c.pad_right - 2;
+  const int64_t pixels = c.n * oh * ow;
+  Buffer x(c.n * c.h * c.w * c.k), dw(int64_t{c.k} * 9), pw(int64_t{c.c_out} * c.k), res(pixels * c.c_out),
+      out(pixels * c.c_out);
+  for (int64_t i = 0; i < c.n * c.h * c.w * c.k; ++i) x.data()[i] = bits_of<T>(uni(rng));
+  for (int64_t i = 0; i < int64_t{c.k} * 9; ++i) dw.data()[i] = bits_of<T>(uni(rng) * 0.5f);
+  for (int64_t i = 0; i < int64_t{c.c_out} * c.k; ++i) pw.data()[i] = bits_of<T>(uni(rng) * 0.5f);
+  for (int64_t i = 0; i < pixels * c.c_out; ++i) res.data()[i] = bits_of<T>(uni(rng));
+  std::vector<float> in_scale(c.k), in_shift(c.k), scale(c.c_out), shift(c.c_out);
+  for (int32_t i = 0; i < c.k; ++i) in_scale[i] = 0.5f + uni(rng), in_shift[i] = 0.3f * uni(rng);
+  for (int32_t i = 0; i < c.c_out; ++i) scale[i] = 0.5f + uni(rng), shift[i] = uni(rng);
+
+  SeparableWgmmaParams p;
+  p.x = x.data(), p.dw_weight = dw.data();
+  p.in_scale = c.prologue ? in_scale.data() : nullptr;
+  p.in_shift = c.prologue ? in_shift.data() : nullptr;
+  p.in_relu = c.prologue;
+  p.mid = c.mid;
+  p.in_h = c.h, p.in_w = c.w, p.out_h = oh, p.out_w = ow, p.pad_top = c.pad_top, p.pad_left = c.pad_left;
+  p.pw.w = pw.data(), p.pw.out = out.data();
+  p.pw.residual = c.residual ? res.data() : nullptr;
+  p.pw.scale = c.scale ? scale.data() : nullptr;
+  p.pw.shift = c.scale ? shift.data() : nullptr;
+  p.pw.relu = c.relu;
+  p.pw.m = pixels, p.pw.n = c.c_out, p.pw.k = c.k;
+  const int64_t tiles = pointwise_m_tiles(p.pw);
+  std::vector<float> partial(c.stats ? tiles * 2 * c.c_out : 0);
+  p.pw.stats_partial = c.stats ? partial.data() : nullptr;
+  EXPECT(separable_wgmma_ok(p));
+  std::fill(out.data(), out.data() + pixels * c.c_out, static_cast<unsigned short>(0x7fc1));
+  std::fill(partial.begin(), partial.end(), std::nanf(""));
+  kernels::xo_emulated_smem_base = kernels::smem;
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(tiles, c.blocks));
+  emulate_launch(kernels::separable_wgmma_kernel<T, kN, kK>, dim3(blocks), dim3(kPwThreads), p);
+
+  // The depthwise result as the staged form computes it: the prologue rounded, the taps in (ky, kx) order in
+  // float32, rounded; the mid activation, rounded. Then the product in float64 and the epilogue's roundings.
+  std::vector<float> mid(pixels * c.k);
+  for (int64_t q = 0; q < pixels; ++q) {
+    const int64_t b = q / (oh * ow), r = q / ow % oh, col = q % ow;
+    for (int32_t ch = 0; ch < c.k; ++ch) {
+      float sum = 0.f;
+      for (int ky = 0; ky < 3; ++ky) {
+        for (int kx = 0; kx < 3; ++kx) {
+          const int64_t ih = r - c.pad_top + ky, iw = col - c.pad_left + kx;
+          if (ih < 0 || ih >= c.h || iw < 0 || iw >= c.w) continue;
+          float v = value_of<T>(x.data()[((b * c.h + ih) * c.w + iw) * c.k + ch]);
+          if (c.prologue) v = round_as<T>(std::fmax(std::fma(v, in_scale[ch], in_shift[ch]), 0.f));
+          sum = std::fma(v, value_of<T>(dw.data()[ch * 9 + 3 * ky + kx]), sum);
+        }
+      }
+      float d = round_as<T>(sum);
+      if (c.mid == 1) d = std::fmax(d, 0.f);
+      if (c.mid == 2 && !(d > 0.f)) d = round_as<T>(std::expm1(d));
+      mid[q * c.k + ch] = d;
+    }
+  }
+  int bad = 0;
+  std::vector<double> sum(c.c_out, 0.0), sumsq(c.c_out, 0.0), abs_sum(c.c_out, 0.0);
+  const float ulp = std::is_same_v<T, __half> ? 1.f / 1024 : 1.f / 128;
+  for (int64_t q = 0; q < pixels; ++q) {
+    for (int32_t j = 0; j < c.c_out; ++j) {
+      double acc = 0.0;
+      for (int32_t ch = 0; ch < c.k; ++ch) acc += double(mid[q * c.k + ch]) * value_of<T>(pw.data()[j * c.k + ch]);
+      const float y = round_as<T>(static_cast<float>(acc));
+      sum[j] += y, sumsq[j] += double(y) * y, abs_sum[j] += std::fabs(y);
+      const float scale_j = c.scale ? scale[j] : 1.f;
+      float z = c.scale ? round_as<T>(std::fma(y, scale_j, shift[j])) : y;
+      const float affine = z;
+      if (c.residual) z = round_as<T>(z + value_of<T>(res.data()[q * c.c_out + j]));
+      if (c.relu) z = std::fmax(z, 0.f);
+      const float got = value_of<T>(out.data()[q * c.c_out + j]);
+      const float tol = ulp * (std::fabs(y * scale_j) + std::fabs(affine) + std::fabs(z) + 1e-3f) + 1e-6f;
+      if (!(std::fabs(got - z) <= tol) && bad++ < 5) {
+        std::printf("  fused %dx%d: out[%lld][%d] = %g, want %g\n", kN, kK, (long long)q, j, got, z);
+      }
+    }
+  }
+  EXPECT(bad == 0);
+  if (c.stats) {
+    int bad_stats = 0;
+    for (int32_t j = 0; j < c.c_out; ++j) {
+      double s = 0.0, ss = 0.0;
+      for (int64_t r = 0; r < tiles; ++r) s += partial[r * 2 * c.c_out + j], ss += partial[r * 2 * c.c_out + c.c_out + j];
+      if ((!(std::fabs(s - sum[j]) <= ulp * abs_sum[j] + 1e-4) || !(std::fabs(ss - sumsq[j]) <= 2 * ulp * sumsq[j] + 1e-4)) &&
+          bad_stats++ < 5) {
+        std::printf("  fused channel %d: sums %g %g, want %g %g\n", j, s, ss, sum[j], sumsq[j]);
+      }
+    }
+    EXPECT(bad_stats == 0);
+  }
+}
+
+// One partial tile (70 pixels); several tiles per block of a 2-block grid (143 and 243 pixels); padding on one side
+// only; K below a stage (24) and past 64 (72); output channels past 128 (136); every option.
+const FusedCase kFusedCases[] = {
+    {2, 5, 7, 24, 40, 1, 1, 1, 1, 0, false, false, false, false, false, 2},
+    {1, 13, 11, 64, 128, 1, 1, 1, 1, 1, true, true, true, true, true, 1},
+    {3, 9, 9, 72, 136, 0, 1, 1, 0, 2, true, false, true, false, true, 2},
+    {1, 15, 17, 128, 256, 1, 1, 1, 1, 0, false, true, false, true, true, 2},
+};
+
+template <typename T>
+void run_fused_cases(uint32_t seed) {
+  for (const FusedCase& c : kFusedCases) {
+    // The launcher's build: K up to 64 or 128, N up to 128 or 256.
+    if (c.c_out <= 128) {
+      c.k <= 64 ? run_fused_case<T, 128, 64>(c, seed) : run_fused_case<T, 128, 128>(c, seed);
+    } else {
+      c.k <= 64 ? run_fused_case<T, 256, 64>(c, seed) : run_fused_case<T, 256, 128>(c, seed);
+    }
+    ++seed;
+  }
+}
+
+TEST_CASE(separable_wgmma_bf16) { run_fused_cases<__nv_bfloat16>(7); }
+
+TEST_CASE(separable_wgmma_fp16) { run_fused_cases<__half>(70); }
 
 TEST_CASE(wgmma_descriptor_fields) {
   // Start address, leading and stride byte offsets in 16-byte units at bits 0, 16 and 32; swizzle 0.
