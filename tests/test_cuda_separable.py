@@ -546,13 +546,23 @@ def test_backward_repeatable_bitwise():
 @WGMMA_SKIP
 @pytest.mark.parametrize("config", WGMMA_CONFIGS)
 @pytest.mark.parametrize("opts", BACKWARD_OPTIONS[:3], ids=["plain", "training", "folded-bn-relu"])
-def test_backward_grad_mid_on_wgmma(opts, config, monkeypatch):
-    """The backward's grad_mid = grad_y W on Hopper's GEMM (the weight transposed): every gradient against float64,
-    and the profiler sees the kernel run in the backward."""
+def test_backward_products_on_wgmma(opts, config, monkeypatch):
+    """The backward's grad_mid = grad_y W (the GEMM, the weight transposed) and grad_pw = grad_y^T mid (the
+    split-pixel kernel) on Hopper's wgmma: every gradient against float64, and the profiler sees both kernels run."""
     monkeypatch.setenv("XCEPTION_OPS_SEPARABLE_STAGED_GEMM", "wgmma")
     monkeypatch.setenv("XCEPTION_OPS_WGMMA_CONFIG", config)
-    shape = WGMMA_SHAPES[0]  # 24 -> 136 channels: grad_mid's product has K = 136, N = 24
+    shape = WGMMA_SHAPES[0]  # 24 -> 136 channels
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         check_backward(shape, opts, torch.bfloat16, "channels_last")
     names = [e.key for e in prof.key_averages()]
     assert any("pointwise_wgmma_kernel" in n for n in names), names
+    assert any("pointwise_wgrad_kernel" in n for n in names), names
+
+
+@WGMMA_SKIP
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_backward_on_wgmma_at_the_middle_flow(dtype, monkeypatch):
+    """728 -> 728 channels at 19^2, batch 2: 36 tiles of the weight gradient, its 722 pixels in 3 splits."""
+    monkeypatch.setenv("XCEPTION_OPS_SEPARABLE_STAGED_GEMM", "wgmma")
+    check_backward((2, 728, 728, 19, 19, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)), BACKWARD_OPTIONS[1], dtype,
+                   "channels_last")

@@ -1,6 +1,7 @@
 // Launchers of Hopper's wgmma kernels: the pointwise GEMM (kernels/pointwise_gemm.cuh; the builds of
 // kPointwiseConfigs, one block per (pixel tile, output-channel tile)) and the fused separable forward
-// (kernels/separable_wgmma.cuh; four builds by K and N, a persistent block per SM). 16-bit dtypes. No torch headers.
+// (kernels/separable_wgmma.cuh; four builds by K and N, a persistent block per SM); the pointwise weight's gradient
+// (pointwise_wgrad_kernel, split over the pixels). 16-bit dtypes. No torch headers.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -62,6 +63,16 @@ cudaError_t launch_fused_typed(const SeparableWgmmaParams& p, int sms, cudaStrea
   return shallow ? launch_fused<T, 256, 64>(p, sms, stream) : launch_fused<T, 256, 128>(p, sms, stream);
 }
 
+template <typename T>
+cudaError_t launch_wgrad(const PointwiseWgradParams& p, int64_t blocks, cudaStream_t stream) {
+  static const cudaError_t opt_in = cudaFuncSetAttribute(
+      kernels::pointwise_wgrad_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, pointwise_wgrad_smem_bytes());
+  if (opt_in != cudaSuccess) return opt_in;
+  kernels::pointwise_wgrad_kernel<T>
+      <<<static_cast<unsigned int>(blocks), kPwThreads, pointwise_wgrad_smem_bytes(), stream>>>(p);
+  return cudaGetLastError();
+}
+
 }  // namespace
 
 cudaError_t launch_separable_wgmma(const SeparableWgmmaParams& p, DType dtype, int sms, cudaStream_t stream) {
@@ -72,6 +83,14 @@ cudaError_t launch_separable_wgmma(const SeparableWgmmaParams& p, DType dtype, i
     case DType::Float32: break;
   }
   return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_pointwise_wgrad(const PointwiseWgradParams& p, DType dtype, cudaStream_t stream) {
+  if (!pointwise_wgrad_ok(p) || dtype == DType::Float32) return cudaErrorInvalidValue;
+  const int64_t blocks = ((p.rows + kWgradTile - 1) / kWgradTile) * ((p.cols + kWgradTile - 1) / kWgradTile) * p.splits;
+  if (blocks > INT32_MAX) return cudaErrorInvalidValue;
+  return dtype == DType::BFloat16 ? launch_wgrad<__nv_bfloat16>(p, blocks, stream)
+                                  : launch_wgrad<__half>(p, blocks, stream);
 }
 
 cudaError_t launch_pointwise_wgmma(const PointwiseGemmParams& p, DType dtype, PointwiseGemmConfig config,

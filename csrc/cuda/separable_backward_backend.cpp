@@ -6,8 +6,8 @@
 //              pass that also sums the gradients of out_scale / out_shift (fixed-order reductions throughout)
 //   mid        the depthwise result, recomputed from x (depthwise_stage, shared with the staged forward): the
 //              forward saves only x, and this copy lives only until grad_pw is formed
-//   grad_pw    grad_y^T mid, grad_mid = grad_y W: matrix products over the pixels (cuBLAS; grad_mid on Hopper's
-//              wgmma GEMM with XCEPTION_OPS_SEPARABLE_STAGED_GEMM=wgmma)
+//   grad_pw    grad_y^T mid, grad_mid = grad_y W: matrix products over the pixels (cuBLAS; on Hopper's wgmma
+//              kernels with XCEPTION_OPS_SEPARABLE_STAGED_GEMM=wgmma)
 //   grad_dw, grad of the depthwise input   the depthwise backward kernels (csrc/kernels/depthwise.cuh), through
 //              the mid activation's mask
 //   prologue   its backward (ReLU mask, scale, the sums for in_scale / in_shift): applied by the depthwise input
@@ -118,10 +118,40 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_con
   // grad_pw = grad_y^T mid over the pixels: one matrix product on cuBLAS, float32 accumulation and (16-bit
   // dtypes) a float32 result, rounded once. It replaced a kernel that recomputed the depthwise result per tile of
   // output channels: 1.16 ms against ~0.1 for this on 728->728 @19^2 (H100, session 4).
-  const Tensor mid2 = mid.permute({0, 2, 3, 1}).reshape({pixels, K});  // a view where mid is channels_last
-  const Tensor grad_pw = (x.scalar_type() == at::kFloat ? at::mm(gy2.t(), mid2)
-                                                        : at::mm(gy2.t(), mid2, at::kFloat).to(x.scalar_type()))
-                             .view({C, K, 1, 1});
+  // With XCEPTION_OPS_SEPARABLE_STAGED_GEMM=wgmma on Hopper, split over the pixels on the wgmma kernel instead
+  // (pointwise_wgrad_kernel: float32 partial products, summed in split order, rounded once): the same contract.
+  const bool wgmma = wgmma_gemm_requested() && dtype != DType::Float32 && fmt == at::MemoryFormat::ChannelsLast &&
+                     C <= INT32_MAX && K <= INT32_MAX;
+  DeviceCaps caps;
+  if (wgmma) check_launch(kBackward, current_device_caps(&caps));
+  Tensor grad_pw;
+  if (wgmma && pointwise_wgmma_available(caps.major, caps.minor) &&
+      mid.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    PointwiseWgradParams w;
+    w.g = gy2.data_ptr();
+    w.ldg = C;
+    w.a = mid.data_ptr();
+    w.lda = K;
+    w.pixels = pixels;
+    w.rows = static_cast<int32_t>(C);
+    w.cols = static_cast<int32_t>(K);
+    pointwise_wgrad_plan(w, caps.sms);
+    Tensor partial = at::empty({reduce_rows_workspace(w.splits, C * K)}, x.options().dtype(at::kFloat));
+    w.partial = partial.data_ptr<float>();
+    if (pointwise_wgrad_ok(w)) {
+      check_launch(kBackward, launch_pointwise_wgrad(w, dtype, stream));
+      Tensor sum = at::empty({C, K, 1, 1}, x.options().dtype(at::kFloat));
+      check_launch(kBackward, launch_reduce_rows(w.partial, w.splits, C * K, C * K, sum.data_ptr<float>(), nullptr,
+                                                 stream));
+      grad_pw = sum.to(x.scalar_type());
+    }
+  }
+  if (!grad_pw.defined()) {
+    const Tensor mid2 = mid.permute({0, 2, 3, 1}).reshape({pixels, K});  // a view where mid is channels_last
+    grad_pw = (x.scalar_type() == at::kFloat ? at::mm(gy2.t(), mid2)
+                                             : at::mm(gy2.t(), mid2, at::kFloat).to(x.scalar_type()))
+                  .view({C, K, 1, 1});
+  }
   mid = Tensor();  // released before grad_mid is allocated; d too unless the mid activation's mask needs it
   if (opt.mid == MidActivation::None) d = Tensor();
 
@@ -130,25 +160,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_con
   // it: 2 bytes per weight, once per backward).
   const Tensor pw2 = pw_weight.contiguous().view({C, K});
   Tensor grad_mid;
-  if (wgmma_gemm_requested() && dtype != DType::Float32 && fmt == at::MemoryFormat::ChannelsLast &&
-      C <= INT32_MAX && K <= INT32_MAX) {
-    DeviceCaps caps;
-    check_launch(kBackward, current_device_caps(&caps));
-    if (pointwise_wgmma_available(caps.major, caps.minor)) {
-      const Tensor wt = pw2.t().contiguous();
-      Tensor result = at::empty({g.batch, K, g.out_h, g.out_w}, x.options().memory_format(fmt));
-      PointwiseGemmParams p;
-      p.a = gy2.data_ptr();
-      p.lda = C;
-      p.w = wt.data_ptr();
-      p.out = result.data_ptr();
-      p.m = pixels;
-      p.n = static_cast<int32_t>(K);
-      p.k = static_cast<int32_t>(C);
-      if (pointwise_gemm_ok(p)) {
-        check_launch(kBackward, launch_pointwise_wgmma(p, dtype, wgmma_gemm_config(kBackward), stream));
-        grad_mid = result;
-      }
+  if (wgmma && pointwise_wgmma_available(caps.major, caps.minor)) {
+    const Tensor wt = pw2.t().contiguous();
+    Tensor result = at::empty({g.batch, K, g.out_h, g.out_w}, x.options().memory_format(fmt));
+    PointwiseGemmParams p;
+    p.a = gy2.data_ptr();
+    p.lda = C;
+    p.w = wt.data_ptr();
+    p.out = result.data_ptr();
+    p.m = pixels;
+    p.n = static_cast<int32_t>(K);
+    p.k = static_cast<int32_t>(C);
+    if (pointwise_gemm_ok(p)) {
+      check_launch(kBackward, launch_pointwise_wgmma(p, dtype, wgmma_gemm_config(kBackward), stream));
+      grad_mid = result;
     }
   }
   if (!grad_mid.defined()) {

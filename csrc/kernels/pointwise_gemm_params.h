@@ -156,6 +156,44 @@ inline bool separable_wgmma_ok(const SeparableWgmmaParams& p) {
 // the blocks of its persistent grid.
 cudaError_t launch_separable_wgmma(const SeparableWgmmaParams& p, DType dtype, int sms, cudaStream_t stream);
 
+// ---- the pointwise weight's gradient on wgmma (pointwise_wgrad_kernel, kernels/pointwise_gemm.cuh) ----
+// partial[s] = g[pixels of split s]^T a[pixels of split s]: g [pixels][rows] (grad_y), a [pixels][cols] (the
+// depthwise result), float32 [splits][rows][cols] partial products over contiguous ranges of pixels, which
+// launch_reduce_rows then sums in split order (deterministic; no atomics).
+struct PointwiseWgradParams {
+  const void* g = nullptr;  // rows ldg elements apart, 16-byte aligned
+  const void* a = nullptr;  // rows lda elements apart, 16-byte aligned
+  float* partial = nullptr;
+  int64_t pixels = 0, ldg = 0, lda = 0;
+  int32_t rows = 0, cols = 0;  // output channels, depthwise channels
+  int32_t splits = 1;
+  int64_t split_pixels = 0;  // pixels per split, a multiple of kPwTileK
+};
+constexpr int kWgradTile = 128;   // a block's rows and columns of the product
+constexpr int kWgradStages = 3;  // 96 KB of ring: two blocks per SM
+XO_HOST_DEVICE constexpr int pointwise_wgrad_smem_bytes() { return kWgradStages * 2 * kPwTileK * kWgradTile * 2; }
+// The splits for `sms` multiprocessors: two blocks per SM over the output tiles, at most 64 (one level of
+// launch_reduce_rows), each at least 4 stages of pixels.
+inline void pointwise_wgrad_plan(PointwiseWgradParams& p, int sms) {
+  const int64_t tiles = ((p.rows + kWgradTile - 1) / kWgradTile) * ((p.cols + kWgradTile - 1) / kWgradTile);
+  const int64_t stages = (p.pixels + kPwTileK - 1) / kPwTileK;
+  int64_t splits = (2 * static_cast<int64_t>(sms) + tiles - 1) / tiles;
+  if (splits > stages / 4) splits = stages / 4;
+  if (splits > 64) splits = 64;
+  if (splits < 1) splits = 1;
+  const int64_t per = (stages + splits - 1) / splits;
+  p.split_pixels = per * kPwTileK;
+  p.splits = static_cast<int32_t>((p.pixels + p.split_pixels - 1) / p.split_pixels);
+}
+inline bool pointwise_wgrad_ok(const PointwiseWgradParams& p) {
+  auto aligned = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
+  return p.pixels > 0 && p.rows > 0 && p.cols > 0 && p.rows % 8 == 0 && p.cols % 8 == 0 && p.ldg % 8 == 0 &&
+         p.lda % 8 == 0 && p.ldg >= p.rows && p.lda >= p.cols && aligned(p.g) && aligned(p.a) &&
+         p.partial != nullptr && p.splits >= 1 && p.split_pixels % kPwTileK == 0 &&
+         p.split_pixels * p.splits >= p.pixels;
+}
+cudaError_t launch_pointwise_wgrad(const PointwiseWgradParams& p, DType dtype, cudaStream_t stream);
+
 // Launches the kernel for 16-bit dtypes in configuration `config` (one of kPointwiseConfigs), on the stream;
 // cudaErrorInvalidValue for float32, another configuration, or where !pointwise_gemm_ok.
 cudaError_t launch_pointwise_wgmma(const PointwiseGemmParams& p, DType dtype, PointwiseGemmConfig config,

@@ -177,6 +177,7 @@ struct EmulatedWgmma {
   uint64_t desc;    // B's
   uint64_t a_desc;  // A's, where a_smem
   bool a_smem;
+  bool mn_major;    // both operands transposed (wgmma_ss_mn)
   float a[64][16];  // A, where !a_smem
 };
 inline unsigned emulated_wgmma_a[8][128][4];  // [warpgroup][thread of the group][register]
@@ -189,7 +190,7 @@ void wgmma_rs(float (&d)[kN / 2], const unsigned (&a)[4], uint64_t b_desc) {
   for (int i = 0; i < 4; ++i) emulated_wgmma_a[group][member][i] = a[i];
   xo_emulated_warpgroup_barrier->arrive_and_wait();
   EmulatedWgmma op;
-  op.d = d, op.n = kN, op.bf16 = kBf16, op.desc = b_desc, op.a_desc = 0, op.a_smem = false;
+  op.d = d, op.n = kN, op.bf16 = kBf16, op.desc = b_desc, op.a_desc = 0, op.a_smem = false, op.mn_major = false;
   auto value = [](unsigned reg, int high) {
     const unsigned short bits = static_cast<unsigned short>(high ? reg >> 16 : reg & 0xffffu);
     return kBf16 ? __uint_as_float(static_cast<unsigned>(bits) << 16) : __half2float(__ushort_as_half(bits));
@@ -207,7 +208,13 @@ void wgmma_rs(float (&d)[kN / 2], const unsigned (&a)[4], uint64_t b_desc) {
 template <int kN, bool kBf16>
 void wgmma_ss(float (&d)[kN / 2], uint64_t a_desc, uint64_t b_desc) {
   EmulatedWgmma op;
-  op.d = d, op.n = kN, op.bf16 = kBf16, op.desc = b_desc, op.a_desc = a_desc, op.a_smem = true;
+  op.d = d, op.n = kN, op.bf16 = kBf16, op.desc = b_desc, op.a_desc = a_desc, op.a_smem = true, op.mn_major = false;
+  emulated_wgmma_open.push_back(op);
+}
+template <int kN, bool kBf16>
+void wgmma_ss_mn(float (&d)[kN / 2], uint64_t a_desc, uint64_t b_desc) {
+  EmulatedWgmma op;
+  op.d = d, op.n = kN, op.bf16 = kBf16, op.desc = b_desc, op.a_desc = a_desc, op.a_smem = true, op.mn_major = true;
   emulated_wgmma_open.push_back(op);
 }
 inline void wgmma_commit() {
@@ -220,13 +227,16 @@ void wgmma_wait() {
   while (emulated_wgmma_committed.size() > static_cast<size_t>(kGroups)) {
     for (const EmulatedWgmma& op : emulated_wgmma_committed.front()) {
       // Bits 0-13 start, 16-29 leading (K) byte offset, 32-45 stride (M or N) byte offset, in 16-byte units; this
-      // emulation knows only the unswizzled K-major layout with base offset 0. Element (k, row) of an operand.
+      // emulation knows only the unswizzled layouts with base offset 0. Element (k, row) of an operand: K-major,
+      // ((8,m),(T,2k)):((1T,SBO),(1,LBO)), a row's 8 K values in 16 bytes; MN-major, ((T,1,m),(8,k)):((1,T,SBO),
+      // (1T,LBO)), a K value's 8 rows in 16 bytes.
       auto element = [&](uint64_t desc, int k, int row) {
         if ((desc >> 49) != 0) std::abort();
         const uint64_t start = (desc & 0x3FFFu) << 4, lead = ((desc >> 16) & 0x3FFFu) << 4,
                        stride = ((desc >> 32) & 0x3FFFu) << 4;
-        const unsigned char* e = xo_emulated_smem_base + start + (row / 8) * stride + (k / 8) * lead + (row % 8) * 16 +
-                                 (k % 8) * 2;
+        const unsigned char* e =
+            xo_emulated_smem_base + start + (row / 8) * stride + (k / 8) * lead +
+            (op.mn_major ? (k % 8) * 16 + (row % 8) * 2 : (row % 8) * 16 + (k % 8) * 2);
         unsigned short bits;
         std::memcpy(&bits, e, 2);
         return op.bf16 ? __uint_as_float(static_cast<unsigned>(bits) << 16) : __half2float(__ushort_as_half(bits));

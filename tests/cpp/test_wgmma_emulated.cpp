@@ -337,6 +337,72 @@ TEST_CASE(separable_wgmma_bf16) { run_fused_cases<__nv_bfloat16>(7); }
 
 TEST_CASE(separable_wgmma_fp16) { run_fused_cases<__half>(70); }
 
+// ---- the pointwise weight's gradient (pointwise_wgrad_kernel) ----
+
+struct WgradCase {
+  int64_t pixels, ldg, lda;
+  int32_t rows, cols;
+  int sms;  // the plan's multiprocessors: few, so that the pixels split
+};
+
+template <typename T>
+void run_wgrad_case(const WgradCase& c, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> uni(-1.f, 1.f);
+  Buffer g(c.pixels * c.ldg), a(c.pixels * c.lda);
+  for (int64_t i = 0; i < c.pixels * c.ldg; ++i) g.data()[i] = bits_of<T>(uni(rng));
+  for (int64_t i = 0; i < c.pixels * c.lda; ++i) a.data()[i] = bits_of<T>(uni(rng));
+  PointwiseWgradParams p;
+  p.g = g.data(), p.a = a.data(), p.pixels = c.pixels, p.ldg = c.ldg, p.lda = c.lda, p.rows = c.rows, p.cols = c.cols;
+  pointwise_wgrad_plan(p, c.sms);
+  std::vector<float> partial(static_cast<size_t>(p.splits) * c.rows * c.cols);
+  p.partial = partial.data();
+  EXPECT(pointwise_wgrad_ok(p));
+  const int64_t blocks = ((c.rows + kWgradTile - 1) / kWgradTile) * ((c.cols + kWgradTile - 1) / kWgradTile) * p.splits;
+  auto launch = [&] {
+    std::fill(partial.begin(), partial.end(), std::nanf(""));
+    kernels::xo_emulated_smem_base = kernels::smem;
+    emulate_launch(kernels::pointwise_wgrad_kernel<T>, dim3(static_cast<unsigned>(blocks)), dim3(kPwThreads), p);
+  };
+  launch();
+  int bad = 0;
+  for (int32_t r = 0; r < c.rows; ++r) {
+    for (int32_t k = 0; k < c.cols; ++k) {
+      double want = 0.0, scale = 0.0;
+      for (int64_t q = 0; q < c.pixels; ++q) {
+        const double v = double(value_of<T>(g.data()[q * c.ldg + r])) * value_of<T>(a.data()[q * c.lda + k]);
+        want += v, scale += std::fabs(v);
+      }
+      float got = 0.f;
+      for (int32_t s = 0; s < p.splits; ++s) got += partial[(static_cast<int64_t>(s) * c.rows + r) * c.cols + k];
+      if (!(std::fabs(got - want) <= 1e-5 * scale + 1e-6) && bad++ < 5) {
+        std::printf("  wgrad [%d][%d] = %g, want %g (splits %d)\n", r, k, got, want, p.splits);
+      }
+    }
+  }
+  EXPECT(bad == 0);
+  const std::vector<float> first = partial;
+  launch();
+  EXPECT(std::memcmp(first.data(), partial.data(), first.size() * sizeof(float)) == 0);
+}
+
+// Pixels not a multiple of a stage, split across blocks; rows and columns past one tile; row strides wider
+// than the rows; the smallest product.
+const WgradCase kWgradCases[] = {
+    {300, 136, 80, 136, 72, 3},
+    {1000, 128, 256, 128, 256, 2},
+    {65, 8, 8, 8, 8, 1},
+    {2000, 64, 64, 64, 64, 8},  // eight splits, the last one partial
+};
+
+TEST_CASE(pointwise_wgrad) {
+  uint32_t seed = 11;
+  for (const WgradCase& c : kWgradCases) {
+    run_wgrad_case<__nv_bfloat16>(c, seed++);
+    run_wgrad_case<__half>(c, seed++);
+  }
+}
+
 TEST_CASE(wgmma_descriptor_fields) {
   // Start address, leading and stride byte offsets in 16-byte units at bits 0, 16 and 32; swizzle 0.
   const uint64_t d = kernels::wgmma_desc(0x12340, 128, 1024);
