@@ -320,7 +320,7 @@ def test_implementations_kept_for_comparison(env, cases):
     assert " passed" in done.stdout
 
 
-# ---- Hopper's wgmma GEMM for the staged form (kernels/pointwise_gemm.cuh), XCEPTION_OPS_SEPARABLE_STAGED_GEMM=wgmma ----
+# ---- Hopper's wgmma kernels (kernels/pointwise_gemm.cuh, kernels/separable_wgmma.cuh), opt-in ----
 
 def _wgmma_built_and_hopper():
     import xception_ops._C as ext
@@ -414,42 +414,36 @@ def test_fused_wgmma_forward(dtype, shape, opts, monkeypatch):
     check(shape, opts, dtype, "channels_last")
 
 
-@WGMMA_SKIP
-def test_fused_wgmma_forward_runs_and_repeats(monkeypatch):
-    """At an entry-flow shape (batch 2, 128 -> 256 channels at 74^2) the fused wgmma kernel is the one that runs, its
-    results are within the tolerance, and ten runs give the same bits (a persistent grid of one block per SM)."""
-    monkeypatch.setenv("XCEPTION_OPS_SEPARABLE_FORWARD", "wgmma")
-    shape = (2, 128, 256, 74, 74, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
-    check(shape, OPTIONS[2], torch.bfloat16, "channels_last")
-    x, dw, pw, t, a = make_inputs(shape, OPTIONS[2], torch.bfloat16, "channels_last")
+def runs_and_repeats(shape, opts, kernel):
+    """`kernel` is the one that runs (by the profiler's names: not a silent fallback), the results are within the
+    tolerance, and ten runs give the same bits."""
+    check(shape, opts, torch.bfloat16, "channels_last")
+    x, dw, pw, t, a = make_inputs(shape, opts, torch.bfloat16, "channels_last")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         first = call(OPS.separable_conv2d, x, dw, pw, t, a, "cuda")
         torch.cuda.synchronize()
     names = [e.key for e in prof.key_averages()]
-    assert any("separable_wgmma_kernel" in n for n in names), names
+    assert any(kernel in n for n in names), names
     for _ in range(10):
         again = call(OPS.separable_conv2d, x, dw, pw, t, a, "cuda")
         for u, v in zip(first, again):
             assert torch.equal(u, v)
+
+
+@WGMMA_SKIP
+def test_fused_wgmma_forward_runs_and_repeats(monkeypatch):
+    """At an entry-flow shape (batch 2, 128 -> 256 channels at 74^2; a persistent grid of one block per SM)."""
+    monkeypatch.setenv("XCEPTION_OPS_SEPARABLE_FORWARD", "wgmma")
+    runs_and_repeats((2, 128, 256, 74, 74, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)), OPTIONS[2],
+                     "separable_wgmma_kernel")
 
 
 @WGMMA_SKIP
 def test_staged_wgmma_gemm_runs_and_repeats(monkeypatch):
-    """At the middle flow's shape the wgmma kernel is the one that runs (not a silent fallback), its results are
-    within the tolerance, and ten runs give the same bits."""
+    """At the middle flow's shape (batch 2, 728 channels at 19^2)."""
     monkeypatch.setenv("XCEPTION_OPS_SEPARABLE_STAGED_GEMM", "wgmma")
-    shape = (2, 728, 728, 19, 19, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
-    check(shape, OPTIONS[5], torch.bfloat16, "channels_last")
-    x, dw, pw, t, a = make_inputs(shape, OPTIONS[5], torch.bfloat16, "channels_last")
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        first = call(OPS.separable_conv2d, x, dw, pw, t, a, "cuda")
-        torch.cuda.synchronize()
-    names = [e.key for e in prof.key_averages()]
-    assert any("pointwise_wgmma_kernel" in n for n in names), names
-    for _ in range(10):
-        again = call(OPS.separable_conv2d, x, dw, pw, t, a, "cuda")
-        for u, v in zip(first, again):
-            assert torch.equal(u, v)
+    runs_and_repeats((2, 728, 728, 19, 19, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)), OPTIONS[5],
+                     "pointwise_wgmma_kernel")
 
 
 # ---- the backward (csrc/cuda/separable_backward_backend.cpp, kernels/separable_backward.cuh) ----

@@ -6,10 +6,10 @@ become the defaults (the fused one applies up to 128 depthwise channels; elsewhe
     python tools/wgmma_sweep.py [--configs 128x3x0 128x4x1 ...] [--dtype bfloat16] [--batch 32] [--json FILE]
 
 One process: XCEPTION_OPS_SEPARABLE_FORWARD, XCEPTION_OPS_SEPARABLE_STAGED_GEMM and XCEPTION_OPS_WGMMA_CONFIG are
-read at each call. Two passes per
-layer: inference (folded BatchNorm and ReLU in the epilogue) and the training forward (the batch statistics).
-Times are CUDA-event means over --reps calls after --warmup, in ms; the weighted total counts each layer as often as
-the model has it. Before timing, each configuration's output is compared with the default's (relative error).
+read at each call. Two passes per layer: inference (folded BatchNorm and ReLU in the epilogue) and the training
+forward (the batch statistics). Times are medians of CUDA-event timings (xception_ops.bench.time_fn) over --reps
+calls after --warmup, in ms; the weighted total counts each layer as often as the model has it. Before timing, each
+variant's output is compared with the default's (relative error).
 Needs a compute capability 9.0 GPU and a 9.0a build (tools/gpu_check.sh builds one).
 """
 from __future__ import annotations
@@ -19,20 +19,6 @@ import json
 import os
 
 DEFAULT_CONFIGS = ["128x3x0", "128x4x1", "256x4x0", "256x4x1", "64x4x1"]
-
-
-def time_ms(fn, warmup: int, reps: int) -> float:
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def main() -> None:
@@ -49,7 +35,7 @@ def main() -> None:
 
     import xception_ops  # noqa: F401  (registers the ops)
     import xception_ops._C as ext
-    from xception_ops.bench import XCEPTION_LAYERS
+    from xception_ops.bench import XCEPTION_LAYERS, time_fn
 
     # Off Hopper there is nothing to time: said, and not an error (tools/gpu_check.sh runs this on any GPU).
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
@@ -98,7 +84,7 @@ def main() -> None:
                 got = run()
                 err = max(((g.double() - w.double()).norm() / w.double().norm().clamp_min(1e-30)).item()
                           for g, w in zip(got, want) if w.numel())
-                times.append(time_ms(run, args.warmup, args.reps))
+                times.append(time_fn(lambda i: run(), torch.device(dev), args.warmup, args.reps).median_ms)
                 errors.append(err)
                 totals[(name, pass_)] += count * times[-1]
             set_variant(None)

@@ -50,6 +50,24 @@ __device__ __forceinline__ float sum_over_rows(float v) {
 #endif
 
 #if defined(XO_POINTWISE_WGMMA)
+// One 16-byte chunk of a stage: copied by cp.async where it exists, zeros stored where it does not.
+template <typename T>
+__device__ __forceinline__ void stage_chunk(T* dst, const T* src, bool exists) {
+  if (exists) {
+    cp_async_16(dst, src);
+  } else {
+    *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+  }
+}
+
+// Zeroed accumulators, fenced so that the first wgmma sees the zeros.
+template <int kCount>
+__device__ __forceinline__ void zero_accumulators(float (&acc)[kCount]) {
+#pragma unroll
+  for (int i = 0; i < kCount; ++i) acc[i] = 0.f;
+  wgmma_fence_operands(acc);
+}
+
 // The epilogue of a 128 x kN tile from a warpgroup pair's accumulators (d[4 j + e] = row g + 8 (e / 2), column
 // 8 j + 2 t + e % 2 of the warp's 16 rows): y rounded, the statistics of y (shuffles within a warp, warp order
 // across the block: one partial row per pixel tile), the affine result rounded into the shared tile, then 16-byte
@@ -124,7 +142,10 @@ __device__ __forceinline__ void wgmma_tile_epilogue(const PointwiseGemmParams& p
     const unsigned words[4] = {packed.x, packed.y, packed.z, packed.w};
     float z[8];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) z[2 * i] = from_bits16<T>(words[i] & 0xffffu), z[2 * i + 1] = from_bits16<T>(words[i] >> 16);
+    for (int i = 0; i < 4; ++i) {
+      z[2 * i] = from_bits16<T>(words[i] & 0xffffu);
+      z[2 * i + 1] = from_bits16<T>(words[i] >> 16);
+    }
     if (res != nullptr) {
       const uint4 r = load_readonly(reinterpret_cast<const uint4*>(res + offset));
       const unsigned rw[4] = {r.x, r.y, r.z, r.w};
@@ -201,20 +222,12 @@ __global__ void __launch_bounds__(kPwThreads, kMinBlocks) pointwise_wgmma_kernel
     for (int r = 0; r < kAChunks; ++r) {
       const int c = tid + kPwThreads * r;
       T* dst = kSmemA ? as + 8 * c : as + (c / 8) * kPwAPitch + 8 * (c % 8);
-      if (a_row_ok[r] && k0 + 8 * (kSmemA ? (c / 8) % 8 : c % 8) < p.k) {
-        cp_async_16(dst, a_src[r] + k0);
-      } else {
-        *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
-      }
+      stage_chunk(dst, a_src[r] + k0, a_row_ok[r] && k0 + 8 * (kSmemA ? (c / 8) % 8 : c % 8) < p.k);
     }
 #pragma unroll
     for (int r = 0; r < kBChunks; ++r) {
       const int c = tid + kPwThreads * r;
-      if (b_row_ok[r] && k0 + 8 * ((c / 8) % 8) < p.k) {
-        cp_async_16(bs + 8 * c, b_src[r] + k0);
-      } else {
-        *reinterpret_cast<uint4*>(bs + 8 * c) = make_uint4(0u, 0u, 0u, 0u);
-      }
+      stage_chunk(bs + 8 * c, b_src[r] + k0, b_row_ok[r] && k0 + 8 * ((c / 8) % 8) < p.k);
     }
   };
 
@@ -226,9 +239,7 @@ __global__ void __launch_bounds__(kPwThreads, kMinBlocks) pointwise_wgmma_kernel
   }
 
   float acc[kN / 2];
-#pragma unroll
-  for (int i = 0; i < kN / 2; ++i) acc[i] = 0.f;
-  wgmma_fence_operands(acc);
+  zero_accumulators(acc);
 
   // ldmatrix.x4's row addresses: lane l gives row l % 16, input channels 8 (l / 16) .. of its warp's 16 rows.
   const int a_row = 64 * group + 16 * (warp % 4) + lane % 16, a_col = 8 * (lane / 16);
@@ -332,16 +343,8 @@ __global__ void __launch_bounds__(kPwThreads, 2) pointwise_wgrad_kernel(const Po
     for (int r = 0; r < kChunks; ++r) {
       const int c = tid + kPwThreads * r;
       const bool pixel_ok = p0 + static_cast<int64_t>(s) * kPwTileK + 8 * (c / 128) + c % 8 < p_end;
-      if (pixel_ok && g_ok[r]) {
-        cp_async_16(gs + 8 * c, g_src[r] + static_cast<int64_t>(s) * kPwTileK * p.ldg);
-      } else {
-        *reinterpret_cast<uint4*>(gs + 8 * c) = make_uint4(0u, 0u, 0u, 0u);
-      }
-      if (pixel_ok && a_ok[r]) {
-        cp_async_16(as + 8 * c, a_src[r] + static_cast<int64_t>(s) * kPwTileK * p.lda);
-      } else {
-        *reinterpret_cast<uint4*>(as + 8 * c) = make_uint4(0u, 0u, 0u, 0u);
-      }
+      stage_chunk(gs + 8 * c, g_src[r] + static_cast<int64_t>(s) * kPwTileK * p.ldg, pixel_ok && g_ok[r]);
+      stage_chunk(as + 8 * c, a_src[r] + static_cast<int64_t>(s) * kPwTileK * p.lda, pixel_ok && a_ok[r]);
     }
   };
 #pragma unroll
@@ -350,9 +353,7 @@ __global__ void __launch_bounds__(kPwThreads, 2) pointwise_wgrad_kernel(const Po
     cp_async_commit();
   }
   float acc[kN / 2];
-#pragma unroll
-  for (int i = 0; i < kN / 2; ++i) acc[i] = 0.f;
-  wgmma_fence_operands(acc);
+  zero_accumulators(acc);
   for (int32_t s = 0; s < stages; ++s) {
     cp_async_wait<kAhead - 1>();
     fence_proxy_async();

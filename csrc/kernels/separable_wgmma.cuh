@@ -56,11 +56,7 @@ __global__ void __launch_bounds__(kPwThreads, 1) separable_wgmma_kernel(const Se
     const T* w = static_cast<const T*>(pw.w);
     for (int c = tid; c < kN * kGroups; c += kPwThreads) {
       const int32_t ch = 8 * (c / (8 * kGroups)) + c % 8, k0 = 8 * ((c / 8) % kGroups);
-      if (ch < pw.n && k0 < K) {
-        cp_async_16(b_tile + 8 * c, w + static_cast<int64_t>(ch) * K + k0);
-      } else {
-        *reinterpret_cast<uint4*>(b_tile + 8 * c) = make_uint4(0u, 0u, 0u, 0u);
-      }
+      stage_chunk(b_tile + 8 * c, w + static_cast<int64_t>(ch < pw.n ? ch : 0) * K + k0, ch < pw.n && k0 < K);
     }
     cp_async_commit();
     const T* dw = static_cast<const T*>(p.dw_weight);
@@ -127,9 +123,7 @@ __global__ void __launch_bounds__(kPwThreads, 1) separable_wgmma_kernel(const Se
   // The products of the tile in `a`: each warpgroup its 64 rows, kK / 16 steps of 16 input channels (core
   // matrices 128 bytes apart along K, row groups kStride apart), one group of wgmma.
   auto issue = [&](const T* a) {
-#pragma unroll
-    for (int i = 0; i < kN / 2; ++i) acc[i] = 0.f;
-    wgmma_fence_operands(acc);
+    zero_accumulators(acc);
     wgmma_fence();
     const uint32_t a_base = smem_address(a) + 64 / 8 * kStride * group;
 #pragma unroll
