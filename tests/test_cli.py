@@ -20,6 +20,9 @@ def test_info_lists_every_backend(capsys, monkeypatch):
     assert "settings:" in out and "XCEPTION_OPS_SEPARABLE_FORWARD=fused" in out  # the implementation choices
     for name in ("torch", "cuda", "triton"):
         assert f"  {name}" in out
+    from xception_ops import _library
+    if _library.EXTENSION is not None and _library.EXTENSION.WITH_CUDA:  # whether Hopper's kernels are there
+        assert "Hopper's wgmma kernels built" in out or "Hopper's wgmma kernels not built" in out
     assert cli.main(["info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert {b["name"] for b in info["backends"]} == {"torch", "cuda", "triton"}

@@ -323,9 +323,8 @@ def test_implementations_kept_for_comparison(env, cases):
 # ---- Hopper's wgmma kernels (kernels/pointwise_gemm.cuh, kernels/separable_wgmma.cuh), opt-in ----
 
 def _wgmma_built_and_hopper():
-    import xception_ops._C as ext
-    archs = ext.CUDA_ARCHS.replace(" ", ";").split(";")
-    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0) and "9.0a" in archs
+    from xception_ops.backend import wgmma_kernels_built
+    return wgmma_kernels_built() and torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 
 
 WGMMA_SKIP = pytest.mark.skipif(not _wgmma_built_and_hopper(),

@@ -34,15 +34,17 @@ def main() -> None:
     import torch
 
     import xception_ops  # noqa: F401  (registers the ops)
-    import xception_ops._C as ext
+    from xception_ops import _library
+    from xception_ops.backend import wgmma_kernels_built
     from xception_ops.bench import XCEPTION_LAYERS, time_fn
 
     # Off Hopper there is nothing to time: said, and not an error (tools/gpu_check.sh runs this on any GPU).
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         print("wgmma_sweep: skipped: needs a compute capability 9.0 GPU")
         return
-    if "9.0a" not in ext.CUDA_ARCHS.replace(" ", ";").split(";"):
-        print(f"wgmma_sweep: skipped: xception_ops._C is built for {ext.CUDA_ARCHS!r}, not 9.0a")
+    if not wgmma_kernels_built():
+        archs = getattr(_library.EXTENSION, "CUDA_ARCHS", None)
+        print(f"wgmma_sweep: skipped: xception_ops._C is not built for 9.0a (archs {archs!r})")
         return
     ops = torch.ops.xception_ops
     dtype = getattr(torch, args.dtype)

@@ -11,6 +11,7 @@ that cannot run raises an error that names what is missing.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -206,6 +207,15 @@ def resolve(backend: str, op: str, x: torch.Tensor, out_channels: int | None = N
     return backend
 
 
+def wgmma_kernels_built() -> bool:
+    """Whether the compiled library holds Hopper's wgmma kernels (csrc/kernels/pointwise_gemm.cuh,
+    separable_wgmma.cuh): built for sm_90a (TORCH_CUDA_ARCH_LIST with 9.0a, the default for Hopper)."""
+    ext = _library.EXTENSION
+    if ext is None or not ext.WITH_CUDA:
+        return False
+    return "9.0a" in re.split(r"[;\s]+", ext.CUDA_ARCHS.replace("+PTX", ""))
+
+
 def status() -> list[BackendStatus]:
     """What each backend is and whether it can run here; printed by `xception-ops info`."""
     gpu = torch.device("cuda") if torch.cuda.is_available() else None
@@ -216,7 +226,10 @@ def status() -> list[BackendStatus]:
     cuda_built = ext is not None and bool(ext.WITH_CUDA)
     if cuda_built:
         built_for = (f"built for sm {ext.CUDA_ARCHS}; kernels: {', '.join(cuda_ops()) or 'none yet'}; "
-                     f"taken by backend='auto': {', '.join(ext.CUDA_AUTO_OPS) or 'none yet'}")
+                     f"taken by backend='auto': {', '.join(ext.CUDA_AUTO_OPS) or 'none yet'}; Hopper's wgmma "
+                     + ("kernels built, opt-in (XCEPTION_OPS_SEPARABLE_STAGED_GEMM=wgmma, "
+                        "XCEPTION_OPS_SEPARABLE_FORWARD=wgmma; compute capability 9.0 only)"
+                        if wgmma_kernels_built() else "kernels not built (no 9.0a in TORCH_CUDA_ARCH_LIST)"))
         cuda_detail = built_for if cuda_detail is None else f"{built_for}; not usable: {cuda_detail}"
     return [
         BackendStatus("torch", True, True, "ATen reference (cuDNN on CUDA, oneDNN / native on CPU); always usable"),
