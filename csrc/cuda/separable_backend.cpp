@@ -115,40 +115,58 @@ bool fused_launch(const Tensor& x, const Tensor& dw_weight, const Tensor& pw_wei
   return true;
 }
 
-// Hopper's GEMM for the staged form: out (allocated channels-last) = epilogue(mid W^T), the statistics into sum /
-// sumsq. Returns false, having launched nothing, where its conditions do not hold (pointwise_gemm_ok).
-bool wgmma_launch(const Tensor& mid, const Tensor& pw_weight, const SeparableOptions& opt, const Conv2dGeometry& g,
-                  DType dtype, const Tensor& out, Tensor& sum, Tensor& sumsq) {
-  const int64_t C = g.out_channels, K = g.dw_channels();
-  if (C > INT32_MAX || K > INT32_MAX) return false;
+// The product's side of the wgmma kernels' params from the op's options: out (channels-last), the epilogue (the
+// float32 vectors kept alive by `keep`) and the sizes. False where the residual is not channels-last contiguous or
+// the channels do not fit 32 bits: the kernels read it as [pixels][C].
+bool set_pointwise_epilogue(PointwiseGemmParams& p, const SeparableOptions& opt, const Conv2dGeometry& g,
+                            const Tensor& out, Tensor (&keep)[2]) {
+  if (g.out_channels > INT32_MAX || g.dw_channels() > INT32_MAX) return false;
   if (opt.residual.has_value() && !opt.residual->is_contiguous(at::MemoryFormat::ChannelsLast)) return false;
-  const Tensor pw = pw_weight.contiguous();
-  PointwiseGemmParams p;
-  p.a = mid.data_ptr();
-  p.lda = K;
-  p.w = pw.data_ptr();
   p.out = out.data_ptr();
   if (opt.residual.has_value()) p.residual = opt.residual->data_ptr();
-  Tensor keep[2];
   p.scale = float_vector(opt.out_scale, keep[0]);
   p.shift = float_vector(opt.out_shift, keep[1]);
   p.relu = opt.out_relu;
   p.m = g.batch * g.out_h * g.out_w;
-  p.n = static_cast<int32_t>(C);
-  p.k = static_cast<int32_t>(K);
-  if (!pointwise_gemm_ok(p)) return false;
-  const int64_t tiles = pointwise_m_tiles(p);
+  p.n = static_cast<int32_t>(g.out_channels);
+  p.k = static_cast<int32_t>(g.dw_channels());
+  return true;
+}
+
+// Runs `launch` (a wgmma kernel writing p.stats_partial where it is set), with a workspace of one partial row per
+// pixel tile where opt.compute_stats, then their fixed-order reduction into sum / sumsq.
+template <typename Launch>
+void launch_with_statistics(PointwiseGemmParams& p, const SeparableOptions& opt, const at::TensorOptions& like,
+                            Tensor& sum, Tensor& sumsq, Launch launch) {
+  const int64_t tiles = pointwise_m_tiles(p), C = p.n;
   Tensor workspace;
   if (opt.compute_stats) {
-    workspace = at::empty({reduce_rows_workspace(tiles, 2 * C)}, mid.options().dtype(at::kFloat));
+    workspace = at::empty({reduce_rows_workspace(tiles, 2 * C)}, like.dtype(at::kFloat));
     p.stats_partial = workspace.data_ptr<float>();
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  check_launch(kForward, launch_pointwise_wgmma(p, dtype, wgmma_gemm_config(kForward), stream));
+  check_launch(kForward, launch(stream));
   if (opt.compute_stats) {
     check_launch(kForward, launch_reduce_rows(p.stats_partial, tiles, 2 * C, C, sum.data_ptr<float>(),
                                               sumsq.data_ptr<float>(), stream));
   }
+}
+
+// Hopper's GEMM for the staged form: out (allocated channels-last) = epilogue(mid W^T), the statistics into sum /
+// sumsq. Returns false, having launched nothing, where its conditions do not hold (pointwise_gemm_ok).
+bool wgmma_launch(const Tensor& mid, const Tensor& pw_weight, const SeparableOptions& opt, const Conv2dGeometry& g,
+                  DType dtype, const Tensor& out, Tensor& sum, Tensor& sumsq) {
+  PointwiseGemmParams p;
+  Tensor keep[2];
+  if (!set_pointwise_epilogue(p, opt, g, out, keep)) return false;
+  const Tensor pw = pw_weight.contiguous();
+  p.a = mid.data_ptr();
+  p.lda = p.k;
+  p.w = pw.data_ptr();
+  if (!pointwise_gemm_ok(p)) return false;
+  launch_with_statistics(p, opt, mid.options(), sum, sumsq, [&](cudaStream_t stream) {
+    return launch_pointwise_wgmma(p, dtype, wgmma_gemm_config(kForward), stream);
+  });
   return true;
 }
 
@@ -168,42 +186,24 @@ Tensor fused_wgmma_forward(const Tensor& x, const Tensor& dw_weight, const Tenso
       !pointwise_wgmma_available(caps.major, caps.minor) || g.out_channels > 256 || g.in_channels > 128) {
     return Tensor();
   }
-  if (opt.residual.has_value() && !opt.residual->is_contiguous(at::MemoryFormat::ChannelsLast)) return Tensor();
-  const Tensor dw = dw_weight.contiguous(), pw = pw_weight.contiguous();
   Tensor out = at::empty({g.batch, g.out_channels, g.out_h, g.out_w},
                          x.options().memory_format(at::MemoryFormat::ChannelsLast));
   SeparableWgmmaParams p;
+  Tensor keep_out[2], keep_in[2];
+  if (!set_pointwise_epilogue(p.pw, opt, g, out, keep_out)) return Tensor();
+  const Tensor dw = dw_weight.contiguous(), pw = pw_weight.contiguous();
+  p.pw.w = pw.data_ptr();
   p.x = x.data_ptr();
   p.dw_weight = dw.data_ptr();
-  Tensor keep[4];
-  p.in_scale = float_vector(opt.in_scale, keep[0]);
-  p.in_shift = float_vector(opt.in_shift, keep[1]);
+  p.in_scale = float_vector(opt.in_scale, keep_in[0]);
+  p.in_shift = float_vector(opt.in_shift, keep_in[1]);
   p.in_relu = opt.in_relu;
   p.mid = static_cast<int32_t>(opt.mid);
   p.in_h = g.in_h, p.in_w = g.in_w, p.out_h = g.out_h, p.out_w = g.out_w;
   p.pad_top = static_cast<int32_t>(g.pad_top), p.pad_left = static_cast<int32_t>(g.pad_left);
-  p.pw.w = pw.data_ptr();
-  p.pw.out = out.data_ptr();
-  if (opt.residual.has_value()) p.pw.residual = opt.residual->data_ptr();
-  p.pw.scale = float_vector(opt.out_scale, keep[2]);
-  p.pw.shift = float_vector(opt.out_shift, keep[3]);
-  p.pw.relu = opt.out_relu;
-  p.pw.m = g.batch * g.out_h * g.out_w;
-  p.pw.n = static_cast<int32_t>(g.out_channels);
-  p.pw.k = static_cast<int32_t>(g.in_channels);
   if (!separable_wgmma_ok(p)) return Tensor();
-  const int64_t tiles = pointwise_m_tiles(p.pw), C = g.out_channels;
-  Tensor workspace;
-  if (opt.compute_stats) {
-    workspace = at::empty({reduce_rows_workspace(tiles, 2 * C)}, x.options().dtype(at::kFloat));
-    p.pw.stats_partial = workspace.data_ptr<float>();
-  }
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  check_launch(kForward, launch_separable_wgmma(p, dtype, caps.sms, stream));
-  if (opt.compute_stats) {
-    check_launch(kForward, launch_reduce_rows(p.pw.stats_partial, tiles, 2 * C, C, sum.data_ptr<float>(),
-                                              sumsq.data_ptr<float>(), stream));
-  }
+  launch_with_statistics(p.pw, opt, x.options(), sum, sumsq,
+                         [&](cudaStream_t stream) { return launch_separable_wgmma(p, dtype, caps.sms, stream); });
   return out;
 }
 

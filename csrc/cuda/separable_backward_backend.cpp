@@ -120,13 +120,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_con
   // output channels: 1.16 ms against ~0.1 for this on 728->728 @19^2 (H100, session 4).
   // With XCEPTION_OPS_SEPARABLE_STAGED_GEMM=wgmma on Hopper, split over the pixels on the wgmma kernel instead
   // (pointwise_wgrad_kernel: float32 partial products, summed in split order, rounded once): the same contract.
-  const bool wgmma = wgmma_gemm_requested() && dtype != DType::Float32 && fmt == at::MemoryFormat::ChannelsLast &&
-                     C <= INT32_MAX && K <= INT32_MAX;
+  bool wgmma = wgmma_gemm_requested() && dtype != DType::Float32 && fmt == at::MemoryFormat::ChannelsLast &&
+               C <= INT32_MAX && K <= INT32_MAX;
   DeviceCaps caps;
-  if (wgmma) check_launch(kBackward, current_device_caps(&caps));
+  if (wgmma) {
+    check_launch(kBackward, current_device_caps(&caps));
+    wgmma = pointwise_wgmma_available(caps.major, caps.minor);
+  }
   Tensor grad_pw;
-  if (wgmma && pointwise_wgmma_available(caps.major, caps.minor) &&
-      mid.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+  if (wgmma && mid.is_contiguous(at::MemoryFormat::ChannelsLast)) {
     PointwiseWgradParams w;
     w.g = gy2.data_ptr();
     w.ldg = C;
@@ -160,7 +162,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_con
   // it: 2 bytes per weight, once per backward).
   const Tensor pw2 = pw_weight.contiguous().view({C, K});
   Tensor grad_mid;
-  if (wgmma && pointwise_wgmma_available(caps.major, caps.minor)) {
+  if (wgmma) {
     const Tensor wt = pw2.t().contiguous();
     Tensor result = at::empty({g.batch, K, g.out_h, g.out_w}, x.options().memory_format(fmt));
     PointwiseGemmParams p;

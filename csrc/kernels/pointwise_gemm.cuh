@@ -39,7 +39,7 @@ namespace kernels {
 #define XO_POINTWISE_WGMMA 1
 #endif
 
-#if defined(__CUDA_ARCH__) || defined(XO_EMULATED_WARP_MMA)
+#if defined(XO_POINTWISE_WGMMA)
 // The sum over the 8 lanes of a warp that share lane % 4 (the 8 rows g of one column pair), in a fixed order.
 __device__ __forceinline__ float sum_over_rows(float v) {
   v += __shfl_xor_sync(0xffffffffu, v, 4);
@@ -47,9 +47,7 @@ __device__ __forceinline__ float sum_over_rows(float v) {
   v += __shfl_xor_sync(0xffffffffu, v, 16);
   return v;
 }
-#endif
 
-#if defined(XO_POINTWISE_WGMMA)
 // One 16-byte chunk of a stage: copied by cp.async where it exists, zeros stored where it does not.
 template <typename T>
 __device__ __forceinline__ void stage_chunk(T* dst, const T* src, bool exists) {
