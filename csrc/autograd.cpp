@@ -48,11 +48,13 @@ OptTensor optional_of(const Tensor& t) { return t.defined() ? OptTensor(t) : Opt
 // ---- separable_conv2d ----
 using SeparableSig = std::tuple<Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, bool, IntArrayRef, IntArrayRef,
-    IntArrayRef, c10::string_view, const OptTensor&, const OptTensor&, bool, const OptTensor&, bool, c10::string_view);
-using SeparableBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
-    const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const Tensor&, const Tensor&, const Tensor&,
-    const OptTensor&, const OptTensor&, bool, IntArrayRef, IntArrayRef, IntArrayRef, c10::string_view,
-    const OptTensor&, const OptTensor&, bool, c10::string_view);
+    IntArrayRef, c10::string_view, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, bool,
+    const OptTensor&, bool, c10::string_view);
+using SeparableBackwardSig = SeparableGrads(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+                                            const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                                            const OptTensor&, bool, IntArrayRef, IntArrayRef, IntArrayRef,
+                                            c10::string_view, const OptTensor&, const OptTensor&, const OptTensor&,
+                                            const OptTensor&, bool, c10::string_view);
 
 const c10::TypedOperatorHandle<SeparableSig>& separable_op() {
   static const auto op = op_handle<SeparableSig>("xception_ops::separable_conv2d");
@@ -63,22 +65,25 @@ struct SeparableFunction : public torch::autograd::Function<SeparableFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& dw_weight,
                                const Tensor& pw_weight, const OptTensor& in_scale, const OptTensor& in_shift,
                                bool in_relu, IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
-                               c10::string_view mid_activation, const OptTensor& out_scale,
-                               const OptTensor& out_shift, bool out_relu, const OptTensor& residual,
-                               bool compute_stats, c10::string_view backend) {
+                               c10::string_view mid_activation, const OptTensor& mid_scale,
+                               const OptTensor& mid_shift, const OptTensor& out_scale, const OptTensor& out_shift,
+                               bool out_relu, const OptTensor& residual, bool compute_stats,
+                               c10::string_view backend) {
     Tensor out, sum, sumsq;
     {
       const at::AutoDispatchBelowADInplaceOrView below;
       std::tie(out, sum, sumsq) =
           separable_op().call(x, dw_weight, pw_weight, in_scale, in_shift, in_relu, stride, padding, dilation,
-                              mid_activation, out_scale, out_shift, out_relu, residual, compute_stats, backend);
+                              mid_activation, mid_scale, mid_shift, out_scale, out_shift, out_relu, residual,
+                              compute_stats, backend);
     }
     // The output goes to the backward for its ReLU mask, and when the forward had no epilogue at all, since it is
     // then y itself, which a backend can use instead of recomputing it (training: the next layer saves it anyway).
     const bool plain = !out_scale.has_value() && !out_shift.has_value() && !residual.has_value() && !out_relu;
     ctx->save_for_backward({x, dw_weight, pw_weight, defined_or_empty(in_scale), defined_or_empty(in_shift),
                             defined_or_empty(out_scale), defined_or_empty(out_shift),
-                            out_relu || plain ? out : Tensor()});
+                            out_relu || plain ? out : Tensor(), defined_or_empty(mid_scale),
+                            defined_or_empty(mid_shift)});
     auto& data = ctx->saved_data;
     data["in_relu"] = in_relu;
     data["stride"] = to_vector(stride);
@@ -92,7 +97,9 @@ struct SeparableFunction : public torch::autograd::Function<SeparableFunction> {
     int64_t residual_input = -1;
     if (residual.has_value()) {
       residual_input = 3;
-      for (const OptTensor* t : {&in_scale, &in_shift, &out_scale, &out_shift}) residual_input += t->has_value();
+      for (const OptTensor* t : {&in_scale, &in_shift, &mid_scale, &mid_shift, &out_scale, &out_shift}) {
+        residual_input += t->has_value();
+      }
     }
     data["residual_input"] = residual_input;
     if (!compute_stats) ctx->mark_non_differentiable({sum, sumsq});  // empty: no statistics asked for
@@ -105,6 +112,7 @@ struct SeparableFunction : public torch::autograd::Function<SeparableFunction> {
     const Tensor &x = saved[0], &dw_weight = saved[1], &pw_weight = saved[2], &out = saved[7];
     const OptTensor in_scale = optional_of(saved[3]), in_shift = optional_of(saved[4]);
     const OptTensor out_scale = optional_of(saved[5]), out_shift = optional_of(saved[6]);
+    const OptTensor mid_scale = optional_of(saved[8]), mid_shift = optional_of(saved[9]);
     const auto& data = ctx->saved_data;
     const bool out_relu = data.at("out_relu").toBool();
     const bool compute_stats = data.at("compute_stats").toBool();
@@ -115,10 +123,11 @@ struct SeparableFunction : public torch::autograd::Function<SeparableFunction> {
     const OptTensor grad_sumsq = compute_stats ? optional_of(grads[2]) : OptTensor();
     const auto stride = data.at("stride").toIntVector(), padding = data.at("padding").toIntVector(),
                dilation = data.at("dilation").toIntVector();
-    auto [grad_x, grad_dw, grad_pw, grad_in_scale, grad_in_shift, grad_out_scale, grad_out_shift] =
+    auto [grad_x, grad_dw, grad_pw, grad_in_scale, grad_in_shift, grad_mid_scale, grad_mid_shift, grad_out_scale,
+          grad_out_shift] =
         backward_op.call(grad_out, grad_sum, grad_sumsq, optional_of(out), x, dw_weight, pw_weight, in_scale,
                          in_shift, data.at("in_relu").toBool(), stride, padding, dilation,
-                         data.at("mid").toStringRef(), out_scale, out_shift, out_relu, backend);
+                         data.at("mid").toStringRef(), mid_scale, mid_shift, out_scale, out_shift, out_relu, backend);
     Tensor grad_residual;
     const int64_t residual_input = data.at("residual_input").toInt();
     if (residual_input >= 0 && ctx->needs_input_grad(static_cast<size_t>(residual_input))) {
@@ -135,6 +144,8 @@ struct SeparableFunction : public torch::autograd::Function<SeparableFunction> {
             Tensor(),
             Tensor(),
             Tensor(),
+            if_given(mid_scale, grad_mid_scale),
+            if_given(mid_shift, grad_mid_shift),
             if_given(out_scale, grad_out_scale),
             if_given(out_shift, grad_out_shift),
             Tensor(),
@@ -147,16 +158,20 @@ struct SeparableFunction : public torch::autograd::Function<SeparableFunction> {
 std::tuple<Tensor, Tensor, Tensor> separable_conv2d_autograd(
     const Tensor& x, const Tensor& dw_weight, const Tensor& pw_weight, const OptTensor& in_scale,
     const OptTensor& in_shift, bool in_relu, IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
-    c10::string_view mid_activation, const OptTensor& out_scale, const OptTensor& out_shift, bool out_relu,
-    const OptTensor& residual, bool compute_stats, c10::string_view backend) {
-  if (!needs_node({&x, &dw_weight, &pw_weight}, {&in_scale, &in_shift, &out_scale, &out_shift, &residual})) {
+    c10::string_view mid_activation, const OptTensor& mid_scale, const OptTensor& mid_shift,
+    const OptTensor& out_scale, const OptTensor& out_shift, bool out_relu, const OptTensor& residual,
+    bool compute_stats, c10::string_view backend) {
+  if (!needs_node({&x, &dw_weight, &pw_weight},
+                  {&in_scale, &in_shift, &mid_scale, &mid_shift, &out_scale, &out_shift, &residual})) {
     const at::AutoDispatchBelowADInplaceOrView below;
     return separable_op().call(x, dw_weight, pw_weight, in_scale, in_shift, in_relu, stride, padding, dilation,
-                               mid_activation, out_scale, out_shift, out_relu, residual, compute_stats, backend);
+                               mid_activation, mid_scale, mid_shift, out_scale, out_shift, out_relu, residual,
+                               compute_stats, backend);
   }
   const variable_list r =
       SeparableFunction::apply(x, dw_weight, pw_weight, in_scale, in_shift, in_relu, stride, padding, dilation,
-                               mid_activation, out_scale, out_shift, out_relu, residual, compute_stats, backend);
+                               mid_activation, mid_scale, mid_shift, out_scale, out_shift, out_relu, residual,
+                               compute_stats, backend);
   return {r[0], r[1], r[2]};
 }
 

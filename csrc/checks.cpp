@@ -56,7 +56,8 @@ MidActivation parse_mid_activation(c10::string_view name) {
   if (name == "none") return MidActivation::None;
   if (name == "relu") return MidActivation::Relu;
   if (name == "elu") return MidActivation::Elu;
-  XO_CHECK_VALUE(false, "xception_ops: mid_activation must be 'none', 'relu' or 'elu', got '",
+  if (name == "relu6") return MidActivation::Relu6;
+  XO_CHECK_VALUE(false, "xception_ops: mid_activation must be 'none', 'relu', 'relu6' or 'elu', got '",
                     std::string(name), "'");
 }
 
@@ -146,6 +147,8 @@ Conv2dGeometry check_separable(const char* op, const Tensor& x, const Tensor& dw
   g.out_channels = pw_weight.size(0);
   check_channel_vector(op, "in_scale", opt.in_scale, g.in_channels, x);
   check_channel_vector(op, "in_shift", opt.in_shift, g.in_channels, x);
+  check_channel_vector(op, "mid_scale", opt.mid_scale, g.dw_channels(), x);
+  check_channel_vector(op, "mid_shift", opt.mid_shift, g.dw_channels(), x);
   check_channel_vector(op, "out_scale", opt.out_scale, g.out_channels, x);
   check_channel_vector(op, "out_shift", opt.out_shift, g.out_channels, x);
   if (opt.residual.has_value()) {

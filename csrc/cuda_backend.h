@@ -61,10 +61,17 @@ struct DepthwiseStage {
   const float* in_shift = nullptr;
   Tensor keep[2];
   Tensor d;    // the depthwise result, rounded to the dtype
-  Tensor mid;  // the mid activation of d, rounded (d itself without one)
+  Tensor mid;  // the mid stage on d: its affine, then its activation, rounded (d itself without either)
 };
 DepthwiseStage depthwise_stage(const Tensor& x, const Tensor& dw_weight, const SeparableOptions& opt,
                                const Conv2dGeometry& g, at::MemoryFormat fmt);
+// The mid stage's two halves, as the kernels compute them (kernels::mid_value), on an (N, dw_channels, OH, OW)
+// tensor d in the dtype (geometry g): mid_affine, relu?(round(fmaf(d, scale, shift))) per channel in float32 (an
+// absent vector 1 or 0), in `fmt`, on one elementwise kernel (errors name `op`); d itself, or relu(d), without
+// either vector. mid_activation: the activation on pre, rounded (relu, relu6, elu; none: pre).
+Tensor mid_affine(const char* op, const Tensor& d, const OptTensor& scale, const OptTensor& shift, bool relu,
+                  const Conv2dGeometry& g, at::MemoryFormat fmt);
+Tensor mid_activation(const Tensor& pre, MidActivation mid);
 
 // Whether XCEPTION_OPS_SEPARABLE_STAGED_GEMM=wgmma asks for Hopper's wgmma GEMM (kernels/pointwise_gemm.cuh) in the
 // staged forward's product and the backward's grad_mid, and the build XCEPTION_OPS_WGMMA_CONFIG names (an error
@@ -73,8 +80,9 @@ bool wgmma_gemm_requested();
 PointwiseGemmConfig wgmma_gemm_config(const char* op);
 
 // Its backward (csrc/cuda/separable_backward_backend.cpp), with the contract of
-// reference::separable_conv2d_backward.
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_conv2d_backward(
+// reference::separable_conv2d_backward: the gradients of (x, dw_weight, pw_weight, in_scale, in_shift, mid_scale,
+// mid_shift, out_scale, out_shift).
+SeparableGrads separable_conv2d_backward(
     const Tensor& grad_out, const OptTensor& grad_sum, const OptTensor& grad_sumsq, const OptTensor& out,
     const Tensor& x, const Tensor& dw_weight, const Tensor& pw_weight, const SeparableOptions& opt,
     const Conv2dGeometry& g);

@@ -19,8 +19,9 @@ using at::IntArrayRef;
 using at::Tensor;
 using OptTensor = c10::optional<Tensor>;
 
-// What sits between the depthwise and the pointwise halves (paper section 4.7).
-enum class MidActivation { None, Relu, Elu };
+// What sits between the depthwise and the pointwise halves (paper section 4.7; relu6 for MobileNet V2). The
+// values are the kernels' ints.
+enum class MidActivation { None, Relu, Elu, Relu6 };
 MidActivation parse_mid_activation(c10::string_view name);
 
 // The fused op's options, with the tensors that come with them. Filled once from the op's arguments.
@@ -28,6 +29,9 @@ struct SeparableOptions {
   OptTensor in_scale, in_shift;  // prologue: x * in_scale + in_shift, per input channel
   bool in_relu = false;          // prologue: relu after the affine
   MidActivation mid = MidActivation::None;
+  // mid: act(round(d * mid_scale + mid_shift)), per depthwise channel, d the depthwise result rounded to x's dtype:
+  // a BatchNorm or a bias between the halves (MobileNet's dw -> BN -> ReLU -> pw). Absent: 1 and 0.
+  OptTensor mid_scale, mid_shift;
   OptTensor out_scale, out_shift;  // epilogue: folded BatchNorm or bias, per output channel
   bool out_relu = false;           // epilogue: relu(z + residual)
   OptTensor residual;
@@ -118,6 +122,10 @@ at::MemoryFormat output_memory_format(const Tensor& x);
 // parameters' gradients in it on every backend (the fake kernel in _library.py follows the same rule).
 at::ScalarType batch_norm_param_type(const Tensor& sum, const OptTensor& weight, const OptTensor& bias);
 
+// The separable backward's gradients: of (x, dw_weight, pw_weight, in_scale, in_shift, mid_scale, mid_shift,
+// out_scale, out_shift).
+using SeparableGrads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
 // ---- reference implementations through ATen ops (reference.cpp); these are the "torch" backend ----
 namespace reference {
 Tensor depthwise_conv2d(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Conv2dGeometry& g);
@@ -127,9 +135,9 @@ Tensor depthwise_conv2d_backward_weight(const Tensor& grad_out, const Tensor& x,
 std::tuple<Tensor, Tensor, Tensor> separable_conv2d(const Tensor& x, const Tensor& dw_weight,
                                                     const Tensor& pw_weight, const SeparableOptions& opt,
                                                     const Conv2dGeometry& g);
-// Returns grads of (x, dw_weight, pw_weight, in_scale, in_shift, out_scale, out_shift); the grads of absent
-// optional inputs are empty tensors.
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_conv2d_backward(
+// Returns grads of (x, dw_weight, pw_weight, in_scale, in_shift, mid_scale, mid_shift, out_scale, out_shift); the
+// grads of absent optional inputs are empty tensors.
+SeparableGrads separable_conv2d_backward(
     const Tensor& grad_out, const OptTensor& grad_sum, const OptTensor& grad_sumsq, const OptTensor& out,
     const Tensor& x, const Tensor& dw_weight, const Tensor& pw_weight, const SeparableOptions& opt,
     const Conv2dGeometry& g);

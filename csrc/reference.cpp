@@ -49,7 +49,8 @@ struct ForwardPieces {
   Tensor affine;  // x * in_scale + in_shift (x itself without a prologue)
   Tensor input;   // what the depthwise stage reads: relu(affine) or affine
   Tensor dw;      // depthwise result
-  Tensor mid;     // activation(dw)
+  Tensor pre;     // dw * mid_scale + mid_shift, rounded (dw itself without them)
+  Tensor mid;     // activation(pre)
   Tensor y;       // pointwise result, before the epilogue
 };
 
@@ -59,10 +60,12 @@ ForwardPieces forward_pieces(const Tensor& x, const Tensor& dw_weight, const Ten
   f.affine = channel_affine(x, opt.in_scale, opt.in_shift);
   f.input = opt.in_relu ? at::relu(f.affine) : f.affine;
   f.dw = depthwise_conv2d(f.input, dw_weight, c10::nullopt, g);
+  f.pre = channel_affine(f.dw, opt.mid_scale, opt.mid_shift);
   switch (opt.mid) {
-    case MidActivation::None: f.mid = f.dw; break;
-    case MidActivation::Relu: f.mid = at::relu(f.dw); break;
-    case MidActivation::Elu: f.mid = at::elu(f.dw); break;
+    case MidActivation::None: f.mid = f.pre; break;
+    case MidActivation::Relu: f.mid = at::relu(f.pre); break;
+    case MidActivation::Relu6: f.mid = at::clamp(f.pre, 0, 6); break;
+    case MidActivation::Elu: f.mid = at::elu(f.pre); break;
   }
   f.y = pointwise(f.mid, pw_weight);
   return f;
@@ -115,7 +118,7 @@ std::tuple<Tensor, Tensor, Tensor> separable_conv2d(const Tensor& x, const Tenso
   return {z.contiguous(output_memory_format(x)), sum, sumsq};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_conv2d_backward(
+SeparableGrads separable_conv2d_backward(
     const Tensor& grad_out, const OptTensor& grad_sum, const OptTensor& grad_sumsq, const OptTensor& out,
     const Tensor& x, const Tensor& dw_weight, const Tensor& pw_weight, const SeparableOptions& opt,
     const Conv2dGeometry& g) {
@@ -148,13 +151,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_con
                           f.mid.permute({0, 2, 3, 1}).reshape({-1, dw_channels}))
                        .view({g.out_channels, dw_channels, 1, 1});
 
-  Tensor grad_dw_out;
+  // Mid: mid = act(pre), pre = dw * mid_scale + mid_shift.
+  Tensor grad_pre;
   const Tensor zero = at::zeros({}, grad_mid.options());
   switch (opt.mid) {
-    case MidActivation::None: grad_dw_out = grad_mid; break;
-    case MidActivation::Relu: grad_dw_out = at::where(f.dw > 0, grad_mid, zero); break;
-    case MidActivation::Elu: grad_dw_out = at::where(f.dw > 0, grad_mid, grad_mid * (f.mid + 1)); break;
+    case MidActivation::None: grad_pre = grad_mid; break;
+    case MidActivation::Relu: grad_pre = at::where(f.pre > 0, grad_mid, zero); break;
+    case MidActivation::Relu6: grad_pre = at::where((f.pre > 0).logical_and(f.pre < 6), grad_mid, zero); break;
+    case MidActivation::Elu: grad_pre = at::where(f.pre > 0, grad_mid, grad_mid * (f.mid + 1)); break;
   }
+  Tensor grad_mid_scale, grad_mid_shift;
+  if (opt.mid_scale.has_value()) {
+    grad_mid_scale = channel_sum(grad_pre.to(type) * f.dw.to(type), type).to(opt.mid_scale->scalar_type());
+  }
+  if (opt.mid_shift.has_value()) grad_mid_shift = channel_sum(grad_pre, type).to(opt.mid_shift->scalar_type());
+  Tensor grad_dw_out = grad_pre;
+  if (opt.mid_scale.has_value()) grad_dw_out = (grad_pre.to(type) * per_channel(*opt.mid_scale, type)).to(dtype);
 
   Tensor grad_dw = depthwise_conv2d_backward_weight(grad_dw_out, f.input, g);
   Tensor grad_input = depthwise_conv2d_backward_input(grad_dw_out, dw_weight, g, fmt);
@@ -170,9 +182,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_con
   if (opt.in_scale.has_value()) grad_x = (grad_input.to(type) * per_channel(*opt.in_scale, type)).to(dtype);
 
   auto or_empty = [&](const Tensor& t) { return t.defined() ? t : empty_vector(x, type); };
-  return {grad_x.contiguous(fmt),          grad_dw.contiguous(),          grad_pw.contiguous(),
-          or_empty(grad_in_scale),         or_empty(grad_in_shift),       or_empty(grad_out_scale),
-          or_empty(grad_out_shift)};
+  return {grad_x.contiguous(fmt),     grad_dw.contiguous(),       grad_pw.contiguous(),
+          or_empty(grad_in_scale),    or_empty(grad_in_shift),    or_empty(grad_mid_scale),
+          or_empty(grad_mid_shift),   or_empty(grad_out_scale),   or_empty(grad_out_shift)};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize(const Tensor& sum, const Tensor& sumsq,

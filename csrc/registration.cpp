@@ -70,7 +70,8 @@ constexpr const char* kSeparableBwd = "xception_ops.separable_conv2d_backward";
 std::vector<int64_t> output_shape(const Conv2dGeometry& g) { return {g.batch, g.out_channels, g.out_h, g.out_w}; }
 
 SeparableOptions separable_options(const OptTensor& in_scale, const OptTensor& in_shift, bool in_relu,
-                                   c10::string_view mid_activation, const OptTensor& out_scale,
+                                   c10::string_view mid_activation, const OptTensor& mid_scale,
+                                   const OptTensor& mid_shift, const OptTensor& out_scale,
                                    const OptTensor& out_shift, bool out_relu, const OptTensor& residual,
                                    bool compute_stats) {
   SeparableOptions opt;
@@ -78,6 +79,8 @@ SeparableOptions separable_options(const OptTensor& in_scale, const OptTensor& i
   opt.in_shift = in_shift;
   opt.in_relu = in_relu;
   opt.mid = parse_mid_activation(mid_activation);
+  opt.mid_scale = mid_scale;
+  opt.mid_shift = mid_shift;
   opt.out_scale = out_scale;
   opt.out_shift = out_shift;
   opt.out_relu = out_relu;
@@ -139,17 +142,17 @@ Tensor depthwise_conv2d_backward_weight(const Tensor& grad_out, const Tensor& x,
 }
 
 using SeparableOut = std::tuple<Tensor, Tensor, Tensor>;
-using SeparableGrads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 SeparableOut separable_conv2d(const Tensor& x, const Tensor& dw_weight, const Tensor& pw_weight,
                                                     const OptTensor& in_scale, const OptTensor& in_shift, bool in_relu,
                                                     IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
-                                                    c10::string_view mid_activation, const OptTensor& out_scale,
+                                                    c10::string_view mid_activation, const OptTensor& mid_scale,
+                                                    const OptTensor& mid_shift, const OptTensor& out_scale,
                                                     const OptTensor& out_shift, bool out_relu,
                                                     const OptTensor& residual, bool compute_stats,
                                                     c10::string_view backend) {
-  const SeparableOptions opt = separable_options(in_scale, in_shift, in_relu, mid_activation, out_scale, out_shift,
-                                                 out_relu, residual, compute_stats);
+  const SeparableOptions opt = separable_options(in_scale, in_shift, in_relu, mid_activation, mid_scale, mid_shift,
+                                                 out_scale, out_shift, out_relu, residual, compute_stats);
   const Conv2dGeometry g = check_separable(kSeparable, x, dw_weight, pw_weight, opt, stride, padding, dilation);
   const Backend chosen = resolve_backend(backend, kSeparable, x);
   if (chosen == Backend::Cuda) {
@@ -158,9 +161,11 @@ SeparableOut separable_conv2d(const Tensor& x, const Tensor& dw_weight, const Te
   if (chosen == Backend::Triton) {
     return call_triton<SeparableOut(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
                                     bool, IntArrayRef, IntArrayRef, IntArrayRef, c10::string_view, const OptTensor&,
-                                    const OptTensor&, bool, const OptTensor&, bool)>(
+                                    const OptTensor&, const OptTensor&, const OptTensor&, bool, const OptTensor&,
+                                    bool)>(
         kSeparable, "xception_ops::triton_separable_conv2d", x, dw_weight, pw_weight, in_scale, in_shift, in_relu,
-        stride, padding, dilation, mid_activation, out_scale, out_shift, out_relu, residual, compute_stats);
+        stride, padding, dilation, mid_activation, mid_scale, mid_shift, out_scale, out_shift, out_relu, residual,
+        compute_stats);
   }
   return reference::separable_conv2d(x, dw_weight, pw_weight, opt, g);
 }
@@ -169,10 +174,10 @@ SeparableGrads separable_conv2d_backward(
     const Tensor& grad_out, const OptTensor& grad_sum, const OptTensor& grad_sumsq, const OptTensor& out,
     const Tensor& x, const Tensor& dw_weight, const Tensor& pw_weight, const OptTensor& in_scale,
     const OptTensor& in_shift, bool in_relu, IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
-    c10::string_view mid_activation, const OptTensor& out_scale, const OptTensor& out_shift, bool out_relu,
-    c10::string_view backend) {
-  const SeparableOptions opt = separable_options(in_scale, in_shift, in_relu, mid_activation, out_scale, out_shift,
-                                                 out_relu, c10::nullopt, false);
+    c10::string_view mid_activation, const OptTensor& mid_scale, const OptTensor& mid_shift,
+    const OptTensor& out_scale, const OptTensor& out_shift, bool out_relu, c10::string_view backend) {
+  const SeparableOptions opt = separable_options(in_scale, in_shift, in_relu, mid_activation, mid_scale, mid_shift,
+                                                 out_scale, out_shift, out_relu, c10::nullopt, false);
   const Conv2dGeometry g = check_separable(kSeparableBwd, x, dw_weight, pw_weight, opt, stride, padding, dilation);
   const auto shape = output_shape(g);
   check_like(kSeparableBwd, "grad_out", grad_out, shape, x);
@@ -192,10 +197,10 @@ SeparableGrads separable_conv2d_backward(
     return call_triton<SeparableGrads(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
                                       const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
                                       bool, IntArrayRef, IntArrayRef, IntArrayRef, c10::string_view, const OptTensor&,
-                                      const OptTensor&, bool)>(
+                                      const OptTensor&, const OptTensor&, const OptTensor&, bool)>(
         kSeparableBwd, "xception_ops::triton_separable_conv2d_backward", grad_out, grad_sum, grad_sumsq, out, x,
-        dw_weight, pw_weight, in_scale, in_shift, in_relu, stride, padding, dilation, mid_activation, out_scale,
-        out_shift, out_relu);
+        dw_weight, pw_weight, in_scale, in_shift, in_relu, stride, padding, dilation, mid_activation, mid_scale,
+        mid_shift, out_scale, out_shift, out_relu);
   }
   return reference::separable_conv2d_backward(grad_out, grad_sum, grad_sumsq, out, x, dw_weight, pw_weight, opt, g);
 }
@@ -346,18 +351,19 @@ TORCH_LIBRARY(xception_ops, m) {
       "int[4] padding, int[2] dilation, str backend) -> Tensor");
   m.def(
       "separable_conv2d(Tensor x, Tensor dw_weight, Tensor pw_weight, Tensor? in_scale, Tensor? in_shift, "
-      "bool in_relu, int[2] stride, int[4] padding, int[2] dilation, str mid_activation, Tensor? out_scale, "
-      "Tensor? out_shift, bool out_relu, Tensor? residual, bool compute_stats, str backend) "
-      "-> (Tensor out, Tensor sum, Tensor sumsq)");
+      "bool in_relu, int[2] stride, int[4] padding, int[2] dilation, str mid_activation, Tensor? mid_scale, "
+      "Tensor? mid_shift, Tensor? out_scale, Tensor? out_shift, bool out_relu, Tensor? residual, bool compute_stats, "
+      "str backend) -> (Tensor out, Tensor sum, Tensor sumsq)");
   // separable_conv2d_backward's `out`: the forward's output, required with out_relu (its mask); given when the
   // forward had no epilogue at all (no out_scale, out_shift, out_relu or residual), it is y, which a backend may use
   // instead of recomputing it. Pass it in no other case.
   m.def(
       "separable_conv2d_backward(Tensor grad_out, Tensor? grad_sum, Tensor? grad_sumsq, Tensor? out, Tensor x, "
       "Tensor dw_weight, Tensor pw_weight, Tensor? in_scale, Tensor? in_shift, bool in_relu, int[2] stride, "
-      "int[4] padding, int[2] dilation, str mid_activation, Tensor? out_scale, Tensor? out_shift, bool out_relu, "
-      "str backend) -> (Tensor grad_x, Tensor grad_dw_weight, Tensor grad_pw_weight, Tensor grad_in_scale, "
-      "Tensor grad_in_shift, Tensor grad_out_scale, Tensor grad_out_shift)");
+      "int[4] padding, int[2] dilation, str mid_activation, Tensor? mid_scale, Tensor? mid_shift, Tensor? out_scale, "
+      "Tensor? out_shift, bool out_relu, str backend) -> (Tensor grad_x, Tensor grad_dw_weight, "
+      "Tensor grad_pw_weight, Tensor grad_in_scale, Tensor grad_in_shift, Tensor grad_mid_scale, "
+      "Tensor grad_mid_shift, Tensor grad_out_scale, Tensor grad_out_shift)");
   // With the keyword-only arguments it also does a training step's running-statistics update in the same kernel
   // (batch_norm_update_stats' formulas: running_mean and running_var both or neither) and advances
   // num_batches_tracked by one: one launch per BatchNorm and step where three ran.

@@ -320,6 +320,16 @@ def test_models_by_name_include_timms_model_through_fuse():
         bench.make_model("resnet50")
 
 
+def test_mobilenet_v2_by_name_through_fuse():
+    """"mobilenet_v2:fused:BACKEND": torchvision's MobileNet V2 with its 17 dw -> BN -> ReLU6 -> pw -> BN chains
+    fused (the mid BatchNorm kept as a child), the same parameters."""
+    from xception_ops.nn import SeparableConvBN
+    plain, fused = bench.make_model("mobilenet_v2"), bench.make_model("mobilenet_v2:fused:torch")
+    seps = [m for m in fused.modules() if isinstance(m, SeparableConvBN)]
+    assert len(seps) == 17 and all(m.backend == "torch" and m.mid_bn is not None for m in seps)
+    assert sum(p.numel() for p in fused.parameters()) == sum(p.numel() for p in plain.parameters())
+
+
 def test_profile_model_tool_reports_each_model_and_mode(tmp_path):
     """tools/profile_model.py (host- or GPU-bound whole-model steps) runs on the CPU too: one table per model and
     mode, its first line with the step's wall, issue and operator times, written to --out as printed."""

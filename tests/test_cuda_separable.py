@@ -4,7 +4,8 @@ default, the fused kernel (csrc/kernels/separable.cuh) and its variants in fresh
 
 The op is called through torch.ops with backend="cuda" and compared with the float64 reference
 (xception_ops.reference on float64 copies) on fresh random inputs: odd sizes (H, W not multiples of the tile,
-channels not multiples of 8, batch 1), every prologue / mid / epilogue option, three layouts (contiguous,
+channels not multiples of 8, batch 1), every prologue / mid (affine and activation) / epilogue option, three layouts
+(contiguous,
 channels_last, strided views), three dtypes, TF32 on and off, and depthwise channel counts large enough that
 the depthwise tile no longer fits in shared memory at once. Tolerances: float32 1e-5 relative (1e-3 with TF32);
 float16 / bfloat16 no worse than twice PyTorch's own error in that dtype (the reference run on the
@@ -67,8 +68,13 @@ def make_inputs(shape, opts, dtype, layout):
     dw = randn((k_dw, 1, *k), dtype, "strided" if layout == "strided" else "contiguous")
     pw = randn((cout, k_dw, 1, 1), dtype, "contiguous", scale=k_dw ** -0.5)
     vec = dict(device=DEV, dtype=torch.float32)
+    # The mid affine in the vectors' dtype `mid_dtype` (float32 by default): a BatchNorm's scale and shift, large
+    # enough that relu6 clamps at 6 (the depthwise sums' spread is ~3).
+    mid_vec = dict(device=DEV, dtype=opts.get("mid_dtype", torch.float32))
     t = dict(in_scale=torch.rand(cin, **vec) + 0.5 if opts.get("in_scale") else None,
              in_shift=torch.randn(cin, **vec) * 0.3 if opts.get("in_shift") else None,
+             mid_scale=torch.rand(k_dw, **mid_vec) * 1.5 + 0.25 if opts.get("mid_scale") else None,
+             mid_shift=torch.randn(k_dw, **mid_vec) * 0.5 if opts.get("mid_shift") else None,
              out_scale=torch.rand(cout, **vec) + 0.5 if opts.get("out_scale") else None,
              out_shift=torch.randn(cout, **vec) * 0.3 if opts.get("out_shift") else None)
     span = [d * (kk - 1) + 1 for d, kk in zip(dilation, k)]
@@ -83,8 +89,8 @@ def make_inputs(shape, opts, dtype, layout):
 
 def call(fn, x, dw, pw, t, a, *backend):
     return fn(x, dw, pw, t["in_scale"], t["in_shift"], a["in_relu"], a["stride"], a["padding"], a["dilation"],
-              a["mid_activation"], t["out_scale"], t["out_shift"], a["out_relu"], t["residual"], a["compute_stats"],
-              *backend)
+              a["mid_activation"], t["mid_scale"], t["mid_shift"], t["out_scale"], t["out_shift"], a["out_relu"],
+              t["residual"], a["compute_stats"], *backend)
 
 
 def to64(v):
@@ -183,6 +189,53 @@ def test_more_channels_than_shared_memory(dtype, channels, layout, tf32_off):
     check(shape, OPTIONS[5], dtype, layout)
 
 
+# The mid affine (a BatchNorm or bias between the halves: d * mid_scale + mid_shift per depthwise channel) with each
+# mid activation, relu6 among them; one option set without an affine (relu6 alone).
+MID_OPTIONS = [
+    dict(mid="relu6", mid_scale=True, mid_shift=True, out_scale=True, out_shift=True),  # MobileNet: dw-BN-ReLU6-pw
+    dict(mid="relu", mid_scale=True, mid_shift=True, compute_stats=True, in_scale=True, in_shift=True, in_relu=True),
+    dict(mid_scale=True, residual=True, out_relu=True),
+    dict(mid="elu", mid_shift=True, out_shift=True, compute_stats=True),
+    dict(mid="relu6", compute_stats=True),
+]
+# The shapes: channels that leave padding columns in the kernels' tiles (13, 40 = 20 x multiplier 2, 24), a generic
+# kernel size with a depth multiplier (the vectors are per depthwise channel), stride 2, whole vectors of channels,
+# and rows of 20 outputs (run tiles apply: XCEPTION_OPS_SEPARABLE_TILES=runs in test_implementations_kept...).
+MID_SHAPES = [
+    SHAPES[0],
+    (1, 20, 36, 9, 11, 2, (5, 3), (1, 2), (2, 2, 1, 1), (1, 1)),
+    SHAPES[1],
+    (2, 24, 40, 9, 20, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
+]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("opts", MID_OPTIONS, ids=lambda o: "-".join(sorted(o)))
+@pytest.mark.parametrize("shape", MID_SHAPES, ids=lambda s: "x".join(map(str, s[:5])))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_mid_affine_forward(dtype, shape, opts, layout, tf32_off):
+    """out and the statistics with the mid affine and relu6, against float64, the output poisoned."""
+    check(shape, opts, dtype, layout)
+
+
+def test_mid_affine_forward_with_16bit_vectors(tf32_off):
+    """mid_scale / mid_shift in float16 (a model cast to half): read as their float32 values."""
+    opts = dict(mid="relu6", mid_scale=True, mid_shift=True, mid_dtype=torch.float16, compute_stats=True)
+    for layout in ("contiguous", "channels_last"):
+        check(MID_SHAPES[3], opts, torch.float32, layout)
+        check(MID_SHAPES[3], opts, torch.bfloat16, layout)
+
+
+def test_mid_affine_of_ones_and_zeros_is_no_affine():
+    """mid_scale = 1 and mid_shift = 0 give the bits of no affine (x 1 + 0 is exact, and rounds to itself)."""
+    x, dw, pw, t, a = make_inputs(MID_SHAPES[3], dict(mid="relu6", out_scale=True), torch.bfloat16, "channels_last")
+    k_dw = dw.shape[0]
+    without = call(OPS.separable_conv2d, x, dw, pw, t, a, "cuda")
+    t = {**t, "mid_scale": torch.ones(k_dw, device=DEV), "mid_shift": torch.zeros(k_dw, device=DEV)}
+    with_ones = call(OPS.separable_conv2d, x, dw, pw, t, a, "cuda")
+    assert torch.equal(without[0], with_ones[0])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_xception_shapes(dtype, tf32_off):
     """Two of the model's layer shapes at batch 2: entry flow (128 -> 256 at 74^2) and middle flow (728 at 19^2)."""
@@ -234,12 +287,11 @@ def test_more_than_2_31_elements():
     assert x.numel() > 2**31
     dw = torch.randn(8, 1, 3, 3, device=DEV, dtype=torch.bfloat16)
     pw = torch.randn(8, 8, 1, 1, device=DEV, dtype=torch.bfloat16)
-    args = ([1, 1], [1, 1, 1, 1], [1, 1], "none", None, None, False, None, False)
+    args = ([1, 1], [1, 1, 1, 1], [1, 1], "none", None, None, None, None, False, None, False)
     out, _, _ = OPS.separable_conv2d(x, dw, pw, None, None, False, *args, "cuda")
     # Compare the last rows (the far end of both tensors) with the reference on that slice.
     tail = x[:, :, -6:, :]
-    ref = reference.separable_conv2d(tail.double(), dw.double(), pw.double(), None, None, False, [1, 1],
-                                     [1, 1, 1, 1], [1, 1], "none", None, None, False, None, False)[0]
+    ref = reference.separable_conv2d(tail.double(), dw.double(), pw.double(), None, None, False, *args)[0]
     got = out[:, :, -5:, :]  # the last output row sees the bottom padding; the slice's first row is not compared
     assert rel_err(got[:, :, 1:], ref[:, :, 2:]) <= 2e-2
     del x, out
@@ -249,12 +301,18 @@ def test_bad_input_raises_before_launch():
     x = torch.randn(1, 4, 5, 5, device=DEV)
     dw = torch.randn(4, 1, 3, 3, device=DEV)
     pw = torch.randn(6, 4, 1, 1, device=DEV)
-    base = ([1, 1], [1, 1, 1, 1], [1, 1], "none", None, None, False, None, False)
+    # stride, padding, dilation, mid_activation, mid_scale, mid_shift, out_scale, out_shift, out_relu, residual,
+    # compute_stats
+    base = ([1, 1], [1, 1, 1, 1], [1, 1], "none", None, None, None, None, False, None, False)
     with pytest.raises(TypeError, match="pw_weight"):
         OPS.separable_conv2d(x, dw, pw.half(), None, None, False, *base, "cuda")
     with pytest.raises(ValueError, match="residual"):
         bad = list(base)
-        bad[7] = torch.randn(1, 5, 5, 5, device=DEV)
+        bad[9] = torch.randn(1, 5, 5, 5, device=DEV)
+        OPS.separable_conv2d(x, dw, pw, None, None, False, *bad, "cuda")
+    with pytest.raises(ValueError, match="mid_scale"):  # one per depthwise channel (4), not per output channel
+        bad = list(base)
+        bad[4] = torch.ones(6, device=DEV)
         OPS.separable_conv2d(x, dw, pw, None, None, False, *bad, "cuda")
     with pytest.raises(TypeError, match="float64"):
         OPS.separable_conv2d(x.double(), dw.double(), pw.double(), None, None, False, *base, "cuda")
@@ -285,9 +343,11 @@ FUSED = {"XCEPTION_OPS_SEPARABLE_FORWARD": "fused"}
 FUSED_CASES = "not backward and not implementations_kept and not 2_31"
 # Its variants: the low-precision checks of one shape, the Xception shapes and the bitwise repeatability check
 # (the run tiles take the last two: 3x3 at stride 1, channels_last, rows of 19, 37 and 74).
-VARIANT_CASES = "(low_precision and 40x70) or xception_shapes or repeatable_bitwise"
+VARIANT_CASES = ("(low_precision and 40x70) or xception_shapes or repeatable_bitwise"
+                 " or (mid_affine_forward and channels_last and not float32)")
 # The staged form's products forced either way differ from the default only in fp16 / bf16 channels_last.
-STAGED_CASES = "(low_precision and channels_last) or xception_shapes or repeatable_bitwise or graph or more_channels"
+STAGED_CASES = ("(low_precision and channels_last) or xception_shapes or repeatable_bitwise or graph or more_channels"
+                " or (mid_affine_forward and channels_last)")
 
 
 @pytest.mark.parametrize("env,cases", [
@@ -380,8 +440,8 @@ def test_staged_wgmma_gemm_permutes_exactly(dtype, config, monkeypatch):
     pw = torch.zeros(c, c, 1, 1, dtype=dtype)
     pw[torch.arange(c), perm, 0, 0] = 1
     pw = pw.to(DEV)
-    out = OPS.separable_conv2d(x, dw, pw, None, None, False, [1, 1], [0, 0, 0, 0], [1, 1], "none", None, None, False,
-                               None, False, "cuda")[0]
+    out = OPS.separable_conv2d(x, dw, pw, None, None, False, [1, 1], [0, 0, 0, 0], [1, 1], "none", None, None, None,
+                               None, False, None, False, "cuda")[0]
     want = x[:, perm.to(DEV)]
     wrong = (out != want).nonzero()
     if len(wrong):
@@ -409,6 +469,16 @@ FUSED_WGMMA_SHAPES = [
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_fused_wgmma_forward(dtype, shape, opts, monkeypatch):
     """Every prologue / mid / epilogue option against float64, with the output poisoned."""
+    monkeypatch.setenv("XCEPTION_OPS_SEPARABLE_FORWARD", "wgmma")
+    check(shape, opts, dtype, "channels_last")
+
+
+@WGMMA_SKIP
+@pytest.mark.parametrize("opts", MID_OPTIONS, ids=lambda o: "-".join(sorted(o)))
+@pytest.mark.parametrize("shape", FUSED_WGMMA_SHAPES, ids=lambda s: "x".join(map(str, s[:5])))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_fused_wgmma_forward_mid_affine(dtype, shape, opts, monkeypatch):
+    """The mid affine and relu6 in the wgmma kernel's depthwise stage, against float64."""
     monkeypatch.setenv("XCEPTION_OPS_SEPARABLE_FORWARD", "wgmma")
     check(shape, opts, dtype, "channels_last")
 
@@ -475,19 +545,25 @@ def check_backward(shape, opts, dtype, layout):
         return OPS.separable_conv2d_backward(
             cast(grad_out), None if gsum is None else cast(gsum), None if gsumsq is None else cast(gsumsq),
             cast(out) if a["out_relu"] or plain else None, *[cast(u) for u in tensors], v["in_scale"], v["in_shift"],
-            a["in_relu"], a["stride"], a["padding"], a["dilation"], a["mid_activation"], v["out_scale"],
-            v["out_shift"], a["out_relu"], backend)
+            a["in_relu"], a["stride"], a["padding"], a["dilation"], a["mid_activation"], v["mid_scale"],
+            v["mid_shift"], v["out_scale"], v["out_shift"], a["out_relu"], backend)
 
     exact = run((x, dw, pw), "torch", lambda u: u.double())
     plain = run((x, dw, pw), "torch", lambda u: u) if dtype != torch.float32 else None
     poison(x.shape, dtype)
     got = run((x, dw, pw), "cuda", lambda u: u)
     torch.cuda.synchronize()
-    names = ("grad_x", "grad_dw", "grad_pw", "grad_in_scale", "grad_in_shift", "grad_out_scale", "grad_out_shift")
+    names = ("grad_x", "grad_dw", "grad_pw", "grad_in_scale", "grad_in_shift", "grad_mid_scale", "grad_mid_shift",
+             "grad_out_scale", "grad_out_shift")
+    assert len(got) == len(names) == len(exact)
+    vectors = dict(grad_in_scale="in_scale", grad_in_shift="in_shift", grad_mid_scale="mid_scale",
+                   grad_mid_shift="mid_shift", grad_out_scale="out_scale", grad_out_shift="out_shift")
     for i, name in enumerate(names):
         assert got[i].shape == exact[i].shape, f"{name}: shape {tuple(got[i].shape)} != {tuple(exact[i].shape)}"
         if exact[i].numel() == 0:
             continue
+        want_dtype = t[vectors[name]].dtype if name in vectors else dtype  # a vector's gradient in its dtype
+        assert got[i].dtype == want_dtype, f"{name}: dtype {got[i].dtype}, want {want_dtype}"
         assert torch.isfinite(got[i]).all(), f"{name}: non-finite values"
         err = rel_err(got[i], exact[i])
         if dtype == torch.float32:
@@ -510,6 +586,65 @@ def test_backward(dtype, shape, opts, layout, tf32_off):
     check_backward(shape, opts, dtype, layout)
 
 
+# The mid stage's backward: grad_pre through relu6's (0 < pre < 6) / relu's / elu's mask of pre (recomputed from d
+# with the affine), the sums for mid_scale and mid_shift, grad_d = grad_pre * mid_scale into the depthwise backward.
+MID_BACKWARD_OPTIONS = [
+    dict(mid="relu6", mid_scale=True, mid_shift=True),
+    dict(mid="relu", mid_scale=True, mid_shift=True, compute_stats=True, in_scale=True, in_shift=True, in_relu=True),
+    dict(mid_scale=True, out_scale=True, out_shift=True, out_relu=True),
+    dict(mid="elu", mid_shift=True, compute_stats=True),
+    dict(mid="relu6", out_shift=True),
+]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("opts", MID_BACKWARD_OPTIONS, ids=lambda o: "-".join(sorted(o)))
+@pytest.mark.parametrize("shape", MID_SHAPES, ids=lambda s: "x".join(map(str, s[:5])))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_mid_affine_backward(dtype, shape, opts, layout, tf32_off):
+    """All nine gradients with the mid affine and relu6, against float64, grad_x poisoned."""
+    check_backward(shape, opts, dtype, layout)
+
+
+def test_mid_affine_backward_with_16bit_vectors(tf32_off):
+    """Their gradients come back in the vectors' dtype (float16 here), the values float32 sums rounded once."""
+    opts = dict(mid="relu6", mid_scale=True, mid_shift=True, mid_dtype=torch.float16)
+    x, dw, pw, t, a = make_inputs(MID_SHAPES[3], opts, torch.float32, "channels_last")
+    out = call(OPS.separable_conv2d, x, dw, pw, t, a, "cuda")[0]
+    g = torch.randn_like(out)
+
+    def run(backend, cast):
+        v = {k: (None if u is None else cast(u)) for k, u in t.items()}
+        return OPS.separable_conv2d_backward(cast(g), None, None, None, cast(x), cast(dw), cast(pw), None, None,
+                                             False, a["stride"], a["padding"], a["dilation"], "relu6",
+                                             v["mid_scale"], v["mid_shift"], None, None, False, backend)
+    exact = run("torch", lambda u: u.double())
+    got = run("cuda", lambda u: u)
+    for i in (5, 6):
+        assert got[i].dtype == torch.float16
+        assert rel_err(got[i], exact[i]) <= 2e-3  # float16's rounding of each sum (2^-11), with room
+    for i in (0, 1, 2):
+        assert rel_err(got[i], exact[i]) <= 1e-5
+
+
+def test_mid_affine_backward_repeatable_bitwise():
+    """The mid vectors' gradients are fixed-order sums: ten backward passes give the same bits."""
+    shape = (4, 64, 96, 19, 19, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
+    x, dw, pw, t, a = make_inputs(shape, MID_BACKWARD_OPTIONS[1], torch.bfloat16, "channels_last")
+    out = call(OPS.separable_conv2d, x, dw, pw, t, a, "cuda")[0]
+    g = torch.randn_like(out)
+
+    def once():
+        return OPS.separable_conv2d_backward(g, None, None, None, x, dw, pw, t["in_scale"], t["in_shift"], True,
+                                             a["stride"], a["padding"], a["dilation"], "relu", t["mid_scale"],
+                                             t["mid_shift"], None, None, False, "cuda")
+    first = once()
+    assert first[5].numel() == 64 and first[6].numel() == 64
+    for _ in range(10):
+        for u, v in zip(first, once()):
+            assert torch.equal(u, v)
+
+
 def test_backward_of_xception_shapes(tf32_off):
     """The middle flow's 728 channels (several output-channel and depthwise-channel tiles of the kernel)."""
     check_backward((2, 728, 728, 19, 19, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)), BACKWARD_OPTIONS[1],
@@ -528,8 +663,8 @@ def test_backward_repeatable_bitwise():
 
     def once():
         return OPS.separable_conv2d_backward(g, s, ss, None, x, dw, pw, t["in_scale"], t["in_shift"], True,
-                                             a["stride"], a["padding"], a["dilation"], "none", None, None, False,
-                                             "cuda")
+                                             a["stride"], a["padding"], a["dilation"], "none", None, None, None, None,
+                                             False, "cuda")
     first = once()
     for _ in range(10):
         for u, v in zip(first, once()):

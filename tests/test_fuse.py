@@ -1,5 +1,7 @@
 """fuse(): finds the chains by dataflow, swaps them, and the model computes what it did."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -66,6 +68,78 @@ def test_mid_activation_is_fused():
     (sep,) = [m for m in fused.modules() if isinstance(m, SeparableConvBN)]
     assert sep.mid_activation == "elu"
     compare_train_and_eval(model, fused, torch.randn(2, 4, 7, 7))
+
+
+def fuse_a_twin(model, backend="torch"):
+    """fuse() on a copy of `model`, with that copy's parameters and buffers by their original names (the fused
+    model keeps those very tensors). Backend "torch" by default: the fused op itself ("auto" takes the unfused
+    layers on a CPU)."""
+    twin = copy.deepcopy(model)
+    tensors = {**dict(twin.named_parameters()), **dict(twin.named_buffers())}
+    return xception_ops.fuse(twin, inplace=True, backend=backend), tensors
+
+
+def compare_parameters_and_statistics(original, twin_tensors):
+    """The parameters' gradients and the BatchNorms' running statistics of the original and the fused twin."""
+    for name, p in original.named_parameters():
+        if p.grad.abs().max() <= 1e-6:  # a bias that training's BatchNorm cancels: zero, up to rounding
+            assert twin_tensors[name].grad.abs().max() <= 1e-6, name
+        else:
+            assert relative_error(twin_tensors[name].grad, p.grad) <= 1e-4, name
+    for name, b in original.named_buffers():
+        assert relative_error(twin_tensors[name].double(), b.double()) <= 1e-5, name
+
+
+@pytest.mark.parametrize("dw_bias", [False, True])
+@pytest.mark.parametrize("act", [nn.ReLU6, nn.ReLU, None])
+def test_mobilenet_chain_with_a_mid_batch_norm_is_fused(dw_bias, act):
+    """dw (+bias) -> BN -> ReLU6 / ReLU / nothing -> pw -> BN: the mid BatchNorm becomes the op's mid affine, folded
+    in eval mode, from the depthwise result's batch statistics in training (running statistics updated as
+    nn.BatchNorm2d updates them)."""
+    layers = [nn.Conv2d(6, 12, 3, stride=2, padding=1, groups=6, bias=dw_bias), nn.BatchNorm2d(12)]
+    layers += [act(inplace=True)] if act is not None else []
+    model = nn.Sequential(*layers, nn.Conv2d(12, 5, 1, bias=False), nn.BatchNorm2d(5))
+    randomize_batch_norm(model, torch.Generator().manual_seed(2))
+    with torch.no_grad():  # depthwise results of several units, so that ReLU6 clamps at 6 too
+        model[0].weight.mul_(4)
+    (chain,) = find_chains(model)
+    assert (chain.mid_batch_norm, chain.mid_activation) == ("1", "2" if act else None)
+    fused, tensors = fuse_a_twin(model)
+    (sep,) = [m for m in fused.modules() if isinstance(m, SeparableConvBN)]
+    assert sep.mid_bn is not None and sep.mid_activation == {nn.ReLU6: "relu6", nn.ReLU: "relu", None: None}[act]
+    with record_op_calls("separable_conv2d") as calls:
+        compare_train_and_eval(model, fused, torch.randn(3, 6, 11, 9))
+    assert len(calls) == 2  # eval and training: the fused op ran (not the unfused fallback)
+    compare_parameters_and_statistics(model, tensors)
+
+
+def test_depthwise_bias_before_a_mid_activation_is_the_mid_shift():
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=True), nn.ReLU(), nn.Conv2d(4, 6, 1),
+                          nn.BatchNorm2d(6))
+    (chain,) = find_chains(model)
+    assert chain.mid_activation == "1" and chain.mid_batch_norm is None
+    fused, tensors = fuse_a_twin(model)
+    compare_train_and_eval(model, fused, torch.randn(2, 4, 7, 7))
+    compare_parameters_and_statistics(model, tensors)
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_torchvision_mobilenet_v2(backend):
+    """Every inverted-residual block's dw -> BN -> ReLU6 -> pw -> BN is one fused op: the same outputs and
+    gradients as the original in eval and training mode."""
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.mobilenet_v2(num_classes=7, width_mult=0.25)
+    model.classifier[0].p = 0.0  # (dropout: the two models would draw different masks in training)
+    # float64: 17 training BatchNorms over a few values per channel at the end (2 x 2 pixels, batch 2) amplify
+    # float32's rounding differences past any fixed tolerance (6e-5 of the output at the last block).
+    model.double()
+    randomize_batch_norm(model, torch.Generator().manual_seed(3))
+    fused, tensors = fuse_a_twin(model, backend)
+    seps = [m for m in fused.modules() if isinstance(m, SeparableConvBN)]
+    assert len(seps) == 17 and all(s.mid_bn is not None and s.mid_activation == "relu6" for s in seps)
+    assert type(fused) is type(model)
+    compare_train_and_eval(model, fused, torch.randn(2, 3, 48, 40, dtype=torch.float64))
+    compare_parameters_and_statistics(model, tensors)
 
 
 class Branchy(nn.Module):

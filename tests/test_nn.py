@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from xception_ops import batchnorm
 from xception_ops.geometry import same_padding
+from xception_ops.parity import randomize_batch_norm
 from xception_ops.nn import PendingBatchNorm, SeparableConv2d, SeparableConvBN
 
 from .conftest import relative_error
@@ -185,9 +186,35 @@ def test_depthwise_bias_is_carried_through_the_pointwise_stage(backend):
     assert torch.allclose(fused.bn.running_mean, bn.running_mean, atol=1e-6)
 
 
-def test_depthwise_bias_across_a_mid_activation_is_refused():
-    with pytest.raises(ValueError, match="depthwise bias cannot be fused across a mid activation"):
-        SeparableConvBN.from_modules(nn.Conv2d(4, 4, 3, groups=4), nn.Conv2d(4, 4, 1), mid_activation="relu")
+@pytest.mark.parametrize("training", [False, True])
+def test_mid_batch_norm_and_depthwise_bias_match_the_unfused_layers(training):
+    """relu(x) -> dw (+bias) -> BN -> ReLU6 -> pw -> BN on the op (mid_scale / mid_shift) against the same layers in
+    plain PyTorch: outputs, every parameter's gradient, and the running statistics after a training step."""
+    fused = SeparableConvBN(4, 6, 3, stride=2, pre_relu=True, mid_activation="relu6", mid_batch_norm=True,
+                            backend="torch")
+    fused.depthwise.bias = nn.Parameter(torch.randn(4))
+    randomize_batch_norm(fused, torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        fused.depthwise.weight.mul_(3)  # results past ReLU6's 6 in eval mode
+    plain = copy.deepcopy(fused)
+    fused.train(training)
+    plain.train(training)
+    x = torch.randn(3, 4, 9, 8)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    want = plain._forward_unfused(xa, None)
+    got = fused(xb)
+    assert relative_error(got, want) <= 1e-5
+    grad = torch.randn_like(want)
+    want.backward(grad)
+    got.backward(grad)
+    assert relative_error(xb.grad, xa.grad) <= 1e-5
+    for (name, a), (_, b) in zip(plain.named_parameters(), fused.named_parameters()):
+        if training and name == "depthwise.bias":  # the batch statistics cancel it: zero, up to rounding
+            assert b.grad.abs().max() <= 1e-5 and a.grad.abs().max() <= 1e-5
+        else:
+            assert relative_error(b.grad, a.grad) <= 1e-5, name
+    for (name, a), (_, b) in zip(plain.named_buffers(), fused.named_buffers()):
+        assert relative_error(b.double(), a.double()) <= 1e-6, name
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

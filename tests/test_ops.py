@@ -86,6 +86,9 @@ SEPARABLE_OPTIONS = [
     dict(compute_stats=True, in_affine=True, in_relu=True),
     dict(mid_activation="relu", compute_stats=True),
     dict(mid_activation="elu", out_affine=True),
+    # MobileNet's dw -> BN -> ReLU6 -> pw -> BN; the residual's gradient after both mid vectors
+    dict(mid_affine=True, mid_activation="relu6", out_affine=True, residual=True),
+    dict(mid_shift=True, mid_activation="relu", in_affine=True, compute_stats=True),  # a depthwise bias
 ]
 SEPARABLE_SHAPES = [
     # (N, C_in, C_out, H, W, multiplier, kernel, stride, padding, dilation)
@@ -101,10 +104,14 @@ def separable_inputs(shape, options, dtype, layout):
     t = dict(
         dw_weight=torch.randn(cin * mult, 1, *k, dtype=dtype, requires_grad=True),
         pw_weight=(torch.randn(cout, cin * mult, 1, 1, dtype=dtype) / (cin * mult) ** 0.5).requires_grad_(),
-        in_scale=None, in_shift=None, out_scale=None, out_shift=None, residual=None)
+        in_scale=None, in_shift=None, mid_scale=None, mid_shift=None, out_scale=None, out_shift=None, residual=None)
     if options.get("in_affine"):
         t["in_scale"] = (torch.rand(cin) + 0.5).requires_grad_()
         t["in_shift"] = (torch.randn(cin) * 0.3).requires_grad_()
+    if options.get("mid_affine"):
+        t["mid_scale"] = (torch.rand(cin * mult) * 2 + 0.5).requires_grad_()
+    if options.get("mid_affine") or options.get("mid_shift"):
+        t["mid_shift"] = (torch.randn(cin * mult) * 2).requires_grad_()  # spans relu6's clamp at 6 too
     if options.get("out_affine"):
         t["out_scale"] = (torch.rand(cout) + 0.5).requires_grad_()
         t["out_shift"] = (torch.randn(cout) * 0.3).requires_grad_()
@@ -129,11 +136,11 @@ def run_separable(fn, x, t, flags):
 
 
 def reference_fn(x, dw_weight, pw_weight, *, stride, padding, dilation, in_scale, in_shift, in_relu,
-                 mid_activation, out_scale, out_shift, out_relu, residual, compute_stats):
+                 mid_activation, mid_scale, mid_shift, out_scale, out_shift, out_relu, residual, compute_stats):
     pad4 = resolve_padding(padding, x.shape[2:], dw_weight.shape[2:], stride, dilation)
     out = reference.separable_conv2d(x, dw_weight, pw_weight, in_scale, in_shift, in_relu, stride, pad4, dilation,
-                                     mid_activation or "none", out_scale, out_shift, out_relu, residual,
-                                     compute_stats)
+                                     mid_activation or "none", mid_scale, mid_shift, out_scale, out_shift, out_relu,
+                                     residual, compute_stats)
     return out if compute_stats else out[0]
 
 
@@ -216,6 +223,7 @@ def _opcheck_cases():
     pw = torch.randn(4, 6, 1, 1, requires_grad=True)
     scale, shift = torch.rand(3, requires_grad=True), torch.randn(3, requires_grad=True)
     oscale, oshift = torch.rand(4, requires_grad=True), torch.randn(4, requires_grad=True)
+    mscale, mshift = torch.rand(6, requires_grad=True) + 0.5, (torch.randn(6) * 3).requires_grad_()
     bias = torch.randn(6, requires_grad=True)
     pad, stride, dil = [1, 1, 1, 1], [1, 1], [1, 1]
     pad_s2 = [0, 1, 0, 1]
@@ -227,16 +235,16 @@ def _opcheck_cases():
         (ops.depthwise_conv2d.default, (xl, dw, None, [2, 2], pad_s2, dil, "torch")),
         (ops.depthwise_conv2d_backward_input.default, (g_dw, dw.detach(), [2, 3, 7, 6], stride, pad, dil, "torch")),
         (ops.depthwise_conv2d_backward_weight.default, (g_dw, x.detach(), [6, 1, 3, 3], stride, pad, dil, "torch")),
-        (ops.separable_conv2d.default, (x, dw, pw, None, None, False, stride, pad, dil, "none", None, None, False,
-                                        None, False, "torch")),
-        (ops.separable_conv2d.default, (xl, dw, pw, scale, shift, True, stride, pad, dil, "elu", oscale, oshift,
-                                        True, res, False, "torch")),
-        (ops.separable_conv2d.default, (x, dw, pw, scale, shift, True, stride, pad, dil, "relu", None, None, False,
-                                        None, True, "torch")),
+        (ops.separable_conv2d.default, (x, dw, pw, None, None, False, stride, pad, dil, "none", None, None, None,
+                                        None, False, None, False, "torch")),
+        (ops.separable_conv2d.default, (xl, dw, pw, scale, shift, True, stride, pad, dil, "elu", None, None,
+                                        oscale, oshift, True, res, False, "torch")),
+        (ops.separable_conv2d.default, (x, dw, pw, scale, shift, True, stride, pad, dil, "relu6", mscale, mshift,
+                                        None, None, False, None, True, "torch")),
         (ops.separable_conv2d_backward.default, (g_pw, torch.randn(4), torch.randn(4), torch.randn(2, 4, 7, 6),
                                                  x.detach(), dw.detach(), pw.detach(), scale.detach(),
-                                                 shift.detach(), True, stride, pad, dil, "none", oscale.detach(),
-                                                 oshift.detach(), True, "torch")),
+                                                 shift.detach(), True, stride, pad, dil, "none", mscale.detach(),
+                                                 mshift.detach(), oscale.detach(), oshift.detach(), True, "torch")),
         (ops.batch_norm_finalize.default, (torch.rand(4, requires_grad=True) * 10,
                                            torch.rand(4, requires_grad=True) * 50 + 30, 12, oscale, oshift, 1e-5,
                                            "torch")),
@@ -320,8 +328,8 @@ def test_differentiable_ops_run_no_python_code():
     conv = ([1, 1], [1, 1, 1, 1], [1, 1])
 
     def forward():
-        y, total, total_sq = ops.separable_conv2d(x, dw, pw, None, None, True, *conv, "none", None, None, False,
-                                                  None, True, "torch")
+        y, total, total_sq = ops.separable_conv2d(x, dw, pw, None, None, True, *conv, "none", None, None, None,
+                                                  None, False, None, True, "torch")
         s, t, _, _ = ops.batch_norm_finalize(total, total_sq, 25, scale, shift, 1e-5, "torch")
         z = ops.scale_shift(y, s, t, True, "torch")
         return ops.depthwise_conv2d(z, torch.randn(4, 1, 3, 3), None, *conv, "torch")
@@ -349,11 +357,11 @@ def test_autograd_kernels_skip_torchs_per_call_argument_filling(monkeypatch):
     dw = torch.randn(2, 1, 3, 3, dtype=torch.float64, requires_grad=True)
     pw = torch.randn(3, 2, 1, 1, dtype=torch.float64)  # needs no gradient: its entry of needs_input_grad is False
     out, total, _ = ops.separable_conv2d(x, dw, pw, None, None, True, [1, 1], [1, 1, 1, 1], [1, 1], "none", None,
-                                         None, False, None, True, "torch")
+                                         None, None, None, False, None, True, "torch")
     grad_x, grad_dw = torch.autograd.grad(out.sum() + total.sum(), (x, dw), create_graph=True)
     want = to64(x, dw)
     ref, ref_total, _ = reference.separable_conv2d(want[0], want[1], pw, None, None, True, [1, 1], [1, 1, 1, 1],
-                                                   [1, 1], "none", None, None, False, None, True)
+                                                   [1, 1], "none", None, None, None, None, False, None, True)
     torch.testing.assert_close((grad_x, grad_dw),
                                torch.autograd.grad(ref.sum() + ref_total.sum(), want, create_graph=True))
     y = torch.randn(1, 2, 3, 3, dtype=torch.float64, requires_grad=True)
@@ -381,7 +389,7 @@ def _op_call(name):
         padding = [padding] * 4 if isinstance(padding, int) else list(padding)
         if name == "depthwise":
             return ops.depthwise_conv2d(x, dw, kw.get("bias"), [1, 1], padding, [1, 1], kw.get("backend", "torch"))
-        return ops.separable_conv2d(x, dw, pw, None, None, False, [1, 1], padding, [1, 1], "none",
+        return ops.separable_conv2d(x, dw, pw, None, None, False, [1, 1], padding, [1, 1], "none", None, None,
                                     kw.get("out_scale"), None, False, kw.get("residual"), False,
                                     kw.get("backend", "torch"))
     return call
@@ -488,8 +496,19 @@ def test_padding_spec_errors():
 
 def test_mid_activation_must_be_known():
     x, dw, pw = _good()
-    with pytest.raises(ValueError, match="mid_activation must be"):
+    with pytest.raises(ValueError, match="mid_activation must be 'none', 'relu', 'relu6' or 'elu'"):
         xception_ops.separable_conv2d(x, dw, pw, padding=1, mid_activation="gelu")
+
+
+def test_mid_vectors_have_one_value_per_depthwise_channel():
+    """mid_scale / mid_shift: one float per depthwise output channel (C_in * multiplier), on x's device."""
+    x, dw, pw = _good()
+    k = dw.shape[0]
+    for name in ("mid_scale", "mid_shift"):
+        with pytest.raises(ValueError, match=rf"{name} must have shape \[{k}\]"):
+            xception_ops.separable_conv2d(x, dw, pw, padding=1, **{name: torch.ones(k + 1)})
+        with pytest.raises(TypeError, match=name):
+            xception_ops.separable_conv2d(x, dw, pw, padding=1, **{name: torch.ones(k, dtype=torch.int32)})
 
 
 @pytest.mark.parametrize("size,stride", list(itertools.product([5, 6, 7, 8], [1, 2, 3])))

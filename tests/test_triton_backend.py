@@ -10,7 +10,7 @@ from xception_ops import _library, reference
 from xception_ops.backend import BackendUnavailableError, resolve
 from xception_ops.geometry import resolve_padding
 
-from .conftest import relative_error
+from .conftest import record_op_calls, relative_error
 
 pytest.importorskip("triton")
 if _library.TRITON is None:
@@ -71,12 +71,54 @@ def test_model_block_on_triton_matches_the_reference(training):
 
 
 @needs("separable_conv2d")
-def test_private_op_opcheck():
+@pytest.mark.parametrize("mid", ["plain", "affine"])
+def test_private_op_opcheck(mid):
     x = torch.randn(2, 3, 6, 5, device=DEVICE)
     dw, pw = torch.randn(3, 1, 3, 3, device=DEVICE), torch.randn(4, 3, 1, 1, device=DEVICE)
-    args = (x, dw, pw, None, None, True, [1, 1], [1, 1, 1, 1], [1, 1], "none", None, None, False, None, True)
+    if mid == "affine":
+        mid_args = ("relu6", torch.rand(3, device=DEVICE), torch.randn(3, dtype=torch.float16, device=DEVICE))
+    else:
+        mid_args = ("none", None, None)
+    args = (x, dw, pw, None, None, True, [1, 1], [1, 1, 1, 1], [1, 1], *mid_args, None, None, False, None, True)
     torch.library.opcheck(torch.ops.xception_ops.triton_separable_conv2d.default, args,
                           test_utils=("test_schema", "test_faketensor"))
+    if "separable_conv2d_backward" in IMPLEMENTED:  # the 9 gradients' shapes, dtypes and layouts as the fake's
+        grad = torch.randn(2, 4, 6, 5, device=DEVICE)
+        bwd_args = (grad, None, None, None, x, dw, pw, None, None, True, [1, 1], [1, 1, 1, 1], [1, 1], *mid_args,
+                    None, None, False)
+        torch.library.opcheck(torch.ops.xception_ops.triton_separable_conv2d_backward.default, bwd_args,
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+@needs("separable_conv2d")
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_mid_affine_through_the_public_op(layout):
+    """mid_scale / mid_shift and relu6 through the router, the private ops and autograd (the backward's gradients
+    of both vectors), against the torch backend in float64."""
+    x = torch.randn(2, 4, 7, 6, device=DEVICE).contiguous(memory_format=layout)
+    params = [torch.randn(8, 1, 3, 3, device=DEVICE), torch.randn(5, 8, 1, 1, device=DEVICE) / 8 ** 0.5,
+              torch.rand(8, device=DEVICE) * 1.5 + 0.5, torch.randn(8, device=DEVICE) * 2.0,
+              torch.rand(5, device=DEVICE) + 0.5]
+    grad = torch.randn(2, 5, 4, 3, device=DEVICE)
+
+    def run(backend, cast):
+        leaves = [cast(t).requires_grad_() for t in [x] + params]
+        xs, dw, pw, mid_scale, mid_shift, out_scale = leaves
+        out = xception_ops.separable_conv2d(xs, dw, pw, stride=2, padding=1, mid_activation="relu6",
+                                            mid_scale=mid_scale, mid_shift=mid_shift, out_scale=out_scale,
+                                            backend=backend)
+        out.backward(cast(grad))
+        return out, [t.grad for t in leaves]
+
+    with record_op_calls("separable_conv2d_backward") as backward_calls:
+        out, grads = run("triton", lambda t: t.detach().clone())
+    assert [call[-1] for call in backward_calls] == ["triton"]  # the gradients are the triton backward's
+    want, want_grads = run("torch", lambda t: t.detach().double().cpu())
+    assert relative_error(out, want) <= 1e-5
+    assert out.is_contiguous(memory_format=layout)
+    names = ("x", "dw_weight", "pw_weight", "mid_scale", "mid_shift", "out_scale")
+    for name, got, expected in zip(names, grads, want_grads):
+        assert relative_error(got, expected) <= 1e-5, name
 
 
 def test_private_schemas_are_the_public_ones_less_backend():

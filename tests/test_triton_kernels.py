@@ -90,14 +90,15 @@ def test_kernels_imported_before_the_variable_is_set_still_run_interpreted():
         "assert type(launch.kernels.reduce_rows_kernel).__name__ == 'InterpretedFunction'\n"
         # every other kernel too (tl.dot, reductions, the backward passes)
         "from xception_ops import reference\n"
-        "v = [torch.rand(2) + 0.5, torch.randn(2), torch.rand(3) + 0.5, torch.randn(3)]\n"
+        "v = [torch.rand(2) + 0.5, torch.randn(2), torch.rand(2) + 0.5, torch.randn(2), torch.rand(3) + 0.5,\n"
+        "     torch.randn(3)]\n"
         "pw = torch.randn(3, 2, 1, 1)\n"
-        "args = (v[0], v[1], True, [1, 1], [1, 1, 1, 1], [1, 1], 'elu', v[2], v[3], True)\n"
+        "args = (v[0], v[1], True, [1, 1], [1, 1, 1, 1], [1, 1], 'relu6', v[2], v[3], v[4], v[5], True)\n"
         "out, s, ss = launch.separable_conv2d(x, w, pw, *args, None, True)\n"
         "want = reference.separable_conv2d(x, w, pw, *args, None, True)\n"
         "assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip((out, s, ss), want))\n"
-        "g = launch.separable_conv2d_backward(torch.randn_like(out), v[3], v[3], out, x, w, pw, *args)\n"
-        "assert all(t.isfinite().all() for t in g) and g[1].abs().sum() > 0\n"
+        "g = launch.separable_conv2d_backward(torch.randn_like(out), v[5], v[5], out, x, w, pw, *args)\n"
+        "assert len(g) == 9 and all(t.isfinite().all() for t in g) and g[1].abs().sum() > 0\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,19 +160,27 @@ g_dw = torch.randn(2, 12, 5, 8, **bf).contiguous(memory_format=torch.channels_la
 launch.depthwise_conv2d(x, dw, torch.randn(12, **bf), *geo)
 launch.depthwise_conv2d_backward_input(g_dw, dw, list(x.shape), *geo)
 launch.depthwise_conv2d_backward_weight(g_dw, x, list(dw.shape), *geo)
-opts = (vec[0], vec[1], True, *geo, "elu", vec[2], vec[3], True)
-launch.separable_conv2d(x, dw, pw, *opts, res, True)
-os.environ["XCEPTION_OPS_TRITON_FORWARD"] = "staged"  # the other form of the forward (and its act kernel)
-launch.separable_conv2d(x, dw, pw, *opts, res, True)
-del os.environ["XCEPTION_OPS_TRITON_FORWARD"]
-launch.separable_conv2d_backward(res, vec[3], vec[3], res, x, dw, pw, *opts)
-launch.separable_conv2d_backward(res, vec[3], None, res, x, dw, pw, *opts)
+mid = [torch.rand(12), torch.randn(12)]  # the mid affine (the depthwise channels')
+opts = (vec[0], vec[1], True, *geo, "elu", None, None, vec[2], vec[3], True)
+mid_opts = (vec[0], vec[1], True, *geo, "relu6", *mid, vec[2], vec[3], True)
+for o in (opts, mid_opts):
+    launch.separable_conv2d(x, dw, pw, *o, res, True)
+    os.environ["XCEPTION_OPS_TRITON_FORWARD"] = "staged"  # the other form of the forward (and its act kernel)
+    launch.separable_conv2d(x, dw, pw, *o, res, True)
+    del os.environ["XCEPTION_OPS_TRITON_FORWARD"]
+    launch.separable_conv2d_backward(res, vec[3], vec[3], res, x, dw, pw, *o)
+    launch.separable_conv2d_backward(res, vec[3], None, res, x, dw, pw, *o)
+# mid_shift alone without a mid activation: a backward with no depthwise recomputation
+launch.separable_conv2d_backward(res, None, None, None, x, dw, pw, None, None, False, *geo, "none", None, mid[1],
+                                 None, None, False)
 # The depthwise stage by rows (3x3 at stride 1): the depthwise forward, and the staged forward's act buffer.
 os.environ["XCEPTION_OPS_TRITON_DEPTHWISE"] = "rows"
 unit = ([1, 1], [1, 1, 1, 1], [1, 1])
 launch.depthwise_conv2d(x, dw, torch.randn(12, **bf), *unit)
 os.environ["XCEPTION_OPS_TRITON_FORWARD"] = "staged"
-launch.separable_conv2d(x, dw, pw, vec[0], vec[1], True, *unit, "elu", vec[2], vec[3], True, None, True)
+launch.separable_conv2d(x, dw, pw, vec[0], vec[1], True, *unit, "elu", None, None, vec[2], vec[3], True, None,
+                        True)
+launch.separable_conv2d(x, dw, pw, vec[0], vec[1], True, *unit, "relu6", *mid, vec[2], vec[3], True, None, True)
 
 done = set()
 for name, args, kw in calls:
@@ -195,23 +204,32 @@ geo = ([1, 1], [1, 1, 1, 1], [1, 1])
 vec = [torch.rand(728), torch.randn(728)]
 launch.depthwise_conv2d(x, dw, None, *geo)
 os.environ["XCEPTION_OPS_TRITON_FORWARD"] = "staged"
-launch.separable_conv2d(x, dw, pw, *vec, True, *geo, "none", None, None, False, None, True)
-launch.separable_conv2d_backward(g, vec[1], vec[1], g, x, dw, pw, *vec, True, *geo, "none", *vec, True)
+launch.separable_conv2d(x, dw, pw, *vec, True, *geo, "none", None, None, None, None, False, None, True)
+launch.separable_conv2d_backward(g, vec[1], vec[1], g, x, dw, pw, *vec, True, *geo, "none", None, None, *vec,
+                                 True)
+# with the mid affine (MobileNet's depthwise BN) and relu6: the same accesses
+launch.separable_conv2d(x, dw, pw, *vec, True, *geo, "relu6", *vec, None, None, False, None, True)
+launch.separable_conv2d_backward(g, vec[1], vec[1], g, x, dw, pw, *vec, True, *geo, "relu6", *vec, *vec, True)
 os.environ["XCEPTION_OPS_TRITON_DEPTHWISE"] = "rows"
 launch.depthwise_conv2d(x, dw, None, *geo)
-launch.separable_conv2d(x, dw, pw, *vec, True, *geo, "none", None, None, False, None, True)
+launch.separable_conv2d(x, dw, pw, *vec, True, *geo, "none", None, None, None, None, False, None, True)
+launch.separable_conv2d(x, dw, pw, *vec, True, *geo, "relu6", *vec, None, None, False, None, True)
 accesses = {}
 for name, args, kw in calls:
     if name != "reduce_rows_kernel":
         ptx = compile(name, args, kw)[1].asm["ptx"]
         found = collections.Counter(re.findall(r"(?:ld\.global|st\.global|cp\.async\.cg)[.a-z0-9]*", ptx))
+        if name == "sep_bwd_mid_kernel" and (kw["MID"] or kw["HAS_MID_SCALE"]):
+            name += "+dw"  # recomputes the depthwise tile (for act' or mid_scale's gradient): reads dw weights
         accesses[name] = accesses.get(name, collections.Counter()) + found
 print(accesses)
-assert len(accesses) == 9, sorted(accesses)
+assert len(accesses) == 10, sorted(accesses)
+dw_weight_readers = ("dw_fwd_kernel", "sep_bwd_act_kernel", "dw_dgrad_kernel", "dw_rows_kernel",
+                     "sep_bwd_mid_kernel+dw")
 for name, found in accesses.items():
     assert found["st.global.b16"] == 0, name  # every 16-bit store in vectors
     assert found["ld.global.v4.b32"] + found["cp.async.cg.shared.global"] >= 2, name
-    if name not in ("dw_fwd_kernel", "sep_bwd_act_kernel", "dw_dgrad_kernel", "dw_rows_kernel"):  # no dw weights
+    if name not in dw_weight_readers:
         assert found["ld.global.b16"] == 0, name
 print("vectorized")
 '''
@@ -332,12 +350,19 @@ def separable_inputs(shape, opts, dtype, layout, param_dtype=torch.float32):
     x = make_input((n, cin, h, w), dtype, layout)
     t = dict(dw_weight=torch.randn(cin * mult, 1, *k, dtype=dtype, device=DEVICE),
              pw_weight=torch.randn(cout, cin * mult, 1, 1, dtype=dtype, device=DEVICE) / (cin * mult) ** 0.5,
-             in_scale=None, in_shift=None, out_scale=None, out_shift=None, residual=None)
+             in_scale=None, in_shift=None, mid_scale=None, mid_shift=None, out_scale=None, out_shift=None,
+             residual=None)
     vec = dict(dtype=param_dtype, device=DEVICE)
     if opts.get("in_scale"):
         t["in_scale"] = torch.rand(cin, **vec) + 0.5
     if opts.get("in_shift"):
         t["in_shift"] = torch.randn(cin, **vec) * 0.3
+    # The mid affine acts on the depthwise result (a few units here): a scale up to 2 and a shift of a few units
+    # put relu6's input on both sides of 0 and of 6.
+    if opts.get("mid_scale"):
+        t["mid_scale"] = torch.rand(cin * mult, **vec) * 1.5 + 0.5
+    if opts.get("mid_shift"):
+        t["mid_shift"] = torch.randn(cin * mult, **vec) * 2.0
     if opts.get("out_scale"):
         t["out_scale"] = torch.rand(cout, **vec) + 0.5
     if opts.get("out_shift"):
@@ -362,8 +387,8 @@ def separable_inputs(shape, opts, dtype, layout, param_dtype=torch.float32):
 
 def call_forward(fn, x, t, f):
     return fn(x, t["dw_weight"], t["pw_weight"], t["in_scale"], t["in_shift"], f["in_relu"], f["stride"],
-              f["padding"], f["dilation"], f["mid_activation"], t["out_scale"], t["out_shift"], f["out_relu"],
-              t["residual"], f["compute_stats"])
+              f["padding"], f["dilation"], f["mid_activation"], t["mid_scale"], t["mid_shift"], t["out_scale"],
+              t["out_shift"], f["out_relu"], t["residual"], f["compute_stats"])
 
 
 def triton_separable(x, t, f, g):
@@ -371,15 +396,16 @@ def triton_separable(x, t, f, g):
     grads = launch.separable_conv2d_backward(
         g["grad_out"], g["grad_sum"], g["grad_sumsq"], out if f["out_relu"] else None, x, t["dw_weight"],
         t["pw_weight"], t["in_scale"], t["in_shift"], f["in_relu"], f["stride"], f["padding"], f["dilation"],
-        f["mid_activation"], t["out_scale"], t["out_shift"], f["out_relu"])
+        f["mid_activation"], t["mid_scale"], t["mid_shift"], t["out_scale"], t["out_shift"], f["out_relu"])
     return (out, total, total_sq), grads
 
 
-GRAD_NAMES = ("x", "dw_weight", "pw_weight", "in_scale", "in_shift", "out_scale", "out_shift")
+GRAD_NAMES = ("x", "dw_weight", "pw_weight", "in_scale", "in_shift", "mid_scale", "mid_shift", "out_scale",
+              "out_shift")
 
 
 def reference_separable(x, t, f, g, cast, relu_mask=None):
-    """Forward outputs and the 7 gradients (None for absent inputs) by autograd on the reference.
+    """Forward outputs and the 9 gradients (None for absent inputs) by autograd on the reference.
 
     relu_mask (with out_relu): the output ReLU's mask to differentiate through, as the backward under test does
     (it is given the forward's output): the ReLU taken as a multiplication by out > 0 of the forward under test,
@@ -414,7 +440,7 @@ def check_separable(shape, opts, dtype, layout, param_dtype=torch.float32):
     exact_outs = reference_separable(x, t, f, g, lambda v: v.detach().double().cpu())[0]
     exact_grads = reference_separable(x, t, f, g, lambda v: v.detach().double().cpu(), mask)[1]
     if dtype == torch.float32:
-        plain_outs, plain_grads = (None,) * 3, (None,) * 7
+        plain_outs, plain_grads = (None,) * 3, (None,) * 9
     else:
         plain_outs = reference_separable(x, t, f, g, lambda v: v.detach().clone())[0]
         plain_grads = reference_separable(x, t, f, g, lambda v: v.detach().clone(), mask)[1]
@@ -430,7 +456,7 @@ def check_separable(shape, opts, dtype, layout, param_dtype=torch.float32):
     else:
         assert total.shape == total_sq.shape == (0,) and total.dtype == total_sq.dtype == torch.float32
 
-    assert len(grads) == 7
+    assert len(grads) == 9
     for name, got, want, base in zip(GRAD_NAMES, grads, exact_grads, plain_grads):
         if want is None:
             assert got.shape == (0,) and got.dtype == torch.float32, name
@@ -468,6 +494,130 @@ def test_separable_fp16_with_fp16_parameters():
     check_separable(SEPARABLE_SHAPES[3], opts, torch.float16, "strided", param_dtype=torch.float16)
 
 
+# ---------------------------------------------------------------------------------------------- mid affine
+
+# The per-channel affine between the depthwise and pointwise halves (mid_scale / mid_shift: the depthwise bias or
+# BatchNorm of a MobileNet-style chain folded in) and the relu6 mid activation.
+MID_OPTIONS = [
+    dict(mid_scale=True),
+    dict(mid_shift=True),
+    dict(mid_scale=True, mid_shift=True, mid="relu6"),
+    dict(mid="relu6"),
+    dict(mid_scale=True, mid="relu", in_scale=True, residual=True),
+    dict(mid_shift=True, mid="elu", in_scale=True, in_shift=True, in_relu=True, out_scale=True, out_shift=True,
+         compute_stats=True),
+    dict(mid_scale=True, mid_shift=True, mid="relu6", in_relu=True, out_scale=True, compute_stats=True,
+         grads=("sumsq",), out_relu=True),
+]
+MID_IDS = ["scale", "shift", "both-relu6", "relu6", "scale-relu", "shift-elu-bn", "both-relu6-sumsq"]
+
+
+@pytest.mark.parametrize("shape", SEPARABLE_SHAPES)
+@pytest.mark.parametrize("opts", MID_OPTIONS, ids=MID_IDS)
+def test_mid_affine_fp32_matches_float64(opts, shape):
+    check_separable(shape, opts, torch.float32, "contiguous")
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+@pytest.mark.parametrize("opts", [MID_OPTIONS[2], MID_OPTIONS[5]], ids=["both-relu6", "shift-elu-bn"])
+@pytest.mark.parametrize("shape", [SEPARABLE_SHAPES[1], SEPARABLE_SHAPES[3]])
+def test_mid_affine_fp32_layouts(shape, opts, layout):
+    check_separable(shape, opts, torch.float32, layout)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("opts", MID_OPTIONS[:4] + MID_OPTIONS[6:], ids=MID_IDS[:4] + MID_IDS[6:])
+def test_mid_affine_fp16_no_worse_than_pytorch(opts, layout):
+    check_separable(SEPARABLE_SHAPES[0], opts, torch.float16, layout)
+
+
+def test_mid_affine_fp16_with_fp16_parameters():
+    """16-bit mid vectors: read as float32, their gradients returned in float16."""
+    opts = dict(mid_scale=True, mid_shift=True, mid="relu6", in_scale=True, out_shift=True, compute_stats=True)
+    check_separable(SEPARABLE_SHAPES[3], opts, torch.float16, "strided", param_dtype=torch.float16)
+
+
+@pytest.mark.parametrize("mid, passes", [("relu", [False, True, True, True]),
+                                         ("relu6", [False, False, True, False])])
+def test_mid_activation_passes_no_gradient_at_its_kinks(mid, passes):
+    """pre exactly 0 (relu, relu6) or 6 (relu6) passes no gradient, as PyTorch's relu and hardtanh: four channels
+    with zero depthwise weights have pre = mid_shift everywhere, set to 0, 6, 3 and 7; their mid_scale gradients
+    (the sums of grad_pre * d, d = 0) are 0."""
+    opts = dict(mid_scale=True, mid_shift=True, mid=mid)
+    x, t, f, g = separable_inputs(SEPARABLE_SHAPES[0], opts, torch.float32, "contiguous")
+    t["dw_weight"][:4] = 0
+    t["mid_shift"][:4] = torch.tensor([0.0, 6.0, 3.0, 7.0])
+    _, grads = triton_separable(x, t, f, g)
+    exact = reference_separable(x, t, f, g, lambda v: v.detach().double().cpu())[1]
+    for c, passing in enumerate(passes):
+        assert bool(grads[6][c] != 0) == passing and bool(exact[6][c] != 0) == passing, c
+        assert grads[5][c] == 0, c
+    for i in (0, 1, 2, 5, 6):
+        assert relative_error(grads[i], exact[i]) <= FP32_TOL, GRAD_NAMES[i]
+
+
+@pytest.mark.parametrize("form", ["fused", "staged"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("mid", ["elu", "relu6"])
+def test_identity_mid_affine_is_the_plain_path_bit_for_bit(monkeypatch, mid, dtype, form):
+    """mid_scale = 1 and mid_shift = 0: the forward and every gradient the two share are those without the
+    affine, bit for bit (its rounding is exact there, and grad_d = grad_pre * 1), in both forms of the forward."""
+    monkeypatch.setenv(launch.FORWARD_ENV, form)
+    opts = dict(in_scale=True, in_shift=True, in_relu=True, out_scale=True, out_shift=True, compute_stats=True,
+                mid=mid)
+    x, t, f, g = separable_inputs(SEPARABLE_SHAPES[3], opts, dtype, "channels_last")
+    plain_outs, plain_grads = triton_separable(x, t, f, g)
+    cm = t["dw_weight"].shape[0]
+    t.update(mid_scale=torch.ones(cm, device=DEVICE), mid_shift=torch.zeros(cm, device=DEVICE))
+    outs, grads = triton_separable(x, t, f, g)
+    for a, b in zip(outs, plain_outs):
+        assert torch.equal(a, b)
+    for name, a, b in zip(GRAD_NAMES, grads, plain_grads):
+        if not name.startswith("mid_"):
+            assert torch.equal(a, b), name
+    assert grads[5].shape == grads[6].shape == (cm,)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("opts", [MID_OPTIONS[1], MID_OPTIONS[2], MID_OPTIONS[5]],
+                         ids=["shift", "both-relu6", "shift-elu-bn"])
+def test_mid_affine_staged_forward_is_the_fused_forward_bit_for_bit(monkeypatch, opts, layout):
+    """The act buffer applies the mid affine as the fused form does (18 output channels: several tiles; 20
+    depthwise channels: several chunks)."""
+    x, t, f, _ = separable_inputs(SEPARABLE_SHAPES[3], opts, torch.float32, layout)
+    results = {}
+    for form in ("fused", "staged"):
+        monkeypatch.setenv(launch.FORWARD_ENV, form)
+        results[form] = call_forward(launch.separable_conv2d, x, t, f)
+    for fused, staged in zip(results["fused"], results["staged"]):
+        assert torch.equal(fused, staged)
+
+
+def test_channel_vectors_may_be_strided_views():
+    """Every per-channel vector as a stride-2 view gives the results of its contiguous copy (the kernels index
+    the vectors by channel alone: the launchers make them dense)."""
+    opts = dict(in_scale=True, in_shift=True, mid_scale=True, mid_shift=True, mid="relu6", out_scale=True,
+                out_shift=True, compute_stats=True)
+    x, t, f, g = separable_inputs(SEPARABLE_SHAPES[1], opts, torch.float32, "contiguous")
+    dense_outs, dense_grads = triton_separable(x, t, f, g)
+
+    def strided(v):
+        wide = torch.full((2 * v.numel(),), float("nan"), dtype=v.dtype, device=v.device)
+        wide[::2] = v
+        return wide[::2]
+
+    vectors = ("in_scale", "in_shift", "mid_scale", "mid_shift", "out_scale", "out_shift")
+    t = dict(t, **{k: strided(t[k]) for k in vectors})
+    g = dict(g, grad_sum=strided(g["grad_sum"]), grad_sumsq=strided(g["grad_sumsq"]))
+    outs, grads = triton_separable(x, t, f, g)
+    for a, b in zip(outs + tuple(grads), dense_outs + tuple(dense_grads)):
+        assert torch.equal(a, b)
+    bias = strided(torch.randn(t["dw_weight"].shape[0], device=DEVICE))
+    geo = (f["stride"], f["padding"], f["dilation"])
+    assert torch.equal(launch.depthwise_conv2d(x, t["dw_weight"], bias, *geo),
+                       launch.depthwise_conv2d(x, t["dw_weight"], bias.contiguous(), *geo))
+
+
 @pytest.mark.gpu
 @requires_gpu
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -499,7 +649,10 @@ PW_GRAD_SHAPE = (2, 6, 18, 9, 8, 2, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
     dict(in_scale=True, in_shift=True, in_relu=True, mid="elu", out_scale=True, out_shift=True,
          compute_stats=True, out_relu=True),
     dict(in_scale=True, in_relu=True, out_scale=True, out_shift=True, compute_stats=True),  # no mid activation
-], ids=["prologue-elu-folded", "relu-sumsq", "prologue-elu-bn-stats", "prologue-bn-stats"])
+    # the mid affine's partial sums over several pixel tiles
+    dict(in_shift=True, in_relu=True, mid_scale=True, mid_shift=True, mid="relu6", out_scale=True,
+         compute_stats=True),
+], ids=["prologue-elu-folded", "relu-sumsq", "prologue-elu-bn-stats", "prologue-bn-stats", "mid-affine-relu6"])
 def test_pw_gradient_over_several_output_tiles_and_slices(opts, layout):
     if DEVICE == "cpu":  # the interpreter's one configuration: check the shape still spans what it is meant to
         cfg = autotune.gemm_configs(torch.float32)[0]
@@ -516,8 +669,10 @@ def test_pw_gradient_over_several_output_tiles_and_slices(opts, layout):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("mid_opts", [dict(mid="elu"), dict(mid="relu6", mid_scale=True, mid_shift=True)],
+                         ids=["elu", "mid-affine-relu6"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_backward_forms_the_forwards_y_bit_for_bit(monkeypatch, layout):
+def test_backward_forms_the_forwards_y_bit_for_bit(monkeypatch, layout, mid_opts):
     """Pass 1 of the backward forms y from the act(dw) buffer with the fused forward's tl.dot operand and
     accumulation: with the forward's launch configuration (autotuning off) it is the forward's y bit for bit.
     Seen through the grad_y it materializes: with grad_out = 0 and grad_sumsq = 1/2, grad_y = 2 * y / 2 = y
@@ -526,7 +681,7 @@ def test_backward_forms_the_forwards_y_bit_for_bit(monkeypatch, layout):
     pixel tiles (84 pixels), the last of each partial."""
     monkeypatch.setenv("XCEPTION_OPS_TRITON_AUTOTUNE", "0")
     shape = (2, 17, 18, 7, 6, 2, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
-    opts = dict(in_scale=True, in_shift=True, in_relu=True, mid="elu", compute_stats=True, grads=("sumsq",))
+    opts = dict(in_scale=True, in_shift=True, in_relu=True, compute_stats=True, grads=("sumsq",), **mid_opts)
     x, t, f, g = separable_inputs(shape, opts, torch.float32, layout)
     y, _, _ = call_forward(launch.separable_conv2d, x, t, f)
     real = launch._kernels()
@@ -547,7 +702,7 @@ def test_backward_forms_the_forwards_y_bit_for_bit(monkeypatch, layout):
     launch.separable_conv2d_backward(
         torch.zeros_like(g["grad_out"]), None, torch.full_like(g["grad_sumsq"], 0.5), None, x, t["dw_weight"],
         t["pw_weight"], t["in_scale"], t["in_shift"], f["in_relu"], f["stride"], f["padding"], f["dilation"],
-        f["mid_activation"], None, None, False)
+        f["mid_activation"], t["mid_scale"], t["mid_shift"], None, None, False)
     assert len(materialized) == 1
     assert torch.equal(materialized[0], y)
 
@@ -603,8 +758,10 @@ def test_depthwise_by_rows_is_the_gather_forward_bit_for_bit(monkeypatch, case, 
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("opts", [SEPARABLE_OPTIONS[1], SEPARABLE_OPTIONS[3], SEPARABLE_OPTIONS[5]],
-                         ids=["inference", "training-relu", "elu-residual"])
+@pytest.mark.parametrize("opts", [SEPARABLE_OPTIONS[1], SEPARABLE_OPTIONS[3], SEPARABLE_OPTIONS[5],
+                                  dict(mid_scale=True, mid_shift=True, mid="relu6", in_relu=True, compute_stats=True),
+                                  dict(mid_shift=True, in_scale=True, out_scale=True)],
+                         ids=["inference", "training-relu", "elu-residual", "mid-affine-relu6", "mid-shift"])
 def test_separable_with_the_depthwise_stage_by_rows_is_bit_for_bit(monkeypatch, opts, layout):
     """The staged forward's act buffer, and the backward's (y and the pointwise weight gradient read it), by rows:
     the prologue on load and the mid activation's rounding as the gather kernel has them."""
@@ -682,7 +839,7 @@ def test_staged_forward_in_fp16_matches_float64(monkeypatch):
 
 def test_weight_gradients_and_statistics_are_bitwise_reproducible():
     opts = dict(in_scale=True, in_shift=True, in_relu=True, out_scale=True, out_shift=True, compute_stats=True,
-                mid="elu")
+                mid="elu", mid_scale=True, mid_shift=True)
     x, t, f, g = separable_inputs(SEPARABLE_SHAPES[3], opts, torch.float32, "channels_last")
     first_outs, first_grads = triton_separable(x, t, f, g)
     second_outs, second_grads = triton_separable(x, t, f, g)
@@ -719,16 +876,18 @@ def test_zero_batch(layout):
     assert launch.depthwise_conv2d_backward_input(y, dw, list(x.shape), stride, pad, dil).shape == x.shape
     gw = launch.depthwise_conv2d_backward_weight(y, x, list(dw.shape), stride, pad, dil)
     assert torch.equal(gw, torch.zeros_like(dw))
-    out, total, total_sq = launch.separable_conv2d(x, dw, pw, scale, shift, True, stride, pad, dil, "relu", None,
-                                                   None, False, None, True)
+    mid_scale, mid_shift = torch.rand(8, device=DEVICE), torch.randn(8, device=DEVICE)
+    out, total, total_sq = launch.separable_conv2d(x, dw, pw, scale, shift, True, stride, pad, dil, "relu6",
+                                                   mid_scale, mid_shift, None, None, False, None, True)
     assert out.shape == (0, 5, 7, 7) and torch.equal(total, torch.zeros(5, device=DEVICE))
     assert torch.equal(total_sq, torch.zeros(5, device=DEVICE))
     grads = launch.separable_conv2d_backward(out, torch.ones(5, device=DEVICE), None, None, x, dw, pw, scale, shift,
-                                             True, stride, pad, dil, "relu", None, None, False)
-    assert grads[0].shape == x.shape
-    for got, like in zip(grads[1:], (dw, pw, scale, shift)):
+                                             True, stride, pad, dil, "relu6", mid_scale, mid_shift, None, None,
+                                             False)
+    assert len(grads) == 9 and grads[0].shape == x.shape
+    for got, like in zip(grads[1:7], (dw, pw, scale, shift, mid_scale, mid_shift)):
         assert torch.equal(got, torch.zeros_like(like))
-    assert grads[5].shape == grads[6].shape == (0,)
+    assert grads[7].shape == grads[8].shape == (0,)
 
 
 def test_empty_image_with_padding_gives_zero_input_contributions():
@@ -738,10 +897,10 @@ def test_empty_image_with_padding_gives_zero_input_contributions():
     pw = torch.randn(2, 3, 1, 1, device=DEVICE)
     shift = torch.ones(3, device=DEVICE)
     out, _, _ = launch.separable_conv2d(x, dw, pw, None, shift, True, [1, 1], [1, 1, 1, 1], [1, 1], "none",
-                                        None, None, False, None, False)
+                                        None, None, None, None, False, None, False)
     assert out.shape == (1, 2, 2, 4) and torch.equal(out, torch.zeros_like(out))
     grads = launch.separable_conv2d_backward(torch.randn_like(out), None, None, None, x, dw, pw, None, shift, True,
-                                             [1, 1], [1, 1, 1, 1], [1, 1], "none", None, None, False)
+                                             [1, 1], [1, 1, 1, 1], [1, 1], "none", None, None, None, None, False)
     assert grads[0].shape == x.shape
     assert torch.equal(grads[1], torch.zeros_like(dw)) and torch.equal(grads[4], torch.zeros_like(shift))
 
@@ -750,7 +909,8 @@ def test_outputs_are_fully_written():
     """Outputs come from torch.empty: poison the allocator's memory first, then check that nothing stays NaN."""
     for _ in range(4):
         torch.full((1 << 14,), float("nan"), device=DEVICE)
-    shape, opts = SEPARABLE_SHAPES[3], SEPARABLE_OPTIONS[1] | dict(compute_stats=True)
+    shape, opts = SEPARABLE_SHAPES[3], SEPARABLE_OPTIONS[1] | dict(compute_stats=True, mid_scale=True,
+                                                                   mid_shift=True, mid="relu6")
     x, t, f, g = separable_inputs(shape, opts, torch.float16, "channels_last")
     outs, grads = triton_separable(x, t, f, g)
     for v in outs + tuple(grads):
@@ -762,7 +922,8 @@ def test_index64_path_matches():
     old = launch._INDEX_LIMIT
     launch._INDEX_LIMIT = 0
     try:
-        check_separable(SEPARABLE_SHAPES[1], SEPARABLE_OPTIONS[3] | dict(out_scale=True), torch.float32,
+        check_separable(SEPARABLE_SHAPES[1], SEPARABLE_OPTIONS[3] | dict(out_scale=True, mid_scale=True,
+                                                                          mid_shift=True), torch.float32,
                         "channels_last")
         inputs, got = run_depthwise(DEPTHWISE_CASES[2], torch.float32, "strided")
     finally:

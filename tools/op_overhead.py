@@ -55,8 +55,8 @@ def cases(device: torch.device = torch.device("cpu"), backend: str = "torch"):
     conv = ([1, 1], [1, 1, 1, 1], [1, 1])
 
     def sep_op():
-        return OPS.separable_conv2d(x, dw, pw, in_scale, in_shift, True, *conv, "none", None, None, False, None,
-                                    True, backend)
+        return OPS.separable_conv2d(x, dw, pw, in_scale, in_shift, True, *conv, "none", None, None, None, None,
+                                    False, None, True, backend)
 
     def sep_fwd():
         sep_op()
@@ -75,7 +75,7 @@ def cases(device: torch.device = torch.device("cpu"), backend: str = "torch"):
         @staticmethod
         def forward(ctx, x, dw, pw, in_scale, in_shift):
             out, total, total_sq = OPS.separable_conv2d(x, dw, pw, in_scale, in_shift, True, *conv, "none", None,
-                                                        None, False, None, True, backend)
+                                                        None, None, None, False, None, True, backend)
             ctx.save_for_backward(x, dw, pw, in_scale, in_shift)
             return out, total, total_sq
 
@@ -83,7 +83,8 @@ def cases(device: torch.device = torch.device("cpu"), backend: str = "torch"):
         def backward(ctx, grad_out, grad_sum, grad_sumsq):
             x, dw, pw, in_scale, in_shift = ctx.saved_tensors
             grads = OPS.separable_conv2d_backward(grad_out, grad_sum, grad_sumsq, None, x, dw, pw, in_scale,
-                                                  in_shift, True, *conv, "none", None, None, False, backend)
+                                                  in_shift, True, *conv, "none", None, None, None, None, False,
+                                                  backend)
             return grads[:5]
 
     def plain_fwd():

@@ -74,8 +74,8 @@ def main() -> None:
             inference = pass_ == "inference"
 
             def run():
-                return ops.separable_conv2d(x, dw, pw, None, None, False, [1, 1], [1, 1, 1, 1], [1, 1], "none",
-                                            scale if inference else None, shift if inference else None, inference,
+                return ops.separable_conv2d(x, dw, pw, None, None, False, [1, 1], [1, 1, 1, 1], [1, 1], "none", None,
+                                            None, scale if inference else None, shift if inference else None, inference,
                                             None, not inference, "cuda")
 
             set_variant(None)

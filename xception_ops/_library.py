@@ -76,10 +76,11 @@ def _register_fakes() -> None:
 
     @_fake("separable_conv2d")
     def _(x, dw_weight, pw_weight, in_scale, in_shift, in_relu, stride, padding, dilation, mid_activation,
-          out_scale, out_shift, out_relu, residual, compute_stats, backend):
+          mid_scale, mid_shift, out_scale, out_shift, out_relu, residual, compute_stats, backend):
         g = checks.check_separable(op_name("separable_conv2d"), x, dw_weight, pw_weight, stride, padding,
                                    dilation, in_scale=in_scale, in_shift=in_shift, mid_activation=mid_activation,
-                                   out_scale=out_scale, out_shift=out_shift, residual=residual)
+                                   mid_scale=mid_scale, mid_shift=mid_shift, out_scale=out_scale,
+                                   out_shift=out_shift, residual=residual)
         stats_shape = (g.out_channels,) if compute_stats else (0,)
         dtype = checks.stats_dtype(x)
         return (_empty_like_fmt(x, g.output_shape(), x), x.new_empty(stats_shape, dtype=dtype),
@@ -87,11 +88,11 @@ def _register_fakes() -> None:
 
     @_fake("separable_conv2d_backward")
     def _(grad_out, grad_sum, grad_sumsq, out, x, dw_weight, pw_weight, in_scale, in_shift, in_relu, stride,
-          padding, dilation, mid_activation, out_scale, out_shift, out_relu, backend):
+          padding, dilation, mid_activation, mid_scale, mid_shift, out_scale, out_shift, out_relu, backend):
         op = op_name("separable_conv2d_backward")
         g = checks.check_separable(op, x, dw_weight, pw_weight, stride, padding, dilation, in_scale=in_scale,
-                                   in_shift=in_shift, mid_activation=mid_activation, out_scale=out_scale,
-                                   out_shift=out_shift)
+                                   in_shift=in_shift, mid_activation=mid_activation, mid_scale=mid_scale,
+                                   mid_shift=mid_shift, out_scale=out_scale, out_shift=out_shift)
         checks.check_like(op, "grad_out", grad_out, g.output_shape(), x)
 
         def vector_grad(param):
@@ -99,7 +100,7 @@ def _register_fakes() -> None:
 
         return (_empty_like_fmt(x, x.shape, x), dw_weight.new_empty(dw_weight.shape),
                 pw_weight.new_empty(pw_weight.shape), vector_grad(in_scale), vector_grad(in_shift),
-                vector_grad(out_scale), vector_grad(out_shift))
+                vector_grad(mid_scale), vector_grad(mid_shift), vector_grad(out_scale), vector_grad(out_shift))
 
 
 def _cuda_has(op: str) -> bool:

@@ -198,6 +198,35 @@ def apply_scale_shift(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
     return torch.relu(z) if relu else z
 
 
+class _ChannelMoments(torch.autograd.Function):
+    """Per-channel sum and sum of squares of y in float32 (float64 for float64), keeping only y for the backward
+    (autograd through y.float() ** 2 would keep a float32 copy of y)."""
+
+    @staticmethod
+    def forward(ctx, y):
+        yf = y.to(stats_dtype(y))
+        ctx.save_for_backward(y)
+        return yf.sum((0, 2, 3)), (yf * yf).sum((0, 2, 3))
+
+    @staticmethod
+    def backward(ctx, grad_sum, grad_sumsq):
+        (y,) = ctx.saved_tensors
+        dtype = stats_dtype(y)
+        grad = torch.zeros((), dtype=dtype, device=y.device)
+        if grad_sum is not None:
+            grad = grad + grad_sum.to(dtype).view(1, -1, 1, 1)
+        if grad_sumsq is not None:
+            grad = grad + 2 * y.to(dtype) * grad_sumsq.to(dtype).view(1, -1, 1, 1)
+        return grad.expand(y.shape).to(y.dtype).contiguous(memory_format=checks.output_memory_format(y))
+
+
+def channel_moments(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """batch_stats, differentiable, saving only y: the statistics of a tensor the caller does not keep otherwise
+    (the depthwise result of SeparableConvBN's mid BatchNorm in training)."""
+    total, total_sq = _ChannelMoments.apply(y)
+    return total, total_sq, y.shape[0] * y.shape[2] * y.shape[3]
+
+
 def batch_stats(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Per-channel sum and sum of squares of y in float32 (float64 for float64), and the count per channel."""
     yf = y.to(stats_dtype(y))

@@ -375,7 +375,8 @@ def bench_layer(op: str, cin: int, cout: int, hw: int, batch: int, count: int, d
 
 def make_model(name: str) -> nn.Module:
     """A contender by name: "xception[:BACKEND]" (ours), "timm_legacy_xception", "timm_legacy_xception:fused[:BACKEND]"
-    (timm's model through xception_ops.fuse: what fuse() does for an existing model) or "inception_v3"."""
+    (timm's model through xception_ops.fuse: what fuse() does for an existing model) or "inception_v3"; and, asked
+    for by name only, torchvision's "mobilenet_v2" and "mobilenet_v2:fused[:BACKEND]"."""
     if name.startswith("xception"):
         from .models import xception
         return xception(backend=name.split(":", 1)[1] if ":" in name else "auto")
@@ -390,8 +391,16 @@ def make_model(name: str) -> nn.Module:
     if name == "inception_v3":
         from torchvision.models import inception_v3
         return inception_v3(weights=None, aux_logits=False, init_weights=False)
+    if name == "mobilenet_v2" or name.startswith("mobilenet_v2:fused"):
+        from torchvision.models import mobilenet_v2
+        model = mobilenet_v2(weights=None)
+        if name == "mobilenet_v2":
+            return model
+        from .fuse import fuse  # its 17 dw -> BN -> ReLU6 -> pw -> BN chains, the mid BN as the op's mid affine
+        backend = name.split(":", 2)[2] if name.count(":") == 2 else "auto"
+        return fuse(model, inplace=True, backend=backend)
     raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)} (or xception:<backend>, "
-                     "timm_legacy_xception:fused[:<backend>])")
+                     "timm_legacy_xception:fused[:<backend>], mobilenet_v2, mobilenet_v2:fused[:<backend>])")
 
 
 def _reset_peak_memory(device: torch.device) -> None:

@@ -14,7 +14,7 @@ import torch
 from .geometry import output_hw
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-MID_ACTIVATIONS = ("none", "relu", "elu")
+MID_ACTIVATIONS = ("none", "relu", "relu6", "elu")
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,8 @@ def check_depthwise(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.
 def check_separable(op: str, x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Tensor,
                     stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], *,
                     in_scale: torch.Tensor | None = None, in_shift: torch.Tensor | None = None,
-                    mid_activation: str = "none", out_scale: torch.Tensor | None = None,
+                    mid_activation: str = "none", mid_scale: torch.Tensor | None = None,
+                    mid_shift: torch.Tensor | None = None, out_scale: torch.Tensor | None = None,
                     out_shift: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> Geometry:
     g = check_depthwise(op, x, dw_weight, None, stride, padding, dilation)
     if pw_weight.dim() != 4 or pw_weight.shape[2:] != (1, 1):
@@ -126,10 +127,13 @@ def check_separable(op: str, x: torch.Tensor, dw_weight: torch.Tensor, pw_weight
     _check_same_device(op, "pw_weight", pw_weight, x)
     _check_same_dtype(op, "pw_weight", pw_weight, x)
     if mid_activation not in MID_ACTIVATIONS:
-        raise ValueError(f"xception_ops: mid_activation must be 'none', 'relu' or 'elu', got '{mid_activation}'")
+        raise ValueError("xception_ops: mid_activation must be 'none', 'relu', 'relu6' or 'elu', got "
+                         f"'{mid_activation}'")
     g = replace(g, out_channels=pw_weight.shape[0])  # (Dynamo of torch 2.11 cannot trace **g.__dict__)
     check_channel_vector(op, "in_scale", in_scale, g.in_channels, x)
     check_channel_vector(op, "in_shift", in_shift, g.in_channels, x)
+    check_channel_vector(op, "mid_scale", mid_scale, g.dw_channels, x)
+    check_channel_vector(op, "mid_shift", mid_shift, g.dw_channels, x)
     check_channel_vector(op, "out_scale", out_scale, g.out_channels, x)
     check_channel_vector(op, "out_shift", out_shift, g.out_channels, x)
     if residual is not None:

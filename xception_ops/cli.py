@@ -187,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=float, default=None, help="spatial scale of Xception's shapes (1.0 = 299x299)")
     p.add_argument("--models", nargs="+", default=None,
                    help=f"models to time (default: {', '.join(MODELS)}; also xception:BACKEND, and "
-                        "timm_legacy_xception:fused[:BACKEND], timm's model through xception_ops.fuse)")
+                        "timm_legacy_xception:fused[:BACKEND], timm's model through xception_ops.fuse; "
+                        "mobilenet_v2 and mobilenet_v2:fused[:BACKEND], torchvision's)")
     p.add_argument("--no-models", action="store_true", help="skip the whole-model comparison")
     p.add_argument("--no-layers", action="store_true", help="skip the layer benchmarks")
     p.add_argument("--image", type=int, default=None, help="model input size (default: 299 on GPU, 75 on CPU)")

@@ -1,8 +1,10 @@
-"""`fuse(model)`: swap the depthwise → pointwise (→ BatchNorm) (→ ReLU) chains of any model for SeparableConvBN.
+"""`fuse(model)`: swap the depthwise (→ BatchNorm) (→ activation) → pointwise (→ BatchNorm) (→ ReLU) chains of any
+model for SeparableConvBN.
 
 The chains are found in the model's dataflow (torch.fx), not guessed from module order: a chain is fused only
 when each step's output feeds the next step alone. A ReLU module right before the depthwise conv joins as the
-prologue; a ReLU or ELU module between the depthwise and pointwise convs as the mid activation. The fused module
+prologue; a BatchNorm2d and a ReLU, ReLU6 or ELU module between the depthwise and pointwise convs as the mid
+BatchNorm and mid activation (MobileNet's dw → BN → ReLU(6) → pw, with or without a depthwise bias). The fused module
 takes the place of the depthwise conv and keeps the original layers (and so the same parameters) as children;
 the other layers of the chain become nn.Identity. The model keeps its class and its forward code.
 
@@ -40,12 +42,13 @@ class Chain:
     pointwise: str
     batch_norm: str | None = None
     pre_relu: str | None = None
+    mid_batch_norm: str | None = None
     mid_activation: str | None = None  # module name of the mid activation
     post_relu: str | None = None
 
     def names(self) -> list[str]:
-        return [n for n in (self.pre_relu, self.depthwise, self.mid_activation, self.pointwise, self.batch_norm,
-                            self.post_relu) if n is not None]
+        return [n for n in (self.pre_relu, self.depthwise, self.mid_batch_norm, self.mid_activation, self.pointwise,
+                            self.batch_norm, self.post_relu) if n is not None]
 
 
 def _is_depthwise(m: nn.Module) -> bool:
@@ -65,6 +68,8 @@ def _is_bn(m: nn.Module, channels: int) -> bool:
 def _mid_activation_name(m: nn.Module) -> str | None:
     if type(m) is nn.ReLU:
         return "relu"
+    if type(m) is nn.ReLU6 or (type(m) is nn.Hardtanh and m.min_val == 0.0 and m.max_val == 6.0):
+        return "relu6"
     if type(m) is nn.ELU and m.alpha == 1.0:
         return "elu"
     return None
@@ -94,9 +99,9 @@ def _find_chains_fx(model: nn.Module, graph: torch.fx.Graph) -> list[Chain]:
             continue
         chain = Chain(depthwise=node.target, pointwise="")
         nxt = sole_user(node)
+        if nxt is not None and module_of(nxt) is not None and _is_bn(module_of(nxt), dw.out_channels):
+            chain.mid_batch_norm, nxt = nxt.target, sole_user(nxt)
         if nxt is not None and module_of(nxt) is not None and _mid_activation_name(module_of(nxt)):
-            if dw.bias is not None:
-                continue  # a depthwise bias does not commute with the activation
             chain.mid_activation, nxt = nxt.target, sole_user(nxt)
         if nxt is None or module_of(nxt) is None or not _is_pointwise(module_of(nxt), dw.out_channels):
             continue
@@ -135,7 +140,9 @@ def _find_chains_sequential(model: nn.Module) -> list[Chain]:
                 continue
             chain = Chain(depthwise=name(children[i][0]), pointwise="")
             j = i + 1
-            if j < len(children) and _mid_activation_name(children[j][1]) and dw.bias is None:
+            if j < len(children) and _is_bn(children[j][1], dw.out_channels):
+                chain.mid_batch_norm, j = name(children[j][0]), j + 1
+            if j < len(children) and _mid_activation_name(children[j][1]):
                 chain.mid_activation, j = name(children[j][0]), j + 1
             if j >= len(children) or not _is_pointwise(children[j][1], dw.out_channels):
                 i += 1
@@ -169,7 +176,8 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def fuse(model: nn.Module, *, inplace: bool = False, backend: str = "auto", pools: bool = True) -> nn.Module:
-    """Returns `model` (a copy unless inplace) with every depthwise → pointwise (→ BN) (→ ReLU) chain fused, and
+    """Returns `model` (a copy unless inplace) with every depthwise (→ BN) (→ act) → pointwise (→ BN) (→ ReLU) chain
+    fused, and
     (pools) every nn.MaxPool2d on the package's pooling.
 
     The fused model computes what the original does, in training and in eval mode, with the same parameters.
@@ -197,7 +205,8 @@ def fuse(model: nn.Module, *, inplace: bool = False, backend: str = "auto", pool
             modules[chain.depthwise], modules[chain.pointwise],
             modules[chain.batch_norm] if chain.batch_norm else None,
             pre_relu=chain.pre_relu is not None, mid_activation=_mid_activation_name(mid) if mid else None,
-            post_relu=chain.post_relu is not None, backend=backend)
+            post_relu=chain.post_relu is not None, backend=backend,
+            mid_bn=modules[chain.mid_batch_norm] if chain.mid_batch_norm else None)
         fused.defer_bn = chain.depthwise in deferring
         for name in chain.names():
             if name != chain.depthwise:

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import backend as backends, batchnorm, checks, ops, reference
+from . import _library, backend as backends, batchnorm, checks, ops, reference
 from .checks import MID_ACTIVATIONS
 from .geometry import PaddingSpec, pair
 
@@ -34,7 +34,8 @@ class PendingBatchNorm(NamedTuple):
 
 
 class SeparableConvBN(nn.Module):
-    """relu?(x) → depthwise k×k → act? → pointwise 1×1 (+bias) → BatchNorm? → (+residual) → relu?, in one op.
+    """relu?(x) → depthwise k×k (+bias) → BatchNorm? → act? → pointwise 1×1 (+bias) → BatchNorm? → (+residual) →
+    relu?, in one op.
 
     Args:
         in_channels, out_channels: channels in and out.
@@ -45,9 +46,14 @@ class SeparableConvBN(nn.Module):
         bias: a bias on the pointwise stage.
         batch_norm: a BatchNorm2d after the pointwise stage (eps and momentum in PyTorch's convention).
         pre_relu: ReLU on the input, applied as it is read.
-        mid_activation: None, "relu" or "elu" between the depthwise and pointwise stages (paper section 4.7).
+        mid_activation: None, "relu", "relu6" or "elu" between the depthwise and pointwise stages (paper section
+            4.7; MobileNet V2's ReLU6).
         post_relu: ReLU on the output (after the residual add, when forward is given one).
         backend: "auto", "torch", "cuda" or "triton" (see xception_ops.backend).
+        mid_batch_norm: a BatchNorm2d (child `mid_bn`) on the depthwise result, before mid_activation: MobileNet's
+            dw → BN → ReLU → pw. The op applies it as a per-channel affine on the depthwise result (mid_scale,
+            mid_shift): folded in inference; in training from the batch statistics of the depthwise result, which
+            one extra depthwise pass (our depthwise op) collects, so the normalized tensor is never written.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int] = 3,
@@ -55,7 +61,7 @@ class SeparableConvBN(nn.Module):
                  dilation: int | tuple[int, int] = 1, depth_multiplier: int = 1, bias: bool = False,
                  batch_norm: bool = True, pre_relu: bool = False, mid_activation: str | None = None,
                  post_relu: bool = False, eps: float = 1e-5, momentum: float | None = 0.1, backend: str = "auto",
-                 device=None, dtype=None):
+                 device=None, dtype=None, *, mid_batch_norm: bool = False):
         super().__init__()
         if depth_multiplier < 1:
             raise ValueError(f"depth_multiplier must be >= 1, got {depth_multiplier}")
@@ -64,15 +70,20 @@ class SeparableConvBN(nn.Module):
                               groups=in_channels, bias=False, **factory)
         pointwise = nn.Conv2d(in_channels * depth_multiplier, out_channels, 1, bias=bias, **factory)
         bn = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, **factory) if batch_norm else None
-        self._setup(depthwise, pointwise, bn, padding, pre_relu, mid_activation, post_relu, backend)
+        mid_bn = (nn.BatchNorm2d(in_channels * depth_multiplier, eps=eps, momentum=momentum, **factory)
+                  if mid_batch_norm else None)
+        self._setup(depthwise, pointwise, bn, padding, pre_relu, mid_activation, post_relu, backend, mid_bn)
 
     def _setup(self, depthwise: nn.Conv2d, pointwise: nn.Conv2d, bn: nn.BatchNorm2d | None, padding: PaddingSpec,
-               pre_relu: bool, mid_activation: str | None, post_relu: bool, backend: str) -> None:
+               pre_relu: bool, mid_activation: str | None, post_relu: bool, backend: str,
+               mid_bn: nn.BatchNorm2d | None = None) -> None:
         if mid_activation not in (None, *MID_ACTIVATIONS):
-            raise ValueError(f"mid_activation must be None, 'relu' or 'elu', got {mid_activation!r}")
-        if depthwise.bias is not None and mid_activation not in (None, "none"):
-            raise ValueError("a depthwise bias cannot be fused across a mid activation")
+            raise ValueError(f"mid_activation must be None, 'relu', 'relu6' or 'elu', got {mid_activation!r}")
+        if mid_bn is not None and mid_bn.num_features != depthwise.out_channels:
+            raise ValueError(f"mid_bn has {mid_bn.num_features} features but the depthwise stage gives "
+                             f"{depthwise.out_channels} channels")
         self.depthwise = depthwise
+        self.mid_bn = mid_bn
         self.pointwise = pointwise
         self.bn = bn
         self.padding = padding
@@ -88,14 +99,22 @@ class SeparableConvBN(nn.Module):
     @classmethod
     def from_modules(cls, depthwise: nn.Conv2d, pointwise: nn.Conv2d, bn: nn.BatchNorm2d | None = None, *,
                      padding: PaddingSpec | None = None, pre_relu: bool = False, mid_activation: str | None = None,
-                     post_relu: bool = False, backend: str = "auto") -> SeparableConvBN:
-        """Wraps existing layers (sharing their parameters); padding defaults to the depthwise layer's own."""
+                     post_relu: bool = False, backend: str = "auto",
+                     mid_bn: nn.BatchNorm2d | None = None) -> SeparableConvBN:
+        """Wraps existing layers (sharing their parameters); padding defaults to the depthwise layer's own. mid_bn:
+        a BatchNorm2d between the depthwise layer and the mid activation."""
         module = cls.__new__(cls)
         nn.Module.__init__(module)
         if padding is None:
             padding = depthwise.padding if isinstance(depthwise.padding, str) else tuple(depthwise.padding)
-        module._setup(depthwise, pointwise, bn, padding, pre_relu, mid_activation, post_relu, backend)
+        module._setup(depthwise, pointwise, bn, padding, pre_relu, mid_activation, post_relu, backend, mid_bn)
         return module
+
+    def _bias_at_mid(self) -> bool:
+        """Whether the depthwise bias joins the mid affine: where something non-linear (a mid activation) or a mid
+        BatchNorm follows it. Otherwise it is carried through the linear pointwise stage into the epilogue."""
+        return self.depthwise.bias is not None and (
+            self.mid_activation is not None or getattr(self, "mid_bn", None) is not None)
 
     def extra_repr(self) -> str:
         flags = [f"padding={self.padding!r}"]
@@ -106,38 +125,59 @@ class SeparableConvBN(nn.Module):
             flags.append(f"backend={self.backend!r}")
         return ", ".join(flags)
 
-    def _folded_epilogue(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The inference epilogue (scale, shift): the BatchNorm folded, the biases carried into the shift.
-
-        Eager inference reuses the last result while none of the tensors it comes from has changed (their version
-        counters, storage and identities), which saves its half-dozen small kernels per layer and call; it is computed
+    def _cached(self, slot: str, sources: list[torch.Tensor], bn: nn.BatchNorm2d | None, compute):
+        """compute(), reused in eager inference while none of the tensors it comes from has changed (their version
+        counters, storage and identities), which saves its half-dozen small kernels per layer and call; computed
         afresh when autograd may need its graph and under torch.compile."""
-        bn = self.bn
-        sources = [t for t in (self.pointwise.bias, self.depthwise.bias) if t is not None]
-        if self.depthwise.bias is not None:
-            sources.append(self.pointwise.weight)
-        if bn is not None:
-            sources += [t for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var) if t is not None]
         cacheable = not torch.compiler.is_compiling() and not (
             torch.is_grad_enabled() and any(t.requires_grad for t in sources))
         # (A tensor's data replaced through .data, as some weight-loading code does, keeps its version: its storage
         # pointer tells.)
         versions = ((tuple((t._version, t.data_ptr()) for t in sources), bn.eps if bn is not None else None)
                     if cacheable else None)
-        cached = self.__dict__.get("_epilogue_cache")
+        cached = self.__dict__.get(slot)
         if (cacheable and cached is not None and cached[1] == versions and len(cached[0]) == len(sources)
                 and all(ref() is t for ref, t in zip(cached[0], sources))):  # the same tensor objects, unchanged
             return cached[2]
-        pre_bias = self._dw_bias_as_pre_bias()
-        result = (None, pre_bias) if bn is None else batchnorm.folded_scale_shift(bn, pre_bias)
-        self.__dict__["_epilogue_cache"] = (
-            (tuple(weakref.ref(t) for t in sources), versions, result) if cacheable else None)
+        result = compute()
+        self.__dict__[slot] = (tuple(weakref.ref(t) for t in sources), versions, result) if cacheable else None
         return result
 
+    @staticmethod
+    def _bn_sources(bn: nn.BatchNorm2d | None) -> list[torch.Tensor]:
+        if bn is None:
+            return []
+        return [t for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var) if t is not None]
+
+    def _folded_epilogue(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The inference epilogue (scale, shift): the BatchNorm folded, the biases carried into the shift."""
+        bn = self.bn
+        carried = self.depthwise.bias is not None and not self._bias_at_mid()
+        sources = [t for t in (self.pointwise.bias, self.depthwise.bias if carried else None) if t is not None]
+        if carried:
+            sources.append(self.pointwise.weight)
+        sources += self._bn_sources(bn)
+
+        def compute():
+            pre_bias = self._dw_bias_as_pre_bias()
+            return (None, pre_bias) if bn is None else batchnorm.folded_scale_shift(bn, pre_bias)
+
+        return self._cached("_epilogue_cache", sources, bn, compute)
+
+    def _folded_mid(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The inference mid affine (mid_scale, mid_shift): the mid BatchNorm folded, with the depthwise bias (that
+        bias alone without a mid BatchNorm; (None, None) without either)."""
+        mid_bn, bias = getattr(self, "mid_bn", None), self.depthwise.bias if self._bias_at_mid() else None
+        if mid_bn is None:
+            return None, bias
+        sources = ([bias] if bias is not None else []) + self._bn_sources(mid_bn)
+        return self._cached("_mid_cache", sources, mid_bn, lambda: batchnorm.folded_scale_shift(mid_bn, bias))
+
     def _dw_bias_as_pre_bias(self) -> torch.Tensor | None:
-        """The pointwise bias, plus a depthwise bias carried through the (linear) pointwise stage."""
+        """The pointwise bias, plus a depthwise bias carried through the (linear) pointwise stage (unless it joins
+        the mid affine)."""
         bias = self.pointwise.bias
-        if self.depthwise.bias is not None:
+        if self.depthwise.bias is not None and not self._bias_at_mid():
             carried = self.pointwise.weight.flatten(1) @ self.depthwise.bias
             bias = carried if bias is None else bias + carried
         return bias
@@ -158,19 +198,25 @@ class SeparableConvBN(nn.Module):
         if pending is not None:
             x = pending.y
         backend = backends.fused_backend(self.backend, "xception_ops.separable_conv2d", x, pw.out_channels)
+        mid_bn = getattr(self, "mid_bn", None)
         batch_stats = bn is not None and batchnorm.uses_batch_stats(bn)
+        mid_batch_stats = mid_bn is not None and batchnorm.uses_batch_stats(mid_bn)
         if backend is None:
-            if not (batch_stats and batchnorm.synchronizes(self)):
+            if not ((batch_stats or mid_batch_stats) and batchnorm.synchronizes(self)):
                 return self._forward_unfused(x if pending is None else pending.apply(), residual)
             backend = "torch"  # synchronized statistics come from the operator's per-channel sums
         stride, padding, dilation = self._conv_args(x)
         in_scale, in_shift = (None, None) if pending is None else (pending.scale, pending.shift)
         mid = self.mid_activation
+        if mid_batch_stats:
+            mid_scale, mid_shift = self._mid_batch_affine(x, pending, stride, padding, dilation, backend)
+        else:
+            mid_scale, mid_shift = self._folded_mid()
 
         def separable(out_scale, out_shift, out_relu, residual, compute_stats):
             return ops.separable_conv2d_normalized(x, dw.weight, pw.weight, stride, padding, dilation, backend,
                                                    in_scale, in_shift, self.pre_relu, mid, out_scale, out_shift,
-                                                   out_relu, residual, compute_stats)
+                                                   out_relu, residual, compute_stats, mid_scale, mid_shift)
 
         if not batch_stats:
             scale, shift = self._folded_epilogue()
@@ -185,6 +231,26 @@ class SeparableConvBN(nn.Module):
         if defer_bn and residual is None and not self.post_relu:
             return PendingBatchNorm(y, scale, shift)
         return batchnorm.apply_scale_shift(y, scale, shift, residual, relu=self.post_relu)
+
+    def _mid_batch_affine(self, x: torch.Tensor, pending: PendingBatchNorm | None, stride: list[int],
+                          padding: list[int], dilation: list[int], backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training's mid BatchNorm as (mid_scale, mid_shift) on the depthwise result: its batch statistics from one
+        depthwise pass of their own (the fused op needs them before it starts), the running statistics updated as
+        nn.BatchNorm2d does. Differentiable: the gradients of the statistics flow back through that pass."""
+        a = x if pending is None else pending.apply()
+        if self.pre_relu:
+            a = F.relu(a)
+        dw, mid_bn = self.depthwise, self.mid_bn
+        a, weight = ops.autocast_inputs(a, dw.weight)  # the dtype the fused op computes in
+        if _library.EXTENSION is not None:
+            chosen = backends.resolve(backend, "xception_ops.depthwise_conv2d", a, dw.out_channels)
+            d = torch.ops.xception_ops.depthwise_conv2d(a, weight, None, stride, padding, dilation, chosen)
+        else:
+            d = reference.depthwise_conv2d(a, weight, None, stride, padding, dilation)
+        total, total_sq, count = batchnorm.channel_moments(d)
+        bias = dw.bias if self._bias_at_mid() else None
+        return batchnorm.scale_shift_from_stats(mid_bn, total, total_sq, count, bias, self.process_group,
+                                                sync=batchnorm.synchronizes(self), backend=backend)
 
     def _conv_args(self, x: torch.Tensor) -> tuple[list[int], list[int], list[int]]:
         """Stride, padding (top, bottom, left, right) and dilation as the op takes them, for x's size: worked out
@@ -209,6 +275,8 @@ class SeparableConvBN(nn.Module):
                                dilation, residual=residual)
         d = reference.depthwise_conv2d(F.relu(x) if self.pre_relu else x, dw_weight, dw.bias, stride, padding,
                                        dilation)
+        if getattr(self, "mid_bn", None) is not None:
+            d = self.mid_bn(d)
         y = F.conv2d(reference.mid_activation_fn(self.mid_activation, d), pw_weight, pw.bias)
         if self.bn is not None:
             y = self.bn(y)

@@ -66,13 +66,17 @@ def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.
                      stride: int | tuple[int, int] = 1, padding: PaddingSpec = 0,
                      dilation: int | tuple[int, int] = 1, in_scale: torch.Tensor | None = None,
                      in_shift: torch.Tensor | None = None, in_relu: bool = False, mid_activation: str | None = None,
+                     mid_scale: torch.Tensor | None = None, mid_shift: torch.Tensor | None = None,
                      out_scale: torch.Tensor | None = None, out_shift: torch.Tensor | None = None,
                      out_relu: bool = False, residual: torch.Tensor | None = None, compute_stats: bool = False,
                      backend: str = "auto"):
     """Fused separable convolution with BatchNorm and activations folded in:
 
         a   = relu?(x * in_scale + in_shift)            prologue: the previous BatchNorm + ReLU, per input channel
-        y   = pointwise(act(depthwise(a)))              act is mid_activation: None, "relu" or "elu"
+        d   = depthwise(a)
+        y   = pointwise(act(d * mid_scale + mid_shift))  per depthwise channel (a BatchNorm or bias between the
+                                                        halves, as in MobileNet); act is mid_activation: None,
+                                                        "relu", "relu6" or "elu"
         out = relu?(y * out_scale + out_shift + residual)  epilogue: folded BatchNorm or bias, per output channel
 
     With compute_stats=True returns (out, sum, sumsq): the per-channel sum and sum of squares of y in float32,
@@ -81,7 +85,7 @@ def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.
     stride_, padding_, dilation_ = conv_args(x, dw_weight, stride, padding, dilation)
     return separable_conv2d_normalized(x, dw_weight, pw_weight, stride_, padding_, dilation_, backend, in_scale,
                                        in_shift, in_relu, mid_activation, out_scale, out_shift, out_relu, residual,
-                                       compute_stats)
+                                       compute_stats, mid_scale, mid_shift)
 
 
 def separable_conv2d_normalized(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Tensor,
@@ -89,19 +93,20 @@ def separable_conv2d_normalized(x: torch.Tensor, dw_weight: torch.Tensor, pw_wei
                                 in_scale: torch.Tensor | None, in_shift: torch.Tensor | None, in_relu: bool,
                                 mid_activation: str | None, out_scale: torch.Tensor | None,
                                 out_shift: torch.Tensor | None, out_relu: bool, residual: torch.Tensor | None,
-                                compute_stats: bool):
+                                compute_stats: bool, mid_scale: torch.Tensor | None = None,
+                                mid_shift: torch.Tensor | None = None):
     """separable_conv2d with stride, padding and dilation already as conv_args returns them, every argument
     positional: the fused modules' path, which keeps them per input size (a few microseconds of Python per call
     on the host that issues a model's ~40 layers)."""
     op = "xception_ops.separable_conv2d"
     mid = "none" if mid_activation is None else mid_activation
     x, dw_weight, pw_weight, residual = autocast_inputs(x, dw_weight, pw_weight, residual)
-    args = (x, dw_weight, pw_weight, in_scale, in_shift, in_relu, stride, padding, dilation, mid, out_scale,
-            out_shift, out_relu, residual, compute_stats)
+    args = (x, dw_weight, pw_weight, in_scale, in_shift, in_relu, stride, padding, dilation, mid, mid_scale,
+            mid_shift, out_scale, out_shift, out_relu, residual, compute_stats)
     if _library.EXTENSION is None:
         checks.check_separable(op, x, dw_weight, pw_weight, stride, padding, dilation, in_scale=in_scale,
-                               in_shift=in_shift, mid_activation=mid, out_scale=out_scale, out_shift=out_shift,
-                               residual=residual)
+                               in_shift=in_shift, mid_activation=mid, mid_scale=mid_scale, mid_shift=mid_shift,
+                               out_scale=out_scale, out_shift=out_shift, residual=residual)
         backends.resolve(backend, op, x, pw_weight.shape[0])
         out, total, total_sq = reference.separable_conv2d(*args)
     else:  # the compiled op checks its arguments (csrc/checks.cpp: the same rules and messages as checks.py)

@@ -46,6 +46,8 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 def mid_activation_fn(name: str | None, d: torch.Tensor) -> torch.Tensor:
     if name == "relu":
         return F.relu(d)
+    if name == "relu6":
+        return F.relu6(d)
     if name == "elu":
         return F.elu(d)
     return d
@@ -54,10 +56,11 @@ def mid_activation_fn(name: str | None, d: torch.Tensor) -> torch.Tensor:
 def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Tensor,
                      in_scale: torch.Tensor | None, in_shift: torch.Tensor | None, in_relu: bool,
                      stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], mid_activation: str,
-                     out_scale: torch.Tensor | None, out_shift: torch.Tensor | None, out_relu: bool,
-                     residual: torch.Tensor | None, compute_stats: bool
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """out = relu?(pointwise(act(depthwise(relu?(x * in_scale + in_shift)))) * out_scale + out_shift + residual).
+                     mid_scale: torch.Tensor | None, mid_shift: torch.Tensor | None, out_scale: torch.Tensor | None,
+                     out_shift: torch.Tensor | None, out_relu: bool, residual: torch.Tensor | None,
+                     compute_stats: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """out = relu?(pointwise(act(d * mid_scale + mid_shift)) * out_scale + out_shift + residual), with
+    d = depthwise(relu?(x * in_scale + in_shift)) (each affine rounded to x's dtype).
 
     Also returns the per-channel sum and sum of squares of the pointwise result (before out_scale), in float32
     (float64 for float64 inputs), when compute_stats; empty tensors otherwise.
@@ -66,7 +69,7 @@ def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.
     if in_relu:
         a = F.relu(a)
     d = depthwise_conv2d(a, dw_weight, None, stride, padding, dilation)
-    y = F.conv2d(mid_activation_fn(mid_activation, d), pw_weight)
+    y = F.conv2d(mid_activation_fn(mid_activation, channel_affine(d, mid_scale, mid_shift)), pw_weight)
     z = channel_affine(y, out_scale, out_shift)
     if residual is not None:
         z = z + residual

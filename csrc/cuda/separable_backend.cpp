@@ -9,6 +9,7 @@
 #include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/bmm.h>
+#include <ATen/ops/clamp.h>
 #include <ATen/ops/elu.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
@@ -68,9 +69,9 @@ const bool kStagedCublas = env_is("XCEPTION_OPS_SEPARABLE_STAGED_GEMM", "cublas"
 const bool kStagedFused = env_is("XCEPTION_OPS_SEPARABLE_STAGED_GEMM", "fused");
 
 // The fused kernel's launch into `out` (allocated in `fmt`), the statistics into sum / sumsq. With `a_source` (the
-// staged form's depthwise result, act(dw(prologue(x))), channels-last) the kernel reads its depthwise tiles from
-// there instead of computing them: the prologue and the mid activation are in it already. Returns false, having
-// launched nothing, where the plan does not fit this GPU's shared memory.
+// staged form's depthwise result, mid(dw(prologue(x))), channels-last) the kernel reads its depthwise tiles from
+// there instead of computing them: the prologue, the mid affine and the mid activation are in it already. Returns
+// false, having launched nothing, where the plan does not fit this GPU's shared memory.
 bool fused_launch(const Tensor& x, const Tensor& dw_weight, const Tensor& pw_weight, const SeparableOptions& opt,
                   const Conv2dGeometry& g, at::MemoryFormat fmt, DType dtype, PointwiseMath math,
                   const DeviceCaps& caps, const Tensor& out, const Tensor* a_source, Tensor& sum, Tensor& sumsq) {
@@ -82,7 +83,7 @@ bool fused_launch(const Tensor& x, const Tensor& dw_weight, const Tensor& pw_wei
   const Tensor dw = dw_weight.contiguous(), pw = pw_weight.contiguous();
   p.dw_weight = dw.data_ptr();
   p.pw_weight = pw.data_ptr();
-  Tensor keep[4];
+  Tensor keep[6];
   if (a_source != nullptr) {
     p.a_source = a_source->data_ptr();
   } else {
@@ -90,6 +91,8 @@ bool fused_launch(const Tensor& x, const Tensor& dw_weight, const Tensor& pw_wei
     p.in_shift = float_vector(opt.in_shift, keep[1]);
     p.in_relu = opt.in_relu;
     p.mid = static_cast<int32_t>(opt.mid);
+    p.mid_scale = float_vector(opt.mid_scale, keep[4]);
+    p.mid_shift = float_vector(opt.mid_shift, keep[5]);
   }
   p.out_scale = float_vector(opt.out_scale, keep[2]);
   p.out_shift = float_vector(opt.out_shift, keep[3]);
@@ -189,7 +192,7 @@ Tensor fused_wgmma_forward(const Tensor& x, const Tensor& dw_weight, const Tenso
   Tensor out = at::empty({g.batch, g.out_channels, g.out_h, g.out_w},
                          x.options().memory_format(at::MemoryFormat::ChannelsLast));
   SeparableWgmmaParams p;
-  Tensor keep_out[2], keep_in[2];
+  Tensor keep_out[2], keep_in[2], keep_mid[2];
   if (!set_pointwise_epilogue(p.pw, opt, g, out, keep_out)) return Tensor();
   const Tensor dw = dw_weight.contiguous(), pw = pw_weight.contiguous();
   p.pw.w = pw.data_ptr();
@@ -199,6 +202,8 @@ Tensor fused_wgmma_forward(const Tensor& x, const Tensor& dw_weight, const Tenso
   p.in_shift = float_vector(opt.in_shift, keep_in[1]);
   p.in_relu = opt.in_relu;
   p.mid = static_cast<int32_t>(opt.mid);
+  p.mid_scale = float_vector(opt.mid_scale, keep_mid[0]);
+  p.mid_shift = float_vector(opt.mid_shift, keep_mid[1]);
   p.in_h = g.in_h, p.in_w = g.in_w, p.out_h = g.out_h, p.out_w = g.out_w;
   p.pad_top = static_cast<int32_t>(g.pad_top), p.pad_left = static_cast<int32_t>(g.pad_left);
   if (!separable_wgmma_ok(p)) return Tensor();
@@ -332,10 +337,40 @@ DepthwiseStage depthwise_stage(const Tensor& x, const Tensor& dw_weight, const S
     s.load_relu = opt.in_relu;
   }
   s.d = depthwise_conv2d(s.input, dw_weight, c10::nullopt, gd, s.load_scale, s.load_shift, s.load_relu);
-  s.mid = s.d;
-  if (opt.mid == MidActivation::Relu) s.mid = at::relu(s.d);
-  if (opt.mid == MidActivation::Elu) s.mid = at::elu(s.d);
+  // The mid stage, as the kernels compute it (kernels::mid_value); a ReLU goes in the affine's pass.
+  const bool affine = opt.mid_scale.has_value() || opt.mid_shift.has_value();
+  const bool relu_in_pass = affine && opt.mid == MidActivation::Relu;
+  const Tensor pre = mid_affine(kForward, s.d, opt.mid_scale, opt.mid_shift, relu_in_pass, g, fmt);
+  s.mid = relu_in_pass ? pre : mid_activation(pre, opt.mid);
   return s;
+}
+
+Tensor mid_affine(const char* op, const Tensor& d, const OptTensor& scale, const OptTensor& shift, bool relu,
+                  const Conv2dGeometry& g, at::MemoryFormat fmt) {
+  if (!scale.has_value() && !shift.has_value()) return relu ? at::relu(d) : d;
+  // The prologue's elementwise kernel over the (N, K, OH, OW) result: relu?(round(fmaf(d, scale, shift))), the
+  // float32 arithmetic and roundings of kernels::mid_value (ATen's mul and add would round the product first).
+  Conv2dGeometry planes;
+  planes.batch = g.batch;
+  planes.in_channels = g.dw_channels();
+  planes.in_h = g.out_h;
+  planes.in_w = g.out_w;
+  Tensor keep[2];
+  Tensor pre = at::empty(d.sizes(), d.options().memory_format(fmt));
+  check_launch(op, launch_prologue_apply(view_of(d), view_of(pre), planes, float_vector(scale, keep[0]),
+                                         float_vector(shift, keep[1]), relu, kernel_dtype(op, d),
+                                         c10::cuda::getCurrentCUDAStream()));
+  return pre;  // (the float32 copies in `keep` may go: the stream orders their reuse after the kernel)
+}
+
+Tensor mid_activation(const Tensor& pre, MidActivation mid) {
+  switch (mid) {
+    case MidActivation::None: return pre;
+    case MidActivation::Relu: return at::relu(pre);
+    case MidActivation::Relu6: return at::clamp(pre, 0, 6);  // exact in the dtype
+    case MidActivation::Elu: return at::elu(pre);            // expm1 in float32, rounded: the kernels' elu
+  }
+  return pre;
 }
 
 std::tuple<Tensor, Tensor, Tensor> separable_conv2d(const Tensor& x, const Tensor& dw_weight,
@@ -349,16 +384,17 @@ std::tuple<Tensor, Tensor, Tensor> separable_conv2d(const Tensor& x, const Tenso
   check_shape(kForward, "dw_weight", dw_weight, {g.dw_channels(), 1, g.kernel_h, g.kernel_w});
   check_shape(kForward, "pw_weight", pw_weight, {g.out_channels, g.dw_channels(), 1, 1});
   const std::vector<int64_t> out_shape = {g.batch, g.out_channels, g.out_h, g.out_w};
-  const char* vector_names[] = {"in_scale", "in_shift", "out_scale", "out_shift"};
-  const OptTensor* vectors[] = {&opt.in_scale, &opt.in_shift, &opt.out_scale, &opt.out_shift};
-  for (int i = 0; i < 4; ++i) {
+  const char* vector_names[] = {"in_scale", "in_shift", "mid_scale", "mid_shift", "out_scale", "out_shift"};
+  const OptTensor* vectors[] = {&opt.in_scale, &opt.in_shift, &opt.mid_scale, &opt.mid_shift, &opt.out_scale,
+                                &opt.out_shift};
+  for (int i = 0; i < 6; ++i) {
     if (!vectors[i]->has_value()) continue;
     const Tensor& v = **vectors[i];
+    const int64_t length = i < 2 ? g.in_channels : i < 4 ? g.dw_channels() : g.out_channels;
     XO_CHECK_VALUE(v.is_cuda() && v.device() == x.device(), kForward, ": ", vector_names[i], " is on ",
                       v.device(), " but x is on ", x.device());
-    XO_CHECK_VALUE(v.dim() == 1 && v.size(0) == (i < 2 ? g.in_channels : g.out_channels), kForward, ": ",
-                      vector_names[i], " must have shape [", i < 2 ? g.in_channels : g.out_channels, "], got ",
-                      dims(v.sizes()));
+    XO_CHECK_VALUE(v.dim() == 1 && v.size(0) == length, kForward, ": ", vector_names[i], " must have shape [",
+                   length, "], got ", dims(v.sizes()));
   }
   if (opt.residual.has_value()) {
     check_operand(kForward, "residual", *opt.residual, x, "x");

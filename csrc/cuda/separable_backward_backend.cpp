@@ -8,15 +8,19 @@
 //              forward saves only x, and this copy lives only until grad_pw is formed
 //   grad_pw    grad_y^T mid, grad_mid = grad_y W: matrix products over the pixels (cuBLAS; on Hopper's wgmma
 //              kernels with XCEPTION_OPS_SEPARABLE_STAGED_GEMM=wgmma)
-//   grad_dw, grad of the depthwise input   the depthwise backward kernels (csrc/kernels/depthwise.cuh), through
-//              the mid activation's mask
+//   mid stage  grad_pre = grad_mid through the mid activation's mask (or elu's slope), from pre recomputed from d;
+//              the sums of grad_pre d and grad_pre for mid_scale / mid_shift (ATen reductions: a fixed order), and
+//              grad_d = round(grad_pre mid_scale) on the prologue's elementwise kernel
+//   grad_dw, grad of the depthwise input   the depthwise backward kernels (csrc/kernels/depthwise.cuh), from grad_d
 //   prologue   its backward (ReLU mask, scale, the sums for in_scale / in_shift): applied by the depthwise input
 //              gradient's strip kernel as it writes, or else in one pass of its own
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/elu.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/logical_and.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
 #include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -34,7 +38,7 @@ constexpr const char* kBackward = "xception_ops.separable_conv2d_backward";
 
 }  // namespace
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_conv2d_backward(
+SeparableGrads separable_conv2d_backward(
     const Tensor& grad_out, const OptTensor& grad_sum, const OptTensor& grad_sumsq, const OptTensor& out,
     const Tensor& x, const Tensor& dw_weight, const Tensor& pw_weight, const SeparableOptions& opt,
     const Conv2dGeometry& g) {
@@ -44,7 +48,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_con
   check_operand(kBackward, "dw_weight", dw_weight, x, "x");
   check_operand(kBackward, "pw_weight", pw_weight, x, "x");
   if (out.has_value()) check_operand(kBackward, "out", *out, x, "x");
-  for (const OptTensor* v : {&grad_sum, &grad_sumsq, &opt.in_scale, &opt.in_shift, &opt.out_scale, &opt.out_shift}) {
+  for (const OptTensor* v : {&grad_sum, &grad_sumsq, &opt.in_scale, &opt.in_shift, &opt.mid_scale, &opt.mid_shift,
+                             &opt.out_scale, &opt.out_shift}) {
     if (v->has_value()) {
       XO_CHECK_VALUE((*v)->is_cuda() && (*v)->device() == x.device(), kBackward,
                      ": the per-channel vectors must be on x's device ", x.device(), ", got ", (*v)->device());
@@ -67,11 +72,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_con
   if (need_y && out_is_y) {
     y = *out;
   } else if (need_y) {
-    SeparableOptions plain;  // the prologue and mid activation only
+    SeparableOptions plain;  // the prologue and the mid stage only
     plain.in_scale = opt.in_scale;
     plain.in_shift = opt.in_shift;
     plain.in_relu = opt.in_relu;
     plain.mid = opt.mid;
+    plain.mid_scale = opt.mid_scale;
+    plain.mid_shift = opt.mid_shift;
     y = std::get<0>(separable_conv2d(x, dw_weight, pw_weight, plain, g));
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -106,8 +113,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_con
     if (opt.out_shift.has_value()) grad_out_shift = in_type(sum_g, opt.out_shift->scalar_type());
   }
 
-  // The depthwise stage's result recomputed (the forward kept only x), the mid activation rounded as the forward
-  // rounds it; its input (x, or the prologue written out where the depthwise kernels cannot apply it on load) is
+  // The depthwise stage's result recomputed (the forward kept only x), the mid stage rounded as the forward rounds
+  // it; its input (x, or the prologue written out where the depthwise kernels cannot apply it on load) is
   // what the weight gradient reads.
   Conv2dGeometry gd = g;
   gd.out_channels = K;
@@ -154,8 +161,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_con
                                              : at::mm(gy2.t(), mid2, at::kFloat).to(x.scalar_type()))
                   .view({C, K, 1, 1});
   }
-  mid = Tensor();  // released before grad_mid is allocated; d too unless the mid activation's mask needs it
-  if (opt.mid == MidActivation::None) d = Tensor();
+  // mid is released before grad_mid is allocated; d too unless the mid stage's backward needs it (the mask's pre,
+  // or mid_scale's gradient).
+  mid = Tensor();
+  if (opt.mid == MidActivation::None && !opt.mid_scale.has_value()) d = Tensor();
 
   // grad_mid = grad_y W: [pixels, K], channels fastest, seen as an (N, K, OH, OW) channels_last tensor. On cuBLAS,
   // or with XCEPTION_OPS_SEPARABLE_STAGED_GEMM=wgmma on Hopper's GEMM (the weight transposed to [K][C], K-major for
@@ -181,13 +190,34 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_con
   if (!grad_mid.defined()) {
     grad_mid = at::mm(gy2, pw2).view({g.batch, g.out_h, g.out_w, K}).permute({0, 3, 1, 2}).contiguous(fmt);
   }
-  Tensor grad_dw_out = grad_mid;
+  // The mid stage's backward: mid = act(pre), pre = round(d * mid_scale + mid_shift) (d itself without them).
+  Tensor grad_pre = grad_mid;
   if (opt.mid != MidActivation::None) {
+    const Tensor pre = mid_affine(kBackward, d, opt.mid_scale, opt.mid_shift, false, g, fmt);  // as the forward's
     const Tensor zero = at::zeros({}, grad_mid.options());
-    grad_dw_out = opt.mid == MidActivation::Relu ? at::where(d > 0, grad_mid, zero)
-                                                 : at::where(d > 0, grad_mid, grad_mid * (at::elu(d) + 1));
-    grad_dw_out = grad_dw_out.contiguous(fmt);
+    switch (opt.mid) {
+      case MidActivation::Relu: grad_pre = at::where(pre > 0, grad_mid, zero); break;
+      case MidActivation::Relu6: grad_pre = at::where(at::logical_and(pre > 0, pre < 6), grad_mid, zero); break;
+      case MidActivation::Elu: grad_pre = at::where(pre > 0, grad_mid, grad_mid * (at::elu(pre) + 1)); break;
+      case MidActivation::None: break;
+    }
   }
+  grad_mid = Tensor();
+  // The affine's gradients: per-channel sums in float32 (where a product of two 16-bit values is exact).
+  Tensor grad_mid_scale = empty, grad_mid_shift = empty;
+  if (opt.mid_scale.has_value()) {
+    const Tensor grad_pre_d = x.scalar_type() == at::kFloat ? grad_pre * d : grad_pre.to(at::kFloat).mul_(d);
+    grad_mid_scale = in_type(grad_pre_d.sum({0, 2, 3}, false, at::kFloat), opt.mid_scale->scalar_type());
+  }
+  if (opt.mid_shift.has_value()) {
+    grad_mid_shift = in_type(grad_pre.sum({0, 2, 3}, false, at::kFloat), opt.mid_shift->scalar_type());
+  }
+  d = Tensor();
+  // grad_d = round(grad_pre * mid_scale): the depthwise stage's output gradient.
+  Tensor grad_dw_out = opt.mid_scale.has_value()
+                           ? mid_affine(kBackward, grad_pre, opt.mid_scale, c10::nullopt, false, g, fmt)
+                           : grad_pre.contiguous(fmt);
+  grad_pre = Tensor();
   const Tensor grad_dw = depthwise_conv2d_backward_weight(grad_dw_out, stage.input, gd, stage.load_scale,
                                                              stage.load_shift, stage.load_relu);
   // The depthwise input gradient and the prologue's backward (the ReLU mask, in_scale, and the sums for in_scale /
@@ -234,7 +264,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> separable_con
   if (opt.in_scale.has_value()) grad_in_scale = in_type(sum_gx, opt.in_scale->scalar_type());
   if (opt.in_shift.has_value()) grad_in_shift = in_type(sum_g, opt.in_shift->scalar_type());
   return {grad_x.contiguous(fmt), grad_dw.contiguous(), grad_pw.contiguous(), grad_in_scale, grad_in_shift,
-          grad_out_scale, grad_out_shift};
+          grad_mid_scale, grad_mid_shift, grad_out_scale, grad_out_shift};
 }
 
 }  // namespace xception_ops::cuda

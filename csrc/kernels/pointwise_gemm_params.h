@@ -137,13 +137,17 @@ struct SeparableWgmmaParams {
   const float* in_scale = nullptr;  // the prologue relu?(x * in_scale + in_shift), rounded; nullptr: 1, 0
   const float* in_shift = nullptr;
   bool in_relu = false;
-  int32_t mid = 0;  // 0 none, 1 relu, 2 elu (MidActivation)
+  int32_t mid = 0;  // 0 none, 1 relu, 2 elu, 3 relu6 (MidActivation)
+  const float* mid_scale = nullptr;  // the mid affine before it, per channel (SeparableParams' fields)
+  const float* mid_shift = nullptr;
   int64_t in_h = 0, in_w = 0, out_h = 0, out_w = 0;
   int32_t pad_top = 0, pad_left = 0;
 };
-// The builds: K up to 64 or 128 (zeros past K), N up to 128 or 256 output channels, one block per SM.
+// The builds: K up to 64 or 128 (zeros past K), N up to 128 or 256 output channels, one block per SM. Shared
+// memory: the pointwise weight, two A tiles, the depthwise weights and the four per-channel vectors (prologue and
+// mid affine) in float32, the epilogue's scratch.
 XO_HOST_DEVICE constexpr int separable_wgmma_smem_bytes(int n, int k) {
-  return n * k * 2 + 2 * kPwTileM * k * 2 + k * 9 * 4 + 2 * k * 4 + pointwise_epilogue_bytes(n);
+  return n * k * 2 + 2 * kPwTileM * k * 2 + k * 9 * 4 + 4 * k * 4 + pointwise_epilogue_bytes(n);
 }
 inline bool separable_wgmma_ok(const SeparableWgmmaParams& p) {
   auto aligned = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };

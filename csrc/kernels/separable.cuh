@@ -11,8 +11,8 @@
 // cost nothing; optionally 8 x 8 squares, or runs of 4 pixels down a column band: p.square_tiles, p.run_tiles)
 // and every output channel:
 //   1. the depthwise result for its pixels and a chunk of depthwise channels is computed into shared memory,
-//      with the prologue applied as x is read and the mid activation on the result. It never reaches global
-//      memory. When every channel fits (k_chunk covers them) this runs once per block.
+//      with the prologue applied as x is read and the mid stage (affine, activation: mid_value) on the result.
+//      It never reaches global memory. When every channel fits (k_chunk covers them) this runs once per block.
 //   2. for each tile of kSepTileN output channels, the pointwise GEMM [pixels x K] x [K x N] runs from shared
 //      memory, the weight tiles double-buffered: wmma fragments on tensor cores (fp16 / bf16, or TF32), or
 //      FFMA with an 8 x 4 register tile per thread; float32 accumulation either way. With few pixel tiles,
@@ -426,17 +426,57 @@ __device__ __forceinline__ void decode_input(bool ok, const typename VecIO<T, V>
   }
 }
 
-// V channels of one pixel of the depthwise result into the tile: rounded to the dtype, the mid activation applied
-// (relu, or elu rounded again), stored in the tile's precision.
+// The mid stage on one depthwise sum, as every backend computes it (and every path of the fused forwards, here and
+// in separable_wgmma.cuh): d = the sum rounded to the dtype; with the affine (`affine`: a scale or a shift given,
+// the absent one passed as 1 or 0) pre = round(fmaf(d, scale, shift)) in float32, else pre = d untouched; then
+// mid 1 relu, 3 relu6, 2 elu (rounded again), 0 none.
+template <typename T>
+__device__ __forceinline__ float mid_value(float sum, int32_t mid, bool affine, float scale, float shift) {
+  float v = round_to<T>(sum);
+  if (affine) v = round_to<T>(fmaf(v, scale, shift));
+  if (mid == 1) v = fmaxf(v, 0.f);
+  if (mid == 3) v = fminf(fmaxf(v, 0.f), 6.f);
+  if (mid == 2 && !(v > 0.f)) v = round_to<T>(expm1f(v));
+  return v;
+}
+__device__ __forceinline__ bool has_mid_affine(const SeparableParams& p) {
+  return p.mid_scale != nullptr || p.mid_shift != nullptr;
+}
+// What the depthwise paths store into the tile for a sum: its mid stage without an affine; with one, d alone
+// (rounded, p.store_mid = 0), which mid_affine_tile then takes through the rest of the mid stage. (Applied as the
+// paths store, the affine's per-channel values cost the capped builds' vector path 64 more bytes of spills: sm_90,
+// bf16.)
+template <typename T>
+__device__ __forceinline__ float depthwise_result(const SeparableParams& p, float sum) {
+  return mid_value<T>(sum, p.store_mid, false, 1.f, 0.f);
+}
+
+// The mid affine and activation over the depthwise tile's columns [0, cols) (channels k0 ..), which hold d where
+// there is an affine (depthwise_result): a pass after the depthwise stage, one element per thread at a time along
+// the rows, its channel's scale and shift read per element. Padding channels (k >= K) take 1 and 0, so their zeros
+// stay zeros, and nothing past K is read. The caller's barrier after the stage orders this pass's stores before the
+// GEMM. (Kept this lean for the capped builds, whose accumulators are live across it: walking columns with their
+// scale and shift in registers cost up to 56 more bytes of spill loads, unrolled up to 32 more stores.)
+template <typename T, typename S>
+__device__ __forceinline__ void mid_affine_tile(const SeparableParams& p, S* a, int lda, int32_t k0, int cols) {
+  const int32_t K = static_cast<int32_t>(p.g.dw_channels());
+  __syncthreads();  // every thread's part of the tile is in place
+#pragma unroll 1
+  for (int e = threadIdx.x; e < kSepTileP * cols; e += kSepThreads) {
+    const int col = e % cols, row = e / cols;
+    const int32_t k = k0 + col;
+    const float scale = p.mid_scale != nullptr && k < K ? p.mid_scale[k] : 1.f;
+    const float shift = p.mid_shift != nullptr && k < K ? p.mid_shift[k] : 0.f;
+    S* v = a + row * lda + col;
+    TileElem<S>::store(v, mid_value<T>(TileElem<S>::load(v), p.mid, true, scale, shift));
+  }
+}
+
+// V channels of one pixel of the depthwise result into the tile (depthwise_result), in the tile's precision.
 template <typename T, typename S, int V>
 __device__ __forceinline__ void store_depthwise_result(const SeparableParams& p, float (&acc)[V], S* dst) {
 #pragma unroll
-  for (int v = 0; v < V; ++v) {
-    float y = round_to<T>(acc[v]);
-    if (p.mid == 1) y = fmaxf(y, 0.f);
-    if (p.mid == 2 && y <= 0.f) y = round_to<T>(expm1f(y));
-    acc[v] = y;
-  }
+  for (int v = 0; v < V; ++v) acc[v] = depthwise_result<T>(p, acc[v]);
   if constexpr (std::is_same<S, T>::value) {
     VecIO<T, V>::store(dst, acc);  // the 16-bit tile: one store
   } else {
@@ -536,10 +576,7 @@ __device__ __forceinline__ void depthwise_tile_mapped(const SeparableParams& p, 
           }
         }
       }
-      float v = round_to<T>(sum);
-      if (p.mid == 1) v = fmaxf(v, 0.f);
-      if (p.mid == 2 && v <= 0.f) v = round_to<T>(expm1f(v));
-      TileElem<S>::store(a + row * lda + col, v);
+      TileElem<S>::store(a + row * lda + col, depthwise_result<T>(p, sum));
     }
   }
 }
@@ -872,10 +909,7 @@ __device__ __forceinline__ void depthwise_tile_square(const SeparableParams& p, 
     }
 #pragma unroll
     for (int q = 0; q < kSepSquare; ++q) {
-      float v = round_to<T>(acc[q]);
-      if (p.mid == 1) v = fmaxf(v, 0.f);
-      if (p.mid == 2 && v <= 0.f) v = round_to<T>(expm1f(v));
-      TileElem<S>::store(a + (row * kSepSquare + q) * lda + col, k_raw < K ? v : 0.f);
+      TileElem<S>::store(a + (row * kSepSquare + q) * lda + col, k_raw < K ? depthwise_result<T>(p, acc[q]) : 0.f);
     }
     __syncthreads();  // the next chunk (or the first weight tile, which shares the region) overwrites the window
   }
@@ -901,8 +935,8 @@ __device__ __forceinline__ void depthwise_tile_square_dispatch(const SeparablePa
 // 2 (the four-pixel window of 4 channels needs more than 128 registers).
 // kRuns: the run tiles' build (p.run_tiles), a kernel of its own so that the other builds' registers are unchanged.
 template <typename T, typename S, int KH, int KW, bool kWide, bool kRuns>
-__device__ __forceinline__ void depthwise_tile(const SeparableParams& p, const PixelInfo& px, S* a, int lda,
-                                               int32_t k0, int cols, unsigned char* window) {
+__device__ __forceinline__ void depthwise_tile_paths(const SeparableParams& p, const PixelInfo& px, S* a, int lda,
+                                                     int32_t k0, int cols, unsigned char* window) {
   const bool prologue = p.in_scale != nullptr || p.in_shift != nullptr || p.in_relu;
   if constexpr (KH == 3 && KW == 3) {
     if (p.square_tiles) {
@@ -945,6 +979,14 @@ __device__ __forceinline__ void depthwise_tile(const SeparableParams& p, const P
   } else {
     depthwise_tile_mapped<T, S, KH, KW, false, false>(p, px, a, lda, k0, cols);
   }
+}
+
+// The depthwise stage of a tile: one of the paths above, then, with a mid affine, its pass over the tile.
+template <typename T, typename S, int KH, int KW, bool kWide, bool kRuns>
+__device__ __forceinline__ void depthwise_tile(const SeparableParams& p, const PixelInfo& px, S* a, int lda,
+                                               int32_t k0, int cols, unsigned char* window) {
+  depthwise_tile_paths<T, S, KH, KW, kWide, kRuns>(p, px, a, lda, k0, cols, window);
+  if (has_mid_affine(p)) mid_affine_tile<T, S>(p, a, lda, k0, cols);
 }
 
 // ---- stage 1 of the staged form: the depthwise tile read from memory ----
@@ -1173,6 +1215,7 @@ __global__ void __launch_bounds__(kSepThreads, kMinBlocks) separable_forward_ker
   // others, whose registers it would change (the one-block run-tile build spilled 36 bytes with it).
   constexpr bool kFromMemory = kMath == PointwiseMath::TensorCore && !kRuns;
   if (p.a_source != nullptr && (!kFromMemory || p.square_tiles)) __trap();
+  if (p.a_source == nullptr && p.store_mid != (has_mid_affine(p) ? 0 : p.mid)) __trap();  // separable_plan's
 
 #if defined(XO_SEPARABLE_WMMA)  // a device of sm_80+: 16-bit operands through mma.sync (or wmma), TF32 through wmma
   using TensorGemm = typename std::conditional<kMath == PointwiseMath::TensorCore, MmaGemm<T>, WmmaGemm<T>>::type;

@@ -29,7 +29,8 @@ XO_HOST_DEVICE constexpr bool separable_16bit_tensor_cores(PointwiseMath m) {
 
 // The fused forward: out = act(relu?(y * out_scale + out_shift + residual)), y = pw(mid(dw(prologue(x)))).
 //   prologue(x) = relu?(x * in_scale + in_shift), per input channel; padding reads as 0 after the prologue.
-//   mid         = none, relu or elu on the depthwise result.
+//   mid         = none, relu, elu or relu6 on the depthwise result d, after its affine d * mid_scale + mid_shift
+//                 per depthwise channel where there is one (kernels::mid_value).
 // With compute_stats, per-channel float32 sums of y and y^2 (the pre-BN output) go to `stats_partial`.
 struct SeparableParams {
   Conv2dGeometry g;        // dw stage: in_channels -> dw_channels(); pw stage: dw_channels() -> out_channels
@@ -41,7 +42,14 @@ struct SeparableParams {
   const float* in_scale = nullptr;  // per input channel, float32; nullptr: 1
   const float* in_shift = nullptr;  // nullptr: 0
   bool in_relu = false;
-  int32_t mid = 0;                   // 0 none, 1 relu, 2 elu (the values of MidActivation)
+  int32_t mid = 0;                   // 0 none, 1 relu, 2 elu, 3 relu6 (the values of MidActivation)
+  // The mid affine, per depthwise channel, float32: nullptr 1 and 0; both nullptr: none (d unchanged, bit for bit).
+  const float* mid_scale = nullptr;
+  const float* mid_shift = nullptr;
+  // Set by separable_plan from the three above: the activation the depthwise stage applies as it stores, `mid`
+  // without a mid affine, 0 with one (a pass over the tile then applies the affine and `mid`: mid_affine_tile).
+  // A field, not worked out in the kernel: that cost the capped builds up to 36 bytes more spills.
+  int32_t store_mid = 0;
   const float* out_scale = nullptr;  // per output channel, float32; nullptr: 1
   const float* out_shift = nullptr;  // nullptr: 0
   bool out_relu = false;
@@ -68,10 +76,10 @@ struct SeparableParams {
   // one row, ordered (image, run of columns, row), so that a tile's runs are mostly one column band walked down,
   // and the depthwise stage slides a window of input rows down them (depthwise_tile_runs).
   bool run_tiles = false;
-  // The staged form: act(dw(prologue(x))) computed already, pixel-major [pixels][dw_channels] in the dtype
+  // The staged form: mid(dw(prologue(x))) computed already, pixel-major [pixels][dw_channels] in the dtype
   // (a channels-last (N, K, OH, OW) tensor). The kernel reads its tiles from here instead of computing them, and
-  // ignores x, the depthwise weight, the prologue and the mid activation (the caller leaves those unset). Flat
-  // tiles only.
+  // ignores x, the depthwise weight, the prologue, the mid affine and activation (the caller leaves those unset).
+  // Flat tiles only.
   const void* a_source = nullptr;
   // Vector paths (separable_plan sets them): the depthwise stage reads x kSepVec channels of a pixel at a time,
   // and the epilogue writes `out` (and reads the residual) likewise. Only where the tensors have channels
@@ -208,6 +216,7 @@ inline bool separable_plan(SeparableParams& p, PointwiseMath math, int dtype_byt
                 tap_span < (int64_t{1} << 31) && p.g.in_h < (int64_t{1} << 31) && p.g.in_w < (int64_t{1} << 31);
   p.out_vectors = p.out_channels_last && separable_vectorizable(p.out, p.g.out_channels, dtype_bytes) &&
                   (p.residual.data == nullptr || separable_vectorizable(p.residual, p.g.out_channels, dtype_bytes));
+  p.store_mid = p.mid_scale != nullptr || p.mid_shift != nullptr ? 0 : p.mid;
   const int eb = separable_tile_elem_bytes(math, dtype_bytes);
   const int pad = eb == 2 ? 8 : 4;
   const int64_t all = round_up(p.g.dw_channels(), kSepKStep);

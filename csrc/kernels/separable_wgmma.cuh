@@ -9,7 +9,8 @@
 //   depthwise: item i of the tile (8 channels of one pixel; i = 8 (px / 8) kG + 8 cg + px % 8 for channel group cg
 //     of kG = kK / 8, so that item i's 16 bytes go to byte 16 i of the A tile: A in core matrices, conflict-free)
 //     sums its 9 taps of x, 16-byte loads with the prologue applied and rounded as they are read (padding reads 0),
-//     in float32 with the weights from shared memory; rounded, the mid activation, rounded;
+//     in float32 with the weights from shared memory; then the mid stage (mid_value: rounded, the mid affine,
+//     the activation);
 //   product: the two warpgroups issue kK / 16 wgmma each (64 pixels x kN, A and B through descriptors), which run
 //     while the block computes the next tile's depthwise result into the other A buffer;
 //   epilogue: wgmma_tile_epilogue (folded BN, residual, ReLU, the statistics), after waiting for the products.
@@ -43,7 +44,9 @@ __global__ void __launch_bounds__(kPwThreads, 1) separable_wgmma_kernel(const Se
   float* weights = reinterpret_cast<float*>(smem + kN * kK * 2 + 2 * kABytes);  // [kK][9]
   float* in_scale = weights + kK * 9;
   float* in_shift = in_scale + kK;
-  unsigned char* scratch = reinterpret_cast<unsigned char*>(in_shift + kK);
+  float* mid_scale = in_shift + kK;
+  float* mid_shift = mid_scale + kK;
+  unsigned char* scratch = reinterpret_cast<unsigned char*>(mid_shift + kK);
 
   const PointwiseGemmParams& pw = p.pw;
   const int tid = threadIdx.x, warp = tid / 32, group = warp / 4;
@@ -51,7 +54,8 @@ __global__ void __launch_bounds__(kPwThreads, 1) separable_wgmma_kernel(const Se
   const int64_t m_tiles = pointwise_m_tiles(pw);
 
   // Once per block: the pointwise weight (chunk c at byte 16 c: output channel 8 (c / (8 kG)) + c % 8, input
-  // channels 8 ((c / 8) % kG) ..), the depthwise weights and the prologue in float32.
+  // channels 8 ((c / 8) % kG) ..), the depthwise weights, the prologue and the mid affine in float32 (1 and 0 where
+  // absent and past K).
   {
     const T* w = static_cast<const T*>(pw.w);
     for (int c = tid; c < kN * kGroups; c += kPwThreads) {
@@ -64,11 +68,14 @@ __global__ void __launch_bounds__(kPwThreads, 1) separable_wgmma_kernel(const Se
     for (int c = tid; c < kK; c += kPwThreads) {
       in_scale[c] = p.in_scale != nullptr && c < K ? p.in_scale[c] : 1.f;
       in_shift[c] = p.in_shift != nullptr && c < K ? p.in_shift[c] : 0.f;
+      mid_scale[c] = p.mid_scale != nullptr && c < K ? p.mid_scale[c] : 1.f;
+      mid_shift[c] = p.mid_shift != nullptr && c < K ? p.mid_shift[c] : 0.f;
     }
     cp_async_wait<0>();
     __syncthreads();  // the weights and the prologue, for every thread's depthwise work
   }
   const bool prologue = p.in_scale != nullptr || p.in_shift != nullptr || p.in_relu;
+  const bool mid_affine = p.mid_scale != nullptr || p.mid_shift != nullptr;
 
   // The depthwise result of pixel tile `tile` into `a` (core matrices; zeros past the last pixel and past K).
   const T* __restrict__ x = static_cast<const T*>(p.x);
@@ -106,10 +113,7 @@ __global__ void __launch_bounds__(kPwThreads, 1) separable_wgmma_kernel(const Se
         }
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
-          float d = round_to<T>(sum[j]);
-          if (p.mid == 1) d = fmaxf(d, 0.f);
-          if (p.mid == 2 && !(d > 0.f)) d = round_to<T>(expm1f(d));
-          sum[j] = d;
+          sum[j] = mid_value<T>(sum[j], p.mid, mid_affine, mid_scale[c0 + j], mid_shift[c0 + j]);
         }
       }
       *reinterpret_cast<uint4*>(a + 8 * i) =

@@ -4,7 +4,7 @@
 //
 // For the fused forward This checks, without a GPU, everything but the tensor-core GEMM (compiled out on the
 // host, where every mode takes the FFMA path): the launch plan, pixel tiles and their tails, the depthwise
-// stage (prologue, padding, stride, dilation, depth multiplier, mid activation, both thread orders), the
+// stage (prologue, padding, stride, dilation, depth multiplier, mid affine and activation, both thread orders), the
 // chunked path for channels beyond shared memory, output-channel groups, the weight double-buffering, the
 // epilogue (folded BN, residual, ReLU, strided NCHW / NHWC output) and the fixed-order statistics reduction.
 // Outputs are poisoned with NaN before the launch.
@@ -32,9 +32,17 @@ using namespace xception_ops;
 struct Case {
   int64_t n, c, h, w, m, cout, kh, kw, sh, sw, pt, pb, pl, pr, dh, dw;
   bool in_affine, in_relu;
-  int mid;
+  int mid;  // 0 none, 1 relu, 2 elu, 3 relu6
   bool out_affine, out_relu, residual, stats;
+  int mid_affine = 0;  // the mid affine's vectors given: 1 mid_scale, 2 mid_shift, 3 both
 };
+
+// c with the mid activation `mid` and the mid affine's vectors `mid_affine` (Case::mid_affine).
+Case with_mid(Case c, int mid, int mid_affine) {
+  c.mid = mid;
+  c.mid_affine = mid_affine;
+  return c;
+}
 
 Conv2dGeometry geometry(const Case& k) {
   Conv2dGeometry g;
@@ -90,10 +98,11 @@ double relative_error(const std::vector<double>& got, const std::vector<double>&
 }
 
 // The float64 depthwise result of channel kc at output pixel (n, oh, ow): the prologue, the taps (padding 0), the mid
-// activation. xat(n, c, h, w) reads x.
+// affine and activation. xat(n, c, h, w) reads x.
 template <typename X, typename T>
 double reference_mid(const Case& k, const X& xat, const std::vector<T>& dw, const std::vector<float>& in_scale,
-                     const std::vector<float>& in_shift, int64_t n, int64_t oh, int64_t ow, int64_t kc) {
+                     const std::vector<float>& in_shift, const std::vector<float>& mid_scale,
+                     const std::vector<float>& mid_shift, int64_t n, int64_t oh, int64_t ow, int64_t kc) {
   const int64_t ci = kc / k.m;
   double acc = 0;
   for (int64_t i = 0; i < k.kh; ++i) {
@@ -106,7 +115,10 @@ double reference_mid(const Case& k, const X& xat, const std::vector<T>& dw, cons
       acc += v * to_double(dw[kc * k.kh * k.kw + i * k.kw + j]);
     }
   }
+  if (k.mid_affine & 1) acc *= mid_scale[kc];
+  if (k.mid_affine & 2) acc += mid_shift[kc];
   if (k.mid == 1) acc = std::max(acc, 0.0);
+  if (k.mid == 3) acc = std::min(std::max(acc, 0.0), 6.0);
   if (k.mid == 2 && acc <= 0) acc = std::expm1(acc);
   return acc;
 }
@@ -141,6 +153,9 @@ void check_case(const Case& k, bool x_cl, bool out_cl, size_t smem_limit, int sm
   for (auto& v : in_shift) v = 0.3f * normal(rng);
   for (auto& v : out_scale) v = uniform(rng);
   for (auto& v : out_shift) v = 0.3f * normal(rng);
+  // The mid affine's K values, then NaN: a padding channel's read past K would reach the output through the GEMM.
+  std::vector<float> mid_scale(K + kSepKStep, std::nanf("")), mid_shift(K + kSepKStep, std::nanf(""));
+  for (int64_t i = 0; i < K; ++i) mid_scale[i] = 2.f * uniform(rng) - 0.5f, mid_shift[i] = normal(rng);
 
   strides(k.c, k.h, k.w, x_cl, p.x.stride);
   strides(k.cout, OH, OW, out_cl, p.out.stride);
@@ -156,6 +171,8 @@ void check_case(const Case& k, bool x_cl, bool out_cl, size_t smem_limit, int sm
   p.in_shift = k.in_affine ? in_shift.data() : nullptr;
   p.in_relu = k.in_relu;
   p.mid = k.mid;
+  p.mid_scale = k.mid_affine & 1 ? mid_scale.data() : nullptr;
+  p.mid_shift = k.mid_affine & 2 ? mid_shift.data() : nullptr;
   p.out_scale = k.out_affine ? out_scale.data() : nullptr;
   p.out_shift = k.out_affine ? out_shift.data() : nullptr;
   p.out_relu = k.out_relu;
@@ -181,7 +198,8 @@ void check_case(const Case& k, bool x_cl, bool out_cl, size_t smem_limit, int sm
     a_rows.resize(k.n * OH * OW * K);
     for (int64_t q = 0; q < k.n * OH * OW; ++q) {
       for (int64_t kc = 0; kc < K; ++kc) {
-        const double v = reference_mid(k, xat, dw, in_scale, in_shift, q / OW / OH, q / OW % OH, q % OW, kc);
+        const double v = reference_mid(k, xat, dw, in_scale, in_shift, mid_scale, mid_shift, q / OW / OH,
+                                       q / OW % OH, q % OW, kc);
         a_rows[q * K + kc] = from_float<T>(static_cast<float>(v));
       }
     }
@@ -189,6 +207,7 @@ void check_case(const Case& k, bool x_cl, bool out_cl, size_t smem_limit, int sm
     p.in_scale = p.in_shift = nullptr;
     p.in_relu = false;
     p.mid = 0;
+    p.mid_scale = p.mid_shift = nullptr;
   }
   const int groups = separable_channel_groups(p, sms);
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(groups));
@@ -239,7 +258,7 @@ void check_case(const Case& k, bool x_cl, bool out_cl, size_t smem_limit, int sm
     for (int64_t oh = 0; oh < OH; ++oh) {
       for (int64_t ow = 0; ow < OW; ++ow) {
         for (int64_t kc = 0; kc < K; ++kc) {
-          mid[kc] = reference_mid(k, xat, dw, in_scale, in_shift, n, oh, ow, kc);
+          mid[kc] = reference_mid(k, xat, dw, in_scale, in_shift, mid_scale, mid_shift, n, oh, ow, kc);
         }
         for (int64_t co = 0; co < k.cout; ++co) {
           double y = 0;
@@ -479,6 +498,75 @@ TEST_CASE(half_and_bfloat16_with_the_tile_in_their_own_precision) {
 
 TEST_CASE(tf32_mode_compiles_to_the_same_ffma_path_on_the_host) {
   check_case<float, PointwiseMath::Tf32>(kTrain, true, true, kBigSmem, 132, 1e-5, "tf32 mode");
+}
+
+TEST_CASE(mid_affine_and_relu6_on_every_depthwise_path) {
+  // The mid stage (kernels::mid_value) on each depthwise path: d * mid_scale + mid_shift per depthwise channel (scale
+  // only, shift only, both), then relu6, relu, elu or none. Channel counts that leave padding columns in the tile
+  // (13, 40, 8 = 4 x multiplier 2, 24), whose reads of the vectors past K would bring NaN into the output.
+  struct Mid {
+    int mid, affine;
+  };
+  const Mid mids[] = {{3, 3}, {1, 1}, {2, 2}, {0, 3}, {3, 0}};
+  //                     n   c   h   w  m cout kh kw sh sw pt pb pl pr dh dw  in_aff relu mid out_aff relu res  stats
+  const Case vec{2, 24, 9, 11, 1, 20, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, true, true, 0, true, true, true, true};
+  const Case quads{1, 64, 6, 13, 1, 12, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, false, false, 0, true, false, false, true};
+  const Case runs{2, 24, 5, 20, 1, 16, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, true, false, 0, false, false, true, true};
+  const Case band{2, 64, 10, 11, 1, 36, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, true, true, 0, true, true, true, true};
+  int i = 0;
+  for (const Mid& m : mids) {
+    const Mid other = mids[(++i) % 5];  // a second combination per round, on the other dtypes
+    // Square tiles (stride 1 and 2) and, with them off, the direct path; the generic kernel size with a depth
+    // multiplier (the vectors are per depthwise channel); both layouts.
+    for (const Case* c : {&kTrain, &kInfer, &kOdd, &kGeneric}) {
+      const Case a = with_mid(*c, m.mid, m.affine), b = with_mid(*c, other.mid, other.affine);
+      check_case<float, PointwiseMath::Ffma>(a, false, false, kBigSmem, 132, 1e-5, "fp32 mid affine NCHW");
+      check_case<float, PointwiseMath::Ffma>(a, true, true, kBigSmem, 132, 1e-5, "fp32 mid affine NHWC", false);
+      check_case<__nv_bfloat16, PointwiseMath::TensorCore>(b, true, true, kBigSmem, 132, 3e-2, "bf16 mid affine");
+      check_case<__half, PointwiseMath::TensorCore>(b, false, false, kBigSmem, 132, 5e-3, "fp16 mid affine flat",
+                                                    false);
+    }
+    // The vector path (both builds: 2 and 4 channels per thread; groups of four pixels at 64 channels).
+    for (const Case* c : {&vec, &quads}) {
+      for (bool wide : {false, true}) {
+        check_case<float, PointwiseMath::Ffma>(with_mid(*c, m.mid, m.affine), true, true, kBigSmem, 132, 1e-5,
+                                               "fp32 mid affine vectors", false, wide);
+        EXPECT(last_plan.x_vectors);
+        check_case<__half, PointwiseMath::TensorCore>(with_mid(*c, other.mid, other.affine), true, true, kBigSmem,
+                                                      132, 5e-3, "fp16 mid affine vectors", false, wide);
+        EXPECT(last_plan.x_vectors);
+      }
+    }
+    // Run tiles, both builds.
+    for (bool wide : {false, true}) {
+      check_case<__nv_bfloat16, PointwiseMath::TensorCore>(with_mid(runs, m.mid, m.affine), true, true, kBigSmem, 132,
+                                                           3e-2, "bf16 mid affine runs", false, wide, true);
+      EXPECT(last_plan.run_tiles);
+    }
+    // The staged form: the affine is in the depthwise result it reads (the kernel is given none).
+    check_case<__nv_bfloat16, PointwiseMath::TensorCore>(with_mid(vec, m.mid, m.affine), true, true, kBigSmem, 132,
+                                                         3e-2, "bf16 mid affine from memory", false, false, false,
+                                                         true);
+  }
+  // Channels beyond shared memory: chunks of 32 channels from k0 = 32, 64 index the vectors from k0.
+  SeparableParams plan;
+  plan.g = geometry(kWide);
+  plan.square_tiles = true;
+  const size_t limit = separable_smem(plan, 32 + 4, PointwiseMath::Ffma, 4).total;
+  check_case<float, PointwiseMath::Ffma>(with_mid(kWide, 3, 3), true, true, limit, 132, 1e-5, "fp32 chunked square");
+  EXPECT(last_plan.k_chunk == 32 && last_plan.square_tiles);
+  check_case<float, PointwiseMath::Ffma>(with_mid(kWide, 2, 3), false, false, limit, 132, 1e-5, "fp32 chunked flat",
+                                         false);
+  EXPECT(last_plan.k_chunk == 32);
+  plan.square_tiles = false;
+  plan.weight_stages = 3, plan.c_pitch = kSepTileN;
+  const size_t limit16 = separable_smem(plan, 32 + 8, PointwiseMath::TensorCore, 2).total;
+  check_case<__nv_bfloat16, PointwiseMath::TensorCore>(with_mid(kWide, 3, 1), true, true, limit16, 132, 3e-2,
+                                                       "bf16 chunked vectors", false);
+  EXPECT(last_plan.k_chunk == 32 && last_plan.x_vectors);
+  check_case<__nv_bfloat16, PointwiseMath::TensorCore>(with_mid(band, 1, 2), true, true, limit16, 132, 3e-2,
+                                                       "bf16 chunked runs", false, false, true);
+  EXPECT(last_plan.k_chunk == 32 && last_plan.run_tiles);
 }
 
 // One launch of the pass as cuda/separable_backward_launch.cu makes it: a block per q.tile_pixels pixels;

@@ -45,17 +45,18 @@ auto separable_op() {
       .findSchemaOrThrow("xception_ops::separable_conv2d", "")
       .typed<SepOut(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, bool,
                     at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, c10::string_view, const OptTensor&,
-                    const OptTensor&, bool, const OptTensor&, bool, c10::string_view)>();
+                    const OptTensor&, const OptTensor&, const OptTensor&, bool, const OptTensor&, bool,
+                    c10::string_view)>();
 }
 
-using SepGrads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+using SepGrads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 auto separable_bwd_op() {
   return c10::Dispatcher::singleton()
       .findSchemaOrThrow("xception_ops::separable_conv2d_backward", "")
       .typed<SepGrads(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const Tensor&,
                       const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, bool, at::IntArrayRef,
-                      at::IntArrayRef, at::IntArrayRef, c10::string_view, const OptTensor&, const OptTensor&, bool,
-                      c10::string_view)>();
+                      at::IntArrayRef, at::IntArrayRef, c10::string_view, const OptTensor&, const OptTensor&,
+                      const OptTensor&, const OptTensor&, bool, c10::string_view)>();
 }
 
 // Depthwise convolution by its definition, in float64 loops. padding = (top, bottom, left, right).
@@ -154,8 +155,9 @@ TEST_CASE(separable_forward_matches_composition) {
   Tensor out_scale = at::rand({5}, f64()) + 0.5, out_shift = at::randn({5}, f64());
   Tensor residual = at::randn({2, 5, 7, 8}, f64());
   const std::vector<int64_t> one{1, 1}, pad{1, 1, 1, 1};
-  auto [out, sum, sumsq] = separable_op().call(x, dw, pw, in_scale, in_shift, true, one, pad, one, "elu", out_scale,
-                                               out_shift, true, residual, true, "torch");
+  auto [out, sum, sumsq] = separable_op().call(x, dw, pw, in_scale, in_shift, true, one, pad, one, "elu",
+                                               c10::nullopt, c10::nullopt, out_scale, out_shift, true, residual, true,
+                                               "torch");
   Tensor a = at::relu(x * in_scale.view({1, -1, 1, 1}) + in_shift.view({1, -1, 1, 1}));
   Tensor d = at::elu(naive_depthwise(a, dw, one, pad, one));
   Tensor y = at::einsum("nchw,kc->nkhw", {d, pw.view({5, 4})});
@@ -172,33 +174,35 @@ TEST_CASE(separable_backward_matches_finite_differences) {
   Tensor dw = at::randn({6, 1, 3, 3}, f64());
   Tensor pw = at::randn({4, 6, 1, 1}, f64());
   Tensor in_scale = at::rand({3}, f64()) + 0.5, in_shift = at::randn({3}, f64()) * 0.3;
-  auto forward = [&](const Tensor& x_, const Tensor& dw_, const Tensor& pw_, const Tensor& s_, const Tensor& b_) {
-    return separable_op().call(x_, dw_, pw_, s_, b_, true, stride, pad, dil, "relu", c10::nullopt, c10::nullopt,
-                               false, c10::nullopt, true, "torch");
+  Tensor mid_scale = at::rand({6}, f64()) + 0.5, mid_shift = at::randn({6}, f64()) * 0.3;
+  auto forward = [&](const Tensor& x_, const Tensor& dw_, const Tensor& pw_, const Tensor& s_, const Tensor& b_,
+                     const Tensor& ms_, const Tensor& mb_) {
+    return separable_op().call(x_, dw_, pw_, s_, b_, true, stride, pad, dil, "relu", ms_, mb_, c10::nullopt,
+                               c10::nullopt, false, c10::nullopt, true, "torch");
   };
-  auto [out, sum, sumsq] = forward(x, dw, pw, in_scale, in_shift);
+  auto [out, sum, sumsq] = forward(x, dw, pw, in_scale, in_shift, mid_scale, mid_shift);
   Tensor g = at::randn(out.sizes(), f64()), gs = at::randn({4}, f64()), gq = at::randn({4}, f64()) * 0.1;
   auto loss = [&](const SepOut& r) {
     return inner_product(std::get<0>(r), g) + inner_product(std::get<1>(r), gs) + inner_product(std::get<2>(r), gq);
   };
   auto grads = separable_bwd_op().call(g, gs, gq, c10::nullopt, x, dw, pw, in_scale, in_shift, true, stride, pad,
-                                       dil, "relu", c10::nullopt, c10::nullopt, false, "torch");
-  const Tensor* params[] = {&x, &dw, &pw, &in_scale, &in_shift};
+                                       dil, "relu", mid_scale, mid_shift, c10::nullopt, c10::nullopt, false, "torch");
+  const Tensor* params[] = {&x, &dw, &pw, &in_scale, &in_shift, &mid_scale, &mid_shift};
   const Tensor grad_list[] = {std::get<0>(grads), std::get<1>(grads), std::get<2>(grads), std::get<3>(grads),
-                              std::get<4>(grads)};
+                              std::get<4>(grads), std::get<5>(grads), std::get<6>(grads)};
   const double eps = 1e-6;
-  for (int i = 0; i < 5; ++i) {
+  for (int i = 0; i < 7; ++i) {
     Tensor v = at::randn(params[i]->sizes(), f64());
-    Tensor p[5] = {x, dw, pw, in_scale, in_shift};
+    Tensor p[7] = {x, dw, pw, in_scale, in_shift, mid_scale, mid_shift};
     p[i] = *params[i] + eps * v;
-    const double plus = loss(forward(p[0], p[1], p[2], p[3], p[4]));
+    const double plus = loss(forward(p[0], p[1], p[2], p[3], p[4], p[5], p[6]));
     p[i] = *params[i] - eps * v;
-    const double minus = loss(forward(p[0], p[1], p[2], p[3], p[4]));
+    const double minus = loss(forward(p[0], p[1], p[2], p[3], p[4], p[5], p[6]));
     const double numeric = (plus - minus) / (2 * eps);
     const double analytic = inner_product(grad_list[i], v);
     EXPECT_NEAR(analytic, numeric, 1e-5 * (std::abs(numeric) + 1));
   }
-  EXPECT(std::get<5>(grads).numel() == 0 && std::get<6>(grads).numel() == 0);  // no out_scale / out_shift given
+  EXPECT(std::get<7>(grads).numel() == 0 && std::get<8>(grads).numel() == 0);  // no out_scale / out_shift given
 }
 
 TEST_CASE(separable_op_is_differentiable_from_cpp) {
@@ -210,13 +214,14 @@ TEST_CASE(separable_op_is_differentiable_from_cpp) {
   Tensor in_scale = (at::rand({3}, f64()) + 0.5).requires_grad_();
   Tensor residual = at::randn({2, 4, 6, 5}, f64()).requires_grad_();
   auto [out, sum, sumsq] = separable_op().call(x, dw, pw, in_scale, c10::nullopt, true, one, pad, one, "none",
-                                               c10::nullopt, c10::nullopt, true, residual, true, "torch");
+                                               c10::nullopt, c10::nullopt, c10::nullopt, c10::nullopt, true, residual,
+                                               true, "torch");
   EXPECT(out.requires_grad() && sum.requires_grad());
   Tensor g = at::randn(out.sizes(), f64()), gs = at::randn({4}, f64());
   ((out * g).sum() + (sum * gs).sum()).backward();
   auto want = separable_bwd_op().call(g, gs, at::zeros({4}, f64()), out.detach(), x.detach(), dw.detach(),
                                       pw.detach(), in_scale.detach(), c10::nullopt, true, one, pad, one, "none",
-                                      c10::nullopt, c10::nullopt, true, "torch");
+                                      c10::nullopt, c10::nullopt, c10::nullopt, c10::nullopt, true, "torch");
   EXPECT_NEAR(max_abs_diff(x.grad(), std::get<0>(want)), 0.0, 1e-12);
   EXPECT_NEAR(max_abs_diff(dw.grad(), std::get<1>(want)), 0.0, 1e-12);
   EXPECT_NEAR(max_abs_diff(pw.grad(), std::get<2>(want)), 0.0, 1e-12);
@@ -232,7 +237,7 @@ TEST_CASE(bad_arguments_raise_value_errors_naming_them) {
   auto sep = [&](const Tensor& x_, const Tensor& dw_, const Tensor& pw_, std::vector<int64_t> p,
                  const char* backend) {
     separable_op().call(x_, dw_, pw_, c10::nullopt, c10::nullopt, false, one, p, one, "none", c10::nullopt,
-                        c10::nullopt, false, c10::nullopt, false, backend);
+                        c10::nullopt, c10::nullopt, c10::nullopt, false, c10::nullopt, false, backend);
   };
   expect_value_error([&] { sep(x[0], dw, pw, pad, "torch"); }, "x must be a 4-D tensor");
   expect_value_error([&] { sep(x, dw.slice(0, 0, 3), pw, pad, "torch"); }, "dw_weight has 3 output channels");
@@ -263,7 +268,8 @@ TEST_CASE(zero_batch_gives_empty_output) {
   Tensor pw = at::randn({2, 3, 1, 1});
   const std::vector<int64_t> one{1, 1}, pad{1, 1, 1, 1};
   auto [out, sum, sumsq] = separable_op().call(x, dw, pw, c10::nullopt, c10::nullopt, false, one, pad, one, "none",
-                                               c10::nullopt, c10::nullopt, false, c10::nullopt, true, "torch");
+                                               c10::nullopt, c10::nullopt, c10::nullopt, c10::nullopt, false,
+                                               c10::nullopt, true, "torch");
   EXPECT(out.sizes() == at::IntArrayRef({0, 2, 5, 5}));
   EXPECT(sum.numel() == 2 && sum.abs().max().item<float>() == 0.0f);
 }

@@ -211,9 +211,10 @@ TEST_CASE(pointwise_configs_parse_and_fit) {
 struct FusedCase {
   int64_t n, h, w;
   int32_t k, c_out, pad_top, pad_bottom, pad_left, pad_right;
-  int32_t mid;  // 0 none, 1 relu, 2 elu
+  int32_t mid;  // 0 none, 1 relu, 2 elu, 3 relu6
   bool prologue, scale, residual, relu, stats;
   int blocks;  // the persistent grid (fewer than the tiles: each block walks several)
+  int mid_affine = 0;  // the mid affine's vectors given: 1 mid_scale, 2 mid_shift, 3 both
 };
 
 template <typename T, int kN, int kK>
@@ -231,6 +232,9 @@ void run_fused_case(const FusedCase& c, uint32_t seed) {
   std::vector<float> in_scale(c.k), in_shift(c.k), scale(c.c_out), shift(c.c_out);
   for (int32_t i = 0; i < c.k; ++i) in_scale[i] = 0.5f + uni(rng), in_shift[i] = 0.3f * uni(rng);
   for (int32_t i = 0; i < c.c_out; ++i) scale[i] = 0.5f + uni(rng), shift[i] = uni(rng);
+  // The mid affine's K values, then NaN: a read past K would reach the output.
+  std::vector<float> mid_scale(c.k + 8, std::nanf("")), mid_shift(c.k + 8, std::nanf(""));
+  for (int32_t i = 0; i < c.k; ++i) mid_scale[i] = 1.5f + uni(rng), mid_shift[i] = 2.f * uni(rng);
 
   SeparableWgmmaParams p;
   p.x = x.data(), p.dw_weight = dw.data();
@@ -238,6 +242,8 @@ void run_fused_case(const FusedCase& c, uint32_t seed) {
   p.in_shift = c.prologue ? in_shift.data() : nullptr;
   p.in_relu = c.prologue;
   p.mid = c.mid;
+  p.mid_scale = c.mid_affine & 1 ? mid_scale.data() : nullptr;
+  p.mid_shift = c.mid_affine & 2 ? mid_shift.data() : nullptr;
   p.in_h = c.h, p.in_w = c.w, p.out_h = oh, p.out_w = ow, p.pad_top = c.pad_top, p.pad_left = c.pad_left;
   p.pw.w = pw.data(), p.pw.out = out.data();
   p.pw.residual = c.residual ? res.data() : nullptr;
@@ -256,7 +262,8 @@ void run_fused_case(const FusedCase& c, uint32_t seed) {
   emulate_launch(kernels::separable_wgmma_kernel<T, kN, kK>, dim3(blocks), dim3(kPwThreads), p);
 
   // The depthwise result as the staged form computes it: the prologue rounded, the taps in (ky, kx) order in
-  // float32, rounded; the mid activation, rounded. Then the product in float64 and the epilogue's roundings.
+  // float32, rounded; the mid affine (fmaf, rounded) and activation, rounded. Then the product in float64 and the
+  // epilogue's roundings.
   std::vector<float> mid(pixels * c.k);
   for (int64_t q = 0; q < pixels; ++q) {
     const int64_t b = q / (oh * ow), r = q / ow % oh, col = q % ow;
@@ -272,7 +279,11 @@ void run_fused_case(const FusedCase& c, uint32_t seed) {
         }
       }
       float d = round_as<T>(sum);
+      if (c.mid_affine != 0) {
+        d = round_as<T>(std::fma(d, c.mid_affine & 1 ? mid_scale[ch] : 1.f, c.mid_affine & 2 ? mid_shift[ch] : 0.f));
+      }
       if (c.mid == 1) d = std::fmax(d, 0.f);
+      if (c.mid == 3) d = std::fmin(std::fmax(d, 0.f), 6.f);
       if (c.mid == 2 && !(d > 0.f)) d = round_as<T>(std::expm1(d));
       mid[q * c.k + ch] = d;
     }
@@ -303,12 +314,17 @@ void run_fused_case(const FusedCase& c, uint32_t seed) {
 }
 
 // One partial tile (70 pixels); several tiles per block of a 2-block grid (143 and 243 pixels); padding on one side
-// only; K below a stage (24) and past 64 (72); output channels past 128 (136); every option.
+// only; K below a stage (24) and past 64 (72); output channels past 128 (136); every option; the mid affine (scale
+// only, shift only, both: K of 24 and 72 leave channels past K in the build's tile) with relu6, relu and elu.
 const FusedCase kFusedCases[] = {
     {2, 5, 7, 24, 40, 1, 1, 1, 1, 0, false, false, false, false, false, 2},
     {1, 13, 11, 64, 128, 1, 1, 1, 1, 1, true, true, true, true, true, 1},
     {3, 9, 9, 72, 136, 0, 1, 1, 0, 2, true, false, true, false, true, 2},
     {1, 15, 17, 128, 256, 1, 1, 1, 1, 0, false, true, false, true, true, 2},
+    {2, 5, 7, 24, 40, 1, 1, 1, 1, 3, true, true, false, false, true, 2, 3},
+    {3, 9, 9, 72, 136, 0, 1, 1, 0, 1, false, false, true, true, true, 2, 2},
+    {1, 13, 11, 64, 128, 1, 1, 1, 1, 2, true, true, true, true, false, 1, 1},
+    {2, 6, 9, 16, 24, 1, 1, 1, 1, 3, false, false, false, false, false, 1, 0},
 };
 
 template <typename T>
@@ -327,6 +343,13 @@ void run_fused_cases(uint32_t seed) {
 TEST_CASE(separable_wgmma_bf16) { run_fused_cases<__nv_bfloat16>(7); }
 
 TEST_CASE(separable_wgmma_fp16) { run_fused_cases<__half>(70); }
+
+TEST_CASE(separable_wgmma_builds_fit_hoppers_shared_memory) {
+  // The largest build (its four per-channel vectors included) within the 227 KB a block may opt in to on Hopper.
+  for (int n : {128, 256}) {
+    for (int k : {64, 128}) EXPECT(separable_wgmma_smem_bytes(n, k) <= 227 * 1024);
+  }
+}
 
 // ---- the pointwise weight's gradient (pointwise_wgrad_kernel) ----
 

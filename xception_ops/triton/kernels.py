@@ -13,6 +13,10 @@ Semantics are those of csrc/reference.cpp. Conventions shared by every kernel:
   writes its partial sums to its own row of a float32 workspace, and `reduce_rows_kernel` sums the rows in a
   fixed order. Results are bitwise reproducible for a given launch configuration.
 * Flags are tl.constexpr, so every option compiles away when off.
+* The separable op's mid stage: the depthwise sum d rounded to x's dtype, then, with the mid affine
+  (HAS_MID_SCALE / HAS_MID_SHIFT), pre = round(fma(d, mid_scale, mid_shift)), then the mid activation MID
+  (_mid_pre, _mid_act). Every kernel that forms it does so through these two, so the fused forward, the act
+  buffer (by taps or by rows) and the backward's recomputation agree bit for bit.
 """
 
 import triton
@@ -21,6 +25,7 @@ import triton.language as tl
 MID_NONE = 0
 MID_RELU = 1
 MID_ELU = 2
+MID_RELU6 = 3
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -111,6 +116,8 @@ def _round(v, DTYPE: tl.constexpr):
 @triton.jit
 def _prologue_params(in_scale_ptr, in_shift_ptr, ic, c_mask, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
                      BLOCK_C: tl.constexpr):
+    """A per-channel scale and shift as float32 [BLOCK_C] (1 and 0 where absent): the prologue's, indexed by input
+    channel, and the mid affine's, by depthwise channel."""
     if HAS_SCALE:
         scale = tl.load(in_scale_ptr + ic, mask=c_mask, other=1.0).to(tl.float32)
     else:
@@ -186,11 +193,27 @@ def _dw_tile(x_ptr, dw_ptr, in_scale_ptr, in_shift_ptr, n, oh, ow, p_mask, oc, c
 
 
 @triton.jit
+def _mid_pre(d, scale, shift, HAS_MID_SCALE: tl.constexpr, HAS_MID_SHIFT: tl.constexpr, DTYPE: tl.constexpr):
+    """The mid activation's input from the depthwise sum d (float32): d rounded to DTYPE and, with the mid affine,
+    round(fma(d, scale, shift)) (scale, shift: [BLOCK_C] float32 from _prologue_params). Without it, d rounded."""
+    d = _round(d, DTYPE)
+    if HAS_MID_SCALE and HAS_MID_SHIFT:
+        d = _round(tl.fma(d, scale[None, :], shift[None, :]), DTYPE)  # one rounding, as the contract's fmaf
+    elif HAS_MID_SCALE:
+        d = _round(d * scale[None, :], DTYPE)
+    elif HAS_MID_SHIFT:
+        d = _round(d + shift[None, :], DTYPE)
+    return d
+
+
+@triton.jit
 def _mid_act(d, MID: tl.constexpr):
     if MID == 1:
         d = tl.maximum(d, 0.0)
     elif MID == 2:
         d = tl.where(d > 0, d, tl.exp(d) - 1.0)
+    elif MID == 3:  # relu6
+        d = tl.minimum(tl.maximum(d, 0.0), 6.0)
     return d
 
 
@@ -209,12 +232,12 @@ def _pw_chunk(acc, mid, pw_ptr, oc, c_mask, pw_row, k_mask, spc, DOT_PREC: tl.co
 
 
 @triton.jit
-def _sep_y_tile(x_ptr, dw_ptr, pw_ptr, in_scale_ptr, in_shift_ptr, n, oh, ow, p_mask, k, k_mask,
-                C_DW, H, W, M, stride_h, stride_w, pad_t, pad_l, dil_h, dil_w,
+def _sep_y_tile(x_ptr, dw_ptr, pw_ptr, in_scale_ptr, in_shift_ptr, mid_scale_ptr, mid_shift_ptr,
+                n, oh, ow, p_mask, k, k_mask, C_DW, H, W, M, stride_h, stride_w, pad_t, pad_l, dil_h, dil_w,
                 sxn, sxc, sxh, sxw, swo, swh, sww, spk, spc,
                 KH: tl.constexpr, KW: tl.constexpr, UNROLL: tl.constexpr,
                 HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, IN_RELU: tl.constexpr, MID: tl.constexpr,
-                DOT_PREC: tl.constexpr, IDX64: tl.constexpr,
+                HAS_MID_SCALE: tl.constexpr, HAS_MID_SHIFT: tl.constexpr, DOT_PREC: tl.constexpr, IDX64: tl.constexpr,
                 BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr):
     """The pointwise result y for BLOCK_P pixels x BLOCK_K output channels: for each chunk of BLOCK_C depthwise
     channels, the depthwise tile is computed in registers and multiplied into the accumulator with tl.dot.
@@ -229,7 +252,12 @@ def _sep_y_tile(x_ptr, dw_ptr, pw_ptr, in_scale_ptr, in_shift_ptr, n, oh, ow, p_
         d = _dw_tile(x_ptr, dw_ptr, in_scale_ptr, in_shift_ptr, n, oh, ow, p_mask, oc, c_mask,
                      H, W, M, stride_h, stride_w, pad_t, pad_l, dil_h, dil_w, sxn, sxc, sxh, sxw, swo, swh, sww,
                      KH, KW, UNROLL, HAS_SCALE, HAS_SHIFT, IN_RELU, IDX64, BLOCK_P, BLOCK_C, VEC)
-        mid = _mid_act(_round(d, x_ptr.dtype.element_ty), MID)
+        m_scale, m_shift = _prologue_params(mid_scale_ptr, mid_shift_ptr, oc, c_mask, HAS_MID_SCALE, HAS_MID_SHIFT,
+                                            BLOCK_C)
+        pre = _mid_pre(d, m_scale, m_shift, HAS_MID_SCALE, HAS_MID_SHIFT, x_ptr.dtype.element_ty)
+        mid = _mid_act(pre, MID)
+        if HAS_MID_SHIFT:  # pre is the shift past the last pixel: zero there, as the staged form's masked loads
+            mid = tl.where(p_mask[:, None], mid, 0.0)
         acc = _pw_chunk(acc, mid.to(x_ptr.dtype.element_ty), pw_ptr, oc, c_mask, pw_row, k_mask, spc, DOT_PREC,
                         IDX64)
     return acc
@@ -348,12 +376,12 @@ def _row_taps(x_ptr, x_base, ih, H, iw0, w_mask, c_mask, x_col, W, sxh, sxw, sca
 
 
 @triton.jit
-def dw_rows_kernel(x_ptr, dw_ptr, bias_ptr, in_scale_ptr, in_shift_ptr, y_ptr,
+def dw_rows_kernel(x_ptr, dw_ptr, bias_ptr, in_scale_ptr, in_shift_ptr, mid_scale_ptr, mid_shift_ptr, y_ptr,
                    OH, OW, H, W, C_DW, M, pad_t, pad_l, STRIP,
                    sxn, sxc, sxh, sxw, swo, swh, sww, syn, syc, syh, syw,
                    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, IN_RELU: tl.constexpr,
-                   MID: tl.constexpr, IDX64: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
-                   VEC: tl.constexpr):
+                   MID: tl.constexpr, HAS_MID_SCALE: tl.constexpr, HAS_MID_SHIFT: tl.constexpr, IDX64: tl.constexpr,
+                   BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr):
     """The depthwise stage, 3x3 at stride 1 without dilation, by rows: one program per (image, strip of STRIP output
     rows, BLOCK_W output columns, BLOCK_C depthwise channels) walks its rows down and keeps the three input rows its
     taps read, so that each input row is loaded once per strip as three column-shifted tiles: 3 loads per output
@@ -361,7 +389,7 @@ def dw_rows_kernel(x_ptr, dw_ptr, bias_ptr, in_scale_ptr, in_shift_ptr, y_ptr,
     channels-last on the H200, session 9).
 
     Computes relu?(x * in_scale + in_shift) read as x is, the taps summed in dw_fwd_kernel's order (kernel row, then
-    column), plus the bias; with MID the depthwise sum rounded to x's dtype and the mid activation applied, as
+    column), plus the bias; with MID or the mid affine, the mid stage applied (_mid_pre, _mid_act), as
     sep_bwd_act_kernel does. Stores the result in y's dtype: bit for bit the gather kernels' values."""
     pid = tl.program_id(0)
     num_c = _cdiv(C_DW, BLOCK_C)
@@ -393,6 +421,8 @@ def dw_rows_kernel(x_ptr, dw_ptr, bias_ptr, in_scale_ptr, in_shift_ptr, y_ptr,
     w22 = tl.load(dw_ptr + w_col + 2 * swh + 2 * sww, mask=c_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         bias = tl.load(bias_ptr + oc, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    m_scale, m_shift = _prologue_params(mid_scale_ptr, mid_shift_ptr, oc, c_mask, HAS_MID_SCALE, HAS_MID_SHIFT,
+                                        BLOCK_C)
     o0 = pid_s * STRIP
     o_end = tl.minimum(o0 + STRIP, OH)
     ih0 = o0 - pad_t
@@ -416,8 +446,9 @@ def dw_rows_kernel(x_ptr, dw_ptr, bias_ptr, in_scale_ptr, in_shift_ptr, y_ptr,
         acc = acc + c2 * w22
         if HAS_BIAS:
             acc += bias
-        if MID != 0:
-            acc = _mid_act(_round(acc, x_ptr.dtype.element_ty), MID)
+        if MID != 0 or HAS_MID_SCALE or HAS_MID_SHIFT:
+            acc = _mid_act(_mid_pre(acc, m_scale, m_shift, HAS_MID_SCALE, HAS_MID_SHIFT, x_ptr.dtype.element_ty),
+                           MID)
         offs = _rows(y_base, o, ow, syh, syw, VEC)[:, None] + y_col[None, :]
         tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=store_mask)
         a0, a1, a2 = b0, b1, b2
@@ -547,37 +578,38 @@ def dw_wgrad_kernel(g_ptr, x_ptr, in_scale_ptr, in_shift_ptr, ws_ptr,
 # ------------------------------------------------------------------------------------------------ separable
 
 @triton.jit
-def sep_fwd_kernel(x_ptr, dw_ptr, pw_ptr, in_scale_ptr, in_shift_ptr, out_scale_ptr, out_shift_ptr, res_ptr,
-                   out_ptr, ws_ptr, mid_ptr,
+def sep_fwd_kernel(x_ptr, dw_ptr, pw_ptr, in_scale_ptr, in_shift_ptr, mid_scale_ptr, mid_shift_ptr, out_scale_ptr,
+                   out_shift_ptr, res_ptr, out_ptr, ws_ptr, mid_ptr,
                    Q, OHW, OW, H, W, C_DW, K, M, stride_h, stride_w, pad_t, pad_l, dil_h, dil_w,
                    sxn, sxc, sxh, sxw, swo, swh, sww, spk, spc, srn, srk, srh, srw, son, sok, soh, sow,
                    smn, smc, smh, smw,
                    KH: tl.constexpr, KW: tl.constexpr, UNROLL: tl.constexpr,
                    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, IN_RELU: tl.constexpr, MID: tl.constexpr,
+                   HAS_MID_SCALE: tl.constexpr, HAS_MID_SHIFT: tl.constexpr,
                    HAS_OSCALE: tl.constexpr, HAS_OSHIFT: tl.constexpr, HAS_RES: tl.constexpr,
                    OUT_RELU: tl.constexpr, STATS: tl.constexpr, FROM_ACT: tl.constexpr, DOT_PREC: tl.constexpr,
                    IDX64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
                    VEC: tl.constexpr):
     """Separable forward: one program per BLOCK_P output pixels x BLOCK_K output channels.
 
-    y = pw(act(dw(relu?(x * in_scale + in_shift)))), then the epilogue out = relu?(y * out_scale + out_shift +
-    residual). Fused (FROM_ACT off): the depthwise tile is computed on chip (_sep_y_tile), once per output-channel
-    tile. Staged (FROM_ACT): the act(dw) tiles are read from the buffer sep_bwd_act_kernel wrote
-    (_sep_y_from_act: the same operand and accumulation, so y is the fused form's bit for bit). With STATS, the
-    tile's per-channel partial sums of y and y^2 go to row pid_p of the workspace planes 0 and 1
-    ([2, num_pixel_tiles, K]). VEC: as in dw_fwd_kernel, over x, the act buffer, the residual and out, and both
-    channel counts."""
+    y = pw(act(dw(relu?(x * in_scale + in_shift)) * mid_scale + mid_shift)), then the epilogue
+    out = relu?(y * out_scale + out_shift + residual). Fused (FROM_ACT off): the depthwise tile is computed on
+    chip (_sep_y_tile), once per output-channel tile. Staged (FROM_ACT): the act(dw) tiles are read from the
+    buffer sep_bwd_act_kernel wrote (_sep_y_from_act: the same operand and accumulation, so y is the fused form's
+    bit for bit). With STATS, the tile's per-channel partial sums of y and y^2 go to row pid_p of the workspace
+    planes 0 and 1 ([2, num_pixel_tiles, K]). VEC: as in dw_fwd_kernel, over x, the act buffer, the residual and
+    out, and both channel counts."""
     pid_p, k, k_mask, num_p = _program_tile(K, BLOCK_K, VEC)
     n, oh, ow, p_mask = _pixels(pid_p, Q, OHW, OW, IDX64, BLOCK_P)
     if FROM_ACT:
         acc = _sep_y_from_act(mid_ptr, pw_ptr, n, oh, ow, p_mask, k, k_mask, C_DW, smn, smc, smh, smw, spk, spc,
                               DOT_PREC, IDX64, BLOCK_P, BLOCK_C, BLOCK_K, VEC)
     else:
-        acc = _sep_y_tile(x_ptr, dw_ptr, pw_ptr, in_scale_ptr, in_shift_ptr, n, oh, ow, p_mask, k, k_mask,
-                          C_DW, H, W, M, stride_h, stride_w, pad_t, pad_l, dil_h, dil_w,
+        acc = _sep_y_tile(x_ptr, dw_ptr, pw_ptr, in_scale_ptr, in_shift_ptr, mid_scale_ptr, mid_shift_ptr,
+                          n, oh, ow, p_mask, k, k_mask, C_DW, H, W, M, stride_h, stride_w, pad_t, pad_l, dil_h, dil_w,
                           sxn, sxc, sxh, sxw, swo, swh, sww, spk, spc,
-                          KH, KW, UNROLL, HAS_SCALE, HAS_SHIFT, IN_RELU, MID, DOT_PREC, IDX64,
-                          BLOCK_P, BLOCK_C, BLOCK_K, VEC)
+                          KH, KW, UNROLL, HAS_SCALE, HAS_SHIFT, IN_RELU, MID, HAS_MID_SCALE, HAS_MID_SHIFT,
+                          DOT_PREC, IDX64, BLOCK_P, BLOCK_C, BLOCK_K, VEC)
     mask = p_mask[:, None] & k_mask[None, :]
     y = tl.where(mask, _round(acc, x_ptr.dtype.element_ty), 0.0)
     if STATS:
@@ -663,20 +695,27 @@ def sep_bwd_epilogue_kernel(go_ptr, out_ptr, out_scale_ptr, gsum_ptr, gsumsq_ptr
 
 @triton.jit
 def sep_bwd_mid_kernel(go_ptr, out_ptr, out_scale_ptr, gsum_ptr,
-                       x_ptr, dw_ptr, pw_ptr, in_scale_ptr, in_shift_ptr, g_ptr,
+                       x_ptr, dw_ptr, pw_ptr, in_scale_ptr, in_shift_ptr, mid_scale_ptr, mid_shift_ptr, g_ptr, ws_ptr,
                        Q, OHW, OW, H, W, C_DW, K, M, stride_h, stride_w, pad_t, pad_l, dil_h, dil_w,
                        sxn, sxc, sxh, sxw, swo, swh, sww, spk, spc,
                        sgn, sgk, sgh, sgw, son, sok, soh, sow, sdn, sdc, sdh, sdw,
                        KH: tl.constexpr, KW: tl.constexpr, UNROLL: tl.constexpr,
                        HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, IN_RELU: tl.constexpr, MID: tl.constexpr,
+                       HAS_MID_SCALE: tl.constexpr, HAS_MID_SHIFT: tl.constexpr,
                        OUT_RELU: tl.constexpr, HAS_OSCALE: tl.constexpr, HAS_GSUM: tl.constexpr,
                        DOT_PREC: tl.constexpr, IDX64: tl.constexpr,
                        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr):
     """Separable backward, gradient of the depthwise output: one program per BLOCK_P pixels x BLOCK_C depthwise
     channels. grad_mid = grad_y @ W as tl.dot over chunks of BLOCK_K output channels (grad_y folded from
-    grad_out, or read from its materialized buffer); the mid activation's backward uses the depthwise result,
-    recomputed in registers. The result (grad of the depthwise output) is stored in x's dtype. VEC: as in
-    dw_fwd_kernel, over x, the result, grad_y's source, out, the weight and both channel counts."""
+    grad_out, or read from its materialized buffer); the mid activation's backward uses its input pre
+    (_mid_pre of the depthwise result, recomputed in registers). The result (grad of the depthwise output) is
+    stored in x's dtype. VEC: as in dw_fwd_kernel, over x, the result, grad_y's source, out, the weight and both
+    channel counts.
+
+    With the mid affine, grad_pre (act' applied, rounded to x's dtype as the reference holds the gradient of
+    pre) gives the stored grad_d = grad_pre * mid_scale, and the tile's per-channel partial sums of
+    grad_pre * d (for mid_scale) and grad_pre (for mid_shift) go to row pid_p of the workspace planes 0 and 1
+    ([2, num_pixel_tiles, C_DW]), as dw_dgrad_kernel does for in_scale / in_shift."""
     pid_p, oc, c_mask, num_p = _program_tile(C_DW, BLOCK_C, VEC)
     n, oh, ow, p_mask = _pixels(pid_p, Q, OHW, OW, IDX64, BLOCK_P)
     pw_col = _index(oc, IDX64) * spc
@@ -691,38 +730,60 @@ def sep_bwd_mid_kernel(go_ptr, out_ptr, out_scale_ptr, gsum_ptr,
             w_row = tl.multiple_of(w_row, VEC)
         w = tl.load(pw_ptr + w_row[:, None] + pw_col[None, :], mask=k_mask[:, None] & c_mask[None, :], other=0.0)
         gmid = _dot(gy.to(x_ptr.dtype.element_ty), w, gmid, DOT_PREC)
-    if MID != 0:
+    # The depthwise result is needed for act' (of pre) and for mid_scale's gradient (of d itself).
+    if MID != 0 or HAS_MID_SCALE:
         d = _dw_tile(x_ptr, dw_ptr, in_scale_ptr, in_shift_ptr, n, oh, ow, p_mask, oc, c_mask,
                      H, W, M, stride_h, stride_w, pad_t, pad_l, dil_h, dil_w, sxn, sxc, sxh, sxw, swo, swh, sww,
                      KH, KW, UNROLL, HAS_SCALE, HAS_SHIFT, IN_RELU, IDX64, BLOCK_P, BLOCK_C, VEC)
-        d = _round(d, x_ptr.dtype.element_ty)
+        d = _round(d, x_ptr.dtype.element_ty)  # (_mid_pre rounds it so first; mid_scale's gradient needs it so)
+        m_scale, m_shift = _prologue_params(mid_scale_ptr, mid_shift_ptr, oc, c_mask, HAS_MID_SCALE, HAS_MID_SHIFT,
+                                            BLOCK_C)
+        pre = _mid_pre(d, m_scale, m_shift, HAS_MID_SCALE, HAS_MID_SHIFT, x_ptr.dtype.element_ty)
         if MID == 1:
-            gmid = tl.where(d > 0, gmid, 0.0)
+            gmid = tl.where(pre > 0, gmid, 0.0)
+        elif MID == 2:
+            gmid = tl.where(pre > 0, gmid, gmid * tl.exp(tl.minimum(pre, 0.0)))
+        elif MID == 3:  # relu6: PyTorch's hardtanh passes the gradient strictly inside (0, 6)
+            gmid = tl.where((pre > 0) & (pre < 6.0), gmid, 0.0)
+    mask = p_mask[:, None] & c_mask[None, :]
+    if HAS_MID_SCALE or HAS_MID_SHIFT:
+        g_pre = tl.where(mask, _round(gmid, x_ptr.dtype.element_ty), 0.0)
+        row = pid_p.to(tl.int64) * C_DW
+        plane = num_p.to(tl.int64) * C_DW
+        if HAS_MID_SCALE:
+            tl.store(ws_ptr + row + oc, _sum(g_pre * d, axis=0), mask=c_mask)
+            gmid = g_pre * m_scale[None, :]
         else:
-            gmid = tl.where(d > 0, gmid, gmid * tl.exp(tl.minimum(d, 0.0)))
+            gmid = g_pre
+        if HAS_MID_SHIFT:
+            tl.store(ws_ptr + plane + row + oc, _sum(g_pre, axis=0), mask=c_mask)
     offs = _rows(n * sdn, oh, ow, sdh, sdw, VEC)[:, None] + (_index(oc, IDX64) * sdc)[None, :]
-    tl.store(g_ptr + offs, gmid.to(g_ptr.dtype.element_ty), mask=p_mask[:, None] & c_mask[None, :])
+    tl.store(g_ptr + offs, gmid.to(g_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def sep_bwd_act_kernel(x_ptr, dw_ptr, in_scale_ptr, in_shift_ptr, mid_ptr,
+def sep_bwd_act_kernel(x_ptr, dw_ptr, in_scale_ptr, in_shift_ptr, mid_scale_ptr, mid_shift_ptr, mid_ptr,
                        Q, OHW, OW, H, W, C_DW, M, stride_h, stride_w, pad_t, pad_l, dil_h, dil_w,
                        sxn, sxc, sxh, sxw, swo, swh, sww, smn, smc, smh, smw,
                        KH: tl.constexpr, KW: tl.constexpr, UNROLL: tl.constexpr,
                        HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, IN_RELU: tl.constexpr, MID: tl.constexpr,
-                       IDX64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr):
-    """The depthwise stage's activated result act(dw(relu?(x * in_scale + in_shift))), computed once: for the
-    staged forward (sep_fwd_kernel with FROM_ACT) and, in the backward, for y (the epilogue pass) and the
-    pointwise weight gradient: one program per BLOCK_P pixels x BLOCK_C depthwise channels.
+                       HAS_MID_SCALE: tl.constexpr, HAS_MID_SHIFT: tl.constexpr, IDX64: tl.constexpr,
+                       BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr):
+    """The depthwise stage's activated result act(dw(relu?(x * in_scale + in_shift)) * mid_scale + mid_shift),
+    computed once: for the staged forward (sep_fwd_kernel with FROM_ACT) and, in the backward, for y (the
+    epilogue pass) and the pointwise weight gradient: one program per BLOCK_P pixels x BLOCK_C depthwise channels.
     The values stored (in x's dtype) are bit for bit the operand the fused forward gives tl.dot (_sep_y_tile):
-    the depthwise sum rounded to x's dtype, the mid activation in float32, rounded again. VEC: as in
-    dw_fwd_kernel, over x, the buffer and the depthwise channels."""
+    the depthwise sum rounded to x's dtype, the mid affine rounded again (_mid_pre), the mid activation in
+    float32, rounded again. VEC: as in dw_fwd_kernel, over x, the buffer and the depthwise channels."""
     pid_p, oc, c_mask, num_p = _program_tile(C_DW, BLOCK_C, VEC)
     n, oh, ow, p_mask = _pixels(pid_p, Q, OHW, OW, IDX64, BLOCK_P)
     d = _dw_tile(x_ptr, dw_ptr, in_scale_ptr, in_shift_ptr, n, oh, ow, p_mask, oc, c_mask,
                  H, W, M, stride_h, stride_w, pad_t, pad_l, dil_h, dil_w, sxn, sxc, sxh, sxw, swo, swh, sww,
                  KH, KW, UNROLL, HAS_SCALE, HAS_SHIFT, IN_RELU, IDX64, BLOCK_P, BLOCK_C, VEC)
-    mid = _mid_act(_round(d, x_ptr.dtype.element_ty), MID).to(x_ptr.dtype.element_ty)
+    m_scale, m_shift = _prologue_params(mid_scale_ptr, mid_shift_ptr, oc, c_mask, HAS_MID_SCALE, HAS_MID_SHIFT,
+                                        BLOCK_C)
+    pre = _mid_pre(d, m_scale, m_shift, HAS_MID_SCALE, HAS_MID_SHIFT, x_ptr.dtype.element_ty)
+    mid = _mid_act(pre, MID).to(x_ptr.dtype.element_ty)
     offs = _rows(n * smn, oh, ow, smh, smw, VEC)[:, None] + (_index(oc, IDX64) * smc)[None, :]
     tl.store(mid_ptr + offs, mid.to(mid_ptr.dtype.element_ty), mask=p_mask[:, None] & c_mask[None, :])
 

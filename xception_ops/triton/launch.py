@@ -7,21 +7,22 @@ What each op launches:
 * depthwise_conv2d: dw_fwd_kernel (tile of pixels x channels, taps unrolled up to 7x7).
 * depthwise_conv2d_backward_input: dw_dgrad_kernel (gather form; deterministic).
 * depthwise_conv2d_backward_weight: dw_wgrad_kernel (per-slice partials) + reduce_rows_kernel (fixed order).
-* separable_conv2d: sep_fwd_kernel, the dw -> pw GEMM (tl.dot), with the prologue, mid activation, epilogue and
-  per-tile statistics partials; reduce_rows_kernel for the statistics. In one of two forms, both timed by the
-  autotuner (the default without timing: staged where there are several output-channel tiles):
+* separable_conv2d: sep_fwd_kernel, the dw -> pw GEMM (tl.dot), with the prologue, the mid stage (affine
+  mid_scale / mid_shift, then the mid activation), epilogue and per-tile statistics partials; reduce_rows_kernel
+  for the statistics. In one of two forms, both timed by the autotuner (the default without timing: staged where
+  there are several output-channel tiles):
   fused, the depthwise tile computed in registers by every output-channel tile (the intermediate never leaves
   the chip, but at 728 output channels and BLOCK_K = 64 the depthwise work is done 12 times over); staged,
   sep_bwd_act_kernel writes act(dw) once into a transient buffer and every output-channel tile reads its tiles
   (_sep_y_from_act: the same tl.dot operand and accumulation, so the output is the fused form's bit for bit).
 * separable_conv2d_backward, in up to five passes (the forward saves only x; what the backward needs of the
   depthwise stage it recomputes from x):
-  0. sep_bwd_act_kernel: act(dw(prologue(x))) once, rounded to x's dtype as the fused forward rounds its
-     tl.dot operand, into a transient buffer (the size of the depthwise output, x's dtype): before pass 1 when
-     that pass needs y, else before pass 2; read by both, freed before pass 3 allocates its own. (Passes 1 and
-     2 used to recompute the depthwise tile in each of their output-channel tiles: the depthwise work repeated
-     cdiv(k_out, BLOCK_K) times in each, 57% of a layer's backward in the CUDA backend's equivalent grad_pw
-     kernel on an H100.)
+  0. sep_bwd_act_kernel: act(dw(prologue(x)) * mid_scale + mid_shift) once, rounded to x's dtype as the fused
+     forward rounds its tl.dot operand, into a transient buffer (the size of the depthwise output, x's dtype):
+     before pass 1 when that pass needs y, else before pass 2; read by both, freed before pass 3 allocates its
+     own. (Passes 1 and 2 used to recompute the depthwise tile in each of their output-channel tiles: the
+     depthwise work repeated cdiv(k_out, BLOCK_K) times in each, 57% of a layer's backward in the CUDA
+     backend's equivalent grad_pw kernel on an H100.)
   1. sep_bwd_epilogue_kernel, only when out_scale / out_shift are given or grad_sumsq is: partial sums for
      their gradients, per pixel slice (the workspace, live with the buffer and grad_y, does not grow with the
      pixels); y where needed is tl.dot of the buffer and W over the forward's chunks of depthwise channels,
@@ -29,18 +30,20 @@ What each op launches:
      grad_y (output-sized, x's dtype, freed after pass 3), since grad_y then depends on y.
   2. grad_pw = grad_y^T @ act(dw): sep_bwd_pw_kernel, tl.dot of grad_y and the buffer per pixel slice, with
      grad_y's epilogue backward folded into its loads, and reduce_rows_kernel over the slices.
-  3. sep_bwd_mid_kernel: grad of the depthwise output = act'(dw) * (grad_y @ W) as tl.dot, with the
-     epilogue's backward (relu mask from `out`, out_scale, grad_sum) folded into the grad_out loads and the
-     depthwise result recomputed once for act' when there is a mid activation (not read from pass 0's buffer:
-     freed by then, and rounded after ELU); stored (the size of the depthwise output, x's dtype) for passes 4
-     and 5.
+  3. sep_bwd_mid_kernel: grad of the depthwise output = act'(pre) * (grad_y @ W) (times mid_scale) as tl.dot,
+     with the epilogue's backward (relu mask from `out`, out_scale, grad_sum) folded into the grad_out loads and
+     the depthwise result recomputed once for act' when there is a mid activation or mid_scale (not read from
+     pass 0's buffer: freed by then, and taken after the activation); stored (the size of the depthwise output,
+     x's dtype) for passes 4 and 5. With the mid affine, per-tile partial sums for the gradients of mid_scale and
+     mid_shift, reduced as pass 5's for in_scale / in_shift.
   4. dw_wgrad_kernel on the buffer of pass 3, the input going through the prologue on load -> grad_dw_weight.
   5. dw_dgrad_kernel on the same buffer, with the prologue's backward fused into its epilogue (relu mask,
      partial sums for in_scale / in_shift, times in_scale) -> grad_x.
   Every per-channel sum goes through a float32 workspace and reduce_rows_kernel: no atomics. The peak of
   transient memory: grad_y (with grad_sumsq) and one depthwise-output-sized buffer (act(dw) in passes 1-2,
   its gradient in 3), plus the float32 workspace of pass 1 or 2 (per pixel slice); pass 5's grows with the
-  pixels (per tile) but grad_y is freed by then.
+  pixels (per tile) but grad_y is freed by then; pass 3's, with the mid affine only, too (2 floats per pixel
+  tile and depthwise channel, 1/16 of the gradient buffer in 16-bit at 64-pixel tiles) while grad_y is live.
 
 * max_pool2d / max_pool2d_backward: max_pool_fwd_kernel (the argmax as one byte per output, as the cuda backend
   keeps it) and max_pool_bwd_kernel (gathered from the codes; no zero fill, no atomics).
@@ -74,7 +77,8 @@ IMPLEMENTED = frozenset({
     "max_pool2d_backward",
 })
 
-_MID = {None: kernels.MID_NONE, "none": kernels.MID_NONE, "relu": kernels.MID_RELU, "elu": kernels.MID_ELU}
+_MID = {None: kernels.MID_NONE, "none": kernels.MID_NONE, "relu": kernels.MID_RELU, "elu": kernels.MID_ELU,
+        "relu6": kernels.MID_RELU6}
 _MAX_UNROLLED_TAPS = 49  # kernels up to 7x7 have their taps unrolled; larger ones loop
 _INDEX_LIMIT = 2**30  # int32 indexing below this span; headroom for the offsets of masked (out-of-image) taps
 _REDUCE_META = dict(BLOCK_R=8, BLOCK_COLS=128, num_warps=4)
@@ -187,6 +191,12 @@ def _empty_vector(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty((0,), dtype=torch.float32)
 
 
+def _dense(*vectors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """The per-channel vectors (bias, scales, shifts) with unit stride: the kernels index them by channel alone, so
+    a strided view (w[::2]) would be read as its base."""
+    return [None if v is None else v.contiguous() for v in vectors]
+
+
 def _weight_strides(w: torch.Tensor) -> tuple[int, int, int]:
     return w.stride(0), w.stride(2), w.stride(3)
 
@@ -246,7 +256,8 @@ def _strip_rows(programs_per_row: int, rows: int, device: torch.device) -> int:
 
 def _launch_rows(cfg: Config, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  in_scale: torch.Tensor | None, in_shift: torch.Tensor | None, in_relu: bool, mid: int,
-                 y: torch.Tensor, conv: tuple, idx64: bool) -> None:
+                 mid_scale: torch.Tensor | None, mid_shift: torch.Tensor | None, y: torch.Tensor, conv: tuple,
+                 idx64: bool) -> None:
     """dw_rows_kernel into y (the depthwise forward, or the separable's act buffer) with configuration cfg."""
     n, c, h, w = (int(v) for v in x.shape)
     cm, oh, ow = int(y.shape[1]), int(y.shape[2]), int(y.shape[3])
@@ -254,10 +265,12 @@ def _launch_rows(cfg: Config, x: torch.Tensor, weight: torch.Tensor, bias: torch
     strip = _strip_rows(n * num_w * num_c, oh, x.device)
     grid = (n * triton.cdiv(oh, strip) * num_w * num_c,)
     _kernels().dw_rows_kernel[grid](
-        x, weight, _or(bias, weight), _or(in_scale, weight), _or(in_shift, weight), y,
+        x, weight, _or(bias, weight), _or(in_scale, weight), _or(in_shift, weight), _or(mid_scale, weight),
+        _or(mid_shift, weight), y,
         oh, ow, h, w, cm, cm // c, conv[2], conv[3], strip, *x.stride(), *_weight_strides(weight), *y.stride(),
         HAS_BIAS=bias is not None, HAS_SCALE=in_scale is not None, HAS_SHIFT=in_shift is not None,
-        IN_RELU=bool(in_relu), MID=mid, IDX64=idx64, BLOCK_W=cfg.BLOCK_P, BLOCK_C=cfg.BLOCK_C,
+        IN_RELU=bool(in_relu), MID=mid, HAS_MID_SCALE=mid_scale is not None, HAS_MID_SHIFT=mid_shift is not None,
+        IDX64=idx64, BLOCK_W=cfg.BLOCK_P, BLOCK_C=cfg.BLOCK_C,
         VEC=_row_vector([x, y], [cm]), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
@@ -265,6 +278,7 @@ def _launch_rows(cfg: Config, x: torch.Tensor, weight: torch.Tensor, bias: torch
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: Sequence[int],
                      padding: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:
     _check_device(x)
+    (bias,) = _dense(bias)
     n, c, h, w, cm, kh, kw, oh, ow, conv = _geometry(x.shape, weight.shape, stride, padding, dilation)
     y = torch.empty((n, cm, oh, ow), dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
     q = n * oh * ow
@@ -275,7 +289,7 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
     def run(cfg: Config) -> None:
         if cfg.rows:
-            _launch_rows(cfg, x, weight, bias, None, None, False, kernels.MID_NONE, y, conv, idx64)
+            _launch_rows(cfg, x, weight, bias, None, None, False, kernels.MID_NONE, None, None, y, conv, idx64)
             return
         grid = (triton.cdiv(q, cfg.BLOCK_P) * triton.cdiv(cm, cfg.BLOCK_C),)
         K.dw_fwd_kernel[grid](
@@ -403,10 +417,12 @@ def _forward_forms(k_out: int, cfg: Config) -> list[Config]:
 
 
 def _act_buffer(x: torch.Tensor, dw_weight: torch.Tensor, in_scale: torch.Tensor | None,
-                in_shift: torch.Tensor | None, in_relu: bool, mid: int, conv: tuple, kh: int, kw: int, oh: int,
-                ow: int, idx64: bool) -> torch.Tensor:
-    """act(dw(prologue(x))) in x's dtype and memory format (sep_bwd_act_kernel): the tl.dot operand of the fused
-    forward bit for bit, whatever the launch configuration (each element is its own taps' sum, in tap order)."""
+                in_shift: torch.Tensor | None, in_relu: bool, mid: int, mid_scale: torch.Tensor | None,
+                mid_shift: torch.Tensor | None, conv: tuple, kh: int, kw: int, oh: int, ow: int,
+                idx64: bool) -> torch.Tensor:
+    """act(dw(prologue(x)) * mid_scale + mid_shift) in x's dtype and memory format (sep_bwd_act_kernel): the
+    tl.dot operand of the fused forward bit for bit, whatever the launch configuration (each element is its own
+    taps' sum, in tap order)."""
     K = _kernels()
     n, c = int(x.shape[0]), int(x.shape[1])
     cm = int(dw_weight.shape[0])
@@ -417,17 +433,20 @@ def _act_buffer(x: torch.Tensor, dw_weight: torch.Tensor, in_scale: torch.Tensor
 
     def run_act(cfg: Config) -> None:
         if cfg.rows:
-            _launch_rows(cfg, x, dw_weight, None, in_scale, in_shift, in_relu, mid, buf, conv, idx64)
+            _launch_rows(cfg, x, dw_weight, None, in_scale, in_shift, in_relu, mid, mid_scale, mid_shift, buf, conv,
+                         idx64)
             return
         grid = (triton.cdiv(q, cfg.BLOCK_P) * triton.cdiv(cm, cfg.BLOCK_C),)
         K.sep_bwd_act_kernel[grid](
-            x, dw_weight, _or(in_scale, dummy), _or(in_shift, dummy), buf,
+            x, dw_weight, _or(in_scale, dummy), _or(in_shift, dummy), _or(mid_scale, dummy), _or(mid_shift, dummy),
+            buf,
             q, oh * ow, ow, h, w, cm, cm // c, *conv, *x.stride(), *_weight_strides(dw_weight), *buf.stride(),
             KH=kh, KW=kw, UNROLL=_unroll(kh, kw), HAS_SCALE=in_scale is not None, HAS_SHIFT=in_shift is not None,
-            IN_RELU=bool(in_relu), MID=mid, IDX64=idx64, VEC=_row_vector([x, buf], [cm]), **cfg.meta(False))
+            IN_RELU=bool(in_relu), MID=mid, HAS_MID_SCALE=mid_scale is not None,
+            HAS_MID_SHIFT=mid_shift is not None, IDX64=idx64, VEC=_row_vector([x, buf], [cm]), **cfg.meta(False))
 
-    key = _key(x, dw_weight, conv, in_scale is not None, in_shift is not None, in_relu, mid,
-               os.environ.get(DEPTHWISE_ENV, ""))
+    key = _key(x, dw_weight, conv, in_scale is not None, in_shift is not None, in_relu, mid, mid_scale is not None,
+               mid_shift is not None, os.environ.get(DEPTHWISE_ENV, ""))
     run_act(autotune.choose("sep_act", key, _depthwise_forms(x, kh, kw, conv), run_act))
     return buf
 
@@ -436,10 +455,13 @@ def _act_buffer(x: torch.Tensor, dw_weight: torch.Tensor, in_scale: torch.Tensor
 def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.Tensor,
                      in_scale: torch.Tensor | None, in_shift: torch.Tensor | None, in_relu: bool,
                      stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], mid_activation: str,
+                     mid_scale: torch.Tensor | None, mid_shift: torch.Tensor | None,
                      out_scale: torch.Tensor | None, out_shift: torch.Tensor | None, out_relu: bool,
                      residual: torch.Tensor | None, compute_stats: bool
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_device(x)
+    in_scale, in_shift, mid_scale, mid_shift, out_scale, out_shift = _dense(
+        in_scale, in_shift, mid_scale, mid_shift, out_scale, out_shift)
     n, c, h, w, cm, kh, kw, oh, ow, conv = _geometry(x.shape, dw_weight.shape, stride, padding, dilation)
     k_out = int(pw_weight.shape[0])
     out = torch.empty((n, k_out, oh, ow), dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
@@ -465,16 +487,18 @@ def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.
         grid = (tiles * triton.cdiv(k_out, cfg.BLOCK_K),)
         ws = torch.empty((2, tiles, k_out), dtype=torch.float32, device=x.device) if compute_stats else dummy
         # Staged: the depthwise stage once, into a transient buffer freed when this returns.
-        act = _act_buffer(x, dw_weight, in_scale, in_shift, in_relu, mid, conv, kh, kw, oh, ow, idx64) if cfg.staged \
-            else None
+        act = _act_buffer(x, dw_weight, in_scale, in_shift, in_relu, mid, mid_scale, mid_shift, conv, kh, kw, oh, ow,
+                          idx64) if cfg.staged else None
         K.sep_fwd_kernel[grid](
-            x, dw_weight, pw_weight, _or(in_scale, dummy), _or(in_shift, dummy), _or(out_scale, dummy),
-            _or(out_shift, dummy), _or(residual, dummy), out, ws, _or(act, dummy),
+            x, dw_weight, pw_weight, _or(in_scale, dummy), _or(in_shift, dummy), _or(mid_scale, dummy),
+            _or(mid_shift, dummy), _or(out_scale, dummy), _or(out_shift, dummy), _or(residual, dummy), out, ws,
+            _or(act, dummy),
             q, oh * ow, ow, h, w, cm, k_out, cm // c, *conv,
             *x.stride(), *_weight_strides(dw_weight), pw_weight.stride(0), pw_weight.stride(1), *res_strides,
             *out.stride(), *(act.stride() if act is not None else (0, 0, 0, 0)),
             KH=kh, KW=kw, UNROLL=_unroll(kh, kw), HAS_SCALE=in_scale is not None, HAS_SHIFT=in_shift is not None,
-            IN_RELU=bool(in_relu), MID=mid, HAS_OSCALE=out_scale is not None, HAS_OSHIFT=out_shift is not None,
+            IN_RELU=bool(in_relu), MID=mid, HAS_MID_SCALE=mid_scale is not None,
+            HAS_MID_SHIFT=mid_shift is not None, HAS_OSCALE=out_scale is not None, HAS_OSHIFT=out_shift is not None,
             HAS_RES=residual is not None, OUT_RELU=bool(out_relu), STATS=bool(compute_stats),
             FROM_ACT=cfg.staged, DOT_PREC=_dot_precision(x.dtype), IDX64=idx64,
             VEC=_row_vector([x, out, residual, act, pw_weight], [cm, k_out]), **cfg.meta(True))
@@ -483,8 +507,8 @@ def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.
             _reduce_rows(ws[1], total_sq)
 
     key = _key(x, dw_weight, pw_weight, residual, conv, in_scale is not None, in_shift is not None, in_relu, mid,
-               out_scale is not None, out_shift is not None, out_relu, compute_stats, _dot_precision(x.dtype),
-               os.environ.get(FORWARD_ENV, ""))
+               mid_scale is not None, mid_shift is not None, out_scale is not None, out_shift is not None, out_relu,
+               compute_stats, _dot_precision(x.dtype), os.environ.get(FORWARD_ENV, ""))
     # Each launch configuration in both forms: the autotuner times them all, and without timing (interpreter,
     # XCEPTION_OPS_TRITON_AUTOTUNE=0) the first configuration runs in its default form.
     candidates = [form for cfg in autotune.gemm_configs(x.dtype) for form in _forward_forms(k_out, cfg)]
@@ -502,8 +526,13 @@ def separable_conv2d_backward(grad_out: torch.Tensor, grad_sum: torch.Tensor | N
                               dw_weight: torch.Tensor, pw_weight: torch.Tensor, in_scale: torch.Tensor | None,
                               in_shift: torch.Tensor | None, in_relu: bool, stride: Sequence[int],
                               padding: Sequence[int], dilation: Sequence[int], mid_activation: str,
+                              mid_scale: torch.Tensor | None, mid_shift: torch.Tensor | None,
                               out_scale: torch.Tensor | None, out_shift: torch.Tensor | None, out_relu: bool):
+    """The 9 gradients: (x, dw_weight, pw_weight, in_scale, in_shift, mid_scale, mid_shift, out_scale, out_shift),
+    each vector's in its dtype, an empty float32 tensor where that vector is absent."""
     _check_device(x)
+    in_scale, in_shift, mid_scale, mid_shift, out_scale, out_shift, grad_sum, grad_sumsq = _dense(
+        in_scale, in_shift, mid_scale, mid_shift, out_scale, out_shift, grad_sum, grad_sumsq)
     n, c, h, w, cm, kh, kw, oh, ow, conv = _geometry(x.shape, dw_weight.shape, stride, padding, dilation)
     k_out = int(pw_weight.shape[0])
     dev = x.device
@@ -516,8 +545,9 @@ def separable_conv2d_backward(grad_out: torch.Tensor, grad_sum: torch.Tensor | N
         return _empty_vector(x) if p is None else torch.empty(p.shape, dtype=p.dtype, device=dev)
 
     g_in_scale, g_in_shift = vector_grad(in_scale), vector_grad(in_shift)
+    g_mid_scale, g_mid_shift = vector_grad(mid_scale), vector_grad(mid_shift)
     g_out_scale, g_out_shift = vector_grad(out_scale), vector_grad(out_shift)
-    result = (grad_x, grad_dw, grad_pw, g_in_scale, g_in_shift, g_out_scale, g_out_shift)
+    result = (grad_x, grad_dw, grad_pw, g_in_scale, g_in_shift, g_mid_scale, g_mid_shift, g_out_scale, g_out_shift)
     q = n * oh * ow
     if q == 0:
         for t in result[1:]:
@@ -541,13 +571,14 @@ def separable_conv2d_backward(grad_out: torch.Tensor, grad_sum: torch.Tensor | N
     x_args = (*x.stride(), *_weight_strides(dw_weight), pw_weight.stride(0), pw_weight.stride(1))
     out_strides = out.stride() if out is not None else (0, 0, 0, 0)
     base_key = _key(x, dw_weight, pw_weight, grad_out, conv, in_scale is not None, in_shift is not None, in_relu,
-                    mid, out_relu, prec)
+                    mid, mid_scale is not None, mid_shift is not None, out_relu, prec)
 
-    # The depthwise stage's activated result act(dw(prologue(x))), x's dtype, laid out as grad_x will be: the
-    # tl.dot operand of the fused forward, computed once into a transient buffer and read by pass 1 (to form y)
-    # and pass 2 (grad_pw) instead of being recomputed in every output-channel tile of theirs.
+    # The depthwise stage's activated result act(dw(prologue(x)) * mid_scale + mid_shift), x's dtype, laid out as
+    # grad_x will be: the tl.dot operand of the fused forward, computed once into a transient buffer and read by
+    # pass 1 (to form y) and pass 2 (grad_pw) instead of being recomputed in every output-channel tile of theirs.
     def act_buffer() -> torch.Tensor:
-        return _act_buffer(x, dw_weight, in_scale, in_shift, in_relu, mid, conv, kh, kw, oh, ow, idx64)
+        return _act_buffer(x, dw_weight, in_scale, in_shift, in_relu, mid, mid_scale, mid_shift, conv, kh, kw, oh, ow,
+                           idx64)
 
     # 1. Epilogue: gradients of out_scale / out_shift, and grad_y itself when it depends on y (grad_sumsq). y is
     # formed from the act buffer, so the buffer comes first: it and grad_y are then live together, as they are
@@ -618,12 +649,22 @@ def separable_conv2d_backward(grad_out: torch.Tensor, grad_sum: torch.Tensor | N
     # 3. grad of the depthwise output (materialized, x's dtype).
     g_dw_out = torch.empty((n, cm, oh, ow), dtype=dtype, device=dev, memory_format=fmt)
 
+    mid_affine = mid_scale is not None or mid_shift is not None
+
     def run_mid(cfg: Config) -> None:
-        grid = (triton.cdiv(q, cfg.BLOCK_P) * triton.cdiv(cm, cfg.BLOCK_C),)
+        tiles = triton.cdiv(q, cfg.BLOCK_P)
+        grid = (tiles * triton.cdiv(cm, cfg.BLOCK_C),)
+        # Per-tile partial sums for mid_scale / mid_shift's gradients (planes 0 and 1), reduced in a fixed order.
+        ws = torch.empty((2, tiles, cm), dtype=torch.float32, device=dev) if mid_affine else dummy
         K.sep_bwd_mid_kernel[grid](
-            *gy_src[:4], x, dw_weight, pw_weight, _or(in_scale, dummy), _or(in_shift, dummy), g_dw_out,
-            *geo, *x_args, *gy_src[4:], *g_dw_out.stride(), **gy_flags, **flags_in,
+            *gy_src[:4], x, dw_weight, pw_weight, _or(in_scale, dummy), _or(in_shift, dummy), _or(mid_scale, dummy),
+            _or(mid_shift, dummy), g_dw_out, ws, *geo, *x_args, *gy_src[4:], *g_dw_out.stride(), **gy_flags,
+            **flags_in, HAS_MID_SCALE=mid_scale is not None, HAS_MID_SHIFT=mid_shift is not None,
             VEC=_row_vector([x, g_dw_out, *gy_src[:2], pw_weight], [cm, k_out]), **cfg.meta(True))
+        if mid_scale is not None:
+            _reduce_rows(ws[0], g_mid_scale)
+        if mid_shift is not None:
+            _reduce_rows(ws[1], g_mid_shift)
 
     run_mid(autotune.choose("sep_bwd_mid", src_key, autotune.gemm_configs(dtype), run_mid))
     del gy_src, gy_buf  # grad_y is no longer needed: freed before passes 4 and 5 allocate their workspaces
