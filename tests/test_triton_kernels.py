@@ -585,12 +585,7 @@ def test_mid_affine_staged_forward_is_the_fused_forward_bit_for_bit(monkeypatch,
     """The act buffer applies the mid affine as the fused form does (18 output channels: several tiles; 20
     depthwise channels: several chunks)."""
     x, t, f, _ = separable_inputs(SEPARABLE_SHAPES[3], opts, torch.float32, layout)
-    results = {}
-    for form in ("fused", "staged"):
-        monkeypatch.setenv(launch.FORWARD_ENV, form)
-        results[form] = call_forward(launch.separable_conv2d, x, t, f)
-    for fused, staged in zip(results["fused"], results["staged"]):
-        assert torch.equal(fused, staged)
+    forward_in_both_forms(monkeypatch, x, t, f)
 
 
 def test_channel_vectors_may_be_strided_views():
@@ -717,13 +712,19 @@ def test_staged_forward_is_the_fused_forward_bit_for_bit(monkeypatch, shape, opt
     The fused form is the one checked against float64 above (one output-channel tile at these sizes, except the
     last shape's 18 output channels, which the default runs staged)."""
     x, t, f, _ = separable_inputs(shape, opts, torch.float32, layout)
+    staged = forward_in_both_forms(monkeypatch, x, t, f)
+    assert staged[0].is_contiguous(memory_format=expected_format(layout))
+
+
+def forward_in_both_forms(monkeypatch, x, t, f):
+    """The forward's outputs in the fused and the staged form, asserted equal bit for bit; returns the staged."""
     results = {}
     for form in ("fused", "staged"):
         monkeypatch.setenv(launch.FORWARD_ENV, form)
         results[form] = call_forward(launch.separable_conv2d, x, t, f)
     for fused, staged in zip(results["fused"], results["staged"]):
         assert torch.equal(fused, staged)
-    assert results["staged"][0].is_contiguous(memory_format=expected_format(layout))
+    return results["staged"]
 
 
 # The depthwise stage by rows (dw_rows_kernel: 3x3 at stride 1 without dilation), which the autotuner times against
