@@ -15,8 +15,17 @@ namespace xception_ops::cuda {
 // The forward and the weight gradient can read x through a prologue, relu?(x * in_scale + in_shift) rounded to
 // the dtype (float32 CUDA vectors, nullptr for none): the separable backward's recompute, only where
 // depthwise_prologue_ok (kernels/depthwise_params.h) holds, else the launch fails.
+// The forward can also apply the separable op's mid stage as it stores (DepthwiseParams::mid; kernels::mid_value):
+// y = act(round(fmaf(d, scale, shift))) with d rounded (act(d) without either vector), scale and shift float32 CUDA
+// vectors of dw_channels (nullptr: none), on every forward kernel. Only the separable stage (depthwise_stage) sets it; the public op never does.
+struct DepthwiseMid {
+  MidActivation mid = MidActivation::None;
+  const float* scale = nullptr;
+  const float* shift = nullptr;
+};
 Tensor depthwise_conv2d(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Conv2dGeometry& g,
-                        const float* in_scale = nullptr, const float* in_shift = nullptr, bool in_relu = false);
+                        const float* in_scale = nullptr, const float* in_shift = nullptr, bool in_relu = false,
+                        const DepthwiseMid& mid = DepthwiseMid());
 Tensor depthwise_conv2d_backward_input(const Tensor& grad_out, const Tensor& weight, const Conv2dGeometry& g,
                                        at::MemoryFormat fmt);
 // The input gradient of a depthwise stage that read relu?(x * in_scale + in_shift) (rounded to the dtype), taken
@@ -51,7 +60,10 @@ std::tuple<Tensor, Tensor, Tensor> separable_conv2d(const Tensor& x, const Tenso
 
 // The depthwise stage of a separable conv, mid(dw(prologue(x))), in the dtype and x's memory format `fmt`, as the
 // staged forward and the backward compute it: the depthwise kernels apply the prologue as they read x where they
-// can (depthwise_prologue_ok), else it is written out once for them first.
+// can (depthwise_prologue_ok), else it is written out once for them first. With `need_d` (the backward: the masks
+// and mid_scale's gradient read d) the depthwise kernels write d and the mid stage follows in passes of its own
+// (mid_affine, mid_activation); without it (the staged forward) they apply the mid stage as they store and write
+// mid alone, in one pass, and d is left undefined.
 struct DepthwiseStage {
   Tensor input;                       // what the depthwise kernels read: x, or the prologue written out
   const float* load_scale = nullptr;  // the prologue they apply on load (none: nullptr, nullptr, false)
@@ -60,11 +72,11 @@ struct DepthwiseStage {
   const float* in_scale = nullptr;    // the prologue's float32 vectors (nullptr where absent), kept alive by `keep`
   const float* in_shift = nullptr;
   Tensor keep[2];
-  Tensor d;    // the depthwise result, rounded to the dtype
+  Tensor d;    // the depthwise result, rounded to the dtype (undefined without need_d)
   Tensor mid;  // the mid stage on d: its affine, then its activation, rounded (d itself without either)
 };
 DepthwiseStage depthwise_stage(const Tensor& x, const Tensor& dw_weight, const SeparableOptions& opt,
-                               const Conv2dGeometry& g, at::MemoryFormat fmt);
+                               const Conv2dGeometry& g, at::MemoryFormat fmt, bool need_d);
 // The mid stage's two halves, as the kernels compute them (kernels::mid_value), on an (N, dw_channels, OH, OW)
 // tensor d in the dtype (geometry g): mid_affine, relu?(round(fmaf(d, scale, shift))) per channel in float32 (an
 // absent vector 1 or 0), in `fmt`, on one elementwise kernel (errors name `op`); d itself, or relu(d), without

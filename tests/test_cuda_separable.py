@@ -348,12 +348,16 @@ VARIANT_CASES = ("(low_precision and 40x70) or xception_shapes or repeatable_bit
 # The staged form's products forced either way differ from the default only in fp16 / bf16 channels_last.
 STAGED_CASES = ("(low_precision and channels_last) or xception_shapes or repeatable_bitwise or graph or more_channels"
                 " or (mid_affine_forward and channels_last)")
+# The staged form forced (None: the variable unset in the subprocess, whatever this process has), so that its
+# depthwise kernels' mid stage (applied as they store mid, DepthwiseParams::mid) runs in every layout and dtype
+# even where this process runs with XCEPTION_OPS_SEPARABLE_FORWARD=fused.
+STAGED = {"XCEPTION_OPS_SEPARABLE_FORWARD": None}
 
 
 @pytest.mark.parametrize("env,cases", [
     (FUSED, FUSED_CASES),
-    ({"XCEPTION_OPS_SEPARABLE_STAGED_GEMM": "cublas"}, STAGED_CASES),
-    ({"XCEPTION_OPS_SEPARABLE_STAGED_GEMM": "fused"}, STAGED_CASES),
+    ({**STAGED, "XCEPTION_OPS_SEPARABLE_STAGED_GEMM": "cublas"}, STAGED_CASES + " or mid_affine_forward"),
+    ({**STAGED, "XCEPTION_OPS_SEPARABLE_STAGED_GEMM": "fused"}, STAGED_CASES),
     ({"XCEPTION_OPS_SEPARABLE_STAGED_GEMM": "wgmma"}, STAGED_CASES + " or (backward and channels_last)"),
     ({"XCEPTION_OPS_SEPARABLE_FORWARD": "wgmma"}, STAGED_CASES + " or (backward and channels_last)"),
     ({**FUSED, "XCEPTION_OPS_SEPARABLE_GEMM": "wmma"}, VARIANT_CASES),
@@ -365,7 +369,8 @@ def test_implementations_kept_for_comparison(env, cases):
     """The forward's other implementations, selected by environment variables (read when the library loads, hence
     a fresh process; the default is the staged form, its product on the fused kernel's GEMM up to 128 channels):
     the fused kernel passes this file's forward checks; the staged form with its product on cuBLAS everywhere, or
-    on the fused kernel's GEMM everywhere it applies, those in fp16 / bf16 channels_last; the fused kernel's
+    on the fused kernel's GEMM everywhere it applies, those in fp16 / bf16 channels_last (and on cuBLAS the mid affine
+    forward in every layout and dtype: the depthwise kernels' mid stage on their stores); the fused kernel's
     variants a subset."""
     import os
     import subprocess
@@ -375,7 +380,8 @@ def test_implementations_kept_for_comparison(env, cases):
     root = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).relative_to(root)),
            "-k", cases]
-    done = subprocess.run(cmd, cwd=root, env={**os.environ, **env}, capture_output=True, text=True, timeout=900)
+    env = {k: v for k, v in {**os.environ, **env}.items() if v is not None}  # None: unset
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert " passed" in done.stdout
 

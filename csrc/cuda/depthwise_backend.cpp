@@ -43,7 +43,7 @@ DepthwiseParams backward_input_params(const Tensor& grad_x, const Tensor& grad_o
 }  // namespace
 
 Tensor depthwise_conv2d(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Conv2dGeometry& g,
-                        const float* in_scale, const float* in_shift, bool in_relu) {
+                        const float* in_scale, const float* in_shift, bool in_relu, const DepthwiseMid& mid) {
   XO_CHECK_VALUE(x.is_cuda(), kForward, ": backend 'cuda' needs CUDA tensors, but x is on ", x.device());
   const DType dtype = kernel_dtype(kForward, x);
   check_operand(kForward, "dw_weight", weight, x, "x");
@@ -73,6 +73,8 @@ Tensor depthwise_conv2d(const Tensor& x, const Tensor& weight, const OptTensor& 
   p.channels_last = is_channels_last(fmt);
   p.use_int32 = depthwise_fits_int32(p);
   p.prologue.scale = in_scale, p.prologue.shift = in_shift, p.prologue.relu = in_relu;
+  p.mid = static_cast<int32_t>(mid.mid);  // MidActivation's values are the kernels' codes
+  p.mid_scale = mid.scale, p.mid_shift = mid.shift;
   check_launch(kForward, launch_depthwise_forward(p, dtype, c10::cuda::getCurrentCUDAStream()));
   return y;
 }

@@ -92,6 +92,18 @@ cudaError_t launch_strips(const DepthwiseParams& p, int64_t rows, int64_t w, cud
   const StripPlan plan = strip_plan(p, rows, w, static_cast<int>(sizeof(T)), kCL);
   const int64_t strip_rows = plan.strip_rows, threads = plan.items * plan.groups;
   const dim3 grid(static_cast<unsigned int>((threads + kDepthwiseStripThreads - 1) / kDepthwiseStripThreads));
+  if constexpr (!kGrad) {  // the forward's mid stage on its stores: the kMid instantiations
+    if (p.mid_active()) {
+      if (p.prologue.active()) {
+        kernels::depthwise_strip_kernel<T, idx_t, V, R, false, true, kCL, true>
+            <<<grid, dim3(kDepthwiseStripThreads), 0, stream>>>(p, static_cast<int>(strip_rows));
+      } else {
+        kernels::depthwise_strip_kernel<T, idx_t, V, R, false, false, kCL, true>
+            <<<grid, dim3(kDepthwiseStripThreads), 0, stream>>>(p, static_cast<int>(strip_rows));
+      }
+      return cudaGetLastError();
+    }
+  }
   // The forward with a prologue on x's loads; the input gradient with the prologue's backward on its stores.
   if (kGrad ? p.prologue.backward() : p.prologue.active()) {
     kernels::depthwise_strip_kernel<T, idx_t, V, R, kGrad, true, kCL>
@@ -115,7 +127,15 @@ cudaError_t forward_for_layout(const DepthwiseParams& p, cudaStream_t stream) {
   if (vectors) {
     // A run's shared input columns at compile-time stride 1 or 2 without horizontal dilation; any other, tap by tap.
     const dim3 grid(vector_blocks(g.batch * g.out_h, g.out_w, g.dw_channels()));
-    if (g.dilation_w == 1 && g.stride_w == 1) {
+    if (p.mid_active()) {  // the mid stage on the stores: its own instantiations
+      if (g.dilation_w == 1 && g.stride_w == 1) {
+        kernels::depthwise_forward_vector_kernel<T, idx_t, kDepthwiseVec, 1, true><<<grid, block, 0, stream>>>(p);
+      } else if (g.dilation_w == 1 && g.stride_w == 2) {
+        kernels::depthwise_forward_vector_kernel<T, idx_t, kDepthwiseVec, 2, true><<<grid, block, 0, stream>>>(p);
+      } else {
+        kernels::depthwise_forward_vector_kernel<T, idx_t, kDepthwiseVec, 0, true><<<grid, block, 0, stream>>>(p);
+      }
+    } else if (g.dilation_w == 1 && g.stride_w == 1) {
       kernels::depthwise_forward_vector_kernel<T, idx_t, kDepthwiseVec, 1><<<grid, block, 0, stream>>>(p);
     } else if (g.dilation_w == 1 && g.stride_w == 2) {
       kernels::depthwise_forward_vector_kernel<T, idx_t, kDepthwiseVec, 2><<<grid, block, 0, stream>>>(p);
@@ -124,6 +144,7 @@ cudaError_t forward_for_layout(const DepthwiseParams& p, cudaStream_t stream) {
     }
     return cudaGetLastError();
   }
+  // The scalar kernels apply the mid stage (if any) behind a runtime branch.
   const dim3 grid(elementwise_blocks(g.batch * g.dw_channels() * g.out_h * g.out_w));
   if (is_3x3(g) && has_stride(g, 1)) {
     depthwise_forward_kernel<T, idx_t, kCL, 3, 3, 1, 1><<<grid, block, 0, stream>>>(p);
@@ -296,6 +317,7 @@ cudaError_t launch_depthwise_forward(const DepthwiseParams& p, DType dtype, cuda
 
 cudaError_t launch_depthwise_backward_input(const DepthwiseParams& p, DType dtype, cudaStream_t stream) {
   const Conv2dGeometry& g = p.g;
+  if (p.mid_active()) return cudaErrorInvalidValue;  // the mid stage is the forward's; no gradient kernel applies it
   if (g.batch * g.in_channels * g.in_h * g.in_w == 0) return cudaSuccess;
   switch (dtype) {
     case DType::Float32: return depthwise_backward_input_dtype<float>(p, stream);
@@ -314,6 +336,7 @@ int64_t depthwise_dgrad_prologue_rows(const DepthwiseParams& p, DType dtype) {
 cudaError_t launch_depthwise_backward_weight(const DepthwiseParams& p, DType dtype, void* workspace,
                                              size_t workspace_bytes, cudaStream_t stream) {
   const Conv2dGeometry& g = p.g;
+  if (p.mid_active()) return cudaErrorInvalidValue;  // the mid stage is the forward's; no gradient kernel applies it
   if (g.dw_channels() * g.kernel_h * g.kernel_w == 0) return cudaSuccess;
   // An empty reduction (no positions) still writes zeros: pass 1 leaves every partial at 0.
   const int dtype_bytes = dtype == DType::Float32 ? 4 : 2;

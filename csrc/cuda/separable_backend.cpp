@@ -230,7 +230,8 @@ std::tuple<Tensor, Tensor, Tensor> staged_forward(const Tensor& x, const Tensor&
   const PointwiseMath math = separable_math(dtype, caps.major, cudnn_allows_tf32());
   Tensor y;
   {
-    const DepthwiseStage stage = depthwise_stage(x, dw_weight, opt, g, fmt);
+    // mid only (no d): the depthwise kernels apply the mid stage as they store it.
+    const DepthwiseStage stage = depthwise_stage(x, dw_weight, opt, g, fmt, /*need_d=*/false);
     if (wgmma_gemm_requested() && pointwise_wgmma_available(caps.major, caps.minor) &&
         math == PointwiseMath::TensorCore && fmt == at::MemoryFormat::ChannelsLast &&
         stage.mid.is_contiguous(at::MemoryFormat::ChannelsLast) && pixels > 0) {
@@ -312,7 +313,7 @@ PointwiseGemmConfig wgmma_gemm_config(const char* op) {
 }
 
 DepthwiseStage depthwise_stage(const Tensor& x, const Tensor& dw_weight, const SeparableOptions& opt,
-                               const Conv2dGeometry& g, at::MemoryFormat fmt) {
+                               const Conv2dGeometry& g, at::MemoryFormat fmt, bool need_d) {
   DepthwiseStage s;
   Conv2dGeometry gd = g;
   gd.out_channels = g.dw_channels();
@@ -335,6 +336,18 @@ DepthwiseStage depthwise_stage(const Tensor& x, const Tensor& dw_weight, const S
     s.load_scale = s.in_scale;
     s.load_shift = s.in_shift;
     s.load_relu = opt.in_relu;
+  }
+  if (!need_d) {
+    // The mid stage applied by the depthwise kernels as they store (DepthwiseParams::mid: kernels::mid_value), so
+    // mid is written in one pass where d, the affine's pass and the activation's took three. The float32 copies in
+    // keep_mid may go after the launch: the stream orders their reuse after the kernel.
+    Tensor keep_mid[2];
+    DepthwiseMid m;
+    m.mid = opt.mid;
+    m.scale = float_vector(opt.mid_scale, keep_mid[0]);
+    m.shift = float_vector(opt.mid_shift, keep_mid[1]);
+    s.mid = depthwise_conv2d(s.input, dw_weight, c10::nullopt, gd, s.load_scale, s.load_shift, s.load_relu, m);
+    return s;
   }
   s.d = depthwise_conv2d(s.input, dw_weight, c10::nullopt, gd, s.load_scale, s.load_shift, s.load_relu);
   // The mid stage, as the kernels compute it (kernels::mid_value); a ReLU goes in the affine's pass.

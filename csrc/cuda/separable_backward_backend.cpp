@@ -119,7 +119,7 @@ SeparableGrads separable_conv2d_backward(
   Conv2dGeometry gd = g;
   gd.out_channels = K;
   const bool prologue = opt.in_scale.has_value() || opt.in_shift.has_value() || opt.in_relu;
-  DepthwiseStage stage = depthwise_stage(x, dw_weight, opt, g, fmt);
+  DepthwiseStage stage = depthwise_stage(x, dw_weight, opt, g, fmt, /*need_d=*/true);
   Tensor d = std::move(stage.d), mid = std::move(stage.mid);
 
   // grad_pw = grad_y^T mid over the pixels: one matrix product on cuBLAS, float32 accumulation and (16-bit

@@ -24,6 +24,7 @@
 #include <utility>
 
 #include "depthwise_params.h"
+#include "mid_stage.cuh"
 
 namespace xception_ops {
 namespace kernels {
@@ -104,25 +105,6 @@ __device__ __forceinline__ void unflatten(idx_t i, idx_t s0, idx_t s1, idx_t s2,
   q = r / static_cast<U>(s2);
   d2 = static_cast<idx_t>(r - q * static_cast<U>(s2));
   d3 = static_cast<idx_t>(q);
-}
-
-// ---- rounding to the dtype (float32 in registers) ----
-template <typename T>
-__device__ __forceinline__ float round_to(float v);
-template <>
-__device__ __forceinline__ float round_to<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ float round_to<__half>(float v) { return __half2float(__float2half_rn(v)); }
-// One conversion instruction each way on sm_80+; elsewhere integer ops, as in Elem<__nv_bfloat16>::store.
-template <>
-__device__ __forceinline__ float round_to<__nv_bfloat16>(float v) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  return __bfloat162float(__float2bfloat16_rn(v));
-#else
-  const unsigned int u = __float_as_uint(v);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return v;  // NaN
-  return __uint_as_float((u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u);
-#endif
 }
 
 // What a depthwise stage with a prologue reads (DepthwisePrologue, and the fused forward's): relu?(x * scale +
@@ -319,6 +301,10 @@ __global__ void __launch_bounds__(kDepthwiseThreads) depthwise_forward_kernel(co
               ys_w = p.output.stride[3];
   const idx_t ws_o = p.weight.stride[0], ws_h = p.weight.stride[2], ws_w = p.weight.stride[3];
   const idx_t bs = p.bias_stride;
+  // The mid stage (DepthwiseParams::mid): a runtime branch here, its values read per element like the bias (each
+  // element of the grid-stride loop is another channel). No spills; registers the same or fewer (nvcc 13, sm_90a),
+  // at most one more (sm_80: 31 -> 32, float32 channels-last 3x3).
+  const bool mid = p.mid_active(), mid_affine = p.mid_affine();
 
   const idx_t total = N * OC * OH * OW;
   const idx_t step = static_cast<idx_t>(gridDim.x) * kDepthwiseThreads;
@@ -346,6 +332,11 @@ __global__ void __launch_bounds__(kDepthwiseThreads) depthwise_forward_kernel(co
       }
     }
     if (bias != nullptr) acc += Elem<T>::load(bias + oc * bs);
+    if (mid) {
+      const float scale = p.mid_scale != nullptr ? p.mid_scale[oc] : 1.f;
+      const float shift = p.mid_shift != nullptr ? p.mid_shift[oc] : 0.f;
+      acc = mid_value<T>(acc, p.mid, mid_affine, scale, shift);  // rounded: the store below is exact
+    }
     Elem<T>::store(y + n * ys_n + oc * ys_c + oh * ys_h + ow * ys_w, acc);
   }
 }
@@ -375,6 +366,25 @@ __device__ __forceinline__ void load_forward_terms(const DepthwiseParams& p, con
     shift[v] = prologue && p.prologue.shift != nullptr ? p.prologue.shift[c + v] : 0.f;
   }
 }
+// The mid stage's scale and shift of channels c .. c + V - 1 (1 and 0 where absent), once per thread and channel
+// vector: the kernels' channels lie below dw_channels, so nothing past the vectors is read.
+template <int V, typename idx_t>
+__device__ __forceinline__ void load_mid_terms(const DepthwiseParams& p, idx_t c, float (&scale)[V],
+                                               float (&shift)[V]) {
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    scale[v] = p.mid_scale != nullptr ? p.mid_scale[c + v] : 1.f;
+    shift[v] = p.mid_shift != nullptr ? p.mid_shift[c + v] : 0.f;
+  }
+}
+// The mid stage on V values v = acc + bias, in place: rounded (mid_value rounds first), so that the store after it
+// is exact.
+template <typename T, int V>
+__device__ __forceinline__ void apply_mid(const DepthwiseParams& p, bool affine, const float (&scale)[V],
+                                          const float (&shift)[V], float (&acc)[V]) {
+#pragma unroll
+  for (int v = 0; v < V; ++v) acc[v] = mid_value<T>(acc[v], p.mid, affine, scale[v], shift[v]);
+}
 
 // ---- runs of kDepthwiseRun pixels (the forward's and input gradient's vector kernels) ----
 // Kernel rows of a run loaded together: all three where their raw vectors fit ~40 registers, else one at a time.
@@ -402,8 +412,11 @@ __device__ __forceinline__ void load_run_rows(typename VecIO<T, V>::Raw (&raw)[k
 // loads are issued before any is used where their registers allow (kSW = 0: any stride and dilation, each tap
 // loaded for itself, the run's loads still issued together). One pixel per thread at a time waited one memory
 // latency per pixel (session 5: 0.19 ms at 64 ch @147^2, ~3x the byte floor). The taps are summed in the scalar
-// form's order, the bias added last: the same bits.
-template <typename T, typename idx_t, int V, int kSW>
+// form's order, the bias added last: the same bits. kMid: the mid stage on the stored values (DepthwiseParams::mid),
+// a separate instantiation, so that the kernel without it keeps its registers: the mid stage's 2 x V values are live
+// across the runs, and the kMid builds spill more (nvcc 13: up to 144 more bytes of spill loads, sm_90a fp16 tap by
+// tap; 0 at stride 1 in 16 bits). Not yet timed on a GPU; it replaces two or three passes over the result.
+template <typename T, typename idx_t, int V, int kSW, bool kMid = false>
 __global__ void __launch_bounds__(kDepthwiseThreads, 2) depthwise_forward_vector_kernel(const DepthwiseParams p) {
   constexpr int R = kDepthwiseRun;
   constexpr int kCols = kSW > 0 ? (R - 1) * kSW + 3 : 3 * R;  // input columns of one kernel row
@@ -426,11 +439,13 @@ __global__ void __launch_bounds__(kDepthwiseThreads, 2) depthwise_forward_vector
   // feeds (kSW = 0: one column per tap).
   auto col_offset = [&](int c) -> idx_t { return kSW > 0 ? static_cast<idx_t>(c) : (c / 3) * sw + (c % 3) * dw; };
   const bool prologue = p.prologue.active();  // x read through relu?(x * scale + shift)
+  const bool mid_affine = p.mid_affine();
   for (idx_t cg = lane; cg < groups; cg += lanes) {
     const idx_t c = cg * V;
-    float wv[9][V], bv[V], scale[V], shift[V];
+    float wv[9][V], bv[V], scale[V], shift[V], mid_scale[V], mid_shift[V];
     load_weights_3x3<T>(p, c, wv);
     load_forward_terms<T>(p, bias, c, prologue, bv, scale, shift);
+    if constexpr (kMid) load_mid_terms(p, c, mid_scale, mid_shift);
     for (idx_t run = static_cast<idx_t>(blockIdx.x) * rows + row; run < runs;
          run += static_cast<idx_t>(gridDim.x) * rows) {
       const idx_t r = run / runs_w, ow0 = (run - r * runs_w) * R, oh = r % OH, n = r / OH;
@@ -480,6 +495,7 @@ __global__ void __launch_bounds__(kDepthwiseThreads, 2) depthwise_forward_vector
         if (ow0 + q >= OW) break;
 #pragma unroll
         for (int v = 0; v < V; ++v) acc[q][v] = round_to<T>(acc[q][v] + bv[v]);  // -0 without a bias
+        if constexpr (kMid) apply_mid<T>(p, mid_affine, mid_scale, mid_shift, acc[q]);
         VecIO<T, V>::store(y + n * ys_n + c + oh * ys_h + (ow0 + q) * ys_w, acc[q]);
       }
     }
@@ -837,11 +853,14 @@ __device__ __forceinline__ void walk_ring_rows(idx_t o0, idx_t o_end, const Row&
 // are what this kernel's speed depends on, and the 4-slot ring's walks (below) keep each new row decoded in
 // registers (sm_90: 136-148 instructions per row inside the image, against 226 for the one walk with a 3-row window
 // that slid). Four for the input gradient through the prologue's backward (128 registers): it has the x run's
-// loads in flight too.
-template <typename T, typename idx_t, int V, int R, bool kGrad, bool kPrologue, bool kCL>
+// loads in flight too. kMid (the forward only): the mid stage on the stored values (DepthwiseParams::mid), a separate
+// instantiation like the vector kernel's. Its builds spill more than the plain ones (nvcc 13, sm_90a: channels-last
+// 16-bit with a prologue, 32-bit indices, 0-20 -> 168 bytes of spill loads; 64-bit indices up to 896); not yet timed.
+template <typename T, typename idx_t, int V, int R, bool kGrad, bool kPrologue, bool kCL, bool kMid = false>
 __global__ void __launch_bounds__(kDepthwiseStripThreads, kGrad && kPrologue ? 4 : 5)
     depthwise_strip_kernel(const DepthwiseParams p, int strip_rows) {
   static_assert(kCL || V == 1, "NCHW strips take one channel per thread");
+  static_assert(!(kGrad && kMid), "the mid stage is the forward's");
   constexpr int kCols = R + 2;
   constexpr bool kReadPrologue = kPrologue && !kGrad;  // the forward's taps read x through it
   constexpr bool kPrologueGrad = kPrologue && kGrad;   // the input gradient is written through its backward
@@ -871,9 +890,11 @@ __global__ void __launch_bounds__(kDepthwiseStripThreads, kGrad && kPrologue ? 4
   const idx_t ow0 = run * R, o0 = strip * strip_rows;
   const idx_t o_end = o0 + strip_rows < dst_h ? o0 + strip_rows : dst_h;
 
-  float wv[9][V], bv[V], scale[V], shift[V];
+  float wv[9][V], bv[V], scale[V], shift[V], mid_scale[V], mid_shift[V];
   load_weights_3x3<T>(p, c, wv);
   load_forward_terms<T>(p, bias, c, kPrologue, bv, scale, shift);
+  if constexpr (kMid) load_mid_terms(p, c, mid_scale, mid_shift);
+  const bool mid_affine = p.mid_affine();
   bool col_ok[kCols], q_ok[R];
 #pragma unroll
   for (int col = 0; col < kCols; ++col) col_ok[col] = in_range<idx_t>(ow0 + col_off + col, src_w);
@@ -946,6 +967,7 @@ __global__ void __launch_bounds__(kDepthwiseStripThreads, kGrad && kPrologue ? 4
       if (!qs[q]) break;
 #pragma unroll
       for (int v = 0; v < V; ++v) acc[q][v] += bv[v];  // -0 without a bias (load_forward_terms)
+      if constexpr (kMid) apply_mid<T>(p, mid_affine, mid_scale, mid_shift, acc[q]);
       if constexpr (!kPrologueGrad) {
         VecIO<T, V>::store_rn(dst_run + o * ds_h + q * ds_w, acc[q]);  // rounded as it is packed
       } else {  // as separable_channel_pass_kernel's prologue pass, from the rounded gradient

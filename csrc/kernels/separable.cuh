@@ -31,6 +31,7 @@
 #include <type_traits>
 
 #include "depthwise.cuh"
+#include "mid_stage.cuh"  // round_to, mid_value: the mid stage, shared with the depthwise forward kernels
 #include "separable_params.h"
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -426,19 +427,6 @@ __device__ __forceinline__ void decode_input(bool ok, const typename VecIO<T, V>
   }
 }
 
-// The mid stage on one depthwise sum, as every backend computes it (and every path of the fused forwards, here and
-// in separable_wgmma.cuh): d = the sum rounded to the dtype; with the affine (`affine`: a scale or a shift given,
-// the absent one passed as 1 or 0) pre = round(fmaf(d, scale, shift)) in float32, else pre = d untouched; then
-// mid 1 relu, 3 relu6, 2 elu (rounded again), 0 none.
-template <typename T>
-__device__ __forceinline__ float mid_value(float sum, int32_t mid, bool affine, float scale, float shift) {
-  float v = round_to<T>(sum);
-  if (affine) v = round_to<T>(fmaf(v, scale, shift));
-  if (mid == 1) v = fmaxf(v, 0.f);
-  if (mid == 3) v = fminf(fmaxf(v, 0.f), 6.f);
-  if (mid == 2 && !(v > 0.f)) v = round_to<T>(expm1f(v));
-  return v;
-}
 __device__ __forceinline__ bool has_mid_affine(const SeparableParams& p) {
   return p.mid_scale != nullptr || p.mid_shift != nullptr;
 }

@@ -1002,6 +1002,18 @@ void emulate_strips(const DepthwiseParams& p, int64_t rows, int64_t w, int strip
       p.g.batch * ((rows + strip_rows - 1) / strip_rows) * ((w + R - 1) / R) * (p.g.in_channels / V);
   const dim3 grid(static_cast<unsigned>((threads + kDepthwiseStripThreads - 1) / kDepthwiseStripThreads));
   const dim3 block(kDepthwiseStripThreads);
+  if constexpr (!kGrad) {  // the forward's mid stage: its own instantiations, as the launcher picks them
+    if (p.mid_active()) {
+      if (p.prologue.active()) {
+        emulate_launch(kernels::depthwise_strip_kernel<T, int32_t, V, R, false, true, kCL, true>, grid, block, p,
+                       strip_rows);
+      } else {
+        emulate_launch(kernels::depthwise_strip_kernel<T, int32_t, V, R, false, false, kCL, true>, grid, block, p,
+                       strip_rows);
+      }
+      return;
+    }
+  }
   if (kGrad ? p.prologue.backward() : p.prologue.active()) {  // as the launcher picks the prologue's forms
     emulate_launch(kernels::depthwise_strip_kernel<T, int32_t, V, R, kGrad, true, kCL>, grid, block, p, strip_rows);
   } else {
@@ -1417,6 +1429,180 @@ void check_dgrad_vectors(int64_t c, int64_t pad, int64_t dil, int64_t dil_w) {
       EXPECT(std::memcmp(ws_fused.data(), ws_plain.data(), ws_plain.size() * sizeof(float)) == 0);
     }
   }
+}
+
+// ---- the depthwise forward with the mid stage on its stores (DepthwiseParams::mid: the staged separable forward) ----
+
+// The mid stage in float64 at kernels::mid_value's rounding points, on d as the same kernel writes it without the
+// stage (rounded to T): d * scale + shift (exact in float64), rounded to float32 as fmaf rounds and then to T; relu,
+// relu6 (exact); elu through expm1f, rounded to T.
+template <typename T>
+T reference_mid_stage(T d, int mid, bool affine, float scale, float shift) {
+  double v = to_double(d);
+  if (affine) v = to_double(from_float<T>(static_cast<float>(v * scale + shift)));
+  if (mid == 1) v = v > 0 ? v : 0.0;
+  if (mid == 3) v = v > 6 ? 6.0 : v > 0 ? v : 0.0;
+  if (mid == 2 && !(v > 0)) v = to_double(from_float<T>(expm1f(static_cast<float>(v))));
+  return from_float<T>(static_cast<float>(v));
+}
+
+// Runs `launch` (one forward path) on f without the mid stage and then with each of its 15 forms (relu, elu, relu6,
+// none; scale only, shift only, both, neither), and compares every output element's bits with reference_mid_stage
+// of the first run's. The vectors hold their K values and then NaN, so that a read past K shows.
+template <typename T, typename Launch>
+void check_forward_mid(DepthwiseParams f, const Launch& launch, const char* what) {
+  const Conv2dGeometry& g = f.g;
+  const int64_t K = g.dw_channels(), outs = g.batch * K * g.out_h * g.out_w;
+  std::mt19937 rng(static_cast<unsigned>(K * 7 + g.out_w));
+  std::normal_distribution<float> normal(0.f, 1.f);
+  std::uniform_real_distribution<float> uniform(-1.f, 3.f);  // negative scales, and values past relu6's 6
+  std::vector<float> scale(K + 8, std::nanf("")), shift(K + 8, std::nanf(""));
+  for (int64_t i = 0; i < K; ++i) scale[i] = uniform(rng), shift[i] = 2.f * normal(rng);
+  const T nan = from_float<T>(std::nanf(""));
+  std::vector<T> plain(outs, nan), got(outs, nan);
+  f.output.data = plain.data();
+  launch(f);
+  int bad = 0;
+  for (int mid = 0; mid < 4; ++mid) {
+    for (int affine = 0; affine < 4; ++affine) {
+      if (mid == 0 && affine == 0) continue;  // the plain run
+      DepthwiseParams m = f;
+      m.mid = mid;
+      m.mid_scale = affine & 1 ? scale.data() : nullptr;
+      m.mid_shift = affine & 2 ? shift.data() : nullptr;
+      std::fill(got.begin(), got.end(), nan);
+      m.output.data = got.data();
+      launch(m);
+      for (int64_t n = 0; n < g.batch; ++n)
+        for (int64_t c = 0; c < K; ++c)
+          for (int64_t h = 0; h < g.out_h; ++h)
+            for (int64_t w = 0; w < g.out_w; ++w) {
+              const int64_t o = n * f.output.stride[0] + c * f.output.stride[1] + h * f.output.stride[2] +
+                                w * f.output.stride[3];
+              const T want = reference_mid_stage<T>(plain[o], mid, affine != 0, affine & 1 ? scale[c] : 1.f,
+                                                    affine & 2 ? shift[c] : 0.f);
+              if (std::memcmp(&want, &got[o], sizeof(T)) != 0 && bad++ == 0) {
+                std::printf("  %s: mid %d affine %d, (%lld, %lld, %lld, %lld): %g, want %g (d %g)\n", what, mid,
+                            affine, static_cast<long long>(n), static_cast<long long>(c), static_cast<long long>(h),
+                            static_cast<long long>(w), to_double(got[o]), to_double(want), to_double(plain[o]));
+              }
+            }
+    }
+  }
+  EXPECT(bad == 0);
+}
+
+// A layer of Case k (its geometry, depthwise only) in either layout with contiguous x and y, and random x and weights
+// (held in x, w).
+template <typename T>
+DepthwiseParams mid_layer(const Case& k, bool channels_last, std::vector<T>& x, std::vector<T>& w) {
+  std::mt19937 rng(static_cast<unsigned>(k.c * 13 + k.w + (channels_last ? 1 : 0)));
+  std::normal_distribution<float> normal(0.f, 1.f);
+  DepthwiseParams p;
+  p.g = geometry(k);
+  p.g.out_channels = p.g.dw_channels();
+  p.channels_last = channels_last;
+  p.use_int32 = true;
+  x.resize(k.n * k.c * k.h * k.w);
+  w.resize(p.g.dw_channels() * k.kh * k.kw);
+  for (auto& v : x) v = from_float<T>(normal(rng));
+  for (auto& v : w) v = from_float<T>(normal(rng));
+  strides(k.c, k.h, k.w, channels_last, p.input.stride);
+  strides(p.g.dw_channels(), p.g.out_h, p.g.out_w, channels_last, p.output.stride);
+  const int64_t taps = k.kh * k.kw;
+  p.weight.stride[0] = taps, p.weight.stride[1] = taps, p.weight.stride[2] = k.kw, p.weight.stride[3] = 1;
+  p.input.data = x.data(), p.weight.data = w.data();
+  return p;
+}
+
+// Every forward path with the mid stage, as the launcher picks its instantiation: the scalar kernels (any kernel
+// size with a depth multiplier, stride and dilation; 3x3 at stride 2), both layouts; the vector kernels at stride 1,
+// 2 and the tap-by-tap form (dilation 2); the channels-last and NCHW strip kernels; with and without a prologue on
+// load.
+template <typename T>
+void check_forward_mid_paths() {
+  //                     n   c   h   w  m cout kh kw sh sw pt pb pl pr dh dw  in_aff relu mid out_aff relu res stats
+  const Case odd{3, 4, 7, 10, 2, 8, 5, 3, 1, 2, 2, 1, 0, 1, 1, 2, false, false, 0, false, false, false, false};
+  const Case s2{1, 40, 17, 19, 1, 40, 3, 3, 2, 2, 0, 1, 0, 1, 1, 1, false, false, 0, false, false, false, false};
+  const Case s1{2, 12, 7, 9, 1, 12, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, false, false, 0, false, false, false, false};
+  const Case dil{2, 132, 7, 9, 1, 132, 3, 3, 1, 1, 2, 2, 2, 2, 2, 2, false, false, 0, false, false, false, false};
+  const Case nchw{2, 5, 7, 13, 1, 5, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, false, false, 0, false, false, false, false};
+  std::vector<T> x, w;
+  auto scalar = [](const DepthwiseParams& q, auto kernel) {
+    const Conv2dGeometry& g = q.g;
+    emulate_launch(kernel, dim3(elementwise_blocks(g.batch * g.dw_channels() * g.out_h * g.out_w)),
+                   dim3(kDepthwiseThreads), q);
+  };
+  for (bool cl : {false, true}) {
+    const DepthwiseParams a = mid_layer<T>(odd, cl, x, w);
+    if (cl) {
+      check_forward_mid<T>(a, [&](const DepthwiseParams& q) {
+        scalar(q, kernels::depthwise_forward_kernel<T, int32_t, true, 0, 0, 0, 0>);
+      }, "scalar generic NHWC");
+    } else {
+      check_forward_mid<T>(a, [&](const DepthwiseParams& q) {
+        scalar(q, kernels::depthwise_forward_kernel<T, int32_t, false, 0, 0, 0, 0>);
+      }, "scalar generic NCHW");
+    }
+  }
+  {
+    const DepthwiseParams a = mid_layer<T>(s2, false, x, w);
+    check_forward_mid<T>(a, [&](const DepthwiseParams& q) {
+      scalar(q, kernels::depthwise_forward_kernel<T, int32_t, false, 3, 3, 2, 2>);
+    }, "scalar 3x3 stride 2 NCHW");
+  }
+  // The vector kernels (channels-last), as forward_for_layout launches them.
+  auto vector = [](auto sw) {
+    constexpr int kSW = decltype(sw)::value;
+    return [](const DepthwiseParams& q) {
+      EXPECT(depthwise_forward_vectors(q, static_cast<int>(sizeof(T))));
+      if (q.mid_active()) {
+        emulate_launch(kernels::depthwise_forward_vector_kernel<T, int32_t, kDepthwiseVec, kSW, true>, dim3(2),
+                       dim3(kDepthwiseThreads), q);
+      } else {
+        emulate_launch(kernels::depthwise_forward_vector_kernel<T, int32_t, kDepthwiseVec, kSW>, dim3(2),
+                       dim3(kDepthwiseThreads), q);
+      }
+    };
+  };
+  std::vector<float> pscale(132), pshift(132);
+  {
+    std::mt19937 rng(5);
+    std::normal_distribution<float> normal(0.f, 1.f);
+    for (size_t i = 0; i < pscale.size(); ++i) pscale[i] = 0.5f + std::abs(normal(rng)), pshift[i] = 0.5f * normal(rng);
+  }
+  for (bool prologue : {false, true}) {
+    auto with_prologue = [&](DepthwiseParams q) {
+      if (prologue) q.prologue.scale = pscale.data(), q.prologue.shift = pshift.data(), q.prologue.relu = true;
+      return q;
+    };
+    check_forward_mid<T>(with_prologue(mid_layer<T>(s1, true, x, w)), vector(std::integral_constant<int, 1>{}),
+                         prologue ? "vectors stride 1, prologue" : "vectors stride 1");
+    check_forward_mid<T>(with_prologue(mid_layer<T>(s2, true, x, w)), vector(std::integral_constant<int, 2>{}),
+                         prologue ? "vectors stride 2, prologue" : "vectors stride 2");
+    check_forward_mid<T>(with_prologue(mid_layer<T>(dil, true, x, w)), vector(std::integral_constant<int, 0>{}),
+                         prologue ? "vectors dilated, prologue" : "vectors dilated");
+    // The strip kernels: channels-last (vectors of 2 channels, 12 and 132 channels) and NCHW, 3 rows per strip.
+    for (const Case* c : {&s1, &dil}) {
+      Case k = *c;
+      k.pt = k.pb = k.pl = k.pr = 1, k.dh = k.dw = 1;
+      const DepthwiseParams a = with_prologue(mid_layer<T>(k, true, x, w));
+      check_forward_mid<T>(a, [](const DepthwiseParams& q) {
+        EXPECT(depthwise_strips(q, static_cast<int>(sizeof(T))));  // (with its output set)
+        emulate_strips<T, false>(q, q.g.out_h, q.g.out_w, 3);
+      }, prologue ? "strips NHWC, prologue" : "strips NHWC");
+    }
+    const DepthwiseParams a = with_prologue(mid_layer<T>(nchw, false, x, w));
+    EXPECT(depthwise_nchw_strips(a));
+    check_forward_mid<T>(a, [](const DepthwiseParams& q) { emulate_strips<T, false, false>(q, q.g.out_h, q.g.out_w, 3); },
+                         prologue ? "strips NCHW, prologue" : "strips NCHW");
+  }
+}
+
+TEST_CASE(depthwise_forward_applies_the_mid_stage_as_it_stores) {
+  check_forward_mid_paths<float>();
+  check_forward_mid_paths<__half>();
+  check_forward_mid_paths<__nv_bfloat16>();
 }
 
 TEST_CASE(depthwise_vector_kernels_match_the_scalar_forms) {
