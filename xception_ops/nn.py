@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import _library, backend as backends, batchnorm, checks, ops, reference
+from . import backend as backends, batchnorm, checks, ops, reference
 from .checks import MID_ACTIVATIONS
 from .geometry import PaddingSpec, pair
 
@@ -241,12 +241,8 @@ class SeparableConvBN(nn.Module):
         if self.pre_relu:
             a = F.relu(a)
         dw, mid_bn = self.depthwise, self.mid_bn
-        a, weight = ops.autocast_inputs(a, dw.weight)  # the dtype the fused op computes in
-        if _library.EXTENSION is not None:
-            chosen = backends.resolve(backend, "xception_ops.depthwise_conv2d", a, dw.out_channels)
-            d = torch.ops.xception_ops.depthwise_conv2d(a, weight, None, stride, padding, dilation, chosen)
-        else:
-            d = reference.depthwise_conv2d(a, weight, None, stride, padding, dilation)
+        # (the depthwise op autocasts as the fused op does, so d has the dtype the fused op computes in)
+        d = ops.depthwise_conv2d(a, dw.weight, None, tuple(stride), tuple(padding), tuple(dilation), backend=backend)
         total, total_sq, count = batchnorm.channel_moments(d)
         bias = dw.bias if self._bias_at_mid() else None
         return batchnorm.scale_shift_from_stats(mid_bn, total, total_sq, count, bias, self.process_group,
