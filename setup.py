@@ -86,12 +86,17 @@ def extensions():
     macros = [("XCEPTION_OPS_PYTHON_MODULE", None)]
     if with_cuda:
         sources += [str(p) for p in sorted((csrc / "cuda").glob("*.cpp"))]
+        # instances/: one kernel instantiation per file, so that MAX_JOBS compilers build them side by side.
         sources += [str(p) for p in sorted((csrc / "cuda").glob("*.cu"))]
+        sources += [str(p) for p in sorted((csrc / "cuda" / "instances").glob("*.cu"))]
         macros.append(("XCEPTION_OPS_WITH_CUDA", None))
         macros.append(("XCEPTION_OPS_CUDA_ARCHS", f'"{os.environ["TORCH_CUDA_ARCH_LIST"]}"'))
         if "9.0a" in re.split(r"[;\s]+", os.environ["TORCH_CUDA_ARCH_LIST"].replace("+PTX", "")):
             macros.append(("XCEPTION_OPS_SM90A", None))  # Hopper's wgmma kernels are built (pointwise_gemm.cuh)
-        nvcc_flags = ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr",
+        # The .cu files are torch-free C++17 (tools/build_old_archs.sh compiles them so): C++20 where nvcc has
+        # it (CUDA 12 on), 17 with the CUDA 11 toolkits that old GPUs (sm_37) need.
+        cuda_major = int(torch.version.cuda.split(".")[0])
+        nvcc_flags = ["-O3", f"-std=c++{20 if cuda_major >= 12 else 17}", "-lineinfo", "--expt-relaxed-constexpr",
                       f"--threads={os.environ.get('NVCC_THREADS', '2')}"]
         ext = cpp_extension.CUDAExtension(
             "xception_ops._C", sources, define_macros=macros,

@@ -330,6 +330,19 @@ def test_mobilenet_v2_by_name_through_fuse():
     assert sum(p.numel() for p in fused.parameters()) == sum(p.numel() for p in plain.parameters())
 
 
+def test_any_timm_model_by_name_through_fuse():
+    """"timm:NAME[:fused[:BACKEND]]": a timm model as it is, or through fuse(); timm's aligned Xception-41 fuses all 39
+    of its dw -> BN -> pw -> BN chains (not to be taken for our "xception")."""
+    from xception_ops.nn import SeparableConvBN
+    fused = bench.make_model("timm:xception41:fused:torch")
+    seps = [m for m in fused.modules() if isinstance(m, SeparableConvBN)]
+    assert len(seps) == 39 and all(m.backend == "torch" and m.mid_bn is not None for m in seps)
+    assert type(bench.make_model("timm:xception41")).__name__ == "XceptionAligned"
+    for bad in ("timm:xception41:fast", "timm:xception41:fused:cuda:x"):
+        with pytest.raises(ValueError, match="timm:NAME"):
+            bench.make_model(bad)
+
+
 def test_profile_model_tool_reports_each_model_and_mode(tmp_path):
     """tools/profile_model.py (host- or GPU-bound whole-model steps) runs on the CPU too: one table per model and
     mode, its first line with the step's wall, issue and operator times, written to --out as printed."""

@@ -97,3 +97,16 @@ print("ok")
 def test_unknown_command_exits_with_usage():
     with pytest.raises(SystemExit):
         cli.main(["frobnicate"])
+
+
+def test_a_hopper_build_names_its_wgmma_gemm_builds():
+    """The wgmma GEMM's builds, as the compiled library names them: what the GPU tests and tools/wgmma_sweep.py
+    iterate over, so an empty or misspelled list would silently leave builds untested."""
+    from xception_ops import backend
+    if not backend.wgmma_kernels_built():
+        pytest.skip("the compiled library is not built for 9.0a")
+    names = backend.wgmma_configs()
+    assert names[0] == "128x3x0" and len(names) == len(set(names)) >= 2, names  # the default first
+    for name in names:
+        n, stages, in_flight = map(int, name.split("x"))
+        assert n % 64 == 0 and 0 <= in_flight < stages - 1, name

@@ -22,6 +22,7 @@ pytestmark = GPU_MARKS
 require_cuda_kernel("separable_conv2d")
 
 from xception_ops import reference  # noqa: E402
+from xception_ops.backend import wgmma_configs  # noqa: E402
 
 OPS = torch.ops.xception_ops
 DEV = "cuda"
@@ -402,8 +403,9 @@ WGMMA_SHAPES = [
 ]
 
 
-# The builds of kernels/pointwise_gemm_params.h's kPointwiseConfigs (N x stages x groups in flight).
-WGMMA_CONFIGS = ["128x3x0", "128x4x1", "256x4x0", "256x4x1", "64x4x1"]
+# The builds of kernels/pointwise_gemm_params.h's kPointwiseConfigs (N x stages x groups in flight), as the
+# compiled library names them (none without it: the tests below are skipped then anyway).
+WGMMA_CONFIGS = list(wgmma_configs())
 
 
 @WGMMA_SKIP

@@ -1,6 +1,7 @@
 """fuse(): finds the chains by dataflow, swaps them, and the model computes what it did."""
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -109,7 +110,8 @@ def test_mobilenet_chain_with_a_mid_batch_norm_is_fused(dw_bias, act):
     assert sep.mid_bn is not None and sep.mid_activation == {nn.ReLU6: "relu6", nn.ReLU: "relu", None: None}[act]
     with record_op_calls("separable_conv2d") as calls:
         compare_train_and_eval(model, fused, torch.randn(3, 6, 11, 9))
-    assert len(calls) == 2  # eval and training: the fused op ran (not the unfused fallback)
+    if xception_ops._library.EXTENSION is not None:  # without it every module runs its unfused PyTorch layers
+        assert len(calls) == 2  # eval and training: the fused op ran (not the unfused fallback)
     compare_parameters_and_statistics(model, tensors)
 
 
@@ -240,6 +242,83 @@ def test_timm_legacy_xception(backend):
     model.train()
     fused.train()
     assert relative_error(fused(x), model(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("output_stride", [32, 8])
+def test_timm_aligned_xception(output_stride):
+    """timm's aligned Xception (xception41/65/71, DeepLab's backbone; here with narrow blocks): its SeparableConv2d is
+    dw -> BN -> nn.Identity -> pw -> BN -> nn.Identity between ReLU modules, so every chain has a mid BatchNorm and
+    fuses through the Identity layers; the ReLUs between two chains become prologues with the BatchNorm handed on.
+    output_stride 8 dilates the depthwise convs of the later blocks (dilation 2 and 4). The same outputs, gradients
+    and running statistics as the original, in eval and training mode (float64)."""
+    from timm.models.xception_aligned import XceptionAligned
+    blocks = [dict(in_chs=64, out_chs=16, stride=2), dict(in_chs=16, out_chs=24, stride=2),
+              dict(in_chs=24, out_chs=24, stride=1), dict(in_chs=24, out_chs=(24, 32, 32), stride=2),
+              dict(in_chs=32, out_chs=(48, 48, 64), stride=1, no_skip=True, start_with_relu=False)]
+    model = XceptionAligned(blocks, num_classes=5, output_stride=output_stride,
+                            norm_layer=functools.partial(nn.BatchNorm2d, eps=1e-3)).double()
+    randomize_batch_norm(model, torch.Generator().manual_seed(4))
+    dilated = sum(m.dilation != (1, 1) for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert (dilated > 0) == (output_stride == 8)
+    fused, tensors = fuse_a_twin(model)
+    seps = [m for m in fused.modules() if isinstance(m, SeparableConvBN)]
+    assert len(seps) == 15 and all(s.mid_bn is not None for s in seps)
+    # The last block (no_skip) keeps its activations inside its SeparableConv2d: act_dw is the mid ReLU, act_pw a
+    # ReLU after the BatchNorm; the others have none there.
+    assert [s.mid_activation for s in seps] == [None] * 12 + ["relu"] * 3
+    # Every ReLU that feeds one depthwise conv becomes its prologue: the ReLU opening each of the first four blocks
+    # and the two between a block's convs (act2, act3; in the last block the act_pw before conv2 and conv3), and the
+    # conv before such a ReLU hands its BatchNorm on. Only the last act_pw stays an epilogue.
+    assert sum(s.pre_relu for s in seps) == 4 + 5 * 2 and sum(s.defer_bn for s in seps) == 5 * 2
+    assert [s.post_relu for s in seps] == [False] * 14 + [True]
+    compare_train_and_eval(model, fused, torch.randn(2, 3, 37, 35, dtype=torch.float64))
+    compare_parameters_and_statistics(model, tensors)
+
+
+def test_timm_mobilenet_v2_with_batch_norm_act_layers():
+    """timm builds its MobileNet / EfficientNet blocks with BatchNormAct2d (BatchNorm, then an activation, in one
+    module): dw -> BNAct(ReLU6) -> pw -> BNAct(identity). The activation inside becomes the mid activation, and is
+    set to an identity inside the module the fused op keeps; the same outputs, gradients and running statistics as
+    the original (float64)."""
+    from timm.layers import BatchNormAct2d
+    model = timm.create_model("mobilenetv2_050", pretrained=False, num_classes=5).double()
+    randomize_batch_norm(model, torch.Generator().manual_seed(5))
+    fused, tensors = fuse_a_twin(model)
+    seps = [m for m in fused.modules() if isinstance(m, SeparableConvBN)]
+    assert len(seps) == 17 and all(s.mid_activation == "relu6" and type(s.mid_bn) is BatchNormAct2d for s in seps)
+    assert all(type(s.mid_bn.act) is nn.Identity and type(s.bn.act) is nn.Identity for s in seps)
+    assert type(model.blocks[1][0].bn2.act) is nn.ReLU6  # the original keeps its own
+    compare_train_and_eval(model, fused, torch.randn(2, 3, 40, 36, dtype=torch.float64))
+    compare_parameters_and_statistics(model, tensors)
+
+
+@pytest.mark.parametrize("where", ["mid", "after"])
+def test_a_batch_norm_act_holding_another_activation(where):
+    """A BatchNormAct2d whose activation the op has no form of (SiLU) ends the chain before it: between the halves
+    nothing fuses; after the pointwise conv the chain fuses without it."""
+    from timm.layers import BatchNormAct2d
+    silu, plain = BatchNormAct2d(4, act_layer=nn.SiLU), BatchNormAct2d(4, act_layer=nn.ReLU)
+    dw, pw = nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False), nn.Conv2d(4, 4, 1, bias=False)
+    model = nn.Sequential(dw, silu, pw, plain) if where == "mid" else nn.Sequential(dw, plain, pw, silu)
+    chains = find_chains(model)
+    if where == "mid":
+        assert chains == []
+    else:
+        assert [(c.mid_batch_norm, c.mid_activation, c.batch_norm, c.post_relu) for c in chains] == [
+            ("1", "1.act", None, None)]
+    fused, _ = fuse_a_twin(model.double())
+    compare_train_and_eval(model, fused, torch.randn(2, 4, 6, 7, dtype=torch.float64))
+
+
+def test_tracing_leaves_the_buffers_as_they_were():
+    """torch.fx runs a model's Python while tracing it, and buffers are real tensors to it: timm's BatchNormAct2d
+    (the aligned Xception's stem) counts num_batches_tracked itself in training mode, which tracing ran once."""
+    from timm.layers import BatchNormAct2d
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), BatchNormAct2d(4), *sep_block(4, 4)).train()
+    before = [(b, b.clone()) for b in model.buffers()]  # the fused model keeps these very tensors
+    xception_ops.fuse(model, inplace=True)
+    assert sum(isinstance(m, SeparableConvBN) for m in model.modules()) == 1
+    assert all(torch.equal(b, value) for b, value in before), [(b, value) for b, value in before]
 
 
 def test_fuse_inplace_returns_the_same_object():

@@ -281,6 +281,33 @@ def test_auto_without_a_fused_kernel_runs_the_pytorch_layers(monkeypatch):
     assert relative_error(fused_out, unfused_out) <= 1e-6
 
 
+def test_auto_keeps_the_pytorch_layers_for_a_training_mid_batch_norm(monkeypatch):
+    """A mid BatchNorm in training costs the fused op a depthwise forward and backward of its own for its
+    statistics, which the table behind "auto" has not measured: "auto" runs the PyTorch layers there even where the
+    table picks a kernel (here every answer of the table is "triton"), and the fused op in eval mode, without a mid
+    BatchNorm, or when a backend is asked for."""
+    from xception_ops import backend as backends
+    from xception_ops import nn as xnn
+
+    class Called(Exception):
+        pass
+
+    def fused_op(*args):  # separable_conv2d_normalized(x, dw, pw, stride, padding, dilation, backend, ...)
+        raise Called(args[6])
+
+    monkeypatch.setattr(backends, "auto_choice", lambda *a, **k: backends.AutoChoice("triton", "test"))
+    monkeypatch.setattr(xnn.ops, "separable_conv2d_normalized", fused_op)
+    x = torch.randn(2, 4, 5, 5)
+    module = SeparableConvBN(4, 6, 3, mid_batch_norm=True).train()
+    module(x)  # the unfused layers: the op is not called
+    for training, mid_bn, backend, expected in [(False, True, "auto", "triton"), (True, False, "auto", "triton"),
+                                                (True, True, "torch", "torch")]:
+        module = SeparableConvBN(4, 6, 3, mid_batch_norm=mid_bn, backend=backend).train(training)
+        with pytest.raises(Called) as called:
+            module(x)
+        assert called.value.args == (expected,), (training, mid_bn, backend)
+
+
 def test_inference_epilogue_is_reused_until_a_parameter_changes():
     """Eager inference folds the BatchNorm once and reuses it; any in-place change of a parameter or running
     statistic (and a new tensor in its place) folds it again."""

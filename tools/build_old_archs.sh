@@ -49,7 +49,7 @@ fi
 
 mkdir -p "$out"
 for arch in "${archs[@]}"; do
-  for src in csrc/cuda/*.cu; do
+  for src in csrc/cuda/*.cu csrc/cuda/instances/*.cu; do
     obj="$out/$(basename "${src%.cu}").$arch.o"
     "$clang" -x cuda --cuda-path="$root" --cuda-gpu-arch="$arch" --cuda-device-only -O3 -std=c++17 -Icsrc \
       -Wno-unknown-cuda-version -Wno-pass-failed -c "$src" -o "$obj"

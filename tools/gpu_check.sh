@@ -55,6 +55,16 @@ nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total --format=csv
 
 # Compile in place (offline, incremental), then register the package without compiling again.
 step build "$PY" setup.py build_ext --inplace
+# The slowest compiles of that build (ninja's log: milliseconds start, end): the build's critical path, which the
+# one-instantiation-per-file split of csrc/cuda/instances/ is there to shorten on many cores.
+if [[ " $STEPS " == *" build "* ]]; then
+  for ninja_log in build/temp*/.ninja_log; do
+    [ -f "$ninja_log" ] || continue
+    echo "=== the build's slowest compiles (s, file):" >> "$log"
+    awk -F'\t' 'NR > 1 {printf "%7.1f %s\n", ($2 - $1) / 1000, $4}' "$ninja_log" | sort -rn | head -8 \
+      | sed 's|[^ ]*/build/temp[^/]*/||' >> "$log"
+  done
+fi
 step install env XCEPTION_OPS_SKIP_EXT=1 "$PY" -m pip install --no-deps --no-build-isolation -e .
 step info "$PY" -m xception_ops.cli info
 # With pytest-xdist installed, tests run in parallel processes: the Triton modules on every core (Triton compiles

@@ -3,6 +3,11 @@ normalization, backend choice, BatchNorm bookkeeping), on tensors so small that 
 what a training step pays per op on top of its kernels.
 
     OMP_NUM_THREADS=1 python tools/op_overhead.py [--calls 2000] [--only NAME] [--device cuda [--backend cuda]]
+    TRITON_INTERPRET=1 python tools/op_overhead.py --backend triton --stub-triton-launches
+
+--stub-triton-launches replaces every Triton kernel launch with a no-op that counts it: what is left is the
+package's own host cost around Triton's launcher (argument checks, plans, autotune keys, allocations), on the CPU
+through the interpreter's device checks; the launches per call are printed with each case.
 
 Prints microseconds per call, wall (perf_counter) and thread CPU time, each the best of 10 rounds. "fwd" runs with grad enabled (so it includes building
 the autograd node), "fwd+bwd" adds `.backward()`; their difference is the backward's share. On a GPU
@@ -183,22 +188,61 @@ def cases(device: torch.device = torch.device("cpu"), backend: str = "torch"):
     }
 
 
+class _StubLaunches:
+    """Stands in for the Triton kernels (xception_ops/triton/kernels.py): `kernel[grid](...)` counts and returns."""
+
+    def __init__(self):
+        self.launches = 0
+
+    def __getitem__(self, grid):
+        return self
+
+    def __call__(self, *args, **kwargs):
+        self.launches += 1
+
+
+def stub_triton_launches() -> _StubLaunches:
+    from xception_ops.triton import launch
+    kernels = launch._kernels()
+    stub = _StubLaunches()
+    for name in dir(kernels):
+        if name.endswith("_kernel"):
+            setattr(kernels, name, stub)
+    launch._kernels = lambda: kernels  # (no re-import when TRITON_INTERPRET changes)
+    return stub
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--only", default=None, help="substring of the case names to run")
     parser.add_argument("--device", default="cpu", help="where the tensors live (cuda: the host's cost of issuing)")
     parser.add_argument("--backend", default=None, help="the ops' backend (default: torch on the CPU, else cuda)")
+    parser.add_argument("--stub-triton-launches", action="store_true",
+                        help="Triton kernel launches become counted no-ops: the package's own host cost around them")
     args = parser.parse_args()
     torch.set_num_threads(1)
     device = torch.device(args.device)
     backend = args.backend or ("torch" if device.type == "cpu" else "cuda")
-    print(f"torch {torch.__version__}, xception_ops from {xception_ops.__file__}, {device}, backend {backend}")
+    stub = stub_triton_launches() if args.stub_triton_launches else None
+    print(f"torch {torch.__version__}, xception_ops from {xception_ops.__file__}, {device}, backend {backend}"
+          + (", Triton launches stubbed" if stub else ""))
     for name, fn in cases(device, backend).items():
         if args.only and args.only not in name:
             continue
+        launches = None
+        if stub is not None:
+            stub.launches = 0
+        try:
+            fn()
+        except NotImplementedError as e:  # an op this backend has no kernel for (the modules run it elsewhere)
+            print(f"{name:45s} n/a: {str(e).splitlines()[0]}", flush=True)
+            continue
+        if stub is not None:
+            launches = stub.launches
         wall, cpu = timed(fn, args.calls, device=device)
-        print(f"{name:45s} {wall:8.1f} us wall {cpu:8.1f} us cpu", flush=True)
+        print(f"{name:45s} {wall:8.1f} us wall {cpu:8.1f} us cpu" +
+              (f" {launches:3d} launches" if launches is not None else ""), flush=True)
 
 
 if __name__ == "__main__":

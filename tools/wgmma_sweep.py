@@ -18,12 +18,9 @@ import argparse
 import json
 import os
 
-DEFAULT_CONFIGS = ["128x3x0", "128x4x1", "256x4x0", "256x4x1", "64x4x1"]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS)
+    parser.add_argument("--configs", nargs="+", default=None, help="builds to time (default: every one built)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=5)
@@ -35,7 +32,7 @@ def main() -> None:
 
     import xception_ops  # noqa: F401  (registers the ops)
     from xception_ops import _library
-    from xception_ops.backend import wgmma_kernels_built
+    from xception_ops.backend import wgmma_configs, wgmma_kernels_built
     from xception_ops.bench import XCEPTION_LAYERS, time_fn
 
     # Off Hopper there is nothing to time: said, and not an error (tools/gpu_check.sh runs this on any GPU).
@@ -52,7 +49,7 @@ def main() -> None:
     variables = ("XCEPTION_OPS_SEPARABLE_FORWARD", "XCEPTION_OPS_SEPARABLE_STAGED_GEMM", "XCEPTION_OPS_WGMMA_CONFIG")
     variants = ([("staged", None)] +
                 [(f"wgmma-{c}", {"XCEPTION_OPS_SEPARABLE_STAGED_GEMM": "wgmma", "XCEPTION_OPS_WGMMA_CONFIG": c})
-                 for c in args.configs] +
+                 for c in (args.configs or wgmma_configs())] +
                 [("fused-wgmma", {"XCEPTION_OPS_SEPARABLE_FORWARD": "wgmma"})])
 
     def set_variant(env):

@@ -175,14 +175,21 @@ def requested(backend: str) -> str:
     return (_env_override() or "auto") if backend == "auto" else backend
 
 
-def fused_backend(backend: str, op: str, x: torch.Tensor, out_channels: int | None = None) -> str | None:
+def fused_backend(backend: str, op: str, x: torch.Tensor, out_channels: int | None = None,
+                  mid_batch_stats: bool = False) -> str | None:
     """For the fused modules: the backend that runs the fused op, or None when "auto" finds no fused kernel for x.
 
     The modules then run the unfused PyTorch layers, as fast as the model was before fusing, rather than the
     reference operator (which recomputes in its backward). An explicit backend, or XCEPTION_OPS_BACKEND, always
     runs the operator.
+
+    mid_batch_stats: the layer has a BatchNorm between its halves in training (MobileNet's, the aligned Xception's).
+    Its statistics cost the fused op a depthwise forward and a depthwise backward of their own, which no measurement
+    in the table includes: "auto" keeps the PyTorch layers there until a benchmark has timed such layers.
     """
     if backend == "auto" and _env_override() is None:
+        if mid_batch_stats:
+            return None
         chosen = auto_choice(op, x, out_channels).backend
         return None if chosen == "torch" else chosen
     return resolve(backend, op, x, out_channels)
@@ -216,6 +223,13 @@ def wgmma_kernels_built() -> bool:
     return "9.0a" in re.split(r"[;\s]+", ext.CUDA_ARCHS.replace("+PTX", ""))
 
 
+def wgmma_configs() -> tuple[str, ...]:
+    """The builds of Hopper's wgmma GEMM by the names XCEPTION_OPS_WGMMA_CONFIG takes ("128x3x0": output channels
+    per block x pipeline stages x groups in flight), the default first; empty without the compiled CUDA library."""
+    ext = _library.EXTENSION
+    return tuple(getattr(ext, "WGMMA_CONFIGS", ())) if ext is not None else ()
+
+
 def status() -> list[BackendStatus]:
     """What each backend is and whether it can run here; printed by `xception-ops info`."""
     gpu = torch.device("cuda") if torch.cuda.is_available() else None
@@ -228,7 +242,8 @@ def status() -> list[BackendStatus]:
         built_for = (f"built for sm {ext.CUDA_ARCHS}; kernels: {', '.join(cuda_ops()) or 'none yet'}; "
                      f"taken by backend='auto': {', '.join(ext.CUDA_AUTO_OPS) or 'none yet'}; Hopper's wgmma "
                      + ("kernels built, opt-in (XCEPTION_OPS_SEPARABLE_STAGED_GEMM=wgmma, "
-                        "XCEPTION_OPS_SEPARABLE_FORWARD=wgmma; compute capability 9.0 only)"
+                        "XCEPTION_OPS_SEPARABLE_FORWARD=wgmma; compute capability 9.0 only; GEMM builds "
+                        f"{', '.join(wgmma_configs())})"
                         if wgmma_kernels_built() else "kernels not built (no 9.0a in TORCH_CUDA_ARCH_LIST)"))
         cuda_detail = built_for if cuda_detail is None else f"{built_for}; not usable: {cuda_detail}"
     return [

@@ -376,8 +376,19 @@ def bench_layer(op: str, cin: int, cout: int, hw: int, batch: int, count: int, d
 def make_model(name: str) -> nn.Module:
     """A contender by name: "xception[:BACKEND]" (ours), "timm_legacy_xception", "timm_legacy_xception:fused[:BACKEND]"
     (timm's model through xception_ops.fuse: what fuse() does for an existing model) or "inception_v3"; and, asked
-    for by name only, torchvision's "mobilenet_v2" and "mobilenet_v2:fused[:BACKEND]"."""
-    if name.startswith("xception"):
+    for by name only, torchvision's "mobilenet_v2" and "mobilenet_v2:fused[:BACKEND]", and any timm model as
+    "timm:NAME" or "timm:NAME:fused[:BACKEND]" ("timm:xception65:fused:cuda": DeepLab's aligned Xception)."""
+    if name.startswith("timm:"):
+        import timm
+        _, model_name, *rest = name.split(":")
+        if (rest and rest[0] != "fused") or len(rest) > 2:
+            raise ValueError(f"unknown model {name!r}: expected timm:NAME or timm:NAME:fused[:BACKEND]")
+        model = timm.create_model(model_name, pretrained=False)
+        if not rest:
+            return model
+        from .fuse import fuse
+        return fuse(model, inplace=True, backend=rest[1] if len(rest) == 2 else "auto")
+    if name == "xception" or name.startswith("xception:"):
         from .models import xception
         return xception(backend=name.split(":", 1)[1] if ":" in name else "auto")
     if name == "timm_legacy_xception" or name.startswith("timm_legacy_xception:fused"):
@@ -400,7 +411,8 @@ def make_model(name: str) -> nn.Module:
         backend = name.split(":", 2)[2] if name.count(":") == 2 else "auto"
         return fuse(model, inplace=True, backend=backend)
     raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)} (or xception:<backend>, "
-                     "timm_legacy_xception:fused[:<backend>], mobilenet_v2, mobilenet_v2:fused[:<backend>])")
+                     "timm_legacy_xception:fused[:<backend>], mobilenet_v2, mobilenet_v2:fused[:<backend>], "
+                     "timm:<name>, timm:<name>:fused[:<backend>])")
 
 
 def _reset_peak_memory(device: torch.device) -> None:

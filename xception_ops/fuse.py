@@ -6,7 +6,10 @@ when each step's output feeds the next step alone. A ReLU module right before th
 prologue; a BatchNorm2d and a ReLU, ReLU6 or ELU module between the depthwise and pointwise convs as the mid
 BatchNorm and mid activation (MobileNet's dw → BN → ReLU(6) → pw, with or without a depthwise bias). The fused module
 takes the place of the depthwise conv and keeps the original layers (and so the same parameters) as children;
-the other layers of the chain become nn.Identity. The model keeps its class and its forward code.
+the other layers of the chain become nn.Identity. The model keeps its class and its forward code. nn.Identity
+layers inside a chain are passed through (timm's aligned Xception, DeepLab's backbone, holds them where its
+SeparableConv2d has no activations), and timm's BatchNormAct2d (a BatchNorm with its activation inside: timm's
+MobileNet, EfficientNet-Lite and MNASNet blocks) counts as a BatchNorm followed by its activation.
 
 A ReLU between a chain's BatchNorm and the next chain's depthwise conv, feeding it alone, becomes that next chain's
 prologue rather than this chain's epilogue, and this chain hands its BatchNorm on (SeparableConvBN.defer_bn): the
@@ -61,8 +64,54 @@ def _is_pointwise(m: nn.Module, channels: int) -> bool:
             and m.in_channels == channels and m.padding in ((0, 0), "valid") and m.padding_mode == "zeros")
 
 
+def _is_bn_act(m: nn.Module) -> bool:
+    """timm's BatchNormAct2d: a BatchNorm2d subclass whose forward is BatchNorm2d's, then `drop`, then `act` (timm's
+    MobileNet, EfficientNet and MNASNet blocks). Taken where its `drop` is an identity; its `act` joins the chain as
+    the mid activation or the ReLU after the BatchNorm (fuse() then sets it to nn.Identity inside the module)."""
+    return (isinstance(m, nn.BatchNorm2d) and type(m).__name__ == "BatchNormAct2d"
+            and type(m).__module__.startswith("timm.") and type(getattr(m, "drop", None)) is nn.Identity
+            and isinstance(getattr(m, "act", None), nn.Module))
+
+
 def _is_bn(m: nn.Module, channels: int) -> bool:
-    return type(m) is nn.BatchNorm2d and m.num_features == channels
+    return (type(m) is nn.BatchNorm2d or _is_bn_act(m)) and m.num_features == channels
+
+
+def _bn_act(bn: nn.Module) -> nn.Module | None:
+    """The activation inside a BatchNormAct2d (None for a plain BatchNorm2d or an identity act)."""
+    act = getattr(bn, "act", None) if _is_bn_act(bn) else None
+    return None if act is None or type(act) is nn.Identity else act
+
+
+def _take_mid_bn(chain: Chain, name: str, bn: nn.Module) -> bool:
+    """Puts the BatchNorm `name` between the halves into the chain, with the activation inside it (BatchNormAct2d)
+    as the mid activation; False where that activation has no mid form."""
+    act = _bn_act(bn)
+    if act is not None and not _mid_activation_name(act):
+        return False
+    chain.mid_batch_norm = name
+    if act is not None:
+        chain.mid_activation = name + ".act"
+    return True
+
+
+def _take_bn(chain: Chain, name: str, bn: nn.Module) -> bool:
+    """Puts the BatchNorm `name` after the pointwise conv into the chain, with a ReLU inside it (BatchNormAct2d) as
+    the chain's ReLU; False where it holds another activation."""
+    act = _bn_act(bn)
+    if act is not None and type(act) is not nn.ReLU:
+        return False
+    chain.batch_norm = name
+    if act is not None:
+        chain.post_relu = name + ".act"
+    return True
+
+
+class _Tracer(torch.fx.Tracer):
+    """torch.fx's tracer, with timm's BatchNormAct2d as one node (a leaf) like nn.BatchNorm2d, not traced through."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return _is_bn_act(m) or super().is_leaf_module(m, qualname)
 
 
 def _mid_activation_name(m: nn.Module) -> str | None:
@@ -88,9 +137,25 @@ def _find_chains_fx(model: nn.Module, graph: torch.fx.Graph) -> list[Chain]:
             return modules[node.target]
         return None
 
+    def is_identity(node) -> bool:
+        return node is not None and module_of(node) is not None and type(module_of(node)) is nn.Identity
+
     def sole_user(node):
+        # Through nn.Identity layers that feed one user each: timm's SeparableConv2d without activations holds them
+        # where the activations would be (act_dw, act_pw); they stay, passing the fused module's output on.
         users = list(node.users)
-        return users[0] if len(users) == 1 else None
+        nxt = users[0] if len(users) == 1 else None
+        while is_identity(nxt):
+            users = list(nxt.users)
+            nxt = users[0] if len(users) == 1 else None
+        return nxt
+
+    def producer(node):
+        """The node whose value `node` takes as its first argument, through nn.Identity layers that feed it alone."""
+        src = node.args[0] if node.args else None
+        while isinstance(src, torch.fx.Node) and is_identity(src) and len(src.users) == 1 and src.args:
+            src = src.args[0]
+        return src
 
     chains = []
     for node in graph.nodes:
@@ -100,25 +165,30 @@ def _find_chains_fx(model: nn.Module, graph: torch.fx.Graph) -> list[Chain]:
         chain = Chain(depthwise=node.target, pointwise="")
         nxt = sole_user(node)
         if nxt is not None and module_of(nxt) is not None and _is_bn(module_of(nxt), dw.out_channels):
-            chain.mid_batch_norm, nxt = nxt.target, sole_user(nxt)
-        if nxt is not None and module_of(nxt) is not None and _mid_activation_name(module_of(nxt)):
+            if not _take_mid_bn(chain, nxt.target, module_of(nxt)):
+                continue  # an activation inside the BatchNorm that the op has no mid form of
+            nxt = sole_user(nxt)
+        if chain.mid_activation is None and nxt is not None and module_of(nxt) is not None \
+                and _mid_activation_name(module_of(nxt)):
             chain.mid_activation, nxt = nxt.target, sole_user(nxt)
         if nxt is None or module_of(nxt) is None or not _is_pointwise(module_of(nxt), dw.out_channels):
             continue
         chain.pointwise, tail = nxt.target, nxt
         channels = module_of(nxt).out_channels
         nxt = sole_user(tail)
-        if nxt is not None and module_of(nxt) is not None and _is_bn(module_of(nxt), channels):
-            chain.batch_norm, tail = nxt.target, nxt
+        if nxt is not None and module_of(nxt) is not None and _is_bn(module_of(nxt), channels) \
+                and _take_bn(chain, nxt.target, module_of(nxt)):  # (else the chain ends at the pointwise conv)
+            tail = nxt
         nxt = sole_user(tail)
-        if nxt is not None and module_of(nxt) is not None and type(module_of(nxt)) is nn.ReLU:
+        if chain.post_relu is None and nxt is not None and module_of(nxt) is not None \
+                and type(module_of(nxt)) is nn.ReLU:
             chain.post_relu = nxt.target
         # Prologue: a ReLU module feeding only this depthwise conv. An in-place ReLU also rewrites its input,
         # which is then safe only if nothing else reads that input.
-        src = node.args[0]
+        src = producer(node)
         if isinstance(src, torch.fx.Node) and sole_user(src) is node and module_of(src) is not None \
                 and type(module_of(src)) is nn.ReLU:
-            inner = src.args[0] if src.args else None
+            inner = producer(src)
             if not module_of(src).inplace or (isinstance(inner, torch.fx.Node) and sole_user(inner) is src):
                 chain.pre_relu = src.target
         chains.append(chain)
@@ -139,18 +209,28 @@ def _find_chains_sequential(model: nn.Module) -> list[Chain]:
                 i += 1
                 continue
             chain = Chain(depthwise=name(children[i][0]), pointwise="")
-            j = i + 1
+
+            def skip(j: int) -> int:  # past nn.Identity children, as the dataflow finder passes them
+                while j < len(children) and type(children[j][1]) is nn.Identity:
+                    j += 1
+                return j
+
+            j = skip(i + 1)
             if j < len(children) and _is_bn(children[j][1], dw.out_channels):
-                chain.mid_batch_norm, j = name(children[j][0]), j + 1
-            if j < len(children) and _mid_activation_name(children[j][1]):
-                chain.mid_activation, j = name(children[j][0]), j + 1
+                if not _take_mid_bn(chain, name(children[j][0]), children[j][1]):
+                    i += 1
+                    continue
+                j = skip(j + 1)
+            if chain.mid_activation is None and j < len(children) and _mid_activation_name(children[j][1]):
+                chain.mid_activation, j = name(children[j][0]), skip(j + 1)
             if j >= len(children) or not _is_pointwise(children[j][1], dw.out_channels):
                 i += 1
                 continue
-            chain.pointwise, channels, j = name(children[j][0]), children[j][1].out_channels, j + 1
-            if j < len(children) and _is_bn(children[j][1], channels):
-                chain.batch_norm, j = name(children[j][0]), j + 1
-            if j < len(children) and type(children[j][1]) is nn.ReLU:
+            chain.pointwise, channels, j = name(children[j][0]), children[j][1].out_channels, skip(j + 1)
+            if j < len(children) and _is_bn(children[j][1], channels) and \
+                    _take_bn(chain, name(children[j][0]), children[j][1]):
+                j = skip(j + 1)
+            if chain.post_relu is None and j < len(children) and type(children[j][1]) is nn.ReLU:
                 chain.post_relu, j = name(children[j][0]), j + 1
             if i > 0 and type(children[i - 1][1]) is nn.ReLU:
                 chain.pre_relu = name(children[i - 1][0])
@@ -161,12 +241,19 @@ def _find_chains_sequential(model: nn.Module) -> list[Chain]:
 
 def find_chains(model: nn.Module) -> list[Chain]:
     """The fusable chains of `model`, found by tracing it with torch.fx (or in nn.Sequential containers)."""
+    # Tracing runs the model's Python on proxies, but buffers are real tensors to torch.fx: an in-place op on one
+    # runs (timm's BatchNormAct2d counts num_batches_tracked itself, in training mode). Put them back afterwards.
+    saved = [(b, b.clone()) for b in model.buffers()]
     try:
-        graph = torch.fx.Tracer().trace(model)
+        graph = _Tracer().trace(model)
     except Exception as e:  # noqa: BLE001  (tracing fails in many ways on dynamic Python code)
         warnings.warn(f"fuse: torch.fx could not trace {type(model).__name__} ({e}); looking for chains inside "
                       "nn.Sequential containers only", RuntimeWarning, stacklevel=3)
         return _find_chains_sequential(model)
+    finally:
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)
     return _find_chains_fx(model, graph)
 
 
@@ -208,7 +295,9 @@ def fuse(model: nn.Module, *, inplace: bool = False, backend: str = "auto", pool
             post_relu=chain.post_relu is not None, backend=backend,
             mid_bn=modules[chain.mid_batch_norm] if chain.mid_batch_norm else None)
         fused.defer_bn = chain.depthwise in deferring
-        for name in chain.names():
+        # Deepest first: an activation inside a BatchNormAct2d ("....bn1.act") is set to nn.Identity inside that
+        # module, which the fused module keeps as its BatchNorm, before the BatchNorm's own place becomes one.
+        for name in sorted(chain.names(), key=lambda n: -n.count(".")):
             if name != chain.depthwise:
                 _set_module(model, name, nn.Identity())
         _set_module(model, chain.depthwise, fused)

@@ -197,10 +197,11 @@ class SeparableConvBN(nn.Module):
         pending = x if isinstance(x, PendingBatchNorm) else None
         if pending is not None:
             x = pending.y
-        backend = backends.fused_backend(self.backend, "xception_ops.separable_conv2d", x, pw.out_channels)
         mid_bn = getattr(self, "mid_bn", None)
         batch_stats = bn is not None and batchnorm.uses_batch_stats(bn)
         mid_batch_stats = mid_bn is not None and batchnorm.uses_batch_stats(mid_bn)
+        backend = backends.fused_backend(self.backend, "xception_ops.separable_conv2d", x, pw.out_channels,
+                                         mid_batch_stats=mid_batch_stats)
         if backend is None:
             if not ((batch_stats or mid_batch_stats) and batchnorm.synchronizes(self)):
                 return self._forward_unfused(x if pending is None else pending.apply(), residual)

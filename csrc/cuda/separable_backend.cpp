@@ -302,9 +302,9 @@ PointwiseGemmConfig wgmma_gemm_config(const char* op) {
   const char* name = std::getenv("XCEPTION_OPS_WGMMA_CONFIG");
   if (name != nullptr && *name != '\0' && !parse_pointwise_config(name, &config)) {
     std::string builds;
+    char buf[32];
     for (const PointwiseGemmConfig& c : kPointwiseConfigs) {
-      builds += (builds.empty() ? "" : ", ") + std::to_string(c.n) + "x" + std::to_string(c.stages) + "x" +
-                std::to_string(c.in_flight);
+      builds += (builds.empty() ? "" : ", ") + std::string(pointwise_config_name(c, buf));
     }
     XO_CHECK_VALUE(false, op, ": XCEPTION_OPS_WGMMA_CONFIG=", name, " names none of the builds of Hopper's ",
                    "GEMM (NxSTAGESxIN_FLIGHT: ", builds, ")");

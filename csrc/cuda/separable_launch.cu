@@ -1,6 +1,6 @@
-// Launchers of the fused separable forward (kernels/separable.cuh): pick the specialization, size the shared
-// memory, launch on the given stream and reduce the statistics; cudaGetLastError() is checked after every
-// launch. No torch headers here, so this file compiles quickly and also outside a torch build.
+// The fused separable forward's entry point: check the plan, dispatch on the dtype and GEMM mode to the
+// instantiations in instances/separable_forward_*.cu (kernel choices: separable_launch.cuh), then reduce the
+// statistics; cudaGetLastError() is checked after every launch. No torch headers here.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -8,72 +8,23 @@
 #include <climits>
 #include <mutex>
 
-#include "kernels/separable.cuh"
+#include "cuda/instance_entries.h"
 #include "kernels/separable_params.h"
 
 namespace xception_ops {
 namespace {
 
-using kernels::separable_forward_kernel;
-
-template <typename T, PointwiseMath kMath, int KH, int KW>
-cudaError_t launch_forward_kernel(const SeparableParams& p, int groups, cudaStream_t stream) {
-  const SeparableSmem smem = separable_smem(p, p.a_pitch, kMath, static_cast<int>(sizeof(T)));
-  auto* kernel = &separable_forward_kernel<T, kMath, KH, KW>;
-  if constexpr (kMath == PointwiseMath::TensorCore && KH == KW && (KH == 3 || KH == 1)) {
-    // Shared memory for one block per SM only: the build without the 128-register cap (no spills), which is
-    // also the one that takes a plan's shallower ring or unpadded accumulator tile. Run tiles: their builds.
-    DeviceCaps caps;
-    const cudaError_t err = current_device_caps(&caps);
-    if (err != cudaSuccess) return err;
-    const bool one_block = 2 * smem.total > caps.smem_per_sm || p.weight_stages != 0 || p.c_pitch != 0;
-    if constexpr (KH == 3) {
-      if (p.run_tiles) {
-        kernel = one_block ? &separable_forward_kernel<T, kMath, KH, KW, 1, true>
-                           : &separable_forward_kernel<T, kMath, KH, KW, 2, true>;
-      }
-    } else if (p.run_tiles) {
-      return cudaErrorInvalidValue;
-    }
-    if (one_block && !p.run_tiles) kernel = &separable_forward_kernel<T, kMath, KH, KW, 1>;
-  } else {
-    if (p.run_tiles) return cudaErrorInvalidValue;  // only the mma.sync path is built for run tiles
-  }
-  if (smem.total > 48 * 1024) {  // above the default limit, a kernel must opt in
-    const cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem.total));
-    if (err != cudaSuccess) return err;
-  }
-  const dim3 grid(static_cast<unsigned int>(separable_pixel_tiles(p)),
-                  static_cast<unsigned int>(groups));
-  kernel<<<grid, kSepThreads, smem.total, stream>>>(p);
-  return cudaGetLastError();
-}
-
-template <typename T, PointwiseMath kMath>
-cudaError_t forward_for_math(const SeparableParams& p, int groups, cudaStream_t stream) {
-  if (p.a_source != nullptr) {
-    // The staged form (the depthwise tile read from memory; the mma.sync GEMM only): builds whose depthwise
-    // stage, never run here, is 1x1, so that it does not raise their registers.
-    if constexpr (kMath == PointwiseMath::TensorCore) return launch_forward_kernel<T, kMath, 1, 1>(p, groups, stream);
-    return cudaErrorInvalidValue;
-  }
-  if (p.g.kernel_h == 3 && p.g.kernel_w == 3) return launch_forward_kernel<T, kMath, 3, 3>(p, groups, stream);
-  return launch_forward_kernel<T, kMath, 0, 0>(p, groups, stream);
-}
-
 // The GEMM modes each dtype is built with: FFMA always; for fp16 / bf16 tensor cores through mma.sync and
 // through wmma; TF32 for float32.
 template <typename T>
 cudaError_t forward_typed(const SeparableParams& p, PointwiseMath math, int groups, cudaStream_t stream) {
-  if (math == PointwiseMath::Ffma) return forward_for_math<T, PointwiseMath::Ffma>(p, groups, stream);
+  using separable_launch::forward_math;
+  if (math == PointwiseMath::Ffma) return forward_math<T, PointwiseMath::Ffma>(p, groups, stream);
   if constexpr (sizeof(T) == 4) {
-    if (math == PointwiseMath::Tf32) return forward_for_math<T, PointwiseMath::Tf32>(p, groups, stream);
+    if (math == PointwiseMath::Tf32) return forward_math<T, PointwiseMath::Tf32>(p, groups, stream);
   } else {
-    if (math == PointwiseMath::TensorCore) return forward_for_math<T, PointwiseMath::TensorCore>(p, groups, stream);
-    if (math == PointwiseMath::TensorCoreWmma) {
-      return forward_for_math<T, PointwiseMath::TensorCoreWmma>(p, groups, stream);
-    }
+    if (math == PointwiseMath::TensorCore) return forward_math<T, PointwiseMath::TensorCore>(p, groups, stream);
+    if (math == PointwiseMath::TensorCoreWmma) return forward_math<T, PointwiseMath::TensorCoreWmma>(p, groups, stream);
   }
   return cudaErrorInvalidValue;
 }

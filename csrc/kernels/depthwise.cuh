@@ -366,8 +366,11 @@ __device__ __forceinline__ void load_forward_terms(const DepthwiseParams& p, con
     shift[v] = prologue && p.prologue.shift != nullptr ? p.prologue.shift[c + v] : 0.f;
   }
 }
-// The mid stage's scale and shift of channels c .. c + V - 1 (1 and 0 where absent), once per thread and channel
-// vector: the kernels' channels lie below dw_channels, so nothing past the vectors is read.
+// The mid stage's scale and shift of channels c .. c + V - 1 (1 and 0 where absent): the kernels' channels lie
+// below dw_channels, so nothing past the vectors is read. The vector kernels load them where their stores need
+// them, once per run: held through the accumulation they cost 2V registers, and spills (nvcc 13, sm_90a, fp16,
+// the tap-by-tap build: 152 bytes of spill loads, 8 when loaded per run); the strip kernels hold them (loaded per
+// row, they spilled more: the ring of input rows is live at the stores).
 template <int V, typename idx_t>
 __device__ __forceinline__ void load_mid_terms(const DepthwiseParams& p, idx_t c, float (&scale)[V],
                                                float (&shift)[V]) {
@@ -442,10 +445,9 @@ __global__ void __launch_bounds__(kDepthwiseThreads, 2) depthwise_forward_vector
   const bool mid_affine = p.mid_affine();
   for (idx_t cg = lane; cg < groups; cg += lanes) {
     const idx_t c = cg * V;
-    float wv[9][V], bv[V], scale[V], shift[V], mid_scale[V], mid_shift[V];
+    float wv[9][V], bv[V], scale[V], shift[V];
     load_weights_3x3<T>(p, c, wv);
     load_forward_terms<T>(p, bias, c, prologue, bv, scale, shift);
-    if constexpr (kMid) load_mid_terms(p, c, mid_scale, mid_shift);
     for (idx_t run = static_cast<idx_t>(blockIdx.x) * rows + row; run < runs;
          run += static_cast<idx_t>(gridDim.x) * rows) {
       const idx_t r = run / runs_w, ow0 = (run - r * runs_w) * R, oh = r % OH, n = r / OH;
@@ -490,6 +492,8 @@ __global__ void __launch_bounds__(kDepthwiseThreads, 2) depthwise_forward_vector
           }
         }
       }
+      float mid_scale[V], mid_shift[V];
+      if constexpr (kMid) load_mid_terms(p, c, mid_scale, mid_shift);
 #pragma unroll
       for (int q = 0; q < R; ++q) {
         if (ow0 + q >= OW) break;

@@ -5,6 +5,8 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <cstdio>
+#include <cstring>
 
 #include "depthwise_params.h"  // DType, XO_HOST_DEVICE
 
@@ -68,30 +70,19 @@ XO_HOST_DEVICE constexpr int pointwise_min_blocks(PointwiseGemmConfig c) {
 constexpr PointwiseGemmConfig kPointwiseConfigs[] = {{128, 3, 0}, {128, 4, 1}, {256, 4, 0}, {256, 4, 1}, {64, 4, 1}};
 constexpr int kPointwiseConfigCount = sizeof(kPointwiseConfigs) / sizeof(kPointwiseConfigs[0]);
 
-// The configuration named `name` ("128x3x0"), if it is one of kPointwiseConfigs.
+// A build's name, "NxSTAGESxIN_FLIGHT" ("128x3x0"): written into `buf`, returned.
+inline const char* pointwise_config_name(PointwiseGemmConfig c, char (&buf)[32]) {
+  std::snprintf(buf, sizeof(buf), "%dx%dx%d", c.n, c.stages, c.in_flight);
+  return buf;
+}
+
+// The configuration named `name`, if it is one of kPointwiseConfigs: its name, spelled exactly.
 inline bool parse_pointwise_config(const char* name, PointwiseGemmConfig* out) {
-  int values[3] = {0, 0, 0};
-  int field = 0;
-  bool digits = false;
-  for (const char* q = name; q != nullptr; ++q) {
-    if (*q >= '0' && *q <= '9' && values[field] < 100000) {
-      values[field] = 10 * values[field] + (*q - '0');
-      digits = true;
-    } else if ((*q == 'x' || *q == '\0') && digits) {
-      if (*q == '\0') {
-        if (field != 2) return false;
-        for (const PointwiseGemmConfig& c : kPointwiseConfigs) {
-          if (c.n == values[0] && c.stages == values[1] && c.in_flight == values[2]) {
-            *out = c;
-            return true;
-          }
-        }
-        return false;
-      }
-      if (++field > 2) return false;
-      digits = false;
-    } else {
-      return false;
+  char buf[32];
+  for (const PointwiseGemmConfig& c : kPointwiseConfigs) {
+    if (name != nullptr && std::strcmp(pointwise_config_name(c, buf), name) == 0) {
+      *out = c;
+      return true;
     }
   }
   return false;

@@ -196,8 +196,14 @@ TEST_CASE(pointwise_configs_parse_and_fit) {
   EXPECT(parse_pointwise_config("128x3x0", &c) && c.n == 128 && c.stages == 3 && c.in_flight == 0);
   EXPECT(parse_pointwise_config("256x4x1", &c) && c.n == 256 && c.stages == 4 && c.in_flight == 1);
   for (const char* bad :
-       {"", "128", "128x3", "128x3x0x1", "128x3x2", "x3x0", "128xx0", "96x3x0", "128x3x0 ", "-1x3x0"}) {
+       {"", "128", "128x3", "128x3x0x1", "128x3x2", "x3x0", "128xx0", "96x3x0", "128x3x0 ", "-1x3x0", "0128x3x0"}) {
     EXPECT(!parse_pointwise_config(bad, &c));
+  }
+  EXPECT(!parse_pointwise_config(nullptr, &c));
+  char buf[32];
+  for (const PointwiseGemmConfig& k : kPointwiseConfigs) {  // every build's name names it
+    EXPECT(parse_pointwise_config(pointwise_config_name(k, buf), &c) && c.n == k.n && c.stages == k.stages &&
+           c.in_flight == k.in_flight);
   }
   for (const PointwiseGemmConfig& k : kPointwiseConfigs) {
     EXPECT(pointwise_config_ok(k));

@@ -117,10 +117,25 @@ def _check_device(x: torch.Tensor) -> None:
                            "tensors, or TRITON_INTERPRET=1 to run in Triton's interpreter on the CPU")
 
 
+# Host-side arithmetic in plain Python: triton.cdiv and triton.next_power_of_2 are constexpr functions in Triton 3.8,
+# whose wrapper cost ~4 us a call here (25 calls per separable backward).
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def _span(t: torch.Tensor | None) -> int:
     """How many elements the tensor reaches from its first one (its largest offset + 1)."""
-    if t is None or t.numel() == 0:
+    if t is None:
         return 0
+    n = t.numel()
+    if n == 0:
+        return 0
+    if t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)):
+        return n  # dense: the offsets are 0 .. n - 1
     return 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
 
 
@@ -138,8 +153,9 @@ def _row_vector(tensors: Sequence[torch.Tensor | None], channels: Sequence[int])
     present = [t for t in tensors if t is not None]
     vec = 16 // present[0].element_size()
     for t in present:
+        shape, strides = t.shape, t.stride()  # (one call each: ~0.5 us apiece, and this runs per launch)
         for d in (0, 2, 3):
-            while vec > 1 and t.shape[d] > 1 and t.stride(d) % vec:
+            while vec > 1 and shape[d] > 1 and strides[d] % vec:
                 vec //= 2
     for c in channels:
         while vec > 1 and c % vec:
@@ -169,8 +185,8 @@ def _slices(num_tiles: int, other_programs: int, device: torch.device) -> tuple[
     else:
         target = 4
     slices = max(1, min(num_tiles, target // max(other_programs, 1)))
-    per_slice = triton.cdiv(num_tiles, slices)
-    return triton.cdiv(num_tiles, per_slice), per_slice
+    per_slice = _cdiv(num_tiles, slices)
+    return _cdiv(num_tiles, per_slice), per_slice
 
 
 def _reduce_rows(ws: torch.Tensor, out: torch.Tensor) -> None:
@@ -178,9 +194,9 @@ def _reduce_rows(ws: torch.Tensor, out: torch.Tensor) -> None:
     _REDUCE_GROUP rows are summed in parallel, level by level, until one row is left."""
     K = _kernels()
     rows, cols = ws.shape
-    col_blocks = triton.cdiv(cols, _REDUCE_META["BLOCK_COLS"])
+    col_blocks = _cdiv(cols, _REDUCE_META["BLOCK_COLS"])
     while rows > _REDUCE_GROUP:
-        groups = triton.cdiv(rows, _REDUCE_GROUP)
+        groups = _cdiv(rows, _REDUCE_GROUP)
         partial = torch.empty((groups, cols), dtype=torch.float32, device=ws.device)
         K.reduce_rows_kernel[(col_blocks, groups)](ws, partial, rows, cols, _REDUCE_GROUP, **_REDUCE_META)
         ws, rows = partial, groups
@@ -214,8 +230,8 @@ def _key(*parts) -> tuple:
     """An autotune key: shapes, strides, dtypes and flags, all hashable."""
     out = []
     for p in parts:
-        if isinstance(p, torch.Tensor):
-            out.append((tuple(p.shape), tuple(p.stride()), p.dtype, p.device.index))
+        if isinstance(p, torch.Tensor):  # (torch.Size and stride() are tuples already; get_device: no device object)
+            out.append((p.shape, p.stride(), p.dtype, p.get_device()))
         elif isinstance(p, (list, tuple)):
             out.append(tuple(p))
         else:
@@ -250,8 +266,8 @@ def _strip_rows(programs_per_row: int, rows: int, device: torch.device) -> int:
     enough programs to fill the GPU (8 per SM), at most 16 rows, evened out over the strips."""
     target = 8 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
     strip = max(1, min(16, rows, rows * programs_per_row // target))
-    strips = triton.cdiv(rows, strip)
-    return triton.cdiv(rows, strips)
+    strips = _cdiv(rows, strip)
+    return _cdiv(rows, strips)
 
 
 def _launch_rows(cfg: Config, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -261,9 +277,9 @@ def _launch_rows(cfg: Config, x: torch.Tensor, weight: torch.Tensor, bias: torch
     """dw_rows_kernel into y (the depthwise forward, or the separable's act buffer) with configuration cfg."""
     n, c, h, w = (int(v) for v in x.shape)
     cm, oh, ow = int(y.shape[1]), int(y.shape[2]), int(y.shape[3])
-    num_w, num_c = triton.cdiv(ow, cfg.BLOCK_P), triton.cdiv(cm, cfg.BLOCK_C)
+    num_w, num_c = _cdiv(ow, cfg.BLOCK_P), _cdiv(cm, cfg.BLOCK_C)
     strip = _strip_rows(n * num_w * num_c, oh, x.device)
-    grid = (n * triton.cdiv(oh, strip) * num_w * num_c,)
+    grid = (n * _cdiv(oh, strip) * num_w * num_c,)
     _kernels().dw_rows_kernel[grid](
         x, weight, _or(bias, weight), _or(in_scale, weight), _or(in_shift, weight), _or(mid_scale, weight),
         _or(mid_shift, weight), y,
@@ -291,7 +307,7 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         if cfg.rows:
             _launch_rows(cfg, x, weight, bias, None, None, False, kernels.MID_NONE, None, None, y, conv, idx64)
             return
-        grid = (triton.cdiv(q, cfg.BLOCK_P) * triton.cdiv(cm, cfg.BLOCK_C),)
+        grid = (_cdiv(q, cfg.BLOCK_P) * _cdiv(cm, cfg.BLOCK_C),)
         K.dw_fwd_kernel[grid](
             x, weight, bias if bias is not None else weight, y,
             q, oh * ow, ow, h, w, cm, cm // c, *conv, *x.stride(), *_weight_strides(weight), *y.stride(),
@@ -323,8 +339,8 @@ def _dgrad(g: torch.Tensor, weight: torch.Tensor, grad_x: torch.Tensor, conv, x:
     has_scale, has_shift = prologue and in_scale is not None, prologue and in_shift is not None
 
     def run(cfg: Config) -> None:
-        tiles = triton.cdiv(q_in, cfg.BLOCK_P)
-        grid = (tiles * triton.cdiv(c, cfg.BLOCK_C),)
+        tiles = _cdiv(q_in, cfg.BLOCK_P)
+        grid = (tiles * _cdiv(c, cfg.BLOCK_C),)
         ws = (torch.empty((2, tiles, c), dtype=torch.float32, device=g.device) if has_scale or has_shift
               else grad_x)
         K.dw_dgrad_kernel[grid](
@@ -356,12 +372,12 @@ def _wgrad(g: torch.Tensor, x: torch.Tensor, grad_w: torch.Tensor, conv, in_scal
     K = _kernels()
     taps = kh * kw
     group = taps if taps <= 32 else 16
-    block_t = triton.next_power_of_2(group)
+    block_t = _next_pow2(group)
     idx64 = _idx64(g, x, extra=[q, grad_w.numel()])
 
     def run(cfg: Config) -> None:
-        tiles = triton.cdiv(q, cfg.BLOCK_P)
-        other = triton.cdiv(cm, cfg.BLOCK_C) * triton.cdiv(taps, group)
+        tiles = _cdiv(q, cfg.BLOCK_P)
+        other = _cdiv(cm, cfg.BLOCK_C) * _cdiv(taps, group)
         slices, per_slice = _slices(tiles, other, g.device)
         ws = torch.empty((slices, cm * taps), dtype=torch.float32, device=g.device)
         K.dw_wgrad_kernel[(slices * other,)](
@@ -412,7 +428,7 @@ def _forward_forms(k_out: int, cfg: Config) -> list[Config]:
         return [cfg._replace(staged=forced == "staged")]
     if forced:
         raise ValueError(f"{FORWARD_ENV} must be 'fused' or 'staged', got {forced!r}")
-    staged_first = triton.cdiv(k_out, cfg.BLOCK_K) > 1
+    staged_first = _cdiv(k_out, cfg.BLOCK_K) > 1
     return [cfg._replace(staged=staged_first), cfg._replace(staged=not staged_first)]
 
 
@@ -436,7 +452,7 @@ def _act_buffer(x: torch.Tensor, dw_weight: torch.Tensor, in_scale: torch.Tensor
             _launch_rows(cfg, x, dw_weight, None, in_scale, in_shift, in_relu, mid, mid_scale, mid_shift, buf, conv,
                          idx64)
             return
-        grid = (triton.cdiv(q, cfg.BLOCK_P) * triton.cdiv(cm, cfg.BLOCK_C),)
+        grid = (_cdiv(q, cfg.BLOCK_P) * _cdiv(cm, cfg.BLOCK_C),)
         K.sep_bwd_act_kernel[grid](
             x, dw_weight, _or(in_scale, dummy), _or(in_shift, dummy), _or(mid_scale, dummy), _or(mid_shift, dummy),
             buf,
@@ -483,8 +499,8 @@ def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.
     res_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
 
     def run(cfg: Config) -> None:
-        tiles = triton.cdiv(q, cfg.BLOCK_P)
-        grid = (tiles * triton.cdiv(k_out, cfg.BLOCK_K),)
+        tiles = _cdiv(q, cfg.BLOCK_P)
+        grid = (tiles * _cdiv(k_out, cfg.BLOCK_K),)
         ws = torch.empty((2, tiles, k_out), dtype=torch.float32, device=x.device) if compute_stats else dummy
         # Staged: the depthwise stage once, into a transient buffer freed when this returns.
         act = _act_buffer(x, dw_weight, in_scale, in_shift, in_relu, mid, mid_scale, mid_shift, conv, kh, kw, oh, ow,
@@ -595,8 +611,8 @@ def separable_conv2d_backward(grad_out: torch.Tensor, grad_sum: torch.Tensor | N
             gy_target = gy_buf if write_gy else grad_out
             y_src = mid_buf if need_y else dummy
             y_strides = mid_buf.stride() if need_y else (0, 0, 0, 0)
-            k_tiles = triton.cdiv(k_out, cfg.BLOCK_K)
-            slices, per_slice = _slices(triton.cdiv(q, cfg.BLOCK_P), k_tiles, dev)
+            k_tiles = _cdiv(k_out, cfg.BLOCK_K)
+            slices, per_slice = _slices(_cdiv(q, cfg.BLOCK_P), k_tiles, dev)
             ws = torch.empty((2, slices, k_out), dtype=torch.float32, device=dev) if partials else dummy
             K.sep_bwd_epilogue_kernel[(slices * k_tiles,)](
                 grad_out, _or(out, grad_out), _or(out_scale, dummy), _or(grad_sum, dummy), _or(grad_sumsq, dummy),
@@ -633,8 +649,8 @@ def separable_conv2d_backward(grad_out: torch.Tensor, grad_sum: torch.Tensor | N
         mid_buf = act_buffer()
 
     def run_pw(cfg: Config) -> None:
-        tiles = triton.cdiv(q, cfg.BLOCK_P)
-        other = triton.cdiv(k_out, cfg.BLOCK_K) * triton.cdiv(cm, cfg.BLOCK_C)
+        tiles = _cdiv(q, cfg.BLOCK_P)
+        other = _cdiv(k_out, cfg.BLOCK_K) * _cdiv(cm, cfg.BLOCK_C)
         slices, per_slice = _slices(tiles, other, dev)
         ws = torch.empty((slices, k_out * cm), dtype=torch.float32, device=dev)
         K.sep_bwd_pw_kernel[(slices * other,)](
@@ -652,8 +668,8 @@ def separable_conv2d_backward(grad_out: torch.Tensor, grad_sum: torch.Tensor | N
     mid_affine = mid_scale is not None or mid_shift is not None
 
     def run_mid(cfg: Config) -> None:
-        tiles = triton.cdiv(q, cfg.BLOCK_P)
-        grid = (tiles * triton.cdiv(cm, cfg.BLOCK_C),)
+        tiles = _cdiv(q, cfg.BLOCK_P)
+        grid = (tiles * _cdiv(cm, cfg.BLOCK_C),)
         # Per-tile partial sums for mid_scale / mid_shift's gradients (planes 0 and 1), reduced in a fixed order.
         ws = torch.empty((2, tiles, cm), dtype=torch.float32, device=dev) if mid_affine else dummy
         K.sep_bwd_mid_kernel[grid](
@@ -705,7 +721,7 @@ def max_pool2d(x: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int
         return out, codes
     block_p, block_c = _pool_tile(x)
     code_arg = codes if save_argmax else out
-    grid = (triton.cdiv(q, block_p) * triton.cdiv(c, block_c),)
+    grid = (_cdiv(q, block_p) * _cdiv(c, block_c),)
     _kernels().max_pool_fwd_kernel[grid](
         x, out, code_arg, q, oh * ow, ow, h, w, c, *x.stride(), *out.stride(), *code_arg.stride(),
         KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, SAVE=save_argmax, ACC=_pool_acc(x.dtype),
@@ -729,10 +745,10 @@ def max_pool2d_backward(grad_out: torch.Tensor, argmax: torch.Tensor, input_size
     if q == 0 or c == 0:
         return grad_x
     block_p, block_c = _pool_tile(grad_x)
-    grid = (triton.cdiv(q, block_p) * triton.cdiv(c, block_c),)
+    grid = (_cdiv(q, block_p) * _cdiv(c, block_c),)
     _kernels().max_pool_bwd_kernel[grid](
         grad_out, argmax, grad_x, q, h * w, w, oh, ow, c, *grad_out.stride(), *argmax.stride(), *grad_x.stride(),
-        KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, WIN_H=triton.cdiv(kh, sh), WIN_W=triton.cdiv(kw, sw),
+        KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, WIN_H=_cdiv(kh, sh), WIN_W=_cdiv(kw, sw),
         ACC=_pool_acc(grad_out.dtype), IDX64=_idx64(grad_out, argmax, grad_x), BLOCK_P=block_p, BLOCK_C=block_c,
         VEC=_row_vector([grad_x, grad_out, argmax], [c]), num_warps=4)
     return grad_x

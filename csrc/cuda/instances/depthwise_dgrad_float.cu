@@ -1,0 +1,6 @@
+// One pass and dtype of the depthwise launchers (cuda/depthwise_launch.cuh), in a file of its own for a parallel build.
+#include "cuda/depthwise_launch.cuh"
+
+namespace xception_ops::depthwise_launch {
+template cudaError_t backward_input_dtype<float>(const DepthwiseParams&, cudaStream_t);
+}  // namespace xception_ops::depthwise_launch
