@@ -57,7 +57,8 @@ MidActivation parse_mid_activation(c10::string_view name) {
   if (name == "relu") return MidActivation::Relu;
   if (name == "elu") return MidActivation::Elu;
   if (name == "relu6") return MidActivation::Relu6;
-  XO_CHECK_VALUE(false, "xception_ops: mid_activation must be 'none', 'relu', 'relu6' or 'elu', got '",
+  if (name == "hardswish") return MidActivation::Hardswish;
+  XO_CHECK_VALUE(false, "xception_ops: mid_activation must be 'none', 'relu', 'relu6', 'hardswish' or 'elu', got '",
                     std::string(name), "'");
 }
 

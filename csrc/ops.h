@@ -19,9 +19,9 @@ using at::IntArrayRef;
 using at::Tensor;
 using OptTensor = c10::optional<Tensor>;
 
-// What sits between the depthwise and the pointwise halves (paper section 4.7; relu6 for MobileNet V2). The
-// values are the kernels' ints.
-enum class MidActivation { None, Relu, Elu, Relu6 };
+// What sits between the depthwise and the pointwise halves (paper section 4.7; relu6 for MobileNet V2, hardswish
+// for MobileNet V3). The values are the kernels' ints.
+enum class MidActivation { None, Relu, Elu, Relu6, Hardswish };
 MidActivation parse_mid_activation(c10::string_view name);
 
 // The fused op's options, with the tensors that come with them. Filled once from the op's arguments.

@@ -34,8 +34,8 @@ PyMODINIT_FUNC PyInit__C(void) {
   PyObject* wgmma_configs = PyTuple_New(xception_ops::kPointwiseConfigCount);
   for (int i = 0; wgmma_configs != nullptr && i < xception_ops::kPointwiseConfigCount; ++i) {
     char buf[32];
-    PyTuple_SET_ITEM(wgmma_configs, i,
-                     PyUnicode_FromString(xception_ops::pointwise_config_name(xception_ops::kPointwiseConfigs[i], buf)));
+    const char* name = xception_ops::pointwise_config_name(xception_ops::kPointwiseConfigs[i], buf);
+    PyTuple_SET_ITEM(wgmma_configs, i, PyUnicode_FromString(name));
   }
   const int with_cuda = 1;
 #else

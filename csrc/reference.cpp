@@ -66,6 +66,7 @@ ForwardPieces forward_pieces(const Tensor& x, const Tensor& dw_weight, const Ten
     case MidActivation::Relu: f.mid = at::relu(f.pre); break;
     case MidActivation::Relu6: f.mid = at::clamp(f.pre, 0, 6); break;
     case MidActivation::Elu: f.mid = at::elu(f.pre); break;
+    case MidActivation::Hardswish: f.mid = at::hardswish(f.pre); break;
   }
   f.y = pointwise(f.mid, pw_weight);
   return f;
@@ -159,6 +160,7 @@ SeparableGrads separable_conv2d_backward(
     case MidActivation::Relu: grad_pre = at::where(f.pre > 0, grad_mid, zero); break;
     case MidActivation::Relu6: grad_pre = at::where((f.pre > 0).logical_and(f.pre < 6), grad_mid, zero); break;
     case MidActivation::Elu: grad_pre = at::where(f.pre > 0, grad_mid, grad_mid * (f.mid + 1)); break;
+    case MidActivation::Hardswish: grad_pre = at::hardswish_backward(grad_mid, f.pre); break;
   }
   Tensor grad_mid_scale, grad_mid_shift;
   if (opt.mid_scale.has_value()) {

@@ -191,13 +191,14 @@ def test_more_channels_than_shared_memory(dtype, channels, layout, tf32_off):
 
 
 # The mid affine (a BatchNorm or bias between the halves: d * mid_scale + mid_shift per depthwise channel) with each
-# mid activation, relu6 among them; one option set without an affine (relu6 alone).
+# mid activation, relu6 and hardswish among them; one option set without an affine (relu6 alone).
 MID_OPTIONS = [
     dict(mid="relu6", mid_scale=True, mid_shift=True, out_scale=True, out_shift=True),  # MobileNet: dw-BN-ReLU6-pw
     dict(mid="relu", mid_scale=True, mid_shift=True, compute_stats=True, in_scale=True, in_shift=True, in_relu=True),
     dict(mid_scale=True, residual=True, out_relu=True),
     dict(mid="elu", mid_shift=True, out_shift=True, compute_stats=True),
     dict(mid="relu6", compute_stats=True),
+    dict(mid="hardswish", mid_scale=True, mid_shift=True, compute_stats=True),  # MobileNet V3
 ]
 # The shapes: channels that leave padding columns in the kernels' tiles (13, 40 = 20 x multiplier 2, 24), a generic
 # kernel size with a depth multiplier (the vectors are per depthwise channel), stride 2, whole vectors of channels,
@@ -602,6 +603,7 @@ MID_BACKWARD_OPTIONS = [
     dict(mid_scale=True, out_scale=True, out_shift=True, out_relu=True),
     dict(mid="elu", mid_shift=True, compute_stats=True),
     dict(mid="relu6", out_shift=True),
+    dict(mid="hardswish", mid_scale=True, mid_shift=True, out_relu=True),
 ]
 
 

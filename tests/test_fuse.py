@@ -144,6 +144,20 @@ def test_torchvision_mobilenet_v2(backend):
     compare_parameters_and_statistics(model, tensors)
 
 
+def test_torchvision_mobilenet_v3_hardswish_chains():
+    """MobileNet V3's blocks without squeeze-and-excitation between the halves fuse, hardswish ones included: 7 of
+    mobilenet_v3_large's 15 depthwise convs (3 with ReLU, 4 with hardswish); the others keep their layers. The same
+    outputs, gradients and running statistics as the original (float64)."""
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.mobilenet_v3_large(num_classes=7, width_mult=0.25, dropout=0.0).double()
+    randomize_batch_norm(model, torch.Generator().manual_seed(6))
+    fused, tensors = fuse_a_twin(model)
+    seps = [m for m in fused.modules() if isinstance(m, SeparableConvBN)]
+    assert sorted(s.mid_activation for s in seps) == ["hardswish"] * 4 + ["relu"] * 3
+    compare_train_and_eval(model, fused, torch.randn(2, 3, 40, 36, dtype=torch.float64))
+    compare_parameters_and_statistics(model, tensors)
+
+
 class Branchy(nn.Module):
     """The depthwise output also feeds a second branch: not fusable. The ReLU's input is also used: in-place
     ReLU is not folded, out-of-place is."""

@@ -89,6 +89,7 @@ SEPARABLE_OPTIONS = [
     # MobileNet's dw -> BN -> ReLU6 -> pw -> BN; the residual's gradient after both mid vectors
     dict(mid_affine=True, mid_activation="relu6", out_affine=True, residual=True),
     dict(mid_shift=True, mid_activation="relu", in_affine=True, compute_stats=True),  # a depthwise bias
+    dict(mid_affine=True, mid_activation="hardswish", compute_stats=True),  # MobileNet V3
 ]
 SEPARABLE_SHAPES = [
     # (N, C_in, C_out, H, W, multiplier, kernel, stride, padding, dilation)
@@ -496,7 +497,7 @@ def test_padding_spec_errors():
 
 def test_mid_activation_must_be_known():
     x, dw, pw = _good()
-    with pytest.raises(ValueError, match="mid_activation must be 'none', 'relu', 'relu6' or 'elu'"):
+    with pytest.raises(ValueError, match="mid_activation must be 'none', 'relu', 'relu6', 'hardswish' or 'elu'"):
         xception_ops.separable_conv2d(x, dw, pw, padding=1, mid_activation="gelu")
 
 

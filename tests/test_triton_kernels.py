@@ -508,8 +508,9 @@ MID_OPTIONS = [
          compute_stats=True),
     dict(mid_scale=True, mid_shift=True, mid="relu6", in_relu=True, out_scale=True, compute_stats=True,
          grads=("sumsq",), out_relu=True),
+    dict(mid_scale=True, mid_shift=True, mid="hardswish", in_relu=True, compute_stats=True),
 ]
-MID_IDS = ["scale", "shift", "both-relu6", "relu6", "scale-relu", "shift-elu-bn", "both-relu6-sumsq"]
+MID_IDS = ["scale", "shift", "both-relu6", "relu6", "scale-relu", "shift-elu-bn", "both-relu6-sumsq", "both-hardswish"]
 
 
 @pytest.mark.parametrize("shape", SEPARABLE_SHAPES)
@@ -558,9 +559,25 @@ def test_mid_activation_passes_no_gradient_at_its_kinks(mid, passes):
         assert relative_error(grads[i], exact[i]) <= FP32_TOL, GRAD_NAMES[i]
 
 
+def test_hardswish_gradient_at_its_kinks_is_pytorchs():
+    """hardswish's slope as PyTorch's backward gives it: 0 up to -3 (-3 included), pre / 3 + 1/2 between, 1 from 3
+    (3 included). Four channels with zero depthwise weights have pre = mid_shift everywhere, set to -3, 3, -4 and 4:
+    their mid_shift gradients are that slope times one sum of grad_mid, exactly 0 at -3 and -4."""
+    opts = dict(mid_scale=True, mid_shift=True, mid="hardswish")
+    x, t, f, g = separable_inputs(SEPARABLE_SHAPES[0], opts, torch.float32, "contiguous")
+    t["dw_weight"][:4] = 0
+    t["mid_shift"][:4] = torch.tensor([-3.0, 3.0, -4.0, 4.0])
+    _, grads = triton_separable(x, t, f, g)
+    exact = reference_separable(x, t, f, g, lambda v: v.detach().double().cpu())[1]
+    assert grads[6][0] == grads[6][2] == 0 and exact[6][0] == exact[6][2] == 0
+    assert relative_error(grads[6][:4], exact[6][:4]) <= 1e-4
+    for i in (0, 1, 2, 6):
+        assert relative_error(grads[i], exact[i]) <= FP32_TOL, GRAD_NAMES[i]
+
+
 @pytest.mark.parametrize("form", ["fused", "staged"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("mid", ["elu", "relu6"])
+@pytest.mark.parametrize("mid", ["elu", "relu6", "hardswish"])
 def test_identity_mid_affine_is_the_plain_path_bit_for_bit(monkeypatch, mid, dtype, form):
     """mid_scale = 1 and mid_shift = 0: the forward and every gradient the two share are those without the
     affine, bit for bit (its rounding is exact there, and grad_d = grad_pre * 1), in both forms of the forward."""

@@ -14,7 +14,7 @@ import torch
 from .geometry import output_hw
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-MID_ACTIVATIONS = ("none", "relu", "relu6", "elu")
+MID_ACTIVATIONS = ("none", "relu", "relu6", "elu", "hardswish")
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,7 @@ def check_separable(op: str, x: torch.Tensor, dw_weight: torch.Tensor, pw_weight
     _check_same_device(op, "pw_weight", pw_weight, x)
     _check_same_dtype(op, "pw_weight", pw_weight, x)
     if mid_activation not in MID_ACTIVATIONS:
-        raise ValueError("xception_ops: mid_activation must be 'none', 'relu', 'relu6' or 'elu', got "
+        raise ValueError("xception_ops: mid_activation must be 'none', 'relu', 'relu6', 'hardswish' or 'elu', got "
                          f"'{mid_activation}'")
     g = replace(g, out_channels=pw_weight.shape[0])  # (Dynamo of torch 2.11 cannot trace **g.__dict__)
     check_channel_vector(op, "in_scale", in_scale, g.in_channels, x)

@@ -1,15 +1,15 @@
 """`fuse(model)`: swap the depthwise (→ BatchNorm) (→ activation) → pointwise (→ BatchNorm) (→ ReLU) chains of any
 model for SeparableConvBN.
 
-The chains are found in the model's dataflow (torch.fx), not guessed from module order: a chain is fused only
-when each step's output feeds the next step alone. A ReLU module right before the depthwise conv joins as the
-prologue; a BatchNorm2d and a ReLU, ReLU6 or ELU module between the depthwise and pointwise convs as the mid
-BatchNorm and mid activation (MobileNet's dw → BN → ReLU(6) → pw, with or without a depthwise bias). The fused module
-takes the place of the depthwise conv and keeps the original layers (and so the same parameters) as children;
-the other layers of the chain become nn.Identity. The model keeps its class and its forward code. nn.Identity
-layers inside a chain are passed through (timm's aligned Xception, DeepLab's backbone, holds them where its
-SeparableConv2d has no activations), and timm's BatchNormAct2d (a BatchNorm with its activation inside: timm's
-MobileNet, EfficientNet-Lite and MNASNet blocks) counts as a BatchNorm followed by its activation.
+The chains are found in the model's dataflow (torch.fx), not guessed from module order: a chain is fused only when
+each step's output feeds the next step alone. A ReLU module right before the depthwise conv joins as the prologue; a
+BatchNorm2d and a ReLU, ReLU6, Hardswish or ELU module between the depthwise and pointwise convs as the mid
+BatchNorm and mid activation (MobileNet's dw → BN → ReLU(6) → pw, with or without a depthwise bias). The fused
+module takes the place of the depthwise conv and keeps the original layers (and so the same parameters) as children;
+the other layers of the chain become nn.Identity. The model keeps its class and its forward code. nn.Identity layers
+inside a chain are passed through (timm's aligned Xception, DeepLab's backbone, holds them where its SeparableConv2d
+has no activations), and timm's BatchNormAct2d (a BatchNorm with its activation inside: timm's MobileNet,
+EfficientNet-Lite and MNASNet blocks) counts as a BatchNorm followed by its activation.
 
 A ReLU between a chain's BatchNorm and the next chain's depthwise conv, feeding it alone, becomes that next chain's
 prologue rather than this chain's epilogue, and this chain hands its BatchNorm on (SeparableConvBN.defer_bn): the
@@ -121,6 +121,8 @@ def _mid_activation_name(m: nn.Module) -> str | None:
         return "relu6"
     if type(m) is nn.ELU and m.alpha == 1.0:
         return "elu"
+    if type(m) is nn.Hardswish:
+        return "hardswish"
     return None
 
 

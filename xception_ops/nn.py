@@ -46,8 +46,8 @@ class SeparableConvBN(nn.Module):
         bias: a bias on the pointwise stage.
         batch_norm: a BatchNorm2d after the pointwise stage (eps and momentum in PyTorch's convention).
         pre_relu: ReLU on the input, applied as it is read.
-        mid_activation: None, "relu", "relu6" or "elu" between the depthwise and pointwise stages (paper section
-            4.7; MobileNet V2's ReLU6).
+        mid_activation: None, "relu", "relu6", "hardswish" or "elu" between the depthwise and pointwise stages
+            (paper section 4.7; MobileNet V2's ReLU6, V3's hardswish).
         post_relu: ReLU on the output (after the residual add, when forward is given one).
         backend: "auto", "torch", "cuda" or "triton" (see xception_ops.backend).
         mid_batch_norm: a BatchNorm2d (child `mid_bn`) on the depthwise result, before mid_activation: MobileNet's
@@ -78,7 +78,8 @@ class SeparableConvBN(nn.Module):
                pre_relu: bool, mid_activation: str | None, post_relu: bool, backend: str,
                mid_bn: nn.BatchNorm2d | None = None) -> None:
         if mid_activation not in (None, *MID_ACTIVATIONS):
-            raise ValueError(f"mid_activation must be None, 'relu', 'relu6' or 'elu', got {mid_activation!r}")
+            raise ValueError(f"mid_activation must be None, 'relu', 'relu6', 'hardswish' or 'elu', got "
+                             f"{mid_activation!r}")
         if mid_bn is not None and mid_bn.num_features != depthwise.out_channels:
             raise ValueError(f"mid_bn has {mid_bn.num_features} features but the depthwise stage gives "
                              f"{depthwise.out_channels} channels")

@@ -76,7 +76,7 @@ def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.
         d   = depthwise(a)
         y   = pointwise(act(d * mid_scale + mid_shift))  per depthwise channel (a BatchNorm or bias between the
                                                         halves, as in MobileNet); act is mid_activation: None,
-                                                        "relu", "relu6" or "elu"
+                                                        "relu", "relu6", "hardswish" or "elu"
         out = relu?(y * out_scale + out_shift + residual)  epilogue: folded BatchNorm or bias, per output channel
 
     With compute_stats=True returns (out, sum, sumsq): the per-channel sum and sum of squares of y in float32,

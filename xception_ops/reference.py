@@ -50,6 +50,8 @@ def mid_activation_fn(name: str | None, d: torch.Tensor) -> torch.Tensor:
         return F.relu6(d)
     if name == "elu":
         return F.elu(d)
+    if name == "hardswish":
+        return F.hardswish(d)
     return d
 
 

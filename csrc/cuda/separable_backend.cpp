@@ -11,6 +11,7 @@
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/clamp.h>
 #include <ATen/ops/elu.h>
+#include <ATen/ops/hardswish.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/relu.h>
@@ -382,6 +383,7 @@ Tensor mid_activation(const Tensor& pre, MidActivation mid) {
     case MidActivation::Relu: return at::relu(pre);
     case MidActivation::Relu6: return at::clamp(pre, 0, 6);  // exact in the dtype
     case MidActivation::Elu: return at::elu(pre);            // expm1 in float32, rounded: the kernels' elu
+    case MidActivation::Hardswish: return at::hardswish(pre);  // v * clamp(v + 3, 0, 6) / 6 in float32, rounded
   }
   return pre;
 }

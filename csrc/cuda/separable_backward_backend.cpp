@@ -18,6 +18,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/elu.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/hardswish_backward.h>
 #include <ATen/ops/logical_and.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
@@ -199,6 +200,7 @@ SeparableGrads separable_conv2d_backward(
       case MidActivation::Relu: grad_pre = at::where(pre > 0, grad_mid, zero); break;
       case MidActivation::Relu6: grad_pre = at::where(at::logical_and(pre > 0, pre < 6), grad_mid, zero); break;
       case MidActivation::Elu: grad_pre = at::where(pre > 0, grad_mid, grad_mid * (at::elu(pre) + 1)); break;
+      case MidActivation::Hardswish: grad_pre = at::hardswish_backward(grad_mid, pre); break;
       case MidActivation::None: break;
     }
   }

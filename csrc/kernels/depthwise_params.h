@@ -71,8 +71,8 @@ struct DepthwiseParams {
   DepthwisePrologue prologue;  // forward and backward_weight: applied to x as it is read; backward_input: its backward
   // The forward only: the separable op's mid stage applied to each value as it is stored (kernels::mid_value, so
   // that the staged separable forward writes mid in one pass): v = round(acc + bias), then with a scale or a shift
-  // round(fmaf(v, scale, shift)), then the activation `mid` (0 none, 1 relu, 2 elu, 3 relu6: MidActivation's
-  // values). The vectors are float32 per output channel (dw_channels entries; nullptr: 1 and 0). The separable
+  // round(fmaf(v, scale, shift)), then the activation `mid` (0 none, 1 relu, 2 elu, 3 relu6, 4 hardswish:
+  // MidActivation's values). The vectors are float32 per output channel (dw_channels entries; nullptr: 1 and 0). The separable
   // stage sets no bias with it. The gradient launchers refuse it (cudaErrorInvalidValue): it has no backward here.
   int32_t mid = 0;
   const float* mid_scale = nullptr;

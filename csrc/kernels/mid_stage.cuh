@@ -9,6 +9,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cmath>
 #include <cstdint>
 
 namespace xception_ops {
@@ -33,10 +34,28 @@ __device__ __forceinline__ float round_to<__nv_bfloat16>(float v) {
 #endif
 }
 
+// t / 6 rounded to nearest, as IEEE's division gives it, without a division: the quotient's correctly rounded
+// reciprocal product, corrected once by an exact FMA residual. That is RN(t / 6) for every quotient of a normal
+// magnitude; below 2^-123 (subnormal quotients) it is computed in integers of 2^-149, half to even. Checked against
+// t / 6.f on every one of the 2^32 float32 bit patterns (benchmarks/RESULTS.md, session 17). A division in its place
+// made ptxas spill in the fused forward's 3x3 builds (0 -> 172 bytes): its slow path is a subroutine.
+__host__ __device__ __forceinline__ float div6_rn(float t) {
+  const float q = t * (1.f / 6.f);
+  if (!(fabsf(t) <= 0x1.fffffep127f)) return q;  // inf and NaN
+  if (fabsf(t) >= 0x1p-123f) return fmaf(fmaf(-q, 6.f, t), 1.f / 6.f, q);
+  const int n = static_cast<int>(t * 0x1p100f * 0x1p49f);  // exact: t is a multiple of 2^-149, below 2^26 of them
+  const int a = n < 0 ? -n : n;
+  int qi = a / 6;
+  const int r = a - 6 * qi;
+  if (r > 3 || (r == 3 && (qi & 1))) ++qi;
+  return copysignf(static_cast<float>(qi) * 0x1p-149f, t);
+}
+
 // The mid stage on one depthwise sum, as every backend computes it (and every path of the fused forwards and the
 // depthwise forward kernels): d = the sum rounded to the dtype; with the affine (`affine`: a scale or a shift
 // given, the absent one passed as 1 or 0) pre = round(fmaf(d, scale, shift)) in float32, else pre = d untouched
-// (fmaf(-0, 1, 0) would turn -0 into +0); then mid 1 relu, 3 relu6, 2 elu (rounded again), 0 none.
+// (fmaf(-0, 1, 0) would turn -0 into +0); then mid 1 relu, 3 relu6, 2 elu and 4 hardswish (each rounded again:
+// v * clamp(v + 3, 0, 6) / 6 in PyTorch's order of operations, the division's IEEE result: div6_rn), 0 none.
 template <typename T>
 __device__ __forceinline__ float mid_value(float sum, int32_t mid, bool affine, float scale, float shift) {
   float v = round_to<T>(sum);
@@ -44,6 +63,7 @@ __device__ __forceinline__ float mid_value(float sum, int32_t mid, bool affine, 
   if (mid == 1) v = fmaxf(v, 0.f);
   if (mid == 3) v = fminf(fmaxf(v, 0.f), 6.f);
   if (mid == 2 && !(v > 0.f)) v = round_to<T>(expm1f(v));
+  if (mid == 4) v = round_to<T>(div6_rn(v * fminf(fmaxf(v + 3.f, 0.f), 6.f)));
   return v;
 }
 

@@ -128,7 +128,7 @@ struct SeparableWgmmaParams {
   const float* in_scale = nullptr;  // the prologue relu?(x * in_scale + in_shift), rounded; nullptr: 1, 0
   const float* in_shift = nullptr;
   bool in_relu = false;
-  int32_t mid = 0;  // 0 none, 1 relu, 2 elu, 3 relu6 (MidActivation)
+  int32_t mid = 0;  // 0 none, 1 relu, 2 elu, 3 relu6, 4 hardswish (MidActivation)
   const float* mid_scale = nullptr;  // the mid affine before it, per channel (SeparableParams' fields)
   const float* mid_shift = nullptr;
   int64_t in_h = 0, in_w = 0, out_h = 0, out_w = 0;

@@ -29,8 +29,8 @@ XO_HOST_DEVICE constexpr bool separable_16bit_tensor_cores(PointwiseMath m) {
 
 // The fused forward: out = act(relu?(y * out_scale + out_shift + residual)), y = pw(mid(dw(prologue(x)))).
 //   prologue(x) = relu?(x * in_scale + in_shift), per input channel; padding reads as 0 after the prologue.
-//   mid         = none, relu, elu or relu6 on the depthwise result d, after its affine d * mid_scale + mid_shift
-//                 per depthwise channel where there is one (kernels::mid_value).
+//   mid         = none, relu, elu, relu6 or hardswish on the depthwise result d, after its affine
+//                 d * mid_scale + mid_shift per depthwise channel where there is one (kernels::mid_value).
 // With compute_stats, per-channel float32 sums of y and y^2 (the pre-BN output) go to `stats_partial`.
 struct SeparableParams {
   Conv2dGeometry g;        // dw stage: in_channels -> dw_channels(); pw stage: dw_channels() -> out_channels
@@ -42,7 +42,7 @@ struct SeparableParams {
   const float* in_scale = nullptr;  // per input channel, float32; nullptr: 1
   const float* in_shift = nullptr;  // nullptr: 0
   bool in_relu = false;
-  int32_t mid = 0;                   // 0 none, 1 relu, 2 elu, 3 relu6 (the values of MidActivation)
+  int32_t mid = 0;                   // 0 none, 1 relu, 2 elu, 3 relu6, 4 hardswish (MidActivation)
   // The mid affine, per depthwise channel, float32: nullptr 1 and 0; both nullptr: none (d unchanged, bit for bit).
   const float* mid_scale = nullptr;
   const float* mid_shift = nullptr;

@@ -32,7 +32,7 @@ using namespace xception_ops;
 struct Case {
   int64_t n, c, h, w, m, cout, kh, kw, sh, sw, pt, pb, pl, pr, dh, dw;
   bool in_affine, in_relu;
-  int mid;  // 0 none, 1 relu, 2 elu, 3 relu6
+  int mid;  // 0 none, 1 relu, 2 elu, 3 relu6, 4 hardswish
   bool out_affine, out_relu, residual, stats;
   int mid_affine = 0;  // the mid affine's vectors given: 1 mid_scale, 2 mid_shift, 3 both
 };
@@ -120,6 +120,7 @@ double reference_mid(const Case& k, const X& xat, const std::vector<T>& dw, cons
   if (k.mid == 1) acc = std::max(acc, 0.0);
   if (k.mid == 3) acc = std::min(std::max(acc, 0.0), 6.0);
   if (k.mid == 2 && acc <= 0) acc = std::expm1(acc);
+  if (k.mid == 4) acc = acc * std::min(std::max(acc + 3.0, 0.0), 6.0) / 6.0;
   return acc;
 }
 
@@ -500,14 +501,36 @@ TEST_CASE(tf32_mode_compiles_to_the_same_ffma_path_on_the_host) {
   check_case<float, PointwiseMath::Tf32>(kTrain, true, true, kBigSmem, 132, 1e-5, "tf32 mode");
 }
 
+TEST_CASE(hardswish_division_is_ieees) {
+  // kernels::div6_rn, hardswish's division by 6 without a division: bit for bit t / 6.f on a spread of every
+  // exponent (each 251st bit pattern) and densely around its integer path's edge (2^-123) and the smallest
+  // subnormals. (Every one of the 2^32 patterns was checked once, session 17.)
+  int bad = 0;
+  auto check = [&](uint32_t bits) {
+    float t;
+    std::memcpy(&t, &bits, 4);
+    const float want = t / 6.f, got = kernels::div6_rn(t);
+    if (std::memcmp(&want, &got, 4) != 0 && !(std::isnan(want) && std::isnan(got)) && bad++ < 3) {
+      std::printf("  div6_rn(%a) = %a, want %a\n", t, got, want);
+    }
+  };
+  for (uint64_t u = 0; u <= 0xffffffffull; u += 251) check(static_cast<uint32_t>(u));
+  for (uint32_t sign : {0u, 0x80000000u}) {
+    for (uint32_t b = 0; b < (1u << 20); ++b) check(sign | b);                          // the smallest subnormals
+    for (uint32_t b = 0x02000000u - (1u << 20); b < 0x02000000u + (1u << 20); ++b) check(sign | b);  // 2^-123
+    for (uint32_t b : {0x7f7fffffu, 0x7f800000u, 0x7fc00000u}) check(sign | b);         // max, inf, NaN
+  }
+  EXPECT(bad == 0);
+}
+
 TEST_CASE(mid_affine_and_relu6_on_every_depthwise_path) {
   // The mid stage (kernels::mid_value) on each depthwise path: d * mid_scale + mid_shift per depthwise channel (scale
-  // only, shift only, both), then relu6, relu, elu or none. Channel counts that leave padding columns in the tile
+  // only, shift only, both), then relu6, relu, elu, hardswish or none. Channel counts that leave padding columns in the tile
   // (13, 40, 8 = 4 x multiplier 2, 24), whose reads of the vectors past K would bring NaN into the output.
   struct Mid {
     int mid, affine;
   };
-  const Mid mids[] = {{3, 3}, {1, 1}, {2, 2}, {0, 3}, {3, 0}};
+  const Mid mids[] = {{3, 3}, {1, 1}, {2, 2}, {0, 3}, {4, 3}};
   //                     n   c   h   w  m cout kh kw sh sw pt pb pl pr dh dw  in_aff relu mid out_aff relu res  stats
   const Case vec{2, 24, 9, 11, 1, 20, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, true, true, 0, true, true, true, true};
   const Case quads{1, 64, 6, 13, 1, 12, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, false, false, 0, true, false, false, true};
@@ -1435,7 +1458,7 @@ void check_dgrad_vectors(int64_t c, int64_t pad, int64_t dil, int64_t dil_w) {
 
 // The mid stage in float64 at kernels::mid_value's rounding points, on d as the same kernel writes it without the
 // stage (rounded to T): d * scale + shift (exact in float64), rounded to float32 as fmaf rounds and then to T; relu,
-// relu6 (exact); elu through expm1f, rounded to T.
+// relu6 (exact); elu through expm1f, and hardswish in float32 as PyTorch orders it, each rounded to T.
 template <typename T>
 T reference_mid_stage(T d, int mid, bool affine, float scale, float shift) {
   double v = to_double(d);
@@ -1443,11 +1466,15 @@ T reference_mid_stage(T d, int mid, bool affine, float scale, float shift) {
   if (mid == 1) v = v > 0 ? v : 0.0;
   if (mid == 3) v = v > 6 ? 6.0 : v > 0 ? v : 0.0;
   if (mid == 2 && !(v > 0)) v = to_double(from_float<T>(expm1f(static_cast<float>(v))));
+  if (mid == 4) {
+    const float f = static_cast<float>(v);
+    v = to_double(from_float<T>(f * std::fmin(std::fmax(f + 3.f, 0.f), 6.f) / 6.f));
+  }
   return from_float<T>(static_cast<float>(v));
 }
 
-// Runs `launch` (one forward path) on f without the mid stage and then with each of its 15 forms (relu, elu, relu6,
-// none; scale only, shift only, both, neither), and compares every output element's bits with reference_mid_stage
+// Runs `launch` (one forward path) on f without the mid stage and then with each of its 19 forms (relu, elu, relu6,
+// hardswish, none; scale only, shift only, both, neither), and compares every output element's bits with reference_mid_stage
 // of the first run's. The vectors hold their K values and then NaN, so that a read past K shows.
 template <typename T, typename Launch>
 void check_forward_mid(DepthwiseParams f, const Launch& launch, const char* what) {
@@ -1463,7 +1490,7 @@ void check_forward_mid(DepthwiseParams f, const Launch& launch, const char* what
   f.output.data = plain.data();
   launch(f);
   int bad = 0;
-  for (int mid = 0; mid < 4; ++mid) {
+  for (int mid = 0; mid < 5; ++mid) {
     for (int affine = 0; affine < 4; ++affine) {
       if (mid == 0 && affine == 0) continue;  // the plain run
       DepthwiseParams m = f;

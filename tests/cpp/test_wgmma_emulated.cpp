@@ -217,7 +217,7 @@ TEST_CASE(pointwise_configs_parse_and_fit) {
 struct FusedCase {
   int64_t n, h, w;
   int32_t k, c_out, pad_top, pad_bottom, pad_left, pad_right;
-  int32_t mid;  // 0 none, 1 relu, 2 elu, 3 relu6
+  int32_t mid;  // 0 none, 1 relu, 2 elu, 3 relu6, 4 hardswish
   bool prologue, scale, residual, relu, stats;
   int blocks;  // the persistent grid (fewer than the tiles: each block walks several)
   int mid_affine = 0;  // the mid affine's vectors given: 1 mid_scale, 2 mid_shift, 3 both
@@ -291,6 +291,7 @@ void run_fused_case(const FusedCase& c, uint32_t seed) {
       if (c.mid == 1) d = std::fmax(d, 0.f);
       if (c.mid == 3) d = std::fmin(std::fmax(d, 0.f), 6.f);
       if (c.mid == 2 && !(d > 0.f)) d = round_as<T>(std::expm1(d));
+      if (c.mid == 4) d = round_as<T>(d * std::fmin(std::fmax(d + 3.f, 0.f), 6.f) / 6.f);
       mid[q * c.k + ch] = d;
     }
   }
@@ -321,7 +322,8 @@ void run_fused_case(const FusedCase& c, uint32_t seed) {
 
 // One partial tile (70 pixels); several tiles per block of a 2-block grid (143 and 243 pixels); padding on one side
 // only; K below a stage (24) and past 64 (72); output channels past 128 (136); every option; the mid affine (scale
-// only, shift only, both: K of 24 and 72 leave channels past K in the build's tile) with relu6, relu and elu.
+// only, shift only, both: K of 24 and 72 leave channels past K in the build's tile) with relu6, relu, elu and
+// hardswish.
 const FusedCase kFusedCases[] = {
     {2, 5, 7, 24, 40, 1, 1, 1, 1, 0, false, false, false, false, false, 2},
     {1, 13, 11, 64, 128, 1, 1, 1, 1, 1, true, true, true, true, true, 1},
@@ -331,6 +333,7 @@ const FusedCase kFusedCases[] = {
     {3, 9, 9, 72, 136, 0, 1, 1, 0, 1, false, false, true, true, true, 2, 2},
     {1, 13, 11, 64, 128, 1, 1, 1, 1, 2, true, true, true, true, false, 1, 1},
     {2, 6, 9, 16, 24, 1, 1, 1, 1, 3, false, false, false, false, false, 1, 0},
+    {2, 5, 7, 24, 40, 1, 1, 1, 1, 4, true, false, false, false, true, 2, 3},
 };
 
 template <typename T>

@@ -26,6 +26,7 @@ MID_NONE = 0
 MID_RELU = 1
 MID_ELU = 2
 MID_RELU6 = 3
+MID_HARDSWISH = 4
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -214,6 +215,8 @@ def _mid_act(d, MID: tl.constexpr):
         d = tl.where(d > 0, d, tl.exp(d) - 1.0)
     elif MID == 3:  # relu6
         d = tl.minimum(tl.maximum(d, 0.0), 6.0)
+    elif MID == 4:  # hardswish, in PyTorch's order: d * clamp(d + 3, 0, 6) / 6, the division rounded as IEEE's
+        d = tl.math.div_rn(d * tl.minimum(tl.maximum(d + 3.0, 0.0), 6.0), 6.0)
     return d
 
 
@@ -745,6 +748,8 @@ def sep_bwd_mid_kernel(go_ptr, out_ptr, out_scale_ptr, gsum_ptr,
             gmid = tl.where(pre > 0, gmid, gmid * tl.exp(tl.minimum(pre, 0.0)))
         elif MID == 3:  # relu6: PyTorch's hardtanh passes the gradient strictly inside (0, 6)
             gmid = tl.where((pre > 0) & (pre < 6.0), gmid, 0.0)
+        elif MID == 4:  # hardswish, as PyTorch's backward: 0 up to -3, grad * (pre / 3 + 1/2) below 3, grad from 3
+            gmid = tl.where(pre <= -3.0, 0.0, tl.where(pre < 3.0, gmid * (tl.math.div_rn(pre, 3.0) + 0.5), gmid))
     mask = p_mask[:, None] & c_mask[None, :]
     if HAS_MID_SCALE or HAS_MID_SHIFT:
         g_pre = tl.where(mask, _round(gmid, x_ptr.dtype.element_ty), 0.0)

@@ -78,7 +78,7 @@ IMPLEMENTED = frozenset({
 })
 
 _MID = {None: kernels.MID_NONE, "none": kernels.MID_NONE, "relu": kernels.MID_RELU, "elu": kernels.MID_ELU,
-        "relu6": kernels.MID_RELU6}
+        "relu6": kernels.MID_RELU6, "hardswish": kernels.MID_HARDSWISH}
 _MAX_UNROLLED_TAPS = 49  # kernels up to 7x7 have their taps unrolled; larger ones loop
 _INDEX_LIMIT = 2**30  # int32 indexing below this span; headroom for the offsets of masked (out-of-image) taps
 _REDUCE_META = dict(BLOCK_R=8, BLOCK_COLS=128, num_warps=4)
