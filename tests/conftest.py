@@ -13,8 +13,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from xception_ops import _library  # noqa: E402  (after TRITON_INTERPRET is set)
+
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 GPU_MARKS = [pytest.mark.gpu, requires_gpu]  # a GPU test module's pytestmark
+# Tests of the compiled operators themselves (torch.ops.xception_ops): skipped under XCEPTION_OPS_SKIP_EXT=1.
+requires_ext = pytest.mark.skipif(_library.EXTENSION is None, reason="the compiled library is not loaded")
 
 
 def require_cuda_kernel(op: str):

@@ -8,6 +8,8 @@ import torch
 
 from xception_ops import autotable, backend, cli
 
+from .conftest import requires_ext
+
 
 def report(rows, device="cuda", sm="9.0"):
     return {"env": {"device": device, "sm": sm, "gpu": "Test GPU", "date": "2026-11-26T00:00:00"}, "layers": rows}
@@ -183,6 +185,7 @@ class CudaInput:
         return memory_format == torch.channels_last
 
 
+@requires_ext
 def test_cached_auto_choices_follow_the_table_the_backends_and_the_override(table_file, tmp_path, monkeypatch):
     from xception_ops import _library
     monkeypatch.setitem(backend._ARCHS, 0, "sm_90")

@@ -11,7 +11,7 @@ from xception_ops import bench, bench_report, cli
 from xception_ops.bench import LayerRow, ModelRow
 from xception_ops.progress import Progress
 
-from .conftest import requires_gpu
+from .conftest import requires_ext, requires_gpu
 
 LAYER_FIELDS = set(LayerRow.__dataclass_fields__)
 MODEL_FIELDS = set(ModelRow.__dataclass_fields__)
@@ -375,6 +375,7 @@ def test_issue_and_wall_time_each_call_of_the_loop():
     assert 2.0 <= issue <= wall
 
 
+@requires_ext
 def test_op_overhead_tool_times_every_case_on_the_device(tmp_path):
     """tools/op_overhead.py: every case runs on the named device and backend (here the CPU's reference ops),
     and the timer gives the microseconds per call of a callable."""

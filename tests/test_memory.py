@@ -14,6 +14,8 @@ import torch
 from xception_ops.models.xception import Xception
 from xception_ops.nn import SeparableConvBN
 
+from .conftest import requires_ext
+
 
 def saved_activations(module: torch.nn.Module, run: Callable[[], object]) -> dict[int, int]:
     """{storage address: bytes} of every tensor autograd saves while run() runs, module's parameters and buffers
@@ -32,6 +34,7 @@ def saved_activations(module: torch.nn.Module, run: Callable[[], object]) -> dic
     return saved
 
 
+@requires_ext
 def test_fused_separable_conv_saves_its_input_and_output_only():
     # Training BatchNorm deferred to the next layer (Xception's inner convs): the op's output y is what the next
     # layer reads, so x and y are all that this layer keeps for its backward.
@@ -45,6 +48,7 @@ def test_fused_separable_conv_saves_its_input_and_output_only():
     assert activation_sized == {x.untyped_storage().data_ptr(), y.untyped_storage().data_ptr()}
 
 
+@requires_ext
 def test_xception_on_the_fused_op_saves_under_two_thirds_of_the_unfused_activations():
     # Measured at 79x79 and 149x149 (batch 2): 0.60 and 0.59 of PyTorch's layers' activations.
     x = torch.randn(2, 3, 79, 79)

@@ -12,7 +12,7 @@ from xception_ops.geometry import same_padding
 from xception_ops.parity import randomize_batch_norm
 from xception_ops.nn import PendingBatchNorm, SeparableConv2d, SeparableConvBN
 
-from .conftest import relative_error
+from .conftest import relative_error, requires_ext
 
 
 def keras_same(x, kernel, stride, dilation=1):
@@ -265,6 +265,7 @@ def test_channels_last_module_output_keeps_the_layout(backend):
     assert relative_error(out, module(x.contiguous())) <= 1e-6
 
 
+@requires_ext
 def test_auto_without_a_fused_kernel_runs_the_pytorch_layers(monkeypatch):
     """On a CPU no fused kernel runs: "auto" takes the unfused layers, XCEPTION_OPS_BACKEND=torch the operator."""
     calls = []
