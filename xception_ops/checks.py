@@ -14,7 +14,13 @@ import torch
 from .geometry import output_hw
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-MID_ACTIVATIONS = ("none", "relu", "relu6", "elu", "hardswish")
+MID_ACTIVATIONS = ("none", "relu", "relu6", "hardswish", "elu")
+
+
+def one_of(names) -> str:
+    """"'a', 'b' or 'c'": the choices an error message names, from the tuple the check uses."""
+    quoted = [repr(n) for n in names]
+    return ", ".join(quoted[:-1]) + " or " + quoted[-1]
 
 
 @dataclass(frozen=True)
@@ -127,8 +133,7 @@ def check_separable(op: str, x: torch.Tensor, dw_weight: torch.Tensor, pw_weight
     _check_same_device(op, "pw_weight", pw_weight, x)
     _check_same_dtype(op, "pw_weight", pw_weight, x)
     if mid_activation not in MID_ACTIVATIONS:
-        raise ValueError("xception_ops: mid_activation must be 'none', 'relu', 'relu6', 'hardswish' or 'elu', got "
-                         f"'{mid_activation}'")
+        raise ValueError(f"xception_ops: mid_activation must be {one_of(MID_ACTIVATIONS)}, got '{mid_activation}'")
     g = replace(g, out_channels=pw_weight.shape[0])  # (Dynamo of torch 2.11 cannot trace **g.__dict__)
     check_channel_vector(op, "in_scale", in_scale, g.in_channels, x)
     check_channel_vector(op, "in_shift", in_shift, g.in_channels, x)

@@ -204,6 +204,12 @@ def _find_chains_sequential(model: nn.Module) -> list[Chain]:
             continue
         children = list(container.named_children())
         name = (lambda n: f"{prefix}.{n}" if prefix else n)
+
+        def skip(j: int) -> int:  # past nn.Identity children, as the dataflow finder passes them
+            while j < len(children) and type(children[j][1]) is nn.Identity:
+                j += 1
+            return j
+
         i = 0
         while i < len(children):
             _, dw = children[i]
@@ -211,12 +217,6 @@ def _find_chains_sequential(model: nn.Module) -> list[Chain]:
                 i += 1
                 continue
             chain = Chain(depthwise=name(children[i][0]), pointwise="")
-
-            def skip(j: int) -> int:  # past nn.Identity children, as the dataflow finder passes them
-                while j < len(children) and type(children[j][1]) is nn.Identity:
-                    j += 1
-                return j
-
             j = skip(i + 1)
             if j < len(children) and _is_bn(children[j][1], dw.out_channels):
                 if not _take_mid_bn(chain, name(children[j][0]), children[j][1]):

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import backend as backends, batchnorm, checks, ops, reference
-from .checks import MID_ACTIVATIONS
+from .checks import MID_ACTIVATIONS, one_of
 from .geometry import PaddingSpec, pair
 
 
@@ -78,8 +78,7 @@ class SeparableConvBN(nn.Module):
                pre_relu: bool, mid_activation: str | None, post_relu: bool, backend: str,
                mid_bn: nn.BatchNorm2d | None = None) -> None:
         if mid_activation not in (None, *MID_ACTIVATIONS):
-            raise ValueError(f"mid_activation must be None, 'relu', 'relu6', 'hardswish' or 'elu', got "
-                             f"{mid_activation!r}")
+            raise ValueError(f"mid_activation must be None, {one_of(MID_ACTIVATIONS[1:])}, got {mid_activation!r}")
         if mid_bn is not None and mid_bn.num_features != depthwise.out_channels:
             raise ValueError(f"mid_bn has {mid_bn.num_features} features but the depthwise stage gives "
                              f"{depthwise.out_channels} channels")
