@@ -406,26 +406,35 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_finalize_autograd(
 
 // ---- max_pool2d ----
 using MaxPoolSig = std::tuple<Tensor, Tensor>(const Tensor&, IntArrayRef, IntArrayRef, IntArrayRef, bool, bool,
-                                              c10::string_view);
+                                              c10::string_view, const OptTensor&, const OptTensor&,
+                                              const OptTensor&);
 using MaxPoolBackwardSig = Tensor(const Tensor&, const Tensor&, c10::SymIntArrayRef, IntArrayRef, IntArrayRef,
                                   IntArrayRef, bool, c10::string_view);
+using MaxPoolBnBackwardSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                                const Tensor&, const Tensor&, IntArrayRef,
+                                                                IntArrayRef, IntArrayRef, bool, c10::string_view);
 
 const c10::TypedOperatorHandle<MaxPoolSig>& max_pool_op() {
   static const auto op = op_handle<MaxPoolSig>("xception_ops::max_pool2d");
   return op;
 }
 
-// Saves the argmax codes (one byte per output) and x's sizes, not x.
+// Saves the argmax codes (one byte per output) and x's sizes; x itself only with a pending BatchNorm (scale and
+// shift), whose backward is scale_shift's after the pool's (max_pool2d_scale_shift_backward: one pass on "cuda"),
+// which needs x for the gradient of scale. The residual's gradient is grad_out itself.
 struct MaxPoolFunction : public torch::autograd::Function<MaxPoolFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, IntArrayRef kernel_size, IntArrayRef stride,
-                               IntArrayRef padding, bool ceil_mode, c10::string_view backend) {
+                               IntArrayRef padding, bool ceil_mode, c10::string_view backend, const OptTensor& scale,
+                               const OptTensor& shift, const OptTensor& residual) {
     Tensor out, argmax;
     {
       const at::AutoDispatchBelowADInplaceOrView below;
-      std::tie(out, argmax) = max_pool_op().call(x, kernel_size, stride, padding, ceil_mode, true, backend);
+      std::tie(out, argmax) =
+          max_pool_op().call(x, kernel_size, stride, padding, ceil_mode, true, backend, scale, shift, residual);
     }
     ctx->mark_non_differentiable({argmax});
-    ctx->save_for_backward({argmax});
+    const bool affine = scale.has_value();
+    ctx->save_for_backward({argmax, affine ? x : Tensor(), affine ? *scale : Tensor(), affine ? *shift : Tensor()});
     auto& data = ctx->saved_data;
     data["input_size"] = x.sym_sizes().vec();
     data["kernel_size"] = to_vector(kernel_size);
@@ -433,30 +442,62 @@ struct MaxPoolFunction : public torch::autograd::Function<MaxPoolFunction> {
     data["padding"] = to_vector(padding);
     data["ceil_mode"] = ceil_mode;
     data["backend"] = std::string(backend);
+    data["affine"] = affine;
+    data["residual"] = residual.has_value();
     return {out, argmax};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto backward_op = op_handle<MaxPoolBackwardSig>("xception_ops::max_pool2d_backward");
+    static const auto bn_backward_op =
+        op_handle<MaxPoolBnBackwardSig>("xception_ops::max_pool2d_scale_shift_backward");
+    static const auto scale_shift_backward_op =
+        op_handle<ScaleShiftBackwardSig>("xception_ops::scale_shift_backward");
     const auto& data = ctx->saved_data;
-    const Tensor argmax = ctx->get_saved_variables()[0];
-    const auto input_size = data.at("input_size").toSymIntList().vec();
-    const Tensor grad_x = backward_op.call(
-        grads[0], argmax, input_size, data.at("kernel_size").toIntVector(), data.at("stride").toIntVector(),
-        data.at("padding").toIntVector(), data.at("ceil_mode").toBool(), data.at("backend").toStringRef());
-    return {grad_x, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    const variable_list saved = ctx->get_saved_variables();
+    const Tensor& argmax = saved[0];
+    const auto kernel_size = data.at("kernel_size").toIntVector(), stride = data.at("stride").toIntVector();
+    const auto padding = data.at("padding").toIntVector();
+    const bool ceil_mode = data.at("ceil_mode").toBool();
+    const std::string& backend = data.at("backend").toStringRef();
+    const bool affine = data.at("affine").toBool();
+    Tensor grad_x, grad_scale, grad_shift;
+    if (affine && backend != "triton" && !at::GradMode::is_enabled()) {
+      const Tensor &x = saved[1], &scale = saved[2], &shift = saved[3];
+      std::tie(grad_x, grad_scale, grad_shift) =
+          bn_backward_op.call(grads[0], argmax, x, scale, shift, kernel_size, stride, padding, ceil_mode, backend);
+    } else {
+      const auto input_size = data.at("input_size").toSymIntList().vec();
+      grad_x = backward_op.call(grads[0], argmax, input_size, kernel_size, stride, padding, ceil_mode, backend);
+      if (affine) {
+        const Tensor &x = saved[1], &scale = saved[2], &shift = saved[3];
+        if (at::GradMode::is_enabled()) {  // create_graph: the reference op's formulas, differentiable ATen ops
+          std::tie(grad_x, grad_scale, grad_shift) = reference::scale_shift_backward(grad_x, x, scale, shift, false);
+        } else {  // triton: scale_shift has no Triton kernel
+          const char* ss_backend =
+              x.is_cuda() && cuda_implements("xception_ops.scale_shift_backward") ? "cuda" : "torch";
+          std::tie(grad_x, grad_scale, grad_shift) =
+              scale_shift_backward_op.call(grad_x, x, scale, shift, false, ss_backend);
+        }
+      }
+    }
+    const Tensor grad_residual = data.at("residual").toBool() ? grads[0] : Tensor();
+    return {grad_x, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), grad_scale, grad_shift, grad_residual};
   }
 };
 
 // A call that records a node saves the argmax whatever save_argmax says (its backward needs it) and returns it.
 std::tuple<Tensor, Tensor> max_pool2d_autograd(const Tensor& x, IntArrayRef kernel_size, IntArrayRef stride,
                                                IntArrayRef padding, bool ceil_mode, bool save_argmax,
-                                               c10::string_view backend) {
-  if (!needs_node({&x}, {})) {
+                                               c10::string_view backend, const OptTensor& scale,
+                                               const OptTensor& shift, const OptTensor& residual) {
+  if (!needs_node({&x}, {&scale, &shift, &residual})) {
     const at::AutoDispatchBelowADInplaceOrView below;
-    return max_pool_op().call(x, kernel_size, stride, padding, ceil_mode, save_argmax, backend);
+    return max_pool_op().call(x, kernel_size, stride, padding, ceil_mode, save_argmax, backend, scale, shift,
+                              residual);
   }
-  const variable_list r = MaxPoolFunction::apply(x, kernel_size, stride, padding, ceil_mode, backend);
+  const variable_list r =
+      MaxPoolFunction::apply(x, kernel_size, stride, padding, ceil_mode, backend, scale, shift, residual);
   return {r[0], r[1]};
 }
 

@@ -238,21 +238,31 @@ void check_batch_norm_update_stats(const char* op, const Tensor& running_mean, c
   check_channel_vector(op, "pre_bias", pre_bias, mean.size(0), mean);
 }
 
-void check_scale_shift(const char* op, const Tensor& y, const Tensor& scale, const Tensor& shift, const Tensor* grad,
-                       const OptTensor& residual) {
-  XO_CHECK_VALUE(y.dim() == 4, op, ": y must be a 4-D tensor (N, C, H, W), got shape ", dims(y.sizes()));
-  check_float_tensor(op, "y", y);
+namespace {
+
+// scale and shift: float32 or float64 vectors of y's channels, on its device, of one dtype.
+void check_scale_shift_vectors(const char* op, const Tensor& y, const char* y_name, const Tensor& scale,
+                               const Tensor& shift) {
   const char* names[] = {"scale", "shift"};
   const Tensor* vectors[] = {&scale, &shift};
   for (int i = 0; i < 2; ++i) {
     XO_CHECK_VALUE(vectors[i]->dim() == 1 && vectors[i]->size(0) == y.size(1), op, ": ", names[i],
-                   " must have shape [", y.size(1), "] (y's channels), got ", dims(vectors[i]->sizes()));
+                   " must have shape [", y.size(1), "] (", y_name, "'s channels), got ", dims(vectors[i]->sizes()));
     XO_CHECK_TYPE(vectors[i]->scalar_type() == at::kFloat || vectors[i]->scalar_type() == at::kDouble, op, ": ",
                   names[i], " must be float32 or float64 (per-channel math), got ", vectors[i]->scalar_type());
     check_same_device(op, names[i], *vectors[i], y);
   }
   XO_CHECK_TYPE(shift.scalar_type() == scale.scalar_type(), op, ": shift has dtype ", shift.scalar_type(),
                 " but scale has dtype ", scale.scalar_type());
+}
+
+}  // namespace
+
+void check_scale_shift(const char* op, const Tensor& y, const Tensor& scale, const Tensor& shift, const Tensor* grad,
+                       const OptTensor& residual) {
+  XO_CHECK_VALUE(y.dim() == 4, op, ": y must be a 4-D tensor (N, C, H, W), got shape ", dims(y.sizes()));
+  check_float_tensor(op, "y", y);
+  check_scale_shift_vectors(op, y, "y", scale, shift);
   if (grad != nullptr) check_like(op, "grad", *grad, y.sizes(), y);
   if (residual.has_value()) check_like(op, "residual", *residual, y.sizes(), y);
 }
@@ -281,6 +291,14 @@ Pool2dGeometry check_max_pool2d(const char* op, const Tensor& values, const char
   XO_CHECK_VALUE(g.out_h >= 1 && g.out_w >= 1, op, ": the output would be empty: x's size ", dims(x_sizes.slice(2)),
                  " is smaller than kernel_size ", dims(kernel_size), " with padding ", dims(padding));
   return g;
+}
+
+void check_max_pool2d_extras(const char* op, const Tensor& x, const OptTensor& scale, const OptTensor& shift,
+                             const OptTensor& residual, IntArrayRef out_shape) {
+  XO_CHECK_VALUE(scale.has_value() == shift.has_value(), op, ": scale and shift come together (the BatchNorm "
+                 "applied to x), got ", scale.has_value() ? "scale" : "shift", " alone");
+  if (scale.has_value()) check_scale_shift_vectors(op, x, "x", *scale, *shift);
+  if (residual.has_value()) check_like(op, "residual", *residual, out_shape, x);
 }
 
 void check_like(const char* op, const char* name, const Tensor& t, IntArrayRef shape, const Tensor& x) {

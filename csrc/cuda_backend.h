@@ -123,7 +123,11 @@ void batch_norm_update_stats(const Tensor& running_mean, const Tensor& running_v
 
 // Max pooling (csrc/cuda/pool_backend.cpp), with the contracts of reference::max_pool2d / max_pool2d_backward: one
 // kernel each way (kernels/pool.cuh); float64 takes the reference.
-std::tuple<Tensor, Tensor> max_pool2d(const Tensor& x, const Pool2dGeometry& g, bool save_argmax);
+std::tuple<Tensor, Tensor> max_pool2d(const Tensor& x, const Pool2dGeometry& g, bool save_argmax,
+                                      const OptTensor& scale, const OptTensor& shift, const OptTensor& residual);
+std::tuple<Tensor, Tensor, Tensor> max_pool2d_scale_shift_backward(const Tensor& grad_out, const Tensor& argmax,
+                                                                   const Tensor& x, const Tensor& scale,
+                                                                   const Tensor& shift, const Pool2dGeometry& g);
 Tensor max_pool2d_backward(const Tensor& grad_out, const Tensor& argmax, const Pool2dGeometry& g,
                            at::MemoryFormat fmt);
 

@@ -5,7 +5,7 @@
 #include <array>
 
 namespace xception_ops::cuda {
-inline constexpr std::array<const char*, 12> kImplementedOps = {
+inline constexpr std::array<const char*, 13> kImplementedOps = {
     "xception_ops.depthwise_conv2d",
     "xception_ops.depthwise_conv2d_backward_input",
     "xception_ops.depthwise_conv2d_backward_weight",
@@ -18,6 +18,7 @@ inline constexpr std::array<const char*, 12> kImplementedOps = {
     "xception_ops.scale_shift_backward",
     "xception_ops.max_pool2d",
     "xception_ops.max_pool2d_backward",
+    "xception_ops.max_pool2d_scale_shift_backward",
 };
 // The subset that backend "auto" takes on CUDA tensors: kernels that beat the reference path wherever measured
 // (benchmarks/RESULTS.md). The depthwise kernels do not yet: PyTorch's forward is faster on the H200.

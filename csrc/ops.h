@@ -113,6 +113,10 @@ void check_scale_shift(const char* op, const Tensor& y, const Tensor& scale, con
 // the backward, named `values_name`) a float tensor.
 Pool2dGeometry check_max_pool2d(const char* op, const Tensor& values, const char* values_name, IntArrayRef x_sizes,
                                 IntArrayRef kernel_size, IntArrayRef stride, IntArrayRef padding, bool ceil_mode);
+// max_pool2d's keyword arguments: scale and shift both or neither, as scale_shift takes them for x; residual the
+// pooled shape `out_shape` with x's dtype and device.
+void check_max_pool2d_extras(const char* op, const Tensor& x, const OptTensor& scale, const OptTensor& shift,
+                             const OptTensor& residual, IntArrayRef out_shape);
 // Checks a tensor that must have `shape` and x's dtype and device (gradients, saved outputs).
 void check_like(const char* op, const char* name, const Tensor& t, IntArrayRef shape, const Tensor& x);
 // Output layout rule shared by every backend and the fake kernels: channels_last in, channels_last out.
@@ -163,10 +167,19 @@ std::tuple<Tensor, Tensor, Tensor> scale_shift_backward(const Tensor& grad, cons
                                                         const Tensor& shift, bool relu);
 // Max pooling with PyTorch's rules (kernels/pool_params.h): the maximum of each window and, with save_argmax, the
 // window's argmax as a uint8 tap index ky * kernel_w + kx (otherwise an empty uint8 tensor); both in x's layout.
-std::tuple<Tensor, Tensor> max_pool2d(const Tensor& x, const Pool2dGeometry& g, bool save_argmax);
+// With scale and shift, the windows of scale_shift(x, scale, shift) instead of x's; with residual, the output plus
+// residual (rounded in x's dtype, as PyTorch's add).
+std::tuple<Tensor, Tensor> max_pool2d(const Tensor& x, const Pool2dGeometry& g, bool save_argmax,
+                                      const OptTensor& scale = c10::nullopt, const OptTensor& shift = c10::nullopt,
+                                      const OptTensor& residual = c10::nullopt);
 // Its gradient: each window's gradient added to its argmax, in grad_out's layout `fmt`.
 Tensor max_pool2d_backward(const Tensor& grad_out, const Tensor& argmax, const Pool2dGeometry& g,
                            at::MemoryFormat fmt);
+// The backward of max_pool2d with scale and shift: the pool's backward (of the normalized values), then
+// scale_shift_backward's without a ReLU: (grad_x, sum g x, sum g), grad_x in x's layout.
+std::tuple<Tensor, Tensor, Tensor> max_pool2d_scale_shift_backward(const Tensor& grad_out, const Tensor& argmax,
+                                                                   const Tensor& x, const Tensor& scale,
+                                                                   const Tensor& shift, const Pool2dGeometry& g);
 // Updates running_mean / running_var in place (formulas in kernels/batchnorm_params.h), computed in the
 // statistics' dtype and stored in the buffers' own.
 void batch_norm_update_stats(const Tensor& running_mean, const Tensor& running_var, const Tensor& mean,

@@ -271,15 +271,26 @@ std::pair<Tensor, Tensor> window_origins(const Pool2dGeometry& g, const at::Tens
 }  // namespace
 
 // PyTorch's pooling, its flat argmax ih * W + iw turned into the window's tap index and back.
-std::tuple<Tensor, Tensor> max_pool2d(const Tensor& x, const Pool2dGeometry& g, bool save_argmax) {
+// With scale and shift, scale_shift's values pooled; with residual, the pooled values plus residual.
+std::tuple<Tensor, Tensor> max_pool2d(const Tensor& x, const Pool2dGeometry& g, bool save_argmax,
+                                      const OptTensor& scale, const OptTensor& shift, const OptTensor& residual) {
   const auto fmt = output_memory_format(x);
-  auto [out, index] = at::max_pool2d_with_indices(x, {g.kernel_h, g.kernel_w}, {g.stride_h, g.stride_w},
+  const Tensor z = scale.has_value() ? scale_shift(x, *scale, *shift, false) : x;
+  auto [out, index] = at::max_pool2d_with_indices(z, {g.kernel_h, g.kernel_w}, {g.stride_h, g.stride_w},
                                                   {g.pad_h, g.pad_w}, {1, 1}, g.ceil_mode);
+  if (residual.has_value()) out = out + *residual;
   out = out.contiguous(fmt);
   if (!save_argmax) return {out, at::empty({0}, x.options().dtype(at::kByte))};
   const auto [rows, cols] = window_origins(g, index.options());
   const Tensor code = (index.div(g.in_w, "floor") - rows) * g.kernel_w + (index.remainder(g.in_w) - cols);
   return {out, code.to(at::kByte).contiguous(fmt)};
+}
+
+std::tuple<Tensor, Tensor, Tensor> max_pool2d_scale_shift_backward(const Tensor& grad_out, const Tensor& argmax,
+                                                                   const Tensor& x, const Tensor& scale,
+                                                                   const Tensor& shift, const Pool2dGeometry& g) {
+  const Tensor grad_z = max_pool2d_backward(grad_out, argmax, g, output_memory_format(x));
+  return scale_shift_backward(grad_z, x, scale, shift, false);
 }
 
 Tensor max_pool2d_backward(const Tensor& grad_out, const Tensor& argmax, const Pool2dGeometry& g,

@@ -293,18 +293,35 @@ constexpr const char* kMaxPool = "xception_ops.max_pool2d";
 constexpr const char* kMaxPoolBwd = "xception_ops.max_pool2d_backward";
 
 std::tuple<Tensor, Tensor> max_pool2d(const Tensor& x, IntArrayRef kernel_size, IntArrayRef stride,
-                                      IntArrayRef padding, bool ceil_mode, bool save_argmax,
-                                      c10::string_view backend) {
+                                      IntArrayRef padding, bool ceil_mode, bool save_argmax, c10::string_view backend,
+                                      const OptTensor& scale, const OptTensor& shift, const OptTensor& residual) {
   const Pool2dGeometry g = check_max_pool2d(kMaxPool, x, "x", x.sizes(), kernel_size, stride, padding, ceil_mode);
+  check_max_pool2d_extras(kMaxPool, x, scale, shift, residual, {g.batch, g.channels, g.out_h, g.out_w});
   const Backend chosen = resolve_backend(backend, kMaxPool, x);
   if (chosen == Backend::Cuda) {
-    XO_IF_CUDA(return cuda::max_pool2d(x, g, save_argmax));
+    XO_IF_CUDA(return cuda::max_pool2d(x, g, save_argmax, scale, shift, residual));
   }
   if (chosen == Backend::Triton) {
-    return call_triton<std::tuple<Tensor, Tensor>(const Tensor&, IntArrayRef, IntArrayRef, IntArrayRef, bool, bool)>(
-        kMaxPool, "xception_ops::triton_max_pool2d", x, kernel_size, stride, padding, ceil_mode, save_argmax);
+    return call_triton<std::tuple<Tensor, Tensor>(const Tensor&, IntArrayRef, IntArrayRef, IntArrayRef, bool, bool,
+                                                  const OptTensor&, const OptTensor&, const OptTensor&)>(
+        kMaxPool, "xception_ops::triton_max_pool2d", x, kernel_size, stride, padding, ceil_mode, save_argmax, scale,
+        shift, residual);
   }
-  return reference::max_pool2d(x, g, save_argmax);
+  return reference::max_pool2d(x, g, save_argmax, scale, shift, residual);
+}
+
+// grad_out and argmax of the pooled shape of x_sizes, argmax uint8 on grad_out's device.
+void check_pool_gradient(const char* op, const Tensor& grad_out, const Tensor& argmax, IntArrayRef x_sizes,
+                         const Pool2dGeometry& g) {
+  const std::vector<int64_t> out_shape = {g.batch, g.channels, g.out_h, g.out_w};
+  XO_CHECK_VALUE(grad_out.sizes() == IntArrayRef(out_shape), op, ": grad_out must have shape ", dims(out_shape),
+                 " (the pooled shape of input_size ", dims(x_sizes), "), got ", dims(grad_out.sizes()));
+  XO_CHECK_VALUE(argmax.sizes() == IntArrayRef(out_shape), op, ": argmax must have shape ", dims(out_shape),
+                 " (the forward's, saved with save_argmax=True), got ", dims(argmax.sizes()));
+  XO_CHECK_TYPE(argmax.scalar_type() == at::kByte, op, ": argmax must be uint8 (the forward's), got ",
+                argmax.scalar_type());
+  XO_CHECK_VALUE(argmax.device() == grad_out.device(), op, ": argmax is on ", argmax.device(),
+                 " but grad_out is on ", grad_out.device(), "; move both to the same device");
 }
 
 // grad_x comes in the layout of argmax, which is the forward's (x's).
@@ -314,16 +331,7 @@ Tensor max_pool2d_backward(const Tensor& grad_out, const Tensor& argmax, c10::Sy
   const auto x_sizes = C10_AS_INTARRAYREF_SLOW(input_size);
   const Pool2dGeometry g =
       check_max_pool2d(kMaxPoolBwd, grad_out, "grad_out", x_sizes, kernel_size, stride, padding, ceil_mode);
-  const std::vector<int64_t> out_shape = {g.batch, g.channels, g.out_h, g.out_w};
-  XO_CHECK_VALUE(grad_out.sizes() == IntArrayRef(out_shape), kMaxPoolBwd, ": grad_out must have shape ",
-                 dims(out_shape), " (the pooled shape of input_size ", dims(x_sizes), "), got ",
-                 dims(grad_out.sizes()));
-  XO_CHECK_VALUE(argmax.sizes() == IntArrayRef(out_shape), kMaxPoolBwd, ": argmax must have shape ",
-                 dims(out_shape), " (the forward's, saved with save_argmax=True), got ", dims(argmax.sizes()));
-  XO_CHECK_TYPE(argmax.scalar_type() == at::kByte, kMaxPoolBwd, ": argmax must be uint8 (the forward's), got ",
-                argmax.scalar_type());
-  XO_CHECK_VALUE(argmax.device() == grad_out.device(), kMaxPoolBwd, ": argmax is on ", argmax.device(),
-                 " but grad_out is on ", grad_out.device(), "; move both to the same device");
+  check_pool_gradient(kMaxPoolBwd, grad_out, argmax, x_sizes, g);
   const auto fmt = output_memory_format(argmax);
   const Backend chosen = resolve_backend(backend, kMaxPoolBwd, grad_out);
   if (chosen == Backend::Cuda) {
@@ -335,6 +343,28 @@ Tensor max_pool2d_backward(const Tensor& grad_out, const Tensor& argmax, c10::Sy
                                                   argmax, input_size, kernel_size, stride, padding, ceil_mode);
   }
   return reference::max_pool2d_backward(grad_out, argmax, g, fmt);
+}
+
+constexpr const char* kMaxPoolBnBwd = "xception_ops.max_pool2d_scale_shift_backward";
+
+std::tuple<Tensor, Tensor, Tensor> max_pool2d_scale_shift_backward(const Tensor& grad_out, const Tensor& argmax,
+                                                                   const Tensor& x, const Tensor& scale,
+                                                                   const Tensor& shift, IntArrayRef kernel_size,
+                                                                   IntArrayRef stride, IntArrayRef padding,
+                                                                   bool ceil_mode, c10::string_view backend) {
+  const Pool2dGeometry g =
+      check_max_pool2d(kMaxPoolBnBwd, x, "x", x.sizes(), kernel_size, stride, padding, ceil_mode);
+  check_pool_gradient(kMaxPoolBnBwd, grad_out, argmax, x.sizes(), g);
+  check_like(kMaxPoolBnBwd, "grad_out", grad_out, grad_out.sizes(), x);  // x's dtype and device
+  check_max_pool2d_extras(kMaxPoolBnBwd, x, scale, shift, c10::nullopt, {});
+  const Backend chosen = resolve_backend(backend, kMaxPoolBnBwd, x);
+  if (chosen == Backend::Cuda) {
+    XO_IF_CUDA(return cuda::max_pool2d_scale_shift_backward(grad_out, argmax, x, scale, shift, g));
+  }
+  XO_CHECK_NOT_IMPLEMENTED(chosen != Backend::Triton, kMaxPoolBnBwd,
+                           ": backend 'triton' has no kernel for this op (max_pool2d's autograd runs the pool's "
+                           "backward on 'triton' and scale_shift_backward on 'cuda' or 'torch' instead)");
+  return reference::max_pool2d_scale_shift_backward(grad_out, argmax, x, scale, shift, g);
 }
 
 }  // namespace
@@ -387,13 +417,21 @@ TORCH_LIBRARY(xception_ops, m) {
       "scale_shift_backward(Tensor grad, Tensor y, Tensor scale, Tensor shift, bool relu, str backend) "
       "-> (Tensor grad_y, Tensor grad_scale, Tensor grad_shift)");
   // Max pooling with PyTorch's rules (implicit padding, floor or ceil mode, no dilation), its argmax kept as one
-  // byte per output (the tap's index ky * kernel_w + kx) when save_argmax; an empty uint8 tensor otherwise.
+  // byte per output (the tap's index ky * kernel_w + kx) when save_argmax; an empty uint8 tensor otherwise. With
+  // scale and shift it pools scale_shift(x, scale, shift) (a pending BatchNorm, applied as x is read), and adds
+  // residual to its output (a shortcut): BatchNorm, pool and add in one pass.
   m.def(
       "max_pool2d(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, bool ceil_mode, bool save_argmax, "
-      "str backend) -> (Tensor out, Tensor argmax)");
+      "str backend, *, Tensor? scale=None, Tensor? shift=None, Tensor? residual=None) -> (Tensor out, Tensor argmax)");
   m.def(
       "max_pool2d_backward(Tensor grad_out, Tensor argmax, SymInt[4] input_size, int[2] kernel_size, "
       "int[2] stride, int[2] padding, bool ceil_mode, str backend) -> Tensor");
+  // The backward of max_pool2d with scale and shift (x the forward's input): max_pool2d_backward's gradient of the
+  // normalized values, then scale_shift_backward's (no ReLU): one pass on "cuda" for channels-last tensors.
+  m.def(
+      "max_pool2d_scale_shift_backward(Tensor grad_out, Tensor argmax, Tensor x, Tensor scale, Tensor shift, "
+      "int[2] kernel_size, int[2] stride, int[2] padding, bool ceil_mode, str backend) "
+      "-> (Tensor grad_x, Tensor grad_scale, Tensor grad_shift)");
   // In place, under no_grad: the running statistics after a training step's finalize.
   m.def(
       "batch_norm_update_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, "
@@ -413,7 +451,8 @@ TORCH_LIBRARY(xception_ops, m) {
   m.impl("scale_shift", &scale_shift);                                                     \
   m.impl("scale_shift_backward", &scale_shift_backward);                                   \
   m.impl("max_pool2d", &max_pool2d);                                                       \
-  m.impl("max_pool2d_backward", &max_pool2d_backward)
+  m.impl("max_pool2d_backward", &max_pool2d_backward);                                     \
+  m.impl("max_pool2d_scale_shift_backward", &max_pool2d_scale_shift_backward)
 
 TORCH_LIBRARY_IMPL(xception_ops, CPU, m) { XO_REGISTER_ROUTERS(m); }
 TORCH_LIBRARY_IMPL(xception_ops, CUDA, m) { XO_REGISTER_ROUTERS(m); }

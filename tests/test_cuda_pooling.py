@@ -168,3 +168,100 @@ def test_more_than_2_31_elements():
         assert torch.equal(grad_x[:, ch:ch + 1], want_grad)
     del x, out, argmax, grad_x
     torch.cuda.empty_cache()
+
+
+# ---- the pending BatchNorm and the shortcut in the pool's pass ----
+
+@pytest.mark.parametrize("extras", ["bn", "residual", "both"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("geometry", GEOMETRIES[1:6], ids=str)
+def test_pending_batchnorm_and_residual_are_the_separate_ops_bits(geometry, dtype, layout, extras):
+    """One pass against the three ops it replaces on the same backend (scale_shift's fmaf, the pool, PyTorch's add),
+    bit for bit, with any scale (negative ones too), outputs poisoned; the gradients of x, scale, shift and the
+    residual against autograd through the separate ops, bit for bit."""
+    from .test_pooling import affine_args
+
+    shape, kernel, stride, padding, ceil_mode = geometry
+    fmt = layout_of(layout)
+    x = tie_heavy(shape, dtype, fmt).to(DEV).nan_to_num(0.0, 0.0, -3.0)
+    kwargs = {}
+    if extras != "residual":
+        scale, shift = affine_args(shape[1])
+        kwargs.update(scale=scale.to(DEV).requires_grad_(), shift=shift.to(DEV).requires_grad_())
+    out_shape = OPS.max_pool2d(x, kernel, stride, padding, ceil_mode, False, "cuda")[0].shape
+    if extras != "bn":
+        kwargs["residual"] = torch.randn(out_shape, device=DEV).to(dtype).contiguous(memory_format=fmt)
+        kwargs["residual"].requires_grad_()
+    x.requires_grad_()
+    z = OPS.scale_shift(x, kwargs["scale"], kwargs["shift"], False, "cuda") if "scale" in kwargs else x
+    pooled, want_codes = OPS.max_pool2d(z, kernel, stride, padding, ceil_mode, True, "cuda")
+    want = pooled + kwargs["residual"] if "residual" in kwargs else pooled
+    poison(out_shape, dtype)
+    got, codes = OPS.max_pool2d(x, kernel, stride, padding, ceil_mode, True, "cuda", **kwargs)
+    assert got.is_contiguous(memory_format=fmt)
+    assert same_bits(got, want) and torch.equal(codes, want_codes)
+    names = ["x", *kwargs]
+    grad = torch.randn(out_shape, device=DEV).to(dtype)
+    got_grads = torch.autograd.grad(got, [x, *kwargs.values()], grad)
+    want_grads = torch.autograd.grad(want, [x, *kwargs.values()], grad)
+    for name, g, w in zip(names, got_grads, want_grads):
+        if name in ("scale", "shift"):  # float32 sums, in the one pass's tile order: not the separate ops' order
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5 * w.abs().max().item())
+        else:
+            assert torch.equal(g, w), name
+
+
+def test_xception_block_on_cuda_hands_its_last_batchnorm_and_shortcut_to_the_pool():
+    from xception_ops.models.xception import XceptionBlock
+
+    torch.manual_seed(0)
+    block = XceptionBlock(64, 128, reps=2, stride=2, backend="cuda").to(DEV, torch.bfloat16)
+    block = block.to(memory_format=torch.channels_last)
+    x = torch.randn(4, 64, 37, 37, device=DEV, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    with record_op_calls("max_pool2d") as calls, record_op_calls("scale_shift") as ss_calls:
+        out = block(x)
+    assert len(calls) == 1 and len(ss_calls) == 0
+    assert all(t is not None for t in calls[0][7:10])
+    out.float().square().mean().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    block.eval()
+    with torch.no_grad(), record_op_calls("max_pool2d") as calls:
+        block(x)
+    assert len(calls) == 1 and all(t is not None for t in calls[0][7:10])
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("geometry", GEOMETRIES[:6], ids=str)
+def test_scale_shift_backward_is_one_deterministic_pass(geometry, dtype, layout):
+    """max_pool2d_scale_shift_backward on "cuda" (channels-last: max_pool2d_backward_bn_kernel and the fixed-order
+    reduction) against float64 sums and the two ops' grad_x bit for bit; ten calls give the same bits, and the
+    profiler sees the fused kernel where the layout is channels-last. Outputs poisoned."""
+    from .test_pooling import affine_args
+
+    shape, kernel, stride, padding, ceil_mode = geometry
+    fmt = layout_of(layout)
+    x = torch.randn(shape, device=DEV).to(dtype).contiguous(memory_format=fmt)
+    scale, shift = (t.to(DEV) for t in affine_args(shape[1]))
+    args = (list(kernel), list(stride), list(padding), ceil_mode)
+    out, codes = OPS.max_pool2d(x, *args, True, "cuda", scale=scale, shift=shift)
+    grad = torch.randn(out.shape, device=DEV).to(dtype)
+    poison(shape, dtype)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        got = OPS.max_pool2d_scale_shift_backward(grad, codes, x, scale, shift, *args, "cuda")
+        torch.cuda.synchronize()
+    fused = any("max_pool2d_backward_bn_kernel" in e.name for e in prof.events())
+    assert fused == (layout == "channels_last")
+    grad_z = OPS.max_pool2d_backward(grad, codes, list(shape), *args, "cuda")
+    grad_x, _, _ = OPS.scale_shift_backward(grad_z, x, scale, shift, False, "cuda")
+    assert torch.equal(got[0], grad_x) and got[0].is_contiguous(memory_format=fmt)
+    g = grad_z.double()
+    want_scale, want_shift = (g * x.double()).sum((0, 2, 3)), g.sum((0, 2, 3))
+    for got_sum, want_sum in ((got[1], want_scale), (got[2], want_shift)):
+        assert got_sum.dtype == torch.float32
+        torch.testing.assert_close(got_sum.double(), want_sum, rtol=1e-4, atol=1e-4 * (1 + want_sum.abs().max().item()))
+    for _ in range(10):
+        again = OPS.max_pool2d_scale_shift_backward(grad, codes, x, scale, shift, *args, "cuda")
+        assert all(torch.equal(a, b) for a, b in zip(again, got))

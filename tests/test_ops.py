@@ -281,6 +281,13 @@ def _opcheck_cases():
                                   "torch")),
         (ops.max_pool2d.default, (xl, [3, 3], [2, 2], [0, 0], True, False, "torch")),
         (ops.max_pool2d.default, (torch.randn(2, 3, 7, 8), [2, 3], [2, 1], [1, 1], False, False, "torch")),
+        (ops.max_pool2d.default, (xl.detach().requires_grad_(), [3, 3], [2, 2], [1, 1], False, True, "torch"),
+         dict(scale=torch.randn(xl.shape[1], requires_grad=True), shift=torch.randn(xl.shape[1], requires_grad=True),
+              residual=torch.randn(xl.shape[0], xl.shape[1], (xl.shape[2] + 1) // 2, (xl.shape[3] + 1) // 2,
+                                   requires_grad=True))),
+        (ops.max_pool2d_scale_shift_backward.default, (torch.randn(2, 3, 4, 3), ops.max_pool2d(
+            torch.randn(2, 3, 7, 6), [3, 3], [2, 2], [1, 1], False, True, "torch")[1], torch.randn(2, 3, 7, 6),
+            torch.randn(3), torch.randn(3), [3, 3], [2, 2], [1, 1], False, "torch")),
         (ops.max_pool2d_backward.default, (torch.randn(2, 3, 4, 3), ops.max_pool2d(
             torch.randn(2, 3, 7, 6), [3, 3], [2, 2], [1, 1], False, True, "torch")[1], [2, 3, 7, 6], [3, 3], [2, 2],
             [1, 1], False, "torch")),

@@ -195,3 +195,178 @@ def test_pool_output_size_follows_pytorch():
 def test_xception_pool_checks_its_backend():
     with pytest.raises(ValueError, match="backend must be one of"):
         MaxPool2dSame(3, 2, "same", backend="cudnn")
+
+
+# ---- the pending BatchNorm (scale, shift) and the shortcut (residual) in the pool's one pass ----
+
+def affine_args(channels, dtype=torch.float32, exact=False, generator=None):
+    """A BatchNorm's scale and shift, negative scales included (they swap which tap is the maximum). exact: scales
+    that are powers of two, so that x * scale is exact and fma and mul + add round alike (the backends' fma against
+    the reference's two float32 steps, bit for bit)."""
+    if exact:
+        magnitude = 2.0 ** torch.randint(-2, 3, (channels,), generator=generator).to(dtype)
+        scale = magnitude * torch.where(torch.rand(channels, generator=generator) < 0.3, -1.0, 1.0).to(dtype)
+    else:
+        scale = torch.randn(channels, generator=generator, dtype=dtype)
+    return scale, torch.randn(channels, generator=generator, dtype=dtype)
+
+
+def composed(x, scale, shift, residual, kernel, stride, padding, ceil_mode):
+    """The definition on the reference ops: scale_shift, then the pool, then the add."""
+    z = OPS.scale_shift(x, scale, shift, False, "torch") if scale is not None else x
+    out, codes = OPS.max_pool2d(z, kernel, stride, padding, ceil_mode, True, "torch")
+    return (out if residual is None else out + residual), codes
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("geometry", GEOMETRIES[:3], ids=str)
+@pytest.mark.parametrize("extras", ["bn", "residual", "both"])
+def test_reference_op_pools_the_normalized_values_and_adds_the_residual(geometry, dtype, channels_last, extras):
+    shape, kernel, stride, padding, ceil_mode = geometry
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = tie_heavy(shape, dtype, fmt)
+    out_shape = checks.check_max_pool2d("t", x, "x", shape, kernel, stride, padding, ceil_mode)
+    vectors = torch.float64 if dtype == torch.float64 else torch.float32  # (the math runs in their dtype)
+    scale, shift = affine_args(shape[1], vectors) if extras != "residual" else (None, None)
+    residual = torch.randn(out_shape).to(dtype) if extras != "bn" else None
+    out, codes = OPS.max_pool2d(x, kernel, stride, padding, ceil_mode, True, "torch", scale=scale, shift=shift,
+                                residual=residual)
+    want, want_codes = composed(x, scale, shift, residual, kernel, stride, padding, ceil_mode)
+    assert same_bits(out, want) and torch.equal(codes, want_codes)
+    assert out.is_contiguous(memory_format=checks.output_memory_format(x))
+    # Against the definition in float64 (x's values normalized, then rounded to x's dtype as the BatchNorm's output).
+    z = x.double() if scale is None else (x.double() * scale.double()[:, None, None] + shift.double()[:, None, None])
+    z = z.to(dtype).double() if scale is not None and dtype != torch.float64 else z
+    pooled = F.max_pool2d(z, kernel, stride, padding, ceil_mode=ceil_mode)
+    definition = pooled if residual is None else pooled + residual.double()
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    finite = torch.isfinite(definition)
+    assert torch.equal(torch.isnan(out), torch.isnan(definition))
+    torch.testing.assert_close(out.double()[finite], definition[finite], rtol=tol, atol=tol)
+
+
+@needs_ext
+def test_extras_gradients_match_finite_differences():
+    x = torch.randn(2, 3, 7, 8, dtype=torch.float64)
+    x = (x + torch.arange(x.numel(), dtype=torch.float64).view(x.shape) * 1e-3).requires_grad_()  # no ties
+    scale = torch.tensor([1.5, -0.75, 2.0], dtype=torch.float64, requires_grad=True)
+    shift = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    residual = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+
+    def fn(t, s, b, r):
+        return OPS.max_pool2d(t, [3, 3], [2, 2], [1, 1], True, True, "torch", scale=s, shift=b, residual=r)[0]
+
+    assert torch.autograd.gradcheck(fn, (x, scale, shift, residual))
+
+
+@needs_ext
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_extras_backward_is_the_pools_then_scale_shifts(channels_last):
+    """The node's gradients: the pool's backward of the normalized values, then scale_shift_backward's, in one op
+    (max_pool2d_scale_shift_backward); the residual's gradient is grad_out itself. Bit for bit against autograd
+    through the three separate ops."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 4, 9, 9).contiguous(memory_format=fmt).requires_grad_()
+    scale, shift = (t.requires_grad_() for t in affine_args(4))
+    residual = torch.randn(2, 4, 5, 5).requires_grad_()
+    out, _ = OPS.max_pool2d(x, [3, 3], [2, 2], [1, 1], False, False, "torch", scale=scale, shift=shift,
+                            residual=residual)
+    grad = torch.randn(out.shape)
+    with record_op_calls("max_pool2d_scale_shift_backward") as calls:
+        got = torch.autograd.grad(out, (x, scale, shift, residual), grad)
+    assert len(calls) == 1 and calls[0][2] is not None and calls[0][-1] == "torch"
+    z = OPS.scale_shift(x, scale, shift, False, "torch")
+    want_out = OPS.max_pool2d(z, [3, 3], [2, 2], [1, 1], False, True, "torch")[0] + residual
+    assert torch.equal(out, want_out)
+    want = torch.autograd.grad(want_out, (x, scale, shift, residual), grad)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    assert got[0].is_contiguous(memory_format=fmt)
+
+
+@needs_ext
+def test_extras_without_a_gradient_record_no_node():
+    x = torch.randn(1, 2, 5, 5)
+    scale, shift = affine_args(2)
+    out, codes = OPS.max_pool2d(x, [3, 3], [2, 2], [1, 1], False, False, "torch", scale=scale, shift=shift)
+    assert out.grad_fn is None and codes.shape == (0,)
+    out, codes = OPS.max_pool2d(x, [3, 3], [2, 2], [1, 1], False, False, "torch", scale=scale.requires_grad_(),
+                                shift=shift)
+    assert out.grad_fn is not None and codes.shape == out.shape
+
+
+@needs_ext
+@pytest.mark.parametrize("kwargs, error, match", [
+    (lambda c: {"scale": torch.ones(c)}, ValueError, "scale and shift come together.*got scale alone"),
+    (lambda c: {"shift": torch.ones(c)}, ValueError, "scale and shift come together.*got shift alone"),
+    (lambda c: {"scale": torch.ones(c + 1), "shift": torch.ones(c + 1)}, ValueError,
+     r"scale must have shape \[3\] \(x's channels\)"),
+    (lambda c: {"scale": torch.ones(c, dtype=torch.float16), "shift": torch.ones(c, dtype=torch.float16)},
+     TypeError, "scale must be float32 or float64"),
+    (lambda c: {"scale": torch.ones(c), "shift": torch.ones(c, dtype=torch.float64)}, TypeError,
+     "shift has dtype (torch.float64|Double) but scale has dtype (torch.float32|Float)"),
+    (lambda c: {"residual": torch.ones(2, c, 7, 7)}, ValueError, r"residual must have shape \[2, 3, 4, 4\]"),
+    (lambda c: {"residual": torch.ones(2, c, 4, 4, dtype=torch.float64)}, TypeError, "residual has dtype"),
+])
+def test_extras_errors_name_the_argument(kwargs, error, match):
+    x = torch.randn(2, 3, 7, 7)
+    with pytest.raises(error, match=match):
+        OPS.max_pool2d(x, [3, 3], [2, 2], [1, 1], False, False, "torch", **kwargs(3))
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode, pytest.raises(error, match=match):
+        fake = {k: mode.from_tensor(v) for k, v in kwargs(3).items()}
+        OPS.max_pool2d(mode.from_tensor(x), [3, 3], [2, 2], [1, 1], False, False, "torch", **fake)
+
+
+def test_functional_extras_on_torch_are_the_separate_ops():
+    x = torch.randn(2, 3, 9, 8).contiguous(memory_format=torch.channels_last)
+    scale, shift = affine_args(3)
+    residual = torch.randn(2, 3, 5, 4)
+    got = pooling.max_pool2d(x, 3, 2, 1, backend="torch", scale=scale, shift=shift, residual=residual)
+    from xception_ops import batchnorm
+    want = F.max_pool2d(batchnorm.apply_scale_shift(x, scale, shift), 3, 2, 1) + residual
+    assert same_bits(got, want)
+    with pytest.raises(ValueError, match="scale and shift come together"):
+        pooling.max_pool2d(x, 3, 2, 1, backend="torch", scale=scale)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_scale_shift_backward_op_is_the_two_backwards(dtype, channels_last):
+    """The reference op against max_pool2d_backward then scale_shift_backward, bit for bit, in x's layout."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 5, 9, 8).to(dtype).contiguous(memory_format=fmt)
+    vectors = torch.float64 if dtype == torch.float64 else torch.float32
+    scale, shift = affine_args(5, vectors)
+    args = ([3, 3], [2, 2], [1, 1], True)
+    out, codes = OPS.max_pool2d(x, *args, True, "torch", scale=scale, shift=shift)
+    grad = torch.randn(out.shape).to(dtype)
+    got = OPS.max_pool2d_scale_shift_backward(grad, codes, x, scale, shift, *args, "torch")
+    grad_z = OPS.max_pool2d_backward(grad, codes, list(x.shape), *args, "torch")
+    want = OPS.scale_shift_backward(grad_z, x, scale, shift, False, "torch")
+    for g, w in zip(got, want):
+        assert torch.equal(g, w) and g.dtype == w.dtype
+    assert got[0].is_contiguous(memory_format=fmt)
+
+
+@needs_ext
+@pytest.mark.parametrize("change, error, match", [
+    ({"codes": torch.zeros(2, 3, 4, 4, dtype=torch.int64)}, TypeError, "argmax must be uint8"),
+    ({"codes": torch.zeros(2, 3, 3, 4, dtype=torch.uint8)}, ValueError, "argmax must have shape"),
+    ({"grad": torch.zeros(2, 3, 4, 3)}, ValueError, "grad_out must have shape"),
+    ({"grad": torch.zeros(2, 3, 4, 4, dtype=torch.float64)}, TypeError, "grad_out has dtype"),
+    ({"scale": torch.ones(4)}, ValueError, r"scale must have shape \[3\] \(x's channels\)"),
+    ({"shift": torch.ones(3, dtype=torch.float64)}, TypeError, "shift has dtype"),
+])
+def test_scale_shift_backward_op_errors_name_the_argument(change, error, match):
+    x = torch.randn(2, 3, 7, 7)
+    args = {"grad": torch.randn(2, 3, 4, 4), "codes": torch.zeros(2, 3, 4, 4, dtype=torch.uint8), "x": x,
+            "scale": torch.ones(3), "shift": torch.zeros(3)}
+    args.update(change)
+    geometry = ([3, 3], [2, 2], [1, 1], False)
+    with pytest.raises(error, match=match):
+        OPS.max_pool2d_scale_shift_backward(*args.values(), *geometry, "torch")
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode, pytest.raises(error, match=match):
+        OPS.max_pool2d_scale_shift_backward(*(mode.from_tensor(t) for t in args.values()), *geometry, "torch")

@@ -22,7 +22,7 @@ from xception_ops import _library, pooling  # noqa: E402
 from xception_ops.models import MaxPool2dSame  # noqa: E402
 
 from .conftest import record_op_calls, requires_gpu  # noqa: E402
-from .test_pooling import same_bits, tie_heavy  # noqa: E402
+from .test_pooling import affine_args, same_bits, tie_heavy  # noqa: E402
 
 if _library.TRITON is None:
     pytest.skip(f"the triton backend is not loaded: {_library.TRITON_ERROR}", allow_module_level=True)
@@ -116,3 +116,61 @@ def test_xception_pool_on_the_triton_backend_runs_the_op_with_autograd():
         (got_grad,) = torch.autograd.grad(got, x, grad)
     assert len(calls) == 1 and calls[0][-1] == "triton"
     assert torch.equal(got_grad, torch.autograd.grad(want, x, grad)[0])
+
+
+def check_extras(geometry, dtype, layout, extras):
+    """The pending BatchNorm and the shortcut, bit for bit against the reference: with scales that are powers of two
+    (test_pooling.affine_args) the kernel's fma and the reference's float32 multiply and add round alike."""
+    shape, kernel, stride, padding, ceil_mode = geometry
+    x = make(shape, dtype, layout)
+    out_shape = [int(v) for v in OPS.max_pool2d(x, kernel, stride, padding, ceil_mode, False, "torch")[0].shape]
+    kwargs = {}
+    if extras in ("bn", "both"):
+        scale, shift = affine_args(shape[1], exact=True)
+        kwargs.update(scale=scale.to(DEVICE), shift=shift.to(DEVICE))
+    if extras in ("residual", "both"):
+        kwargs["residual"] = make(out_shape, dtype, layout)
+    want, want_codes = OPS.max_pool2d(x, kernel, stride, padding, ceil_mode, True, "torch", **kwargs)
+    got, codes = OPS.max_pool2d(x, kernel, stride, padding, ceil_mode, True, "triton", **kwargs)
+    assert same_bits(got, want) and torch.equal(codes, want_codes)
+    assert got.stride() == want.stride()
+
+
+# bf16: the interpreter truncates float32 to bf16 where the normalization and the add round: GPU only.
+BF16_GPU_ONLY = pytest.param(torch.bfloat16, marks=[pytest.mark.gpu, requires_gpu], id="bfloat16")
+
+
+@pytest.mark.parametrize("extras", ["bn", "residual", "both"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64, BF16_GPU_ONLY], ids=str)
+@pytest.mark.parametrize("geometry", GEOMETRIES[:2], ids=str)
+def test_pending_batchnorm_and_residual_match_the_reference(geometry, dtype, layout, extras):
+    check_extras(geometry, dtype, layout, extras)
+
+
+def test_xception_block_hands_its_last_batchnorm_and_shortcut_to_the_pool():
+    """A strided block on "triton" in training: its last BatchNorm's statistics come from the separable op, and the
+    pool applies the BatchNorm and adds the shortcut (one op call with scale, shift and residual) instead of
+    scale_shift, the pool and an add. Outputs and gradients as the same block on "torch"."""
+    from xception_ops.models.xception import XceptionBlock
+
+    torch.manual_seed(0)
+    block = XceptionBlock(4, 8, reps=2, stride=2, backend="triton").to(DEVICE)
+    ref = XceptionBlock(4, 8, reps=2, stride=2, backend="torch").to(DEVICE)
+    ref.load_state_dict(block.state_dict())
+    x = torch.randn(2, 4, 7, 7, device=DEVICE, requires_grad=True)
+    with record_op_calls("max_pool2d") as calls, record_op_calls("scale_shift") as ss_calls:
+        got = block(x)
+    assert len(calls) == 1 and len(ss_calls) == 0
+    backend_arg, scale, shift, residual = calls[0][6:10]
+    assert backend_arg == "triton" and scale is not None and shift is not None and residual is not None
+    want = ref(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(got)
+    params = [p for p in block.parameters()]
+    got_grads = torch.autograd.grad(got, [x, *params], grad)
+    want_grads = torch.autograd.grad(want, [x, *ref.parameters()], grad)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    for name, buf in block.named_buffers():
+        torch.testing.assert_close(buf, dict(ref.named_buffers())[name])

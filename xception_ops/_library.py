@@ -29,7 +29,8 @@ else:
 
 OPS = ("depthwise_conv2d", "depthwise_conv2d_backward_input", "depthwise_conv2d_backward_weight",
        "separable_conv2d", "separable_conv2d_backward", "batch_norm_finalize", "batch_norm_finalize_backward",
-       "batch_norm_update_stats", "scale_shift", "scale_shift_backward", "max_pool2d", "max_pool2d_backward")
+       "batch_norm_update_stats", "scale_shift", "scale_shift_backward", "max_pool2d", "max_pool2d_backward",
+       "max_pool2d_scale_shift_backward")
 
 
 def _empty_vector(x: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
@@ -146,9 +147,10 @@ def _register_finalize_fake() -> None:
 
 def _register_pool_fakes() -> None:
     @_fake("max_pool2d")
-    def _(x, kernel_size, stride, padding, ceil_mode, save_argmax, backend):
-        shape = checks.check_max_pool2d("xception_ops.max_pool2d", x, "x", x.shape, kernel_size, stride, padding,
-                                        ceil_mode)
+    def _(x, kernel_size, stride, padding, ceil_mode, save_argmax, backend, *, scale=None, shift=None, residual=None):
+        op = "xception_ops.max_pool2d"
+        shape = checks.check_max_pool2d(op, x, "x", x.shape, kernel_size, stride, padding, ceil_mode)
+        checks.check_max_pool2d_extras(op, x, scale, shift, residual, shape)
         out = _empty_like_fmt(x, shape, x)
         argmax = (x.new_empty(shape, dtype=torch.uint8).contiguous(memory_format=checks.output_memory_format(x))
                   if save_argmax else x.new_empty((0,), dtype=torch.uint8))
@@ -164,6 +166,20 @@ def _register_pool_fakes() -> None:
         if argmax.dtype != torch.uint8:
             raise TypeError(f"{op}: argmax must be uint8 (the forward's), got {argmax.dtype}")
         return _empty_like_fmt(grad_out, input_size, argmax)
+
+    @_fake("max_pool2d_scale_shift_backward")
+    def _(grad_out, argmax, x, scale, shift, kernel_size, stride, padding, ceil_mode, backend):
+        op = "xception_ops.max_pool2d_scale_shift_backward"
+        shape = checks.check_max_pool2d(op, x, "x", x.shape, kernel_size, stride, padding, ceil_mode)
+        for name, t in (("grad_out", grad_out), ("argmax", argmax)):
+            if tuple(t.shape) != tuple(shape):
+                raise ValueError(f"{op}: {name} must have shape {list(shape)}, got {list(t.shape)}")
+        if argmax.dtype != torch.uint8:
+            raise TypeError(f"{op}: argmax must be uint8 (the forward's), got {argmax.dtype}")
+        checks.check_like(op, "grad_out", grad_out, shape, x)
+        checks.check_max_pool2d_extras(op, x, scale, shift, None, shape)
+        channels = x.shape[1]
+        return _empty_like_fmt(x, x.shape, x), scale.new_empty((channels,)), shift.new_empty((channels,))
 
 
 TRITON = None  # xception_ops.triton once it loads; TRITON_ERROR says why it did not

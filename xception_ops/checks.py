@@ -188,20 +188,25 @@ def check_batch_norm_finalize(op: str, total: torch.Tensor, total_sq: torch.Tens
                              f"{total.device}; move both to the same device")
 
 
+def _check_scale_shift_vectors(op: str, y: torch.Tensor, y_name: str, scale: torch.Tensor,
+                               shift: torch.Tensor) -> None:
+    for name, t in (("scale", scale), ("shift", shift)):
+        if t.dim() != 1 or t.shape[0] != y.shape[1]:
+            raise ValueError(f"{op}: {name} must have shape [{y.shape[1]}] ({y_name}'s channels), got {list(t.shape)}")
+        if t.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"{op}: {name} must be float32 or float64 (per-channel math), got {t.dtype}")
+        _check_same_device(op, name, t, y)
+    if shift.dtype != scale.dtype:
+        raise TypeError(f"{op}: shift has dtype {shift.dtype} but scale has dtype {scale.dtype}")
+
+
 def check_scale_shift(op: str, y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                       grad: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> None:
     """The same checks as the C++ op (csrc/checks.cpp), for the fake kernels."""
     if y.dim() != 4:
         raise ValueError(f"{op}: y must be a 4-D tensor (N, C, H, W), got shape {list(y.shape)}")
     _check_dtype(op, "y", y)
-    for name, t in (("scale", scale), ("shift", shift)):
-        if t.dim() != 1 or t.shape[0] != y.shape[1]:
-            raise ValueError(f"{op}: {name} must have shape [{y.shape[1]}] (y's channels), got {list(t.shape)}")
-        if t.dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"{op}: {name} must be float32 or float64 (per-channel math), got {t.dtype}")
-        _check_same_device(op, name, t, y)
-    if shift.dtype != scale.dtype:
-        raise TypeError(f"{op}: shift has dtype {shift.dtype} but scale has dtype {scale.dtype}")
+    _check_scale_shift_vectors(op, y, "y", scale, shift)
     if grad is not None:
         check_like(op, "grad", grad, y.shape, y)
     if residual is not None:
@@ -277,6 +282,18 @@ def check_max_pool2d(op: str, values: torch.Tensor, values_name: str, x_shape: S
         raise ValueError(f"{op}: the output would be empty: x's size {list(x_shape[2:])} is smaller than kernel_size "
                          f"{list(kernel_size)} with padding {list(padding)}")
     return (x_shape[0], x_shape[1], out_h, out_w)
+
+
+def check_max_pool2d_extras(op: str, x: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None,
+                            residual: torch.Tensor | None, out_shape: Sequence[int]) -> None:
+    """max_pool2d's keyword arguments, as the C++ op checks them (csrc/checks.cpp)."""
+    if (scale is None) != (shift is None):
+        alone = "scale" if shift is None else "shift"
+        raise ValueError(f"{op}: scale and shift come together (the BatchNorm applied to x), got {alone} alone")
+    if scale is not None:
+        _check_scale_shift_vectors(op, x, "x", scale, shift)
+    if residual is not None:
+        check_like(op, "residual", residual, out_shape, x)
 
 
 def check_like(op: str, name: str, t: torch.Tensor, shape: Sequence[int], x: torch.Tensor) -> None:

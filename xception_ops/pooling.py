@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import backend as backends
+from . import backend as backends, batchnorm
 from .checks import MAX_POOL_MAX_TAPS as MAX_TAPS
 from .geometry import pair
 
@@ -22,18 +22,33 @@ OP = "xception_ops.max_pool2d"
 
 
 def max_pool2d(x: torch.Tensor, kernel_size: int | tuple[int, int], stride: int | tuple[int, int] | None = None,
-               padding: int | tuple[int, int] = 0, ceil_mode: bool = False, *, backend: str = "auto") -> torch.Tensor:
+               padding: int | tuple[int, int] = 0, ceil_mode: bool = False, *, backend: str = "auto",
+               scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
+               residual: torch.Tensor | None = None) -> torch.Tensor:
     """`F.max_pool2d(x, kernel_size, stride, padding, ceil_mode=ceil_mode)` on the chosen backend ("auto": the
-    CUDA kernel where the compiled library's auto list or the measured table says so, else PyTorch's)."""
+    CUDA kernel where the compiled library's auto list or the measured table says so, else PyTorch's).
+
+    With `scale` and `shift` (per channel), the pool of `batchnorm.apply_scale_shift(x, scale, shift)`: a training
+    BatchNorm's output not yet written (PendingBatchNorm), normalized here as x is read. With `residual` (the
+    pooled shape), the pooled values plus it: a shortcut. On "cuda" and "triton" the three are one pass (Xception's
+    strided blocks: BatchNorm, pool and add read and wrote their tensor three times over); on "torch" they are the
+    separate ops."""
     kernel = pair(kernel_size, "kernel_size")
     step = kernel if stride is None else pair(stride, "stride")
     pad = pair(padding, "padding")
     chosen = backends.resolve(backend, OP, x)
     if chosen == "torch":
-        return F.max_pool2d(x, kernel, step, pad, ceil_mode=ceil_mode)
+        if (scale is None) != (shift is None):
+            raise ValueError(f"{OP}: scale and shift come together (the BatchNorm applied to x)")
+        if scale is not None:
+            x = batchnorm.apply_scale_shift(x, scale, shift)
+        out = F.max_pool2d(x, kernel, step, pad, ceil_mode=ceil_mode)
+        return out if residual is None else out + residual
     # The codes are written only where autograd will need them (the op's Autograd kernel saves them either way).
     save_argmax = torch.is_grad_enabled() and x.requires_grad
-    out, _ = torch.ops.xception_ops.max_pool2d(x, list(kernel), list(step), list(pad), ceil_mode, save_argmax, chosen)
+    extras = {k: v for k, v in (("scale", scale), ("shift", shift), ("residual", residual)) if v is not None}
+    out, _ = torch.ops.xception_ops.max_pool2d(x, list(kernel), list(step), list(pad), ceil_mode, save_argmax, chosen,
+                                               **extras)
     return out
 
 

@@ -83,18 +83,30 @@ int64_t at(const DepthwiseTensor& t, int64_t n, int64_t c, int64_t h, int64_t w)
 }
 
 template <typename T, typename I, int V>
-void launch_forward(const MaxPoolParams& p, unsigned blocks) {
-  emulate_launch(kernels::max_pool2d_forward_kernel<T, I, V>, dim3(blocks), dim3(64), p);
+void launch_forward(const MaxPoolParams& p, unsigned blocks) {  // the launcher's choice of build
+  if (p.scale != nullptr || p.residual.data != nullptr) {
+    emulate_launch(kernels::max_pool2d_forward_kernel<T, I, V, true>, dim3(blocks), dim3(64), p);
+  } else {
+    emulate_launch(kernels::max_pool2d_forward_kernel<T, I, V, false>, dim3(blocks), dim3(64), p);
+  }
 }
 template <typename T, typename I, int V>
 void launch_backward(const MaxPoolParams& p, unsigned blocks) {
   emulate_launch(kernels::max_pool2d_backward_kernel<T, I, V>, dim3(blocks), dim3(64), p);
 }
+template <typename T, typename I, int V>
+void launch_backward_bn(const MaxPoolParams& p) {  // one block per tile, the launcher's block size
+  emulate_launch(kernels::max_pool2d_backward_bn_kernel<T, I, V>, dim3(static_cast<unsigned>(max_pool_bn_tiles(p))),
+                 dim3(kMaxPoolThreads), p);
+}
 
 // One geometry, dtype, layout, width and index type: forward (with and without codes) and backward against the
 // scalar loops, bit for bit. Returns the number of mismatches (and prints the first).
 template <typename T, typename I, int V>
-int check(const Geometry& k, bool channels_last, std::mt19937& rng, bool all_minus_inf = false) {
+// extras: bit 1 a pending BatchNorm (scale and shift per channel, some scales negative), bit 2 a residual added to
+// the output.
+int check(const Geometry& k, bool channels_last, std::mt19937& rng, bool all_minus_inf = false, int extras = 0) {
+  const bool affine = extras & 1, add = extras & 2;
   const Pool2dGeometry g = make(k);
   const int64_t in_numel = g.batch * g.channels * g.in_h * g.in_w;
   const int64_t out_numel = g.batch * g.channels * g.out_h * g.out_w;
@@ -110,6 +122,13 @@ int check(const Geometry& k, bool channels_last, std::mt19937& rng, bool all_min
     if (all_minus_inf) v = bits_of<T>(-inf);  // every window keeps its first tap inside the image
   }
   for (auto& v : grad_out) v = bits_of<T>(normal(rng));
+  std::vector<float> scale(g.channels), shift(g.channels);
+  std::vector<Bits<T>> residual(out_numel);
+  for (int64_t c = 0; c < g.channels; ++c) {
+    scale[c] = (pick(rng) < 30 ? -1.f : 1.f) * (0.25f + std::fabs(normal(rng)));
+    shift[c] = normal(rng);
+  }
+  for (auto& v : residual) v = bits_of<T>(normal(rng));
 
   MaxPoolParams p;
   p.g = g;
@@ -117,6 +136,11 @@ int check(const Geometry& k, bool channels_last, std::mt19937& rng, bool all_min
   p.input = dense(x.data(), g.channels, g.in_h, g.in_w, channels_last);
   p.output = dense(out.data(), g.channels, g.out_h, g.out_w, channels_last);
   p.argmax = dense(codes.data(), g.channels, g.out_h, g.out_w, channels_last);
+  if (affine) {
+    p.scale = scale.data();
+    p.shift = shift.data();
+  }
+  if (add) p.residual = dense(residual.data(), g.channels, g.out_h, g.out_w, channels_last);
   const int width = max_pool_vector_width(p, dtype_of<T>());
   if (width != V) {
     std::printf("  the launcher would take width %d here, the case asks for %d\n", width, V);
@@ -145,12 +169,13 @@ int check(const Geometry& k, bool channels_last, std::mt19937& rng, bool all_min
               const int64_t ih = h0 + ky, iw = w0 + kx;
               if (ih < 0 || ih >= g.in_h || iw < 0 || iw >= g.in_w) continue;
               if (code < 0) code = static_cast<int>(ky * g.kernel_w + kx);
-              const Bits<T> b = x[at(p.input, n, c, ih, iw)];
+              Bits<T> b = x[at(p.input, n, c, ih, iw)];
+              if (affine) b = bits_of<T>(std::fma(value<T>(b), scale[c], shift[c]));  // scale_shift's rounding
               const float f = value<T>(b);
               if (f > best || std::isnan(f)) best = f, kept = b, code = static_cast<int>(ky * g.kernel_w + kx);
             }
           const int64_t o = at(p.output, n, c, oh, ow);
-          want_out[o] = kept;
+          want_out[o] = add ? bits_of<T>(value<T>(kept) + value<T>(residual[o])) : kept;
           want_code[o] = static_cast<uint8_t>(code);
         }
 
@@ -161,7 +186,8 @@ int check(const Geometry& k, bool channels_last, std::mt19937& rng, bool all_min
     if (!with_codes) q.argmax.data = nullptr;
     launch_forward<T, I, V>(q, blocks);
     for (int64_t i = 0; i < out_numel; ++i) {
-      if (out[i] != want_out[i]) mismatch("out", i, value<T>(out[i]), value<T>(want_out[i]));
+      const bool both_nan = std::isnan(value<T>(out[i])) && std::isnan(value<T>(want_out[i]));  // (payloads)
+      if (out[i] != want_out[i] && !both_nan) mismatch("out", i, value<T>(out[i]), value<T>(want_out[i]));
       if (with_codes ? codes[i] != want_code[i] : codes[i] != 0xee) mismatch("code", i, codes[i], want_code[i]);
     }
   }
@@ -184,6 +210,55 @@ int check(const Geometry& k, bool channels_last, std::mt19937& rng, bool all_min
   launch_backward<T, I, V>(b, blocks);
   for (int64_t i = 0; i < in_numel; ++i) {
     if (grad_x[i] != bits_of<T>(acc[i])) mismatch("grad_x", i, value<T>(grad_x[i]), acc[i]);
+  }
+
+  // Through the pending BatchNorm: the pool's gradient g as stored above, then scale_shift's backward: grad_x =
+  // round(g * scale) bit for bit, and the per-channel sums of g * x and g (float32 in the kernel's fixed order,
+  // here in float64) from the partial rows. x finite here (the sums of a NaN are NaN either way). Tiles of 8
+  // positions (many tiles, row groups of one row) and of 64.
+  if (affine) {
+    std::vector<Bits<T>> x2(in_numel), grad_xb(in_numel);
+    for (auto& v : x2) v = bits_of<T>(normal(rng));
+    std::vector<double> want_gx_sum(g.channels, 0.0), want_g_sum(g.channels, 0.0);
+    MaxPoolParams bb = b;
+    bb.bn_input = dense(x2.data(), g.channels, g.in_h, g.in_w, channels_last);
+    bb.scale = scale.data();
+    bb.input.data = grad_xb.data();
+    for (int64_t n = 0; n < g.batch; ++n)
+      for (int64_t c = 0; c < g.channels; ++c)
+        for (int64_t h = 0; h < g.in_h; ++h)
+          for (int64_t w = 0; w < g.in_w; ++w) {
+            const int64_t i = at(p.input, n, c, h, w);
+            const float gv = value<T>(bits_of<T>(acc[i]));
+            want_gx_sum[c] += static_cast<double>(gv) * value<T>(x2[i]);
+            want_g_sum[c] += gv;
+          }
+    for (const int tile : {8, 64}) {
+      bb.tile_positions = tile;
+      const int64_t tiles = max_pool_bn_tiles(bb);
+      std::vector<float> partial(tiles * 2 * g.channels, std::numeric_limits<float>::quiet_NaN());
+      bb.partial = partial.data();
+      std::fill(grad_xb.begin(), grad_xb.end(), bits_of<T>(std::numeric_limits<float>::quiet_NaN()));
+      launch_backward_bn<T, I, V>(bb);
+      for (int64_t n = 0; n < g.batch; ++n)
+        for (int64_t c = 0; c < g.channels; ++c)
+          for (int64_t h = 0; h < g.in_h; ++h)
+            for (int64_t w = 0; w < g.in_w; ++w) {
+              const int64_t i = at(p.input, n, c, h, w);
+              const Bits<T> want = bits_of<T>(value<T>(bits_of<T>(acc[i])) * scale[c]);
+              if (grad_xb[i] != want) mismatch("grad_x through the BatchNorm", i, value<T>(grad_xb[i]), value<T>(want));
+            }
+      for (int64_t c = 0; c < g.channels; ++c) {
+        double sum_gx = 0, sum_g = 0;
+        for (int64_t t = 0; t < tiles; ++t) {
+          sum_gx += partial[t * 2 * g.channels + c];
+          sum_g += partial[t * 2 * g.channels + g.channels + c];
+        }
+        const double tol_gx = 1e-5 * (1 + std::fabs(want_gx_sum[c])), tol_g = 1e-5 * (1 + std::fabs(want_g_sum[c]));
+        if (!(std::fabs(sum_gx - want_gx_sum[c]) <= tol_gx)) mismatch("sum of g x", c, sum_gx, want_gx_sum[c]);
+        if (!(std::fabs(sum_g - want_g_sum[c]) <= tol_g)) mismatch("sum of g", c, sum_g, want_g_sum[c]);
+      }
+    }
   }
   return bad;
 }
@@ -208,26 +283,51 @@ void every_geometry(int vec_width) {
     for (const bool channels_last : {false, true}) {
       bad += check<T, int32_t, 1>(Geometry{k.n, k.c + 1, k.h, k.w, k.kh, k.kw, k.sh, k.sw, k.ph, k.pw, k.ceil_mode},
                                   channels_last, rng);  // odd channels: scalar either way
+      bad += check<T, int32_t, 1>(Geometry{k.n, k.c + 1, k.h, k.w, k.kh, k.kw, k.sh, k.sw, k.ph, k.pw, k.ceil_mode},
+                                  channels_last, rng, false, 1 + (channels_last ? 2 : 0));
       if (!channels_last) {
         bad += check<T, int64_t, 1>(k, false, rng);
         bad += check<T, int32_t, 1>(k, false, rng, true);
+        bad += check<T, int32_t, 1>(k, false, rng, false, 1);
+        bad += check<T, int64_t, 1>(k, false, rng, false, 2);
         continue;
       }
       if (vec_width == 8) {
         bad += check<T, int32_t, 8>(k, true, rng, true);
         bad += check<T, int32_t, 8>(k, true, rng);
         bad += check<T, int64_t, 8>(k, true, rng);
+        bad += check<T, int32_t, 8>(k, true, rng, false, 1);
+        bad += check<T, int32_t, 8>(k, true, rng, false, 2);
+        bad += check<T, int64_t, 8>(k, true, rng, false, 3);
       } else {
         bad += check<T, int32_t, 4>(k, true, rng, true);
         bad += check<T, int32_t, 4>(k, true, rng);
         bad += check<T, int64_t, 4>(k, true, rng);
+        bad += check<T, int32_t, 4>(k, true, rng, false, 1);
+        bad += check<T, int32_t, 4>(k, true, rng, false, 2);
+        bad += check<T, int64_t, 4>(k, true, rng, false, 3);
       }
     }
   }
   EXPECT(bad == 0);
 }
 
+// Many channels, odd: one thread per channel and a block's 256 lanes across them, so that each thread's sums are its
+// block's (no row groups), with more channels than lanes in the float32 vector case.
+template <typename T>
+void many_channels(int vec_width) {
+  std::mt19937 rng(99);
+  int bad = 0;
+  bad += check<T, int32_t, 1>(Geometry{1, 261, 7, 6, 3, 3, 2, 2, 1, 1, false}, true, rng, false, 3);
+  bad += check<T, int32_t, 1>(Geometry{1, 261, 7, 6, 3, 3, 2, 2, 1, 1, false}, false, rng, false, 1);
+  if (vec_width == 8) bad += check<T, int32_t, 8>(Geometry{1, 2064, 5, 5, 3, 3, 2, 2, 0, 0, true}, true, rng, false, 1);
+  if (vec_width == 4) bad += check<T, int32_t, 4>(Geometry{1, 1032, 5, 5, 3, 3, 2, 2, 0, 0, true}, true, rng, false, 1);
+  EXPECT(bad == 0);
+}
+
 TEST_CASE(max_pool_float32) { every_geometry<float>(4); }
+TEST_CASE(max_pool_many_channels_float32) { many_channels<float>(4); }
+TEST_CASE(max_pool_many_channels_bfloat16) { many_channels<__nv_bfloat16>(8); }
 TEST_CASE(max_pool_float16) { every_geometry<__half>(8); }
 TEST_CASE(max_pool_bfloat16) { every_geometry<__nv_bfloat16>(8); }
 
@@ -260,6 +360,11 @@ TEST_CASE(max_pool_vector_width_needs_aligned_unit_channel_strides) {
   q.argmax.data = reinterpret_cast<uint8_t*>(buffer) + 4;  // codes only need their width's alignment
   EXPECT(max_pool_vector_width(q, DType::Float32) == 4);
   EXPECT(max_pool_vector_width(q, DType::BFloat16) == 1);
+  q = p;
+  q.residual = dense(buffer + 1, 16, 1, 1, true);  // the residual is read by vectors too
+  EXPECT(max_pool_vector_width(q, DType::BFloat16) == 1);
+  q.residual.data = buffer + 8;
+  EXPECT(max_pool_vector_width(q, DType::BFloat16) == 8);
   q = p;
   q.channels_last = false;
   EXPECT(max_pool_vector_width(q, DType::BFloat16) == 1);

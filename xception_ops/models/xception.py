@@ -3,7 +3,8 @@
 Every separable conv is a SeparableConvBN: the ReLU before it is its prologue, the BatchNorm after it its
 epilogue, and in the middle flow the residual add joins the last one's epilogue too. A BatchNorm between two
 separable convs of a module (batch statistics in training, folded in inference) is applied by the second one's
-prologue (PendingBatchNorm). Module names follow timm's `legacy_xception` (conv1, bn1, ..., block1..block12, conv3, conv4, fc) so that its weights map one to one
+prologue (PendingBatchNorm); in a strided module the last one's is applied by the max pool as it reads, which adds
+the shortcut to its output in the same pass (on the package's pooling kernels). Module names follow timm's `legacy_xception` (conv1, bn1, ..., block1..block12, conv3, conv4, fc) so that its weights map one to one
 (`from_timm`).
 """
 
@@ -17,8 +18,8 @@ import torch.nn.functional as F
 
 from .. import backend as backends
 from ..geometry import same_padding, same_pool_padding
-from ..nn import SeparableConvBN
-from ..pooling import max_pool2d
+from ..nn import PendingBatchNorm, SeparableConvBN
+from ..pooling import OP as POOL_OP, max_pool2d
 
 # BatchNorm conventions: PyTorch's defaults (timm's port) and Keras' (eps 1e-3, momentum 0.99, which is 0.01 in
 # PyTorch's convention of the weight given to the new batch).
@@ -43,15 +44,29 @@ class MaxPool2dSame(nn.Module):
         return (f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding!r}, "
                 f"backend={getattr(self, 'backend', 'auto')!r}")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def applies_bn(self, x: torch.Tensor) -> bool:
+        """Whether a PendingBatchNorm given for an input like x costs nothing: the package's pooling kernel applies
+        it as it reads (else the BatchNorm would be a pass of its own, where in inference the separable op's
+        epilogue applies it for free)."""
+        backend = getattr(self, "backend", "auto")
+        implicit = self.padding == "symmetric" or all(
+            same_pool_padding(size, self.kernel_size, self.stride) is not None for size in x.shape[2:])
+        return implicit and backends.resolve(backend, POOL_OP, x) != "torch"
+
+    def forward(self, x: torch.Tensor | PendingBatchNorm, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x may be a PendingBatchNorm (the block's last BatchNorm, not yet applied): the pool applies it as it reads,
+        and adds `residual` (the shortcut) to what it pools, in one pass on the package's kernels."""
         backend = getattr(self, "backend", "auto")  # (modules pickled before the attribute existed)
+        y, scale, shift = (x.y, x.scale, x.shift) if isinstance(x, PendingBatchNorm) else (x, None, None)
+        extras = {"scale": scale, "shift": shift, "residual": residual, "backend": backend}
         if self.padding == "symmetric":
-            return max_pool2d(x, self.kernel_size, self.stride, self.kernel_size // 2, backend=backend)
-        rows, cols = (same_pool_padding(size, self.kernel_size, self.stride) for size in x.shape[2:])
+            return max_pool2d(y, self.kernel_size, self.stride, self.kernel_size // 2, **extras)
+        rows, cols = (same_pool_padding(size, self.kernel_size, self.stride) for size in y.shape[2:])
         if rows is not None and cols is not None:  # no padded copy of x (at 147², 0.12 ms each way on an H100)
-            return max_pool2d(x, self.kernel_size, self.stride, (rows[0], cols[0]), ceil_mode=rows[1] or cols[1],
-                              backend=backend)
-        return self.padded(x)
+            return max_pool2d(y, self.kernel_size, self.stride, (rows[0], cols[0]), ceil_mode=rows[1] or cols[1],
+                              **extras)
+        out = self.padded(x.apply() if isinstance(x, PendingBatchNorm) else x)
+        return out if residual is None else out + residual
 
     def padded(self, x: torch.Tensor) -> torch.Tensor:
         """The definition: x padded with -inf explicitly, then pooled without padding."""
@@ -93,15 +108,17 @@ class XceptionBlock(nn.Module):
         # An identity shortcut (middle flow) joins the last separable conv's epilogue.
         fuse_shortcut = self.residual and self.skip is None and self.pool is None
         last = len(self.convs) - 1
+        pool_takes_bn = self.pool is not None and self.pool.applies_bn(inp)
         for i, conv in enumerate(self.convs):
             # A BatchNorm between two separable convs (batch statistics, or folded in inference): the next one applies
-            # it as it reads (defer_bn).
-            x = conv(x, residual=inp if fuse_shortcut and i == last else None, defer_bn=i < last)
-        if self.pool is not None:
-            x = self.pool(x)
+            # it as it reads (defer_bn); the last one's, the pool that follows it.
+            x = conv(x, residual=inp if fuse_shortcut and i == last else None, defer_bn=i < last or pool_takes_bn)
+        shortcut = None
         if self.residual and not fuse_shortcut:
-            x = x + (self.skipbn(self.skip(inp)) if self.skip is not None else inp)
-        return x
+            shortcut = self.skipbn(self.skip(inp)) if self.skip is not None else inp
+        if self.pool is not None:
+            return self.pool(x, residual=shortcut)  # BatchNorm, pool and shortcut in one pass
+        return x if shortcut is None else x + shortcut
 
 
 class Xception(nn.Module):

@@ -42,7 +42,8 @@ def _private_schema(name: str) -> str:
     """The public op's schema, renamed triton_<name> and without `backend`."""
     schema = str(getattr(torch.ops.xception_ops, name).default._schema)
     schema = schema.split("::", 1)[1]  # drop the namespace
-    without_backend = re.sub(r",\s*str backend\)", ")", schema, count=1)
+    # `str backend` ends the positional arguments: before `)` or before the keyword-only ones (`, *, ...`).
+    without_backend = re.sub(r",\s*str backend(?=\)|,\s*\*)", "", schema, count=1)
     if without_backend == schema:
         raise RuntimeError(f"xception_ops.{name}: schema has no trailing `str backend` argument: {schema}")
     return "triton_" + without_backend
@@ -52,15 +53,15 @@ def _register(name: str) -> None:
     fn = getattr(launch, name)
     op = f"xception_ops.{name}"
 
-    def kernel(*args):
+    def kernel(*args, **kwargs):
         device = next(a.device for a in args if isinstance(a, torch.Tensor))
         problem = device_problem(device)
         if problem is not None:
             raise NotImplementedError(f"{op}: backend 'triton' cannot run: {problem}")
-        return fn(*args)
+        return fn(*args, **kwargs)
 
-    def fake(*args):
-        return _library.FAKES[name](*args, "triton")
+    def fake(*args, **kwargs):
+        return _library.FAKES[name](*args, "triton", **kwargs)
 
     _lib.define(_private_schema(name))
     _lib.impl(f"triton_{name}", kernel, "CPU")

@@ -826,16 +826,23 @@ def sep_bwd_pw_kernel(go_ptr, out_ptr, out_scale_ptr, gsum_ptr, mid_ptr, ws_ptr,
 # ------------------------------------------------------------------------------------------------ max pooling
 
 @triton.jit
-def max_pool_fwd_kernel(x_ptr, out_ptr, code_ptr, Q, OHW, OW, H, W, C,
-                        sxn, sxc, sxh, sxw, son, soc, soh, sow, scn, scc, sch, scw,
+def max_pool_fwd_kernel(x_ptr, out_ptr, code_ptr, scale_ptr, shift_ptr, res_ptr, Q, OHW, OW, H, W, C,
+                        sxn, sxc, sxh, sxw, son, soc, soh, sow, scn, scc, sch, scw, srn, src, srh, srw,
                         KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr,
-                        PW: tl.constexpr, SAVE: tl.constexpr, ACC: tl.constexpr, IDX64: tl.constexpr,
-                        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr):
+                        PW: tl.constexpr, SAVE: tl.constexpr, AFFINE: tl.constexpr, RESIDUAL: tl.constexpr,
+                        ACC: tl.constexpr, IDX64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+                        VEC: tl.constexpr):
     """Max pooling (csrc/kernels/pool_params.h's rules): one program per (BLOCK_P output pixels, BLOCK_C channels)
     compares the window's taps inside the image in (ky, kx) order in ACC (float32; float64 for float64), keeping
     the first maximum or the last NaN, and stores it (exact: an input value) with, when SAVE, the tap's index
-    ky * KW + kx as one byte. A window whose values are all -inf keeps its first tap inside the image."""
+    ky * KW + kx as one byte. A window whose values are all -inf keeps its first tap inside the image.
+    AFFINE: each tap normalized first, fma(x, scale, shift) in the vectors' dtype rounded to x's (a pending
+    BatchNorm); RESIDUAL:
+    the maximum plus the residual, rounded once (a shortcut added)."""
     pid_p, c, c_mask, _ = _program_tile(C, BLOCK_C, VEC)
+    if AFFINE:
+        scale = tl.load(scale_ptr + c, mask=c_mask, other=1.0)  # computed in their dtype, as scale_shift's
+        shift = tl.load(shift_ptr + c, mask=c_mask, other=0.0)
     n, oh, ow, p_mask = _pixels(pid_p, Q, OHW, OW, IDX64, BLOCK_P)
     h0 = oh * SH - PH
     w0 = ow * SW - PW
@@ -852,10 +859,15 @@ def max_pool_fwd_kernel(x_ptr, out_ptr, code_ptr, Q, OHW, OW, H, W, C,
             mask = ok[:, None] & c_mask[None, :]
             offs = _rows(x_row, ih, iw, sxh, sxw, VEC)[:, None] + x_col[None, :]
             v = tl.load(x_ptr + offs, mask=mask, other=float("-inf")).to(ACC)
+            if AFFINE:
+                v = tl.fma(v.to(scale.dtype), scale[None, :], shift[None, :]).to(x_ptr.dtype.element_ty).to(ACC)
             take = mask & ((v > best) | (v != v))
             best = tl.where(take, v, best)
             code = tl.where(take, ky * KW + kx, code)
     keep = p_mask[:, None] & c_mask[None, :]
+    if RESIDUAL:
+        res_offs = _rows(n * srn, oh, ow, srh, srw, VEC)[:, None] + (_index(c, IDX64) * src)[None, :]
+        best = best + tl.load(res_ptr + res_offs, mask=keep, other=0.0).to(ACC)
     out_offs = _rows(n * son, oh, ow, soh, sow, VEC)[:, None] + (_index(c, IDX64) * soc)[None, :]
     tl.store(out_ptr + out_offs, best.to(out_ptr.dtype.element_ty), mask=keep)
     if SAVE:

@@ -706,8 +706,12 @@ def _pool_acc(dtype: torch.dtype):
 
 @_on_device
 def max_pool2d(x: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
-               ceil_mode: bool, save_argmax: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """max_pool_fwd_kernel: the pooled values in x's layout and, with save_argmax, the argmax codes (uint8)."""
+               ceil_mode: bool, save_argmax: bool, *, scale: torch.Tensor | None = None,
+               shift: torch.Tensor | None = None,
+               residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """max_pool_fwd_kernel: the pooled values in x's layout and, with save_argmax, the argmax codes (uint8); with
+    scale and shift, of fma(x, scale, shift) in their dtype (float32 or float64) rounded to x's, plus residual when
+    given."""
     _check_device(x)
     n, c, h, w = (int(v) for v in x.shape)
     (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
@@ -721,12 +725,17 @@ def max_pool2d(x: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int
         return out, codes
     block_p, block_c = _pool_tile(x)
     code_arg = codes if save_argmax else out
+    res_arg = out if residual is None else residual
+    affine = scale is not None
+    if affine:
+        scale, shift = scale.contiguous(), shift.contiguous()
     grid = (_cdiv(q, block_p) * _cdiv(c, block_c),)
     _kernels().max_pool_fwd_kernel[grid](
-        x, out, code_arg, q, oh * ow, ow, h, w, c, *x.stride(), *out.stride(), *code_arg.stride(),
-        KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, SAVE=save_argmax, ACC=_pool_acc(x.dtype),
-        IDX64=_idx64(x, out), BLOCK_P=block_p, BLOCK_C=block_c, VEC=_row_vector([x, out, code_arg], [c]),
-        num_warps=4)
+        x, out, code_arg, scale if affine else out, shift if affine else out, res_arg, q, oh * ow, ow, h, w, c,
+        *x.stride(), *out.stride(), *code_arg.stride(), *res_arg.stride(),
+        KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, SAVE=save_argmax, AFFINE=affine, RESIDUAL=residual is not None,
+        ACC=_pool_acc(x.dtype), IDX64=_idx64(x, out, res_arg), BLOCK_P=block_p, BLOCK_C=block_c,
+        VEC=_row_vector([x, out, code_arg, res_arg], [c]), num_warps=4)
     return out, codes
 
 
