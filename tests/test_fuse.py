@@ -399,3 +399,38 @@ def test_pools_on_a_kernel_backend_run_the_op(backend):
         got = fused(x)
     assert len(calls) == 1 and calls[0][-1] == backend
     assert torch.equal(got, model(x))
+
+
+def test_a_batch_norm_before_a_pool_goes_to_the_pool_on_a_kernel_backend():
+    """A chain whose BatchNorm feeds an nn.MaxPool2d alone defers it to the pool where the pool runs the package's
+    kernel ("triton" here: its interpreter on the CPU): one pool call with scale and shift, no scale_shift pass, the
+    original model's values and gradients in training and eval. On "torch" and "auto", and for a pool the kernels do
+    not take, the chain's epilogue keeps it."""
+    pytest.importorskip("triton")
+    if xception_ops._library.TRITON is None or xception_ops._library.TRITON.device_problem(torch.device("cpu")):
+        pytest.skip("the triton backend cannot run here")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False), nn.Conv2d(4, 8, 1, bias=False),
+                          nn.BatchNorm2d(8), nn.Identity(), nn.MaxPool2d(3, 2, 1))
+    randomize_batch_norm(model, torch.Generator().manual_seed(2))
+    assert [c.pool for c in find_chains(model)] == ["5"]
+    for backend in ("torch", "auto"):
+        assert not any(getattr(m, "defer_bn", False) for m in xception_ops.fuse(model, backend=backend).modules())
+    dilated = copy.deepcopy(model)
+    dilated[5] = nn.MaxPool2d(3, 2, 1, dilation=2)
+    assert not xception_ops.fuse(dilated, backend="triton")[1].defer_bn
+    fused = xception_ops.fuse(model, backend="triton")
+    assert fused[1].defer_bn
+    compare_train_and_eval(model, fused, torch.randn(2, 4, 9, 9))
+    fused.train()
+    with record_op_calls("max_pool2d") as calls, record_op_calls("scale_shift") as ss_calls:
+        fused(torch.randn(2, 4, 9, 9))
+    assert len(calls) == 1 and calls[0][7] is not None and calls[0][8] is not None and not ss_calls
+
+
+def test_timm_legacy_xception_hands_its_strided_blocks_batch_norms_to_the_pools():
+    model = timm.create_model("legacy_xception", pretrained=False, num_classes=10)
+    assert sum(c.pool is not None for c in find_chains(model)) == 4
+    fused = xception_ops.fuse(model, backend="triton")
+    between = 3 * 1 + 8 * 2 + 1 + 1  # as in test_timm_legacy_xception
+    assert sum(m.defer_bn for m in fused.modules() if isinstance(m, SeparableConvBN)) == between + 4

@@ -14,7 +14,8 @@ EfficientNet-Lite and MNASNet blocks) counts as a BatchNorm followed by its acti
 A ReLU between a chain's BatchNorm and the next chain's depthwise conv, feeding it alone, becomes that next chain's
 prologue rather than this chain's epilogue, and this chain hands its BatchNorm on (SeparableConvBN.defer_bn): the
 next chain applies it as it reads, so the normalized tensor is never written (what the package's Xception does
-between the separable convs of a module). The value between them passes the nn.Identity layers as a
+between the separable convs of a module). With backend "cuda" or "triton", a BatchNorm that feeds an nn.MaxPool2d
+alone is handed to the pool the same way (Xception's strided blocks, timm's legacy_xception among them). The value between them passes the nn.Identity layers as a
 PendingBatchNorm; a forward hook on one of those sees that instead of a tensor.
 
 Models that torch.fx cannot trace fall back to chains of consecutive children of nn.Sequential containers.
@@ -48,8 +49,10 @@ class Chain:
     mid_batch_norm: str | None = None
     mid_activation: str | None = None  # module name of the mid activation
     post_relu: str | None = None
+    pool: str | None = None  # an nn.MaxPool2d that the chain's BatchNorm (no ReLU after it) feeds alone
 
     def names(self) -> list[str]:
+        """The modules the fused one replaces (not the pool, which stays)."""
         return [n for n in (self.pre_relu, self.depthwise, self.mid_batch_norm, self.mid_activation, self.pointwise,
                             self.batch_norm, self.post_relu) if n is not None]
 
@@ -185,6 +188,9 @@ def _find_chains_fx(model: nn.Module, graph: torch.fx.Graph) -> list[Chain]:
         if chain.post_relu is None and nxt is not None and module_of(nxt) is not None \
                 and type(module_of(nxt)) is nn.ReLU:
             chain.post_relu = nxt.target
+        elif chain.batch_norm is not None and chain.post_relu is None and nxt is not None \
+                and module_of(nxt) is not None and type(module_of(nxt)) is nn.MaxPool2d:
+            chain.pool = nxt.target
         # Prologue: a ReLU module feeding only this depthwise conv. An in-place ReLU also rewrites its input,
         # which is then safe only if nothing else reads that input.
         src = producer(node)
@@ -234,6 +240,9 @@ def _find_chains_sequential(model: nn.Module) -> list[Chain]:
                 j = skip(j + 1)
             if chain.post_relu is None and j < len(children) and type(children[j][1]) is nn.ReLU:
                 chain.post_relu, j = name(children[j][0]), j + 1
+            elif chain.batch_norm is not None and chain.post_relu is None and j < len(children) \
+                    and type(children[j][1]) is nn.MaxPool2d:
+                chain.pool = name(children[j][0])
             if i > 0 and type(children[i - 1][1]) is nn.ReLU:
                 chain.pre_relu = name(children[i - 1][0])
             chains.append(chain)
@@ -283,6 +292,11 @@ def fuse(model: nn.Module, *, inplace: bool = False, backend: str = "auto", pool
     for chain in chains:
         if chain.batch_norm is not None and chain.post_relu is not None and chain.post_relu in prologues:
             chain.post_relu = None
+            deferring.add(chain.depthwise)
+        # A BatchNorm that feeds a max pool alone goes to the pool too, where the pool runs the package's kernel
+        # (a named kernel backend: "auto" may pick PyTorch's pooling, which would make it a pass of its own).
+        if chain.pool is not None and pools and backend in ("cuda", "triton") \
+                and MaxPool2d.from_module(modules[chain.pool], backend).takes_batch_norm():
             deferring.add(chain.depthwise)
     claimed: set[str] = set()
     for chain in chains:

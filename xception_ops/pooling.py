@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from . import backend as backends, batchnorm
 from .checks import MAX_POOL_MAX_TAPS as MAX_TAPS
 from .geometry import pair
+from .nn import PendingBatchNorm
 
 OP = "xception_ops.max_pool2d"
 
@@ -72,10 +73,20 @@ class MaxPool2d(nn.MaxPool2d):
         return (pair(self.dilation, "dilation") == (1, 1) and not self.return_indices
                 and kernel[0] * kernel[1] <= MAX_TAPS)
 
-    def forward(self, x: torch.Tensor):
-        if not self._ours() or x.dim() != 4:
-            return super().forward(x)
-        return max_pool2d(x, self.kernel_size, self.stride, self.padding, self.ceil_mode, backend=self.backend)
+    def takes_batch_norm(self) -> bool:
+        """Whether a PendingBatchNorm given to forward costs nothing: a kernel backend is named and the kernels take
+        this window, so the pool applies it as it reads (else it is a pass of its own, before PyTorch's pooling)."""
+        return self.backend in ("cuda", "triton") and self._ours()
+
+    def forward(self, x: torch.Tensor | PendingBatchNorm):
+        """x may be a PendingBatchNorm (fuse() hands a chain's BatchNorm to the pool that its output feeds alone)."""
+        pending = x if isinstance(x, PendingBatchNorm) else None
+        y = x if pending is None else pending.y
+        if not self._ours() or y.dim() != 4:
+            return super().forward(y if pending is None else pending.apply())
+        extras = {} if pending is None else {"scale": pending.scale, "shift": pending.shift}
+        return max_pool2d(y, self.kernel_size, self.stride, self.padding, self.ceil_mode, backend=self.backend,
+                          **extras)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, backend={self.backend!r}"
