@@ -494,6 +494,31 @@ def test_pool_rows_time_xceptions_pools_on_each_backend(tmp_path):
         ("depthwise", 3, 4), ("pool", 3, 3)]
 
 
+def test_bnpool_rows_time_the_strided_blocks_tail(tmp_path):
+    """--ops bnpool: a BatchNorm with known statistics, the max pool and the shortcut add; eager's three ops against
+    the package's (one pass on a kernel backend), the same values; its bytes add the shortcut's read to the pool's,
+    and the backward's read of x for the gradient of scale."""
+    report = bench.run(device="cpu", backends_=["torch"], dtypes=["float32"], layouts=["NHWC"],
+                       passes=["inference", "training"], scale=0.05, ops=["bnpool", "pool"], models=False, warmup=0,
+                       reps=1, progress=lambda line: None)
+    rows = [r for r in report["layers"] if r["op"] == "bnpool"]
+    assert len(rows) == 2 * 2 * len(bench.XCEPTION_POOLS) and all(r["error"] is None for r in rows)
+    pool = {(r["cin"], r["pass_"], r["impl"]): r["min_bytes"] for r in report["layers"] if r["op"] == "pool"}
+    for r in rows:
+        hw, pooled_hw = r["hw"], (r["hw"] + 1) // 2
+        pooled, pixels = r["batch"] * r["cin"] * pooled_hw ** 2, r["batch"] * r["cin"] * hw * hw
+        extra = pooled * 4 + (pixels * 4 if r["pass_"] == "training" else 0)
+        assert r["min_bytes"] == pool[(r["cin"], r["pass_"], r["impl"])] + extra
+    # Both impls compute the same tail (the same scale, shift and shortcut: drawn after the same seed).
+    x = torch.randn(2, 8, 9, 9).contiguous(memory_format=torch.channels_last)
+    outs = []
+    for impl in ("eager", "xo:torch"):
+        torch.manual_seed(0)
+        outs.append(bench._bn_pool_fn(impl, 8, 9, 2, False, torch.device("cpu"), torch.float32,
+                                      torch.channels_last)(x))
+    assert outs[0].shape == (2, 8, 5, 5) and torch.equal(outs[0], outs[1])
+
+
 def test_op_census_counts_a_cuda_training_step_without_a_gpu():
     """tools/op_census.py on fake CUDA tensors: the model on backend "cuda" dispatches one separable conv and one
     finalize op (with the running-statistics update and the batch count in it) per fused layer, its four pools on
@@ -515,8 +540,9 @@ def test_op_census_counts_a_cuda_training_step_without_a_gpu():
     assert ops["xception_ops::batch_norm_update_stats"] == 0
     assert ops["aten::add_"] == 6  # the six nn.BatchNorm2d's own counters (stem and shortcuts)
     # The shortcuts: the pooled blocks' join their pool's pass (with the block's last BatchNorm), the middle flow's
-    # their scale_shift pass (8 calls; the exit flow's conv3 and conv4 make the other 2, with their ReLU).
-    assert ops["aten::add"] == 0 and ops["xception_ops::scale_shift"] == 10
+    # their scale_shift pass (8 calls; the exit flow's conv4 makes the ninth, with its ReLU: conv3's goes to conv4's
+    # prologue).
+    assert ops["aten::add"] == 0 and ops["xception_ops::scale_shift"] == 9
     assert nodes["torch::autograd::AccumulateGrad"] == 156
     # Inference: the folded BatchNorms computed by the first call are reused (no per-call folding arithmetic).
     ops, nodes = tool.census("xception:cuda", torch.bfloat16, "NHWC", 2, 71, training=False)

@@ -160,8 +160,9 @@ else
   step bench_layers "$PY" -m xception_ops.cli bench --out "$out/nchw-fp32" --no-models --dtypes float32 \
     --layouts NCHW --passes inference --backends cuda --warmup 5 --reps 20 --tf32 on
 fi
-# Xception's four max pools: the cuda backend's kernels (one-byte argmax, gathered backward) against PyTorch's.
-step pools "$PY" -m xception_ops.cli bench --out "$out/pools" --no-models --ops pool --backends cuda \
+# Xception's four max pools and its strided blocks' tails (--ops bnpool: BatchNorm, pool and shortcut add in one
+# pass): the cuda backend's kernels (one-byte argmax, gathered backward) against PyTorch's.
+step pools "$PY" -m xception_ops.cli bench --out "$out/pools" --no-models --ops pool bnpool --backends cuda \
   --dtypes bfloat16 float32 --layouts NHWC NCHW --warmup 5 --reps 20
 # The depthwise kernels alone against cuDNN, with the strip kernels and without (tools/depthwise_sweep.py): bf16
 # channels-last and float32 NCHW.

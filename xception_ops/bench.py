@@ -27,7 +27,7 @@ import torch.nn as nn
 from . import backend as backends
 from .compiling import compile_mode, compiled_label, uses_cuda_graphs
 from .models.xception import MaxPool2dSame
-from .nn import SeparableConvBN
+from .nn import PendingBatchNorm, SeparableConvBN
 from .ops import depthwise_conv2d
 from .precision import tf32_flags, tf32_override
 from .progress import Progress
@@ -39,8 +39,11 @@ XCEPTION_LAYERS = [(64, 128, 147, 1), (128, 128, 147, 1), (128, 256, 74, 1), (25
                    (1024, 1536, 10, 1), (1536, 2048, 10, 1)]
 # Xception's max pools (3x3, stride 2, "same"): (channels, H=W of their input), one of each per forward pass.
 XCEPTION_POOLS = [(128, 147), (256, 74), (728, 37), (1024, 19)]
-# The layer ops: a separable layer, its depthwise stage alone, or a max pool (opt-in: --ops pool).
-LAYER_OPS = ("separable", "depthwise", "pool")
+# The layer ops: a separable layer, its depthwise stage alone, a max pool, or a strided block's tail (opt-in: --ops
+# pool bnpool): a BatchNorm applied with known statistics, the max pool and the shortcut added (the package's one
+# pass, where eager PyTorch writes x * scale + shift, F.max_pool2d and the add).
+LAYER_OPS = ("separable", "depthwise", "pool", "bnpool")
+POOL_OPS = ("pool", "bnpool")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # inference: eval mode, no autograd, BatchNorm folded. The others: training mode (ReLU before, batch-statistics
 # BatchNorm after), forward alone, backward alone, or both.
@@ -65,7 +68,8 @@ class Timing:
 
 @dataclass
 class LayerRow:
-    op: str           # "separable" (dw + pw + BN), "depthwise" (the depthwise stage alone) or "pool" (cin = cout)
+    op: str           # "separable" (dw + pw + BN), "depthwise" (the depthwise stage alone), "pool" or "bnpool"
+                      # (cin = cout)
     cin: int
     cout: int
     hw: int
@@ -269,10 +273,13 @@ class EagerSeparable(nn.Sequential):
 def layer_cost(op: str, cin: int, cout: int, hw: int, batch: int, elem: int, pass_: str) -> tuple[int, int]:
     """(minimal bytes, FLOPs) of one layer; the backward counts about twice the forward's work and traffic."""
     pixels = batch * hw * hw
-    if op == "pool":  # x read, the pooled values (and the one-byte argmax codes when training) written; and back
+    if op in POOL_OPS:  # x read, the pooled values (and the one-byte argmax codes when training) written; and back
         pooled = batch * cin * ((hw + 1) // 2) ** 2
         forward = pixels * cin * elem + pooled * elem + (0 if pass_ == "inference" else pooled)
         backward = pooled * (elem + 1) + pixels * cin * elem
+        if op == "bnpool":  # the shortcut read; x read again by the backward (the gradient of scale)
+            forward += pooled * elem
+            backward += pixels * cin * elem
         nbytes = {"inference": forward, "forward": forward, "backward": backward, "training": forward + backward}[pass_]
         return nbytes, 0  # no arithmetic to speak of: its floor is the bytes' (and it stays off the roofline)
     if op == "separable":
@@ -284,8 +291,26 @@ def layer_cost(op: str, cin: int, cout: int, hw: int, batch: int, elem: int, pas
     return factor * nbytes, factor * flops
 
 
-def _layer_fn(op: str, impl: str, cin: int, cout: int, training: bool, device, dtype, fmt) -> Callable:
-    if op == "pool":
+def _bn_pool_fn(impl: str, cin: int, hw: int, batch: int, training: bool, device, dtype, fmt) -> Callable:
+    """A strided block's tail on x: the BatchNorm (per-channel scale and shift, as the statistics give them), the
+    3x3 / 2 "same" max pool, and the shortcut added. The package: a PendingBatchNorm and the shortcut handed to
+    MaxPool2dSame (one pass on a kernel backend); otherwise the three PyTorch ops."""
+    scale = (torch.rand(cin, device=device) + 0.5).requires_grad_(training)
+    shift = torch.randn(cin, device=device).requires_grad_(training)
+    out_hw = (hw + 1) // 2
+    shortcut = torch.randn(batch, cin, out_hw, out_hw, device=device, dtype=dtype).contiguous(memory_format=fmt)
+    if impl.startswith("xo:"):
+        pool = MaxPool2dSame(3, 2, "same", impl.split(":", 1)[1])
+        return lambda x: pool(PendingBatchNorm(x, scale, shift), residual=shortcut)  # noqa: E731
+    pool = MaxPool2dSame(3, 2, "same", "torch")
+    return lambda x: pool((x * scale[:, None, None] + shift[:, None, None]).to(dtype)) + shortcut  # noqa: E731
+
+
+def _layer_fn(op: str, impl: str, cin: int, cout: int, hw: int, batch: int, training: bool, device, dtype,
+              fmt) -> Callable:
+    if op == "bnpool":
+        fn = _bn_pool_fn(impl, cin, hw, batch, training, device, dtype, fmt)
+    elif op == "pool":
         fn = MaxPool2dSame(3, 2, "same", impl.split(":", 1)[1] if impl.startswith("xo:") else "torch")
     elif op == "separable":
         if impl.startswith("xo:"):
@@ -311,12 +336,12 @@ def layer_runner(op: str, impl: str, cin: int, cout: int, hw: int, batch: int, d
     """run(i): one pass of one layer configuration on input buffer i (inputs rotated past the L2 cache)."""
     training = pass_ != "inference"
     fmt = torch.channels_last if layout == "NHWC" else torch.contiguous_format
-    fn = _layer_fn(op, impl, cin, cout, training, device, dtype, fmt)
+    fn = _layer_fn(op, impl, cin, cout, hw, batch, training, device, dtype, fmt)
     elem = torch.tensor([], dtype=dtype).element_size()
     nbuf = _buffers_needed(batch * cin * hw * hw * elem, device)
     inputs = [torch.randn(batch, cin, hw, hw, device=device, dtype=dtype).contiguous(memory_format=fmt)
               .requires_grad_(training) for _ in range(nbuf)]
-    out_hw = (hw + 1) // 2 if op == "pool" else hw
+    out_hw = (hw + 1) // 2 if op in POOL_OPS else hw
     grad = torch.randn(batch, cout if op == "separable" else cin, out_hw, out_hw, device=device,
                        dtype=dtype).contiguous(memory_format=fmt)
     if pass_ == "inference":
@@ -607,8 +632,8 @@ def _run_suite(device: str | None = None, backends_: Sequence[str] | None = None
         pool_shapes = [(cin, cin, hw, count) for cin, _, hw, count in layer_shapes]
     else:
         pool_shapes = [(c, c, max(3, round(hw * scale)), 1) for c, hw in XCEPTION_POOLS]
-    layer_ops = ([(op, shape) for shape in layer_shapes for op in ops if op != "pool"]
-                 + [("pool", shape) for shape in pool_shapes if "pool" in ops])
+    layer_ops = ([(op, shape) for shape in layer_shapes for op in ops if op not in POOL_OPS]
+                 + [(op, shape) for shape in pool_shapes for op in POOL_OPS if op in ops])
     n_layers = len(layer_ops) * len(dtypes) * len(layouts) * len(passes) * len(impls) if layers else 0
     n_models = len(model_names) * len(dtypes) * (1 if mode is None else 2)
     bar = Progress(n_layers + n_models, progress)

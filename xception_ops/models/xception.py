@@ -164,9 +164,11 @@ class Xception(nn.Module):
             setattr(self, f"block{i}", block(728, 728, 3, 1))
         # Exit flow.
         self.block12 = block(728, 1024, 2, 2, grow_first=False)
-        sep = dict(padding="same", mid_activation=mid_activation, post_relu=True, backend=backend, **bn_args)
+        sep = dict(padding="same", mid_activation=mid_activation, backend=backend, **bn_args)
+        # conv3's BatchNorm and ReLU are conv4's prologue (conv3 defers its BatchNorm): the same values, one pass
+        # fewer. conv4's ReLU is its epilogue's.
         self.conv3 = SeparableConvBN(1024, 1536, 3, **sep)
-        self.conv4 = SeparableConvBN(1536, 2048, 3, **sep)
+        self.conv4 = SeparableConvBN(1536, 2048, 3, pre_relu=True, post_relu=True, **sep)
         self.num_features = 2048
 
         hidden, width = [], self.num_features
@@ -184,7 +186,7 @@ class Xception(nn.Module):
         x = F.relu(self.bn2(self.conv2(x)))
         for block in self.blocks():
             x = block(x)
-        return self.conv4(self.conv3(x))
+        return self.conv4(self.conv3(x, defer_bn=True))
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         x = self.fc_hidden(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
