@@ -265,3 +265,39 @@ def test_scale_shift_backward_is_one_deterministic_pass(geometry, dtype, layout)
     for _ in range(10):
         again = OPS.max_pool2d_scale_shift_backward(grad, codes, x, scale, shift, *args, "cuda")
         assert all(torch.equal(a, b) for a, b in zip(again, got))
+
+
+def test_pending_batchnorm_and_its_backward_past_2_31_elements():
+    """The forward with scale, shift and residual, and the one-pass backward (channels-last: the fused kernel's
+    64-bit index path), on a float16 input of 2.15e9 elements; a few channels, the last included, checked bit for bit
+    against the definition computed plane by plane (scales that are powers of two: fma and PyTorch's multiply and
+    add round alike, so the windows' maxima and ties are the same)."""
+    from .test_pooling import affine_args
+
+    n, c, h, w = 1, 32, 8200, 8200
+    free, _ = torch.cuda.mem_get_info()
+    if free < 4 * n * c * h * w * 2:
+        pytest.skip("needs about 17 GiB of free GPU memory")
+    x = torch.randn(n, c, h, w, device=DEV, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    scale, shift = (t.to(DEV) for t in affine_args(c, exact=True))
+    out_hw = (h + 1) // 2
+    residual = torch.randn(n, c, out_hw, out_hw, device=DEV, dtype=torch.float16)
+    residual = residual.contiguous(memory_format=torch.channels_last)
+    args = ([3, 3], [2, 2], [1, 1], False)
+    out, codes = OPS.max_pool2d(x, *args, True, "cuda", scale=scale, shift=shift, residual=residual)
+    grad = torch.ones_like(out)
+    grad_x, grad_scale, grad_shift = OPS.max_pool2d_scale_shift_backward(grad, codes, x, scale, shift, *args, "cuda")
+    del grad
+    for ch in (0, 17, c - 1):
+        plane = x[:, ch:ch + 1].contiguous()
+        z = (plane.float() * scale[ch] + shift[ch]).half()
+        pooled, index = F.max_pool2d(z, 3, 2, 1, return_indices=True)
+        assert torch.equal(out[:, ch:ch + 1], pooled + residual[:, ch:ch + 1])
+        assert torch.equal(codes[:, ch:ch + 1].long(), codes_from_indices(index, z.shape, (3, 3), (2, 2), (1, 1)))
+        grad_z = torch.ops.aten.max_pool2d_with_indices_backward(torch.ones_like(pooled), z, [3, 3], [2, 2], [1, 1],
+                                                                [1, 1], False, index)
+        assert torch.equal(grad_x[:, ch:ch + 1], (grad_z.float() * scale[ch]).half())
+        want_shift = grad_z.double().sum().item()
+        assert abs(grad_shift[ch].item() - want_shift) <= 1e-5 * want_shift
+    del x, out, codes, grad_x, residual
+    torch.cuda.empty_cache()

@@ -173,44 +173,53 @@ __global__ void __launch_bounds__(kMaxPoolThreads) max_pool2d_forward_kernel(Max
   }
 }
 
-// The gradient that reaches input position `in` (V channels from in.c): the gradients of the windows that contain it
-// and whose code names it, added in float32 in (oh, ow) order, not yet rounded.
+// The gradient that reaches an input position (V channels from in.c): the gradients of the windows that contain it
+// and whose code names it, added in float32 in (oh, ow) order, not yet rounded. Built once per thread, outside the
+// kernels' loops (its geometry and pointers then stay in registers across positions).
 template <typename T, typename I, int V>
-__device__ __forceinline__ void gather_window_grads(const MaxPoolParams& p, const PoolSizes<I>& s,
-                                                    const PoolPosition<I>& in, float (&acc)[V]) {
+struct WindowGather {
   using Bits = typename PoolElem<T>::Bits;
-  const Pool2dGeometry& g = p.g;
-  const I sh = static_cast<I>(g.stride_h), sw = static_cast<I>(g.stride_w);
-  const I ph = static_cast<I>(g.pad_h), pw = static_cast<I>(g.pad_w);
-  const I kh = static_cast<I>(g.kernel_h), kw = static_cast<I>(g.kernel_w);
-  const Bits* grad_out = static_cast<const Bits*>(p.output.data);
-  const uint8_t* codes = static_cast<const uint8_t*>(p.argmax.data);
-  // The windows that contain (in.h, in.w): oh * sh - ph <= in.h <= oh * sh - ph + kh - 1.
-  const I lo_h = in.h + ph - kh + 1, lo_w = in.w + pw - kw + 1;
-  const I oh0 = lo_h <= 0 ? I(0) : (lo_h + sh - 1) / sh, ow0 = lo_w <= 0 ? I(0) : (lo_w + sw - 1) / sw;
-  const I oh_end = (in.h + ph) / sh + 1 < s.out_h ? (in.h + ph) / sh + 1 : s.out_h;
-  const I ow_end = (in.w + pw) / sw + 1 < s.out_w ? (in.w + pw) / sw + 1 : s.out_w;
+  const MaxPoolParams& p;
+  PoolSizes<I> s;
+  I sh, sw, ph, pw, kh, kw;
+  const Bits* grad_out;
+  const uint8_t* codes;
+
+  __device__ explicit WindowGather(const MaxPoolParams& params)
+      : p(params), s(params.g), sh(static_cast<I>(params.g.stride_h)), sw(static_cast<I>(params.g.stride_w)),
+        ph(static_cast<I>(params.g.pad_h)), pw(static_cast<I>(params.g.pad_w)),
+        kh(static_cast<I>(params.g.kernel_h)), kw(static_cast<I>(params.g.kernel_w)),
+        grad_out(static_cast<const Bits*>(params.output.data)),
+        codes(static_cast<const uint8_t*>(params.argmax.data)) {}
+
+  __device__ __forceinline__ void operator()(const PoolPosition<I>& in, float (&acc)[V]) const {
+    // The windows that contain (in.h, in.w): oh * sh - ph <= in.h <= oh * sh - ph + kh - 1.
+    const I lo_h = in.h + ph - kh + 1, lo_w = in.w + pw - kw + 1;
+    const I oh0 = lo_h <= 0 ? I(0) : (lo_h + sh - 1) / sh, ow0 = lo_w <= 0 ? I(0) : (lo_w + sw - 1) / sw;
+    const I oh_end = (in.h + ph) / sh + 1 < s.out_h ? (in.h + ph) / sh + 1 : s.out_h;
+    const I ow_end = (in.w + pw) / sw + 1 < s.out_w ? (in.w + pw) / sw + 1 : s.out_w;
 #pragma unroll
-  for (int j = 0; j < V; ++j) acc[j] = 0.f;
-  for (I oh = oh0; oh < oh_end; ++oh) {
-    const I ky = in.h - (oh * sh - ph);
-    for (I ow = ow0; ow < ow_end; ++ow) {
-      const uint8_t tap = static_cast<uint8_t>(ky * kw + in.w - (ow * sw - pw));
-      const PoolVec<uint8_t, V> code =
-          *reinterpret_cast<const PoolVec<uint8_t, V>*>(codes + pool_offset<I>(p.argmax, in.n, in.c, oh, ow));
-      bool any = false;
+    for (int j = 0; j < V; ++j) acc[j] = 0.f;
+    for (I oh = oh0; oh < oh_end; ++oh) {
+      const I ky = in.h - (oh * sh - ph);
+      for (I ow = ow0; ow < ow_end; ++ow) {
+        const uint8_t tap = static_cast<uint8_t>(ky * kw + in.w - (ow * sw - pw));
+        const PoolVec<uint8_t, V> code =
+            *reinterpret_cast<const PoolVec<uint8_t, V>*>(codes + pool_offset<I>(p.argmax, in.n, in.c, oh, ow));
+        bool any = false;
 #pragma unroll
-      for (int j = 0; j < V; ++j) any |= code.v[j] == tap;
-      if (!any) continue;
-      const PoolVec<Bits, V> go =
-          *reinterpret_cast<const PoolVec<Bits, V>*>(grad_out + pool_offset<I>(p.output, in.n, in.c, oh, ow));
+        for (int j = 0; j < V; ++j) any |= code.v[j] == tap;
+        if (!any) continue;
+        const PoolVec<Bits, V> go =
+            *reinterpret_cast<const PoolVec<Bits, V>*>(grad_out + pool_offset<I>(p.output, in.n, in.c, oh, ow));
 #pragma unroll
-      for (int j = 0; j < V; ++j) {
-        if (code.v[j] == tap) acc[j] += PoolElem<T>::value(go.v[j]);
+        for (int j = 0; j < V; ++j) {
+          if (code.v[j] == tap) acc[j] += PoolElem<T>::value(go.v[j]);
+        }
       }
     }
   }
-}
+};
 
 template <typename T, typename I, int V>
 __global__ void __launch_bounds__(kMaxPoolThreads) max_pool2d_backward_kernel(MaxPoolParams p) {
@@ -220,10 +229,11 @@ __global__ void __launch_bounds__(kMaxPoolThreads) max_pool2d_backward_kernel(Ma
   const PoolSizes<I> s(g);
   const I items = static_cast<I>(g.batch) * (s.channels / V) * s.in_h * s.in_w;
   Bits* grad_x = static_cast<Bits*>(p.input.data);
+  const WindowGather<T, I, V> gather(p);
   for (I i = first_item<I>(); i < items; i += item_step<I>()) {
     const PoolPosition<I> in = pool_position<I, V>(i, p.channels_last, s.channels, s.in_h, s.in_w);
     float acc[V];
-    gather_window_grads<T, I, V>(p, s, in, acc);
+    gather(in, acc);
     PoolVec<Bits, V> result;
 #pragma unroll
     for (int j = 0; j < V; ++j) result.v[j] = E::round(acc[j]);
@@ -257,6 +267,7 @@ __global__ void __launch_bounds__(kMaxPoolThreads) max_pool2d_backward_bn_kernel
   const Bits* x = static_cast<const Bits*>(p.bn_input.data);
   Bits* grad_x = static_cast<Bits*>(p.input.data);
   float* partial = p.partial + static_cast<int64_t>(blockIdx.x) * 2 * g.channels;
+  const WindowGather<T, I, V> gather(p);
   for (int64_t cg = lane; cg < groups; cg += lanes) {
     PoolPosition<I> in;
     in.c = static_cast<I>(cg * V);
@@ -270,7 +281,7 @@ __global__ void __launch_bounds__(kMaxPoolThreads) max_pool2d_backward_bn_kernel
       in.h = i % s.in_h;
       in.n = i / s.in_h;
       float acc[V];
-      gather_window_grads<T, I, V>(p, s, in, acc);
+      gather(in, acc);
       const PoolVec<Bits, V> xv =
           *reinterpret_cast<const PoolVec<Bits, V>*>(x + pool_offset<I>(p.bn_input, in.n, in.c, in.h, in.w));
       PoolVec<Bits, V> result;
