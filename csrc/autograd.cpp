@@ -420,8 +420,8 @@ const c10::TypedOperatorHandle<MaxPoolSig>& max_pool_op() {
 }
 
 // Saves the argmax codes (one byte per output) and x's sizes; x itself only with a pending BatchNorm (scale and
-// shift), whose backward is scale_shift's after the pool's (max_pool2d_scale_shift_backward: one pass on "cuda"),
-// which needs x for the gradient of scale. The residual's gradient is grad_out itself.
+// shift), whose backward is scale_shift's after the pool's (max_pool2d_scale_shift_backward: one pass on "cuda" and
+// "triton"), which needs x for the gradient of scale. The residual's gradient is grad_out itself.
 struct MaxPoolFunction : public torch::autograd::Function<MaxPoolFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, IntArrayRef kernel_size, IntArrayRef stride,
                                IntArrayRef padding, bool ceil_mode, c10::string_view backend, const OptTensor& scale,
@@ -451,8 +451,6 @@ struct MaxPoolFunction : public torch::autograd::Function<MaxPoolFunction> {
     static const auto backward_op = op_handle<MaxPoolBackwardSig>("xception_ops::max_pool2d_backward");
     static const auto bn_backward_op =
         op_handle<MaxPoolBnBackwardSig>("xception_ops::max_pool2d_scale_shift_backward");
-    static const auto scale_shift_backward_op =
-        op_handle<ScaleShiftBackwardSig>("xception_ops::scale_shift_backward");
     const auto& data = ctx->saved_data;
     const variable_list saved = ctx->get_saved_variables();
     const Tensor& argmax = saved[0];
@@ -460,25 +458,19 @@ struct MaxPoolFunction : public torch::autograd::Function<MaxPoolFunction> {
     const auto padding = data.at("padding").toIntVector();
     const bool ceil_mode = data.at("ceil_mode").toBool();
     const std::string& backend = data.at("backend").toStringRef();
-    const bool affine = data.at("affine").toBool();
     Tensor grad_x, grad_scale, grad_shift;
-    if (affine && backend != "triton" && !at::GradMode::is_enabled()) {
-      const Tensor &x = saved[1], &scale = saved[2], &shift = saved[3];
-      std::tie(grad_x, grad_scale, grad_shift) =
-          bn_backward_op.call(grads[0], argmax, x, scale, shift, kernel_size, stride, padding, ceil_mode, backend);
-    } else {
+    if (!data.at("affine").toBool()) {
       const auto input_size = data.at("input_size").toSymIntList().vec();
       grad_x = backward_op.call(grads[0], argmax, input_size, kernel_size, stride, padding, ceil_mode, backend);
-      if (affine) {
-        const Tensor &x = saved[1], &scale = saved[2], &shift = saved[3];
-        if (at::GradMode::is_enabled()) {  // create_graph: the reference op's formulas, differentiable ATen ops
-          std::tie(grad_x, grad_scale, grad_shift) = reference::scale_shift_backward(grad_x, x, scale, shift, false);
-        } else {  // triton: scale_shift has no Triton kernel
-          const char* ss_backend =
-              x.is_cuda() && cuda_implements("xception_ops.scale_shift_backward") ? "cuda" : "torch";
-          std::tie(grad_x, grad_scale, grad_shift) =
-              scale_shift_backward_op.call(grad_x, x, scale, shift, false, ss_backend);
-        }
+    } else {
+      const Tensor &x = saved[1], &scale = saved[2], &shift = saved[3];
+      if (at::GradMode::is_enabled()) {  // create_graph: the reference op's formulas, differentiable ATen ops
+        const auto input_size = data.at("input_size").toSymIntList().vec();
+        grad_x = backward_op.call(grads[0], argmax, input_size, kernel_size, stride, padding, ceil_mode, backend);
+        std::tie(grad_x, grad_scale, grad_shift) = reference::scale_shift_backward(grad_x, x, scale, shift, false);
+      } else {
+        std::tie(grad_x, grad_scale, grad_shift) =
+            bn_backward_op.call(grads[0], argmax, x, scale, shift, kernel_size, stride, padding, ceil_mode, backend);
       }
     }
     const Tensor grad_residual = data.at("residual").toBool() ? grads[0] : Tensor();

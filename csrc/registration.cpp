@@ -361,9 +361,12 @@ std::tuple<Tensor, Tensor, Tensor> max_pool2d_scale_shift_backward(const Tensor&
   if (chosen == Backend::Cuda) {
     XO_IF_CUDA(return cuda::max_pool2d_scale_shift_backward(grad_out, argmax, x, scale, shift, g));
   }
-  XO_CHECK_NOT_IMPLEMENTED(chosen != Backend::Triton, kMaxPoolBnBwd,
-                           ": backend 'triton' has no kernel for this op (max_pool2d's autograd runs the pool's "
-                           "backward on 'triton' and scale_shift_backward on 'cuda' or 'torch' instead)");
+  if (chosen == Backend::Triton) {
+    return call_triton<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                          const Tensor&, IntArrayRef, IntArrayRef, IntArrayRef, bool)>(
+        kMaxPoolBnBwd, "xception_ops::triton_max_pool2d_scale_shift_backward", grad_out, argmax, x, scale, shift,
+        kernel_size, stride, padding, ceil_mode);
+  }
   return reference::max_pool2d_scale_shift_backward(grad_out, argmax, x, scale, shift, g);
 }
 
@@ -427,7 +430,7 @@ TORCH_LIBRARY(xception_ops, m) {
       "max_pool2d_backward(Tensor grad_out, Tensor argmax, SymInt[4] input_size, int[2] kernel_size, "
       "int[2] stride, int[2] padding, bool ceil_mode, str backend) -> Tensor");
   // The backward of max_pool2d with scale and shift (x the forward's input): max_pool2d_backward's gradient of the
-  // normalized values, then scale_shift_backward's (no ReLU): one pass on "cuda" for channels-last tensors.
+  // normalized values, then scale_shift_backward's (no ReLU): one pass on "cuda" (channels-last) and "triton".
   m.def(
       "max_pool2d_scale_shift_backward(Tensor grad_out, Tensor argmax, Tensor x, Tensor scale, Tensor shift, "
       "int[2] kernel_size, int[2] stride, int[2] padding, bool ceil_mode, str backend) "

@@ -174,3 +174,45 @@ def test_xception_block_hands_its_last_batchnorm_and_shortcut_to_the_pool():
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
     for name, buf in block.named_buffers():
         torch.testing.assert_close(buf, dict(ref.named_buffers())[name])
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64, BF16_GPU_ONLY], ids=str)
+@pytest.mark.parametrize("geometry", GEOMETRIES[:3], ids=str)
+def test_scale_shift_backward_matches_the_reference(geometry, dtype, layout):
+    """max_pool_bwd_bn_kernel: grad_x bit for bit against the reference (the pool's backward, then scale_shift's),
+    the sums of g x and g to float32 rounding (a tree of tile sums, not the reference's order), every value written;
+    float64 takes the two ops (bit for bit)."""
+    shape, kernel, stride, padding, ceil_mode = geometry
+    x = make(shape, dtype, layout).nan_to_num(0.0, 0.0, -3.0)
+    vectors = torch.float64 if dtype == torch.float64 else torch.float32
+    scale, shift = (t.to(DEVICE) for t in affine_args(shape[1], vectors))
+    args = (list(kernel), list(stride), list(padding), ceil_mode)
+    _, codes = OPS.max_pool2d(x, *args, True, "torch", scale=scale, shift=shift)
+    grad = torch.randn(codes.shape, device=DEVICE).to(dtype)
+    # The pool's gradient summed in float32 and rounded once, as the kernels and PyTorch's CUDA pooling do (its CPU
+    # kernel rounds fp16 sums at every add), then the reference scale_shift_backward.
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    grad_z = OPS.max_pool2d_backward(grad.to(wide), codes, list(shape), *args, "torch").to(dtype)
+    want = OPS.scale_shift_backward(grad_z, x, scale, shift, False, "torch")
+    got = OPS.max_pool2d_scale_shift_backward(grad, codes, x, scale, shift, *args, "triton")
+    assert torch.equal(got[0], want[0]) and got[0].stride() == want[0].stride()
+    for g, w in zip(got[1:], want[1:]):
+        assert g.dtype == w.dtype == vectors
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5 * (1 + w.abs().max().item()))
+
+
+def test_autograd_through_a_pending_batchnorm_takes_the_one_pass_backward():
+    x = torch.randn(2, 8, 9, 9, device=DEVICE).contiguous(memory_format=torch.channels_last).requires_grad_()
+    scale, shift = (t.to(DEVICE).requires_grad_() for t in affine_args(8))
+    out = pooling.max_pool2d(x, 3, 2, 1, backend="triton", scale=scale, shift=shift)
+    grad = torch.randn_like(out)
+    with record_op_calls("max_pool2d_scale_shift_backward") as calls:
+        got = torch.autograd.grad(out, (x, scale, shift), grad)
+    assert len(calls) == 1 and calls[0][-1] == "triton"
+    want_out = pooling.max_pool2d(x, 3, 2, 1, backend="torch", scale=scale, shift=shift)
+    assert torch.equal(out, want_out)
+    want = torch.autograd.grad(want_out, (x, scale, shift), grad)
+    assert torch.equal(got[0], want[0])
+    for g, w in zip(got[1:], want[1:]):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)

@@ -876,24 +876,19 @@ def max_pool_fwd_kernel(x_ptr, out_ptr, code_ptr, scale_ptr, shift_ptr, res_ptr,
 
 
 @triton.jit
-def max_pool_bwd_kernel(go_ptr, code_ptr, gx_ptr, Q, HW, W, OH, OW, C,
-                        sgn, sgc, sgh, sgw, scn, scc, sch, scw, sxn, sxc, sxh, sxw,
-                        KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr,
-                        PW: tl.constexpr, WIN_H: tl.constexpr, WIN_W: tl.constexpr, ACC: tl.constexpr,
-                        IDX64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr):
-    """Max pooling's gradient, gathered: one program per (BLOCK_P input pixels, BLOCK_C channels). An input position
-    lies in at most WIN_H x WIN_W windows (oh from ceil((ih + PH - KH + 1) / SH) to (ih + PH) / SH); their codes are
-    read in (oh, ow) order and the gradient of each window whose code names this position is added in ACC, then
-    rounded once: PyTorch's order and precision. Every element is written (no zero fill), with no atomics."""
-    pid_p, c, c_mask, _ = _program_tile(C, BLOCK_C, VEC)
-    n, ih, iw, p_mask = _pixels(pid_p, Q, HW, W, IDX64, BLOCK_P)
+def _pool_window_grads(go_ptr, code_ptr, n, ih, iw, p_mask, c_off, c_mask, OH, OW, sgn, sgc, sgh, sgw,
+                       scn, scc, sch, scw, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+                       PH: tl.constexpr, PW: tl.constexpr, WIN_H: tl.constexpr, WIN_W: tl.constexpr,
+                       ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr):
+    """The gradient that reaches each input position of the tile, not yet rounded. An input position lies in at
+    most WIN_H x WIN_W windows (oh from ceil((ih + PH - KH + 1) / SH) to (ih + PH) / SH); their codes are read in
+    (oh, ow) order and the gradient of each window whose code names this position is added in ACC."""
     lo_h = ih + (PH - KH + 1)
     lo_w = iw + (PW - KW + 1)
     oh0 = (tl.where(lo_h > 0, lo_h, 0) + (SH - 1)) // SH
     ow0 = (tl.where(lo_w > 0, lo_w, 0) + (SW - 1)) // SW
     oh_end = tl.minimum((ih + PH) // SH + 1, OH)
     ow_end = tl.minimum((iw + PW) // SW + 1, OW)
-    c_off = _index(c, IDX64)
     acc = tl.full([BLOCK_P, BLOCK_C], 0.0, ACC)
     for dy in tl.static_range(WIN_H):
         oh = oh0 + dy
@@ -909,5 +904,51 @@ def max_pool_bwd_kernel(go_ptr, code_ptr, gx_ptr, Q, HW, W, OH, OW, C,
             g = tl.load(go_ptr + _rows(n * sgn, oh, ow, sgh, sgw, VEC)[:, None] + (c_off * sgc)[None, :],
                         mask=hit, other=0.0).to(ACC)
             acc = acc + g  # + 0 where not hit: the sum is never -0, so that adds nothing
+    return acc
+
+
+@triton.jit
+def max_pool_bwd_kernel(go_ptr, code_ptr, gx_ptr, Q, HW, W, OH, OW, C,
+                        sgn, sgc, sgh, sgw, scn, scc, sch, scw, sxn, sxc, sxh, sxw,
+                        KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr,
+                        PW: tl.constexpr, WIN_H: tl.constexpr, WIN_W: tl.constexpr, ACC: tl.constexpr,
+                        IDX64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr):
+    """Max pooling's gradient, gathered: one program per (BLOCK_P input pixels, BLOCK_C channels), each window's
+    gradient added to its argmax in ACC (_pool_window_grads) and rounded once: PyTorch's order and precision. Every
+    element is written (no zero fill), with no atomics."""
+    pid_p, c, c_mask, _ = _program_tile(C, BLOCK_C, VEC)
+    n, ih, iw, p_mask = _pixels(pid_p, Q, HW, W, IDX64, BLOCK_P)
+    c_off = _index(c, IDX64)
+    acc = _pool_window_grads(go_ptr, code_ptr, n, ih, iw, p_mask, c_off, c_mask, OH, OW, sgn, sgc, sgh, sgw,
+                             scn, scc, sch, scw, KH, KW, SH, SW, PH, PW, WIN_H, WIN_W, ACC, BLOCK_P, BLOCK_C, VEC)
     offs = _rows(n * sxn, ih, iw, sxh, sxw, VEC)[:, None] + (c_off * sxc)[None, :]
     tl.store(gx_ptr + offs, acc.to(gx_ptr.dtype.element_ty), mask=p_mask[:, None] & c_mask[None, :])
+
+
+@triton.jit
+def max_pool_bwd_bn_kernel(go_ptr, code_ptr, x_ptr, scale_ptr, gx_ptr, ws_ptr, Q, HW, W, OH, OW, C,
+                           sgn, sgc, sgh, sgw, scn, scc, sch, scw, sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw,
+                           KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+                           PH: tl.constexpr, PW: tl.constexpr, WIN_H: tl.constexpr, WIN_W: tl.constexpr,
+                           IDX64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr):
+    """The backward through a pending BatchNorm (csrc/kernels/pool_params.h's launch_max_pool2d_backward_bn): the
+    pool's gradient g of each input position, rounded to x's dtype as max_pool_bwd_kernel stores it, then
+    scale_shift's backward: grad_x = round(g * scale) (float32 scale), and the tile's per-channel sums of g * x and
+    g into ws[0, tile, c] and ws[1, tile, c] (float32, [2, tiles, C]) for reduce_rows_kernel. x's strides: sx*;
+    grad_x's: sd*."""
+    pid_p, c, c_mask, num_p = _program_tile(C, BLOCK_C, VEC)
+    n, ih, iw, p_mask = _pixels(pid_p, Q, HW, W, IDX64, BLOCK_P)
+    c_off = _index(c, IDX64)
+    acc = _pool_window_grads(go_ptr, code_ptr, n, ih, iw, p_mask, c_off, c_mask, OH, OW, sgn, sgc, sgh, sgw,
+                             scn, scc, sch, scw, KH, KW, SH, SW, PH, PW, WIN_H, WIN_W, tl.float32, BLOCK_P, BLOCK_C,
+                             VEC)
+    keep = p_mask[:, None] & c_mask[None, :]
+    g = tl.where(keep, acc.to(gx_ptr.dtype.element_ty).to(tl.float32), 0.0)
+    xv = tl.load(x_ptr + _rows(n * sxn, ih, iw, sxh, sxw, VEC)[:, None] + (c_off * sxc)[None, :], mask=keep,
+                 other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + c, mask=c_mask, other=0.0)
+    offs = _rows(n * sdn, ih, iw, sdh, sdw, VEC)[:, None] + (c_off * sdc)[None, :]
+    tl.store(gx_ptr + offs, (g * scale[None, :]).to(gx_ptr.dtype.element_ty), mask=keep)
+    row = _index(pid_p, IDX64) * C
+    tl.store(ws_ptr + row + c, _sum(g * xv, axis=0), mask=c_mask)
+    tl.store(ws_ptr + _index(num_p, IDX64) * C + row + c, _sum(g, axis=0), mask=c_mask)

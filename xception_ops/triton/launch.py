@@ -46,7 +46,9 @@ What each op launches:
   tile and depthwise channel, 1/16 of the gradient buffer in 16-bit at 64-pixel tiles) while grad_y is live.
 
 * max_pool2d / max_pool2d_backward: max_pool_fwd_kernel (the argmax as one byte per output, as the cuda backend
-  keeps it) and max_pool_bwd_kernel (gathered from the codes; no zero fill, no atomics).
+  keeps it; with a pending BatchNorm and a residual) and max_pool_bwd_kernel (gathered from the codes; no zero
+  fill, no atomics). max_pool2d_scale_shift_backward: max_pool_bwd_bn_kernel (the gather, then scale_shift's
+  backward, per-tile sums) and reduce_rows_kernel.
 
 CPU tensors run in Triton's interpreter and need TRITON_INTERPRET=1; the kernels follow the variable as it is
 at each call (kernels.py is re-imported when it changed since the kernels were decorated).
@@ -75,6 +77,7 @@ IMPLEMENTED = frozenset({
     "separable_conv2d_backward",
     "max_pool2d",
     "max_pool2d_backward",
+    "max_pool2d_scale_shift_backward",
 })
 
 _MID = {None: kernels.MID_NONE, "none": kernels.MID_NONE, "relu": kernels.MID_RELU, "elu": kernels.MID_ELU,
@@ -761,3 +764,38 @@ def max_pool2d_backward(grad_out: torch.Tensor, argmax: torch.Tensor, input_size
         ACC=_pool_acc(grad_out.dtype), IDX64=_idx64(grad_out, argmax, grad_x), BLOCK_P=block_p, BLOCK_C=block_c,
         VEC=_row_vector([grad_x, grad_out, argmax], [c]), num_warps=4)
     return grad_x
+
+
+@_on_device
+def max_pool2d_scale_shift_backward(grad_out: torch.Tensor, argmax: torch.Tensor, x: torch.Tensor,
+                                    scale: torch.Tensor, shift: torch.Tensor, kernel_size: Sequence[int],
+                                    stride: Sequence[int], padding: Sequence[int],
+                                    ceil_mode: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """max_pool_bwd_bn_kernel: (grad_x in x's layout, sum of g x, sum of g), the sums in scale's dtype. float64
+    (x or the vectors) takes the pool's backward and the reference scale_shift_backward: the sums' workspace and
+    reduce_rows_kernel are float32."""
+    _check_device(x)
+    if x.dtype == torch.float64 or scale.dtype == torch.float64:
+        grad_z = max_pool2d_backward(grad_out, argmax, x.shape, kernel_size, stride, padding, ceil_mode)
+        return torch.ops.xception_ops.scale_shift_backward(grad_z, x, scale, shift, False, "torch")
+    n, c, h, w = (int(v) for v in x.shape)
+    (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
+    oh, ow = int(grad_out.shape[2]), int(grad_out.shape[3])
+    grad_x = torch.empty((n, c, h, w), dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+    grad_scale = torch.empty((c,), dtype=torch.float32, device=x.device)
+    grad_shift = torch.empty((c,), dtype=torch.float32, device=x.device)
+    q = n * h * w
+    if q == 0 or c == 0:
+        return grad_x, grad_scale.zero_(), grad_shift.zero_()
+    block_p, block_c = _pool_tile(grad_x)
+    tiles = _cdiv(q, block_p)
+    ws = torch.empty((2, tiles, c), dtype=torch.float32, device=x.device)
+    scale = scale.contiguous()
+    _kernels().max_pool_bwd_bn_kernel[(tiles * _cdiv(c, block_c),)](
+        grad_out, argmax, x, scale, grad_x, ws, q, h * w, w, oh, ow, c, *grad_out.stride(), *argmax.stride(),
+        *x.stride(), *grad_x.stride(), KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, WIN_H=_cdiv(kh, sh),
+        WIN_W=_cdiv(kw, sw), IDX64=_idx64(grad_out, argmax, x, grad_x, extra=[2 * tiles * c]), BLOCK_P=block_p,
+        BLOCK_C=block_c, VEC=_row_vector([grad_x, grad_out, argmax, x], [c]), num_warps=4)
+    _reduce_rows(ws[0], grad_scale)
+    _reduce_rows(ws[1], grad_shift)
+    return grad_x, grad_scale, grad_shift
