@@ -4,7 +4,8 @@ Every separable conv is a SeparableConvBN: the ReLU before it is its prologue, t
 epilogue, and in the middle flow the residual add joins the last one's epilogue too. A BatchNorm between two
 separable convs of a module (batch statistics in training, folded in inference) is applied by the second one's
 prologue (PendingBatchNorm); in a strided module the last one's is applied by the max pool as it reads, which adds
-the shortcut to its output in the same pass (on the package's pooling kernels). Module names follow timm's `legacy_xception` (conv1, bn1, ..., block1..block12, conv3, conv4, fc) so that its weights map one to one
+the shortcut to its output in the same pass (on the package's pooling kernels). Module names follow timm's
+`legacy_xception` (conv1, bn1, ..., block1..block12, conv3, conv4, fc) so that its weights map one to one
 (`from_timm`).
 """
 
