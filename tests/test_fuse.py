@@ -139,6 +139,8 @@ def test_torchvision_mobilenet_v2(backend):
     fused, tensors = fuse_a_twin(model, backend)
     seps = [m for m in fused.modules() if isinstance(m, SeparableConvBN)]
     assert len(seps) == 17 and all(s.mid_bn is not None and s.mid_activation == "relu6" for s in seps)
+    # The blocks with a residual (11 at this width) hand their last BatchNorm to `x + self.conv(x)`.
+    assert sum(s.defer_bn for s in seps) == 11
     assert type(fused) is type(model)
     compare_train_and_eval(model, fused, torch.randn(2, 3, 48, 40, dtype=torch.float64))
     compare_parameters_and_statistics(model, tensors)
@@ -244,7 +246,8 @@ def test_timm_legacy_xception(backend):
     # flow's act4, before the pooling, stays an epilogue.
     between = 3 * 1 + 8 * 2 + 1 + 1
     assert sum(s.pre_relu for s in seps) == 11 + between
-    assert sum(s.defer_bn for s in seps) == between
+    # The middle flow's last convs hand theirs to the residual add (`x += skip`: one scale_shift pass with it).
+    assert sum(s.defer_bn for s in seps) == between + 8
     assert sum(s.post_relu for s in seps) == 1
     pools = [m for m in fused.modules() if isinstance(m, nn.MaxPool2d)]
     assert len(pools) == 4 and all(type(m) is MaxPool2d and m.backend == backend for m in pools)
@@ -282,8 +285,9 @@ def test_timm_aligned_xception(output_stride):
     assert [s.mid_activation for s in seps] == [None] * 12 + ["relu"] * 3
     # Every ReLU that feeds one depthwise conv becomes its prologue: the ReLU opening each of the first four blocks
     # and the two between a block's convs (act2, act3; in the last block the act_pw before conv2 and conv3), and the
-    # conv before such a ReLU hands its BatchNorm on. Only the last act_pw stays an epilogue.
-    assert sum(s.pre_relu for s in seps) == 4 + 5 * 2 and sum(s.defer_bn for s in seps) == 5 * 2
+    # conv before such a ReLU hands its BatchNorm on. Only the last act_pw stays an epilogue. The last conv of each
+    # of the four blocks with a shortcut hands its BatchNorm to the residual add.
+    assert sum(s.pre_relu for s in seps) == 4 + 5 * 2 and sum(s.defer_bn for s in seps) == 5 * 2 + 4
     assert [s.post_relu for s in seps] == [False] * 14 + [True]
     compare_train_and_eval(model, fused, torch.randn(2, 3, 37, 35, dtype=torch.float64))
     compare_parameters_and_statistics(model, tensors)
@@ -432,5 +436,5 @@ def test_timm_legacy_xception_hands_its_strided_blocks_batch_norms_to_the_pools(
     model = timm.create_model("legacy_xception", pretrained=False, num_classes=10)
     assert sum(c.pool is not None for c in find_chains(model)) == 4
     fused = xception_ops.fuse(model, backend="triton")
-    between = 3 * 1 + 8 * 2 + 1 + 1  # as in test_timm_legacy_xception
+    between = 3 * 1 + 8 * 2 + 1 + 1 + 8  # as in test_timm_legacy_xception
     assert sum(m.defer_bn for m in fused.modules() if isinstance(m, SeparableConvBN)) == between + 4

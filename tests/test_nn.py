@@ -12,7 +12,7 @@ from xception_ops.geometry import same_padding
 from xception_ops.parity import randomize_batch_norm
 from xception_ops.nn import PendingBatchNorm, SeparableConv2d, SeparableConvBN
 
-from .conftest import relative_error, requires_ext
+from .conftest import record_op_calls, relative_error, requires_ext
 
 
 def keras_same(x, kernel, stride, dilation=1):
@@ -458,3 +458,26 @@ def test_conv_arguments_follow_the_input_size_and_the_modules_settings():
         want = torch.nn.functional.conv2d(torch.nn.functional.conv2d(padded, m.depthwise.weight, stride=2, dilation=2,
                                                                      groups=4), m.pointwise.weight)
         torch.testing.assert_close(m(x), m.bn(want), rtol=1e-5, atol=1e-5)
+
+
+@requires_ext
+def test_pending_batch_norm_plus_a_tensor_is_one_scale_shift_with_the_residual():
+    """PendingBatchNorm + tensor (either side, and `+=`): the BatchNorm applied and the residual added in one
+    scale_shift call, the same values and gradients as applying it and adding."""
+    y = torch.randn(2, 3, 5, 5, requires_grad=True)
+    scale, shift = torch.randn(3, requires_grad=True), torch.randn(3, requires_grad=True)
+    residual = torch.randn(2, 3, 5, 5, requires_grad=True)
+    pending = PendingBatchNorm(y, scale, shift)
+    with record_op_calls("scale_shift") as calls:
+        left, right = pending + residual, residual + pending
+        acc = pending
+        acc += residual
+    assert len(calls) == 3 and all(c[-1] is residual for c in calls)
+    want = pending.apply() + residual
+    assert torch.equal(left, want) and torch.equal(right, want) and torch.equal(acc, want)
+    grads = torch.autograd.grad(left.sum(), (y, scale, shift, residual))
+    want_grads = torch.autograd.grad(want.sum(), (y, scale, shift, residual))
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w)
+    with pytest.raises(TypeError):
+        pending + 1.0

@@ -15,7 +15,9 @@ A ReLU between a chain's BatchNorm and the next chain's depthwise conv, feeding 
 prologue rather than this chain's epilogue, and this chain hands its BatchNorm on (SeparableConvBN.defer_bn): the
 next chain applies it as it reads, so the normalized tensor is never written (what the package's Xception does
 between the separable convs of a module). With backend "cuda" or "triton", a BatchNorm that feeds an nn.MaxPool2d
-alone is handed to the pool the same way (Xception's strided blocks, timm's legacy_xception among them). The value between them passes the nn.Identity layers as a
+alone is handed to the pool the same way (Xception's strided blocks, timm's legacy_xception among them), and on
+every backend one that feeds an add alone goes to the add (MobileNet's inverted residuals, `x + self.conv(x)`: the
+PendingBatchNorm runs scale_shift with the residual in one pass). The value between them passes the nn.Identity layers as a
 PendingBatchNorm; a forward hook on one of those sees that instead of a tensor.
 
 Models that torch.fx cannot trace fall back to chains of consecutive children of nn.Sequential containers.
@@ -28,6 +30,7 @@ a gathered backward). PyTorch's channels-last pooling ran ~8x slower than its by
 from __future__ import annotations
 
 import copy
+import operator
 import warnings
 from dataclasses import dataclass
 
@@ -50,6 +53,7 @@ class Chain:
     mid_activation: str | None = None  # module name of the mid activation
     post_relu: str | None = None
     pool: str | None = None  # an nn.MaxPool2d that the chain's BatchNorm (no ReLU after it) feeds alone
+    residual_add: bool = False  # the chain's BatchNorm (no ReLU after it) feeds a tensor add alone
 
     def names(self) -> list[str]:
         """The modules the fused one replaces (not the pool, which stays)."""
@@ -129,6 +133,13 @@ def _mid_activation_name(m: nn.Module) -> str | None:
     return None
 
 
+def _is_binary_add(node) -> bool:
+    """`a + b` (or torch.add(a, b)) of two different values of the graph: MobileNet's residual join."""
+    return (node is not None and node.op == "call_function" and node.target in (operator.add, torch.add)
+            and len(node.args) == 2 and not node.kwargs
+            and all(isinstance(a, torch.fx.Node) for a in node.args) and node.args[0] is not node.args[1])
+
+
 def _find_chains_fx(model: nn.Module, graph: torch.fx.Graph) -> list[Chain]:
     modules = dict(model.named_modules())
     calls: dict[str, int] = {}
@@ -191,6 +202,8 @@ def _find_chains_fx(model: nn.Module, graph: torch.fx.Graph) -> list[Chain]:
         elif chain.batch_norm is not None and chain.post_relu is None and nxt is not None \
                 and module_of(nxt) is not None and type(module_of(nxt)) is nn.MaxPool2d:
             chain.pool = nxt.target
+        elif chain.batch_norm is not None and chain.post_relu is None and _is_binary_add(nxt):
+            chain.residual_add = True
         # Prologue: a ReLU module feeding only this depthwise conv. An in-place ReLU also rewrites its input,
         # which is then safe only if nothing else reads that input.
         src = producer(node)
@@ -297,6 +310,11 @@ def fuse(model: nn.Module, *, inplace: bool = False, backend: str = "auto", pool
         # (a named kernel backend: "auto" may pick PyTorch's pooling, which would make it a pass of its own).
         if chain.pool is not None and pools and backend in ("cuda", "triton") \
                 and MaxPool2d.from_module(modules[chain.pool], backend).takes_batch_norm():
+            deferring.add(chain.depthwise)
+        # A BatchNorm that feeds a residual add alone goes to the add: the PendingBatchNorm it receives runs
+        # scale_shift with the residual, one pass where the BatchNorm's and the add's were two (in training; in
+        # inference the epilogue's folded BatchNorm was free, and the same bytes move either way).
+        if chain.residual_add:
             deferring.add(chain.depthwise)
     claimed: set[str] = set()
     for chain in chains:

@@ -32,6 +32,16 @@ class PendingBatchNorm(NamedTuple):
         """The BatchNorm's output itself."""
         return batchnorm.apply_scale_shift(self.y, self.scale, self.shift)
 
+    def __add__(self, other):
+        """The BatchNorm's output plus a tensor (a residual), in one pass: scale_shift with its residual, rounded as
+        PyTorch's BatchNorm and add. fuse() defers a chain's BatchNorm to an add after it (MobileNet's inverted
+        residuals: `x + self.conv(x)`), which then lands here."""
+        if isinstance(other, torch.Tensor):
+            return batchnorm.apply_scale_shift(self.y, self.scale, self.shift, residual=other)
+        return NotImplemented
+
+    __radd__ = __add__
+
 
 class SeparableConvBN(nn.Module):
     """relu?(x) → depthwise k×k (+bias) → BatchNorm? → act? → pointwise 1×1 (+bias) → BatchNorm? → (+residual) →
