@@ -269,7 +269,8 @@ def test_wide_layers_compile_to_16_byte_accesses():
 def test_implemented_names_every_op():
     assert launch.IMPLEMENTED == {"depthwise_conv2d", "depthwise_conv2d_backward_input",
                                   "depthwise_conv2d_backward_weight", "separable_conv2d",
-                                  "separable_conv2d_backward", "max_pool2d", "max_pool2d_backward"}
+                                  "separable_conv2d_backward", "max_pool2d", "max_pool2d_backward",
+                                  "max_pool2d_scale_shift_backward"}
 
 
 # ---------------------------------------------------------------------------------------------- depthwise
