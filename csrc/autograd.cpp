@@ -453,24 +453,23 @@ struct MaxPoolFunction : public torch::autograd::Function<MaxPoolFunction> {
         op_handle<MaxPoolBnBackwardSig>("xception_ops::max_pool2d_scale_shift_backward");
     const auto& data = ctx->saved_data;
     const variable_list saved = ctx->get_saved_variables();
-    const Tensor& argmax = saved[0];
+    const Tensor &argmax = saved[0], &x = saved[1], &scale = saved[2], &shift = saved[3];  // x.. with a BatchNorm
     const auto kernel_size = data.at("kernel_size").toIntVector(), stride = data.at("stride").toIntVector();
     const auto padding = data.at("padding").toIntVector();
     const bool ceil_mode = data.at("ceil_mode").toBool();
     const std::string& backend = data.at("backend").toStringRef();
+    const bool affine = data.at("affine").toBool();
     Tensor grad_x, grad_scale, grad_shift;
-    if (!data.at("affine").toBool()) {
+    if (affine && !at::GradMode::is_enabled()) {  // the pool's backward and scale_shift's in one op
+      std::tie(grad_x, grad_scale, grad_shift) = bn_backward_op.call(grads[0], argmax, x, scale, shift, kernel_size,
+                                                                      stride, padding, ceil_mode, backend);
+    } else {
       const auto input_size = data.at("input_size").toSymIntList().vec();
       grad_x = backward_op.call(grads[0], argmax, input_size, kernel_size, stride, padding, ceil_mode, backend);
-    } else {
-      const Tensor &x = saved[1], &scale = saved[2], &shift = saved[3];
-      if (at::GradMode::is_enabled()) {  // create_graph: the reference op's formulas, differentiable ATen ops
-        const auto input_size = data.at("input_size").toSymIntList().vec();
-        grad_x = backward_op.call(grads[0], argmax, input_size, kernel_size, stride, padding, ceil_mode, backend);
-        std::tie(grad_x, grad_scale, grad_shift) = reference::scale_shift_backward(grad_x, x, scale, shift, false);
-      } else {
+      // create_graph with a BatchNorm: scale_shift's backward by the reference formulas, differentiable ATen ops.
+      if (affine) {
         std::tie(grad_x, grad_scale, grad_shift) =
-            bn_backward_op.call(grads[0], argmax, x, scale, shift, kernel_size, stride, padding, ceil_mode, backend);
+            reference::scale_shift_backward(grad_x, x, scale, shift, false);
       }
     }
     const Tensor grad_residual = data.at("residual").toBool() ? grads[0] : Tensor();

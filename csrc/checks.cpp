@@ -17,16 +17,6 @@ void check_float_tensor(const char* op, const char* name, const Tensor& t) {
                    "; supported dtypes are float32, float16, bfloat16 and float64");
 }
 
-void check_same_device(const char* op, const char* name, const Tensor& t, const Tensor& x) {
-  XO_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device(),
-                    "; move both to the same device");
-}
-
-void check_same_dtype(const char* op, const char* name, const Tensor& t, const Tensor& x) {
-  XO_CHECK_TYPE(t.scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
-                   " but x has dtype ", x.scalar_type(), "; cast them to one dtype (or use autocast)");
-}
-
 // A per-channel vector (BatchNorm scale/shift, bias): 1-D of `channels` floats on x's device, any float dtype.
 void check_channel_vector(const char* op, const char* name, const OptTensor& t, int64_t channels,
                           const Tensor& x) {
@@ -45,6 +35,16 @@ void check_int_list(const char* op, const char* name, IntArrayRef v, size_t len,
 }
 
 }  // namespace
+
+void check_same_device(const char* op, const char* name, const Tensor& t, const Tensor& x) {
+  XO_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device(),
+                    "; move both to the same device");
+}
+
+void check_same_dtype(const char* op, const char* name, const Tensor& t, const Tensor& x) {
+  XO_CHECK_TYPE(t.scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
+                   " but x has dtype ", x.scalar_type(), "; cast them to one dtype (or use autocast)");
+}
 
 std::string dims(IntArrayRef v) {
   std::string s = "[";

@@ -117,6 +117,9 @@ Pool2dGeometry check_max_pool2d(const char* op, const Tensor& values, const char
 // pooled shape `out_shape` with x's dtype and device.
 void check_max_pool2d_extras(const char* op, const Tensor& x, const OptTensor& scale, const OptTensor& shift,
                              const OptTensor& residual, IntArrayRef out_shape);
+// t on x's device, and of x's dtype; the messages name t as `name`.
+void check_same_device(const char* op, const char* name, const Tensor& t, const Tensor& x);
+void check_same_dtype(const char* op, const char* name, const Tensor& t, const Tensor& x);
 // Checks a tensor that must have `shape` and x's dtype and device (gradients, saved outputs).
 void check_like(const char* op, const char* name, const Tensor& t, IntArrayRef shape, const Tensor& x);
 // Output layout rule shared by every backend and the fake kernels: channels_last in, channels_last out.

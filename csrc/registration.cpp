@@ -355,7 +355,8 @@ std::tuple<Tensor, Tensor, Tensor> max_pool2d_scale_shift_backward(const Tensor&
   const Pool2dGeometry g =
       check_max_pool2d(kMaxPoolBnBwd, x, "x", x.sizes(), kernel_size, stride, padding, ceil_mode);
   check_pool_gradient(kMaxPoolBnBwd, grad_out, argmax, x.sizes(), g);
-  check_like(kMaxPoolBnBwd, "grad_out", grad_out, grad_out.sizes(), x);  // x's dtype and device
+  check_same_device(kMaxPoolBnBwd, "grad_out", grad_out, x);
+  check_same_dtype(kMaxPoolBnBwd, "grad_out", grad_out, x);
   check_max_pool2d_extras(kMaxPoolBnBwd, x, scale, shift, c10::nullopt, {});
   const Backend chosen = resolve_backend(backend, kMaxPoolBnBwd, x);
   if (chosen == Backend::Cuda) {

@@ -329,6 +329,8 @@ def test_functional_extras_on_torch_are_the_separate_ops():
     assert same_bits(got, want)
     with pytest.raises(ValueError, match="scale and shift come together"):
         pooling.max_pool2d(x, 3, 2, 1, backend="torch", scale=scale)
+    with pytest.raises(ValueError, match=r"residual must have shape \[2, 3, 5, 4\]"):  # no broadcasting
+        pooling.max_pool2d(x, 3, 2, 1, backend="torch", residual=residual[:1])
 
 
 @needs_ext

@@ -160,23 +160,16 @@ def _register_pool_fakes() -> None:
     def _(grad_out, argmax, input_size, kernel_size, stride, padding, ceil_mode, backend):
         op = "xception_ops.max_pool2d_backward"
         shape = checks.check_max_pool2d(op, grad_out, "grad_out", input_size, kernel_size, stride, padding, ceil_mode)
-        for name, t in (("grad_out", grad_out), ("argmax", argmax)):
-            if tuple(t.shape) != tuple(shape):
-                raise ValueError(f"{op}: {name} must have shape {list(shape)}, got {list(t.shape)}")
-        if argmax.dtype != torch.uint8:
-            raise TypeError(f"{op}: argmax must be uint8 (the forward's), got {argmax.dtype}")
+        checks.check_pool_gradient(op, grad_out, argmax, shape)
         return _empty_like_fmt(grad_out, input_size, argmax)
 
     @_fake("max_pool2d_scale_shift_backward")
     def _(grad_out, argmax, x, scale, shift, kernel_size, stride, padding, ceil_mode, backend):
         op = "xception_ops.max_pool2d_scale_shift_backward"
         shape = checks.check_max_pool2d(op, x, "x", x.shape, kernel_size, stride, padding, ceil_mode)
-        for name, t in (("grad_out", grad_out), ("argmax", argmax)):
-            if tuple(t.shape) != tuple(shape):
-                raise ValueError(f"{op}: {name} must have shape {list(shape)}, got {list(t.shape)}")
-        if argmax.dtype != torch.uint8:
-            raise TypeError(f"{op}: argmax must be uint8 (the forward's), got {argmax.dtype}")
-        checks.check_like(op, "grad_out", grad_out, shape, x)
+        checks.check_pool_gradient(op, grad_out, argmax, shape)
+        checks.check_same_device(op, "grad_out", grad_out, x)
+        checks.check_same_dtype(op, "grad_out", grad_out, x)
         checks.check_max_pool2d_extras(op, x, scale, shift, None, shape)
         channels = x.shape[1]
         return _empty_like_fmt(x, x.shape, x), scale.new_empty((channels,)), shift.new_empty((channels,))

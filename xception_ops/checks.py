@@ -44,12 +44,12 @@ def _check_dtype(op: str, name: str, t: torch.Tensor) -> None:
                         "and float64")
 
 
-def _check_same_device(op: str, name: str, t: torch.Tensor, x: torch.Tensor) -> None:
+def check_same_device(op: str, name: str, t: torch.Tensor, x: torch.Tensor) -> None:
     if t.device != x.device:
         raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}; move both to the same device")
 
 
-def _check_same_dtype(op: str, name: str, t: torch.Tensor, x: torch.Tensor) -> None:
+def check_same_dtype(op: str, name: str, t: torch.Tensor, x: torch.Tensor) -> None:
     if t.dtype != x.dtype:
         raise TypeError(f"{op}: {name} has dtype {t.dtype} but x has dtype {x.dtype}; cast them to one dtype "
                         "(or use autocast)")
@@ -68,7 +68,7 @@ def check_channel_vector(op: str, name: str, t: torch.Tensor | None, channels: i
     if t.dim() != 1 or t.shape[0] != channels:
         raise ValueError(f"{op}: {name} must have shape [{channels}], got {list(t.shape)}")
     _check_dtype(op, name, t)
-    _check_same_device(op, name, t, x)
+    check_same_device(op, name, t, x)
 
 
 def make_geometry(op: str, x_shape: Sequence[int], weight_shape: Sequence[int], stride: Sequence[int],
@@ -107,11 +107,11 @@ def check_depthwise(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.
                     stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> Geometry:
     g = make_geometry(op, x.shape, weight.shape, stride, padding, dilation)
     _check_dtype(op, "x", x)
-    _check_same_device(op, "dw_weight", weight, x)
-    _check_same_dtype(op, "dw_weight", weight, x)
+    check_same_device(op, "dw_weight", weight, x)
+    check_same_dtype(op, "dw_weight", weight, x)
     check_channel_vector(op, "bias", bias, g.dw_channels, x)
     if bias is not None:
-        _check_same_dtype(op, "bias", bias, x)
+        check_same_dtype(op, "bias", bias, x)
     return g
 
 
@@ -130,8 +130,8 @@ def check_separable(op: str, x: torch.Tensor, dw_weight: torch.Tensor, pw_weight
                          f"{g.dw_channels} (channel mismatch between dw_weight and pw_weight)")
     if pw_weight.shape[0] <= 0:
         raise ValueError(f"{op}: pw_weight has 0 output channels")
-    _check_same_device(op, "pw_weight", pw_weight, x)
-    _check_same_dtype(op, "pw_weight", pw_weight, x)
+    check_same_device(op, "pw_weight", pw_weight, x)
+    check_same_dtype(op, "pw_weight", pw_weight, x)
     if mid_activation not in MID_ACTIVATIONS:
         raise ValueError(f"xception_ops: mid_activation must be {one_of(MID_ACTIVATIONS)}, got '{mid_activation}'")
     g = replace(g, out_channels=pw_weight.shape[0])  # (Dynamo of torch 2.11 cannot trace **g.__dict__)
@@ -145,8 +145,8 @@ def check_separable(op: str, x: torch.Tensor, dw_weight: torch.Tensor, pw_weight
         if tuple(residual.shape) != g.output_shape():
             raise ValueError(f"{op}: residual must have the output's shape {list(g.output_shape())}, got "
                              f"{list(residual.shape)}")
-        _check_same_device(op, "residual", residual, x)
-        _check_same_dtype(op, "residual", residual, x)
+        check_same_device(op, "residual", residual, x)
+        check_same_dtype(op, "residual", residual, x)
     return g
 
 
@@ -195,7 +195,7 @@ def _check_scale_shift_vectors(op: str, y: torch.Tensor, y_name: str, scale: tor
             raise ValueError(f"{op}: {name} must have shape [{y.shape[1]}] ({y_name}'s channels), got {list(t.shape)}")
         if t.dtype not in (torch.float32, torch.float64):
             raise TypeError(f"{op}: {name} must be float32 or float64 (per-channel math), got {t.dtype}")
-        _check_same_device(op, name, t, y)
+        check_same_device(op, name, t, y)
     if shift.dtype != scale.dtype:
         raise TypeError(f"{op}: shift has dtype {shift.dtype} but scale has dtype {scale.dtype}")
 
@@ -296,11 +296,23 @@ def check_max_pool2d_extras(op: str, x: torch.Tensor, scale: torch.Tensor | None
         check_like(op, "residual", residual, out_shape, x)
 
 
+def check_pool_gradient(op: str, grad_out: torch.Tensor, argmax: torch.Tensor, out_shape: Sequence[int]) -> None:
+    """grad_out and argmax of the pooled shape, argmax uint8 on grad_out's device (csrc/registration.cpp)."""
+    for name, t in (("grad_out", grad_out), ("argmax", argmax)):
+        if tuple(t.shape) != tuple(out_shape):
+            raise ValueError(f"{op}: {name} must have shape {list(out_shape)}, got {list(t.shape)}")
+    if argmax.dtype != torch.uint8:
+        raise TypeError(f"{op}: argmax must be uint8 (the forward's), got {argmax.dtype}")
+    if argmax.device != grad_out.device:
+        raise ValueError(f"{op}: argmax is on {argmax.device} but grad_out is on {grad_out.device}; move both to the "
+                         "same device")
+
+
 def check_like(op: str, name: str, t: torch.Tensor, shape: Sequence[int], x: torch.Tensor) -> None:
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{op}: {name} must have shape {list(shape)}, got {list(t.shape)}")
-    _check_same_device(op, name, t, x)
-    _check_same_dtype(op, name, t, x)
+    check_same_device(op, name, t, x)
+    check_same_dtype(op, name, t, x)
 
 
 def output_memory_format(x: torch.Tensor) -> torch.memory_format:

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import backend as backends, batchnorm
+from . import backend as backends, batchnorm, checks
 from .checks import MAX_POOL_MAX_TAPS as MAX_TAPS
 from .geometry import pair
 from .nn import PendingBatchNorm
@@ -38,13 +38,15 @@ def max_pool2d(x: torch.Tensor, kernel_size: int | tuple[int, int], stride: int 
     step = kernel if stride is None else pair(stride, "stride")
     pad = pair(padding, "padding")
     chosen = backends.resolve(backend, OP, x)
-    if chosen == "torch":
-        if (scale is None) != (shift is None):
-            raise ValueError(f"{OP}: scale and shift come together (the BatchNorm applied to x)")
+    if chosen == "torch":  # the op's checks of the extras (a residual must not broadcast), then PyTorch's ops
+        checks.check_max_pool2d_extras(OP, x, scale, shift, None, ())
         if scale is not None:
             x = batchnorm.apply_scale_shift(x, scale, shift)
         out = F.max_pool2d(x, kernel, step, pad, ceil_mode=ceil_mode)
-        return out if residual is None else out + residual
+        if residual is None:
+            return out
+        checks.check_like(OP, "residual", residual, out.shape, x)
+        return out + residual
     # The codes are written only where autograd will need them (the op's Autograd kernel saves them either way).
     save_argmax = torch.is_grad_enabled() and x.requires_grad
     extras = {k: v for k, v in (("scale", scale), ("shift", shift), ("residual", residual)) if v is not None}
