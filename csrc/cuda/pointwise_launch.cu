@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "cuda/shared_memory_opt_in.h"
 #include "kernels/pointwise_gemm.cuh"
 #include "kernels/pointwise_gemm_params.h"
 #include "kernels/separable_wgmma.cuh"
@@ -18,11 +19,7 @@ cudaError_t launch_config(const PointwiseGemmParams& p, cudaStream_t stream) {
   constexpr PointwiseGemmConfig c = kPointwiseConfigs[kConfig];
   constexpr int kBytes = pointwise_smem_bytes(c);
   auto kernel = kernels::pointwise_wgmma_kernel<T, c.n, c.stages, c.in_flight, pointwise_min_blocks(c)>;
-  // More than 48 KB of dynamic shared memory needs the opt-in, once per kernel (per process: the attribute holds
-  // for every device).
-  static const cudaError_t opt_in =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
-  if (opt_in != cudaSuccess) return opt_in;
+  if (const cudaError_t err = opt_in_shared_memory(kernel, kBytes); err != cudaSuccess) return err;
   const int64_t blocks = pointwise_m_tiles(p) * pointwise_n_tiles(p, c.n);
   kernel<<<static_cast<unsigned int>(blocks), kPwThreads, kBytes, stream>>>(p);
   return cudaGetLastError();
@@ -30,7 +27,7 @@ cudaError_t launch_config(const PointwiseGemmParams& p, cudaStream_t stream) {
 
 template <typename T>
 cudaError_t launch_typed(const PointwiseGemmParams& p, PointwiseGemmConfig config, cudaStream_t stream) {
-  static_assert(kPointwiseConfigCount == 5, "one case per configuration");
+  static_assert(kPointwiseConfigCount == 7, "one case per configuration");
   auto is = [&](int i) {
     const PointwiseGemmConfig& c = kPointwiseConfigs[i];
     return c.n == config.n && c.stages == config.stages && c.in_flight == config.in_flight;
@@ -40,6 +37,8 @@ cudaError_t launch_typed(const PointwiseGemmParams& p, PointwiseGemmConfig confi
   if (is(2)) return launch_config<T, 2>(p, stream);
   if (is(3)) return launch_config<T, 3>(p, stream);
   if (is(4)) return launch_config<T, 4>(p, stream);
+  if (is(5)) return launch_config<T, 5>(p, stream);
+  if (is(6)) return launch_config<T, 6>(p, stream);
   return cudaErrorInvalidValue;
 }
 
@@ -47,9 +46,7 @@ template <typename T, int kN, int kK>
 cudaError_t launch_fused(const SeparableWgmmaParams& p, int sms, cudaStream_t stream) {
   constexpr int kBytes = separable_wgmma_smem_bytes(kN, kK);
   auto kernel = kernels::separable_wgmma_kernel<T, kN, kK>;
-  static const cudaError_t opt_in =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
-  if (opt_in != cudaSuccess) return opt_in;
+  if (const cudaError_t err = opt_in_shared_memory(kernel, kBytes); err != cudaSuccess) return err;
   const int64_t tiles = pointwise_m_tiles(p.pw);
   const int64_t blocks = tiles < sms ? tiles : sms;  // persistent: one per SM, walking the tiles
   kernel<<<static_cast<unsigned int>(blocks), kPwThreads, kBytes, stream>>>(p);
@@ -65,9 +62,8 @@ cudaError_t launch_fused_typed(const SeparableWgmmaParams& p, int sms, cudaStrea
 
 template <typename T>
 cudaError_t launch_wgrad(const PointwiseWgradParams& p, int64_t blocks, cudaStream_t stream) {
-  static const cudaError_t opt_in = cudaFuncSetAttribute(
-      kernels::pointwise_wgrad_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, pointwise_wgrad_smem_bytes());
-  if (opt_in != cudaSuccess) return opt_in;
+  const cudaError_t err = opt_in_shared_memory(kernels::pointwise_wgrad_kernel<T>, pointwise_wgrad_smem_bytes());
+  if (err != cudaSuccess) return err;
   kernels::pointwise_wgrad_kernel<T>
       <<<static_cast<unsigned int>(blocks), kPwThreads, pointwise_wgrad_smem_bytes(), stream>>>(p);
   return cudaGetLastError();

@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include "cuda/instance_entries.h"
+#include "cuda/shared_memory_opt_in.h"
 #include "kernels/separable.cuh"
 #include "kernels/separable_params.h"
 
@@ -39,10 +40,8 @@ cudaError_t launch_forward_kernel(const SeparableParams& p, int groups, cudaStre
   } else {
     if (p.run_tiles) return cudaErrorInvalidValue;  // only the mma.sync path is built for run tiles
   }
-  if (smem.total > 48 * 1024) {  // above the default limit, a kernel must opt in
-    const cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem.total));
-    if (err != cudaSuccess) return err;
+  if (const cudaError_t err = opt_in_shared_memory(kernel, static_cast<int>(smem.total)); err != cudaSuccess) {
+    return err;
   }
   const dim3 grid(static_cast<unsigned int>(separable_pixel_tiles(p)),
                   static_cast<unsigned int>(groups));

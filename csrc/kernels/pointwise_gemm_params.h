@@ -39,7 +39,7 @@ constexpr int kPwTileK = 64;
 constexpr int kPwAPitch = kPwTileK + 8;  // elements per A row in shared memory: ldmatrix's 8 rows hit 8 bank groups
 constexpr int kPwABytes = kPwTileM * kPwAPitch * 2;
 
-// One build of the kernel: kN output channels per block (64, 128 or 256), a ring of `stages` stages, and
+// One build of the kernel: kN output channels per block (64, 128, 192 or 256), a ring of `stages` stages, and
 // `in_flight` (0 or 1) groups of wgmma left running while the next stage's are issued. The prefetch distance is
 // stages - 1 - in_flight: a stage is refilled only once every warpgroup's products that read it are done.
 struct PointwiseGemmConfig {
@@ -57,7 +57,7 @@ XO_HOST_DEVICE constexpr int pointwise_epilogue_bytes(int n) {
   return kPwTileM * pointwise_out_pitch(n) * 2 + 2 * 8 * n * 4;
 }
 XO_HOST_DEVICE constexpr bool pointwise_config_ok(PointwiseGemmConfig c) {
-  return (c.n == 64 || c.n == 128 || c.n == 256) && (c.in_flight == 0 || c.in_flight == 1) &&
+  return (c.n == 64 || c.n == 128 || c.n == 192 || c.n == 256) && (c.in_flight == 0 || c.in_flight == 1) &&
          c.stages - 1 - c.in_flight >= 1 && c.stages <= 6 && pointwise_epilogue_bytes(c.n) <= pointwise_smem_bytes(c);
 }
 // Blocks per SM the shared memory allows (228 KB per SM on Hopper, 1 KB of it reserved per block), capped at 2:
@@ -67,7 +67,12 @@ XO_HOST_DEVICE constexpr int pointwise_min_blocks(PointwiseGemmConfig c) {
 }
 // The builds the launcher holds (pointwise_launch.cu); the first is the default. Named "NxSTAGESxIN_FLIGHT"
 // (XCEPTION_OPS_WGMMA_CONFIG=128x4x1), so that one GPU run can time them all.
-constexpr PointwiseGemmConfig kPointwiseConfigs[] = {{128, 3, 0}, {128, 4, 1}, {256, 4, 0}, {256, 4, 1}, {64, 4, 1}};
+// The 192-wide builds are for the tail of the last round of blocks (wave quantization): at Xception's 728 output
+// channels and 11552 pixels (728 -> 728 @19^2, 25 of its 34 layers) a 128-wide tile at two blocks per SM and a
+// 256-wide one at one block make 546 and 273 tiles, 2.07 rounds of the H100's 132 SMs, so 3 rounds of which the
+// last is 7% full; 192 wide, 364 tiles fill 2.76 rounds, and each of the 3 rounds is 3/4 of the work per SM.
+constexpr PointwiseGemmConfig kPointwiseConfigs[] = {{128, 3, 0}, {128, 4, 1}, {256, 4, 0}, {256, 4, 1}, {64, 4, 1},
+                                                     {192, 4, 0}, {192, 4, 1}};
 constexpr int kPointwiseConfigCount = sizeof(kPointwiseConfigs) / sizeof(kPointwiseConfigs[0]);
 
 // A build's name, "NxSTAGESxIN_FLIGHT" ("128x3x0"): written into `buf`, returned.

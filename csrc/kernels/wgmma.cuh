@@ -81,6 +81,7 @@ __device__ __forceinline__ void wgmma_ss_mn(float (&d)[kN / 2], uint64_t a_desc,
       "+f"(d[o + 7])
 #define XO_ACC32 XO_ACC8(0), XO_ACC8(8), XO_ACC8(16), XO_ACC8(24)
 #define XO_ACC64 XO_ACC32, XO_ACC8(32), XO_ACC8(40), XO_ACC8(48), XO_ACC8(56)
+#define XO_ACC96 XO_ACC64, XO_ACC8(64), XO_ACC8(72), XO_ACC8(80), XO_ACC8(88)
 #define XO_ACC128 \
   XO_ACC64, XO_ACC8(64), XO_ACC8(72), XO_ACC8(80), XO_ACC8(88), XO_ACC8(96), XO_ACC8(104), XO_ACC8(112), XO_ACC8(120)
 #define XO_REGS32 \
@@ -89,9 +90,10 @@ __device__ __forceinline__ void wgmma_ss_mn(float (&d)[kN / 2], uint64_t a_desc,
 #define XO_REGS64 XO_REGS32 ", " \
   "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
   "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-#define XO_REGS128 XO_REGS64 ", " \
+#define XO_REGS96 XO_REGS64 ", " \
   "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
-  "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, " \
+  "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95"
+#define XO_REGS128 XO_REGS96 ", " \
   "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, " \
   "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
 
@@ -119,12 +121,16 @@ XO_WGMMA_RS(64, "bf16", true, XO_REGS32, XO_ACC32, "{%32, %33, %34, %35}, %36")
 XO_WGMMA_RS(64, "f16", false, XO_REGS32, XO_ACC32, "{%32, %33, %34, %35}, %36")
 XO_WGMMA_RS(128, "bf16", true, XO_REGS64, XO_ACC64, "{%64, %65, %66, %67}, %68")
 XO_WGMMA_RS(128, "f16", false, XO_REGS64, XO_ACC64, "{%64, %65, %66, %67}, %68")
+XO_WGMMA_RS(192, "bf16", true, XO_REGS96, XO_ACC96, "{%96, %97, %98, %99}, %100")
+XO_WGMMA_RS(192, "f16", false, XO_REGS96, XO_ACC96, "{%96, %97, %98, %99}, %100")
 XO_WGMMA_RS(256, "bf16", true, XO_REGS128, XO_ACC128, "{%128, %129, %130, %131}, %132")
 XO_WGMMA_RS(256, "f16", false, XO_REGS128, XO_ACC128, "{%128, %129, %130, %131}, %132")
 XO_WGMMA_SS(wgmma_ss, 64, "bf16", true, XO_REGS32, XO_ACC32, "%32, %33", "0, 0")
 XO_WGMMA_SS(wgmma_ss, 64, "f16", false, XO_REGS32, XO_ACC32, "%32, %33", "0, 0")
 XO_WGMMA_SS(wgmma_ss, 128, "bf16", true, XO_REGS64, XO_ACC64, "%64, %65", "0, 0")
 XO_WGMMA_SS(wgmma_ss, 128, "f16", false, XO_REGS64, XO_ACC64, "%64, %65", "0, 0")
+XO_WGMMA_SS(wgmma_ss, 192, "bf16", true, XO_REGS96, XO_ACC96, "%96, %97", "0, 0")
+XO_WGMMA_SS(wgmma_ss, 192, "f16", false, XO_REGS96, XO_ACC96, "%96, %97", "0, 0")
 XO_WGMMA_SS(wgmma_ss, 256, "bf16", true, XO_REGS128, XO_ACC128, "%128, %129", "0, 0")
 XO_WGMMA_SS(wgmma_ss, 256, "f16", false, XO_REGS128, XO_ACC128, "%128, %129", "0, 0")
 XO_WGMMA_SS(wgmma_ss_mn, 128, "bf16", true, XO_REGS64, XO_ACC64, "%64, %65", "1, 1")
@@ -133,9 +139,11 @@ XO_WGMMA_SS(wgmma_ss_mn, 128, "f16", false, XO_REGS64, XO_ACC64, "%64, %65", "1,
 #undef XO_WGMMA_SS
 #undef XO_WGMMA_RS
 #undef XO_REGS128
+#undef XO_REGS96
 #undef XO_REGS64
 #undef XO_REGS32
 #undef XO_ACC128
+#undef XO_ACC96
 #undef XO_ACC64
 #undef XO_ACC32
 #undef XO_ACC8
