@@ -86,10 +86,11 @@ Tensor mid_affine(const char* op, const Tensor& d, const OptTensor& scale, const
 Tensor mid_activation(const Tensor& pre, MidActivation mid);
 
 // Whether XCEPTION_OPS_SEPARABLE_STAGED_GEMM=wgmma asks for Hopper's wgmma GEMM (kernels/pointwise_gemm.cuh) in the
-// staged forward's product and the backward's grad_mid, and the build XCEPTION_OPS_WGMMA_CONFIG names (an error
-// naming `op` where it names none); both read at each call (csrc/cuda/separable_backend.cpp).
+// staged forward's product and the backward's grad_mid, and the build XCEPTION_OPS_WGMMA_CONFIG names for an
+// m x n product ("auto": pick_pointwise_config's; an error naming `op` where it names none); both read at each call
+// (csrc/cuda/separable_backend.cpp).
 bool wgmma_gemm_requested();
-PointwiseGemmConfig wgmma_gemm_config(const char* op);
+PointwiseGemmConfig wgmma_gemm_config(const char* op, int64_t m, int32_t n);
 
 // Its backward (csrc/cuda/separable_backward_backend.cpp), with the contract of
 // reference::separable_conv2d_backward: the gradients of (x, dw_weight, pw_weight, in_scale, in_shift, mid_scale,

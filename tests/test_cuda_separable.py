@@ -524,6 +524,23 @@ def test_staged_wgmma_gemm_runs_and_repeats(monkeypatch):
                      "pointwise_wgmma_kernel")
 
 
+@WGMMA_SKIP
+def test_staged_wgmma_auto_config_picks_by_the_busiest_sm(monkeypatch):
+    """XCEPTION_OPS_WGMMA_CONFIG=auto at the middle flow's product (batch 32, 728 channels at 19^2: 91 tiles of 128
+    pixels): the build whose busiest SM gets the least work runs (kernels/pointwise_gemm_params.h,
+    pick_pointwise_config: ceil(tiles / SMs) x the tile width, ties to the earlier of 128, 256, 192), and is right.
+    On 132 SMs (H100 SXM, H200) that is the 192-wide build; on 114 (H100 PCIe) the 128-wide one."""
+    monkeypatch.setenv("XCEPTION_OPS_SEPARABLE_STAGED_GEMM", "wgmma")
+    monkeypatch.setenv("XCEPTION_OPS_WGMMA_CONFIG", "auto")
+    sms = torch.cuda.get_device_properties(DEV).multi_processor_count
+    m_tiles = -(-32 * 19 * 19 // 128)
+    widths = (128, 256, 192)
+    cost = {w: -(-(m_tiles * -(-728 // w)) // sms) * w for w in widths}
+    width = min(widths, key=lambda w: (cost[w], widths.index(w)))
+    runs_and_repeats((32, 728, 728, 19, 19, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)), OPTIONS[5],
+                     f"pointwise_wgmma_kernel<__nv_bfloat16, {width}, ")
+
+
 # ---- the backward (csrc/cuda/separable_backward_backend.cpp, kernels/separable_backward.cuh) ----
 
 BACKWARD_OPTIONS = [

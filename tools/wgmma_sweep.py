@@ -1,6 +1,7 @@
 """Time the cuda backend's separable forward with its product on each build of Hopper's wgmma GEMM, and the fused
 wgmma forward, against the default staged form, over Xception's ten layer shapes: the sweep that picks
-kernels/pointwise_gemm_params.h's default configuration (kPointwiseConfigs) and decides whether the wgmma forms
+kernels/pointwise_gemm_params.h's default configuration (kPointwiseConfigs; "auto", pick_pointwise_config's choice
+per shape, is timed beside the builds) and decides whether the wgmma forms
 become the defaults (the fused one applies up to 128 depthwise channels; elsewhere its column is the staged form's).
 
     python tools/wgmma_sweep.py [--configs 128x3x0 128x4x1 ...] [--dtype bfloat16] [--batch 32] [--json FILE]
@@ -49,7 +50,7 @@ def main() -> None:
     variables = ("XCEPTION_OPS_SEPARABLE_FORWARD", "XCEPTION_OPS_SEPARABLE_STAGED_GEMM", "XCEPTION_OPS_WGMMA_CONFIG")
     variants = ([("staged", None)] +
                 [(f"wgmma-{c}", {"XCEPTION_OPS_SEPARABLE_STAGED_GEMM": "wgmma", "XCEPTION_OPS_WGMMA_CONFIG": c})
-                 for c in (args.configs or wgmma_configs())] +
+                 for c in (args.configs or (*wgmma_configs(), "auto"))] +
                 [("fused-wgmma", {"XCEPTION_OPS_SEPARABLE_FORWARD": "wgmma"})])
 
     def set_variant(env):

@@ -169,7 +169,7 @@ bool wgmma_launch(const Tensor& mid, const Tensor& pw_weight, const SeparableOpt
   p.w = pw.data_ptr();
   if (!pointwise_gemm_ok(p)) return false;
   launch_with_statistics(p, opt, mid.options(), sum, sumsq, [&](cudaStream_t stream) {
-    return launch_pointwise_wgmma(p, dtype, wgmma_gemm_config(kForward), stream);
+    return launch_pointwise_wgmma(p, dtype, wgmma_gemm_config(kForward, p.m, p.n), stream);
   });
   return true;
 }
@@ -297,10 +297,15 @@ std::tuple<Tensor, Tensor, Tensor> staged_forward(const Tensor& x, const Tensor&
 bool wgmma_gemm_requested() { return env_is("XCEPTION_OPS_SEPARABLE_STAGED_GEMM", "wgmma"); }
 
 // XCEPTION_OPS_WGMMA_CONFIG=NxSTAGESxIN_FLIGHT picks one of its builds (kPointwiseConfigs; tools/wgmma_sweep.py
-// times them), also read at each call.
-PointwiseGemmConfig wgmma_gemm_config(const char* op) {
+// times them), =auto one per shape (pick_pointwise_config, for an m x n product), also read at each call.
+PointwiseGemmConfig wgmma_gemm_config(const char* op, int64_t m, int32_t n) {
   PointwiseGemmConfig config = kPointwiseConfigs[0];
   const char* name = std::getenv("XCEPTION_OPS_WGMMA_CONFIG");
+  if (name != nullptr && std::strcmp(name, "auto") == 0) {
+    DeviceCaps caps;
+    check_launch(op, current_device_caps(&caps));
+    return pick_pointwise_config(m, n, caps.sms);
+  }
   if (name != nullptr && *name != '\0' && !parse_pointwise_config(name, &config)) {
     std::string builds;
     char buf[32];
@@ -308,7 +313,7 @@ PointwiseGemmConfig wgmma_gemm_config(const char* op) {
       builds += (builds.empty() ? "" : ", ") + std::string(pointwise_config_name(c, buf));
     }
     XO_CHECK_VALUE(false, op, ": XCEPTION_OPS_WGMMA_CONFIG=", name, " names none of the builds of Hopper's ",
-                   "GEMM (NxSTAGESxIN_FLIGHT: ", builds, ")");
+                   "GEMM (NxSTAGESxIN_FLIGHT: ", builds, "; or auto)");
   }
   return config;
 }

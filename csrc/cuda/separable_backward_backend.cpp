@@ -184,7 +184,7 @@ SeparableGrads separable_conv2d_backward(
     p.n = static_cast<int32_t>(K);
     p.k = static_cast<int32_t>(C);
     if (pointwise_gemm_ok(p)) {
-      check_launch(kBackward, launch_pointwise_wgmma(p, dtype, wgmma_gemm_config(kBackward), stream));
+      check_launch(kBackward, launch_pointwise_wgmma(p, dtype, wgmma_gemm_config(kBackward, p.m, p.n), stream));
       grad_mid = result;
     }
   }

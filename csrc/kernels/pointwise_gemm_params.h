@@ -75,6 +75,30 @@ constexpr PointwiseGemmConfig kPointwiseConfigs[] = {{128, 3, 0}, {128, 4, 1}, {
                                                      {192, 4, 0}, {192, 4, 1}};
 constexpr int kPointwiseConfigCount = sizeof(kPointwiseConfigs) / sizeof(kPointwiseConfigs[0]);
 
+// XCEPTION_OPS_WGMMA_CONFIG=auto picks among these per shape (pick_pointwise_config): one build per tile width,
+// with a group in flight where one block runs per SM (no second block to hide its waits).
+constexpr PointwiseGemmConfig kPointwiseAutoCandidates[] = {{128, 3, 0}, {256, 4, 1}, {192, 4, 1}};
+
+// The candidate that gives the busiest SM the least work: its tiles spread evenly, ceil(tiles / sms) of them on
+// it, times the tile width (two blocks on one SM share its tensor cores, so their tiles count one after the other).
+// Ties go to the earlier candidate (the default first). A model of tensor-core-bound blocks, to be checked
+// against tools/wgmma_sweep.py's timings.
+XO_HOST_DEVICE inline PointwiseGemmConfig pick_pointwise_config(int64_t m, int32_t n, int sms) {
+  const int64_t m_tiles = (m + kPwTileM - 1) / kPwTileM;
+  const int64_t spread = sms > 0 ? sms : 1;
+  PointwiseGemmConfig best = kPointwiseAutoCandidates[0];
+  int64_t best_cost = -1;
+  for (const PointwiseGemmConfig& c : kPointwiseAutoCandidates) {
+    const int64_t tiles = m_tiles * ((n + c.n - 1) / c.n);
+    const int64_t cost = (tiles + spread - 1) / spread * c.n;
+    if (best_cost < 0 || cost < best_cost) {
+      best = c;
+      best_cost = cost;
+    }
+  }
+  return best;
+}
+
 // A build's name, "NxSTAGESxIN_FLIGHT" ("128x3x0"): written into `buf`, returned.
 inline const char* pointwise_config_name(PointwiseGemmConfig c, char (&buf)[32]) {
   std::snprintf(buf, sizeof(buf), "%dx%dx%d", c.n, c.stages, c.in_flight);

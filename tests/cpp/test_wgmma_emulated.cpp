@@ -210,6 +210,24 @@ TEST_CASE(pointwise_configs_parse_and_fit) {
     EXPECT(pointwise_smem_bytes(k) + 1024 <= 228 * 1024);  // Hopper's shared memory per block
   }
   EXPECT(pointwise_min_blocks(kPointwiseConfigs[0]) == 2);  // the default: two blocks per SM
+  for (const PointwiseGemmConfig& a : kPointwiseAutoCandidates) {  // "auto" picks only builds the launcher holds
+    EXPECT(parse_pointwise_config(pointwise_config_name(a, buf), &c));
+  }
+}
+
+// XCEPTION_OPS_WGMMA_CONFIG=auto on Xception's products (batch 32, 132 SMs: benchmarks/RESULTS.md, session 19).
+TEST_CASE(pointwise_auto_config_follows_the_busiest_sm) {
+  auto width = [](int64_t m, int32_t n, int sms) { return pick_pointwise_config(m, n, sms).n; };
+  EXPECT(width(32 * 19 * 19, 728, 132) == 192);    // 3 tiles of 192 on the busiest SM, against 5 of 128, 3 of 256
+  EXPECT(width(32 * 10 * 10, 1536, 132) == 128);   // 3 of 128 and 2 of 192 tie: the default
+  EXPECT(width(32 * 19 * 19, 1024, 132) == 128);   // 192 wide would put 5 tiles on an SM
+  EXPECT(width(32 * 37 * 37, 728, 132) == 128);    // 16 of 128 and 8 of 256 tie
+  EXPECT(width(32 * 147 * 147, 128, 132) == 128);  // wider tiles would be half empty
+  EXPECT(width(32 * 10 * 10, 2048, 132) == 128);
+  EXPECT(width(1, 8, 132) == 128);                 // one tile: the narrowest
+  EXPECT(width(32 * 19 * 19, 728, 0) == 128);      // no SM count (never from a device): every width ties on one SM
+  EXPECT(width(32 * 19 * 19, 728, 128) == 192);
+  EXPECT(width(32 * 19 * 19, 728, 300) == 128);    // 2 of 128 (256 channels) against 2 of 192 (384)
 }
 
 // ---- the fused forward (kernels/separable_wgmma.cuh) ----
