@@ -196,15 +196,30 @@ struct PointwiseWgradParams {
 constexpr int kWgradTile = 128;   // a block's rows and columns of the product
 constexpr int kWgradStages = 3;  // 96 KB of ring: two blocks per SM
 XO_HOST_DEVICE constexpr int pointwise_wgrad_smem_bytes() { return kWgradStages * 2 * kPwTileK * kWgradTile * 2; }
-// The splits for `sms` multiprocessors: two blocks per SM over the output tiles, at most 64 (one level of
-// launch_reduce_rows), each at least 4 stages of pixels.
+// The splits for `sms` multiprocessors, about two blocks per SM over the output tiles: of the counts just below
+// and just above that, the one whose busiest SM sums the fewest stages of pixels (its blocks x stages per split;
+// ties to fewer splits, fewer partials to sum). 8 splits of the 36 tiles of Xception's 728 x 728 weight made 288
+// blocks for the H100's 264 places, so 24 SMs ran three blocks of 23 stages (69) where 7 splits run two of 26 (52)
+// on each. At most 64 splits (one level of launch_reduce_rows) unless the output has so few tiles that 64 would
+// leave SMs idle (the entry flow's 128 x 64 weight is one tile: 64 blocks on 132 SMs), then a block per SM, whose
+// partials are small; each split at least 4 stages of pixels.
 inline void pointwise_wgrad_plan(PointwiseWgradParams& p, int sms) {
   const int64_t tiles = ((p.rows + kWgradTile - 1) / kWgradTile) * ((p.cols + kWgradTile - 1) / kWgradTile);
   const int64_t stages = (p.pixels + kPwTileK - 1) / kPwTileK;
-  int64_t splits = (2 * static_cast<int64_t>(sms) + tiles - 1) / tiles;
-  if (splits > stages / 4) splits = stages / 4;
-  if (splits > 64) splits = 64;
-  if (splits < 1) splits = 1;
+  const int64_t multiprocessors = sms > 0 ? sms : 1;
+  const int64_t cap = tiles * 64 < multiprocessors ? (multiprocessors + tiles - 1) / tiles : 64;
+  auto clamp = [&](int64_t s) {
+    if (s > cap) s = cap;
+    if (s > stages / 4) s = stages / 4;
+    return s < 1 ? int64_t{1} : s;
+  };
+  auto busiest = [&](int64_t s) {  // stages summed by the SM with the most blocks
+    const int64_t per = (stages + s - 1) / s;
+    const int64_t blocks = tiles * ((stages + per - 1) / per);
+    return (blocks + multiprocessors - 1) / multiprocessors * per;
+  };
+  const int64_t below = clamp(2 * multiprocessors / tiles), above = clamp((2 * multiprocessors + tiles - 1) / tiles);
+  const int64_t splits = busiest(above) < busiest(below) ? above : below;
   const int64_t per = (stages + splits - 1) / splits;
   p.split_pixels = per * kPwTileK;
   p.splits = static_cast<int32_t>((p.pixels + p.split_pixels - 1) / p.split_pixels);

@@ -434,7 +434,29 @@ const WgradCase kWgradCases[] = {
     {1000, 128, 256, 128, 256, 2},
     {65, 8, 8, 8, 8, 1},
     {2000, 64, 64, 64, 64, 8},  // eight splits, the last one partial
+    {17920, 8, 8, 8, 8, 70},    // one tile on 70 SMs: 70 splits, past the 64 of one reduction level
 };
+
+// The plan's splits (session 19): about two blocks per SM, the count below or above that whose busiest SM sums the
+// fewest stages; a block per SM at least where 64 splits would leave SMs idle.
+TEST_CASE(pointwise_wgrad_plan_fills_the_sms) {
+  auto splits = [](int64_t pixels, int32_t rows, int32_t cols, int sms) {
+    PointwiseWgradParams p;
+    p.pixels = pixels, p.rows = rows, p.cols = cols;
+    pointwise_wgrad_plan(p, sms);
+    EXPECT(p.split_pixels % kPwTileK == 0 && p.split_pixels * p.splits >= p.pixels &&
+           p.split_pixels * (p.splits - 1) < p.pixels);  // every split holds pixels
+    return p.splits;
+  };
+  EXPECT(splits(32 * 19 * 19, 728, 728, 132) == 7);     // 36 tiles: 252 blocks for 264 places (8 made 288)
+  EXPECT(splits(32 * 19 * 19, 1024, 728, 132) == 5);    // 48 tiles: 240 blocks (6 made 288)
+  EXPECT(splits(32 * 147 * 147, 128, 64, 132) == 132);  // one tile: a block per SM (64 left 68 SMs idle)
+  EXPECT(splits(32 * 74 * 74, 256, 128, 132) == 66);    // two tiles: 132 blocks
+  EXPECT(splits(32 * 10 * 10, 2048, 1536, 132) == 2);   // 192 tiles: 3 blocks of 25 stages beat 2 of 50
+  EXPECT(splits(32 * 10 * 10, 1536, 1024, 132) == 2);   // 96 tiles: 2 blocks of 25 stages, 3 of 17 (51) with 3
+  EXPECT(splits(2 * 19 * 19, 728, 728, 132) == 3);      // 12 stages: at least 4 per split
+  EXPECT(splits(64, 8, 8, 0) == 1);                     // no SM count (never from a device)
+}
 
 TEST_CASE(pointwise_wgrad) {
   uint32_t seed = 11;
