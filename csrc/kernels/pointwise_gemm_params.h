@@ -68,9 +68,9 @@ XO_HOST_DEVICE constexpr int pointwise_min_blocks(PointwiseGemmConfig c) {
 // The builds the launcher holds (pointwise_launch.cu); the first is the default. Named "NxSTAGESxIN_FLIGHT"
 // (XCEPTION_OPS_WGMMA_CONFIG=128x4x1), so that one GPU run can time them all.
 // The 192-wide builds are for the tail of the last round of blocks (wave quantization): at Xception's 728 output
-// channels and 11552 pixels (728 -> 728 @19^2, 25 of its 34 layers) a 128-wide tile at two blocks per SM and a
-// 256-wide one at one block make 546 and 273 tiles, 2.07 rounds of the H100's 132 SMs, so 3 rounds of which the
-// last is 7% full; 192 wide, 364 tiles fill 2.76 rounds, and each of the 3 rounds is 3/4 of the work per SM.
+// channels and 11552 pixels (728 -> 728 @19^2, 25 of its 34 layers) 128-wide tiles make 546 blocks, 5 on some of
+// the H100's 132 SMs (640 channels of work), 256-wide ones 273, 3 on some (768), and 192-wide ones 364, at most 3
+// (576).
 constexpr PointwiseGemmConfig kPointwiseConfigs[] = {{128, 3, 0}, {128, 4, 1}, {256, 4, 0}, {256, 4, 1}, {64, 4, 1},
                                                      {192, 4, 0}, {192, 4, 1}};
 constexpr int kPointwiseConfigCount = sizeof(kPointwiseConfigs) / sizeof(kPointwiseConfigs[0]);
@@ -83,7 +83,7 @@ constexpr PointwiseGemmConfig kPointwiseAutoCandidates[] = {{128, 3, 0}, {256, 4
 // it, times the tile width (two blocks on one SM share its tensor cores, so their tiles count one after the other).
 // Ties go to the earlier candidate (the default first). A model of tensor-core-bound blocks, to be checked
 // against tools/wgmma_sweep.py's timings.
-XO_HOST_DEVICE inline PointwiseGemmConfig pick_pointwise_config(int64_t m, int32_t n, int sms) {
+inline PointwiseGemmConfig pick_pointwise_config(int64_t m, int32_t n, int sms) {
   const int64_t m_tiles = (m + kPwTileM - 1) / kPwTileM;
   const int64_t spread = sms > 0 ? sms : 1;
   PointwiseGemmConfig best = kPointwiseAutoCandidates[0];
