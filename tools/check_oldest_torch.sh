@@ -5,7 +5,8 @@
 # build step of a GPU session's few minutes.
 #   tools/check_oldest_torch.sh [WORK_DIR]     (default: /tmp/xo-oldest; ~3.5 GB of packages, ~15 min on 2 cores)
 # The environment (WORK_DIR/venv) is kept between runs; the checkout's tracked and untracked, not ignored, files are
-# copied to WORK_DIR/src, built there (incrementally) and tested with TESTS (default: tests benchmarks).
+# copied to WORK_DIR/src (those that changed since the last run), built there (incrementally) and tested with TESTS
+# (default: tests benchmarks).
 # numpy stays below 2.4: triton 3.6's interpreter converts 1-element arrays to int, which numpy 2.4 refuses
 # (triton-lang/triton#9171).
 set -euo pipefail
@@ -27,8 +28,18 @@ if [ ! -f "$venv/.ready-$TORCH_VERSION-$TRITON_VERSION" ]; then
 fi
 "$venv/bin/python" -c "import torch, triton, numpy; print('torch', torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__)"
 
-mkdir -p "$src"
-git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf - | tar -xf - -C "$src"
+# The checkout goes to a staging folder first; into $src go only the files whose content changed (with a new mtime:
+# the build stays incremental and never keeps an object older than its source), and files it no longer has leave.
+stage="$work/stage"
+rm -rf "$stage"
+mkdir -p "$stage" "$src"
+git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf - | tar -xf - -C "$stage"
+(cd "$src" && find . -path ./build -prune -o -type f ! -name '*.so' -print) | while IFS= read -r f; do
+  [ -e "$stage/$f" ] || rm -f "$src/$f"
+done
+(cd "$stage" && find . -type f -print) | while IFS= read -r f; do
+  cmp -s "$stage/$f" "$src/$f" || { mkdir -p "$src/$(dirname "$f")" && cp "$stage/$f" "$src/$f"; }
+done
 cd "$src"
 CUDA_HOME="${CUDA_HOME:-$(command -v nvcc >/dev/null && nvcc --dryrun -c -x cu /dev/null -o /dev/null 2>&1 \
     | sed -n 's/^#\$ TOP=//p' | head -n1 | xargs -r realpath)}"
