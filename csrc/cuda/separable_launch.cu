@@ -6,12 +6,9 @@
 #include <cuda_runtime.h>
 
 #include <climits>
-#include <map>
 #include <mutex>
-#include <utility>
 
 #include "cuda/instance_entries.h"
-#include "cuda/shared_memory_opt_in.h"
 #include "kernels/separable_params.h"
 
 namespace xception_ops {
@@ -60,22 +57,6 @@ cudaError_t launch_separable_forward(const SeparableParams& p, DType dtype, Poin
   // The per-tile rows of sums of y, then of y^2, summed in a fixed order (the workspace holds the scratch rows).
   return launch_reduce_rows(p.stats_partial, separable_pixel_tiles(p), 2 * g.out_channels,
                             g.out_channels, sum, sumsq, stream);
-}
-
-cudaError_t opt_in_shared_memory(const void* kernel, int bytes) {
-  constexpr int kDefaultLimit = 48 * 1024;  // what every kernel may use without the opt-in
-  if (bytes <= kDefaultLimit) return cudaSuccess;
-  int device = 0;
-  const cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  static std::mutex mutex;
-  static std::map<std::pair<const void*, int>, int> limits;  // (kernel, device) -> the limit set
-  const std::lock_guard<std::mutex> lock(mutex);
-  int& limit = limits[{kernel, device}];
-  if (bytes <= limit) return cudaSuccess;
-  const cudaError_t set = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  if (set == cudaSuccess) limit = bytes;
-  return set;
 }
 
 cudaError_t current_device_caps(DeviceCaps* caps) {
