@@ -520,3 +520,32 @@ def test_finalize_with_no_channels_still_counts_the_batch(device):
     out = OPS.batch_norm_finalize(empty, empty, 4, None, None, 1e-5, backend, running_mean=empty.clone(),
                                   running_var=empty.clone(), num_batches_tracked=tracked, momentum=0.1)
     assert all(t.shape == (0,) for t in out) and int(tracked) == 6
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, requires_gpu])])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("which", ["both", "sum", "sumsq"])
+def test_channel_moments_and_their_gradient_against_float64(device, dtype, layout, which):
+    """The mid BatchNorm's statistics (one pass over y each way with the library): sums in float32, and
+    grad_y = grad_sum + 2 y grad_sumsq rounded once to y's dtype, y's layout kept; a missing gradient is zero."""
+    y = torch.randn(3, 5, 7, 6, device=device).mul(3).add(1).to(dtype).contiguous(memory_format=layout)
+    y.requires_grad_()
+    total, total_sq, count = batchnorm.channel_moments(y)
+    assert count == 3 * 7 * 6 and total.dtype == total_sq.dtype == torch.float32
+    exact = y.detach().double()
+    torch.testing.assert_close(total.double(), exact.sum((0, 2, 3)), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(total_sq.double(), (exact * exact).sum((0, 2, 3)), rtol=1e-5, atol=1e-4)
+    g_sum, g_sumsq = torch.randn(5, device=device), torch.randn(5, device=device)
+    outputs = {"both": (total, total_sq), "sum": (total,), "sumsq": (total_sq,)}[which]
+    grads = {"both": (g_sum, g_sumsq), "sum": (g_sum,), "sumsq": (g_sumsq,)}[which]
+    (grad_y,) = torch.autograd.grad(outputs, y, grads)
+    want = torch.zeros_like(exact)
+    if which != "sumsq":
+        want += g_sum.double().view(1, -1, 1, 1)
+    if which != "sum":
+        want += 2 * exact * g_sumsq.double().view(1, -1, 1, 1)
+    assert grad_y.dtype == dtype and grad_y.is_contiguous(memory_format=layout)
+    # one rounding to y's dtype of a float32 value: half an ulp of each, relative to the largest term
+    ulp = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}[dtype]
+    assert (grad_y.double() - want).abs().max() <= ulp * want.abs().max() + 1e-5
