@@ -342,33 +342,35 @@ def test_inference_epilogue_is_reused_until_a_parameter_changes():
 
 # ---- training BatchNorm applied by the next layer's prologue (PendingBatchNorm) ----
 
-def _two_layers(backend):
+def _two_layers(backend, mid_batch_norm=False):
     first = SeparableConvBN(5, 6, 3, pre_relu=True, backend=backend).train()
-    second = SeparableConvBN(6, 7, 3, pre_relu=True, backend=backend).train()
-    for bn in (first.bn, second.bn):
+    second = SeparableConvBN(6, 7, 3, pre_relu=True, mid_batch_norm=mid_batch_norm, backend=backend).train()
+    for bn in (first.bn, second.bn) + ((second.mid_bn,) if mid_batch_norm else ()):
         nn.init.uniform_(bn.weight, 0.5, 1.5)
         nn.init.uniform_(bn.bias, -0.5, 0.5)
     return first, second
 
 
-@pytest.mark.parametrize("backend", ["torch", "auto"])
-def test_a_deferred_batch_norm_gives_the_same_output_and_gradients(backend):
+@pytest.mark.parametrize("backend, mid_batch_norm", [("torch", False), ("auto", False), ("torch", True)])
+def test_a_deferred_batch_norm_gives_the_same_output_and_gradients(backend, mid_batch_norm):
     """defer_bn hands the BatchNorm to the next layer ("torch": applied in the fused op's prologue; "auto" on a
     CPU: the unfused layers apply it first); outputs, gradients and running statistics match the applied path.
     In float64: the same mathematics in another order (in float32 both paths are ~3e-4 from float64 in these
-    gradients, which two training BatchNorms make ill-conditioned)."""
+    gradients, which two training BatchNorms make ill-conditioned). With a mid BatchNorm in the next layer, its
+    statistics' own depthwise pass takes the pending BatchNorm and the ReLU too."""
     x = torch.randn(3, 5, 9, 8, dtype=torch.float64, requires_grad=True)
     results = []
     for defer in (False, True):
         torch.manual_seed(0)
-        first, second = (m.double() for m in _two_layers(backend))
+        first, second = (m.double() for m in _two_layers(backend, mid_batch_norm))
         mid = first(x, defer_bn=defer)
         if backend == "torch":
             assert isinstance(mid, PendingBatchNorm) == defer
         out = second(mid)
         grads = torch.autograd.grad(out.square().sum(), (x, first.depthwise.weight, first.bn.weight,
                                                          second.pointwise.weight))
-        results.append((out, *grads, first.bn.running_var.clone()))
+        results.append((out, *grads, first.bn.running_var.clone())
+                       + ((second.mid_bn.running_var.clone(),) if mid_batch_norm else ()))
     for a, b in zip(*results):
         assert relative_error(b, a) <= 1e-10
 

@@ -248,9 +248,10 @@ class SeparableConvBN(nn.Module):
         """Training's mid BatchNorm as (mid_scale, mid_shift) on the depthwise result: its batch statistics from one
         depthwise pass of their own (the fused op needs them before it starts), the running statistics updated as
         nn.BatchNorm2d does. Differentiable: the gradients of the statistics flow back through that pass."""
-        a = x if pending is None else pending.apply()
-        if self.pre_relu:
-            a = F.relu(a)
+        if pending is not None:  # (the pending BatchNorm and the ReLU in one pass)
+            a = batchnorm.apply_scale_shift(pending.y, pending.scale, pending.shift, relu=self.pre_relu)
+        else:
+            a = F.relu(x) if self.pre_relu else x
         dw, mid_bn = self.depthwise, self.mid_bn
         # (the depthwise op autocasts as the fused op does, so d has the dtype the fused op computes in)
         d = ops.depthwise_conv2d(a, dw.weight, None, tuple(stride), tuple(padding), tuple(dilation), backend=backend)
