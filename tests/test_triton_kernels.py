@@ -873,14 +873,50 @@ def test_weight_gradients_and_statistics_are_bitwise_reproducible():
     assert torch.equal(gw, again)
 
 
-def test_fixed_order_reduction_over_many_rows():
-    """More rows than one program sums: two levels of partial sums, same bits on every run."""
-    ws = torch.randn(300, 7, device=DEVICE)
+@pytest.mark.parametrize("rows", [3, 64, 300, 9000])
+def test_fixed_order_reduction_over_many_rows(rows):
+    """One level up to 64 rows, two above (groups of more than 64 rows past 8192): the same bits on every run."""
+    ws = torch.randn(rows, 7, device=DEVICE)
     first, second = torch.empty(7, device=DEVICE), torch.empty(7, device=DEVICE)
     launch._reduce_rows(ws, first)
     launch._reduce_rows(ws, second)
     assert torch.equal(first, second)
     assert relative_error(first, ws.double().sum(0)) <= 1e-6
+
+
+@pytest.mark.parametrize("rows", [5, 300])
+def test_pair_of_sums_reduced_together_each_in_its_dtype(rows):
+    """A BatchNorm's two sums in the same launches: each plane to its own output, in that output's dtype, the
+    same values as reducing the planes one at a time; and either plane alone."""
+    ws = torch.randn(2, rows, 130, device=DEVICE)  # (130 columns: two column blocks, the second partial)
+    first = torch.full((130,), float("nan"), device=DEVICE)
+    second = torch.full((130,), float("nan"), device=DEVICE, dtype=torch.float16)
+    launch._reduce_rows(ws, first, second)
+    alone = torch.empty(130, device=DEVICE)
+    launch._reduce_rows(ws[1], alone)
+    assert torch.equal(second, alone.half())
+    launch._reduce_rows(ws[0], alone)
+    assert torch.equal(first, alone)
+    assert relative_error(first, ws[0].double().sum(0)) <= 1e-6
+    only_second = torch.full((130,), float("nan"), device=DEVICE, dtype=torch.float16)
+    launch._reduce_pair(ws, None, only_second)
+    assert torch.equal(only_second, second)
+
+
+@pytest.mark.parametrize("rows, launches", [(3, 1), (64, 1), (65, 2), (9000, 2)])
+def test_reductions_launch_at_most_twice_for_both_planes(rows, launches, monkeypatch):
+    """A pair of sums costs the launches of one: one level up to 64 rows, two above, however many rows (Triton's
+    launcher, not the kernels, bounds an eager training step: session 12's profile, ~110 us a launch)."""
+    kernel = launch._kernels().reduce_rows_kernel
+    calls = []
+    run = kernel.run
+    monkeypatch.setattr(kernel, "run", lambda *a, **k: calls.append(k["grid"]) or run(*a, **k))
+    ws = torch.randn(2, rows, 5, device=DEVICE)
+    first, second = torch.empty(5, device=DEVICE), torch.empty(5, device=DEVICE)
+    launch._reduce_rows(ws, first, second)
+    assert len(calls) == launches and all(grid[2] == 2 for grid in calls), calls
+    assert relative_error(first, ws[0].double().sum(0)) <= 1e-6
+    assert relative_error(second, ws[1].double().sum(0)) <= 1e-6
 
 
 # ---------------------------------------------------------------------------------------------- edge cases

@@ -11,7 +11,8 @@ Semantics are those of csrc/reference.cpp. Conventions shared by every kernel:
 * IDX64 (set by the launcher when a tensor spans 2^31 elements or more) makes every index int64.
 * Per-channel reductions (weight gradients, statistics, BN-parameter gradients) never use atomics: each program
   writes its partial sums to its own row of a float32 workspace, and `reduce_rows_kernel` sums the rows in a
-  fixed order. Results are bitwise reproducible for a given launch configuration.
+  fixed order, both planes of a pair of sums (a BatchNorm's two) in the same launches. Results are bitwise
+  reproducible for a given launch configuration.
 * Flags are tl.constexpr, so every option compiles away when off.
 * The separable op's mid stage: the depthwise sum d rounded to x's dtype, then, with the mid affine
   (HAS_MID_SCALE / HAS_MID_SHIFT), pre = round(fma(d, mid_scale, mid_shift)), then the mid activation MID
@@ -315,21 +316,30 @@ def _grad_y_tile(go_ptr, out_ptr, out_scale_ptr, gsum_ptr, n, oh, ow, p_mask, k,
 # ------------------------------------------------------------------------------------------------ reduction
 
 @triton.jit
-def reduce_rows_kernel(ws_ptr, out_ptr, R, COLS, ROWS_PER_PROGRAM, BLOCK_R: tl.constexpr, BLOCK_COLS: tl.constexpr):
-    """out[g, j] = sum of ws[r, j] over the rows r of group g (ROWS_PER_PROGRAM rows from g * ROWS_PER_PROGRAM),
-    ws float32 row-major [R, COLS]; always summed in the same order. Grid: (column blocks, row groups)."""
+def reduce_rows_kernel(ws_ptr, out0_ptr, out1_ptr, R, COLS, ROWS_PER_PROGRAM,
+                       BLOCK_R: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """Sums of ws[plane, r, j] over the rows r of group g (ROWS_PER_PROGRAM rows from g * ROWS_PER_PROGRAM), ws
+    float32 row-major [planes, R, COLS], always in the same order. Grid: (column blocks, row groups, planes).
+    With one row group the sums are the result: plane 0's go to out0, plane 1's to out1, each in its pointer's
+    dtype. With several, the level's partial sums go to out0 as [planes, groups, COLS] float32."""
     cols = tl.program_id(0) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     c_mask = cols < COLS
     group = tl.program_id(1).to(tl.int64)
+    plane = tl.program_id(2).to(tl.int64)
+    plane_ptr = ws_ptr + plane * R * COLS
     first = group * ROWS_PER_PROGRAM
     acc = tl.full([BLOCK_R, BLOCK_COLS], 0.0, tl.float32)
     for r0 in range(0, ROWS_PER_PROGRAM, BLOCK_R):
         local = r0 + tl.arange(0, BLOCK_R)
         rows = first + local
         mask = ((local < ROWS_PER_PROGRAM) & (rows < R))[:, None] & c_mask[None, :]
-        acc += tl.load(ws_ptr + rows[:, None] * COLS + cols[None, :], mask=mask, other=0.0)
+        acc += tl.load(plane_ptr + rows[:, None] * COLS + cols[None, :], mask=mask, other=0.0)
     total = _sum(acc, axis=0)
-    tl.store(out_ptr + group * COLS + cols, total.to(out_ptr.dtype.element_ty), mask=c_mask)
+    groups = tl.num_programs(1)
+    to_out1 = (groups == 1) & (plane == 1)  # (there is a plane 1 only with two outputs)
+    tl.store(out1_ptr + cols, total.to(out1_ptr.dtype.element_ty), mask=c_mask & to_out1)
+    tl.store(out0_ptr + (plane * groups + group) * COLS + cols, total.to(out0_ptr.dtype.element_ty),
+             mask=c_mask & ~to_out1)
 
 
 # ------------------------------------------------------------------------------------------------ depthwise

@@ -39,7 +39,8 @@ What each op launches:
   4. dw_wgrad_kernel on the buffer of pass 3, the input going through the prologue on load -> grad_dw_weight.
   5. dw_dgrad_kernel on the same buffer, with the prologue's backward fused into its epilogue (relu mask,
      partial sums for in_scale / in_shift, times in_scale) -> grad_x.
-  Every per-channel sum goes through a float32 workspace and reduce_rows_kernel: no atomics. The peak of
+  Every per-channel sum goes through a float32 workspace and reduce_rows_kernel: no atomics; one launch, two
+  where there are more than 64 partial rows, for a pair of sums (a BatchNorm's) as for one. The peak of
   transient memory: grad_y (with grad_sumsq) and one depthwise-output-sized buffer (act(dw) in passes 1-2,
   its gradient in 3), plus the float32 workspace of pass 1 or 2 (per pixel slice); pass 5's grows with the
   pixels (per tile) but grad_y is freed by then; pass 3's, with the mid affine only, too (2 floats per pixel
@@ -84,8 +85,9 @@ _MID = {None: kernels.MID_NONE, "none": kernels.MID_NONE, "relu": kernels.MID_RE
         "relu6": kernels.MID_RELU6, "hardswish": kernels.MID_HARDSWISH}
 _MAX_UNROLLED_TAPS = 49  # kernels up to 7x7 have their taps unrolled; larger ones loop
 _INDEX_LIMIT = 2**30  # int32 indexing below this span; headroom for the offsets of masked (out-of-image) taps
-_REDUCE_META = dict(BLOCK_R=8, BLOCK_COLS=128, num_warps=4)
-_REDUCE_GROUP = 64  # rows per program in each level of the fixed-order reduction
+_REDUCE_META = dict(BLOCK_COLS=128, num_warps=4)
+_REDUCE_GROUP = 64    # rows per program where one level does
+_REDUCE_GROUPS = 128  # the most row groups a first level leaves (the second sums them, one program a column block)
 
 
 # ------------------------------------------------------------------------------------------------ plumbing
@@ -192,18 +194,36 @@ def _slices(num_tiles: int, other_programs: int, device: torch.device) -> tuple[
     return _cdiv(num_tiles, per_slice), per_slice
 
 
-def _reduce_rows(ws: torch.Tensor, out: torch.Tensor) -> None:
-    """out (1-D, contiguous) = ws.sum(0) in a fixed order, ws a contiguous float32 [R, COLS]: groups of
-    _REDUCE_GROUP rows are summed in parallel, level by level, until one row is left."""
+def _reduce_rows(ws: torch.Tensor, out: torch.Tensor, second: torch.Tensor | None = None) -> None:
+    """out (1-D, contiguous) = ws.sum(0) in a fixed order, ws a contiguous float32 [R, COLS]; with `second`, ws is
+    [2, R, COLS] and second = ws[1].sum(0) too, in the same launches (a BatchNorm's pair of sums: the Triton
+    launcher's host time, tens of microseconds a launch, is what bounds an eager training step). At most two
+    levels: up to _REDUCE_GROUP rows a program in one; more, in groups of at least that many rows, then the
+    groups' sums (at most _REDUCE_GROUPS of them)."""
     K = _kernels()
-    rows, cols = ws.shape
+    planes = 1 if second is None else 2
+    rows, cols = ws.shape[-2:]
     col_blocks = _cdiv(cols, _REDUCE_META["BLOCK_COLS"])
-    while rows > _REDUCE_GROUP:
-        groups = _cdiv(rows, _REDUCE_GROUP)
-        partial = torch.empty((groups, cols), dtype=torch.float32, device=ws.device)
-        K.reduce_rows_kernel[(col_blocks, groups)](ws, partial, rows, cols, _REDUCE_GROUP, **_REDUCE_META)
+    if rows > _REDUCE_GROUP:
+        per_group = max(_REDUCE_GROUP, _cdiv(rows, _REDUCE_GROUPS))
+        groups = _cdiv(rows, per_group)
+        partial = torch.empty((planes, groups, cols), dtype=torch.float32, device=ws.device)
+        K.reduce_rows_kernel[(col_blocks, groups, planes)](ws, partial, partial, rows, cols, per_group,
+                                                           BLOCK_R=32, **_REDUCE_META)
         ws, rows = partial, groups
-    K.reduce_rows_kernel[(col_blocks, 1)](ws, out, rows, cols, max(rows, 1), **_REDUCE_META)
+    # (the weight gradients' workspaces have a few rows of many columns: 8-row blocks there)
+    K.reduce_rows_kernel[(col_blocks, 1, planes)](ws, out, _or(second, out), rows, cols, max(rows, 1),
+                                                  BLOCK_R=8 if rows <= 8 else 32, **_REDUCE_META)
+
+
+def _reduce_pair(ws: torch.Tensor, first: torch.Tensor | None, second: torch.Tensor | None) -> None:
+    """first = ws[0].sum(0) and second = ws[1].sum(0), each where given (ws float32 [2, R, COLS])."""
+    if first is not None and second is not None:
+        _reduce_rows(ws, first, second)
+    elif first is not None:
+        _reduce_rows(ws[0], first)
+    elif second is not None:
+        _reduce_rows(ws[1], second)
 
 
 def _empty_vector(x: torch.Tensor) -> torch.Tensor:
@@ -352,10 +372,7 @@ def _dgrad(g: torch.Tensor, weight: torch.Tensor, grad_x: torch.Tensor, conv, x:
             *grad_x.stride(),
             KH=kh, KW=kw, UNROLL=_unroll(kh, kw), HAS_SCALE=has_scale, HAS_SHIFT=has_shift,
             IN_RELU=prologue and in_relu, IDX64=idx64, VEC=_row_vector([g, grad_x, xs], [c, cm]), **cfg.meta(False))
-        if has_scale:
-            _reduce_rows(ws[0], grad_in_scale)
-        if has_shift:
-            _reduce_rows(ws[1], grad_in_shift)
+        _reduce_pair(ws, grad_in_scale if has_scale else None, grad_in_shift if has_shift else None)
 
     key = _key(g, weight, grad_x, xs, conv, has_scale, has_shift, in_relu)
     run(autotune.choose("dw_dgrad", key, autotune.depthwise_configs(_channels_last(g)), run))
@@ -522,8 +539,7 @@ def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.
             FROM_ACT=cfg.staged, DOT_PREC=_dot_precision(x.dtype), IDX64=idx64,
             VEC=_row_vector([x, out, residual, act, pw_weight], [cm, k_out]), **cfg.meta(True))
         if compute_stats:
-            _reduce_rows(ws[0], total)
-            _reduce_rows(ws[1], total_sq)
+            _reduce_rows(ws, total, total_sq)
 
     key = _key(x, dw_weight, pw_weight, residual, conv, in_scale is not None, in_shift is not None, in_relu, mid,
                mid_scale is not None, mid_shift is not None, out_scale is not None, out_shift is not None, out_relu,
@@ -627,10 +643,9 @@ def separable_conv2d_backward(grad_out: torch.Tensor, grad_sum: torch.Tensor | N
                 DOT_PREC=prec, IDX64=idx64,
                 VEC=_row_vector([grad_out, out, gy_buf, mid_buf, pw_weight if need_y else None], [cm, k_out]),
                 **cfg.meta(True))
-            if out_scale is not None:
-                _reduce_rows(ws[0], g_out_scale)
-            if out_shift is not None:
-                _reduce_rows(ws[1], g_out_shift)
+            if partials:
+                _reduce_pair(ws, g_out_scale if out_scale is not None else None,
+                             g_out_shift if out_shift is not None else None)
 
         key = base_key + (out_scale is not None, out_shift is not None, grad_sum is not None, write_gy)
         run_epilogue(autotune.choose("sep_bwd_epilogue", key, autotune.gemm_configs(dtype), run_epilogue))
@@ -680,10 +695,9 @@ def separable_conv2d_backward(grad_out: torch.Tensor, grad_sum: torch.Tensor | N
             _or(mid_shift, dummy), g_dw_out, ws, *geo, *x_args, *gy_src[4:], *g_dw_out.stride(), **gy_flags,
             **flags_in, HAS_MID_SCALE=mid_scale is not None, HAS_MID_SHIFT=mid_shift is not None,
             VEC=_row_vector([x, g_dw_out, *gy_src[:2], pw_weight], [cm, k_out]), **cfg.meta(True))
-        if mid_scale is not None:
-            _reduce_rows(ws[0], g_mid_scale)
-        if mid_shift is not None:
-            _reduce_rows(ws[1], g_mid_shift)
+        if mid_affine:
+            _reduce_pair(ws, g_mid_scale if mid_scale is not None else None,
+                         g_mid_shift if mid_shift is not None else None)
 
     run_mid(autotune.choose("sep_bwd_mid", src_key, autotune.gemm_configs(dtype), run_mid))
     del gy_src, gy_buf  # grad_y is no longer needed: freed before passes 4 and 5 allocate their workspaces
@@ -796,6 +810,5 @@ def max_pool2d_scale_shift_backward(grad_out: torch.Tensor, argmax: torch.Tensor
         *x.stride(), *grad_x.stride(), KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, WIN_H=_cdiv(kh, sh),
         WIN_W=_cdiv(kw, sw), IDX64=_idx64(grad_out, argmax, x, grad_x, extra=[2 * tiles * c]), BLOCK_P=block_p,
         BLOCK_C=block_c, VEC=_row_vector([grad_x, grad_out, argmax, x], [c]), num_warps=4)
-    _reduce_rows(ws[0], grad_scale)
-    _reduce_rows(ws[1], grad_shift)
+    _reduce_rows(ws, grad_scale, grad_shift)
     return grad_x, grad_scale, grad_shift
