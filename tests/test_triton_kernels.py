@@ -5,8 +5,9 @@ is visible (conftest.py does it for the session; this module does it too, so it 
 reads the variable when kernels.py is imported; if kernels.py was imported before the variable was set,
 launch.py re-imports it at the next launch, and the kernels avoid triton.language's own jit'd helpers
 (tl.sum, tl.cdiv, tl.zeros), which would stay compiled (test_kernels_imported_before_the_variable_is_set...).
-bf16 tests need a GPU: the interpreter's tl.dot on bf16 operands is wrong (triton-lang/triton#11584), and its
-float32 -> bf16 conversion truncates instead of rounding to nearest even. Shapes are small: the interpreter is
+bf16's precision tests need a GPU: the interpreter's float32 -> bf16 conversion truncates instead of rounding to
+nearest even (and its tl.dot on bf16 operands is wrong, triton-lang/triton#11584: kernels._dot gives it float32
+operands there; test_separable_bf16_in_the_interpreter_is_bf16_arithmetic). Shapes are small: the interpreter is
 slow.
 """
 
@@ -35,7 +36,7 @@ LAYOUTS = ["contiguous", "channels_last", "strided"]
 # fp32: exact fp32 math on the CPU and with TF32 off; TF32 tensor cores (when allowed) give ~1e-4.
 FP32_TOL = 1e-4 if DEVICE == "cuda" and torch.backends.cuda.matmul.allow_tf32 else 1e-5
 LOW_PRECISION_FLOOR = 1e-3
-# bf16 only on a GPU: besides tl.dot (above), the interpreter converts float32 to bf16 by truncation.
+# bf16 only on a GPU: the interpreter converts float32 to bf16 by truncation (above).
 BF16_GPU_ONLY = pytest.param(torch.bfloat16, marks=[pytest.mark.gpu, requires_gpu], id="bfloat16")
 
 
@@ -639,6 +640,25 @@ def test_channel_vectors_may_be_strided_views():
 @pytest.mark.parametrize("opts", SEPARABLE_OPTIONS)
 def test_separable_bf16_no_worse_than_pytorch(opts, layout):
     check_separable(SEPARABLE_SHAPES[0], opts, torch.bfloat16, layout)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's bf16 (a GPU runs test_separable_bf16_no_worse_than_pytorch)")
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("opts", [SEPARABLE_OPTIONS[0], SEPARABLE_OPTIONS[4]], ids=["plain", "elu-stats"])
+def test_separable_bf16_in_the_interpreter_is_bf16_arithmetic(opts, layout):
+    """bf16 through Triton's interpreter, whose tl.dot multiplies bf16 operands' raw bits (triton-lang/triton#11584;
+    the outputs were ~1e9 off): the kernels' _dot takes float32 operands there, where a bf16 product is exact. The
+    interpreter also converts to bf16 by truncation, up to twice the error of rounding to nearest: within twice
+    the GPU tests' bound (2x PyTorch's own bf16 error). Options without ReLU masks, which truncation can flip."""
+    x, t, f, g = separable_inputs(SEPARABLE_SHAPES[3], opts, torch.bfloat16, layout)
+    outs, grads = triton_separable(x, t, f, g)
+    exact_outs, exact_grads = reference_separable(x, t, f, g, lambda v: v.detach().double().cpu())
+    plain_outs, plain_grads = reference_separable(x, t, f, g, lambda v: v.detach().clone())
+    checked = [("out", outs[0], exact_outs[0], plain_outs[0])]
+    checked += [(name, *v) for name, *v in zip(GRAD_NAMES, grads, exact_grads, plain_grads) if v[1] is not None]
+    for name, got, exact, plain in checked:
+        err, bound = relative_error(got, exact), 4 * relative_error(plain, exact) + LOW_PRECISION_FLOOR
+        assert err <= bound, f"{name}: relative error {err:.3g} > {bound:.3g}"
 
 
 @pytest.mark.gpu

@@ -223,6 +223,11 @@ def _mid_act(d, MID: tl.constexpr):
 
 @triton.jit
 def _dot(a, b, acc, DOT_PREC: tl.constexpr):
+    """acc + a @ b. DOT_PREC "fp32" (the launcher's choice for bf16 in the interpreter only, which multiplies bf16
+    operands' raw bits: triton-lang/triton#11584): the operands converted to float32 first, where a bf16 product
+    is exact, so the sums are those of a GPU's bf16 products accumulated in float32."""
+    if DOT_PREC == "fp32":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(a, b, acc, input_precision=DOT_PREC)
 
 

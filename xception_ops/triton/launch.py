@@ -173,9 +173,12 @@ def _channels_last(t: torch.Tensor) -> bool:
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and not autotune.interpreting() and torch.backends.cuda.matmul.allow_tf32:
+    """The kernels' DOT_PREC: TF32 where PyTorch's flag allows it on a GPU; "fp32" for bf16 in the interpreter
+    (kernels._dot)."""
+    interpreting = autotune.interpreting()
+    if dtype == torch.float32 and not interpreting and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
-    return "ieee"
+    return "fp32" if dtype == torch.bfloat16 and interpreting else "ieee"
 
 
 def _unroll(kh: int, kw: int) -> bool:
