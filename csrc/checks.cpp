@@ -12,6 +12,20 @@ bool is_supported_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
 }
 
+constexpr int64_t kMaxGeometryValue = 2147483647;  // stride, padding, dilation, kernel_size: 2^31 - 1
+
+void check_int_list(const char* op, const char* name, IntArrayRef v, size_t len, int64_t min_value) {
+  XO_CHECK_VALUE(v.size() == len, op, ": ", name, " must have ", len, " values, got ", v.size());
+  for (int64_t e : v) {
+    XO_CHECK_VALUE(e >= min_value, op, ": every value of ", name, " must be >= ", min_value, ", got ", dims(v));
+    // (bounded, so that the geometry's spans, padded sizes and tap counts cannot overflow 64 bits)
+    XO_CHECK_VALUE(e <= kMaxGeometryValue, op, ": every value of ", name, " must be <= ", kMaxGeometryValue,
+                   ", got ", dims(v));
+  }
+}
+
+}  // namespace
+
 void check_float_tensor(const char* op, const char* name, const Tensor& t) {
   XO_CHECK_TYPE(is_supported_dtype(t.scalar_type()), op, ": ", name, " has dtype ", t.scalar_type(),
                    "; supported dtypes are float32, float16, bfloat16 and float64");
@@ -26,15 +40,6 @@ void check_channel_vector(const char* op, const char* name, const OptTensor& t, 
   check_float_tensor(op, name, *t);
   check_same_device(op, name, *t, x);
 }
-
-void check_int_list(const char* op, const char* name, IntArrayRef v, size_t len, int64_t min_value) {
-  XO_CHECK_VALUE(v.size() == len, op, ": ", name, " must have ", len, " values, got ", v.size());
-  for (int64_t e : v) {
-    XO_CHECK_VALUE(e >= min_value, op, ": every value of ", name, " must be >= ", min_value, ", got ", dims(v));
-  }
-}
-
-}  // namespace
 
 void check_same_device(const char* op, const char* name, const Tensor& t, const Tensor& x) {
   XO_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device(),
@@ -270,6 +275,7 @@ void check_scale_shift(const char* op, const Tensor& y, const Tensor& scale, con
 Pool2dGeometry check_max_pool2d(const char* op, const Tensor& values, const char* values_name, IntArrayRef x_sizes,
                                 IntArrayRef kernel_size, IntArrayRef stride, IntArrayRef padding, bool ceil_mode) {
   XO_CHECK_VALUE(x_sizes.size() == 4, op, ": x must be a 4-D tensor (N, C, H, W), got shape ", dims(x_sizes));
+  XO_CHECK_VALUE(x_sizes[1] > 0, op, ": x has 0 channels");
   check_float_tensor(op, values_name, values);
   check_int_list(op, "kernel_size", kernel_size, 2, 1);
   check_int_list(op, "stride", stride, 2, 1);

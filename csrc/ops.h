@@ -6,6 +6,7 @@
 #include <c10/util/Optional.h>
 #include <c10/util/string_view.h>
 
+#include <cstdio>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -65,6 +66,12 @@ template <typename I, std::enable_if_t<std::is_integral_v<I> && !std::is_same_v<
 inline void append(std::string& s, I v) {
   s += std::to_string(v);
 }
+// (without it a double converted implicitly to a one-element IntArrayRef: momentum 1.5 printed as "[1]")
+inline void append(std::string& s, double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%g", v);
+  s += buf;
+}
 }  // namespace detail
 
 template <typename... Args>
@@ -117,6 +124,11 @@ Pool2dGeometry check_max_pool2d(const char* op, const Tensor& values, const char
 // pooled shape `out_shape` with x's dtype and device.
 void check_max_pool2d_extras(const char* op, const Tensor& x, const OptTensor& scale, const OptTensor& shift,
                              const OptTensor& residual, IntArrayRef out_shape);
+// t of a supported dtype: float32, float16, bfloat16 or float64.
+void check_float_tensor(const char* op, const char* name, const Tensor& t);
+// A per-channel vector (BatchNorm scale/shift, bias, their gradients): when given, 1-D of `channels` floats on x's
+// device, any float dtype.
+void check_channel_vector(const char* op, const char* name, const OptTensor& t, int64_t channels, const Tensor& x);
 // t on x's device, and of x's dtype; the messages name t as `name`.
 void check_same_device(const char* op, const char* name, const Tensor& t, const Tensor& x);
 void check_same_dtype(const char* op, const char* name, const Tensor& t, const Tensor& x);

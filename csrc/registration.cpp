@@ -109,6 +109,7 @@ Tensor depthwise_conv2d_backward_input(const Tensor& grad_out, const Tensor& wei
                                        c10::string_view backend) {
   const auto x_sizes = C10_AS_INTARRAYREF_SLOW(input_size);
   const Conv2dGeometry g = make_geometry(kDepthwiseBwdInput, x_sizes, weight.sizes(), stride, padding, dilation);
+  check_float_tensor(kDepthwiseBwdInput, "weight", weight);
   check_like(kDepthwiseBwdInput, "grad_out", grad_out, output_shape(g), weight);
   const auto fmt = output_memory_format(grad_out);
   const Backend chosen = resolve_backend(backend, kDepthwiseBwdInput, grad_out);
@@ -128,6 +129,7 @@ Tensor depthwise_conv2d_backward_weight(const Tensor& grad_out, const Tensor& x,
                                         c10::string_view backend) {
   const auto w_sizes = C10_AS_INTARRAYREF_SLOW(weight_size);
   const Conv2dGeometry g = make_geometry(kDepthwiseBwdWeight, x.sizes(), w_sizes, stride, padding, dilation);
+  check_float_tensor(kDepthwiseBwdWeight, "x", x);
   check_like(kDepthwiseBwdWeight, "grad_out", grad_out, output_shape(g), x);
   const Backend chosen = resolve_backend(backend, kDepthwiseBwdWeight, x);
   if (chosen == Backend::Cuda) {
@@ -183,11 +185,8 @@ SeparableGrads separable_conv2d_backward(
   check_like(kSeparableBwd, "grad_out", grad_out, shape, x);
   XO_CHECK_VALUE(!out_relu || out.has_value(), kSeparableBwd, ": out (the forward's output) is required when out_relu is set");
   if (out.has_value()) check_like(kSeparableBwd, "out", *out, shape, x);
-  for (const auto* grad : {&grad_sum, &grad_sumsq}) {
-    if (!grad->has_value()) continue;
-    XO_CHECK_VALUE((*grad)->dim() == 1 && (*grad)->size(0) == g.out_channels, kSeparableBwd,
-                      ": grad_sum and grad_sumsq must have shape [", g.out_channels, "], got ", dims((*grad)->sizes()));
-  }
+  check_channel_vector(kSeparableBwd, "grad_sum", grad_sum, g.out_channels, x);
+  check_channel_vector(kSeparableBwd, "grad_sumsq", grad_sumsq, g.out_channels, x);
   const Backend chosen = resolve_backend(backend, kSeparableBwd, x);
   if (chosen == Backend::Cuda) {
     XO_IF_CUDA(return cuda::separable_conv2d_backward(grad_out, grad_sum, grad_sumsq, out, x, dw_weight, pw_weight,

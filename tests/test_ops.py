@@ -528,3 +528,86 @@ def test_same_padding_gives_ceil_of_size_over_stride(size, stride):
     assert bottom - top in (0, 1)  # TensorFlow puts the odd row at the end
     expected = F.conv2d(F.pad(x, (top, bottom, top, bottom)), weight, stride=stride, groups=2)
     torch.testing.assert_close(out, expected)
+
+
+# Each check below runs in the compiled op (real CPU tensors) and in its fake kernel (meta tensors), which must
+# agree: torch.compile sees the fake's errors, eager mode the op's.
+DEVICES_OF_CHECKS = ["cpu", "meta"]
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES_OF_CHECKS)
+@pytest.mark.parametrize("name, value", [("stride", [2**62, 1]), ("padding", [0, 0, 2**40, 0]),
+                                         ("dilation", [1, 2**62])])
+def test_geometry_values_past_int32_are_refused(device, name, value):
+    """2^62 as a dilation overflowed the span (dilation * (k - 1) + 1) in int64: an empty output on "triton" and
+    oneDNN's error on "torch"; padding 2^40 an allocation error. Each value is bounded by 2^31 - 1 now."""
+    x, dw = torch.randn(2, 4, 6, 6, device=device), torch.randn(4, 1, 3, 3, device=device)
+    args = dict(stride=[1, 1], padding=[1, 1, 1, 1], dilation=[1, 1]) | {name: value}
+    with pytest.raises(ValueError, match=rf"every value of {name} must be <= 2147483647"):
+        ops.depthwise_conv2d(x, dw, None, args["stride"], args["padding"], args["dilation"], "torch")
+    with pytest.raises(ValueError, match=rf"every value of {name} must be <= 2147483647"):
+        ops.depthwise_conv2d_backward_input(torch.randn(2, 4, 6, 6, device=device), dw, [2, 4, 6, 6],
+                                            args["stride"], args["padding"], args["dilation"], "torch")
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES_OF_CHECKS)
+def test_pool_kernel_sizes_whose_product_overflows_are_refused(device):
+    """kernel_size 2^32 x 2^32 has 2^64 taps: the product wrapped to 0, under the 256-tap limit."""
+    x = torch.randn(2, 4, 8, 8, device=device)
+    with pytest.raises(ValueError, match="every value of kernel_size must be <= 2147483647"):
+        ops.max_pool2d(x, [2**32, 2**32], [1, 1], [0, 0], False, False, "torch")
+    with pytest.raises(ValueError, match="x has 0 channels"):
+        ops.max_pool2d(torch.randn(2, 0, 8, 8, device=device), [2, 2], [2, 2], [0, 0], False, False, "torch")
+
+
+def _backward_args(device):
+    x = torch.randn(1, 2, 4, 4, device=device)
+    dw, pw = torch.randn(2, 1, 3, 3, device=device), torch.randn(3, 2, 1, 1, device=device)
+    return torch.randn(1, 3, 2, 2, device=device), x, dw, pw
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES_OF_CHECKS)
+@pytest.mark.parametrize("which", ["grad_sum", "grad_sumsq"])
+def test_separable_backward_checks_the_statistics_gradients(device, which):
+    """grad_sum / grad_sumsq were checked for their shape only: a tensor on another device (an illegal address on
+    "cuda") or of an integer dtype gave garbage."""
+    grad_out, x, dw, pw = _backward_args(device)
+
+    def call(grad):
+        grads = {"grad_sum": None, "grad_sumsq": None, which: grad}
+        return ops.separable_conv2d_backward(grad_out, grads["grad_sum"], grads["grad_sumsq"], None, x, dw, pw,
+                                             None, None, False, [1, 1], [0, 0, 0, 0], [1, 1], "none", None, None,
+                                             None, None, False, "torch")
+
+    other = "cpu" if device == "meta" else "meta"
+    with pytest.raises(ValueError, match=rf"{which} is on {other} but x is on {device}"):
+        call(torch.zeros(3, device=other))
+    with pytest.raises(TypeError, match=rf"{which} has dtype"):
+        call(torch.zeros(3, dtype=torch.int64, device=device))
+    with pytest.raises(ValueError, match=rf"{which} must have shape \[3\]"):
+        call(torch.zeros(4, device=device))
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES_OF_CHECKS)
+def test_depthwise_backward_ops_refuse_integer_tensors(device):
+    """The forward refused them; the backward ops ran them (int64 results on "triton")."""
+    g = torch.ones(2, 4, 6, 6, dtype=torch.int64, device=device)
+    w = torch.ones(4, 1, 3, 3, dtype=torch.int64, device=device)
+    with pytest.raises(TypeError, match="weight has dtype"):
+        ops.depthwise_conv2d_backward_input(g, w, [2, 4, 6, 6], [1, 1], [1, 1, 1, 1], [1, 1], "torch")
+    with pytest.raises(TypeError, match="x has dtype"):
+        ops.depthwise_conv2d_backward_weight(g, g, [4, 1, 3, 3], [1, 1], [1, 1, 1, 1], [1, 1], "torch")
+
+
+@needs_ext
+@pytest.mark.parametrize("momentum", [1.5, -0.25])
+def test_a_floating_point_value_in_an_error_is_printed_as_it_is(momentum):
+    """Messages took a double as a one-element list of its integer part: "momentum ... got [1]"."""
+    total, total_sq = torch.randn(3), torch.rand(3) + 1
+    with pytest.raises(ValueError, match=rf"momentum must be in \[0, 1\], got {momentum}$"):
+        ops.batch_norm_finalize(total, total_sq, 4, None, None, 1e-5, "torch", running_mean=torch.zeros(3),
+                                running_var=torch.ones(3), momentum=momentum)

@@ -65,6 +65,7 @@ def _register_fakes() -> None:
     def _(grad_out, weight, input_size, stride, padding, dilation, backend):
         op = op_name("depthwise_conv2d_backward_input")
         g = checks.make_geometry(op, input_size, weight.shape, stride, padding, dilation)
+        checks.check_float_tensor(op, "weight", weight)
         checks.check_like(op, "grad_out", grad_out, g.output_shape(), weight)
         return _empty_like_fmt(grad_out, input_size, grad_out)
 
@@ -72,6 +73,7 @@ def _register_fakes() -> None:
     def _(grad_out, x, weight_size, stride, padding, dilation, backend):
         op = op_name("depthwise_conv2d_backward_weight")
         g = checks.make_geometry(op, x.shape, weight_size, stride, padding, dilation)
+        checks.check_float_tensor(op, "x", x)
         checks.check_like(op, "grad_out", grad_out, g.output_shape(), x)
         return x.new_empty(weight_size)
 
@@ -95,6 +97,8 @@ def _register_fakes() -> None:
                                    in_shift=in_shift, mid_activation=mid_activation, mid_scale=mid_scale,
                                    mid_shift=mid_shift, out_scale=out_scale, out_shift=out_shift)
         checks.check_like(op, "grad_out", grad_out, g.output_shape(), x)
+        checks.check_channel_vector(op, "grad_sum", grad_sum, g.out_channels, x)
+        checks.check_channel_vector(op, "grad_sumsq", grad_sumsq, g.out_channels, x)
 
         def vector_grad(param):
             return _empty_vector(x) if param is None else param.new_empty(param.shape)

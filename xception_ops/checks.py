@@ -38,7 +38,7 @@ class Geometry:
         return (self.batch, self.out_channels, *self.out_hw)
 
 
-def _check_dtype(op: str, name: str, t: torch.Tensor) -> None:
+def check_float_tensor(op: str, name: str, t: torch.Tensor) -> None:
     if t.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{op}: {name} has dtype {t.dtype}; supported dtypes are float32, float16, bfloat16 "
                         "and float64")
@@ -55,11 +55,17 @@ def check_same_dtype(op: str, name: str, t: torch.Tensor, x: torch.Tensor) -> No
                         "(or use autocast)")
 
 
+MAX_GEOMETRY_VALUE = 2**31 - 1  # stride, padding, dilation, kernel_size (csrc/checks.cpp's kMaxGeometryValue)
+
+
 def _check_ints(op: str, name: str, values: Sequence[int], length: int, minimum: int) -> None:
     if len(values) != length:
         raise ValueError(f"{op}: {name} must have {length} values, got {len(values)}")
     if any(v < minimum for v in values):
         raise ValueError(f"{op}: every value of {name} must be >= {minimum}, got {list(values)}")
+    # (bounded as the C++ checks are, where the geometry's spans and padded sizes must not overflow 64 bits)
+    if any(v > MAX_GEOMETRY_VALUE for v in values):
+        raise ValueError(f"{op}: every value of {name} must be <= {MAX_GEOMETRY_VALUE}, got {list(values)}")
 
 
 def check_channel_vector(op: str, name: str, t: torch.Tensor | None, channels: int, x: torch.Tensor) -> None:
@@ -67,7 +73,7 @@ def check_channel_vector(op: str, name: str, t: torch.Tensor | None, channels: i
         return
     if t.dim() != 1 or t.shape[0] != channels:
         raise ValueError(f"{op}: {name} must have shape [{channels}], got {list(t.shape)}")
-    _check_dtype(op, name, t)
+    check_float_tensor(op, name, t)
     check_same_device(op, name, t, x)
 
 
@@ -106,7 +112,7 @@ def make_geometry(op: str, x_shape: Sequence[int], weight_shape: Sequence[int], 
 def check_depthwise(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                     stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> Geometry:
     g = make_geometry(op, x.shape, weight.shape, stride, padding, dilation)
-    _check_dtype(op, "x", x)
+    check_float_tensor(op, "x", x)
     check_same_device(op, "dw_weight", weight, x)
     check_same_dtype(op, "dw_weight", weight, x)
     check_channel_vector(op, "bias", bias, g.dw_channels, x)
@@ -205,7 +211,7 @@ def check_scale_shift(op: str, y: torch.Tensor, scale: torch.Tensor, shift: torc
     """The same checks as the C++ op (csrc/checks.cpp), for the fake kernels."""
     if y.dim() != 4:
         raise ValueError(f"{op}: y must be a 4-D tensor (N, C, H, W), got shape {list(y.shape)}")
-    _check_dtype(op, "y", y)
+    check_float_tensor(op, "y", y)
     _check_scale_shift_vectors(op, y, "y", scale, shift)
     if grad is not None:
         check_like(op, "grad", grad, y.shape, y)
@@ -267,7 +273,9 @@ def check_max_pool2d(op: str, values: torch.Tensor, values_name: str, x_shape: S
     """The same checks as the C++ op (csrc/checks.cpp); returns the pooled shape."""
     if len(x_shape) != 4:
         raise ValueError(f"{op}: x must be a 4-D tensor (N, C, H, W), got shape {list(x_shape)}")
-    _check_dtype(op, values_name, values)
+    if x_shape[1] <= 0:
+        raise ValueError(f"{op}: x has 0 channels")
+    check_float_tensor(op, values_name, values)
     _check_ints(op, "kernel_size", kernel_size, 2, 1)
     _check_ints(op, "stride", stride, 2, 1)
     _check_ints(op, "padding", padding, 2, 0)
