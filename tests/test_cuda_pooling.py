@@ -34,6 +34,7 @@ GEOMETRIES = [
     ((1, 24, 9, 8), (5, 3), (3, 2), (2, 1), True),
     ((2, 12, 11, 7), (2, 2), (2, 2), (1, 0), False),
     ((1, 6, 5, 5), (3, 3), (1, 1), (1, 1), False),
+    ((1, 8, 2, 5), (3, 3), (2, 2), (0, 0), True),  # ceil mode: a 2-row input, one 3-row window starting in it
 ]
 
 

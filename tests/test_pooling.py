@@ -21,6 +21,7 @@ GEOMETRIES = [
     ((2, 3, 6, 6), (2, 2), (2, 2), (0, 0), False),
     ((1, 3, 9, 8), (5, 3), (3, 2), (2, 1), True),
     ((2, 2, 3, 11), (3, 2), (2, 1), (1, 1), True),
+    ((1, 8, 2, 5), (3, 3), (2, 2), (0, 0), True),  # ceil mode: a 2-row input, one 3-row window starting in it
 ]
 
 
@@ -181,15 +182,34 @@ def test_functional_api_on_torch_is_pytorchs_pooling():
 
 
 def test_pool_output_size_follows_pytorch():
+    """Where PyTorch refuses the window (no output) the size is 0; in ceil mode an input shorter than the window
+    still has one when the window starts inside it (size 2, kernel 3, stride 2), which a first version gave 0."""
     for size in range(1, 30):
-        for kernel, stride, pad in [(3, 2, 1), (3, 2, 0), (2, 2, 0), (5, 3, 2), (3, 1, 1)]:
+        for kernel, stride, pad in [(3, 2, 1), (3, 2, 0), (2, 2, 0), (5, 3, 2), (3, 1, 1), (3, 1, 0), (4, 3, 0)]:
             for ceil_mode in (False, True):
-                if size + 2 * pad < kernel:
-                    assert checks.pool_out_size(size, kernel, stride, pad, ceil_mode) == 0
-                    continue
-                want = F.max_pool2d(torch.zeros(1, 1, size, 1), (kernel, 1), (stride, 1), (pad, 0),
-                                    ceil_mode=ceil_mode).shape[2]
-                assert checks.pool_out_size(size, kernel, stride, pad, ceil_mode) == want
+                try:
+                    want = F.max_pool2d(torch.zeros(1, 1, size, 1), (kernel, 1), (stride, 1), (pad, 0),
+                                        ceil_mode=ceil_mode).shape[2]
+                except RuntimeError:
+                    want = 0
+                assert checks.pool_out_size(size, kernel, stride, pad, ceil_mode) == want, (size, kernel, stride,
+                                                                                          pad, ceil_mode)
+
+
+@pytest.mark.skipif(_library.EXTENSION is None, reason="compiled library not loaded")
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_ceil_mode_windows_longer_than_the_input(size):
+    """The op (C++ checks: csrc/kernels/pool_geometry.h) pools what PyTorch pools, and refuses what it refuses."""
+    x = torch.randn(2, 3, size, size + 1)
+    for kernel, stride in [(3, 2), (4, 3), (3, 1)]:
+        try:
+            want = F.max_pool2d(x, kernel, stride, 0, ceil_mode=True)
+        except RuntimeError:
+            with pytest.raises(ValueError, match="the output would be empty"):
+                torch.ops.xception_ops.max_pool2d(x, [kernel] * 2, [stride] * 2, [0, 0], True, False, "torch")
+            continue
+        got, _ = torch.ops.xception_ops.max_pool2d(x, [kernel] * 2, [stride] * 2, [0, 0], True, False, "torch")
+        assert torch.equal(got, want), (kernel, stride)
 
 
 def test_xception_pool_checks_its_backend():

@@ -34,6 +34,7 @@ GEOMETRIES = [
     ((1, 16, 8, 10), (3, 3), (2, 2), (0, 0), True),
     ((1, 3, 9, 8), (5, 3), (3, 2), (2, 1), True),
     ((2, 8, 6, 6), (3, 3), (1, 1), (1, 1), False),
+    ((1, 8, 2, 5), (3, 3), (2, 2), (0, 0), True),  # ceil mode: a 2-row input, one 3-row window starting in it
 ]
 BF16_GRAD_GPU_ONLY = pytest.param(torch.bfloat16, marks=[pytest.mark.gpu, requires_gpu], id="bfloat16")
 

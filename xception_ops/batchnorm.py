@@ -32,6 +32,10 @@ def _scale_shift(bn, mean: torch.Tensor, invstd: torch.Tensor) -> tuple[torch.Te
 def folded_scale_shift(bn: nn.modules.batchnorm._BatchNorm, pre_bias: torch.Tensor | None = None,
                        dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """Inference BatchNorm as out = y * scale + shift, with an optional bias added to y before the BatchNorm."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("folded_scale_shift: bn has no running statistics (track_running_stats=False): it normalizes "
+                         "with the batch statistics in eval mode too, so it has no fixed scale and shift to fold "
+                         "(uses_batch_stats(bn) is True)")
     mean = bn.running_mean.to(dtype)
     if pre_bias is not None:
         mean = mean - pre_bias.to(dtype)
@@ -141,6 +145,9 @@ def scale_shift_from_stats(bn: nn.modules.batchnorm._BatchNorm, total: torch.Ten
     sums are first all-reduced over `sync_group` (default: every process), which makes it SyncBatchNorm.
     `backend` runs the finalize step (`finalize`).
     """
+    if bn.training and bn.track_running_stats and bn.momentum is not None and not 0 <= bn.momentum <= 1:
+        # (nn.BatchNorm2d would use it; the update here would skip a non-positive one: refused, not mismatched)
+        raise ValueError(f"bn.momentum must be in [0, 1] (or None: a cumulative average), got {bn.momentum}")
     if sync:
         total, total_sq, count = all_reduce_stats(total, total_sq, count, sync_group)
     if count <= 1 and bn.training:
@@ -229,15 +236,23 @@ class _ChannelMoments(torch.autograd.Function):
         return apply_scale_shift(y, scale, shift)
 
 
+def _check_4d(op: str, y: torch.Tensor) -> None:
+    # (the statistics are over dims 0, 2 and 3: any other rank would fail with an IndexError, or sum the wrong dims)
+    if y.dim() != 4:
+        raise ValueError(f"{op}: y must be a 4-D tensor (N, C, H, W), got shape {list(y.shape)}")
+
+
 def channel_moments(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """batch_stats, differentiable, saving only y: the statistics of a tensor the caller does not keep otherwise
     (the depthwise result of SeparableConvBN's mid BatchNorm in training)."""
+    _check_4d("channel_moments", y)
     total, total_sq = _ChannelMoments.apply(y)
     return total, total_sq, y.shape[0] * y.shape[2] * y.shape[3]
 
 
 def batch_stats(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Per-channel sum and sum of squares of y in float32 (float64 for float64), and the count per channel."""
+    _check_4d("batch_stats", y)
     yf = y.to(stats_dtype(y))
     return yf.sum((0, 2, 3)), (yf * yf).sum((0, 2, 3)), y.shape[0] * y.shape[2] * y.shape[3]
 

@@ -258,13 +258,12 @@ MAX_POOL_MAX_TAPS = 256  # csrc/kernels/pool_geometry.h: the argmax is one byte 
 
 def pool_out_size(size: int, kernel: int, stride: int, pad: int, ceil_mode: bool) -> int:
     """torch.nn.functional.max_pool2d's output length along one axis (csrc/kernels/pool_geometry.h)."""
-    span = size + 2 * pad - kernel
-    if span < 0:
-        return 0
-    out = (span + (stride - 1 if ceil_mode else 0)) // stride + 1
+    # (// rounds toward -infinity, as PyTorch's division there: in ceil mode an input shorter than the window still
+    # gives one output when the window starts inside it)
+    out = (size + 2 * pad - kernel + (stride - 1 if ceil_mode else 0)) // stride + 1
     if ceil_mode and (out - 1) * stride >= size + pad:
         out -= 1
-    return out
+    return max(out, 0)
 
 
 def check_max_pool2d(op: str, values: torch.Tensor, values_name: str, x_shape: Sequence[int],

@@ -38,7 +38,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from .nn import SeparableConvBN
+from .nn import SeparableConvBN, depthwise_problem, pointwise_problem
 from .pooling import MaxPool2d
 
 
@@ -62,13 +62,11 @@ class Chain:
 
 
 def _is_depthwise(m: nn.Module) -> bool:
-    return (isinstance(m, nn.Conv2d) and m.groups == m.in_channels and m.out_channels % m.in_channels == 0
-            and m.padding_mode == "zeros" and m.transposed is False)
+    return depthwise_problem(m) is None
 
 
 def _is_pointwise(m: nn.Module, channels: int) -> bool:
-    return (isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride == (1, 1) and m.groups == 1
-            and m.in_channels == channels and m.padding in ((0, 0), "valid") and m.padding_mode == "zeros")
+    return pointwise_problem(m, channels) is None
 
 
 def _is_bn_act(m: nn.Module) -> bool:

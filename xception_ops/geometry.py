@@ -2,20 +2,42 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Union
+
+import torch
 
 PaddingSpec = Union[str, int, Sequence[int]]
 
 
+def _is_int(value) -> bool:
+    """Whether `value` is an int for a geometry argument: Python's, numpy's or a torch.SymInt (a size under
+    torch.compile). Not a bool, which Python counts as an int but is no stride, nor a float, even a whole one."""
+    return isinstance(value, (torch.SymInt, numbers.Integral)) and not isinstance(value, bool)
+
+
+def _as_int(value):
+    # numpy's ints as Python's (the operators' int[] arguments); a SymInt stays symbolic
+    return value if isinstance(value, (int, torch.SymInt)) else int(value)
+
+
+def _ints(value, lengths: tuple[int, ...]) -> tuple | None:
+    """`value` (an int, or a tuple or list of `lengths` ints) as a tuple of ints, else None."""
+    if _is_int(value):
+        return (_as_int(value),)
+    if isinstance(value, (tuple, list)) and len(value) in lengths and all(_is_int(v) for v in value):
+        return tuple(_as_int(v) for v in value)
+    return None
+
+
 def pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
-    """An int or a pair of ints as a pair of ints."""
-    if isinstance(value, int):
-        return (value, value)
-    values = tuple(value)
-    if len(values) != 2 or not all(isinstance(v, int) for v in values):
-        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
-    return values  # type: ignore[return-value]
+    """An int or a pair of ints as a pair of ints; anything else (a float, a bool, None, a tensor, another length)
+    is a ValueError that names the argument."""
+    values = _ints(value, (2,))
+    if values is None:
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r} ({type(value).__name__})")
+    return values * 2 if len(values) == 1 else values  # type: ignore[return-value]
 
 
 def conv_out_size(size: int, pad_begin: int, pad_end: int, kernel: int, stride: int, dilation: int) -> int:
@@ -65,15 +87,14 @@ def resolve_padding(padding: PaddingSpec, input_hw: Sequence[int], kernel_hw: Se
             left, right = same_padding(input_hw[1], kernel_hw[1], stride[1], dilation[1])
             return (top, bottom, left, right)
         raise ValueError(f"padding must be 'same', 'valid', an int, a pair or four ints, got {padding!r}")
-    if isinstance(padding, int):
-        values: tuple[int, ...] = (padding,) * 4
-    else:
-        values = tuple(padding)
-        if len(values) == 2:
-            values = (values[0], values[0], values[1], values[1])
-    if len(values) != 4 or not all(isinstance(v, int) and v >= 0 for v in values):
+    values = _ints(padding, (2, 4))
+    if values is not None and len(values) == 1:
+        values = values * 4
+    elif values is not None and len(values) == 2:
+        values = (values[0], values[0], values[1], values[1])
+    if values is None or not all(v >= 0 for v in values):
         raise ValueError(f"padding must be 'same', 'valid', a non-negative int, a pair or four such ints "
-                         f"(top, bottom, left, right), got {padding!r}")
+                         f"(top, bottom, left, right), got {padding!r} ({type(padding).__name__})")
     return values  # type: ignore[return-value]
 
 

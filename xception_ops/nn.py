@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from . import backend as backends, batchnorm, checks, ops, reference
 from .checks import MID_ACTIVATIONS, one_of
-from .geometry import PaddingSpec, pair
+from .geometry import PaddingSpec, pair, resolve_padding
 
 
 class PendingBatchNorm(NamedTuple):
@@ -41,6 +41,60 @@ class PendingBatchNorm(NamedTuple):
         return NotImplemented
 
     __radd__ = __add__
+
+
+def depthwise_problem(m: nn.Module) -> str | None:
+    """Why `m` cannot be the depthwise stage of a SeparableConvBN (which reads its weight, bias, stride and
+    dilation, pads with zeros and never calls its forward), or None when it can. fuse() takes the layers it can."""
+    if not isinstance(m, nn.Conv2d) or m.transposed:
+        return f"must be an nn.Conv2d, got {type(m).__name__}"
+    if m.groups != m.in_channels or m.out_channels % m.in_channels != 0:
+        return (f"must be a depthwise convolution (groups == in_channels, out_channels a multiple of them), got "
+                f"in_channels={m.in_channels}, out_channels={m.out_channels}, groups={m.groups}")
+    if m.padding_mode != "zeros":
+        return f"has padding_mode={m.padding_mode!r}; the fused op pads with zeros only"
+    return None
+
+
+def pointwise_problem(m: nn.Module, channels: int) -> str | None:
+    """Why `m` cannot be the pointwise stage after a depthwise stage of `channels` channels, or None when it can.
+    (Its dilation does not matter: a 1x1 kernel spans one pixel at any dilation.)"""
+    if not isinstance(m, nn.Conv2d) or m.transposed:
+        return f"must be an nn.Conv2d, got {type(m).__name__}"
+    if m.kernel_size != (1, 1) or m.stride != (1, 1) or m.groups != 1 or m.padding not in ((0, 0), "valid"):
+        return (f"must be a 1x1 convolution with stride 1, padding 0 and groups 1, got kernel_size={m.kernel_size}, "
+                f"stride={m.stride}, padding={m.padding!r}, groups={m.groups}")
+    if m.padding_mode != "zeros":
+        return f"has padding_mode={m.padding_mode!r}; the fused op pads with zeros only"
+    if m.in_channels != channels:
+        return f"has {m.in_channels} input channels but the depthwise stage gives {channels}"
+    return None
+
+
+def batch_norm_problem(m: nn.Module, channels: int, stage: str) -> str | None:
+    """Why `m` cannot be the BatchNorm after the `stage` stage of `channels` channels, or None when it can."""
+    if not isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return f"must be an nn.BatchNorm2d or None, got {type(m).__name__}"
+    if m.num_features != channels:
+        return f"has {m.num_features} features but the {stage} stage gives {channels} channels"
+    return None
+
+
+def layers_problem(depthwise: nn.Module, pointwise: nn.Module, bn: nn.Module | None,
+                   mid_bn: nn.Module | None = None) -> str | None:
+    """What SeparableConvBN cannot take among these layers, as "<argument> <what is wrong>", or None."""
+    problem = depthwise_problem(depthwise)
+    if problem is not None:
+        return f"depthwise {problem}"
+    problem = pointwise_problem(pointwise, depthwise.out_channels)
+    if problem is not None:
+        return f"pointwise {problem}"
+    for name, m, channels, stage in (("mid_bn", mid_bn, depthwise.out_channels, "depthwise"),
+                                     ("bn", bn, pointwise.out_channels, "pointwise")):
+        problem = None if m is None else batch_norm_problem(m, channels, stage)
+        if problem is not None:
+            return f"{name} {problem}"
+    return None
 
 
 class SeparableConvBN(nn.Module):
@@ -89,9 +143,12 @@ class SeparableConvBN(nn.Module):
                mid_bn: nn.BatchNorm2d | None = None) -> None:
         if mid_activation not in (None, *MID_ACTIVATIONS):
             raise ValueError(f"mid_activation must be None, {one_of(MID_ACTIVATIONS[1:])}, got {mid_activation!r}")
-        if mid_bn is not None and mid_bn.num_features != depthwise.out_channels:
-            raise ValueError(f"mid_bn has {mid_bn.num_features} features but the depthwise stage gives "
-                             f"{depthwise.out_channels} channels")
+        # Layers the fused op cannot represent are refused here: it would run without what they add (a reflect
+        # padding, a strided pointwise conv) and give a silently different answer.
+        problem = layers_problem(depthwise, pointwise, bn, mid_bn)
+        if problem is not None:
+            raise ValueError(f"{type(self).__name__}: {problem}")
+        resolve_padding(padding, (1, 1), (1, 1), (1, 1), (1, 1))  # its form only (a misspelt one fails here)
         self.depthwise = depthwise
         self.mid_bn = mid_bn
         self.pointwise = pointwise
@@ -100,7 +157,7 @@ class SeparableConvBN(nn.Module):
         self.pre_relu = pre_relu
         self.mid_activation = None if mid_activation == "none" else mid_activation
         self.post_relu = post_relu
-        self.backend = backend
+        self.backend = backends.checked_name(backend)  # (a misspelt one fails here, not at the first call)
         self.sync_stats, self.process_group = False, None  # see batchnorm.convert_sync_batchnorm
         # forward's defer_bn when the caller does not say: fuse() sets it where this layer's output feeds the next
         # fused layer alone (through layers it turned into nn.Identity).
@@ -115,7 +172,7 @@ class SeparableConvBN(nn.Module):
         a BatchNorm2d between the depthwise layer and the mid activation."""
         module = cls.__new__(cls)
         nn.Module.__init__(module)
-        if padding is None:
+        if padding is None and isinstance(depthwise, nn.Conv2d):  # (_setup names what else depthwise may be)
             padding = depthwise.padding if isinstance(depthwise.padding, str) else tuple(depthwise.padding)
         module._setup(depthwise, pointwise, bn, padding, pre_relu, mid_activation, post_relu, backend, mid_bn)
         return module

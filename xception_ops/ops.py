@@ -21,6 +21,17 @@ def _has_autocast(device_type: str) -> bool:
     return torch.amp.is_autocast_available(device_type)
 
 
+def check_tensor_args(op: str, required: dict[str, object], optional: dict[str, object] | None = None) -> None:
+    """The tensor arguments as tensors (None allowed for the optional ones): a list or a missing weight would
+    otherwise fail deep inside with an AttributeError that names none of them."""
+    for name, t in required.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+    for name, t in (optional or {}).items():
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a tensor or None, got {type(t).__name__}")
+
+
 def autocast_inputs(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
     """Under autocast, the convolution's tensors run in the autocast dtype, as torch's own convolutions do."""
     first = tensors[0]
@@ -51,6 +62,7 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     at stride 2 when needed), an int, (pad_h, pad_w) or (top, bottom, left, right).
     """
     op = "xception_ops.depthwise_conv2d"
+    check_tensor_args(op, {"x": x, "weight": weight}, {"bias": bias})
     x, weight, bias = autocast_inputs(x, weight, bias)
     stride_, padding_, dilation_ = conv_args(x, weight, stride, padding, dilation)
     if _library.EXTENSION is None:
@@ -82,6 +94,8 @@ def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.
     With compute_stats=True returns (out, sum, sumsq): the per-channel sum and sum of squares of y in float32,
     which training-mode BatchNorm turns into batch statistics (see xception_ops.batchnorm). Otherwise returns out.
     """
+    check_tensor_args("xception_ops.separable_conv2d", {"x": x, "dw_weight": dw_weight, "pw_weight": pw_weight},
+                      {"residual": residual})
     stride_, padding_, dilation_ = conv_args(x, dw_weight, stride, padding, dilation)
     return separable_conv2d_normalized(x, dw_weight, pw_weight, stride_, padding_, dilation_, backend, in_scale,
                                        in_shift, in_relu, mid_activation, out_scale, out_shift, out_relu, residual,

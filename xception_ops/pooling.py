@@ -5,7 +5,8 @@ On backends "cuda" (csrc/kernels/pool.cuh) and "triton" (xception_ops/triton/ker
 window's argmax as one byte, the index of its tap, where PyTorch keeps an int64 flat index (4x the bytes of a bf16
 output), and writes none when no gradient is recorded; the backward gathers each input's gradient from the windows
 that picked it, with no zero fill and no atomics. Values, argmax (ties, NaN, -inf) and gradients are PyTorch's, bit
-for bit. Backend "torch" is F.max_pool2d itself. `MaxPool2d` is nn.MaxPool2d on them (fuse() swaps it in).
+for bit. Backend "torch" is F.max_pool2d itself, on the inputs the kernels take (4-D float x with channels).
+`MaxPool2d` is nn.MaxPool2d on them (fuse() swaps it in).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def max_pool2d(x: torch.Tensor, kernel_size: int | tuple[int, int], stride: int 
     step = kernel if stride is None else pair(stride, "stride")
     pad = pair(padding, "padding")
     chosen = backends.resolve(backend, OP, x)
-    if chosen == "torch":  # the op's checks of the extras (a residual must not broadcast), then PyTorch's ops
+    if chosen == "torch":  # the op's checks of x and the extras (a residual must not broadcast), then PyTorch's ops
+        _check_x_for_torch(x)
         checks.check_max_pool2d_extras(OP, x, scale, shift, None, ())
         if scale is not None:
             x = batchnorm.apply_scale_shift(x, scale, shift)
@@ -55,6 +57,18 @@ def max_pool2d(x: torch.Tensor, kernel_size: int | tuple[int, int], stride: int 
     return out
 
 
+def _check_x_for_torch(x: torch.Tensor) -> None:
+    """Backend "torch" takes the x the kernel backends take (csrc/checks.cpp): 4-D (a 3-D x would take scale and
+    shift along H), with channels, of a float dtype; MaxPool2d runs PyTorch's pooling for the rest. The window is
+    left to F.max_pool2d's own checks: the kernels' limit of MAX_TAPS taps is theirs, not the op's."""
+    if x.dim() != 4:
+        raise ValueError(f"{OP}: x must be a 4-D tensor (N, C, H, W), got shape {list(x.shape)}")
+    if x.shape[1] == 0:
+        raise ValueError(f"{OP}: x has 0 channels")
+    if x.dtype not in checks.SUPPORTED_DTYPES:
+        raise TypeError(f"{OP}: x has dtype {x.dtype}; supported dtypes are float32, float16, bfloat16 and float64")
+
+
 class MaxPool2d(nn.MaxPool2d):
     """nn.MaxPool2d on the package's pooling kernels (`max_pool2d`), for `backend`; what the kernels do not take
     (dilation, return_indices, windows of more than 256 taps) runs PyTorch's. Same arguments and state as
@@ -63,6 +77,8 @@ class MaxPool2d(nn.MaxPool2d):
     def __init__(self, *args, backend: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
         self.backend = backends.checked_name(backend)
+        for name in ("kernel_size", "stride", "padding", "dilation"):  # (a float fails here, not at the first call)
+            pair(getattr(self, name), name)
 
     @classmethod
     def from_module(cls, pool: nn.MaxPool2d, backend: str = "auto") -> MaxPool2d:
@@ -84,7 +100,7 @@ class MaxPool2d(nn.MaxPool2d):
         """x may be a PendingBatchNorm (fuse() hands a chain's BatchNorm to the pool that its output feeds alone)."""
         pending = x if isinstance(x, PendingBatchNorm) else None
         y = x if pending is None else pending.y
-        if not self._ours() or y.dim() != 4:
+        if not self._ours() or y.dim() != 4 or y.dtype not in checks.SUPPORTED_DTYPES:  # (nn.MaxPool2d's inputs)
             return super().forward(y if pending is None else pending.apply())
         extras = {} if pending is None else {"scale": pending.scale, "shift": pending.shift}
         return max_pool2d(y, self.kernel_size, self.stride, self.padding, self.ceil_mode, backend=self.backend,

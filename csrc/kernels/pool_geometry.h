@@ -17,11 +17,12 @@ constexpr int64_t kMaxPoolMaxTaps = 256;
 // Output length along one axis, as torch.nn.functional.max_pool2d computes it: in ceil mode a last window that
 // would start in the padding past the end is dropped. 0 when no window fits.
 XO_HOST_DEVICE inline int64_t pool_out_size(int64_t in, int64_t kernel, int64_t stride, int64_t pad, bool ceil_mode) {
-  const int64_t span = in + 2 * pad - kernel;
-  if (span < 0) return 0;
-  int64_t out = (span + (ceil_mode ? stride - 1 : 0)) / stride + 1;
+  // PyTorch's pooling_output_shape: the division rounds toward -infinity, so in ceil mode an input shorter than
+  // the window still gives one output when the window starts inside it (size 2, kernel 3, stride 2: 1, not 0).
+  const int64_t num = in + 2 * pad - kernel + (ceil_mode ? stride - 1 : 0);
+  int64_t out = (num >= 0 ? num / stride : -((-num + stride - 1) / stride)) + 1;
   if (ceil_mode && (out - 1) * stride >= in + pad) --out;
-  return out;
+  return out > 0 ? out : 0;
 }
 
 struct Pool2dGeometry {

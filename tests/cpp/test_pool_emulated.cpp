@@ -273,6 +273,7 @@ const Geometry kGeometries[] = {
     {1, 8, 9, 8, 5, 3, 3, 2, 2, 1, true},
     {1, 8, 4, 4, 1, 1, 1, 1, 0, 0, false},
     {2, 8, 3, 11, 3, 2, 2, 1, 1, 1, true},
+    {1, 8, 2, 5, 3, 3, 2, 2, 0, 0, true},   // ceil mode: a 2-row input, one window of 3 rows starting inside it
 };
 
 template <typename T>
@@ -341,6 +342,11 @@ TEST_CASE(max_pool_output_sizes_follow_pytorch) {
   EXPECT(pool_out_size(5, 2, 2, 1, true) == 3);  // (5 + 2 - 2 + 1) / 2 + 1 = 4, whose window starts at 6 >= 5 + 1
   EXPECT(pool_out_size(2, 3, 1, 0, false) == 0);
   EXPECT(pool_out_size(1, 3, 2, 1, true) == 1);
+  // ceil mode, an input shorter than the window that starts inside it: PyTorch's division rounds toward -infinity
+  EXPECT(pool_out_size(2, 3, 2, 0, true) == 1);
+  EXPECT(pool_out_size(2, 3, 1, 0, true) == 0);
+  EXPECT(pool_out_size(2, 3, 2, 0, false) == 0);
+  EXPECT(pool_out_size(1, 4, 3, 0, true) == 0);  // (1 - 4 + 2) / 3 rounds to -1
 }
 
 TEST_CASE(max_pool_vector_width_needs_aligned_unit_channel_strides) {
