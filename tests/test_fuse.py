@@ -438,3 +438,63 @@ def test_timm_legacy_xception_hands_its_strided_blocks_batch_norms_to_the_pools(
     fused = xception_ops.fuse(model, backend="triton")
     between = 3 * 1 + 8 * 2 + 1 + 1 + 8  # as in test_timm_legacy_xception
     assert sum(m.defer_bn for m in fused.modules() if isinstance(m, SeparableConvBN)) == between + 4
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_timm_conv2d_same_fuses_as_same_padding(stride):
+    """timm's Conv2dSame pads in its forward (TensorFlow's "same", from the input's size): fuse() takes it as the
+    op's padding="same". It used to take its padding attribute (0): a 5x5 output where the original gives 6x5."""
+    from timm.layers import Conv2dSame
+    model = nn.Sequential(Conv2dSame(4, 4, 3, stride=stride, groups=4, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                          Conv2dSame(4, 6, 1, bias=False), nn.BatchNorm2d(6)).double()
+    randomize_batch_norm(model, torch.Generator().manual_seed(7))
+    fused, tensors = fuse_a_twin(model)
+    seps = [m for m in fused.modules() if isinstance(m, SeparableConvBN)]
+    assert len(seps) == 1 and seps[0].padding == "same"
+    for size in ((11, 9), (10, 12)):  # odd and even: the odd row of padding at the end
+        compare_train_and_eval(model, fused, torch.randn(2, 4, *size, dtype=torch.float64))
+
+
+def test_a_conv_subclass_with_its_own_forward_is_not_fused():
+    """The op reads a convolution's parameters and never calls its forward: a subclass that changes the forward
+    (here weight standardization) would be silently dropped. fuse() leaves it alone; from_modules refuses it."""
+
+    class StandardizedConv2d(nn.Conv2d):
+        def forward(self, x):
+            w = self.weight
+            w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+            return self._conv_forward(x, w, self.bias)
+
+    dw, pw = StandardizedConv2d(4, 4, 3, padding=1, groups=4, bias=False), nn.Conv2d(4, 6, 1, bias=False)
+    model = nn.Sequential(dw, nn.BatchNorm2d(4), pw, nn.BatchNorm2d(6))
+    assert find_chains(model) == []
+    with pytest.raises(ValueError, match="depthwise is a StandardizedConv2d, whose forward is not nn.Conv2d's"):
+        SeparableConvBN.from_modules(dw, pw, nn.BatchNorm2d(6))
+    with pytest.raises(ValueError, match="pointwise is a StandardizedConv2d"):
+        SeparableConvBN.from_modules(nn.Conv2d(4, 4, 3, groups=4), StandardizedConv2d(4, 6, 1), None)
+
+
+def test_timm_tf_mobilenet_v3_with_same_padding():
+    """timm's TensorFlow ports build their strided convs as Conv2dSame: the trace takes it as a leaf (its padding,
+    worked out from the input's size, stopped the trace, and nothing fused), and those chains fuse with "same"."""
+    model = timm.create_model("tf_mobilenetv3_small_minimal_100", pretrained=False, num_classes=5).double()
+    randomize_batch_norm(model, torch.Generator().manual_seed(8))
+    fused, tensors = fuse_a_twin(model)
+    seps = [m for m in fused.modules() if isinstance(m, SeparableConvBN)]
+    # (timm makes a conv Conv2dSame where "same" is not a fixed symmetric padding: the strided ones)
+    dynamic = [s for s in seps if type(s.depthwise).__name__ == "Conv2dSame"]
+    assert len(seps) == 11 and dynamic and all(s.padding == "same" for s in dynamic)
+    compare_train_and_eval(model, fused, torch.randn(2, 3, 41, 38, dtype=torch.float64))
+    compare_parameters_and_statistics(model, tensors)
+
+
+def test_a_float64_model_folds_its_batch_norm_in_float64():
+    """Inference in float64 matches the unfused layers to float64's precision (the fold was float32: ~1e-7)."""
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 6, 1, bias=False), nn.BatchNorm2d(6)).double()
+    randomize_batch_norm(model, torch.Generator().manual_seed(9))
+    model.eval()
+    fused, _ = fuse_a_twin(model)
+    x = torch.randn(2, 4, 10, 9, dtype=torch.float64)
+    with torch.no_grad():
+        assert relative_error(fused(x), model(x)) <= 1e-14

@@ -30,12 +30,15 @@ def _scale_shift(bn, mean: torch.Tensor, invstd: torch.Tensor) -> tuple[torch.Te
 
 
 def folded_scale_shift(bn: nn.modules.batchnorm._BatchNorm, pre_bias: torch.Tensor | None = None,
-                       dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inference BatchNorm as out = y * scale + shift, with an optional bias added to y before the BatchNorm."""
+                       dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inference BatchNorm as out = y * scale + shift, with an optional bias added to y before the BatchNorm. In
+    float32, or float64 for statistics kept in float64 (a model in float64 folded in float32 was ~1e-7 off)."""
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError("folded_scale_shift: bn has no running statistics (track_running_stats=False): it normalizes "
                          "with the batch statistics in eval mode too, so it has no fixed scale and shift to fold "
                          "(uses_batch_stats(bn) is True)")
+    if dtype is None:
+        dtype = torch.float64 if bn.running_mean.dtype == torch.float64 else torch.float32
     mean = bn.running_mean.to(dtype)
     if pre_bias is not None:
         mean = mean - pre_bias.to(dtype)

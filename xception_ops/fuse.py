@@ -38,7 +38,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from .nn import SeparableConvBN, depthwise_problem, pointwise_problem
+from .nn import SeparableConvBN, depthwise_problem, is_same_padding_conv, pointwise_problem
 from .pooling import MaxPool2d
 
 
@@ -113,10 +113,11 @@ def _take_bn(chain: Chain, name: str, bn: nn.Module) -> bool:
 
 
 class _Tracer(torch.fx.Tracer):
-    """torch.fx's tracer, with timm's BatchNormAct2d as one node (a leaf) like nn.BatchNorm2d, not traced through."""
+    """torch.fx's tracer, with timm's BatchNormAct2d and Conv2dSame as one node each (leaves) like nn.BatchNorm2d and
+    nn.Conv2d, not traced through (Conv2dSame's padding, worked out from the input's size, also stops a trace)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return _is_bn_act(m) or super().is_leaf_module(m, qualname)
+        return _is_bn_act(m) or is_same_padding_conv(m) or super().is_leaf_module(m, qualname)
 
 
 def _mid_activation_name(m: nn.Module) -> str | None:

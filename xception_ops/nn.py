@@ -43,11 +43,30 @@ class PendingBatchNorm(NamedTuple):
     __radd__ = __add__
 
 
+def is_same_padding_conv(m: nn.Module) -> bool:
+    """timm's Conv2dSame: an nn.Conv2d whose forward pads as TensorFlow's "same" (from the input's size, the odd row
+    at the end) and then convolves without padding: the op's padding="same" exactly."""
+    return (isinstance(m, nn.Conv2d) and type(m).__name__ == "Conv2dSame"
+            and type(m).__module__.startswith("timm."))
+
+
+def _conv_problem(m: nn.Module) -> str | None:
+    """Why `m` is not a convolution the op can stand in for: the op reads its parameters and never calls its
+    forward, so a subclass's own forward (weight standardization, its own padding) would be silently dropped."""
+    if not isinstance(m, nn.Conv2d) or m.transposed:
+        return f"must be an nn.Conv2d, got {type(m).__name__}"
+    if type(m).forward is not nn.Conv2d.forward and not is_same_padding_conv(m):
+        return (f"is a {type(m).__name__}, whose forward is not nn.Conv2d's: the fused op would not run what it "
+                "adds")
+    return None
+
+
 def depthwise_problem(m: nn.Module) -> str | None:
     """Why `m` cannot be the depthwise stage of a SeparableConvBN (which reads its weight, bias, stride and
     dilation, pads with zeros and never calls its forward), or None when it can. fuse() takes the layers it can."""
-    if not isinstance(m, nn.Conv2d) or m.transposed:
-        return f"must be an nn.Conv2d, got {type(m).__name__}"
+    problem = _conv_problem(m)
+    if problem is not None:
+        return problem
     if m.groups != m.in_channels or m.out_channels % m.in_channels != 0:
         return (f"must be a depthwise convolution (groups == in_channels, out_channels a multiple of them), got "
                 f"in_channels={m.in_channels}, out_channels={m.out_channels}, groups={m.groups}")
@@ -58,9 +77,11 @@ def depthwise_problem(m: nn.Module) -> str | None:
 
 def pointwise_problem(m: nn.Module, channels: int) -> str | None:
     """Why `m` cannot be the pointwise stage after a depthwise stage of `channels` channels, or None when it can.
-    (Its dilation does not matter: a 1x1 kernel spans one pixel at any dilation.)"""
-    if not isinstance(m, nn.Conv2d) or m.transposed:
-        return f"must be an nn.Conv2d, got {type(m).__name__}"
+    (Its dilation does not matter: a 1x1 kernel spans one pixel at any dilation; nor does timm's "same" padding,
+    which is none for a 1x1 kernel at stride 1.)"""
+    problem = _conv_problem(m)
+    if problem is not None:
+        return problem
     if m.kernel_size != (1, 1) or m.stride != (1, 1) or m.groups != 1 or m.padding not in ((0, 0), "valid"):
         return (f"must be a 1x1 convolution with stride 1, padding 0 and groups 1, got kernel_size={m.kernel_size}, "
                 f"stride={m.stride}, padding={m.padding!r}, groups={m.groups}")
@@ -172,7 +193,9 @@ class SeparableConvBN(nn.Module):
         a BatchNorm2d between the depthwise layer and the mid activation."""
         module = cls.__new__(cls)
         nn.Module.__init__(module)
-        if padding is None and isinstance(depthwise, nn.Conv2d):  # (_setup names what else depthwise may be)
+        if padding is None and is_same_padding_conv(depthwise):
+            padding = "same"
+        elif padding is None and isinstance(depthwise, nn.Conv2d):  # (_setup names what else depthwise may be)
             padding = depthwise.padding if isinstance(depthwise.padding, str) else tuple(depthwise.padding)
         module._setup(depthwise, pointwise, bn, padding, pre_relu, mid_activation, post_relu, backend, mid_bn)
         return module
