@@ -498,3 +498,16 @@ def test_a_float64_model_folds_its_batch_norm_in_float64():
     x = torch.randn(2, 4, 10, 9, dtype=torch.float64)
     with torch.no_grad():
         assert relative_error(fused(x), model(x)) <= 1e-14
+
+
+@pytest.mark.parametrize("affine, track_running_stats", [(False, True), (True, False), (False, False)])
+def test_batch_norms_without_affine_terms_or_running_statistics(affine, track_running_stats):
+    """BatchNorms with no weight and bias, or none of the running statistics (batch statistics in eval mode too),
+    in both places of a chain with depthwise and pointwise biases: the same outputs and gradients as the layers."""
+    bn = functools.partial(nn.BatchNorm2d, affine=affine, track_running_stats=track_running_stats)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, groups=4), bn(8), nn.ReLU6(), nn.Conv2d(8, 6, 1), bn(6),
+                          nn.ReLU()).double()
+    randomize_batch_norm(model, torch.Generator().manual_seed(10))
+    fused, _ = fuse_a_twin(model)
+    assert sum(isinstance(m, SeparableConvBN) for m in fused.modules()) == 1
+    compare_train_and_eval(model, fused, torch.randn(2, 4, 7, 6, dtype=torch.float64))

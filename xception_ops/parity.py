@@ -102,10 +102,13 @@ def randomize_batch_norm(model: nn.Module, generator: torch.Generator) -> None:
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 n = m.num_features
-                m.weight.copy_(torch.rand(n, generator=generator) + 0.5)
-                m.bias.copy_(torch.rand(n, generator=generator) * 0.2 - 0.1)
-                m.running_mean.copy_(torch.rand(n, generator=generator) * 0.2 - 0.1)
-                m.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+                values = {"weight": torch.rand(n, generator=generator) + 0.5,
+                          "bias": torch.rand(n, generator=generator) * 0.2 - 0.1,
+                          "running_mean": torch.rand(n, generator=generator) * 0.2 - 0.1,
+                          "running_var": torch.rand(n, generator=generator) + 0.5}
+                for name, value in values.items():  # (affine=False has no weight and bias; untracked, no stats)
+                    if getattr(m, name) is not None:
+                        getattr(m, name).copy_(value)
 
 
 def _perturb(model: nn.Module, x: torch.Tensor, size: float, seed: int) -> torch.Tensor:
