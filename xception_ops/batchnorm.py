@@ -178,6 +178,11 @@ def scale_shift_from_stats(bn: nn.modules.batchnorm._BatchNorm, total: torch.Ten
 _UNIT_VAR_EPS = 2.0 ** -20  # apply_scale_shift: positive, and 1 - eps + eps == 1 exactly
 
 
+def _elementwise_backend(op: str, y: torch.Tensor) -> str:
+    """The CUDA kernel of xception_ops.<op> on CUDA tensors where the library has one, else the reference."""
+    return "cuda" if y.is_cuda and _library._cuda_has(op) else "torch"
+
+
 def apply_scale_shift(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                       residual: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
     """relu?(y * scale + shift + residual), per channel: y * scale + shift computed in float32 and rounded to y's
@@ -193,7 +198,7 @@ def apply_scale_shift(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
     """
     dtype = stats_dtype(y)
     if _library.EXTENSION is not None and y.dim() == 4:
-        backend = "cuda" if y.is_cuda and _library._cuda_has("scale_shift") else "torch"
+        backend = _elementwise_backend("scale_shift", y)
         # (.to only where the dtype differs: a same-dtype .to is still a dispatched aten::to, ~1 us of CPU each)
         scale = scale if scale.dtype == dtype else scale.to(dtype)
         shift = shift if shift.dtype == dtype else shift.to(dtype)
@@ -222,7 +227,7 @@ class _ChannelMoments(torch.autograd.Function):
         ctx.save_for_backward(y)
         dtype = stats_dtype(y)
         if _library.EXTENSION is not None and y.dim() == 4:
-            backend = "cuda" if y.is_cuda and _library._cuda_has("scale_shift_backward") else "torch"
+            backend = _elementwise_backend("scale_shift_backward", y)
             ones = torch.ones(y.shape[1], dtype=dtype, device=y.device)  # (the shift is unused without a ReLU)
             _, total_sq, total = torch.ops.xception_ops.scale_shift_backward(y, y, ones, ones, False, backend)
             return total, total_sq

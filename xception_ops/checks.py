@@ -266,15 +266,21 @@ def pool_out_size(size: int, kernel: int, stride: int, pad: int, ceil_mode: bool
     return max(out, 0)
 
 
-def check_max_pool2d(op: str, values: torch.Tensor, values_name: str, x_shape: Sequence[int],
-                     kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
-                     ceil_mode: bool) -> tuple[int, int, int, int]:
-    """The same checks as the C++ op (csrc/checks.cpp); returns the pooled shape."""
+def check_pool_input(op: str, values: torch.Tensor, values_name: str, x_shape: Sequence[int]) -> None:
+    """The pooled input the kernels take: 4-D, with channels, `values` (x, or the backward's gradient) of a float
+    dtype."""
     if len(x_shape) != 4:
         raise ValueError(f"{op}: x must be a 4-D tensor (N, C, H, W), got shape {list(x_shape)}")
     if x_shape[1] <= 0:
         raise ValueError(f"{op}: x has 0 channels")
     check_float_tensor(op, values_name, values)
+
+
+def check_max_pool2d(op: str, values: torch.Tensor, values_name: str, x_shape: Sequence[int],
+                     kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+                     ceil_mode: bool) -> tuple[int, int, int, int]:
+    """The same checks as the C++ op (csrc/checks.cpp); returns the pooled shape."""
+    check_pool_input(op, values, values_name, x_shape)
     _check_ints(op, "kernel_size", kernel_size, 2, 1)
     _check_ints(op, "stride", stride, 2, 1)
     _check_ints(op, "padding", padding, 2, 0)

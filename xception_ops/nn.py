@@ -58,6 +58,8 @@ def _conv_problem(m: nn.Module) -> str | None:
     if type(m).forward is not nn.Conv2d.forward and not is_same_padding_conv(m):
         return (f"is a {type(m).__name__}, whose forward is not nn.Conv2d's: the fused op would not run what it "
                 "adds")
+    if m.padding_mode != "zeros":
+        return f"has padding_mode={m.padding_mode!r}; the fused op pads with zeros only"
     return None
 
 
@@ -70,8 +72,6 @@ def depthwise_problem(m: nn.Module) -> str | None:
     if m.groups != m.in_channels or m.out_channels % m.in_channels != 0:
         return (f"must be a depthwise convolution (groups == in_channels, out_channels a multiple of them), got "
                 f"in_channels={m.in_channels}, out_channels={m.out_channels}, groups={m.groups}")
-    if m.padding_mode != "zeros":
-        return f"has padding_mode={m.padding_mode!r}; the fused op pads with zeros only"
     return None
 
 
@@ -85,8 +85,6 @@ def pointwise_problem(m: nn.Module, channels: int) -> str | None:
     if m.kernel_size != (1, 1) or m.stride != (1, 1) or m.groups != 1 or m.padding not in ((0, 0), "valid"):
         return (f"must be a 1x1 convolution with stride 1, padding 0 and groups 1, got kernel_size={m.kernel_size}, "
                 f"stride={m.stride}, padding={m.padding!r}, groups={m.groups}")
-    if m.padding_mode != "zeros":
-        return f"has padding_mode={m.padding_mode!r}; the fused op pads with zeros only"
     if m.in_channels != channels:
         return f"has {m.in_channels} input channels but the depthwise stage gives {channels}"
     return None

@@ -40,7 +40,9 @@ def max_pool2d(x: torch.Tensor, kernel_size: int | tuple[int, int], stride: int 
     pad = pair(padding, "padding")
     chosen = backends.resolve(backend, OP, x)
     if chosen == "torch":  # the op's checks of x and the extras (a residual must not broadcast), then PyTorch's ops
-        _check_x_for_torch(x)
+        # x as the kernel backends take it (a 3-D x would take scale and shift along H; MaxPool2d runs PyTorch's
+        # pooling for the rest); the window is left to F.max_pool2d's checks (the tap limit is the kernels' own)
+        checks.check_pool_input(OP, x, "x", x.shape)
         checks.check_max_pool2d_extras(OP, x, scale, shift, None, ())
         if scale is not None:
             x = batchnorm.apply_scale_shift(x, scale, shift)
@@ -55,18 +57,6 @@ def max_pool2d(x: torch.Tensor, kernel_size: int | tuple[int, int], stride: int 
     out, _ = torch.ops.xception_ops.max_pool2d(x, list(kernel), list(step), list(pad), ceil_mode, save_argmax, chosen,
                                                **extras)
     return out
-
-
-def _check_x_for_torch(x: torch.Tensor) -> None:
-    """Backend "torch" takes the x the kernel backends take (csrc/checks.cpp): 4-D (a 3-D x would take scale and
-    shift along H), with channels, of a float dtype; MaxPool2d runs PyTorch's pooling for the rest. The window is
-    left to F.max_pool2d's own checks: the kernels' limit of MAX_TAPS taps is theirs, not the op's."""
-    if x.dim() != 4:
-        raise ValueError(f"{OP}: x must be a 4-D tensor (N, C, H, W), got shape {list(x.shape)}")
-    if x.shape[1] == 0:
-        raise ValueError(f"{OP}: x has 0 channels")
-    if x.dtype not in checks.SUPPORTED_DTYPES:
-        raise TypeError(f"{OP}: x has dtype {x.dtype}; supported dtypes are float32, float16, bfloat16 and float64")
 
 
 class MaxPool2d(nn.MaxPool2d):
