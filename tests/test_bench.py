@@ -441,22 +441,40 @@ def test_compile_modes_reach_torch_compile(monkeypatch, asked, impl, compiled):
     assert all(r["error"] is None for r in report["layers"] + report["models"])
 
 
-def test_cuda_graph_modes_leave_peak_memory_unmeasured(monkeypatch):
-    """A model row compiled in a mode that replays CUDA graphs reports no peak memory (NaN, an empty cell): the
-    graphs' pool is allocated while recording, before the timed steps, which would show a fraction of it. Other rows
-    report the timed steps' peak."""
+def test_cuda_graph_modes_report_the_peak_of_the_recording_step(monkeypatch, fake_peak_memory):
+    """A model compiled in a mode that replays CUDA graphs allocates its graphs' pool while recording them (its
+    second step: CUDA graph trees run a function once eagerly first) and nothing while replaying: its peak spans
+    the warm-up steps after the first, so it includes the recording and still leaves out the first step's cuDNN
+    trials. An eager row's peak is the timed steps'. Fake device memory: the first step peaks at 100 GiB, the
+    second at 5, later ones at 1 (a graph mode's replays allocate nothing: 0)."""
     from xception_ops import compiling
 
     assert compiling.uses_cuda_graphs("reduce-overhead") and compiling.uses_cuda_graphs("max-autotune")
     assert not any(compiling.uses_cuda_graphs(m) for m in (False, True, "default", "max-autotune-no-cudagraphs"))
-    monkeypatch.setattr(bench, "_peak_memory", lambda device: 3 * 2**30)
-    monkeypatch.setattr(bench, "_reset_peak_memory", lambda device: None)
+    memory, steps = fake_peak_memory, []
+
+    class Probe(torch.nn.Module):
+        def __init__(self, graphs):
+            super().__init__()
+            self.fc, self.graphs = torch.nn.Linear(3, 1000), graphs
+
+        def forward(self, x):
+            if self.training:
+                steps.append(None)
+                n = len(steps)
+                gib = 100 if n == 1 else 5 if n == 2 else 0 if self.graphs else 1
+                memory["peak"] = max(memory["peak"], gib * 2.0**30)
+            return self.fc(x.mean((2, 3)))
+
     monkeypatch.setattr(torch, "compile", lambda model, mode=None: model)  # the eager model under each label
-    rows = {c: bench.bench_model("xception:torch", torch.float32, "NCHW", 1, 71, torch.device("cpu"), 0, 1, c)
-            for c in (False, "reduce-overhead")}
-    assert all(r.error is None for r in rows.values())
-    assert rows[False].peak_gib == 3.0
-    assert rows["reduce-overhead"].peak_gib != rows["reduce-overhead"].peak_gib  # NaN
+    for compiled, warmup, want_gib, want_steps in [(False, 3, 1.0, 3), ("reduce-overhead", 3, 5.0, 3),
+                                                   ("reduce-overhead", 0, 5.0, 2), ("max-autotune", 1, 5.0, 2)]:
+        steps.clear()
+        monkeypatch.setattr(bench, "make_model", lambda name: Probe(compiled is not False))
+        row = bench.bench_model("probe", torch.float32, "NCHW", 2, 5, torch.device("cpu"), warmup, 2, compiled)
+        assert row.error is None
+        assert row.peak_gib == want_gib, (compiled, warmup)
+        assert len(steps) == want_steps + 2, (compiled, warmup)  # the warm-up (2 at least with graphs), timed 2
 
 
 def test_unknown_compile_mode_is_refused_before_anything_runs():
@@ -515,7 +533,7 @@ def test_bnpool_rows_time_the_strided_blocks_tail(tmp_path):
     for impl in ("eager", "xo:torch"):
         torch.manual_seed(0)
         outs.append(bench._bn_pool_fn(impl, 8, 9, 2, False, torch.device("cpu"), torch.float32,
-                                      torch.channels_last)(x))
+                                      torch.channels_last)[0](x))
     assert outs[0].shape == (2, 8, 5, 5) and torch.equal(outs[0], outs[1])
 
 
@@ -547,3 +565,20 @@ def test_op_census_counts_a_cuda_training_step_without_a_gpu():
     # Inference: the folded BatchNorms computed by the first call are reused (no per-call folding arithmetic).
     ops, nodes = tool.census("xception:cuda", torch.bfloat16, "NHWC", 2, 71, training=False)
     assert ops["xception_ops::separable_conv2d"] == 34 and ops["aten::mul"] == 0 and not nodes
+
+
+@pytest.mark.parametrize("op", ["separable", "depthwise", "bnpool"])
+@pytest.mark.parametrize("pass_", ["training", "backward"])
+def test_backward_passes_form_gradients_without_accumulating_them(op, pass_):
+    """A layer's backward pass hands x's gradient on and writes its parameters' afresh, as in a training step:
+    no AccumulateGrad node runs (`.backward()` added each pass's gradient into the last one's `.grad`, an extra
+    add of x's size per pass that no training step has). The engine still enters those nodes to capture what
+    torch.autograd.grad returns ("evaluate_function: ..."), but runs none ("torch::autograd::AccumulateGrad")."""
+    run = bench.layer_runner(op, "eager", 4, 6, 5, 2, torch.float32, "NCHW", pass_, torch.device("cpu"))
+    run(0)  # a first pass: with `.backward()`, the later ones would add into the .grad it leaves
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run(1)
+        run(0)
+    names = [e.name for e in prof.events()]
+    assert any("Backward" in n for n in names), "the pass runs a backward"
+    assert "torch::autograd::AccumulateGrad" not in names

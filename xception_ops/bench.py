@@ -112,8 +112,8 @@ class ModelRow:
     train_step_ms: float = float("nan")
     train_steps_per_s: float = float("nan")
     infer_images_per_s: float = float("nan")
-    peak_gib: float = float("nan")  # device memory allocated at the peak of the timed training steps (CUDA only; not
-    # measured for modes that replay CUDA graphs, compiling.uses_cuda_graphs)
+    peak_gib: float = float("nan")  # device memory allocated at the peak of the training steps after the first (CUDA
+    # only; with CUDA graphs, compiling.uses_cuda_graphs, the steps that record them included)
     error: str | None = None
 
 
@@ -291,34 +291,38 @@ def layer_cost(op: str, cin: int, cout: int, hw: int, batch: int, elem: int, pas
     return factor * nbytes, factor * flops
 
 
-def _bn_pool_fn(impl: str, cin: int, hw: int, batch: int, training: bool, device, dtype, fmt) -> Callable:
+def _bn_pool_fn(impl: str, cin: int, hw: int, batch: int, training: bool, device, dtype,
+                fmt) -> tuple[Callable, list[torch.Tensor]]:
     """A strided block's tail on x: the BatchNorm (per-channel scale and shift, as the statistics give them), the
     3x3 / 2 "same" max pool, and the shortcut added. The package: a PendingBatchNorm and the shortcut handed to
-    MaxPool2dSame (one pass on a kernel backend); otherwise the three PyTorch ops."""
+    MaxPool2dSame (one pass on a kernel backend); otherwise the three PyTorch ops. Returns it with scale and
+    shift."""
     scale = (torch.rand(cin, device=device) + 0.5).requires_grad_(training)
     shift = torch.randn(cin, device=device).requires_grad_(training)
     out_hw = (hw + 1) // 2
     shortcut = torch.randn(batch, cin, out_hw, out_hw, device=device, dtype=dtype).contiguous(memory_format=fmt)
     if impl.startswith("xo:"):
         pool = MaxPool2dSame(3, 2, "same", impl.split(":", 1)[1])
-        return lambda x: pool(PendingBatchNorm(x, scale, shift), residual=shortcut)  # noqa: E731
+        return lambda x: pool(PendingBatchNorm(x, scale, shift), residual=shortcut), [scale, shift]  # noqa: E731
     pool = MaxPool2dSame(3, 2, "same", "torch")
-    return lambda x: pool((x * scale[:, None, None] + shift[:, None, None]).to(dtype)) + shortcut  # noqa: E731
+    return (lambda x: pool((x * scale[:, None, None] + shift[:, None, None]).to(dtype)) + shortcut,  # noqa: E731
+            [scale, shift])
 
 
 def _layer_fn(op: str, impl: str, cin: int, cout: int, hw: int, batch: int, training: bool, device, dtype,
-              fmt) -> Callable:
+              fmt) -> tuple[Callable, list[torch.Tensor]]:
+    """The layer as a function of x, and the tensors besides x whose gradients its training pass computes."""
     if op == "bnpool":
-        fn = _bn_pool_fn(impl, cin, hw, batch, training, device, dtype, fmt)
+        fn, leaves = _bn_pool_fn(impl, cin, hw, batch, training, device, dtype, fmt)
     elif op == "pool":
-        fn = MaxPool2dSame(3, 2, "same", impl.split(":", 1)[1] if impl.startswith("xo:") else "torch")
+        fn, leaves = MaxPool2dSame(3, 2, "same", impl.split(":", 1)[1] if impl.startswith("xo:") else "torch"), []
     elif op == "separable":
         if impl.startswith("xo:"):
             module = SeparableConvBN(cin, cout, 3, pre_relu=training, backend=impl.split(":", 1)[1])
         else:
             module = EagerSeparable(cin, cout, relu=training)
         module = module.to(device=device, dtype=dtype, memory_format=fmt).train(training)
-        fn = module
+        fn, leaves = module, [p for p in module.parameters() if p.requires_grad]
     else:
         weight = torch.randn(cin, 1, 3, 3, device=device, dtype=dtype, requires_grad=training)
         if impl.startswith("xo:"):
@@ -326,17 +330,24 @@ def _layer_fn(op: str, impl: str, cin: int, cout: int, hw: int, batch: int, trai
             fn = lambda x: depthwise_conv2d(x, weight, padding=1, backend=backend)  # noqa: E731
         else:
             fn = lambda x: nn.functional.conv2d(x, weight, padding=1, groups=cin)  # noqa: E731
+        leaves = [weight]
     if impl == "compile" or impl.startswith("compile:"):
-        return torch.compile(fn, mode=compile_mode(impl.partition(":")[2] or "default"))
-    return fn
+        fn = torch.compile(fn, mode=compile_mode(impl.partition(":")[2] or "default"))
+    return fn, leaves
 
 
 def layer_runner(op: str, impl: str, cin: int, cout: int, hw: int, batch: int, dtype: torch.dtype, layout: str,
                  pass_: str, device: torch.device) -> Callable[[int], None]:
-    """run(i): one pass of one layer configuration on input buffer i (inputs rotated past the L2 cache)."""
+    """run(i): one pass of one layer configuration on input buffer i (inputs rotated past the L2 cache).
+
+    The backward passes return the gradients of x and of the layer's parameters as a training step forms them
+    (torch.autograd.grad): x's flows on to the layer before, and an optimizer that zeroes with set_to_none has
+    the parameters' written afresh. `.backward()` would instead add each pass's into the `.grad` of the last: an
+    add per tensor, one of x's size (~17 us at 728 @19^2 in bf16 on the H100, 5 adds in session 12's profiles),
+    which no training step runs."""
     training = pass_ != "inference"
     fmt = torch.channels_last if layout == "NHWC" else torch.contiguous_format
-    fn = _layer_fn(op, impl, cin, cout, hw, batch, training, device, dtype, fmt)
+    fn, leaves = _layer_fn(op, impl, cin, cout, hw, batch, training, device, dtype, fmt)
     elem = torch.tensor([], dtype=dtype).element_size()
     nbuf = _buffers_needed(batch * cin * hw * hw * elem, device)
     inputs = [torch.randn(batch, cin, hw, hw, device=device, dtype=dtype).contiguous(memory_format=fmt)
@@ -353,12 +364,14 @@ def layer_runner(op: str, impl: str, cin: int, cout: int, hw: int, batch: int, d
             fn(inputs[i % nbuf])
     elif pass_ == "training":
         def run(i):
-            fn(inputs[i % nbuf]).backward(grad)
+            x = inputs[i % nbuf]
+            torch.autograd.grad(fn(x), [x, *leaves], grad, allow_unused=True)
     else:  # backward alone, over graphs recorded once per buffer
         outputs = [fn(x) for x in inputs]
 
         def run(i):
-            outputs[i % nbuf].backward(grad, retain_graph=True)
+            torch.autograd.grad(outputs[i % nbuf], [inputs[i % nbuf], *leaves], grad, retain_graph=True,
+                                allow_unused=True)
     return run
 
 
@@ -489,18 +502,25 @@ def bench_model(name: str, dtype: torch.dtype, layout: str, batch: int, image: i
         model, train_step, infer = model_steps(name, dtype, layout, batch, image, device, compiled)
         row.params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         model.train()
-        # The peak is that of the timed steps, after the warm-up (at least one step): in cuDNN's benchmark mode
-        # (`run` sets it) the first step of each new conv shape tries cuDNN's algorithms with their workspaces,
-        # and the model that runs first in a dtype pays that for the next ones, which find them cached. On the H100
-        # (float32, NHWC, batch 32) it made Xception's first step peak at 22.3 GiB against 7.65 GiB afterwards, and
-        # whichever of Xception and timm's legacy_xception ran first showed the 22 GiB.
-        for i in range(max(1, warmup)):
+        # The peak is that of the steps after the first: in cuDNN's benchmark mode (`run` sets it) the first step
+        # of each new conv shape tries cuDNN's algorithms with their workspaces, and the model that runs first in a
+        # dtype pays that for the next ones, which find them cached. On the H100 (float32, NHWC, batch 32) it made
+        # Xception's first step peak at 22.3 GiB against 7.65 GiB afterwards, and whichever of Xception and timm's
+        # legacy_xception ran first showed the 22 GiB. Eager: the timed steps' peak. CUDA graphs (torch.compile's
+        # CUDA graph trees run a function once eagerly, record it at its second call, then replay): a replay
+        # allocates nothing, so the timed steps alone showed 0.15 GiB for Xception (H100, session 12); the peak
+        # then also spans the warm-up steps after the first, the recording among them (which allocates as an
+        # eager step does, into the graphs' pool).
+        graphs = uses_cuda_graphs(compiled)
+        train_step(0)
+        if graphs:
+            _reset_peak_memory(device)
+        for i in range(1, max(2 if graphs else 1, warmup)):
             train_step(i)
-        _reset_peak_memory(device)
+        if not graphs:
+            _reset_peak_memory(device)
         train = time_fn(train_step, device, 0, reps)
-        # Replayed CUDA graphs allocate nothing: their pool was allocated while recording, during the warm-up, so
-        # the timed steps' peak would leave it out (0.15 GiB for Xception on the H100, session 12). Not measured.
-        row.peak_gib = float("nan") if uses_cuda_graphs(compiled) else _peak_memory(device) / 2**30
+        row.peak_gib = _peak_memory(device) / 2**30
         model.eval()
         inference = time_fn(infer, device, warmup, reps)
         row.train_step_ms, row.train_steps_per_s = train.median_ms, 1e3 / train.median_ms
