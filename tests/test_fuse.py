@@ -511,3 +511,70 @@ def test_batch_norms_without_affine_terms_or_running_statistics(affine, track_ru
     fused, _ = fuse_a_twin(model)
     assert sum(isinstance(m, SeparableConvBN) for m in fused.modules()) == 1
     compare_train_and_eval(model, fused, torch.randn(2, 4, 7, 6, dtype=torch.float64))
+
+
+class _RenormBatchNorm2d(nn.BatchNorm2d):
+    """A BatchNorm2d subclass whose forward adds something of its own (a stand-in for batch renormalization)."""
+
+    def forward(self, x):
+        return super().forward(x).clamp(-3, 3)
+
+
+def test_a_batch_norm_subclass_with_its_own_forward_is_not_taken():
+    """The op applies a BatchNorm from its parameters and statistics and never calls its forward: a subclass that
+    changes the forward would be silently dropped. fuse() ends the chain before it; from_modules refuses it, as it
+    refuses BatchNorms of other ranks and timm's BatchNormAct2d still holding its activation."""
+    from timm.layers import BatchNormAct2d
+
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False), nn.Conv2d(4, 6, 1, bias=False),
+                          _RenormBatchNorm2d(6))
+    chains = find_chains(model)
+    assert [(c.pointwise, c.batch_norm) for c in chains] == [("1", None)]
+    dw, pw = nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False), nn.Conv2d(4, 6, 1, bias=False)
+    for bn, match in [(_RenormBatchNorm2d(6), "bn is a _RenormBatchNorm2d, whose forward is not nn.BatchNorm2d's"),
+                      (nn.BatchNorm1d(6), "bn must be a BatchNorm of 4-D inputs .* got BatchNorm1d"),
+                      (BatchNormAct2d(6, act_layer=nn.ReLU), "bn is timm's BatchNormAct2d with act=ReLU")]:
+        with pytest.raises(ValueError, match=match):
+            SeparableConvBN.from_modules(dw, pw, bn)
+    fused = SeparableConvBN.from_modules(dw, pw, BatchNormAct2d(6, apply_act=False))
+    assert type(fused.bn.act) is nn.Identity
+
+
+@pytest.mark.parametrize("sync_type", ["torch", "package"])
+def test_synchronized_batch_norms_make_a_synchronized_layer(sync_type):
+    """A SeparableConvBN built on a synchronizing BatchNorm (torch's nn.SyncBatchNorm, this package's
+    SyncBatchNorm2d) all-reduces its statistics as that BatchNorm would have: the op uses its parameters, not its
+    forward. Such BatchNorms fuse; a layer's two BatchNorms must synchronize alike (fuse() then leaves the second
+    out of the chain)."""
+    def sync_bn(channels, group=None):
+        if sync_type == "torch":
+            return nn.SyncBatchNorm(channels, process_group=group)
+        return xception_ops.batchnorm.SyncBatchNorm2d(channels, process_group=group)
+
+    dw, pw = nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False), nn.Conv2d(4, 6, 1, bias=False)
+    group = object()  # (a stand-in: nothing is all-reduced outside a multi-process run)
+    plain = SeparableConvBN.from_modules(dw, pw, nn.BatchNorm2d(6))
+    assert (plain.sync_stats, plain.process_group) == (False, None)
+    synced = SeparableConvBN.from_modules(dw, pw, sync_bn(6, group))
+    assert synced.sync_stats and synced.process_group is group
+    both = SeparableConvBN.from_modules(dw, pw, sync_bn(6, group), mid_bn=sync_bn(4, group))
+    assert both.sync_stats and both.process_group is group
+    with pytest.raises(ValueError, match="bn and mid_bn must both synchronize their statistics .* or neither"):
+        SeparableConvBN.from_modules(dw, pw, nn.BatchNorm2d(6), mid_bn=sync_bn(4))
+    with pytest.raises(ValueError, match="bn and mid_bn synchronize over different process groups"):
+        SeparableConvBN.from_modules(dw, pw, sync_bn(6, group), mid_bn=sync_bn(4, object()))
+
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False), nn.Conv2d(4, 6, 1, bias=False),
+                          sync_bn(6), nn.ReLU())
+    randomize_batch_norm(model, torch.Generator().manual_seed(4))
+    fused = xception_ops.fuse(model)
+    assert isinstance(fused[0], SeparableConvBN) and fused[0].sync_stats and fused[0].post_relu
+    # Outside a multi-process run a synchronizing BatchNorm is a BatchNorm: the same values (torch's SyncBatchNorm
+    # needs CUDA to train, so the comparison is in eval mode for it).
+    for training in ([False] if sync_type == "torch" else [False, True]):
+        model.train(training), fused.train(training)
+        x = torch.randn(2, 4, 5, 5)
+        assert relative_error(fused(x), model(x)) <= 1e-5
+    mixed = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False), sync_bn(4),
+                          nn.Conv2d(4, 6, 1, bias=False), nn.BatchNorm2d(6))
+    assert [(c.mid_batch_norm, c.batch_norm) for c in find_chains(mixed)] == [("1", None)]

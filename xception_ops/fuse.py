@@ -38,7 +38,8 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from .nn import SeparableConvBN, depthwise_problem, is_same_padding_conv, pointwise_problem
+from .nn import (SeparableConvBN, batch_norm_problem, batch_norms_problem, depthwise_problem, is_batch_norm_act,
+                 is_same_padding_conv, pointwise_problem)
 from .pooling import MaxPool2d
 
 
@@ -69,22 +70,17 @@ def _is_pointwise(m: nn.Module, channels: int) -> bool:
     return pointwise_problem(m, channels) is None
 
 
-def _is_bn_act(m: nn.Module) -> bool:
-    """timm's BatchNormAct2d: a BatchNorm2d subclass whose forward is BatchNorm2d's, then `drop`, then `act` (timm's
-    MobileNet, EfficientNet and MNASNet blocks). Taken where its `drop` is an identity; its `act` joins the chain as
-    the mid activation or the ReLU after the BatchNorm (fuse() then sets it to nn.Identity inside the module)."""
-    return (isinstance(m, nn.BatchNorm2d) and type(m).__name__ == "BatchNormAct2d"
-            and type(m).__module__.startswith("timm.") and type(getattr(m, "drop", None)) is nn.Identity
-            and isinstance(getattr(m, "act", None), nn.Module))
-
-
 def _is_bn(m: nn.Module, channels: int) -> bool:
-    return (type(m) is nn.BatchNorm2d or _is_bn_act(m)) and m.num_features == channels
+    """A BatchNorm the fused op can take (nn.batch_norm_problem), or timm's BatchNormAct2d whose activation fuse()
+    then moves into the chain."""
+    if is_batch_norm_act(m):
+        return m.num_features == channels
+    return batch_norm_problem(m, channels, "") is None
 
 
 def _bn_act(bn: nn.Module) -> nn.Module | None:
     """The activation inside a BatchNormAct2d (None for a plain BatchNorm2d or an identity act)."""
-    act = getattr(bn, "act", None) if _is_bn_act(bn) else None
+    act = getattr(bn, "act", None) if is_batch_norm_act(bn) else None
     return None if act is None or type(act) is nn.Identity else act
 
 
@@ -100,11 +96,12 @@ def _take_mid_bn(chain: Chain, name: str, bn: nn.Module) -> bool:
     return True
 
 
-def _take_bn(chain: Chain, name: str, bn: nn.Module) -> bool:
+def _take_bn(chain: Chain, name: str, bn: nn.Module, mid_bn: nn.Module | None) -> bool:
     """Puts the BatchNorm `name` after the pointwise conv into the chain, with a ReLU inside it (BatchNormAct2d) as
-    the chain's ReLU; False where it holds another activation."""
+    the chain's ReLU; False where it holds another activation, or where it and the chain's mid BatchNorm `mid_bn`
+    do not synchronize their statistics alike (the fused layer has one setting for both)."""
     act = _bn_act(bn)
-    if act is not None and type(act) is not nn.ReLU:
+    if (act is not None and type(act) is not nn.ReLU) or batch_norms_problem(bn, mid_bn) is not None:
         return False
     chain.batch_norm = name
     if act is not None:
@@ -117,7 +114,7 @@ class _Tracer(torch.fx.Tracer):
     nn.Conv2d, not traced through (Conv2dSame's padding, worked out from the input's size, also stops a trace)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return _is_bn_act(m) or is_same_padding_conv(m) or super().is_leaf_module(m, qualname)
+        return is_batch_norm_act(m) or is_same_padding_conv(m) or super().is_leaf_module(m, qualname)
 
 
 def _mid_activation_name(m: nn.Module) -> str | None:
@@ -177,12 +174,12 @@ def _find_chains_fx(model: nn.Module, graph: torch.fx.Graph) -> list[Chain]:
         dw = module_of(node)
         if dw is None or not _is_depthwise(dw) or len(node.args) != 1 or node.kwargs:
             continue
-        chain = Chain(depthwise=node.target, pointwise="")
+        chain, mid_bn = Chain(depthwise=node.target, pointwise=""), None
         nxt = sole_user(node)
         if nxt is not None and module_of(nxt) is not None and _is_bn(module_of(nxt), dw.out_channels):
             if not _take_mid_bn(chain, nxt.target, module_of(nxt)):
                 continue  # an activation inside the BatchNorm that the op has no mid form of
-            nxt = sole_user(nxt)
+            mid_bn, nxt = module_of(nxt), sole_user(nxt)
         if chain.mid_activation is None and nxt is not None and module_of(nxt) is not None \
                 and _mid_activation_name(module_of(nxt)):
             chain.mid_activation, nxt = nxt.target, sole_user(nxt)
@@ -192,7 +189,7 @@ def _find_chains_fx(model: nn.Module, graph: torch.fx.Graph) -> list[Chain]:
         channels = module_of(nxt).out_channels
         nxt = sole_user(tail)
         if nxt is not None and module_of(nxt) is not None and _is_bn(module_of(nxt), channels) \
-                and _take_bn(chain, nxt.target, module_of(nxt)):  # (else the chain ends at the pointwise conv)
+                and _take_bn(chain, nxt.target, module_of(nxt), mid_bn):  # (else the chain ends at pointwise)
             tail = nxt
         nxt = sole_user(tail)
         if chain.post_relu is None and nxt is not None and module_of(nxt) is not None \
@@ -234,13 +231,13 @@ def _find_chains_sequential(model: nn.Module) -> list[Chain]:
             if not _is_depthwise(dw):
                 i += 1
                 continue
-            chain = Chain(depthwise=name(children[i][0]), pointwise="")
+            chain, mid_bn = Chain(depthwise=name(children[i][0]), pointwise=""), None
             j = skip(i + 1)
             if j < len(children) and _is_bn(children[j][1], dw.out_channels):
                 if not _take_mid_bn(chain, name(children[j][0]), children[j][1]):
                     i += 1
                     continue
-                j = skip(j + 1)
+                mid_bn, j = children[j][1], skip(j + 1)
             if chain.mid_activation is None and j < len(children) and _mid_activation_name(children[j][1]):
                 chain.mid_activation, j = name(children[j][0]), skip(j + 1)
             if j >= len(children) or not _is_pointwise(children[j][1], dw.out_channels):
@@ -248,7 +245,7 @@ def _find_chains_sequential(model: nn.Module) -> list[Chain]:
                 continue
             chain.pointwise, channels, j = name(children[j][0]), children[j][1].out_channels, skip(j + 1)
             if j < len(children) and _is_bn(children[j][1], channels) and \
-                    _take_bn(chain, name(children[j][0]), children[j][1]):
+                    _take_bn(chain, name(children[j][0]), children[j][1], mid_bn):
                 j = skip(j + 1)
             if chain.post_relu is None and j < len(children) and type(children[j][1]) is nn.ReLU:
                 chain.post_relu, j = name(children[j][0]), j + 1
@@ -321,6 +318,12 @@ def fuse(model: nn.Module, *, inplace: bool = False, backend: str = "auto", pool
             chain.pre_relu = None
         claimed.update(chain.names())
         mid = modules[chain.mid_activation] if chain.mid_activation else None
+        # Deepest first: an activation inside a BatchNormAct2d ("....bn1.act") is set to nn.Identity inside that
+        # module, which the fused module keeps as its BatchNorm (taking it with that activation gone), before the
+        # BatchNorm's own place becomes one. (`modules` still holds every module taken.)
+        for name in sorted(chain.names(), key=lambda n: -n.count(".")):
+            if name != chain.depthwise:
+                _set_module(model, name, nn.Identity())
         fused = SeparableConvBN.from_modules(
             modules[chain.depthwise], modules[chain.pointwise],
             modules[chain.batch_norm] if chain.batch_norm else None,
@@ -328,11 +331,6 @@ def fuse(model: nn.Module, *, inplace: bool = False, backend: str = "auto", pool
             post_relu=chain.post_relu is not None, backend=backend,
             mid_bn=modules[chain.mid_batch_norm] if chain.mid_batch_norm else None)
         fused.defer_bn = chain.depthwise in deferring
-        # Deepest first: an activation inside a BatchNormAct2d ("....bn1.act") is set to nn.Identity inside that
-        # module, which the fused module keeps as its BatchNorm, before the BatchNorm's own place becomes one.
-        for name in sorted(chain.names(), key=lambda n: -n.count(".")):
-            if name != chain.depthwise:
-                _set_module(model, name, nn.Identity())
         _set_module(model, chain.depthwise, fused)
     if pools:
         for name, module in list(model.named_modules(remove_duplicate=False)):  # (a shared pool at each of its names)

@@ -90,12 +90,57 @@ def pointwise_problem(m: nn.Module, channels: int) -> str | None:
     return None
 
 
+def is_batch_norm_act(m: nn.Module) -> bool:
+    """timm's BatchNormAct2d: a BatchNorm2d subclass whose forward is BatchNorm2d's, then `drop`, then `act` (timm's
+    MobileNet, EfficientNet and MNASNet blocks), taken where its `drop` is an identity. fuse() moves a non-identity
+    `act` into the chain (the mid activation, or the ReLU after the BatchNorm) and sets it to nn.Identity."""
+    return (isinstance(m, nn.BatchNorm2d) and type(m).__name__ == "BatchNormAct2d"
+            and type(m).__module__.startswith("timm.") and type(getattr(m, "drop", None)) is nn.Identity
+            and isinstance(getattr(m, "act", None), nn.Module))
+
+
+def synchronizing_batch_norm(m: nn.Module) -> bool:
+    """Whether a BatchNorm all-reduces its batch statistics across processes in training: torch's nn.SyncBatchNorm
+    or this package's SyncBatchNorm2d. A SeparableConvBN built on one does the same (its sync_stats)."""
+    return isinstance(m, nn.SyncBatchNorm) or bool(getattr(m, "sync_stats", False))
+
+
+# The forwards that are BatchNorm's own (the op computes what they compute from the module's parameters and state).
+_BATCH_NORM_FORWARDS = (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward,
+                        batchnorm.SyncBatchNorm2d.forward)
+
+
 def batch_norm_problem(m: nn.Module, channels: int, stage: str) -> str | None:
-    """Why `m` cannot be the BatchNorm after the `stage` stage of `channels` channels, or None when it can."""
+    """Why `m` cannot be the BatchNorm after the `stage` stage of `channels` channels, or None when it can: a 2-D
+    BatchNorm whose forward is BatchNorm's (the op applies it from the module's parameters and statistics and never
+    calls its forward, so a subclass's own forward would be silently dropped), or timm's BatchNormAct2d with an
+    identity `act` (fuse() takes the activation out first)."""
     if not isinstance(m, nn.modules.batchnorm._BatchNorm):
         return f"must be an nn.BatchNorm2d or None, got {type(m).__name__}"
+    if not isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm)):
+        return f"must be a BatchNorm of 4-D inputs (nn.BatchNorm2d, nn.SyncBatchNorm), got {type(m).__name__}"
+    if is_batch_norm_act(m):
+        if type(m.act) is not nn.Identity:
+            return (f"is timm's BatchNormAct2d with act={type(m.act).__name__}, which the fused op would not run "
+                    "(pass it as the layer's activation and set the module's act to nn.Identity, as fuse() does)")
+    elif type(m).forward not in _BATCH_NORM_FORWARDS:
+        return (f"is a {type(m).__name__}, whose forward is not nn.BatchNorm2d's: the fused op would not run what "
+                "it adds")
     if m.num_features != channels:
         return f"has {m.num_features} features but the {stage} stage gives {channels} channels"
+    return None
+
+
+def batch_norms_problem(bn: nn.Module | None, mid_bn: nn.Module | None) -> str | None:
+    """Why a layer's two BatchNorms cannot share its one setting of synchronized statistics, or None: both must
+    all-reduce their statistics over the same process group, or neither."""
+    if bn is None or mid_bn is None:
+        return None
+    if synchronizing_batch_norm(bn) != synchronizing_batch_norm(mid_bn):
+        return ("bn and mid_bn must both synchronize their statistics (nn.SyncBatchNorm, SyncBatchNorm2d) or "
+                f"neither, got {type(mid_bn).__name__} and {type(bn).__name__}")
+    if synchronizing_batch_norm(bn) and bn.process_group is not mid_bn.process_group:
+        return "bn and mid_bn synchronize over different process groups"
     return None
 
 
@@ -113,7 +158,7 @@ def layers_problem(depthwise: nn.Module, pointwise: nn.Module, bn: nn.Module | N
         problem = None if m is None else batch_norm_problem(m, channels, stage)
         if problem is not None:
             return f"{name} {problem}"
-    return None
+    return batch_norms_problem(bn, mid_bn)
 
 
 class SeparableConvBN(nn.Module):
@@ -177,7 +222,10 @@ class SeparableConvBN(nn.Module):
         self.mid_activation = None if mid_activation == "none" else mid_activation
         self.post_relu = post_relu
         self.backend = backends.checked_name(backend)  # (a misspelt one fails here, not at the first call)
-        self.sync_stats, self.process_group = False, None  # see batchnorm.convert_sync_batchnorm
+        # Synchronized statistics (see batchnorm.convert_sync_batchnorm) as the BatchNorms taken synchronize theirs:
+        # the op uses their parameters, not their forward, which would have all-reduced.
+        synced = next((m for m in (bn, mid_bn) if m is not None and synchronizing_batch_norm(m)), None)
+        self.sync_stats, self.process_group = synced is not None, getattr(synced, "process_group", None)
         # forward's defer_bn when the caller does not say: fuse() sets it where this layer's output feeds the next
         # fused layer alone (through layers it turned into nn.Identity).
         self.defer_bn = False

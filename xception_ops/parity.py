@@ -97,10 +97,11 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def randomize_batch_norm(model: nn.Module, generator: torch.Generator) -> None:
-    """Non-trivial BatchNorm parameters and statistics, so that eval mode and the affine terms are exercised."""
+    """Non-trivial BatchNorm parameters and statistics, so that eval mode and the affine terms are exercised (every
+    BatchNorm: nn.SyncBatchNorm is no nn.BatchNorm2d)."""
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 n = m.num_features
                 values = {"weight": torch.rand(n, generator=generator) + 0.5,
                           "bias": torch.rand(n, generator=generator) * 0.2 - 0.1,
