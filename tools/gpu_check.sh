@@ -14,6 +14,11 @@
 #                 PROFILE_PASSES its passes (inference training)
 #   FORWARD_VARIANTS  the forward step's variants, NAME:SETTING[,SETTING...] each (default: all seven, below)
 #   STEP_TIMEOUT  seconds after which a step is stopped (default 600), so one hang does not eat the others' time
+#   DEADLINE      seconds for the whole script (default: none): a step gets at most what is left of it less 15 s,
+#                 and a step that would start with under 30 s left is skipped (logged as such), so that a call
+#                 with a hard time limit still ends by itself and writes its summary
+#   PROFILE_ENV   VAR=VALUE settings (space-separated) for the profile step's processes, e.g.
+#                 XCEPTION_OPS_SEPARABLE_STAGED_GEMM=wgmma for Hopper's GEMM in the staged forward and backward
 #   GPU_XDIST_WORKERS / XDIST_WORKERS   pytest-xdist processes for the CUDA tests (4) and the Triton tests (nproc);
 #                 TRITON_TEST_WORKERS those of the Triton tests in the "tests" step, beside the CUDA tests (6)
 # Steps: build install info tests (or gpu_tests and triton_tests one after the other) forward wgmma profile ncu
@@ -38,9 +43,19 @@ summary=""
 step() {  # step NAME COMMAND...: runs the command into the log (if NAME is in STEPS), remembers a failure
   local name="$1"; shift
   [[ " $STEPS " == *" $name "* ]] || return 0
-  echo "=== $name: $*" >> "$log"
+  local limit="${STEP_TIMEOUT:-600}"
+  if [ -n "${DEADLINE:-}" ]; then
+    local left=$((DEADLINE - SECONDS - 15))
+    if [ "$left" -lt 15 ]; then
+      summary+="$name: skipped, $((DEADLINE - SECONDS)) s of the deadline left"$'\n'
+      echo "=== $name: skipped (deadline): $*" >> "$log"
+      return 0
+    fi
+    [ "$left" -lt "$limit" ] && limit=$left
+  fi
+  echo "=== $name (limit $limit s): $*" >> "$log"
   local t0=$SECONDS
-  timeout "${STEP_TIMEOUT:-600}" "$@" >> "$log" 2>&1
+  timeout "$limit" "$@" >> "$log" 2>&1
   local rc=$?
   summary+="$name: exit $rc in $((SECONDS - t0)) s"$'\n'
   echo "=== $name: exit $rc in $((SECONDS - t0)) s" >> "$log"
@@ -136,7 +151,7 @@ step wgmma "$PY" tools/wgmma_sweep.py --json "$out/wgmma-sweep.json"
 for impl in ${PROFILE_IMPLS:-cuda eager}; do
   for pass_ in ${PROFILE_PASSES:-inference training}; do
     # shellcheck disable=SC2086
-    step profile "$PY" tools/profile_training.py --impl $impl --pass $pass_ \
+    step profile env ${PROFILE_ENV:-} "$PY" tools/profile_training.py --impl $impl --pass $pass_ \
       --shapes ${PROFILE_SHAPES:-64,128,147 128,128,147 256,728,37 728,728,37 728,728,19 1024,1536,10} \
       --out "$out/profile-$impl-$pass_.txt"
   done
