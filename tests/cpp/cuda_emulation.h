@@ -17,6 +17,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <memory>
@@ -156,7 +157,10 @@ void cp_async_wait() {
 // fragments (at a warpgroup barrier) and queues the product, wgmma_ss queues it with A's descriptor; it is
 // applied, reading shared memory through the descriptors as the PTX ISA defines them (no swizzling), only when
 // wgmma_wait lets the group finish: a kernel that reads its accumulators, or rewrites an operand's buffer, before
-// waiting computes wrong results here, as it may on the GPU.
+// waiting computes wrong results here, as it may on the GPU. Each thread also reads its part of the operands at
+// issue, and the wait counts a race (emulated_wgmma_races, which the tests check) where they changed in between:
+// a missing barrier before the issue, or a refill before the wait, even where the values at the wait happen to be
+// right. (Not checked: the async-proxy fence, which is a no-op here, and the warpgroup's uniform descriptors.)
 #define XO_EMULATED_WGMMA 1
 inline unsigned char* xo_emulated_smem_base = nullptr;
 
@@ -179,10 +183,56 @@ struct EmulatedWgmma {
   bool a_smem;
   bool mn_major;    // both operands transposed (wgmma_ss_mn)
   float a[64][16];  // A, where !a_smem
+  std::vector<float> issued;  // the operand values this thread's product reads, as they were at issue
 };
 inline unsigned emulated_wgmma_a[8][128][4];  // [warpgroup][thread of the group][register]
 inline thread_local std::vector<EmulatedWgmma> emulated_wgmma_open;
 inline thread_local std::vector<std::vector<EmulatedWgmma>> emulated_wgmma_committed;
+
+// Element (k, row) of a shared-memory operand. Descriptor bits 0-13 start, 16-29 leading (K) byte offset, 32-45
+// stride (M or N) byte offset, in 16-byte units; this emulation knows only the unswizzled layouts with base offset
+// 0. K-major, ((8,m),(T,2k)):((1T,SBO),(1,LBO)), a row's 8 K values in 16 bytes; MN-major, ((T,1,m),(8,k)):
+// ((1,T,SBO),(1T,LBO)), a K value's 8 rows in 16 bytes.
+inline float emulated_wgmma_element(const EmulatedWgmma& op, uint64_t desc, int k, int row) {
+  if ((desc >> 49) != 0) std::abort();
+  const uint64_t start = (desc & 0x3FFFu) << 4, lead = ((desc >> 16) & 0x3FFFu) << 4,
+                 stride = ((desc >> 32) & 0x3FFFu) << 4;
+  const unsigned char* e = xo_emulated_smem_base + start + (row / 8) * stride + (k / 8) * lead +
+                           (op.mn_major ? (k % 8) * 16 + (row % 8) * 2 : (row % 8) * 16 + (k % 8) * 2);
+  unsigned short bits;
+  std::memcpy(&bits, e, 2);
+  return op.bf16 ? __uint_as_float(static_cast<unsigned>(bits) << 16) : __half2float(__ushort_as_half(bits));
+}
+
+// The calling thread's accumulator elements of `op`: element 4 j + e of its fragment is D(row, col) below.
+inline int emulated_wgmma_row(int e) {
+  const unsigned member = threadIdx.x % 128;
+  return static_cast<int>(16 * (member / 32) + (member % 32) / 4 + 8 * (e / 2));
+}
+inline int emulated_wgmma_col(int j, int e) { return 8 * j + 2 * static_cast<int>(threadIdx.x % 4) + e % 2; }
+
+// The operand values the calling thread's part of `op` reads (its two rows of A, its columns of B), in a fixed
+// order: read at issue and again when the product is applied, they must agree. On the GPU the product reads its
+// shared-memory operands at some moment between the warpgroup's issue and the wait that covers it, so a kernel
+// that writes them in that window (a missing barrier before the issue, a refill before the wait) is racing.
+inline void emulated_wgmma_operands(const EmulatedWgmma& op, std::vector<float>& out) {
+  out.clear();
+  for (int e = 0; e < 4; e += 2) {
+    for (int k = 0; k < 16; ++k) {
+      const int row = emulated_wgmma_row(e);
+      out.push_back(op.a_smem ? emulated_wgmma_element(op, op.a_desc, k, row) : op.a[row][k]);
+    }
+  }
+  for (int j = 0; j < op.n / 8; ++j) {
+    for (int e = 0; e < 2; ++e) {
+      for (int k = 0; k < 16; ++k) out.push_back(emulated_wgmma_element(op, op.desc, k, emulated_wgmma_col(j, e)));
+    }
+  }
+}
+inline void emulated_wgmma_issue(EmulatedWgmma& op) {
+  emulated_wgmma_operands(op, op.issued);
+  emulated_wgmma_open.push_back(std::move(op));
+}
 
 template <int kN, bool kBf16>
 void wgmma_rs(float (&d)[kN / 2], const unsigned (&a)[4], uint64_t b_desc) {
@@ -203,49 +253,41 @@ void wgmma_rs(float (&d)[kN / 2], const unsigned (&a)[4], uint64_t b_desc) {
     }
   }
   xo_emulated_warpgroup_barrier->arrive_and_wait();
-  emulated_wgmma_open.push_back(op);
+  emulated_wgmma_issue(op);
 }
 template <int kN, bool kBf16>
 void wgmma_ss(float (&d)[kN / 2], uint64_t a_desc, uint64_t b_desc) {
   EmulatedWgmma op;
   op.d = d, op.n = kN, op.bf16 = kBf16, op.desc = b_desc, op.a_desc = a_desc, op.a_smem = true, op.mn_major = false;
-  emulated_wgmma_open.push_back(op);
+  emulated_wgmma_issue(op);
 }
 template <int kN, bool kBf16>
 void wgmma_ss_mn(float (&d)[kN / 2], uint64_t a_desc, uint64_t b_desc) {
   EmulatedWgmma op;
   op.d = d, op.n = kN, op.bf16 = kBf16, op.desc = b_desc, op.a_desc = a_desc, op.a_smem = true, op.mn_major = true;
-  emulated_wgmma_open.push_back(op);
+  emulated_wgmma_issue(op);
 }
 inline void wgmma_commit() {
   emulated_wgmma_committed.push_back(std::move(emulated_wgmma_open));
   emulated_wgmma_open.clear();
 }
+// Counts the products whose operands changed between issue and wait (a race on the GPU); a test reads it.
+inline std::atomic<long> emulated_wgmma_races{0};
 template <int kGroups>
 void wgmma_wait() {
-  const unsigned member = threadIdx.x % 128, warp = member / 32, g = (member % 32) / 4, t = member % 4;
+  std::vector<float> now;
   while (emulated_wgmma_committed.size() > static_cast<size_t>(kGroups)) {
     for (const EmulatedWgmma& op : emulated_wgmma_committed.front()) {
-      // Bits 0-13 start, 16-29 leading (K) byte offset, 32-45 stride (M or N) byte offset, in 16-byte units; this
-      // emulation knows only the unswizzled layouts with base offset 0. Element (k, row) of an operand: K-major,
-      // ((8,m),(T,2k)):((1T,SBO),(1,LBO)), a row's 8 K values in 16 bytes; MN-major, ((T,1,m),(8,k)):((1,T,SBO),
-      // (1T,LBO)), a K value's 8 rows in 16 bytes.
-      auto element = [&](uint64_t desc, int k, int row) {
-        if ((desc >> 49) != 0) std::abort();
-        const uint64_t start = (desc & 0x3FFFu) << 4, lead = ((desc >> 16) & 0x3FFFu) << 4,
-                       stride = ((desc >> 32) & 0x3FFFu) << 4;
-        const unsigned char* e =
-            xo_emulated_smem_base + start + (row / 8) * stride + (k / 8) * lead +
-            (op.mn_major ? (k % 8) * 16 + (row % 8) * 2 : (row % 8) * 16 + (k % 8) * 2);
-        unsigned short bits;
-        std::memcpy(&bits, e, 2);
-        return op.bf16 ? __uint_as_float(static_cast<unsigned>(bits) << 16) : __half2float(__ushort_as_half(bits));
-      };
-      auto B = [&](int k, int n) { return element(op.desc, k, n); };
-      auto A = [&](int row, int k) { return op.a_smem ? element(op.a_desc, k, row) : op.a[row][k]; };
+      emulated_wgmma_operands(op, now);
+      if (now.size() != op.issued.size() ||
+          std::memcmp(now.data(), op.issued.data(), now.size() * sizeof(float)) != 0) {
+        emulated_wgmma_races.fetch_add(1);
+      }
+      auto B = [&](int k, int n) { return emulated_wgmma_element(op, op.desc, k, n); };
+      auto A = [&](int row, int k) { return op.a_smem ? emulated_wgmma_element(op, op.a_desc, k, row) : op.a[row][k]; };
       for (int j = 0; j < op.n / 8; ++j) {
         for (int e = 0; e < 4; ++e) {
-          const int row = static_cast<int>(16 * warp + g + 8 * (e / 2)), col = 8 * j + 2 * static_cast<int>(t) + e % 2;
+          const int row = emulated_wgmma_row(e), col = emulated_wgmma_col(j, e);
           float acc = op.d[4 * j + e];
           for (int k = 0; k < 16; ++k) acc += A(row, k) * B(k, col);
           op.d[4 * j + e] = acc;

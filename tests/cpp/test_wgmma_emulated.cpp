@@ -114,6 +114,7 @@ void run_case(const Case& c, uint32_t seed) {
     emulate_launch(kernels::pointwise_wgmma_kernel<T, config.n, config.stages, config.in_flight,
                                                    pointwise_min_blocks(config)>,
                    dim3(static_cast<unsigned>(m_tiles * n_tiles)), dim3(kPwThreads), p);
+    EXPECT(kernels::emulated_wgmma_races.exchange(0) == 0);  // no operand written while a product reads it
   };
   launch();
 
@@ -284,6 +285,7 @@ void run_fused_case(const FusedCase& c, uint32_t seed) {
   kernels::xo_emulated_smem_base = kernels::smem;
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(tiles, c.blocks));
   emulate_launch(kernels::separable_wgmma_kernel<T, kN, kK>, dim3(blocks), dim3(kPwThreads), p);
+  EXPECT(kernels::emulated_wgmma_races.exchange(0) == 0);
 
   // The depthwise result as the staged form computes it: the prologue rounded, the taps in (ky, kx) order in
   // float32, rounded; the mid affine (fmaf, rounded) and activation, rounded. Then the product in float64 and the
@@ -404,6 +406,7 @@ void run_wgrad_case(const WgradCase& c, uint32_t seed) {
     std::fill(partial.begin(), partial.end(), std::nanf(""));
     kernels::xo_emulated_smem_base = kernels::smem;
     emulate_launch(kernels::pointwise_wgrad_kernel<T>, dim3(static_cast<unsigned>(blocks)), dim3(kPwThreads), p);
+    EXPECT(kernels::emulated_wgmma_races.exchange(0) == 0);
   };
   launch();
   int bad = 0;
