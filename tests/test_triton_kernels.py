@@ -127,7 +127,7 @@ launch._kernels = lambda: Kernels()
 launch._check_device = lambda x: None
 autotune.interpreting = lambda: False
 
-types = {torch.float32: "*fp32", torch.bfloat16: "*bf16"}
+types = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.int32: "*i32"}
 def compile(name, args, kw):
     fn = getattr(kernels, name)
     values = dict(zip(fn.arg_names, args), **{k: v for k, v in kw.items() if k in fn.arg_names})
@@ -151,37 +151,46 @@ def compile(name, args, kw):
 
 # Every kernel variant the launchers use (default configuration, bf16, channels_last, all options on).
 _COMPILE_ALL = _RECORDED_LAUNCHES + r'''
-bf = dict(dtype=torch.bfloat16)
-x = torch.randn(2, 6, 9, 8, **bf).contiguous(memory_format=torch.channels_last)
-dw, pw = torch.randn(12, 1, 3, 3, **bf), torch.randn(10, 12, 1, 1, **bf)
-vec = [torch.rand(6), torch.randn(6), torch.rand(10), torch.randn(10)]
-res = torch.randn(2, 10, 5, 8, **bf).contiguous(memory_format=torch.channels_last)
-geo = ([2, 1], [1, 1, 1, 1], [1, 1])
-g_dw = torch.randn(2, 12, 5, 8, **bf).contiguous(memory_format=torch.channels_last)
-launch.depthwise_conv2d(x, dw, torch.randn(12, **bf), *geo)
-launch.depthwise_conv2d_backward_input(g_dw, dw, list(x.shape), *geo)
-launch.depthwise_conv2d_backward_weight(g_dw, x, list(dw.shape), *geo)
-mid = [torch.rand(12), torch.randn(12)]  # the mid affine (the depthwise channels')
-opts = (vec[0], vec[1], True, *geo, "elu", None, None, vec[2], vec[3], True)
-mid_opts = (vec[0], vec[1], True, *geo, "relu6", *mid, vec[2], vec[3], True)
-for o in (opts, mid_opts):
-    launch.separable_conv2d(x, dw, pw, *o, res, True)
-    os.environ["XCEPTION_OPS_TRITON_FORWARD"] = "staged"  # the other form of the forward (and its act kernel)
-    launch.separable_conv2d(x, dw, pw, *o, res, True)
-    del os.environ["XCEPTION_OPS_TRITON_FORWARD"]
-    launch.separable_conv2d_backward(res, vec[3], vec[3], res, x, dw, pw, *o)
-    launch.separable_conv2d_backward(res, vec[3], None, res, x, dw, pw, *o)
-# mid_shift alone without a mid activation: a backward with no depthwise recomputation
-launch.separable_conv2d_backward(res, None, None, None, x, dw, pw, None, None, False, *geo, "none", None, mid[1],
-                                 None, None, False)
-# The depthwise stage by rows (3x3 at stride 1): the depthwise forward, and the staged forward's act buffer.
-os.environ["XCEPTION_OPS_TRITON_DEPTHWISE"] = "rows"
-unit = ([1, 1], [1, 1, 1, 1], [1, 1])
-launch.depthwise_conv2d(x, dw, torch.randn(12, **bf), *unit)
-os.environ["XCEPTION_OPS_TRITON_FORWARD"] = "staged"
-launch.separable_conv2d(x, dw, pw, vec[0], vec[1], True, *unit, "elu", None, None, vec[2], vec[3], True, None,
-                        True)
-launch.separable_conv2d(x, dw, pw, vec[0], vec[1], True, *unit, "relu6", *mid, vec[2], vec[3], True, None, True)
+def launches():
+    bf = dict(dtype=torch.bfloat16)
+    x = torch.randn(2, 6, 9, 8, **bf).contiguous(memory_format=torch.channels_last)
+    dw, pw = torch.randn(12, 1, 3, 3, **bf), torch.randn(10, 12, 1, 1, **bf)
+    vec = [torch.rand(6), torch.randn(6), torch.rand(10), torch.randn(10)]
+    res = torch.randn(2, 10, 5, 8, **bf).contiguous(memory_format=torch.channels_last)
+    geo = ([2, 1], [1, 1, 1, 1], [1, 1])
+    g_dw = torch.randn(2, 12, 5, 8, **bf).contiguous(memory_format=torch.channels_last)
+    launch.depthwise_conv2d(x, dw, torch.randn(12, **bf), *geo)
+    launch.depthwise_conv2d_backward_input(g_dw, dw, list(x.shape), *geo)
+    launch.depthwise_conv2d_backward_weight(g_dw, x, list(dw.shape), *geo)
+    mid = [torch.rand(12), torch.randn(12)]  # the mid affine (the depthwise channels')
+    opts = (vec[0], vec[1], True, *geo, "elu", None, None, vec[2], vec[3], True)
+    mid_opts = (vec[0], vec[1], True, *geo, "relu6", *mid, vec[2], vec[3], True)
+    for o in (opts, mid_opts):
+        launch.separable_conv2d(x, dw, pw, *o, res, True)
+        os.environ["XCEPTION_OPS_TRITON_FORWARD"] = "staged"  # the other form of the forward (and its act kernel)
+        launch.separable_conv2d(x, dw, pw, *o, res, True)
+        del os.environ["XCEPTION_OPS_TRITON_FORWARD"]
+        launch.separable_conv2d_backward(res, vec[3], vec[3], res, x, dw, pw, *o)
+        launch.separable_conv2d_backward(res, vec[3], None, res, x, dw, pw, *o)
+    # mid_shift alone without a mid activation: a backward with no depthwise recomputation
+    launch.separable_conv2d_backward(res, None, None, None, x, dw, pw, None, None, False, *geo, "none", None, mid[1],
+                                     None, None, False)
+    # The depthwise stage by rows (3x3 at stride 1): the depthwise forward, and the staged forward's act buffer.
+    os.environ["XCEPTION_OPS_TRITON_DEPTHWISE"] = "rows"
+    unit = ([1, 1], [1, 1, 1, 1], [1, 1])
+    launch.depthwise_conv2d(x, dw, torch.randn(12, **bf), *unit)
+    os.environ["XCEPTION_OPS_TRITON_FORWARD"] = "staged"
+    launch.separable_conv2d(x, dw, pw, vec[0], vec[1], True, *unit, "elu", None, None, vec[2], vec[3], True, None,
+                            True)
+    launch.separable_conv2d(x, dw, pw, vec[0], vec[1], True, *unit, "relu6", *mid, vec[2], vec[3], True, None, True)
+
+
+# Each kernel with its partial sums reduced by its last program (the default at these sizes), then by
+# reduce_rows_kernel's launches (XCEPTION_OPS_TRITON_LAST_REDUCES=0, and the large layers).
+launches()
+os.environ[launch.LAST_REDUCE_ENV] = "0"
+launches()
+del os.environ[launch.LAST_REDUCE_ENV]
 
 done = set()
 for name, args, kw in calls:
@@ -196,6 +205,9 @@ print(len(done), "kernels compiled")
 # backward. Before them, every access of x, y, the gradients and the buffers was 2 bytes wide in the PTX. (The
 # 2-byte loads left are the depthwise weights', 9 apart per channel.)
 _VECTOR_ACCESSES = _RECORDED_LAUNCHES + r'''
+# (the data paths only: a weight gradient summed by its kernel's last program stores its few values as they
+# fall, 3x3 taps per channel; test_every_kernel_compiles_for_sm90_without_a_gpu compiles those variants)
+os.environ[launch.LAST_REDUCE_ENV] = "0"
 bf = dict(dtype=torch.bfloat16)
 cl = torch.channels_last
 x = torch.randn(2, 728, 19, 19, **bf).contiguous(memory_format=cl)
@@ -938,6 +950,97 @@ def test_reductions_launch_at_most_twice_for_both_planes(rows, launches, monkeyp
     assert len(calls) == launches and all(grid[2] == 2 for grid in calls), calls
     assert relative_error(first, ws[0].double().sum(0)) <= 1e-6
     assert relative_error(second, ws[1].double().sum(0)) <= 1e-6
+
+
+def count_launches(monkeypatch) -> "collections.Counter[str]":
+    """Counts the Triton launches by kernel name from here on (each kernel's run, which kernel[grid](...) calls)."""
+    import collections
+    counts = collections.Counter()
+    kernels = launch._kernels()
+    for name in dir(kernels):
+        kernel = getattr(kernels, name)
+        if name.endswith("_kernel") and hasattr(kernel, "run"):
+            def counted(*args, _name=name, _run=kernel.run, **kwargs):
+                counts[_name] += 1
+                return _run(*args, **kwargs)
+            monkeypatch.setattr(kernel, "run", counted)
+    return counts
+
+
+# Every partial sum of the separable op's passes: the prologue's, the mid affine's, the epilogue's and the statistics.
+_ALL_SUMS = dict(in_scale=True, in_shift=True, in_relu=True, mid="relu6", mid_scale=True, mid_shift=True,
+                 out_scale=True, out_shift=True, out_relu=True, compute_stats=True)
+
+
+@pytest.mark.parametrize("last", [True, False])
+def test_small_reductions_end_in_their_kernels_last_program(monkeypatch, last):
+    """Where a kernel's partial rows are few, the last of its programs to finish sums them (an arrival counter,
+    the rows in a fixed order) and no reduce_rows_kernel runs: the forward with statistics is one launch, the
+    backward with every sum one per pass. XCEPTION_OPS_TRITON_LAST_REDUCES=0 restores the launches; both ways
+    match float64 (check_separable), agree with each other to float32 rounding, and leave the counters at 0."""
+    if not last:
+        monkeypatch.setenv(launch.LAST_REDUCE_ENV, "0")
+    x, t, f, g = separable_inputs(SEPARABLE_SHAPES[3], _ALL_SUMS, torch.float32, "channels_last")
+    counts = count_launches(monkeypatch)
+    out, total, total_sq = call_forward(launch.separable_conv2d, x, t, f)
+    forward = {k: v for k, v in counts.items() if k != "sep_bwd_act_kernel"}  # (the staged form's first pass)
+    counts.clear()
+    grads = launch.separable_conv2d_backward(
+        g["grad_out"], g["grad_sum"], g["grad_sumsq"], out, x, t["dw_weight"], t["pw_weight"], t["in_scale"],
+        t["in_shift"], f["in_relu"], f["stride"], f["padding"], f["dilation"], f["mid_activation"], t["mid_scale"],
+        t["mid_shift"], t["out_scale"], t["out_shift"], f["out_relu"])
+    backward = dict(counts)
+    passes = {"sep_bwd_epilogue_kernel": 1, "sep_bwd_act_kernel": 1, "sep_bwd_pw_kernel": 1,
+              "sep_bwd_mid_kernel": 1, "dw_wgrad_kernel": 1, "dw_dgrad_kernel": 1}
+    if last:
+        assert forward == {"sep_fwd_kernel": 1}
+        assert backward == passes
+    else:
+        assert forward == {"sep_fwd_kernel": 1, "reduce_rows_kernel": 1}
+        assert backward == dict(passes, reduce_rows_kernel=5)  # epilogue, pw, mid, wgrad and dgrad sums
+    assert all(int(c.count_nonzero()) == 0 for c in launch._ARRIVAL_COUNTERS.values())
+    monkeypatch.undo()  # (the launch counting, and the variable: set again)
+    monkeypatch.setenv(launch.LAST_REDUCE_ENV, "1" if last else "0")
+    check_separable(SEPARABLE_SHAPES[3], _ALL_SUMS, torch.float32, "channels_last")
+    monkeypatch.setenv(launch.LAST_REDUCE_ENV, "1" if not last else "0")  # the other way, on the same inputs
+    other_outs, other_grads = triton_separable(x, t, f, g)
+    for got, want in zip((out, total, total_sq) + tuple(grads), other_outs + tuple(other_grads)):
+        assert relative_error(got, want) <= 1e-6
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_last_program_sums_race_free_on_the_gpu(monkeypatch):
+    """The arrival counter's ordering on hardware (the interpreter runs programs one at a time): at a middle-flow
+    size, thousands of programs store partial rows and race to arrive; twenty runs give the same bits, and the
+    same sums as reduce_rows_kernel's launches to float32 rounding. A partial row read before it landed would
+    show up as a difference here."""
+    opts = dict(_ALL_SUMS, out_relu=False)
+    shape = (8, 728, 728, 19, 19, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
+    x, t, f, g = separable_inputs(shape, opts, torch.float32, "channels_last")  # (float32 sums, not rounded)
+    first_outs, first_grads = triton_separable(x, t, f, g)
+    first = first_outs[1:] + tuple(first_grads[1:])  # the statistics and every summed gradient
+    for _ in range(20):
+        outs, grads = triton_separable(x, t, f, g)
+        for a, b in zip(first, outs[1:] + tuple(grads[1:])):
+            assert torch.equal(a, b)
+    monkeypatch.setenv(launch.LAST_REDUCE_ENV, "0")
+    outs, grads = triton_separable(x, t, f, g)
+    for a, b in zip(first, outs[1:] + tuple(grads[1:])):
+        assert relative_error(a.float(), b.float()) <= 1e-5
+
+
+def test_large_reductions_keep_their_launches(monkeypatch):
+    """Above _LAST_REDUCE_BYTES of partial rows one program would sum too much alone: the launches stay."""
+    monkeypatch.setattr(launch, "_LAST_REDUCE_BYTES", 64)  # (every reduction here is larger)
+    x, t, f, g = separable_inputs(SEPARABLE_SHAPES[0], SEPARABLE_OPTIONS[3], torch.float32, "contiguous")
+    counts = count_launches(monkeypatch)
+    call_forward(launch.separable_conv2d, x, t, f)
+    assert counts["reduce_rows_kernel"] == 1
+    monkeypatch.undo()
+    monkeypatch.setattr(launch, "_LAST_REDUCE_BYTES", 64)
+    check_separable(SEPARABLE_SHAPES[0], SEPARABLE_OPTIONS[3], torch.float32, "contiguous")
+    run_depthwise(DEPTHWISE_CASES[1], torch.float32, "channels_last")
 
 
 # ---------------------------------------------------------------------------------------------- edge cases

@@ -9,10 +9,12 @@ Semantics are those of csrc/reference.cpp. Conventions shared by every kernel:
   result, the pointwise result y) are rounded to that dtype at the same points, so masks such as `affine > 0`
   and the statistics of y agree with the reference.
 * IDX64 (set by the launcher when a tensor spans 2^31 elements or more) makes every index int64.
-* Per-channel reductions (weight gradients, statistics, BN-parameter gradients) never use atomics: each program
-  writes its partial sums to its own row of a float32 workspace, and `reduce_rows_kernel` sums the rows in a
-  fixed order, both planes of a pair of sums (a BatchNorm's two) in the same launches. Results are bitwise
-  reproducible for a given launch configuration.
+* Per-channel reductions (weight gradients, statistics, BN-parameter gradients) never use atomics on the results:
+  each program writes its partial sums to its own row of a float32 workspace, and the rows are summed in a fixed
+  order, both planes of a pair of sums (a BatchNorm's two) together: by `reduce_rows_kernel` launches, or, where
+  the rows are few (the launcher's LAST), inside the kernel by the program that finishes last among those sharing
+  the columns (`_sum_rows_if_last`: an arrival counter is the only atomic). Results are bitwise reproducible for a
+  given launch configuration.
 * Flags are tl.constexpr, so every option compiles away when off.
 * The separable op's mid stage: the depthwise sum d rounded to x's dtype, then, with the mid affine
   (HAS_MID_SCALE / HAS_MID_SHIFT), pre = round(fma(d, mid_scale, mid_shift)), then the mid activation MID
@@ -321,6 +323,68 @@ def _grad_y_tile(go_ptr, out_ptr, out_scale_ptr, gsum_ptr, n, oh, ow, p_mask, k,
 # ------------------------------------------------------------------------------------------------ reduction
 
 @triton.jit
+def _arrives_last(counter_ptr, slot, ROWS):
+    """Counts this program's arrival at `slot`, one of ROWS programs that store partial rows of the same columns,
+    and says whether it is the last of them. Called once its partial stores are issued: the barrier orders every
+    thread's stores before the arrival (the counter is an acquire-release atomic at GPU scope, one thread's), and
+    the last program reads the partials through L2 (.cg). CUTLASS's split-K semaphore has the same shape."""
+    tl.debug_barrier()
+    return tl.atomic_add(counter_ptr + slot, 1, sem="acq_rel", scope="gpu") == ROWS - 1
+
+
+@triton.jit
+def _sum_rows_if_last(ws_ptr, out0_ptr, out1_ptr, counter_ptr, slot, ROWS, ROW, offs, mask,
+                      TWO: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The in-kernel end of a reduction, called by every program once it has stored its partial row: ROWS
+    programs share these columns (`slot`), each storing row r of the workspace (ws_ptr + r * ROW + offs, offs and
+    mask 1-D over the program's columns; with TWO a second plane ROWS * ROW further on). The last of them to
+    arrive (_arrives_last) sums the ROWS rows in row order, BLOCK_R at a time (the order reduce_rows_kernel's one
+    level takes), stores plane 0's sums to out0_ptr + offs and plane 1's to out1_ptr + offs in those pointers'
+    dtypes, and sets the slot's counter back to 0 for the next launch on the stream. One launch where the kernel
+    and reduce_rows_kernel were two or three: Triton's launcher, tens of microseconds a launch, bounds an eager
+    training step."""
+    if _arrives_last(counter_ptr, slot, ROWS):
+        acc0 = tl.full([BLOCK_R, offs.shape[0]], 0.0, tl.float32)
+        acc1 = tl.full([BLOCK_R, offs.shape[0]], 0.0, tl.float32)
+        for r0 in range(0, ROWS, BLOCK_R):
+            rows = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
+            m = (rows < ROWS)[:, None] & mask[None, :]
+            acc0 += tl.load(ws_ptr + (rows * ROW)[:, None] + offs[None, :], mask=m, other=0.0, cache_modifier=".cg")
+            if TWO:  # (plane 1's row r is row ROWS + r of the workspace)
+                acc1 += tl.load(ws_ptr + ((rows + ROWS) * ROW)[:, None] + offs[None, :], mask=m, other=0.0,
+                                cache_modifier=".cg")
+        tl.store(out0_ptr + offs, _sum(acc0, axis=0).to(out0_ptr.dtype.element_ty), mask=mask)
+        if TWO:
+            tl.store(out1_ptr + offs, _sum(acc1, axis=0).to(out1_ptr.dtype.element_ty), mask=mask)
+        tl.atomic_xchg(counter_ptr + slot, 0)
+
+
+@triton.jit
+def _sum_tiles_if_last(ws_ptr, out_ptr, counter_ptr, slot, ROWS, ROW, offs, mask, BLOCK_R: tl.constexpr):
+    """_sum_rows_if_last for a weight gradient's 2-D tile of each row (offs and mask [A, B]): one plane."""
+    if _arrives_last(counter_ptr, slot, ROWS):
+        acc = tl.full([BLOCK_R, offs.shape[0], offs.shape[1]], 0.0, tl.float32)
+        for r0 in range(0, ROWS, BLOCK_R):
+            rows = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
+            m = (rows < ROWS)[:, None, None] & mask[None, :, :]
+            acc += tl.load(ws_ptr + (rows * ROW)[:, None, None] + offs[None, :, :], mask=m, other=0.0,
+                           cache_modifier=".cg")
+        tl.store(out_ptr + offs, _sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=mask)
+        tl.atomic_xchg(counter_ptr + slot, 0)
+
+
+@triton.jit
+def _sum_plane_pair_if_last(ws_ptr, plane, out0_ptr, out1_ptr, counter_ptr, slot, ROWS, ROW, offs, mask,
+                            HAS0: tl.constexpr, HAS1: tl.constexpr, BLOCK_R: tl.constexpr):
+    """_sum_rows_if_last for a pair of sums either of which may be absent (plane: plane 1's offset in ws)."""
+    if HAS0:
+        _sum_rows_if_last(ws_ptr, out0_ptr, out1_ptr, counter_ptr, slot, ROWS, ROW, offs, mask, HAS1, BLOCK_R)
+    else:
+        _sum_rows_if_last(ws_ptr + plane, out1_ptr, out1_ptr, counter_ptr, slot, ROWS, ROW, offs, mask, False,
+                          BLOCK_R)
+
+
+@triton.jit
 def reduce_rows_kernel(ws_ptr, out0_ptr, out1_ptr, R, COLS, ROWS_PER_PROGRAM,
                        BLOCK_R: tl.constexpr, BLOCK_COLS: tl.constexpr):
     """Sums of ws[plane, r, j] over the rows r of group g (ROWS_PER_PROGRAM rows from g * ROWS_PER_PROGRAM), ws
@@ -474,19 +538,21 @@ def dw_rows_kernel(x_ptr, dw_ptr, bias_ptr, in_scale_ptr, in_shift_ptr, mid_scal
 
 
 @triton.jit
-def dw_dgrad_kernel(g_ptr, dw_ptr, gx_ptr, x_ptr, in_scale_ptr, in_shift_ptr, ws_ptr,
-                    Q_IN, HW, W, C, OH, OW, M, stride_h, stride_w, pad_t, pad_l, dil_h, dil_w,
+def dw_dgrad_kernel(g_ptr, dw_ptr, gx_ptr, x_ptr, in_scale_ptr, in_shift_ptr, ws_ptr, gscale_ptr, gshift_ptr,
+                    counter_ptr, Q_IN, HW, W, C, OH, OW, M, stride_h, stride_w, pad_t, pad_l, dil_h, dil_w,
                     sgn, sgc, sgh, sgw, swo, swh, sww, sxn, sxc, sxh, sxw, son, soc, soh, sow,
                     KH: tl.constexpr, KW: tl.constexpr, UNROLL: tl.constexpr,
                     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, IN_RELU: tl.constexpr, IDX64: tl.constexpr,
-                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr):
+                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr, LAST: tl.constexpr = False,
+                    BLOCK_R: tl.constexpr = 1):
     """Depthwise input gradient, gather form: one program per BLOCK_P input pixels x BLOCK_C input channels,
     summing over m < M and the taps that reach each pixel (deterministic, no atomics).
 
     With the separable prologue (x * in_scale + in_shift, relu) its backward is fused into the epilogue: the
     relu mask is recomputed from x, the per-channel partial sums of grad * x (for in_scale) and grad (for
     in_shift) go to rows pid_p of the workspace planes 0 and 1 ([2, num_pixel_tiles, C]), and grad_x = grad *
-    in_scale is stored. VEC: as in dw_fwd_kernel, over the gradients, x and the channels."""
+    in_scale is stored; with LAST the column block's last program sums them into gscale_ptr / gshift_ptr. VEC: as
+    in dw_fwd_kernel, over the gradients, x and the channels."""
     pid_p, c, c_mask, num_p = _program_tile(C, BLOCK_C, VEC)
     n, ih, iw, p_mask = _pixels(pid_p, Q_IN, HW, W, IDX64, BLOCK_P)
     g_row = n * sgn
@@ -527,6 +593,10 @@ def dw_dgrad_kernel(g_ptr, dw_ptr, gx_ptr, x_ptr, in_scale_ptr, in_shift_ptr, ws
             acc = acc * scale[None, :]
         elif HAS_SHIFT:
             tl.store(ws_ptr + plane + row + c, _sum(tl.where(mask, acc, 0.0), axis=0), mask=c_mask)
+        if LAST:
+            _sum_plane_pair_if_last(ws_ptr, plane, gscale_ptr, gshift_ptr, counter_ptr,
+                                    tl.program_id(0) - pid_p * _cdiv(C, BLOCK_C), num_p, C, c, c_mask,
+                                    HAS_SCALE, HAS_SHIFT, BLOCK_R)
     offs = _rows(n * son, ih, iw, soh, sow, VEC)[:, None] + (cc * soc)[None, :]
     tl.store(gx_ptr + offs, acc.to(gx_ptr.dtype.element_ty), mask=mask)
 
@@ -548,18 +618,20 @@ def _dgrad_tap(acc, g_ptr, dw_ptr, g_row, g_col, w_col, th0, tw0, p_mask, c_mask
 
 
 @triton.jit
-def dw_wgrad_kernel(g_ptr, x_ptr, in_scale_ptr, in_shift_ptr, ws_ptr,
+def dw_wgrad_kernel(g_ptr, x_ptr, in_scale_ptr, in_shift_ptr, ws_ptr, gw_ptr, counter_ptr,
                     Q, OHW, OW, H, W, C_DW, M, T, TILES_PER_SLICE,
                     stride_h, stride_w, pad_t, pad_l, dil_h, dil_w,
                     sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw,
                     KW: tl.constexpr, TAPS: tl.constexpr, BLOCK_T: tl.constexpr,
                     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, IN_RELU: tl.constexpr, IDX64: tl.constexpr,
-                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr):
+                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr, LAST: tl.constexpr = False,
+                    BLOCK_R: tl.constexpr = 1):
     """Depthwise weight gradient, partial sums: one program per (pixel slice, BLOCK_C channels, group of TAPS
     taps). It walks its slice of TILES_PER_SLICE pixel tiles, reads each grad tile once, and keeps one float32
     partial per (tap, channel); the partials go to row `slice` of the workspace [num_slices, C_DW, T], which
-    reduce_rows_kernel then sums in a fixed order. The input goes through the separable prologue on load. VEC: as
-    in dw_fwd_kernel, over the gradient, x and the channels."""
+    reduce_rows_kernel then sums in a fixed order (with LAST, the last program of the (taps, channels) block, into
+    gw_ptr). The input goes through the separable prologue on load. VEC: as in dw_fwd_kernel, over the gradient, x
+    and the channels."""
     pid_g, pid_c, s = _unflatten3(tl.program_id(0), _cdiv(T, TAPS), _cdiv(C_DW, BLOCK_C))
     oc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = _channel_mask(oc, C_DW, VEC)
@@ -589,15 +661,21 @@ def dw_wgrad_kernel(g_ptr, x_ptr, in_scale_ptr, in_shift_ptr, ws_ptr,
             part = _sum(gv * v, axis=0)
             acc = tl.where(t_ids[:, None] == j, acc + part[None, :], acc)
     t_glob = pid_g * TAPS + t_ids
-    offs = s.to(tl.int64) * C_DW * T + (_index(oc, IDX64) * T)[None, :] + t_glob[:, None]
-    tl.store(ws_ptr + offs, acc, mask=((t_ids < TAPS) & (t_glob < T))[:, None] & c_mask[None, :])
+    in_row = (_index(oc, IDX64) * T)[None, :] + t_glob[:, None]
+    mask = ((t_ids < TAPS) & (t_glob < T))[:, None] & c_mask[None, :]
+    tl.store(ws_ptr + s.to(tl.int64) * C_DW * T + in_row, acc, mask=mask)
+    if LAST:
+        num_g = _cdiv(T, TAPS)
+        blocks = num_g * _cdiv(C_DW, BLOCK_C)
+        _sum_tiles_if_last(ws_ptr, gw_ptr, counter_ptr, tl.program_id(0) - s * blocks, tl.num_programs(0) // blocks,
+                           C_DW * T, in_row, mask, BLOCK_R)
 
 
 # ------------------------------------------------------------------------------------------------ separable
 
 @triton.jit
 def sep_fwd_kernel(x_ptr, dw_ptr, pw_ptr, in_scale_ptr, in_shift_ptr, mid_scale_ptr, mid_shift_ptr, out_scale_ptr,
-                   out_shift_ptr, res_ptr, out_ptr, ws_ptr, mid_ptr,
+                   out_shift_ptr, res_ptr, out_ptr, ws_ptr, mid_ptr, sum_ptr, sumsq_ptr, counter_ptr,
                    Q, OHW, OW, H, W, C_DW, K, M, stride_h, stride_w, pad_t, pad_l, dil_h, dil_w,
                    sxn, sxc, sxh, sxw, swo, swh, sww, spk, spc, srn, srk, srh, srw, son, sok, soh, sow,
                    smn, smc, smh, smw,
@@ -607,7 +685,7 @@ def sep_fwd_kernel(x_ptr, dw_ptr, pw_ptr, in_scale_ptr, in_shift_ptr, mid_scale_
                    HAS_OSCALE: tl.constexpr, HAS_OSHIFT: tl.constexpr, HAS_RES: tl.constexpr,
                    OUT_RELU: tl.constexpr, STATS: tl.constexpr, FROM_ACT: tl.constexpr, DOT_PREC: tl.constexpr,
                    IDX64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-                   VEC: tl.constexpr):
+                   VEC: tl.constexpr, LAST: tl.constexpr = False, BLOCK_R: tl.constexpr = 1):
     """Separable forward: one program per BLOCK_P output pixels x BLOCK_K output channels.
 
     y = pw(act(dw(relu?(x * in_scale + in_shift)) * mid_scale + mid_shift)), then the epilogue
@@ -615,8 +693,9 @@ def sep_fwd_kernel(x_ptr, dw_ptr, pw_ptr, in_scale_ptr, in_shift_ptr, mid_scale_
     chip (_sep_y_tile), once per output-channel tile. Staged (FROM_ACT): the act(dw) tiles are read from the
     buffer sep_bwd_act_kernel wrote (_sep_y_from_act: the same operand and accumulation, so y is the fused form's
     bit for bit). With STATS, the tile's per-channel partial sums of y and y^2 go to row pid_p of the workspace
-    planes 0 and 1 ([2, num_pixel_tiles, K]). VEC: as in dw_fwd_kernel, over x, the act buffer, the residual and
-    out, and both channel counts."""
+    planes 0 and 1 ([2, num_pixel_tiles, K]); with LAST, the program that finishes a column block last sums them
+    into sum_ptr and sumsq_ptr (_sum_rows_if_last). VEC: as in dw_fwd_kernel, over x, the act buffer, the residual
+    and out, and both channel counts."""
     pid_p, k, k_mask, num_p = _program_tile(K, BLOCK_K, VEC)
     n, oh, ow, p_mask = _pixels(pid_p, Q, OHW, OW, IDX64, BLOCK_P)
     if FROM_ACT:
@@ -635,6 +714,9 @@ def sep_fwd_kernel(x_ptr, dw_ptr, pw_ptr, in_scale_ptr, in_shift_ptr, mid_scale_
         plane = num_p.to(tl.int64) * K
         tl.store(ws_ptr + row + k, _sum(y, axis=0), mask=k_mask)
         tl.store(ws_ptr + plane + row + k, _sum(y * y, axis=0), mask=k_mask)
+        if LAST:
+            _sum_rows_if_last(ws_ptr, sum_ptr, sumsq_ptr, counter_ptr, tl.program_id(0) - pid_p * _cdiv(K, BLOCK_K),
+                              num_p, K, k, k_mask, True, BLOCK_R)
     z = y
     if HAS_OSCALE:
         z = z * tl.load(out_scale_ptr + k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
@@ -652,12 +734,14 @@ def sep_fwd_kernel(x_ptr, dw_ptr, pw_ptr, in_scale_ptr, in_shift_ptr, mid_scale_
 
 @triton.jit
 def sep_bwd_epilogue_kernel(go_ptr, out_ptr, out_scale_ptr, gsum_ptr, gsumsq_ptr, mid_ptr, pw_ptr, ws_ptr, gy_ptr,
+                            goscale_ptr, goshift_ptr, counter_ptr,
                             Q, OHW, OW, C_DW, K, TILES_PER_SLICE, smn, smc, smh, smw, spk, spc,
                             sgn, sgk, sgh, sgw, son, sok, soh, sow, syn, syk, syh, syw,
                             NEED_Y: tl.constexpr, OUT_RELU: tl.constexpr,
                             HAS_OSCALE: tl.constexpr, HAS_OSHIFT: tl.constexpr, HAS_GSUM: tl.constexpr,
                             WRITE_GY: tl.constexpr, DOT_PREC: tl.constexpr, IDX64: tl.constexpr,
-                            BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr):
+                            BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
+                            LAST: tl.constexpr = False, BLOCK_R: tl.constexpr = 1):
     """Separable backward, epilogue part (runs only when out_scale / out_shift have gradients or grad_sumsq is
     given): one program per (pixel slice, BLOCK_K output channels) walks its slice's TILES_PER_SLICE pixel
     tiles. For each it forms y when needed (NEED_Y) as the GEMM of the act(dw) buffer (sep_bwd_act_kernel, x's
@@ -665,7 +749,8 @@ def sep_bwd_epilogue_kernel(go_ptr, out_ptr, out_scale_ptr, gsum_ptr, gsumsq_ptr
     partial sums of grad_z * y (for out_scale) and grad_z (for out_shift), and with WRITE_GY materializes
     grad_y = grad_z * out_scale + grad_sum + 2 * y * grad_sumsq in x's dtype. The sums go to row `slice` of
     the workspace planes 0 and 1 ([2, num_slices, K]): per slice rather than per tile, so that the workspace,
-    live together with the act buffer and grad_y, does not grow with the number of pixels."""
+    live together with the act buffer and grad_y, does not grow with the number of pixels. With LAST the column
+    block's last program sums them into goscale_ptr / goshift_ptr."""
     pid = tl.program_id(0)
     num_k = _cdiv(K, BLOCK_K)
     s = pid // num_k
@@ -709,11 +794,15 @@ def sep_bwd_epilogue_kernel(go_ptr, out_ptr, out_scale_ptr, gsum_ptr, gsumsq_ptr
         tl.store(ws_ptr + row + k, sum_gzy, mask=k_mask)
     if HAS_OSHIFT:
         tl.store(ws_ptr + plane + row + k, sum_gz, mask=k_mask)
+    if LAST:
+        _sum_plane_pair_if_last(ws_ptr, plane, goscale_ptr, goshift_ptr, counter_ptr, pid - s * num_k,
+                                tl.num_programs(0) // num_k, K, k, k_mask, HAS_OSCALE, HAS_OSHIFT, BLOCK_R)
 
 
 @triton.jit
 def sep_bwd_mid_kernel(go_ptr, out_ptr, out_scale_ptr, gsum_ptr,
                        x_ptr, dw_ptr, pw_ptr, in_scale_ptr, in_shift_ptr, mid_scale_ptr, mid_shift_ptr, g_ptr, ws_ptr,
+                       gmscale_ptr, gmshift_ptr, counter_ptr,
                        Q, OHW, OW, H, W, C_DW, K, M, stride_h, stride_w, pad_t, pad_l, dil_h, dil_w,
                        sxn, sxc, sxh, sxw, swo, swh, sww, spk, spc,
                        sgn, sgk, sgh, sgw, son, sok, soh, sow, sdn, sdc, sdh, sdw,
@@ -722,7 +811,8 @@ def sep_bwd_mid_kernel(go_ptr, out_ptr, out_scale_ptr, gsum_ptr,
                        HAS_MID_SCALE: tl.constexpr, HAS_MID_SHIFT: tl.constexpr,
                        OUT_RELU: tl.constexpr, HAS_OSCALE: tl.constexpr, HAS_GSUM: tl.constexpr,
                        DOT_PREC: tl.constexpr, IDX64: tl.constexpr,
-                       BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr):
+                       BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
+                       LAST: tl.constexpr = False, BLOCK_R: tl.constexpr = 1):
     """Separable backward, gradient of the depthwise output: one program per BLOCK_P pixels x BLOCK_C depthwise
     channels. grad_mid = grad_y @ W as tl.dot over chunks of BLOCK_K output channels (grad_y folded from
     grad_out, or read from its materialized buffer); the mid activation's backward uses its input pre
@@ -733,7 +823,8 @@ def sep_bwd_mid_kernel(go_ptr, out_ptr, out_scale_ptr, gsum_ptr,
     With the mid affine, grad_pre (act' applied, rounded to x's dtype as the reference holds the gradient of
     pre) gives the stored grad_d = grad_pre * mid_scale, and the tile's per-channel partial sums of
     grad_pre * d (for mid_scale) and grad_pre (for mid_shift) go to row pid_p of the workspace planes 0 and 1
-    ([2, num_pixel_tiles, C_DW]), as dw_dgrad_kernel does for in_scale / in_shift."""
+    ([2, num_pixel_tiles, C_DW]), as dw_dgrad_kernel does for in_scale / in_shift (and with LAST, into
+    gmscale_ptr / gmshift_ptr)."""
     pid_p, oc, c_mask, num_p = _program_tile(C_DW, BLOCK_C, VEC)
     n, oh, ow, p_mask = _pixels(pid_p, Q, OHW, OW, IDX64, BLOCK_P)
     pw_col = _index(oc, IDX64) * spc
@@ -777,6 +868,10 @@ def sep_bwd_mid_kernel(go_ptr, out_ptr, out_scale_ptr, gsum_ptr,
             gmid = g_pre
         if HAS_MID_SHIFT:
             tl.store(ws_ptr + plane + row + oc, _sum(g_pre, axis=0), mask=c_mask)
+        if LAST:
+            _sum_plane_pair_if_last(ws_ptr, plane, gmscale_ptr, gmshift_ptr, counter_ptr,
+                                    tl.program_id(0) - pid_p * _cdiv(C_DW, BLOCK_C), num_p, C_DW, oc, c_mask,
+                                    HAS_MID_SCALE, HAS_MID_SHIFT, BLOCK_R)
     offs = _rows(n * sdn, oh, ow, sdh, sdw, VEC)[:, None] + (_index(oc, IDX64) * sdc)[None, :]
     tl.store(g_ptr + offs, gmid.to(g_ptr.dtype.element_ty), mask=mask)
 
@@ -809,17 +904,19 @@ def sep_bwd_act_kernel(x_ptr, dw_ptr, in_scale_ptr, in_shift_ptr, mid_scale_ptr,
 
 
 @triton.jit
-def sep_bwd_pw_kernel(go_ptr, out_ptr, out_scale_ptr, gsum_ptr, mid_ptr, ws_ptr,
+def sep_bwd_pw_kernel(go_ptr, out_ptr, out_scale_ptr, gsum_ptr, mid_ptr, ws_ptr, gpw_ptr, counter_ptr,
                       Q, OHW, OW, C_DW, K, TILES_PER_SLICE,
                       smn, smc, smh, smw, sgn, sgk, sgh, sgw, son, sok, soh, sow,
                       OUT_RELU: tl.constexpr, HAS_OSCALE: tl.constexpr, HAS_GSUM: tl.constexpr,
                       DOT_PREC: tl.constexpr, IDX64: tl.constexpr,
-                      BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr):
+                      BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
+                      LAST: tl.constexpr = False, BLOCK_R: tl.constexpr = 1):
     """Separable backward, pointwise weight gradient, partial sums: one program per (pixel slice, BLOCK_K output
     channels, BLOCK_C depthwise channels) accumulates grad_y^T @ act(dw) with tl.dot over its slice's pixel
     tiles, act(dw) read from the buffer sep_bwd_act_kernel wrote (in x's dtype, the forward's tl.dot operand),
     and writes row `slice` of the workspace [num_slices, K, C_DW]; reduce_rows_kernel sums the rows in a fixed
-    order. VEC: as in dw_fwd_kernel, over the act buffer, grad_y's source, out and both channel counts."""
+    order (with LAST, the block's last program, into gpw_ptr). VEC: as in dw_fwd_kernel, over the act buffer,
+    grad_y's source, out and both channel counts."""
     pid_c, pid_k, s = _unflatten3(tl.program_id(0), _cdiv(C_DW, BLOCK_C), _cdiv(K, BLOCK_K))
     oc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = _channel_mask(oc, C_DW, VEC)
@@ -834,8 +931,13 @@ def sep_bwd_pw_kernel(go_ptr, out_ptr, out_scale_ptr, gsum_ptr, mid_ptr, ws_ptr,
         mid = tl.load(mid_ptr + _rows(n * smn, oh, ow, smh, smw, VEC)[:, None] + m_col[None, :],
                       mask=p_mask[:, None] & c_mask[None, :], other=0.0)
         acc = _dot(tl.trans(gy.to(mid_ptr.dtype.element_ty)), mid, acc, DOT_PREC)
-    offs = s.to(tl.int64) * K * C_DW + (_index(k, IDX64) * C_DW)[:, None] + oc[None, :]
-    tl.store(ws_ptr + offs, acc, mask=k_mask[:, None] & c_mask[None, :])
+    in_row = (_index(k, IDX64) * C_DW)[:, None] + oc[None, :]
+    mask = k_mask[:, None] & c_mask[None, :]
+    tl.store(ws_ptr + s.to(tl.int64) * K * C_DW + in_row, acc, mask=mask)
+    if LAST:
+        blocks = _cdiv(C_DW, BLOCK_C) * _cdiv(K, BLOCK_K)
+        _sum_tiles_if_last(ws_ptr, gpw_ptr, counter_ptr, tl.program_id(0) - s * blocks, tl.num_programs(0) // blocks,
+                           K * C_DW, in_row, mask, BLOCK_R)
 
 
 # ------------------------------------------------------------------------------------------------ max pooling

@@ -6,10 +6,11 @@ What each op launches:
 
 * depthwise_conv2d: dw_fwd_kernel (tile of pixels x channels, taps unrolled up to 7x7).
 * depthwise_conv2d_backward_input: dw_dgrad_kernel (gather form; deterministic).
-* depthwise_conv2d_backward_weight: dw_wgrad_kernel (per-slice partials) + reduce_rows_kernel (fixed order).
+* depthwise_conv2d_backward_weight: dw_wgrad_kernel (per-slice partials, summed in a fixed order by its last
+  program, or by reduce_rows_kernel where they are many: see below).
 * separable_conv2d: sep_fwd_kernel, the dw -> pw GEMM (tl.dot), with the prologue, the mid stage (affine
-  mid_scale / mid_shift, then the mid activation), epilogue and per-tile statistics partials; reduce_rows_kernel
-  for the statistics. In one of two forms, both timed by the autotuner (the default without timing: staged where
+  mid_scale / mid_shift, then the mid activation), epilogue and per-tile statistics partials, summed by its
+  last program (or reduce_rows_kernel, below). In one of two forms, both timed by the autotuner (the default without timing: staged where
   there are several output-channel tiles):
   fused, the depthwise tile computed in registers by every output-channel tile (the intermediate never leaves
   the chip, but at 728 output channels and BLOCK_K = 64 the depthwise work is done 12 times over); staged,
@@ -39,8 +40,10 @@ What each op launches:
   4. dw_wgrad_kernel on the buffer of pass 3, the input going through the prologue on load -> grad_dw_weight.
   5. dw_dgrad_kernel on the same buffer, with the prologue's backward fused into its epilogue (relu mask,
      partial sums for in_scale / in_shift, times in_scale) -> grad_x.
-  Every per-channel sum goes through a float32 workspace and reduce_rows_kernel: no atomics; one launch, two
-  where there are more than 64 partial rows, for a pair of sums (a BatchNorm's) as for one. The peak of
+  Every per-channel sum goes through a float32 workspace of partial rows summed in a fixed order: by the last
+  program of the kernel that wrote them to finish (an arrival counter per column block, the only atomic), where
+  they are few (_LAST_REDUCE_BYTES: every pass of Xception's middle flow), else by reduce_rows_kernel (one launch,
+  two where there are more than 64 rows, for a pair of sums, a BatchNorm's, as for one). The peak of
   transient memory: grad_y (with grad_sumsq) and one depthwise-output-sized buffer (act(dw) in passes 1-2,
   its gradient in 3), plus the float32 workspace of pass 1 or 2 (per pixel slice); pass 5's grows with the
   pixels (per tile) but grad_y is freed by then; pass 3's, with the mid affine only, too (2 floats per pixel
@@ -88,6 +91,15 @@ _INDEX_LIMIT = 2**30  # int32 indexing below this span; headroom for the offsets
 _REDUCE_META = dict(BLOCK_COLS=128, num_warps=4)
 _REDUCE_GROUP = 64    # rows per program where one level does
 _REDUCE_GROUPS = 128  # the most row groups a first level leaves (the second sums them, one program a column block)
+# A kernel's partial rows are summed by its own last program (kernels._sum_rows_if_last) where that program reads
+# at most this many bytes of them: ~2-4 us at one SM's ~150 GB/s, against reduce_rows_kernel's one or two
+# launches (~3 us each on the GPU, tens of microseconds each in Triton's launcher). Above it (the entry flow's
+# 147^2 statistics: ~10^4 pixel tiles, 5.5 MB) those launches spread the sums over the GPU. At batch 32 every
+# pass of the middle flow's 728 -> 728 @19^2 and the statistics of 256 -> 728 @37^2 (350 KB) sum in-kernel.
+# XCEPTION_OPS_TRITON_LAST_REDUCES=0: the launches always.
+_LAST_REDUCE_BYTES = 1 << 19
+LAST_REDUCE_ENV = "XCEPTION_OPS_TRITON_LAST_REDUCES"
+_ARRIVAL_COUNTERS: dict[tuple, torch.Tensor] = {}
 
 
 # ------------------------------------------------------------------------------------------------ plumbing
@@ -217,6 +229,30 @@ def _reduce_rows(ws: torch.Tensor, out: torch.Tensor, second: torch.Tensor | Non
     # (the weight gradients' workspaces have a few rows of many columns: 8-row blocks there)
     K.reduce_rows_kernel[(col_blocks, 1, planes)](ws, out, _or(second, out), rows, cols, max(rows, 1),
                                                   BLOCK_R=8 if rows <= 8 else 32, **_REDUCE_META)
+
+
+def _sums_in_kernel(rows: int, block: int, planes: int) -> bool:
+    """Whether a kernel whose programs write `rows` partial rows of `block` columns each, in `planes` planes,
+    sums them itself (its LAST flag) instead of leaving them to _reduce_rows."""
+    return rows * block * planes * 4 <= _LAST_REDUCE_BYTES and os.environ.get(LAST_REDUCE_ENV, "1") != "0"
+
+
+def _last_rows(block: int) -> int:
+    """The rows a last program sums at once (kernels._sum_rows_if_last's BLOCK_R): ~4K float32 values a step."""
+    return max(1, min(32, 4096 // block))
+
+
+def _arrival_counters(device: torch.device, slots: int) -> torch.Tensor:
+    """Zeroed int32 counters for kernels that sum in their last program: one per group of programs sharing
+    columns. Each such kernel leaves them at zero, so one buffer per stream serves every launch on it (kernels on
+    one stream run one after another; another stream gets its own)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    counters = _ARRIVAL_COUNTERS.get(key)
+    if counters is None or counters.numel() < slots:
+        counters = torch.zeros(max(slots, 4096), dtype=torch.int32, device=device)
+        _ARRIVAL_COUNTERS[key] = counters
+    return counters
 
 
 def _reduce_pair(ws: torch.Tensor, first: torch.Tensor | None, second: torch.Tensor | None) -> None:
@@ -365,17 +401,22 @@ def _dgrad(g: torch.Tensor, weight: torch.Tensor, grad_x: torch.Tensor, conv, x:
     has_scale, has_shift = prologue and in_scale is not None, prologue and in_shift is not None
 
     def run(cfg: Config) -> None:
-        tiles = _cdiv(q_in, cfg.BLOCK_P)
-        grid = (tiles * _cdiv(c, cfg.BLOCK_C),)
-        ws = (torch.empty((2, tiles, c), dtype=torch.float32, device=g.device) if has_scale or has_shift
-              else grad_x)
+        tiles, c_tiles = _cdiv(q_in, cfg.BLOCK_P), _cdiv(c, cfg.BLOCK_C)
+        grid = (tiles * c_tiles,)
+        sums = has_scale or has_shift
+        ws = torch.empty((2, tiles, c), dtype=torch.float32, device=g.device) if sums else grad_x
+        last = sums and _sums_in_kernel(tiles, cfg.BLOCK_C, int(has_scale) + int(has_shift))
+        out_scale, out_shift = _or(grad_in_scale, ws), _or(grad_in_shift, ws)
         K.dw_dgrad_kernel[grid](
             g, weight, grad_x, xs, in_scale if has_scale else weight, in_shift if has_shift else weight, ws,
+            out_scale, out_shift, _arrival_counters(g.device, c_tiles) if last else ws,
             q_in, h * w, w, c, oh, ow, cm // c, *conv, *g.stride(), *_weight_strides(weight), *xs.stride(),
             *grad_x.stride(),
             KH=kh, KW=kw, UNROLL=_unroll(kh, kw), HAS_SCALE=has_scale, HAS_SHIFT=has_shift,
-            IN_RELU=prologue and in_relu, IDX64=idx64, VEC=_row_vector([g, grad_x, xs], [c, cm]), **cfg.meta(False))
-        _reduce_pair(ws, grad_in_scale if has_scale else None, grad_in_shift if has_shift else None)
+            IN_RELU=prologue and in_relu, IDX64=idx64, VEC=_row_vector([g, grad_x, xs], [c, cm]), LAST=last,
+            BLOCK_R=_last_rows(cfg.BLOCK_C), **cfg.meta(False))
+        if sums and not last:
+            _reduce_pair(ws, grad_in_scale if has_scale else None, grad_in_shift if has_shift else None)
 
     key = _key(g, weight, grad_x, xs, conv, has_scale, has_shift, in_relu)
     run(autotune.choose("dw_dgrad", key, autotune.depthwise_configs(_channels_last(g)), run))
@@ -403,12 +444,16 @@ def _wgrad(g: torch.Tensor, x: torch.Tensor, grad_w: torch.Tensor, conv, in_scal
         other = _cdiv(cm, cfg.BLOCK_C) * _cdiv(taps, group)
         slices, per_slice = _slices(tiles, other, g.device)
         ws = torch.empty((slices, cm * taps), dtype=torch.float32, device=g.device)
+        last = _sums_in_kernel(slices, block_t * cfg.BLOCK_C, 1)
         K.dw_wgrad_kernel[(slices * other,)](
-            g, x, in_scale if in_scale is not None else x, in_shift if in_shift is not None else x, ws,
+            g, x, in_scale if in_scale is not None else x, in_shift if in_shift is not None else x, ws, grad_w,
+            _arrival_counters(g.device, other) if last else ws,
             q, oh * ow, ow, h, w, cm, cm // c, taps, per_slice, *conv, *g.stride(), *x.stride(),
             KW=kw, TAPS=group, BLOCK_T=block_t, HAS_SCALE=in_scale is not None, HAS_SHIFT=in_shift is not None,
-            IN_RELU=in_relu, IDX64=idx64, VEC=_row_vector([g, x], [cm]), **cfg.meta(False))
-        _reduce_rows(ws, grad_w.view(-1))
+            IN_RELU=in_relu, IDX64=idx64, VEC=_row_vector([g, x], [cm]), LAST=last,
+            BLOCK_R=_last_rows(block_t * cfg.BLOCK_C), **cfg.meta(False))
+        if not last:
+            _reduce_rows(ws, grad_w.view(-1))
 
     key = _key(g, x, grad_w.shape, conv, in_scale is not None, in_shift is not None, in_relu)
     run(autotune.choose("dw_wgrad", key, autotune.depthwise_configs(_channels_last(x)), run))
@@ -522,16 +567,17 @@ def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.
     res_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
 
     def run(cfg: Config) -> None:
-        tiles = _cdiv(q, cfg.BLOCK_P)
-        grid = (tiles * _cdiv(k_out, cfg.BLOCK_K),)
+        tiles, k_tiles = _cdiv(q, cfg.BLOCK_P), _cdiv(k_out, cfg.BLOCK_K)
+        grid = (tiles * k_tiles,)
         ws = torch.empty((2, tiles, k_out), dtype=torch.float32, device=x.device) if compute_stats else dummy
+        last = compute_stats and _sums_in_kernel(tiles, cfg.BLOCK_K, 2)
         # Staged: the depthwise stage once, into a transient buffer freed when this returns.
         act = _act_buffer(x, dw_weight, in_scale, in_shift, in_relu, mid, mid_scale, mid_shift, conv, kh, kw, oh, ow,
                           idx64) if cfg.staged else None
         K.sep_fwd_kernel[grid](
             x, dw_weight, pw_weight, _or(in_scale, dummy), _or(in_shift, dummy), _or(mid_scale, dummy),
             _or(mid_shift, dummy), _or(out_scale, dummy), _or(out_shift, dummy), _or(residual, dummy), out, ws,
-            _or(act, dummy),
+            _or(act, dummy), total, total_sq, _arrival_counters(x.device, k_tiles) if last else total,
             q, oh * ow, ow, h, w, cm, k_out, cm // c, *conv,
             *x.stride(), *_weight_strides(dw_weight), pw_weight.stride(0), pw_weight.stride(1), *res_strides,
             *out.stride(), *(act.stride() if act is not None else (0, 0, 0, 0)),
@@ -540,8 +586,9 @@ def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.
             HAS_MID_SHIFT=mid_shift is not None, HAS_OSCALE=out_scale is not None, HAS_OSHIFT=out_shift is not None,
             HAS_RES=residual is not None, OUT_RELU=bool(out_relu), STATS=bool(compute_stats),
             FROM_ACT=cfg.staged, DOT_PREC=_dot_precision(x.dtype), IDX64=idx64,
-            VEC=_row_vector([x, out, residual, act, pw_weight], [cm, k_out]), **cfg.meta(True))
-        if compute_stats:
+            VEC=_row_vector([x, out, residual, act, pw_weight], [cm, k_out]), LAST=last,
+            BLOCK_R=_last_rows(cfg.BLOCK_K), **cfg.meta(True))
+        if compute_stats and not last:
             _reduce_rows(ws, total, total_sq)
 
     key = _key(x, dw_weight, pw_weight, residual, conv, in_scale is not None, in_shift is not None, in_relu, mid,
@@ -636,17 +683,20 @@ def separable_conv2d_backward(grad_out: torch.Tensor, grad_sum: torch.Tensor | N
             k_tiles = _cdiv(k_out, cfg.BLOCK_K)
             slices, per_slice = _slices(_cdiv(q, cfg.BLOCK_P), k_tiles, dev)
             ws = torch.empty((2, slices, k_out), dtype=torch.float32, device=dev) if partials else dummy
+            planes = int(out_scale is not None) + int(out_shift is not None)
+            last = partials and _sums_in_kernel(slices, cfg.BLOCK_K, planes)
             K.sep_bwd_epilogue_kernel[(slices * k_tiles,)](
                 grad_out, _or(out, grad_out), _or(out_scale, dummy), _or(grad_sum, dummy), _or(grad_sumsq, dummy),
-                y_src, pw_weight, ws, gy_target,
+                y_src, pw_weight, ws, gy_target, g_out_scale, g_out_shift,
+                _arrival_counters(dev, k_tiles) if last else dummy,
                 q, oh * ow, ow, cm, k_out, per_slice, *y_strides, pw_weight.stride(0), pw_weight.stride(1),
                 *grad_out.stride(), *out_strides, *gy_target.stride(),
                 NEED_Y=need_y, OUT_RELU=bool(out_relu), HAS_OSCALE=out_scale is not None,
                 HAS_OSHIFT=out_shift is not None, HAS_GSUM=grad_sum is not None, WRITE_GY=write_gy,
                 DOT_PREC=prec, IDX64=idx64,
                 VEC=_row_vector([grad_out, out, gy_buf, mid_buf, pw_weight if need_y else None], [cm, k_out]),
-                **cfg.meta(True))
-            if partials:
+                LAST=last, BLOCK_R=_last_rows(cfg.BLOCK_K), **cfg.meta(True))
+            if partials and not last:
                 _reduce_pair(ws, g_out_scale if out_scale is not None else None,
                              g_out_shift if out_shift is not None else None)
 
@@ -674,11 +724,14 @@ def separable_conv2d_backward(grad_out: torch.Tensor, grad_sum: torch.Tensor | N
         other = _cdiv(k_out, cfg.BLOCK_K) * _cdiv(cm, cfg.BLOCK_C)
         slices, per_slice = _slices(tiles, other, dev)
         ws = torch.empty((slices, k_out * cm), dtype=torch.float32, device=dev)
+        last = _sums_in_kernel(slices, cfg.BLOCK_K * cfg.BLOCK_C, 1)
         K.sep_bwd_pw_kernel[(slices * other,)](
-            *gy_src[:4], mid_buf, ws, q, oh * ow, ow, cm, k_out, per_slice, *mid_buf.stride(), *gy_src[4:],
-            **gy_flags, DOT_PREC=prec, IDX64=idx64, VEC=_row_vector([*gy_src[:2], mid_buf], [cm, k_out]),
-            **cfg.meta(True))
-        _reduce_rows(ws, grad_pw.view(-1))
+            *gy_src[:4], mid_buf, ws, grad_pw, _arrival_counters(dev, other) if last else ws,
+            q, oh * ow, ow, cm, k_out, per_slice, *mid_buf.stride(), *gy_src[4:],
+            **gy_flags, DOT_PREC=prec, IDX64=idx64, VEC=_row_vector([*gy_src[:2], mid_buf], [cm, k_out]), LAST=last,
+            BLOCK_R=_last_rows(cfg.BLOCK_K * cfg.BLOCK_C), **cfg.meta(True))
+        if not last:
+            _reduce_rows(ws, grad_pw.view(-1))
 
     run_pw(autotune.choose("sep_bwd_pw", src_key, autotune.gemm_configs(dtype), run_pw))
     del mid_buf  # freed before the next pass allocates its buffer of the same size
@@ -689,16 +742,20 @@ def separable_conv2d_backward(grad_out: torch.Tensor, grad_sum: torch.Tensor | N
     mid_affine = mid_scale is not None or mid_shift is not None
 
     def run_mid(cfg: Config) -> None:
-        tiles = _cdiv(q, cfg.BLOCK_P)
-        grid = (tiles * _cdiv(cm, cfg.BLOCK_C),)
+        tiles, c_tiles = _cdiv(q, cfg.BLOCK_P), _cdiv(cm, cfg.BLOCK_C)
+        grid = (tiles * c_tiles,)
         # Per-tile partial sums for mid_scale / mid_shift's gradients (planes 0 and 1), reduced in a fixed order.
         ws = torch.empty((2, tiles, cm), dtype=torch.float32, device=dev) if mid_affine else dummy
+        planes = int(mid_scale is not None) + int(mid_shift is not None)
+        last = mid_affine and _sums_in_kernel(tiles, cfg.BLOCK_C, planes)
         K.sep_bwd_mid_kernel[grid](
             *gy_src[:4], x, dw_weight, pw_weight, _or(in_scale, dummy), _or(in_shift, dummy), _or(mid_scale, dummy),
-            _or(mid_shift, dummy), g_dw_out, ws, *geo, *x_args, *gy_src[4:], *g_dw_out.stride(), **gy_flags,
-            **flags_in, HAS_MID_SCALE=mid_scale is not None, HAS_MID_SHIFT=mid_shift is not None,
-            VEC=_row_vector([x, g_dw_out, *gy_src[:2], pw_weight], [cm, k_out]), **cfg.meta(True))
-        if mid_affine:
+            _or(mid_shift, dummy), g_dw_out, ws, g_mid_scale, g_mid_shift,
+            _arrival_counters(dev, c_tiles) if last else dummy, *geo, *x_args, *gy_src[4:], *g_dw_out.stride(),
+            **gy_flags, **flags_in, HAS_MID_SCALE=mid_scale is not None, HAS_MID_SHIFT=mid_shift is not None,
+            VEC=_row_vector([x, g_dw_out, *gy_src[:2], pw_weight], [cm, k_out]), LAST=last,
+            BLOCK_R=_last_rows(cfg.BLOCK_C), **cfg.meta(True))
+        if mid_affine and not last:
             _reduce_pair(ws, g_mid_scale if mid_scale is not None else None,
                          g_mid_shift if mid_shift is not None else None)
 
