@@ -345,6 +345,41 @@ def test_fuse_inplace_returns_the_same_object():
     assert any(isinstance(m, SeparableConvBN) for m in model.modules())
 
 
+def test_fuse_inplace_that_fails_leaves_the_model_as_it_was(monkeypatch):
+    """A layer that cannot be built after others were swapped (here the second chain's) undoes every swap, the
+    activation taken out of a BatchNormAct2d included: the model is either fused or unchanged."""
+    from timm.layers import BatchNormAct2d
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False), BatchNormAct2d(4),
+                          nn.Conv2d(4, 6, 1, bias=False), nn.BatchNorm2d(6), nn.ReLU(), *sep_block(6, 6),
+                          nn.MaxPool2d(2))
+    assert len(find_chains(model)) == 2
+    before = list(model.named_modules(remove_duplicate=False))
+    x = torch.randn(2, 4, 7, 7)
+    expected = model.eval()(x)
+    built = []
+    real = SeparableConvBN.from_modules.__func__
+
+    def fails_second(cls, *args, **kwargs):
+        if built:
+            raise RuntimeError("cannot build this one")
+        built.append(real(cls, *args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(SeparableConvBN, "from_modules", classmethod(fails_second))
+    with pytest.raises(RuntimeError, match="cannot build this one"):
+        xception_ops.fuse(model, inplace=True)
+    assert len(built) == 1
+    after = list(model.named_modules(remove_duplicate=False))
+    assert [name for name, _ in after] == [name for name, _ in before]
+    assert all(a is b for (_, a), (_, b) in zip(after, before))
+    assert type(model[1].act) is nn.ReLU
+    assert torch.equal(model(x), expected)
+    monkeypatch.undo()
+    xception_ops.fuse(model, inplace=True)  # and it fuses afterwards
+    assert sum(isinstance(m, SeparableConvBN) for m in model.modules()) == 2
+    assert relative_error(model(x), expected) <= 1e-5
+
+
 def test_shared_module_is_not_fused():
     dw = nn.Conv2d(3, 3, 3, padding=1, groups=3, bias=False)
 

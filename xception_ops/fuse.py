@@ -282,12 +282,39 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
 
 
+def _fuse_chains(modules: dict[str, nn.Module], chains: list[Chain], deferring: set[str], backend: str,
+                 replace) -> None:
+    """Puts a SeparableConvBN in each chain's depthwise place and nn.Identity in its other layers' (through
+    `replace`, which records what it replaces)."""
+    claimed: set[str] = set()
+    for chain in chains:
+        if chain.pre_relu in claimed:  # already the previous chain's post_relu
+            chain.pre_relu = None
+        claimed.update(chain.names())
+        mid = modules[chain.mid_activation] if chain.mid_activation else None
+        # Deepest first: an activation inside a BatchNormAct2d ("....bn1.act") is set to nn.Identity inside that
+        # module, which the fused module keeps as its BatchNorm (taking it with that activation gone), before the
+        # BatchNorm's own place becomes one. (`modules` still holds every module taken.)
+        for name in sorted(chain.names(), key=lambda n: -n.count(".")):
+            if name != chain.depthwise:
+                replace(name, nn.Identity())
+        fused = SeparableConvBN.from_modules(
+            modules[chain.depthwise], modules[chain.pointwise],
+            modules[chain.batch_norm] if chain.batch_norm else None,
+            pre_relu=chain.pre_relu is not None, mid_activation=_mid_activation_name(mid) if mid else None,
+            post_relu=chain.post_relu is not None, backend=backend,
+            mid_bn=modules[chain.mid_batch_norm] if chain.mid_batch_norm else None)
+        fused.defer_bn = chain.depthwise in deferring
+        replace(chain.depthwise, fused)
+
+
 def fuse(model: nn.Module, *, inplace: bool = False, backend: str = "auto", pools: bool = True) -> nn.Module:
     """Returns `model` (a copy unless inplace) with every depthwise (→ BN) (→ act) → pointwise (→ BN) (→ ReLU) chain
     fused, and
     (pools) every nn.MaxPool2d on the package's pooling.
 
-    The fused model computes what the original does, in training and in eval mode, with the same parameters.
+    The fused model computes what the original does, in training and in eval mode, with the same parameters. If a
+    layer cannot be fused after others were, fuse raises with every module back in its place (inplace too).
     """
     if not inplace:
         model = copy.deepcopy(model)
@@ -312,30 +339,24 @@ def fuse(model: nn.Module, *, inplace: bool = False, backend: str = "auto", pool
         # inference the epilogue's folded BatchNorm was free, and the same bytes move either way).
         if chain.residual_add:
             deferring.add(chain.depthwise)
-    claimed: set[str] = set()
-    for chain in chains:
-        if chain.pre_relu in claimed:  # already the previous chain's post_relu
-            chain.pre_relu = None
-        claimed.update(chain.names())
-        mid = modules[chain.mid_activation] if chain.mid_activation else None
-        # Deepest first: an activation inside a BatchNormAct2d ("....bn1.act") is set to nn.Identity inside that
-        # module, which the fused module keeps as its BatchNorm (taking it with that activation gone), before the
-        # BatchNorm's own place becomes one. (`modules` still holds every module taken.)
-        for name in sorted(chain.names(), key=lambda n: -n.count(".")):
-            if name != chain.depthwise:
-                _set_module(model, name, nn.Identity())
-        fused = SeparableConvBN.from_modules(
-            modules[chain.depthwise], modules[chain.pointwise],
-            modules[chain.batch_norm] if chain.batch_norm else None,
-            pre_relu=chain.pre_relu is not None, mid_activation=_mid_activation_name(mid) if mid else None,
-            post_relu=chain.post_relu is not None, backend=backend,
-            mid_bn=modules[chain.mid_batch_norm] if chain.mid_batch_norm else None)
-        fused.defer_bn = chain.depthwise in deferring
-        _set_module(model, chain.depthwise, fused)
-    if pools:
-        for name, module in list(model.named_modules(remove_duplicate=False)):  # (a shared pool at each of its names)
-            if type(module) is nn.MaxPool2d:
-                _set_module(model, name, MaxPool2d.from_module(module, backend))
+    # Every replacement is recorded, and undone if a later one raises: fuse(model, inplace=True) leaves the model
+    # either fully fused or as it was.
+    replaced: list[tuple[str, nn.Module]] = []
+
+    def replace(name: str, module: nn.Module) -> None:
+        replaced.append((name, model.get_submodule(name)))
+        _set_module(model, name, module)
+
+    try:
+        _fuse_chains(modules, chains, deferring, backend, replace)
+        if pools:
+            for name, module in list(model.named_modules(remove_duplicate=False)):  # (a shared pool at each name)
+                if type(module) is nn.MaxPool2d:
+                    replace(name, MaxPool2d.from_module(module, backend))
+    except BaseException:
+        for name, module in reversed(replaced):
+            _set_module(model, name, module)
+        raise
     return model
 
 
