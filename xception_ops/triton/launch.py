@@ -242,6 +242,16 @@ def _last_rows(block: int) -> int:
     return max(1, min(32, 4096 // block))
 
 
+def _last_program_sums(rows: int, block: int, planes: int, device: torch.device, groups: int,
+                       placeholder: torch.Tensor) -> tuple[bool, torch.Tensor, dict]:
+    """For a kernel whose programs write `rows` partial rows of `block` columns in `planes` planes (0: no sums) and
+    share columns in `groups` groups: whether its last program sums them (then no _reduce_rows / _reduce_pair
+    follows it), its counters argument (`placeholder` where it does not) and its LAST and BLOCK_R meta-parameters."""
+    last = planes > 0 and _sums_in_kernel(rows, block, planes)
+    counters = _arrival_counters(device, groups) if last else placeholder
+    return last, counters, {"LAST": last, "BLOCK_R": _last_rows(block)}
+
+
 def _arrival_counters(device: torch.device, slots: int) -> torch.Tensor:
     """Zeroed int32 counters for kernels that sum in their last program: one per group of programs sharing
     columns. Each such kernel leaves them at zero, so one buffer per stream serves every launch on it (kernels on
@@ -405,16 +415,17 @@ def _dgrad(g: torch.Tensor, weight: torch.Tensor, grad_x: torch.Tensor, conv, x:
         grid = (tiles * c_tiles,)
         sums = has_scale or has_shift
         ws = torch.empty((2, tiles, c), dtype=torch.float32, device=g.device) if sums else grad_x
-        last = sums and _sums_in_kernel(tiles, cfg.BLOCK_C, int(has_scale) + int(has_shift))
+        last, counters, last_meta = _last_program_sums(tiles, cfg.BLOCK_C, int(has_scale) + int(has_shift), g.device,
+                                                       c_tiles, ws)
         out_scale, out_shift = _or(grad_in_scale, ws), _or(grad_in_shift, ws)
         K.dw_dgrad_kernel[grid](
             g, weight, grad_x, xs, in_scale if has_scale else weight, in_shift if has_shift else weight, ws,
-            out_scale, out_shift, _arrival_counters(g.device, c_tiles) if last else ws,
+            out_scale, out_shift, counters,
             q_in, h * w, w, c, oh, ow, cm // c, *conv, *g.stride(), *_weight_strides(weight), *xs.stride(),
             *grad_x.stride(),
             KH=kh, KW=kw, UNROLL=_unroll(kh, kw), HAS_SCALE=has_scale, HAS_SHIFT=has_shift,
-            IN_RELU=prologue and in_relu, IDX64=idx64, VEC=_row_vector([g, grad_x, xs], [c, cm]), LAST=last,
-            BLOCK_R=_last_rows(cfg.BLOCK_C), **cfg.meta(False))
+            IN_RELU=prologue and in_relu, IDX64=idx64, VEC=_row_vector([g, grad_x, xs], [c, cm]), **last_meta,
+            **cfg.meta(False))
         if sums and not last:
             _reduce_pair(ws, grad_in_scale if has_scale else None, grad_in_shift if has_shift else None)
 
@@ -444,14 +455,12 @@ def _wgrad(g: torch.Tensor, x: torch.Tensor, grad_w: torch.Tensor, conv, in_scal
         other = _cdiv(cm, cfg.BLOCK_C) * _cdiv(taps, group)
         slices, per_slice = _slices(tiles, other, g.device)
         ws = torch.empty((slices, cm * taps), dtype=torch.float32, device=g.device)
-        last = _sums_in_kernel(slices, block_t * cfg.BLOCK_C, 1)
+        last, counters, last_meta = _last_program_sums(slices, block_t * cfg.BLOCK_C, 1, g.device, other, ws)
         K.dw_wgrad_kernel[(slices * other,)](
             g, x, in_scale if in_scale is not None else x, in_shift if in_shift is not None else x, ws, grad_w,
-            _arrival_counters(g.device, other) if last else ws,
-            q, oh * ow, ow, h, w, cm, cm // c, taps, per_slice, *conv, *g.stride(), *x.stride(),
+            counters, q, oh * ow, ow, h, w, cm, cm // c, taps, per_slice, *conv, *g.stride(), *x.stride(),
             KW=kw, TAPS=group, BLOCK_T=block_t, HAS_SCALE=in_scale is not None, HAS_SHIFT=in_shift is not None,
-            IN_RELU=in_relu, IDX64=idx64, VEC=_row_vector([g, x], [cm]), LAST=last,
-            BLOCK_R=_last_rows(block_t * cfg.BLOCK_C), **cfg.meta(False))
+            IN_RELU=in_relu, IDX64=idx64, VEC=_row_vector([g, x], [cm]), **last_meta, **cfg.meta(False))
         if not last:
             _reduce_rows(ws, grad_w.view(-1))
 
@@ -570,14 +579,15 @@ def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.
         tiles, k_tiles = _cdiv(q, cfg.BLOCK_P), _cdiv(k_out, cfg.BLOCK_K)
         grid = (tiles * k_tiles,)
         ws = torch.empty((2, tiles, k_out), dtype=torch.float32, device=x.device) if compute_stats else dummy
-        last = compute_stats and _sums_in_kernel(tiles, cfg.BLOCK_K, 2)
+        last, counters, last_meta = _last_program_sums(tiles, cfg.BLOCK_K, 2 if compute_stats else 0, x.device,
+                                                       k_tiles, total)
         # Staged: the depthwise stage once, into a transient buffer freed when this returns.
         act = _act_buffer(x, dw_weight, in_scale, in_shift, in_relu, mid, mid_scale, mid_shift, conv, kh, kw, oh, ow,
                           idx64) if cfg.staged else None
         K.sep_fwd_kernel[grid](
             x, dw_weight, pw_weight, _or(in_scale, dummy), _or(in_shift, dummy), _or(mid_scale, dummy),
             _or(mid_shift, dummy), _or(out_scale, dummy), _or(out_shift, dummy), _or(residual, dummy), out, ws,
-            _or(act, dummy), total, total_sq, _arrival_counters(x.device, k_tiles) if last else total,
+            _or(act, dummy), total, total_sq, counters,
             q, oh * ow, ow, h, w, cm, k_out, cm // c, *conv,
             *x.stride(), *_weight_strides(dw_weight), pw_weight.stride(0), pw_weight.stride(1), *res_strides,
             *out.stride(), *(act.stride() if act is not None else (0, 0, 0, 0)),
@@ -586,8 +596,7 @@ def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.
             HAS_MID_SHIFT=mid_shift is not None, HAS_OSCALE=out_scale is not None, HAS_OSHIFT=out_shift is not None,
             HAS_RES=residual is not None, OUT_RELU=bool(out_relu), STATS=bool(compute_stats),
             FROM_ACT=cfg.staged, DOT_PREC=_dot_precision(x.dtype), IDX64=idx64,
-            VEC=_row_vector([x, out, residual, act, pw_weight], [cm, k_out]), LAST=last,
-            BLOCK_R=_last_rows(cfg.BLOCK_K), **cfg.meta(True))
+            VEC=_row_vector([x, out, residual, act, pw_weight], [cm, k_out]), **last_meta, **cfg.meta(True))
         if compute_stats and not last:
             _reduce_rows(ws, total, total_sq)
 
@@ -684,18 +693,17 @@ def separable_conv2d_backward(grad_out: torch.Tensor, grad_sum: torch.Tensor | N
             slices, per_slice = _slices(_cdiv(q, cfg.BLOCK_P), k_tiles, dev)
             ws = torch.empty((2, slices, k_out), dtype=torch.float32, device=dev) if partials else dummy
             planes = int(out_scale is not None) + int(out_shift is not None)
-            last = partials and _sums_in_kernel(slices, cfg.BLOCK_K, planes)
+            last, counters, last_meta = _last_program_sums(slices, cfg.BLOCK_K, planes, dev, k_tiles, dummy)
             K.sep_bwd_epilogue_kernel[(slices * k_tiles,)](
                 grad_out, _or(out, grad_out), _or(out_scale, dummy), _or(grad_sum, dummy), _or(grad_sumsq, dummy),
-                y_src, pw_weight, ws, gy_target, g_out_scale, g_out_shift,
-                _arrival_counters(dev, k_tiles) if last else dummy,
+                y_src, pw_weight, ws, gy_target, g_out_scale, g_out_shift, counters,
                 q, oh * ow, ow, cm, k_out, per_slice, *y_strides, pw_weight.stride(0), pw_weight.stride(1),
                 *grad_out.stride(), *out_strides, *gy_target.stride(),
                 NEED_Y=need_y, OUT_RELU=bool(out_relu), HAS_OSCALE=out_scale is not None,
                 HAS_OSHIFT=out_shift is not None, HAS_GSUM=grad_sum is not None, WRITE_GY=write_gy,
                 DOT_PREC=prec, IDX64=idx64,
                 VEC=_row_vector([grad_out, out, gy_buf, mid_buf, pw_weight if need_y else None], [cm, k_out]),
-                LAST=last, BLOCK_R=_last_rows(cfg.BLOCK_K), **cfg.meta(True))
+                **last_meta, **cfg.meta(True))
             if partials and not last:
                 _reduce_pair(ws, g_out_scale if out_scale is not None else None,
                              g_out_shift if out_shift is not None else None)
@@ -724,12 +732,12 @@ def separable_conv2d_backward(grad_out: torch.Tensor, grad_sum: torch.Tensor | N
         other = _cdiv(k_out, cfg.BLOCK_K) * _cdiv(cm, cfg.BLOCK_C)
         slices, per_slice = _slices(tiles, other, dev)
         ws = torch.empty((slices, k_out * cm), dtype=torch.float32, device=dev)
-        last = _sums_in_kernel(slices, cfg.BLOCK_K * cfg.BLOCK_C, 1)
+        last, counters, last_meta = _last_program_sums(slices, cfg.BLOCK_K * cfg.BLOCK_C, 1, dev, other, ws)
         K.sep_bwd_pw_kernel[(slices * other,)](
-            *gy_src[:4], mid_buf, ws, grad_pw, _arrival_counters(dev, other) if last else ws,
+            *gy_src[:4], mid_buf, ws, grad_pw, counters,
             q, oh * ow, ow, cm, k_out, per_slice, *mid_buf.stride(), *gy_src[4:],
-            **gy_flags, DOT_PREC=prec, IDX64=idx64, VEC=_row_vector([*gy_src[:2], mid_buf], [cm, k_out]), LAST=last,
-            BLOCK_R=_last_rows(cfg.BLOCK_K * cfg.BLOCK_C), **cfg.meta(True))
+            **gy_flags, DOT_PREC=prec, IDX64=idx64, VEC=_row_vector([*gy_src[:2], mid_buf], [cm, k_out]),
+            **last_meta, **cfg.meta(True))
         if not last:
             _reduce_rows(ws, grad_pw.view(-1))
 
@@ -747,14 +755,13 @@ def separable_conv2d_backward(grad_out: torch.Tensor, grad_sum: torch.Tensor | N
         # Per-tile partial sums for mid_scale / mid_shift's gradients (planes 0 and 1), reduced in a fixed order.
         ws = torch.empty((2, tiles, cm), dtype=torch.float32, device=dev) if mid_affine else dummy
         planes = int(mid_scale is not None) + int(mid_shift is not None)
-        last = mid_affine and _sums_in_kernel(tiles, cfg.BLOCK_C, planes)
+        last, counters, last_meta = _last_program_sums(tiles, cfg.BLOCK_C, planes, dev, c_tiles, dummy)
         K.sep_bwd_mid_kernel[grid](
             *gy_src[:4], x, dw_weight, pw_weight, _or(in_scale, dummy), _or(in_shift, dummy), _or(mid_scale, dummy),
             _or(mid_shift, dummy), g_dw_out, ws, g_mid_scale, g_mid_shift,
-            _arrival_counters(dev, c_tiles) if last else dummy, *geo, *x_args, *gy_src[4:], *g_dw_out.stride(),
+            counters, *geo, *x_args, *gy_src[4:], *g_dw_out.stride(),
             **gy_flags, **flags_in, HAS_MID_SCALE=mid_scale is not None, HAS_MID_SHIFT=mid_shift is not None,
-            VEC=_row_vector([x, g_dw_out, *gy_src[:2], pw_weight], [cm, k_out]), LAST=last,
-            BLOCK_R=_last_rows(cfg.BLOCK_C), **cfg.meta(True))
+            VEC=_row_vector([x, g_dw_out, *gy_src[:2], pw_weight], [cm, k_out]), **last_meta, **cfg.meta(True))
         if mid_affine and not last:
             _reduce_pair(ws, g_mid_scale if mid_scale is not None else None,
                          g_mid_shift if mid_shift is not None else None)
