@@ -30,6 +30,19 @@ def test_info_lists_every_backend(capsys, monkeypatch):
     assert info["settings"]["XCEPTION_OPS_SEPARABLE_FORWARD"] == "fused"
 
 
+def test_info_names_the_triton_autotune_cache(capsys, monkeypatch, tmp_path):
+    pytest.importorskip("triton")
+    cache = tmp_path / "tune.json"
+    cache.write_text(json.dumps({"format": 1, "entries": {"a": {}, "b": {}}}))
+    monkeypatch.setenv("XCEPTION_OPS_TRITON_AUTOTUNE_CACHE", str(cache))
+    assert cli.main(["info"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("triton autotune:"))
+    assert line.endswith(f" {cache}, 2 choices")
+    monkeypatch.setenv("XCEPTION_OPS_TRITON_AUTOTUNE_CACHE", "0")
+    assert cli.main(["info", "--json"]) == 0
+    assert "memory only" in json.loads(capsys.readouterr().out)["triton autotune"]
+
+
 def test_parity_report_on_cpu():
     report = run_parity(device="cpu", batch=2, image_size=71, mode="train")
     assert report.passed

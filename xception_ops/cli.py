@@ -25,6 +25,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     try:
         import triton
         info["triton"] = triton.__version__
+        from .triton import autotune
+        path = autotune.cache_path()
+        info["triton autotune"] = (f"{path}, {len(autotune._read(path))} choices" if path is not None
+                                   else f"choices kept in memory only ({autotune.CACHE_ENV})")
     except ImportError:
         info["triton"] = "not installed"
     if torch.cuda.is_available():

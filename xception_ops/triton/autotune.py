@@ -4,15 +4,29 @@ triton.autotune is not used directly because several ops size a workspace by the
 depends on the block sizes: here the whole launch sequence of an op (kernels + fixed-order reductions) is timed
 per configuration, and the winner is cached under a key built from the shape, dtype, layout and flags.
 
+The choices also persist in a JSON file (cache_path(): XCEPTION_OPS_TRITON_AUTOTUNE_CACHE, default
+~/.cache/xception_ops/triton-autotune.json), so a model or a benchmark run does not time its shapes again in
+every process. An entry counts only for the GPU model, the Triton, torch and package versions and the Triton
+sources it was timed with, and only while its configuration is still in the op's list.
+
 Under TRITON_INTERPRET=1 (CPU tests) every list collapses to one small configuration and nothing is timed.
 XCEPTION_OPS_TRITON_AUTOTUNE=0 turns the timing off on a GPU too (the first configuration of each list is
-used): weight gradients and statistics are then bitwise reproducible across processes, not only within one.
+used): weight gradients and statistics are then bitwise reproducible across processes, whatever the cache holds
+(with the timing on, processes reproduce each other's bits where they read the same cache file). Nothing is
+timed while a CUDA graph is being captured: a shape first seen there takes a cached choice, else the first
+configuration, and is timed at its next call outside a capture.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import os
+import tempfile
+import warnings
 from collections.abc import Callable, Hashable, Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -106,32 +120,141 @@ def gemm_configs(dtype: torch.dtype) -> Sequence[Config]:
 
 
 _CACHE: dict[Hashable, Config] = {}
+CACHE_ENV = "XCEPTION_OPS_TRITON_AUTOTUNE_CACHE"
+_CACHE_FORMAT = 1
+_DISK: dict[str, dict] | None = None  # the file's entries as last read, loaded at the first miss
+
+
+def cache_path() -> Path | None:
+    """The file the choices persist in: $XCEPTION_OPS_TRITON_AUTOTUNE_CACHE ("0", "off" or empty: none), else
+    triton-autotune.json under $XDG_CACHE_HOME/xception_ops (~/.cache/xception_ops)."""
+    value = os.environ.get(CACHE_ENV)
+    if value is not None:
+        return None if value.strip().lower() in ("", "0", "off", "false", "no") else Path(value).expanduser()
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "xception_ops" / "triton-autotune.json"
+
+
+@functools.cache
+def _sources_digest() -> str:
+    """What the timings depend on in this package: the kernels, their launchers and the configuration lists."""
+    digest = hashlib.sha256()
+    for name in ("kernels.py", "launch.py", "autotune.py"):
+        digest.update((Path(__file__).with_name(name)).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@functools.cache
+def _context(device_index: int) -> str:
+    """The setting an entry was timed in: the GPU model, the versions and the Triton sources."""
+    import triton
+
+    from ..version import __version__
+    props = torch.cuda.get_device_properties(device_index)
+    return (f"{props.name}|sm_{props.major}{props.minor}|{props.multi_processor_count}|triton {triton.__version__}|"
+            f"torch {torch.__version__}|xception_ops {__version__}|{_sources_digest()}")
+
+
+def _entry_name(op: str, key: Hashable) -> str:
+    """The file's name for an entry on the current device: its context, the op and the key (shapes, strides,
+    dtypes, device index and flags)."""
+    return f"{_context(torch.cuda.current_device())}|{op}|{key!r}"
+
+
+def _read(path: Path) -> dict[str, dict]:
+    """The file's entries; none if it is missing or unreadable (it is rewritten at the next choice)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("format") != _CACHE_FORMAT or not isinstance(data.get("entries"), dict):
+        return {}
+    return data["entries"]
+
+
+def _persisted(name: str, configs: Sequence[Config]) -> Config | None:
+    global _DISK
+    path = cache_path()
+    if path is None:
+        return None
+    if _DISK is None:
+        _DISK = _read(path)
+    fields = _DISK.get(name)
+    if not isinstance(fields, dict):
+        return None
+    try:
+        config = Config(**fields)
+    except TypeError:  # fields of another version of Config
+        return None
+    return config if config in configs else None
+
+
+def _persist(name: str, config: Config) -> None:
+    """Adds the entry to the file: read, merged and replaced in one rename, so that processes tuning at once
+    (data-parallel ranks, test workers) never leave a torn file; at worst one's entry is lost and timed again."""
+    global _DISK
+    path = cache_path()
+    if path is None:
+        return
+    entries = _read(path)
+    entries[name] = config._asdict()
+    _DISK = entries
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"format": _CACHE_FORMAT, "entries": entries}, f, indent=0, sort_keys=True)
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        warnings.warn(f"xception_ops: cannot write the Triton autotune cache {path} ({e}); set {CACHE_ENV}=0 to "
+                      "keep the choices in memory only", RuntimeWarning, stacklevel=3)
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def _time(run: Callable[[Config], object], cfg: Config) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(lambda: run(cfg), warmup=5, rep=20, return_mode="median")
 
 
 def choose(op: str, key: Hashable, configs: Sequence[Config], run: Callable[[Config], object]) -> Config:
-    """The configuration `run` is fastest with, timed once per (op, key) and cached. `run(config)` launches the
-    op's whole sequence with that configuration (it may be called several times, so it must be idempotent)."""
+    """The configuration `run` is fastest with, timed once per (op, key) and cached, in memory and in
+    cache_path(). `run(config)` launches the op's whole sequence with that configuration (it may be called several
+    times, so it must be idempotent)."""
     if len(configs) == 1 or interpreting() or not tuning_enabled():
         return configs[0]
     cache_key = (op, key)
     best = _CACHE.get(cache_key)
     if best is not None:
         return best
-    from triton.testing import do_bench
-
+    name = _entry_name(op, key)
+    best = _persisted(name, configs)
+    if best is not None:
+        _CACHE[cache_key] = best
+        return best
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():  # (timing would break it)
+        return configs[0]
     timings = []
     error: Exception | None = None
     for cfg in configs:
         try:
-            timings.append((do_bench(lambda: run(cfg), warmup=5, rep=20, return_mode="median"), cfg))
+            timings.append((_time(run, cfg), cfg))
         except Exception as e:  # a configuration that does not fit (shared memory, registers) is skipped
             error = e
     if not timings:
         raise RuntimeError(f"xception_ops triton backend: no launch configuration of {op} runs for {key}") from error
     best = min(timings, key=lambda tc: tc[0])[1]
     _CACHE[cache_key] = best
+    _persist(name, best)
     return best
 
 
 def cache_clear() -> None:
+    """Forgets the choices in memory (the file stays: cache_path())."""
+    global _DISK
     _CACHE.clear()
+    _DISK = None
