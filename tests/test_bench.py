@@ -137,6 +137,50 @@ def test_a_stopped_run_resumes_where_it_stopped(tmp_path, monkeypatch, capsys):
     assert "--resume needs --out" in capsys.readouterr().err
 
 
+def test_a_time_limit_ends_the_run_with_reports_and_resume_goes_on(tmp_path, monkeypatch, capsys):
+    """--time-limit: no configuration starts after it (the one running finishes); the reports say what is left;
+    --resume times the rest. The clock advances 6 s per configuration timed, the limit is 10 s: the first
+    layout's two configurations run, the second's two are left, and the model after them."""
+    out = tmp_path / "run"
+    args = ["bench", "--device", "cpu", "--shapes", "3,5,6", "--batch", "1", "--dtypes", "float32", "--passes",
+            "inference", "--ops", "depthwise", "--backends", "torch", "--models", "xception", "--image", "32",
+            "--model-batch", "1", "--warmup", "0", "--reps", "1", "--out", str(out), "--layouts", "NCHW", "NHWC"]
+    now, timed = [0.0], []
+    real_layer, real_model = bench.bench_layer, bench.bench_model
+
+    def layer(*a, **k):
+        now[0] += 6
+        timed.append(a[7])
+        return real_layer(*a, **k)
+
+    def model(*a, **k):
+        now[0] += 6
+        timed.append(a[0])
+        return real_model(*a, **k)
+
+    monkeypatch.setattr(bench, "_clock", lambda: now[0])
+    monkeypatch.setattr(bench, "bench_layer", layer)
+    monkeypatch.setattr(bench, "bench_model", model)
+    assert cli.main([*args, "--time-limit", "10"]) == 0
+    assert timed == ["NCHW", "NCHW"]
+    captured = capsys.readouterr()
+    assert "3 configurations not timed" in captured.err and "--resume" in captured.err
+    assert captured.out.startswith("INCOMPLETE: the time limit of 10 s left 3 configurations untimed")
+    first = json.loads((out / "bench.json").read_text())
+    assert first["incomplete"] == {"left": 3, "time_limit_s": 10.0} and len(first["layers"]) == 2
+    assert "INCOMPLETE" in (out / "bench.md").read_text()
+
+    timed.clear()
+    assert cli.main([*args, "--resume", "--time-limit", "100"]) == 0
+    assert timed == ["NHWC", "NHWC", "xception"]
+    final = json.loads((out / "bench.json").read_text())
+    assert "incomplete" not in final and len(final["layers"]) == 4 and len(final["models"]) == 1
+    assert "INCOMPLETE" not in (out / "bench.md").read_text()
+    assert final["layers"][:2] == first["layers"]
+    assert cli.main([*args, "--time-limit", "0"]) == 2
+    assert "time_limit must be a positive number" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("setting", ["on", "off"])
 def test_tf32_setting_holds_during_the_run_is_recorded_and_restored(tmp_path, setting):
     """--tf32 on / off sets cuDNN's and cuBLAS's flags alike while the run times (float32 rows at the same setting

@@ -601,6 +601,9 @@ def check_resumable(previous: dict, env: dict, settings: dict) -> None:
                              f", this one with {name}={settings.get(name)!r}; use the same value or a new --out")
 
 
+_clock = time.monotonic  # the time limit's clock (a test replaces it)
+
+
 def _union(first: Sequence, second: Sequence) -> list:
     seen = []
     for item in [*first, *second]:
@@ -622,11 +625,13 @@ def _run_suite(device: str | None = None, backends_: Sequence[str] | None = None
         ops: Sequence[str] = ("separable", "depthwise"), compile_: bool | str | None = False, layers: bool = True,
         models: Sequence[str] | bool = True, image: int | None = None, model_batch: int | None = None,
         warmup: int | None = None, reps: int | None = None, progress: Callable[[str], None] | None = None,
-        previous: dict | None = None, checkpoint: Callable[[dict], None] | None = None) -> dict:
+        previous: dict | None = None, checkpoint: Callable[[dict], None] | None = None,
+        time_limit: float | None = None) -> dict:
     """previous: an earlier report of this suite (check_resumable): its rows are kept, and the configurations it
     measured without an error are not timed again, so that a long run stopped part way (a time limit) goes on
     where it stopped. checkpoint(report): called with the report so far after each configuration, for a caller
-    that saves it as it goes. compile_: also time torch.compile of the eager layers and of the models, in that mode
+    that saves it as it goes. time_limit: seconds after which no configuration starts (the one running finishes);
+    the report then has "incomplete" (how many were left), and a run with `previous` goes on from it. compile_: also time torch.compile of the eager layers and of the models, in that mode
     (True: "default"; the impl "compile", or "compile:<mode>" in another mode)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     mode = "default" if compile_ is True else (compile_ or None)
@@ -678,8 +683,20 @@ def _run_suite(device: str | None = None, backends_: Sequence[str] | None = None
         model_rows = {_row_key(r, MODEL_KEY): r for r in previous["models"]}
         bar.note(f"resuming a report of {previous['env']['date']}: {len(layer_rows)} layer and {len(model_rows)} "
                  "model rows; the configurations it measured without an error are not timed again")
+    if time_limit is not None and not time_limit > 0:
+        raise ValueError(f"time_limit must be a positive number of seconds, got {time_limit!r}")
+    deadline = None if time_limit is None else _clock() + time_limit
     ceilings = measure_ceilings(dev)
     report = {"env": env, "ceilings": asdict(ceilings), "settings": run_settings, "layers": [], "models": []}
+    left = 0  # configurations not timed for the time limit
+
+    def out_of_time(untimed: int) -> bool:
+        """Whether the time limit has passed; then the `untimed` configurations about to run are counted as left."""
+        nonlocal left
+        if deadline is None or untimed == 0 or _clock() < deadline:
+            return False
+        left += untimed
+        return True
 
     def save() -> None:
         report["layers"], report["models"] = list(layer_rows.values()), list(model_rows.values())
@@ -690,6 +707,10 @@ def _run_suite(device: str | None = None, backends_: Sequence[str] | None = None
         for layout in layouts:
             for pass_ in passes:
                 for op, (cin, cout, hw, count) in layer_ops:
+                    keys = [(op, cin, cout, hw, batch, dtype_name, layout, pass_, impl) for impl in impls]
+                    if out_of_time(sum(layer_rows.get(k) is None or layer_rows[k]["error"] is not None
+                                       for k in keys)):
+                        continue
                     eager_ms, timings = None, []
                     for impl in impls:
                         key = (op, cin, cout, hw, batch, dtype_name, layout, pass_, impl)
@@ -712,6 +733,8 @@ def _run_suite(device: str | None = None, backends_: Sequence[str] | None = None
             for name in model_names:
                 key = (name, dtype_name, layouts[0], compiled, settings["model_batch"], settings["image"])
                 row = model_rows.get(key)
+                if out_of_time(int(row is None or row["error"] is not None)):
+                    continue
                 if row is None or row["error"] is not None:
                     r = bench_model(name, DTYPES[dtype_name], layouts[0], settings["model_batch"], settings["image"],
                                     dev, settings["warmup"], settings["reps"], compiled)
@@ -719,6 +742,10 @@ def _run_suite(device: str | None = None, backends_: Sequence[str] | None = None
                 bar.step(f"model {name} {dtype_name}{compiled_label(compiled)}: "
                          + (row["error"] or f"{row['train_steps_per_s']:.2f} train steps/s"))
                 save()
+    if left:
+        report["incomplete"] = {"left": left, "time_limit_s": time_limit}
+        bar.note(f"time limit of {time_limit:g} s reached: {left} configurations not timed; the same command with "
+                 "--resume (and its --out) goes on from here")
     save()
     return report
 

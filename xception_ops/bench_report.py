@@ -47,6 +47,10 @@ def format_tables(report: dict) -> str:
     c = report["ceilings"]
     rates = ", ".join(f"{k} matmul {v:.3g} TFLOP/s" for k, v in c["matmul_tflops"].items())
     lines = [f"ceilings measured in this run: copy {c['copy_gbps']:.3g} GB/s, {rates}", ""]
+    if report.get("incomplete"):
+        i = report["incomplete"]
+        lines[:0] = [f"INCOMPLETE: the time limit of {i['time_limit_s']:g} s left {i['left']} configurations "
+                     "untimed; run the same command with --resume to go on", ""]
     if report["layers"]:
         lines += _layer_lines(report["layers"])
         lines += ["", "All of Xception's layers, each times its count:"]

@@ -27,7 +27,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         info["triton"] = triton.__version__
         from .triton import autotune
         path = autotune.cache_path()
-        info["triton autotune"] = (f"{path}, {len(autotune._read(path))} choices" if path is not None
+        info["triton autotune"] = (f"{path}, {len(autotune.cache_entries())} choices" if path is not None
                                    else f"choices kept in memory only ({autotune.CACHE_ENV})")
     except ImportError:
         info["triton"] = "not installed"
@@ -103,7 +103,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                        passes=args.passes, batch=args.batch, scale=args.scale, shapes=shapes, ops=args.ops,
                        compile_=args.compile, layers=not args.no_layers, models=models, image=args.image,
                        model_batch=args.model_batch, warmup=args.warmup, reps=args.reps, previous=previous,
-                       checkpoint=checkpoint if saved is not None else None, tf32=args.tf32)
+                       checkpoint=checkpoint if saved is not None else None, tf32=args.tf32,
+                       time_limit=args.time_limit)
     print(bench_report.format_tables(report))
     if args.out:
         written = bench_report.write_outputs(report, args.out)
@@ -205,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="go on from --out's bench.json: keep its rows and time only what it lacks (or measured with "
                         "an error); for runs longer than a session's time limit, in several calls")
+    p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                   help="start no configuration after SECONDS (the one running finishes), then write the reports "
+                        "with what was timed and say how many are left: with --out, the same command with --resume "
+                        "goes on from there (a full GPU run in several calls under a machine's time limit)")
     p.add_argument("--tf32", default="default", choices=list(TF32_CHOICES),
                    help="TF32 for float32 convolutions and products during the run: 'on' / 'off' sets cuDNN's and "
                         "cuBLAS's flags alike (float32 rows then compare cuDNN and this package at the same "

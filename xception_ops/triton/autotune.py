@@ -172,6 +172,12 @@ def _read(path: Path) -> dict[str, dict]:
     return data["entries"]
 
 
+def cache_entries() -> dict[str, dict]:
+    """The cache file's entries (none where it is off, missing or unreadable)."""
+    path = cache_path()
+    return {} if path is None else _read(path)
+
+
 def _persisted(name: str, configs: Sequence[Config]) -> Config | None:
     global _DISK
     path = cache_path()
