@@ -1,8 +1,11 @@
 """Shared test helpers. GPU tests carry the `gpu` marker and are skipped (only) where no CUDA GPU is visible."""
 
+import atexit
 import contextlib
 import os
 import random
+import shutil
+import tempfile
 import zlib
 
 import pytest
@@ -12,6 +15,11 @@ import torch
 # kernel is defined, so it is set before any test module imports xception_ops.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The Triton autotuner's choices go to a file of this test process, not the user's cache (autotune.cache_path).
+if "XCEPTION_OPS_TRITON_AUTOTUNE_CACHE" not in os.environ:
+    _autotune_dir = tempfile.mkdtemp(prefix="xo-autotune-")
+    atexit.register(shutil.rmtree, _autotune_dir, ignore_errors=True)
+    os.environ["XCEPTION_OPS_TRITON_AUTOTUNE_CACHE"] = os.path.join(_autotune_dir, "triton-autotune.json")
 
 from xception_ops import _library  # noqa: E402  (after TRITON_INTERPRET is set)
 
