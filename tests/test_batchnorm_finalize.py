@@ -7,6 +7,8 @@ plain-PyTorch fallback, argument errors, and on a GPU the CUDA kernels against t
 
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from xception_ops import _library, backend as backends, batchnorm, reference
 
@@ -549,3 +551,30 @@ def test_channel_moments_and_their_gradient_against_float64(device, dtype, layou
     # one rounding to y's dtype of a float32 value: half an ulp of each, relative to the largest term
     ulp = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}[dtype]
     assert (grad_y.double() - want).abs().max() <= ulp * want.abs().max() + 1e-5
+
+
+def test_convert_sync_batchnorm_keeps_the_parameters_and_buffers():
+    """Every nn.BatchNorm2d becomes a SyncBatchNorm2d holding the very same parameters and buffers (an optimizer
+    made before keeps training them; frozen ones stay frozen; float64 stays float64), as torch's own conversion."""
+    frozen = nn.BatchNorm2d(3).double()
+    frozen.weight.requires_grad_(False)
+    with torch.no_grad():
+        frozen.running_mean.fill_(1e-9)
+    plain = nn.BatchNorm2d(2, affine=False, track_running_stats=False)
+    hook_calls = []
+    frozen.register_forward_hook(lambda *a: hook_calls.append(1))
+    model = nn.Sequential(frozen, nn.Sequential(plain)).eval()
+    before = {name: t for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    batchnorm.convert_sync_batchnorm(model)
+    assert type(model[0]) is batchnorm.SyncBatchNorm2d and type(model[1][0]) is batchnorm.SyncBatchNorm2d
+    after = {name: t for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+    assert not model[0].weight.requires_grad and model[0].running_mean.dtype == torch.float64
+    assert model[0].running_mean[0].item() == 1e-9 and not model[0].training
+    assert model[1][0].weight is None and model[1][0].running_mean is None and not model[1][0].affine
+    assert all(a is b for a, b in zip(optimizer.param_groups[0]["params"], (model[0].weight, model[0].bias)))
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    torch.testing.assert_close(model[0](x), F.batch_norm(x, frozen.running_mean, frozen.running_var, frozen.weight,
+                                                         frozen.bias, False, 0.1, frozen.eps))
+    assert hook_calls == [1]

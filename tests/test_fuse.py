@@ -613,3 +613,152 @@ def test_synchronized_batch_norms_make_a_synchronized_layer(sync_type):
     mixed = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False), sync_bn(4),
                           nn.Conv2d(4, 6, 1, bias=False), nn.BatchNorm2d(6))
     assert [(c.mid_batch_norm, c.batch_norm) for c in find_chains(mixed)] == [("1", None)]
+
+
+# ---- what fuse() leaves alone: hooks, aliases, mode-dependent dataflow, in-place side effects ----
+
+def test_layers_with_hooks_are_not_fused():
+    """The fused module never calls its layers' forward, so a layer with hooks stays as it is: torch.nn.utils'
+    spectral_norm / weight_norm / prune recompute the weight in a forward pre-hook (the op would read a stale
+    one), and any other hook would not run. from_modules refuses such layers by name."""
+    normed = nn.Sequential(*sep_block(4, 6, pre_relu=False)).eval()
+    torch.nn.utils.spectral_norm(normed[1])
+    with pytest.raises(ValueError, match="pointwise has hooks"):
+        SeparableConvBN.from_modules(normed[0], normed[1], normed[2], backend="torch")
+    seen = []
+    hooked_relu = nn.Sequential(*sep_block(4, 6)).eval()
+    hooked_relu[0].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    hooked_pool = nn.Sequential(*sep_block(4, 6, pre_relu=False), nn.MaxPool2d(2)).eval()
+    hooked_pool[4].register_forward_pre_hook(lambda m, i: seen.append(i[0].shape))
+    x = torch.randn(2, 4, 7, 7)
+    for model in (normed, hooked_relu, hooked_pool):
+        expected = model(x)
+        fused = xception_ops.fuse(model, inplace=True, backend="torch")  # (spectral_norm's model cannot deepcopy)
+        torch.testing.assert_close(fused(x), expected)
+    assert not any(isinstance(m, SeparableConvBN) for m in normed.modules())
+    assert not any(isinstance(m, SeparableConvBN) for m in hooked_relu.modules())
+    assert type(hooked_pool[4]) is nn.MaxPool2d and isinstance(hooked_pool[0], SeparableConvBN)
+    assert len(seen) == 4  # each hook ran before and after fuse()
+
+
+@pytest.mark.parametrize("alias", ["depthwise", "batch_norm"])
+def test_a_layer_under_two_names_is_not_fused(alias):
+    """A module registered twice (an alias attribute, here registered first: the name torch.fx reports) would be
+    swapped under one name while the forward calls it by the other: the chain stays unfused."""
+    class Aliased(nn.Module):
+        def __init__(self):
+            super().__init__()
+            dw, bn = nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(4)
+            self.alias = dw if alias == "depthwise" else bn
+            self.dw, self.pw, self.bn = dw, nn.Conv2d(4, 4, 1, bias=False), bn
+
+        def forward(self, x):
+            return self.bn(self.pw(self.dw(x)))
+
+    model = Aliased().train()
+    randomize_batch_norm(model, torch.Generator().manual_seed(3))
+    assert find_chains(model) == []
+    fused = xception_ops.fuse(model, backend="torch")
+    assert not any(isinstance(m, SeparableConvBN) for m in fused.modules())
+    compare_train_and_eval(model, fused, torch.randn(2, 4, 6, 6))
+
+
+def test_untraceable_model_keeps_the_side_effect_of_a_leading_in_place_relu():
+    """Without a trace, an in-place ReLU first in an nn.Sequential rewrites the container's input, which the
+    caller may read again (`rep(x) + x`): it is not taken as the prologue there."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rep = nn.Sequential(nn.ReLU(inplace=True), nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False),
+                                     nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4))
+
+        def forward(self, x):
+            h = x * 2
+            if h.sum() > -1e9:  # data-dependent control flow: torch.fx cannot trace this
+                return self.rep(h) + h
+            return h
+
+    model = Block()
+    with pytest.warns(RuntimeWarning, match="could not trace"):
+        (chain,) = find_chains(model)
+    assert chain.pre_relu is None
+    with pytest.warns(RuntimeWarning, match="could not trace"):
+        fused = xception_ops.fuse(model, backend="torch")
+    compare_train_and_eval(model, fused, torch.randn(2, 4, 6, 6))
+
+
+def test_chains_are_those_of_both_modes():
+    """A model's forward may differ between training and eval (dropout, drop-path): fuse() traces both and takes
+    a chain as far as they agree, whatever mode the model is in when fused."""
+    class TrainOnlyDropout(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dw = nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False)
+            self.pw, self.bn, self.drop = nn.Conv2d(4, 6, 1, bias=False), nn.BatchNorm2d(6), nn.Dropout(0.5)
+
+        def forward(self, x):
+            y = self.pw(self.dw(x))
+            if self.training:
+                y = self.drop(y)
+            return self.bn(y)
+
+    model = TrainOnlyDropout().eval()
+    (chain,) = find_chains(model)
+    assert chain.batch_norm is None  # dropout sits between the product and the BatchNorm in training
+    assert not model.training and not model.bn.training  # the modes are restored
+    fused = xception_ops.fuse(model, backend="torch")
+    x = torch.randn(2, 4, 6, 6)
+    for training in (False, True):
+        model.train(training)
+        fused.train(training)
+        torch.manual_seed(0)
+        expected = model(x)
+        torch.manual_seed(0)
+        assert relative_error(fused(x), expected) <= 1e-6
+
+
+def test_timm_drop_path_blocks_fused_in_eval_train_as_the_original():
+    """timm's inverted residuals with drop-path: in training a drop-path sits between the last BatchNorm and the
+    residual add, so that BatchNorm is not handed to the add (eval's dataflow alone would), whichever mode the
+    model is fused in."""
+    model = timm.create_model("mobilenetv2_050", pretrained=False, num_classes=5, drop_path_rate=0.2).double()
+    randomize_batch_norm(model, torch.Generator().manual_seed(4))
+    fused, tensors = fuse_a_twin(model.eval())
+    seps = [m for m in fused.modules() if isinstance(m, SeparableConvBN)]
+    assert len(seps) == 17 and not any(s.defer_bn for s in seps)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    for training in (False, True):
+        model.train(training)
+        fused.train(training)
+        torch.manual_seed(1)
+        expected = model(x)
+        torch.manual_seed(1)
+        got = fused(x)
+        assert relative_error(got, expected) <= 1e-8, training
+    without = timm.create_model("mobilenetv2_050", pretrained=False, num_classes=5).double()
+    assert sum(getattr(m, "defer_bn", False) for m in xception_ops.fuse(without.eval(), backend="torch").modules())
+
+
+def test_batch_norms_handed_to_any_add():
+    """A chain's BatchNorm handed to the add after it (PendingBatchNorm): two such branches added together,
+    torch.add, and a broadcast add all compute what the original does."""
+    class Adds(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False), nn.Conv2d(4, 4, 1),
+                                   nn.BatchNorm2d(4))
+            self.b = copy.deepcopy(self.a)
+            self.c = copy.deepcopy(self.a)
+            self.d = copy.deepcopy(self.a)
+            self.bias = nn.Parameter(torch.randn(4, 1, 1))
+
+        def forward(self, x):
+            return self.a(x) + self.b(x) + torch.add(x, self.c(x)) + (self.d(x) + self.bias)
+
+    model = Adds()
+    randomize_batch_norm(model, torch.Generator().manual_seed(5))
+    chains = find_chains(model)
+    assert len(chains) == 4 and all(c.residual_add for c in chains)
+    fused = xception_ops.fuse(model, backend="torch")
+    assert all(m.defer_bn for m in fused.modules() if isinstance(m, SeparableConvBN))
+    compare_train_and_eval(model, fused, torch.randn(2, 4, 6, 6))

@@ -309,10 +309,26 @@ def test_auto_keeps_the_pytorch_layers_for_a_training_mid_batch_norm(monkeypatch
         assert called.value.args == (expected,), (training, mid_bn, backend)
 
 
-def test_inference_epilogue_is_reused_until_a_parameter_changes():
-    """Eager inference folds the BatchNorm once and reuses it; any in-place change of a parameter or running
-    statistic (and a new tensor in its place) folds it again."""
+def test_inference_folds_the_batch_norm_at_every_call_unless_frozen():
+    """By default the BatchNorm is folded at every call, so even a write that bypasses autograd's version counters
+    (an EMA update through `.data`) is seen."""
     m = SeparableConvBN(4, 6, 3, bias=True, backend="torch").eval()
+    x = torch.randn(2, 4, 7, 7)
+    with torch.no_grad():
+        first = m(x)
+        m.bn.weight.data.mul_(3)
+        m.bn.running_mean.data.add_(1)
+        second = m(x)
+    assert m.__dict__.get("_epilogue_cache") is None and not second.equal(first)
+    torch.testing.assert_close(second, m._forward_unfused(x, None).detach())
+
+
+def test_frozen_inference_epilogue_is_reused_until_a_parameter_changes():
+    """A frozen layer (xception_ops.nn.freeze) folds the BatchNorm once and reuses it; any in-place change of a
+    parameter or running statistic (and a new tensor in its place) folds it again."""
+    from xception_ops.nn import freeze
+    m = SeparableConvBN(4, 6, 3, bias=True, backend="torch").eval()
+    assert freeze(m) is m and m.frozen
     with torch.no_grad():
         m.bn.running_mean.uniform_(-1, 1)
         m.bn.running_var.uniform_(0.5, 2)
@@ -481,5 +497,66 @@ def test_pending_batch_norm_plus_a_tensor_is_one_scale_shift_with_the_residual()
     want_grads = torch.autograd.grad(want.sum(), (y, scale, shift, residual))
     for g, w in zip(grads, want_grads):
         torch.testing.assert_close(g, w)
-    with pytest.raises(TypeError):
-        pending + 1.0
+    # Anything else is added to the applied output: a broadcast, a scalar, another PendingBatchNorm, torch.add.
+    applied = pending.apply()
+    bias = torch.randn(3, 1, 1)
+    for got, expected in [(pending + 1.0, applied + 1.0), (2 + pending, 2 + applied), (pending + bias, applied + bias),
+                          (pending + pending, applied + applied), (torch.add(residual, pending), residual + applied),
+                          (torch.add(pending, residual, alpha=2), applied + 2 * residual),
+                          (torch.cat([pending, residual]), torch.cat([applied, residual])),
+                          (torch.relu(pending), torch.relu(applied)),
+                          (pending + residual.double(), applied + residual.double())]:
+        assert torch.equal(got, expected)
+    with record_op_calls("scale_shift") as calls:
+        torch.add(residual, pending)
+        residual.add(pending)
+    assert len(calls) == 2 and all(c[-1] is residual for c in calls)  # torch.add and Tensor.add take __add__
+
+
+def test_frozen_layer_pickles_after_inference_and_forgets_its_cache():
+    """The folded BatchNorm a frozen layer keeps (weak references) is left out of a pickle; clear_caches forgets
+    it after a write that bypasses the version counters (`.data`); freeze(model, False) stops keeping it."""
+    import io
+
+    from xception_ops.nn import clear_caches, freeze
+    m = freeze(SeparableConvBN(4, 6, 3, mid_batch_norm=True, mid_activation="relu", backend="torch").eval())
+    randomize_batch_norm(m, torch.Generator().manual_seed(0))
+    x = torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        first = m(x)
+    assert m.__dict__.get("_epilogue_cache") is not None and m.__dict__.get("_mid_cache") is not None
+    buffer = io.BytesIO()
+    torch.save(m, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), first)
+        m.bn.running_var.data.mul_(4)
+        m.mid_bn.weight.data.mul_(3)
+        assert torch.equal(m(x), first)  # (the documented limit: .data writes are not seen)
+        clear_caches(nn.Sequential(m))
+        assert m.__dict__.get("_epilogue_cache") is None
+        torch.testing.assert_close(m(x), m._forward_unfused(x, None), rtol=1e-5, atol=1e-5)
+        assert not torch.equal(m(x), first)
+        freeze(m, False)
+        assert not m.frozen and m.__dict__.get("_epilogue_cache") is None
+        m.bn.running_var.data.mul_(4)
+        m(x)
+        assert m.__dict__.get("_epilogue_cache") is None
+    assert loaded.frozen  # (a pickle keeps the setting, not the cache)
+
+
+def test_frozen_layer_folded_under_inference_mode_still_differentiates_outside():
+    """A fold computed under torch.inference_mode (inference tensors, which autograd cannot save) is not reused
+    outside it: input gradients (saliency maps) of a frozen eval model still work."""
+    from xception_ops.nn import freeze
+    m = freeze(SeparableConvBN(4, 6, 3, backend="torch").eval())
+    for p in m.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(2, 4, 5, 5)
+    with torch.inference_mode():
+        expected = m(x)
+    x.requires_grad_(True)
+    y = m(x)
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    assert torch.equal(y.detach(), expected) and grad.abs().sum() > 0

@@ -23,10 +23,9 @@ def uses_batch_stats(bn: nn.modules.batchnorm._BatchNorm) -> bool:
 
 def _scale_shift(bn, mean: torch.Tensor, invstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = invstd if bn.weight is None else bn.weight.to(invstd.dtype) * invstd
-    shift = -mean * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.to(invstd.dtype)
-    return scale, shift
+    if bn.bias is None:
+        return scale, -mean * scale
+    return scale, bn.bias.to(invstd.dtype) - mean * scale  # (the same bits as -mean * scale + bias, one op fewer)
 
 
 def folded_scale_shift(bn: nn.modules.batchnorm._BatchNorm, pre_bias: torch.Tensor | None = None,
@@ -289,11 +288,15 @@ def convert_sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
         if hasattr(child, "sync_stats"):  # SeparableConvBN (its own bn is used through the fused statistics)
             child.sync_stats, child.process_group = True, process_group
         elif type(child) is nn.BatchNorm2d:
+            # The same parameter and buffer objects (an optimizer made before keeps updating them, frozen ones stay
+            # frozen, every dtype stays), as torch's nn.SyncBatchNorm.convert_sync_batchnorm keeps them.
             sync = SyncBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
-                                   child.track_running_stats, process_group=process_group,
-                                   device=child.running_mean.device if child.running_mean is not None else None,
-                                   dtype=child.weight.dtype if child.weight is not None else None)
-            sync.load_state_dict(child.state_dict())
+                                   child.track_running_stats, process_group=process_group, device="meta")
+            for slot in ("_parameters", "_buffers", "_non_persistent_buffers_set", "_forward_pre_hooks",
+                         "_forward_hooks", "_backward_pre_hooks", "_backward_hooks", "_state_dict_hooks",
+                         "_load_state_dict_pre_hooks"):
+                if slot in child.__dict__:
+                    sync.__dict__[slot] = child.__dict__[slot]
             sync.train(child.training)
             setattr(model, name, sync)
             continue

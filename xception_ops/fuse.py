@@ -38,8 +38,8 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from .nn import (SeparableConvBN, batch_norm_problem, batch_norms_problem, depthwise_problem, is_batch_norm_act,
-                 is_same_padding_conv, pointwise_problem)
+from .nn import (SeparableConvBN, batch_norm_problem, batch_norms_problem, depthwise_problem, hooks_problem,
+                 is_batch_norm_act, is_same_padding_conv, pointwise_problem)
 from .pooling import MaxPool2d
 
 
@@ -110,11 +110,13 @@ def _take_bn(chain: Chain, name: str, bn: nn.Module, mid_bn: nn.Module | None) -
 
 
 class _Tracer(torch.fx.Tracer):
-    """torch.fx's tracer, with timm's BatchNormAct2d and Conv2dSame as one node each (leaves) like nn.BatchNorm2d and
+    """torch.fx's tracer, with every BatchNorm (timm's BatchNormAct2d, this package's SyncBatchNorm2d, whose
+    training forward branches on its input) and timm's Conv2dSame as one node each (leaves) like nn.BatchNorm2d and
     nn.Conv2d, not traced through (Conv2dSame's padding, worked out from the input's size, also stops a trace)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return is_batch_norm_act(m) or is_same_padding_conv(m) or super().is_leaf_module(m, qualname)
+        return (isinstance(m, nn.modules.batchnorm._BatchNorm) or is_same_padding_conv(m)
+                or super().is_leaf_module(m, qualname))
 
 
 def _mid_activation_name(m: nn.Module) -> str | None:
@@ -252,29 +254,86 @@ def _find_chains_sequential(model: nn.Module) -> list[Chain]:
             elif chain.batch_norm is not None and chain.post_relu is None and j < len(children) \
                     and type(children[j][1]) is nn.MaxPool2d:
                 chain.pool = name(children[j][0])
-            if i > 0 and type(children[i - 1][1]) is nn.ReLU:
+            # (An in-place ReLU first in the container rewrites the container's input, which its caller may read
+            # again: taken only where an earlier child produced its input.)
+            if i > 0 and type(children[i - 1][1]) is nn.ReLU and (i > 1 or not children[i - 1][1].inplace):
                 chain.pre_relu = name(children[i - 1][0])
             chains.append(chain)
             i = j
     return chains
 
 
+def _agreed(first: list[Chain], second: list[Chain]) -> list[Chain]:
+    """The chains of two traces (training and eval mode) as far as they agree: a chain whose halves differ between
+    the modes is left out; one whose BatchNorm differs (a dropout between the pointwise conv and the BatchNorm in
+    training only) ends at the pointwise conv; a prologue, epilogue ReLU, pool or residual add found in one mode
+    only is left to run as it is."""
+    second_by_dw = {c.depthwise: c for c in second}
+    agreed = []
+    for a in first:
+        b = second_by_dw.get(a.depthwise)
+        if b is None or any(getattr(a, f) != getattr(b, f) for f in ("pointwise", "mid_batch_norm", "mid_activation")):
+            continue
+        chain = copy.copy(a)
+        if a.batch_norm != b.batch_norm:  # the chain ends at the pointwise conv (what follows is the BatchNorm's)
+            chain.batch_norm, chain.post_relu, chain.pool, chain.residual_add = None, None, None, False
+        for f in ("pre_relu", "post_relu", "pool"):
+            if getattr(a, f) != getattr(b, f):
+                setattr(chain, f, None)
+        chain.residual_add = chain.residual_add and b.residual_add
+        agreed.append(chain)
+    return agreed
+
+
+def _without_unsafe_modules(model: nn.Module, chains: list[Chain]) -> list[Chain]:
+    """Leaves out the chains with a module the fused one cannot stand in for: one with hooks (the fused module
+    never calls its forward: nn.hooks_problem), or one reachable under a second name (an alias: the model's
+    forward may call it by the name that would not be swapped). A pool with either is left as it is."""
+    names: dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        names[id(m)] = names.get(id(m), 0) + 1
+
+    def safe(name: str) -> bool:
+        m = model.get_submodule(name)
+        return names.get(id(m), 0) == 1 and hooks_problem(m) is None
+
+    kept = []
+    for chain in chains:
+        if all(safe(n) for n in chain.names()):
+            if chain.pool is not None and not safe(chain.pool):
+                chain.pool = None
+            kept.append(chain)
+    return kept
+
+
 def find_chains(model: nn.Module) -> list[Chain]:
-    """The fusable chains of `model`, found by tracing it with torch.fx (or in nn.Sequential containers)."""
+    """The fusable chains of `model`, found by tracing it with torch.fx in training and in eval mode (a model's
+    Python may take other paths in each: its dropout, drop-path), taken as far as both agree (or, where it cannot
+    be traced, in nn.Sequential containers)."""
     # Tracing runs the model's Python on proxies, but buffers are real tensors to torch.fx: an in-place op on one
-    # runs (timm's BatchNormAct2d counts num_batches_tracked itself, in training mode). Put them back afterwards.
+    # runs (timm's BatchNormAct2d counts num_batches_tracked itself, in training mode). Put them back afterwards,
+    # and every module's mode.
     saved = [(b, b.clone()) for b in model.buffers()]
+    modes = [(m, m.training) for m in model.modules()]
     try:
-        graph = _Tracer().trace(model)
+        graphs = []
+        for training in (True, False):
+            for m, _ in modes:  # (the flags alone: a model's own train() may do more)
+                m.training = training
+            graphs.append(_Tracer().trace(model))
     except Exception as e:  # noqa: BLE001  (tracing fails in many ways on dynamic Python code)
         warnings.warn(f"fuse: torch.fx could not trace {type(model).__name__} ({e}); looking for chains inside "
                       "nn.Sequential containers only", RuntimeWarning, stacklevel=3)
-        return _find_chains_sequential(model)
+        chains = _find_chains_sequential(model)
+    else:
+        chains = _agreed(*(_find_chains_fx(model, g) for g in graphs))
     finally:
         with torch.no_grad():
             for b, value in saved:
                 b.copy_(value)
-    return _find_chains_fx(model, graph)
+        for m, training in modes:
+            m.training = training
+    return _without_unsafe_modules(model, chains)
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -351,7 +410,7 @@ def fuse(model: nn.Module, *, inplace: bool = False, backend: str = "auto", pool
         _fuse_chains(modules, chains, deferring, backend, replace)
         if pools:
             for name, module in list(model.named_modules(remove_duplicate=False)):  # (a shared pool at each name)
-                if type(module) is nn.MaxPool2d:
+                if type(module) is nn.MaxPool2d and hooks_problem(module) is None:
                     replace(name, MaxPool2d.from_module(module, backend))
     except BaseException:
         for name, module in reversed(replaced):

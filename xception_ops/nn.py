@@ -33,14 +33,43 @@ class PendingBatchNorm(NamedTuple):
         return batchnorm.apply_scale_shift(self.y, self.scale, self.shift)
 
     def __add__(self, other):
-        """The BatchNorm's output plus a tensor (a residual), in one pass: scale_shift with its residual, rounded as
-        PyTorch's BatchNorm and add. fuse() defers a chain's BatchNorm to an add after it (MobileNet's inverted
-        residuals: `x + self.conv(x)`), which then lands here."""
-        if isinstance(other, torch.Tensor):
+        """The BatchNorm's output plus `other`. A tensor of y's shape, dtype and device (a residual) is added in one
+        pass: scale_shift with its residual, rounded as PyTorch's BatchNorm and add. fuse() defers a chain's
+        BatchNorm to an add after it (MobileNet's inverted residuals: `x + self.conv(x)`), which then lands here.
+        Anything else (a broadcast, a scalar, another PendingBatchNorm) is added to the applied output."""
+        if isinstance(other, PendingBatchNorm):
+            other = other.apply()
+        if (isinstance(other, torch.Tensor) and other.shape == self.y.shape and other.dtype == self.y.dtype
+                and other.device == self.y.device):
             return batchnorm.apply_scale_shift(self.y, self.scale, self.shift, residual=other)
-        return NotImplemented
+        return self.apply() + other
 
-    __radd__ = __add__
+    def __radd__(self, other):
+        return self.__add__(other)  # (the same sum: IEEE addition commutes)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        """A torch function given a PendingBatchNorm (`torch.add(x, p)`, `x + p` through Tensor.__add__,
+        `torch.cat`, ...) gets the applied output; an add of two operands without `alpha` or `out` takes __add__."""
+        kwargs = kwargs or {}
+        if func in _TENSOR_ADDS and len(args) == 2 and not kwargs:
+            a, b = args
+            return a.__add__(b) if isinstance(a, PendingBatchNorm) else b.__radd__(a)
+        return func(*_applied(args), **_applied(kwargs))
+
+
+def _applied(value):
+    """`value` with every PendingBatchNorm in it (in lists, tuples and dicts) replaced by its output."""
+    if isinstance(value, PendingBatchNorm):
+        return value.apply()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_applied(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _applied(v) for k, v in value.items()}
+    return value
+
+
+_TENSOR_ADDS = (torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__)
 
 
 def is_same_padding_conv(m: nn.Module) -> bool:
@@ -50,11 +79,24 @@ def is_same_padding_conv(m: nn.Module) -> bool:
             and type(m).__module__.startswith("timm."))
 
 
+def hooks_problem(m: nn.Module) -> str | None:
+    """Why the op cannot stand in for `m` because of hooks on it: the op never calls its forward, so forward and
+    backward hooks would not run, and those that change the weights (torch.nn.utils.spectral_norm, weight_norm and
+    prune register forward pre-hooks) would leave the op reading stale ones. (torch.nn.utils.parametrize, which
+    parametrizations.spectral_norm / weight_norm use, computes the weight as it is read: fine.)"""
+    if m._forward_pre_hooks or m._forward_hooks or m._backward_pre_hooks or m._backward_hooks:
+        return (f"has hooks (a {type(m).__name__} with forward or backward hooks, e.g. torch.nn.utils.spectral_norm "
+                "or prune): the fused op would not run them; use torch.nn.utils.parametrizations instead")
+    return None
+
+
 def _conv_problem(m: nn.Module) -> str | None:
     """Why `m` is not a convolution the op can stand in for: the op reads its parameters and never calls its
     forward, so a subclass's own forward (weight standardization, its own padding) would be silently dropped."""
     if not isinstance(m, nn.Conv2d) or m.transposed:
         return f"must be an nn.Conv2d, got {type(m).__name__}"
+    if hooks_problem(m) is not None:
+        return hooks_problem(m)
     if type(m).forward is not nn.Conv2d.forward and not is_same_padding_conv(m):
         return (f"is a {type(m).__name__}, whose forward is not nn.Conv2d's: the fused op would not run what it "
                 "adds")
@@ -119,6 +161,8 @@ def batch_norm_problem(m: nn.Module, channels: int, stage: str) -> str | None:
         return f"must be an nn.BatchNorm2d or None, got {type(m).__name__}"
     if not isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm)):
         return f"must be a BatchNorm of 4-D inputs (nn.BatchNorm2d, nn.SyncBatchNorm), got {type(m).__name__}"
+    if hooks_problem(m) is not None:
+        return hooks_problem(m)
     if is_batch_norm_act(m):
         if type(m.act) is not nn.Identity:
             return (f"is timm's BatchNormAct2d with act={type(m.act).__name__}, which the fused op would not run "
@@ -261,16 +305,31 @@ class SeparableConvBN(nn.Module):
             flags.append(f"backend={self.backend!r}")
         return ", ".join(flags)
 
+    _CACHE_SLOTS = ("_epilogue_cache", "_mid_cache", "_conv_args_cache")
+    frozen = False  # (xception_ops.nn.freeze; a class default, so modules pickled before it have it)
+
+    def clear_cache(self) -> None:
+        """Forgets the folded BatchNorm a frozen layer keeps for eager inference (xception_ops.nn.freeze)."""
+        for slot in self._CACHE_SLOTS:
+            self.__dict__.pop(slot, None)
+
+    def __getstate__(self):
+        state = super().__getstate__()  # (the caches hold weak references, which do not pickle)
+        return {k: v for k, v in state.items() if k not in self._CACHE_SLOTS}
+
     def _cached(self, slot: str, sources: list[torch.Tensor], bn: nn.BatchNorm2d | None, compute):
-        """compute(), reused in eager inference while none of the tensors it comes from has changed (their version
-        counters, storage and identities), which saves its half-dozen small kernels per layer and call; computed
-        afresh when autograd may need its graph and under torch.compile."""
-        cacheable = not torch.compiler.is_compiling() and not (
+        """compute(); in a frozen layer (xception_ops.nn.freeze), reused in eager inference while none of the
+        tensors it comes from has changed as their version counters, storage and identities tell (which saves its
+        handful of small kernels per layer and call); computed afresh when autograd may need its graph and under
+        torch.compile. Not by default: a write through `.data` (an EMA update, a weight loader) or a
+        torch.distributed collective leaves the version counter as it was, and the layer would compute with the
+        old values."""
+        cacheable = self.frozen and not torch.compiler.is_compiling() and not (
             torch.is_grad_enabled() and any(t.requires_grad for t in sources))
         # (A tensor's data replaced through .data, as some weight-loading code does, keeps its version: its storage
-        # pointer tells.)
-        versions = ((tuple((t._version, t.data_ptr()) for t in sources), bn.eps if bn is not None else None)
-                    if cacheable else None)
+        # pointer tells. A result computed under inference_mode cannot be saved for backward: not reused outside.)
+        versions = ((tuple((t._version, t.data_ptr()) for t in sources), bn.eps if bn is not None else None,
+                     torch.is_inference_mode_enabled()) if cacheable else None)
         cached = self.__dict__.get(slot)
         if (cacheable and cached is not None and cached[1] == versions and len(cached[0]) == len(sources)
                 and all(ref() is t for ref, t in zip(cached[0], sources))):  # the same tensor objects, unchanged
@@ -438,3 +497,26 @@ class SeparableConv2d(SeparableConvBN):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, depth_multiplier,
                          bias=bias, batch_norm=False, post_relu=activation == "relu", backend=backend,
                          device=device, dtype=dtype)
+
+
+def freeze(model: nn.Module, frozen: bool = True) -> nn.Module:
+    """For deployment: every SeparableConvBN in `model` keeps its folded BatchNorm across eager inference calls
+    (a handful of small kernels fewer per layer and call, which bounds eager inference on a fast GPU) until one of
+    its parameters or statistics changes as autograd's version counters see it: in-place ops, optimizer steps,
+    load_state_dict, .to(). Writes through `.data` (some EMA and weight-loading code) and torch.distributed
+    collectives into them are not seen: after those, call clear_caches(model), or freeze(model, False) to fold on
+    every call again (the default). Training and torch.compile are unaffected. Returns the model."""
+    for m in model.modules():
+        if isinstance(m, SeparableConvBN):
+            m.frozen = frozen
+            m.clear_cache()
+    return model
+
+
+def clear_caches(model: nn.Module) -> nn.Module:
+    """Forgets the folded BatchNorms that frozen SeparableConvBN layers in `model` keep (freeze): after writes to
+    their parameters or statistics through `.data` or torch.distributed collectives. Returns the model."""
+    for m in model.modules():
+        if isinstance(m, SeparableConvBN):
+            m.clear_cache()
+    return model
