@@ -97,6 +97,28 @@ def test_separable_geometry_must_be_ints(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kwargs,weight_shape,match", [
+    ({"stride": 0}, (4, 1, 3, 3), r"stride must be >= 1, got \[0, 0\]"),
+    ({"stride": (1, 0)}, (4, 1, 3, 3), r"stride must be >= 1, got \[1, 0\]"),
+    ({"dilation": (0, 1)}, (4, 1, 3, 3), r"dilation must be >= 1"),
+    ({}, (4, 3, 3), r"dw_weight must have shape \(C \* depth_multiplier, 1, kH, kW\), got \[4, 3, 3\]"),
+    ({}, (4, 9), r"dw_weight must have shape .* got \[4, 9\]"),
+])
+def test_same_padding_with_a_bad_geometry_names_it(backend, kwargs, weight_shape, match):
+    """"same" is worked out from the stride, dilation and kernel: where those are wrong the op's own checks name
+    them (not a ZeroDivisionError or an IndexError from the padding arithmetic)."""
+    x = torch.randn(2, 4, 8, 8)
+    w = torch.randn(weight_shape)
+    with pytest.raises(ValueError, match=match):
+        xception_ops.depthwise_conv2d(x, w, padding="same", backend=backend, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        xception_ops.separable_conv2d(x, w, torch.randn(6, 4, 1, 1), padding="same", backend=backend, **kwargs)
+    if len(weight_shape) == 4:
+        with pytest.raises(ValueError, match=match):
+            SeparableConvBN(4, 6, 3, padding="same", backend=backend, **kwargs)(x)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_numpy_ints_are_ints(backend):
     x, w = _x_w()
     expected = F.conv2d(x, w, stride=2, padding=1, dilation=2, groups=4)
@@ -270,3 +292,30 @@ def test_backend_name_is_checked_when_built(build):
 def test_padding_spec_is_checked_when_built():
     with pytest.raises(ValueError, match="padding must be 'same', 'valid'"):
         SeparableConvBN(4, 6, padding="full")
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_batch_norm_helpers_check_their_arguments_with_or_without_the_compiled_library(monkeypatch, compiled):
+    """The Python paths that run without the compiled library (XCEPTION_OPS_SKIP_EXT=1, a failed build) check what
+    the ops check: a residual that would broadcast or promote, a momentum out of [0, 1], a count under 2, an
+    unknown backend."""
+    if compiled and _library.EXTENSION is None:
+        pytest.skip("the compiled library is not loaded")
+    if not compiled:
+        monkeypatch.setattr(_library, "EXTENSION", None)
+    y, scale, shift = torch.randn(2, 6, 8, 8), torch.rand(6), torch.randn(6)
+    with pytest.raises(ValueError, match=r"residual must have shape \[2, 6, 8, 8\], got \[2, 6, 8, 1\]"):
+        batchnorm.apply_scale_shift(y, scale, shift, residual=torch.randn(2, 6, 8, 1))
+    with pytest.raises(TypeError, match="residual"):
+        batchnorm.apply_scale_shift(y, scale, shift, residual=torch.randn(2, 6, 8, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="y must be a 4-D tensor"):
+        batchnorm.apply_scale_shift(torch.randn(2, 6, 8), scale, shift)
+    bn = nn.BatchNorm2d(6)
+    mean, var = torch.randn(6), torch.rand(6)
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\], got 5"):
+        batchnorm.update_running_stats(bn, mean, var, 10, 5.0)
+    with pytest.raises(ValueError, match="count must be at least 2"):
+        batchnorm.update_running_stats(bn, mean, var, 1, 0.1)
+    assert torch.equal(bn.running_mean, torch.zeros(6)) and torch.equal(bn.running_var, torch.ones(6))
+    with pytest.raises(ValueError, match="nonsense"):
+        batchnorm.finalize(torch.randn(6), torch.rand(6) + 1, 10, None, None, 1e-5, backend="nonsense")

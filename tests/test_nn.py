@@ -560,3 +560,20 @@ def test_frozen_layer_folded_under_inference_mode_still_differentiates_outside()
     y = m(x)
     (grad,) = torch.autograd.grad(y.sum(), x)
     assert torch.equal(y.detach(), expected) and grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_autocast_takes_a_float32_residual_in_both_modes_and_leaves_float64_alone(training):
+    """Under autocast the layer computes in the autocast dtype, its residual included, in eval (the op) and in
+    training (the BatchNorm applied with the residual); float64 tensors stay float64, as autocast leaves them."""
+    import xception_ops
+    m = SeparableConvBN(4, 6, 3, backend="torch").train(training)
+    x, residual = torch.randn(2, 4, 5, 5), torch.randn(2, 6, 5, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x, residual)
+        x64, w64 = x.double(), torch.randn(4, 1, 3, 3, dtype=torch.float64)
+        assert xception_ops.depthwise_conv2d(x64, w64, padding=1, backend="torch").dtype == torch.float64
+        assert F.conv2d(x64, w64, padding=1, groups=4).dtype == torch.float64
+        want = m._forward_unfused(x, residual)
+    assert y.dtype == torch.bfloat16
+    assert relative_error(y, want) <= 2e-2

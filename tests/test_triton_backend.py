@@ -150,6 +150,22 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
         torch.ops.xception_ops.depthwise_conv2d(x, w, None, [1, 1], [1] * 4, [1, 1], "triton")
 
 
+@needs("separable_conv2d")
+def test_float64_is_refused_where_the_kernels_compute_in_float32():
+    """The conv kernels accumulate in float32: float64 tensors raise a TypeError pointing to backend="torch" (as
+    the cuda backend's do) instead of a float32-accurate result; the pools compute float64 in float64."""
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64, device=DEVICE)
+    w, pw = torch.randn(2, 1, 3, 3, dtype=torch.float64, device=DEVICE), torch.randn(3, 2, 1, 1, dtype=torch.float64,
+                                                                                    device=DEVICE)
+    with pytest.raises(TypeError, match='does not support float64.*backend="torch"'):
+        xception_ops.depthwise_conv2d(x, w, padding=1, backend="triton")
+    with pytest.raises(TypeError, match='does not support float64.*backend="torch"'):
+        xception_ops.separable_conv2d(x, w, pw, padding=1, backend="triton")
+    pooled = xception_ops.pooling.max_pool2d(x, 3, 2, 1, backend="triton")
+    assert pooled.dtype == torch.float64
+    assert torch.equal(pooled, torch.nn.functional.max_pool2d(x, 3, 2, 1))
+
+
 def test_auto_does_not_take_triton_until_measured():
     x = torch.randn(1, 2, 5, 5, device=DEVICE)
     assert resolve("auto", "xception_ops.separable_conv2d", x) in ("torch", "cuda")

@@ -93,6 +93,7 @@ def finalize(total: torch.Tensor, total_sq: torch.Tensor, count: int, weight: to
     op = "xception_ops.batch_norm_finalize"
     if _library.EXTENSION is None:
         checks.check_batch_norm_finalize(op, total, total_sq, count, weight, bias, eps)
+        _vector_backend(backend, op, total)  # (a backend that cannot run is refused as the op would refuse it)
         mean = total / count
         var = (total_sq / count - mean * mean).clamp_min(0)
         scale = torch.rsqrt(var + eps)
@@ -127,6 +128,8 @@ def update_running_stats(bn: nn.modules.batchnorm._BatchNorm, mean: torch.Tensor
         torch.ops.xception_ops.batch_norm_update_stats(bn.running_mean, bn.running_var, mean, var, pre_bias, count,
                                                        float(momentum), _vector_backend(backend, op, mean))
         return
+    checks.check_batch_norm_update_stats("xception_ops.batch_norm_update_stats", bn.running_mean, bn.running_var,
+                                         mean, var, pre_bias, count, float(momentum))
     with torch.no_grad():
         if pre_bias is not None:
             mean = mean + pre_bias.to(mean.dtype)
@@ -196,12 +199,13 @@ def apply_scale_shift(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
     both exact, and so is their sum, in float32 and float64).
     """
     dtype = stats_dtype(y)
-    if _library.EXTENSION is not None and y.dim() == 4:
+    if _library.EXTENSION is not None:  # (the op checks its arguments: csrc/checks.cpp)
         backend = _elementwise_backend("scale_shift", y)
         # (.to only where the dtype differs: a same-dtype .to is still a dispatched aten::to, ~1 us of CPU each)
         scale = scale if scale.dtype == dtype else scale.to(dtype)
         shift = shift if shift.dtype == dtype else shift.to(dtype)
         return torch.ops.xception_ops.scale_shift(y, scale, shift, relu, backend, residual=residual)
+    checks.check_scale_shift("xception_ops.scale_shift", y, scale, shift, residual=residual)
     channels = y.shape[1]
     mean = torch.zeros(channels, dtype=dtype, device=y.device)
     var = torch.full((channels,), 1.0 - _UNIT_VAR_EPS, dtype=dtype, device=y.device)

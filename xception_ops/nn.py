@@ -426,6 +426,8 @@ class SeparableConvBN(nn.Module):
                                                         sync=batchnorm.synchronizes(self), backend=backend)
         if defer_bn and residual is None and not self.post_relu:
             return PendingBatchNorm(y, scale, shift)
+        if residual is not None:  # (under autocast, in y's dtype, as the op takes it in inference)
+            residual = ops.autocast_inputs(residual)[0]
         return batchnorm.apply_scale_shift(y, scale, shift, residual, relu=self.post_relu)
 
     def _mid_batch_affine(self, x: torch.Tensor, pending: PendingBatchNorm | None, stride: list[int],

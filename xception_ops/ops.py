@@ -33,7 +33,8 @@ def check_tensor_args(op: str, required: dict[str, object], optional: dict[str, 
 
 
 def autocast_inputs(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-    """Under autocast, the convolution's tensors run in the autocast dtype, as torch's own convolutions do."""
+    """Under autocast, the convolution's tensors run in the autocast dtype, as torch's own convolutions do (float64
+    ones stay float64, as autocast leaves them)."""
     first = tensors[0]
     device_type = first.device.type
     # Devices without autocast (meta, for shape inference and deferred initialization) have nothing to cast; asking
@@ -41,7 +42,8 @@ def autocast_inputs(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None,
     if not _has_autocast(device_type) or not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in tensors)
 
 
 def conv_args(x: torch.Tensor, weight: torch.Tensor, stride, padding: PaddingSpec, dilation):
@@ -49,6 +51,9 @@ def conv_args(x: torch.Tensor, weight: torch.Tensor, stride, padding: PaddingSpe
     stride2, dilation2 = pair(stride, "stride"), pair(dilation, "dilation")
     if x.dim() != 4:  # checked again below; needed here for the spatial size of "same"
         raise ValueError(f"x must be a 4-D tensor (N, C, H, W), got {x.dim()}-D with shape {list(x.shape)}")
+    if isinstance(padding, str) and (weight.dim() != 4 or min(stride2) < 1 or min(dilation2) < 1):
+        # "same" cannot be worked out from these; the op's checks, which run next, name what is wrong.
+        return list(stride2), [0, 0, 0, 0], list(dilation2)
     pad4 = resolve_padding(padding, x.shape[2:], weight.shape[2:], stride2, dilation2)
     return list(stride2), list(pad4), list(dilation2)
 

@@ -19,6 +19,9 @@ from .. import _library
 from . import autotune, launch
 
 IMPLEMENTED: frozenset[str] = frozenset(launch.IMPLEMENTED)
+# The ops whose Triton kernels compute float64 in float64 (the pools: comparisons, and the BatchNorm's sums in
+# scale's dtype); the others refuse it, as the cuda backend does.
+FLOAT64_OPS: frozenset[str] = frozenset({"max_pool2d", "max_pool2d_backward", "max_pool2d_scale_shift_backward"})
 MIN_CAPABILITY = (8, 0)
 
 _lib = torch.library.Library("xception_ops", "FRAGMENT")
@@ -54,10 +57,13 @@ def _register(name: str) -> None:
     op = f"xception_ops.{name}"
 
     def kernel(*args, **kwargs):
-        device = next(a.device for a in args if isinstance(a, torch.Tensor))
-        problem = device_problem(device)
+        first = next(a for a in args if isinstance(a, torch.Tensor))
+        problem = device_problem(first.device)
         if problem is not None:
             raise NotImplementedError(f"{op}: backend 'triton' cannot run: {problem}")
+        if first.dtype == torch.float64 and name not in FLOAT64_OPS:
+            raise TypeError(f"{op}: the triton backend does not support float64 (its kernels compute in float32); "
+                            "use backend=\"torch\" for float64 tensors (or cast to float32, float16 or bfloat16)")
         return fn(*args, **kwargs)
 
     def fake(*args, **kwargs):
