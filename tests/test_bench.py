@@ -364,6 +364,15 @@ def test_models_by_name_include_timms_model_through_fuse():
         bench.make_model("resnet50")
 
 
+def test_models_by_name_frozen():
+    """NAME+frozen: the model under xception_ops.nn.freeze, whose inference reuses its folded BatchNorms."""
+    from xception_ops.nn import SeparableConvBN
+    model = bench.make_model("xception:torch+frozen")
+    layers = [m for m in model.modules() if isinstance(m, SeparableConvBN)]
+    assert len(layers) == 34 and all(m.frozen for m in layers)
+    assert not any(m.frozen for m in bench.make_model("xception:torch").modules() if isinstance(m, SeparableConvBN))
+
+
 def test_mobilenet_v2_by_name_through_fuse():
     """"mobilenet_v2:fused:BACKEND": torchvision's MobileNet V2 with its 17 dw -> BN -> ReLU6 -> pw -> BN chains
     fused (the mid BatchNorm kept as a child), the same parameters."""
@@ -606,8 +615,11 @@ def test_op_census_counts_a_cuda_training_step_without_a_gpu():
     # prologue).
     assert ops["aten::add"] == 0 and ops["xception_ops::scale_shift"] == 9
     assert nodes["torch::autograd::AccumulateGrad"] == 156
-    # Inference: the folded BatchNorms computed by the first call are reused (no per-call folding arithmetic).
+    # Inference folds each layer's BatchNorm at every call (two products each), unless the model is frozen
+    # (xception_ops.nn.freeze): then the folds of the first call are reused.
     ops, nodes = tool.census("xception:cuda", torch.bfloat16, "NHWC", 2, 71, training=False)
+    assert ops["xception_ops::separable_conv2d"] == 34 and ops["aten::mul"] == 68 and not nodes
+    ops, nodes = tool.census("xception:cuda", torch.bfloat16, "NHWC", 2, 71, training=False, frozen=True)
     assert ops["xception_ops::separable_conv2d"] == 34 and ops["aten::mul"] == 0 and not nodes
 
 

@@ -687,6 +687,17 @@ def test_untraceable_model_keeps_the_side_effect_of_a_leading_in_place_relu():
     compare_train_and_eval(model, fused, torch.randn(2, 4, 6, 6))
 
 
+def compare_with_the_same_randomness(original, fused, x, tolerance):
+    """Outputs in eval and training mode, each model's dropout / drop-path drawing from the same seed."""
+    for training in (False, True):
+        original.train(training)
+        fused.train(training)
+        torch.manual_seed(0)
+        expected = original(x)
+        torch.manual_seed(0)
+        assert relative_error(fused(x), expected) <= tolerance, training
+
+
 def test_chains_are_those_of_both_modes():
     """A model's forward may differ between training and eval (dropout, drop-path): fuse() traces both and takes
     a chain as far as they agree, whatever mode the model is in when fused."""
@@ -707,14 +718,7 @@ def test_chains_are_those_of_both_modes():
     assert chain.batch_norm is None  # dropout sits between the product and the BatchNorm in training
     assert not model.training and not model.bn.training  # the modes are restored
     fused = xception_ops.fuse(model, backend="torch")
-    x = torch.randn(2, 4, 6, 6)
-    for training in (False, True):
-        model.train(training)
-        fused.train(training)
-        torch.manual_seed(0)
-        expected = model(x)
-        torch.manual_seed(0)
-        assert relative_error(fused(x), expected) <= 1e-6
+    compare_with_the_same_randomness(model, fused, torch.randn(2, 4, 6, 6), 1e-6)
 
 
 def test_timm_drop_path_blocks_fused_in_eval_train_as_the_original():
@@ -726,15 +730,7 @@ def test_timm_drop_path_blocks_fused_in_eval_train_as_the_original():
     fused, tensors = fuse_a_twin(model.eval())
     seps = [m for m in fused.modules() if isinstance(m, SeparableConvBN)]
     assert len(seps) == 17 and not any(s.defer_bn for s in seps)
-    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    for training in (False, True):
-        model.train(training)
-        fused.train(training)
-        torch.manual_seed(1)
-        expected = model(x)
-        torch.manual_seed(1)
-        got = fused(x)
-        assert relative_error(got, expected) <= 1e-8, training
+    compare_with_the_same_randomness(model, fused, torch.randn(2, 3, 32, 32, dtype=torch.float64), 1e-8)
     without = timm.create_model("mobilenetv2_050", pretrained=False, num_classes=5).double()
     assert sum(getattr(m, "defer_bn", False) for m in xception_ops.fuse(without.eval(), backend="torch").modules())
 

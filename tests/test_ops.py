@@ -611,3 +611,49 @@ def test_a_floating_point_value_in_an_error_is_printed_as_it_is(momentum):
     with pytest.raises(ValueError, match=rf"momentum must be in \[0, 1\], got {momentum}$"):
         ops.batch_norm_finalize(total, total_sq, 4, None, None, 1e-5, "torch", running_mean=torch.zeros(3),
                                 running_var=torch.ones(3), momentum=momentum)
+
+
+def _backends_here():
+    """The kernel backends that can run here: triton (its interpreter on the CPU), cuda on a GPU."""
+    out = []
+    if _library.TRITON is not None:
+        out.append(("triton", "cuda" if torch.cuda.is_available() else "cpu"))
+    if torch.cuda.is_available() and _library.EXTENSION is not None and _library.EXTENSION.WITH_CUDA:
+        out.append(("cuda", "cuda"))
+    return out
+
+
+@pytest.mark.parametrize("backend,device", _backends_here())
+@pytest.mark.parametrize("where", ["in_relu", "mid_relu", "mid_relu6", "out_relu", "scale_shift_relu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_relus_keep_nan_as_torch_does(backend, device, where, dtype):
+    """A NaN reaching a fused ReLU / ReLU6 stays NaN (torch.relu keeps it), as on the reference path: fmaxf and
+    tl.maximum's default turn it into 0, which would hide a diverged activation from the loss and from AMP's
+    overflow check. The NaN positions of every output must be the reference's."""
+    if dtype == torch.bfloat16 and backend == "triton" and device == "cpu":
+        pytest.skip("bf16 Triton is checked on a GPU (the interpreter's bf16 is not the GPU's)")
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 8, 6, 7, generator=gen)
+    x[0, 1, 2, 3] = x[1, 5, 0, 0] = float("nan")
+    x = x.to(device, dtype).contiguous(memory_format=torch.channels_last)
+    dw = torch.randn(8, 1, 3, 3, generator=gen).to(device, dtype)
+    pw = torch.randn(16, 8, 1, 1, generator=gen).to(device, dtype)
+
+    if where == "scale_shift_relu" and backend != "cuda":
+        pytest.skip("the triton backend has no scale_shift kernel (its requests run the reference)")
+    scale, shift = torch.rand(8, device=device) + 0.5, torch.randn(8, device=device)
+
+    def run(b):
+        if where == "scale_shift_relu":
+            return [ops.scale_shift(x, scale, shift, True, b)]
+        kwargs = dict(padding=1, in_relu=where == "in_relu", out_relu=where == "out_relu",
+                      mid_activation={"mid_relu": "relu", "mid_relu6": "relu6"}.get(where))
+        if where == "in_relu":  # the prologue's ReLU acts on x * in_scale + in_shift
+            kwargs.update(in_scale=torch.ones(8, device=device), in_shift=torch.zeros(8, device=device))
+        return [xception_ops.separable_conv2d(x, dw, pw, backend=b, **kwargs)]
+
+    for got, want in zip(run(backend), run("torch")):
+        assert torch.isnan(want).any()
+        assert torch.equal(torch.isnan(got), torch.isnan(want)), where
+        ok = ~torch.isnan(want)
+        assert relative_error(got[ok], want[ok]) <= (1e-5 if dtype == torch.float32 else 2e-2)

@@ -29,7 +29,7 @@ export PROFILE_IMPLS="${PROFILE_IMPLS:-cuda}" PROFILE_PASSES="${PROFILE_PASSES:-
 export PROFILE_SHAPES="${PROFILE_SHAPES:-728,728,19 64,128,147}"
 export BENCH_ARGS="${BENCH_ARGS:---backends cuda --dtypes bfloat16 --layouts NHWC --warmup 3 --reps 10}"
 export BENCH_MODEL_ARGS="${BENCH_MODEL_ARGS:---dtypes bfloat16 --layouts NHWC --warmup 3 --reps 10 --models xception:cuda \
-timm_legacy_xception inception_v3}"
+xception:cuda+frozen timm_legacy_xception inception_v3}"
 DEADLINE=$deadline STEPS="$first_steps" bash tools/gpu_check.sh "$work" > "$work/summary.txt" 2>&1
 status=$?
 DEADLINE=$((deadline - SECONDS)) STEPS="$more_steps" bash tools/gpu_check.sh "$work/more" >> "$work/summary.txt" 2>&1 \

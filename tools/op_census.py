@@ -23,6 +23,7 @@ import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import xception_ops.nn
 from xception_ops.bench import DTYPES, make_model
 
 
@@ -54,13 +55,16 @@ def backward_nodes(root) -> collections.Counter[str]:
     return nodes
 
 
-def census(model_name: str, dtype: torch.dtype, layout: str, batch: int, image: int, training: bool = True
-           ) -> tuple[collections.Counter[str], collections.Counter[str]]:
+def census(model_name: str, dtype: torch.dtype, layout: str, batch: int, image: int, training: bool = True,
+           frozen: bool = False) -> tuple[collections.Counter[str], collections.Counter[str]]:
     """(forward operators, backward nodes) of one training step (forward and cross-entropy) of the model; with
-    training=False, of one inference batch (eval mode, no_grad: no backward nodes)."""
+    training=False, of one inference batch (eval mode, no_grad: no backward nodes); frozen: the model under
+    xception_ops.nn.freeze (the folded BatchNorms kept across inference calls)."""
     fmt = torch.channels_last if layout == "NHWC" else torch.contiguous_format
     with unset_fake_temporarily():
         model = make_model(model_name).to(dtype=dtype, memory_format=fmt).train(training)
+        if frozen:
+            xception_ops.nn.freeze(model)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode, warnings.catch_warnings():
         # (The folded BatchNorm's cache reads data_ptr, which fake tensors warn about: the counts do not depend on it.)
@@ -92,9 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--image", type=int, default=299)
     parser.add_argument("--pass", dest="pass_", choices=["training", "inference"], default="training")
+    parser.add_argument("--frozen", action="store_true", help="the model under xception_ops.nn.freeze")
     args = parser.parse_args(argv)
     training = args.pass_ == "training"
-    ops, nodes = census(args.model, DTYPES[args.dtype], args.layout, args.batch, args.image, training)
+    ops, nodes = census(args.model, DTYPES[args.dtype], args.layout, args.batch, args.image, training,
+                        args.frozen)
     what = "one training step's forward" if training else "one inference batch"
     print(f"{args.model} {args.dtype} {args.layout}, batch {args.batch} @{args.image}^2: {what}")
     print(f"  {sum(ops.values())} operators dispatched")

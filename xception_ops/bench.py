@@ -415,7 +415,11 @@ def make_model(name: str) -> nn.Module:
     """A contender by name: "xception[:BACKEND]" (ours), "timm_legacy_xception", "timm_legacy_xception:fused[:BACKEND]"
     (timm's model through xception_ops.fuse: what fuse() does for an existing model) or "inception_v3"; and, asked
     for by name only, torchvision's "mobilenet_v2" and "mobilenet_v2:fused[:BACKEND]", and any timm model as
-    "timm:NAME" or "timm:NAME:fused[:BACKEND]" ("timm:xception65:fused:cuda": DeepLab's aligned Xception)."""
+    "timm:NAME" or "timm:NAME:fused[:BACKEND]" ("timm:xception65:fused:cuda": DeepLab's aligned Xception). Any of
+    them with "+frozen" appended: under xception_ops.nn.freeze (the folded BatchNorms kept across inference calls)."""
+    if name.endswith("+frozen"):
+        from .nn import freeze
+        return freeze(make_model(name.removesuffix("+frozen")))
     if name.startswith("timm:"):
         import timm
         _, model_name, *rest = name.split(":")

@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"models to time (default: {', '.join(MODELS)}; also xception:BACKEND, and "
                         "timm_legacy_xception:fused[:BACKEND], timm's model through xception_ops.fuse; "
                         "mobilenet_v2 and mobilenet_v2:fused[:BACKEND], torchvision's; timm:NAME and "
-                        "timm:NAME:fused[:BACKEND], any timm model)")
+                        "timm:NAME:fused[:BACKEND], any timm model; NAME+frozen under xception_ops.nn.freeze)")
     p.add_argument("--no-models", action="store_true", help="skip the whole-model comparison")
     p.add_argument("--no-layers", action="store_true", help="skip the layer benchmarks")
     p.add_argument("--image", type=int, default=None, help="model input size (default: 299 on GPU, 75 on CPU)")

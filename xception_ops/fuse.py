@@ -20,6 +20,9 @@ every backend one that feeds an add alone goes to the add (MobileNet's inverted 
 PendingBatchNorm runs scale_shift with the residual in one pass). The value between them passes the nn.Identity layers as a
 PendingBatchNorm; a forward hook on one of those sees that instead of a tensor.
 
+The model is traced in training and in eval mode, and a chain is taken as far as both agree (a dropout or drop-path
+that runs in training only ends it there). Layers with hooks (torch.nn.utils' spectral_norm, weight_norm and prune
+among them: the fused module never calls their forward) and modules registered under two names are left alone.
 Models that torch.fx cannot trace fall back to chains of consecutive children of nn.Sequential containers.
 
 Every nn.MaxPool2d becomes an xception_ops.pooling.MaxPool2d on the same backend (pools=False keeps them): the same

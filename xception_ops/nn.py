@@ -303,6 +303,8 @@ class SeparableConvBN(nn.Module):
             flags.append(f"mid_activation={self.mid_activation!r}")
         if self.backend != "auto":
             flags.append(f"backend={self.backend!r}")
+        if self.frozen:
+            flags.append("frozen")
         return ", ".join(flags)
 
     _CACHE_SLOTS = ("_epilogue_cache", "_mid_cache", "_conv_args_cache")

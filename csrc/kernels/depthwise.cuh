@@ -112,7 +112,7 @@ __device__ __forceinline__ void unflatten(idx_t i, idx_t s0, idx_t s1, idx_t s2,
 template <typename T>
 __device__ __forceinline__ float prologue_value(float v, float scale, float shift, bool relu) {
   v = round_to<T>(fmaf(v, scale, shift));
-  return relu ? fmaxf(v, 0.f) : v;
+  return relu ? kernels::relu(v) : v;
 }
 
 // ---- V consecutive channels at a time (the vector paths of these kernels and of separable.cuh) ----
@@ -696,9 +696,9 @@ __device__ __forceinline__ void strip_prologue_row(typename VecIO<T, V>::Raw (&r
 #pragma unroll
     for (int i = 0; i < V; ++i) {
       // prologue_value's relu(round(x * scale + shift)), with the rounding left to encode_rn: rounding is monotonic
-      // and keeps 0, so it commutes with the ReLU (NaN included: fmaxf gives 0 either way).
+      // and keeps 0, so it commutes with the ReLU (NaN included: both keep it).
       float y = fmaf(v[i], scale[i], shift[i]);
-      y = relu ? fmaxf(y, 0.f) : y;
+      y = relu ? kernels::relu(y) : y;
       v[i] = ok ? y : 0.f;
     }
     raw[col] = VecIO<T, V>::encode_rn(v);

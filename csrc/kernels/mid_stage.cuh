@@ -34,6 +34,30 @@ __device__ __forceinline__ float round_to<__nv_bfloat16>(float v) {
 #endif
 }
 
+// ---- ReLU and ReLU6 as PyTorch's: NaN stays NaN ----
+// fmaxf(NaN, 0) is 0: a diverged activation would come out as zeros, hidden from the loss and from AMP's overflow
+// check (torch.relu and F.relu6 keep the NaN). max.NaN / min.NaN (sm_80+) are one instruction each, as fmaxf is;
+// elsewhere a compare that is true for NaN (v <= 0 is false for it) and a select. -0 gives +0 either way.
+__device__ __forceinline__ float relu(float v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  float r;
+  asm("max.NaN.f32 %0, %1, 0f00000000;" : "=f"(r) : "f"(v));
+  return r;
+#else
+  return !(v <= 0.f) ? v : 0.f;
+#endif
+}
+__device__ __forceinline__ float relu6(float v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  float r;
+  asm("min.NaN.f32 %0, %1, 0f40C00000;" : "=f"(r) : "f"(relu(v)));
+  return r;
+#else
+  v = relu(v);
+  return v > 6.f ? 6.f : v;
+#endif
+}
+
 // t / 6 rounded to nearest, as IEEE's division gives it, without a division: the quotient's correctly rounded
 // reciprocal product, corrected once by an exact FMA residual. That is RN(t / 6) for every quotient of a normal
 // magnitude; below 2^-123 (subnormal quotients) it is computed in integers of 2^-149, half to even. Checked against
@@ -60,8 +84,8 @@ template <typename T>
 __device__ __forceinline__ float mid_value(float sum, int32_t mid, bool affine, float scale, float shift) {
   float v = round_to<T>(sum);
   if (affine) v = round_to<T>(fmaf(v, scale, shift));
-  if (mid == 1) v = fmaxf(v, 0.f);
-  if (mid == 3) v = fminf(fmaxf(v, 0.f), 6.f);
+  if (mid == 1) v = relu(v);
+  if (mid == 3) v = relu6(v);
   if (mid == 2 && !(v > 0.f)) v = round_to<T>(expm1f(v));
   if (mid == 4) v = round_to<T>(div6_rn(v * fminf(fmaxf(v + 3.f, 0.f), 6.f)));
   return v;

@@ -155,7 +155,7 @@ __device__ __forceinline__ void wgmma_tile_epilogue(const PointwiseGemmParams& p
     }
     if (p.relu) {
 #pragma unroll
-      for (int i = 0; i < 8; ++i) z[i] = fmaxf(z[i], 0.f);
+      for (int i = 0; i < 8; ++i) z[i] = kernels::relu(z[i]);
     }
     *reinterpret_cast<uint4*>(out + offset) =
         make_uint4(bits16<T>(z[0]) | (bits16<T>(z[1]) << 16), bits16<T>(z[2]) | (bits16<T>(z[3]) << 16),

@@ -1058,7 +1058,7 @@ __device__ __forceinline__ void epilogue_tile(const SeparableParams& p, const Pi
     float z = y;
     if (affine) z = round_to<T>(fmaf(z, ch.scale, ch.shift));
     if (res != nullptr) z = round_to<T>(z + Elem<T>::load(res + px.res_base[row] + ch.res_off));
-    if (p.out_relu) z = fmaxf(z, 0.f);
+    if (p.out_relu) z = kernels::relu(z);
     Elem<T>::store(out + out_base + ch.out_off, z);
   };
 
@@ -1091,7 +1091,7 @@ __device__ __forceinline__ void epilogue_tile(const SeparableParams& p, const Pi
         float o = y[v];
         if (affine) o = round_to<T>(fmaf(o, scale[v], shift[v]));
         if (res != nullptr) o = round_to<T>(o + z[v]);
-        if (p.out_relu) o = fmaxf(o, 0.f);
+        if (p.out_relu) o = kernels::relu(o);
         z[v] = o;
       }
       VecIO<T>::store(out + out_base + n, z);

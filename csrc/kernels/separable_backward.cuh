@@ -64,7 +64,7 @@ __device__ __forceinline__ float epilogue_value(float yv, float scale, float shi
   second = fmaf(yv, yv, second);
   float z = round_to<T>(fmaf(yv, scale, shift));
   if (residual) z = round_to<T>(z + res);
-  return relu ? fmaxf(z, 0.f) : z;
+  return relu ? kernels::relu(z) : z;
 }
 
 // Both pass kernels' start: the offsets of block blockIdx.x's pixels in grad, act, y and result (-1 past the last

@@ -104,7 +104,7 @@ __global__ void __launch_bounds__(kPwThreads, 1) separable_wgmma_kernel(const Se
               float v = from_bits16<T>(j % 2 == 0 ? words[j / 2] & 0xffffu : words[j / 2] >> 16);
               if (prologue) {
                 v = fmaf(v, in_scale[c0 + j], in_shift[c0 + j]);
-                if (p.in_relu) v = fmaxf(v, 0.f);
+                if (p.in_relu) v = kernels::relu(v);
                 v = round_to<T>(v);
               }
               sum[j] = fmaf(v, weights[(c0 + j) * 9 + 3 * ky + kx], sum[j]);

@@ -523,6 +523,20 @@ TEST_CASE(hardswish_division_is_ieees) {
   EXPECT(bad == 0);
 }
 
+TEST_CASE(relu_and_relu6_keep_nan_as_torch_does) {
+  // kernels::relu / relu6 (every fused ReLU: prologue, mid stage, epilogues) on the host path, which the old GPUs
+  // compile too (sm_80+ take max.NaN / min.NaN): NaN stays NaN, -0 and negatives give +0, relu6 clamps at 6.
+  const float nan = std::nanf(""), inf = std::numeric_limits<float>::infinity();
+  auto same = [](float a, float b) { return std::memcmp(&a, &b, 4) == 0; };
+  EXPECT(std::isnan(kernels::relu(nan)) && std::isnan(kernels::relu(-nan)) && std::isnan(kernels::relu6(nan)));
+  EXPECT(same(kernels::relu(-0.f), 0.f) && same(kernels::relu(-3.5f), 0.f) && same(kernels::relu(2.5f), 2.5f));
+  EXPECT(same(kernels::relu(inf), inf) && same(kernels::relu(-inf), 0.f));
+  EXPECT(same(kernels::relu6(7.f), 6.f) && same(kernels::relu6(inf), 6.f) && same(kernels::relu6(-1.f), 0.f) &&
+         same(kernels::relu6(5.5f), 5.5f) && same(kernels::relu6(-0.f), 0.f));
+  EXPECT(std::isnan(kernels::mid_value<float>(nan, 1, false, 1.f, 0.f)) &&
+         std::isnan(kernels::mid_value<__nv_bfloat16>(nan, 3, true, 2.f, 1.f)));
+}
+
 TEST_CASE(mid_affine_and_relu6_on_every_depthwise_path) {
   // The mid stage (kernels::mid_value) on each depthwise path: d * mid_scale + mid_shift per depthwise channel (scale
   // only, shift only, both), then relu6, relu, elu, hardswish or none. Channel counts that leave padding columns in the tile

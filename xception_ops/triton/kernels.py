@@ -146,10 +146,10 @@ def _load_input(x_ptr, offs, mask, scale, shift, HAS_SCALE: tl.constexpr, HAS_SH
             v = v + shift[None, :]
         v = _round(v, x_ptr.dtype.element_ty)
         if IN_RELU:
-            v = tl.maximum(v, 0.0)
+            v = _relu(v)
         v = tl.where(mask, v, 0.0)
     elif IN_RELU:
-        v = tl.maximum(v, 0.0)
+        v = _relu(v)
     return v
 
 
@@ -211,13 +211,20 @@ def _mid_pre(d, scale, shift, HAS_MID_SCALE: tl.constexpr, HAS_MID_SHIFT: tl.con
 
 
 @triton.jit
+def _relu(v):
+    """PyTorch's ReLU: NaN stays NaN (tl.maximum's default, NaN -> 0, would hide a diverged activation from the
+    loss and from AMP's overflow check)."""
+    return tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _mid_act(d, MID: tl.constexpr):
     if MID == 1:
-        d = tl.maximum(d, 0.0)
+        d = _relu(d)
     elif MID == 2:
         d = tl.where(d > 0, d, tl.exp(d) - 1.0)
-    elif MID == 3:  # relu6
-        d = tl.minimum(tl.maximum(d, 0.0), 6.0)
+    elif MID == 3:  # relu6, NaN kept as F.relu6 keeps it
+        d = tl.minimum(_relu(d), 6.0, propagate_nan=tl.PropagateNan.ALL)
     elif MID == 4:  # hardswish, in PyTorch's order: d * clamp(d + 3, 0, 6) / 6, the division rounded as IEEE's
         d = tl.math.div_rn(d * tl.minimum(tl.maximum(d + 3.0, 0.0), 6.0), 6.0)
     return d
@@ -727,7 +734,7 @@ def sep_fwd_kernel(x_ptr, dw_ptr, pw_ptr, in_scale_ptr, in_shift_ptr, mid_scale_
         z = z + tl.load(res_ptr + _rows(n * srn, oh, ow, srh, srw, VEC)[:, None] + (kk * srk)[None, :],
                         mask=mask, other=0.0).to(tl.float32)
     if OUT_RELU:
-        z = tl.maximum(z, 0.0)
+        z = _relu(z)
     offs = _rows(n * son, oh, ow, soh, sow, VEC)[:, None] + (kk * sok)[None, :]
     tl.store(out_ptr + offs, z.to(out_ptr.dtype.element_ty), mask=mask)
 
