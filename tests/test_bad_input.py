@@ -180,6 +180,19 @@ def test_separable_tensor_arguments_must_be_tensors(backend):
         xception_ops.separable_conv2d(x, w, None, backend=backend)
     with pytest.raises(TypeError, match="xception_ops.separable_conv2d: x must be a tensor, got list"):
         xception_ops.separable_conv2d(x.tolist(), w, torch.randn(6, 4, 1, 1), backend=backend)
+    for name in ("in_scale", "in_shift", "mid_scale", "mid_shift", "out_scale", "out_shift"):
+        with pytest.raises(TypeError, match=f"separable_conv2d: {name} must be a tensor or None, got list"):
+            xception_ops.separable_conv2d(x, w, torch.randn(6, 4, 1, 1), backend=backend, **{name: [1.0] * 4})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["x", "scale", "shift", "residual"])
+def test_max_pool2d_tensor_arguments_must_be_tensors(backend, name):
+    args = dict(x=torch.randn(2, 4, 8, 8), scale=torch.rand(4), shift=torch.randn(4), residual=None)
+    args[name] = [1.0] * 4
+    kind = "a tensor" if name == "x" else "a tensor or None"
+    with pytest.raises(TypeError, match=f"xception_ops.max_pool2d: {name} must be {kind}, got list"):
+        pooling.max_pool2d(args.pop("x"), 2, backend=backend, **args)
 
 
 # C. max_pool2d takes the same inputs on every backend.

@@ -100,7 +100,8 @@ def separable_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, pw_weight: torch.
     which training-mode BatchNorm turns into batch statistics (see xception_ops.batchnorm). Otherwise returns out.
     """
     check_tensor_args("xception_ops.separable_conv2d", {"x": x, "dw_weight": dw_weight, "pw_weight": pw_weight},
-                      {"residual": residual})
+                      {"in_scale": in_scale, "in_shift": in_shift, "mid_scale": mid_scale, "mid_shift": mid_shift,
+                       "out_scale": out_scale, "out_shift": out_shift, "residual": residual})
     stride_, padding_, dilation_ = conv_args(x, dw_weight, stride, padding, dilation)
     return separable_conv2d_normalized(x, dw_weight, pw_weight, stride_, padding_, dilation_, backend, in_scale,
                                        in_shift, in_relu, mid_activation, out_scale, out_shift, out_relu, residual,

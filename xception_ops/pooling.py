@@ -19,6 +19,7 @@ from . import backend as backends, batchnorm, checks
 from .checks import MAX_POOL_MAX_TAPS as MAX_TAPS
 from .geometry import pair
 from .nn import PendingBatchNorm
+from .ops import check_tensor_args
 
 OP = "xception_ops.max_pool2d"
 
@@ -35,6 +36,7 @@ def max_pool2d(x: torch.Tensor, kernel_size: int | tuple[int, int], stride: int 
     pooled shape), the pooled values plus it: a shortcut. On "cuda" and "triton" the three are one pass (Xception's
     strided blocks: BatchNorm, pool and add read and wrote their tensor three times over); on "torch" they are the
     separate ops."""
+    check_tensor_args(OP, {"x": x}, {"scale": scale, "shift": shift, "residual": residual})
     kernel = pair(kernel_size, "kernel_size")
     step = kernel if stride is None else pair(stride, "stride")
     pad = pair(padding, "padding")
