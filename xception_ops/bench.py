@@ -635,7 +635,8 @@ def _run_suite(device: str | None = None, backends_: Sequence[str] | None = None
     measured without an error are not timed again, so that a long run stopped part way (a time limit) goes on
     where it stopped. checkpoint(report): called with the report so far after each configuration, for a caller
     that saves it as it goes. time_limit: seconds after which no configuration starts (the one running finishes);
-    the report then has "incomplete" (how many were left), and a run with `previous` goes on from it. compile_: also time torch.compile of the eager layers and of the models, in that mode
+    the report then has "incomplete" (how many were left), and a run with `previous` goes on from it. compile_:
+    also time torch.compile of the eager layers and of the models, in that mode
     (True: "default"; the impl "compile", or "compile:<mode>" in another mode)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     mode = "default" if compile_ is True else (compile_ or None)

@@ -32,6 +32,7 @@ a gathered backward). PyTorch's channels-last pooling ran ~8x slower than its by
 
 from __future__ import annotations
 
+import collections
 import copy
 import operator
 import warnings
@@ -292,13 +293,11 @@ def _without_unsafe_modules(model: nn.Module, chains: list[Chain]) -> list[Chain
     """Leaves out the chains with a module the fused one cannot stand in for: one with hooks (the fused module
     never calls its forward: nn.hooks_problem), or one reachable under a second name (an alias: the model's
     forward may call it by the name that would not be swapped). A pool with either is left as it is."""
-    names: dict[int, int] = {}
-    for _, m in model.named_modules(remove_duplicate=False):
-        names[id(m)] = names.get(id(m), 0) + 1
+    names = collections.Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
 
     def safe(name: str) -> bool:
         m = model.get_submodule(name)
-        return names.get(id(m), 0) == 1 and hooks_problem(m) is None
+        return names[id(m)] == 1 and hooks_problem(m) is None
 
     kept = []
     for chain in chains:

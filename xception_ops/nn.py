@@ -95,8 +95,8 @@ def _conv_problem(m: nn.Module) -> str | None:
     forward, so a subclass's own forward (weight standardization, its own padding) would be silently dropped."""
     if not isinstance(m, nn.Conv2d) or m.transposed:
         return f"must be an nn.Conv2d, got {type(m).__name__}"
-    if hooks_problem(m) is not None:
-        return hooks_problem(m)
+    if (hooks := hooks_problem(m)) is not None:
+        return hooks
     if type(m).forward is not nn.Conv2d.forward and not is_same_padding_conv(m):
         return (f"is a {type(m).__name__}, whose forward is not nn.Conv2d's: the fused op would not run what it "
                 "adds")
@@ -161,8 +161,8 @@ def batch_norm_problem(m: nn.Module, channels: int, stage: str) -> str | None:
         return f"must be an nn.BatchNorm2d or None, got {type(m).__name__}"
     if not isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm)):
         return f"must be a BatchNorm of 4-D inputs (nn.BatchNorm2d, nn.SyncBatchNorm), got {type(m).__name__}"
-    if hooks_problem(m) is not None:
-        return hooks_problem(m)
+    if (hooks := hooks_problem(m)) is not None:
+        return hooks
     if is_batch_norm_act(m):
         if type(m.act) is not nn.Identity:
             return (f"is timm's BatchNormAct2d with act={type(m.act).__name__}, which the fused op would not run "
